@@ -1,0 +1,408 @@
+"""ActorCell: the runtime behind one ActorRef (task, mailbox, instance, supervision).
+
+Internal module: user code talks to ActorRef and ActorSystem only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .actor import Actor, RestartPolicy
+from .errors import ActorDeadError, ActorError, Escalated, MailboxFull
+from .mailbox import Envelope, Mailbox, Overflow
+from .ref import ActorRef
+from .supervision import Backoff, CellHost, RestartWindow
+
+if TYPE_CHECKING:
+    from .stats import KindStats
+
+__all__ = ["ActorCell"]
+
+log = logging.getLogger("actors")
+
+
+class ActorCell:
+    """Runs one actor: a single task handling its mailbox one message at a time.
+
+    Args:
+        name: unique name in the system.
+        instance: the first instance (already built by the system from ``factory``).
+        factory: builds fresh instances on restart.
+        counters: the KindStats of this actor's kind, updated in place.
+        host: the owning system.
+        loop: the running event loop.
+
+    Raises:
+        ValueError: the actor class declares an invalid mailbox_size, batch_size or
+            idle_timeout_s.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        instance: Actor,
+        factory: Callable[[], Actor],
+        counters: KindStats,
+        host: CellHost,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        cls = type(instance)
+        if cls.mailbox_size < 1:
+            raise ValueError(f"{cls.__name__}.mailbox_size must be >= 1")
+        if cls.batch_size < 1:
+            raise ValueError(f"{cls.__name__}.batch_size must be >= 1")
+        if cls.idle_timeout_s is not None and cls.idle_timeout_s <= 0:
+            raise ValueError(f"{cls.__name__}.idle_timeout_s must be > 0 or None")
+        self.name = name
+        self.kind = cls.kind
+        self.loop = loop
+        # Configuration is frozen at spawn so a restart cannot change the mailbox's contract.
+        self._capacity = cls.mailbox_size
+        self._overflow_policy = cls.on_overflow
+        self._batch_size = cls.batch_size
+        self._restarts = None if cls.restart is None else RestartWindow(cls.restart)
+        self._idle_timeout = cls.idle_timeout_s
+        self._factory = factory
+        self._counters = counters
+        self._host = host
+        self._mailbox = Mailbox(loop)
+        self._instance = instance
+        self._started = False  # on_start of the current instance completed (so on_stop is due)
+        self._closed = False  # no longer accepting messages
+        self._terminated = False
+        self._dead_cls: type[ActorDeadError] = ActorDeadError
+        self._dead_msg = f"actor {name!r} stopped"
+        self._current: Envelope | None = None
+        self._backoff = Backoff(loop)
+        self._task: asyncio.Task[None] | None = None
+        self.ref: ActorRef[Any] = ActorRef(self)
+        instance.ref = self.ref
+
+    # -- public to the package ------------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the actor accepts messages."""
+        return not self._closed
+
+    @property
+    def depth(self) -> int:
+        """Number of queued messages."""
+        return len(self._mailbox)
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The actor's task (exists once ``start()`` was called)."""
+        if self._task is None:
+            raise RuntimeError(f"actor {self.name!r} was never started")
+        return self._task
+
+    def start(self) -> None:
+        """Create the actor's task."""
+        self._task = self.loop.create_task(self._main(), name=f"actor[{self.name}]")
+        # Safety net: a task cancelled before its first step never runs _main's finally.
+        self._task.add_done_callback(lambda _task: self._finalize())
+
+    def enqueue(self, envelope: Envelope) -> None:
+        """Queue an envelope, applying the overflow policy when the mailbox is full.
+
+        Raises:
+            ActorDeadError: the actor is stopping or stopped.
+            MailboxFull: the policy refused the message.
+        """
+        if self._closed:
+            raise self._dead_error()
+        mailbox = self._mailbox
+        if len(mailbox) >= self._capacity:
+            self._overflow(envelope)
+            return
+        mailbox.put(envelope)
+
+    def request_stop(self, *, drain: bool) -> None:
+        """Stop accepting messages and make the task wind down (does not wait)."""
+        if self._terminated:
+            return
+        self._close()
+        if not drain:
+            self._fail_pending()
+        self._mailbox.wake()
+        # A stop request cuts a restart backoff short: waiting it out would only delay the stop.
+        self._backoff.interrupt()
+
+    # The timeout is part of the public API (it triggers a cancel, not just an error).
+    async def stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Request a stop and wait for termination, cancelling the task after ``timeout``."""
+        self.request_stop(drain=drain)
+        task = self._task
+        if task is None or task.done():
+            return
+        if task is asyncio.current_task():
+            # Called from the actor's own handler: the loop exits once the handler returns.
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            log.warning("actor %s did not stop within %ss; cancelling it", self.name, timeout)
+            task.cancel()
+            await asyncio.wait({task})
+
+    # -- overflow and shutdown helpers ----------------------------------------------------
+
+    def _overflow(self, envelope: Envelope) -> None:
+        self._counters.overflows += 1
+        policy = self._overflow_policy
+        if policy is Overflow.DROP_OLDEST:
+            dropped = self._mailbox.popleft()
+            self._mailbox.put(envelope)
+            future = dropped.future
+            if future is not None and not future.done():
+                future.set_exception(
+                    MailboxFull(f"mailbox of actor {self.name!r} overflowed; ask was dropped")
+                )
+            log.debug("actor %s: mailbox full, dropped oldest message", self.name)
+            return
+        if policy is Overflow.CALLBACK:
+            try:
+                self._instance.on_mailbox_full(envelope.message)
+            except Exception:
+                # The sender is an innocent party: a broken hook must not blow up its tell().
+                log.exception("actor %s: on_mailbox_full raised", self.name)
+            if envelope.future is None:
+                return
+        raise MailboxFull(f"mailbox of actor {self.name!r} is full ({self._capacity} messages)")
+
+    def _dead_error(self) -> ActorDeadError:
+        # A fresh instance each time: sharing one exception across futures mixes tracebacks.
+        return self._dead_cls(self._dead_msg)
+
+    def _mark_dead(self, cls: type[ActorDeadError], reason: str) -> None:
+        self._dead_cls = cls
+        self._dead_msg = f"actor {self.name!r} stopped{reason}"
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Synchronous, in the same loop step as the decision: a get_or_spawn right after
+        # this creates a fresh actor instead of returning one that is going away.
+        self._host._cell_closed(self)
+
+    def _fail_pending(self) -> None:
+        dropped_tells = 0
+        for envelope in self._mailbox.drain():
+            future = envelope.future
+            if future is None:
+                dropped_tells += 1
+            elif not future.done():
+                future.set_exception(self._dead_error())
+        if dropped_tells:
+            log.debug("actor %s: discarded %d queued tell(s)", self.name, dropped_tells)
+
+    def _finalize(self) -> None:
+        if self._terminated:
+            return
+        self._close()
+        current = self._current
+        if current is not None and current.future is not None and not current.future.done():
+            current.future.set_exception(self._dead_error())
+        self._fail_pending()
+        self._terminated = True
+        self._host._cell_terminated(self)
+
+    def _own_cancel(self) -> bool:
+        # Distinguishes "our task is being cancelled" from a CancelledError that a handler
+        # merely let escape (e.g. it awaited a future someone else cancelled).
+        task = self._task
+        return task is not None and task.cancelling() > 0
+
+    async def _guard(self, hook: str, awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            if self._own_cancel():
+                raise
+            log.error("actor %s: %s was cancelled", self.name, hook)
+        except Exception:
+            log.exception("actor %s: %s raised", self.name, hook)
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        try:
+            if await self._boot():
+                await self._process()
+            self._close()
+            self._fail_pending()
+            await self._stop_instance()
+        except asyncio.CancelledError:
+            log.warning("actor %s was cancelled before it stopped", self.name)
+            raise
+        except Exception:
+            # Defensive: hooks are guarded, so this would be a bug in the runtime itself.
+            log.exception("actor %s: internal error in the actor runtime", self.name)
+        finally:
+            self._finalize()
+
+    async def _boot(self) -> bool:
+        error = await self._start_instance()
+        if error is None:
+            return True
+        return await self._recover(error, "on_start")
+
+    async def _start_instance(self) -> BaseException | None:
+        try:
+            await self._instance.on_start()
+        except asyncio.CancelledError as exc:
+            if self._own_cancel():
+                raise
+            return exc
+        except Exception as exc:
+            return exc
+        self._started = True
+        return None
+
+    async def _stop_instance(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await self._guard("on_stop", self._instance.on_stop())
+
+    async def _process(self) -> None:
+        mailbox = self._mailbox
+        batch_size = self._batch_size
+        while True:
+            if not mailbox:
+                if self._closed:
+                    return
+                if not await mailbox.wait(self._idle_timeout) and self._try_passivate():
+                    return
+                continue
+            handled = 0
+            while mailbox and handled < batch_size:
+                envelope = mailbox.popleft()
+                handled += 1
+                error = await self._handle(envelope)
+                if error is not None and not await self._recover(error, "on_receive"):
+                    return
+            if handled >= batch_size:
+                # Fairness: a busy actor must not starve the rest of the loop.
+                await asyncio.sleep(0)
+
+    async def _handle(self, envelope: Envelope) -> BaseException | None:
+        """Run the handler; return the exception only when a tell failed."""
+        self._current = envelope
+        future = envelope.future
+        error: BaseException
+        try:
+            result = await self._instance.on_receive(envelope.message)
+        except asyncio.CancelledError as exc:
+            if self._own_cancel():
+                raise
+            error = exc
+        except Exception as exc:
+            error = exc
+        else:
+            self._counters.handled += 1
+            if future is not None and not future.done():
+                future.set_result(result)
+            return None
+        finally:
+            self._current = None
+        self._counters.handled += 1
+        if future is None:
+            return error
+        if not future.done():
+            if isinstance(error, asyncio.CancelledError):
+                # Delivered as-is, it would look to the asker as if *it* had been cancelled.
+                wrapped = ActorError(f"handler of actor {self.name!r} was cancelled")
+                wrapped.__cause__ = error
+                error = wrapped
+            future.set_exception(error)
+        return None
+
+    def _try_passivate(self) -> bool:
+        if self._mailbox or self._closed:
+            return False
+        try:
+            allowed = self._instance.can_passivate()
+        except Exception:
+            log.exception("actor %s: can_passivate raised; staying alive", self.name)
+            return False
+        if not allowed:
+            return False
+        log.debug("actor %s passivated after %ss idle", self.name, self._idle_timeout)
+        self._mark_dead(ActorDeadError, " (passivated)")
+        self._close()
+        return True
+
+    # -- supervision ----------------------------------------------------------------------
+
+    async def _report_failure(
+        self, error: BaseException, during: str, instance: Actor | None
+    ) -> None:
+        self._counters.failures += 1
+        log.error("actor %s failed in %s: %r", self.name, during, error, exc_info=error)
+        if instance is not None:
+            await self._guard("on_failure", instance.on_failure(error))
+
+    async def _recover(self, error: BaseException, during: str) -> bool:
+        """Handle a failure of the current instance; True once a fresh instance runs."""
+        await self._report_failure(error, during, self._instance)
+        while True:
+            attempt = self._admit_restart(error)
+            if attempt is None:
+                return False
+            await self._stop_instance()
+            assert self._restarts is not None  # _admit_restart returns None without a policy
+            if not self._closed:
+                await self._backoff.sleep(self._restarts.policy.backoff(attempt))
+            if self._closed and not self._mailbox:
+                # Stopped during the backoff with nothing left to drain: no point restarting.
+                return False
+            try:
+                instance = self._factory()
+            except Exception as exc:
+                error = exc
+                await self._report_failure(exc, "factory", None)
+                continue
+            instance.ref = self.ref
+            self._instance = instance
+            start_error = await self._start_instance()
+            if start_error is None:
+                log.info("actor %s restarted (restart %d in window)", self.name, attempt)
+                return True
+            error = start_error
+            await self._report_failure(error, "on_start", instance)
+
+    def _admit_restart(self, error: BaseException) -> int | None:
+        """Return the restart number within the window, or None when the actor must stop."""
+        if self._restarts is None:
+            self._mark_dead(ActorDeadError, f" after a failure: {error!r}")
+            self._close()
+            return None
+        attempt = self._restarts.admit(self.loop.time())
+        if attempt is None:
+            self._escalate(error, self._restarts.policy)
+            return None
+        self._counters.restarts += 1
+        return attempt
+
+    def _escalate(self, error: BaseException, policy: RestartPolicy) -> None:
+        log.error(
+            "actor %s exceeded %s restarts within %ss; escalating",
+            self.name,
+            policy.max_restarts,
+            policy.window_s,
+            exc_info=error,
+        )
+        self._counters.escalations += 1
+        self._mark_dead(
+            Escalated,
+            f": escalated after {policy.max_restarts} restarts within {policy.window_s}s"
+            f" ({error!r})",
+        )
+        self._close()
+        self._host._cell_escalated(self, error)

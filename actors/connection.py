@@ -1,0 +1,554 @@
+"""``ConnectionActor``: one per client connection, whatever the transport (WebSocket, MQTT tunnel).
+
+It holds the principal from the token, the rooms joined (one :class:`Membership` each), the rate
+limiter and the error tolerance. Every frame reaching it is already validated (``parse_frame``);
+it checks rights on every action and answers each request exactly once, through its outbox.
+Publishes are pipelined: the actor hands them to the store and goes on with the next frame; the
+``published`` reply is sent when the store acknowledges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.actor import Actor
+from actors.errors import ActorDeadError
+from actors.limits import ErrorWindow, TokenBucket
+from actors.mailbox import Overflow
+from actors.outbox import Outbox
+from actors.ports import LiveFeed, RoomStore, StoreError
+from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings, now_ms
+from actors.system import ActorSystem
+from node.auth import Principal, TokenVerifier
+from node.config import Settings
+from node.errors import AuthError, ProtocolError
+from node.protocol import (
+    CBOR,
+    Ack,
+    ClientFrame,
+    Connect,
+    History,
+    Ping,
+    Presence,
+    Publish,
+    Refresh,
+    Reply,
+    Rpc,
+    cbor_loads_strict,
+    error_frame,
+)
+from node.protocol import (
+    Join as JoinFrame,
+)
+from node.protocol import (
+    Leave as LeaveFrame,
+)
+
+__all__ = [
+    "ConnTransport",
+    "ConnectionActor",
+    "ConnectionIndex",
+    "Invalid",
+    "NodeContext",
+    "Shutdown",
+    "TransportClosed",
+]
+
+log = logging.getLogger("actors.connection")
+
+_RESERVED_EVENT_PREFIXES = ("presence:",)
+
+
+class ConnTransport(Protocol):
+    """The bridge side of a connection."""
+
+    kind: str  # "ws", "mqtt", ...
+
+    def write_message(self, payload: bytes) -> None: ...
+
+    def buffered_bytes(self) -> int: ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the transport with ``code`` (never blocks)."""
+
+
+class ConnectionIndex:
+    """Connections of this node by user, for the per-user limit and for targeting."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[tuple[str, str], set[str]] = {}
+        self.by_id: dict[str, Any] = {}
+        self._empty_waiters: list[asyncio.Future[None]] = []
+
+    async def wait_empty(self) -> None:
+        """Return once no connection is left (for a drain)."""
+        if self.by_id:
+            fut = asyncio.get_running_loop().create_future()
+            self._empty_waiters.append(fut)
+            await fut
+
+    def add(self, principal: Principal, client_id: str, ref: Any, limit: int) -> bool:
+        key = (principal.tenant, principal.sub)
+        ids = self.by_user.setdefault(key, set())
+        if len(ids) >= limit:
+            if not ids:
+                del self.by_user[key]
+            return False
+        ids.add(client_id)
+        self.by_id[client_id] = ref
+        return True
+
+    def remove(self, principal: Principal, client_id: str) -> None:
+        key = (principal.tenant, principal.sub)
+        ids = self.by_user.get(key)
+        if ids is not None:
+            ids.discard(client_id)
+            if not ids:
+                del self.by_user[key]
+        self.by_id.pop(client_id, None)
+        if not self.by_id:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+@dataclass
+class NodeContext:
+    """What every connection of a node shares: settings, keys, the store and the rooms."""
+
+    settings: Settings
+    node_name: str
+    tokens: TokenVerifier
+    system: ActorSystem
+    store: RoomStore
+    feed: LiveFeed
+    counters: RoomCounters = field(default_factory=RoomCounters)
+    index: ConnectionIndex = field(default_factory=ConnectionIndex)
+    rate_limited: int = 0
+    slow_consumers: int = 0
+    published: int = 0
+    draining: bool = False
+    publish_latency: Callable[[float], None] = field(default=lambda seconds: None)
+
+    def room_ref(self, tenant: str, room: str) -> Any:
+        """The room actor of ``room``, spawned on first local interest."""
+        policy = self.settings.room_policy(room)
+        settings = RoomSettings(
+            history_size=policy.history_size, recovery_max=policy.recovery_max,
+            presence=policy.presence,
+        )
+        return self.system.get_or_spawn(
+            f"room:{tenant}:{room}",
+            lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A frame the bridge could not decode or validate."""
+
+    code: int
+    reason: str
+    request_id: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransportClosed:
+    """The peer went away."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """End the connection with a ``disconnect`` frame."""
+
+    code: int
+    reason: str
+    reconnect: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _RoomLost:
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectTimeout:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Expired:
+    pass
+
+
+class ConnectionActor(Actor):
+    """One client connection.
+
+    Args:
+        ctx: The node's shared context.
+        transport: The bridge's side of the connection.
+        codec: The connection's codec (``node.protocol.JSON`` or ``CBOR``).
+        principal: Already authenticated (MQTT); None when a ``connect`` frame must come first.
+    """
+
+    kind = "connection"
+    mailbox_size = 1024
+    on_overflow = Overflow.CALLBACK
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        transport: ConnTransport,
+        codec: Any,
+        principal: Principal | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.transport = transport
+        self.client_id = secrets.token_hex(8)
+        self.outbox = Outbox(
+            codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow
+        )
+        self.principal = principal
+        self.connected = False
+        self.closing = False
+        self.rooms: dict[str, Membership] = {}
+        now = time.monotonic()
+        self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, now)
+        self.errors = ErrorWindow(self.settings.max_errors_per_min)
+        self._timers: list[asyncio.TimerHandle] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        if self.principal is not None:
+            self._accept(self.principal, request_id=None, announce=False)
+        else:
+            self._timers.append(self._loop.call_later(
+                self.settings.connect_timeout_s, self._tell, _ConnectTimeout()))
+
+    async def on_stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self.outbox.flush()
+        for room, member in self.rooms.items():
+            self._tell_room(room, Leave(member))
+        self.rooms.clear()
+        if self.principal is not None and self.connected:
+            self.ctx.index.remove(self.principal, self.client_id)
+        self.outbox.close()
+
+    async def on_failure(self, exc: BaseException) -> None:
+        log.error("! connection %s failed: %r", self.client_id, exc)
+        self.outbox.send_now({"type": "disconnect", "code": 4500, "reason": "internal error",
+                              "reconnect": True})
+        self.transport.close(4500, "internal error")
+
+    def on_mailbox_full(self, message: Any) -> None:
+        # A client sending faster than it is served: it is cut off, not queued without bound.
+        if not self.closing:
+            self.closing = True
+            self._loop.call_soon(self._close_now, 4009, "too many frames", True)
+
+    def _tell(self, message: Any) -> None:
+        try:
+            self.ref.tell(message)
+        except ActorDeadError:
+            pass
+
+    def _on_slow(self) -> None:
+        self.ctx.slow_consumers += 1
+        self._tell(Shutdown(4008, "slow consumer", True))
+
+    def _on_room_lost(self, room: str) -> None:
+        self._tell(_RoomLost(room))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = self._loop.create_task(coro, name=f"conn[{self.client_id}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _close_now(self, code: int, reason: str, reconnect: bool) -> None:
+        self.outbox.send_now(
+            {"type": "disconnect", "code": code, "reason": reason, "reconnect": reconnect}
+        )
+        self.outbox.close()
+        self.transport.close(code, reason)
+
+    def _disconnect(self, code: int, reason: str, reconnect: bool) -> None:
+        if self.closing and code != 4008:
+            return
+        self.closing = True
+        self._close_now(code, reason, reconnect)
+        self._loop.create_task(self.ref.stop(drain=False), name=f"conn[{self.client_id}].stop")
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def on_receive(self, message: Any) -> Any:
+        if self.closing:
+            return None
+        if isinstance(message, Invalid):
+            self._error(message.code, message.reason, message.request_id)
+        elif isinstance(message, TransportClosed):
+            self.closing = True
+            self._loop.create_task(self.ref.stop(drain=False))
+        elif isinstance(message, Shutdown):
+            self._disconnect(message.code, message.reason, message.reconnect)
+        elif isinstance(message, _ConnectTimeout):
+            if not self.connected:
+                self._disconnect(4001, "no connect frame in time", False)
+        elif isinstance(message, _Expired):
+            self._disconnect(4010, "token expired", True)
+        elif isinstance(message, _RoomLost):
+            self._rejoin(message.room)
+        else:
+            try:
+                self._handle(message)
+            except ProtocolError as exc:
+                self._error(exc.code, exc.reason, getattr(message, "id", None), exc.retry)
+        return None
+
+    def _error(self, code: int, reason: str, request_id: Any, retry: bool = False) -> None:
+        if code in (4001,) or (code == 4010 and not self.connected):
+            self._disconnect(code, reason, code == 4010)
+            return
+        self.outbox.send(error_frame(code, reason, id=request_id, retry=retry))
+        if code in (4000, 4009) and self.errors.add(time.monotonic()):
+            self._disconnect(code, "too many errors", code == 4009)
+
+    def _reply(self, request_id: Any, frame: dict[str, Any]) -> None:
+        if request_id is not None:
+            frame["id"] = request_id
+            self.outbox.send(frame)
+
+    def _handle(self, frame: ClientFrame) -> None:
+        if isinstance(frame, Connect):
+            if self.connected:
+                raise ProtocolError(4000, "already connected")
+            principal = self.ctx.tokens.verify(frame.token)
+            self._accept(principal, frame.id, announce=True)
+            return
+        if not self.connected:
+            self._disconnect(4001, "connect must be the first frame", False)
+            return
+        if isinstance(frame, Publish):
+            self._publish(frame)
+        elif isinstance(frame, JoinFrame):
+            self._join(frame)
+        elif isinstance(frame, LeaveFrame):
+            self._leave(frame)
+        elif isinstance(frame, History):
+            self._history(frame)
+        elif isinstance(frame, Ping):
+            self._reply(frame.id, {"type": "pong"})
+        elif isinstance(frame, Ack):
+            if frame.room not in self.rooms:
+                raise ProtocolError(4004, "not joined to this room", retry=False)
+        elif isinstance(frame, Refresh):
+            self._refresh(frame)
+        elif isinstance(frame, Presence):
+            self._presence(frame)
+        elif isinstance(frame, Rpc):
+            raise ProtocolError(4004, "no such rpc target", retry=True)
+        elif isinstance(frame, Reply):
+            pass  # no rpc of ours is waiting for it
+
+    # -- connect, refresh, expiry ------------------------------------------------------------
+
+    def _accept(self, principal: Principal, request_id: Any, *, announce: bool) -> None:
+        if self.ctx.draining:
+            self._disconnect(4503, "node draining", True)
+            return
+        if principal.kind not in ("user", "device", "service"):
+            raise AuthError("invalid kind")
+        if not self.ctx.index.add(principal, self.client_id, self.ref,
+                                  self.settings.max_connections_per_user):
+            self._disconnect(4029, "too many connections for this user", False)
+            return
+        self.principal = principal
+        self.connected = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._schedule_expiry()
+        auto: list[str] = []
+        personal = principal.personal_room
+        if personal is not None:
+            self._join_room(personal, None, None, None, silent=True)
+            auto.append(personal)
+        if announce:
+            expires = principal.expires_in()
+            self._reply(request_id, {
+                "type": "connected", "client_id": self.client_id, "node": self.ctx.node_name,
+                "heartbeat_s": self.settings.heartbeat_s,
+                "expires_in_s": None if expires is None else int(expires),
+                "rooms": auto,
+            })
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        assert self.principal is not None
+        left = self.principal.expires_in()
+        if left is not None:
+            self._expiry = self._loop.call_later(max(0.0, left), self._tell, _Expired())
+
+    def _refresh(self, frame: Refresh) -> None:
+        assert self.principal is not None
+        try:
+            principal = self.ctx.tokens.verify(frame.token)
+        except AuthError as exc:
+            if exc.expired:
+                raise ProtocolError(4010, "token expired", retry=True) from None
+            raise
+        if (principal.sub, principal.tenant, principal.kind) != (
+            self.principal.sub, self.principal.tenant, self.principal.kind
+        ):
+            raise ProtocolError(4003, "refresh token is for another principal")
+        self.principal = principal
+        self._schedule_expiry()
+        left = principal.expires_in()
+        self._reply(frame.id, {"type": "refreshed",
+                               "expires_in_s": None if left is None else int(left)})
+
+    # -- rooms -----------------------------------------------------------------------------
+
+    def _tell_room(self, room: str, message: Any) -> None:
+        assert self.principal is not None
+        try:
+            self.ctx.room_ref(self.principal.tenant, room).tell(message)
+        except ActorDeadError:
+            log.warning("! room %s unavailable for %s", room, self.client_id)
+
+    def _join_room(self, room: str, since_seq: int | None, since_epoch: str | None,
+                   request_id: Any, *, presence: bool = False, silent: bool = False) -> None:
+        old = self.rooms.pop(room, None)
+        if old is not None:
+            self._tell_room(room, Leave(old))
+        member = Membership(self.client_id, self.outbox, self._on_room_lost, presence=presence)
+        self.rooms[room] = member
+        self._tell_room(room, Join(member, since_seq, since_epoch, request_id, silent))
+
+    def _join(self, frame: JoinFrame) -> None:
+        assert self.principal is not None
+        if not self.principal.can("join", frame.room):
+            raise ProtocolError(4003, "no join right on this room")
+        limit = self.settings.max_rooms_per_connection
+        if frame.room not in self.rooms and len(self.rooms) >= limit:
+            raise ProtocolError(4029, "too many rooms for this connection")
+        since = frame.since
+        self._join_room(
+            frame.room, since.seq if since else None, since.epoch if since else None,
+            frame.id, presence=frame.presence,
+        )
+
+    def _rejoin(self, room: str) -> None:
+        member = self.rooms.get(room)
+        if member is None:
+            return
+        log.info("= %s rejoins %s from seq %s", self.client_id, room, member.cursor)
+        self._join_room(room, member.cursor, self.ctx.store.epoch, None,
+                        presence=member.presence, silent=True)
+
+    def _leave(self, frame: LeaveFrame) -> None:
+        member = self.rooms.pop(frame.room, None)
+        if member is not None:
+            self._tell_room(frame.room, Leave(member))
+        self._reply(frame.id, {"type": "left", "room": frame.room})
+
+    # -- publish and history ---------------------------------------------------------------
+
+    def _publish(self, frame: Publish) -> None:
+        principal = self.principal
+        assert principal is not None
+        if not principal.can("publish", frame.room):
+            raise ProtocolError(4003, "no publish right on this room")
+        if frame.event.startswith(_RESERVED_EVENT_PREFIXES):
+            raise ProtocolError(4003, "event names starting with presence: are reserved")
+        if not self.bucket.take(time.monotonic()):
+            self.ctx.rate_limited += 1
+            raise ProtocolError(4009, "rate limited", retry=True)
+        event: dict[str, Any] = {
+            "room": frame.room, "event": frame.event, "data": frame.data, "ts": now_ms(),
+            "from": {"user": principal.sub, "client_id": self.client_id, "kind": principal.kind},
+        }
+        if frame.msg_id is not None:
+            event["msg_id"] = frame.msg_id
+        body = CBOR.encode(event)
+        policy = self.settings.room_policy(frame.room)
+        if len(body) > policy.max_payload_bytes:
+            raise ProtocolError(4013, "event too large")
+        # Dedupe keys are scoped to tenant, room and publisher: nobody can suppress another's
+        # events by reusing their msg_id. Without msg_id the node still sets one of its own, so
+        # its internal retries (leader election, reconnect) never store an event twice.
+        key = frame.msg_id if frame.msg_id is not None else uuid.uuid4().hex
+        msg_id = f"{principal.tenant}/{frame.room}/{principal.sub}/{key}"
+        self._spawn(self._store(frame, principal.tenant, body, msg_id), "publish")
+
+    async def _store(self, frame: Publish, tenant: str, body: bytes, msg_id: str) -> None:
+        started = time.perf_counter()
+        try:
+            seq, _duplicate = await self.ctx.store.publish(tenant, frame.room, body, msg_id)
+        except StoreError as exc:
+            log.warning("! publish by %s to %s failed: %s", self.client_id, frame.room, exc)
+            if exc.retry:
+                self._tell(Invalid(4503, "event not stored, retry", frame.id))
+            else:
+                self._tell(Invalid(4500, "event refused by the store", frame.id))
+            return
+        self.ctx.published += 1
+        self.ctx.publish_latency(time.perf_counter() - started)
+        self._reply(frame.id, {"type": "published", "room": frame.room, "seq": seq})
+
+    def _history(self, frame: History) -> None:
+        assert self.principal is not None
+        if not self.principal.can("history", frame.room):
+            raise ProtocolError(4003, "no history right on this room")
+        self._spawn(self._read_history(frame, self.principal.tenant), "history")
+
+    async def _read_history(self, frame: History, tenant: str) -> None:
+        store = self.ctx.store
+        try:
+            latest = await store.last_seq(tenant, frame.room)
+            stored = await store.history(
+                tenant, frame.room, since=frame.since.seq if frame.since else None,
+                limit=frame.limit, reverse=frame.reverse,
+            )
+        except StoreError:
+            self._tell(Invalid(4500, "could not read history", frame.id))
+            return
+        events = []
+        for ev in stored:
+            try:
+                body = cbor_loads_strict(ev.body)
+            except ProtocolError:
+                continue
+            if isinstance(body, dict):
+                body["room"] = frame.room
+                body["seq"] = ev.seq
+                events.append(body)
+        self._reply(frame.id, {"type": "history", "room": frame.room, "events": events,
+                               "seq": latest})
+
+    def _presence(self, frame: Presence) -> None:
+        assert self.principal is not None
+        if not self.principal.can("presence", frame.room):
+            raise ProtocolError(4003, "no presence right on this room")
+        raise ProtocolError(4004, "presence is not available on this node yet", retry=False)
+

@@ -1,0 +1,136 @@
+"""The outbound buffer of one connection: where fan-out writes, without a coroutine hop.
+
+A room delivers an event to a member by calling :meth:`Outbox.push` with bytes it encoded once
+for every member using the same codec. Frames pushed during one turn of the event loop leave as
+one transport message (PROTOCOL.md lets a message carry several frames): a burst of N events
+costs each member one write, not N. A member whose unsent bytes pass ``limit`` is a slow consumer:
+the outbox stops buffering for it and calls ``on_slow`` once; it recovers from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["FrameCodec", "Outbox", "Transport"]
+
+log = logging.getLogger("actors.outbox")
+
+
+class FrameCodec(Protocol):
+    """How frames become bytes for one connection (see ``node.protocol``)."""
+
+    name: str
+
+    def encode(self, frame: Any) -> bytes: ...
+
+    def join(self, frames: list[bytes]) -> bytes: ...
+
+
+class Transport(Protocol):
+    """What a connection's bridge offers the outbox."""
+
+    def write_message(self, payload: bytes) -> None:
+        """Send one message holding one or more encoded frames (never blocks)."""
+
+    def buffered_bytes(self) -> int:
+        """Bytes written but not yet sent by the OS (the transport's own buffer)."""
+
+
+class Outbox:
+    """Frames waiting to be written to one connection.
+
+    Args:
+        codec: The connection's codec.
+        transport: Where messages go.
+        limit: Unsent bytes (ours plus the transport's) beyond which the peer is a slow consumer.
+        on_slow: Called once when the limit is passed (e.g. disconnect with 4008).
+        max_message_bytes: Flush early when a message would grow past this.
+    """
+
+    __slots__ = (
+        "_frames",
+        "_loop",
+        "_queued",
+        "_scheduled",
+        "closed",
+        "codec",
+        "limit",
+        "max_message_bytes",
+        "on_slow",
+        "slow",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        codec: FrameCodec,
+        transport: Transport,
+        *,
+        limit: int,
+        on_slow: Callable[[], None],
+        max_message_bytes: int = 256 * 1024,
+    ) -> None:
+        self.codec = codec
+        self.transport = transport
+        self.limit = limit
+        self.on_slow = on_slow
+        self.max_message_bytes = max_message_bytes
+        self.slow = False
+        self.closed = False
+        self._frames: list[bytes] = []
+        self._queued = 0
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def push(self, encoded: bytes) -> bool:
+        """Queue one encoded frame. Returns False if it was refused (slow or closed)."""
+        if self.closed or self.slow:
+            return False
+        self._frames.append(encoded)
+        self._queued += len(encoded)
+        if self._queued + self.transport.buffered_bytes() > self.limit:
+            self.slow = True
+            self._frames.clear()
+            self._queued = 0
+            self.on_slow()
+            return False
+        if self._queued >= self.max_message_bytes:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+        return True
+
+    def send(self, frame: Any) -> bool:
+        """Encode ``frame`` with this connection's codec and queue it."""
+        return self.push(self.codec.encode(frame))
+
+    def flush(self) -> None:
+        """Write what is queued as one message."""
+        self._scheduled = False
+        if not self._frames or self.closed:
+            return
+        frames, self._frames, self._queued = self._frames, [], 0
+        payload = frames[0] if len(frames) == 1 else self.codec.join(frames)
+        try:
+            self.transport.write_message(payload)
+        except Exception as exc:  # the peer went away: its reader will notice and clean up
+            log.debug("! write failed: %s", exc)
+            self.closed = True
+
+    def send_now(self, frame: Any) -> None:
+        """Queue ``frame`` and flush at once (a last frame before closing), even when slow."""
+        if self.closed:
+            return
+        self.slow = False
+        self._frames.append(self.codec.encode(frame))
+        self.flush()
+
+    def close(self) -> None:
+        """Refuse everything from now on."""
+        self.closed = True
+        self._frames.clear()
+        self._queued = 0

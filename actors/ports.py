@@ -1,0 +1,98 @@
+"""The ports through which domain actors reach the world, as protocols.
+
+Actors know nothing of NATS or sockets: a :class:`RoomStore` stores and replays room events,
+a :class:`LiveFeed` delivers them as they are stored, and a connection writes frames through
+its :class:`Outbox` (see ``actors.outbox``). ``bridge`` implements them for real; tests may use
+recording fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["LiveFeed", "LiveMessage", "RoomStore", "StoreError", "StoredEvent", "Subscription"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event as stored: its stream sequence and its CBOR body (the event map)."""
+
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMessage:
+    """An event as it arrives on the live path.
+
+    Attributes:
+        seq: Its stream sequence (None for a volatile event).
+        prev: The previous stream sequence of the same room, for gap detection (None if unknown).
+        body: The CBOR event map.
+    """
+
+    seq: int | None
+    prev: int | None
+    body: bytes
+
+
+class StoreError(Exception):
+    """The store failed or did not answer in time.
+
+    Attributes:
+        retry: Whether the same request may succeed later.
+    """
+
+    def __init__(self, reason: str, *, retry: bool = True) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+class Subscription(Protocol):
+    """A live subscription; ``unsubscribe`` ends it."""
+
+    async def unsubscribe(self) -> None: ...
+
+
+class RoomStore(Protocol):
+    """Durable room events (JetStream in production)."""
+
+    @property
+    def epoch(self) -> str:
+        """The current life of the stream; changes when it is recreated."""
+
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str) -> tuple[int, bool]:
+        """Store one event; returns (seq, duplicate). Raises StoreError."""
+
+    async def last_seq(self, tenant: str, room: str) -> int:
+        """The latest stored seq of the room, 0 if none."""
+
+    async def read(
+        self, tenant: str, room: str, after: int, limit: int, *, before: int | None = None
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events with ``after < seq`` (and ``seq < before``), ascending."""
+
+    async def count_from(self, tenant: str, room: str, seq: int) -> int:
+        """How many stored events of the room have a seq >= ``seq``."""
+
+    async def has(self, tenant: str, room: str, seq: int) -> bool:
+        """Whether event ``seq`` is stored and belongs to the room."""
+
+    async def history(
+        self, tenant: str, room: str, *, since: int | None, limit: int, reverse: bool
+    ) -> list[StoredEvent]:
+        """Events for a ``history`` request, in the order to send them (PROTOCOL.md)."""
+
+
+class LiveFeed(Protocol):
+    """Events of a room as they are stored (and volatile ones), for the room actor."""
+
+    async def subscribe(
+        self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
+    ) -> Subscription:
+        """Start delivering the room's live messages to ``callback``, in stream order."""
+
+    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        """Send a volatile event to every node (not stored)."""

@@ -1,0 +1,394 @@
+"""``RoomActor``: one per active room per node. It owns the room's local members and is the
+single sequencer of what they receive.
+
+Every event, from any node, reaches a room the same way: from the store's live feed, in stream
+order. The room keeps ``last_seq`` (the highest seq it has delivered) and repairs gaps: a live
+message whose ``prev`` (the room's previous seq, from the stream's RePublish headers) is beyond
+``last_seq`` means something was missed on the at-most-once live path, and the missing events
+are read from the store before going on.
+
+Fan-out is encode-once: a frame is encoded once per codec in use, and the same bytes are pushed
+to each member's :class:`~actors.outbox.Outbox` (no coroutine hop per member). A member joining
+with ``since`` is held while its replay is read; live events arriving meanwhile are kept for it
+and sent after the replay, filtered by its cursor, so the switch-over has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.actor import Actor, RestartPolicy
+from actors.mailbox import Overflow
+from actors.outbox import Outbox
+from actors.ports import LiveFeed, LiveMessage, RoomStore, StoredEvent, StoreError, Subscription
+from node.errors import CodecError
+from node.protocol import cbor_loads_strict, error_frame
+
+__all__ = [
+    "Join",
+    "Leave",
+    "Membership",
+    "RoomActor",
+    "RoomCounters",
+    "RoomSettings",
+]
+
+log = logging.getLogger("actors.room")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSettings:
+    """Policy of one room, from its namespace."""
+
+    history_size: int = 10000
+    recovery_max: int = 10000
+    presence: bool = True
+
+
+@dataclass
+class RoomCounters:
+    """Counters shared by every room of a node (exported as metrics)."""
+
+    delivered: int = 0
+    events_in: int = 0
+    gap_repairs: int = 0
+    replayed: int = 0
+    live_dropped: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Membership:
+    """One connection's place in one room.
+
+    Created by the connection, owned by the room while joined: only the room writes ``cursor``
+    (the last seq delivered). The connection reads it after the room is gone, to rejoin with
+    ``since`` when a room actor had to be rebuilt.
+    """
+
+    client_id: str
+    outbox: Outbox
+    on_room_lost: Callable[[str], None]
+    presence: bool = False
+    cursor: int = 0
+    replaying: bool = False
+    held: list[tuple[int | None, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Add a member. The room answers ``joined`` (unless ``silent``) through its outbox."""
+
+    member: Membership
+    since_seq: int | None = None
+    since_epoch: str | None = None
+    request_id: str | int | None = None
+    silent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Remove a member (no reply; the connection answers ``left`` itself)."""
+
+    member: Membership
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplayDone:
+    member: Membership
+    join: Join
+    target: int
+    recovered: bool
+    events: list[StoredEvent] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _RepairDone:
+    upto: int
+    events: list[StoredEvent] | None
+
+
+class RoomActor(Actor):
+    """The members of one room on this node, and the room's live feed.
+
+    Args:
+        tenant: The room's tenant.
+        room: The room's name.
+        store: Durable events.
+        feed: Live events.
+        settings: The room's policy.
+        counters: Node-wide counters to update.
+    """
+
+    kind = "room"
+    # Live messages must not be refused: when the mailbox is full, a live message is dropped
+    # and the gap is repaired from the stream by the next one (see on_mailbox_full).
+    mailbox_size = 65536
+    on_overflow = Overflow.CALLBACK
+    batch_size = 256
+    restart = RestartPolicy(max_restarts=5, window_s=60, min_backoff_s=0.1, max_backoff_s=5)
+    idle_timeout_s = 30.0
+
+    def __init__(
+        self,
+        tenant: str,
+        room: str,
+        store: RoomStore,
+        feed: LiveFeed,
+        settings: RoomSettings,
+        counters: RoomCounters,
+    ) -> None:
+        self.tenant = tenant
+        self.room = room
+        self.store = store
+        self.feed = feed
+        self.settings = settings
+        self.counters = counters
+        self.members: dict[int, Membership] = {}
+        self.last_seq = 0
+        self._sub: Subscription | None = None
+        self._repairing = False
+        self._backlog: list[LiveMessage] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life ------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        # Subscribe first, then read the latest seq: nothing stored in between can be missed,
+        # and live messages already covered by last_seq are skipped.
+        self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
+        self.last_seq = await self.store.last_seq(self.tenant, self.room)
+
+    async def on_stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def on_failure(self, exc: BaseException) -> None:
+        # The next instance starts empty: tell members to rejoin from their cursors.
+        members, self.members = list(self.members.values()), {}
+        for member in members:
+            member.on_room_lost(self.room)
+
+    def can_passivate(self) -> bool:
+        return not self.members
+
+    def on_mailbox_full(self, message: Any) -> None:
+        if isinstance(message, LiveMessage):
+            self.counters.live_dropped += 1  # repaired from the stream by the next one
+        else:
+            log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
+
+    def _on_live_message(self, msg: LiveMessage) -> None:
+        self.ref.tell(msg)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"room[{self.room}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def on_receive(self, message: Any) -> Any:
+        if isinstance(message, LiveMessage):
+            self._on_live(message)
+        elif isinstance(message, Join):
+            self._on_join(message)
+        elif isinstance(message, Leave):
+            self.members.pop(id(message.member), None)
+        elif isinstance(message, _ReplayDone):
+            self._on_replay_done(message)
+        elif isinstance(message, _RepairDone):
+            self._on_repair_done(message)
+        else:
+            raise TypeError(f"unexpected message {type(message).__name__}")
+        return None
+
+    # -- live path -------------------------------------------------------------------------
+
+    def _on_live(self, msg: LiveMessage) -> None:
+        if msg.seq is None:
+            self._deliver(None, msg.body)
+            return
+        if self._repairing:
+            self._backlog.append(msg)
+            return
+        if msg.seq <= self.last_seq:
+            return  # already delivered (e.g. read by a repair)
+        if msg.prev is not None and msg.prev > self.last_seq:
+            # The live path lost something between last_seq and this one: read it back.
+            self._repairing = True
+            self._backlog.append(msg)
+            self.counters.gap_repairs += 1
+            self._spawn(self._repair(self.last_seq, msg.seq), "repair")
+            return
+        self._deliver(msg.seq, msg.body)
+
+    async def _repair(self, after: int, before: int) -> None:
+        events: list[StoredEvent] | None
+        try:
+            events = await self.store.read(self.tenant, self.room, after, 1_000_000, before=before)
+        except StoreError as exc:
+            log.warning("! room %s gap repair failed: %s", self.room, exc)
+            events = None
+        self.ref.tell(_RepairDone(before, events))
+
+    def _on_repair_done(self, done: _RepairDone) -> None:
+        self._repairing = False
+        if done.events is None:
+            # Could not read the gap: deliver what we have; members will see a seq jump and the
+            # next gap check retries. Members never get a duplicate.
+            log.warning("! room %s continues past an unrepaired gap", self.room)
+        else:
+            for ev in done.events:
+                if ev.seq > self.last_seq:
+                    self._deliver(ev.seq, ev.body)
+        backlog, self._backlog = self._backlog, []
+        for msg in backlog:
+            if done.events is None and msg.seq is not None and msg.seq > self.last_seq:
+                self._deliver(msg.seq, msg.body)
+            else:
+                self._on_live(msg)
+
+    def _frame(self, seq: int | None, body: bytes) -> dict[str, Any] | None:
+        try:
+            event = cbor_loads_strict(body)
+        except CodecError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            log.warning("! room %s: undecodable event at seq %s skipped", self.room, seq)
+            return None
+        frame: dict[str, Any] = {"type": "event", "room": self.room}
+        if seq is not None:
+            frame["seq"] = seq
+        for key in ("event", "data", "ts", "from", "msg_id"):
+            if key in event:
+                frame[key] = event[key]
+        return frame
+
+    def _deliver(self, seq: int | None, body: bytes) -> None:
+        """Fan one event out: encode once per codec, push the same bytes to each member."""
+        if seq is not None:
+            self.last_seq = seq
+        frame = self._frame(seq, body)
+        if frame is None:
+            return
+        self.counters.events_in += 1
+        encoded: dict[str, bytes] = {}
+        delivered = 0
+        for member in self.members.values():
+            if member.replaying:
+                member.held.append((seq, frame))
+                continue
+            if seq is not None:
+                if seq <= member.cursor:
+                    continue
+                member.cursor = seq
+            outbox = member.outbox
+            codec = outbox.codec
+            data = encoded.get(codec.name)
+            if data is None:
+                data = encoded[codec.name] = codec.encode(frame)
+            outbox.push(data)
+            delivered += 1
+        self.counters.delivered += delivered
+
+    # -- joining ---------------------------------------------------------------------------
+
+    def _on_join(self, join: Join) -> None:
+        member = join.member
+        member.replaying = True
+        member.held = []
+        self.members[id(member)] = member
+        self._spawn(self._replay(join, self.last_seq), "replay")
+
+    async def _replay(self, join: Join, target: int) -> None:
+        """Decide recovery and read what the member missed, up to ``target`` (delivered live)."""
+        member = join.member
+        try:
+            recovered, events = await self._recovery(join, target)
+            done = _ReplayDone(member, join, target, recovered, events)
+        except StoreError as exc:
+            done = _ReplayDone(member, join, target, False, None, error=str(exc))
+        self.ref.tell(done)
+
+    async def _recovery(self, join: Join, target: int) -> tuple[bool, list[StoredEvent]]:
+        since = join.since_seq
+        if since is None:
+            return False, []
+        if join.since_epoch is not None and join.since_epoch != self.store.epoch:
+            return False, []
+        if since >= target:
+            # Nothing missed that this node has delivered; the rest comes live.
+            ok = since in (0, target) or await self.store.has(self.tenant, self.room, since)
+            return ok, []
+        if since > 0:
+            if not await self.store.has(self.tenant, self.room, since):
+                return False, []  # the last event it saw was trimmed: more may have been
+        else:
+            total = await self.store.count_from(self.tenant, self.room, 1)
+            if self.settings.history_size and total >= self.settings.history_size:
+                return False, []  # the room may have been trimmed: cannot prove nothing was
+        missed = await self.store.count_from(self.tenant, self.room, since + 1)
+        missed -= await self.store.count_from(self.tenant, self.room, target + 1)
+        if missed > self.settings.recovery_max:
+            return False, []
+        events = await self.store.read(self.tenant, self.room, since, missed, before=target + 1)
+        return True, events
+
+    def _on_replay_done(self, done: _ReplayDone) -> None:
+        member = done.member
+        if self.members.get(id(member)) is not member:
+            return  # left while its replay was read
+        join = done.join
+        outbox = member.outbox
+        if done.error is not None:
+            del self.members[id(member)]
+            if not join.silent:
+                outbox.send(error_frame(4500, "could not read the room", id=join.request_id,
+                                        retry=True))
+            member.on_room_lost(self.room)
+            return
+        events = done.events or []
+        if done.recovered:
+            member.cursor = max(member.cursor, join.since_seq or 0)
+        else:
+            member.cursor = done.target
+        if not join.silent:
+            joined: dict[str, Any] = {
+                "type": "joined", "room": self.room, "seq": done.target,
+                "epoch": self.store.epoch, "recovered": done.recovered,
+                "replayed": len(events),
+            }
+            if join.request_id is not None:
+                joined["id"] = join.request_id
+            outbox.send(joined)
+        codec = outbox.codec
+        for ev in events:
+            if ev.seq <= member.cursor:
+                continue
+            frame = self._frame(ev.seq, ev.body)
+            member.cursor = ev.seq
+            if frame is not None:
+                outbox.push(codec.encode(frame))
+        self.counters.replayed += len(events)
+        held, member.held = member.held, []
+        member.replaying = False
+        for seq, frame in held:
+            if seq is not None:
+                if seq <= member.cursor:
+                    continue
+                member.cursor = seq
+            outbox.push(codec.encode(frame))
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch (the ``ts`` of events)."""
+    return int(time.time() * 1000)

@@ -1,0 +1,199 @@
+"""ActorSystem: spawns actors, keeps the name registry, aggregates stats, shuts down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+from .actor import A
+from .cell import ActorCell
+from .errors import ActorError
+from .ref import ActorRef
+from .stats import KindStats
+
+__all__ = ["ActorSystem"]
+
+log = logging.getLogger("actors")
+
+EscalationHandler = Callable[[ActorRef[Any], BaseException], None]
+
+
+class ActorSystem:
+    """A set of named actors sharing one event loop.
+
+    Args:
+        name: label for logs.
+        on_escalation: called as ``on_escalation(ref, exc)`` when an actor exceeds its restart
+            budget (after it was deregistered, so the handler may spawn a replacement).
+            Exceptions it raises are logged.
+
+    Example::
+
+        async with ActorSystem() as system:
+            ref = system.spawn(Counter, "counter")
+            ref.tell(1)
+            print(await ref.ask("total"))
+    """
+
+    def __init__(self, *, name: str = "system", on_escalation: EscalationHandler | None = None):
+        self.name = name
+        self._on_escalation = on_escalation
+        # Only actors accepting messages are registered: a stopping actor's name is free again.
+        self._registry: dict[str, ActorRef[Any]] = {}
+        # Every actor whose task has not finished, registered or not (shutdown waits for them).
+        self._cells: set[ActorCell] = set()
+        self._counters: dict[str, KindStats] = {}
+        self._next_id: dict[str, int] = {}
+        self._closed = False
+
+    def spawn(self, factory: Callable[[], A], name: str | None = None) -> ActorRef[A]:
+        """Build an actor with ``factory()`` and start it.
+
+        Synchronous: the actor is registered before this returns, and its messages can be
+        told at once (they are handled after ``on_start``). Must run inside the event loop.
+
+        Args:
+            factory: builds an instance; called again for a fresh instance on each restart.
+            name: unique name; None picks ``"<kind>-<n>"``.
+
+        Returns:
+            The new actor's reference.
+
+        Raises:
+            ValueError: ``name`` is taken, or the actor class has an invalid configuration.
+            ActorError: the system is shutting down.
+            RuntimeError: no running event loop.
+        """
+        if self._closed:
+            raise ActorError(f"actor system {self.name!r} is shut down")
+        if name is not None and name in self._registry:
+            raise ValueError(f"actor name {name!r} is already taken")
+        loop = asyncio.get_running_loop()
+        instance = factory()
+        kind = type(instance).kind
+        if name is None:
+            name = self._auto_name(kind)
+        elif name in self._registry:
+            # The factory itself may have spawned under this name.
+            raise ValueError(f"actor name {name!r} is already taken")
+        counters = self._counters.get(kind)
+        if counters is None:
+            counters = KindStats()
+        cell = ActorCell(
+            name=name, instance=instance, factory=factory, counters=counters, host=self, loop=loop
+        )
+        # Recorded only once the cell accepted the class's configuration (it may raise).
+        self._counters[kind] = counters
+        self._registry[name] = cell.ref
+        self._cells.add(cell)
+        cell.start()
+        log.debug("system %s spawned actor %s", self.name, name)
+        return cell.ref
+
+    def get(self, name: str) -> ActorRef[Any] | None:
+        """Return the live actor registered under ``name``, or None."""
+        return self._registry.get(name)
+
+    def get_or_spawn(self, name: str, factory: Callable[[], A]) -> ActorRef[A]:
+        """Return the actor named ``name``, spawning it with ``factory`` if there is none.
+
+        Synchronous, hence atomic on the event loop: concurrent callers get the same actor
+        and the factory runs once.
+        """
+        ref = self._registry.get(name)
+        if ref is not None:
+            return ref
+        return self.spawn(factory, name)
+
+    def stats(self) -> dict[str, KindStats]:
+        """Return a snapshot of the statistics of every kind ever spawned, by kind."""
+        snapshot = {
+            kind: replace(counters, actors=0, mailbox_depth=0)
+            for kind, counters in self._counters.items()
+        }
+        for cell in self._cells:
+            stats = snapshot[cell.kind]
+            if cell.is_alive:
+                stats.actors += 1
+            stats.mailbox_depth += cell.depth
+        return snapshot
+
+    def __len__(self) -> int:
+        """Number of registered (alive) actors."""
+        return len(self._registry)
+
+    def __repr__(self) -> str:
+        return f"<ActorSystem {self.name!r} actors={len(self._registry)}>"
+
+    # Not asyncio.timeout(): expiry must cancel the actors' tasks, not just the caller.
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every actor gracefully and in parallel; cancel those still running at timeout.
+
+        After this no actor can be spawned. Idempotent.
+
+        Args:
+            timeout: seconds granted to the graceful stops (draining included).
+        """
+        self._closed = True
+        cells = list(self._cells)
+        for cell in cells:
+            cell.request_stop(drain=True)
+        current = asyncio.current_task()
+        # An actor shutting the system down from its handler must not wait for itself.
+        tasks = {cell.task for cell in cells if cell.task is not current and not cell.task.done()}
+        if not tasks:
+            return
+        log.info("system %s: stopping %d actor(s)", self.name, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning(
+                "system %s: %d actor(s) still running after %ss; cancelling them",
+                self.name,
+                len(pending),
+                timeout,
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+
+    async def __aenter__(self) -> ActorSystem:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # -- CellHost ---------------------------------------------------------------------------
+
+    def _auto_name(self, kind: str) -> str:
+        while True:
+            n = self._next_id.get(kind, 0) + 1
+            self._next_id[kind] = n
+            name = f"{kind}-{n}"
+            if name not in self._registry:
+                return name
+
+    def _cell_closed(self, cell: ActorCell) -> None:
+        # Only if the name still maps to this very actor: it may have been re-spawned since.
+        if self._registry.get(cell.name) is cell.ref:
+            del self._registry[cell.name]
+
+    def _cell_escalated(self, cell: ActorCell, exc: BaseException) -> None:
+        if self._on_escalation is None:
+            return
+        try:
+            self._on_escalation(cell.ref, exc)
+        except Exception:
+            log.exception("system %s: on_escalation raised for actor %s", self.name, cell.name)
+
+    def _cell_terminated(self, cell: ActorCell) -> None:
+        self._cells.discard(cell)
+        self._cell_closed(cell)

@@ -1,0 +1,221 @@
+"""The node's NATS connection and the room stream.
+
+``NatsLink`` connects (retrying with backoff and jitter at start-up, since nats-py's first
+connect does not retry), keeps reconnecting for ever afterwards, creates or updates the
+``RTNODE_ROOMS`` stream at every start, and answers the readiness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
+from nats.js.errors import BadRequestError
+
+from bridge.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
+from node.errors import NatsUnavailable
+
+__all__ = ["NatsLink", "StreamSettings"]
+
+log = logging.getLogger("bridge.nats")
+
+_STREAM_NAME_IN_USE = 10058
+# nats-py annotates this as int but sleeps on it: half a second keeps fail-over short.
+_RECONNECT_WAIT_S: Any = 0.5
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The room stream's limits, from the node's configuration."""
+
+    history_size: int = 10000
+    history_ttl_s: float = 604800
+    dedupe_window_s: float = 120
+    replicas: int = 1
+    max_msg_bytes: int = 65536 * 2
+
+    def config(self) -> StreamConfig:
+        """The JetStream configuration of ``RTNODE_ROOMS``."""
+        return StreamConfig(
+            name=STREAM_NAME,
+            description="rtnode room events",
+            subjects=[f"{ROOM_PREFIX}.>"],
+            storage=StorageType.FILE,
+            num_replicas=self.replicas,
+            max_msgs_per_subject=self.history_size if self.history_size > 0 else -1,
+            max_age=self.history_ttl_s,
+            duplicate_window=self.dedupe_window_s,
+            max_msg_size=self.max_msg_bytes,
+            allow_direct=True,
+            republish=RePublish(src=f"{ROOM_PREFIX}.>", dest=f"{LIVE_PREFIX}.>"),
+        )
+
+
+class NatsLink:
+    """One NATS connection for the whole node, with JetStream and the room stream.
+
+    Args:
+        servers: NATS URLs.
+        name: Connection name shown by the server (the node's name).
+        stream: Limits of the room stream.
+        connect_timeout_s: Give up the first connection after this long.
+    """
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        name: str,
+        stream: StreamSettings,
+        connect_timeout_s: float = 60.0,
+    ) -> None:
+        self.servers = servers
+        self.name = name
+        self.stream = stream
+        self.connect_timeout_s = connect_timeout_s
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.epoch = ""
+
+    @property
+    def nc(self) -> NATS:
+        """The connected client."""
+        if self._nc is None:
+            raise NatsUnavailable("not connected to NATS")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context."""
+        if self._js is None:
+            raise NatsUnavailable("not connected to NATS")
+        return self._js
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected right now."""
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self) -> None:
+        """Connect, retrying with exponential backoff and full jitter, then ensure the stream.
+
+        Raises:
+            NatsUnavailable: No server answered within ``connect_timeout_s``.
+        """
+        deadline = time.monotonic() + self.connect_timeout_s
+        attempt = 0
+        while True:
+            nc = NATS()
+            try:
+                # One attempt per server, no reconnect: a failed first connect raises at once,
+                # so this loop owns the start-up retries (exponential backoff, full jitter, a
+                # deadline). nats-py would otherwise retry for ever inside connect().
+                await nc.connect(
+                    servers=self.servers,
+                    name=self.name,
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=_RECONNECT_WAIT_S,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+            except Exception as exc:  # nats-py raises several unrelated types here
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                attempt += 1
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NatsUnavailable(
+                        f"cannot connect to NATS at {', '.join(self.servers)}: {exc or type(exc)}"
+                    ) from None
+                delay = min(left, random.uniform(0, min(5.0, 0.1 * 2**attempt)))
+                log.warning("! NATS not reachable (%s); retry in %.1f s", exc or type(exc), delay)
+                await asyncio.sleep(delay)
+                continue
+            # Once connected, reconnect for ever: /readyz reports the outage meanwhile.
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
+            self._nc = nc
+            break
+        self._js = self._nc.jetstream(timeout=5)
+        info = await self.ensure_stream()
+        self.epoch = _epoch(info)
+        url = self._nc.connected_url
+        log.info("= connected to NATS %s, stream %s epoch %s",
+                 url.netloc if url else "?", STREAM_NAME, self.epoch)
+
+    async def ensure_stream(self) -> StreamInfo:
+        """Create ``RTNODE_ROOMS``, or update it to the configured limits. Idempotent."""
+        cfg = self.stream.config()
+        try:
+            return await self.js.add_stream(cfg)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            return await self.js.update_stream(cfg)
+
+    async def check(self, timeout: float = 2.0) -> str | None:
+        """Readiness: None when NATS and JetStream answer, else the reason."""
+        if not self.connected:
+            return "NATS not connected"
+        try:
+            info = await asyncio.wait_for(self.js.stream_info(STREAM_NAME), timeout)
+        except Exception as exc:
+            return f"JetStream not answering ({type(exc).__name__})"
+        epoch = _epoch(info)
+        if epoch != self.epoch:
+            log.warning("= stream %s recreated: epoch %s -> %s", STREAM_NAME, self.epoch, epoch)
+            self.epoch = epoch
+        return None
+
+    async def close(self) -> None:
+        """Drain and close the connection."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), 5)
+        except Exception:
+            await nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._nc is not None:  # before the first connect, the retry loop logs
+            log.warning("! NATS error: %s", exc or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("! NATS disconnected")
+
+    async def _on_reconnected(self) -> None:
+        nc = self._nc
+        log.info("= NATS reconnected to %s", nc.connected_url if nc else "?")
+
+    async def __aenter__(self) -> NatsLink:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _epoch(info: StreamInfo) -> str:
+    """One life of the stream: its creation time, which changes when it is recreated."""
+    created = getattr(info, "created", None)
+    if created is None:
+        return "0"
+    return str(int(created.timestamp() * 1_000_000))

@@ -1,0 +1,308 @@
+"""JetStream as the room store and the live feed (PROTOCOL.md section 9).
+
+Publishes are pipelined: each one is a plain NATS publish with its own reply inbox, and the
+JetStream acks come back on one wildcard subscription, so a connection never waits for one ack
+before sending the next (serial acked publishes are ~10x slower here). Every publish carries a
+``Nats-Msg-Id`` and is retried with it through leader elections and reconnects, until a deadline.
+
+Reads use JetStream direct gets (``$JS.API.DIRECT.GET``), batched and filtered on the room's
+subject: no consumer is created for a history page or a recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from actors.ports import LiveMessage, StoredEvent, StoreError
+from bridge.nats_link import NatsLink
+from bridge.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
+
+__all__ = ["JetStreamRoomStore"]
+
+log = logging.getLogger("bridge.store")
+
+_DIRECT_GET = f"$JS.API.DIRECT.GET.{STREAM_NAME}"
+_BATCH = 256
+_RETRYABLE_STATUS = {"503", "408"}
+
+
+class _LiveSub:
+    def __init__(self, sub: NatsSubscription, eph: NatsSubscription) -> None:
+        self._subs = (sub, eph)
+
+    async def unsubscribe(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection closing: nothing left to unsubscribe from
+                pass
+
+
+class _Batch:
+    """Collects the replies of one batched direct get until its end-of-batch marker."""
+
+    __slots__ = ("done", "events", "pending", "single")
+
+    def __init__(self, single: bool = False) -> None:
+        self.single = single  # a plain (not batched) direct get: one reply, no end marker
+        self.events: list[StoredEvent] = []
+        self.pending = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class JetStreamRoomStore:
+    """The ``RoomStore`` and ``LiveFeed`` ports over one NATS connection.
+
+    Args:
+        link: The node's NATS link (connected, with the stream in place).
+        ack_timeout_s: How long one publish attempt waits for its ack.
+        publish_deadline_s: How long a publish keeps retrying before it fails.
+        read_timeout_s: How long a read may take.
+    """
+
+    def __init__(
+        self,
+        link: NatsLink,
+        *,
+        ack_timeout_s: float = 5.0,
+        publish_deadline_s: float = 15.0,
+        read_timeout_s: float = 5.0,
+    ) -> None:
+        self.link = link
+        self.ack_timeout_s = ack_timeout_s
+        self.publish_deadline_s = publish_deadline_s
+        self.read_timeout_s = read_timeout_s
+        self._tokens = itertools.count(1)
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._prefix = ""
+        self._sub: NatsSubscription | None = None
+        self.retries = 0
+        self.errors = 0
+
+    @property
+    def epoch(self) -> str:
+        return self.link.epoch
+
+    async def start(self) -> None:
+        """Subscribe the reply inbox shared by every publish and read."""
+        nc = self.link.nc
+        self._prefix = nc.new_inbox()
+        self._sub = await nc.subscribe(
+            self._prefix + ".>", cb=self._on_reply
+        )
+
+    async def stop(self) -> None:
+        """Fail what is still waiting and unsubscribe."""
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(StoreError("node stopping"))
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+            self._sub = None
+
+    async def _on_reply(self, msg: Msg) -> None:
+        kind, _, token = msg.subject[len(self._prefix) + 1:].partition(".")
+        if kind == "a":
+            fut = self._acks.get(token)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        batch = self._batches.get(token)
+        if batch is None or batch.done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            batch.events.append(StoredEvent(int(headers["Nats-Sequence"]), msg.data))
+            batch.pending = int(headers.get("Nats-Num-Pending", "0"))
+            if batch.single:
+                batch.done.set_result(None)
+            return
+        if status in ("204", "404"):
+            batch.done.set_result(None)
+        else:
+            batch.done.set_exception(StoreError(f"direct get status {status}"))
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str) -> tuple[int, bool]:
+        """Store one event, retrying with the same ``Nats-Msg-Id`` until the deadline.
+
+        Raises:
+            StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
+        """
+        subject = room_subject(tenant, room)
+        headers = {"Nats-Msg-Id": msg_id}
+        deadline = time.monotonic() + self.publish_deadline_s
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        reason = "no answer"
+        while True:
+            token = str(next(self._tokens))
+            fut: asyncio.Future[Msg] = loop.create_future()
+            self._acks[token] = fut
+            try:
+                await self.link.nc.publish(
+                    subject, body, reply=f"{self._prefix}.a.{token}", headers=headers
+                )
+                left = deadline - time.monotonic()
+                reply = await asyncio.wait_for(fut, max(0.01, min(self.ack_timeout_s, left)))
+                status = (reply.headers or {}).get("Status")
+                if status in _RETRYABLE_STATUS:
+                    reason = "stream unavailable"
+                else:
+                    return self._parse_ack(reply)
+            except TimeoutError:
+                reason = "ack timed out"
+            except StoreError:
+                raise
+            except Exception as exc:  # disconnected, draining, buffer full: retry
+                reason = type(exc).__name__
+            finally:
+                self._acks.pop(token, None)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.errors += 1
+                raise StoreError(f"publish failed: {reason}")
+            self.retries += 1
+            log.debug("! publish to %s retried: %s", subject, reason)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 1.0)
+
+    def _parse_ack(self, reply: Msg) -> tuple[int, bool]:
+        try:
+            ack: dict[str, Any] = json.loads(reply.data)
+        except ValueError:
+            raise StoreError("bad ack from JetStream") from None
+        err = ack.get("error")
+        if err:
+            self.errors += 1
+            log.warning("! JetStream refused a publish: %s", err)
+            raise StoreError(str(err.get("description", "refused")), retry=False)
+        return int(ack["seq"]), bool(ack.get("duplicate", False))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _direct(self, request: dict[str, Any]) -> _Batch:
+        token = str(next(self._tokens))
+        batch = _Batch(single="batch" not in request)
+        self._batches[token] = batch
+        try:
+            await self.link.nc.publish(
+                _DIRECT_GET, json.dumps(request).encode(), reply=f"{self._prefix}.d.{token}"
+            )
+            await asyncio.wait_for(batch.done, self.read_timeout_s)
+        except TimeoutError:
+            raise StoreError("read timed out") from None
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"read failed: {type(exc).__name__}") from None
+        finally:
+            self._batches.pop(token, None)
+        return batch
+
+    async def last_seq(self, tenant: str, room: str) -> int:
+        batch = await self._direct({"last_by_subj": room_subject(tenant, room)})
+        return batch.events[-1].seq if batch.events else 0
+
+    async def count_from(self, tenant: str, room: str, seq: int) -> int:
+        batch = await self._direct(
+            {"seq": max(seq, 1), "next_by_subj": room_subject(tenant, room), "batch": 1}
+        )
+        return batch.pending + 1 if batch.events else 0
+
+    async def has(self, tenant: str, room: str, seq: int) -> bool:
+        if seq <= 0:
+            return False
+        batch = await self._direct(
+            {"seq": seq, "next_by_subj": room_subject(tenant, room), "batch": 1}
+        )
+        return bool(batch.events) and batch.events[0].seq == seq
+
+    async def read(
+        self, tenant: str, room: str, after: int, limit: int, *, before: int | None = None
+    ) -> list[StoredEvent]:
+        subject = room_subject(tenant, room)
+        out: list[StoredEvent] = []
+        start = after + 1
+        while len(out) < limit:
+            want = min(_BATCH, limit - len(out))
+            batch = await self._direct({"seq": start, "next_by_subj": subject, "batch": want})
+            for ev in batch.events:
+                if before is not None and ev.seq >= before:
+                    return out
+                out.append(ev)
+            if not batch.events or batch.pending == 0 or len(batch.events) < want:
+                break
+            start = batch.events[-1].seq + 1
+        return out
+
+    async def _start_of_last(self, tenant: str, room: str, n: int, before: int | None) -> int:
+        """The smallest seq X such that at most ``n`` events lie in [X, before)."""
+        tail = await self.count_from(tenant, room, before) if before else 0
+
+        async def count(x: int) -> int:
+            return await self.count_from(tenant, room, x) - tail
+
+        if await count(1) <= n:
+            return 1
+        lo, hi = 1, before if before else await self.last_seq(tenant, room)
+        while lo < hi:  # count() is non-increasing in x: find the first x with count <= n
+            mid = (lo + hi) // 2
+            if await count(mid) <= n:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    async def history(
+        self, tenant: str, room: str, *, since: int | None, limit: int, reverse: bool
+    ) -> list[StoredEvent]:
+        if since is not None and not reverse:
+            return await self.read(tenant, room, since, limit)
+        before = since if reverse else None
+        start = await self._start_of_last(tenant, room, limit, before)
+        events = await self.read(tenant, room, start - 1, limit, before=before)
+        return events[::-1] if reverse else events
+
+    # -- live ------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
+    ) -> _LiveSub:
+        async def on_live(msg: Msg) -> None:
+            headers = msg.headers or {}
+            try:
+                seq = int(headers["Nats-Sequence"])
+                prev = int(headers.get("Nats-Last-Sequence", "0"))
+            except (KeyError, ValueError):
+                log.warning("! live message without sequence headers on %s", msg.subject)
+                return
+            callback(LiveMessage(seq, prev, msg.data))
+
+        async def on_eph(msg: Msg) -> None:
+            callback(LiveMessage(None, None, msg.data))
+
+        nc = self.link.nc
+        sub = await nc.subscribe(
+            live_subject(tenant, room), cb=on_live
+        )
+        eph = await nc.subscribe(eph_subject(tenant, room), cb=on_eph)
+        return _LiveSub(sub, eph)
+
+    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        await self.link.nc.publish(eph_subject(tenant, room), body)

@@ -1,0 +1,182 @@
+"""The composition root: ``Node`` builds the actor system, NATS, the stream and the listeners,
+and stops them in reverse order. Only this module imports every package of the project.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from types import TracebackType
+
+from actors import ActorSystem
+from actors.connection import NodeContext, Shutdown
+from bridge.http import HttpBridge, HttpHooks
+from bridge.nats_link import NatsLink, StreamSettings
+from bridge.room_store import JetStreamRoomStore
+from bridge.ws import WebSocketBridge
+from node.auth import TokenVerifier, load_or_create_secret
+from node.config import Settings
+from node.errors import ConfigError
+from node.metrics import CONTENT_TYPE, NodeMetrics
+from node.nats_server import EmbeddedNats
+
+__all__ = ["Node"]
+
+log = logging.getLogger("node")
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load tls_cert/tls_key: {exc}") from None
+    return ctx
+
+
+class Node:
+    """One rtnode node, for the life of an ``async with`` block.
+
+    Args:
+        settings: The validated configuration.
+
+    Example:
+        async with Node(load_settings()) as node:
+            await node.wait_closed()
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.node_name
+        self.system = ActorSystem(name=self.name)
+        self.metrics = NodeMetrics(self.system)
+        self.embedded: EmbeddedNats | None = None
+        self.nats: NatsLink | None = None
+        self.http: HttpBridge | None = None
+        self.store: JetStreamRoomStore | None = None
+        self.ctx: NodeContext | None = None
+        self.ws: WebSocketBridge | None = None
+        self.tokens = self._token_verifier()
+        self._stack = contextlib.AsyncExitStack()
+        self._closed = asyncio.Event()
+
+    def _token_verifier(self) -> TokenVerifier:
+        s = self.settings
+        if s.jwt_public_key is not None:
+            return TokenVerifier.from_key_file(
+                s.jwt_public_key, issuer=s.jwt_issuer, audience=s.jwt_audience
+            )
+        secret = s.jwt_secret or load_or_create_secret(s.data_dir)
+        return TokenVerifier(secret=secret, issuer=s.jwt_issuer, audience=s.jwt_audience)
+
+    @property
+    def nats_urls(self) -> list[str]:
+        """The NATS servers this node uses."""
+        if self.embedded is not None:
+            return [self.embedded.url]
+        return list(self.settings.nats_url)
+
+    async def start(self) -> None:
+        """Start everything, inside out: actors, NATS, the stream, the listeners."""
+        s = self.settings
+        ssl_context = _ssl_context(s)
+        try:
+            await self._stack.enter_async_context(self.system)
+            if s.embedded_nats:
+                self.embedded = EmbeddedNats(
+                    s.data_dir / "nats", port=s.nats_port, server_name=self.name
+                )
+                await self._stack.enter_async_context(self.embedded)
+            self.nats = NatsLink(
+                self.nats_urls,
+                name=self.name,
+                stream=StreamSettings(
+                    history_size=s.history_size,
+                    history_ttl_s=s.history_ttl_s,
+                    dedupe_window_s=s.dedupe_window_s,
+                    replicas=s.stream_replicas,
+                    max_msg_bytes=s.max_frame_bytes * 2,
+                ),
+                connect_timeout_s=s.nats_connect_timeout_s,
+            )
+            await self._stack.enter_async_context(self.nats)
+            self.store = JetStreamRoomStore(self.nats)
+            await self.store.start()
+            self._stack.push_async_callback(self.store.stop)
+            self.ctx = NodeContext(
+                settings=s, node_name=self.name, tokens=self.tokens, system=self.system,
+                store=self.store, feed=self.store,
+            )
+            self.ws = WebSocketBridge(self.ctx)
+            self.metrics.node_gauges(self)
+            self.http = HttpBridge(
+                s.host, s.http_port,
+                HttpHooks(readiness=self.readiness, metrics=self._render_metrics),
+                ssl_context=ssl_context,
+            )
+            self.http.add_route("GET", "/ws", self.ws.handle)
+            await self.http.start()
+            self._stack.push_async_callback(self.http.stop)
+            self._stack.push_async_callback(self.drain)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def readiness(self) -> str | None:
+        """None when this node can serve, else why not."""
+        if self.nats is None:
+            return "starting"
+        return await self.nats.check()
+
+    async def drain(self) -> None:
+        """Tell every client to go elsewhere (4503) and wait for them, up to drain_timeout_s."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        ctx.draining = True
+        if self.http is not None:
+            self.http.listening = False
+        refs = list(ctx.index.by_id.values())
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ref.tell(Shutdown(4503, "node shutting down", True))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.index.wait_empty(), self.settings.drain_timeout_s)
+        if refs:
+            log.info("x drained %d connections", len(refs))
+
+    def _render_metrics(self) -> tuple[bytes, str]:
+        return self.metrics.render(), CONTENT_TYPE
+
+    async def stop(self) -> None:
+        """Stop everything, outside in. Idempotent."""
+        try:
+            await self._stack.aclose()
+        finally:
+            self._closed.set()
+
+    def close(self) -> None:
+        """Ask the node to stop; :meth:`wait_closed` returns once it has."""
+        asyncio.get_running_loop().create_task(self.stop(), name="node.stop")
+
+    async def wait_closed(self) -> None:
+        """Wait until the node has stopped."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

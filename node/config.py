@@ -1,0 +1,244 @@
+"""The node's configuration: defaults, TOML file, RTNODE_* environment, command-line flags.
+
+Precedence, highest first: flags, environment, the TOML file given with ``--config``, defaults.
+Every setting has an environment variable ``RTNODE_<NAME>`` and a flag ``--<name>`` (underscores
+become dashes). Namespace policies (``[namespaces.<ns>]``) come from the TOML file only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "load_settings"]
+
+ENV_PREFIX = "RTNODE_"
+
+# Environment variables with our prefix that are not settings but are still allowed.
+_ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG"})
+_ENV_IGNORED_PREFIXES = ("RTNODE_TEST_",)
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class NamespacePolicy(BaseModel):
+    """Room policy of one namespace (the part of a room name before the first ``:``).
+
+    Unset fields take the node-wide setting of the same name.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_size: int | None = Field(default=None, ge=0)
+    history_ttl_s: float | None = Field(default=None, gt=0)
+    recovery_max: int | None = Field(default=None, ge=0)
+    volatile: bool = False
+    presence: bool = True
+    max_payload_bytes: int | None = Field(default=None, gt=0)
+
+
+class RoomPolicy(BaseModel):
+    """The effective policy of a room: the namespace's, filled in with the node's settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    history_size: int
+    history_ttl_s: float
+    recovery_max: int
+    volatile: bool
+    presence: bool
+    max_payload_bytes: int
+
+
+class Settings(BaseSettings):
+    """Everything a node can be told. Field names are the setting names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    # Listeners and identity
+    host: str = Field("127.0.0.1", description="address the HTTP and MQTT listeners bind to")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP, WebSocket and SSE port")
+    mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT listener port")
+    node_name: str = Field("", description="name of this node (default: the host name)")
+    data_dir: Path = Field(Path("rtnode-data"), description="where the node keeps its state")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve https/wss")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    ws_compression: bool = Field(False, description="permessage-deflate on WebSockets")
+    dev: bool = Field(False, description="development mode (console offers dev tokens)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    drain_timeout_s: float = Field(10.0, ge=0, description="wait this long for clients on stop")
+
+    # NATS
+    nats_url: CsvList = Field(
+        default_factory=list, description="NATS server URLs, comma-separated (unset: embedded)"
+    )
+    nats_port: int = Field(0, ge=0, le=65535, description="embedded nats-server port (0: free)")
+    nats_connect_timeout_s: float = Field(
+        60.0, gt=0, description="give up connecting to NATS at start after this long"
+    )
+    stream_replicas: int = Field(1, ge=1, le=5, description="replicas of the room stream")
+
+    # Tokens
+    jwt_secret: str = Field("", description="HS256 secret (unset: generated in the data dir)")
+    jwt_public_key: Path | None = Field(None, description="PEM public key file for RS256/ES256")
+    jwt_issuer: str = Field("", description="required token issuer (iss)")
+    jwt_audience: str = Field("", description="required token audience (aud)")
+
+    # PROTOCOL.md section 10: the environment names are part of the contract.
+    max_frame_bytes: int = Field(65536, gt=0, description="max frame or payload size")
+    rate_per_s: float = Field(50, gt=0, description="publishes per second per connection")
+    rate_burst: int = Field(100, gt=0, description="publish burst per connection")
+    max_rooms_per_connection: int = Field(128, gt=0, description="rooms per connection")
+    max_connections_per_user: int = Field(64, gt=0, description="connections per user, per node")
+    max_errors_per_min: int = Field(10, gt=0, description="errors per minute before closing")
+    slow_consumer_bytes: int = Field(1048576, gt=0, description="bytes queued before 4008")
+    connect_timeout_s: float = Field(5, gt=0, description="time allowed for the connect frame")
+    heartbeat_s: float = Field(25, gt=0, description="WebSocket ping interval")
+    history_size: int = Field(10000, ge=0, description="events kept per room")
+    history_ttl_s: float = Field(604800, gt=0, description="how long events are kept")
+    recovery_max: int = Field(10000, ge=0, description="most events replayed by a recovery")
+    dedupe_window_s: float = Field(120, gt=0, description="publish dedupe window")
+    presence_ttl_s: float = Field(10, gt=0, description="presence TTL")
+    volatile_events: CsvList = Field(
+        default_factory=lambda: ["user:typing"], description="volatile event names, comma-separated"
+    )
+    volatile_throttle_ms: int = Field(500, ge=0, description="volatile event throttle")
+    allowed_origins: CsvList = Field(
+        default_factory=list, description="allowed WebSocket origins, comma-separated (empty: any)"
+    )
+    api_key: str = Field("", description="HTTP API key (empty: none)")
+
+    namespaces: dict[str, NamespacePolicy] = Field(
+        default_factory=dict, description="namespace policies (TOML file only)"
+    )
+
+    # Set by load_settings before validation; read by settings_customise_sources.
+    _toml_file: ClassVar[Path | None] = None
+
+    @field_validator("nats_url", "volatile_events", "allowed_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("node_name")
+    @classmethod
+    def _default_node_name(cls, value: str) -> str:
+        name = value or socket.gethostname() or "rtnode"
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("use letters, digits, '-' and '_' only")
+        return name
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_file is not None:
+            sources.append(_TomlSource(settings_cls, cls._toml_file))
+        return tuple(sources)
+
+    @property
+    def embedded_nats(self) -> bool:
+        """True when the node starts its own nats-server."""
+        return not self.nats_url
+
+    def room_policy(self, room: str) -> RoomPolicy:
+        """The effective policy of ``room``, from its namespace and the node's settings."""
+        ns = self.namespaces.get(room.split(":", 1)[0]) if ":" in room else None
+        ns = ns or NamespacePolicy()
+        return RoomPolicy(
+            history_size=self.history_size if ns.history_size is None else ns.history_size,
+            history_ttl_s=self.history_ttl_s if ns.history_ttl_s is None else ns.history_ttl_s,
+            recovery_max=self.recovery_max if ns.recovery_max is None else ns.recovery_max,
+            volatile=ns.volatile,
+            presence=ns.presence,
+            max_payload_bytes=(
+                self.max_frame_bytes if ns.max_payload_bytes is None else ns.max_payload_bytes
+            ),
+        )
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file once; unknown keys are caught by ``extra="forbid"``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        try:
+            self._data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_environment() -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for key in os.environ:
+        if (
+            key.startswith(ENV_PREFIX)
+            and key not in known
+            and key not in _ENV_NOT_SETTINGS
+            and not key.startswith(_ENV_IGNORED_PREFIXES)
+        ):
+            raise ConfigError(f"unknown setting {key} (environment)")
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings from every source.
+
+    Args:
+        config_file: A TOML file, or None (also taken from ``RTNODE_CONFIG``).
+        **flags: Values given on the command line, by setting name.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: One line naming the first unknown or invalid setting.
+    """
+    _check_environment()
+    if config_file is None and os.environ.get("RTNODE_CONFIG"):
+        config_file = Path(os.environ["RTNODE_CONFIG"])
+    Settings._toml_file = config_file
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(part) for part in err["loc"]]
+        name = loc[0] if loc else "?"
+        if err["type"] == "extra_forbidden":
+            where = f" in {config_file}" if config_file else ""
+            raise ConfigError(f"unknown setting {'.'.join(loc)}{where}") from None
+        sources = f"{_flag(name)} / {ENV_PREFIX}{name.upper()}"
+        detail = ".".join(loc[1:])
+        detail = f" ({detail})" if detail else ""
+        raise ConfigError(f"invalid setting {name}{detail} ({sources}): {err['msg']}") from None
+    finally:
+        Settings._toml_file = None

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from actors import ActorSystem
+
+__all__ = ["CONTENT_TYPE", "NodeMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _ActorCollector(Collector):
+    """Reads the actor system's counters at scrape time: nothing is counted twice."""
+
+    def __init__(self, system: ActorSystem) -> None:
+        self._system = system
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._system.stats()
+        gauges = {
+            "actors": GaugeMetricFamily("rtnode_actors", "Live actors", labels=["kind"]),
+            "mailbox_depth": GaugeMetricFamily(
+                "rtnode_actor_mailbox_depth", "Messages queued in mailboxes", labels=["kind"]
+            ),
+        }
+        counters = {
+            name: CounterMetricFamily(f"rtnode_actor_{name}", help_, labels=["kind"])
+            for name, help_ in (
+                ("handled", "Messages handled by actors"),
+                ("failures", "Actor handler failures"),
+                ("restarts", "Actor restarts by supervision"),
+                ("overflows", "Messages refused or dropped by a full mailbox"),
+                ("escalations", "Actors stopped after too many restarts"),
+            )
+        }
+        for kind, s in sorted(stats.items()):
+            for name, family in gauges.items():
+                family.add_metric([kind], getattr(s, name))
+            for name, cfamily in counters.items():
+                cfamily.add_metric([kind], getattr(s, name))
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class _NodeCollector(Collector):
+    def __init__(self, node: Any) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self._node
+        up = GaugeMetricFamily("rtnode_nats_connected", "1 when the NATS connection is up")
+        up.add_metric([], 1.0 if node.nats is not None and node.nats.connected else 0.0)
+        yield up
+        conns = GaugeMetricFamily(
+            "rtnode_connections", "Open client connections", labels=["transport", "codec"]
+        )
+        if node.ws is not None:
+            for codec, n in sorted(node.ws.open.items()):
+                conns.add_metric(["ws", codec], n)
+        yield conns
+        ctx = node.ctx
+        if ctx is None:
+            return
+        rooms = GaugeMetricFamily("rtnode_rooms_active", "Room actors on this node")
+        rooms.add_metric([], node.system.stats().get("room").actors
+                         if "room" in node.system.stats() else 0)
+        yield rooms
+        c = ctx.counters
+        for name, help_, value in (
+            ("rtnode_events_in", "Room events received from the live feed", c.events_in),
+            ("rtnode_events_delivered", "Event frames pushed to members", c.delivered),
+            ("rtnode_events_replayed", "Events replayed by recoveries", c.replayed),
+            ("rtnode_gap_repairs", "Live gaps repaired from the stream", c.gap_repairs),
+            ("rtnode_live_dropped", "Live messages dropped by a full room mailbox", c.live_dropped),
+            ("rtnode_published", "Events stored by publishes of this node", ctx.published),
+            ("rtnode_slow_consumer_disconnects", "Connections cut as slow consumers",
+             ctx.slow_consumers),
+            ("rtnode_rate_limited", "Publishes refused by the rate limit", ctx.rate_limited),
+        ):
+            fam = CounterMetricFamily(name, help_)
+            fam.add_metric([], value)
+            yield fam
+        if node.store is not None:
+            for name, help_, value in (
+                ("rtnode_jetstream_retries", "JetStream publish retries", node.store.retries),
+                ("rtnode_jetstream_errors", "JetStream publishes that failed", node.store.errors),
+            ):
+                fam = CounterMetricFamily(name, help_)
+                fam.add_metric([], value)
+                yield fam
+
+
+class _GaugeFn(Collector):
+    def __init__(self, name: str, help_: str, fn: Callable[[], float]) -> None:
+        self._name, self._help, self._fn = name, help_, fn
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(self._name, self._help)
+        g.add_metric([], self._fn())
+        yield g
+
+
+class NodeMetrics:
+    """The metrics registry of one node.
+
+    Args:
+        system: The actor system whose counters are exported.
+    """
+
+    def __init__(self, system: ActorSystem) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ActorCollector(system))
+
+    def node_gauges(self, node: Any) -> None:
+        """Export the node's connection, room and store figures (read at scrape time)."""
+        self.registry.register(_NodeCollector(node))
+        self.publish_latency = Histogram(
+            "rtnode_publish_stored_seconds", "Time from a publish frame to its JetStream ack",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        node.ctx.publish_latency = self.publish_latency.observe
+
+    def gauge_fn(self, name: str, help_: str, fn: Callable[[], float]) -> None:
+        """Export ``fn()`` as a gauge read at scrape time."""
+        self.registry.register(_GaugeFn(name, help_, fn))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,348 @@
+"""Frames and codecs of PROTOCOL.md section 1. Pure: data in, data out, no I/O.
+
+Client frames are validated strictly at the edge (:func:`parse_frame`) and passed inward as
+typed objects. Node frames are plain dicts built by small functions, encoded once per codec.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from typing import Annotated, Any, Literal, Protocol
+
+import cbor2
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+
+from node.errors import CodecError, ProtocolError
+
+__all__ = [
+    "CBOR",
+    "CODECS",
+    "JSON",
+    "Ack",
+    "ClientFrame",
+    "Codec",
+    "Connect",
+    "History",
+    "Join",
+    "Leave",
+    "Ping",
+    "Presence",
+    "Publish",
+    "Refresh",
+    "Reply",
+    "RequestId",
+    "Rpc",
+    "Since",
+    "error_frame",
+    "parse_frame",
+    "request_id_of",
+]
+
+ROOM_PATTERN = r"^[A-Za-z0-9_:@=-]{1,128}$"
+EVENT_PATTERN = r"^[A-Za-z0-9_:.@=/-]{1,128}$"
+
+RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)] | StrictInt
+RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
+EventName = Annotated[StrictStr, Field(pattern=EVENT_PATTERN)]
+Seq = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Frame(BaseModel):
+    # Unknown fields are ignored (newer clients may send more); known ones are strict.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    id: RequestId | None = None
+
+
+class Since(BaseModel):
+    """A recovery position: the last seq processed, and the epoch it belongs to."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    seq: Seq
+    epoch: StrictStr | None = Field(default=None, max_length=64)
+
+
+class ClientInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    name: StrictStr | None = Field(default=None, max_length=64)
+    version: StrictStr | None = Field(default=None, max_length=64)
+
+
+class Connect(_Frame):
+    type: Literal["connect"]
+    token: StrictStr = Field(max_length=8192)
+    client: ClientInfo | None = None
+
+
+class Join(_Frame):
+    type: Literal["join"]
+    room: RoomName
+    since: Since | None = None
+    presence: StrictBool = False
+
+
+class Leave(_Frame):
+    type: Literal["leave"]
+    room: RoomName
+
+
+class Publish(_Frame):
+    type: Literal["publish"]
+    room: RoomName
+    event: EventName
+    data: Any = None
+    msg_id: StrictStr | None = Field(default=None, min_length=1, max_length=128)
+
+
+class History(_Frame):
+    type: Literal["history"]
+    room: RoomName
+    since: Since | None = None
+    limit: StrictInt = Field(default=100, ge=1, le=1000)
+    reverse: StrictBool = False
+
+
+class Presence(_Frame):
+    type: Literal["presence"]
+    room: RoomName
+
+
+class Rpc(_Frame):
+    type: Literal["rpc"]
+    to: StrictStr = Field(pattern=r"^(server|(user|device|client):[^\s.*>]{1,128})$")
+    method: StrictStr = Field(min_length=1, max_length=128)
+    params: Any = None
+    timeout_ms: StrictInt = Field(default=5000, ge=1, le=60000)
+
+
+class ReplyError(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    code: StrictInt
+    reason: StrictStr = Field(max_length=512)
+
+
+class Reply(_Frame):
+    type: Literal["reply"]
+    id: RequestId
+    result: Any = None
+    error: ReplyError | None = None
+
+
+class Ack(_Frame):
+    type: Literal["ack"]
+    room: RoomName
+    seq: Seq
+
+
+class Refresh(_Frame):
+    type: Literal["refresh"]
+    token: StrictStr = Field(max_length=8192)
+
+
+class Ping(_Frame):
+    type: Literal["ping"]
+
+
+ClientFrame = Annotated[
+    Connect | Join | Leave | Publish | History | Presence | Rpc | Reply | Ack | Refresh | Ping,
+    Field(discriminator="type"),
+]
+_CLIENT_FRAME: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+
+
+def request_id_of(raw: object) -> str | int | None:
+    """The ``id`` of a raw frame, if it is a valid one (for errors about invalid frames)."""
+    if isinstance(raw, dict):
+        rid = raw.get("id")
+        if (isinstance(rid, str) and 0 < len(rid) <= 64) or (
+            isinstance(rid, int) and not isinstance(rid, bool)
+        ):
+            return rid
+    return None
+
+
+def parse_frame(raw: object) -> ClientFrame:
+    """Validate one decoded client frame.
+
+    Raises:
+        ProtocolError: 4000 with a one-line reason naming the bad field.
+    """
+    if not isinstance(raw, dict):
+        raise ProtocolError(4000, "a frame must be a map")
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(4000, "frame has no type")
+    try:
+        return _CLIENT_FRAME.validate_python(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+        if err["type"] == "union_tag_invalid":
+            raise ProtocolError(4000, f"unknown frame type {kind[:32]!r}") from None
+        loc = [str(p) for p in err["loc"][1:]] or ["frame"]
+        raise ProtocolError(4000, f"bad field {'.'.join(loc)}: {err['msg']}") from None
+
+
+def error_frame(
+    code: int, reason: str, *, id: str | int | None = None, retry: bool = False
+) -> dict[str, Any]:
+    """An ``error`` frame."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "reason": reason, "retry": retry}
+    if id is not None:
+        frame["id"] = id
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# Codecs
+
+
+class Codec(Protocol):
+    """Turns WebSocket messages into frames and frames into bytes."""
+
+    name: str
+    binary: bool
+
+    def decode(self, data: bytes | str) -> list[Any]:
+        """Every frame of one message, in order. Raises CodecError."""
+
+    def encode(self, frame: Any) -> bytes:
+        """One frame, ready to be joined with others of the same message."""
+
+    def join(self, frames: list[bytes]) -> bytes:
+        """Several encoded frames as one message."""
+
+
+def _json_default(value: object) -> object:
+    # CBOR payloads may hold what JSON cannot: bytes travel as base64 text to JSON clients.
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _json_safe(value: Any) -> Any:
+    """A copy of ``value`` that JSON can hold: non-finite floats become null, keys text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            (k if isinstance(k, str) else _json_default(k) if isinstance(k, bytes) else str(k)):
+            _json_safe(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class JsonCodec:
+    """JSON frames in text messages, several separated by ``\\n``."""
+
+    name = "json"
+    binary = False
+    _encoder = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
+    )
+
+    def decode(self, data: bytes | str) -> list[Any]:
+        text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
+        frames = []
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            try:
+                frames.append(json.loads(line, parse_constant=_reject_constant))
+            except (ValueError, RecursionError):
+                raise CodecError("message is not valid JSON") from None
+        return frames
+
+    def encode(self, frame: Any) -> bytes:
+        try:
+            return self._encoder.encode(frame).encode("utf-8")
+        except (ValueError, TypeError):
+            return self._encoder.encode(_json_safe(frame)).encode("utf-8")
+
+    def join(self, frames: list[bytes]) -> bytes:
+        return b"\n".join(frames)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _reject_tag(*_: Any) -> Any:
+    raise ValueError("CBOR tags are not accepted")
+
+
+# Every tag cbor2 decodes by itself, rejected: some are costly (4, 5), build cycles (28, 29) or
+# compile regular expressions (35). Unknown tags go to tag_hook, rejected as well.
+_SEMANTIC_REJECT = {
+    tag: _reject_tag
+    for tag in (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004,
+                55799)
+}
+CBOR_MAX_DEPTH = 32
+
+
+def cbor_loads_strict(data: bytes) -> Any:
+    """Decode exactly one CBOR item from untrusted bytes (no tags, no trailing bytes)."""
+    items = CBOR.decode(data)
+    if len(items) != 1:
+        raise CodecError("expected exactly one CBOR item")
+    return items[0]
+
+
+class CborCodec:
+    """CBOR maps in binary messages, several one after another (an RFC 8742 sequence)."""
+
+    name = "cbor"
+    binary = True
+
+    def decode(self, data: bytes | str) -> list[Any]:
+        if isinstance(data, str):
+            raise CodecError("CBOR frames travel in binary messages")
+        fp = io.BytesIO(data)
+        decoder = cbor2.CBORDecoder(
+            fp,
+            tag_hook=_reject_tag,
+            semantic_decoders=_SEMANTIC_REJECT,
+            max_depth=CBOR_MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        frames = []
+        end = len(data)
+        try:
+            while fp.tell() < end:
+                frames.append(decoder.decode())
+        except (cbor2.CBORError, ValueError, RecursionError):
+            raise CodecError("message is not valid CBOR") from None
+        return frames
+
+    def encode(self, frame: Any) -> bytes:
+        return bytes(cbor2.dumps(frame))
+
+    def join(self, frames: list[bytes]) -> bytes:
+        return b"".join(frames)
+
+
+JSON = JsonCodec()
+CBOR = CborCodec()
+CODECS: dict[str, Codec] = {"rtnode.v1.json": JSON, "rtnode.v1.cbor": CBOR}

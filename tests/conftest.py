@@ -1,0 +1,58 @@
+"""Fixtures shared by the suite: real servers on free ports in temporary directories."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from node.app import Node
+from node.config import load_settings
+from tests.servers import NatsProcess
+from tests.wsclient import SECRET
+
+
+@pytest.fixture
+def nats_proc(tmp_path: Path) -> Iterator[NatsProcess]:
+    """A nats-server with JetStream for one test (it may kill and restart it)."""
+    server = NatsProcess(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsProcess]:
+    """One nats-server with JetStream for the whole session (never killed by a test)."""
+    server = NatsProcess(tmp_path_factory.mktemp("shared-nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def make_node(
+    shared_nats: NatsProcess, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process nodes (on the shared nats-server unless ``nats_url`` is given); they
+    all stop at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+        count = 0
+
+        async def make(**overrides: Any) -> Node:
+            nonlocal count
+            count += 1
+            settings = load_settings(**{
+                "nats_url": shared_nats.url, "http_port": 0, "jwt_secret": SECRET,
+                "data_dir": tmp_path / f"node{count}", "node_name": f"n{count}",
+                "drain_timeout_s": 1.0,
+                **overrides,
+            })
+            node = Node(settings)
+            await node.start()
+            stack.push_async_callback(node.stop)
+            return node
+
+        yield make

@@ -1,0 +1,539 @@
+"""Unit tests of the actor runtime, on a real event loop.
+
+No sleep is used to synchronise: tests wait on an ask reply, an asyncio.Event or a task. Where a
+message must be queued by a task before another one runs, the tasks are created in that order:
+asyncio runs ready tasks first in, first out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+from actors import (
+    Actor,
+    ActorDeadError,
+    ActorError,
+    ActorRef,
+    ActorSystem,
+    AskTimeout,
+    Escalated,
+    KindStats,
+    MailboxFull,
+    Overflow,
+    RestartPolicy,
+)
+
+FAST = RestartPolicy(max_restarts=3, window_s=60.0, min_backoff_s=0.001, max_backoff_s=0.001)
+
+
+@dataclass
+class Block:
+    """Makes the handler park: it sets ``entered`` and waits for ``gate``."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Probe:
+    """What the test sees of actors, shared by every instance a factory builds."""
+
+    received: list[Any] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)  # len(received) at each on_stop
+    failures: list[BaseException] = field(default_factory=list)
+    full: list[Any] = field(default_factory=list)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Recorder(Actor):
+    """Records messages; "get" replies with this instance's state, "fail" raises."""
+
+    kind = "recorder"
+    mailbox_size = 10_000
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.state: list[Any] = []
+
+    async def on_start(self) -> None:
+        self.probe.starts.append(asyncio.get_running_loop().time())
+
+    async def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Block):
+            message.entered.set()
+            await message.gate.wait()
+            return None
+        if message == "get":
+            return list(self.state)
+        if message == "fail":
+            raise ValueError("boom")
+        self.state.append(message)
+        self.probe.received.append(message)
+        return message
+
+    async def on_stop(self) -> None:
+        self.probe.stops.append(len(self.probe.received))
+        self.probe.stopped.set()
+
+    async def on_failure(self, exc: BaseException) -> None:
+        self.probe.failures.append(exc)
+
+    def on_mailbox_full(self, message: Any) -> None:
+        self.probe.full.append(message)
+
+
+def recorder(cls: type[Recorder] = Recorder) -> tuple[Probe, Callable[[], Recorder]]:
+    probe = Probe()
+    return probe, lambda: cls(probe)
+
+
+async def block(ref: ActorRef[Any]) -> asyncio.Event:
+    """Park the actor inside a handler; returns the gate that releases it."""
+    blocker = Block()
+    ref.tell(blocker)
+    await blocker.entered.wait()
+    return blocker.gate
+
+
+def actor_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("actor[")]
+
+
+async def test_task_is_named_after_the_actor() -> None:
+    async with ActorSystem() as system:
+        _, factory = recorder()
+        ref = system.spawn(factory, "alpha")
+        assert await ref.ask("get") == []
+        assert [t.get_name() for t in actor_tasks()] == ["actor[alpha]"]
+        assert system.spawn(factory).name == "recorder-1"
+        with pytest.raises(ValueError, match="alpha"):
+            system.spawn(factory, "alpha")
+    assert actor_tasks() == []
+
+
+async def test_messages_are_handled_in_order() -> None:
+    async with ActorSystem() as system:
+        _, factory = recorder()
+        ref = system.spawn(factory)
+        for i in range(1000):
+            ref.tell(i)
+        assert await ref.ask("get") == list(range(1000))
+        assert system.stats()["recorder"].handled == 1001
+
+
+async def test_messages_told_before_on_start_completes_wait_for_it() -> None:
+    gate = asyncio.Event()
+
+    class SlowStart(Recorder):
+        async def on_start(self) -> None:
+            await gate.wait()
+            self.state.append("started")
+
+    async with ActorSystem() as system:
+        _, factory = recorder(SlowStart)
+        ref = system.spawn(factory)
+        ref.tell(1)
+        ref.tell(2)
+        reply = asyncio.create_task(ref.ask("get"))
+        gate.set()
+        assert await reply == ["started", 1, 2]
+
+
+async def test_reject_overflow_raises_and_counts() -> None:
+    class Small(Recorder):
+        mailbox_size = 3
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Small)
+        ref = system.spawn(factory)
+        gate = await block(ref)
+        for i in range(3):
+            ref.tell(i)
+        with pytest.raises(MailboxFull):
+            ref.tell(3)
+        with pytest.raises(MailboxFull):
+            await ref.ask("get")
+        stats = system.stats()["recorder"]
+        assert (stats.overflows, stats.mailbox_depth, stats.actors) == (2, 3, 1)
+        gate.set()
+        await ref.stop()
+        assert probe.received == [0, 1, 2]
+
+
+async def test_drop_oldest_keeps_the_newest_and_fails_a_dropped_ask() -> None:
+    class Small(Recorder):
+        mailbox_size = 3
+        on_overflow = Overflow.DROP_OLDEST
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Small)
+        ref = system.spawn(factory)
+        gate = await block(ref)
+        dropped_ask = asyncio.create_task(ref.ask("get"))
+
+        async def fill() -> None:
+            for i in range(5):
+                ref.tell(i)
+
+        await asyncio.create_task(fill())  # runs after dropped_ask has queued its ask
+        with pytest.raises(MailboxFull):
+            await dropped_ask
+        assert system.stats()["recorder"].overflows == 3
+        gate.set()
+        await ref.stop()
+        assert probe.received == [2, 3, 4]
+
+
+async def test_callback_overflow_calls_the_hook_and_drops() -> None:
+    class Small(Recorder):
+        mailbox_size = 2
+        on_overflow = Overflow.CALLBACK
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Small)
+        ref = system.spawn(factory)
+        gate = await block(ref)
+        ref.tell("a")
+        ref.tell("b")
+        ref.tell("c")
+        assert probe.full == ["c"]  # synchronously, in the sender's context
+        with pytest.raises(MailboxFull):
+            await ref.ask("d")
+        assert probe.full == ["c", "d"]
+        assert system.stats()["recorder"].overflows == 2
+        gate.set()
+        await ref.stop()
+        assert probe.received == ["a", "b"]
+
+
+async def test_ask_timeout_is_a_timeout_error_and_the_message_is_still_handled() -> None:
+    async with ActorSystem() as system:
+        _, factory = recorder()
+        ref = system.spawn(factory)
+        gate = await block(ref)
+        with pytest.raises(AskTimeout) as caught:
+            await ref.ask("late", timeout=0.01)
+        assert isinstance(caught.value, TimeoutError)
+        assert isinstance(caught.value, ActorError)
+        gate.set()
+        assert await ref.ask("get") == ["late"]
+
+
+async def test_ask_and_tell_to_a_stopped_actor_fail_immediately() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory, "gone")
+        await ref.stop()
+        await ref.stop()  # idempotent
+        assert not ref.is_alive
+        assert probe.stops == [0]
+        with pytest.raises(ActorDeadError, match="actor 'gone' stopped"):
+            await ref.ask("get")
+        with pytest.raises(ActorDeadError):
+            ref.tell(1)
+        assert system.get("gone") is None
+
+
+async def test_handler_error_in_ask_reaches_the_caller_and_the_actor_continues() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory)
+        with pytest.raises(ValueError, match="boom"):
+            await ref.ask("fail")
+        assert await ref.ask(1) == 1
+        assert ref.is_alive
+        assert probe.failures == []
+        assert system.stats()["recorder"].failures == 0
+
+
+async def test_tell_failure_without_policy_stops_the_actor() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory, "solo")
+        ref.tell("fail")
+        with pytest.raises(ActorDeadError, match="actor 'solo' stopped"):
+            await ref.ask("get")  # queued behind the failing tell
+        await probe.stopped.wait()
+        assert [type(e) for e in probe.failures] == [ValueError]
+        assert not ref.is_alive
+        assert system.get("solo") is None
+        with pytest.raises(ActorDeadError):
+            ref.tell(1)
+        await ref.stop()
+        stats = system.stats()["recorder"]
+        assert (stats.failures, stats.restarts, stats.actors) == (1, 0, 0)
+
+
+async def test_restart_backs_off_exponentially_with_fresh_state_and_keeps_the_mailbox() -> None:
+    class Restarting(Recorder):
+        restart = RestartPolicy(max_restarts=5, min_backoff_s=0.01, max_backoff_s=1.0)
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Restarting)
+        ref = system.spawn(factory)
+        for message in ("a", "fail", "b", "fail", "c", "fail", "d"):
+            ref.tell(message)
+        assert await ref.ask("get") == ["d"]  # the last instance saw only "d"
+        assert probe.received == ["a", "b", "c", "d"]  # nothing queued was lost
+        assert len(probe.starts) == 4
+        assert probe.stops == [1, 2, 3]  # each old instance was stopped before its restart
+        gaps = [later - earlier for earlier, later in pairwise(probe.starts)]
+        for gap, backoff in zip(gaps, (0.01, 0.02, 0.04), strict=True):
+            assert gap >= backoff * 0.99
+        assert gaps[2] > gaps[0]
+        stats = system.stats()["recorder"]
+        assert (stats.failures, stats.restarts, stats.escalations) == (3, 3, 0)
+        assert len(probe.failures) == 3
+
+
+async def test_on_start_failure_is_retried_under_a_policy() -> None:
+    attempts: list[int] = []
+
+    class FlakyStart(Recorder):
+        restart = FAST
+
+        async def on_start(self) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise RuntimeError("not yet")
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(FlakyStart)
+        ref = system.spawn(factory)
+        assert await ref.ask(7) == 7
+        assert len(attempts) == 2
+        assert probe.stops == []  # the instance that never started is not stopped
+        stats = system.stats()["recorder"]
+        assert (stats.failures, stats.restarts) == (1, 1)
+
+
+async def test_on_start_failure_without_policy_stops_the_actor() -> None:
+    class BadStart(Recorder):
+        async def on_start(self) -> None:
+            raise RuntimeError("cannot start")
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(BadStart)
+        ref = system.spawn(factory)
+        with pytest.raises(ActorDeadError):
+            await ref.ask("get")
+        await ref.stop()
+        assert len(system) == 0
+        assert [type(e) for e in probe.failures] == [RuntimeError]
+
+
+async def test_escalation_after_max_restarts() -> None:
+    class Fragile(Recorder):
+        restart = RestartPolicy(max_restarts=2, min_backoff_s=0.001, max_backoff_s=0.001)
+
+    escalated: list[tuple[ActorRef[Any], BaseException]] = []
+    async with ActorSystem(on_escalation=lambda ref, exc: escalated.append((ref, exc))) as system:
+        probe, factory = recorder(Fragile)
+        ref = system.spawn(factory, "fragile")
+        for _ in range(3):
+            ref.tell("fail")
+        with pytest.raises(Escalated, match="actor 'fragile' stopped") as caught:
+            await ref.ask("get")
+        assert isinstance(caught.value, ActorDeadError)
+        await ref.stop()
+        assert [(r, type(e)) for r, e in escalated] == [(ref, ValueError)]
+        assert system.get("fragile") is None
+        assert len(probe.stops) == 3  # two restarts plus the final stop
+        assert system.stats()["recorder"] == KindStats(
+            actors=0, mailbox_depth=0, handled=3, failures=3, restarts=2, escalations=1
+        )
+        with pytest.raises(Escalated):
+            ref.tell(1)
+
+
+async def test_graceful_stop_drains_the_mailbox_before_on_stop() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory)
+        gate = await block(ref)
+        for i in range(5):
+            ref.tell(i)
+        stopping = asyncio.create_task(ref.stop())
+        rejected: list[BaseException] = []
+
+        async def late_tell() -> None:
+            try:
+                ref.tell("late")
+            except ActorDeadError as exc:
+                rejected.append(exc)
+
+        await asyncio.create_task(late_tell())  # runs after stop() has closed the mailbox
+        assert len(rejected) == 1
+        assert not ref.is_alive
+        gate.set()
+        await stopping
+        assert probe.received == [0, 1, 2, 3, 4]
+        assert probe.stops == [5]
+
+
+async def test_stop_without_drain_fails_queued_asks() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory, "nodrain")
+        gate = await block(ref)
+        ref.tell(1)
+        queued_ask = asyncio.create_task(ref.ask("get"))
+        stopping = asyncio.create_task(ref.stop(drain=False))
+        with pytest.raises(ActorDeadError, match="actor 'nodrain' stopped"):
+            await queued_ask
+        gate.set()
+        await stopping
+        assert probe.received == []
+        assert probe.stops == [0]
+
+
+async def test_stop_timeout_cancels_a_stuck_actor() -> None:
+    async with ActorSystem() as system:
+        probe, factory = recorder()
+        ref = system.spawn(factory)
+        await block(ref)  # never released
+        queued_ask = asyncio.create_task(ref.ask("get"))
+        await ref.stop(timeout=0.01)
+        with pytest.raises(ActorDeadError):
+            await queued_ask
+        assert probe.stops == []  # a cancelled actor gets no on_stop
+        assert actor_tasks() == []
+        assert len(system) == 0
+
+
+async def test_actor_can_stop_itself() -> None:
+    class SelfStopper(Recorder):
+        async def on_receive(self, message: Any) -> Any:
+            if message == "quit":
+                await self.ref.stop()
+                return "bye"
+            return await super().on_receive(message)
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(SelfStopper)
+        ref = system.spawn(factory)
+        assert await ref.ask("quit") == "bye"
+        await probe.stopped.wait()
+        assert not ref.is_alive
+
+
+async def test_ten_thousand_actors_answer_and_shut_down_cleanly() -> None:
+    class Echo(Actor):
+        kind = "echo"
+
+        async def on_receive(self, message: Any) -> Any:
+            return message
+
+    system = ActorSystem()
+    refs = [system.spawn(Echo) for _ in range(10_000)]
+    assert len(system) == 10_000
+    replies = await asyncio.gather(*(ref.ask(i) for i, ref in enumerate(refs)))
+    assert replies == list(range(10_000))
+    assert system.stats()["echo"].actors == 10_000
+    await system.shutdown()
+    assert len(system) == 0
+    assert actor_tasks() == []
+    assert system.stats()["echo"] == KindStats(handled=10_000)
+    with pytest.raises(ActorError):
+        system.spawn(Echo)
+
+
+async def test_shutdown_cancels_what_does_not_stop_in_time() -> None:
+    system = ActorSystem()
+    _, factory = recorder()
+    stuck = system.spawn(factory)
+    await block(stuck)
+    healthy = system.spawn(factory)
+    await system.shutdown(timeout=0.01)
+    assert not stuck.is_alive and not healthy.is_alive
+    assert len(system) == 0
+    assert actor_tasks() == []
+
+
+async def test_concurrent_get_or_spawn_creates_one_actor() -> None:
+    calls: list[int] = []
+
+    def factory() -> Recorder:
+        calls.append(1)
+        return Recorder(Probe())
+
+    async with ActorSystem() as system:
+
+        async def lookup() -> ActorRef[Recorder]:
+            return system.get_or_spawn("room:1", factory)
+
+        refs = await asyncio.gather(*(lookup() for _ in range(100)))
+        assert len({id(ref) for ref in refs}) == 1
+        assert calls == [1]
+        assert len(system) == 1
+
+
+async def test_idle_actor_passivates_and_a_later_lookup_spawns_a_fresh_one() -> None:
+    class Idle(Recorder):
+        idle_timeout_s = 0.01
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Idle)
+        registered_at_stop: list[ActorRef[Any] | None] = []
+
+        class Watched(Idle):
+            async def on_stop(self) -> None:
+                registered_at_stop.append(system.get("idle:1"))
+                await super().on_stop()
+
+        first = system.get_or_spawn("idle:1", lambda: Watched(probe))
+        assert await first.ask(1) == 1
+        await probe.stopped.wait()
+        assert registered_at_stop == [None]  # deregistered before on_stop ran
+        assert not first.is_alive
+        assert len(system) == 0
+        second = system.get_or_spawn("idle:1", factory)
+        assert second is not first
+        assert await second.ask("get") == []
+
+
+async def test_can_passivate_vetoes_the_idle_stop() -> None:
+    asked = asyncio.Event()
+
+    class Sticky(Recorder):
+        idle_timeout_s = 0.005
+        allow = False
+        vetoes = 0
+
+        def can_passivate(self) -> bool:
+            if not self.allow:
+                Sticky.vetoes += 1
+                if Sticky.vetoes == 2:
+                    asked.set()
+            return self.allow
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Sticky)
+        ref = system.spawn(factory, "sticky")
+        await asked.wait()  # vetoed twice: the idle timer was re-armed after the first veto
+        assert ref.is_alive
+        assert system.get("sticky") is ref
+        Sticky.allow = True
+        await probe.stopped.wait()
+        assert system.get("sticky") is None
+
+
+async def test_a_crashing_actor_leaves_others_running() -> None:
+    async with ActorSystem() as system:
+        crash_probe, crash_factory = recorder()
+        _, factory = recorder()
+        crashing = system.spawn(crash_factory)
+        survivor = system.spawn(factory)
+        crashing.tell("fail")
+        await crash_probe.stopped.wait()
+        assert not crashing.is_alive
+        assert await survivor.ask("x") == "x"
+        assert survivor.is_alive
+        assert len(system) == 1
