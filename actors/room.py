@@ -336,8 +336,10 @@ class RoomActor(Actor):
             total = await self.store.count_from(self.tenant, self.room, 1)
             if self.settings.history_size and total >= self.settings.history_size:
                 return False, []  # the room may have been trimmed: cannot prove nothing was
-        missed = await self.store.count_from(self.tenant, self.room, since + 1)
-        missed -= await self.store.count_from(self.tenant, self.room, target + 1)
+        # Count what lies after target first: publishes landing between the two counts then
+        # make ``missed`` an overestimate (read() stops at target anyway), never too small.
+        after_target = await self.store.count_from(self.tenant, self.room, target + 1)
+        missed = await self.store.count_from(self.tenant, self.room, since + 1) - after_target
         if missed > self.settings.recovery_max:
             return False, []
         events = await self.store.read(self.tenant, self.room, since, missed, before=target + 1)

@@ -25,7 +25,7 @@ import enum
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from types import TracebackType
 from typing import Any, Literal
@@ -86,7 +86,8 @@ class Client:
     """An rtnode client: requests, an event stream, automatic reconnect and resume.
 
     Args:
-        url: The node's WebSocket URL.
+        url: The node's WebSocket URL (``ws://host:8080/ws``), or several: each reconnect
+            tries the next one.
         token: The JWT sent in ``connect``.
         token_provider: Returns a fresh JWT; called when there is no ``token`` and after the
             node refused an expired one (4010). Without it, a 4010 ends the client.
@@ -104,7 +105,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         token_provider: Callable[[], Awaitable[str]] | None = None,
@@ -121,7 +122,12 @@ class Client:
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("a token or a token_provider is needed")
-        self._url, self._token, self._token_provider = url, token, token_provider
+        # Several URLs (nodes behind no load balancer): each reconnect tries the next one.
+        self._urls = [url] if isinstance(url, str) else list(url)
+        if not self._urls:
+            raise ValueError("at least one URL is needed")
+        self._url_index = 0
+        self._token, self._token_provider = token, token_provider
         self._codec: Codec = CBOR if codec == "cbor" else JSON
         self._subprotocol = Subprotocol(f"rtnode.v1.{codec}")
         self._request_timeout_s = request_timeout_s
@@ -414,7 +420,8 @@ class Client:
             raise ClientError(4010, "token expired and no token_provider")
         try:
             ws = await connect(
-                self._url, subprotocols=[self._subprotocol], open_timeout=self._open_timeout_s,
+                self._urls[self._url_index], subprotocols=[self._subprotocol],
+                open_timeout=self._open_timeout_s,
                 max_size=MAX_MESSAGE_BYTES,
             )
         except InvalidURI as exc:
@@ -479,6 +486,7 @@ class Client:
         while True:
             await asyncio.sleep(self._session.backoff_delay(attempt, random.random))
             attempt += 1
+            self._url_index = (self._url_index + 1) % len(self._urls)
             try:
                 result = await self._open(new_token=expired)
             except ClientError as exc:
