@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,8 @@ class RunResult:
     server_log: list[str] = field(default_factory=list)  # up to the stop signal
     shutdown_log: list[str] = field(default_factory=list)  # after it
     server_counters: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds during the measurement
+    cpu_wall: float = 0.0  # wall seconds over which ``cpu`` was taken
 
     @property
     def expected(self) -> int:
@@ -415,7 +418,8 @@ async def _publish_baseline(ws: ClientConnection, res: RunResult, col: _Collecto
 # One measured run
 
 
-async def _measure(res: RunResult, url: str, rtnode: bool) -> None:
+async def _measure(res: RunResult, url: str, rtnode: bool,
+                   cpu_probe: Callable[[], dict[str, float]]) -> None:
     """Open the clients, publish, wait for every delivery (bounded), close everything."""
     cfg = res.config
     sem = asyncio.Semaphore(50)
@@ -447,6 +451,7 @@ async def _measure(res: RunResult, url: str, rtnode: bool) -> None:
         res.subs = [SubStats(i, seen=bytearray(cfg.events)) for i in range(cfg.subscribers)]
         tasks = [asyncio.create_task(_read_subscriber(ws, s, col, finished))
                  for ws, s in zip(subs, res.subs, strict=True)]
+        cpu0, wall0 = {**cpu_probe(), "clients": time.process_time()}, time.monotonic()
         pub = asyncio.create_task(
             _publish_rtnode(publisher, res, col) if rtnode
             else _publish_baseline(publisher, res, col)
@@ -456,6 +461,9 @@ async def _measure(res: RunResult, url: str, rtnode: bool) -> None:
             await asyncio.wait_for(col.all_done.wait(), cfg.timeout_s)
         except TimeoutError:
             res.timed_out = True
+        cpu1 = {**cpu_probe(), "clients": time.process_time()}
+        res.cpu_wall = time.monotonic() - wall0
+        res.cpu = {k: v - cpu0[k] for k, v in cpu1.items() if k in cpu0}
         grace = 0.1 if res.timed_out else GRACE_S
         await asyncio.wait({pub}, timeout=grace)  # the last replies
         await asyncio.sleep(grace)  # stray (duplicate) frames
@@ -508,6 +516,18 @@ def _children_of(pid: int) -> list[int]:
     except OSError:
         return []
     return kids
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _cmdline(pid: int) -> str:
@@ -624,7 +644,17 @@ def run_rtnode(cfg: BenchConfig) -> RunResult:
                 res.error = f"node not ready after {READY_TIMEOUT_S:.0f} s"
                 return res
             time.sleep(0.1)
-        _run_loop(_measure(res, f"ws://127.0.0.1:{http_port}/ws", rtnode=True))
+        node_pid = proc.pid
+        kids = {pid: _cmdline(pid) for pid in _children_of(node_pid)}
+
+        def probe() -> dict[str, float]:
+            out = {"node": _cpu_seconds(node_pid)}
+            for pid, cmd in kids.items():
+                name = "nats-server" if "nats-server" in cmd else f"node child {pid}"
+                out[name] = out.get(name, 0.0) + _cpu_seconds(pid)
+            return out
+
+        _run_loop(_measure(res, f"ws://127.0.0.1:{http_port}/ws", True, probe))
         res.server_counters = _scrape(base)
     finally:
         if proc is not None:
@@ -665,7 +695,8 @@ def run_baseline(cfg: BenchConfig) -> RunResult:
             if not _wait_line(log_path, "baseline ready", proc, READY_TIMEOUT_S):
                 res.error = "baseline server did not start"
                 return res
-            _run_loop(_measure(res, f"ws://127.0.0.1:{port}", rtnode=False))
+            _run_loop(_measure(res, f"ws://127.0.0.1:{port}", False,
+                               lambda: {"baseline server": _cpu_seconds(proc.pid)}))
         finally:
             stop_at = _size(log_path)
             _stop(proc, "baseline server", notes)
@@ -789,6 +820,12 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
 
         print(f"ratio rtnode/baseline: deliveries/s {ratio(r['rate'], b['rate'])}, "
               f"p50 latency {ratio(r['p50'], b['p50'])}, p99 latency {ratio(r['p99'], b['p99'])}")
+    print()
+    for res in results:
+        if res.cpu:
+            used = ", ".join(f"{k} {v:.2f} s" for k, v in res.cpu.items())
+            print(f"CPU while {res.name} was measured ({res.cpu_wall:.2f} s wall x "
+                  f"{os.cpu_count()} cores): {used}")
     for res in results:
         lines = _problems(res)
         if res.server_counters:

@@ -26,12 +26,19 @@ async def test_slow_consumer_is_disconnected_others_unaffected(make_node) -> Non
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sent = 0
     received: list[int] = []
+    grew = asyncio.Event()
 
     async def read_fast() -> None:
         while True:
             f = await fast.recv(30)
             if f.get("type") == "event":
                 received.append(f["data"]["i"])
+                grew.set()
+
+    async def until_len(n: int) -> None:
+        while len(received) < n:
+            grew.clear()
+            await grew.wait()
 
     reader = asyncio.create_task(read_fast())
     # Publish until the node gives up on the slow member (bounded: at most 4000 x 8 KB).
@@ -46,7 +53,7 @@ async def test_slow_consumer_is_disconnected_others_unaffected(make_node) -> Non
             if f.get("id") == sent - 1:
                 break
         try:
-            await asyncio.wait_for(_until_len(received, sent), 30)
+            await asyncio.wait_for(until_len(sent), 30)
         except TimeoutError:
             raise AssertionError(f"{sent=} {len(received)=} {node.ctx.counters}") from None
     assert node.ctx.slow_consumers == 1, f"not cut off after {sent} events"
@@ -55,14 +62,9 @@ async def test_slow_consumer_is_disconnected_others_unaffected(make_node) -> Non
     if code == 4008:
         assert frames[-1] == {"type": "disconnect", "code": 4008, "reason": "slow consumer",
                               "reconnect": True}
-    await asyncio.wait_for(_until_len(received, sent), 60)
+    await asyncio.wait_for(until_len(sent), 60)
     reader.cancel()
     assert received == list(range(sent)), "the fast member got every event, in order"
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\nslow consumer: cut after {sent} events of 8 KB; "
           f"test process max RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB")
-
-
-async def _until_len(items: list[int], n: int) -> None:
-    while len(items) < n:
-        await asyncio.sleep(0.01)
