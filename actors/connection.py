@@ -392,13 +392,17 @@ class ConnectionActor(Actor):
             self._join_room(personal, None, None, None, silent=True)
             auto.append(personal)
         if announce:
+            # Answered even without an id: the handshake is what a connect is for.
             expires = principal.expires_in()
-            self._reply(request_id, {
+            connected: dict[str, Any] = {
                 "type": "connected", "client_id": self.client_id, "node": self.ctx.node_name,
                 "heartbeat_s": self.settings.heartbeat_s,
                 "expires_in_s": None if expires is None else int(expires),
                 "rooms": auto,
-            })
+            }
+            if request_id is not None:
+                connected["id"] = request_id
+            self.outbox.send(connected)
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:

@@ -1,21 +1,26 @@
 """Room fan-out, end to end through JetStream: rtnode against a plain websockets broadcast server.
 
 ``python -m bench [--subscribers 100] [--events 2000] [--payload-bytes 100] [--codec json|cbor]
-[--skip-baseline]`` (or ``make bench ARGS="..."``):
+[--skip-baseline] [--in-flight 256] [--timeout-s 120]`` (or ``make bench ARGS="..."``):
 
 1. starts an rtnode node as a subprocess (with its embedded nats-server) on free ports, in a
    temporary data directory, with limits high enough that the benchmark measures fan-out, not
    rate limiting;
 2. opens S subscriber WebSockets that ``connect`` and ``join`` one room, and one publisher that
-   publishes M events to it, pipelined: several ``publish`` frames per WebSocket message, at
-   most ``--in-flight`` without their ``published`` reply;
+   publishes M events to it, pipelined: several ``publish`` frames per WebSocket message, its
+   ``published`` replies read by a task of their own;
 3. measures delivered events/s (S*M over the time from the first publish sent to the last event
    received by the last subscriber), publish->deliver latency over every delivery (or an even
-   sample of at least a million), and publish->``published`` latency;
+   sample of about a million), and publish->``published`` latency;
 4. does the same against ``bench.baseline_server`` (``websockets.broadcast``, one event per
    message, also a subprocess) with the same clients;
 5. prints a table and the ratio. Never asserts: losses, duplicates, disconnects and anything the
    node logged are printed as figures.
+
+Both publishers obey the same window: at most ``--in-flight`` events published and not yet
+received, on average over the subscribers (a broadcast server has no acks to pace on, and the
+node cuts off a client with more than 1024 frames queued). Each measurement is bounded by
+``--timeout-s``, and ends early when deliveries stop; partial counts are then reported.
 
 Every subscriber checks what it receives: events carry their index ``i`` in ``data`` (next to the
 send time ``t`` and the padding), so missing, duplicated and reordered events are counted per
@@ -63,6 +68,8 @@ REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 SETUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+STALL_S = 20.0  # no delivery for this long: the run is over (reported)
+STALL_AFTER_PUBLISHER_S = 3.0  # the same, once the publisher has ended
 GRACE_S = 1.0  # after the last expected event: time for stray (duplicate) frames to show up
 MAX_LATENCY_SAMPLES = 1_000_000
 MAX_MESSAGE_BYTES = 60_000  # publisher messages stay under the node's max_frame_bytes (65536)
@@ -125,10 +132,12 @@ class RunResult:
     sent: int = 0
     sent_done_at: float = 0.0
     acked: int = 0
+    acked_ids: bytearray = field(default_factory=bytearray)  # 1 where ``published`` came
     last_ack_at: float = 0.0
     pub_errors: Counter[str] = field(default_factory=Counter)
     pub_notes: list[str] = field(default_factory=list)
     timed_out: bool = False
+    stalled: str | None = None
     error: str | None = None  # the run could not take place (server did not start...)
     server_log: list[str] = field(default_factory=list)  # up to the stop signal
     shutdown_log: list[str] = field(default_factory=list)  # after it
@@ -266,6 +275,9 @@ async def _read_subscriber(ws: ClientConnection, sub: SubStats, col: _Collector,
             message(sub, msg, time.time())
     except ConnectionClosed:
         pass
+    except Exception as exc:  # a bug of the benchmark's own: reported, not hidden
+        sub.closed = f"reader failed: {exc!r}"
+        return
     if not finished.is_set():
         sub.closed = f"{ws.close_code} {ws.close_reason or ''}".strip()
 
@@ -342,6 +354,7 @@ async def _publish_rtnode(ws: ClientConnection, res: RunResult, col: _Collector)
                     rid = f.get("id") if isinstance(f, dict) else None
                     if kind == "published" and isinstance(rid, int) and 0 <= rid < cfg.events:
                         res.acks.append(now - sent_at[rid])
+                        res.acked_ids[rid] = 1
                         res.acked += 1
                         res.last_ack_at = now
                         answered += 1
@@ -457,14 +470,12 @@ async def _measure(res: RunResult, url: str, rtnode: bool,
             else _publish_baseline(publisher, res, col)
         )
         tasks.append(pub)
-        try:
-            await asyncio.wait_for(col.all_done.wait(), cfg.timeout_s)
-        except TimeoutError:
-            res.timed_out = True
+        res.stalled = await _wait_done(col, res, pub)
+        res.timed_out = not col.all_done.is_set() and not res.stalled
         cpu1 = {**cpu_probe(), "clients": time.process_time()}
         res.cpu_wall = time.monotonic() - wall0
         res.cpu = {k: v - cpu0[k] for k, v in cpu1.items() if k in cpu0}
-        grace = 0.1 if res.timed_out else GRACE_S
+        grace = GRACE_S if col.all_done.is_set() else 0.1
         await asyncio.wait({pub}, timeout=grace)  # the last replies
         await asyncio.sleep(grace)  # stray (duplicate) frames
         if pub.done() and not pub.cancelled() and pub.exception() is not None:
@@ -483,6 +494,28 @@ async def _measure(res: RunResult, url: str, rtnode: bool,
             )
         for ws in conns:
             ws.transport.abort()
+
+
+async def _wait_done(col: _Collector, res: RunResult, pub: asyncio.Task[None]) -> str | None:
+    """Wait until every subscriber has every event, or the timeout, or a stall (returned)."""
+    deadline = time.monotonic() + res.config.timeout_s
+    last_total, last_progress = -1, time.monotonic()
+    while not col.all_done.is_set():
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(col.all_done.wait(), min(0.5, deadline - now))
+        now = time.monotonic()
+        if col.total != last_total:
+            last_total, last_progress = col.total, now
+        idle = now - last_progress
+        if pub.done() and idle > STALL_AFTER_PUBLISHER_S:
+            return (f"stopped waiting: the publisher had ended and no event arrived for "
+                    f"{STALL_AFTER_PUBLISHER_S:.0f} s")
+        if idle > STALL_S:
+            return f"stopped waiting: no event arrived for {STALL_S:.0f} s"
+    return None
 
 
 def _run_loop(coro: Any) -> None:
@@ -544,8 +577,12 @@ def _stop(proc: subprocess.Popen[bytes], what: str, notes: list[str]) -> None:
         return
     kids = {pid: _cmdline(pid) for pid in _children_of(proc.pid)}
     proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
     try:
         proc.wait(STOP_TIMEOUT_S)
+        took = time.monotonic() - started
+        if took > 2:
+            notes.append(f"{what} took {took:.1f} s to exit after SIGTERM")
     except subprocess.TimeoutExpired:
         notes.append(f"{what} did not exit {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
         proc.kill()
@@ -591,7 +628,8 @@ _COUNTERS = (
 
 
 def _scrape(base: str) -> dict[str, float]:
-    """The node's counters that tell about fan-out, and mailbox overflows by actor kind."""
+    """The node's counters that tell about fan-out, mailbox overflows and failures by actor
+    kind, live connection actors and open connections."""
     status, body = _http_get(base + "/metrics", timeout=5)
     out: dict[str, float] = {}
     if status != 200:
@@ -600,22 +638,39 @@ def _scrape(base: str) -> dict[str, float]:
         if line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
-        base_name = name.removesuffix("_total")
+        metric, brace, labels = name.partition("{")
+        metric = metric.removesuffix("_total")
         try:
             number = float(value)
         except ValueError:
             continue
-        if base_name in _COUNTERS:
-            out[base_name] = number
-        elif base_name.startswith(("rtnode_actor_overflows", "rtnode_actor_failures",
-                                   "rtnode_actor_restarts")) and number:
-            out[base_name] = number
+        if metric in _COUNTERS:
+            out[metric] = number
+        elif metric in ("rtnode_actor_overflows", "rtnode_actor_failures",
+                        "rtnode_actor_restarts") and number:
+            out[metric + brace + labels] = number
+        elif metric == "rtnode_actors" and 'kind="connection"' in labels:
+            out["rtnode_connection_actors"] = number
+        elif metric == "rtnode_connections":
+            out["rtnode_open_connections"] = out.get("rtnode_open_connections", 0) + number
     return out
+
+
+def _scrape_settled(base: str, timeout: float = 3.0) -> dict[str, float]:
+    """Scrape once every client is closed: wait (bounded) for the node to let them go."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = _scrape(base)
+        alive = counters.get("rtnode_connection_actors", 0) + counters.get(
+            "rtnode_open_connections", 0)
+        if not alive or time.monotonic() > deadline:
+            return counters
+        time.sleep(0.1)
 
 
 def run_rtnode(cfg: BenchConfig) -> RunResult:
     """Start a node subprocess, measure fan-out through it, stop it. Never raises on figures."""
-    res = RunResult("rtnode", cfg)
+    res = RunResult("rtnode", cfg, acked_ids=bytearray(cfg.events))
     tmp = Path(tempfile.mkdtemp(prefix="rtnode-bench-"))
     log_path = tmp / "node.log"
     http_port, mqtt_port = free_port(), free_port()
@@ -655,7 +710,7 @@ def run_rtnode(cfg: BenchConfig) -> RunResult:
             return out
 
         _run_loop(_measure(res, f"ws://127.0.0.1:{http_port}/ws", True, probe))
-        res.server_counters = _scrape(base)
+        res.server_counters = _scrape_settled(base)
     finally:
         if proc is not None:
             stop_at = _size(log_path)
@@ -738,18 +793,36 @@ def _problems(res: RunResult) -> list[str]:
         out.append(f"run failed: {res.error}")
     if res.timed_out:
         out.append(f"timed out after {cfg.timeout_s:.0f} s: partial counts")
+    if res.stalled:
+        out.append(f"{res.stalled}: partial counts")
     if res.sent < cfg.events and not res.error:
         out.append(f"publisher sent {res.sent} of {cfg.events} events")
+    # What a subscriber should have: rtnode, every event the node acknowledged as stored;
+    # the baseline, every event the publisher sent. Missing ones of those are losses.
+    if res.name == "rtnode":
+        owed, owed_what = res.acked_ids, "acknowledged by the node"
+    else:
+        owed = bytearray(b"\x01" * res.sent + b"\x00" * (cfg.events - res.sent))
+        owed_what = "sent"
+    n_owed = sum(owed)
+
+    def lost(s: SubStats) -> int:
+        return sum(1 for o, g in zip(owed, s.seen, strict=False) if o and not g)
+
     bad = [s for s in res.subs
            if s.distinct != cfg.events or s.duplicates or s.unparsed or s.closed or s.notes]
     if bad:
-        missing = sum(cfg.events - s.distinct for s in res.subs)
+        losses = {s.index: lost(s) for s in bad}
         dups = sum(s.duplicates for s in res.subs)
-        out.append(f"{len(bad)} of {len(res.subs)} subscribers incomplete or odd: "
-                   f"{missing} events missing, {dups} duplicates in total")
+        out.append(f"{len(bad)} of {len(res.subs)} subscribers incomplete or odd; "
+                   f"{n_owed} of {cfg.events} events {owed_what}; missing deliveries: "
+                   f"{sum(losses.values())} of events {owed_what}, "
+                   f"{res.expected - res.delivered} of all {res.expected}; duplicates: {dups}")
         for s in bad[:20]:
             line = (f"  subscriber {s.index}: {s.events} event frames, {s.distinct} distinct, "
-                    f"{cfg.events - s.distinct} missing, {s.duplicates} duplicates")
+                    f"missing {losses[s.index]} of the {n_owed} {owed_what} "
+                    f"({cfg.events - s.distinct} of all {cfg.events}), "
+                    f"{s.duplicates} duplicates")
             if s.unparsed:
                 line += f", {s.unparsed} unreadable"
             if s.closed:
@@ -775,9 +848,9 @@ def _problems(res: RunResult) -> list[str]:
                if not note.startswith("publisher connection closed: 1000"))
     for lines, when in ((res.server_log, "until stopped"), (res.shutdown_log, "while stopping")):
         if lines:
-            shown = "" if len(lines) <= 15 else ", last 15 shown"
+            shown = "" if len(lines) <= 40 else ", last 40 shown"
             out.append(f"{res.name} output {when} ({len(lines)} lines{shown}):")
-            out.extend(f"  | {line[:300]}" for line in lines[-15:])
+            out.extend(f"  | {line[:300]}" for line in lines[-40:])
     return out
 
 
@@ -828,9 +901,15 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
                   f"{os.cpu_count()} cores): {used}")
     for res in results:
         lines = _problems(res)
-        if res.server_counters:
+        counters = dict(res.server_counters)
+        alive = counters.pop("rtnode_connection_actors", 0)
+        still_open = counters.pop("rtnode_open_connections", 0)
+        if alive or still_open:
+            lines.insert(0, f"after every client had closed: {alive:g} connection actors still "
+                            f"alive, {still_open:g} WebSocket connections still open (node)")
+        if counters:
             lines.insert(0, "node counters: " + ", ".join(
-                f"{k.removeprefix('rtnode_')}={v:g}" for k, v in res.server_counters.items()))
+                f"{k.removeprefix('rtnode_')}={v:g}" for k, v in counters.items()))
         if lines:
             print()
             print(f"{res.name}:")
