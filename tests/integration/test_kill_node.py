@@ -67,6 +67,8 @@ async def test_kill_9_of_a_node_loses_and_doubles_nothing(tmp_path: Path,
                 progress.clear()
                 await progress.wait()
 
+        third_acked = asyncio.Event()
+
         async def publish(client: Client, start: int, n: int) -> None:
             sem = asyncio.Semaphore(64)
 
@@ -75,12 +77,13 @@ async def test_kill_9_of_a_node_loses_and_doubles_nothing(tmp_path: Path,
                     seq = await client.publish(room, "e", {"i": i}, msg_id=f"e-{i}")
                     assert seq is not None
                     acked.append(seq)
+                    if len(acked) >= TOTAL // 3:
+                        third_acked.set()
 
             await asyncio.gather(*(one(i) for i in range(start, start + n)))
 
         async def killer() -> None:
-            while len(acked) < TOTAL // 3:
-                await asyncio.sleep(0.01)
+            await third_acked.wait()
             assert n1.proc is not None
             os.kill(n1.proc.pid, signal.SIGKILL)
 
