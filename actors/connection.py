@@ -13,24 +13,23 @@ import asyncio
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.actor import Actor
 from actors.errors import ActorDeadError
+from actors.events import dedupe_key, event_body
 from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
 from actors.outbox import Outbox
-from actors.ports import LiveFeed, RoomStore, StoreError
-from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings, now_ms
+from actors.ports import LiveFeed, PresencePort, RoomStore, StoreError
+from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
 from actors.system import ActorSystem
 from node.auth import Principal, TokenVerifier
 from node.config import Settings
 from node.errors import AuthError, ProtocolError
 from node.protocol import (
-    CBOR,
     Ack,
     ClientFrame,
     Connect,
@@ -137,6 +136,7 @@ class NodeContext:
     published: int = 0
     draining: bool = False
     publish_latency: Callable[[float], None] = field(default=lambda seconds: None)
+    presence: PresencePort | None = None
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
@@ -228,6 +228,9 @@ class ConnectionActor(Actor):
         self._expiry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self._joined_at = int(time.time() * 1000)
+        self._volatile_last: dict[str, float] = {}
+        self._volatile_pending: dict[str, bytes] = {}
 
     # -- life ------------------------------------------------------------------------------
 
@@ -248,6 +251,8 @@ class ConnectionActor(Actor):
         self.outbox.flush()
         for room, member in self.rooms.items():
             self._tell_room(room, Leave(member))
+            if self.connected:
+                self._presence_off(room, member, announce=True)
         self.rooms.clear()
         if self.principal is not None and self.connected:
             self.ctx.index.remove(self.principal, self.client_id)
@@ -445,14 +450,55 @@ class ConnectionActor(Actor):
         old = self.rooms.pop(room, None)
         if old is not None:
             self._tell_room(room, Leave(old))
+            self._presence_off(room, old, announce=False)
         member = Membership(self.client_id, self.outbox, self._on_room_lost, presence=presence)
         self.rooms[room] = member
         self._tell_room(room, Join(member, since_seq, since_epoch, request_id, silent))
+        self._presence_on(room, member, announce=old is None)
+
+    def _tracked(self, room: str) -> bool:
+        return (self.ctx.presence is not None and not room.startswith("@")
+                and self.settings.room_policy(room).presence)
+
+    def _member_info(self) -> dict[str, Any]:
+        assert self.principal is not None
+        return {"client_id": self.client_id, "user": self.principal.sub,
+                "kind": self.principal.kind, "node": self.ctx.node_name,
+                "joined_at": self._joined_at}
+
+    def _presence_event(self, room: str, name: str) -> None:
+        assert self.principal is not None
+        body = event_body(room, name, self._member_info(), self.principal, self.client_id, None)
+        self._spawn(self.ctx.feed.publish_volatile(self.principal.tenant, room, body), name)
+
+    def _presence_on(self, room: str, member: Membership, *, announce: bool) -> None:
+        presence = self.ctx.presence
+        if presence is None or not self._tracked(room):
+            return
+        assert self.principal is not None
+        if member.presence:
+            presence.watch(self.principal.tenant, room, True)
+        if announce:
+            presence.add(self.principal.tenant, room, self._member_info())
+            self._presence_event(room, "presence:join")
+
+    def _presence_off(self, room: str, member: Membership, *, announce: bool) -> None:
+        presence = self.ctx.presence
+        if presence is None or not self._tracked(room):
+            return
+        assert self.principal is not None
+        if member.presence:
+            presence.watch(self.principal.tenant, room, False)
+        if announce:
+            presence.remove(self.principal.tenant, room, self.client_id)
+            self._presence_event(room, "presence:leave")
 
     def _join(self, frame: JoinFrame) -> None:
         assert self.principal is not None
         if not self.principal.can("join", frame.room):
             raise ProtocolError(4003, "no join right on this room")
+        if frame.presence and not self.principal.can("presence", frame.room):
+            raise ProtocolError(4003, "no presence right on this room")
         limit = self.settings.max_rooms_per_connection
         if frame.room not in self.rooms and len(self.rooms) >= limit:
             raise ProtocolError(4029, "too many rooms for this connection")
@@ -474,6 +520,7 @@ class ConnectionActor(Actor):
         member = self.rooms.pop(frame.room, None)
         if member is not None:
             self._tell_room(frame.room, Leave(member))
+            self._presence_off(frame.room, member, announce=True)
         self._reply(frame.id, {"type": "left", "room": frame.room})
 
     # -- publish and history ---------------------------------------------------------------
@@ -488,22 +535,40 @@ class ConnectionActor(Actor):
         if not self.bucket.take(time.monotonic()):
             self.ctx.rate_limited += 1
             raise ProtocolError(4009, "rate limited", retry=True)
-        event: dict[str, Any] = {
-            "room": frame.room, "event": frame.event, "data": frame.data, "ts": now_ms(),
-            "from": {"user": principal.sub, "client_id": self.client_id, "kind": principal.kind},
-        }
-        if frame.msg_id is not None:
-            event["msg_id"] = frame.msg_id
-        body = CBOR.encode(event)
+        body = event_body(frame.room, frame.event, frame.data, principal, self.client_id,
+                          frame.msg_id)
         policy = self.settings.room_policy(frame.room)
         if len(body) > policy.max_payload_bytes:
             raise ProtocolError(4013, "event too large")
-        # Dedupe keys are scoped to tenant, room and publisher: nobody can suppress another's
-        # events by reusing their msg_id. Without msg_id the node still sets one of its own, so
-        # its internal retries (leader election, reconnect) never store an event twice.
-        key = frame.msg_id if frame.msg_id is not None else uuid.uuid4().hex
-        msg_id = f"{principal.tenant}/{frame.room}/{principal.sub}/{key}"
+        if policy.volatile or frame.event in self.settings.volatile_events:
+            self._publish_volatile(principal.tenant, frame.room, body)
+            self._reply(frame.id, {"type": "published", "room": frame.room})
+            return
+        msg_id = dedupe_key(principal, frame.room, frame.msg_id)
         self._spawn(self._store(frame, principal.tenant, body, msg_id), "publish")
+
+    def _publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        """Send a volatile event, at most one per room per throttle window; the latest wins.
+
+        Within a window the newest event replaces any waiting one, and is sent when the
+        window ends: a burst of typing notices costs the room one event per window.
+        """
+        window = self.settings.volatile_throttle_ms / 1000
+        now = time.monotonic()
+        last = self._volatile_last.get(room, -window)
+        if now - last >= window and room not in self._volatile_pending:
+            self._volatile_last[room] = now
+            self._spawn(self.ctx.feed.publish_volatile(tenant, room, body), "volatile")
+            return
+        if room not in self._volatile_pending:
+            self._loop.call_later(last + window - now, self._flush_volatile, tenant, room)
+        self._volatile_pending[room] = body
+
+    def _flush_volatile(self, tenant: str, room: str) -> None:
+        body = self._volatile_pending.pop(room, None)
+        if body is not None and not self.closing:
+            self._volatile_last[room] = time.monotonic()
+            self._spawn(self.ctx.feed.publish_volatile(tenant, room, body), "volatile")
 
     async def _store(self, frame: Publish, tenant: str, body: bytes, msg_id: str) -> None:
         started = time.perf_counter()
@@ -554,5 +619,18 @@ class ConnectionActor(Actor):
         assert self.principal is not None
         if not self.principal.can("presence", frame.room):
             raise ProtocolError(4003, "no presence right on this room")
-        raise ProtocolError(4004, "presence is not available on this node yet", retry=False)
+        if self.ctx.presence is None or not self._tracked(frame.room):
+            raise ProtocolError(4004, "presence is off for this room")
+        self._spawn(self._read_presence(frame, self.principal.tenant), "presence")
+
+    async def _read_presence(self, frame: Presence, tenant: str) -> None:
+        assert self.ctx.presence is not None
+        try:
+            members = await self.ctx.presence.members(tenant, frame.room)
+        except StoreError:
+            self._tell(Invalid(4500, "could not read presence", frame.id))
+            return
+        unique = len({(m.get("user"), m.get("kind")) for m in members})
+        self._reply(frame.id, {"type": "presence", "room": frame.room, "members": members,
+                               "unique_users": unique})
 

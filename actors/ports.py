@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["LiveFeed", "LiveMessage", "RoomStore", "StoreError", "StoredEvent", "Subscription"]
+__all__ = [
+    "LiveFeed",
+    "LiveMessage",
+    "PresencePort",
+    "RoomStore",
+    "StoreError",
+    "StoredEvent",
+    "Subscription",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +104,19 @@ class LiveFeed(Protocol):
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         """Send a volatile event to every node (not stored)."""
+
+
+class PresencePort(Protocol):
+    """Who is in a room, on every node."""
+
+    def add(self, tenant: str, room: str, member: dict[str, Any]) -> None:
+        """Record a local member (never waits)."""
+
+    def remove(self, tenant: str, room: str, client_id: str) -> None:
+        """Forget a local member (never waits)."""
+
+    def watch(self, tenant: str, room: str, on: bool) -> None:
+        """Count a local watcher of the room's presence events (on) or drop one (off)."""
+
+    async def members(self, tenant: str, room: str) -> list[dict[str, Any]]:
+        """Every member of the room, cluster-wide. Raises StoreError."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,7 +282,11 @@ class RoomActor(Actor):
         self.counters.events_in += 1
         encoded: dict[str, bytes] = {}
         delivered = 0
+        # Presence events reach only the members that asked for them.
+        presence_only = seq is None and frame["event"].startswith("presence:")
         for member in self.members.values():
+            if presence_only and not member.presence:
+                continue
             if member.replaying:
                 member.held.append((seq, frame))
                 continue
@@ -390,7 +393,3 @@ class RoomActor(Actor):
                 member.cursor = seq
             outbox.push(codec.encode(frame))
 
-
-def now_ms() -> int:
-    """Milliseconds since the epoch (the ``ts`` of events)."""
-    return int(time.time() * 1000)

@@ -186,15 +186,17 @@ class NatsLink:
             return
         try:
             await asyncio.wait_for(nc.drain(), 5)
-        except Exception:
-            await nc.close()
+        except Exception:  # the server may already be gone: closing is all that is left
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is not None:  # before the first connect, the retry loop logs
             log.warning("! NATS error: %s", exc or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:
-        log.warning("! NATS disconnected")
+        if self._nc is not None:  # not when we close it ourselves
+            log.warning("! NATS disconnected")
 
     async def _on_reconnected(self) -> None:
         nc = self._nc

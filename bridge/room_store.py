@@ -30,7 +30,6 @@ __all__ = ["JetStreamRoomStore"]
 
 log = logging.getLogger("bridge.store")
 
-_DIRECT_GET = f"$JS.API.DIRECT.GET.{STREAM_NAME}"
 _BATCH = 256
 _RETRYABLE_STATUS = {"503", "408"}
 
@@ -50,11 +49,12 @@ class _LiveSub:
 class _Batch:
     """Collects the replies of one batched direct get until its end-of-batch marker."""
 
-    __slots__ = ("done", "events", "pending", "single")
+    __slots__ = ("done", "events", "headers", "pending", "single")
 
     def __init__(self, single: bool = False) -> None:
         self.single = single  # a plain (not batched) direct get: one reply, no end marker
         self.events: list[StoredEvent] = []
+        self.headers: list[dict[str, str]] = []
         self.pending = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -127,6 +127,7 @@ class JetStreamRoomStore:
         status = headers.get("Status")
         if status is None:
             batch.events.append(StoredEvent(int(headers["Nats-Sequence"]), msg.data))
+            batch.headers.append(headers)
             batch.pending = int(headers.get("Nats-Num-Pending", "0"))
             if batch.single:
                 batch.done.set_result(None)
@@ -196,13 +197,19 @@ class JetStreamRoomStore:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def _direct(self, request: dict[str, Any]) -> _Batch:
+    async def direct_get(self, request: dict[str, Any], stream: str = STREAM_NAME) -> _Batch:
+        """A JetStream direct get on ``stream`` (batched when ``request`` has ``batch``).
+
+        Raises:
+            StoreError: No answer in time, or an error status.
+        """
         token = str(next(self._tokens))
         batch = _Batch(single="batch" not in request)
         self._batches[token] = batch
         try:
             await self.link.nc.publish(
-                _DIRECT_GET, json.dumps(request).encode(), reply=f"{self._prefix}.d.{token}"
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                reply=f"{self._prefix}.d.{token}",
             )
             await asyncio.wait_for(batch.done, self.read_timeout_s)
         except TimeoutError:
@@ -216,11 +223,11 @@ class JetStreamRoomStore:
         return batch
 
     async def last_seq(self, tenant: str, room: str) -> int:
-        batch = await self._direct({"last_by_subj": room_subject(tenant, room)})
+        batch = await self.direct_get({"last_by_subj": room_subject(tenant, room)})
         return batch.events[-1].seq if batch.events else 0
 
     async def count_from(self, tenant: str, room: str, seq: int) -> int:
-        batch = await self._direct(
+        batch = await self.direct_get(
             {"seq": max(seq, 1), "next_by_subj": room_subject(tenant, room), "batch": 1}
         )
         return batch.pending + 1 if batch.events else 0
@@ -228,7 +235,7 @@ class JetStreamRoomStore:
     async def has(self, tenant: str, room: str, seq: int) -> bool:
         if seq <= 0:
             return False
-        batch = await self._direct(
+        batch = await self.direct_get(
             {"seq": seq, "next_by_subj": room_subject(tenant, room), "batch": 1}
         )
         return bool(batch.events) and batch.events[0].seq == seq
@@ -241,7 +248,7 @@ class JetStreamRoomStore:
         start = after + 1
         while len(out) < limit:
             want = min(_BATCH, limit - len(out))
-            batch = await self._direct({"seq": start, "next_by_subj": subject, "batch": want})
+            batch = await self.direct_get({"seq": start, "next_by_subj": subject, "batch": want})
             for ev in batch.events:
                 if before is not None and ev.seq >= before:
                     return out

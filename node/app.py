@@ -9,14 +9,18 @@ import contextlib
 import logging
 import ssl
 from types import TracebackType
+from typing import Any
 
 from actors import ActorSystem
 from actors.connection import NodeContext, Shutdown
+from actors.events import event_body
+from actors.ports import LiveMessage
 from bridge.http import HttpBridge, HttpHooks
 from bridge.nats_link import NatsLink, StreamSettings
+from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
 from bridge.ws import WebSocketBridge
-from node.auth import TokenVerifier, load_or_create_secret
+from node.auth import KINDS, Principal, TokenVerifier, load_or_create_secret
 from node.config import Settings
 from node.errors import ConfigError
 from node.metrics import CONTENT_TYPE, NodeMetrics
@@ -62,6 +66,7 @@ class Node:
         self.store: JetStreamRoomStore | None = None
         self.ctx: NodeContext | None = None
         self.ws: WebSocketBridge | None = None
+        self.presence: PresenceTracker | None = None
         self.tokens = self._token_verifier()
         self._stack = contextlib.AsyncExitStack()
         self._closed = asyncio.Event()
@@ -109,9 +114,15 @@ class Node:
             self.store = JetStreamRoomStore(self.nats)
             await self.store.start()
             self._stack.push_async_callback(self.store.stop)
+            self.presence = PresenceTracker(
+                self.store, ttl_s=s.presence_ttl_s, replicas=s.stream_replicas,
+                on_vanished=self._member_vanished,
+            )
+            await self.presence.start()
+            self._stack.push_async_callback(self.presence.stop)
             self.ctx = NodeContext(
                 settings=s, node_name=self.name, tokens=self.tokens, system=self.system,
-                store=self.store, feed=self.store,
+                store=self.store, feed=self.store, presence=self.presence,
             )
             self.ws = WebSocketBridge(self.ctx)
             self.metrics.node_gauges(self)
@@ -127,6 +138,17 @@ class Node:
         except BaseException:
             await self._stack.aclose()
             raise
+
+    def _member_vanished(self, tenant: str, room: str, member: dict[str, Any]) -> None:
+        """A member whose node died: its presence key expired. Tell the local watchers."""
+        ref = self.system.get(f"room:{tenant}:{room}")
+        if ref is None:
+            return
+        kind: Any = member.get("kind") if member.get("kind") in KINDS else "user"
+        who = Principal(sub=str(member.get("user", "?")), tenant=tenant, kind=kind)
+        body = event_body(room, "presence:leave", member, who, member.get("client_id"), None)
+        with contextlib.suppress(Exception):
+            ref.tell(LiveMessage(None, None, body))
 
     async def readiness(self) -> str | None:
         """None when this node can serve, else why not."""

@@ -96,7 +96,7 @@ async def test_recovery_max(make_node) -> None:
     assert (r["recovered"], r["replayed"]) == (True, 10)
 
 
-async def test_trimmed_history_is_not_recovered(make_node, nats_proc: NatsProcess) -> None:
+async def test_trimmed_history_is_not_recovered(nats_proc: NatsProcess, make_node) -> None:
     node = await make_node(nats_url=nats_proc.url, history_size=20, **FAST)
     room = unique("trim")
     c = await RawClient.connected(ws_url(node))
@@ -113,7 +113,7 @@ async def test_trimmed_history_is_not_recovered(make_node, nats_proc: NatsProces
     assert (r["recovered"], r["replayed"]) == (True, 4)
 
 
-async def test_recreated_stream_changes_epoch(make_node, nats_proc: NatsProcess) -> None:
+async def test_recreated_stream_changes_epoch(nats_proc: NatsProcess, make_node) -> None:
     node = await make_node(nats_url=nats_proc.url, **FAST)
     room = unique("re")
     c = await RawClient.connected(ws_url(node))

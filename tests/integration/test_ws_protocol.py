@@ -299,3 +299,28 @@ async def test_drain_sends_4503(make_node) -> None:
     assert code == 4503
     assert frames[-1] == {"type": "disconnect", "code": 4503, "reason": "node shutting down",
                           "reconnect": True}
+
+
+async def test_volatile_events_live_throttled_not_stored(make_node) -> None:
+    node = await make_node(volatile_throttle_ms=300, namespaces={"cur": {"volatile": True}})
+    room = unique("vol")
+    a = await RawClient.connected(ws_url(node), token("a"))
+    b = await RawClient.connected(ws_url(node), token("b"))
+    await b.request({"type": "join", "room": room})
+    replies = [await a.request({"type": "publish", "room": room, "event": "user:typing",
+                                "data": i}) for i in range(5)]
+    assert all(r == {"type": "published", "room": room, "id": r["id"]} for r in replies)
+    first, last = await b.events(2)
+    assert (first["data"], last["data"]) == (0, 4), "the first at once, then the latest"
+    assert "seq" not in first and first["from"]["user"] == "a"
+    stored = await a.request({"type": "publish", "room": room, "event": "chat:msg"})
+    [ev] = await b.events(1)
+    assert ev["seq"] == stored["seq"], "nothing else came in between: the 3 others were dropped"
+    hist = await b.request({"type": "history", "room": room})
+    assert [e["event"] for e in hist["events"]] == ["chat:msg"]
+    cur = unique("cur")
+    await b.request({"type": "join", "room": cur})
+    r = await a.request({"type": "publish", "room": cur, "event": "move", "data": [1, 2]})
+    assert "seq" not in r
+    [ev] = await b.events(1)
+    assert ev["room"] == cur and "seq" not in ev

@@ -1,0 +1,52 @@
+"""Room events as stored: the event map and its dedupe key. Pure functions shared by every
+door an event comes in by (WebSocket and MQTT connections, the HTTP API)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from node.auth import Principal
+from node.protocol import CBOR
+
+__all__ = ["dedupe_key", "event_body", "now_ms"]
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch (the ``ts`` of events)."""
+    return int(time.time() * 1000)
+
+
+def event_body(
+    room: str,
+    event: str,
+    data: Any,
+    principal: Principal,
+    client_id: str | None,
+    msg_id: str | None,
+) -> bytes:
+    """The CBOR event map stored in the stream (PROTOCOL.md section 9).
+
+    ``from`` always comes from the principal (the token), never from the client.
+    """
+    sender: dict[str, Any] = {"user": principal.sub, "kind": principal.kind}
+    if client_id is not None:
+        sender["client_id"] = client_id
+    body: dict[str, Any] = {
+        "room": room, "event": event, "data": data, "ts": now_ms(), "from": sender,
+    }
+    if msg_id is not None:
+        body["msg_id"] = msg_id
+    return CBOR.encode(body)
+
+
+def dedupe_key(principal: Principal, room: str, msg_id: str | None) -> str:
+    """The ``Nats-Msg-Id`` of a publish.
+
+    Scoped to tenant, room and publisher: nobody can suppress another's events by reusing
+    their msg_id. Without a msg_id the node still sets a key of its own, so that its internal
+    retries (leader election, reconnect) never store an event twice.
+    """
+    key = msg_id if msg_id is not None else uuid.uuid4().hex
+    return f"{principal.tenant}/{room}/{principal.sub}/{key}"

@@ -1,0 +1,192 @@
+"""Cluster-wide presence in a JetStream key-value bucket (``RTNODE_PRESENCE``).
+
+Each node puts one key per member (``<tenant>.<room>.<client_id>``, the room base64url-encoded
+since KV keys cannot hold ``:`` or ``@``) and puts it again every third of the TTL; the bucket's
+max age is the TTL, so the members of a node that dies vanish on their own within the TTL.
+
+Leave events for them: every node that has local members watching a room's presence lists the
+room's members every half TTL and compares with the previous listing; a member that vanished
+without a leave is announced as ``presence:leave`` to the local watchers. No coordination
+between nodes is needed, and each watcher hears each leave once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from actors.ports import StoreError
+from bridge.room_store import JetStreamRoomStore
+
+__all__ = ["BUCKET", "PresenceTracker"]
+
+log = logging.getLogger("bridge.presence")
+
+BUCKET = "RTNODE_PRESENCE"
+_STREAM = f"KV_{BUCKET}"
+_PREFIX = f"$KV.{BUCKET}"
+
+
+def _room_token(room: str) -> str:
+    return base64.urlsafe_b64encode(room.encode()).decode().rstrip("=")
+
+
+def _key(tenant: str, room: str, client_id: str) -> str:
+    return f"{_PREFIX}.{tenant}.{_room_token(room)}.{client_id}"
+
+
+class PresenceTracker:
+    """Records this node's members and answers who is in a room, cluster-wide.
+
+    Args:
+        store: The node's JetStream store (its connection and direct gets).
+        ttl_s: How long a member outlives its node.
+        replicas: Replicas of the bucket.
+        on_vanished: Called with (tenant, room, member) for a member that left without a leave.
+    """
+
+    def __init__(
+        self,
+        store: JetStreamRoomStore,
+        *,
+        ttl_s: float,
+        replicas: int = 1,
+        on_vanished: Callable[[str, str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.replicas = replicas
+        self.on_vanished = on_vanished
+        self._local: dict[str, bytes] = {}  # KV subject -> member JSON
+        self._watched: dict[tuple[str, str], int] = {}  # rooms with local presence watchers
+        self._seen: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Create or update the bucket, then start refreshing and watching."""
+        cfg = StreamConfig(
+            name=_STREAM, subjects=[f"{_PREFIX}.>"], storage=StorageType.MEMORY,
+            num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.ttl_s,
+            allow_direct=True, allow_rollup_hdrs=True, deny_delete=True,
+        )
+        js = self.store.link.js
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as exc:
+            if exc.err_code != 10058:
+                raise
+            await js.update_stream(cfg)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._refresh_loop(), name="presence.refresh"),
+            loop.create_task(self._watch_loop(), name="presence.watch"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop refreshing and remove this node's members at once."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for subject in list(self._local):
+            await self._delete(subject)
+        self._local.clear()
+
+    # -- this node's members -----------------------------------------------------------------
+
+    def add(self, tenant: str, room: str, member: dict[str, Any]) -> None:
+        """Record a member (``client_id``, ``user``, ``kind``, ``node``, ``joined_at``)."""
+        subject = _key(tenant, room, member["client_id"])
+        value = json.dumps(member, separators=(",", ":")).encode()
+        self._local[subject] = value
+        asyncio.get_running_loop().create_task(self._put(subject, value))
+
+    def remove(self, tenant: str, room: str, client_id: str) -> None:
+        """Forget a member."""
+        subject = _key(tenant, room, client_id)
+        if self._local.pop(subject, None) is not None:
+            asyncio.get_running_loop().create_task(self._delete(subject))
+
+    def watch(self, tenant: str, room: str, on: bool) -> None:
+        """Count local watchers of a room's presence (they get leave events of dead nodes)."""
+        key = (tenant, room)
+        n = self._watched.get(key, 0) + (1 if on else -1)
+        if n > 0:
+            self._watched[key] = n
+        else:
+            self._watched.pop(key, None)
+            self._seen.pop(key, None)
+
+    async def _put(self, subject: str, value: bytes) -> None:
+        with contextlib.suppress(Exception):  # refreshed again within a third of the TTL
+            await self.store.link.nc.publish(subject, value)
+
+    async def _delete(self, subject: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.link.nc.publish(subject, b"", headers={"KV-Operation": "DEL"})
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            for subject, value in list(self._local.items()):
+                await self._put(subject, value)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def members(self, tenant: str, room: str) -> list[dict[str, Any]]:
+        """Every member of the room on every node, oldest first.
+
+        Raises:
+            StoreError: JetStream did not answer.
+        """
+        return (await self._listing(tenant, room))[0]
+
+    async def _listing(self, tenant: str, room: str) -> tuple[list[dict[str, Any]], set[str]]:
+        """The room's members, and the client ids that left normally (their delete markers)."""
+        prefix = f"{_PREFIX}.{tenant}.{_room_token(room)}."
+        batch = await self.store.direct_get(
+            {"multi_last": [prefix + "*"], "batch": 10000}, _STREAM)
+        members = []
+        deleted: set[str] = set()
+        for ev, headers in zip(batch.events, batch.headers, strict=True):
+            if headers.get("KV-Operation") or not ev.body:
+                deleted.add(headers.get("Nats-Subject", "")[len(prefix):])
+                continue
+            try:
+                member = json.loads(ev.body)
+            except ValueError:
+                continue
+            if isinstance(member, dict):
+                members.append(member)
+        members.sort(key=lambda m: (m.get("joined_at", 0), m.get("client_id", "")))
+        return members, deleted
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 2)
+            for key in list(self._watched):
+                try:
+                    listed, deleted = await self._listing(*key)
+                except StoreError:
+                    continue
+                now = {m["client_id"]: m for m in listed}
+                before = self._seen.get(key)
+                if key not in self._watched:
+                    continue
+                self._seen[key] = now
+                if before is None or self.on_vanished is None:
+                    continue
+                for client_id, member in before.items():
+                    # Gone without a delete marker: its key expired, its node is dead. (A
+                    # normal leave deletes the key and sends presence:leave itself.)
+                    if client_id not in now and client_id not in deleted:
+                        self.on_vanished(key[0], key[1], member)
