@@ -23,7 +23,7 @@ from actors.events import dedupe_key, event_body
 from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
 from actors.outbox import Outbox
-from actors.ports import LiveFeed, PresencePort, RoomStore, StoreError
+from actors.ports import LiveFeed, PresencePort, RoomStore, RpcError, RpcPort, StoreError
 from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
 from actors.system import ActorSystem
 from node.auth import Principal, TokenVerifier
@@ -49,6 +49,7 @@ from node.protocol import (
 from node.protocol import (
     Leave as LeaveFrame,
 )
+from node.rpc import RpcRegistry, default_registry
 
 __all__ = [
     "ConnTransport",
@@ -137,6 +138,8 @@ class NodeContext:
     draining: bool = False
     publish_latency: Callable[[float], None] = field(default=lambda seconds: None)
     presence: PresencePort | None = None
+    rpc: RpcPort | None = None
+    rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
@@ -172,6 +175,17 @@ class Shutdown:
     code: int
     reason: str
     reconnect: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _RpcIn:
+    request: dict[str, Any]
+    reply_to: str
+
+
+@dataclass(frozen=True, slots=True)
+class _RpcExpired:
+    rpc_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +243,8 @@ class ConnectionActor(Actor):
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._joined_at = int(time.time() * 1000)
+        self._rpc_pending: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self._rpc_ids = 0
         self._volatile_last: dict[str, float] = {}
         self._volatile_pending: dict[str, bytes] = {}
 
@@ -256,6 +272,14 @@ class ConnectionActor(Actor):
         self.rooms.clear()
         if self.principal is not None and self.connected:
             self.ctx.index.remove(self.principal, self.client_id)
+            if self.ctx.rpc is not None:
+                self.ctx.rpc.unregister(self.principal.tenant, self._rpc_targets(),
+                                        self._on_rpc_request)
+                for reply_to, timer in self._rpc_pending.values():
+                    timer.cancel()
+                    self.ctx.rpc.respond(reply_to, {"error": {
+                        "code": 4004, "reason": "rpc target went away", "retry": True}})
+                self._rpc_pending.clear()
         self.outbox.close()
 
     async def on_failure(self, exc: BaseException) -> None:
@@ -321,6 +345,10 @@ class ConnectionActor(Actor):
             self._disconnect(4010, "token expired", True)
         elif isinstance(message, _RoomLost):
             self._rejoin(message.room)
+        elif isinstance(message, _RpcIn):
+            self._rpc_in(message)
+        elif isinstance(message, _RpcExpired):
+            self._rpc_pending.pop(message.rpc_id, None)
         else:
             try:
                 self._handle(message)
@@ -369,9 +397,9 @@ class ConnectionActor(Actor):
         elif isinstance(frame, Presence):
             self._presence(frame)
         elif isinstance(frame, Rpc):
-            raise ProtocolError(4004, "no such rpc target", retry=True)
+            self._rpc_out(frame)
         elif isinstance(frame, Reply):
-            pass  # no rpc of ours is waiting for it
+            self._rpc_reply(frame)
 
     # -- connect, refresh, expiry ------------------------------------------------------------
 
@@ -387,6 +415,8 @@ class ConnectionActor(Actor):
             return
         self.principal = principal
         self.connected = True
+        if self.ctx.rpc is not None:
+            self.ctx.rpc.register(principal.tenant, self._rpc_targets(), self._on_rpc_request)
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -546,6 +576,77 @@ class ConnectionActor(Actor):
             return
         msg_id = dedupe_key(principal, frame.room, frame.msg_id)
         self._spawn(self._store(frame, principal.tenant, body, msg_id), "publish")
+
+    # -- rpc -------------------------------------------------------------------------------
+
+    def _rpc_targets(self) -> list[str]:
+        assert self.principal is not None
+        targets = [f"client:{self.client_id}"]
+        if self.principal.kind in ("user", "device"):
+            targets.append(f"{self.principal.kind}:{self.principal.sub}")
+        return targets
+
+    def _on_rpc_request(self, request: dict[str, Any], reply_to: str) -> None:
+        self._tell(_RpcIn(request, reply_to))
+
+    def _rpc_out(self, frame: Rpc) -> None:
+        principal = self.principal
+        assert principal is not None
+        if not principal.can_call(frame.to):
+            raise ProtocolError(4003, "no rpc right for this target")
+        if frame.id is None:
+            raise ProtocolError(4000, "an rpc needs an id")
+        self._spawn(self._call(frame, principal), "rpc")
+
+    async def _call(self, frame: Rpc, principal: Principal) -> None:
+        timeout = frame.timeout_ms / 1000
+        try:
+            if frame.to == "server":
+                result = await asyncio.wait_for(
+                    self.ctx.rpc_server.call(frame.method, frame.params, principal), timeout)
+            elif self.ctx.rpc is None:
+                raise RpcError(4004, "rpc is not available")
+            else:
+                request = {
+                    "method": frame.method, "params": frame.params, "timeout_ms":
+                    frame.timeout_ms, "from": {"user": principal.sub, "kind": principal.kind,
+                                               "client_id": self.client_id},
+                }
+                result = await self.ctx.rpc.request(principal.tenant, frame.to, request,
+                                                    timeout)
+        except TimeoutError:
+            self._tell(Invalid(4504, "rpc timed out", frame.id))
+        except (RpcError, ProtocolError) as exc:
+            self.outbox.send(error_frame(exc.code, exc.reason, id=frame.id, retry=exc.retry))
+        else:
+            self._reply(frame.id, {"type": "result", "result": result})
+
+    def _rpc_in(self, msg: _RpcIn) -> None:
+        request = msg.request
+        method = request.get("method")
+        if not isinstance(method, str) or self.ctx.rpc is None:
+            return
+        self._rpc_ids += 1
+        rpc_id = f"r{self._rpc_ids}"
+        timeout_ms = request.get("timeout_ms")
+        timeout = timeout_ms / 1000 if isinstance(timeout_ms, int) else 60.0
+        timer = self._loop.call_later(timeout, self._tell, _RpcExpired(rpc_id))
+        self._rpc_pending[rpc_id] = (msg.reply_to, timer)
+        self.outbox.send({"type": "rpc", "id": rpc_id, "from": request.get("from"),
+                          "method": method, "params": request.get("params")})
+
+    def _rpc_reply(self, frame: Reply) -> None:
+        pending = self._rpc_pending.pop(str(frame.id), None)
+        if pending is None or self.ctx.rpc is None:
+            return  # late, or not ours: the caller has had its timeout
+        reply_to, timer = pending
+        timer.cancel()
+        if frame.error is not None:
+            answer: dict[str, Any] = {"error": {"code": frame.error.code,
+                                                "reason": frame.error.reason}}
+        else:
+            answer = {"result": frame.result}
+        self.ctx.rpc.respond(reply_to, answer)
 
     def _publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         """Send a volatile event, at most one per room per throttle window; the latest wins.

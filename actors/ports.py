@@ -17,6 +17,8 @@ __all__ = [
     "LiveMessage",
     "PresencePort",
     "RoomStore",
+    "RpcError",
+    "RpcPort",
     "StoreError",
     "StoredEvent",
     "Subscription",
@@ -120,3 +122,32 @@ class PresencePort(Protocol):
 
     async def members(self, tenant: str, room: str) -> list[dict[str, Any]]:
         """Every member of the room, cluster-wide. Raises StoreError."""
+
+
+class RpcError(Exception):
+    """An rpc that failed with a protocol code (4004 offline, 4504 timeout, ...)."""
+
+    def __init__(self, code: int, reason: str, *, retry: bool = False) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+        self.retry = retry
+
+
+class RpcPort(Protocol):
+    """Rpc to clients anywhere in the cluster."""
+
+    def register(self, tenant: str, targets: list[str],
+                 handler: Callable[[dict[str, Any], str], None]) -> None:
+        """Route requests for ``targets`` to ``handler(request, reply_to)``."""
+
+    def unregister(self, tenant: str, targets: list[str],
+                   handler: Callable[[dict[str, Any], str], None]) -> None:
+        """Stop routing ``targets`` to ``handler``."""
+
+    async def request(self, tenant: str, target: str, request: dict[str, Any],
+                      timeout: float) -> Any:
+        """The target's result. Raises RpcError."""
+
+    def respond(self, reply_to: str, answer: dict[str, Any]) -> None:
+        """Answer a request (never waits)."""

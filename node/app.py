@@ -19,12 +19,14 @@ from bridge.http import HttpBridge, HttpHooks
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
+from bridge.rpc import NatsRpc
 from bridge.ws import WebSocketBridge
 from node.auth import KINDS, Principal, TokenVerifier, load_or_create_secret
 from node.config import Settings
 from node.errors import ConfigError
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.nats_server import EmbeddedNats
+from node.rpc import load_rpc_modules
 
 __all__ = ["Node"]
 
@@ -91,6 +93,7 @@ class Node:
         """Start everything, inside out: actors, NATS, the stream, the listeners."""
         s = self.settings
         ssl_context = _ssl_context(s)
+        load_rpc_modules(s.rpc_modules)
         try:
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
@@ -123,6 +126,7 @@ class Node:
             self.ctx = NodeContext(
                 settings=s, node_name=self.name, tokens=self.tokens, system=self.system,
                 store=self.store, feed=self.store, presence=self.presence,
+                rpc=NatsRpc(self.nats),
             )
             self.ws = WebSocketBridge(self.ctx)
             self.metrics.node_gauges(self)

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         default_factory=list, description="allowed WebSocket origins, comma-separated (empty: any)"
     )
     api_key: str = Field("", description="HTTP API key (empty: none)")
+    rpc_modules: CsvList = Field(
+        default_factory=list, description="modules registering server rpc methods, comma-separated"
+    )
 
     namespaces: dict[str, NamespacePolicy] = Field(
         default_factory=dict, description="namespace policies (TOML file only)"
@@ -125,7 +128,8 @@ class Settings(BaseSettings):
     # Set by load_settings before validation; read by settings_customise_sources.
     _toml_file: ClassVar[Path | None] = None
 
-    @field_validator("nats_url", "volatile_events", "allowed_origins", mode="before")
+    @field_validator("nats_url", "volatile_events", "allowed_origins", "rpc_modules",
+                     mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
