@@ -507,6 +507,7 @@ class Client:
         self._set_state(ClientState.CONNECTED)
         self._connected.set()
         resume = asyncio.create_task(self._resume(), name="rtnode-client.resume")
+        refresh = asyncio.create_task(self._refresh(), name="rtnode-client.refresh")
         try:
             return await self._read(ws, leftovers)
         finally:
@@ -514,10 +515,29 @@ class Client:
             if not self._ended:
                 self._connected.clear()
             resume.cancel()
-            await asyncio.wait([resume])
+            refresh.cancel()
+            await asyncio.wait([resume, refresh])
             self._session.connection_lost()
             self._fail_waiters(ConnectionLost())
             await ws.close()
+
+    async def _refresh(self) -> None:
+        """Refresh the token ahead of its expiry (at 3/4 of its life) through token_provider."""
+        if self._token_provider is None:
+            return
+        expires = (self.connected_info or {}).get("expires_in_s")
+        while isinstance(expires, int | float):
+            await asyncio.sleep(max(0.1, expires * 0.75))
+            try:
+                self._token = await self._token_provider()
+                reply = await self.request({"type": "refresh", "token": self._token})
+            except ClientError as exc:
+                logger.warning("! token refresh failed: %s", exc)
+                return
+            except Exception:
+                logger.exception("! token_provider failed")
+                return
+            expires = reply.get("expires_in_s")
 
     async def _resume(self) -> None:
         """Re-join every room with ``since``; retryable refusals are retried with backoff."""
