@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.wsclient import RawClient, token, unique, ws_url
+from tests.servers import NodeProcess
+from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -70,24 +71,29 @@ async def test_presence_rights_and_policy(make_node) -> None:
     assert r["code"] == 4004
 
 
-async def test_dead_node_members_leave_within_ttl(make_node, tmp_path) -> None:
+async def test_killed_node_members_leave_within_ttl(make_node, shared_nats, tmp_path) -> None:
     n1 = await make_node(presence_ttl_s=1.0)
-    n2 = await make_node(presence_ttl_s=1.0)
-    room = unique("dead")
-    watcher = await RawClient.connected(ws_url(n1), token("w"))
-    await watcher.request({"type": "join", "room": room, "presence": True})
-    doomed = await RawClient.connected(ws_url(n2), token("d"))
-    await doomed.request({"type": "join", "room": room})
-    while (await watcher.until("event"))["data"]["user"] != "d":
-        pass
-    # The node dies without saying goodbye: stop refreshing, drop its NATS link abruptly.
-    assert n2.presence is not None and n2.nats is not None
-    for task in n2.presence._tasks:
-        task.cancel()
-    n2.presence._local.clear()
-    await n2.nats.nc.close()
-    left = await watcher.until("event", timeout=10)
-    assert left["event"] == "presence:leave"
-    assert left["data"]["client_id"] == doomed.info["client_id"]
-    p = await _presence(watcher, room)
-    assert [m["user"] for m in p["members"]] == ["w"]
+    n2 = NodeProcess(tmp_path / "k", "--nats-url", shared_nats.url, "--presence-ttl-s", "1",
+                     name="doomed", env={"RTNODE_JWT_SECRET": SECRET}).start()
+    try:
+        await asyncio.to_thread(n2.wait_ready)
+        room = unique("dead")
+        watcher = await RawClient.connected(ws_url(n1), token("w"))
+        await watcher.request({"type": "join", "room": room, "presence": True})
+        doomed = await RawClient.connected(n2.ws_url, token("d"))
+        await doomed.request({"type": "join", "room": room})
+        while (await watcher.until("event"))["data"]["user"] != "d":
+            pass
+        assert n2.proc is not None
+        n2.proc.kill()  # kill -9: no leave is ever sent by that node
+        killed_at = asyncio.get_running_loop().time()
+        left = await watcher.until("event", timeout=10)
+        waited = asyncio.get_running_loop().time() - killed_at
+        assert left["event"] == "presence:leave"
+        assert left["data"]["client_id"] == doomed.info["client_id"]
+        assert left["data"]["node"] == "doomed"
+        print(f"\nleave of a killed node's member after {waited:.2f} s (TTL 1 s)")
+        p = await _presence(watcher, room)
+        assert [m["user"] for m in p["members"]] == ["w"]
+    finally:
+        n2.stop()
