@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.actor import Actor
-from actors.errors import ActorDeadError
+from actors.errors import ActorDeadError, ActorError
 from actors.events import dedupe_key, event_body
 from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
@@ -293,6 +293,8 @@ class ConnectionActor(Actor):
         if not self.closing:
             self.closing = True
             self._loop.call_soon(self._close_now, 4009, "too many frames", True)
+            self._loop.create_task(self.ref.stop(drain=False),
+                                   name=f"conn[{self.client_id}].stop")
 
     def _tell(self, message: Any) -> None:
         try:
@@ -330,6 +332,8 @@ class ConnectionActor(Actor):
 
     async def on_receive(self, message: Any) -> Any:
         if self.closing:
+            if isinstance(message, TransportClosed):
+                self._loop.create_task(self.ref.stop(drain=False))
             return None
         if isinstance(message, Invalid):
             self._error(message.code, message.reason, message.request_id)
@@ -472,8 +476,8 @@ class ConnectionActor(Actor):
         assert self.principal is not None
         try:
             self.ctx.room_ref(self.principal.tenant, room).tell(message)
-        except ActorDeadError:
-            log.warning("! room %s unavailable for %s", room, self.client_id)
+        except ActorError:  # the room is stopping, or the whole system is
+            log.debug("! room %s unavailable for %s", room, self.client_id)
 
     def _join_room(self, room: str, since_seq: int | None, since_epoch: str | None,
                    request_id: Any, *, presence: bool = False, silent: bool = False) -> None:

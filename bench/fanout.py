@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -74,6 +75,7 @@ GRACE_S = 1.0  # after the last expected event: time for stray (duplicate) frame
 MAX_LATENCY_SAMPLES = 1_000_000
 MAX_MESSAGE_BYTES = 60_000  # publisher messages stay under the node's max_frame_bytes (65536)
 MAX_BATCH = 32
+_PR_SET_PDEATHSIG = 1
 
 # Event frames as the node writes them in JSON (compact, data keys in the publisher's order):
 # counting the marker counts frames; the regex reads only the publisher's index and send time.
@@ -518,13 +520,41 @@ async def _wait_done(col: _Collector, res: RunResult, pub: asyncio.Task[None]) -
     return None
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM outside the event loop: stop the servers and clean up, as on Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def _run_loop(coro: Any) -> None:
+    """Run ``coro`` on uvloop when installed; SIGTERM cancels it and raises KeyboardInterrupt."""
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
-    runner(coro)
+    interrupted = False
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+        await coro
+
+    try:
+        runner(guarded())
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, _terminated)  # the loop's handler is gone with it
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +598,21 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    # Dies with the benchmark even if the benchmark is killed (Linux); its own process group,
+    # so that a Ctrl-C reaches the benchmark only, which then stops the server in order.
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
 
 
 def _stop(proc: subprocess.Popen[bytes], what: str, notes: list[str]) -> None:
@@ -687,9 +732,7 @@ def run_rtnode(cfg: BenchConfig) -> RunResult:
     notes: list[str] = []
     stop_at: int | None = None
     try:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=REPO, stdin=subprocess.DEVNULL)
+        proc = _spawn(cmd, log_path, env)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while _http_get(base + "/readyz")[0] != 200:
             if proc.poll() is not None:
@@ -739,13 +782,11 @@ def run_baseline(cfg: BenchConfig) -> RunResult:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rtnode-bench-baseline-") as tmp:
         log_path = Path(tmp) / "baseline.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.baseline_server", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)},
-            )
+        proc = _spawn(
+            [sys.executable, "-m", "bench.baseline_server", "--port", str(port)], log_path,
+            {**os.environ, "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)},
+        )
         try:
             if not _wait_line(log_path, "baseline ready", proc, READY_TIMEOUT_S):
                 res.error = "baseline server did not start"
@@ -785,6 +826,20 @@ def _figures(res: RunResult) -> dict[str, Any]:
     }
 
 
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts) if len(parts) <= 12 else ",".join(parts[:12]) + ",..."
+
+
 def _problems(res: RunResult) -> list[str]:
     """Per-subscriber anomalies, publisher errors and what the server logged."""
     cfg = res.config
@@ -792,7 +847,7 @@ def _problems(res: RunResult) -> list[str]:
     if res.error:
         out.append(f"run failed: {res.error}")
     if res.timed_out:
-        out.append(f"timed out after {cfg.timeout_s:.0f} s: partial counts")
+        out.append(f"timed out after {cfg.timeout_s:g} s: partial counts")
     if res.stalled:
         out.append(f"{res.stalled}: partial counts")
     if res.sent < cfg.events and not res.error:
@@ -818,8 +873,9 @@ def _problems(res: RunResult) -> list[str]:
                    f"{n_owed} of {cfg.events} events {owed_what}; missing deliveries: "
                    f"{sum(losses.values())} of events {owed_what}, "
                    f"{res.expected - res.delivered} of all {res.expected}; duplicates: {dups}")
-        for s in bad[:20]:
-            line = (f"  subscriber {s.index}: {s.events} event frames, {s.distinct} distinct, "
+        groups: dict[str, list[int]] = {}
+        for s in bad:
+            line = (f"{s.events} event frames, {s.distinct} distinct, "
                     f"missing {losses[s.index]} of the {n_owed} {owed_what} "
                     f"({cfg.events - s.distinct} of all {cfg.events}), "
                     f"{s.duplicates} duplicates")
@@ -829,9 +885,13 @@ def _problems(res: RunResult) -> list[str]:
                 line += f", closed early ({s.closed})"
             if s.notes:
                 line += f", frames: {'; '.join(s.notes)}"
-            out.append(line)
-        if len(bad) > 20:
-            out.append(f"  ... and {len(bad) - 20} more")
+            groups.setdefault(line, []).append(s.index)
+        for line, indices in list(groups.items())[:20]:
+            who = (f"subscriber {indices[0]}" if len(indices) == 1
+                   else f"subscribers {_ranges(indices)} ({len(indices)})")
+            out.append(f"  {who}: {line}")
+        if len(groups) > 20:
+            out.append(f"  ... and {len(groups) - 20} more kinds")
     disorder = sum(s.out_of_order for s in res.subs)
     if disorder:
         out.append(f"{disorder} deliveries arrived after a later-published event "
@@ -909,7 +969,7 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
                             f"alive, {still_open:g} WebSocket connections still open (node)")
         if counters:
             lines.insert(0, "node counters: " + ", ".join(
-                f"{k.removeprefix('rtnode_')}={v:g}" for k, v in counters.items()))
+                f"{k.removeprefix('rtnode_')}={v:.0f}" for k, v in counters.items()))
         if lines:
             print()
             print(f"{res.name}:")
@@ -945,6 +1005,7 @@ def main(argv: list[str]) -> int:
     print(f"rtnode fan-out benchmark: {cfg.subscribers} subscribers, {cfg.events} events, "
           f"{cfg.payload_bytes}-byte payload, {cfg.codec}", flush=True)
     results: list[RunResult] = []
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         print("  rtnode (through JetStream) ...", flush=True)
         results.append(run_rtnode(cfg))
