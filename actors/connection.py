@@ -223,15 +223,18 @@ class ConnectionActor(Actor):
         transport: ConnTransport,
         codec: Any,
         principal: Principal | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.transport = transport
-        self.client_id = secrets.token_hex(8)
+        self.client_id = client_id or secrets.token_hex(8)
         self.outbox = Outbox(
             codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow
         )
         self.principal = principal
+        self.preauthenticated = principal is not None
+        self._announced = False
         self.connected = False
         self.closing = False
         self.rooms: dict[str, Membership] = {}
@@ -375,6 +378,11 @@ class ConnectionActor(Actor):
 
     def _handle(self, frame: ClientFrame) -> None:
         if isinstance(frame, Connect):
+            if self.connected and self.preauthenticated and not self._announced:
+                # MQTT: the transport authenticated; an explicit connect gets its answer.
+                self._announced = True
+                self._send_connected(frame.id)
+                return
             if self.connected:
                 raise ProtocolError(4000, "already connected")
             principal = self.ctx.tokens.verify(frame.token)
@@ -425,23 +433,28 @@ class ConnectionActor(Actor):
             timer.cancel()
         self._timers.clear()
         self._schedule_expiry()
-        auto: list[str] = []
         personal = principal.personal_room
         if personal is not None:
             self._join_room(personal, None, None, None, silent=True)
-            auto.append(personal)
         if announce:
-            # Answered even without an id: the handshake is what a connect is for.
-            expires = principal.expires_in()
-            connected: dict[str, Any] = {
-                "type": "connected", "client_id": self.client_id, "node": self.ctx.node_name,
-                "heartbeat_s": self.settings.heartbeat_s,
-                "expires_in_s": None if expires is None else int(expires),
-                "rooms": auto,
-            }
-            if request_id is not None:
-                connected["id"] = request_id
-            self.outbox.send(connected)
+            self._announced = True
+            self._send_connected(request_id)
+
+    def _send_connected(self, request_id: Any) -> None:
+        # Answered even without an id: the handshake is what a connect is for.
+        principal = self.principal
+        assert principal is not None
+        auto = [principal.personal_room] if principal.personal_room else []
+        expires = principal.expires_in()
+        connected: dict[str, Any] = {
+            "type": "connected", "client_id": self.client_id, "node": self.ctx.node_name,
+            "heartbeat_s": self.settings.heartbeat_s,
+            "expires_in_s": None if expires is None else int(expires),
+            "rooms": auto,
+        }
+        if request_id is not None:
+            connected["id"] = request_id
+        self.outbox.send(connected)
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:

@@ -30,7 +30,11 @@ class FrameCodec(Protocol):
 
 
 class Transport(Protocol):
-    """What a connection's bridge offers the outbox."""
+    """What a connection's bridge offers the outbox.
+
+    A transport whose messages carry one frame each (MQTT: one frame per PUBLISH) sets
+    ``frame_per_message = True``; the outbox then writes each frame as its own message.
+    """
 
     def write_message(self, payload: bytes) -> None:
         """Send one message holding one or more encoded frames (never blocks)."""
@@ -114,9 +118,14 @@ class Outbox:
         if not self._frames or self.closed:
             return
         frames, self._frames, self._queued = self._frames, [], 0
-        payload = frames[0] if len(frames) == 1 else self.codec.join(frames)
         try:
-            self.transport.write_message(payload)
+            if len(frames) == 1:
+                self.transport.write_message(frames[0])
+            elif getattr(self.transport, "frame_per_message", False):
+                for frame in frames:
+                    self.transport.write_message(frame)
+            else:
+                self.transport.write_message(self.codec.join(frames))
         except Exception as exc:  # the peer went away: its reader will notice and clean up
             log.debug("! write failed: %s", exc)
             self.closed = True
