@@ -15,11 +15,13 @@ from actors import ActorSystem
 from actors.connection import NodeContext, Shutdown
 from actors.events import event_body
 from actors.ports import LiveMessage
+from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
 from bridge.rpc import NatsRpc
+from bridge.sse import SseBridge
 from bridge.ws import WebSocketBridge
 from node.auth import KINDS, Principal, TokenVerifier, load_or_create_secret
 from node.config import Settings
@@ -68,6 +70,8 @@ class Node:
         self.store: JetStreamRoomStore | None = None
         self.ctx: NodeContext | None = None
         self.ws: WebSocketBridge | None = None
+        self.sse: SseBridge | None = None
+        self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.tokens = self._token_verifier()
         self._stack = contextlib.AsyncExitStack()
@@ -136,6 +140,13 @@ class Node:
                 ssl_context=ssl_context,
             )
             self.http.add_route("GET", "/ws", self.ws.handle)
+            self.sse = SseBridge(self.ctx)
+            self.http.add_route("GET", "/sse", self.sse.handle)
+            self.api = HttpApi(self.ctx, api_key=s.api_key)
+            for method, path, handler in self.api.routes():
+                self.http.add_route(method, path, handler)
+            await self.api.start(self.nats.nc)
+            self._stack.push_async_callback(self.api.stop)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
             self._stack.push_async_callback(self.drain)

@@ -1,0 +1,462 @@
+"""The HTTP API for backends (PROTOCOL.md section 8): publish, history, presence, disconnect.
+
+Every request is authenticated by a service token (``Authorization: Bearer``) or the node's API
+key (``X-API-Key``), validated by a pydantic model, and answered with JSON; an error is
+``{code, reason}`` with the HTTP status of its code (:data:`HTTP_STATUS`), never a stack trace.
+The handlers are thin: parsing and checks are the pure functions and models of this module.
+
+``POST /api/disconnect`` ends the matching connections of this node at once, and tells the other
+nodes on the core NATS subject ``rt.ctl.<tenant>.disconnect`` (see :meth:`HttpApi.start`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated, Any, TypeVar
+
+from aiohttp import web
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from actors.connection import NodeContext, Shutdown
+from actors.errors import ActorError
+from actors.events import dedupe_key, event_body
+from actors.ports import StoreError
+from node.auth import Principal, TokenVerifier
+from node.errors import AuthError, ProtocolError
+from node.protocol import EVENT_PATTERN, JSON, ROOM_PATTERN, cbor_loads_strict
+
+__all__ = [
+    "API_KEY_PRINCIPAL",
+    "DISCONNECT_CODE",
+    "HTTP_STATUS",
+    "DisconnectBody",
+    "HistoryQuery",
+    "HttpApi",
+    "PublishBody",
+    "RoomQuery",
+    "authenticate",
+    "bearer_token",
+    "ctl_disconnect_subject",
+    "error_response",
+    "json_response",
+    "parse_json_body",
+    "select_clients",
+    "validate",
+]
+
+log = logging.getLogger("bridge.api")
+
+#: HTTP status of each protocol code (PROTOCOL.md section 8; 4010 and 4029 are our choices).
+HTTP_STATUS: dict[int, int] = {
+    4000: 400, 4001: 401, 4003: 403, 4004: 404, 4009: 429, 4010: 401, 4013: 413,
+    4029: 429, 4500: 500, 4503: 503, 4504: 504,
+}
+
+#: Who a request authenticated by ``X-API-Key`` acts as.
+API_KEY_PRINCIPAL = Principal(sub="api", tenant="default", kind="service")
+
+#: The close code of a connection ended by ``POST /api/disconnect`` (with ``reconnect: false``).
+DISCONNECT_CODE = 4001
+_DEFAULT_REASON = "disconnected by the server"
+_CTL_WILDCARD = "rt.ctl.*.disconnect"
+_RESERVED_EVENT_PREFIXES = ("presence:",)
+
+RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
+EventName = Annotated[StrictStr, Field(pattern=EVENT_PATTERN)]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def ctl_disconnect_subject(tenant: str) -> str:
+    """The core NATS subject every node listens on for API disconnects of ``tenant``."""
+    return f"rt.ctl.{tenant}.disconnect"
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # JSON bodies: unknown fields ignored (newer backends may send more), known ones strict.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+
+class PublishBody(_Body):
+    """``POST /api/publish``."""
+
+    room: RoomName
+    event: EventName
+    data: Any = None
+    msg_id: StrictStr | None = Field(default=None, min_length=1, max_length=128)
+
+
+class DisconnectBody(_Body):
+    """``POST /api/disconnect``: a user's connections, or one connection (of that user)."""
+
+    user: StrictStr | None = Field(default=None, min_length=1, max_length=128)
+    client_id: StrictStr | None = Field(default=None, min_length=1, max_length=64)
+    reason: StrictStr = Field(default=_DEFAULT_REASON, min_length=1, max_length=120)
+
+    @model_validator(mode="after")
+    def _needs_a_target(self) -> DisconnectBody:
+        if self.user is None and self.client_id is None:
+            raise ValueError("user or client_id is required")
+        if "\n" in self.reason or "\r" in self.reason:
+            raise ValueError("reason must be one line")
+        return self
+
+
+class _Query(BaseModel):
+    # Query strings are text: numbers and booleans are parsed from it ("10", "true").
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RoomQuery(_Query):
+    """``GET /api/presence?room=``."""
+
+    room: Annotated[str, Field(pattern=ROOM_PATTERN)]
+
+
+class HistoryQuery(RoomQuery):
+    """``GET /api/history?room=&since=&limit=&reverse=``, as the WebSocket ``history`` frame."""
+
+    since: int | None = Field(default=None, ge=0)
+    limit: int = Field(default=100, ge=1, le=1000)
+    reverse: bool = False
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate ``data`` with ``model``.
+
+    Raises:
+        ProtocolError: 4000 with a one-line reason naming the first bad field.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_context=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ProtocolError(4000, f"bad field {loc}: {err['msg']}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be one JSON object.
+
+    Raises:
+        ProtocolError: 4000 when it is not valid JSON (NaN and Infinity included) or not an
+            object.
+    """
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError(4000, "body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(4000, "body must be a JSON object")
+    return value
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def authenticate(headers: Mapping[str, str], tokens: TokenVerifier, api_key: str) -> Principal:
+    """Who is calling the API: a service token, else the API key.
+
+    An ``Authorization`` header, when present, decides alone (a bad token is not rescued by a
+    good key). The key is compared in constant time.
+
+    Raises:
+        AuthError: 4001 (missing or invalid credentials), 4010 (the token expired).
+        ProtocolError: 4003 when the token is not a service token.
+    """
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        token = bearer_token(authorization)
+        if token is None:
+            raise AuthError("expected Authorization: Bearer <token>")
+        principal = tokens.verify(token)
+        if principal.kind != "service":
+            raise ProtocolError(4003, "the HTTP API needs a service token")
+        return principal
+    key = headers.get("X-API-Key")
+    if key is not None and api_key and hmac.compare_digest(key.encode(), api_key.encode()):
+        return API_KEY_PRINCIPAL
+    raise AuthError("missing or invalid credentials")
+
+
+def select_clients(
+    by_user: Mapping[tuple[str, str], set[str]],
+    tenant: str,
+    user: str | None,
+    client_id: str | None,
+) -> list[str]:
+    """The local connections a disconnect targets, within ``tenant`` only.
+
+    Args:
+        by_user: ``ConnectionIndex.by_user``: (tenant, sub) -> client ids.
+        tenant: The caller's tenant.
+        user: Every connection of this user, or with ``client_id`` only one of theirs.
+        client_id: One connection.
+    """
+    if client_id is None:
+        return sorted(by_user.get((tenant, user or ""), ()))
+    for (t, sub), ids in by_user.items():
+        if t == tenant and client_id in ids and (user is None or sub == user):
+            return [client_id]
+    return []
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    """A JSON response; CBOR-only values (bytes) travel as base64 text, as to JSON clients."""
+    return web.Response(body=JSON.encode(value), status=status, content_type="application/json")
+
+
+def error_response(code: int, reason: str) -> web.Response:
+    """An error ``{code, reason}`` with the HTTP status of ``code``."""
+    return json_response({"code": code, "reason": reason}, HTTP_STATUS.get(code, 500))
+
+
+Handler = Callable[[web.Request, Principal], Awaitable[dict[str, Any]]]
+
+
+class HttpApi:
+    """Serves ``/api/*`` for one node.
+
+    Args:
+        ctx: The node's shared context (settings, tokens, store, connections).
+        api_key: The ``X-API-Key`` accepted as the default tenant's service; "" for none.
+
+    Example:
+        api = HttpApi(ctx, api_key=settings.api_key)
+        for method, path, handler in api.routes():
+            http.add_route(method, path, handler)
+        await api.start(nc)
+    """
+
+    def __init__(self, ctx: NodeContext, *, api_key: str = "") -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.api_key = api_key
+        # Tells this node's own cluster messages apart (node names need not be unique).
+        self.origin = secrets.token_hex(8)
+        self._nc: Any = None
+        self._sub: Any = None
+
+    def routes(self) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]]:
+        """The (method, path, handler) of every API route."""
+        return [
+            ("POST", "/api/publish", self.publish),
+            ("GET", "/api/history", self.history),
+            ("GET", "/api/presence", self.presence),
+            ("POST", "/api/disconnect", self.disconnect),
+        ]
+
+    async def start(self, nc: Any) -> None:
+        """Follow the disconnects asked of other nodes (``rt.ctl.*.disconnect``).
+
+        Args:
+            nc: The node's connected NATS client.
+        """
+        self._nc = nc
+        self._sub = await nc.subscribe(_CTL_WILDCARD, cb=self._on_ctl)
+        await nc.flush()  # the server has the subscription before the first request is served
+
+    async def stop(self) -> None:
+        """Stop following other nodes' disconnects."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):  # connection already closing
+                await sub.unsubscribe()
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """``POST /api/publish`` {room, event, data, msg_id?} -> {seq}."""
+        return await self._serve(request, self._publish)
+
+    async def history(self, request: web.Request) -> web.Response:
+        """``GET /api/history?room=&since=&limit=&reverse=`` -> {events, seq}."""
+        return await self._serve(request, self._history)
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """``GET /api/presence?room=`` -> {members}."""
+        return await self._serve(request, self._presence)
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """``POST /api/disconnect`` {user | client_id, reason?} -> {disconnected}."""
+        return await self._serve(request, self._disconnect)
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.Response:
+        try:
+            principal = authenticate(request.headers, self.ctx.tokens, self.api_key)
+            return json_response(await handler(request, principal))
+        except ProtocolError as exc:
+            return error_response(exc.code, exc.reason)
+        except Exception:
+            log.exception("! %s %s failed", request.method, request.path)
+            return error_response(4500, "internal error")
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ProtocolError(4013, "body too large") from None
+        return parse_json_body(raw)
+
+    @staticmethod
+    def _query(request: web.Request) -> dict[str, str]:
+        return {key: request.query[key] for key in request.query}  # first value of each
+
+    async def _publish(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        body = validate(PublishBody, await self._body(request))
+        if body.event.startswith(_RESERVED_EVENT_PREFIXES):
+            raise ProtocolError(4003, "event names starting with presence: are reserved")
+        if not principal.can("publish", body.room):
+            raise ProtocolError(4003, "no publish right on this room")
+        event = event_body(body.room, body.event, body.data, principal, None, body.msg_id)
+        policy = self.settings.room_policy(body.room)
+        if len(event) > policy.max_payload_bytes:
+            raise ProtocolError(4013, "event too large")
+        tenant = principal.tenant
+        if policy.volatile or body.event in self.settings.volatile_events:
+            try:
+                await self.ctx.feed.publish_volatile(tenant, body.room, event)
+            except Exception as exc:  # NATS closed or its buffer full: nothing was sent
+                log.warning("! volatile publish to %s failed: %r", body.room, exc)
+                raise ProtocolError(4503, "event not sent, retry", retry=True) from None
+            return {}  # volatile: no seq, as the WebSocket `published`
+        started = time.perf_counter()
+        try:
+            seq, _duplicate = await self.ctx.store.publish(
+                tenant, body.room, event, dedupe_key(principal, body.room, body.msg_id)
+            )
+        except StoreError as exc:
+            log.warning("! API publish to %s failed: %s", body.room, exc)
+            if exc.retry:
+                raise ProtocolError(4503, "event not stored, retry", retry=True) from None
+            raise ProtocolError(4500, "event refused by the store") from None
+        self.ctx.published += 1
+        self.ctx.publish_latency(time.perf_counter() - started)
+        return {"seq": seq}
+
+    async def _history(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        q = validate(HistoryQuery, self._query(request))
+        if not principal.can("history", q.room):
+            raise ProtocolError(4003, "no history right on this room")
+        store = self.ctx.store
+        try:
+            latest = await store.last_seq(principal.tenant, q.room)
+            stored = await store.history(
+                principal.tenant, q.room, since=q.since, limit=q.limit, reverse=q.reverse
+            )
+        except StoreError:
+            raise ProtocolError(4500, "could not read history", retry=True) from None
+        events = []
+        for ev in stored:
+            try:
+                event = cbor_loads_strict(ev.body)
+            except ProtocolError:
+                continue  # not an event map: skipped, as by the WebSocket history
+            if isinstance(event, dict):
+                event["room"] = q.room
+                event["seq"] = ev.seq
+                events.append(event)
+        return {"events": events, "seq": latest}
+
+    async def _presence(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        q = validate(RoomQuery, self._query(request))
+        if not principal.can("presence", q.room):
+            raise ProtocolError(4003, "no presence right on this room")
+        presence = getattr(self.ctx, "presence", None)
+        if presence is None:
+            raise ProtocolError(4004, "presence not available")
+        if q.room.startswith("@") or not self.settings.room_policy(q.room).presence:
+            raise ProtocolError(4004, "presence is off for this room")
+        try:
+            members = await presence.members(principal.tenant, q.room)
+        except StoreError:
+            raise ProtocolError(4500, "could not read presence", retry=True) from None
+        return {"members": members}
+
+    async def _disconnect(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        body = validate(DisconnectBody, await self._body(request))
+        tenant = principal.tenant
+        count = self.disconnect_local(tenant, body.user, body.client_id, body.reason)
+        if self._nc is None:
+            return {"disconnected": count}  # not started: this node only
+        message = {"user": body.user, "client_id": body.client_id, "reason": body.reason,
+                   "origin": self.origin}
+        try:
+            await self._nc.publish(ctl_disconnect_subject(tenant), json.dumps(message).encode())
+        except Exception as exc:  # the other nodes were not told: the caller may retry
+            log.warning("! disconnect not sent to the cluster: %r", exc)
+            raise ProtocolError(4503, "other nodes not reached, retry", retry=True) from None
+        return {"disconnected": count}
+
+    # -- disconnects -----------------------------------------------------------------------
+
+    def disconnect_local(
+        self, tenant: str, user: str | None, client_id: str | None, reason: str
+    ) -> int:
+        """End the matching connections of this node; returns how many were told to."""
+        index = self.ctx.index
+        count = 0
+        for cid in select_clients(index.by_user, tenant, user, client_id):
+            ref = index.by_id.get(cid)
+            if ref is None:
+                continue
+            try:
+                ref.tell(Shutdown(DISCONNECT_CODE, reason, False))
+            except ActorError:
+                continue  # already stopping
+            count += 1
+        if count:
+            log.info("x API disconnect of %s (tenant %s): %d connection(s)",
+                     user or client_id, tenant, count)
+        return count
+
+    async def _on_ctl(self, msg: Any) -> None:
+        """A disconnect asked of another node: apply it here."""
+        parts = msg.subject.split(".")
+        if len(parts) != 4:
+            return
+        try:
+            data = json.loads(msg.data)
+        except ValueError:
+            return
+        if not isinstance(data, dict) or data.get("origin") == self.origin:
+            return
+        user, client_id, reason = data.get("user"), data.get("client_id"), data.get("reason")
+        if not (isinstance(user, str) or user is None) or not (
+            isinstance(client_id, str) or client_id is None
+        ) or (user is None and client_id is None):
+            return
+        if not isinstance(reason, str) or not reason:
+            reason = _DEFAULT_REASON
+        self.disconnect_local(parts[2], user, client_id, reason[:120])
