@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from actors.actor import Actor
 from actors.errors import ActorDeadError, ActorError
-from actors.events import dedupe_key, event_body
+from actors.events import dedupe_key, event_body, read_history
 from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
 from actors.outbox import Outbox
@@ -40,7 +40,6 @@ from node.protocol import (
     Refresh,
     Reply,
     Rpc,
-    cbor_loads_strict,
     error_frame,
 )
 from node.protocol import (
@@ -255,7 +254,7 @@ class ConnectionActor(Actor):
 
     async def on_start(self) -> None:
         if self.principal is not None:
-            self._accept(self.principal, request_id=None, announce=False)
+            await self._accept(self.principal, request_id=None, announce=False)
         else:
             self._timers.append(self._loop.call_later(
                 self.settings.connect_timeout_s, self._tell, _ConnectTimeout()))
@@ -358,7 +357,7 @@ class ConnectionActor(Actor):
             self._rpc_pending.pop(message.rpc_id, None)
         else:
             try:
-                self._handle(message)
+                await self._handle(message)
             except ProtocolError as exc:
                 self._error(exc.code, exc.reason, getattr(message, "id", None), exc.retry)
         return None
@@ -376,7 +375,7 @@ class ConnectionActor(Actor):
             frame["id"] = request_id
             self.outbox.send(frame)
 
-    def _handle(self, frame: ClientFrame) -> None:
+    async def _handle(self, frame: ClientFrame) -> None:
         if isinstance(frame, Connect):
             if self.connected and self.preauthenticated and not self._announced:
                 # MQTT: the transport authenticated; an explicit connect gets its answer.
@@ -386,7 +385,7 @@ class ConnectionActor(Actor):
             if self.connected:
                 raise ProtocolError(4000, "already connected")
             principal = self.ctx.tokens.verify(frame.token)
-            self._accept(principal, frame.id, announce=True)
+            await self._accept(principal, frame.id, announce=True)
             return
         if not self.connected:
             self._disconnect(4001, "connect must be the first frame", False)
@@ -415,7 +414,7 @@ class ConnectionActor(Actor):
 
     # -- connect, refresh, expiry ------------------------------------------------------------
 
-    def _accept(self, principal: Principal, request_id: Any, *, announce: bool) -> None:
+    async def _accept(self, principal: Principal, request_id: Any, *, announce: bool) -> None:
         if self.ctx.draining:
             self._disconnect(4503, "node draining", True)
             return
@@ -428,7 +427,9 @@ class ConnectionActor(Actor):
         self.principal = principal
         self.connected = True
         if self.ctx.rpc is not None:
-            self.ctx.rpc.register(principal.tenant, self._rpc_targets(), self._on_rpc_request)
+            # Awaited: once a client has its ``connected``, rpcs to it find it.
+            await self.ctx.rpc.register(principal.tenant, self._rpc_targets(),
+                                        self._on_rpc_request)
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -710,26 +711,14 @@ class ConnectionActor(Actor):
         self._spawn(self._read_history(frame, self.principal.tenant), "history")
 
     async def _read_history(self, frame: History, tenant: str) -> None:
-        store = self.ctx.store
         try:
-            latest = await store.last_seq(tenant, frame.room)
-            stored = await store.history(
-                tenant, frame.room, since=frame.since.seq if frame.since else None,
+            events, latest = await read_history(
+                self.ctx.store, tenant, frame.room, since=frame.since.seq if frame.since else None,
                 limit=frame.limit, reverse=frame.reverse,
             )
         except StoreError:
             self._tell(Invalid(4500, "could not read history", frame.id))
             return
-        events = []
-        for ev in stored:
-            try:
-                body = cbor_loads_strict(ev.body)
-            except ProtocolError:
-                continue
-            if isinstance(body, dict):
-                body["room"] = frame.room
-                body["seq"] = ev.seq
-                events.append(body)
         self._reply(frame.id, {"type": "history", "room": frame.room, "events": events,
                                "seq": latest})
 

@@ -7,10 +7,12 @@ import time
 import uuid
 from typing import Any
 
+from actors.ports import RoomStore
 from node.auth import Principal
-from node.protocol import CBOR
+from node.errors import ProtocolError
+from node.protocol import CBOR, cbor_loads_strict
 
-__all__ = ["dedupe_key", "event_body", "now_ms"]
+__all__ = ["dedupe_key", "event_body", "now_ms", "read_history"]
 
 
 def now_ms() -> int:
@@ -50,3 +52,26 @@ def dedupe_key(principal: Principal, room: str, msg_id: str | None) -> str:
     """
     key = msg_id if msg_id is not None else uuid.uuid4().hex
     return f"{principal.tenant}/{room}/{principal.sub}/{key}"
+
+
+async def read_history(
+    store: RoomStore, tenant: str, room: str, *, since: int | None, limit: int, reverse: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """A ``history`` answer: the event maps (with ``room`` and ``seq``) and the latest seq.
+
+    Stored messages that are not event maps (a backend may publish anything to the stream)
+    are skipped. Raises StoreError.
+    """
+    latest = await store.last_seq(tenant, room)
+    stored = await store.history(tenant, room, since=since, limit=limit, reverse=reverse)
+    events = []
+    for ev in stored:
+        try:
+            event = cbor_loads_strict(ev.body)
+        except ProtocolError:
+            continue
+        if isinstance(event, dict):
+            event["room"] = room
+            event["seq"] = ev.seq
+            events.append(event)
+    return events, latest

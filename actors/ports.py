@@ -137,9 +137,10 @@ class RpcError(Exception):
 class RpcPort(Protocol):
     """Rpc to clients anywhere in the cluster."""
 
-    def register(self, tenant: str, targets: list[str],
-                 handler: Callable[[dict[str, Any], str], None]) -> None:
-        """Route requests for ``targets`` to ``handler(request, reply_to)``."""
+    async def register(self, tenant: str, targets: list[str],
+                       handler: Callable[[dict[str, Any], str], None]) -> None:
+        """Route requests for ``targets`` to ``handler(request, reply_to)``; returns once the
+        routes are in place."""
 
     def unregister(self, tenant: str, targets: list[str],
                    handler: Callable[[dict[str, Any], str], None]) -> None:

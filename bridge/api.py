@@ -32,11 +32,11 @@ from pydantic import (
 
 from actors.connection import NodeContext, Shutdown
 from actors.errors import ActorError
-from actors.events import dedupe_key, event_body
+from actors.events import dedupe_key, event_body, read_history
 from actors.ports import StoreError
 from node.auth import Principal, TokenVerifier
 from node.errors import AuthError, ProtocolError
-from node.protocol import EVENT_PATTERN, JSON, ROOM_PATTERN, cbor_loads_strict
+from node.protocol import EVENT_PATTERN, JSON, ROOM_PATTERN
 
 __all__ = [
     "API_KEY_PRINCIPAL",
@@ -369,24 +369,13 @@ class HttpApi:
         q = validate(HistoryQuery, self._query(request))
         if not principal.can("history", q.room):
             raise ProtocolError(4003, "no history right on this room")
-        store = self.ctx.store
         try:
-            latest = await store.last_seq(principal.tenant, q.room)
-            stored = await store.history(
-                principal.tenant, q.room, since=q.since, limit=q.limit, reverse=q.reverse
+            events, latest = await read_history(
+                self.ctx.store, principal.tenant, q.room, since=q.since, limit=q.limit,
+                reverse=q.reverse,
             )
         except StoreError:
             raise ProtocolError(4500, "could not read history", retry=True) from None
-        events = []
-        for ev in stored:
-            try:
-                event = cbor_loads_strict(ev.body)
-            except ProtocolError:
-                continue  # not an event map: skipped, as by the WebSocket history
-            if isinstance(event, dict):
-                event["room"] = q.room
-                event["seq"] = ev.seq
-                events.append(event)
         return {"events": events, "seq": latest}
 
     async def _presence(self, request: web.Request, principal: Principal) -> dict[str, Any]:

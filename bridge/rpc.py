@@ -50,17 +50,25 @@ class NatsRpc:
         self._subs: dict[str, tuple[Subscription | None, list[Callable[[dict[str, Any], str],
                                                                        None]]]] = {}
 
-    def register(self, tenant: str, targets: list[str],
-                 handler: Callable[[dict[str, Any], str], None]) -> None:
+    async def register(self, tenant: str, targets: list[str],
+                       handler: Callable[[dict[str, Any], str], None]) -> None:
         """Route requests for ``targets`` (``client:<id>``, ``user:<sub>``...) to ``handler``,
-        called with (request, reply subject)."""
+        called with (request, reply subject). Returns once the server has the routes."""
+        new = []
         for target in targets:
             subject = rpc_subject(tenant, target)
             entry = self._subs.get(subject)
             if entry is None:
                 entry = self._subs[subject] = (None, [])
-                asyncio.get_running_loop().create_task(self._subscribe(subject))
+                new.append(subject)
             entry[1].append(handler)
+        for subject in new:
+            await self._subscribe(subject)
+        if new:
+            try:  # one round trip: the server has processed the SUBs
+                await self.link.nc.flush(timeout=2)
+            except Exception as exc:
+                log.warning("! rpc routes not confirmed: %s", exc)
 
     def unregister(self, tenant: str, targets: list[str],
                    handler: Callable[[dict[str, Any], str], None]) -> None:
