@@ -29,6 +29,7 @@ __all__ = ["NatsRpc", "rpc_subject"]
 log = logging.getLogger("bridge.rpc")
 
 _QUEUE = "rtnode"
+_UNSUBSCRIBE_GRACE_S = 2.0
 
 
 def rpc_subject(tenant: str, target: str) -> str:
@@ -81,14 +82,21 @@ class NatsRpc:
             if handler in entry[1]:
                 entry[1].remove(handler)
             if not entry[1]:
-                del self._subs[subject]
-                if entry[0] is not None:
-                    asyncio.get_running_loop().create_task(self._unsubscribe(entry[0]))
+                # Keep the route for a grace period, answering 4004 at once: an UNSUB still
+                # in flight would make the server deliver a request nobody answers (a 4504
+                # after the caller's whole timeout instead of a 4004 now).
+                asyncio.get_running_loop().call_later(
+                    _UNSUBSCRIBE_GRACE_S, self._drop_if_unused, subject)
 
     async def _subscribe(self, subject: str) -> None:
         async def on_request(msg: Msg) -> None:
+            if not msg.reply:
+                return
             entry = self._subs.get(subject)
-            if entry is None or not entry[1] or not msg.reply:
+            if entry is None or not entry[1]:
+                # The target left between the request and now: say so rather than time out.
+                self.respond(msg.reply, {"error": {"code": 4004, "reason": "rpc target offline",
+                                                   "retry": True}})
                 return
             try:
                 request = cbor_loads_strict(msg.data)
@@ -107,6 +115,14 @@ class NatsRpc:
             await self._unsubscribe(sub)
         else:
             self._subs[subject] = (sub, entry[1])
+
+    def _drop_if_unused(self, subject: str) -> None:
+        entry = self._subs.get(subject)
+        if entry is None or entry[1]:
+            return  # gone already, or in use again
+        del self._subs[subject]
+        if entry[0] is not None:
+            asyncio.get_running_loop().create_task(self._unsubscribe(entry[0]))
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         try:

@@ -17,6 +17,7 @@ from actors.events import event_body
 from actors.ports import LiveMessage
 from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
+from bridge.mqtt import MqttBridge
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
@@ -71,6 +72,7 @@ class Node:
         self.ctx: NodeContext | None = None
         self.ws: WebSocketBridge | None = None
         self.sse: SseBridge | None = None
+        self.mqtt: MqttBridge | None = None
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.tokens = self._token_verifier()
@@ -149,6 +151,9 @@ class Node:
             self._stack.push_async_callback(self.api.stop)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
+            self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
+            await self.mqtt.start()
+            self._stack.push_async_callback(self.mqtt.stop)
             self._stack.push_async_callback(self.drain)
         except BaseException:
             await self._stack.aclose()

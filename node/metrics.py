@@ -64,7 +64,22 @@ class _NodeCollector(Collector):
         if node.ws is not None:
             for codec, n in sorted(node.ws.open.items()):
                 conns.add_metric(["ws", codec], n)
+        if node.mqtt is not None:
+            conns.add_metric(["mqtt", "cbor"], len(node.mqtt.sessions))
         yield conns
+        if node.mqtt is not None:
+            for name, help_, value in (
+                ("rtnode_mqtt_uplinks", "Plain-topic uplinks stored", node.mqtt.uplinks),
+                ("rtnode_mqtt_refused_publishes", "MQTT publishes refused and dropped",
+                 node.mqtt.refused_publishes),
+                ("rtnode_mqtt_refused_subscribes", "MQTT subscriptions refused (SUBACK 0x80)",
+                 node.mqtt.refused_subscribes),
+                ("rtnode_mqtt_bad_payloads", "MQTT payloads that were not valid frames",
+                 node.mqtt.bad_payloads),
+            ):
+                fam = CounterMetricFamily(name, help_)
+                fam.add_metric([], value)
+                yield fam
         ctx = node.ctx
         if ctx is None:
             return

@@ -45,7 +45,8 @@ async def make_node(
             nonlocal count
             count += 1
             settings = load_settings(**{
-                "nats_url": shared_nats.url, "http_port": 0, "jwt_secret": SECRET,
+                "nats_url": shared_nats.url, "http_port": 0, "mqtt_port": 0,
+                "jwt_secret": SECRET,
                 "data_dir": tmp_path / f"node{count}", "node_name": f"n{count}",
                 "drain_timeout_s": 1.0,
                 **overrides,

@@ -1,0 +1,459 @@
+"""The embedded MQTT 3.1.1 listener for devices (PROTOCOL.md section 6).
+
+A lean listener, not a broker: devices never reach each other through it. Every uplink goes
+through a room (it gets a seq and is stored), and every downlink comes from one. Packets are
+parsed by the sans-I/O ``bridge.mqtt_codec``; each device session is a ``ConnectionActor`` with
+an MQTT transport, so rights, limits, rooms, recovery, presence and rpc are the same code as for
+browsers.
+
+Two faces, usable together:
+
+* the tunnel: protocol frames (CBOR) on ``rtnode/v1/<client_id>/in`` and ``/out``;
+* plain topics: ``rooms/<room>/up`` (a CBOR map {event, data, msg_id?}, stored like a publish)
+  and ``rooms/<room>`` (a subscription is a join; each event arrives as a CBOR map).
+
+A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetStream, in the
+order received: a device that got its PUBACK knows the event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import cbor2
+
+from actors.connection import ConnectionActor, Invalid, NodeContext, TransportClosed
+from actors.errors import ActorError
+from actors.events import dedupe_key, event_body
+from actors.limits import TokenBucket
+from actors.outbox import Outbox
+from actors.ports import StoreError
+from actors.room import Join, Leave, Membership
+from bridge import mqtt_codec as mq
+from node.auth import Principal
+from node.errors import AuthError, CodecError, ProtocolError
+from node.protocol import CBOR, ROOM_PATTERN, cbor_loads_strict, parse_frame, request_id_of
+
+__all__ = ["PLAIN_CBOR", "MqttBridge"]
+
+log = logging.getLogger("bridge.mqtt")
+
+_ROOM_RE = re.compile(ROOM_PATTERN)
+_CONNACK_NOT_AUTHORIZED = 5
+
+
+class _PlainCbor:
+    """Room events for plain subscribers: the event frame without ``type``, as a CBOR map."""
+
+    name = "cbor-plain"
+    binary = True
+
+    def encode(self, frame: Any) -> bytes:
+        return bytes(cbor2.dumps({k: v for k, v in frame.items() if k != "type"}))
+
+    def join(self, frames: list[bytes]) -> bytes:
+        return b"".join(frames)
+
+
+PLAIN_CBOR = _PlainCbor()
+
+
+class _TopicTransport:
+    """Writes each frame as one QoS 0 PUBLISH on a fixed topic of one device."""
+
+    kind = "mqtt"
+    frame_per_message = True
+
+    def __init__(self, session: _MqttSession, topic: str) -> None:
+        self.session = session
+        self.topic = topic
+        self.enabled = True
+
+    def write_message(self, payload: bytes) -> None:
+        if self.enabled:
+            self.session.send_publish(self.topic, payload)
+
+    def buffered_bytes(self) -> int:
+        return self.session.buffered_bytes()
+
+    def close(self, code: int, reason: str) -> None:
+        self.session.close(f"{code} {reason}")
+
+
+class MqttBridge:
+    """Serves the MQTT port of one node.
+
+    Args:
+        ctx: The node's shared context.
+        host: Bind address.
+        port: Port (0 picks a free one).
+        ssl_context: Serve MQTT over TLS when given.
+    """
+
+    def __init__(self, ctx: NodeContext, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ctx = ctx
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.sessions: dict[tuple[str, str], _MqttSession] = {}
+        self.refused_publishes = 0
+        self.refused_subscribes = 0
+        self.bad_payloads = 0
+        self.uplinks = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting devices."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _MqttSession(self), self.host, self.port, ssl=self.ssl_context,
+            reuse_address=True,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("= MQTT listening on %s:%s", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting and close every device session."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions.values()):
+            session.close("node stopping")
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+
+class _MqttSession(asyncio.Protocol):
+    """One device connection: parse, authorise, route; ack uplinks once stored."""
+
+    def __init__(self, bridge: MqttBridge) -> None:
+        self.bridge = bridge
+        self.ctx = bridge.ctx
+        self.settings = bridge.ctx.settings
+        self.parser = mq.MqttParser(max_packet_bytes=self.settings.max_frame_bytes + 1024)
+        self.transport: asyncio.Transport | None = None
+        self.principal: Principal | None = None
+        self.client_id = ""
+        self.ref: Any = None
+        self.tunnel: _TopicTransport | None = None
+        self.plain: dict[str, Membership] = {}
+        self.acks: deque[list[Any]] = deque()  # [packet_id, done, qos] in arrival order
+        self.qos2_seen: set[int] = set()
+        self.will: Any = None
+        self.keepalive = 0
+        self.last_seen = time.monotonic()
+        self.bucket: TokenBucket | None = None
+        self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.settings.connect_timeout_s, self._check_alive)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        try:
+            packets = self.parser.feed(data)
+        except mq.ConnectRefused as exc:
+            self._write(mq.connack(exc.return_code))
+            self.close("connect refused")
+            return
+        except mq.MqttError as exc:
+            log.debug("! %s: bad MQTT packet: %s", self.client_id or "?", exc)
+            for packet in exc.packets:  # what came before the bad bytes still counts
+                if not self.closed:
+                    self._handle(packet)
+            self.close("protocol error")
+            return
+        for packet in packets:
+            if self.closed:
+                return
+            self._handle(packet)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.closed:
+            self.closed = True
+            if self.will is not None:
+                self._send_will()
+        self._end()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def buffered_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport else 0
+
+    def send_publish(self, topic: str, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines((mq.publish_header(topic, len(payload)), payload))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        """Close the device's connection (no will is sent for a close of ours)."""
+        if not self.closed:
+            self.closed = True
+            log.debug("x %s: %s", self.client_id or "?", reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _end(self) -> None:
+        if self.principal is not None:
+            key = (self.principal.tenant, self.client_id)
+            if self.bridge.sessions.get(key) is self:
+                del self.bridge.sessions[key]
+        if self.ref is not None:
+            for room, member in self.plain.items():
+                self._tell_room(room, Leave(member))
+            self.plain.clear()
+            with contextlib.suppress(ActorError):
+                self.ref.tell(TransportClosed())
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            return
+        if self.principal is None:
+            self.close("no CONNECT in time")
+            return
+        if self.keepalive:
+            idle = time.monotonic() - self.last_seen
+            if idle > self.keepalive * 1.5:
+                self.closed = True  # an expired keepalive publishes the will (MQTT 3.1.2.10)
+                if self.will is not None:
+                    self._send_will()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._timer = asyncio.get_running_loop().call_later(
+                self.keepalive * 1.5 - idle + 0.05, self._check_alive)
+
+    # -- packets ---------------------------------------------------------------------------
+
+    def _handle(self, packet: Any) -> None:
+        if isinstance(packet, mq.Publish):
+            self._on_publish(packet)
+        elif isinstance(packet, mq.PubAck):
+            pass  # we publish at QoS 0
+        elif isinstance(packet, mq.PubRel):
+            self.qos2_seen.discard(packet.packet_id)
+            self._write(bytes((0x70, 2)) + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
+        elif isinstance(packet, mq.PingReq):
+            self._write(mq.pingresp())
+        elif isinstance(packet, mq.Subscribe):
+            self._on_subscribe(packet)
+        elif isinstance(packet, mq.Unsubscribe):
+            self._on_unsubscribe(packet)
+        elif isinstance(packet, mq.Connect):
+            self._on_connect(packet)
+        elif isinstance(packet, mq.Disconnect):
+            self.will = None  # a clean goodbye: no will
+            self.close("disconnect")
+
+    def _on_connect(self, packet: Any) -> None:
+        try:
+            if not packet.client_id or packet.username != packet.client_id:
+                raise AuthError("client id and username must be the device id")
+            token = (packet.password or b"").decode("utf-8", errors="strict")
+            principal = self.ctx.tokens.verify(token)
+            if principal.kind != "device" or principal.sub != packet.client_id:
+                raise AuthError("not a device token for this id")
+        except (AuthError, UnicodeDecodeError):
+            self._write(mq.connack(_CONNACK_NOT_AUTHORIZED))
+            self.close("not authorized")
+            return
+        if self.ctx.draining:
+            self._write(mq.connack(3))  # server unavailable
+            self.close("draining")
+            return
+        self.principal = principal
+        self.client_id = packet.client_id
+        key = (principal.tenant, packet.client_id)
+        old = self.bridge.sessions.get(key)
+        if old is not None:
+            old.close("taken over by a new connection")  # MQTT 3.1.4: the new one wins
+        self.bridge.sessions[key] = self
+        self.will = packet.will
+        self.keepalive = packet.keepalive
+        self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst,
+                                  time.monotonic())
+        self.tunnel = _TopicTransport(self, f"rtnode/v1/{packet.client_id}/out")
+        self.tunnel.enabled = False  # until the device subscribes to its out topic
+        actor = ConnectionActor(self.ctx, self.tunnel, CBOR, principal=principal,
+                                client_id=packet.client_id)
+        self.ref = self.ctx.system.spawn(lambda: actor)
+        self._write(mq.connack(0))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.keepalive:
+            self._check_alive()
+
+    # -- uplinks ---------------------------------------------------------------------------
+
+    def _on_publish(self, packet: Any) -> None:
+        topic = packet.topic
+        qos = packet.qos
+        if qos == 2:
+            if packet.packet_id in self.qos2_seen:
+                self._write(bytes((0x50, 2)) + packet.packet_id.to_bytes(2, "big"))  # PUBREC
+                return
+            self.qos2_seen.add(packet.packet_id)
+        entry: list[Any] | None = None
+        if qos:
+            entry = [packet.packet_id, False, qos]
+            self.acks.append(entry)
+        if topic == f"rtnode/v1/{self.client_id}/in":
+            self._tunnel_in(packet.payload)
+            self._done(entry)
+        elif topic.startswith("rooms/") and topic.endswith("/up"):
+            room = topic[6:-3]
+            if not self._uplink(room, packet.payload, entry):
+                self._done(entry)
+        else:
+            self.bridge.refused_publishes += 1  # another device's tunnel, or a topic of no use
+            self._done(entry)
+
+    def _done(self, entry: list[Any] | None) -> None:
+        """Mark an uplink handled and send the acks that are due, in arrival order."""
+        if entry is not None:
+            entry[1] = True
+        acks = self.acks
+        while acks and acks[0][1]:
+            packet_id, _, qos = acks.popleft()
+            if qos == 1:
+                self._write(mq.puback(packet_id))
+            else:
+                self._write(bytes((0x50, 2)) + packet_id.to_bytes(2, "big"))  # PUBREC
+
+    def _tunnel_in(self, payload: bytes) -> None:
+        try:
+            raw = cbor_loads_strict(payload)
+        except CodecError as exc:
+            self.bridge.bad_payloads += 1
+            self.ref.tell(Invalid(exc.code, exc.reason))
+            return
+        try:
+            frame = parse_frame(raw)
+        except ProtocolError as exc:
+            self.bridge.bad_payloads += 1
+            self.ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw)))
+            return
+        with contextlib.suppress(ActorError):
+            self.ref.tell(frame)
+
+    def _uplink(self, room: str, payload: bytes, entry: list[Any] | None) -> bool:
+        """Store a plain uplink; returns False if it was refused (dropped and counted)."""
+        principal = self.principal
+        assert principal is not None and self.bucket is not None
+        if not _ROOM_RE.match(room) or not principal.can("publish", room):
+            self.bridge.refused_publishes += 1
+            return False
+        try:
+            raw = cbor_loads_strict(payload)
+            if not isinstance(raw, dict):
+                raise ProtocolError(4000, "expected a map")
+            frame = parse_frame({"type": "publish", "room": room, "event": raw.get("event"),
+                                 "data": raw.get("data"), "msg_id": raw.get("msg_id")})
+        except ProtocolError:
+            self.bridge.bad_payloads += 1
+            return False
+        assert frame.type == "publish"
+        if frame.event.startswith("presence:") or not self.bucket.take(time.monotonic()):
+            self.bridge.refused_publishes += 1
+            return False
+        body = event_body(room, frame.event, frame.data, principal, self.client_id,
+                          frame.msg_id)
+        if len(body) > self.settings.room_policy(room).max_payload_bytes:
+            self.bridge.refused_publishes += 1
+            return False
+        key = dedupe_key(principal, room, frame.msg_id)
+        asyncio.get_running_loop().create_task(self._store(principal.tenant, room, body, key,
+                                                           entry))
+        return True
+
+    async def _store(self, tenant: str, room: str, body: bytes, key: str,
+                     entry: list[Any] | None) -> None:
+        try:
+            await self.ctx.store.publish(tenant, room, body, key)
+        except StoreError as exc:
+            # Not stored: no ack. The device's session retries with the same packet (DUP), or
+            # the connection is closed so that it reconnects and resends.
+            log.warning("! uplink from %s to %s not stored: %s", self.client_id, room, exc)
+            self.close("store unavailable")
+            return
+        self.bridge.uplinks += 1
+        self._done(entry)
+
+    def _send_will(self) -> None:
+        will = self.will
+        self.will = None
+        if will is None or self.principal is None:
+            return
+        topic = will.topic
+        if topic.startswith("rooms/") and topic.endswith("/up"):
+            self._uplink(topic[6:-3], will.payload, None)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def _tell_room(self, room: str, message: Any) -> None:
+        assert self.principal is not None
+        with contextlib.suppress(ActorError):
+            self.ctx.room_ref(self.principal.tenant, room).tell(message)
+
+    def _on_subscribe(self, packet: Any) -> None:
+        principal = self.principal
+        assert principal is not None and self.tunnel is not None
+        granted = []
+        for topic_filter, _qos in packet.topics:
+            if topic_filter == self.tunnel.topic:
+                self.tunnel.enabled = True
+                granted.append(0)
+            elif (topic_filter.startswith("rooms/") and _ROOM_RE.match(topic_filter[6:])
+                  and principal.can("join", topic_filter[6:])
+                  and (topic_filter[6:] in self.plain
+                       or len(self.plain) < self.settings.max_rooms_per_connection)):
+                room = topic_filter[6:]
+                self._subscribe_plain(room)
+                granted.append(0)
+            else:
+                self.bridge.refused_subscribes += 1
+                granted.append(0x80)
+        self._write(mq.suback(packet.packet_id, granted))
+
+    def _subscribe_plain(self, room: str) -> None:
+        old = self.plain.pop(room, None)
+        if old is not None:
+            self._tell_room(room, Leave(old))
+        transport = _TopicTransport(self, f"rooms/{room}")
+        outbox = Outbox(PLAIN_CBOR, transport, limit=self.settings.slow_consumer_bytes,
+                        on_slow=lambda: self.close("slow consumer"))
+        member = Membership(self.client_id, outbox, lambda _room: None)
+        self.plain[room] = member
+        self._tell_room(room, Join(member, silent=True))
+
+    def _on_unsubscribe(self, packet: Any) -> None:
+        assert self.tunnel is not None
+        for topic_filter in packet.topics:
+            if topic_filter == self.tunnel.topic:
+                self.tunnel.enabled = False
+            elif topic_filter.startswith("rooms/"):
+                member = self.plain.pop(topic_filter[6:], None)
+                if member is not None:
+                    self._tell_room(topic_filter[6:], Leave(member))
+        self._write(mq.unsuback(packet.packet_id))
