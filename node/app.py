@@ -18,6 +18,7 @@ from actors.ports import LiveMessage
 from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
 from bridge.mqtt import MqttBridge
+from bridge.mqtt_external import ExternalMqtt
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
@@ -73,6 +74,7 @@ class Node:
         self.ws: WebSocketBridge | None = None
         self.sse: SseBridge | None = None
         self.mqtt: MqttBridge | None = None
+        self.mqtt_external: ExternalMqtt | None = None
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.tokens = self._token_verifier()
@@ -151,9 +153,14 @@ class Node:
             self._stack.push_async_callback(self.api.stop)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
-            self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
-            await self.mqtt.start()
-            self._stack.push_async_callback(self.mqtt.stop)
+            if s.mqtt_broker_url:
+                self.mqtt_external = ExternalMqtt(self.ctx, s.mqtt_broker_url, s.mqtt_tenant)
+                await self.mqtt_external.start()
+                self._stack.push_async_callback(self.mqtt_external.stop)
+            else:
+                self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
+                await self.mqtt.start()
+                self._stack.push_async_callback(self.mqtt.stop)
             self._stack.push_async_callback(self.drain)
         except BaseException:
             await self._stack.aclose()

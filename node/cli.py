@@ -104,8 +104,9 @@ def _banner(node: Any) -> str:
         f"rtnode {node.name} ready",
         f"  http       {base}  (/healthz /readyz /metrics)",
         f"  websocket  {base.replace('http', 'ws', 1)}/ws    sse {base}/sse    api {base}/api",
-        f"  mqtt       {'mqtts' if http.ssl_context else 'mqtt'}://{s.host}:{node.mqtt.port}"
-        "  (devices: client id = username = device id, password = device JWT)",
+        (f"  mqtt       {'mqtts' if http.ssl_context else 'mqtt'}://{s.host}:{node.mqtt.port}"
+         "  (devices: client id = username = device id, password = device JWT)")
+        if node.mqtt else f"  mqtt       external broker {s.mqtt_broker_url.split('@')[-1]}",
         f"  nats       {nats_line}",
         "  dev token  rtnode token --sub alice --room 'chat:*=join,publish,history,presence'"
         + (f" --data-dir {s.data_dir}" if str(s.data_dir) != "rtnode-data" else ""),

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the HTTP and MQTT listeners bind to")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP, WebSocket and SSE port")
     mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT listener port")
+    mqtt_broker_url: str = Field(
+        "", description="external MQTT broker, mqtt://[user:pass@]host:port (set: no listener)"
+    )
+    mqtt_tenant: str = Field("default", description="tenant of the external broker's rooms")
     node_name: str = Field("", description="name of this node (default: the host name)")
     data_dir: Path = Field(Path("rtnode-data"), description="where the node keeps its state")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve https/wss")

@@ -1,0 +1,195 @@
+"""External MQTT broker mode: devices talk to Mosquitto or EMQX, and the nodes bridge it.
+
+Only the plain-topic face is offered here (the broker authenticates the devices):
+
+* uplinks: every node subscribes ``$share/rtnode/rooms/+/up`` (an MQTT 5 shared subscription),
+  so the broker hands each uplink to one node of the cluster, which stores it in the room;
+* downlinks: every node pulls from one shared JetStream durable consumer on the rooms of the
+  bridged tenant, so each stored event is published to ``rooms/<room>`` once for the whole
+  cluster, and acknowledged to JetStream only after the broker has it (QoS 1).
+
+aiomqtt never reconnects by itself: the node does, with backoff and full jitter, and
+resubscribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import aiomqtt
+import cbor2
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from actors.connection import NodeContext
+from actors.events import dedupe_key, event_body
+from actors.ports import StoreError
+from bridge.subjects import STREAM_NAME, room_from_subject, room_subject
+from node.auth import Principal
+from node.errors import ConfigError, ProtocolError
+from node.protocol import ROOM_PATTERN, cbor_loads_strict, parse_frame
+
+__all__ = ["DURABLE", "ExternalMqtt", "parse_broker_url"]
+
+log = logging.getLogger("bridge.mqtt.external")
+
+DURABLE = "RTNODE_MQTT_OUT"
+_ROOM_RE = re.compile(ROOM_PATTERN)
+
+
+def parse_broker_url(url: str) -> tuple[str, int, str | None, str | None, bool]:
+    """``mqtt[s]://[user[:password]@]host[:port]`` -> (host, port, user, password, tls).
+
+    Raises:
+        ConfigError: Not an MQTT URL.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"invalid mqtt_broker_url {url!r}: expected mqtt://host:port")
+    tls = parsed.scheme == "mqtts"
+    port = parsed.port or (8883 if tls else 1883)
+    user = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    return parsed.hostname, port, user, password, tls
+
+
+class ExternalMqtt:
+    """Bridges rooms of one tenant with an external MQTT broker.
+
+    Args:
+        ctx: The node's shared context.
+        url: The broker's URL.
+        tenant: The tenant whose rooms are bridged (topics carry no tenant).
+    """
+
+    def __init__(self, ctx: NodeContext, url: str, tenant: str = "default") -> None:
+        self.ctx = ctx
+        self.host, self.port, self.user, self.password, self.tls = parse_broker_url(url)
+        self.tenant = tenant
+        self.uplinks = 0
+        self.downlinks = 0
+        self.refused = 0
+        self.connected = False
+        self._client: aiomqtt.Client | None = None
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the broker connection and the downlink consumer."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._uplink_loop(), name="mqtt-external.uplink"),
+                       loop.create_task(self._downlink_loop(), name="mqtt-external.downlink")]
+
+    async def stop(self) -> None:
+        """Stop both loops."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- uplinks ---------------------------------------------------------------------------
+
+    async def _uplink_loop(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host, self.port, username=self.user, password=self.password,
+                    identifier=f"rtnode-{self.ctx.node_name}",
+                    protocol=aiomqtt.ProtocolVersion.V5, keepalive=30,
+                    tls_params=aiomqtt.TLSParameters() if self.tls else None,
+                ) as client:
+                    await client.subscribe("$share/rtnode/rooms/+/up", qos=1)
+                    self._client = client
+                    self.connected = True
+                    self._ready.set()
+                    attempt = 0
+                    log.info("= connected to MQTT broker %s:%s", self.host, self.port)
+                    async for message in client.messages:
+                        await self._uplink(message.topic.value, bytes(message.payload))
+            except aiomqtt.MqttError as exc:
+                log.warning("! MQTT broker %s:%s: %s", self.host, self.port, exc)
+            finally:
+                self._client = None
+                self.connected = False
+                self._ready.clear()
+            attempt += 1
+            await asyncio.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))
+
+    async def _uplink(self, topic: str, payload: bytes) -> None:
+        room = topic[6:-3] if topic.startswith("rooms/") and topic.endswith("/up") else ""
+        try:
+            if not _ROOM_RE.match(room):
+                raise ProtocolError(4000, "bad room")
+            raw = cbor_loads_strict(payload)
+            if not isinstance(raw, dict):
+                raise ProtocolError(4000, "expected a map")
+            frame = parse_frame({"type": "publish", "room": room, "event": raw.get("event"),
+                                 "data": raw.get("data"), "msg_id": raw.get("msg_id")})
+            device = raw.get("device")
+            sender = device if isinstance(device, str) and 0 < len(device) <= 128 else "mqtt"
+        except ProtocolError:
+            self.refused += 1
+            return
+        assert frame.type == "publish"
+        if frame.event.startswith("presence:"):
+            self.refused += 1
+            return
+        who = Principal(sub=sender, tenant=self.tenant, kind="device")
+        body = event_body(room, frame.event, frame.data, who, None, frame.msg_id)
+        try:
+            await self.ctx.store.publish(self.tenant, room, body,
+                                         dedupe_key(who, room, frame.msg_id))
+        except StoreError as exc:
+            self.refused += 1
+            log.warning("! uplink to %s not stored: %s", room, exc)
+            return
+        self.uplinks += 1
+
+    # -- downlinks -------------------------------------------------------------------------
+
+    async def _downlink_loop(self) -> None:
+        js = self.ctx.store.link.js  # type: ignore[attr-defined]
+        config = ConsumerConfig(
+            durable_name=DURABLE, deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30, max_ack_pending=1000,
+        )
+        psub: Any = None
+        while psub is None:
+            try:
+                psub = await js.pull_subscribe(room_subject(self.tenant, ">"), durable=DURABLE,
+                                               stream=STREAM_NAME, config=config)
+            except Exception as exc:
+                log.warning("! downlink consumer not ready: %s", exc)
+                await asyncio.sleep(1)
+        while True:
+            await self._ready.wait()
+            try:
+                msgs = await psub.fetch(batch=100, timeout=1)
+            except Exception:  # nothing new (timeout), or NATS reconnecting
+                continue
+            for msg in msgs:
+                client = self._client
+                if client is None:
+                    break  # not acked: redelivered after ack_wait
+                try:
+                    _, room = room_from_subject(msg.subject)
+                    event = cbor_loads_strict(msg.data)
+                    if not isinstance(event, dict):
+                        raise ProtocolError(4000, "not an event map")
+                    event["room"] = room
+                    event["seq"] = msg.metadata.sequence.stream
+                    await client.publish(f"rooms/{room}", cbor2.dumps(event), qos=1)
+                except (ProtocolError, ValueError):
+                    await msg.ack()  # not an event: nothing to forward
+                    continue
+                except aiomqtt.MqttError:
+                    break
+                await msg.ack()
+                self.downlinks += 1
