@@ -143,9 +143,11 @@ class NodeContext:
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
         policy = self.settings.room_policy(room)
+        stream_size = self.settings.history_size
         settings = RoomSettings(
             history_size=policy.history_size, recovery_max=policy.recovery_max,
             presence=policy.presence,
+            trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
         )
         return self.system.get_or_spawn(
             f"room:{tenant}:{room}",
@@ -692,7 +694,8 @@ class ConnectionActor(Actor):
     async def _store(self, frame: Publish, tenant: str, body: bytes, msg_id: str) -> None:
         started = time.perf_counter()
         try:
-            seq, _duplicate = await self.ctx.store.publish(tenant, frame.room, body, msg_id)
+            seq, _duplicate = await self.ctx.store.publish(
+                tenant, frame.room, body, msg_id, self.settings.event_ttl(frame.room))
         except StoreError as exc:
             log.warning("! publish by %s to %s failed: %s", self.client_id, frame.room, exc)
             if exc.retry:

@@ -73,8 +73,13 @@ class RoomStore(Protocol):
     def epoch(self) -> str:
         """The current life of the stream; changes when it is recreated."""
 
-    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str) -> tuple[int, bool]:
-        """Store one event; returns (seq, duplicate). Raises StoreError."""
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
+                      ttl_s: float | None = None) -> tuple[int, bool]:
+        """Store one event (kept ``ttl_s``, or the store's max age); returns (seq, duplicate).
+        Raises StoreError."""
+
+    async def trim(self, tenant: str, room: str, keep: int) -> None:
+        """Keep only the room's latest ``keep`` events. Raises StoreError."""
 
     async def last_seq(self, tenant: str, room: str) -> int:
         """The latest stored seq of the room, 0 if none."""

@@ -47,6 +47,7 @@ class RoomSettings:
     history_size: int = 10000
     recovery_max: int = 10000
     presence: bool = True
+    trim_to: int | None = None  # a namespace's history_size below the stream's: trim to it
 
 
 @dataclass
@@ -153,6 +154,7 @@ class RoomActor(Actor):
         self._sub: Subscription | None = None
         self._repairing = False
         self._backlog: list[LiveMessage] = []
+        self._since_trim = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life ------------------------------------------------------------------------------
@@ -230,6 +232,12 @@ class RoomActor(Actor):
             return
         self._deliver(msg.seq, msg.body)
 
+    async def _trim(self, keep: int) -> None:
+        try:
+            await self.store.trim(self.tenant, self.room, keep)
+        except StoreError as exc:
+            log.warning("! room %s not trimmed: %s", self.room, exc)
+
     async def _repair(self, after: int, before: int) -> None:
         events: list[StoredEvent] | None
         try:
@@ -276,6 +284,14 @@ class RoomActor(Actor):
         """Fan one event out: encode once per codec, push the same bytes to each member."""
         if seq is not None:
             self.last_seq = seq
+            trim_to = self.settings.trim_to
+            if trim_to is not None:
+                # The stream keeps node-wide history_size per room; a smaller namespace limit
+                # is applied by purging, once per tenth of the limit (idempotent on any node).
+                self._since_trim += 1
+                if self._since_trim >= max(1, trim_to // 10):
+                    self._since_trim = 0
+                    self._spawn(self._trim(trim_to), "trim")
         frame = self._frame(seq, body)
         if frame is None:
             return

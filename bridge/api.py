@@ -354,7 +354,8 @@ class HttpApi:
         started = time.perf_counter()
         try:
             seq, _duplicate = await self.ctx.store.publish(
-                tenant, body.room, event, dedupe_key(principal, body.room, body.msg_id)
+                tenant, body.room, event, dedupe_key(principal, body.room, body.msg_id),
+                self.settings.event_ttl(body.room),
             )
         except StoreError as exc:
             log.warning("! API publish to %s failed: %s", body.room, exc)

@@ -390,7 +390,7 @@ class _MqttSession(asyncio.Protocol):
     async def _store(self, tenant: str, room: str, body: bytes, key: str,
                      entry: list[Any] | None) -> None:
         try:
-            await self.ctx.store.publish(tenant, room, body, key)
+            await self.ctx.store.publish(tenant, room, body, key, self.settings.event_ttl(room))
         except StoreError as exc:
             # Not stored: no ack. The device's session retries with the same packet (DUP), or
             # the connection is closed so that it reconnects and resends.

@@ -145,7 +145,8 @@ class ExternalMqtt:
         body = event_body(room, frame.event, frame.data, who, None, frame.msg_id)
         try:
             await self.ctx.store.publish(self.tenant, room, body,
-                                         dedupe_key(who, room, frame.msg_id))
+                                         dedupe_key(who, room, frame.msg_id),
+                                         self.ctx.settings.event_ttl(room))
         except StoreError as exc:
             self.refused += 1
             log.warning("! uplink to %s not stored: %s", room, exc)

@@ -56,6 +56,7 @@ class StreamSettings:
             duplicate_window=self.dedupe_window_s,
             max_msg_size=self.max_msg_bytes,
             allow_direct=True,
+            allow_msg_ttl=True,  # per-namespace history_ttl_s: a Nats-TTL header per event
             republish=RePublish(src=f"{ROOM_PREFIX}.>", dest=f"{LIVE_PREFIX}.>"),
         )
 

@@ -139,14 +139,21 @@ class JetStreamRoomStore:
 
     # -- publishing ------------------------------------------------------------------------
 
-    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str) -> tuple[int, bool]:
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
+                      ttl_s: float | None = None) -> tuple[int, bool]:
         """Store one event, retrying with the same ``Nats-Msg-Id`` until the deadline.
+
+        Args:
+            ttl_s: Keep the event this long (a namespace's history_ttl_s), or None for the
+                stream's max age.
 
         Raises:
             StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
         """
         subject = room_subject(tenant, room)
         headers = {"Nats-Msg-Id": msg_id}
+        if ttl_s is not None:
+            headers["Nats-TTL"] = f"{max(1, int(ttl_s))}s"
         deadline = time.monotonic() + self.publish_deadline_s
         loop = asyncio.get_running_loop()
         delay = 0.05
@@ -221,6 +228,14 @@ class JetStreamRoomStore:
         finally:
             self._batches.pop(token, None)
         return batch
+
+    async def trim(self, tenant: str, room: str, keep: int) -> None:
+        """Keep only the room's latest ``keep`` events (a namespace's history_size)."""
+        try:
+            await self.link.js.purge_stream(STREAM_NAME, subject=room_subject(tenant, room),
+                                            keep=keep)
+        except Exception as exc:
+            raise StoreError(f"trim failed: {type(exc).__name__}") from None
 
     async def last_seq(self, tenant: str, room: str) -> int:
         batch = await self.direct_get({"last_by_subj": room_subject(tenant, room)})

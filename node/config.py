@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         """True when the node starts its own nats-server."""
         return not self.nats_url
 
+    def event_ttl(self, room: str) -> float | None:
+        """The per-event TTL of a room whose namespace sets history_ttl_s, else None (the
+        stream's max age, history_ttl_s, applies)."""
+        ns = self.namespaces.get(room.split(":", 1)[0]) if ":" in room else None
+        return ns.history_ttl_s if ns is not None else None
+
     def room_policy(self, room: str) -> RoomPolicy:
         """The effective policy of ``room``, from its namespace and the node's settings."""
         ns = self.namespaces.get(room.split(":", 1)[0]) if ":" in room else None

@@ -147,3 +147,22 @@ async def test_two_nodes_same_order(make_node) -> None:
     ea = [e["seq"] for e in await a.events(400)]
     eb = [e["seq"] for e in await b.events(400)]
     assert ea == eb == sorted(sa + sb)
+
+
+async def test_namespace_history_limits(make_node) -> None:
+    node = await make_node(namespaces={"short": {"history_size": 10, "history_ttl_s": 1}}, **FAST)
+    room = unique("short")
+    c = await RawClient.connected(ws_url(node))
+    await c.request({"type": "join", "room": room})
+    seqs = await _publish_many(c, room, 25)
+    await c.events(25)
+    hist = await c.request({"type": "history", "room": room, "limit": 1000})
+    assert [e["seq"] for e in hist["events"]][-10:] == seqs[-10:]
+    assert len(hist["events"]) <= 12, "trimmed to about the namespace's history_size"
+    # the namespace's history_ttl_s (1 s) is a per-event TTL: the room empties by itself
+    for _ in range(50):  # expiry is time itself: poll, bounded (10 s)
+        if not (await c.request({"type": "history", "room": room}))["events"]:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("events outlived their namespace's history_ttl_s")
