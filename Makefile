@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite needs (installed by `make test` when missing).
-SYSTEM_PACKAGES ?= mosquitto-clients mosquitto
+SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium
 ARGS ?=
 PYTEST_ARGS ?=
 
