@@ -166,3 +166,20 @@ async def test_namespace_history_limits(make_node) -> None:
         await asyncio.sleep(0.2)
     else:
         raise AssertionError("events outlived their namespace's history_ttl_s")
+
+
+async def test_room_actor_crash_is_invisible_to_members(make_node) -> None:
+    node = await make_node(**FAST)
+    room = unique("crash")
+    c = await RawClient.connected(ws_url(node))
+    await c.request({"type": "join", "room": room})
+    before = await _publish_many(c, room, 5)
+    assert [e["seq"] for e in await c.events(5)] == before
+    ref = node.system.get(f"room:default:{room}")
+    assert ref is not None
+    ref.tell(object())  # an unexpected message: the handler raises, supervision restarts it
+    after = await _publish_many(c, room, 5, start=5)
+    events = await c.events(5)
+    assert [e["seq"] for e in events] == after, "rejoined from its cursor: no gap, no duplicate"
+    stats = node.system.stats()["room"]
+    assert stats.restarts >= 1 and stats.failures >= 1
