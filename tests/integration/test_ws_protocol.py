@@ -117,10 +117,11 @@ async def test_json_and_cbor_share_a_room(make_node) -> None:
     assert ej["seq"] == ec["seq"]
 
 
-async def test_msg_id_dedupe(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_msg_id_dedupe(make_node, codec: str) -> None:
     node = await make_node()
     room = unique("d")
-    c = await RawClient.connected(ws_url(node))
+    c = await RawClient.connected(ws_url(node), codec=codec)
     await c.request({"type": "join", "room": room})
     first = await c.request({"type": "publish", "room": room, "event": "e", "msg_id": "same"})
     again = await c.request({"type": "publish", "room": room, "event": "e", "msg_id": "same"})
@@ -146,18 +147,20 @@ async def test_malformed_frames_get_4000_and_too_many_close(make_node) -> None:
     assert frames[-1]["type"] == "disconnect" and frames[-1]["code"] == 4000
 
 
-async def test_second_connect_is_4000(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_second_connect_is_4000(make_node, codec: str) -> None:
     node = await make_node()
-    c = await RawClient.connected(ws_url(node))
+    c = await RawClient.connected(ws_url(node), codec=codec)
     r = await c.request({"type": "connect", "token": token()})
     assert r["type"] == "error" and r["code"] == 4000
     assert (await c.request({"type": "ping"}))["type"] == "pong"
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("case", ["none", "wrong-key", "garbage", "not-first", "expired"])
-async def test_bad_tokens_end_the_connection(make_node, case: str) -> None:
+async def test_bad_tokens_end_the_connection(make_node, case: str, codec: str) -> None:
     node = await make_node()
-    c = await RawClient.open(ws_url(node))
+    c = await RawClient.open(ws_url(node), codec=codec)
     if case == "none":
         tok = jwt.encode({"sub": "a", "rooms": {"*": ["join"]}}, key=None, algorithm="none")
     elif case == "wrong-key":
@@ -193,10 +196,12 @@ async def test_token_expiry_disconnects_with_4010(make_node) -> None:
                           "reconnect": True}
 
 
-async def test_rights_are_checked_on_every_action(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_rights_are_checked_on_every_action(make_node, codec: str) -> None:
     node = await make_node()
     room = unique("r")
-    reader = await RawClient.connected(ws_url(node), token("r", rooms={"r:*": ["join"]}))
+    reader = await RawClient.connected(ws_url(node), token("r", rooms={"r:*": ["join"]}),
+                                       codec=codec)
     assert (await reader.request({"type": "join", "room": room}))["type"] == "joined"
     for frame in ({"type": "publish", "room": room, "event": "e"},
                   {"type": "history", "room": room},
@@ -206,7 +211,8 @@ async def test_rights_are_checked_on_every_action(make_node) -> None:
         r = await reader.request(frame)
         assert r["type"] == "error" and r["code"] == 4003, (frame, r)
     # a member needs the publish right, not membership; publishing needs no membership
-    writer = await RawClient.connected(ws_url(node), token("w", rooms={"r:*": ["publish"]}))
+    writer = await RawClient.connected(ws_url(node), token("w", rooms={"r:*": ["publish"]}),
+                                       codec=codec)
     assert (await writer.request({"type": "publish", "room": room, "event": "e"}))["seq"] > 0
     [ev] = await reader.events(1)
     assert ev["from"]["user"] == "w"
@@ -214,25 +220,29 @@ async def test_rights_are_checked_on_every_action(make_node) -> None:
     assert r["code"] == 4003
 
 
-async def test_personal_rooms(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_personal_rooms(make_node, codec: str) -> None:
     node = await make_node()
-    alice = await RawClient.connected(ws_url(node), token("alice"))
-    alice2 = await RawClient.connected(ws_url(node), token("alice"))
-    svc = await RawClient.connected(ws_url(node), token("backend", kind="service", rooms={}))
-    r = await svc.request({"type": "publish", "room": "@user:alice", "event": "dm", "data": 1})
+    user = "alice-" + unique("u").split(":")[1]  # its personal room is new in the shared store
+    alice = await RawClient.connected(ws_url(node), token(user), codec=codec)
+    alice2 = await RawClient.connected(ws_url(node), token(user), codec=codec)
+    svc = await RawClient.connected(ws_url(node), token("backend", kind="service", rooms={}),
+                                    codec=codec)
+    r = await svc.request({"type": "publish", "room": f"@user:{user}", "event": "dm", "data": 1})
     assert r["type"] == "published"
     for c in (alice, alice2):
         [ev] = await c.events(1)
-        assert ev["room"] == "@user:alice" and ev["from"]["kind"] == "service"
-    hist = await alice.request({"type": "history", "room": "@user:alice"})
+        assert ev["room"] == f"@user:{user}" and ev["from"]["kind"] == "service"
+    hist = await alice.request({"type": "history", "room": f"@user:{user}"})
     assert len(hist["events"]) == 1
 
 
-async def test_tenant_isolation(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_tenant_isolation(make_node, codec: str) -> None:
     node = await make_node()
     room = unique("iso")
-    a = await RawClient.connected(ws_url(node), token("u", tenant="acme"))
-    b = await RawClient.connected(ws_url(node), token("u", tenant="globex"))
+    a = await RawClient.connected(ws_url(node), token("u", tenant="acme"), codec=codec)
+    b = await RawClient.connected(ws_url(node), token("u", tenant="globex"), codec=codec)
     await a.request({"type": "join", "room": room})
     await b.request({"type": "join", "room": room})
     await a.request({"type": "publish", "room": room, "event": "secret", "msg_id": "k"})
@@ -245,10 +255,11 @@ async def test_tenant_isolation(make_node) -> None:
     assert [e["event"] for e in hb["events"]] == ["other"]
 
 
-async def test_rate_limit_4009(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_rate_limit_4009(make_node, codec: str) -> None:
     node = await make_node(rate_per_s=1, rate_burst=3, max_errors_per_min=100)
     room = unique("rl")
-    c = await RawClient.connected(ws_url(node))
+    c = await RawClient.connected(ws_url(node), codec=codec)
     replies = [await c.request({"type": "publish", "room": room, "event": "e"})
                for _ in range(5)]
     assert [r["type"] for r in replies[:3]] == ["published"] * 3
@@ -256,10 +267,11 @@ async def test_rate_limit_4009(make_node) -> None:
                           "reason": "rate limited", "retry": True}
 
 
-async def test_frame_and_event_size_4013(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_frame_and_event_size_4013(make_node, codec: str) -> None:
     node = await make_node(max_frame_bytes=2000, namespaces={"big": {"max_payload_bytes": 500}})
     room = unique("big")
-    c = await RawClient.connected(ws_url(node))
+    c = await RawClient.connected(ws_url(node), codec=codec)
     r = await c.request({"type": "publish", "room": room, "event": "e", "data": "x" * 1000})
     assert r["code"] == 4013, "the namespace's max payload"
     await c.send({"type": "publish", "room": room, "event": "e", "data": "x" * 5000, "id": 9})
@@ -268,14 +280,15 @@ async def test_frame_and_event_size_4013(make_node) -> None:
     assert (await c.request({"type": "ping"}))["type"] == "pong", "4013 keeps the connection"
 
 
-async def test_limits_4029(make_node) -> None:
+@pytest.mark.parametrize("codec", CODECS)
+async def test_limits_4029(make_node, codec: str) -> None:
     node = await make_node(max_rooms_per_connection=2, max_connections_per_user=2)
     c = await RawClient.connected(ws_url(node), token("lim"))  # @user:lim counts as one room
     assert (await c.request({"type": "join", "room": unique()}))["type"] == "joined"
     r = await c.request({"type": "join", "room": unique()})
     assert r["type"] == "error" and r["code"] == 4029
-    await RawClient.connected(ws_url(node), token("lim"))
-    third = await RawClient.open(ws_url(node))
+    await RawClient.connected(ws_url(node), token("lim"), codec=codec)
+    third = await RawClient.open(ws_url(node), codec=codec)
     await third.send({"type": "connect", "id": 1, "token": token("lim")})
     code, frames = await third.closed()
     assert code == 4029 and frames[-1]["reconnect"] is False
