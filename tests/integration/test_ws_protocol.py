@@ -349,3 +349,25 @@ async def test_frame_flood_is_cut_off_and_cleaned_up(make_node) -> None:
                           "reconnect": True}
     await asyncio.wait_for(node.ctx.index.wait_empty(), 5)
     assert node.system.stats()["connection"].actors == 0
+
+
+async def test_heartbeat_closes_a_silent_peer(make_node) -> None:
+    """A peer that answers no ping (a raw socket that never reads frames) is closed."""
+    import base64
+    import os
+
+    node = await make_node(heartbeat_s=0.5, connect_timeout_s=30)  # only the heartbeat acts
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.http.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    started = asyncio.get_running_loop().time()
+    # never answer: read (pings, then the close) until the node drops the connection
+    while await asyncio.wait_for(reader.read(4096), 10):
+        pass
+    waited = asyncio.get_running_loop().time() - started
+    assert waited < 5, f"closed after {waited:.1f} s"
+    writer.close()
