@@ -120,6 +120,11 @@ class MqttBridge:
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("= MQTT listening on %s:%s", self.host, self.port)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the listener accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
     async def stop(self) -> None:
         """Stop accepting and close every device session."""
         if self._server is not None:

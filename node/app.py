@@ -181,6 +181,8 @@ class Node:
         """None when this node can serve, else why not."""
         if self.nats is None:
             return "starting"
+        if self.mqtt is not None and not self.mqtt.listening:
+            return "MQTT listener not up"
         return await self.nats.check()
 
     async def drain(self) -> None:
