@@ -1,10 +1,24 @@
-"""``python -m bench``: run every benchmark and print its figures."""
+"""``python -m bench``: run every benchmark and print its figures.
+
+``python -m bench [fanout flags]`` runs the fan-out benchmark, then the ingest benchmark with
+its defaults; ``python -m bench fanout [...]`` or ``python -m bench ingest [...]`` runs one.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from bench.fanout import main
+from bench import fanout, ingest
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "fanout":
+        return fanout.main(argv[1:])
+    if argv and argv[0] == "ingest":
+        return ingest.main(argv[1:])
+    rc = fanout.main(argv)
+    return ingest.main([]) or rc
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -25,7 +25,7 @@ import re
 import ssl
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 
@@ -163,8 +163,8 @@ class _MqttSession(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.settings.connect_timeout_s, self._check_alive)
 
