@@ -16,6 +16,13 @@ from tests.servers import NatsProcess
 from tests.wsclient import SECRET
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Run async tests on uvloop, the loop the node runs on in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
+
+
 @pytest.fixture
 def nats_proc(tmp_path: Path) -> Iterator[NatsProcess]:
     """A nats-server with JetStream for one test (it may kill and restart it)."""
