@@ -1,0 +1,645 @@
+"""The device SDK: an rtnode device over MQTT, through the protocol tunnel (PROTOCOL.md 6.1).
+
+A :class:`Device` speaks the frames of PROTOCOL.md section 1 as CBOR, one per MQTT PUBLISH, on
+``rtnode/v1/<id>/in`` (QoS 1) and reads the node's frames on ``rtnode/v1/<id>/out``
+(subscribed with QoS 1). The protocol state (request ids, rooms, cursors, backoff) is the
+WebSocket client's :class:`bridge.client_session.ClientSession`; this module does the MQTT I/O
+around it::
+
+    async with Device("127.0.0.1", 1883, "thermo-1", token=jwt,
+                      state_file=Path("thermo-1.json")) as d:
+
+        @d.rpc("set_temp")
+        async def set_temp(params, from_):
+            return {"ok": True}
+
+        await d.join("cmd:thermo-1")
+        seq = await d.publish("sensors:lab", "reading", {"t": 21.5})
+        async for ev in d.events():
+            ...  # event frames (dicts), and Resync when a resume was impossible
+
+aiomqtt never reconnects by itself: the device does, with exponential backoff and full jitter,
+and after each reconnect it subscribes its ``out`` topic again, sends ``connect`` (answered with
+``connected`` once the node has registered the device for rpc), and re-joins each room it
+joined with ``since`` = its cursor. Cursors are kept in ``state_file`` so that a restarted
+process resumes where the previous one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import cbor2
+from aiomqtt.exceptions import MqttConnectError
+
+from bridge.client_session import (
+    ClientClosed,
+    ClientError,
+    ClientSession,
+    Connected,
+    ConnectionLost,
+    Disconnect,
+    Error,
+    Event,
+    Reply,
+    RequestTimeout,
+    Resync,
+    RoomState,
+    RpcRequest,
+)
+
+__all__ = [
+    "ClientClosed",
+    "ClientError",
+    "ConnectionLost",
+    "Device",
+    "RequestTimeout",
+    "Resync",
+    "RpcHandlerFn",
+]
+
+log = logging.getLogger("rtnode.device")
+
+RpcHandlerFn = Callable[[Any, dict[str, Any]], Awaitable[Any]]
+TokenProvider = Callable[[], Awaitable[str]]
+
+EVENTS_QUEUE_SIZE = 10_000
+STATE_WRITE_INTERVAL_S = 0.1
+# CONNACK codes that mean "your credentials": 4 bad user name or password, 5 not authorized
+# (MQTT 3.1.1), 134/135 their MQTT 5 spellings.
+_AUTH_REFUSED = frozenset({4, 5, 134, 135})
+
+
+class _DeviceSession(ClientSession):
+    """A ClientSession that can resume rooms whose cursor comes from a state file."""
+
+    def seed(self, room: str, seq: int, epoch: str) -> None:
+        """Know ``room`` as joined at ``seq`` of ``epoch``: its next join carries ``since``."""
+        if room not in self._rooms:
+            self._rooms[room] = RoomState(last_seq=seq, epoch=epoch, joined=True)
+
+    def epoch(self, room: str) -> str | None:
+        state = self._rooms.get(room)
+        return None if state is None else state.epoch
+
+
+def _code_int(rc: Any) -> int:
+    """An MQTT return code (an int, or paho's ReasonCode) as an int; -1 if it is neither."""
+    try:
+        return int(getattr(rc, "value", rc))
+    except (TypeError, ValueError):
+        return -1
+
+
+class Device:
+    """One rtnode device: requests over the MQTT tunnel, an event stream, rpc handlers.
+
+    Args:
+        host: The node's MQTT host.
+        port: The node's MQTT port.
+        device_id: The device id: MQTT client id, user name and the token's ``sub``.
+        token: The device JWT (``kind: device``), the MQTT password.
+        token_provider: Returns a fresh JWT; used when there is no ``token``, after the node
+            refused the current one, and after a 4010 (token expired).
+        state_file: Where the per-room cursors {seq, epoch} are kept (JSON, replaced
+            atomically, written at most every 100 ms and on close); None keeps them in memory.
+        min_backoff_s: Cap of the first reconnect delay; it doubles at each failed attempt.
+        max_backoff_s: Largest cap of a reconnect delay (delays are uniform below the cap).
+        keepalive: MQTT keepalive in seconds.
+        request_timeout_s: How long one request waits for its reply.
+        publish_timeout_s: How long :meth:`publish` retries, across reconnects, in total.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device_id: str,
+        *,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        state_file: Path | None = None,
+        min_backoff_s: float = 0.5,
+        max_backoff_s: float = 20.0,
+        keepalive: int = 30,
+        request_timeout_s: float = 10.0,
+        publish_timeout_s: float = 30.0,
+    ) -> None:
+        if token is None and token_provider is None:
+            raise ValueError("a token or a token_provider is needed")
+        self.host, self.port, self.device_id = host, port, device_id
+        self.keepalive = keepalive
+        self.state_file = state_file
+        self._token, self._token_provider = token, token_provider
+        self._request_timeout_s = request_timeout_s
+        self._publish_timeout_s = publish_timeout_s
+        self._topic_in = f"rtnode/v1/{device_id}/in"
+        self._topic_out = f"rtnode/v1/{device_id}/out"
+        self._session = _DeviceSession(
+            min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name="rtnode-device"
+        )
+        self._handlers: dict[str, RpcHandlerFn] = {}
+        # Events with the epoch they were received in; None wakes consumers at the end.
+        self._queue: asyncio.Queue[tuple[dict[str, Any] | Resync, str | None] | None] = (
+            asyncio.Queue(EVENTS_QUEUE_SIZE)
+        )
+        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()  # set while connected, and once ended (to wake)
+        self._hello: asyncio.Future[None] | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._rooms: dict[str, bool] = {}  # rooms joined by this process -> presence
+        self._started = self._closing = self._ended = False
+        self._failure: ClientError | None = None
+        self.reconnects = 0  # connections after the first one
+        self._connections = 0
+        # Cursors of the events handed to the application (what a restart resumes from).
+        self._cursors: dict[str, dict[str, Any]] = self._load_state()
+        self._state_written = 0.0
+        self._state_timer: asyncio.TimerHandle | None = None
+        self._state_dirty = False
+
+    # -- state file --------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, dict[str, Any]]:
+        if self.state_file is None:
+            return {}
+        try:
+            raw = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("! %s: unreadable state file %s: %s", self.device_id, self.state_file,
+                        exc)
+            return {}
+        rooms = raw.get("rooms") if isinstance(raw, dict) else None
+        out: dict[str, dict[str, Any]] = {}
+        for room, cur in (rooms if isinstance(rooms, dict) else {}).items():
+            if (isinstance(cur, dict) and isinstance(cur.get("seq"), int)
+                    and isinstance(cur.get("epoch"), str)):
+                out[str(room)] = {"seq": cur["seq"], "epoch": cur["epoch"]}
+        return out
+
+    def _set_cursor(self, room: str, seq: int, epoch: str | None) -> None:
+        if epoch is None:
+            return
+        self._cursors[room] = {"seq": seq, "epoch": epoch}
+        if self.state_file is None:
+            return
+        self._state_dirty = True
+        if self._state_timer is None:
+            delay = max(0.0, self._state_written + STATE_WRITE_INTERVAL_S - time.monotonic())
+            self._state_timer = asyncio.get_running_loop().call_later(delay, self._write_state)
+
+    def _write_state(self) -> None:
+        self._state_timer = None
+        if self.state_file is None or not self._state_dirty:
+            return
+        self._state_dirty = False
+        self._state_written = time.monotonic()
+        data = json.dumps({"device": self.device_id, "rooms": self._cursors}, sort_keys=True)
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("! %s: cannot write %s: %s", self.device_id, self.state_file, exc)
+
+    def cursor(self, room: str) -> dict[str, Any] | None:
+        """The {seq, epoch} of the last event of ``room`` handed to the application."""
+        cur = self._cursors.get(room)
+        return None if cur is None else dict(cur)
+
+    # -- life --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the device has a connection that the node answered with ``connected``."""
+        return self._client is not None and self._connected.is_set() and not self._ended
+
+    async def __aenter__(self) -> Device:
+        """Start connecting (in the background: a device starts even with the node away)."""
+        if self._started:
+            raise RuntimeError("a Device can be entered once")
+        self._started = True
+        self._run_task = asyncio.create_task(self._run(), name=f"device[{self.device_id}]")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the device is connected (raises TimeoutError, or the device's failure)."""
+        async with asyncio.timeout(timeout):
+            while not self.connected:
+                if self._ended:
+                    raise self._failure or ClientClosed()
+                await self._connected.wait()
+                if not self.connected and not self._ended:
+                    await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Disconnect (MQTT DISCONNECT), stop every task, and write the state file."""
+        self._closing = True
+        me = asyncio.current_task()
+        tasks = [t for t in [self._run_task, *self._tasks] if t is not None and t is not me]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._finish(None)
+
+    def _finish(self, failure: ClientError | None) -> None:
+        if self._ended:
+            return
+        self._ended, self._failure = True, failure
+        self._fail_waiters(failure or ClientClosed())
+        self._connected.set()
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+        self._write_state()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+
+    def _fail_waiters(self, exc: ClientError) -> None:
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._waiters.clear()
+
+    # -- the application's side ----------------------------------------------------------------
+
+    def rpc(self, method: str) -> Callable[[RpcHandlerFn], RpcHandlerFn]:
+        """Register ``async handler(params, from_) -> result`` for node-sent rpcs ``method``.
+
+        A handler that raises :class:`ClientError` answers its code; any other exception is
+        4500. Methods without a handler are answered 4004.
+        """
+
+        def register(fn: RpcHandlerFn) -> RpcHandlerFn:
+            self._handlers[method] = fn
+            return fn
+
+        return register
+
+    async def events(self) -> AsyncIterator[dict[str, Any] | Resync]:
+        """Event frames (dicts) and :class:`Resync` notices, in order, until the device ends.
+
+        Each event handed out moves the room's saved cursor; duplicates (seq at or below the
+        cursor) never appear.
+
+        Raises:
+            ClientError: The node refused the device for good (token, rights).
+        """
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if self._ended:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._queue.put_nowait(None)
+                    if self._failure is not None:
+                        raise self._failure from None
+                    return
+                item = await self._queue.get()
+            if item is None:
+                continue
+            value, epoch = item
+            if isinstance(value, Resync):
+                self._set_cursor(value.room, value.seq, value.epoch)
+            else:
+                seq = value.get("seq")
+                if isinstance(seq, int) and isinstance(value.get("room"), str):
+                    self._set_cursor(value["room"], seq, epoch)
+            yield value
+
+    async def join(self, room: str, *, presence: bool = False) -> dict[str, Any]:
+        """Join ``room`` (resumed from the state file's cursor when it has one).
+
+        The room is re-joined with ``since`` after every reconnect.
+
+        Returns:
+            The ``joined`` frame (``recovered`` tells whether a resume replayed everything).
+        """
+        saved = self._cursors.get(room)
+        if saved is not None and room not in self._rooms:
+            self._session.seed(room, saved["seq"], saved["epoch"])
+        reply = await self._retrying(
+            lambda: self._session.join_frame(room, presence),
+            self._deadline(self._request_timeout_s),
+        )
+        self._rooms[room] = presence
+        if reply.get("recovered") is not True and room not in self._cursors:
+            # A first join starts at the room's latest seq: a restart resumes from there.
+            seq = reply.get("seq")
+            self._set_cursor(room, seq if isinstance(seq, int) else 0,
+                             self._session.epoch(room))
+        return reply
+
+    async def leave(self, room: str) -> dict[str, Any]:
+        """Leave ``room``; it is not re-joined, and its saved cursor is forgotten."""
+        self._rooms.pop(room, None)
+        self._cursors.pop(room, None)
+        self._session.drop_room(room)
+        return await self._attempt(lambda: self._session.leave_frame(room),
+                                   self._deadline(self._request_timeout_s))
+
+    async def publish(
+        self, room: str, event: str, data: Any = None, msg_id: str | None = None
+    ) -> int | None:
+        """Publish through the tunnel; retried with the same ``msg_id`` until ``published``.
+
+        Returns:
+            The event's seq (None for a volatile event).
+
+        Raises:
+            ClientError: A refusal (``retry: false``); RequestTimeout after
+                ``publish_timeout_s``.
+        """
+        mid = msg_id or uuid.uuid4().hex
+        reply = await self._retrying(
+            lambda: self._session.publish_frame(room, event, data, mid),
+            self._deadline(self._publish_timeout_s),
+        )
+        seq = reply.get("seq")
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send any request frame (``history``, ``presence``, ``rpc``...) and return its reply."""
+        return await self._attempt(lambda: self._session.request_frame(frame),
+                                   self._deadline(self._request_timeout_s))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float) -> float:
+        return asyncio.get_running_loop().time() + timeout
+
+    async def _attempt(self, make: Callable[[], dict[str, Any]], deadline: float) -> dict[str, Any]:
+        """Once connected, send the request ``make()`` and await its reply until ``deadline``."""
+        while not self.connected:
+            if self._ended or self._closing:
+                raise self._failure or ClientClosed()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._connected.wait()
+                    if not self.connected:
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                raise RequestTimeout("not connected in time") from None
+        client = self._client
+        assert client is not None
+        frame = make()
+        rid: int = frame["id"]
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = future
+        # The reply, not the PUBACK, is what counts: a lost connection fails the future at
+        # once (aiomqtt would wait for the PUBACK until its own timeout).
+        sending = self._spawn(self._send(frame, client))
+        sending.add_done_callback(lambda t: self._send_done(t, future))
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await future
+        except TimeoutError as exc:
+            if isinstance(exc, ClientError):
+                raise
+            raise RequestTimeout() from None
+        finally:
+            self._waiters.pop(rid, None)
+            self._session.forget(rid)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: nobody else awaits it
+
+    @staticmethod
+    def _send_done(task: asyncio.Task[Any], future: asyncio.Future[dict[str, Any]]) -> None:
+        if task.cancelled():
+            exc: BaseException | None = ConnectionLost("send cancelled")
+        else:
+            exc = task.exception()
+        if exc is not None and not future.done():
+            future.set_exception(exc if isinstance(exc, ClientError) else ConnectionLost())
+
+    async def _retrying(
+        self, make: Callable[[], dict[str, Any]], deadline: float
+    ) -> dict[str, Any]:
+        """Attempt until a reply, a refusal (``retry: false``) or ``deadline``."""
+        loop, attempt = asyncio.get_running_loop(), 0
+        while True:
+            try:
+                each = min(deadline, loop.time() + self._request_timeout_s)
+                return await self._attempt(make, each)
+            except ClientClosed:
+                raise
+            except (ConnectionLost, RequestTimeout) as exc:
+                if loop.time() >= deadline or self._ended:
+                    raise RequestTimeout(f"no reply in time ({exc.reason})") from None
+            except ClientError as exc:
+                if not exc.retry or self._ended or loop.time() >= deadline:
+                    raise
+                delay = self._session.backoff_delay(attempt, random.random)
+                attempt += 1
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+
+    async def _send(self, frame: dict[str, Any], client: aiomqtt.Client | None = None) -> None:
+        client = self._client if client is None else client
+        if client is None:
+            raise ConnectionLost("not connected")
+        try:
+            await client.publish(self._topic_in, cbor2.dumps(frame), qos=1,
+                                 timeout=self._request_timeout_s)
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLost(f"publish failed: {exc}") from None
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _token_for(self, fresh: bool) -> str:
+        if (fresh or self._token is None) and self._token_provider is not None:
+            self._token = await self._token_provider()
+        elif self._token is None:
+            raise ClientError(4010, "token expired and no token_provider")
+        return self._token
+
+    async def _run(self) -> None:
+        """Connect, serve, and reconnect with backoff and full jitter, until closed."""
+        attempt, fresh = 0, False
+        try:
+            while not self._closing:
+                if attempt:
+                    await asyncio.sleep(self._session.backoff_delay(attempt - 1, random.random))
+                attempt += 1
+                token = await self._token_for(fresh)
+                used_fresh, fresh = fresh, False
+                client = aiomqtt.Client(
+                    self.host, self.port, identifier=self.device_id, username=self.device_id,
+                    password=token, keepalive=self.keepalive, timeout=self._request_timeout_s,
+                )
+                try:
+                    async with client:
+                        attempt = 1  # connected: the next delay starts from the first cap
+                        outcome = await self._serve(client, token)
+                except MqttConnectError as exc:
+                    if _code_int(exc.rc) not in _AUTH_REFUSED:
+                        log.info("x %s: refused (%s), retrying", self.device_id, exc)
+                        continue
+                    if self._token_provider is None or used_fresh:
+                        raise ClientError(4001, f"MQTT connect refused: {exc}") from None
+                    fresh = True  # maybe only expired: try once with a new token
+                    continue
+                except aiomqtt.MqttError as exc:
+                    log.info("x %s: connection lost: %s", self.device_id, exc)
+                    continue
+                if outcome is None or self._closing:
+                    continue
+                log.info("x %s: disconnected: %s %s", self.device_id, outcome.code,
+                         outcome.reason)
+                if outcome.code == 4010:
+                    if self._token_provider is None:
+                        raise ClientError(outcome.code, outcome.reason)
+                    fresh = True
+                elif not outcome.reconnect:
+                    raise ClientError(outcome.code, outcome.reason)
+        except ClientError as exc:
+            self._finish(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("! device %s failed", self.device_id)
+            self._finish(ClientError(4500, f"device failed: {exc!r}"))
+
+    async def _serve(self, client: aiomqtt.Client, token: str) -> Disconnect | None:
+        """One connection: subscribe, ``connect``, resume rooms, read until it ends."""
+        granted = await client.subscribe(self._topic_out, qos=1)
+        if any(_code_int(code) >= 0x80 for code in granted):
+            raise ClientError(4003, f"subscription to {self._topic_out} refused")
+        loop = asyncio.get_running_loop()
+        hello: asyncio.Future[Any] = loop.create_future()
+        self._hello = hello
+        reader = asyncio.create_task(self._read(client), name=f"device[{self.device_id}].read")
+        resume: asyncio.Task[None] | None = None
+        try:
+            await self._send(self._session.connect_frame(token), client)
+            waits: set[asyncio.Future[Any]] = {hello, reader}
+            done, _ = await asyncio.wait(waits, timeout=self._request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                return reader.result()
+            if not done:
+                raise aiomqtt.MqttError("no connected frame in time")
+            self._client = client
+            self._connected.set()
+            self._connections += 1
+            self.reconnects = self._connections - 1
+            resume = asyncio.create_task(self._resume(), name=f"device[{self.device_id}].resume")
+            return await reader
+        except ConnectionLost as exc:
+            raise aiomqtt.MqttError(exc.reason) from None
+        finally:
+            self._client = None
+            if not self._ended:
+                self._connected.clear()
+            for task in (reader, resume):
+                if task is not None and not task.done():
+                    task.cancel()
+            pending: list[asyncio.Task[Any]] = [reader] if resume is None else [reader, resume]
+            await asyncio.wait(pending)
+            if not self._hello.done():
+                self._hello.cancel()
+            self._session.connection_lost()
+            self._fail_waiters(ConnectionLost())
+
+    async def _resume(self) -> None:
+        """Re-join every room this process joined, with ``since`` = its cursor."""
+
+        async def rejoin(room: str, presence: bool) -> None:
+            try:
+                await self._retrying(lambda: self._session.join_frame(room, presence),
+                                     self._deadline(self._request_timeout_s))
+            except ClientError as exc:
+                log.warning("! %s: %s not resumed: %s", self.device_id, room, exc)
+
+        await asyncio.gather(*(rejoin(r, p) for r, p in list(self._rooms.items())))
+
+    async def _read(self, client: aiomqtt.Client) -> Disconnect:
+        """Feed each frame of the ``out`` topic to the session and act on it."""
+        async for message in client.messages:
+            if str(message.topic) != self._topic_out:
+                continue
+            payload = message.payload
+            try:
+                raw = cbor2.loads(bytes(payload) if isinstance(payload, bytes | bytearray)
+                                  else b"")
+            except (cbor2.CBORDecodeError, ValueError) as exc:
+                log.warning("! %s: undecodable frame from the node: %s", self.device_id, exc)
+                continue
+            for item in self._session.receive(raw):
+                if isinstance(item, Disconnect):
+                    return item
+                if isinstance(item, Connected):
+                    if self._hello is not None and not self._hello.done():
+                        self._hello.set_result(None)
+                elif isinstance(item, Reply | Error) and isinstance(item.id, int) and (
+                    future := self._waiters.get(item.id)
+                ):
+                    if future.done():
+                        pass
+                    elif isinstance(item, Reply):
+                        future.set_result(item.frame)
+                    else:
+                        future.set_exception(item.to_exception())
+                elif isinstance(item, Error):
+                    log.warning("! %s: error %s %s (id %s)", self.device_id, item.code,
+                                item.reason, item.id)
+                elif isinstance(item, Event):
+                    await self._queue.put((raw, self._session.epoch(item.room)))
+                elif isinstance(item, Resync):
+                    await self._queue.put((item, item.epoch))
+                elif isinstance(item, RpcRequest):
+                    self._spawn(self._answer_rpc(item))
+        return Disconnect(1006, "connection closed", True)
+
+    async def _answer_rpc(self, req: RpcRequest) -> None:
+        session = self._session
+        handler = self._handlers.get(req.method)
+        if handler is None:
+            frame = session.rpc_error_frame(req.id, 4004, f"unknown method {req.method!r}"[:120])
+        else:
+            try:
+                result = await handler(req.params, req.from_)
+                frame = session.rpc_result_frame(req.id, result)
+                cbor2.dumps(frame)  # fails here, not in _send, if it cannot be encoded
+            except ClientError as exc:
+                frame = session.rpc_error_frame(req.id, exc.code, exc.reason)
+            except Exception as exc:
+                log.warning("! %s: rpc %s failed: %r", self.device_id, req.method, exc)
+                frame = session.rpc_error_frame(req.id, 4500, str(exc) or type(exc).__name__)
+        try:
+            await self._send(frame)
+        except ConnectionLost:
+            log.debug("! %s: rpc %s: connection lost before the reply", self.device_id, req.id)
