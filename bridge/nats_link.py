@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import BadRequestError
 
+from bridge import _nats_speedups
 from bridge.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 from node.errors import NatsUnavailable
 
@@ -112,6 +113,7 @@ class NatsLink:
         Raises:
             NatsUnavailable: No server answered within ``connect_timeout_s``.
         """
+        _nats_speedups.install()
         deadline = time.monotonic() + self.connect_timeout_s
         attempt = 0
         while True:

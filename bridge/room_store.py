@@ -32,6 +32,16 @@ log = logging.getLogger("bridge.store")
 
 _BATCH = 256
 _RETRYABLE_STATUS = {"503", "408"}
+# JetStream error codes that mean "ask again", not a refusal. 10158 "duplicate message id is in
+# process" (409): on a replicated stream, a copy of this Nats-Msg-Id is still being proposed,
+# e.g. when the retries buffered by nats-py during a disconnect are flushed together on
+# reconnect. Retrying soon gets the duplicate ack with the original seq.
+_RETRYABLE_ERR_CODES = {10158}
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class _LiveSub:
@@ -167,12 +177,20 @@ class JetStreamRoomStore:
                     subject, body, reply=f"{self._prefix}.a.{token}", headers=headers
                 )
                 left = deadline - time.monotonic()
-                reply = await asyncio.wait_for(fut, max(0.01, min(self.ack_timeout_s, left)))
+                # A timer on the future itself: cheaper than wait_for on the hot path.
+                timer = loop.call_later(max(0.01, min(self.ack_timeout_s, left)), _expire, fut)
+                try:
+                    reply = await fut
+                finally:
+                    timer.cancel()
                 status = (reply.headers or {}).get("Status")
                 if status in _RETRYABLE_STATUS:
                     reason = "stream unavailable"
                 else:
-                    return self._parse_ack(reply)
+                    acked = self._parse_ack(reply)
+                    if acked is not None:
+                        return acked
+                    reason = "duplicate message id in process"  # see _RETRYABLE_ERR_CODES
             except TimeoutError:
                 reason = "ack timed out"
             except StoreError:
@@ -190,12 +208,15 @@ class JetStreamRoomStore:
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 1.0)
 
-    def _parse_ack(self, reply: Msg) -> tuple[int, bool]:
+    def _parse_ack(self, reply: Msg) -> tuple[int, bool] | None:
+        """(seq, duplicate), or None when the error is worth a retry (_RETRYABLE_ERR_CODES)."""
         try:
             ack: dict[str, Any] = json.loads(reply.data)
         except ValueError:
             raise StoreError("bad ack from JetStream") from None
         err = ack.get("error")
+        if err and err.get("err_code") in _RETRYABLE_ERR_CODES:
+            return None
         if err:
             self.errors += 1
             log.warning("! JetStream refused a publish: %s", err)

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.errors import ConfigError
@@ -131,6 +131,8 @@ class Settings(BaseSettings):
 
     # Set by load_settings before validation; read by settings_customise_sources.
     _toml_file: ClassVar[Path | None] = None
+    # room_policy() runs on every publish: one RoomPolicy per namespace, built once.
+    _policies: dict[str, RoomPolicy] = PrivateAttr(default_factory=dict)
 
     @field_validator("nats_url", "volatile_events", "allowed_origins", "rpc_modules",
                      mode="before")
@@ -175,7 +177,14 @@ class Settings(BaseSettings):
 
     def room_policy(self, room: str) -> RoomPolicy:
         """The effective policy of ``room``, from its namespace and the node's settings."""
-        ns = self.namespaces.get(room.split(":", 1)[0]) if ":" in room else None
+        name = room.split(":", 1)[0] if ":" in room else ""
+        policy = self._policies.get(name)
+        if policy is None:
+            policy = self._policies[name] = self._policy(name)
+        return policy
+
+    def _policy(self, name: str) -> RoomPolicy:
+        ns = self.namespaces.get(name) if name else None
         ns = ns or NamespacePolicy()
         return RoomPolicy(
             history_size=self.history_size if ns.history_size is None else ns.history_size,
