@@ -110,7 +110,7 @@ class _ReplayDone:
 @dataclass(frozen=True, slots=True)
 class _RepairDone:
     upto: int
-    events: list[StoredEvent] | None
+    events: list[StoredEvent]
 
 
 class RoomActor(Actor):
@@ -239,30 +239,30 @@ class RoomActor(Actor):
             log.warning("! room %s not trimmed: %s", self.room, exc)
 
     async def _repair(self, after: int, before: int) -> None:
-        events: list[StoredEvent] | None
-        try:
-            events = await self.store.read(self.tenant, self.room, after, 1_000_000, before=before)
-        except StoreError as exc:
-            log.warning("! room %s gap repair failed: %s", self.room, exc)
-            events = None
+        # Retried until the store answers: moving on past a gap would lose events for good.
+        # Live messages meanwhile wait in the backlog (bounded by the mailbox; what overflows is
+        # counted as live_dropped and read back by the next repair).
+        delay = 0.1
+        while True:
+            try:
+                events = await self.store.read(self.tenant, self.room, after, 1_000_000,
+                                               before=before)
+                break
+            except StoreError as exc:
+                log.warning("! room %s gap repair failed (%s); retry in %.1f s", self.room, exc,
+                            delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self.ref.tell(_RepairDone(before, events))
 
     def _on_repair_done(self, done: _RepairDone) -> None:
         self._repairing = False
-        if done.events is None:
-            # Could not read the gap: deliver what we have; members will see a seq jump and the
-            # next gap check retries. Members never get a duplicate.
-            log.warning("! room %s continues past an unrepaired gap", self.room)
-        else:
-            for ev in done.events:
-                if ev.seq > self.last_seq:
-                    self._deliver(ev.seq, ev.body)
+        for ev in done.events:
+            if ev.seq > self.last_seq:
+                self._deliver(ev.seq, ev.body)
         backlog, self._backlog = self._backlog, []
         for msg in backlog:
-            if done.events is None and msg.seq is not None and msg.seq > self.last_seq:
-                self._deliver(msg.seq, msg.body)
-            else:
-                self._on_live(msg)
+            self._on_live(msg)
 
     def _frame(self, seq: int | None, body: bytes) -> dict[str, Any] | None:
         try:

@@ -129,6 +129,10 @@ class NatsLink:
                     allow_reconnect=False,
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RECONNECT_WAIT_S,
+                    # A link that dies silently (no FIN, no RST) is noticed within ~15 s,
+                    # not nats-py's default of minutes.
+                    ping_interval=5,
+                    max_outstanding_pings=3,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,

@@ -1,0 +1,249 @@
+"""A local 3-server NATS cluster with JetStream, and a TCP proxy that can cut connections.
+
+``NatsCluster`` runs three bundled nats-server processes clustered on 127.0.0.1 (free client,
+cluster and monitor ports, one store directory each). A server can be killed (SIGKILL, by PID)
+and restarted on the same ports and store. ``TcpProxy`` is an asyncio TCP proxy in the test's
+event loop: ``cut()`` closes every current connection and refuses new ones, ``restore()``
+accepts again on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from node.nats_server import free_port, nats_server_binary
+from tests.servers import http_get, wait_until
+
+__all__ = ["NatsCluster", "TcpProxy"]
+
+CLUSTER_NAME = "rtc"
+
+
+class _Server:
+    def __init__(self, index: int, base: Path) -> None:
+        self.index = index
+        self.name = f"n{index}"
+        self.port = free_port()
+        self.cluster_port = free_port()
+        self.monitor_port = free_port()
+        self.dir = base / self.name
+        self.conf = base / f"{self.name}.conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def monitor(self, path: str) -> dict[str, Any] | None:
+        status, body = http_get(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=1.0)
+        if status != 200:
+            return None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+
+class NatsCluster:
+    """Three nats-servers in one JetStream cluster on 127.0.0.1.
+
+    Args:
+        base: A directory for the configuration files, logs and stores.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base / "nats-cluster"
+        self.servers = [_Server(i, self.base) for i in range(3)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def _write_conf(self, s: _Server) -> None:
+        routes = ", ".join(f"nats-route://127.0.0.1:{o.cluster_port}" for o in self.servers)
+        s.conf.write_text(
+            f"server_name: {s.name}\n"
+            f"listen: 127.0.0.1:{s.port}\n"
+            f"http: 127.0.0.1:{s.monitor_port}\n"
+            f'jetstream {{ store_dir: "{s.dir}", max_memory_store: 64MB, max_file_store: 1GB }}\n'
+            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{s.cluster_port}\n"
+            # no_advertise: clients keep to the URLs they were given (a node pointed at the
+            # TcpProxy must not discover the servers behind it and route around a cut).
+            f"  routes: [ {routes} ]\n  no_advertise: true\n}}\n"
+        )
+
+    def _spawn(self, s: _Server) -> None:
+        s.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.base / f"{s.name}.log", "ab")
+        s.proc = subprocess.Popen([nats_server_binary(), "-c", str(s.conf)],
+                                  stdout=log, stderr=log)
+        log.close()
+
+    def start(self, timeout: float = 20.0) -> NatsCluster:
+        """Start the three servers and wait until they agree on a JetStream meta leader."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        for s in self.servers:
+            self._write_conf(s)
+            self._spawn(s)
+        self.wait_meta_leader(timeout)
+        return self
+
+    def alive(self, i: int) -> bool:
+        proc = self.servers[i].proc
+        return proc is not None and proc.poll() is None
+
+    def meta_leader(self) -> str | None:
+        """The meta leader's server name, as every live server reports it (None if they differ
+        or have none)."""
+        seen = set()
+        for s in self.servers:
+            if not self.alive(s.index):
+                continue
+            jsz = s.monitor("/jsz")
+            leader = ((jsz or {}).get("meta_cluster") or {}).get("leader")
+            if not leader:
+                return None
+            seen.add(leader)
+        return seen.pop() if len(seen) == 1 else None
+
+    def wait_meta_leader(self, timeout: float = 20.0) -> str:
+        return str(wait_until(self.meta_leader, timeout, 0.05, what="JetStream meta leader"))
+
+    def stream_leader(self, stream: str) -> int | None:
+        """The index of the server leading ``stream`` (from ``/jsz?streams=true``), or None."""
+        names = {s.name: s.index for s in self.servers}
+        for s in self.servers:
+            if not self.alive(s.index):
+                continue
+            jsz = s.monitor("/jsz?streams=true")
+            for account in (jsz or {}).get("account_details") or []:
+                for detail in account.get("stream_detail") or []:
+                    if detail.get("name") != stream:
+                        continue
+                    leader = (detail.get("cluster") or {}).get("leader")
+                    if leader in names and self.alive(names[leader]):
+                        return names[leader]
+        return None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL server ``i`` (by its PID) and reap it."""
+        s = self.servers[i]
+        if s.proc is not None:
+            s.proc.kill()
+            s.proc.wait(10)
+            s.proc = None
+
+    def restart(self, i: int, timeout: float = 20.0) -> None:
+        """Start server ``i`` again on the same ports and store; wait until it is healthy."""
+        s = self.servers[i]
+        assert s.proc is None, "kill it first"
+        self._spawn(s)
+        health = f"http://127.0.0.1:{s.monitor_port}/healthz?js-enabled-only=true"
+        wait_until(lambda: http_get(health)[0] == 200, timeout, what=f"{s.name} health")
+
+    def stop(self) -> None:
+        for s in self.servers:
+            if s.proc is None:
+                continue
+            s.proc.terminate()
+            try:
+                s.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait(10)
+            s.proc = None
+
+    def logs(self) -> str:
+        out = []
+        for s in self.servers:
+            with contextlib.suppress(FileNotFoundError):
+                text = (self.base / f"{s.name}.log").read_text(errors="replace")
+                out.append(f"--- {s.name}\n{text[-3000:]}")
+        return "\n".join(out)
+
+
+class TcpProxy:
+    """A TCP proxy from 127.0.0.1:``listen_port`` to ``target_host``:``target_port``.
+
+    It runs in the current event loop: ``await start()`` first, ``await stop()`` at the end.
+    """
+
+    def __init__(self, listen_port: int, target_host: str, target_port: int) -> None:
+        self.listen_port = listen_port
+        self.target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.connections = 0  # accepted in total
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.listen_port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.listen_port, reuse_address=True)
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
+            me.add_done_callback(self._handlers.discard)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.connections += 1
+        self._writers.update((writer, up_writer))
+        pipes = [asyncio.create_task(self._pipe(reader, up_writer)),
+                 asyncio.create_task(self._pipe(up_reader, writer))]
+        self._tasks.update(pipes)
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pipes:
+                task.cancel()
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.close()
+            self._tasks.difference_update(pipes)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+
+    async def cut(self) -> None:
+        """Stop listening (new connections are refused) and close every open connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            transport = w.transport
+            transport.abort()  # no graceful flush: the link is gone
+        self._writers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def restore(self) -> None:
+        """Accept connections again on the same port."""
+        if self._server is None:
+            await self.start()
+
+    async def stop(self) -> None:
+        await self.cut()
+        if self._handlers:  # let each connection's handler see its pipes end
+            await asyncio.wait(list(self._handlers), timeout=5)
