@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import shutil
 import socket
 import subprocess
@@ -211,6 +212,7 @@ async def test_hostile_payloads_on_both_faces(make_node) -> None:
         payloads.append(p)
 
     collect()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async with mqtt_client(node, "evil-1") as evil, mqtt_client(node, "good-1") as good:
         await _tunnel(evil, "evil-1")
         await _tunnel(good, "good-1")
@@ -226,5 +228,7 @@ async def test_hostile_payloads_on_both_faces(make_node) -> None:
     assert node.mqtt.bad_payloads > 0
     ok = await browser.request({"type": "publish", "room": room, "event": "after"})
     assert ok["type"] == "published"
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"\n{2 * len(payloads)} hostile payloads: {node.mqtt.bad_payloads} refused, "
-          f"{node.mqtt.uplinks} stored as events")
+          f"{node.mqtt.uplinks} stored as events; max RSS of the process holding the node "
+          f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB")
