@@ -24,6 +24,7 @@ from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
 from bridge.rpc import NatsRpc
 from bridge.sse import SseBridge
+from bridge.static import StaticSite, StatsPublisher
 from bridge.ws import WebSocketBridge
 from node.auth import KINDS, Principal, TokenVerifier, load_or_create_secret
 from node.config import Settings
@@ -77,6 +78,7 @@ class Node:
         self.mqtt_external: ExternalMqtt | None = None
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
+        self.stats_publisher: StatsPublisher | None = None
         self.tokens = self._token_verifier()
         self._stack = contextlib.AsyncExitStack()
         self._closed = asyncio.Event()
@@ -151,8 +153,13 @@ class Node:
                 self.http.add_route(method, path, handler)
             await self.api.start(self.nats.nc)
             self._stack.push_async_callback(self.api.stop)
+            for method, path, web_handler in StaticSite(s, self.name).routes():
+                self.http.add_route(method, path, web_handler)
             await self.http.start()
             self._stack.push_async_callback(self.http.stop)
+            self.stats_publisher = StatsPublisher(self)
+            self.stats_publisher.start()
+            self._stack.push_async_callback(self.stats_publisher.stop)
             if s.mqtt_broker_url:
                 self.mqtt_external = ExternalMqtt(self.ctx, s.mqtt_broker_url, s.mqtt_tenant)
                 await self.mqtt_external.start()

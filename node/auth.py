@@ -84,6 +84,13 @@ class Principal:
             if right == "publish":
                 return "publish" in self.rooms.get(room, frozenset())
             return True
+        if room.startswith("sys:"):
+            # System rooms (node stats) are for operators: only a grant that names the sys:
+            # namespace reaches them; a catch-all "*" does not.
+            return any(
+                right in rights and pattern.startswith("sys:") and pattern_matches(pattern, room)
+                for pattern, rights in self.rooms.items()
+            )
         return any(
             right in rights and pattern_matches(pattern, room)
             for pattern, rights in self.rooms.items()

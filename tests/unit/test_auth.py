@@ -103,3 +103,10 @@ def test_secret_is_created_once(tmp_path: Path) -> None:
     s1 = load_or_create_secret(tmp_path / "d")
     assert load_or_create_secret(tmp_path / "d") == s1 and len(s1) >= 48
     assert (tmp_path / "d" / "jwt-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_system_rooms_need_a_sys_grant() -> None:
+    everything = Principal(sub="u", rooms={"*": frozenset({"join"})})
+    assert not everything.can("join", "sys:stats"), "a catch-all does not reach sys: rooms"
+    admin = Principal(sub="ops", rooms={"sys:*": frozenset({"join"})})
+    assert admin.can("join", "sys:stats")

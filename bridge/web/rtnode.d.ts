@@ -1,0 +1,149 @@
+// Types of /rtnode.js, the rtnode browser client (PROTOCOL v1 over WebSocket).
+
+export declare const VERSION: string;
+
+/** A CBOR codec handed to connect(): e.g. cbor-x's Encoder and Decoder (docs/browser.md). */
+export interface Codec {
+  /** One value to one CBOR item. */
+  encode(value: unknown): Uint8Array;
+  /** Every CBOR item of a message (an RFC 8742 sequence), in order. */
+  decodeMulti?(bytes: Uint8Array): unknown[];
+  /** cbor-x's Decoder.decodeMultiple is accepted as is. */
+  decodeMultiple?(bytes: Uint8Array): unknown[] | undefined;
+}
+
+export interface ConnectOptions {
+  /** ws(s)://host:port/ws, or several (each reconnect tries the next); default: this page's host. */
+  url?: string | string[];
+  /** The JWT sent in `connect`. */
+  token?: string;
+  /** Returns a fresh JWT: used when there is no token, ahead of expiry (refresh at 3/4 of
+   * `expires_in_s`), and after the node refused an expired one (4010). */
+  getToken?: () => string | Promise<string>;
+  /** Speak rtnode.v1.cbor with this codec; JSON (rtnode.v1.json) without it. */
+  codec?: Codec;
+  /** First reconnect delay cap (doubles at each failed attempt); default 500. */
+  minBackoffMs?: number;
+  /** Largest reconnect delay cap; default 20000. Delays are uniform below the cap. */
+  maxBackoffMs?: number;
+  /** How long a request waits for its reply (and for a connection); default 10000. */
+  requestTimeoutMs?: number;
+  /** How long publish() retries, across reconnects; default 30000. */
+  publishTimeoutMs?: number;
+  /** How long opening a connection and its `connect` may take; default 10000. */
+  openTimeoutMs?: number;
+  /** Sent in `connect` as client.name; default "rtnode-js". */
+  clientName?: string;
+  /** Where rooms joined with `persist` keep their position; default sessionStorage. */
+  storage?: Pick<Storage, "getItem" | "setItem" | "removeItem"> | null;
+  /** Prefix of the storage keys (`<storageKey>:<room>`); default "rtnode". */
+  storageKey?: string;
+}
+
+export interface EventSender {
+  user?: string;
+  client_id?: string;
+  kind?: "user" | "device" | "service";
+}
+
+export interface RoomEvent {
+  room: string;
+  /** null for volatile events (presence, volatile names and namespaces). */
+  seq: number | null;
+  event: string;
+  data: unknown;
+  ts: number | null;
+  from: EventSender;
+  msg_id?: string;
+}
+
+export interface RecoveredFalse {
+  room: string;
+  recovered: false;
+  /** The room's latest seq: the client goes on from here. */
+  seq: number;
+  epoch: string;
+}
+
+export interface JoinOptions {
+  onEvent?: (ev: RoomEvent) => void;
+  /** Receive presence:join / presence:leave events (needs the presence right). */
+  presence?: boolean;
+  /** Keep the room's position in storage so that a page reload resumes it. */
+  persist?: boolean;
+  /** A resume could not be honoured: events were lost, reload the room (history). */
+  onRecovered?: (info: RecoveredFalse) => void;
+}
+
+export interface Disconnected {
+  code: number;
+  reason: string;
+  reconnect: boolean;
+  /** false when a connection attempt failed before `connected`. */
+  wasConnected: boolean;
+}
+
+export interface ClientEvents {
+  connecting: { attempt: number; url: string };
+  connected: Record<string, unknown>;
+  disconnected: Disconnected;
+  recovered: RecoveredFalse;
+  event: RoomEvent;
+  error: { code: number; reason: string; id?: unknown; room?: string };
+  state: ClientState;
+  closed: { code: number; reason: string };
+}
+
+export type ClientState = "idle" | "connecting" | "connected" | "reconnecting" | "closed";
+
+export interface RpcInfo {
+  method: string;
+  from: EventSender;
+  id: string | number;
+}
+
+export declare class RtnodeError extends Error {
+  constructor(code: number, reason: string, retry?: boolean);
+  code: number;
+  reason: string;
+  retry: boolean;
+}
+
+export declare class Client extends EventTarget {
+  constructor(options: ConnectOptions);
+  state: ClientState;
+  /** rtnode.v1.json or rtnode.v1.cbor. */
+  readonly protocol: string;
+  /** The `connected` frame of the current connection. */
+  info: Record<string, unknown> | null;
+  clientId: string | null;
+  /** Why the client ended, when the node ended it. */
+  error: RtnodeError | null;
+  reconnects: number;
+  readonly connected: boolean;
+  readonly rooms: string[];
+  open(): this;
+  close(code?: number, reason?: string): void;
+  on<K extends keyof ClientEvents>(type: K, fn: (detail: ClientEvents[K]) => void): () => void;
+  join(room: string, opts?: JoinOptions): Promise<Record<string, unknown>>;
+  leave(room: string): Promise<Record<string, unknown>>;
+  lastSeq(room: string): number;
+  /** Resolves to the seq (null for volatile events) once stored; retried with one msg_id. */
+  publish(room: string, event: string, data?: unknown,
+    opts?: { msgId?: string; timeoutMs?: number }): Promise<number | null>;
+  rpc(to: string, method: string, params?: unknown, opts?: { timeoutMs?: number }): Promise<unknown>;
+  onRpc(method: string, handler: (params: any, info: RpcInfo) => unknown): () => void;
+  history(room: string, opts?: { since?: number; limit?: number; reverse?: boolean }):
+    Promise<{ room: string; events: RoomEvent[]; seq: number }>;
+  presence(room: string): Promise<{
+    room: string;
+    members: { client_id: string; user: string; kind: string; node: string; joined_at: number }[];
+    unique_users: number;
+  }>;
+  ping(timeoutMs?: number): Promise<Record<string, unknown>>;
+  request(frame: Record<string, unknown>): Promise<Record<string, unknown>>;
+  ack(room: string, seq: number): void;
+}
+
+export declare function connect(options: ConnectOptions): Client;
+export declare function backoffCap(attempt: number, minMs: number, maxMs: number): number;

@@ -1,0 +1,120 @@
+"""The console at / in a real Chromium: development sign-in, live stats pushed by the node, the
+room view (live events, history, presence, publish, rpc), at 1280 and 390 px."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import WAIT_MS, base_url
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+
+async def stat(page: Any, name: str) -> float:
+    text = await page.text_content(f'[data-stat="{name}"]')
+    return float(text or 0)
+
+
+async def wait_stat_above(page: Any, name: str, value: float) -> None:
+    await page.wait_for_function(
+        "([n, v]) => Number(document.querySelector(`[data-stat=\"${n}\"]`).textContent) > v",
+        arg=[name, value], timeout=WAIT_MS,
+    )
+
+
+async def test_console_live_view_and_room_view(
+    make_node: Any, browser: Any, tmp_path: Path
+) -> None:
+    node = await make_node(dev=True)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(base_url(node) + "/")
+    dev_button = page.get_by_role("button", name="Use a development token")
+    await dev_button.wait_for(state="visible", timeout=WAIT_MS)
+    await dev_button.click()
+    await page.get_by_role("heading", name="Room", exact=True).wait_for(timeout=WAIT_MS)
+    # The first stats event: this node, the console's own connection.
+    await wait_stat_above(page, "nodes", 0)
+    await wait_stat_above(page, "connections", 0)
+    connections = await stat(page, "connections")
+    published = await stat(page, "published")
+
+    room = unique("demo")
+    clients = [await RawClient.connected(ws_url(node), token(f"u{i}")) for i in range(2)]
+    await clients[1].request({"type": "join", "room": room})
+    for i in range(5):
+        reply = await clients[0].request(
+            {"type": "publish", "room": room, "event": "tick", "data": {"i": i}})
+        assert reply["type"] == "published"
+    await wait_stat_above(page, "connections", connections + 1)
+    await wait_stat_above(page, "published", published + 4)
+    await wait_stat_above(page, "rooms", 0)
+    transports = await page.text_content("#by-transport")
+    assert "ws/json" in (transports or "")
+    await page.wait_for_function(
+        "document.getElementById('chart').getAttribute('aria-label').startsWith('Events per')",
+        timeout=WAIT_MS)
+    await page.screenshot(path=str(tmp_path / "console-1280.png"), full_page=True)
+
+    # The room view: history, live events, presence, publish, rpc.
+    await page.get_by_label("Room name").fill(room)
+    await page.get_by_role("button", name="Open", exact=True).click()
+    await page.wait_for_function(
+        "document.querySelectorAll('#history li[data-seq]').length === 5", timeout=WAIT_MS)
+    await page.wait_for_function(
+        "document.getElementById('presence').textContent.includes('dev-console')",
+        timeout=WAIT_MS)
+    await clients[0].request({"type": "publish", "room": room, "event": "live",
+                              "data": {"hello": "console"}})
+    await page.wait_for_function(
+        "document.querySelector('#events li[data-event=\"live\"] pre')"
+        "?.textContent.includes('\"hello\": \"console\"')", timeout=WAIT_MS)
+    await page.get_by_label("Event name").fill("from-console")
+    await page.get_by_label("Data (JSON)").fill('{"n": 42}')
+    await page.get_by_role("button", name="Publish").click()
+    await page.wait_for_function(
+        "document.getElementById('pub-result').textContent.startsWith('published: seq')",
+        timeout=WAIT_MS)
+    got = await clients[1].events(7, room)  # 5 ticks, then these two
+    assert [e["event"] for e in got[5:]] == ["live", "from-console"]
+    assert got[6]["data"] == {"n": 42} and got[6]["from"]["user"] == "dev-console"
+    await page.get_by_label("Params (JSON)").fill('{"ping": "pong"}')
+    await page.get_by_role("button", name="Call").click()
+    await page.wait_for_function(
+        "document.getElementById('rpc-result').dataset.ok === 'true'", timeout=WAIT_MS)
+    assert '"ping": "pong"' in (await page.text_content("#rpc-result") or "")
+    await page.screenshot(path=str(tmp_path / "room-1280.png"), full_page=True)
+
+    # 390 px wide: one column, nothing wider than the screen.
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.wait_for_function(
+        "document.documentElement.scrollWidth <= 390", timeout=WAIT_MS)
+    await page.screenshot(path=str(tmp_path / "console-390.png"), full_page=True)
+    assert errors == []
+    for c in clients:
+        await c.close()
+    await context.close()
+
+
+async def test_dev_token_only_in_dev_mode(make_node: Any, browser: Any) -> None:
+    node = await make_node()
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(base_url(node) + "/")
+    await page.get_by_role("heading", name="Sign in").wait_for(timeout=WAIT_MS)
+    await page.wait_for_function("window.fetch !== undefined", timeout=WAIT_MS)
+    assert await page.get_by_role("button", name="Use a development token").is_hidden()
+    status = await page.evaluate("fetch('/dev/token', {method: 'POST'}).then(r => r.status)")
+    assert status == 404
+    # A plain token signs in; without join on sys:* the console says there are no stats.
+    await page.get_by_label("Token (JWT)").fill(token("viewer", rooms={"chat:*": ["join"]}))
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_function(
+        "document.getElementById('stats-note').textContent.includes('4003')", timeout=WAIT_MS)
+    await context.close()
