@@ -75,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PEM private key: sign with RS256/ES256 instead of the HS256 secret")
     tok.add_argument("--alg", choices=["HS256", "RS256", "ES256"], default=None,
                      help="algorithm (default HS256, or RS256 with --private-key)")
+    dev = sub.add_parser("devices", help="device tools (simulator)")
+    dev_sub = dev.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
+    sim = dev_sub.add_parser(
+        "simulate", help="run simulated MQTT devices sim-<i> publishing readings to a room",
+        description="Run N devices sim-0..sim-<N-1> (the device SDK over the node's MQTT "
+        "tunnel) publishing {t, i} readings to ROOM at HZ each and answering rpc 'read'. "
+        "Tokens are signed with the node's key, as by 'rtnode token': RTNODE_JWT_SECRET or "
+        "<data-dir>/jwt-secret.",
+    )
+    sim.add_argument("--count", type=int, default=1, metavar="N", help="devices (default 1)")
+    sim.add_argument("--room", required=True, help="room the readings go to")
+    sim.add_argument("--rate", type=float, default=1.0, metavar="HZ",
+                     help="readings per second per device (default 1)")
+    sim.add_argument("--host", default="127.0.0.1", help="node MQTT host (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=None,
+                     help="node MQTT port (default: the mqtt_port setting, 1883)")
+    sim.add_argument("--duration", type=float, default=None, metavar="S",
+                     help="seconds to run (default: until Ctrl-C)")
+    sim.add_argument("--tenant", default="default", help="tenant of the tokens")
+    sim.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    sim.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS,
+                     metavar="DATA_DIR", help="the node's data dir (for its jwt-secret)")
+    _add_replay_parsers(sub, settings)
     return parser
 
 
@@ -175,11 +198,95 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _simulate_until_signal(args: argparse.Namespace, settings: Settings) -> int:
+    from devices.simulate import simulate  # the device SDK only when simulating
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
+    port = args.port if args.port is not None else settings.mqtt_port
+    stats = await simulate(
+        args.host, port, count=args.count, room=args.room, rate=args.rate, secret=secret,
+        duration=args.duration, stop=stop, tenant=args.tenant, issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience, out=lambda line: print(line, flush=True),
+    )
+    return 0 if stats.acked or not stats.sent else 1
+
+
+def _devices(args: argparse.Namespace) -> int:
+    if args.count < 1 or args.rate <= 0:
+        raise ConfigError("--count must be at least 1 and --rate positive")
+    flags: dict[str, Any] = {"data_dir": args.data_dir} if hasattr(args, "data_dir") else {}
+    settings = load_settings(args.config, **flags)
+    _setup_logging("warning")
+    return asyncio.run(_simulate_until_signal(args, settings))
+
+
+def _add_replay_parsers(sub: Any, settings: argparse.ArgumentParser) -> None:
+    need = ("Needs --nats-url (or RTNODE_NATS_URL): the NATS servers of the nodes, "
+            "comma-separated; no embedded server is started.")
+    rep = sub.add_parser(
+        "replay", parents=[settings], help="print a room's stored events (--follow: and live)",
+        description="Print the stored events of ROOM, one line 'seq event data' each (--json: "
+        "the event map as a JSON line), from the start, after --since SEQ or from "
+        "--since-time; --follow keeps printing live events until Ctrl-C. " + need,
+    )
+    rep.add_argument("room", metavar="ROOM", help="the room, e.g. sensors:lab")
+    rep.add_argument("--tenant", default="default", help="tenant (default: default)")
+    since = rep.add_mutually_exclusive_group()
+    since.add_argument("--since", type=int, metavar="SEQ", help="only events after SEQ")
+    since.add_argument("--since-time", metavar="ISO8601",
+                       help="events stored from this time (no offset: local time)")
+    rep.add_argument("--follow", action="store_true", help="then print live events (Ctrl-C)")
+    rep.add_argument("--json", action="store_true", help="JSON lines (the event maps)")
+    con = sub.add_parser(
+        "consume", parents=[settings], help="run a durable consumer printing JSON lines",
+        description="Run the JetStream durable consumer NAME on the rooms matching PATTERN: "
+        "print each event as a JSON line and ack it once the line is written and flushed. A "
+        "second run with the same NAME goes on after the last acked event; Ctrl-C stops "
+        "(unacked events go back to the durable). " + need,
+    )
+    con.add_argument("--durable", required=True, metavar="NAME", help="durable consumer name")
+    con.add_argument("--rooms", required=True, metavar="PATTERN",
+                     help="a room, or a prefix ending in '*' (e.g. 'sensors:*')")
+    con.add_argument("--tenant", default="default", help="tenant (default: default)")
+    con.add_argument("--start", default="all", metavar="all|new|SEQ|ISO8601",
+                     help="where a new durable starts (default all; ignored when it exists)")
+
+
+def _replay_commands(args: argparse.Namespace, settings: Settings) -> int:
+    from bridge import replay  # NATS client code only for these commands
+
+    if not settings.nats_url:
+        raise ConfigError(f"{args.command} needs --nats-url (or RTNODE_NATS_URL)")
+    _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
+    if args.command == "replay":
+        try:
+            when = replay.parse_time(args.since_time) if args.since_time else None
+            replay.parse_room_pattern(args.room)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if args.room.endswith("*") or (args.since is not None and args.since < 0):
+            raise ConfigError("replay takes one room (no '*') and --since >= 0")
+        return replay.run_command(replay.replay_room(
+            settings.nats_url, args.room, tenant=args.tenant, since=args.since,
+            since_time=when, follow=args.follow, as_json=args.json))
+    return replay.run_command(replay.consume_rooms(
+        settings.nats_url, durable=args.durable, rooms=args.rooms, tenant=args.tenant,
+        start=args.start))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rtnode`` and ``python -m node``."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "devices":
+            return _devices(args)
         settings = _settings_from(args)
+        if args.command in ("replay", "consume"):
+            return _replay_commands(args, settings)
         if args.command == "token":
             return _token(args, settings)
         _setup_logging(settings.log_level)

@@ -1,0 +1,312 @@
+"""Durable replay consumers (bridge/replay.py) and ``rtnode replay`` / ``rtnode consume``,
+against the shared nats-server, with events stored by an in-process node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from actors.events import event_body
+from bridge.replay import ReplayConsumer, ReplayError
+from node.auth import Principal
+from tests.servers import MS, NatsProcess
+
+pytestmark = pytest.mark.integration
+
+WHO = Principal(sub="backend", kind="service")
+
+
+def tenant() -> str:
+    """A tenant no other test uses: patterns like ``sensors:*`` then see only this test."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+async def store(node: Any, tenant: str, room: str, n: int, start: int = 0) -> list[int]:
+    """Store ``n`` events ``{"i": start..}`` in ``room`` through the node; their seqs."""
+    seqs = []
+    for i in range(start, start + n):
+        body = event_body(room, "reading", {"i": i}, WHO, None, f"m{i}")
+        seq, _ = await node.store.publish(tenant, room, body, f"{tenant}:{room}:{i}")
+        seqs.append(seq)
+    return seqs
+
+
+async def drain(consumer: ReplayConsumer, timeout: float = 0.5, ack: bool = True) -> list[Any]:
+    """Every event until none comes for ``timeout`` seconds."""
+    out = []
+    while (ev := await consumer.next(timeout)) is not None:
+        out.append(ev)
+        if ack:
+            await ev.ack()
+    return out
+
+
+# -- the Python API ----------------------------------------------------------------------------
+
+
+async def test_durable_resumes_after_the_last_acked_event(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    node = await make_node()
+    t = tenant()
+    # 3,000 events in two matching rooms and one that is not, interleaved in the stream.
+    seqs: list[int] = []
+    for k in range(30):
+        seqs += await store(node, t, "sensors:a", 50, 100 * k)
+        seqs += await store(node, t, "sensors:b", 50, 100 * k + 50)
+        await store(node, t, "other:x", 1, k)
+    assert len(seqs) == 3000
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "billing"}
+    async with ReplayConsumer(shared_nats.url, **opts) as consumer:
+        got = []
+        async for ev in consumer:
+            got.append(ev)
+            if len(got) <= 1000:
+                await ev.ack()
+            if len(got) == 1003:
+                break  # 1,001..1,003 delivered, never acked
+    assert [e.seq for e in got] == seqs[:1003]
+    first = got[0]
+    assert (first.room, first.event, first.data, first.msg_id, first.tenant) == (
+        "sensors:a", "reading", {"i": 0}, "m0", t)
+    assert first.from_["user"] == "backend" and first.ts and first.delivered == 1
+    # A second run goes on at the 1,001st event, in order, and nothing acked comes back.
+    async with ReplayConsumer(shared_nats.url, **opts) as consumer:
+        rest = await drain(consumer)
+        assert consumer.skipped == 20  # the first run acked 10 other:x silently
+    assert [e.seq for e in rest] == seqs[1000:]
+    async with ReplayConsumer(shared_nats.url, **opts) as consumer:
+        assert await consumer.next(0.3) is None, "everything was acked"
+
+
+async def test_hard_crash_redelivers_what_was_not_acked(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    """No close, no naks (the process died): unacked events come back after ack_wait_s; with
+    max_ack_pending=1 the next run starts exactly after the last acked one."""
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 300)
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "crashy",
+                            "ack_wait_s": 1.0, "max_ack_pending": 1}
+    nc = NATS()
+    await nc.connect(shared_nats.url)
+    consumer = await ReplayConsumer(nc, **opts).open()
+    for _ in range(100):
+        ev = await consumer.next(5)
+        assert ev is not None
+        await ev.ack()
+    assert (await consumer.next(5)) is not None  # the 101st, never acked
+    await nc.close()  # "kill -9": nothing nakked
+    started = time.monotonic()
+    async with ReplayConsumer(shared_nats.url, **opts) as again:
+        first = await again.next(5)
+        assert first is not None and first.seq == seqs[100] and first.delivered == 2
+        waited = time.monotonic() - started
+        await first.ack()
+        rest = await drain(again)
+    assert [e.seq for e in rest] == seqs[101:]
+    assert 0.5 < waited < 3, waited
+
+
+async def test_nak_redelivers_after_the_delay(make_node: Any, shared_nats: NatsProcess) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 2)
+    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:a",
+                              durable="naky") as consumer:
+        ev = await consumer.next(5)
+        assert ev is not None and ev.seq == seqs[0]
+        at = time.monotonic()
+        await ev.nak(delay=0.4)
+        with pytest.raises(ReplayError):
+            await ev.ack()  # settled once only
+        second = await consumer.next(5)
+        assert second is not None and second.seq == seqs[1]
+        await second.ack()
+        again = await consumer.next(5)
+        assert again is not None and again.seq == seqs[0] and again.delivered == 2
+        assert time.monotonic() - at >= 0.35
+        await again.ack()
+        assert await consumer.next(0.3) is None
+
+
+async def test_max_deliver_dead_letters_and_term_drops(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 3)
+    nc = NATS()
+    await nc.connect(shared_nats.url)
+    dead: list[Msg] = []
+
+    async def on_dead(msg: Msg) -> None:
+        dead.append(msg)
+
+    await nc.subscribe(f"rt.dlq.{t}.poison", cb=on_dead)
+    await nc.flush()
+    try:
+        async with ReplayConsumer(nc, tenant=t, rooms="sensors:*", durable="poison",
+                                  max_deliver=3) as consumer:
+            deliveries = []
+            while True:
+                ev = await consumer.next(5)
+                assert ev is not None
+                if ev.seq == seqs[0]:  # the poison event: fails every time
+                    deliveries.append(ev.delivered)
+                    await ev.nak()
+                elif ev.seq == seqs[1]:
+                    await ev.term()  # given up: not redelivered, not dead-lettered
+                else:
+                    await ev.ack()
+                    break
+            while len(deliveries) < 3:
+                ev = await consumer.next(5)
+                assert ev is not None and ev.seq == seqs[0]
+                deliveries.append(ev.delivered)
+                await ev.nak()
+            assert await consumer.next(0.5) is None, "no 4th delivery"
+            assert deliveries == [1, 2, 3]
+            assert consumer.dead_lettered == 1
+    finally:
+        await nc.flush()
+        await nc.close()
+    assert len(dead) == 1
+    h = dead[0].headers or {}
+    assert (h["Rtnode-Seq"], h["Rtnode-Room"], h["Rtnode-Reason"], h["Rtnode-Delivered"]) == (
+        str(seqs[0]), "sensors:a", "max_deliver", "3")
+    assert b"reading" in dead[0].data  # the stored CBOR event map, unchanged
+
+
+async def test_start_from_seq_and_from_time(make_node: Any, shared_nats: NatsProcess) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 3)
+    await asyncio.sleep(0.05)
+    middle = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    seqs += await store(node, t, "sensors:a", 3, 3)
+    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:*", durable="by-seq",
+                              start=seqs[2]) as consumer:
+        assert [e.seq for e in await drain(consumer)] == seqs[2:]
+    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:*", durable="by-time",
+                              start=middle) as consumer:
+        assert [e.seq for e in await drain(consumer)] == seqs[3:]
+    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:*", durable="new",
+                              start="new") as consumer:
+        assert await consumer.next(0.2) is None
+        more = await store(node, t, "sensors:a", 1, 9)
+        ev = await consumer.next(5)
+        assert ev is not None and ev.seq == more[0]
+        await ev.ack()
+    # The same durable with other rooms is refused, in one line.
+    with pytest.raises(ReplayError, match="exists for tenant"):
+        async with ReplayConsumer(shared_nats.url, tenant=t, rooms="other:*", durable="new"):
+            pass
+    with pytest.raises(ValueError, match="invalid room pattern"):
+        ReplayConsumer(shared_nats.url, rooms="a.b", durable="x")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+async def cli(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RTNODE_")},
+    )
+
+
+async def run_cli(*args: str, timeout: float = 20.0) -> tuple[int, list[str], str]:
+    proc = await cli(*args)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout * MS * 1000)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().splitlines(), err.decode()
+
+
+async def read_lines(proc: asyncio.subprocess.Process, n: int) -> list[str]:
+    assert proc.stdout is not None
+    return [(await asyncio.wait_for(proc.stdout.readline(), 10)).decode().rstrip("\n")
+            for _ in range(n)]
+
+
+async def test_cli_replay(make_node: Any, shared_nats: NatsProcess) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:lab", 4)
+    await store(node, t, "sensors:other", 1)
+    url = ["--nats-url", shared_nats.url, "--tenant", t]
+    (rc, lines, err), (rc2, since, _), (rc3, plain, _) = await asyncio.gather(
+        run_cli("replay", "sensors:lab", "--json", *url),
+        run_cli("replay", "sensors:lab", "--json", "--since", str(seqs[1]), *url),
+        run_cli("replay", "sensors:lab", *url),
+    )
+    assert (rc, rc2, rc3) == (0, 0, 0), err
+    events = [json.loads(line) for line in lines]
+    assert [e["seq"] for e in events] == seqs
+    assert events[0]["room"] == "sensors:lab" and events[0]["data"] == {"i": 0}
+    assert events[0]["from"]["user"] == "backend" and events[0]["msg_id"] == "m0"
+    assert [json.loads(line)["seq"] for line in since] == seqs[2:]
+    assert plain[0] == f'{seqs[0]} reading {{"i":0}}'
+    # An empty room, or nothing after --since: no output, exit 0.
+    rc, lines, _ = await run_cli("replay", "sensors:none", *url)
+    assert (rc, lines) == (0, [])
+    # --follow: the stored ones, then live ones, until SIGINT.
+    proc = await cli("replay", "sensors:lab", "--follow", "--since", str(seqs[2]), *url)
+    assert [ln.split()[0] for ln in await read_lines(proc, 1)] == [str(seqs[3])]
+    live = await store(node, t, "sensors:lab", 1, 7)
+    assert (await read_lines(proc, 1))[0].startswith(f"{live[0]} reading")
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_cli_consume_acks_what_it_printed(make_node: Any, shared_nats: NatsProcess) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 3)
+    await store(node, t, "other:a", 1)
+    args = ["consume", "--durable", "tail", "--rooms", "sensors:*", "--tenant", t,
+            "--nats-url", shared_nats.url]
+    proc = await cli(*args)
+    lines = [json.loads(line) for line in await read_lines(proc, 3)]
+    assert [e["seq"] for e in lines] == seqs and lines[0]["room"] == "sensors:a"
+    live = await store(node, t, "sensors:b", 1, 5)
+    assert json.loads((await read_lines(proc, 1))[0])["seq"] == live[0]
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    # A second run prints nothing old: only what came since.
+    newer = await store(node, t, "sensors:a", 1, 9)
+    proc = await cli(*args)
+    assert json.loads((await read_lines(proc, 1))[0])["seq"] == newer[0]
+    await asyncio.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0 and out == b""
+
+
+async def test_cli_errors_are_one_line(shared_nats: NatsProcess) -> None:
+    cases = [
+        (("replay", "sensors:a"), 2, "needs --nats-url"),
+        (("consume", "--durable", "d", "--rooms", "a.b", "--nats-url", shared_nats.url), 2,
+         "invalid room pattern"),
+        (("replay", "sensors:a", "--since-time", "yesterday", "--nats-url", shared_nats.url), 2,
+         "invalid time"),
+        (("replay", "sensors:a", "--nats-url", "nats://127.0.0.1:1"), 1, "cannot connect"),
+    ]
+    results = await asyncio.gather(*(run_cli(*args) for args, _, _ in cases))
+    for (args, code, text), (rc, out, err) in zip(cases, results, strict=True):
+        assert rc == code, (args, err)
+        assert out == [] and text in err and len(err.strip().splitlines()) == 1, (args, err)
