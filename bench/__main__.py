@@ -1,14 +1,15 @@
 """``python -m bench``: run every benchmark and print its figures.
 
 ``python -m bench [fanout flags]`` runs the fan-out benchmark, then the ingest benchmark with
-its defaults; ``python -m bench fanout [...]`` or ``python -m bench ingest [...]`` runs one.
+its defaults, then the scale-out benchmark with its defaults; ``python -m bench fanout [...]``,
+``python -m bench ingest [...]`` or ``python -m bench scaleout [...]`` runs one.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import fanout, ingest
+from bench import fanout, ingest, scaleout
 
 
 def main(argv: list[str]) -> int:
@@ -16,8 +17,11 @@ def main(argv: list[str]) -> int:
         return fanout.main(argv[1:])
     if argv and argv[0] == "ingest":
         return ingest.main(argv[1:])
+    if argv and argv[0] == "scaleout":
+        return scaleout.main(argv[1:])
     rc = fanout.main(argv)
-    return ingest.main([]) or rc
+    rc = ingest.main([]) or rc
+    return scaleout.main([]) or rc
 
 
 if __name__ == "__main__":
