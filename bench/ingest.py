@@ -37,8 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +48,14 @@ import cbor2
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.fanout import (  # the same process handling as the fan-out bench
+    _children_of,
+    _cmdline,
+    _cpu_seconds,
+    _http_get,
+    _spawn,
+    _stop,
+)
 from node.auth import mint_token
 from node.nats_server import free_port
 
@@ -733,86 +739,6 @@ async def _measure(res: IngestResult, url: str, port: int, probe: Any,
 
 # ---------------------------------------------------------------------------------------------
 # The node process (as in bench.fanout)
-
-
-def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
-
-
-def _children_of(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            kids.extend(int(x) for x in (task / "children").read_text().split())
-    except OSError:
-        return []
-    return kids
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of ``pid`` so far (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _child_setup() -> None:  # runs in the node between fork and exec
-    os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
-
-
-def _stop(proc: subprocess.Popen[bytes], what: str, notes: list[str]) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; children left behind are killed by PID."""
-    if proc.poll() is not None:
-        notes.append(f"{what} had already exited with {proc.returncode}")
-        return
-    kids = {pid: _cmdline(pid) for pid in _children_of(proc.pid)}
-    proc.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    try:
-        proc.wait(STOP_TIMEOUT_S)
-        took = time.monotonic() - started
-        if took > 2:
-            notes.append(f"{what} took {took:.1f} s to exit after SIGTERM")
-    except subprocess.TimeoutExpired:
-        notes.append(f"{what} did not exit {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed")
-        proc.kill()
-        proc.wait(10)
-    for pid, cmd in kids.items():
-        if cmd and _cmdline(pid) == cmd:
-            deadline = time.monotonic() + 5
-            while _cmdline(pid) == cmd and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _cmdline(pid) == cmd:
-                notes.append(f"{what}'s child {pid} ({cmd.split()[0]}) outlived it: killed")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 _BANNER = ("rtnode bench ready", "  http ", "  websocket ", "  nats ", "  dev token ",
