@@ -371,3 +371,17 @@ async def test_heartbeat_closes_a_silent_peer(make_node) -> None:
     waited = asyncio.get_running_loop().time() - started
     assert waited < 5, f"closed after {waited:.1f} s"
     writer.close()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+async def test_ack(make_node, codec: str) -> None:
+    node = await make_node()
+    room = unique("ack")
+    c = await RawClient.connected(ws_url(node), codec=codec)
+    await c.request({"type": "join", "room": room})
+    p = await c.request({"type": "publish", "room": room, "event": "e"})
+    await c.send({"type": "ack", "room": room, "seq": p["seq"], "id": "a1"})
+    assert (await c.request({"type": "ping"}))["type"] == "pong", "an ack gets no reply"
+    assert not [f for f in c.buffer if f.get("id") == "a1"]
+    r = await c.request({"type": "ack", "room": unique("other"), "seq": 1})
+    assert r["type"] == "error" and r["code"] == 4004
