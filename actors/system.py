@@ -122,6 +122,10 @@ class ActorSystem:
             stats.mailbox_depth += cell.depth
         return snapshot
 
+    def names(self, prefix: str = "") -> list[str]:
+        """The names of the registered actors that start with ``prefix``, sorted."""
+        return sorted(name for name in self._registry if name.startswith(prefix))
+
     def __len__(self) -> int:
         """Number of registered (alive) actors."""
         return len(self._registry)

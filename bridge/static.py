@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from actors.events import event_body, now_ms
+from actors.system import ActorSystem
 from node.auth import Principal, load_or_create_secret, mint_token
 from node.config import Settings
 
@@ -147,16 +148,12 @@ class StaticSite:
         )
 
 
-def _room_names(system: Any) -> list[str]:
-    """``tenant/room`` of the room actors alive on this node (read from the registry)."""
-    registry = getattr(system, "_registry", None)
-    if not isinstance(registry, dict):
-        return []
+def _room_names(system: ActorSystem) -> list[str]:
+    """``tenant/room`` of the room actors alive on this node."""
     names = []
-    for name in list(registry):
-        if isinstance(name, str) and name.startswith("room:"):
-            tenant, _, room = name[5:].partition(":")
-            names.append(room if tenant == STATS_TENANT else f"{tenant}/{room}")
+    for name in system.names("room:"):
+        tenant, _, room = name[5:].partition(":")
+        names.append(room if tenant == STATS_TENANT else f"{tenant}/{room}")
     return sorted(names)
 
 
