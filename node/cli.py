@@ -125,7 +125,7 @@ def _banner(node: Any) -> str:
     )
     return "\n".join([
         f"rtnode {node.name} ready",
-        f"  http       {base}  (/healthz /readyz /metrics)",
+        f"  http       {base}  (console /, /rtnode.js, /healthz /readyz /metrics)",
         f"  websocket  {base.replace('http', 'ws', 1)}/ws    sse {base}/sse    api {base}/api",
         (f"  mqtt       {'mqtts' if http.ssl_context else 'mqtt'}://{s.host}:{node.mqtt.port}"
          "  (devices: client id = username = device id, password = device JWT)")
