@@ -451,7 +451,7 @@ class ConnectionActor(Actor):
         expires = principal.expires_in()
         connected: dict[str, Any] = {
             "type": "connected", "client_id": self.client_id, "node": self.ctx.node_name,
-            "heartbeat_s": self.settings.heartbeat_s,
+            "heartbeat_s": _number(self.settings.heartbeat_s),
             "expires_in_s": None if expires is None else int(expires),
             "rooms": auto,
         }
@@ -744,3 +744,7 @@ class ConnectionActor(Actor):
         self._reply(frame.id, {"type": "presence", "room": frame.room, "members": members,
                                "unique_users": unique})
 
+
+def _number(value: float) -> float | int:
+    """25.0 -> 25: whole numbers go out as integers."""
+    return int(value) if float(value).is_integer() else value
