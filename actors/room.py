@@ -29,6 +29,7 @@ from node.errors import CodecError
 from node.protocol import cbor_loads_strict, error_frame
 
 __all__ = [
+    "CheckGap",
     "Join",
     "Leave",
     "Membership",
@@ -95,6 +96,17 @@ class Leave:
     """Remove a member (no reply; the connection answers ``left`` itself)."""
 
     member: Membership
+
+
+@dataclass(frozen=True, slots=True)
+class CheckGap:
+    """The live feed may have lost events (e.g. after a NATS reconnect): compare with the store
+    and read back what is missing, even if no later live event reveals the gap."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Latest:
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +220,13 @@ class RoomActor(Actor):
             self._on_replay_done(message)
         elif isinstance(message, _RepairDone):
             self._on_repair_done(message)
+        elif isinstance(message, CheckGap):
+            self._spawn(self._check_gap(), "check-gap")
+        elif isinstance(message, _Latest):
+            if message.seq > self.last_seq and not self._repairing:
+                self._repairing = True
+                self.counters.gap_repairs += 1
+                self._spawn(self._repair(self.last_seq, message.seq + 1), "repair")
         else:
             raise TypeError(f"unexpected message {type(message).__name__}")
         return None
@@ -231,6 +250,14 @@ class RoomActor(Actor):
             self._spawn(self._repair(self.last_seq, msg.seq), "repair")
             return
         self._deliver(msg.seq, msg.body)
+
+    async def _check_gap(self) -> None:
+        try:
+            latest = await self.store.last_seq(self.tenant, self.room)
+        except StoreError as exc:
+            log.warning("! room %s: gap check failed: %s", self.room, exc)
+            return
+        self.ref.tell(_Latest(latest))
 
     async def _trim(self, keep: int) -> None:
         try:

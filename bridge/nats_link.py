@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -87,6 +88,8 @@ class NatsLink:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.epoch = ""
+        # Called after every reconnect: what was published meanwhile never came live.
+        self.on_reconnected: list[Callable[[], None]] = []
 
     @property
     def nc(self) -> NATS:
@@ -208,6 +211,11 @@ class NatsLink:
     async def _on_reconnected(self) -> None:
         nc = self._nc
         log.info("= NATS reconnected to %s", nc.connected_url if nc else "?")
+        for callback in self.on_reconnected:
+            try:
+                callback()
+            except Exception:
+                log.exception("! reconnect hook failed")
 
     async def __aenter__(self) -> NatsLink:
         await self.connect()

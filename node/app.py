@@ -15,6 +15,7 @@ from actors import ActorSystem
 from actors.connection import NodeContext, Shutdown
 from actors.events import event_body
 from actors.ports import LiveMessage
+from actors.room import CheckGap
 from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
 from bridge.mqtt import MqttBridge
@@ -124,6 +125,7 @@ class Node:
                 connect_timeout_s=s.nats_connect_timeout_s,
             )
             await self._stack.enter_async_context(self.nats)
+            self.nats.on_reconnected.append(self._check_rooms)
             self.store = JetStreamRoomStore(self.nats)
             await self.store.start()
             self._stack.push_async_callback(self.store.stop)
@@ -172,6 +174,14 @@ class Node:
         except BaseException:
             await self._stack.aclose()
             raise
+
+    def _check_rooms(self) -> None:
+        """After a NATS reconnect every room compares itself with the stream."""
+        for name in self.system.names("room:"):
+            ref = self.system.get(name)
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    ref.tell(CheckGap())
 
     def _member_vanished(self, tenant: str, room: str, member: dict[str, Any]) -> None:
         """A member whose node died: its presence key expired. Tell the local watchers."""
