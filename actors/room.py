@@ -77,7 +77,10 @@ class Membership:
     presence: bool = False
     cursor: int = 0
     replaying: bool = False
-    held: list[tuple[int | None, dict[str, Any]]] = field(default_factory=list)
+    # Live frames that arrived during the replay, with the room's per-codec encodings of each:
+    # members joining together still cost one encoding per codec per event.
+    held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] = field(
+        default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +334,7 @@ class RoomActor(Actor):
             if presence_only and not member.presence:
                 continue
             if member.replaying:
-                member.held.append((seq, frame))
+                member.held.append((seq, frame, encoded))
                 continue
             if seq is not None:
                 if seq <= member.cursor:
@@ -359,6 +362,13 @@ class RoomActor(Actor):
         """Decide recovery and read what the member missed, up to ``target`` (delivered live)."""
         member = join.member
         try:
+            if join.since_seq is not None:
+                # A recovering member: the stream may be ahead of what this room has delivered
+                # (events in flight on the live path, or a live path that was down). Replay up
+                # to the stream's latest; what arrives live later is skipped by its cursor.
+                # (A plain join keeps the room's own position, in order with the frames the
+                # same client sent after it: its own publishes reach it.)
+                target = max(target, await self.store.last_seq(self.tenant, self.room))
             recovered, events = await self._recovery(join, target)
             done = _ReplayDone(member, join, target, recovered, events)
         except StoreError as exc:
@@ -429,10 +439,13 @@ class RoomActor(Actor):
         self.counters.replayed += len(events)
         held, member.held = member.held, []
         member.replaying = False
-        for seq, frame in held:
+        for seq, frame, encoded in held:
             if seq is not None:
                 if seq <= member.cursor:
                     continue
                 member.cursor = seq
-            outbox.push(codec.encode(frame))
+            data = encoded.get(codec.name)
+            if data is None:
+                data = encoded[codec.name] = codec.encode(frame)
+            outbox.push(data)
 
