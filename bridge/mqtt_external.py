@@ -42,6 +42,16 @@ DURABLE = "RTNODE_MQTT_OUT"
 _ROOM_RE = re.compile(ROOM_PATTERN)
 
 
+def _session_properties() -> Any:
+    """MQTT 5 CONNECT properties: keep the session 5 minutes after a disconnect."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 300
+    return props
+
+
 def parse_broker_url(url: str) -> tuple[str, int, str | None, str | None, bool]:
     """``mqtt[s]://[user[:password]@]host[:port]`` -> (host, port, user, password, tls).
 
@@ -104,7 +114,12 @@ class ExternalMqtt:
                     identifier=f"rtnode-{self.ctx.node_name}",
                     protocol=aiomqtt.ProtocolVersion.V5, keepalive=30,
                     tls_params=aiomqtt.TLSParameters() if self.tls else None,
+                    # A session that outlives a dropped connection: uplinks the broker sent
+                    # but we never acknowledged are sent again after we reconnect.
+                    clean_start=False, properties=_session_properties(),
                 ) as client:
+                    # Acknowledge an uplink to the broker only once it is stored (below).
+                    client._client.manual_ack_set(True)
                     await client.subscribe("$share/rtnode/rooms/+/up", qos=1)
                     self._client = client
                     self.connected = True
@@ -112,7 +127,13 @@ class ExternalMqtt:
                     attempt = 0
                     log.info("= connected to MQTT broker %s:%s", self.host, self.port)
                     async for message in client.messages:
-                        await self._uplink(message.topic.value, bytes(message.payload))
+                        stored = await self._uplink(message.topic.value, bytes(message.payload))
+                        if not stored:
+                            # Not stored and worth another try: no ack; reconnecting makes
+                            # the broker resend it.
+                            raise aiomqtt.MqttError("uplink not stored; reconnecting")
+                        if message.qos:
+                            client._client.ack(message.mid, message.qos)
             except aiomqtt.MqttError as exc:
                 log.warning("! MQTT broker %s:%s: %s", self.host, self.port, exc)
             finally:
@@ -122,7 +143,9 @@ class ExternalMqtt:
             attempt += 1
             await asyncio.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))
 
-    async def _uplink(self, topic: str, payload: bytes) -> None:
+    async def _uplink(self, topic: str, payload: bytes) -> bool:
+        """Store one uplink. False only when the store failed (retry it); a refused payload
+        is dropped, counted and True (there is no negative ack to send)."""
         room = topic[6:-3] if topic.startswith("rooms/") and topic.endswith("/up") else ""
         try:
             if not _ROOM_RE.match(room):
@@ -136,11 +159,11 @@ class ExternalMqtt:
             sender = device if isinstance(device, str) and 0 < len(device) <= 128 else "mqtt"
         except ProtocolError:
             self.refused += 1
-            return
+            return True
         assert frame.type == "publish"
         if frame.event.startswith("presence:"):
             self.refused += 1
-            return
+            return True
         who = Principal(sub=sender, tenant=self.tenant, kind="device")
         body = event_body(room, frame.event, frame.data, who, None, frame.msg_id)
         try:
@@ -148,10 +171,10 @@ class ExternalMqtt:
                                          dedupe_key(who, room, frame.msg_id),
                                          self.ctx.settings.event_ttl(room))
         except StoreError as exc:
-            self.refused += 1
             log.warning("! uplink to %s not stored: %s", room, exc)
-            return
+            return False
         self.uplinks += 1
+        return True
 
     # -- downlinks -------------------------------------------------------------------------
 
