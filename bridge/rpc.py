@@ -30,6 +30,7 @@ log = logging.getLogger("bridge.rpc")
 
 _QUEUE = "rtnode"
 _UNSUBSCRIBE_GRACE_S = 2.0
+_NO_RESPONDERS_RETRY_S = 0.1
 
 
 def rpc_subject(tenant: str, target: str) -> str:
@@ -137,13 +138,22 @@ class NatsRpc:
         Raises:
             RpcError: 4004 target offline, 4504 timed out, or the target's own error.
         """
-        try:
-            msg = await self.link.nc.request(
-                rpc_subject(tenant, target), cbor2.dumps(request), timeout=timeout)
-        except NoRespondersError:
-            raise RpcError(4004, "rpc target offline", retry=True) from None
-        except (TimeoutError, NatsTimeout):
-            raise RpcError(4504, "rpc timed out", retry=True) from None
+        subject, payload = rpc_subject(tenant, target), cbor2.dumps(request)
+        deadline = asyncio.get_running_loop().time() + timeout
+        for attempt in range(2):
+            try:
+                left = max(0.01, deadline - asyncio.get_running_loop().time())
+                msg = await self.link.nc.request(subject, payload, timeout=left)
+                break
+            except NoRespondersError:
+                # Interest in a target that has just connected may not have reached every
+                # server yet (routes propagate subscriptions asynchronously): look once more.
+                if attempt == 0 and deadline - asyncio.get_running_loop().time() > 0.2:
+                    await asyncio.sleep(_NO_RESPONDERS_RETRY_S)
+                    continue
+                raise RpcError(4004, "rpc target offline", retry=True) from None
+            except (TimeoutError, NatsTimeout):
+                raise RpcError(4504, "rpc timed out", retry=True) from None
         try:
             answer = cbor_loads_strict(msg.data)
         except CodecError:
