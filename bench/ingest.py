@@ -53,8 +53,13 @@ from bench.fanout import (  # the same process handling as the fan-out bench
     _cmdline,
     _cpu_seconds,
     _http_get,
+    _log_lines,
+    _ms,
+    _run_loop,
+    _size,
     _spawn,
     _stop,
+    _terminated,
 )
 from node.auth import mint_token
 from node.nats_server import free_port
@@ -745,22 +750,6 @@ _BANNER = ("rtnode bench ready", "  http ", "  websocket ", "  nats ", "  dev to
            "  mqtt ", "rtnode bench stopped")
 
 
-def _log_lines(path: Path, start: int = 0, end: int | None = None) -> list[str]:
-    try:
-        data = path.read_bytes()[start:end]
-    except OSError:
-        return []
-    return [line for line in data.decode(errors="replace").splitlines()
-            if line.strip() and not line.startswith(_BANNER)]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 _COUNTERS = (
     "rtnode_published", "rtnode_events_in", "rtnode_events_delivered", "rtnode_live_dropped",
     "rtnode_gap_repairs", "rtnode_events_replayed", "rtnode_slow_consumer_disconnects",
@@ -790,42 +779,6 @@ def _scrape(base: str) -> dict[str, float]:
                         "rtnode_actor_restarts") and number:
             out[metric + brace + labels] = number
     return out
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _run_loop(coro: Any) -> None:
-    """Run ``coro`` on uvloop when installed; SIGTERM cancels it and raises KeyboardInterrupt."""
-    runner: Any = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
-    interrupted = False
-
-    async def guarded() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop() -> None:
-            nonlocal interrupted
-            interrupted = True
-            task.cancel()
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
-        await coro
-
-    try:
-        runner(guarded())
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-    finally:
-        signal.signal(signal.SIGTERM, _terminated)
-    if interrupted:
-        raise KeyboardInterrupt
 
 
 def run_ingest(cfg: IngestConfig) -> IngestResult:
@@ -889,10 +842,6 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
 
 def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.1f}"
 
 
 def _ranges(indices: list[int]) -> str:
