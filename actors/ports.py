@@ -82,18 +82,23 @@ class RoomStore(Protocol):
         """Keep only the room's latest ``keep`` events. Raises StoreError."""
 
     async def last_seq(self, tenant: str, room: str) -> int:
-        """The latest stored seq of the room, 0 if none."""
+        """The latest acknowledged seq of the room, 0 if none (never a stale replica's)."""
 
     async def read(
         self, tenant: str, room: str, after: int, limit: int, *, before: int | None = None
     ) -> list[StoredEvent]:
-        """Up to ``limit`` events with ``after < seq`` (and ``seq < before``), ascending."""
+        """Up to ``limit`` events with ``after < seq`` (and ``seq < before``), ascending;
+        complete: every acknowledged event in that range, up to ``limit``."""
+
+    async def count(self, tenant: str, room: str) -> int:
+        """How many events of the room are stored (exact)."""
 
     async def count_from(self, tenant: str, room: str, seq: int) -> int:
-        """How many stored events of the room have a seq >= ``seq``."""
+        """About how many stored events of the room have a seq >= ``seq`` (a hint: it may
+        lag behind the latest publishes)."""
 
     async def has(self, tenant: str, room: str, seq: int) -> bool:
-        """Whether event ``seq`` is stored and belongs to the room."""
+        """Whether event ``seq`` is stored and belongs to the room (exact)."""
 
     async def history(
         self, tenant: str, room: str, *, since: int | None, limit: int, reverse: bool

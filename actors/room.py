@@ -389,16 +389,15 @@ class RoomActor(Actor):
             if not await self.store.has(self.tenant, self.room, since):
                 return False, []  # the last event it saw was trimmed: more may have been
         else:
-            total = await self.store.count_from(self.tenant, self.room, 1)
+            total = await self.store.count(self.tenant, self.room)
             if self.settings.history_size and total >= self.settings.history_size:
                 return False, []  # the room may have been trimmed: cannot prove nothing was
-        # Count what lies after target first: publishes landing between the two counts then
-        # make ``missed`` an overestimate (read() stops at target anyway), never too small.
-        after_target = await self.store.count_from(self.tenant, self.room, target + 1)
-        missed = await self.store.count_from(self.tenant, self.room, since + 1) - after_target
-        if missed > self.settings.recovery_max:
+        # The read is complete up to target (the store checks it with the stream leader), so
+        # more than recovery_max events means too many; counts are never trusted for this.
+        events = await self.store.read(self.tenant, self.room, since,
+                                       self.settings.recovery_max + 1, before=target + 1)
+        if len(events) > self.settings.recovery_max:
             return False, []
-        events = await self.store.read(self.tenant, self.room, since, missed, before=target + 1)
         return True, events
 
     def _on_replay_done(self, done: _ReplayDone) -> None:

@@ -1,4 +1,15 @@
-"""A faster header parser for nats-py, installed by the node at start.
+"""Two patches to nats-py 2.16, installed by the node at start: a faster header parser, and
+a PONG handler that survives a timed-out flush.
+
+**PONG after a timed-out flush.** ``flush(timeout=...)`` queues a future for the server's PONG
+and cancels it when the timeout passes; the late PONG then meets a cancelled future and
+``set_result`` raises ``InvalidStateError`` inside the read loop, which stops reading: the
+connection stays "connected" but deaf (no messages, no acks) until the ping timer declares it
+stale. Seen after a 3 s stall of a nats-server: the node answered nothing for ~15 s. PONGs
+answer PINGs in order, so the oldest queued future is this PONG's own: a done (cancelled) one
+is simply dropped.
+
+**Headers.**
 
 nats-py 2.16 parses every message's headers with ``any(c.isspace() for c in key)`` per header
 name: a generator step per character. Every live event carries five headers (the stream's
@@ -37,6 +48,16 @@ def _parse_header_lines(raw: bytes) -> dict[str, str]:
     return out
 
 
+async def _process_pong(self: Client) -> None:
+    if self._pongs:
+        future = self._pongs.pop(0)
+        if not future.done():  # cancelled by a flush that timed out
+            future.set_result(True)
+        self._pongs_received += 1
+        self._pings_outstanding = 0
+
+
 def install() -> None:
-    """Replace nats-py's header parser (idempotent)."""
+    """Replace nats-py's header parser and PONG handler (idempotent)."""
     Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]
+    Client._process_pong = _process_pong  # type: ignore[method-assign]

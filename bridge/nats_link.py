@@ -1,8 +1,18 @@
 """The node's NATS connection and the room stream.
 
 ``NatsLink`` connects (retrying with backoff and jitter at start-up, since nats-py's first
-connect does not retry), keeps reconnecting for ever afterwards, creates or updates the
-``RTNODE_ROOMS`` stream at every start, and answers the readiness probe.
+connect does not retry), keeps reconnecting for ever afterwards, makes sure the
+``RTNODE_ROOMS`` stream exists with the configured limits, and answers the readiness probe.
+
+The stream's **epoch** (PROTOCOL.md section 2: a client's cursor is valid only within one
+epoch) is a random id stored in the stream's metadata when the stream is created, replicated
+with its configuration, and never derived from a timestamp: nats-server 2.14.0 rewrites the
+stream's ``created`` time on an idempotent ``add_stream`` (fixed in 2.14.5), so a creation
+time seen through different servers flapped and every resuming client got
+``recovered: false``. The stream is created only when it is missing (``add_stream`` then fails
+with 10058 if another node won the race, and the winner's epoch is adopted) and updated only
+when its limits differ, keeping its metadata. The epoch therefore changes exactly when the
+stream, and with it the room history, really was deleted and created again.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,17 +31,22 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from bridge import _nats_speedups
 from bridge.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 from node.errors import NatsUnavailable
 
-__all__ = ["NatsLink", "StreamSettings"]
+__all__ = ["EPOCH_KEY", "LEGACY_EPOCH", "NatsLink", "StreamSettings", "config_differs"]
 
 log = logging.getLogger("bridge.nats")
 
 _STREAM_NAME_IN_USE = 10058
+# The stream's metadata key holding its epoch.
+EPOCH_KEY = "rtnode_epoch"
+# The epoch given to a stream created before epochs lived in its metadata: a constant, so that
+# nodes upgrading at the same time all write the same value (metadata has no compare-and-set).
+LEGACY_EPOCH = "e0"
 # nats-py annotates this as int but sleeps on it: half a second keeps fail-over short.
 _RECONNECT_WAIT_S: Any = 0.5
 
@@ -132,9 +148,11 @@ class NatsLink:
                     allow_reconnect=False,
                     max_reconnect_attempts=1,
                     reconnect_time_wait=_RECONNECT_WAIT_S,
-                    # A link that dies silently (no FIN, no RST) is noticed within ~15 s,
-                    # not nats-py's default of minutes.
-                    ping_interval=5,
+                    # A link that dies or stalls silently (no FIN, no RST, a paused server)
+                    # is noticed within 6-8 s (3 unanswered pings 2 s apart) and the client
+                    # reconnects, not after nats-py's default of minutes. A stall shorter
+                    # than that (a 3 s pause) costs no reconnect.
+                    ping_interval=2,
                     max_outstanding_pings=3,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
@@ -159,21 +177,52 @@ class NatsLink:
             self._nc = nc
             break
         self._js = self._nc.jetstream(timeout=5)
-        info = await self.ensure_stream()
-        self.epoch = _epoch(info)
+        # JetStream may not answer yet (a cluster still electing its meta leader, a server
+        # just restarted): the stream set-up is retried within the same deadline as the
+        # connect, not given up after one 5 s request.
+        delay = 0.1
+        while True:
+            try:
+                self.epoch = await self.ensure_stream()
+                break
+            except Exception as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NatsUnavailable(
+                        f"JetStream did not set up stream {STREAM_NAME}: {exc or type(exc)}"
+                    ) from None
+                log.warning("! JetStream not ready (%s); retry in %.1f s",
+                            exc or type(exc).__name__, min(delay, left))
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 2.0)
         url = self._nc.connected_url
         log.info("= connected to NATS %s, stream %s epoch %s",
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
 
-    async def ensure_stream(self) -> StreamInfo:
-        """Create ``RTNODE_ROOMS``, or update it to the configured limits. Idempotent."""
+    async def ensure_stream(self) -> str:
+        """Create ``RTNODE_ROOMS`` if it is missing, or bring its limits to the configured ones.
+
+        Returns:
+            The stream's epoch (from its metadata).
+        """
         cfg = self.stream.config()
         try:
-            return await self.js.add_stream(cfg)
-        except BadRequestError as exc:
-            if exc.err_code != _STREAM_NAME_IN_USE:
-                raise
-            return await self.js.update_stream(cfg)
+            info = await self.js.stream_info(STREAM_NAME)
+        except NotFoundError:
+            cfg.metadata = {EPOCH_KEY: secrets.token_hex(8)}
+            try:
+                info = await self.js.add_stream(cfg)
+            except BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                # Another node created it first: its epoch is the stream's.
+                info = await self.js.stream_info(STREAM_NAME)
+        metadata = dict(info.config.metadata or {})
+        if EPOCH_KEY not in metadata or config_differs(info.config, cfg):
+            metadata.setdefault(EPOCH_KEY, LEGACY_EPOCH)
+            cfg.metadata = {k: v for k, v in metadata.items() if not k.startswith("_nats")}
+            info = await self.js.update_stream(cfg)
+        return _epoch(info)
 
     async def check(self, timeout: float = 2.0) -> str | None:
         """Readiness: None when NATS and JetStream answer, else the reason."""
@@ -184,7 +233,8 @@ class NatsLink:
         except Exception as exc:
             return f"JetStream not answering ({type(exc).__name__})"
         epoch = _epoch(info)
-        if epoch != self.epoch:
+        if epoch and epoch != self.epoch:
+            # Only a stream deleted and created again has another epoch in its metadata.
             log.warning("= stream %s recreated: epoch %s -> %s", STREAM_NAME, self.epoch, epoch)
             self.epoch = epoch
         return None
@@ -231,8 +281,24 @@ class NatsLink:
 
 
 def _epoch(info: StreamInfo) -> str:
-    """One life of the stream: its creation time, which changes when it is recreated."""
-    created = getattr(info, "created", None)
-    if created is None:
-        return "0"
-    return str(int(created.timestamp() * 1_000_000))
+    """One life of the stream: the random id in its metadata ("" when it has none yet)."""
+    return str((info.config.metadata or {}).get(EPOCH_KEY, ""))
+
+
+# The configuration fields the node sets, compared with what the server reports.
+_COMPARED = ("subjects", "storage", "num_replicas", "max_msgs_per_subject", "max_msg_size",
+             "allow_direct", "allow_msg_ttl", "description")
+
+
+def config_differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether ``current`` (as the server reports it) lacks one of ``wanted``'s settings."""
+    for name in _COMPARED:
+        if getattr(current, name, None) != getattr(wanted, name, None):
+            return True
+    for name in ("max_age", "duplicate_window"):  # seconds as floats, from nanoseconds
+        if abs(float(getattr(current, name, 0) or 0) - float(getattr(wanted, name, 0) or 0)) > 1e-3:
+            return True
+    cur, want = current.republish, wanted.republish
+    if (cur is None) != (want is None):
+        return True
+    return cur is not None and want is not None and (cur.src, cur.dest) != (want.src, want.dest)

@@ -7,11 +7,27 @@ before sending the next (serial acked publishes are ~10x slower here). Every pub
 
 Reads use JetStream direct gets (``$JS.API.DIRECT.GET``), batched and filtered on the room's
 subject: no consumer is created for a history page or a recovery.
+
+**Reads are checked against the stream leader.** Any replica answers a direct get, including
+a follower that is behind (seen: a follower resumed from a pause answered with 1 event where
+the leader had 11). A follower's store is always a prefix of the leader's (it applies the
+replicated log in order), so what a direct get returns is true, only possibly cut short. Hence:
+
+- ``last_seq`` and ``has`` ask the leader (``$JS.API.STREAM.MSG.GET``, which only the stream
+  leader answers);
+- ``read`` takes batches from any replica, and when it ends before its limit, asks the leader
+  for the room's next event after the last one it has: none (or one at or beyond ``before``)
+  proves the read complete; otherwise that event is taken from the leader's answer and the
+  read goes on from there. One extra round trip per read, to the leader (~0.2 ms on loopback);
+- counts (``Nats-Num-Pending``) are only hints, never the ground for "complete".
+
+So recovery, history, SSE resume and gap repair never decide from a stale answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import logging
@@ -31,6 +47,8 @@ __all__ = ["JetStreamRoomStore"]
 log = logging.getLogger("bridge.store")
 
 _BATCH = 256
+# STREAM.MSG.GET error codes: no such message (not an error for a read).
+_NO_MESSAGE_ERR_CODE = 10037
 _RETRYABLE_STATUS = {"503", "408"}
 # JetStream error codes that mean "ask again", not a refusal. 10158 "duplicate message id is in
 # process" (409): on a replicated stream, a copy of this Nats-Msg-Id is still being proposed,
@@ -98,6 +116,8 @@ class JetStreamRoomStore:
         self._sub: NatsSubscription | None = None
         self.retries = 0
         self.errors = 0
+        self.leader_reads = 0
+        self.stale_reads = 0  # reads a lagging replica cut short, completed from the leader
 
     @property
     def epoch(self) -> str:
@@ -258,30 +278,76 @@ class JetStreamRoomStore:
         except Exception as exc:
             raise StoreError(f"trim failed: {type(exc).__name__}") from None
 
+    async def leader_get(self, request: dict[str, Any],
+                         stream: str = STREAM_NAME) -> StoredEvent | None:
+        """One message as the stream leader has it (``$JS.API.STREAM.MSG.GET``), or None.
+
+        Only the stream leader answers this API, so the answer reflects every acknowledged
+        publish (unlike a direct get, which any replica answers).
+
+        Raises:
+            StoreError: No leader answered in time, or an error other than "no message".
+        """
+        try:
+            reply = await self.link.nc.request(
+                f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
+                timeout=self.read_timeout_s)
+        except Exception as exc:  # no responders (no leader yet), timeout, disconnected
+            raise StoreError(f"leader read failed: {type(exc).__name__}") from None
+        try:
+            answer: dict[str, Any] = json.loads(reply.data)
+        except ValueError:
+            raise StoreError("bad answer from JetStream") from None
+        err = answer.get("error")
+        if err:
+            if err.get("err_code") == _NO_MESSAGE_ERR_CODE:
+                return None
+            raise StoreError(f"leader read failed: {err.get('description', 'error')}")
+        message = answer.get("message") or {}
+        self.leader_reads += 1
+        data = message.get("data")
+        return StoredEvent(int(message["seq"]), base64.b64decode(data) if data else b"")
+
     async def last_seq(self, tenant: str, room: str) -> int:
-        batch = await self.direct_get({"last_by_subj": room_subject(tenant, room)})
-        return batch.events[-1].seq if batch.events else 0
+        """The room's latest seq, as the stream leader has it (0 if none)."""
+        ev = await self.leader_get({"last_by_subj": room_subject(tenant, room)})
+        return ev.seq if ev is not None else 0
+
+    async def count(self, tenant: str, room: str) -> int:
+        """How many events of the room the stream leader holds."""
+        subject = room_subject(tenant, room)
+        try:
+            info = await self.link.js.stream_info(STREAM_NAME, subjects_filter=subject)
+        except Exception as exc:
+            raise StoreError(f"count failed: {type(exc).__name__}") from None
+        return int((info.state.subjects or {}).get(subject, 0))
 
     async def count_from(self, tenant: str, room: str, seq: int) -> int:
+        """How many events of the room have a seq >= ``seq`` (any replica: a hint)."""
         batch = await self.direct_get(
             {"seq": max(seq, 1), "next_by_subj": room_subject(tenant, room), "batch": 1}
         )
         return batch.pending + 1 if batch.events else 0
 
     async def has(self, tenant: str, room: str, seq: int) -> bool:
+        """Whether event ``seq`` of the room is stored (asked of the stream leader)."""
         if seq <= 0:
             return False
-        batch = await self.direct_get(
-            {"seq": seq, "next_by_subj": room_subject(tenant, room), "batch": 1}
-        )
-        return bool(batch.events) and batch.events[0].seq == seq
+        ev = await self.leader_get({"seq": seq, "next_by_subj": room_subject(tenant, room)})
+        return ev is not None and ev.seq == seq
 
     async def read(
         self, tenant: str, room: str, after: int, limit: int, *, before: int | None = None
     ) -> list[StoredEvent]:
+        """Up to ``limit`` events with ``after < seq < before``, ascending, complete.
+
+        Batches come from any replica; a read that ends short is confirmed with the stream
+        leader (see the module's docstring), so a replica that is behind cannot cut it short.
+        """
         subject = room_subject(tenant, room)
         out: list[StoredEvent] = []
         start = after + 1
+        deadline = time.monotonic() + 6 * self.read_timeout_s
         while len(out) < limit:
             want = min(_BATCH, limit - len(out))
             batch = await self.direct_get({"seq": start, "next_by_subj": subject, "batch": want})
@@ -289,13 +355,23 @@ class JetStreamRoomStore:
                 if before is not None and ev.seq >= before:
                     return out
                 out.append(ev)
-            if not batch.events or batch.pending == 0 or len(batch.events) < want:
-                break
-            start = batch.events[-1].seq + 1
+            if batch.events:
+                start = batch.events[-1].seq + 1
+            if len(batch.events) == want:
+                continue  # a full batch: true as far as it goes, and there may be more
+            # Short: the end of the room, or a replica that is behind. The leader decides.
+            nxt = await self.leader_get({"seq": start, "next_by_subj": subject})
+            if nxt is None or (before is not None and nxt.seq >= before):
+                return out
+            self.stale_reads += 1
+            if time.monotonic() > deadline:
+                raise StoreError("read incomplete: replicas behind the leader")
+            out.append(nxt)
+            start = nxt.seq + 1
         return out
 
     async def _start_of_last(self, tenant: str, room: str, n: int, before: int | None) -> int:
-        """The smallest seq X such that at most ``n`` events lie in [X, before)."""
+        """A seq X such that about ``n`` events lie in [X, before) (counts are hints)."""
         tail = await self.count_from(tenant, room, before) if before else 0
 
         async def count(x: int) -> int:
@@ -318,8 +394,18 @@ class JetStreamRoomStore:
         if since is not None and not reverse:
             return await self.read(tenant, room, since, limit)
         before = since if reverse else None
+        if before is None:
+            # The end of the page is the room's last event as the leader has it.
+            before = await self.last_seq(tenant, room) + 1
         start = await self._start_of_last(tenant, room, limit, before)
-        events = await self.read(tenant, room, start - 1, limit, before=before)
+        events = await self.read(tenant, room, start - 1, 1_000_000, before=before)
+        # The start came from counts (hints): widen it backwards until the page is full or
+        # the room's beginning is reached; every piece read is complete.
+        while len(events) < limit and start > 1:
+            wider = max(1, start - 2 * max(limit, before - start))
+            events = await self.read(tenant, room, wider - 1, 1_000_000, before=start) + events
+            start = wider
+        events = events[-limit:] if limit > 0 else []
         return events[::-1] if reverse else events
 
     # -- live ------------------------------------------------------------------------------

@@ -69,6 +69,9 @@ class FakeStore:
     async def count_from(self, tenant: str, room: str, seq: int) -> int:
         return sum(1 for s, _ in self.events if s >= seq)
 
+    async def count(self, tenant: str, room: str) -> int:
+        return len(self.events)
+
     async def has(self, tenant: str, room: str, seq: int) -> bool:
         return any(s == seq for s, _ in self.events)
 
