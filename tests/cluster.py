@@ -2,7 +2,8 @@
 
 ``NatsCluster`` runs three bundled nats-server processes clustered on 127.0.0.1 (free client,
 cluster and monitor ports, one store directory each). A server can be killed (SIGKILL, by PID)
-and restarted on the same ports and store. ``TcpProxy`` is an asyncio TCP proxy in the test's
+and restarted on the same ports and store, or paused (SIGSTOP) and resumed (SIGCONT); a
+stream's leader can be asked to step down. ``TcpProxy`` is an asyncio TCP proxy in the test's
 event loop: ``cut()`` closes every current connection and refuses new ones, ``restore()``
 accepts again on the same port.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ class NatsCluster:
     def __init__(self, base: Path) -> None:
         self.base = base / "nats-cluster"
         self.servers = [_Server(i, self.base) for i in range(3)]
+        self.paused: set[int] = set()
 
     @property
     def urls(self) -> list[str]:
@@ -138,6 +142,69 @@ class NatsCluster:
             s.proc.kill()
             s.proc.wait(10)
             s.proc = None
+        self.paused.discard(i)
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP server ``i`` (by its PID): its sockets stay open, it answers nothing."""
+        s = self.servers[i]
+        assert s.proc is not None and s.proc.poll() is None, f"{s.name} is not running"
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        self.paused.add(i)
+
+    def resume(self, i: int) -> None:
+        """SIGCONT server ``i`` after :meth:`pause`."""
+        s = self.servers[i]
+        if s.proc is not None and s.proc.poll() is None:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        self.paused.discard(i)
+
+    def _stream_detail(self, i: int, stream: str) -> dict[str, Any] | None:
+        jsz = self.servers[i].monitor("/jsz?streams=true")
+        for account in (jsz or {}).get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == stream:
+                    return dict(detail)
+        return None
+
+    def stream_states(self, stream: str) -> dict[str, tuple[int, int] | None]:
+        """(messages, last_seq) of ``stream`` as each live, running server holds it."""
+        out: dict[str, tuple[int, int] | None] = {}
+        for s in self.servers:
+            if not self.alive(s.index) or s.index in self.paused:
+                continue
+            detail = self._stream_detail(s.index, stream)
+            state = (detail or {}).get("state") or {}
+            out[s.name] = (None if detail is None else
+                           (int(state.get("messages", 0)), int(state.get("last_seq", 0))))
+        return out
+
+    def stream_healthy(self, stream: str, replicas: int = 3) -> bool:
+        """``stream`` has a live leader whose ``replicas - 1`` followers are all current."""
+        leader = self.stream_leader(stream)
+        if leader is None or leader in self.paused:
+            return False
+        detail = self._stream_detail(leader, stream)
+        peers = ((detail or {}).get("cluster") or {}).get("replicas") or []
+        return len(peers) == replicas - 1 and all(p.get("current") for p in peers)
+
+    async def step_down(self, stream: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Ask ``stream``'s leader to step down (``$JS.API.STREAM.LEADER.STEPDOWN``); returns
+        the API's answer ({"success": true} or {"error": ...})."""
+        import nats  # the cluster's own users may not need a client
+
+        async def quiet(exc: Exception) -> None:
+            pass
+
+        urls = [s.url for s in self.servers if self.alive(s.index) and s.index not in self.paused]
+        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=1,
+                                allow_reconnect=False, error_cb=quiet)
+        try:
+            msg = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"",
+                                   timeout=timeout)
+            answer = json.loads(msg.data)
+            return answer if isinstance(answer, dict) else {"error": answer}
+        finally:
+            await nc.close()
 
     def restart(self, i: int, timeout: float = 20.0) -> None:
         """Start server ``i`` again on the same ports and store; wait until it is healthy."""
@@ -148,6 +215,8 @@ class NatsCluster:
         wait_until(lambda: http_get(health)[0] == 200, timeout, what=f"{s.name} health")
 
     def stop(self) -> None:
+        for i in list(self.paused):
+            self.resume(i)
         for s in self.servers:
             if s.proc is None:
                 continue

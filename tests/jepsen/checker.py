@@ -28,7 +28,8 @@ What is checked, and why it is enough for "nothing acknowledged is missed":
    event arrives on a connection before its ``joined``.
 3. ``recovered: false`` on a join with ``since`` is a failure unless the run allows resets
    (history trimmed or beyond ``recovery_max``; the fault test allows none), and every
-   ``joined`` names the same epoch (the stream is never recreated).
+   ``joined`` names the same epoch (the stream is never recreated). A subscriber that never
+   managed to join a room fails too (it would pass every delivery check vacuously).
 
 Comparing against the stream rather than against the acks is stronger: an event whose publish
 was ``unknown`` but that was stored must be delivered too. The harness makes sure the final
@@ -149,7 +150,9 @@ class Report:
     stale_joins: int
     recover_s: float | None
     problems: list[str]
+    healed_at: float | None = None
     figures: dict[str, object] = field(default_factory=dict)  # the harness's own
+    log: list[str] = field(default_factory=list)  # the harness's timeline (faults)
 
     @property
     def ok(self) -> bool:
@@ -160,7 +163,8 @@ class Report:
 
     def summary(self) -> dict[str, object]:
         s = self.storage
-        recover = "never" if self.recover_s is None else f"{self.recover_s:.2f} s"
+        recover = (f"{self.recover_s:.2f} s" if self.recover_s is not None else
+                   "no fault" if self.healed_at is None else "never (an acked event is missing)")
         return {
             "acked": s.acked, "failed": s.failed, "unknown": s.unknown,
             "unknown but stored": s.unknown_stored, "retried": s.retried,
@@ -180,6 +184,9 @@ class Report:
     def format(self, title: str = "jepsen") -> str:
         lines = [f"[{title}] {'PASS' if self.ok else 'FAIL'}"]
         lines += [f"  {key}: {value}" for key, value in self.summary().items()]
+        if self.log:
+            lines.append("  timeline:")
+            lines += [f"    {line}" for line in self.log]
         if self.problems:
             lines.append(f"  problems ({len(self.problems)}):")
             lines += [f"    - {p}" for p in self.problems[:40]]
@@ -318,7 +325,11 @@ def check_subscriber(history: SubscriberHistory, stored_seqs: Mapping[str, Seque
         if twice:
             r.duplicates += sum(n - 1 for n in twice.values())
             r.problems.append(f"{name} {room}: received more than once: {_seqs(twice)}")
-    for room, first in _first_cursors(history).items():
+    firsts = _first_cursors(history)
+    never = sorted(set(stored_seqs) - set(firsts))
+    if never:
+        r.problems.append(f"{name}: never joined {never}")
+    for room, first in firsts.items():
         missing = {s for s in stored_seqs.get(room, ()) if s > first} - set(got[room])
         resets = [j for j in room_joins[room] if j.since is not None and not j.recovered]
         covered = {s for s in missing
@@ -456,4 +467,4 @@ def check(publishes: Sequence[Publish], stored: Sequence[Stored],
     return Report(storage=storage, subscribers=results, epochs=epochs,
                   stale_joins=_stale_joins(publishes, histories),
                   recover_s=time_to_recover(publishes, histories, healed_at),
-                  problems=problems)
+                  problems=problems, healed_at=healed_at)

@@ -167,3 +167,8 @@ def test_the_report_lists_every_kind_of_problem() -> None:
     for needle in ("acked but not stored", "more than once", "recovered:false", "epoch",
                    "gaps: 0", "duplicates: 1"):
         assert needle in text, text
+
+
+def test_a_subscriber_that_never_joined_a_room_fails() -> None:
+    r = check_subscriber(_history(_join(0, 0)), {R: [1], "jp:r1": [2]})
+    assert any("never joined ['jp:r1']" in p for p in r.problems), r.problems

@@ -1,0 +1,169 @@
+"""The nemesis: one fault at a time, chosen by a seeded ``random.Random``, healed before the
+next, with the cluster and both nodes healthy again (or a bounded wait that gave up) between.
+
+Faults (kinds):
+
+- ``kill-nats``: kill -9 of a nats-server (the stream leader half of the time), restarted on
+  the same ports and store after 1-3 s;
+- ``pause-nats``: SIGSTOP of a nats-server (the leader half of the time) for 1-4 s, SIGCONT;
+- ``cut-link``: node B's NATS connections (it reaches NATS only through TCP proxies) cut for
+  2-5 s, new ones refused meanwhile;
+- ``kill-node``: kill -9 of node A or B, restarted on the same port after 0.5-2 s (its clients
+  move to the other node or wait);
+- ``step-down``: the stream leader asked to step down.
+
+Only processes this test started are signalled, by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bridge.subjects import STREAM_NAME
+from tests.cluster import NatsCluster, TcpProxy
+from tests.servers import NodeProcess
+
+__all__ = ["KINDS", "Fault", "Nemesis"]
+
+KINDS = ("kill-nats", "pause-nats", "cut-link", "kill-node", "step-down")
+LONGEST_FAULT_S = 6.0  # no fault starts later than this before the end
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    started: float  # monotonic
+    healed: float = 0.0  # the fault undone (restarted, resumed, restored)
+    healthy: float | None = None  # everything healthy again (None: the wait gave up)
+    note: str = ""
+
+    def describe(self, t0: float) -> str:
+        health = ("NOT healthy again" if self.healthy is None
+                  else f"healthy +{self.healthy - self.healed:.1f}s")
+        note = f" {self.note}" if self.note else ""
+        return (f"{self.started - t0:6.1f}s {self.kind:<10} {self.target:<8} "
+                f"{self.healed - self.started:4.1f}s, {health}{note}")
+
+
+class Nemesis:
+    def __init__(self, rng: random.Random, cluster: NatsCluster, proxies: Sequence[TcpProxy],
+                 nodes: Sequence[NodeProcess], *, kinds: Sequence[str] = KINDS,
+                 gap_s: tuple[float, float] = (1.0, 3.0), heal_timeout_s: float = 20.0) -> None:
+        self.rng = rng
+        self.cluster = cluster
+        self.proxies = list(proxies)
+        self.nodes = list(nodes)
+        self.kinds = list(kinds)
+        self.gap_s = gap_s
+        self.heal_timeout_s = heal_timeout_s
+        self.faults: list[Fault] = []
+
+    @property
+    def healed_at(self) -> float | None:
+        return self.faults[-1].healed if self.faults else None
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(f.kind for f in self.faults))
+
+    async def run(self, seconds: float) -> None:
+        """Faults until ``seconds`` from now (the last one healed before returning)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() + LONGEST_FAULT_S < end:
+            kind = self.rng.choice(self.kinds)
+            fault = await getattr(self, "_" + kind.replace("-", "_"))()
+            self.faults.append(fault)
+            fault.healthy = await self.wait_healthy(self.heal_timeout_s)
+            pause = min(self.rng.uniform(*self.gap_s), max(0.0, end - time.monotonic()))
+            await asyncio.sleep(pause)  # the quiet time between faults
+
+    async def wait_healthy(self, timeout: float) -> float | None:
+        """When the stream has a leader with current followers and both nodes are ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self._healthy):
+                return time.monotonic()
+            await asyncio.sleep(0.2)
+        return None
+
+    def _healthy(self) -> bool:
+        if not self.cluster.stream_healthy(STREAM_NAME):
+            return False
+        return all(n.readyz()[0] == 200 for n in self.nodes)
+
+    def _nats_target(self) -> int:
+        leader = self.cluster.stream_leader(STREAM_NAME)
+        if leader is not None and self.rng.random() < 0.5:
+            return leader
+        return self.rng.randrange(len(self.cluster.servers))
+
+    async def _kill_nats(self) -> Fault:
+        i = await asyncio.to_thread(self._nats_target)
+        fault = Fault("kill-nats", self.cluster.servers[i].name, time.monotonic())
+        self.cluster.kill(i)
+        await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+        try:
+            await asyncio.to_thread(self.cluster.restart, i, 20.0)
+        except AssertionError as exc:
+            fault.note = f"restart: {exc}"
+        fault.healed = time.monotonic()
+        return fault
+
+    async def _pause_nats(self) -> Fault:
+        i = await asyncio.to_thread(self._nats_target)
+        fault = Fault("pause-nats", self.cluster.servers[i].name, time.monotonic())
+        self.cluster.pause(i)
+        try:
+            await asyncio.sleep(self.rng.uniform(1.0, 4.0))
+        finally:
+            self.cluster.resume(i)
+        fault.healed = time.monotonic()
+        return fault
+
+    async def _cut_link(self) -> Fault:
+        fault = Fault("cut-link", "node B", time.monotonic())
+        for proxy in self.proxies:
+            await proxy.cut()
+        try:
+            await asyncio.sleep(self.rng.uniform(2.0, 5.0))
+        finally:
+            for proxy in self.proxies:
+                await proxy.restore()
+        fault.healed = time.monotonic()
+        return fault
+
+    async def _kill_node(self) -> Fault:
+        node = self.rng.choice(self.nodes)
+        fault = Fault("kill-node", node.name, time.monotonic())
+        proc = node.proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # our own child, by PID
+            await asyncio.to_thread(proc.wait, 10)
+        await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+        node.start()
+        try:
+            await asyncio.to_thread(node.wait_ready, 30)
+        except AssertionError as exc:
+            fault.note = f"restart: {str(exc)[:200]}"
+        fault.healed = time.monotonic()
+        return fault
+
+    async def _step_down(self) -> Fault:
+        leader = await asyncio.to_thread(self.cluster.stream_leader, STREAM_NAME)
+        name = "?" if leader is None else self.cluster.servers[leader].name
+        fault = Fault("step-down", name, time.monotonic())
+        try:
+            answer = await self.cluster.step_down(STREAM_NAME)
+            if not answer.get("success"):
+                fault.note = f"answer {answer}"
+        except Exception as exc:  # reported, not fatal: the run goes on
+            fault.note = f"step-down failed: {exc!r}"
+        fault.healed = time.monotonic()
+        return fault
