@@ -77,6 +77,8 @@ class ActorCell:
         self._dead_cls: type[ActorDeadError] = ActorDeadError
         self._dead_msg = f"actor {name!r} stopped"
         self._current: Envelope | None = None
+        # Producers parked in wait_for_room(): (level, future), woken once depth <= level.
+        self._room_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._backoff = Backoff(loop)
         self._task: asyncio.Task[None] | None = None
         self.ref: ActorRef[Any] = ActorRef(self)
@@ -121,6 +123,25 @@ class ActorCell:
             self._overflow(envelope)
             return
         mailbox.put(envelope)
+
+    async def wait_for_room(self, level: int) -> None:
+        """Wait until at most ``level`` messages are queued.
+
+        Raises:
+            ActorDeadError: the actor is stopping or stopped (also when it stops meanwhile).
+        """
+        if self._closed:
+            raise self._dead_error()
+        if len(self._mailbox) <= level:
+            return
+        future: asyncio.Future[None] = self.loop.create_future()
+        waiter = (level, future)
+        self._room_waiters.append(waiter)
+        try:
+            await future
+        finally:
+            if waiter in self._room_waiters:
+                self._room_waiters.remove(waiter)
 
     def request_stop(self, *, drain: bool) -> None:
         """Stop accepting messages and make the task wind down (does not wait)."""
@@ -186,9 +207,24 @@ class ActorCell:
         if self._closed:
             return
         self._closed = True
+        # A producer waiting for room would otherwise wait forever: nothing is taken any more.
+        self._wake_room_waiters()
         # Synchronous, in the same loop step as the decision: a get_or_spawn right after
         # this creates a fresh actor instead of returning one that is going away.
         self._host._cell_closed(self)
+
+    def _wake_room_waiters(self) -> None:
+        depth = len(self._mailbox)
+        waiters = self._room_waiters
+        for waiter in list(waiters):
+            level, future = waiter
+            if self._closed or depth <= level:
+                waiters.remove(waiter)
+                if not future.done():
+                    if self._closed:
+                        future.set_exception(self._dead_error())
+                    else:
+                        future.set_result(None)
 
     def _fail_pending(self) -> None:
         dropped_tells = 0
@@ -284,6 +320,8 @@ class ActorCell:
             while mailbox and handled < batch_size:
                 envelope = mailbox.popleft()
                 handled += 1
+                if self._room_waiters:  # one falsy check per message when nobody waits
+                    self._wake_room_waiters()
                 error = await self._handle(envelope)
                 if error is not None and not await self._recover(error, "on_receive"):
                     return

@@ -217,6 +217,13 @@ class ConnectionActor(Actor):
     kind = "connection"
     mailbox_size = 1024
     on_overflow = Overflow.CALLBACK
+    # Flow control of the client's input (bridge/ws.py, bridge/mqtt.py): its bridge tells
+    # frames while fewer than inbound_high are queued, then stops reading the socket until the
+    # actor is down to inbound_low (ActorRef.wait_for_room; the client's TCP window then slows
+    # it down). The other 512 slots are for the actor's own messages: timers, results of
+    # background work, rpc requests, a shutdown; only those can overflow the mailbox.
+    inbound_high = 512
+    inbound_low = 256
 
     def __init__(
         self,
@@ -293,7 +300,9 @@ class ConnectionActor(Actor):
         self.transport.close(4500, "internal error")
 
     def on_mailbox_full(self, message: Any) -> None:
-        # A client sending faster than it is served: it is cut off, not queued without bound.
+        # Client frames never get here (their bridge waits for room, see inbound_high): this is
+        # a flood of the actor's own messages (e.g. rpc requests from other clients). It is cut
+        # off rather than queued without bound.
         if not self.closing:
             self.closing = True
             self._loop.call_soon(self._close_now, 4009, "too many frames", True)

@@ -38,6 +38,26 @@ class ActorRef(Generic[A]):
         """True while the actor accepts messages (False once stopping or stopped)."""
         return self._cell.is_alive
 
+    @property
+    def queued(self) -> int:
+        """Number of messages waiting in the mailbox."""
+        return self._cell.depth
+
+    async def wait_for_room(self, level: int) -> None:
+        """Wait until at most ``level`` messages are queued (flow control for a producer).
+
+        A producer reading from a socket checks ``queued`` before each ``tell()``; at a high
+        mark it waits here for a lower ``level`` (hysteresis: one wake-up per many messages
+        handled, not one per message), and meanwhile stops reading its socket.
+
+        Args:
+            level: the queue depth to wait for; returns at once when already there.
+
+        Raises:
+            ActorDeadError: the actor is stopping or stopped, now or while waiting.
+        """
+        await self._cell.wait_for_room(level)
+
     def tell(self, message: Any) -> None:
         """Queue a message without waiting.
 

@@ -14,6 +14,13 @@ Two faces, usable together:
 
 A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetStream, in the
 order received: a device that got its PUBACK knows the event is durable.
+
+Input is flow-controlled like a WebSocket's: packets are handled in order while the device's
+actor has fewer than ``inbound_high`` messages queued; then the socket is paused, and the rest
+waits until the actor is down to ``inbound_low``. Closing writes what is due, then half-closes
+(FIN) and reads and discards the device's input until it closes too (at most
+``_CLOSE_DRAIN_S``): closing a socket with unread input resets it, and the device's TCP stack
+would drop our last frames (a ``disconnect`` on the tunnel).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any, cast
 import cbor2
 
 from actors.connection import ConnectionActor, Invalid, NodeContext, TransportClosed
-from actors.errors import ActorError
+from actors.errors import ActorDeadError, ActorError
 from actors.events import dedupe_key, event_body
 from actors.limits import TokenBucket
 from actors.outbox import Outbox
@@ -47,6 +54,8 @@ log = logging.getLogger("bridge.mqtt")
 
 _ROOM_RE = re.compile(ROOM_PATTERN)
 _CONNACK_NOT_AUTHORIZED = 5
+# After our FIN, the device's input is read and discarded for at most this long.
+_CLOSE_DRAIN_S = 5.0
 
 
 class _PlainCbor:
@@ -130,7 +139,7 @@ class MqttBridge:
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions.values()):
-            session.close("node stopping")
+            session.close("node stopping", drain=False)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
@@ -159,6 +168,11 @@ class _MqttSession(asyncio.Protocol):
         self.bucket: TokenBucket | None = None
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
+        self._pending: deque[Any] = deque()  # parsed packets waiting for room in the actor
+        self._stalled = False  # reading paused until the actor has room
+        self._end_reason: str | None = None  # close once the pending packets are handled
+        self._draining: asyncio.TimerHandle | None = None  # half-closed, discarding input
+        self._peer_eof = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -169,6 +183,8 @@ class _MqttSession(asyncio.Protocol):
         self._timer = loop.call_later(self.settings.connect_timeout_s, self._check_alive)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closing: input is only drained
         self.last_seen = time.monotonic()
         try:
             packets = self.parser.feed(data)
@@ -178,19 +194,60 @@ class _MqttSession(asyncio.Protocol):
             return
         except mq.MqttError as exc:
             log.debug("! %s: bad MQTT packet: %s", self.client_id or "?", exc)
-            for packet in exc.packets:  # what came before the bad bytes still counts
-                if not self.closed:
-                    self._handle(packet)
-            self.close("protocol error")
-            return
-        for packet in packets:
-            if self.closed:
+            packets = exc.packets  # what came before the bad bytes still counts
+            self._end_reason = "protocol error"
+        self._pending.extend(packets)
+        if not self._stalled:
+            self._run()
+
+    def eof_received(self) -> bool | None:
+        self._peer_eof = True
+        if not self.closed and (self._stalled or self._pending):
+            # The device half-closed with packets still waiting for room: handle them first.
+            self._end_reason = self._end_reason or "end of input"
+            return True  # keep the transport open for their replies
+        return None
+
+    def _run(self) -> None:
+        """Handle pending packets in order while the actor has room, else pause reading."""
+        pending = self._pending
+        high = ConnectionActor.inbound_high
+        while pending and not self.closed:
+            ref = self.ref
+            if ref is not None and ref.queued >= high:
+                self._stall(ref)
                 return
-            self._handle(packet)
+            self._handle(pending.popleft())
+        pending.clear()
+        if self._end_reason is not None:
+            self.close(self._end_reason)
+
+    def _stall(self, ref: Any) -> None:
+        self._stalled = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(
+            self._unstall(ref), name=f"mqtt[{self.client_id}].unstall")
+
+    async def _unstall(self, ref: Any) -> None:
+        try:
+            await ref.wait_for_room(ConnectionActor.inbound_low)
+        except ActorDeadError:
+            self._pending.clear()  # the connection is ending: nothing will handle them
+        self._stalled = False
+        self.last_seen = time.monotonic()  # our own pause is not the device's silence
+        if self.closed:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._run()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._draining is not None:
+            self._draining.cancel()
+            self._draining = None
         if not self.closed:
             self.closed = True
             if self.will is not None:
@@ -203,20 +260,54 @@ class _MqttSession(asyncio.Protocol):
         return self.transport.get_write_buffer_size() if self.transport else 0
 
     def send_publish(self, topic: str, payload: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines((mq.publish_header(topic, len(payload)), payload))
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._draining is None:
+            transport.writelines((mq.publish_header(topic, len(payload)), payload))
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        # Nothing after our FIN (half-closed while draining: a write would raise).
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._draining is None:
+            transport.write(data)
 
-    def close(self, reason: str) -> None:
-        """Close the device's connection (no will is sent for a close of ours)."""
+    def close(self, reason: str, *, drain: bool = True) -> None:
+        """Close the device's connection (no will is sent for a close of ours).
+
+        Args:
+            reason: For the log.
+            drain: Half-close and discard the device's input until it closes too (at most
+                ``_CLOSE_DRAIN_S``), so that what was written reaches it; False closes at once.
+        """
         if not self.closed:
             self.closed = True
             log.debug("x %s: %s", self.client_id or "?", reason)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        self._pending.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not drain or self._peer_eof or not transport.can_write_eof():  # TLS: no half-close
+            if self._draining is not None:
+                self._draining.cancel()
+                self._draining = None
+            transport.close()
+            return
+        if self._draining is not None:
+            return
+        transport.write_eof()  # FIN after what is buffered; the device's close ends it
+        if self._stalled:
+            transport.resume_reading()  # read (and discard) what the device still sends
+        self._draining = asyncio.get_running_loop().call_later(
+            _CLOSE_DRAIN_S, self._drain_expired, transport)
+
+    def _drain_expired(self, transport: asyncio.Transport) -> None:
+        self._draining = None
+        if not transport.is_closing():
+            # Still unread output after 5 s: the device does not read; abort (close would
+            # wait for the flush forever).
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def _end(self) -> None:
         if self.principal is not None:
@@ -234,10 +325,11 @@ class _MqttSession(asyncio.Protocol):
         if self.closed:
             return
         if self.principal is None:
-            self.close("no CONNECT in time")
+            self.close("no CONNECT in time", drain=False)  # nothing to deliver
             return
         if self.keepalive:
-            idle = time.monotonic() - self.last_seen
+            # While reading is paused by us, the device's silence is not its fault.
+            idle = 0.0 if self._stalled else time.monotonic() - self.last_seen
             if idle > self.keepalive * 1.5:
                 self.closed = True  # an expired keepalive publishes the will (MQTT 3.1.2.10)
                 if self.will is not None:

@@ -4,6 +4,12 @@ Outbound messages are written as ready-made WebSocket frames straight to the soc
 server frames are not masked, so the bytes a room encoded once need only a 2-10 byte header per
 connection, and no coroutine runs per recipient. Control frames (ping, pong, close) stay with
 aiohttp.
+
+Input is flow-controlled: while the connection's actor has ``inbound_high`` messages queued, the
+reader stops reading (aiohttp then pauses the socket once 128 KiB are buffered), so a fast
+client is slowed by TCP, never cut. Closing sends the close frame, then reads and discards the
+client's input until its close frame comes back (at most ``_CLOSE_DRAIN_S``): a socket closed
+with unread input is reset, and the reset makes the client's TCP stack discard our close frame.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ log = logging.getLogger("bridge.ws")
 
 _OP_TEXT = 0x1
 _OP_BINARY = 0x2
-_CLOSE_TIMEOUT_S = 2.0
+# After our close frame, the client's input is read and discarded for at most this long while
+# waiting for its close frame (a client busy sending sees ours once it reads).
+_CLOSE_DRAIN_S = 5.0
+# Then what we wrote gets this long to reach a client that does not read, before an abort.
+_CLOSE_FLUSH_S = 2.0
 
 
 def ws_frame_header(opcode: int, length: int) -> bytes:
@@ -51,6 +61,7 @@ class _WsTransport:
         self.raw = transport
         self.opcode = _OP_BINARY if binary else _OP_TEXT
         self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
 
     def write_message(self, payload: bytes) -> None:
         if self._closing or self.raw.is_closing():
@@ -64,18 +75,36 @@ class _WsTransport:
         if self._closing:
             return
         self._closing = True
-        asyncio.get_running_loop().create_task(self._close(code, reason), name="ws.close")
+        self._close_task = asyncio.get_running_loop().create_task(
+            self._close(code, reason), name="ws.close")
+
+    async def closed(self) -> None:
+        """Wait until a close begun by :meth:`close` is over (at once if none was)."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
 
     async def _close(self, code: int, reason: str) -> None:
+        # The close frame follows what the outbox wrote (the disconnect frame) on the same
+        # transport. drain=False: the client's input is read (and discarded) at once, without
+        # first waiting for it to read ours; aiohttp reads until the client's close frame, for
+        # at most the response's timeout (_CLOSE_DRAIN_S), then closes the transport.
         try:
             await asyncio.wait_for(
-                self.ws.close(code=code, message=reason.encode()[:120]), _CLOSE_TIMEOUT_S
+                self.ws.close(code=code, message=reason.encode()[:120], drain=False),
+                _CLOSE_DRAIN_S + _CLOSE_FLUSH_S,
             )
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
-        finally:
-            if not self.raw.is_closing():
-                self.raw.abort()  # a peer that does not read cannot hold the socket open
+        raw = self.raw
+        if not raw.is_closing():
+            raw.close()
+        # A closing transport sends what it holds, then FIN; a client that never reads would
+        # hold it open, so it gets _CLOSE_FLUSH_S (polled every 50 ms), then an abort.
+        for _ in range(int(_CLOSE_FLUSH_S / 0.05)):
+            if not raw.get_write_buffer_size():
+                return
+            await asyncio.sleep(0.05)
+        raw.abort()
 
 
 class WebSocketBridge:
@@ -99,6 +128,7 @@ class WebSocketBridge:
         if self.ctx.draining:
             return web.json_response({"code": 4503, "reason": "node draining"}, status=503)
         ws = web.WebSocketResponse(
+            timeout=_CLOSE_DRAIN_S,  # aiohttp's bound on reading after our close frame
             protocols=tuple(CODECS),
             heartbeat=s.heartbeat_s,
             # Messages above max_frame_bytes get a 4013 error frame from us; only far larger
@@ -122,29 +152,36 @@ class WebSocketBridge:
             self.open[codec.name] -= 1
             with contextlib.suppress(ActorDeadError):
                 ref.tell(TransportClosed())
+            # Returning hands the socket back to aiohttp, which would close it under a drain.
+            await conn.closed()
         return ws
 
     async def _read(self, ws: web.WebSocketResponse, ref: Any, codec: Any) -> None:
-        limit = self.settings.max_frame_bytes
+        high, low = ConnectionActor.inbound_high, ConnectionActor.inbound_low
         async for msg in ws:
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 break
-            data = msg.data
             try:
-                if len(data) > limit:
-                    ref.tell(Invalid(4013, "frame too large"))
-                    continue
-                try:
-                    frames = codec.decode(data)
-                except CodecError as exc:
-                    ref.tell(Invalid(exc.code, exc.reason))
-                    continue
-                for raw in frames:
-                    try:
-                        frame = parse_frame(raw)
-                    except ProtocolError as exc:
-                        ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw)))
-                        continue
-                    ref.tell(frame)
+                for item in self._decode(msg.data, codec):
+                    if ref.queued >= high:
+                        # Backpressure: no read while the actor catches up to `low`.
+                        await ref.wait_for_room(low)
+                    ref.tell(item)
             except ActorDeadError:
                 break
+
+    def _decode(self, data: str | bytes, codec: Any) -> list[Any]:
+        """One message's frames, or ``Invalid`` for what cannot be decoded or validated."""
+        if len(data) > self.settings.max_frame_bytes:
+            return [Invalid(4013, "frame too large")]
+        try:
+            frames = codec.decode(data)
+        except CodecError as exc:
+            return [Invalid(exc.code, exc.reason)]
+        items: list[Any] = []
+        for raw in frames:
+            try:
+                items.append(parse_frame(raw))
+            except ProtocolError as exc:
+                items.append(Invalid(exc.code, exc.reason, request_id_of(raw)))
+        return items

@@ -339,18 +339,6 @@ async def test_volatile_events_live_throttled_not_stored(make_node) -> None:
     assert ev["room"] == cur and "seq" not in ev
 
 
-async def test_frame_flood_is_cut_off_and_cleaned_up(make_node) -> None:
-    node = await make_node()
-    c = await RawClient.connected(ws_url(node))
-    await c.send(*[{"type": "ping"} for _ in range(2000)])  # one message, 2000 frames
-    code, frames = await c.closed()
-    assert code == 4009
-    assert frames[-1] == {"type": "disconnect", "code": 4009, "reason": "too many frames",
-                          "reconnect": True}
-    await asyncio.wait_for(node.ctx.index.wait_empty(), 5)
-    assert node.system.stats()["connection"].actors == 0
-
-
 async def test_heartbeat_closes_a_silent_peer(make_node) -> None:
     """A peer that answers no ping (a raw socket that never reads frames) is closed."""
     import base64

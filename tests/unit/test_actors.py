@@ -537,3 +537,43 @@ async def test_a_crashing_actor_leaves_others_running() -> None:
         assert await survivor.ask("x") == "x"
         assert survivor.is_alive
         assert len(system) == 1
+
+
+async def _parked_with(system: ActorSystem, *messages: Any) -> tuple[Probe, ActorRef[Any],
+                                                                    asyncio.Event]:
+    """A recorder parked in a handler with ``messages`` queued behind it."""
+    probe, factory = recorder()
+    ref = system.spawn(factory)
+    gate = await block(ref)
+    for message in messages:
+        ref.tell(message)
+    return probe, ref, gate
+
+
+async def test_wait_for_room_parks_a_producer_until_the_queue_is_low_enough() -> None:
+    async with ActorSystem() as system:
+        probe, ref, gate = await _parked_with(system, *range(10))
+        assert ref.queued == 10
+        await ref.wait_for_room(10)  # already there: no wait
+        waiting = asyncio.create_task(ref.wait_for_room(4))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        gate.set()
+        await waiting
+        assert ref.queued <= 4
+        assert await ref.ask("get") == list(range(10))
+        assert probe.received == list(range(10))
+
+
+async def test_wait_for_room_fails_when_the_actor_stops() -> None:
+    async with ActorSystem() as system:
+        _, ref, gate = await _parked_with(system, "a", "b")
+        waiting = asyncio.create_task(ref.wait_for_room(0))
+        await asyncio.sleep(0)
+        stopping = asyncio.create_task(ref.stop(drain=False))
+        with pytest.raises(ActorDeadError):
+            await waiting
+        gate.set()
+        await stopping
+        with pytest.raises(ActorDeadError):
+            await ref.wait_for_room(5)
