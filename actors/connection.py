@@ -56,6 +56,8 @@ __all__ = [
     "ConnectionIndex",
     "Invalid",
     "NodeContext",
+    "PlainJoin",
+    "PlainLeave",
     "Shutdown",
     "TransportClosed",
 ]
@@ -190,8 +192,28 @@ class _RpcExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class PlainJoin:
+    """Join ``room`` for a plain subscriber (MQTT ``rooms/<room>``): the room's events go to
+    ``transport`` in ``codec``, not to the connection's frames. Like any membership of the
+    connection, it rejoins from its cursor when the room actor is rebuilt, and ends with the
+    connection. Silent: the bridge answered the subscription itself."""
+
+    room: str
+    codec: Any
+    transport: ConnTransport
+
+
+@dataclass(frozen=True, slots=True)
+class PlainLeave:
+    """End the plain subscription to ``room`` (nothing if there is none)."""
+
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
 class _RoomLost:
     room: str
+    plain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +268,9 @@ class ConnectionActor(Actor):
         self.connected = False
         self.closing = False
         self.rooms: dict[str, Membership] = {}
+        # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
+        # join the same room on its tunnel.
+        self.plain: dict[str, Membership] = {}
         now = time.monotonic()
         self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, now)
         self.errors = ErrorWindow(self.settings.max_errors_per_min)
@@ -281,6 +306,8 @@ class ConnectionActor(Actor):
             if self.connected:
                 self._presence_off(room, member, announce=True)
         self.rooms.clear()
+        for room in list(self.plain):
+            self._plain_leave(room)
         if self.principal is not None and self.connected:
             self.ctx.index.remove(self.principal, self.client_id)
             if self.ctx.rpc is not None:
@@ -322,6 +349,9 @@ class ConnectionActor(Actor):
     def _on_room_lost(self, room: str) -> None:
         self._tell(_RoomLost(room))
 
+    def _on_plain_room_lost(self, room: str) -> None:
+        self._tell(_RoomLost(room, plain=True))
+
     def _spawn(self, coro: Any, name: str) -> None:
         task = self._loop.create_task(coro, name=f"conn[{self.client_id}].{name}")
         self._tasks.add(task)
@@ -361,7 +391,14 @@ class ConnectionActor(Actor):
         elif isinstance(message, _Expired):
             self._disconnect(4010, "token expired", True)
         elif isinstance(message, _RoomLost):
-            self._rejoin(message.room)
+            if message.plain:
+                self._rejoin_plain(message.room)
+            else:
+                self._rejoin(message.room)
+        elif isinstance(message, PlainJoin):
+            self._plain_join(message)
+        elif isinstance(message, PlainLeave):
+            self._plain_leave(message.room)
         elif isinstance(message, _RpcIn):
             self._rpc_in(message)
         elif isinstance(message, _RpcExpired):
@@ -574,6 +611,43 @@ class ConnectionActor(Actor):
         log.info("= %s rejoins %s from seq %s", self.client_id, room, member.cursor)
         self._join_room(room, member.cursor, self.ctx.store.epoch, None,
                         presence=member.presence, silent=True)
+
+    def _plain_join(self, msg: PlainJoin) -> None:
+        principal = self.principal
+        if principal is None or not self.connected:
+            return
+        if not principal.can("join", msg.room):
+            # The bridge checked it for its SUBACK; rights are checked on every action.
+            log.warning("! %s: plain subscription to %s refused", self.client_id, msg.room)
+            return
+        if msg.room in self.plain:
+            return  # a repeated SUBSCRIBE replaces the subscription: the membership goes on
+        outbox = Outbox(msg.codec, msg.transport, limit=self.settings.slow_consumer_bytes,
+                        on_slow=self._on_slow)
+        self._join_plain_room(msg.room, outbox, None)
+
+    def _join_plain_room(self, room: str, outbox: Outbox, since: int | None) -> None:
+        member = Membership(self.client_id, outbox, self._on_plain_room_lost)
+        self.plain[room] = member
+        epoch = None if since is None else self.ctx.store.epoch
+        self._tell_room(room, Join(member, since, epoch, None, silent=True))
+
+    def _rejoin_plain(self, room: str) -> None:
+        member = self.plain.get(room)
+        if member is None:
+            return
+        # A first join lost before its replay ended delivered nothing (cursor 0): it starts
+        # live again, as it began, rather than replaying the room from its first event.
+        since = None if member.replaying and not member.cursor else member.cursor
+        log.info("= %s rejoins %s (plain) from seq %s", self.client_id, room, since)
+        self._join_plain_room(room, member.outbox, since)
+
+    def _plain_leave(self, room: str) -> None:
+        member = self.plain.pop(room, None)
+        if member is not None:
+            self._tell_room(room, Leave(member))
+            member.outbox.flush()  # what the room already delivered still goes out
+            member.outbox.close()
 
     def _leave(self, frame: LeaveFrame) -> None:
         member = self.rooms.pop(frame.room, None)

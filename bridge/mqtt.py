@@ -10,7 +10,9 @@ Two faces, usable together:
 
 * the tunnel: protocol frames (CBOR) on ``rtnode/v1/<client_id>/in`` and ``/out``;
 * plain topics: ``rooms/<room>/up`` (a CBOR map {event, data, msg_id?}, stored like a publish)
-  and ``rooms/<room>`` (a subscription is a join; each event arrives as a CBOR map).
+  and ``rooms/<room>`` (a subscription is a join of the device's own connection actor, with
+  its own outbox: it recovers from its cursor when the room actor is rebuilt, like any
+  membership; each event arrives as a CBOR map).
 
 A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetStream, in the
 order received: a device that got its PUBACK knows the event is durable.
@@ -36,13 +38,18 @@ from typing import Any, cast
 
 import cbor2
 
-from actors.connection import ConnectionActor, Invalid, NodeContext, TransportClosed
+from actors.connection import (
+    ConnectionActor,
+    Invalid,
+    NodeContext,
+    PlainJoin,
+    PlainLeave,
+    TransportClosed,
+)
 from actors.errors import ActorDeadError, ActorError
 from actors.events import dedupe_key, event_body
 from actors.limits import TokenBucket
-from actors.outbox import Outbox
 from actors.ports import StoreError
-from actors.room import Join, Leave, Membership
 from bridge import mqtt_codec as mq
 from node.auth import Principal
 from node.errors import AuthError, CodecError, ProtocolError
@@ -159,7 +166,7 @@ class _MqttSession(asyncio.Protocol):
         self.client_id = ""
         self.ref: Any = None
         self.tunnel: _TopicTransport | None = None
-        self.plain: dict[str, Membership] = {}
+        self.plain: set[str] = set()  # rooms subscribed on plain topics (for the SUBACKs)
         self.acks: deque[list[Any]] = deque()  # [packet_id, done, qos] in arrival order
         self.qos2_seen: set[int] = set()
         self.will: Any = None
@@ -315,9 +322,7 @@ class _MqttSession(asyncio.Protocol):
             if self.bridge.sessions.get(key) is self:
                 del self.bridge.sessions[key]
         if self.ref is not None:
-            for room, member in self.plain.items():
-                self._tell_room(room, Leave(member))
-            self.plain.clear()
+            self.plain.clear()  # the actor's stop ends its plain memberships
             with contextlib.suppress(ActorError):
                 self.ref.tell(TransportClosed())
 
@@ -508,11 +513,6 @@ class _MqttSession(asyncio.Protocol):
 
     # -- subscriptions ---------------------------------------------------------------------
 
-    def _tell_room(self, room: str, message: Any) -> None:
-        assert self.principal is not None
-        with contextlib.suppress(ActorError):
-            self.ctx.room_ref(self.principal.tenant, room).tell(message)
-
     def _on_subscribe(self, packet: Any) -> None:
         principal = self.principal
         assert principal is not None and self.tunnel is not None
@@ -534,23 +534,17 @@ class _MqttSession(asyncio.Protocol):
         self._write(mq.suback(packet.packet_id, granted))
 
     def _subscribe_plain(self, room: str) -> None:
-        old = self.plain.pop(room, None)
-        if old is not None:
-            self._tell_room(room, Leave(old))
-        transport = _TopicTransport(self, f"rooms/{room}")
-        outbox = Outbox(PLAIN_CBOR, transport, limit=self.settings.slow_consumer_bytes,
-                        on_slow=lambda: self.close("slow consumer"))
-        member = Membership(self.client_id, outbox, lambda _room: None)
-        self.plain[room] = member
-        self._tell_room(room, Join(member, silent=True))
+        self.plain.add(room)
+        with contextlib.suppress(ActorError):  # a stopping actor: the connection is ending
+            self.ref.tell(PlainJoin(room, PLAIN_CBOR, _TopicTransport(self, f"rooms/{room}")))
 
     def _on_unsubscribe(self, packet: Any) -> None:
         assert self.tunnel is not None
         for topic_filter in packet.topics:
             if topic_filter == self.tunnel.topic:
                 self.tunnel.enabled = False
-            elif topic_filter.startswith("rooms/"):
-                member = self.plain.pop(topic_filter[6:], None)
-                if member is not None:
-                    self._tell_room(topic_filter[6:], Leave(member))
+            elif topic_filter.startswith("rooms/") and topic_filter[6:] in self.plain:
+                self.plain.discard(topic_filter[6:])
+                with contextlib.suppress(ActorError):
+                    self.ref.tell(PlainLeave(topic_filter[6:]))
         self._write(mq.unsuback(packet.packet_id))

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import nats
@@ -27,7 +28,7 @@ import pytest
 
 from bridge.subjects import STREAM_NAME
 from tests.cluster import NatsCluster
-from tests.servers import NodeProcess, wait_until
+from tests.servers import NatsProcess, NodeProcess, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ async def _stepdown_to(cluster: NatsCluster, target: int) -> None:
     nc = await nats.connect(servers=[s.url for i, s in enumerate(cluster.servers)
                                      if cluster.alive(i)], connect_timeout=2)
     try:
-        for _ in range(20):
+        for _ in range(60):  # a restarted peer must catch up before it may lead
             await asyncio.to_thread(
                 wait_until, lambda: cluster.stream_leader(STREAM_NAME) is not None, 15)
             if cluster.stream_leader(STREAM_NAME) == target:
@@ -63,8 +64,7 @@ async def _stepdown_to(cluster: NatsCluster, target: int) -> None:
                                  body.encode(), timeout=5)
             except Exception:  # an election in progress: ask again
                 pass
-            await asyncio.to_thread(
-                wait_until, lambda: cluster.stream_leader(STREAM_NAME) is not None, 15)
+            await asyncio.sleep(0.5)  # polling the cluster's state, bounded by the loop
         raise AssertionError(f"stream leader never moved to n{target}")
     finally:
         await nc.close()
@@ -110,18 +110,20 @@ async def test_the_epoch_holds_through_restarts_and_leader_moves(
         epoch, since = joined["epoch"], joined["seq"]
         await first.close()
 
-        # Restart node A (a second create of the stream), then kill -9 and restart a follower
-        # and move the stream's leadership onto it.
-        a.stop()
-        a = _node(tmp_path, "ea2", cluster.urls)
-        await asyncio.to_thread(a.wait_ready, 30)
-        leader = cluster.stream_leader(STREAM_NAME)
-        follower = next(i for i in range(3) if i != leader)
-        cluster.kill(follower)
-        await asyncio.to_thread(cluster.restart, follower)
-        await _stepdown_to(cluster, follower)
-        for _ in range(5):  # the readiness probe is where the old code switched epochs
-            await asyncio.to_thread(b.wait_ready, 30)
+        # Restart node A (a second create of the stream), then kill -9 and restart each
+        # follower in turn and move the stream's leadership onto it; node B's readiness probe
+        # (where the old code switched epochs) runs after each move.
+        for round_ in range(2):
+            a.stop()
+            a = _node(tmp_path, f"ea{round_}", cluster.urls)
+            await asyncio.to_thread(a.wait_ready, 30)
+            leader = cluster.stream_leader(STREAM_NAME)
+            for follower in [i for i in range(3) if i != leader]:
+                cluster.kill(follower)
+                await asyncio.to_thread(cluster.restart, follower)
+                await _stepdown_to(cluster, follower)
+                await asyncio.to_thread(b.wait_ready, 30)
+                assert "stream recreated" not in b.log(), b.log()
 
         seqs = await _publish(a.ws_url, room, 10, "ep")
         joined, got = await _rejoin(b.ws_url, room, since, epoch, 10, "watcher")
@@ -138,8 +140,9 @@ async def test_recovery_never_trusts_a_replica_that_is_behind(
         tmp_path: Path, cluster: NatsCluster) -> None:
     a = _node(tmp_path, "sa", cluster.urls)
     await asyncio.to_thread(a.wait_ready, 30)
-    leader = await asyncio.to_thread(
-        wait_until, lambda: cluster.stream_leader(STREAM_NAME), 15)
+    await asyncio.to_thread(
+        wait_until, lambda: cluster.stream_leader(STREAM_NAME) is not None, 15)
+    leader = cluster.stream_leader(STREAM_NAME)
     follower = next(i for i in range(3) if i != leader)
     others = [s.url for i, s in enumerate(cluster.servers) if i != follower]
     # Node B reaches NATS through the follower's server only; node A through the others.
@@ -180,3 +183,47 @@ async def test_recovery_never_trusts_a_replica_that_is_behind(
     finally:
         for node in (a, b, a2):
             node.stop()
+
+
+async def test_a_3s_pause_of_nats_leaves_the_node_deaf_no_longer_than_the_pause(
+        tmp_path: Path) -> None:
+    """While the node's only nats-server is paused (SIGSTOP) for 3 s, a client connects (its
+    rpc routes are confirmed by a flush that times out after 2 s). nats-py used to kill its
+    read loop on the late PONG, and the node then answered nothing for ~15 s. Now, once the
+    server resumes, a publish is acked and delivered within a few seconds."""
+    nats_server = NatsProcess(tmp_path / "nats").start()
+    node = NodeProcess(tmp_path / "node", "--nats-url", nats_server.url, *FAST, name="pz",
+                       env={"RTNODE_JWT_SECRET": SECRET}).start()
+    try:
+        await asyncio.to_thread(node.wait_ready, 30)
+        room = unique("pause")
+        member = await RawClient.connected(node.ws_url, token("member"))
+        assert (await member.request({"type": "join", "room": room}))["type"] == "joined"
+        pub = await RawClient.connected(node.ws_url, token("pub"))
+        assert nats_server.proc is not None
+        pid = nats_server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # A connect during the stall: its rpc routes' flush times out (2 s).
+            late = asyncio.create_task(RawClient.connected(node.ws_url, token("late")))
+            await asyncio.sleep(3.0)  # the length of the pause itself
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        # Within the pause plus a few seconds: acked, and delivered to the member.
+        reply = await pub.request({"type": "publish", "room": room, "event": "e", "data": 1,
+                                   "msg_id": "after-pause"}, timeout=6)
+        assert reply["type"] == "published", reply
+        [event] = await member.events(1, room, timeout=6)
+        assert event["seq"] == reply["seq"]
+        # The connection opened during the stall works too.
+        late_client = await asyncio.wait_for(late, 10)
+        assert (await late_client.request({"type": "join", "room": room}, timeout=6))["type"] \
+            == "joined"
+        print(f"\n[3 s NATS pause] publish acked and delivered "
+              f"{time.monotonic() - resumed:.2f} s after the server resumed")
+        for c in (member, pub, late_client):
+            await c.close()
+    finally:
+        node.stop()
+        nats_server.stop()

@@ -1,0 +1,121 @@
+"""A room actor that crashes is rebuilt, and every kind of member carries on from its cursor:
+browsers (WebSocket), tunnel devices and plain MQTT subscribers (``rooms/<room>``) alike.
+
+Real node (in-process, so the test can reach its room actor), real nats-server, real clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomqtt
+import cbor2
+import pytest
+
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+BEFORE, DURING, AFTER = 5, 5, 5
+
+
+class _Poison:
+    """A message no room handles: its handler raises, and the actor is restarted."""
+
+
+def _device(node: Any, dev: str) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", node.mqtt.port, identifier=dev, username=dev,
+                          password=token(dev, kind="device"))
+
+
+async def _mqtt_events(client: aiomqtt.Client, n: int, *, tunnel: bool,
+                       timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The next ``n`` room events a device receives (tunnel: ``event`` frames only)."""
+    out: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            frame = cbor2.loads(message.payload)
+            if tunnel and frame.get("type") != "event":
+                continue
+            out.append(frame)
+            if len(out) == n:
+                return out
+    raise AssertionError("message stream ended")
+
+
+async def test_every_member_kind_recovers_after_its_room_actor_crashes(make_node) -> None:
+    node = await make_node()
+    room = unique("crash")
+    browser = await RawClient.connected(ws_url(node), token("viewer"))
+    assert (await browser.request({"type": "join", "room": room}))["type"] == "joined"
+    publisher = await RawClient.connected(ws_url(node), token("pub"))
+    async with _device(node, "tun-1") as tunnel, _device(node, "plain-1") as plain:
+        await tunnel.subscribe("rtnode/v1/tun-1/out", qos=0)
+        await tunnel.publish("rtnode/v1/tun-1/in", cbor2.dumps(
+            {"type": "join", "id": 1, "room": room}), qos=1)
+        [joined] = await _mqtt_events(tunnel, 1, tunnel=False)
+        assert joined["type"] == "joined", joined
+        await plain.subscribe(f"rooms/{room}", qos=0)
+
+        async def publish(data: Any) -> int:
+            reply = await publisher.request({"type": "publish", "room": room, "event": "n",
+                                             "data": data})
+            assert reply["type"] == "published", reply
+            return int(reply["seq"])
+
+        # The SUBACK comes before the device's actor has joined the room: once an event reaches
+        # the plain subscriber, every member is in. Events up to that one are left out.
+        start = await publish("warm-up")
+        while True:
+            try:
+                [first] = await _mqtt_events(plain, 1, tunnel=False, timeout=0.5)
+            except TimeoutError:
+                start = await publish("warm-up")
+                continue
+            if first["seq"] == start:
+                break
+
+        seqs = [await publish(i) for i in range(BEFORE)]
+        ref = node.system.get(f"room:default:{room}")
+        assert ref is not None
+        restarts = node.system.stats()["room"].restarts
+        ref.tell(_Poison())
+        # Stored while the room actor is down (it restarts after a backoff of 0.1 s): the
+        # members' rejoins from their cursors must replay these.
+        seqs += [await publish(i) for i in range(BEFORE, BEFORE + DURING)]
+        # An ask is answered by the next instance (a failing ask does not crash an actor).
+        with pytest.raises(TypeError):
+            await ref.ask(_Poison(), timeout=10)
+        assert node.system.stats()["room"].restarts == restarts + 1
+        assert ref.is_alive and node.system.get(f"room:default:{room}") is ref
+        seqs += [await publish(i) for i in range(BEFORE + DURING, BEFORE + DURING + AFTER)]
+
+        total = BEFORE + DURING + AFTER
+        expected = [(seq, i) for i, seq in enumerate(seqs)]
+        got_browser: list[dict[str, Any]] = []
+        while not got_browser or got_browser[-1]["seq"] < seqs[-1]:
+            got_browser += await browser.events(1, room)
+        got_tunnel: list[dict[str, Any]] = []
+        while not got_tunnel or got_tunnel[-1]["seq"] < seqs[-1]:
+            got_tunnel += await _mqtt_events(tunnel, 1, tunnel=True)
+        got_browser = [ev for ev in got_browser if ev["seq"] > start]
+        got_tunnel = [ev for ev in got_tunnel if ev["seq"] > start]
+        got_plain = await _mqtt_events(plain, total, tunnel=False)
+        for name, got in (("browser", got_browser), ("tunnel", got_tunnel),
+                          ("plain", got_plain)):
+            assert [(ev["seq"], ev["data"]) for ev in got] == expected, name
+        # Plain subscribers keep their wire format: the event frame's fields without type.
+        assert set(got_plain[0]) == {"room", "seq", "event", "data", "ts", "from"}
+        assert all(ev["type"] == "event" for ev in got_tunnel)
+        # Nothing more: no duplicate came after the last event.
+        check = await publish(total)
+        [after] = await _mqtt_events(plain, 1, tunnel=False)
+        assert after["seq"] == check
+        [after] = await _mqtt_events(tunnel, 1, tunnel=True)
+        assert after["seq"] == check
+        [after] = await browser.events(1, room)
+        assert after["seq"] == check
+    await browser.close()
+    await publisher.close()
