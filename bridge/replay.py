@@ -72,8 +72,8 @@ __all__ = ["ReplayConsumer", "ReplayError", "ReplayEvent", "connect_nats", "pars
 
 log = logging.getLogger("bridge.replay")
 
-_ROOM_CHARS = re.compile(r"^[A-Za-z0-9_:@=-]*$")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ROOM_CHARS = re.compile(r"[A-Za-z0-9_:@=-]*")  # with fullmatch: Python's $ matches before \n
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _META_TENANT = "rtnode_tenant"
 _META_ROOMS = "rtnode_rooms"
 
@@ -95,7 +95,7 @@ def parse_room_pattern(pattern: str) -> tuple[str, bool]:
     """
     wildcard = pattern.endswith("*")
     body = pattern[:-1] if wildcard else pattern
-    if (not wildcard and not body) or len(body) > 128 or not _ROOM_CHARS.match(body):
+    if (not wildcard and not body) or len(body) > 128 or not _ROOM_CHARS.fullmatch(body):
         raise ValueError(
             f"invalid room pattern {pattern!r}: a room name ([A-Za-z0-9_:@=-], up to 128) "
             "or a prefix ending in '*'"
@@ -235,9 +235,9 @@ class ReplayConsumer:
         max_ack_pending: int = 1000,
         fetch_timeout_s: float = 2.0,
     ) -> None:
-        if not _NAME.match(tenant):
+        if not _NAME.fullmatch(tenant):
             raise ValueError(f"invalid tenant {tenant!r}")
-        if not _NAME.match(durable):
+        if not _NAME.fullmatch(durable):
             raise ValueError(f"invalid durable name {durable!r}: letters, digits, '-', '_'")
         self._prefix, self._wildcard = parse_room_pattern(rooms)
         if not (isinstance(start, int | datetime) or start in ("all", "new")):
@@ -640,20 +640,29 @@ async def replay_room(
             return await js.subscribe(subject, stream=STREAM_NAME, ordered_consumer=True,
                                       deliver_policy=policy, config=cfg, idle_heartbeat=2.0)
 
+        async def newest_seq() -> int:
+            # Asked of the stream leader (not a direct get, which a lagging replica may
+            # answer): the end of a replay without --follow must include every acked event.
+            try:
+                return int((await js.get_msg(STREAM_NAME, subject=subject)).seq)
+            except NotFoundError:
+                return 0
+
+        target = 0 if follow else await newest_seq()
+        if not follow and target <= last_printed and since_time is None:
+            return 0
         sub = await subscribe(last_printed, since_time)
-        if not follow:
+        if not follow and since_time is not None:
             info = await sub.consumer_info()
             if info.num_pending == 0 and info.delivered.consumer_seq == 0:
-                return 0
+                return 0  # nothing stored since that time
         while True:
             try:
                 msg = await sub.next_msg(timeout=_STALL_CHECK_S)
             except TimeoutError:
                 # Nothing for a while: is the consumer stalled while the room moved on?
                 try:
-                    newest = (await js.get_msg(STREAM_NAME, subject=subject, direct=True)).seq
-                except NotFoundError:
-                    newest = 0
+                    newest = await newest_seq()
                 except Exception:
                     continue
                 if newest and newest > last_printed:
@@ -676,7 +685,9 @@ async def replay_room(
                     _quiet_stdout()
                     return 0
                 last_printed = seq
-            if not follow and msg.metadata.num_pending == 0:
+            # The consumer's num_pending comes from its own replica, which may lag: stop at
+            # the leader's newest seq instead.
+            if not follow and last_printed >= target:
                 return 0
     finally:
         if sub is not None:

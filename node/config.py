@@ -23,8 +23,8 @@ __all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "load_sett
 ENV_PREFIX = "RTNODE_"
 
 # Environment variables with our prefix that are not settings but are still allowed.
-_ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG"})
-_ENV_IGNORED_PREFIXES = ("RTNODE_TEST_",)
+_ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG", "RTNODE_NATS_SERVER"})
+_ENV_IGNORED_PREFIXES = ("RTNODE_TEST_", "RTNODE_JEPSEN_")
 
 CsvList = Annotated[list[str], NoDecode]
 

@@ -94,14 +94,26 @@ class _NodeCollector(Collector):
             ("rtnode_events_replayed", "Events replayed by recoveries", c.replayed),
             ("rtnode_gap_repairs", "Live gaps repaired from the stream", c.gap_repairs),
             ("rtnode_live_dropped", "Live messages dropped by a full room mailbox", c.live_dropped),
-            ("rtnode_published", "Events stored by publishes of this node", ctx.published),
+            ("rtnode_events_undeliverable", "Stored events skipped: not an event map",
+             c.undeliverable),
+            ("rtnode_published", "Events stored by publishes of this node, every door",
+             ctx.admission.stats.published),
             ("rtnode_slow_consumer_disconnects", "Connections cut as slow consumers",
              ctx.slow_consumers),
-            ("rtnode_rate_limited", "Publishes refused by the rate limit", ctx.rate_limited),
+            ("rtnode_rate_limited", "Publishes refused by the rate limit",
+             ctx.admission.stats.rate_limited),
+            ("rtnode_volatile_failed", "Volatile events not sent (NATS unavailable)",
+             ctx.admission.stats.volatile_failed),
         ):
             fam = CounterMetricFamily(name, help_)
             fam.add_metric([], value)
             yield fam
+        outcomes = CounterMetricFamily(
+            "rtnode_publishes", "Publishes by door and outcome (stored, duplicate, volatile, "
+            "or the refusal code)", labels=["door", "outcome"])
+        for (door, outcome), n in sorted(ctx.admission.stats.counts.items()):
+            outcomes.add_metric([door, outcome], n)
+        yield outcomes
         if node.store is not None:
             for name, help_, value in (
                 ("rtnode_jetstream_retries", "JetStream publish retries", node.store.retries),
@@ -137,11 +149,12 @@ class NodeMetrics:
         """Export the node's connection, room and store figures (read at scrape time)."""
         self.registry.register(_NodeCollector(node))
         self.publish_latency = Histogram(
-            "rtnode_publish_stored_seconds", "Time from a publish frame to its JetStream ack",
+            "rtnode_publish_stored_seconds",
+            "Time from a publish's admission to its JetStream ack, every door",
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
-        node.ctx.publish_latency = self.publish_latency.observe
+        node.ctx.admission.stats.latency = self.publish_latency.observe
 
     def gauge_fn(self, name: str, help_: str, fn: Callable[[], float]) -> None:
         """Export ``fn()`` as a gauge read at scrape time."""

