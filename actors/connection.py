@@ -13,13 +13,13 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.actor import Actor
+from actors.admission import Admission, Admitted, VolatilePublisher
 from actors.errors import ActorDeadError, ActorError
-from actors.events import dedupe_key, event_body, read_history
+from actors.events import event_body, read_history
 from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
 from actors.outbox import Outbox
@@ -49,6 +49,7 @@ from node.protocol import (
     Leave as LeaveFrame,
 )
 from node.rpc import RpcRegistry, default_registry
+from node.values import check_value
 
 __all__ = [
     "ConnTransport",
@@ -63,8 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("actors.connection")
-
-_RESERVED_EVENT_PREFIXES = ("presence:",)
 
 
 class ConnTransport(Protocol):
@@ -123,7 +122,8 @@ class ConnectionIndex:
 
 @dataclass
 class NodeContext:
-    """What every connection of a node shares: settings, keys, the store and the rooms."""
+    """What every connection of a node shares: settings, keys, the store and the rooms, and the
+    admission pipeline every door calls (``admission``, built from settings, store and feed)."""
 
     settings: Settings
     node_name: str
@@ -133,14 +133,15 @@ class NodeContext:
     feed: LiveFeed
     counters: RoomCounters = field(default_factory=RoomCounters)
     index: ConnectionIndex = field(default_factory=ConnectionIndex)
-    rate_limited: int = 0
     slow_consumers: int = 0
-    published: int = 0
     draining: bool = False
-    publish_latency: Callable[[float], None] = field(default=lambda seconds: None)
     presence: PresencePort | None = None
     rpc: RpcPort | None = None
     rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings, self.store, self.feed)
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
@@ -159,11 +160,12 @@ class NodeContext:
 
 @dataclass(frozen=True, slots=True)
 class Invalid:
-    """A frame the bridge could not decode or validate."""
+    """A frame the bridge could not decode or validate, or a request that failed later."""
 
     code: int
     reason: str
     request_id: str | int | None = None
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +283,9 @@ class ConnectionActor(Actor):
         self._joined_at = int(time.time() * 1000)
         self._rpc_pending: dict[str, tuple[str, asyncio.TimerHandle]] = {}
         self._rpc_ids = 0
-        self._volatile_last: dict[str, float] = {}
-        self._volatile_pending: dict[str, bytes] = {}
+        self._volatile = VolatilePublisher(ctx.admission,
+                                           self.settings.volatile_throttle_ms / 1000)
+        self._door = "ws" if transport.kind == "ws" else "tunnel"
 
     # -- life ------------------------------------------------------------------------------
 
@@ -300,6 +303,7 @@ class ConnectionActor(Actor):
             self._expiry.cancel()
         for task in self._tasks:
             task.cancel()
+        self._volatile.close()
         self.outbox.flush()
         for room, member in self.rooms.items():
             self._tell_room(room, Leave(member))
@@ -379,7 +383,11 @@ class ConnectionActor(Actor):
                 self._loop.create_task(self.ref.stop(drain=False))
             return None
         if isinstance(message, Invalid):
-            self._error(message.code, message.reason, message.request_id)
+            if not self.connected:
+                # PROTOCOL.md section 1: anything but a connect first ends the connection.
+                self._disconnect(message.code, message.reason, False)
+            else:
+                self._error(message.code, message.reason, message.request_id, message.retry)
         elif isinstance(message, TransportClosed):
             self.closing = True
             self._loop.create_task(self.ref.stop(drain=False))
@@ -659,26 +667,13 @@ class ConnectionActor(Actor):
     # -- publish and history ---------------------------------------------------------------
 
     def _publish(self, frame: Publish) -> None:
-        principal = self.principal
-        assert principal is not None
-        if not principal.can("publish", frame.room):
-            raise ProtocolError(4003, "no publish right on this room")
-        if frame.event.startswith(_RESERVED_EVENT_PREFIXES):
-            raise ProtocolError(4003, "event names starting with presence: are reserved")
-        if not self.bucket.take(time.monotonic()):
-            self.ctx.rate_limited += 1
-            raise ProtocolError(4009, "rate limited", retry=True)
-        body = event_body(frame.room, frame.event, frame.data, principal, self.client_id,
-                          frame.msg_id)
-        policy = self.settings.room_policy(frame.room)
-        if len(body) > policy.max_payload_bytes:
-            raise ProtocolError(4013, "event too large")
-        if policy.volatile or frame.event in self.settings.volatile_events:
-            self._publish_volatile(principal.tenant, frame.room, body)
+        admitted = self.ctx.admission.admit(self._door, self.principal, frame,
+                                            client_id=self.client_id, bucket=self.bucket)
+        if admitted.volatile:
+            self._volatile.publish(admitted)  # throttled per room: the latest of a burst wins
             self._reply(frame.id, {"type": "published", "room": frame.room})
             return
-        msg_id = dedupe_key(principal, frame.room, frame.msg_id)
-        self._spawn(self._store(frame, principal.tenant, body, msg_id), "publish")
+        self._spawn(self._store(admitted, frame.id), "publish")
 
     # -- rpc -------------------------------------------------------------------------------
 
@@ -699,6 +694,7 @@ class ConnectionActor(Actor):
             raise ProtocolError(4003, "no rpc right for this target")
         if frame.id is None:
             raise ProtocolError(4000, "an rpc needs an id")
+        check_value(frame.params, "params")  # the target may speak another codec
         self._spawn(self._call(frame, principal), "rpc")
 
     async def _call(self, frame: Rpc, principal: Principal) -> None:
@@ -707,6 +703,11 @@ class ConnectionActor(Actor):
             if frame.to == "server":
                 result = await asyncio.wait_for(
                     self.ctx.rpc_server.call(frame.method, frame.params, principal), timeout)
+                try:
+                    check_value(result, "result")
+                except ProtocolError as exc:
+                    log.error("! rpc method %s returned %s", frame.method, exc.reason)
+                    raise RpcError(4500, "rpc method failed", retry=True) from None
             elif self.ctx.rpc is None:
                 raise RpcError(4004, "rpc is not available")
             else:
@@ -729,6 +730,11 @@ class ConnectionActor(Actor):
         method = request.get("method")
         if not isinstance(method, str) or self.ctx.rpc is None:
             return
+        try:  # checked by the caller's node too; an older one may not have
+            check_value(request.get("params"), "params")
+        except ProtocolError as exc:
+            self.ctx.rpc.respond(msg.reply_to, {"error": {"code": 4000, "reason": exc.reason}})
+            return
         self._rpc_ids += 1
         rpc_id = f"r{self._rpc_ids}"
         timeout_ms = request.get("timeout_ms")
@@ -747,48 +753,25 @@ class ConnectionActor(Actor):
         if frame.error is not None:
             answer: dict[str, Any] = {"error": {"code": frame.error.code,
                                                 "reason": frame.error.reason}}
+            checked, where = frame.error.code, "error.code"
         else:
             answer = {"result": frame.result}
+            checked, where = frame.result, "result"
+        try:  # the caller may speak another codec
+            check_value(checked, where)
+        except ProtocolError:
+            self.ctx.rpc.respond(reply_to, {"error": {
+                "code": 4500, "reason": "rpc target sent an invalid reply", "retry": True}})
+            raise
         self.ctx.rpc.respond(reply_to, answer)
 
-    def _publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
-        """Send a volatile event, at most one per room per throttle window; the latest wins.
-
-        Within a window the newest event replaces any waiting one, and is sent when the
-        window ends: a burst of typing notices costs the room one event per window.
-        """
-        window = self.settings.volatile_throttle_ms / 1000
-        now = time.monotonic()
-        last = self._volatile_last.get(room, -window)
-        if now - last >= window and room not in self._volatile_pending:
-            self._volatile_last[room] = now
-            self._spawn(self.ctx.feed.publish_volatile(tenant, room, body), "volatile")
-            return
-        if room not in self._volatile_pending:
-            self._loop.call_later(last + window - now, self._flush_volatile, tenant, room)
-        self._volatile_pending[room] = body
-
-    def _flush_volatile(self, tenant: str, room: str) -> None:
-        body = self._volatile_pending.pop(room, None)
-        if body is not None and not self.closing:
-            self._volatile_last[room] = time.monotonic()
-            self._spawn(self.ctx.feed.publish_volatile(tenant, room, body), "volatile")
-
-    async def _store(self, frame: Publish, tenant: str, body: bytes, msg_id: str) -> None:
-        started = time.perf_counter()
+    async def _store(self, admitted: Admitted, request_id: Any) -> None:
         try:
-            seq, _duplicate = await self.ctx.store.publish(
-                tenant, frame.room, body, msg_id, self.settings.event_ttl(frame.room))
-        except StoreError as exc:
-            log.warning("! publish by %s to %s failed: %s", self.client_id, frame.room, exc)
-            if exc.retry:
-                self._tell(Invalid(4503, "event not stored, retry", frame.id))
-            else:
-                self._tell(Invalid(4500, "event refused by the store", frame.id))
+            seq = await self.ctx.admission.store(admitted)
+        except ProtocolError as exc:
+            self._tell(Invalid(exc.code, exc.reason, request_id, exc.retry))
             return
-        self.ctx.published += 1
-        self.ctx.publish_latency(time.perf_counter() - started)
-        self._reply(frame.id, {"type": "published", "room": frame.room, "seq": seq})
+        self._reply(request_id, {"type": "published", "room": admitted.room, "seq": seq})
 
     def _history(self, frame: History) -> None:
         assert self.principal is not None

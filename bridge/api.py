@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -32,11 +31,11 @@ from pydantic import (
 
 from actors.connection import NodeContext, Shutdown
 from actors.errors import ActorError
-from actors.events import dedupe_key, event_body, read_history
+from actors.events import read_history
 from actors.ports import StoreError
 from node.auth import Principal, TokenVerifier
 from node.errors import AuthError, ProtocolError
-from node.protocol import EVENT_PATTERN, JSON, ROOM_PATTERN
+from node.protocol import JSON, ROOM_PATTERN, json_loads_strict, publish_frame
 
 __all__ = [
     "API_KEY_PRINCIPAL",
@@ -45,7 +44,6 @@ __all__ = [
     "DisconnectBody",
     "HistoryQuery",
     "HttpApi",
-    "PublishBody",
     "RoomQuery",
     "authenticate",
     "bearer_token",
@@ -72,10 +70,7 @@ API_KEY_PRINCIPAL = Principal(sub="api", tenant="default", kind="service")
 DISCONNECT_CODE = 4001
 _DEFAULT_REASON = "disconnected by the server"
 _CTL_WILDCARD = "rt.ctl.*.disconnect"
-_RESERVED_EVENT_PREFIXES = ("presence:",)
 
-RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
-EventName = Annotated[StrictStr, Field(pattern=EVENT_PATTERN)]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -91,15 +86,6 @@ def ctl_disconnect_subject(tenant: str) -> str:
 class _Body(BaseModel):
     # JSON bodies: unknown fields ignored (newer backends may send more), known ones strict.
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-
-class PublishBody(_Body):
-    """``POST /api/publish``."""
-
-    room: RoomName
-    event: EventName
-    data: Any = None
-    msg_id: StrictStr | None = Field(default=None, min_length=1, max_length=128)
 
 
 class DisconnectBody(_Body):
@@ -151,21 +137,17 @@ def validate(model: type[M], data: Any) -> M:
         raise ProtocolError(4000, f"bad field {loc}: {err['msg']}") from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be one JSON object.
+    """Decode a request body that must be one JSON object, as strictly as a JSON frame
+    (``node.protocol.json_loads_strict``: UTF-8, no NaN or Infinity, no lone surrogate).
 
     Raises:
-        ProtocolError: 4000 when it is not valid JSON (NaN and Infinity included) or not an
-            object.
+        ProtocolError: 4000 when it is not valid JSON or not an object.
     """
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise ProtocolError(4000, "body is not valid JSON") from None
+        value = json_loads_strict(raw)
+    except ProtocolError as exc:
+        raise ProtocolError(4000, exc.reason.replace("message", "body", 1)) from None
     if not isinstance(value, dict):
         raise ProtocolError(4000, "body must be a JSON object")
     return value
@@ -334,37 +316,13 @@ class HttpApi:
         return {key: request.query[key] for key in request.query}  # first value of each
 
     async def _publish(self, request: web.Request, principal: Principal) -> dict[str, Any]:
-        body = validate(PublishBody, await self._body(request))
-        if body.event.startswith(_RESERVED_EVENT_PREFIXES):
-            raise ProtocolError(4003, "event names starting with presence: are reserved")
-        if not principal.can("publish", body.room):
-            raise ProtocolError(4003, "no publish right on this room")
-        event = event_body(body.room, body.event, body.data, principal, None, body.msg_id)
-        policy = self.settings.room_policy(body.room)
-        if len(event) > policy.max_payload_bytes:
-            raise ProtocolError(4013, "event too large")
-        tenant = principal.tenant
-        if policy.volatile or body.event in self.settings.volatile_events:
-            try:
-                await self.ctx.feed.publish_volatile(tenant, body.room, event)
-            except Exception as exc:  # NATS closed or its buffer full: nothing was sent
-                log.warning("! volatile publish to %s failed: %r", body.room, exc)
-                raise ProtocolError(4503, "event not sent, retry", retry=True) from None
+        admission = self.ctx.admission
+        admitted = admission.admit("api", principal, publish_frame(await self._body(request)),
+                                   client_id=None)
+        if admitted.volatile:
+            await admission.send_volatile(admitted)
             return {}  # volatile: no seq, as the WebSocket `published`
-        started = time.perf_counter()
-        try:
-            seq, _duplicate = await self.ctx.store.publish(
-                tenant, body.room, event, dedupe_key(principal, body.room, body.msg_id),
-                self.settings.event_ttl(body.room),
-            )
-        except StoreError as exc:
-            log.warning("! API publish to %s failed: %s", body.room, exc)
-            if exc.retry:
-                raise ProtocolError(4503, "event not stored, retry", retry=True) from None
-            raise ProtocolError(4500, "event refused by the store") from None
-        self.ctx.published += 1
-        self.ctx.publish_latency(time.perf_counter() - started)
-        return {"seq": seq}
+        return {"seq": await admission.store(admitted)}
 
     async def _history(self, request: web.Request, principal: Principal) -> dict[str, Any]:
         q = validate(HistoryQuery, self._query(request))

@@ -30,14 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from collections import deque
 from typing import Any, cast
 
-import cbor2
-
+from actors.admission import Admitted, VolatilePublisher
 from actors.connection import (
     ConnectionActor,
     Invalid,
@@ -47,19 +45,24 @@ from actors.connection import (
     TransportClosed,
 )
 from actors.errors import ActorDeadError, ActorError
-from actors.events import dedupe_key, event_body
 from actors.limits import TokenBucket
-from actors.ports import StoreError
 from bridge import mqtt_codec as mq
 from node.auth import Principal
 from node.errors import AuthError, CodecError, ProtocolError
-from node.protocol import CBOR, ROOM_PATTERN, cbor_loads_strict, parse_frame, request_id_of
+from node.protocol import (
+    CBOR,
+    ROOM_RE,
+    cbor_loads_strict,
+    parse_frame,
+    publish_frame,
+    request_id_of,
+)
 
 __all__ = ["PLAIN_CBOR", "MqttBridge"]
 
 log = logging.getLogger("bridge.mqtt")
 
-_ROOM_RE = re.compile(ROOM_PATTERN)
+_ROOM_RE = ROOM_RE  # ends in \Z: "rooms/<name>\n" is no room (use fullmatch)
 _CONNACK_NOT_AUTHORIZED = 5
 # After our FIN, the device's input is read and discarded for at most this long.
 _CLOSE_DRAIN_S = 5.0
@@ -72,7 +75,7 @@ class _PlainCbor:
     binary = True
 
     def encode(self, frame: Any) -> bytes:
-        return bytes(cbor2.dumps({k: v for k, v in frame.items() if k != "type"}))
+        return CBOR.encode({k: v for k, v in frame.items() if k != "type"})  # never fails
 
     def join(self, frames: list[bytes]) -> bytes:
         return b"".join(frames)
@@ -173,6 +176,8 @@ class _MqttSession(asyncio.Protocol):
         self.keepalive = 0
         self.last_seen = time.monotonic()
         self.bucket: TokenBucket | None = None
+        self.volatile = VolatilePublisher(self.ctx.admission,
+                                          self.settings.volatile_throttle_ms / 1000)
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
         self._pending: deque[Any] = deque()  # parsed packets waiting for room in the actor
@@ -317,6 +322,7 @@ class _MqttSession(asyncio.Protocol):
                 transport.close()
 
     def _end(self) -> None:
+        self.volatile.close()
         if self.principal is not None:
             key = (self.principal.tenant, self.client_id)
             if self.bridge.sessions.get(key) is self:
@@ -460,46 +466,43 @@ class _MqttSession(asyncio.Protocol):
             self.ref.tell(frame)
 
     def _uplink(self, room: str, payload: bytes, entry: list[Any] | None) -> bool:
-        """Store a plain uplink; returns False if it was refused (dropped and counted)."""
-        principal = self.principal
-        assert principal is not None and self.bucket is not None
-        if not _ROOM_RE.match(room) or not principal.can("publish", room):
-            self.bridge.refused_publishes += 1
-            return False
+        """Admit a plain uplink (``actors.admission``) and store it.
+
+        Returns:
+            True when its ack waits for the store; False when it is done: refused (dropped
+            and counted: MQTT 3.1.1 has no negative ack) or volatile (sent, never stored).
+        """
         try:
             raw = cbor_loads_strict(payload)
             if not isinstance(raw, dict):
                 raise ProtocolError(4000, "expected a map")
-            frame = parse_frame({"type": "publish", "room": room, "event": raw.get("event"),
-                                 "data": raw.get("data"), "msg_id": raw.get("msg_id")})
-        except ProtocolError:
-            self.bridge.bad_payloads += 1
+            admitted = self.ctx.admission.admit(
+                "mqtt", self.principal, publish_frame(raw, room), client_id=self.client_id,
+                bucket=self.bucket)
+        except ProtocolError as exc:
+            if exc.code == 4000:
+                self.bridge.bad_payloads += 1
+            else:
+                self.bridge.refused_publishes += 1
             return False
-        assert frame.type == "publish"
-        if frame.event.startswith("presence:") or not self.bucket.take(time.monotonic()):
-            self.bridge.refused_publishes += 1
+        if admitted.volatile:
+            self.volatile.publish(admitted)
             return False
-        body = event_body(room, frame.event, frame.data, principal, self.client_id,
-                          frame.msg_id)
-        if len(body) > self.settings.room_policy(room).max_payload_bytes:
-            self.bridge.refused_publishes += 1
-            return False
-        key = dedupe_key(principal, room, frame.msg_id)
-        asyncio.get_running_loop().create_task(self._store(principal.tenant, room, body, key,
-                                                           entry))
+        asyncio.get_running_loop().create_task(self._store(admitted, entry))
         return True
 
-    async def _store(self, tenant: str, room: str, body: bytes, key: str,
-                     entry: list[Any] | None) -> None:
+    async def _store(self, admitted: Admitted, entry: list[Any] | None) -> None:
         try:
-            await self.ctx.store.publish(tenant, room, body, key, self.settings.event_ttl(room))
-        except StoreError as exc:
-            # Not stored: no ack. The device's session retries with the same packet (DUP), or
-            # the connection is closed so that it reconnects and resends.
-            log.warning("! uplink from %s to %s not stored: %s", self.client_id, room, exc)
-            self.close("store unavailable")
-            return
-        self.bridge.uplinks += 1
+            await self.ctx.admission.store(admitted)
+        except ProtocolError as exc:
+            if exc.retry:
+                # Not stored: no ack. The device's session retries with the same packet (DUP),
+                # or the connection is closed so that it reconnects and resends.
+                self.close("store unavailable")
+                return
+            self.bridge.refused_publishes += 1  # refused for good: dropped, and acked
+        else:
+            self.bridge.uplinks += 1
         self._done(entry)
 
     def _send_will(self) -> None:
@@ -521,7 +524,7 @@ class _MqttSession(asyncio.Protocol):
             if topic_filter == self.tunnel.topic:
                 self.tunnel.enabled = True
                 granted.append(0)
-            elif (topic_filter.startswith("rooms/") and _ROOM_RE.match(topic_filter[6:])
+            elif (topic_filter.startswith("rooms/") and _ROOM_RE.fullmatch(topic_filter[6:])
                   and principal.can("join", topic_filter[6:])
                   and (topic_filter[6:] in self.plain
                        or len(self.plain) < self.settings.max_rooms_per_connection)):

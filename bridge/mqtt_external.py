@@ -27,19 +27,19 @@ import cbor2
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from actors.connection import NodeContext
-from actors.events import dedupe_key, event_body
-from actors.ports import StoreError
 from bridge.subjects import STREAM_NAME, room_from_subject, room_subject
 from node.auth import Principal
 from node.errors import ConfigError, ProtocolError
-from node.protocol import ROOM_PATTERN, cbor_loads_strict, parse_frame
+from node.protocol import cbor_loads_strict, publish_frame
 
 __all__ = ["DURABLE", "ExternalMqtt", "parse_broker_url"]
 
 log = logging.getLogger("bridge.mqtt.external")
 
 DURABLE = "RTNODE_MQTT_OUT"
-_ROOM_RE = re.compile(ROOM_PATTERN)
+# A device named in an uplink becomes `from.user` and part of the Nats-Msg-Id header.
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.:@=-]{1,128}\Z")
+_BROKER_GRANT = {"*": frozenset({"publish"})}
 
 
 def _session_properties() -> Any:
@@ -144,37 +144,42 @@ class ExternalMqtt:
             await asyncio.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))
 
     async def _uplink(self, topic: str, payload: bytes) -> bool:
-        """Store one uplink. False only when the store failed (retry it); a refused payload
-        is dropped, counted and True (there is no negative ack to send)."""
-        room = topic[6:-3] if topic.startswith("rooms/") and topic.endswith("/up") else ""
+        """Admit one uplink (``actors.admission``) and store it.
+
+        Returns:
+            False only when the store failed for now (retry it: not acked, the broker resends
+            it); True when it is done: stored, sent (volatile), or refused for good (dropped
+            and counted: there is no negative ack to send, and it must not block the uplinks
+            behind it).
+        """
+        admission = self.ctx.admission
         try:
-            if not _ROOM_RE.match(room):
-                raise ProtocolError(4000, "bad room")
+            if not (topic.startswith("rooms/") and topic.endswith("/up")):
+                raise ProtocolError(4000, "not an uplink topic")
             raw = cbor_loads_strict(payload)
             if not isinstance(raw, dict):
                 raise ProtocolError(4000, "expected a map")
-            frame = parse_frame({"type": "publish", "room": room, "event": raw.get("event"),
-                                 "data": raw.get("data"), "msg_id": raw.get("msg_id")})
-            device = raw.get("device")
-            sender = device if isinstance(device, str) and 0 < len(device) <= 128 else "mqtt"
-        except ProtocolError:
+            frame = publish_frame(raw, topic[6:-3])
+            admitted = admission.admit("broker", self._sender(raw.get("device")), frame,
+                                       client_id=None)
+            if admitted.volatile:
+                await admission.send_volatile_quietly(admitted)  # at most once, never retried
+            else:
+                await admission.store(admitted)
+        except ProtocolError as exc:
+            if exc.retry and exc.code == 4503:
+                return False
             self.refused += 1
             return True
-        assert frame.type == "publish"
-        if frame.event.startswith("presence:"):
-            self.refused += 1
-            return True
-        who = Principal(sub=sender, tenant=self.tenant, kind="device")
-        body = event_body(room, frame.event, frame.data, who, None, frame.msg_id)
-        try:
-            await self.ctx.store.publish(self.tenant, room, body,
-                                         dedupe_key(who, room, frame.msg_id),
-                                         self.ctx.settings.event_ttl(room))
-        except StoreError as exc:
-            log.warning("! uplink to %s not stored: %s", room, exc)
-            return False
         self.uplinks += 1
         return True
+
+    def _sender(self, device: object) -> Principal:
+        """Who an uplink is from: the broker authenticated the device, and the node trusts it
+        with publishing to the rooms of the bridged tenant (never to a personal or a ``sys:``
+        room). The device may name itself in the map (``device``), else it is ``mqtt``."""
+        sender = device if isinstance(device, str) and _DEVICE_RE.fullmatch(device) else "mqtt"
+        return Principal(sub=sender, tenant=self.tenant, kind="device", rooms=_BROKER_GRANT)
 
     # -- downlinks -------------------------------------------------------------------------
 

@@ -180,10 +180,10 @@ def stats_snapshot(node: Any) -> dict[str, Any]:
         "room_names": rooms[:MAX_ROOMS_LISTED],
         "events_in": counters.events_in,
         "events_out": counters.delivered,
-        "published": ctx.published,
+        "published": ctx.admission.stats.published,
         "replayed": counters.replayed,
         "slow_consumers": ctx.slow_consumers,
-        "rate_limited": ctx.rate_limited,
+        "rate_limited": ctx.admission.stats.rate_limited,
         "nats_connected": bool(node.nats is not None and node.nats.connected),
         "jetstream": {
             "retries": getattr(store, "retries", 0),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
+import re
 from typing import Annotated, Any, Literal, Protocol
 
 import cbor2
@@ -25,11 +25,14 @@ from pydantic import (
 )
 
 from node.errors import CodecError, ProtocolError
+from node.values import FRAME_MAX_DEPTH, has_lone_surrogate, to_safe
 
 __all__ = [
     "CBOR",
     "CODECS",
     "JSON",
+    "ROOM_RE",
+    "SEQ_MAX",
     "Ack",
     "ClientFrame",
     "Codec",
@@ -46,17 +49,26 @@ __all__ = [
     "Rpc",
     "Since",
     "error_frame",
+    "json_loads_strict",
     "parse_frame",
+    "publish_frame",
     "request_id_of",
 ]
 
+# For pydantic, whose (Rust) regex engine matches ``$`` only at the very end of the text.
 ROOM_PATTERN = r"^[A-Za-z0-9_:@=-]{1,128}$"
 EVENT_PATTERN = r"^[A-Za-z0-9_:.@=/-]{1,128}$"
+#: Room names for Python code: Python's ``$`` also matches before a trailing newline, so the
+#: pattern ends in ``\Z``; use it with ``fullmatch``.
+ROOM_RE = re.compile(r"[A-Za-z0-9_:@=-]{1,128}\Z")
+#: The largest seq a client may name (``since``, ``ack``): JetStream counts in uint64, but a
+#: stream never comes near 2**63, and the store reads from ``since + 1``, which must fit.
+SEQ_MAX = 2**63 - 1
 
 RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)] | StrictInt
 RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
 EventName = Annotated[StrictStr, Field(pattern=EVENT_PATTERN)]
-Seq = Annotated[StrictInt, Field(ge=0)]
+Seq = Annotated[StrictInt, Field(ge=0, le=SEQ_MAX)]
 
 
 class _Frame(BaseModel):
@@ -197,6 +209,20 @@ def parse_frame(raw: object) -> ClientFrame:
         raise ProtocolError(4000, f"bad field {'.'.join(loc)}: {err['msg']}") from None
 
 
+def publish_frame(fields: dict[str, Any], room: str | None = None) -> Publish:
+    """A ``publish`` from the fields of a map {room, event, data, msg_id?} that is not a frame:
+    a plain MQTT uplink (whose room is in its topic), an HTTP API body, a broker uplink.
+
+    Raises:
+        ProtocolError: 4000 with a one-line reason naming the bad field.
+    """
+    frame = parse_frame({"type": "publish", "room": fields.get("room") if room is None else room,
+                         "event": fields.get("event"), "data": fields.get("data"),
+                         "msg_id": fields.get("msg_id")})
+    assert isinstance(frame, Publish)
+    return frame
+
+
 def error_frame(
     code: int, reason: str, *, id: str | int | None = None, retry: bool = False
 ) -> dict[str, Any]:
@@ -228,7 +254,7 @@ class Codec(Protocol):
 
 
 def _json_default(value: object) -> object:
-    # CBOR payloads may hold what JSON cannot: bytes travel as base64 text to JSON clients.
+    # The value model allows bytes: they travel as base64 text to JSON clients.
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, set | frozenset | tuple):
@@ -236,18 +262,30 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def _json_safe(value: Any) -> Any:
-    """A copy of ``value`` that JSON can hold: non-finite floats become null, keys text."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {
-            (k if isinstance(k, str) else _json_default(k) if isinstance(k, bytes) else str(k)):
-            _json_safe(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+# A JSON escape of a UTF-16 surrogate: only then can decoded text hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def json_loads_strict(text: str | bytes) -> Any:
+    """Decode one JSON document from untrusted text.
+
+    Bytes must be UTF-8; ``NaN`` and ``Infinity`` are refused, and so is text with a lone
+    surrogate (``"\\ud800"``: no codec could write it out again).
+
+    Raises:
+        CodecError: 4000.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError("message is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise CodecError("message is not valid JSON") from None
+    if _SURROGATE_ESCAPE.search(text) and has_lone_surrogate(value):
+        raise CodecError("message is not valid JSON: text with a lone surrogate")
     return value
 
 
@@ -261,22 +299,19 @@ class JsonCodec:
     )
 
     def decode(self, data: bytes | str) -> list[Any]:
-        text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
-        frames = []
-        for line in text.split("\n"):
-            if not line.strip():
-                continue
+        if isinstance(data, bytes):
             try:
-                frames.append(json.loads(line, parse_constant=_reject_constant))
-            except (ValueError, RecursionError):
-                raise CodecError("message is not valid JSON") from None
-        return frames
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CodecError("message is not valid UTF-8") from None
+        return [json_loads_strict(line) for line in data.split("\n") if line.strip()]
 
     def encode(self, frame: Any) -> bytes:
+        """Never fails: what JSON cannot hold (from an older node's store) is made safe."""
         try:
             return self._encoder.encode(frame).encode("utf-8")
-        except (ValueError, TypeError):
-            return self._encoder.encode(_json_safe(frame)).encode("utf-8")
+        except (ValueError, TypeError, RecursionError):
+            return self._encoder.encode(to_safe(frame)).encode("utf-8")
 
     def join(self, frames: list[bytes]) -> bytes:
         return b"\n".join(frames)
@@ -297,7 +332,7 @@ _SEMANTIC_REJECT = {
     for tag in (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004,
                 55799)
 }
-CBOR_MAX_DEPTH = 32
+CBOR_MAX_DEPTH = FRAME_MAX_DEPTH
 
 
 def cbor_loads_strict(data: bytes) -> Any:
@@ -337,7 +372,11 @@ class CborCodec:
         return frames
 
     def encode(self, frame: Any) -> bytes:
-        return bytes(cbor2.dumps(frame))
+        """Never fails: what CBOR cannot hold (from an older node's store) is made safe."""
+        try:
+            return bytes(cbor2.dumps(frame))
+        except (ValueError, TypeError, RecursionError, cbor2.CBOREncodeError):
+            return bytes(cbor2.dumps(to_safe(frame)))
 
     def join(self, frames: list[bytes]) -> bytes:
         return b"".join(frames)

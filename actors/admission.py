@@ -1,0 +1,318 @@
+"""The admission pipeline: one set of rules for every door a publish comes in by.
+
+Every door (a WebSocket or MQTT tunnel connection, a plain MQTT uplink on ``rooms/<room>/up``,
+``POST /api/publish``, an uplink through an external broker) turns what it received into a
+:class:`~node.protocol.Publish` and calls :meth:`Admission.admit`, which applies the same rules
+in the same order:
+
+1. identity: a verified principal of a known kind (else 4001);
+2. rights: ``publish`` on the room (4003);
+3. reserved names: events starting with ``presence:`` are the node's (4003);
+4. rate: the door's token bucket, if it has one (4009, retry later);
+5. size: the stored event map within the namespace's ``max_payload_bytes`` (4013);
+6. value model: ``data`` within ``node.values`` (4000, naming the offending path);
+7. volatile or stored: ``volatile_events`` and volatile namespaces are not stored;
+8. dedupe scope: the ``Nats-Msg-Id`` of a stored event (``actors.events.dedupe_key``).
+
+Then the door stores the admitted event with :meth:`Admission.store` (or sends a volatile one,
+throttled by a :class:`VolatileThrottle` where the door has one) and maps a
+:class:`~node.errors.ProtocolError` to its own error channel: an ``error`` frame, an HTTP
+status, or, for MQTT doors without one, a dropped and counted uplink.
+
+Every door counts the same way: :class:`AdmissionStats` records one outcome per publish, by door
+(the refusal code at admission; ``volatile`` at admission; ``stored``, ``duplicate``, or the
+store's 4503/4500 when the store answers), and the latency from admission to the store's ack.
+Pure domain code: no I/O library is imported here; the store and the feed are ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from actors.events import dedupe_key, event_body
+from actors.limits import TokenBucket
+from actors.ports import LiveFeed, RoomStore, StoreError
+from node.auth import KINDS, Principal
+from node.config import Settings
+from node.errors import AuthError, ProtocolError
+from node.protocol import Publish
+from node.values import check_value
+
+__all__ = [
+    "DOORS",
+    "RESERVED_EVENT_PREFIXES",
+    "Admission",
+    "AdmissionStats",
+    "Admitted",
+    "VolatilePublisher",
+    "VolatileThrottle",
+]
+
+log = logging.getLogger("actors.admission")
+
+#: Event names only the node may use (presence events).
+RESERVED_EVENT_PREFIXES = ("presence:",)
+#: The doors, as counted: WebSocket, MQTT tunnel, plain MQTT uplink, HTTP API, external broker.
+DOORS = ("ws", "tunnel", "mqtt", "api", "broker")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """An event that passed admission, ready to be stored (or sent, when volatile).
+
+    Attributes:
+        door: The door it came in by (one of :data:`DOORS`).
+        tenant: The publisher's tenant.
+        room: The room.
+        body: The CBOR event map, as stored.
+        volatile: Not stored: sent on the volatile path, without a seq.
+        dedupe: The ``Nats-Msg-Id`` of a stored event ("" for a volatile one).
+        ttl_s: The event's TTL in the stream (a namespace's ``history_ttl_s``), or None.
+        started: ``time.perf_counter()`` at admission, for the publish latency.
+    """
+
+    door: str
+    tenant: str
+    room: str
+    body: bytes
+    volatile: bool
+    dedupe: str
+    ttl_s: float | None
+    started: float
+
+
+@dataclass
+class AdmissionStats:
+    """Publish outcomes of every door, counted the same way (exported as metrics).
+
+    Attributes:
+        counts: (door, outcome) -> publishes; an outcome is ``stored``, ``duplicate``,
+            ``volatile`` or a protocol code as text (``"4003"``).
+        volatile_failed: Volatile events the feed could not send.
+        latency: Called with the seconds from admission to the store's ack of each stored event.
+    """
+
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    volatile_failed: int = 0
+    latency: Callable[[float], None] = field(default=lambda seconds: None)
+
+    @property
+    def published(self) -> int:
+        """Publishes acknowledged as stored, by every door (duplicates included)."""
+        return sum(n for (_, outcome), n in self.counts.items()
+                   if outcome in ("stored", "duplicate"))
+
+    @property
+    def rate_limited(self) -> int:
+        """Publishes refused by a rate limit, by every door."""
+        return sum(n for (_, outcome), n in self.counts.items() if outcome == "4009")
+
+
+class Admission:
+    """The admission pipeline of one node.
+
+    Args:
+        settings: The node's settings (room policies, volatile events).
+        store: Where stored events go.
+        feed: Where volatile events go.
+
+    Example:
+        admitted = admission.admit("ws", principal, frame, client_id=cid, bucket=bucket)
+        seq = await admission.store(admitted)  # raises ProtocolError 4503 (retry) or 4500
+    """
+
+    def __init__(self, settings: Settings, store: RoomStore, feed: LiveFeed) -> None:
+        self.settings = settings
+        self.store_port = store
+        self.feed = feed
+        self.stats = AdmissionStats()
+        self._volatile_events = frozenset(settings.volatile_events)
+
+    def admit(self, door: str, principal: Principal | None, frame: Publish, *,
+              client_id: str | None, bucket: TokenBucket | None = None) -> Admitted:
+        """Apply the rules to one publish, in order; count a refusal.
+
+        Args:
+            door: The door it came in by (one of :data:`DOORS`).
+            principal: Who publishes (from a verified token, or the broker's trust).
+            frame: The publish, its fields already validated (``parse_frame``).
+            client_id: The publishing connection, for ``from.client_id`` (None: none).
+            bucket: The door's rate limit for this publisher, if any.
+
+        Raises:
+            ProtocolError: 4001, 4003, 4009, 4013 or 4000, with a reason for the client.
+        """
+        try:
+            return self._admit(door, principal, frame, client_id, bucket)
+        except ProtocolError as exc:
+            self.stats.counts[(door, str(exc.code))] += 1
+            raise
+
+    def _admit(self, door: str, principal: Principal | None, frame: Publish,
+               client_id: str | None, bucket: TokenBucket | None) -> Admitted:
+        if principal is None or principal.kind not in KINDS:
+            raise AuthError("not authenticated")
+        room, event = frame.room, frame.event
+        if not principal.can("publish", room):
+            raise ProtocolError(4003, "no publish right on this room")
+        if event.startswith(RESERVED_EVENT_PREFIXES):
+            raise ProtocolError(4003, "event names starting with presence: are reserved")
+        if bucket is not None and not bucket.take(time.monotonic()):
+            raise ProtocolError(4009, "rate limited", retry=True)
+        started = time.perf_counter()
+        # The encoder never fails (what the model refuses is made safe), so the size is known
+        # before the value model walks the data; either refusal leaves nothing stored.
+        body = event_body(room, event, frame.data, principal, client_id, frame.msg_id)
+        policy = self.settings.room_policy(room)
+        if len(body) > policy.max_payload_bytes:
+            raise ProtocolError(4013, "event too large")
+        check_value(frame.data, "data")
+        if policy.volatile or event in self._volatile_events:
+            self.stats.counts[(door, "volatile")] += 1
+            return Admitted(door, principal.tenant, room, body, True, "", None, started)
+        return Admitted(door, principal.tenant, room, body, False,
+                        dedupe_key(principal, room, frame.msg_id),
+                        self.settings.event_ttl(room), started)
+
+    async def store(self, admitted: Admitted) -> int:
+        """Store an admitted event; returns its seq (the original's for a duplicate msg_id).
+
+        Raises:
+            ProtocolError: 4503 with ``retry`` when the store may take it later (same
+                ``msg_id``: stored once); 4500 when the store refused it for good.
+        """
+        door = admitted.door
+        try:
+            seq, duplicate = await self.store_port.publish(
+                admitted.tenant, admitted.room, admitted.body, admitted.dedupe, admitted.ttl_s)
+        except StoreError as exc:
+            log.warning("! publish to %s (%s) not stored: %s", admitted.room, door, exc)
+            if exc.retry:
+                self.stats.counts[(door, "4503")] += 1
+                raise ProtocolError(4503, "event not stored, retry", retry=True) from None
+            self.stats.counts[(door, "4500")] += 1
+            raise ProtocolError(4500, "event refused by the store") from None
+        self.stats.counts[(door, "duplicate" if duplicate else "stored")] += 1
+        self.stats.latency(time.perf_counter() - admitted.started)
+        return seq
+
+    async def send_volatile(self, admitted: Admitted) -> None:
+        """Send an admitted volatile event to every node (not stored).
+
+        Raises:
+            ProtocolError: 4503 with ``retry`` when it could not be sent.
+        """
+        try:
+            await self.feed.publish_volatile(admitted.tenant, admitted.room, admitted.body)
+        except Exception as exc:  # NATS closed or its buffer full: nothing was sent
+            self.stats.volatile_failed += 1
+            log.warning("! volatile publish to %s failed: %r", admitted.room, exc)
+            raise ProtocolError(4503, "event not sent, retry", retry=True) from None
+
+    async def send_volatile_quietly(self, admitted: Admitted) -> None:
+        """:meth:`send_volatile` for fire and forget: a failure is counted and logged only."""
+        try:
+            await self.send_volatile(admitted)
+        except ProtocolError:
+            pass
+
+
+class VolatilePublisher:
+    """One publisher's volatile events (a connection, a device), throttled per room by a
+    :class:`VolatileThrottle` and sent through the admission, fire and forget.
+
+    Args:
+        admission: The node's admission pipeline.
+        window_s: The throttle window (``volatile_throttle_ms``), in seconds.
+    """
+
+    def __init__(self, admission: Admission, window_s: float) -> None:
+        self.admission = admission
+        self.throttle: VolatileThrottle[Admitted] = VolatileThrottle(window_s)
+        self.closed = False
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def publish(self, admitted: Admitted) -> None:
+        """Send ``admitted`` now, or when its room's window ends (unless a newer one comes)."""
+        if self.closed:
+            return
+        send, flush_in = self.throttle.offer(admitted.room, admitted, time.monotonic())
+        if send is not None:
+            self._send(send)
+        if flush_in is not None:
+            self._timers[admitted.room] = asyncio.get_running_loop().call_later(
+                flush_in, self._flush, admitted.room)
+
+    def close(self) -> None:
+        """Send nothing more (what waits for its window is dropped)."""
+        self.closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+    def _flush(self, room: str) -> None:
+        self._timers.pop(room, None)
+        admitted = self.throttle.flush(room, time.monotonic())
+        if admitted is not None and not self.closed:
+            self._send(admitted)
+
+    def _send(self, admitted: Admitted) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.admission.send_volatile_quietly(admitted), name=f"volatile[{admitted.room}]")
+        self._tasks.add(task)  # a reference until done: the loop keeps only weak ones
+        task.add_done_callback(self._tasks.discard)
+
+
+class VolatileThrottle(Generic[T]):
+    """At most one volatile event per key (a room) per window; the latest of a burst wins.
+
+    Within a window the newest event replaces any waiting one, and is sent when the window ends:
+    a burst of typing notices costs the room one event per window. Pure: the caller passes the
+    time, sends what :meth:`offer` returns at once, and calls :meth:`flush` after the delay it
+    returns.
+
+    Args:
+        window_s: The window, in seconds.
+    """
+
+    _PRUNE_AT = 1024  # keys remembered before the stale ones are forgotten
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, T] = {}
+
+    def offer(self, key: str, item: T, now: float) -> tuple[T | None, float | None]:
+        """Offer one event.
+
+        Returns:
+            The event to send now (or None), and the seconds after which :meth:`flush` must be
+            called for ``key`` (or None: a flush is already due, or nothing waits).
+        """
+        last = self._last.get(key)
+        if key not in self._pending and (last is None or now - last >= self.window_s):
+            if len(self._last) >= self._PRUNE_AT:
+                self._last = {k: t for k, t in self._last.items() if now - t < self.window_s}
+            self._last[key] = now
+            return item, None
+        delay = None
+        if key not in self._pending:
+            delay = (last if last is not None else now) + self.window_s - now
+        self._pending[key] = item
+        return None, delay
+
+    def flush(self, key: str, now: float) -> T | None:
+        """The event that waited for ``key``'s window to end, if any: send it now."""
+        item = self._pending.pop(key, None)
+        if item is not None:
+            self._last[key] = now
+        return item
