@@ -644,7 +644,7 @@ async def replay_room(
             # Asked of the stream leader (not a direct get, which a lagging replica may
             # answer): the end of a replay without --follow must include every acked event.
             try:
-                return int((await js.get_msg(STREAM_NAME, subject=subject)).seq)
+                return int((await js.get_msg(STREAM_NAME, subject=subject)).seq or 0)
             except NotFoundError:
                 return 0
 
