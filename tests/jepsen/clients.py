@@ -197,6 +197,7 @@ class Subscriber:
         self.epoch: dict[str, str] = {}
         self.first: dict[str, int] = {}
         self.received: dict[str, set[int]] = defaultdict(set)
+        self.resets: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self.pending: dict[tuple[int, int], tuple[str, int | None, float]] = {}
         self.conn_no = -1
         self.abandoned: set[int] = set()
@@ -204,6 +205,8 @@ class Subscriber:
         self.connections = 0
         self.failures: Counter[str] = Counter()
         self.link: Link | None = None
+        self.kicked = False
+        self.kicks = 0
 
     def _on_frame(self, conn: int, frame: dict[str, Any], at: float) -> None:
         if conn in self.abandoned:  # a join failed or timed out: it is being closed
@@ -235,6 +238,8 @@ class Subscriber:
         self.first.setdefault(room, seq)
         if since is None or not recovered:
             self.cursor[room] = seq  # nothing before it will come: that is the new cursor
+        if since is not None and not recovered:
+            self.resets[room].append((since, seq))  # what it says will never come
         self.progress.set()
 
     async def _open(self, stop: asyncio.Event) -> Link | None:
@@ -302,11 +307,12 @@ class Subscriber:
                 finally:
                     for task in waits:
                         task.cancel()
-                if not self.link.alive:
+                kicked, self.kicked = self.kicked, False
+                if not self.link.alive and not kicked:
                     self.failures[f"lost (close {self.link.close_code})"] += 1
                 await self.link.close()
                 self.link = None
-                if churn.is_set() and not stop.is_set():
+                if churn.is_set() and not stop.is_set() and not kicked:
                     with suppress(TimeoutError):
                         async with asyncio.timeout(self.rng.uniform(*self.downtime_s)):
                             await stop.wait()
@@ -314,14 +320,26 @@ class Subscriber:
             if self.link is not None:
                 await self.link.close()
 
+    async def kick(self) -> None:
+        """Close the connection now; the next one opens at once (a rejoin right after a heal,
+        when a replica that was paused or restarted may still be behind)."""
+        link = self.link
+        if link is not None and link.alive:
+            self.kicked = True
+            self.kicks += 1
+            await link.close()
+
     def missing(self, stored: dict[str, list[int]]) -> int:
-        """How many stored events above the first cursor this subscriber has not received."""
+        """How many stored events above the first cursor this subscriber has not received and
+        may still receive (a ``recovered: false`` join said those in its range never will)."""
         count = 0
         for room, seqs in stored.items():
             first = self.first.get(room)
             if first is None:
-                count += sum(1 for _ in seqs)
+                count += len(seqs)
                 continue
             got = self.received.get(room, set())
-            count += sum(1 for s in seqs if s > first and s not in got)
+            resets = self.resets.get(room, [])
+            count += sum(1 for s in seqs if s > first and s not in got
+                         and not any(a < s <= b for a, b in resets))
         return count

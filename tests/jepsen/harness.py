@@ -7,7 +7,8 @@ Topology (everything on 127.0.0.1, free ports, one temporary directory):
   :class:`tests.cluster.TcpProxy` (one per server), so its NATS link can be cut;
 - ``publishers`` raw clients publishing to ``rooms`` rooms with unique ``msg_id``s (retried),
   and ``subscribers`` raw clients in every room, churned (closed and reopened on the next node,
-  rejoining with ``since``/``epoch``).
+  rejoining with ``since``/``epoch``); a share ``kick`` of them also reconnects right after
+  each heal, when a replica may still be behind.
 
 Phases: start; subscribers join; publishers start; the nemesis injects faults for
 ``seconds`` (one at a time, healed in between); ``settle_s`` of load after the last heal;
@@ -67,12 +68,13 @@ class Config:
     subscribers: int = 4
     rate: float = 30.0  # publishes per second, per publisher
     window: int = 4  # publishes in flight, per publisher
-    op_timeout_s: float = 10.0  # a publish retries until then, then is "unknown"
+    op_timeout_s: float = 8.0  # a publish retries until then, then is "unknown"
     churn_s: tuple[float, float] = (1.0, 3.0)  # a subscriber's connection lasts
     downtime_s: tuple[float, float] = (0.1, 1.0)  # and is reopened after
     gap_s: tuple[float, float] = (1.0, 3.0)  # quiet time between faults
+    kick: float = 0.5  # share of subscribers reconnecting right after each heal
     settle_s: float = 3.0
-    final_timeout_s: float = 20.0
+    final_timeout_s: float = 15.0
     kinds: tuple[str, ...] = KINDS
 
     @classmethod
@@ -95,8 +97,8 @@ class Config:
 
     @property
     def budget_s(self) -> float:
-        """The longest a run may take, teardown included (the test's own timeout)."""
-        return self.seconds + 100.0
+        """The longest a run may take, start and checks included (teardown comes on top)."""
+        return self.seconds + 55.0
 
 
 async def read_truth(urls: list[str], rooms: list[str], timeout: float = 30.0,
@@ -260,32 +262,44 @@ async def run(tmp: Path, cfg: Config, say: Any = print) -> Report:
         churn.set()
         sub_tasks = [asyncio.create_task(s.run(stop_subs, churn)) for s in subs]
         r.tasks += sub_tasks
-        joined = await _wait_joined(subs, rooms, 20)
+        joined = await _wait_joined(subs, rooms, 15)
         max_ops = int(cfg.rate * (cfg.seconds + cfg.settle_s + 60) * 1.5)
         pub_tasks = [asyncio.create_task(p.run(stop_pubs, max_ops)) for p in pubs]
         r.tasks += pub_tasks
         await asyncio.sleep(1.0)  # load before the first fault
+        kick_rng = random.Random(rng.getrandbits(64))
+
+        async def kick_some() -> None:  # rejoins right after each heal
+            await asyncio.gather(*(s.kick() for s in subs if kick_rng.random() < cfg.kick))
+
         nemesis = Nemesis(random.Random(rng.getrandbits(64)), r.cluster, r.proxies, r.nodes,
-                          kinds=cfg.kinds, gap_s=cfg.gap_s)
+                          kinds=cfg.kinds, gap_s=cfg.gap_s, on_heal=kick_some)
         fault_t0 = time.monotonic()
-        await nemesis.run(cfg.seconds)
-        await asyncio.sleep(cfg.settle_s)  # load on the healed cluster
+        # Every later phase is bounded by what is left of the budget (a broken node makes
+        # the run fail with its report, not hang): 10 s are kept for the checks.
+        end = t0 + cfg.budget_s - 10
+
+        def left(most: float, least: float = 1.0) -> float:
+            return max(least, min(most, end - time.monotonic()))
+
+        await nemesis.run(cfg.seconds, deadline=end - 25)
+        await asyncio.sleep(left(cfg.settle_s, 0.0))  # load on the healed cluster
         stop_pubs.set()
-        await asyncio.wait(pub_tasks, timeout=cfg.op_timeout_s + 10)
+        await asyncio.wait(pub_tasks, timeout=left(cfg.op_timeout_s + 2))
         churn.clear()
-        truth, lasts = await read_truth(r.cluster.urls, rooms)
+        truth, lasts = await read_truth(r.cluster.urls, rooms, timeout=left(15, 5))
         stored: dict[str, list[int]] = {room: [] for room in rooms}
         for s in truth:
             stored[s.room].append(s.seq)
-        caught_up = await _wait_all(subs, stored, cfg.final_timeout_s)
+        caught_up = await _wait_all(subs, stored, left(cfg.final_timeout_s))
         stop_subs.set()
-        await asyncio.wait(sub_tasks, timeout=10)
-        agree = await _replicas_agree(r.cluster, 10)
+        await asyncio.wait(sub_tasks, timeout=3)
+        agree = await _replicas_agree(r.cluster, left(5))
         publishes = [p for pub in pubs for p in pub.records]
         report = check(publishes, truth, [s.history for s in subs],
                        healed_at=nemesis.healed_at)
         if not joined:
-            report.problems.append("not every subscriber joined every room within 20 s")
+            report.problems.append("not every subscriber joined every room within 15 s")
         if not agree.startswith("yes"):
             report.problems.append(f"replicas disagree: {agree}")
         errors: Counter[str] = sum((p.errors for p in pubs), Counter())
@@ -293,14 +307,16 @@ async def run(tmp: Path, cfg: Config, say: Any = print) -> Report:
         report.figures.update({
             "seed": cfg.seed,
             "faults": f"{len(nemesis.faults)} {nemesis.counts()}",
-            "faults not healthy again within 20 s":
+            "faults not healthy again within 15 s":
                 sum(f.healthy is None for f in nemesis.faults),
+            "slowest return to healthy after a heal": nemesis.slowest(),
             "publish rate": f"{cfg.rate:g}/s x {cfg.publishers}, window {cfg.window}",
             "longest publish (first attempt to ack)":
                 f"{max((p.longest_ack_s for p in pubs), default=0):.2f} s",
             "publish errors": dict(errors),
             "publisher connections": sum(p.conn.opened for p in pubs),
-            "subscriber connections": sum(s.connections for s in subs),
+            "subscriber connections": (f"{sum(s.connections for s in subs)} "
+                                       f"({sum(s.kicks for s in subs)} right after a heal)"),
             "subscriber failures": dict(failures),
             "stream last seq per room": lasts,
             "replicas agree": agree,

@@ -12,7 +12,9 @@ Faults (kinds):
   move to the other node or wait);
 - ``step-down``: the stream leader asked to step down.
 
-Only processes this test started are signalled, by PID.
+After each heal ``on_heal`` runs at once (the harness makes some subscribers reconnect then, when a
+replica that was just paused or restarted may still be behind). Only processes this test
+started are signalled, by PID.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.subjects import STREAM_NAME
@@ -56,7 +58,8 @@ class Fault:
 class Nemesis:
     def __init__(self, rng: random.Random, cluster: NatsCluster, proxies: Sequence[TcpProxy],
                  nodes: Sequence[NodeProcess], *, kinds: Sequence[str] = KINDS,
-                 gap_s: tuple[float, float] = (1.0, 3.0), heal_timeout_s: float = 20.0) -> None:
+                 gap_s: tuple[float, float] = (1.0, 3.0), heal_timeout_s: float = 15.0,
+                 on_heal: Callable[[], Awaitable[None]] | None = None) -> None:
         self.rng = rng
         self.cluster = cluster
         self.proxies = list(proxies)
@@ -64,7 +67,9 @@ class Nemesis:
         self.kinds = list(kinds)
         self.gap_s = gap_s
         self.heal_timeout_s = heal_timeout_s
+        self.on_heal = on_heal
         self.faults: list[Fault] = []
+        self.deadline = time.monotonic() + 3600.0
 
     @property
     def healed_at(self) -> float | None:
@@ -73,14 +78,30 @@ class Nemesis:
     def counts(self) -> dict[str, int]:
         return dict(Counter(f.kind for f in self.faults))
 
-    async def run(self, seconds: float) -> None:
-        """Faults until ``seconds`` from now (the last one healed before returning)."""
+    def slowest(self) -> str:
+        """The fault after which the cluster and the nodes took longest to be healthy."""
+        if not self.faults:
+            return "no fault"
+        worst = max(self.faults, key=lambda f: float("inf") if f.healthy is None
+                    else f.healthy - f.healed)
+        took = "never" if worst.healthy is None else f"{worst.healthy - worst.healed:.1f} s"
+        return f"{took} (after {worst.kind} {worst.target})"
+
+    def _left(self, most: float) -> float:
+        return max(1.0, min(most, self.deadline - time.monotonic()))
+
+    async def run(self, seconds: float, deadline: float | None = None) -> None:
+        """Faults until ``seconds`` from now (the last one healed before returning); every
+        wait (restarts, health) also ends by ``deadline``."""
         end = time.monotonic() + seconds
+        self.deadline = end + 30.0 if deadline is None else deadline
         while time.monotonic() + LONGEST_FAULT_S < end:
             kind = self.rng.choice(self.kinds)
             fault = await getattr(self, "_" + kind.replace("-", "_"))()
             self.faults.append(fault)
-            fault.healthy = await self.wait_healthy(self.heal_timeout_s)
+            if self.on_heal is not None:
+                await self.on_heal()
+            fault.healthy = await self.wait_healthy(self._left(self.heal_timeout_s))
             pause = min(self.rng.uniform(*self.gap_s), max(0.0, end - time.monotonic()))
             await asyncio.sleep(pause)  # the quiet time between faults
 
@@ -110,7 +131,7 @@ class Nemesis:
         self.cluster.kill(i)
         await asyncio.sleep(self.rng.uniform(1.0, 3.0))
         try:
-            await asyncio.to_thread(self.cluster.restart, i, 20.0)
+            await asyncio.to_thread(self.cluster.restart, i, self._left(15.0))
         except AssertionError as exc:
             fault.note = f"restart: {exc}"
         fault.healed = time.monotonic()
@@ -149,7 +170,7 @@ class Nemesis:
         await asyncio.sleep(self.rng.uniform(0.5, 2.0))
         node.start()
         try:
-            await asyncio.to_thread(node.wait_ready, 30)
+            await asyncio.to_thread(node.wait_ready, self._left(20.0))
         except AssertionError as exc:
             fault.note = f"restart: {str(exc)[:200]}"
         fault.healed = time.monotonic()
