@@ -8,7 +8,7 @@ SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench jepsen system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+# The long run of the Jepsen-style fault test (tests/integration/test_jepsen.py; `make test` runs
+# a 30 s one): JEPSEN_SECONDS of faults, its report printed. RTNODE_JEPSEN_SEED=<n> repeats a
+# run's choices; RTNODE_JEPSEN_FAULTS, _RATE, _CHURN_S, _GAP_S tune it (see the test's docstring).
+JEPSEN_SECONDS ?= 300
+jepsen: $(STAMP)
+	RTNODE_JEPSEN_SECONDS=$${RTNODE_JEPSEN_SECONDS:-$(JEPSEN_SECONDS)} \
+	  $(BIN)/python -m pytest tests/integration/test_jepsen.py -s -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
