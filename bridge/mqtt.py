@@ -182,6 +182,7 @@ class _MqttSession(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._pending: deque[Any] = deque()  # parsed packets waiting for room in the actor
         self._stalled = False  # reading paused until the actor has room
+        self._unstall_task: asyncio.Task[None] | None = None  # held: a task is weakly kept
         self._end_reason: str | None = None  # close once the pending packets are handled
         self._draining: asyncio.TimerHandle | None = None  # half-closed, discarding input
         self._peer_eof = False
@@ -238,7 +239,7 @@ class _MqttSession(asyncio.Protocol):
         self._stalled = True
         if self.transport is not None:
             self.transport.pause_reading()
-        asyncio.get_running_loop().create_task(
+        self._unstall_task = asyncio.get_running_loop().create_task(
             self._unstall(ref), name=f"mqtt[{self.client_id}].unstall")
 
     async def _unstall(self, ref: Any) -> None:
