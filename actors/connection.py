@@ -10,6 +10,7 @@ Publishes are pipelined: the actor hands them to the store and goes on with the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("actors.connection")
+
+# How long publishes right after a join wait for the room to take the join in (a room starts
+# in ~1 ms; one that cannot start answers the join with an error).
+_JOIN_WAIT_S = 5.0
 
 
 class ConnTransport(Protocol):
@@ -219,6 +224,14 @@ class _RoomLost:
 
 
 @dataclass(frozen=True, slots=True)
+class _InRoom:
+    """The room took ``member``'s join in (None: stop holding publishes for the room)."""
+
+    room: str
+    member: Membership | None
+
+
+@dataclass(frozen=True, slots=True)
 class _ConnectTimeout:
     pass
 
@@ -282,6 +295,9 @@ class ConnectionActor(Actor):
         self._loop = asyncio.get_running_loop()
         self._joined_at = int(time.time() * 1000)
         self._rpc_pending: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        # Rooms joined but not yet taken in by their room, and the publishes held for them.
+        self._joining: set[str] = set()
+        self._held: dict[str, list[tuple[Admitted, Any]]] = {}
         self._rpc_ids = 0
         self._volatile = VolatilePublisher(ctx.admission,
                                            self.settings.volatile_throttle_ms / 1000)
@@ -398,7 +414,11 @@ class ConnectionActor(Actor):
                 self._disconnect(4001, "no connect frame in time", False)
         elif isinstance(message, _Expired):
             self._disconnect(4010, "token expired", True)
+        elif isinstance(message, _InRoom):
+            self._in_room(message)
         elif isinstance(message, _RoomLost):
+            if not message.plain:  # what was held for the lost join goes to the store now
+                self._in_room(_InRoom(message.room, None))
             if message.plain:
                 self._rejoin_plain(message.room)
             else:
@@ -556,6 +576,8 @@ class ConnectionActor(Actor):
             self._tell_room(room, Leave(old))
             self._presence_off(room, old, announce=False)
         member = Membership(self.client_id, self.outbox, self._on_room_lost, presence=presence)
+        member.on_in_room = functools.partial(self._tell, _InRoom(room, member))
+        self._joining.add(room)
         self.rooms[room] = member
         self._tell_room(room, Join(member, since_seq, since_epoch, request_id, silent))
         self._presence_on(room, member, announce=old is None)
@@ -658,6 +680,7 @@ class ConnectionActor(Actor):
             member.outbox.close()
 
     def _leave(self, frame: LeaveFrame) -> None:
+        self._in_room(_InRoom(frame.room, None))  # publishes sent before the leave are stored
         member = self.rooms.pop(frame.room, None)
         if member is not None:
             self._tell_room(frame.room, Leave(member))
@@ -673,7 +696,7 @@ class ConnectionActor(Actor):
             self._volatile.publish(admitted)  # throttled per room: the latest of a burst wins
             self._reply(frame.id, {"type": "published", "room": frame.room})
             return
-        self._spawn(self._store(admitted, frame.id), "publish")
+        self._hold_or_store(admitted, frame.id)
 
     # -- rpc -------------------------------------------------------------------------------
 
@@ -764,6 +787,26 @@ class ConnectionActor(Actor):
                 "code": 4500, "reason": "rpc target sent an invalid reply", "retry": True}})
             raise
         self.ctx.rpc.respond(reply_to, answer)
+
+    def _hold_or_store(self, admitted: Admitted, request_id: Any) -> None:
+        room = admitted.room
+        if room in self._joining:
+            # Joined a moment ago: store once the room has taken the join in, so the event
+            # comes after the room's position and reaches this member too. Held in order,
+            # released in order (and after _JOIN_WAIT_S at the latest).
+            held = self._held.setdefault(room, [])
+            if not held:
+                self._loop.call_later(_JOIN_WAIT_S, self._tell, _InRoom(room, None))
+            held.append((admitted, request_id))
+            return
+        self._spawn(self._store(admitted, request_id), "publish")
+
+    def _in_room(self, msg: _InRoom) -> None:
+        if msg.member is not None and self.rooms.get(msg.room) is not msg.member:
+            return  # an older join of the room: the current one is still on its way
+        self._joining.discard(msg.room)
+        for admitted, request_id in self._held.pop(msg.room, []):
+            self._spawn(self._store(admitted, request_id), "publish")
 
     async def _store(self, admitted: Admitted, request_id: Any) -> None:
         try:
