@@ -118,6 +118,10 @@ class _NodeCollector(Collector):
             for name, help_, value in (
                 ("rtnode_jetstream_retries", "JetStream publish retries", node.store.retries),
                 ("rtnode_jetstream_errors", "JetStream publishes that failed", node.store.errors),
+                ("rtnode_store_leader_reads", "Reads answered by the stream leader (checks)",
+                 node.store.leader_reads),
+                ("rtnode_store_stale_reads", "Reads a lagging replica cut short, completed "
+                 "from the leader", node.store.stale_reads),
             ):
                 fam = CounterMetricFamily(name, help_)
                 fam.add_metric([], value)
