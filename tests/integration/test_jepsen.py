@@ -10,7 +10,8 @@ with the stream read back from JetStream.
 Short by default (about 30 s of faults); ``make jepsen`` runs the long one. Environment:
 ``RTNODE_JEPSEN_SECONDS`` (of faults), ``RTNODE_JEPSEN_SEED`` (repeat a run's choices),
 ``RTNODE_JEPSEN_RATE`` (publishes/s per publisher), ``RTNODE_JEPSEN_FAULTS`` (kinds, comma
-separated), ``RTNODE_JEPSEN_CHURN_S`` and ``RTNODE_JEPSEN_GAP_S`` ("low,high" seconds).
+separated), ``RTNODE_JEPSEN_CHURN_S`` and ``RTNODE_JEPSEN_GAP_S`` ("low,high" seconds),
+``RTNODE_JEPSEN_KICK`` (share of subscribers that rejoin right after each heal, 0.5).
 The report is printed (``-s``) and is the failure message.
 """
 

@@ -29,10 +29,22 @@ from tests.jepsen.checker import (
 from tests.jepsen.wire import Link, LinkLost
 from tests.wsclient import token
 
-__all__ = ["Publisher", "Subscriber"]
+__all__ = ["Publisher", "Subscriber", "Tally"]
 
 OPEN_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 5.0
+
+
+class Tally(Counter[str]):
+    """Counts of what went wrong, and when each happened (monotonic times)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[tuple[float, str]] = []
+
+    def hit(self, kind: str) -> None:
+        self[kind] += 1
+        self.times.append((time.monotonic(), kind))
 
 
 class _Connector:
@@ -100,7 +112,7 @@ class Publisher:
         self.op_timeout_s = op_timeout_s
         self.conn = _Connector(name, urls, start)
         self.records: list[Publish] = []
-        self.errors: Counter[str] = Counter()
+        self.errors = Tally()
         self.longest_ack_s = 0.0
 
     async def run(self, stop: asyncio.Event, max_ops: int) -> None:
@@ -147,10 +159,10 @@ class Publisher:
                 try:
                     reply = await link.request(frame, max(0.1, min(REQUEST_TIMEOUT_S, left)))
                 except LinkLost:
-                    self.errors["lost"] += 1
+                    self.errors.hit("lost")
                     continue
                 except TimeoutError:
-                    self.errors["timeout"] += 1
+                    self.errors.hit("timeout")
                     await self.conn.drop(link)
                     continue
                 kind = reply.get("type")
@@ -160,12 +172,12 @@ class Publisher:
                     self.records.append(Publish(mid, room, OK, reply["seq"], attempts, now))
                     return
                 if kind == "error":
-                    self.errors[f"error {reply.get('code')}"] += 1
+                    self.errors.hit(f"error {reply.get('code')}")
                     if not reply.get("retry"):
                         self.records.append(Publish(mid, room, FAILED, None, attempts))
                         return
                 else:
-                    self.errors[f"reply {kind}"] += 1
+                    self.errors.hit(f"reply {kind}")
                 await asyncio.sleep(self.rng.uniform(0.05, 0.3))
             self.records.append(Publish(mid, room, UNKNOWN, None, attempts))
         except asyncio.CancelledError:
@@ -203,7 +215,7 @@ class Subscriber:
         self.abandoned: set[int] = set()
         self.progress = asyncio.Event()
         self.connections = 0
-        self.failures: Counter[str] = Counter()
+        self.failures = Tally()
         self.link: Link | None = None
         self.kicked = False
         self.kicks = 0
@@ -230,7 +242,7 @@ class Subscriber:
         seq, epoch = frame.get("seq"), frame.get("epoch")
         recovered, replayed = bool(frame.get("recovered")), frame.get("replayed") or 0
         if not isinstance(seq, int) or not isinstance(epoch, str):
-            self.failures["bad joined"] += 1
+            self.failures.hit("bad joined")
             return
         self.history.entries.append(
             Joined(conn, room, since, seq, epoch, recovered, int(replayed), sent_at, at))
@@ -255,7 +267,7 @@ class Subscriber:
                                        lambda f, at, c=conn: self._on_frame(c, f, at),
                                        timeout=OPEN_TIMEOUT_S)
             except Exception as exc:
-                self.failures[f"open {type(exc).__name__}"] += 1
+                self.failures.hit(f"open {type(exc).__name__}")
                 await asyncio.sleep(0.2)
                 continue
             self.connections += 1
@@ -277,13 +289,13 @@ class Subscriber:
                 reply = await link.request(frame, REQUEST_TIMEOUT_S, rid=rid)
             except (LinkLost, TimeoutError) as exc:
                 self.abandoned.add(conn)  # a late joined or its events are not recorded
-                self.failures[f"join {type(exc).__name__}"] += 1
+                self.failures.hit(f"join {type(exc).__name__}")
                 return False
             finally:
                 self.pending.pop((conn, rid), None)
             if reply.get("type") != "joined":
                 self.abandoned.add(conn)
-                self.failures[f"join {reply.get('type')} {reply.get('code')}"] += 1
+                self.failures.hit(f"join {reply.get('type')} {reply.get('code')}")
                 return False
             return True
 
@@ -309,7 +321,7 @@ class Subscriber:
                         task.cancel()
                 kicked, self.kicked = self.kicked, False
                 if not self.link.alive and not kicked:
-                    self.failures[f"lost (close {self.link.close_code})"] += 1
+                    self.failures.hit(f"lost (close {self.link.close_code})")
                 await self.link.close()
                 self.link = None
                 if churn.is_set() and not stop.is_set() and not kicked:

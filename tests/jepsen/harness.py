@@ -92,6 +92,7 @@ class Config:
             rate=float(env.get("RTNODE_JEPSEN_RATE") or cls.rate),
             churn_s=_pair(env.get("RTNODE_JEPSEN_CHURN_S"), cls.churn_s),
             gap_s=_pair(env.get("RTNODE_JEPSEN_GAP_S"), cls.gap_s),
+            kick=float(env.get("RTNODE_JEPSEN_KICK") or cls.kick),
             kinds=kinds,
         )
 
@@ -190,6 +191,20 @@ async def _wait_joined(subs: list[Subscriber], rooms: list[str], timeout: float)
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def _spans(times: list[tuple[float, str]], t0: float, most: int = 10) -> str:
+    """Troubles grouped into spans (less than 2 s apart), in seconds from ``t0``."""
+    spans: list[tuple[float, float, Counter[str]]] = []
+    for at, kind in sorted(times):
+        if spans and at - spans[-1][1] <= 2.0:
+            spans[-1] = (spans[-1][0], at, spans[-1][2])
+        else:
+            spans.append((at, at, Counter()))
+        spans[-1][2][kind] += 1
+    parts = [f"{a - t0:.1f}-{b - t0:.1f} s {dict(c)}" for a, b, c in spans[:most]]
+    more = f"; {len(spans) - most} more" if len(spans) > most else ""
+    return "; ".join(parts) + more if parts else "none"
 
 
 def _log_counts(node: NodeProcess) -> str:
@@ -300,6 +315,11 @@ async def run(tmp: Path, cfg: Config, say: Any = print) -> Report:
                        healed_at=nemesis.healed_at)
         if not joined:
             report.problems.append("not every subscriber joined every room within 15 s")
+        for f in nemesis.faults:
+            if f.healthy is None:
+                report.problems.append(
+                    f"not healthy again {nemesis.heal_timeout_s:.0f} s after {f.kind} "
+                    f"{f.target} was healed (at {f.healed - fault_t0:.1f} s):{f.note}")
         if not agree.startswith("yes"):
             report.problems.append(f"replicas disagree: {agree}")
         errors: Counter[str] = sum((p.errors for p in pubs), Counter())
@@ -307,8 +327,6 @@ async def run(tmp: Path, cfg: Config, say: Any = print) -> Report:
         report.figures.update({
             "seed": cfg.seed,
             "faults": f"{len(nemesis.faults)} {nemesis.counts()}",
-            "faults not healthy again within 15 s":
-                sum(f.healthy is None for f in nemesis.faults),
             "slowest return to healthy after a heal": nemesis.slowest(),
             "publish rate": f"{cfg.rate:g}/s x {cfg.publishers}, window {cfg.window}",
             "longest publish (first attempt to ack)":
@@ -326,6 +344,10 @@ async def run(tmp: Path, cfg: Config, say: Any = print) -> Report:
             "run": f"{time.monotonic() - t0:.0f} s (start {started_s:.0f} s)",
         })
         report.log = [f.describe(fault_t0) for f in nemesis.faults]
+        report.log.append("publish troubles: " + _spans(
+            [t for p in pubs for t in p.errors.times], fault_t0))
+        report.log.append("subscriber troubles: " + _spans(
+            [t for s in subs for t in s.failures.times], fault_t0))
         if not report.ok:
             report.log.append(f"node logs: {[str(n.log_path) for n in r.nodes]}")
         return report

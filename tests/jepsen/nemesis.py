@@ -70,6 +70,7 @@ class Nemesis:
         self.on_heal = on_heal
         self.faults: list[Fault] = []
         self.deadline = time.monotonic() + 3600.0
+        self.unhealthy = ""
 
     @property
     def healed_at(self) -> float | None:
@@ -102,6 +103,8 @@ class Nemesis:
             if self.on_heal is not None:
                 await self.on_heal()
             fault.healthy = await self.wait_healthy(self._left(self.heal_timeout_s))
+            if fault.healthy is None:
+                fault.note += f" still: {self.unhealthy}"
             pause = min(self.rng.uniform(*self.gap_s), max(0.0, end - time.monotonic()))
             await asyncio.sleep(pause)  # the quiet time between faults
 
@@ -109,15 +112,20 @@ class Nemesis:
         """When the stream has a leader with current followers and both nodes are ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if await asyncio.to_thread(self._healthy):
+            self.unhealthy = await asyncio.to_thread(self._unhealthy)
+            if not self.unhealthy:
                 return time.monotonic()
             await asyncio.sleep(0.2)
         return None
 
-    def _healthy(self) -> bool:
+    def _unhealthy(self) -> str:
+        """What is not healthy ("" when all is)."""
         if not self.cluster.stream_healthy(STREAM_NAME):
-            return False
-        return all(n.readyz()[0] == 200 for n in self.nodes)
+            return "the stream has no leader with current followers"
+        bad = {n.name: n.readyz() for n in self.nodes}
+        bad = {name: ready for name, ready in bad.items() if ready[0] != 200}
+        return ", ".join(f"node {name} /readyz {status} {body}"
+                         for name, (status, body) in bad.items())
 
     def _nats_target(self) -> int:
         leader = self.cluster.stream_leader(STREAM_NAME)
