@@ -43,6 +43,7 @@ replay counts that differ from the stored events in ``(since, seq]``, and the ti
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -277,6 +278,7 @@ def check_subscriber(history: SubscriberHistory, stored_seqs: Mapping[str, Seque
     got: dict[str, Counter[int]] = defaultdict(Counter)
     room_joins: dict[str, list[Joined]] = defaultdict(list)
     stored_sets = {room: set(seqs) for room, seqs in stored_seqs.items()}
+    stored_sorted = {room: sorted(seqs) for room, seqs in stored_seqs.items()}
     reorders: list[tuple[str, int, int, int]] = []
     phantoms: list[tuple[str, int]] = []
     for e in history.entries:
@@ -295,7 +297,8 @@ def check_subscriber(history: SubscriberHistory, stored_seqs: Mapping[str, Seque
                         f"joined seq {e.seq}, epoch {e.epoch}): no trim or recovery_max here")
             if recovering and e.recovered:
                 r.replayed += e.replayed
-                want = sum(1 for s in stored_sets.get(e.room, ()) if e.since < s <= e.seq)
+                ordered = stored_sorted.get(e.room, [])
+                want = bisect_right(ordered, e.seq) - bisect_right(ordered, e.since)
                 if want != e.replayed:
                     r.replay_mismatches += 1
                     r.notes.append(f"{e.room} conn {e.conn}: replayed {e.replayed}, the "
@@ -395,21 +398,10 @@ def _stale_joins(publishes: Sequence[Publish],
         for e in h.entries:
             if isinstance(e, Joined) and e.room in best:
                 times, highs = best[e.room]
-                i = _bisect_right(times, e.sent_at)
+                i = bisect_right(times, e.sent_at)
                 if i and highs[i - 1] > e.seq:
                     stale += 1
     return stale
-
-
-def _bisect_right(values: list[float], x: float) -> int:
-    lo, hi = 0, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if x < values[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def time_to_recover(publishes: Sequence[Publish], histories: Sequence[SubscriberHistory],

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
 from bridge.subjects import STREAM_NAME, room_subject
@@ -123,10 +124,18 @@ async def read_truth(urls: list[str], rooms: list[str], timeout: float = 30.0,
         deadline = time.monotonic() + timeout
         for room in rooms:
             subject = room_subject("default", room)
-            try:
-                last = (await js.get_last_msg(STREAM_NAME, subject)).seq or 0
-            except NotFoundError:
-                last = 0
+            while True:  # the leader may still be settling: ask again until the deadline
+                try:
+                    last = (await js.get_last_msg(STREAM_NAME, subject)).seq or 0
+                    break
+                except NotFoundError:
+                    last = 0
+                    break
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"truth read: the stream leader did not answer "
+                                             f"for {room}: {exc!r}") from None
+                    await asyncio.sleep(0.5)
             lasts[room] = last
             got: list[Stored] = []
             inbox = nc.new_inbox()
@@ -141,13 +150,19 @@ async def read_truth(urls: list[str], rooms: list[str], timeout: float = 30.0,
                     await nc.publish(f"$JS.API.DIRECT.GET.{STREAM_NAME}",
                                      json.dumps(request).encode(), reply=inbox)
                     while True:  # one batch: messages, then a status (204 end, 404 none)
-                        msg = await sub.next_msg(timeout=5)
+                        try:
+                            msg = await sub.next_msg(timeout=5)
+                        except NatsTimeout:
+                            break  # asked again from the last seq read
                         headers = msg.headers or {}
                         if "Status" in headers:
                             break
+                        seq = int(headers["Nats-Sequence"])
+                        if got and seq <= got[-1].seq:
+                            continue  # a late answer to an earlier request
                         event = cbor_loads_strict(msg.data)
                         mid = event.get("msg_id") if isinstance(event, dict) else None
-                        got.append(Stored(room, int(headers["Nats-Sequence"]), mid))
+                        got.append(Stored(room, seq, mid))
             finally:
                 await sub.unsubscribe()
             out.extend(got)
