@@ -295,7 +295,7 @@ def check_subscriber(history: SubscriberHistory, stored_seqs: Mapping[str, Seque
                     r.problems.append(
                         f"{name} {e.room}: recovered:false on conn {e.conn} (since {e.since}, "
                         f"joined seq {e.seq}, epoch {e.epoch}): no trim or recovery_max here")
-            if recovering and e.recovered:
+            if e.since is not None and e.recovered:
                 r.replayed += e.replayed
                 ordered = stored_sorted.get(e.room, [])
                 want = bisect_right(ordered, e.seq) - bisect_right(ordered, e.since)

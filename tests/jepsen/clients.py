@@ -10,6 +10,7 @@ a publisher by its ``stop`` event, a count and each publish's deadline; a subscr
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import Counter, defaultdict
@@ -263,8 +264,7 @@ class Subscriber:
             for room in self.rooms:
                 self.received.setdefault(room, set())
             try:
-                link = await Link.open(url, self.token,
-                                       lambda f, at, c=conn: self._on_frame(c, f, at),
+                link = await Link.open(url, self.token, functools.partial(self._on_frame, conn),
                                        timeout=OPEN_TIMEOUT_S)
             except Exception as exc:
                 self.failures.hit(f"open {type(exc).__name__}")
@@ -309,7 +309,7 @@ class Subscriber:
                 self.link = await self._open(stop)
                 if self.link is None:
                     break
-                waits = [asyncio.create_task(self.link.done.wait()),
+                waits: list[asyncio.Task[Any]] = [asyncio.create_task(self.link.done.wait()),
                          asyncio.create_task(stop.wait())]
                 if churn.is_set():
                     hold = self.rng.uniform(*self.churn_s)

@@ -71,8 +71,9 @@ class Link:
                     if not isinstance(frame, dict):
                         continue
                     self.on_frame(frame, now)
-                    waiter = self.waiters.pop(frame.get("id"), None) \
-                        if frame.get("type") != "rpc" else None
+                    rid = frame.get("id")
+                    waiter = self.waiters.pop(rid, None) \
+                        if isinstance(rid, int) and frame.get("type") != "rpc" else None
                     if waiter is not None and not waiter.done():
                         waiter.set_result(frame)
         except Exception:  # closed, reset, garbage: the link is over either way
