@@ -310,7 +310,7 @@ class Subscriber:
                 if self.link is None:
                     break
                 waits: list[asyncio.Task[Any]] = [asyncio.create_task(self.link.done.wait()),
-                         asyncio.create_task(stop.wait())]
+                                                  asyncio.create_task(stop.wait())]
                 if churn.is_set():
                     hold = self.rng.uniform(*self.churn_s)
                     waits.append(asyncio.create_task(asyncio.sleep(hold)))
