@@ -106,6 +106,8 @@ class NatsLink:
         self.epoch = ""
         # Called after every reconnect: what was published meanwhile never came live.
         self.on_reconnected: list[Callable[[], None]] = []
+        # Called when the connection drops: replies to requests sent before are lost.
+        self.on_disconnected: list[Callable[[], None]] = []
 
     @property
     def nc(self) -> NATS:
@@ -257,6 +259,11 @@ class NatsLink:
     async def _on_disconnected(self) -> None:
         if self._nc is not None:  # not when we close it ourselves
             log.warning("! NATS disconnected")
+            for callback in self.on_disconnected:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("! disconnect hook failed")
 
     async def _on_reconnected(self) -> None:
         nc = self._nc

@@ -125,6 +125,7 @@ class JetStreamRoomStore:
 
     async def start(self) -> None:
         """Subscribe the reply inbox shared by every publish and read."""
+        self.link.on_disconnected.append(self._on_disconnected)
         nc = self.link.nc
         self._prefix = nc.new_inbox()
         self._sub = await nc.subscribe(
@@ -142,6 +143,16 @@ class JetStreamRoomStore:
             except Exception:
                 pass
             self._sub = None
+
+    def _on_disconnected(self) -> None:
+        """The acks and replies of what was sent before are lost with the connection: retry
+        those publishes (same Nats-Msg-Id) as soon as it is back, not after ack_timeout_s."""
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("NATS disconnected"))
+        for batch in self._batches.values():
+            if not batch.done.done():
+                batch.done.set_exception(StoreError("NATS disconnected"))
 
     async def _on_reply(self, msg: Msg) -> None:
         kind, _, token = msg.subject[len(self._prefix) + 1:].partition(".")
@@ -288,21 +299,33 @@ class JetStreamRoomStore:
         Raises:
             StoreError: No leader answered in time, or an error other than "no message".
         """
-        try:
-            reply = await self.link.nc.request(
-                f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
-                timeout=self.read_timeout_s)
-        except Exception as exc:  # no responders (no leader yet), timeout, disconnected
-            raise StoreError(f"leader read failed: {type(exc).__name__}") from None
-        try:
-            answer: dict[str, Any] = json.loads(reply.data)
-        except ValueError:
-            raise StoreError("bad answer from JetStream") from None
-        err = answer.get("error")
-        if err:
-            if err.get("err_code") == _NO_MESSAGE_ERR_CODE:
-                return None
-            raise StoreError(f"leader read failed: {err.get('description', 'error')}")
+        # During a leader election (2-5 s after a leader dies or steps down) nobody answers,
+        # or the answer is "cluster not available": ask again within the read deadline rather
+        # than fail a join that would be answered a moment later.
+        deadline = time.monotonic() + self.read_timeout_s
+        delay = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                reply = await self.link.nc.request(
+                    f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
+                    timeout=max(0.05, min(2.0, left)))
+                answer: dict[str, Any] = json.loads(reply.data)
+                err = answer.get("error")
+                if not err:
+                    break
+                if err.get("err_code") == _NO_MESSAGE_ERR_CODE:
+                    return None
+                reason = str(err.get("description", "error"))
+            except ValueError:
+                raise StoreError("bad answer from JetStream") from None
+            except Exception as exc:  # no responders (no leader yet), timeout, disconnected
+                reason = type(exc).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreError(f"leader read failed: {reason}")
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
         message = answer.get("message") or {}
         self.leader_reads += 1
         data = message.get("data")
