@@ -35,7 +35,7 @@ from actors.events import read_history
 from actors.ports import StoreError
 from node.auth import Principal, TokenVerifier
 from node.errors import AuthError, ProtocolError
-from node.protocol import JSON, ROOM_PATTERN, json_loads_strict, publish_frame
+from node.protocol import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
 
 __all__ = [
     "API_KEY_PRINCIPAL",
@@ -118,7 +118,7 @@ class RoomQuery(_Query):
 class HistoryQuery(RoomQuery):
     """``GET /api/history?room=&since=&limit=&reverse=``, as the WebSocket ``history`` frame."""
 
-    since: int | None = Field(default=None, ge=0)
+    since: int | None = Field(default=None, ge=0, le=SEQ_MAX)
     limit: int = Field(default=100, ge=1, le=1000)
     reverse: bool = False
 

@@ -30,7 +30,7 @@ from actors.errors import ActorDeadError
 from bridge.api import bearer_token, error_response
 from node.auth import Principal
 from node.errors import ProtocolError
-from node.protocol import JSON, ROOM_PATTERN, parse_frame
+from node.protocol import JSON, ROOM_PATTERN, SEQ_MAX, parse_frame
 
 __all__ = [
     "PING",
@@ -82,7 +82,7 @@ def parse_cursor(text: str) -> dict[str, int]:
     for pair in text.split(","):
         room, sep, seq = pair.strip().rpartition(":")
         if (not sep or not _ROOM.fullmatch(room) or not seq.isascii() or not seq.isdigit()
-                or len(seq) > _MAX_SEQ_DIGITS):
+                or len(seq) > _MAX_SEQ_DIGITS or int(seq) > SEQ_MAX):
             raise ProtocolError(4000, "bad Last-Event-ID: expected room:seq[,room:seq...]")
         out[room] = int(seq)
     return out

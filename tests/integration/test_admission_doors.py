@@ -1,0 +1,143 @@
+"""One admission pipeline: the same cases through every door, the same outcome from each.
+
+Doors: WebSocket JSON and CBOR, the MQTT tunnel, a plain MQTT uplink on ``rooms/<room>/up``,
+``POST /api/publish``, and an uplink through an external broker (Mosquitto) bridged by the
+node. A JSON and a CBOR member of each case's room check what was delivered, and ``history``
+what was stored: refused events never are, volatile ones are delivered but never stored, a
+duplicate ``msg_id`` is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import pytest
+
+from tests.doors import DOORS, Outcome, make_door
+from tests.integration.test_mqtt_external import mosquitto  # noqa: F401  (a fixture)
+from tests.wsclient import ALL_RIGHTS, RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"small": {"max_payload_bytes": 300}}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    expect: Outcome
+    namespace: str = "chat"
+    event: str = "chat:msg"
+    data: Any = None
+    msg_id: str | None = None
+    allowed: bool = True
+    times: int = 1
+
+
+BAD_VALUE = {"json": {"v": [1, 2**64]}, "cbor": {"v": [1, cbor2.undefined]}}
+
+CASES = [
+    Case("valid", Outcome("stored"), data={"t": 21.5, "b": True}),
+    Case("oversized", Outcome("refused", 4013), namespace="small", data="x" * 400),
+    Case("bad value", Outcome("refused", 4000), data=BAD_VALUE),
+    Case("reserved event name", Outcome("refused", 4003), event="presence:join", data={}),
+    Case("volatile event", Outcome("volatile"), event="user:typing", data={"on": True}),
+    Case("no right", Outcome("refused", 4003), data=1, allowed=False),
+    Case("duplicate msg_id", Outcome("stored"), data=2, msg_id="same", times=2),
+]
+
+
+class Members:
+    """A JSON and a CBOR member, joined to each case's room."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    async def open(self) -> None:
+        self.json = await RawClient.connected(ws_url(self.node), token("m-json"), codec="json")
+        self.cbor = await RawClient.connected(ws_url(self.node), token("m-cbor"), codec="cbor")
+
+    async def join(self, room: str) -> None:
+        for m in (self.json, self.cbor):
+            joined = await m.request({"type": "join", "room": room})
+            assert joined["type"] == "joined", joined
+
+    async def delivered(self, room: str, volatile: bool) -> list[dict[str, Any]]:
+        """What each member got in ``room`` (the same for both), up to a sentinel event."""
+        if volatile:  # not stored: no sentinel can order it; wait for it
+            got = [await m.events(1, room) for m in (self.json, self.cbor)]
+            assert got[0][0]["data"] == got[1][0]["data"]
+            return got[0]
+        sentinel = await self.json.request({"type": "publish", "room": room,
+                                            "event": "sentinel"})
+        got = []
+        for m in (self.json, self.cbor):
+            events = []
+            while not events or events[-1]["event"] != "sentinel":
+                [ev] = await m.events(1, room)
+                events.append(ev)
+            assert events[-1]["seq"] == sentinel["seq"]
+            got.append(events[:-1])
+        assert [e["seq"] for e in got[0]] == [e["seq"] for e in got[1]]
+        return got[0]
+
+    async def stored(self, room: str) -> list[dict[str, Any]]:
+        hist = await self.json.request({"type": "history", "room": room})
+        return [e for e in hist["events"] if e["event"] != "sentinel"]
+
+    async def close(self) -> None:
+        await self.json.close()
+        await self.cbor.close()
+
+
+@pytest.mark.parametrize("door", list(DOORS))
+async def test_every_door_gives_the_same_outcome(door: str, make_node: Any) -> None:
+    node = await make_node(namespaces=SMALL)
+    await _check_all(make_door(door, node, {"*": ALL_RIGHTS}), node)
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto") and not shutil.which("/usr/sbin/mosquitto"),
+                    reason="needs Debian's mosquitto")
+async def test_an_external_broker_gives_the_same_outcome(
+        mosquitto: int, make_node: Any) -> None:  # noqa: F811  (the imported fixture)
+    node = await make_node(namespaces=SMALL, mqtt_broker_url=f"mqtt://127.0.0.1:{mosquitto}")
+    await asyncio.wait_for(node.mqtt_external._ready.wait(), 10)
+    await _check_all(make_door("broker", node, {"*": ALL_RIGHTS}, broker_port=mosquitto), node)
+
+
+async def _check_all(publisher: Any, node: Any) -> None:
+    members = Members(node)
+    await members.open()
+    await publisher.open()
+    try:
+        for case in CASES:
+            await _check(case, publisher, members)
+    finally:
+        await publisher.close()
+        await members.close()
+
+
+async def _check(case: Case, publisher: Any, members: Members) -> None:
+    room = unique(case.namespace)
+    await members.join(room)
+    data = case.data[publisher.codec] if case.data is BAD_VALUE else case.data
+    outcomes = [await publisher.publish(room, case.event, data, case.msg_id,
+                                        allowed=case.allowed) for _ in range(case.times)]
+    assert {o.same() for o in outcomes} == {case.expect.same()}, (case.name, outcomes)
+    seqs = {o.seq for o in outcomes if o.seq is not None}
+    assert len(seqs) <= 1, f"{case.name}: one event, one seq ({seqs})"
+    delivered = await members.delivered(room, case.expect.kind == "volatile")
+    stored = await members.stored(room)
+    if case.expect.kind == "stored":
+        assert [e["data"] for e in delivered] == [data], case.name
+        assert [e["seq"] for e in stored] == [delivered[0]["seq"]], case.name
+        assert seqs <= {delivered[0]["seq"]}, case.name
+    elif case.expect.kind == "volatile":
+        assert [e["data"] for e in delivered] == [data] and "seq" not in delivered[0]
+        assert stored == [], f"{case.name}: a volatile event is never stored"
+    else:
+        assert delivered == [] and stored == [], f"{case.name}: refused, never stored"
