@@ -54,9 +54,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from node.auth import mint_token
 from node.nats_server import free_port
-from node.protocol import CBOR
+from node.protocol.frames import CBOR
+from node.protocol.tokens import mint_token
 
 __all__ = ["BenchConfig", "RunResult", "main", "run_baseline", "run_rtnode"]
 

@@ -61,8 +61,8 @@ from bench.fanout import (  # the same process handling as the fan-out bench
     _stop,
     _terminated,
 )
-from node.auth import mint_token
 from node.nats_server import free_port
+from node.protocol.tokens import mint_token
 
 __all__ = ["IngestConfig", "IngestResult", "main", "run_ingest"]
 

@@ -29,13 +29,13 @@ from pydantic import (
     model_validator,
 )
 
-from actors.connection import NodeContext, Shutdown
 from actors.errors import ActorError
-from actors.events import read_history
-from actors.ports import StoreError
-from node.auth import Principal, TokenVerifier
-from node.errors import AuthError, ProtocolError
-from node.protocol import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
+from node.core.connection import NodeContext, Shutdown
+from node.core.events import read_history
+from node.core.ports import StoreError
+from node.protocol.errors import AuthError, ProtocolError
+from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
+from node.protocol.tokens import Principal, TokenVerifier
 
 __all__ = [
     "API_KEY_PRINCIPAL",

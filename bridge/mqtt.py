@@ -35,8 +35,10 @@ import time
 from collections import deque
 from typing import Any, cast
 
-from actors.admission import Admitted, VolatilePublisher
-from actors.connection import (
+from actors.errors import ActorDeadError, ActorError
+from bridge import mqtt_codec as mq
+from node.core.admission import Admitted, VolatilePublisher
+from node.core.connection import (
     ConnectionActor,
     Invalid,
     NodeContext,
@@ -44,12 +46,9 @@ from actors.connection import (
     PlainLeave,
     TransportClosed,
 )
-from actors.errors import ActorDeadError, ActorError
-from actors.limits import TokenBucket
-from bridge import mqtt_codec as mq
-from node.auth import Principal
-from node.errors import AuthError, CodecError, ProtocolError
-from node.protocol import (
+from node.core.limits import TokenBucket
+from node.protocol.errors import AuthError, CodecError, ProtocolError
+from node.protocol.frames import (
     CBOR,
     ROOM_RE,
     cbor_loads_strict,
@@ -57,6 +56,7 @@ from node.protocol import (
     publish_frame,
     request_id_of,
 )
+from node.protocol.tokens import Principal
 
 __all__ = ["PLAIN_CBOR", "MqttBridge"]
 
@@ -467,7 +467,7 @@ class _MqttSession(asyncio.Protocol):
             self.ref.tell(frame)
 
     def _uplink(self, room: str, payload: bytes, entry: list[Any] | None) -> bool:
-        """Admit a plain uplink (``actors.admission``) and store it.
+        """Admit a plain uplink (``node.core.admission``) and store it.
 
         Returns:
             True when its ack waits for the store; False when it is done: refused (dropped

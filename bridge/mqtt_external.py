@@ -26,11 +26,11 @@ import aiomqtt
 import cbor2
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from actors.connection import NodeContext
-from bridge.subjects import STREAM_NAME, room_from_subject, room_subject
-from node.auth import Principal
-from node.errors import ConfigError, ProtocolError
-from node.protocol import cbor_loads_strict, publish_frame
+from node.core.connection import NodeContext
+from node.protocol.errors import ConfigError, ProtocolError
+from node.protocol.frames import cbor_loads_strict, publish_frame
+from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
+from node.protocol.tokens import Principal
 
 __all__ = ["DURABLE", "ExternalMqtt", "parse_broker_url"]
 
@@ -144,7 +144,7 @@ class ExternalMqtt:
             await asyncio.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))
 
     async def _uplink(self, topic: str, payload: bytes) -> bool:
-        """Admit one uplink (``actors.admission``) and store it.
+        """Admit one uplink (``node.core.admission``) and store it.
 
         Returns:
             False only when the store failed for now (retry it: not acked, the broker resends

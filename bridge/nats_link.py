@@ -34,8 +34,8 @@ from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bridge import _nats_speedups
-from bridge.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
-from node.errors import NatsUnavailable
+from node.protocol.errors import NatsUnavailable
+from node.protocol.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 
 __all__ = ["EPOCH_KEY", "LEGACY_EPOCH", "NatsLink", "StreamSettings", "config_differs"]
 

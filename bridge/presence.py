@@ -23,8 +23,8 @@ from typing import Any
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from actors.ports import StoreError
 from bridge.room_store import JetStreamRoomStore
+from node.core.ports import StoreError
 
 __all__ = ["BUCKET", "PresenceTracker"]
 

@@ -15,7 +15,8 @@ Design, in short:
 * **Filter.** Room names contain no ``.`` (PROTOCOL.md section 3), so each room is exactly one
   subject token: an exact room is the subject filter ``rt.room.<tenant>.<room>``, a pattern
   ``prefix*`` is the filter ``rt.room.<tenant>.*`` and the prefix is matched here with the rule
-  of token grants (:func:`node.auth.pattern_matches`). Events of other rooms are acked silently.
+  of token grants (:func:`node.protocol.tokens.pattern_matches`). Events of other rooms are
+  acked silently.
 * **Durable.** The consumer is created on first use with the ``start`` position (``"all"``,
   ``"new"``, a stream seq, inclusive, or a datetime) and is bound afterwards: ``start`` then no
   longer matters, the consumer resumes after its acked events. Its tenant and pattern are kept
@@ -63,10 +64,10 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bridge.subjects import STREAM_NAME, room_from_subject, room_subject
-from node.auth import pattern_matches
-from node.errors import CodecError, NodeError
-from node.protocol import cbor_loads_strict
+from node.protocol.errors import CodecError, NodeError
+from node.protocol.frames import cbor_loads_strict
+from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
+from node.protocol.tokens import pattern_matches
 
 __all__ = ["ReplayConsumer", "ReplayError", "ReplayEvent", "connect_nats", "parse_room_pattern"]
 
@@ -577,7 +578,7 @@ def _quiet_stdout() -> None:
 
 
 def _event_line(seq: int, body: Any, room: str, as_json: bool) -> str:
-    from node.protocol import JSON
+    from node.protocol.frames import JSON
 
     if not isinstance(body, dict):
         body = {"event": None, "data": body}
@@ -717,7 +718,7 @@ async def consume_rooms(
     import sys
 
     out = out or sys.stdout
-    from node.protocol import JSON
+    from node.protocol.frames import JSON
 
     consumer = ReplayConsumer(list(servers), tenant=tenant, rooms=rooms, durable=durable,
                               start=_parse_start(start), **options)

@@ -38,9 +38,9 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from actors.ports import LiveMessage, StoredEvent, StoreError
 from bridge.nats_link import NatsLink
-from bridge.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
+from node.core.ports import LiveMessage, StoredEvent, StoreError
+from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
 
 __all__ = ["JetStreamRoomStore"]
 

@@ -19,10 +19,10 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from actors.ports import RpcError
 from bridge.nats_link import NatsLink
-from node.errors import CodecError
-from node.protocol import cbor_loads_strict
+from node.core.ports import RpcError
+from node.protocol.errors import CodecError
+from node.protocol.frames import cbor_loads_strict
 
 __all__ = ["NatsRpc", "rpc_subject"]
 

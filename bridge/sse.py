@@ -1,6 +1,6 @@
 """The SSE bridge (``GET /sse``): read-only subscribers, PROTOCOL.md section 7.
 
-A stream is a :class:`~actors.connection.ConnectionActor` with a pre-authenticated principal
+A stream is a :class:`~node.core.connection.ConnectionActor` with a pre-authenticated principal
 that joins the stream's rooms, exactly as a WebSocket client would (with ``since`` when the
 request carries a ``Last-Event-ID``). Its rooms push JSON frames into its outbox; the transport
 here turns them into SSE messages with :class:`SseSession` (pure: frames in, bytes out) and
@@ -25,12 +25,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from actors.connection import ConnectionActor, NodeContext, TransportClosed
 from actors.errors import ActorDeadError
 from bridge.api import bearer_token, error_response
-from node.auth import Principal
-from node.errors import ProtocolError
-from node.protocol import JSON, ROOM_PATTERN, SEQ_MAX, parse_frame
+from node.core.connection import ConnectionActor, NodeContext, TransportClosed
+from node.protocol.errors import ProtocolError
+from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, parse_frame
+from node.protocol.tokens import Principal
 
 __all__ = [
     "PING",

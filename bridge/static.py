@@ -25,10 +25,10 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.events import event_body, now_ms
 from actors.system import ActorSystem
-from node.auth import Principal, load_or_create_secret, mint_token
-from node.config import Settings
+from node.core.events import event_body, now_ms
+from node.protocol.settings import Settings
+from node.protocol.tokens import Principal, load_or_create_secret, mint_token
 
 __all__ = [
     "DEV_TOKEN_TTL_S",

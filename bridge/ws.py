@@ -23,10 +23,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from actors.connection import ConnectionActor, Invalid, NodeContext, TransportClosed
 from actors.errors import ActorDeadError
-from node.errors import CodecError, ProtocolError
-from node.protocol import CODECS, JSON, parse_frame, request_id_of
+from node.core.connection import ConnectionActor, Invalid, NodeContext, TransportClosed
+from node.protocol.errors import CodecError, ProtocolError
+from node.protocol.frames import CODECS, JSON, parse_frame, request_id_of
 
 __all__ = ["WebSocketBridge", "ws_frame_header"]
 

@@ -3,7 +3,7 @@
 A :class:`Device` speaks the frames of PROTOCOL.md section 1 as CBOR, one per MQTT PUBLISH, on
 ``rtnode/v1/<id>/in`` (QoS 1) and reads the node's frames on ``rtnode/v1/<id>/out``
 (subscribed with QoS 1). The protocol state (request ids, rooms, cursors, backoff) is the
-WebSocket client's :class:`bridge.client_session.ClientSession`; this module does the MQTT I/O
+WebSocket client's :class:`devices.client_session.ClientSession`; this module does the MQTT I/O
 around it::
 
     async with Device("127.0.0.1", 1883, "thermo-1", token=jwt,
@@ -44,7 +44,7 @@ import aiomqtt
 import cbor2
 from aiomqtt.exceptions import MqttConnectError
 
-from bridge.client_session import (
+from devices.client_session import (
     ClientClosed,
     ClientError,
     ClientSession,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devices.sdk import ClientError, Device
-from node.auth import mint_token
+from node.protocol.tokens import mint_token
 
 __all__ = ["SimStats", "simulate"]
 

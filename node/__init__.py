@@ -1,7 +1,6 @@
 """rtnode's node program: configuration, tokens, protocol, the embedded nats-server, the CLI."""
 
-from node.config import Settings, load_settings
-from node.errors import (
+from node.protocol.errors import (
     AuthError,
     CodecError,
     ConfigError,
@@ -9,6 +8,7 @@ from node.errors import (
     NodeError,
     ProtocolError,
 )
+from node.protocol.settings import Settings, load_settings
 
 __all__ = [
     "AuthError",

@@ -12,10 +12,6 @@ from types import TracebackType
 from typing import Any
 
 from actors import ActorSystem
-from actors.connection import NodeContext, Shutdown
-from actors.events import event_body
-from actors.ports import LiveMessage
-from actors.room import CheckGap
 from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
 from bridge.mqtt import MqttBridge
@@ -27,12 +23,16 @@ from bridge.rpc import NatsRpc
 from bridge.sse import SseBridge
 from bridge.static import StaticSite, StatsPublisher
 from bridge.ws import WebSocketBridge
-from node.auth import KINDS, Principal, TokenVerifier, load_or_create_secret
-from node.config import Settings
-from node.errors import ConfigError
+from node.core.connection import NodeContext, Shutdown
+from node.core.events import event_body
+from node.core.ports import LiveMessage
+from node.core.room import CheckGap
+from node.core.rpc import load_rpc_modules
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.nats_server import EmbeddedNats
-from node.rpc import load_rpc_modules
+from node.protocol.errors import ConfigError
+from node.protocol.settings import Settings
+from node.protocol.tokens import KINDS, Principal, TokenVerifier, load_or_create_secret
 
 __all__ = ["Node"]
 

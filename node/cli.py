@@ -1,6 +1,6 @@
 """The ``rtnode`` command line: ``rtnode run`` starts a node, ``rtnode token`` mints a token.
 
-Every setting of :class:`node.config.Settings` is also a flag of both subcommands.
+Every setting of :class:`node.protocol.settings.Settings` is also a flag of both subcommands.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.auth import KINDS, load_or_create_secret, mint_token, parse_room_grant
-from node.config import Settings, load_settings
-from node.errors import ConfigError, NodeError
+from node.protocol.errors import ConfigError, NodeError
+from node.protocol.settings import Settings, load_settings
+from node.protocol.tokens import KINDS, load_or_create_secret, mint_token, parse_room_grant
 
 __all__ = ["build_parser", "main"]
 

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from node.errors import NatsUnavailable
+from node.protocol.errors import NatsUnavailable
 
 __all__ = ["EmbeddedNats", "free_port", "nats_server_binary"]
 

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from node.app import Node
-from node.config import load_settings
+from node.protocol.settings import load_settings
 from tests.servers import NatsProcess
 from tests.wsclient import SECRET
 

@@ -15,7 +15,7 @@ def _modules() -> list[str]:
     for pkg in PACKAGES:
         mod = importlib.import_module(pkg)
         names.append(pkg)
-        for info in pkgutil.iter_modules(mod.__path__, prefix=f"{pkg}."):
+        for info in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}."):
             if not info.name.endswith("__main__"):
                 names.append(info.name)
     return names

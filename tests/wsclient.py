@@ -9,8 +9,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from node.auth import mint_token
-from node.protocol import CBOR, JSON
+from node.protocol.frames import CBOR, JSON
+from node.protocol.tokens import mint_token
 
 __all__ = ["SECRET", "RawClient", "token", "unique", "ws_url"]
 

@@ -4,7 +4,7 @@
  *
  * Speaks PROTOCOL v1 over WebSocket (`/ws`): JSON by default, CBOR when the application
  * hands over a codec (see docs/browser.md; cbor-x is the example). It mirrors the Python
- * client (bridge/client.py): reconnect with exponential backoff and full jitter (0.5 s, doubling,
+ * client (devices/client.py): reconnect with exponential backoff and full jitter (0.5 s, doubling,
  * at most 20 s), rooms re-joined with `since` {seq, epoch} after each reconnect, publishes
  * retried with the same `msg_id` until `published`, token refresh through `getToken` ahead of
  * expiry, and `recovered: false` surfaced to the application.

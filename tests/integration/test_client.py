@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bridge.client import Client, Event
+from devices.client import Client, Event
 from tests.wsclient import token, unique, ws_url
 
 pytestmark = pytest.mark.integration

@@ -31,10 +31,10 @@ import nats
 import pytest
 import pytest_asyncio
 
-from bridge.client import Client, Event, Resync
-from bridge.subjects import STREAM_NAME, room_subject
+from devices.client import Client, Event, Resync
 from node.nats_server import free_port
-from node.protocol import cbor_loads_strict
+from node.protocol.frames import cbor_loads_strict
+from node.protocol.subjects import STREAM_NAME, room_subject
 from tests.cluster import NatsCluster, TcpProxy
 from tests.servers import NodeProcess, http_get, wait_until
 from tests.wsclient import SECRET, token, unique

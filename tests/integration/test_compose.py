@@ -22,8 +22,8 @@ import yaml
 
 from node.app import Node
 from node.cli import build_parser
-from node.config import ENV_PREFIX, Settings, load_settings
 from node.nats_server import free_port, nats_server_binary
+from node.protocol.settings import ENV_PREFIX, Settings, load_settings
 from tests.servers import http_get, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from bridge.api import authenticate, select_clients
-from node.auth import TokenVerifier
-from node.errors import ProtocolError
+from node.protocol.errors import ProtocolError
+from node.protocol.tokens import TokenVerifier
 from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 
 # -- pure parts --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.client import Client, Event, Resync
+from devices.client import Client, Event, Resync
 from tests.servers import NatsProcess, NodeProcess
 from tests.wsclient import SECRET, token, unique
 

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from bridge.nats_link import EPOCH_KEY, LEGACY_EPOCH, NatsLink, StreamSettings
-from bridge.subjects import STREAM_NAME
+from node.protocol.subjects import STREAM_NAME
 from tests.servers import NatsProcess
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from bridge.subjects import STREAM_NAME
 from node.nats_server import free_port
+from node.protocol.subjects import STREAM_NAME
 from tests.servers import NatsProcess, NodeProcess, children_of, http_get, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
@@ -137,7 +137,7 @@ def test_help_is_complete() -> None:
 
 
 def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
-    from node.auth import TokenVerifier, load_or_create_secret
+    from node.protocol.tokens import TokenVerifier, load_or_create_secret
 
     r = _rtnode("token", "--sub", "alice", "--room", "chat:*=join,publish", "--rpc", "server",
                 "--data-dir", str(tmp_path))

@@ -7,7 +7,7 @@ import asyncio
 import nats
 import pytest
 
-from bridge.subjects import STREAM_NAME
+from node.protocol.subjects import STREAM_NAME
 from tests.servers import NatsProcess
 from tests.wsclient import RawClient, token, unique, ws_url
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from bridge.subjects import STREAM_NAME
+from node.protocol.subjects import STREAM_NAME
 from tests.cluster import NatsCluster
 from tests.servers import NatsProcess, NodeProcess, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique

@@ -17,9 +17,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from actors.events import event_body
 from bridge.replay import ReplayConsumer, ReplayError
-from node.auth import Principal
+from node.core.events import event_body
+from node.protocol.tokens import Principal
 from tests.servers import MS, NatsProcess
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bridge.sse import SseSession, format_cursor, parse_cursor, parse_rooms, sse_message
-from node.errors import ProtocolError
+from node.protocol.errors import ProtocolError
 from tests.wsclient import RawClient, token, unique, ws_url
 
 # -- pure parts (no event loop) ----------------------------------------------------------------

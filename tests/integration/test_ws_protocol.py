@@ -9,7 +9,7 @@ import jwt
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from node.auth import mint_token
+from node.protocol.tokens import mint_token
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration

@@ -35,9 +35,9 @@ import nats
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
-from bridge.subjects import STREAM_NAME, room_subject
 from node.nats_server import free_port
-from node.protocol import cbor_loads_strict
+from node.protocol.frames import cbor_loads_strict
+from node.protocol.subjects import STREAM_NAME, room_subject
 from tests.cluster import NatsCluster, TcpProxy
 from tests.jepsen.checker import Report, Stored, check
 from tests.jepsen.clients import Publisher, Subscriber

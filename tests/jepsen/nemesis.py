@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.subjects import STREAM_NAME
+from node.protocol.subjects import STREAM_NAME
 from tests.cluster import NatsCluster, TcpProxy
 from tests.servers import NodeProcess
 

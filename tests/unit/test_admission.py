@@ -1,4 +1,4 @@
-"""The admission pipeline (actors.admission) with a recording store and feed: no sockets."""
+"""The admission pipeline (node.core.admission) with a recording store and feed: no sockets."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 import cbor2
 import pytest
 
-from actors.admission import DOORS, Admission, VolatileThrottle
-from actors.limits import TokenBucket
-from actors.ports import StoreError
-from node.auth import Principal
-from node.config import load_settings
-from node.errors import ProtocolError
-from node.protocol import Publish, publish_frame
+from node.core.admission import DOORS, Admission, VolatileThrottle
+from node.core.limits import TokenBucket
+from node.core.ports import StoreError
+from node.protocol.errors import ProtocolError
+from node.protocol.frames import Publish, publish_frame
+from node.protocol.settings import load_settings
+from node.protocol.tokens import Principal
 
 ALICE = Principal(sub="alice", tenant="t1", rooms={"chat:*": frozenset({"publish"}),
                                                    "cur:*": frozenset({"publish"}),

@@ -10,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from node.auth import (
+from node.protocol.errors import AuthError
+from node.protocol.tokens import (
     Principal,
     TokenVerifier,
     load_or_create_secret,
@@ -18,7 +19,6 @@ from node.auth import (
     parse_room_grant,
     pattern_matches,
 )
-from node.errors import AuthError
 
 SECRET = "s" * 40
 

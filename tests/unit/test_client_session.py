@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bridge.client_session import (
+from devices.client_session import (
     ClientSession,
     Connected,
     Disconnect,
@@ -18,7 +18,7 @@ from bridge.client_session import (
     RpcRequest,
     backoff_cap,
 )
-from node.protocol import CBOR, JSON
+from node.protocol.frames import CBOR, JSON
 
 EPOCH = "e1"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load_settings
-from node.errors import ConfigError
+from node.protocol.errors import ConfigError
+from node.protocol.settings import load_settings
 
 PROTOCOL_ENV = {
     "RTNODE_MAX_FRAME_BYTES": ("max_frame_bytes", "1000", 1000),

@@ -10,10 +10,10 @@ import cbor2
 import pytest
 
 from actors import ActorSystem
-from actors.outbox import Outbox
-from actors.ports import LiveMessage, StoredEvent
-from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
-from node.protocol import CBOR, JSON
+from node.core.outbox import Outbox
+from node.core.ports import LiveMessage, StoredEvent
+from node.core.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
+from node.protocol.frames import CBOR, JSON
 
 
 class FakeStore:

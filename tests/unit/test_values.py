@@ -1,4 +1,4 @@
-"""The value model (node.values) and the codecs that enforce and respect it: pure, no sockets."""
+"""The value model (node.protocol.values) and the codecs that enforce and respect it: pure."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from bridge.api import HistoryQuery, validate
 from bridge.sse import parse_cursor
-from node.errors import CodecError, ProtocolError
-from node.protocol import CBOR, JSON, SEQ_MAX, json_loads_strict, parse_frame, publish_frame
-from node.values import FRAME_MAX_DEPTH, INT_MAX, INT_MIN, MAX_DEPTH, check_value, to_safe
+from node.protocol.errors import CodecError, ProtocolError
+from node.protocol.frames import CBOR, JSON, SEQ_MAX, json_loads_strict, parse_frame, publish_frame
+from node.protocol.values import FRAME_MAX_DEPTH, INT_MAX, INT_MIN, MAX_DEPTH, check_value, to_safe
 
 
 def nest(depth: int, leaf: Any = 1) -> Any:

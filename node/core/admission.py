@@ -10,13 +10,13 @@ in the same order:
 3. reserved names: events starting with ``presence:`` are the node's (4003);
 4. rate: the door's token bucket, if it has one (4009, retry later);
 5. size: the stored event map within the namespace's ``max_payload_bytes`` (4013);
-6. value model: ``data`` within ``node.values`` (4000, naming the offending path);
+6. value model: ``data`` within ``node.protocol.values`` (4000, naming the offending path);
 7. volatile or stored: ``volatile_events`` and volatile namespaces are not stored;
-8. dedupe scope: the ``Nats-Msg-Id`` of a stored event (``actors.events.dedupe_key``).
+8. dedupe scope: the ``Nats-Msg-Id`` of a stored event (``node.core.events.dedupe_key``).
 
 Then the door stores the admitted event with :meth:`Admission.store` (or sends a volatile one,
 throttled by a :class:`VolatileThrottle` where the door has one) and maps a
-:class:`~node.errors.ProtocolError` to its own error channel: an ``error`` frame, an HTTP
+:class:`~node.protocol.errors.ProtocolError` to its own error channel: an ``error`` frame, an HTTP
 status, or, for MQTT doors without one, a dropped and counted uplink.
 
 Every door counts the same way: :class:`AdmissionStats` records one outcome per publish, by door
@@ -35,14 +35,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
-from actors.events import dedupe_key, event_body
-from actors.limits import TokenBucket
-from actors.ports import LiveFeed, RoomStore, StoreError
-from node.auth import KINDS, Principal
-from node.config import Settings
-from node.errors import AuthError, ProtocolError
-from node.protocol import Publish
-from node.values import check_value
+from node.core.events import dedupe_key, event_body
+from node.core.limits import TokenBucket
+from node.core.ports import LiveFeed, RoomStore, StoreError
+from node.protocol.errors import AuthError, ProtocolError
+from node.protocol.frames import Publish
+from node.protocol.settings import Settings
+from node.protocol.tokens import KINDS, Principal
+from node.protocol.values import check_value
 
 __all__ = [
     "DOORS",
@@ -54,7 +54,7 @@ __all__ = [
     "VolatileThrottle",
 ]
 
-log = logging.getLogger("actors.admission")
+log = logging.getLogger("node.core.admission")
 
 #: Event names only the node may use (presence events).
 RESERVED_EVENT_PREFIXES = ("presence:",)

@@ -2,7 +2,7 @@
 
 Actors know nothing of NATS or sockets: a :class:`RoomStore` stores and replays room events,
 a :class:`LiveFeed` delivers them as they are stored, and a connection writes frames through
-its :class:`Outbox` (see ``actors.outbox``). ``bridge`` implements them for real; tests may use
+its :class:`Outbox` (see ``node.core.outbox``). ``bridge`` implements them for real; tests may use
 recording fakes.
 """
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import jwt
 
-from node.errors import AuthError, ConfigError
+from node.protocol.errors import AuthError, ConfigError
 
 __all__ = [
     "KINDS",

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from math import isfinite
 from typing import Any
 
-from node.errors import ProtocolError
+from node.protocol.errors import ProtocolError
 
 __all__ = [
     "FRAME_MAX_DEPTH",

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 __all__ = ["FrameCodec", "Outbox", "Transport"]
 
-log = logging.getLogger("actors.outbox")
+log = logging.getLogger("node.core.outbox")
 
 
 class FrameCodec(Protocol):
-    """How frames become bytes for one connection (see ``node.protocol``)."""
+    """How frames become bytes for one connection (see ``node.protocol.frames``)."""
 
     name: str
 

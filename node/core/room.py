@@ -8,7 +8,7 @@ message whose ``prev`` (the room's previous seq, from the stream's RePublish hea
 are read from the store before going on.
 
 Fan-out is encode-once: a frame is encoded once per codec in use, and the same bytes are pushed
-to each member's :class:`~actors.outbox.Outbox` (no coroutine hop per member). A member joining
+to each member's :class:`~node.core.outbox.Outbox` (no coroutine hop per member). A member joining
 with ``since`` is held while its replay is read; live events arriving meanwhile are kept for it
 and sent after the replay, filtered by its cursor, so the switch-over has no gap and no duplicate.
 """
@@ -23,10 +23,10 @@ from typing import Any
 
 from actors.actor import Actor, RestartPolicy
 from actors.mailbox import Overflow
-from actors.outbox import Outbox
-from actors.ports import LiveFeed, LiveMessage, RoomStore, StoredEvent, StoreError, Subscription
-from node.errors import CodecError
-from node.protocol import cbor_loads_strict, error_frame
+from node.core.outbox import Outbox
+from node.core.ports import LiveFeed, LiveMessage, RoomStore, StoredEvent, StoreError, Subscription
+from node.protocol.errors import CodecError
+from node.protocol.frames import cbor_loads_strict, error_frame
 
 __all__ = [
     "CheckGap",
@@ -38,7 +38,7 @@ __all__ = [
     "RoomSettings",
 ]
 
-log = logging.getLogger("actors.room")
+log = logging.getLogger("node.core.room")
 
 
 @dataclass(frozen=True, slots=True)

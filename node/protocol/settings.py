@@ -8,7 +8,7 @@ become dashes). Namespace policies (``[namespaces.<ns>]``) come from the TOML fi
 from __future__ import annotations
 
 import os
-import socket
+import platform
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from node.errors import ConfigError
+from node.protocol.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "load_settings"]
 
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     @field_validator("node_name")
     @classmethod
     def _default_node_name(cls, value: str) -> str:
-        name = value or socket.gethostname() or "rtnode"
+        name = value or platform.node() or "rtnode"
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError("use letters, digits, '-' and '_' only")
         return name

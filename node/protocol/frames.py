@@ -24,8 +24,8 @@ from pydantic import (
     ValidationError,
 )
 
-from node.errors import CodecError, ProtocolError
-from node.values import FRAME_MAX_DEPTH, has_lone_surrogate, to_safe
+from node.protocol.errors import CodecError, ProtocolError
+from node.protocol.values import FRAME_MAX_DEPTH, has_lone_surrogate, to_safe
 
 __all__ = [
     "CBOR",

@@ -3,7 +3,7 @@
 :class:`ClientSession` builds the frames a client sends and turns each frame the node sends
 into typed results (:data:`SessionEvent`). It keeps what must survive a reconnect: the rooms,
 their cursors (last seq and epoch) and the request id counter. It never awaits and never
-touches a socket: :class:`bridge.client.Client` does the I/O around it::
+touches a socket: :class:`devices.client.Client` does the I/O around it::
 
     session = ClientSession()
     send(session.connect_frame(token))

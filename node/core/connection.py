@@ -18,19 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.actor import Actor
-from actors.admission import Admission, Admitted, VolatilePublisher
 from actors.errors import ActorDeadError, ActorError
-from actors.events import event_body, read_history
-from actors.limits import ErrorWindow, TokenBucket
 from actors.mailbox import Overflow
-from actors.outbox import Outbox
-from actors.ports import LiveFeed, PresencePort, RoomStore, RpcError, RpcPort, StoreError
-from actors.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
 from actors.system import ActorSystem
-from node.auth import Principal, TokenVerifier
-from node.config import Settings
-from node.errors import AuthError, ProtocolError
-from node.protocol import (
+from node.core.admission import Admission, Admitted, VolatilePublisher
+from node.core.events import event_body, read_history
+from node.core.limits import ErrorWindow, TokenBucket
+from node.core.outbox import Outbox
+from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcError, RpcPort, StoreError
+from node.core.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
+from node.core.rpc import RpcRegistry, default_registry
+from node.protocol.errors import AuthError, ProtocolError
+from node.protocol.frames import (
     Ack,
     ClientFrame,
     Connect,
@@ -43,14 +42,15 @@ from node.protocol import (
     Rpc,
     error_frame,
 )
-from node.protocol import (
+from node.protocol.frames import (
     Join as JoinFrame,
 )
-from node.protocol import (
+from node.protocol.frames import (
     Leave as LeaveFrame,
 )
-from node.rpc import RpcRegistry, default_registry
-from node.values import check_value
+from node.protocol.settings import Settings
+from node.protocol.tokens import Principal, TokenVerifier
+from node.protocol.values import check_value
 
 __all__ = [
     "ConnTransport",
@@ -64,7 +64,7 @@ __all__ = [
     "TransportClosed",
 ]
 
-log = logging.getLogger("actors.connection")
+log = logging.getLogger("node.core.connection")
 
 # How long publishes right after a join wait for the room to take the join in (a room starts
 # in ~1 ms; one that cannot start answers the join with an error).

@@ -1,6 +1,6 @@
 """Errors of the node, one tree with one root.
 
-node.errors defines this hierarchy:
+node.protocol.errors defines this hierarchy:
 
 * NodeError
     * ConfigError          (a setting is unknown or invalid; the program stops with one line)

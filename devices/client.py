@@ -1,6 +1,6 @@
 """The asyncio client of rtnode: one WebSocket connection at a time, resumed across reconnects.
 
-The protocol logic is :class:`bridge.client_session.ClientSession`; this module opens
+The protocol logic is :class:`devices.client_session.ClientSession`; this module opens
 connections, feeds the session and waits::
 
     async with Client("ws://localhost:8080/ws", token=jwt) as c:
@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 from websockets.typing import Subprotocol
 
-from bridge.client_session import (
+from devices.client_session import (
     ClientClosed,
     ClientError,
     ClientSession,
@@ -48,8 +48,8 @@ from bridge.client_session import (
     Resync,
     RpcRequest,
 )
-from node.errors import CodecError
-from node.protocol import CBOR, JSON, Codec
+from node.protocol.errors import CodecError
+from node.protocol.frames import CBOR, JSON, Codec
 
 __all__ = [
     "EVENTS_QUEUE_SIZE",

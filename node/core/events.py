@@ -7,10 +7,10 @@ import time
 import uuid
 from typing import Any
 
-from actors.ports import RoomStore
-from node.auth import Principal
-from node.errors import ProtocolError
-from node.protocol import CBOR, cbor_loads_strict
+from node.core.ports import RoomStore
+from node.protocol.errors import ProtocolError
+from node.protocol.frames import CBOR, cbor_loads_strict
+from node.protocol.tokens import Principal
 
 __all__ = ["dedupe_key", "event_body", "now_ms", "read_history"]
 

@@ -5,7 +5,7 @@ A deployment adds its own by importing a module that registers them, named by th
 
     # myapp/rpc.py
     from pydantic import BaseModel
-    from node.rpc import rpc_method
+    from node.core.rpc import rpc_method
 
     class Add(BaseModel):
         a: int
@@ -32,12 +32,12 @@ from typing import Any, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
-from node.auth import Principal
-from node.errors import ConfigError, ProtocolError
+from node.protocol.errors import ConfigError, ProtocolError
+from node.protocol.tokens import Principal
 
 __all__ = ["RpcRegistry", "default_registry", "load_rpc_modules", "rpc_method"]
 
-log = logging.getLogger("node.rpc")
+log = logging.getLogger("node.core.rpc")
 
 Handler = Callable[[Any, Principal], Awaitable[Any]]
 

@@ -1,0 +1,12 @@
+"""The domain: what a node does with frames, with no I/O library.
+
+The admission pipeline every door calls (``admission``), the connection and room actors
+(``connection``, ``room``), the outbox fan-out writes into (``outbox``), rate limits
+(``limits``), event bodies and history answers (``events``), server rpc methods (``rpc``), and
+the ports the adapters implement (``ports``). Imports the actor runtime (``actors``) and the
+protocol leaves (``node.protocol``) only.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
