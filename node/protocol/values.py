@@ -1,5 +1,5 @@
 """The value model: what ``data`` (of a publish) and ``params`` and ``result`` (of an rpc) may
-hold. Pure: data in, data out, no I/O. Written down in docs/protocol.md, "Value model".
+hold. Pure: data in, data out, no I/O. Written down in docs/protocol-notes.md, "Value model".
 
 One rule for every door and every codec, so that whatever the node acknowledges can be delivered
 to every member in every codec (JSON, CBOR, SSE, plain MQTT), and read back by every reader:
