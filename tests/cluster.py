@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class _Server:
         self.monitor_port = free_port()
         self.dir = base / self.name
         self.conf = base / f"{self.name}.conf"
+        self.log = base / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,18 +58,27 @@ class _Server:
 class NatsCluster:
     """Three nats-servers in one JetStream cluster on 127.0.0.1.
 
+    The one cluster of the fault tests, the Jepsen test and ``bench.scaleout``.
+
     Args:
         base: A directory for the configuration files, logs and stores.
+        preexec_fn: Run in each server process before exec (the benchmark's makes the servers
+            die with it).
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, preexec_fn: Callable[[], None] | None = None) -> None:
         self.base = base / "nats-cluster"
         self.servers = [_Server(i, self.base) for i in range(3)]
         self.paused: set[int] = set()
+        self.preexec_fn = preexec_fn
 
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self.servers if s.proc is not None]
 
     def _write_conf(self, s: _Server) -> None:
         routes = ", ".join(f"nats-route://127.0.0.1:{o.cluster_port}" for o in self.servers)
@@ -84,9 +95,10 @@ class NatsCluster:
 
     def _spawn(self, s: _Server) -> None:
         s.dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.base / f"{s.name}.log", "ab")
+        log = open(s.log, "ab")
         s.proc = subprocess.Popen([nats_server_binary(), "-c", str(s.conf)],
-                                  stdout=log, stderr=log)
+                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                  preexec_fn=self.preexec_fn)
         log.close()
 
     def start(self, timeout: float = 20.0) -> NatsCluster:
@@ -214,16 +226,25 @@ class NatsCluster:
         health = f"http://127.0.0.1:{s.monitor_port}/healthz?js-enabled-only=true"
         wait_until(lambda: http_get(health)[0] == 200, timeout, what=f"{s.name} health")
 
-    def stop(self) -> None:
+    def stop(self, notes: list[str] | None = None) -> None:
+        """SIGTERM every server at once (paused ones resumed first); SIGKILL after 10 s.
+
+        Args:
+            notes: Where to say which server had to be killed.
+        """
         for i in list(self.paused):
             self.resume(i)
-        for s in self.servers:
-            if s.proc is None:
-                continue
+        running = [s for s in self.servers if s.proc is not None]
+        for s in running:
+            assert s.proc is not None
             s.proc.terminate()
+        for s in running:
+            assert s.proc is not None
             try:
                 s.proc.wait(10)
             except subprocess.TimeoutExpired:
+                if notes is not None:
+                    notes.append(f"{s.name} did not exit 10 s after SIGTERM: killed")
                 s.proc.kill()
                 s.proc.wait(10)
             s.proc = None
@@ -232,7 +253,7 @@ class NatsCluster:
         out = []
         for s in self.servers:
             with contextlib.suppress(FileNotFoundError):
-                text = (self.base / f"{s.name}.log").read_text(errors="replace")
+                text = s.log.read_text(errors="replace")
                 out.append(f"--- {s.name}\n{text[-3000:]}")
         return "\n".join(out)
 
