@@ -24,8 +24,7 @@ import asyncio
 import enum
 import logging
 import random
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from types import TracebackType
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 from websockets.typing import Subprotocol
 
+from devices.client_base import EVENTS_QUEUE_SIZE, ClientBase
 from devices.client_session import (
     ClientClosed,
     ClientError,
@@ -64,7 +64,6 @@ __all__ = [
     "RpcHandler",
 ]
 
-EVENTS_QUEUE_SIZE = 10_000
 # A batch of the node holds at most its slow-consumer budget (1 MiB) plus one frame.
 MAX_MESSAGE_BYTES = 8 * 2**20
 
@@ -82,7 +81,7 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
-class Client:
+class Client(ClientBase[Event | Resync]):
     """An rtnode client: requests, an event stream, automatic reconnect and resume.
 
     Args:
@@ -126,27 +125,19 @@ class Client:
         self._urls = [url] if isinstance(url, str) else list(url)
         if not self._urls:
             raise ValueError("at least one URL is needed")
+        session = ClientSession(
+            min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name=client_name
+        )
+        super().__init__(session, request_timeout_s, publish_timeout_s, logger)
         self._url_index = 0
         self._token, self._token_provider = token, token_provider
         self._codec: Codec = CBOR if codec == "cbor" else JSON
         self._subprotocol = Subprotocol(f"rtnode.v1.{codec}")
-        self._request_timeout_s = request_timeout_s
-        self._publish_timeout_s = publish_timeout_s
         self._open_timeout_s = open_timeout_s
         self._rpc_handler, self._on_state, self._on_resync = rpc_handler, on_state, on_resync
-        self._session = ClientSession(
-            min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name=client_name
-        )
-        # None in the queue wakes the consumers of events() when the client ends.
-        self._queue: asyncio.Queue[Event | Resync | None] = asyncio.Queue(EVENTS_QUEUE_SIZE)
-        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ws: ClientConnection | None = None
-        self._connected = asyncio.Event()  # set while connected, and once ended (to wake)
         self._run_task: asyncio.Task[None] | None = None
         self._rpc_tasks: set[asyncio.Task[None]] = set()
-        self._started = self._closing = self._ended = False
-        self._failure: ClientError | None = None
-        self.reconnects = 0
         self.state = ClientState.CONNECTING
 
     @property
@@ -213,18 +204,10 @@ class Client:
             await asyncio.wait(tasks)
         self._finish(None)
 
-    def _finish(self, failure: ClientError | None) -> None:
-        if self._ended:
-            return
-        self._ended, self._failure = True, failure
-        self._fail_waiters(failure or ClientClosed())
-        self._connected.set()
+    def _on_end(self) -> None:
         self._set_state(ClientState.CLOSED)
         for task in self._rpc_tasks:
             task.cancel()
-        # If the queue is full, no consumer waits: each finds the end once it is drained.
-        with suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
 
     def _set_state(self, state: ClientState) -> None:
         if state is not self.state:
@@ -242,19 +225,8 @@ class Client:
         Raises:
             ClientError: The node ended the client (``reconnect: false``, a refused token).
         """
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if self._ended:
-                    with suppress(asyncio.QueueFull):
-                        self._queue.put_nowait(None)  # wake the next consumer, if any
-                    if self._failure is not None:
-                        raise self._failure from None
-                    return
-                item = await self._queue.get()
-            if item is not None:
-                yield item
+        async for item in self._items():
+            yield item
 
     # -- requests --------------------------------------------------------------------------
 
@@ -276,26 +248,6 @@ class Client:
                 return await self._attempt(lambda: self._session.leave_frame(room), deadline)
         return {"type": "left", "room": room}
 
-    async def publish(
-        self, room: str, event: str, data: Any = None, *, msg_id: str | None = None
-    ) -> int | None:
-        """Publish an event, retried with the same ``msg_id`` until the node stores it.
-
-        Returns:
-            The event's seq, None for volatile events.
-
-        Raises:
-            ClientError: A refusal (``retry: false``); RequestTimeout after
-                ``publish_timeout_s``.
-        """
-        mid = msg_id or uuid.uuid4().hex
-        deadline = self._deadline(self._publish_timeout_s)
-        reply = await self._retrying(
-            lambda: self._session.publish_frame(room, event, data, mid), deadline
-        )
-        seq = reply.get("seq")
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-
     async def history(
         self, room: str, *, since: int | None = None, limit: int | None = None,
         reverse: bool = False,
@@ -310,16 +262,6 @@ class Client:
         """A ``ping`` round trip; returns ``pong``."""
         return await self.request({"type": "ping"})
 
-    async def request(self, frame: Mapping[str, Any]) -> dict[str, Any]:
-        """Send any request frame (its ``id`` is assigned) and return its typed reply.
-
-        Raises:
-            ClientError: The node answered ``error``; ConnectionLost, RequestTimeout.
-        """
-        return await self._attempt(
-            lambda: self._session.request_frame(frame), self._deadline(self._request_timeout_s)
-        )
-
     async def ack(self, room: str, seq: int) -> None:
         """Tell the node every event of ``room`` up to ``seq`` was processed.
 
@@ -328,60 +270,6 @@ class Client:
         if self._ws is not None:
             with suppress(ConnectionLost):
                 await self._send([self._session.ack_frame(room, seq)])
-
-    def _deadline(self, timeout: float) -> float:
-        return asyncio.get_running_loop().time() + timeout
-
-    async def _attempt(self, make: Callable[[], dict[str, Any]], deadline: float) -> dict[str, Any]:
-        """Once connected, send the request ``make()`` and await its reply until ``deadline``."""
-        while self._ws is None or self._ended or self._closing:
-            if self._ended or self._closing:
-                raise self._failure or ClientClosed()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._connected.wait()
-            except TimeoutError:
-                raise RequestTimeout("not connected in time") from None
-        frame = make()
-        rid: int = frame["id"]
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = future
-        try:
-            await self._send([frame])
-            async with asyncio.timeout_at(deadline):
-                return await future
-        except TimeoutError as exc:
-            if isinstance(exc, ClientError):
-                raise
-            raise RequestTimeout() from None
-        finally:
-            self._waiters.pop(rid, None)
-            self._session.forget(rid)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: nobody else awaits it
-
-    async def _retrying(
-        self, make: Callable[[], dict[str, Any]], deadline: float
-    ) -> dict[str, Any]:
-        """Attempt until a reply, a refusal (``retry: false``) or ``deadline``."""
-        loop, attempt = asyncio.get_running_loop(), 0
-        while True:
-            try:
-                each = min(deadline, loop.time() + self._request_timeout_s)
-                return await self._attempt(make, each)
-            except ClientClosed:
-                raise
-            except (ConnectionLost, RequestTimeout) as exc:
-                if loop.time() >= deadline:
-                    raise RequestTimeout(f"no reply in time ({exc.reason})") from None
-            except ClientError as exc:
-                if not exc.retry or self._ended or loop.time() >= deadline:
-                    raise
-                delay = self._session.backoff_delay(attempt, random.random)
-                attempt += 1
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
 
     async def _send(self, frames: list[dict[str, Any]], ws: ClientConnection | None = None) -> None:
         ws = self._ws if ws is None else ws
@@ -396,11 +284,25 @@ class Client:
                 self._connected.clear()
             raise ConnectionLost() from None
 
-    def _fail_waiters(self, exc: ClientError) -> None:
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._waiters.clear()
+    # -- ClientBase ---------------------------------------------------------------------------
+
+    def _can_send(self) -> bool:
+        return self._ws is not None
+
+    async def _send_request(self, frame: dict[str, Any],
+                            future: asyncio.Future[dict[str, Any]]) -> None:
+        await self._send([frame])
+
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        await self._send([frame])
+
+    async def _call_rpc(self, req: RpcRequest) -> Any:
+        if self._rpc_handler is None:
+            raise ClientError(4004, "no handler")
+        return await self._rpc_handler(req.method, req.params, req.from_)
+
+    def _check_encodable(self, frame: dict[str, Any]) -> None:
+        self._codec.encode(frame)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -562,16 +464,9 @@ class Client:
                 for item in self._session.receive(raw):
                     if isinstance(item, Disconnect):
                         return item
-                    if isinstance(item, Reply | Error) and isinstance(item.id, int) and (
-                        future := self._waiters.get(item.id)
-                    ):
-                        if future.done():
-                            pass
-                        elif isinstance(item, Reply):
-                            future.set_result(item.frame)
-                        else:
-                            future.set_exception(item.to_exception())
-                    elif isinstance(item, Error):
+                    if isinstance(item, Reply | Error) and self._resolve(item):
+                        continue
+                    if isinstance(item, Error):
                         logger.warning("! error %s %s (id %s)", item.code, item.reason, item.id)
                     elif isinstance(item, Event | Resync):
                         if isinstance(item, Resync) and self._on_resync is not None:
@@ -594,21 +489,3 @@ class Client:
             except CodecError as exc:
                 logger.warning("! undecodable message from the node: %s", exc.reason)
                 return Disconnect(1002, "undecodable message", reconnect=True)
-
-    async def _answer_rpc(self, req: RpcRequest) -> None:
-        session = self._session
-        if self._rpc_handler is None:
-            frame = session.rpc_error_frame(req.id, 4004, "no handler")
-        else:
-            try:
-                result = await self._rpc_handler(req.method, req.params, req.from_)
-                frame = session.rpc_result_frame(req.id, result)
-                self._codec.encode(frame)  # fails here, not in _send, if it cannot be encoded
-            except ClientError as exc:
-                frame = session.rpc_error_frame(req.id, exc.code, exc.reason)
-            except Exception as exc:
-                frame = session.rpc_error_frame(req.id, 4500, str(exc) or type(exc).__name__)
-        try:
-            await self._send([frame])
-        except ConnectionLost:
-            logger.debug("! rpc %s: connection lost before the reply", req.id)

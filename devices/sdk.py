@@ -28,13 +28,8 @@ process resumes where the previous one stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
 import random
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +39,7 @@ import aiomqtt
 import cbor2
 from aiomqtt.exceptions import MqttConnectError
 
+from devices.client_base import ClientBase
 from devices.client_session import (
     ClientClosed,
     ClientError,
@@ -59,6 +55,7 @@ from devices.client_session import (
     RoomState,
     RpcRequest,
 )
+from devices.cursors import CursorStore
 
 __all__ = [
     "ClientClosed",
@@ -75,8 +72,6 @@ log = logging.getLogger("rtnode.device")
 RpcHandlerFn = Callable[[Any, dict[str, Any]], Awaitable[Any]]
 TokenProvider = Callable[[], Awaitable[str]]
 
-EVENTS_QUEUE_SIZE = 10_000
-STATE_WRITE_INTERVAL_S = 0.1
 # CONNACK codes that mean "your credentials": 4 bad user name or password, 5 not authorized
 # (MQTT 3.1.1), 134/135 their MQTT 5 spellings.
 _AUTH_REFUSED = frozenset({4, 5, 134, 135})
@@ -103,7 +98,7 @@ def _code_int(rc: Any) -> int:
         return -1
 
 
-class Device:
+class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
     """One rtnode device: requests over the MQTT tunnel, an event stream, rpc handlers.
 
     Args:
@@ -139,93 +134,30 @@ class Device:
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("a token or a token_provider is needed")
+        # The queue holds events with the epoch they were received in.
+        self._session: _DeviceSession = _DeviceSession(
+            min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name="rtnode-device"
+        )
+        super().__init__(self._session, request_timeout_s, publish_timeout_s, log)
         self.host, self.port, self.device_id = host, port, device_id
         self.keepalive = keepalive
         self.state_file = state_file
         self._token, self._token_provider = token, token_provider
-        self._request_timeout_s = request_timeout_s
-        self._publish_timeout_s = publish_timeout_s
         self._topic_in = f"rtnode/v1/{device_id}/in"
         self._topic_out = f"rtnode/v1/{device_id}/out"
-        self._session = _DeviceSession(
-            min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name="rtnode-device"
-        )
         self._handlers: dict[str, RpcHandlerFn] = {}
-        # Events with the epoch they were received in; None wakes consumers at the end.
-        self._queue: asyncio.Queue[tuple[dict[str, Any] | Resync, str | None] | None] = (
-            asyncio.Queue(EVENTS_QUEUE_SIZE)
-        )
-        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._client: aiomqtt.Client | None = None
-        self._connected = asyncio.Event()  # set while connected, and once ended (to wake)
         self._hello: asyncio.Future[None] | None = None
         self._run_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rooms: dict[str, bool] = {}  # rooms joined by this process -> presence
-        self._started = self._closing = self._ended = False
-        self._failure: ClientError | None = None
-        self.reconnects = 0  # connections after the first one
         self._connections = 0
         # Cursors of the events handed to the application (what a restart resumes from).
-        self._cursors: dict[str, dict[str, Any]] = self._load_state()
-        self._state_written = 0.0
-        self._state_timer: asyncio.TimerHandle | None = None
-        self._state_dirty = False
-
-    # -- state file --------------------------------------------------------------------------
-
-    def _load_state(self) -> dict[str, dict[str, Any]]:
-        if self.state_file is None:
-            return {}
-        try:
-            raw = json.loads(self.state_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("! %s: unreadable state file %s: %s", self.device_id, self.state_file,
-                        exc)
-            return {}
-        rooms = raw.get("rooms") if isinstance(raw, dict) else None
-        out: dict[str, dict[str, Any]] = {}
-        for room, cur in (rooms if isinstance(rooms, dict) else {}).items():
-            if (isinstance(cur, dict) and isinstance(cur.get("seq"), int)
-                    and isinstance(cur.get("epoch"), str)):
-                out[str(room)] = {"seq": cur["seq"], "epoch": cur["epoch"]}
-        return out
-
-    def _set_cursor(self, room: str, seq: int, epoch: str | None) -> None:
-        if epoch is None:
-            return
-        self._cursors[room] = {"seq": seq, "epoch": epoch}
-        if self.state_file is None:
-            return
-        self._state_dirty = True
-        if self._state_timer is None:
-            delay = max(0.0, self._state_written + STATE_WRITE_INTERVAL_S - time.monotonic())
-            self._state_timer = asyncio.get_running_loop().call_later(delay, self._write_state)
-
-    def _write_state(self) -> None:
-        self._state_timer = None
-        if self.state_file is None or not self._state_dirty:
-            return
-        self._state_dirty = False
-        self._state_written = time.monotonic()
-        data = json.dumps({"device": self.device_id, "rooms": self._cursors}, sort_keys=True)
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except OSError as exc:
-            log.warning("! %s: cannot write %s: %s", self.device_id, self.state_file, exc)
+        self._cursors = CursorStore(device_id, state_file)
 
     def cursor(self, room: str) -> dict[str, Any] | None:
         """The {seq, epoch} of the last event of ``room`` handed to the application."""
-        cur = self._cursors.get(room)
-        return None if cur is None else dict(cur)
+        return self._cursors.get(room)
 
     # -- life --------------------------------------------------------------------------------
 
@@ -269,23 +201,8 @@ class Device:
             await asyncio.wait(tasks)
         self._finish(None)
 
-    def _finish(self, failure: ClientError | None) -> None:
-        if self._ended:
-            return
-        self._ended, self._failure = True, failure
-        self._fail_waiters(failure or ClientClosed())
-        self._connected.set()
-        if self._state_timer is not None:
-            self._state_timer.cancel()
-        self._write_state()
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
-
-    def _fail_waiters(self, exc: ClientError) -> None:
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._waiters.clear()
+    def _on_end(self) -> None:
+        self._cursors.flush()
 
     # -- the application's side ----------------------------------------------------------------
 
@@ -311,26 +228,13 @@ class Device:
         Raises:
             ClientError: The node refused the device for good (token, rights).
         """
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if self._ended:
-                    with contextlib.suppress(asyncio.QueueFull):
-                        self._queue.put_nowait(None)
-                    if self._failure is not None:
-                        raise self._failure from None
-                    return
-                item = await self._queue.get()
-            if item is None:
-                continue
-            value, epoch = item
+        async for value, epoch in self._items():
             if isinstance(value, Resync):
-                self._set_cursor(value.room, value.seq, value.epoch)
+                self._cursors.set(value.room, value.seq, value.epoch)
             else:
                 seq = value.get("seq")
                 if isinstance(seq, int) and isinstance(value.get("room"), str):
-                    self._set_cursor(value["room"], seq, epoch)
+                    self._cursors.set(value["room"], seq, epoch)
             yield value
 
     async def join(self, room: str, *, presence: bool = False) -> dict[str, Any]:
@@ -352,84 +256,29 @@ class Device:
         if reply.get("recovered") is not True and room not in self._cursors:
             # A first join starts at the room's latest seq: a restart resumes from there.
             seq = reply.get("seq")
-            self._set_cursor(room, seq if isinstance(seq, int) else 0,
-                             self._session.epoch(room))
+            self._cursors.set(room, seq if isinstance(seq, int) else 0,
+                              self._session.epoch(room))
         return reply
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room``; it is not re-joined, and its saved cursor is forgotten."""
         self._rooms.pop(room, None)
-        self._cursors.pop(room, None)
+        self._cursors.forget(room)
         self._session.drop_room(room)
         return await self._attempt(lambda: self._session.leave_frame(room),
                                    self._deadline(self._request_timeout_s))
 
-    async def publish(
-        self, room: str, event: str, data: Any = None, msg_id: str | None = None
-    ) -> int | None:
-        """Publish through the tunnel; retried with the same ``msg_id`` until ``published``.
-
-        Returns:
-            The event's seq (None for a volatile event).
-
-        Raises:
-            ClientError: A refusal (``retry: false``); RequestTimeout after
-                ``publish_timeout_s``.
-        """
-        mid = msg_id or uuid.uuid4().hex
-        reply = await self._retrying(
-            lambda: self._session.publish_frame(room, event, data, mid),
-            self._deadline(self._publish_timeout_s),
-        )
-        seq = reply.get("seq")
-        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
-
-    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
-        """Send any request frame (``history``, ``presence``, ``rpc``...) and return its reply."""
-        return await self._attempt(lambda: self._session.request_frame(frame),
-                                   self._deadline(self._request_timeout_s))
-
     # -- requests ----------------------------------------------------------------------------
 
-    def _deadline(self, timeout: float) -> float:
-        return asyncio.get_running_loop().time() + timeout
+    def _can_send(self) -> bool:
+        return self._client is not None and self._connected.is_set()
 
-    async def _attempt(self, make: Callable[[], dict[str, Any]], deadline: float) -> dict[str, Any]:
-        """Once connected, send the request ``make()`` and await its reply until ``deadline``."""
-        while not self.connected:
-            if self._ended or self._closing:
-                raise self._failure or ClientClosed()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._connected.wait()
-                    if not self.connected:
-                        await asyncio.sleep(0.01)
-            except TimeoutError:
-                raise RequestTimeout("not connected in time") from None
-        client = self._client
-        assert client is not None
-        frame = make()
-        rid: int = frame["id"]
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = future
+    async def _send_request(self, frame: dict[str, Any],
+                            future: asyncio.Future[dict[str, Any]]) -> None:
         # The reply, not the PUBACK, is what counts: a lost connection fails the future at
         # once (aiomqtt would wait for the PUBACK until its own timeout).
-        sending = self._spawn(self._send(frame, client))
+        sending = self._spawn(self._send(frame, self._client))
         sending.add_done_callback(lambda t: self._send_done(t, future))
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await future
-        except TimeoutError as exc:
-            if isinstance(exc, ClientError):
-                raise
-            raise RequestTimeout() from None
-        finally:
-            self._waiters.pop(rid, None)
-            self._session.forget(rid)
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: nobody else awaits it
 
     @staticmethod
     def _send_done(task: asyncio.Task[Any], future: asyncio.Future[dict[str, Any]]) -> None:
@@ -440,26 +289,17 @@ class Device:
         if exc is not None and not future.done():
             future.set_exception(exc if isinstance(exc, ClientError) else ConnectionLost())
 
-    async def _retrying(
-        self, make: Callable[[], dict[str, Any]], deadline: float
-    ) -> dict[str, Any]:
-        """Attempt until a reply, a refusal (``retry: false``) or ``deadline``."""
-        loop, attempt = asyncio.get_running_loop(), 0
-        while True:
-            try:
-                each = min(deadline, loop.time() + self._request_timeout_s)
-                return await self._attempt(make, each)
-            except ClientClosed:
-                raise
-            except (ConnectionLost, RequestTimeout) as exc:
-                if loop.time() >= deadline or self._ended:
-                    raise RequestTimeout(f"no reply in time ({exc.reason})") from None
-            except ClientError as exc:
-                if not exc.retry or self._ended or loop.time() >= deadline:
-                    raise
-                delay = self._session.backoff_delay(attempt, random.random)
-                attempt += 1
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        await self._send(frame)
+
+    async def _call_rpc(self, req: RpcRequest) -> Any:
+        handler = self._handlers.get(req.method)
+        if handler is None:
+            raise ClientError(4004, f"unknown method {req.method!r}"[:120])
+        return await handler(req.params, req.from_)
+
+    def _check_encodable(self, frame: dict[str, Any]) -> None:
+        cbor2.dumps(frame)
 
     async def _send(self, frame: dict[str, Any], client: aiomqtt.Client | None = None) -> None:
         client = self._client if client is None else client
@@ -604,15 +444,8 @@ class Device:
                 if isinstance(item, Connected):
                     if self._hello is not None and not self._hello.done():
                         self._hello.set_result(None)
-                elif isinstance(item, Reply | Error) and isinstance(item.id, int) and (
-                    future := self._waiters.get(item.id)
-                ):
-                    if future.done():
-                        pass
-                    elif isinstance(item, Reply):
-                        future.set_result(item.frame)
-                    else:
-                        future.set_exception(item.to_exception())
+                elif isinstance(item, Reply | Error) and self._resolve(item):
+                    continue
                 elif isinstance(item, Error):
                     log.warning("! %s: error %s %s (id %s)", self.device_id, item.code,
                                 item.reason, item.id)
@@ -623,23 +456,3 @@ class Device:
                 elif isinstance(item, RpcRequest):
                     self._spawn(self._answer_rpc(item))
         return Disconnect(1006, "connection closed", True)
-
-    async def _answer_rpc(self, req: RpcRequest) -> None:
-        session = self._session
-        handler = self._handlers.get(req.method)
-        if handler is None:
-            frame = session.rpc_error_frame(req.id, 4004, f"unknown method {req.method!r}"[:120])
-        else:
-            try:
-                result = await handler(req.params, req.from_)
-                frame = session.rpc_result_frame(req.id, result)
-                cbor2.dumps(frame)  # fails here, not in _send, if it cannot be encoded
-            except ClientError as exc:
-                frame = session.rpc_error_frame(req.id, exc.code, exc.reason)
-            except Exception as exc:
-                log.warning("! %s: rpc %s failed: %r", self.device_id, req.method, exc)
-                frame = session.rpc_error_frame(req.id, 4500, str(exc) or type(exc).__name__)
-        try:
-            await self._send(frame)
-        except ConnectionLost:
-            log.debug("! %s: rpc %s: connection lost before the reply", self.device_id, req.id)
