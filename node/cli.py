@@ -257,23 +257,23 @@ def _add_replay_parsers(sub: Any, settings: argparse.ArgumentParser) -> None:
 
 
 def _replay_commands(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge import replay  # NATS client code only for these commands
+    from bridge import replay, replay_cli  # NATS client code only for these commands
 
     if not settings.nats_url:
         raise ConfigError(f"{args.command} needs --nats-url (or RTNODE_NATS_URL)")
     _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
     if args.command == "replay":
         try:
-            when = replay.parse_time(args.since_time) if args.since_time else None
+            when = replay_cli.parse_time(args.since_time) if args.since_time else None
             replay.parse_room_pattern(args.room)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if args.room.endswith("*") or (args.since is not None and args.since < 0):
             raise ConfigError("replay takes one room (no '*') and --since >= 0")
-        return replay.run_command(replay.replay_room(
+        return replay_cli.run_command(replay_cli.replay_room(
             settings.nats_url, args.room, tenant=args.tenant, since=args.since,
             since_time=when, follow=args.follow, as_json=args.json))
-    return replay.run_command(replay.consume_rooms(
+    return replay_cli.run_command(replay_cli.consume_rooms(
         settings.nats_url, durable=args.durable, rooms=args.rooms, tenant=args.tenant,
         start=args.start))
 

@@ -1,0 +1,79 @@
+"""What a replay consumer hands out: stored events to settle, and its one error type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from node.protocol.errors import NodeError
+
+__all__ = ["ReplayError", "ReplayEvent"]
+
+
+class ReplayError(NodeError):
+    """A replay consumer cannot start or go on; the message is one line, fit to print."""
+
+
+@dataclass(eq=False)
+class ReplayEvent:
+    """One stored event of a room, delivered by a :class:`bridge.replay.ReplayConsumer`.
+
+    Attributes:
+        room: The room.
+        seq: The stream sequence (the event's ``seq`` everywhere else).
+        event: The event name.
+        data: The event's data.
+        ts: Milliseconds since the epoch, set by the node that stored it.
+        from_: The publisher, ``{user, kind, client_id?}``.
+        msg_id: The publisher's idempotency key, or None.
+        delivered: How many times this event was delivered to this consumer (1 the first time).
+        tenant: The tenant.
+    """
+
+    room: str
+    seq: int
+    event: str
+    data: Any
+    ts: int | None
+    from_: dict[str, Any]
+    msg_id: str | None
+    delivered: int
+    tenant: str = "default"
+    _msg: Msg | None = field(default=None, repr=False)
+    _on_settle: Callable[[Msg], None] | None = field(default=None, repr=False)
+
+    def as_map(self) -> dict[str, Any]:
+        """The fields of an ``event`` frame (without ``type``), as clients see them."""
+        out: dict[str, Any] = {"room": self.room, "seq": self.seq, "event": self.event,
+                               "data": self.data, "ts": self.ts, "from": self.from_}
+        if self.msg_id is not None:
+            out["msg_id"] = self.msg_id
+        return out
+
+    async def ack(self) -> None:
+        """Done with this event: it is never delivered to this durable again."""
+        await self._settle("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Not done: deliver it again, at once or after ``delay`` seconds."""
+        await self._settle("nak", delay)
+
+    async def term(self) -> None:
+        """Give up on this event: never delivered again, and not dead-lettered."""
+        await self._settle("term")
+
+    async def _settle(self, how: str, delay: float | None = None) -> None:
+        msg, on_settle = self._msg, self._on_settle
+        if msg is None or on_settle is None:
+            raise ReplayError(f"event {self.seq} was already acked, nakked or terminated")
+        self._msg = None
+        on_settle(msg)
+        if how == "ack":
+            await msg.ack()
+        elif how == "nak":
+            await msg.nak(delay=delay)
+        else:
+            await msg.term()
