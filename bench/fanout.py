@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import signal
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from bench.fanout_clients import measure
 from bench.fanout_results import BenchConfig, RunResult, figures, problems
-from bench.nodes import SECRET, NodeProcess, node_command, scrape_settled, wait_ready
+from bench.nodes import bench_node, scrape_settled
 from bench.procs import (
     READY_TIMEOUT_S,
     REPO,
@@ -62,25 +61,10 @@ __all__ = ["BenchConfig", "RunResult", "main", "run_baseline", "run_rtnode"]
 def run_rtnode(cfg: BenchConfig) -> RunResult:
     """Start a node subprocess, measure fan-out through it, stop it. Never raises on figures."""
     res = RunResult("rtnode", cfg, acked_ids=bytearray(cfg.events))
-    tmp = Path(tempfile.mkdtemp(prefix="rtnode-bench-"))
-    http_port, mqtt_port = free_port(), free_port()
-    cmd = node_command(http_port, mqtt_port, tmp / "data", payload_bytes=cfg.payload_bytes)
-    env = {**os.environ, "RTNODE_JWT_SECRET": SECRET}
-    node: NodeProcess | None = None
-    notes: list[str] = []
-    try:
-        node = NodeProcess("bench", cmd, tmp / "node.log", env, http_port)
-        res.error = wait_ready([node], READY_TIMEOUT_S)
-        if res.error:
-            return res
-        run_loop(measure(res, [node.ws_url], True, node.cpu))
-        res.server_counters = scrape_settled(node.base)
-    finally:
+    with bench_node(res, "rtnode-bench-", cfg.payload_bytes) as node:
         if node is not None:
-            node.stop(notes)
-            res.server_log, res.shutdown_log = node.output()
-        res.shutdown_log += notes
-        shutil.rmtree(tmp, ignore_errors=True)
+            run_loop(measure(res, [node.ws_url], True, node.cpu))
+            res.server_counters = scrape_settled(node.base)
     return res
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.nodes import MAX_MESSAGE_BYTES
+from bench.nodes import MAX_MESSAGE_BYTES, RunOutcome
 from bench.report import output_lines, pct, ranges
 
 __all__ = ["BenchConfig", "RunResult", "SubStats", "figures", "lost", "problems"]
@@ -58,7 +58,7 @@ class SubStats:
 
 
 @dataclass
-class RunResult:
+class RunResult(RunOutcome):
     """Figures of one system under test (rtnode or the baseline)."""
 
     name: str
@@ -74,14 +74,6 @@ class RunResult:
     last_ack_at: float = 0.0
     pub_errors: Counter[str] = field(default_factory=Counter)
     pub_notes: list[str] = field(default_factory=list)
-    timed_out: bool = False
-    stalled: str | None = None
-    error: str | None = None  # the run could not take place (server did not start...)
-    server_log: list[str] = field(default_factory=list)  # up to the stop signal
-    shutdown_log: list[str] = field(default_factory=list)  # after it
-    server_counters: dict[str, float] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds during the measurement
-    cpu_wall: float = 0.0  # wall seconds over which ``cpu`` was taken
 
     @property
     def expected(self) -> int:

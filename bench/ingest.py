@@ -28,13 +28,9 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
-import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,9 +43,8 @@ from bench.ingest_devices import (
     IngestConfig,
 )
 from bench.ingest_report import IngestResult, report
-from bench.nodes import SECRET, NodeProcess, node_command, scrape_settled, wait_ready
-from bench.procs import READY_TIMEOUT_S, SETUP_TIMEOUT_S, cpu_seconds, run_loop, terminated
-from node.nats_server import free_port
+from bench.nodes import SECRET, bench_node, scrape_settled
+from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, run_loop, terminated
 from node.protocol.tokens import mint_token
 
 __all__ = ["IngestConfig", "IngestResult", "main", "report", "run_ingest"]
@@ -284,17 +279,8 @@ async def _measure(res: IngestResult, url: str, port: int, probe: Any,
 def run_ingest(cfg: IngestConfig) -> IngestResult:
     """Start a node subprocess, measure device ingest through it, stop it."""
     res = IngestResult(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix="rtnode-bench-ingest-"))
-    http_port, mqtt_port = free_port(), free_port()
-    cmd = node_command(http_port, mqtt_port, tmp / "data", payload_bytes=cfg.payload_bytes,
-                       optimize=cfg.node_optimize)
-    env = {**os.environ, "RTNODE_JWT_SECRET": SECRET}
-    node: NodeProcess | None = None
-    notes: list[str] = []
-    try:
-        node = NodeProcess("bench", cmd, tmp / "node.log", env, http_port)
-        res.error = wait_ready([node], READY_TIMEOUT_S)
-        if res.error:
+    with bench_node(res, "rtnode-bench-ingest-", cfg.payload_bytes, cfg.node_optimize) as node:
+        if node is None:
             return res
         workers: list[int] = []
 
@@ -305,14 +291,8 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
             out[f"device processes ({len(workers)})"] = sum(cpu_seconds(p) for p in workers)
             return out
 
-        run_loop(_measure(res, node.ws_url, mqtt_port, probe, workers))
+        run_loop(_measure(res, node.ws_url, node.mqtt_port, probe, workers))
         res.server_counters = scrape_settled(node.base, mqtt=True)
-    finally:
-        if node is not None:
-            node.stop(notes)
-            res.server_log, res.shutdown_log = node.output()
-        res.shutdown_log += notes
-        shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 

@@ -8,13 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bench.ingest_devices import DeviceReport, IngestConfig
+from bench.nodes import RunOutcome
 from bench.report import counter_lines, ms, output_lines, pct, ranges
 
 __all__ = ["IngestResult", "report"]
 
 
 @dataclass
-class IngestResult:
+class IngestResult(RunOutcome):
     """Figures of one run."""
 
     config: IngestConfig
@@ -34,14 +35,6 @@ class IngestResult:
     last_event_at: float = 0.0
     done_at: float = 0.0  # every expected event received
     worker_notes: list[str] = field(default_factory=list)
-    timed_out: bool = False
-    stalled: str | None = None
-    error: str | None = None
-    server_log: list[str] = field(default_factory=list)
-    shutdown_log: list[str] = field(default_factory=list)
-    server_counters: dict[str, float] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)
-    cpu_wall: float = 0.0
 
     @property
     def t0(self) -> float:

@@ -9,13 +9,18 @@ while stopping, apart.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import (
+    READY_TIMEOUT_S,
     children_of,
     cmdline,
     cpu_seconds,
@@ -25,11 +30,14 @@ from bench.procs import (
     spawn,
     stop,
 )
+from node.nats_server import free_port
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SECRET",
     "NodeProcess",
+    "RunOutcome",
+    "bench_node",
     "node_command",
     "scrape",
     "scrape_settled",
@@ -46,6 +54,20 @@ _COUNTERS = (
 )
 _MQTT_COUNTERS = ("rtnode_mqtt_uplinks", "rtnode_mqtt_refused_publishes",
                   "rtnode_mqtt_bad_payloads")
+
+
+@dataclass(kw_only=True)
+class RunOutcome:
+    """What every measured run reports besides its figures: how it ended, what servers said."""
+
+    timed_out: bool = False
+    stalled: str | None = None
+    error: str | None = None  # the run could not take place (server did not start...)
+    server_log: list[str] = field(default_factory=list)  # up to the stop signal
+    shutdown_log: list[str] = field(default_factory=list)  # after it
+    server_counters: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds during the measurement
+    cpu_wall: float = 0.0  # wall seconds over which ``cpu`` was taken
 
 
 def node_command(http_port: int, mqtt_port: int, data_dir: Path, *, name: str = "bench",
@@ -84,10 +106,11 @@ class NodeProcess:
     """
 
     def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str],
-                 http_port: int, label: str = "node") -> None:
+                 http_port: int, mqtt_port: int, label: str = "node") -> None:
         self.name = name
         self.label = label
         self.log_path = log_path
+        self.mqtt_port = mqtt_port
         self.base = f"http://127.0.0.1:{http_port}"
         self.ws_url = f"ws://127.0.0.1:{http_port}/ws"
         self.proc: subprocess.Popen[bytes] = spawn(cmd, log_path, env)
@@ -119,6 +142,33 @@ class NodeProcess:
                  if not line.startswith(banner)],
                 [line for line in log_lines(self.log_path, end)
                  if not line.startswith(banner)])
+
+
+@contextmanager
+def bench_node(res: RunOutcome, prefix: str, payload_bytes: int = 0,
+               optimize: bool = False) -> Iterator[NodeProcess | None]:
+    """One node with its embedded nats-server, in a temporary directory removed at the end.
+
+    Yields the node once ready, or None when it could not start (``res.error`` says why). At
+    the end it is stopped and what it logged is in ``res.server_log`` and ``res.shutdown_log``.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    http_port, mqtt_port = free_port(), free_port()
+    cmd = node_command(http_port, mqtt_port, tmp / "data", payload_bytes=payload_bytes,
+                       optimize=optimize)
+    env = {**os.environ, "RTNODE_JWT_SECRET": SECRET}
+    node: NodeProcess | None = None
+    notes: list[str] = []
+    try:
+        node = NodeProcess("bench", cmd, tmp / "node.log", env, http_port, mqtt_port)
+        res.error = wait_ready([node], READY_TIMEOUT_S)
+        yield None if res.error else node
+    finally:
+        if node is not None:
+            node.stop(notes)
+            res.server_log, res.shutdown_log = node.output()
+        res.shutdown_log += notes
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def wait_ready(nodes: list[NodeProcess], timeout: float) -> str | None:

@@ -108,7 +108,7 @@ def run_nodes(cfg: ScaleoutConfig, n: int, cluster: NatsCluster, tmp: Path) -> N
             cmd = node_command(http_port, mqtt_port, data / "data", name=name,
                                slow_consumer_bytes=None, extra=extra)
             nodes.append(NodeProcess(name, cmd, tmp / f"nodes{n}-{name}.log", env, http_port,
-                                     label=f"node {name}"))
+                                     mqtt_port, label=f"node {name}"))
         res.error = wait_ready(nodes, READY_TIMEOUT_S)
         if res.error:
             return run
