@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tests.servers import http_get  # the tests' own, as tests.cluster uses it
 
 __all__ = [
     "READY_TIMEOUT_S",
@@ -54,17 +54,6 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # The servers' start-up banners and goodbyes on stdout: not worth reporting.
 _BANNER = ("rtnode bench ready", "  http ", "  websocket ", "  nats ", "  dev token ",
            "  mqtt ", "rtnode bench stopped", "baseline ready")
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET ``url``: (status, body), or (0, b"") when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
 
 
 def children_of(pid: int) -> list[int]:
