@@ -3,16 +3,17 @@
 ``python -m bench scaleout [--nodes 1,2,3] [--subscribers 60] [--events 1000]
 [--payload-bytes 100] [--codec json|cbor] [--in-flight 256] [--timeout-s 30]``:
 
-1. starts three bundled nats-servers clustered on 127.0.0.1 (free client, cluster and monitor
-   ports, one store directory each, in a temporary directory) and waits until they agree on a
-   JetStream meta leader; the cluster serves every node count in turn;
+1. starts three bundled nats-servers clustered on 127.0.0.1 (``tests.cluster.NatsCluster``,
+   the fault tests' cluster: free client, cluster and monitor ports, one store directory each,
+   in a temporary directory) and waits until they agree on a JetStream meta leader; the
+   cluster serves every node count in turn;
 2. for each node count N: starts N rtnode nodes as subprocesses pointed at the three servers
    (``--nats-url`` with all three URLs, ``--stream-replicas 3``: the room stream is R3), on
    free ports, with limits high enough that the benchmark measures fan-out, not rate limiting;
 3. spreads S subscriber WebSockets evenly over the N nodes (subscriber ``i`` on node
    ``i % N``), each joining one room, and publishes M events from one publisher on node 1,
-   pipelined within an in-flight window, exactly as ``bench.fanout`` does (its clients, its
-   frame counting and its window are reused);
+   pipelined within an in-flight window, with the clients of ``bench.fanout`` (the same frame
+   counting and window: ``bench.fanout_clients``);
 4. prints, per node count, delivered events/s (S*M over the time from the first publish sent
    to the last event received), publish->deliver latency (p50, p99), lost and duplicated
    deliveries, and the CPU seconds the nodes and the nats-servers used while measuring.
