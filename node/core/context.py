@@ -1,0 +1,166 @@
+"""What the bridges share with connection actors: the node's context, the connections index,
+the transport side of a connection, and the messages a bridge tells a connection actor.
+
+``node.core.connection`` re-exports every name here: bridges import them from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actors.system import ActorSystem
+from node.core.admission import Admission
+from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort
+from node.core.room import RoomActor, RoomCounters, RoomSettings
+from node.core.rpc import RpcRegistry, default_registry
+from node.protocol.settings import Settings
+from node.protocol.tokens import Principal, TokenVerifier
+
+__all__ = [
+    "ConnTransport",
+    "ConnectionIndex",
+    "Invalid",
+    "NodeContext",
+    "PlainJoin",
+    "PlainLeave",
+    "Shutdown",
+    "TransportClosed",
+]
+
+
+class ConnTransport(Protocol):
+    """The bridge side of a connection."""
+
+    kind: str  # "ws", "mqtt", ...
+
+    def write_message(self, payload: bytes) -> None: ...
+
+    def buffered_bytes(self) -> int: ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the transport with ``code`` (never blocks)."""
+
+
+class ConnectionIndex:
+    """Connections of this node by user, for the per-user limit and for targeting."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[tuple[str, str], set[str]] = {}
+        self.by_id: dict[str, Any] = {}
+        self._empty_waiters: list[asyncio.Future[None]] = []
+
+    async def wait_empty(self) -> None:
+        """Return once no connection is left (for a drain)."""
+        if self.by_id:
+            fut = asyncio.get_running_loop().create_future()
+            self._empty_waiters.append(fut)
+            await fut
+
+    def add(self, principal: Principal, client_id: str, ref: Any, limit: int) -> bool:
+        key = (principal.tenant, principal.sub)
+        ids = self.by_user.setdefault(key, set())
+        if len(ids) >= limit:
+            if not ids:
+                del self.by_user[key]
+            return False
+        ids.add(client_id)
+        self.by_id[client_id] = ref
+        return True
+
+    def remove(self, principal: Principal, client_id: str) -> None:
+        key = (principal.tenant, principal.sub)
+        ids = self.by_user.get(key)
+        if ids is not None:
+            ids.discard(client_id)
+            if not ids:
+                del self.by_user[key]
+        self.by_id.pop(client_id, None)
+        if not self.by_id:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+@dataclass
+class NodeContext:
+    """What every connection of a node shares: settings, keys, the store and the rooms, and the
+    admission pipeline every door calls (``admission``, built from settings, store and feed)."""
+
+    settings: Settings
+    node_name: str
+    tokens: TokenVerifier
+    system: ActorSystem
+    store: RoomStore
+    feed: LiveFeed
+    counters: RoomCounters = field(default_factory=RoomCounters)
+    index: ConnectionIndex = field(default_factory=ConnectionIndex)
+    slow_consumers: int = 0
+    draining: bool = False
+    presence: PresencePort | None = None
+    rpc: RpcPort | None = None
+    rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings, self.store, self.feed)
+
+    def room_ref(self, tenant: str, room: str) -> Any:
+        """The room actor of ``room``, spawned on first local interest."""
+        policy = self.settings.room_policy(room)
+        stream_size = self.settings.history_size
+        settings = RoomSettings(
+            history_size=policy.history_size, recovery_max=policy.recovery_max,
+            presence=policy.presence,
+            trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
+        )
+        return self.system.get_or_spawn(
+            f"room:{tenant}:{room}",
+            lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A frame the bridge could not decode or validate, or a request that failed later."""
+
+    code: int
+    reason: str
+    request_id: str | int | None = None
+    retry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransportClosed:
+    """The peer went away."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """End the connection with a ``disconnect`` frame."""
+
+    code: int
+    reason: str
+    reconnect: bool
+
+
+
+@dataclass(frozen=True, slots=True)
+class PlainJoin:
+    """Join ``room`` for a plain subscriber (MQTT ``rooms/<room>``): the room's events go to
+    ``transport`` in ``codec``, not to the connection's frames. Like any membership of the
+    connection, it rejoins from its cursor when the room actor is rebuilt, and ends with the
+    connection. Silent: the bridge answered the subscription itself."""
+
+    room: str
+    codec: Any
+    transport: ConnTransport
+
+
+@dataclass(frozen=True, slots=True)
+class PlainLeave:
+    """End the plain subscription to ``room`` (nothing if there is none)."""
+
+    room: str

@@ -1,0 +1,393 @@
+"""``ConnectionSession``: the node's side of one client connection, without I/O.
+
+The session holds the protocol rules of PROTOCOL.md sections 1, 4 and 5 for one connection:
+``connect`` first, token verification, refresh and expiry, rights on every action, the error
+window, room limits, held publishes right after a join, rpc bookkeeping and the volatile
+throttle. It never awaits, never reads a clock and never touches a socket, a room or NATS: it
+takes frames, results and the time, and returns :data:`Command` values that
+:class:`~node.core.connection.ConnectionActor` executes, in order::
+
+    session = ConnectionSession(settings, node_name="n1", client_id="c1",
+                                verify=tokens.verify, admit=admission.admit)
+    session.start(now)                      # StartTimer(connect) or AdmitConnection
+    session.receive_frame(frame, now)       # one validated client frame
+    for command in session.commands_to_send():
+        ...                                 # SendFrame, Close, JoinRoom, StorePublish...
+
+Results of the work a command started come back through ``receive_*`` methods
+(``receive_admitted``, ``receive_stored``, ``receive_history``, ``receive_rpc_result``,
+``receive_timer``, ``receive_room_joined``, ``receive_room_lost``...); each may queue commands
+of its own. Timers are named by a :data:`TimerKey` and carry a deadline on the clock ``now``
+comes from; starting a key again replaces its timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from node.core.admission import Admitted, VolatileThrottle
+from node.core.limits import ErrorWindow, TokenBucket
+from node.core.session_commands import (
+    AdmitConnection,
+    CancelTimer,
+    Close,
+    LeavePlainRoom,
+    LeaveRoom,
+    ReadHistory,
+    ReadPresence,
+    RegisterRpc,
+    RespondRpc,
+    SendVolatile,
+    StartTimer,
+    Stop,
+    StorePublish,
+    TimerKey,
+    UnregisterRpc,
+)
+from node.core.session_rooms import JOIN_WAIT_S, RoomRules
+from node.core.session_rpc import RpcRules
+from node.protocol.errors import AuthError, ProtocolError
+from node.protocol.frames import (
+    Ack,
+    Connect,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Presence,
+    Publish,
+    Refresh,
+    Reply,
+    Rpc,
+    error_frame,
+)
+from node.protocol.settings import Settings
+from node.protocol.tokens import KINDS, Principal
+
+__all__ = ["JOIN_WAIT_S", "ConnectionSession"]
+
+_CONNECT: TimerKey = ("connect", "")
+_EXPIRY: TimerKey = ("expiry", "")
+
+Admit = Callable[..., Admitted]
+
+
+class ConnectionSession(RoomRules, RpcRules):
+    """The protocol state of one connection (see the module docstring for how to drive it).
+
+    Args:
+        settings: The node's settings (limits, timeouts, room policies).
+        node_name: This node's name, for ``connected`` and presence.
+        client_id: The connection's id.
+        verify: Checks a token and returns its principal (raises ``AuthError``).
+        admit: The admission pipeline (``Admission.admit``): rights, rate, size, value model.
+        principal: Already authenticated by the transport (MQTT, SSE), or None: a ``connect``
+            frame must come first.
+        door: The door publishes are counted under (``ws`` or ``tunnel``).
+        now: The time the transport opened (seconds on the clock of every later ``now``).
+        joined_at_ms: Wall-clock ms of the opening, for presence.
+        presence: Whether the node tracks presence (a presence port exists).
+        rpc: Whether the node relays rpcs between clients (an rpc port exists).
+    """
+
+    def __init__(
+        self, settings: Settings, *, node_name: str, client_id: str,
+        verify: Callable[[str], Principal], admit: Admit, principal: Principal | None = None,
+        door: str = "ws", now: float = 0.0, joined_at_ms: int = 0, presence: bool = False,
+        rpc: bool = False,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.node_name = node_name
+        self.client_id = client_id
+        self.principal = principal
+        self.preauthenticated = principal is not None
+        self.connected = False
+        self.closing = False
+        #: Joined rooms -> whether the member asked for presence events.
+        self.rooms = {}
+        self.plain = set()
+        self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, now)
+        self.errors = ErrorWindow(settings.max_errors_per_min)
+        self._verify = verify
+        self._admit = admit
+        self._door = door
+        self._joined_at = joined_at_ms
+        self._presence = presence
+        self._rpc = rpc
+        self._announced = False
+        self._pending_accept: tuple[Principal, Any, bool] | None = None
+        self._joining = set()
+        self._held = {}
+        self._throttle: VolatileThrottle[Admitted] = VolatileThrottle(
+            settings.volatile_throttle_ms / 1000)
+        self._rpc_serial = 0
+        self._rpc_in = {}
+        self._rpc_out = {}
+        self._handlers: dict[type, Callable[[Any, float], None]] = {
+            Publish: self._publish, Join: self._join, Leave: self._leave,
+            History: self._history, Ping: self._ping, Ack: self._ack, Refresh: self._refresh,
+            Presence: self._presence_request, Rpc: self._rpc_call, Reply: self._rpc_reply,
+        }
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _disconnect(self, code: int, reason: str, reconnect: bool) -> None:
+        if self.closing and code != 4008:
+            return
+        self.closing = True
+        self._commands.append(Close(code, reason, reconnect))
+
+    def _error(self, code: int, reason: str, request_id: Any, retry: bool, now: float) -> None:
+        if code == 4001 or (code == 4010 and not self.connected):
+            self._disconnect(code, reason, code == 4010)
+            return
+        self._send(error_frame(code, reason, id=request_id, retry=retry))
+        # PROTOCOL.md section 5: 4000 and 4009 end the connection beyond the tolerance.
+        if code in (4000, 4009) and self.errors.add(now):
+            self._disconnect(code, "too many errors", code == 4009)
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """The transport is open: admit a pre-authenticated principal, or wait for ``connect``."""
+        if self.principal is not None:
+            self._accept(self.principal, None, announce=False)
+        else:
+            self._commands.append(StartTimer(_CONNECT, now + self.settings.connect_timeout_s))
+
+    def receive_admitted(self, now: float, refused: int = 0) -> None:
+        """The node's answer to :class:`AdmitConnection`.
+
+        Args:
+            now: The time.
+            refused: 0 when admitted; 4503 when the node drains; 4029 when the user has too
+                many connections.
+        """
+        pending, self._pending_accept = self._pending_accept, None
+        if pending is None:
+            return
+        principal, request_id, announce = pending
+        if refused == 4503:
+            self._disconnect(4503, "node draining", True)
+            return
+        if refused:
+            self._disconnect(4029, "too many connections for this user", False)
+            return
+        self.principal = principal
+        self.connected = True
+        if self._rpc:  # executed before ``connected``: once it is sent, rpcs find the client
+            self._commands.append(RegisterRpc(principal.tenant, self.rpc_targets()))
+        self._commands.append(CancelTimer(_CONNECT))
+        self._schedule_expiry(now)
+        personal = principal.personal_room
+        if personal is not None:
+            self._join_room(personal, None, None, None, presence=False, silent=True)
+        if announce:
+            self._announced = True
+            self._send_connected(request_id)
+
+    def receive_transport_closed(self) -> None:
+        """The peer went away: stop, without a ``disconnect``."""
+        self.closing = True
+        self._commands.append(Stop())
+
+    def receive_shutdown(self, code: int, reason: str, reconnect: bool) -> None:
+        """The node ends the connection (drain, API disconnect, slow consumer)."""
+        self._disconnect(code, reason, reconnect)
+
+    def receive_overflow(self) -> None:
+        """The actor's mailbox overflowed with its own messages: cut the connection off."""
+        self._disconnect(4009, "too many frames", True)
+
+    def stop(self) -> None:
+        """The connection ends: leave every room, say goodbye to presence, fail pending rpcs."""
+        self._throttle = VolatileThrottle(self._throttle.window_s)  # what waits is dropped
+        for room, presence in self.rooms.items():
+            self._commands.append(LeaveRoom(room))
+            if self.connected:
+                self._presence_off(room, presence, announce=True)
+        self.rooms.clear()
+        for room in sorted(self.plain):
+            self._commands.append(LeavePlainRoom(room))
+        self.plain.clear()
+        if self.principal is not None and self.connected and self._rpc:
+            self._commands.append(UnregisterRpc(self.principal.tenant, self.rpc_targets()))
+            gone = {"error": {"code": 4004, "reason": "rpc target went away", "retry": True}}
+            for reply_to in self._rpc_in.values():
+                self._commands.append(RespondRpc(reply_to, gone))
+            self._rpc_in.clear()
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def receive_frame(self, frame: Any, now: float) -> None:
+        """Feed one validated client frame (``node.protocol.frames.parse_frame``)."""
+        if self.closing:
+            return  # said goodbye: nothing more is answered
+        try:
+            if type(frame) is Connect:
+                self._connect(frame)
+            elif not self.connected:
+                # PROTOCOL.md section 1: anything but a connect first ends the connection.
+                self._disconnect(4001, "connect must be the first frame", False)
+            else:
+                handler = self._handlers.get(type(frame))
+                if handler is not None:
+                    handler(frame, now)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.reason, getattr(frame, "id", None), exc.retry, now)
+
+    def receive_invalid(self, code: int, reason: str, request_id: Any = None,
+                        retry: bool = False, now: float = 0.0) -> None:
+        """A frame the bridge could not decode or validate (unknown type, bad field, too big)."""
+        if self.closing:
+            return
+        if not self.connected:
+            self._disconnect(code, reason, False)  # malformed first frames end it too
+        else:
+            self._error(code, reason, request_id, retry, now)
+
+    def _connect(self, frame: Connect) -> None:
+        if self.connected and self.preauthenticated and not self._announced:
+            # MQTT: the transport authenticated; an explicit connect gets its answer.
+            self._announced = True
+            self._send_connected(frame.id)
+            return
+        if self.connected or self._pending_accept is not None:
+            raise ProtocolError(4000, "already connected")
+        self._accept(self._verify(frame.token), frame.id, announce=True)
+
+    def _accept(self, principal: Principal, request_id: Any, *, announce: bool) -> None:
+        if principal.kind not in KINDS:
+            raise AuthError("invalid kind")
+        self._pending_accept = (principal, request_id, announce)
+        self._commands.append(AdmitConnection(principal))
+
+    def _send_connected(self, request_id: Any) -> None:
+        # Answered even without an id: the handshake is what a connect is for.
+        principal = self.principal
+        assert principal is not None
+        expires = principal.expires_in()
+        heartbeat = self.settings.heartbeat_s
+        connected: dict[str, Any] = {
+            "type": "connected", "client_id": self.client_id, "node": self.node_name,
+            "heartbeat_s": int(heartbeat) if float(heartbeat).is_integer() else heartbeat,
+            "expires_in_s": None if expires is None else int(expires),
+            "rooms": [principal.personal_room] if principal.personal_room else [],
+        }
+        if request_id is not None:
+            connected["id"] = request_id
+        self._send(connected)
+
+    def _schedule_expiry(self, now: float) -> None:
+        assert self.principal is not None
+        left = self.principal.expires_in()
+        if left is None:
+            self._commands.append(CancelTimer(_EXPIRY))
+        else:
+            self._commands.append(StartTimer(_EXPIRY, now + max(0.0, left)))
+
+    def _refresh(self, frame: Refresh, now: float) -> None:
+        assert self.principal is not None
+        try:
+            principal = self._verify(frame.token)
+        except AuthError as exc:
+            if exc.expired:  # the connection goes on until its current token expires
+                raise ProtocolError(4010, "token expired", retry=True) from None
+            raise
+        old = self.principal
+        if (principal.sub, principal.tenant, principal.kind) != (old.sub, old.tenant, old.kind):
+            raise ProtocolError(4003, "refresh token is for another principal")
+        self.principal = principal
+        self._schedule_expiry(now)
+        left = principal.expires_in()
+        self._reply(frame.id, {"type": "refreshed",
+                               "expires_in_s": None if left is None else int(left)})
+
+    def _ping(self, frame: Ping, now: float) -> None:
+        self._reply(frame.id, {"type": "pong"})
+
+    def _ack(self, frame: Ack, now: float) -> None:
+        if frame.room not in self.rooms:
+            raise ProtocolError(4004, "not joined to this room")
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def receive_timer(self, key: TimerKey, now: float) -> None:
+        """A timer started with :class:`StartTimer` reached its deadline."""
+        if self.closing:
+            return
+        kind, name = key
+        if kind == "connect":
+            if not self.connected:
+                self._disconnect(4001, "no connect frame in time", False)
+        elif kind == "expiry":
+            self._disconnect(4010, "token expired", True)
+        elif kind == "held":
+            self._release(name)
+        elif kind == "volatile":
+            admitted = self._throttle.flush(name, now)
+            if admitted is not None:
+                self._commands.append(SendVolatile(admitted))
+        elif kind == "rpc-in":
+            self._rpc_in.pop(name, None)  # the caller has had its timeout
+        elif kind == "rpc-out":
+            self.receive_rpc_failed(name, 4504, "rpc timed out")
+
+    # -- publish, history, presence -----------------------------------------------------------
+
+    def _publish(self, frame: Publish, now: float) -> None:
+        admitted = self._admit(self._door, self.principal, frame, client_id=self.client_id,
+                               bucket=self.bucket)
+        if admitted.volatile:
+            # Throttled per room: the latest of a burst wins, sent when its window ends.
+            room = admitted.room
+            send, flush_in = self._throttle.offer(room, admitted, now)
+            if send is not None:
+                self._commands.append(SendVolatile(send))
+            if flush_in is not None:
+                self._commands.append(StartTimer(("volatile", room), now + flush_in))
+            self._reply(frame.id, {"type": "published", "room": room})
+        elif admitted.room in self._joining:
+            self._hold(admitted, frame.id, now)
+        else:
+            self._commands.append(StorePublish(admitted, frame.id))
+
+    def receive_stored(self, request_id: Any, room: str, seq: int) -> None:
+        """The store acknowledged a :class:`StorePublish`."""
+        self._reply(request_id, {"type": "published", "room": room, "seq": seq})
+
+    def receive_failed(self, request_id: Any, code: int, reason: str, retry: bool = False,
+                       now: float = 0.0) -> None:
+        """A store, history or presence read failed (4503, 4500...)."""
+        self._error(code, reason, request_id, retry, now)
+
+    def _history(self, frame: History, now: float) -> None:
+        assert self.principal is not None
+        if not self.principal.can("history", frame.room):
+            raise ProtocolError(4003, "no history right on this room")
+        self._commands.append(ReadHistory(
+            frame.id, self.principal.tenant, frame.room,
+            frame.since.seq if frame.since else None, frame.limit, frame.reverse))
+
+    def receive_history(self, request_id: Any, room: str, events: list[Any],
+                        latest: int) -> None:
+        """The answer to :class:`ReadHistory`."""
+        self._reply(request_id, {"type": "history", "room": room, "events": events,
+                                 "seq": latest})
+
+    def _presence_request(self, frame: Presence, now: float) -> None:
+        assert self.principal is not None
+        if not self.principal.can("presence", frame.room):
+            raise ProtocolError(4003, "no presence right on this room")
+        if not self._tracked(frame.room):
+            raise ProtocolError(4004, "presence is off for this room")
+        self._commands.append(ReadPresence(frame.id, self.principal.tenant, frame.room))
+
+    def receive_presence(self, request_id: Any, room: str,
+                         members: list[dict[str, Any]]) -> None:
+        """The answer to :class:`ReadPresence`."""
+        unique = len({(m.get("user"), m.get("kind")) for m in members})
+        self._reply(request_id, {"type": "presence", "room": room, "members": members,
+                                 "unique_users": unique})

@@ -1,0 +1,173 @@
+"""The room rules of a :class:`~node.core.session.ConnectionSession`: joins with their rights
+and limit, leaves, rejoins after a room actor restart, plain subscriptions, presence, and the
+publishes held right after a join. Pure, like the session it is part of."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from node.core.admission import Admitted
+from node.core.session_commands import (
+    AnnouncePresence,
+    CancelTimer,
+    CommandQueue,
+    JoinPlainRoom,
+    JoinRoom,
+    LeavePlainRoom,
+    LeaveRoom,
+    PresenceAdd,
+    PresenceRemove,
+    PresenceWatch,
+    StartTimer,
+    StorePublish,
+)
+from node.protocol.errors import ProtocolError
+from node.protocol.frames import Join, Leave
+from node.protocol.settings import Settings
+from node.protocol.tokens import Principal
+
+__all__ = ["JOIN_WAIT_S", "RoomRules"]
+
+log = logging.getLogger("node.core.session")
+
+#: How long publishes right after a join wait for the room to take the join in (a room starts
+#: in ~1 ms; one that cannot start answers the join with an error).
+JOIN_WAIT_S = 5.0
+
+
+class RoomRules(CommandQueue):
+    """Rooms of one connection (a part of ``ConnectionSession``, which sets the state)."""
+
+    settings: Settings
+    principal: Principal | None
+    client_id: str
+    node_name: str
+    connected: bool
+    #: Joined rooms -> whether the member asked for presence events.
+    rooms: dict[str, bool]
+    #: Plain subscriptions (MQTT ``rooms/<room>``), apart from the rooms of the frames.
+    plain: set[str]
+    _presence: bool
+    _joined_at: int
+    # Rooms joined but not yet taken in by their room, and the publishes held for them.
+    _joining: set[str]
+    _held: dict[str, list[tuple[Admitted, Any]]]
+
+    def _tracked(self, room: str) -> bool:
+        return (self._presence and not room.startswith("@")
+                and self.settings.room_policy(room).presence)
+
+    def member_info(self) -> dict[str, Any]:
+        """This connection as a presence member."""
+        assert self.principal is not None
+        return {"client_id": self.client_id, "user": self.principal.sub,
+                "kind": self.principal.kind, "node": self.node_name,
+                "joined_at": self._joined_at}
+
+    def _presence_on(self, room: str, presence: bool, *, announce: bool) -> None:
+        if not self._tracked(room):
+            return
+        if presence:
+            self._commands.append(PresenceWatch(room, True))
+        if announce:
+            member = self.member_info()
+            self._commands.append(PresenceAdd(room, member))
+            self._commands.append(AnnouncePresence(room, "presence:join", member))
+
+    def _presence_off(self, room: str, presence: bool, *, announce: bool) -> None:
+        if not self._tracked(room):
+            return
+        if presence:
+            self._commands.append(PresenceWatch(room, False))
+        if announce:
+            self._commands.append(PresenceRemove(room))
+            self._commands.append(AnnouncePresence(room, "presence:leave", self.member_info()))
+
+    def _join_room(self, room: str, since_seq: int | None, since_epoch: str | None,
+                   request_id: Any, *, presence: bool, silent: bool) -> None:
+        old = self.rooms.pop(room, None)
+        if old is not None:
+            self._commands.append(LeaveRoom(room))
+            self._presence_off(room, old, announce=False)
+        self._joining.add(room)
+        self.rooms[room] = presence
+        self._commands.append(JoinRoom(room, since_seq, since_epoch, request_id, presence,
+                                       silent))
+        self._presence_on(room, presence, announce=old is None)
+
+    def _join(self, frame: Join, now: float) -> None:
+        assert self.principal is not None
+        if not self.principal.can("join", frame.room):
+            raise ProtocolError(4003, "no join right on this room")
+        if frame.presence and not self.principal.can("presence", frame.room):
+            raise ProtocolError(4003, "no presence right on this room")
+        if frame.room not in self.rooms and len(self.rooms) >= (
+                self.settings.max_rooms_per_connection):
+            raise ProtocolError(4029, "too many rooms for this connection")
+        since = frame.since
+        self._join_room(frame.room, since.seq if since else None, since.epoch if since else None,
+                        frame.id, presence=frame.presence, silent=False)
+
+    def _leave(self, frame: Leave, now: float) -> None:
+        self._release(frame.room)  # publishes sent before the leave are stored
+        presence = self.rooms.pop(frame.room, None)
+        if presence is not None:
+            self._commands.append(LeaveRoom(frame.room))
+            self._presence_off(frame.room, presence, announce=True)
+        self._reply(frame.id, {"type": "left", "room": frame.room})
+
+    def receive_room_joined(self, room: str) -> None:
+        """The room took the current join of ``room`` in: release the publishes held for it."""
+        self._release(room)
+
+    def receive_room_lost(self, room: str, cursor: int, epoch: str) -> None:
+        """The room actor of a joined room stopped: rejoin from ``cursor`` (the last seq the
+        member got) in ``epoch`` (the store's), silently."""
+        self._release(room)  # what was held for the lost join goes to the store now
+        presence = self.rooms.get(room)
+        if presence is not None:
+            self._join_room(room, cursor, epoch, None, presence=presence, silent=True)
+
+    def receive_plain_join(self, room: str, source: Any) -> None:
+        """Join ``room`` for a plain subscriber; ``source`` (the actor's, opaque here) comes
+        back in :class:`JoinPlainRoom`."""
+        principal = self.principal
+        if principal is None or not self.connected:
+            return
+        if not principal.can("join", room):
+            # The bridge checked it for its SUBACK; rights are checked on every action.
+            log.warning("! %s: plain subscription to %s refused", self.client_id, room)
+            return
+        if room in self.plain:
+            return  # a repeated SUBSCRIBE replaces the subscription: the membership goes on
+        self.plain.add(room)
+        self._commands.append(JoinPlainRoom(room, None, None, source))
+
+    def receive_plain_room_lost(self, room: str, since: int | None, epoch: str) -> None:
+        """The room of a plain subscription stopped: rejoin from ``since`` (None: live)."""
+        if room in self.plain:
+            self._commands.append(JoinPlainRoom(room, since, None if since is None else epoch,
+                                                None))
+
+    def receive_plain_leave(self, room: str) -> None:
+        """End the plain subscription to ``room`` (nothing if there is none)."""
+        if room in self.plain:
+            self.plain.discard(room)
+            self._commands.append(LeavePlainRoom(room))
+
+    def _hold(self, admitted: Admitted, request_id: Any, now: float) -> None:
+        # Joined a moment ago: store once the room has taken the join in, so the event comes
+        # after the room's position and reaches this member too. Held in order, released in
+        # order (and after JOIN_WAIT_S at the latest).
+        held = self._held.setdefault(admitted.room, [])
+        if not held:
+            self._commands.append(StartTimer(("held", admitted.room), now + JOIN_WAIT_S))
+        held.append((admitted, request_id))
+
+    def _release(self, room: str) -> None:
+        self._joining.discard(room)
+        held = self._held.pop(room, None)
+        if held:
+            self._commands.append(CancelTimer(("held", room)))
+            self._commands.extend(StorePublish(admitted, rid) for admitted, rid in held)
