@@ -1,8 +1,9 @@
 """Hostile input over the real network, against a real node and NATS: each case is refused with a
 clear error (4000), never stored, and the node stays up for everyone else.
 
-The value model (docs/protocol-notes.md, "Value model") is what makes "acknowledged" mean "deliverable
-to every member in every codec": these tests send what one codec can say and another cannot.
+The value model (docs/protocol-notes.md, "Value model") is what makes "acknowledged" mean
+"deliverable to every member in every codec": these tests send what one codec can say and
+another cannot.
 """
 
 from __future__ import annotations
