@@ -1,0 +1,494 @@
+"""One device's MQTT connection to the embedded listener: parse, authorise, route, ack.
+
+:class:`MqttSession` is the ``asyncio.Protocol`` of one device socket (see ``bridge.mqtt``
+for the two faces, tunnel and plain topics). Its device is a ``ConnectionActor`` whose
+transports write PUBLISHes on the device's topics; plain uplinks are admitted here and
+PUBACKed once stored, in the order received.
+
+Input is flow-controlled like a WebSocket's: packets are handled in order while the device's
+actor has fewer than ``inbound_high`` messages queued; then the socket is paused, and the rest
+waits until the actor is down to ``inbound_low``. Closing writes what is due, then half-closes
+(FIN) and reads and discards the device's input until it closes too (at most
+``_CLOSE_DRAIN_S``): closing a socket with unread input resets it, and the device's TCP stack
+would drop our last frames (a ``disconnect`` on the tunnel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+from actors.errors import ActorDeadError, ActorError
+from bridge import mqtt_codec as mq
+from node.core.admission import Admitted, VolatilePublisher
+from node.core.connection import (
+    ConnectionActor,
+    Invalid,
+    PlainJoin,
+    PlainLeave,
+    TransportClosed,
+)
+from node.core.limits import TokenBucket
+from node.protocol.errors import AuthError, CodecError, ProtocolError
+from node.protocol.frames import (
+    CBOR,
+    ROOM_RE,
+    cbor_loads_strict,
+    parse_frame,
+    publish_frame,
+    request_id_of,
+)
+from node.protocol.tokens import Principal
+
+if TYPE_CHECKING:
+    from bridge.mqtt import MqttBridge
+
+__all__ = ["PLAIN_CBOR", "MqttSession"]
+
+
+log = logging.getLogger("bridge.mqtt")
+
+_ROOM_RE = ROOM_RE  # ends in \Z: "rooms/<name>\n" is no room (use fullmatch)
+_CONNACK_NOT_AUTHORIZED = 5
+# After our FIN, the device's input is read and discarded for at most this long.
+_CLOSE_DRAIN_S = 5.0
+
+
+class _PlainCbor:
+    """Room events for plain subscribers: the event frame without ``type``, as a CBOR map."""
+
+    name = "cbor-plain"
+    binary = True
+
+    def encode(self, frame: Any) -> bytes:
+        return CBOR.encode({k: v for k, v in frame.items() if k != "type"})  # never fails
+
+    def join(self, frames: list[bytes]) -> bytes:
+        return b"".join(frames)
+
+
+PLAIN_CBOR = _PlainCbor()
+
+
+class _TopicTransport:
+    """Writes each frame as one QoS 0 PUBLISH on a fixed topic of one device."""
+
+    kind = "mqtt"
+    frame_per_message = True
+
+    def __init__(self, session: MqttSession, topic: str) -> None:
+        self.session = session
+        self.topic = topic
+        self.enabled = True
+
+    def write_message(self, payload: bytes) -> None:
+        if self.enabled:
+            self.session.send_publish(self.topic, payload)
+
+    def buffered_bytes(self) -> int:
+        return self.session.buffered_bytes()
+
+    def close(self, code: int, reason: str) -> None:
+        self.session.close(f"{code} {reason}")
+
+
+class MqttSession(asyncio.Protocol):
+    """One device connection: parse, authorise, route; ack uplinks once stored."""
+
+    def __init__(self, bridge: MqttBridge) -> None:
+        self.bridge = bridge
+        self.ctx = bridge.ctx
+        self.settings = bridge.ctx.settings
+        self.parser = mq.MqttParser(max_packet_bytes=self.settings.max_frame_bytes + 1024)
+        self.transport: asyncio.Transport | None = None
+        self.principal: Principal | None = None
+        self.client_id = ""
+        self.ref: Any = None
+        self.tunnel: _TopicTransport | None = None
+        self.plain: set[str] = set()  # rooms subscribed on plain topics (for the SUBACKs)
+        self.acks: deque[list[Any]] = deque()  # [packet_id, done, qos] in arrival order
+        self.qos2_seen: set[int] = set()
+        self.will: Any = None
+        self.keepalive = 0
+        self.last_seen = time.monotonic()
+        self.bucket: TokenBucket | None = None
+        self.volatile = VolatilePublisher(self.ctx.admission,
+                                          self.settings.volatile_throttle_ms / 1000)
+        self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: deque[Any] = deque()  # parsed packets waiting for room in the actor
+        self._stalled = False  # reading paused until the actor has room
+        self._unstall_task: asyncio.Task[None] | None = None  # held: a task is weakly kept
+        self._end_reason: str | None = None  # close once the pending packets are handled
+        self._draining: asyncio.TimerHandle | None = None  # half-closed, discarding input
+        self._peer_eof = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.settings.connect_timeout_s, self._check_alive)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closing: input is only drained
+        self.last_seen = time.monotonic()
+        try:
+            packets = self.parser.feed(data)
+        except mq.ConnectRefused as exc:
+            self._write(mq.connack(exc.return_code))
+            self.close("connect refused")
+            return
+        except mq.MqttError as exc:
+            log.debug("! %s: bad MQTT packet: %s", self.client_id or "?", exc)
+            packets = exc.packets  # what came before the bad bytes still counts
+            self._end_reason = "protocol error"
+        self._pending.extend(packets)
+        if not self._stalled:
+            self._run()
+
+    def eof_received(self) -> bool | None:
+        self._peer_eof = True
+        if not self.closed and (self._stalled or self._pending):
+            # The device half-closed with packets still waiting for room: handle them first.
+            self._end_reason = self._end_reason or "end of input"
+            return True  # keep the transport open for their replies
+        return None
+
+    def _run(self) -> None:
+        """Handle pending packets in order while the actor has room, else pause reading."""
+        pending = self._pending
+        high = ConnectionActor.inbound_high
+        while pending and not self.closed:
+            ref = self.ref
+            if ref is not None and ref.queued >= high:
+                self._stall(ref)
+                return
+            self._handle(pending.popleft())
+        pending.clear()
+        if self._end_reason is not None:
+            self.close(self._end_reason)
+
+    def _stall(self, ref: Any) -> None:
+        self._stalled = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._unstall_task = asyncio.get_running_loop().create_task(
+            self._unstall(ref), name=f"mqtt[{self.client_id}].unstall")
+
+    async def _unstall(self, ref: Any) -> None:
+        try:
+            await ref.wait_for_room(ConnectionActor.inbound_low)
+        except ActorDeadError:
+            self._pending.clear()  # the connection is ending: nothing will handle them
+        self._stalled = False
+        self.last_seen = time.monotonic()  # our own pause is not the device's silence
+        if self.closed:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._run()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._draining is not None:
+            self._draining.cancel()
+            self._draining = None
+        if not self.closed:
+            self.closed = True
+            if self.will is not None:
+                self._send_will()
+        self._end()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def buffered_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport else 0
+
+    def send_publish(self, topic: str, payload: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._draining is None:
+            transport.writelines((mq.publish_header(topic, len(payload)), payload))
+
+    def _write(self, data: bytes) -> None:
+        # Nothing after our FIN (half-closed while draining: a write would raise).
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._draining is None:
+            transport.write(data)
+
+    def close(self, reason: str, *, drain: bool = True) -> None:
+        """Close the device's connection (no will is sent for a close of ours).
+
+        Args:
+            reason: For the log.
+            drain: Half-close and discard the device's input until it closes too (at most
+                ``_CLOSE_DRAIN_S``), so that what was written reaches it; False closes at once.
+        """
+        if not self.closed:
+            self.closed = True
+            log.debug("x %s: %s", self.client_id or "?", reason)
+        self._pending.clear()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not drain or self._peer_eof or not transport.can_write_eof():  # TLS: no half-close
+            if self._draining is not None:
+                self._draining.cancel()
+                self._draining = None
+            transport.close()
+            return
+        if self._draining is not None:
+            return
+        transport.write_eof()  # FIN after what is buffered; the device's close ends it
+        if self._stalled:
+            transport.resume_reading()  # read (and discard) what the device still sends
+        self._draining = asyncio.get_running_loop().call_later(
+            _CLOSE_DRAIN_S, self._drain_expired, transport)
+
+    def _drain_expired(self, transport: asyncio.Transport) -> None:
+        self._draining = None
+        if not transport.is_closing():
+            # Still unread output after 5 s: the device does not read; abort (close would
+            # wait for the flush forever).
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
+
+    def _end(self) -> None:
+        self.volatile.close()
+        if self.principal is not None:
+            key = (self.principal.tenant, self.client_id)
+            if self.bridge.sessions.get(key) is self:
+                del self.bridge.sessions[key]
+        if self.ref is not None:
+            self.plain.clear()  # the actor's stop ends its plain memberships
+            with contextlib.suppress(ActorError):
+                self.ref.tell(TransportClosed())
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            return
+        if self.principal is None:
+            self.close("no CONNECT in time", drain=False)  # nothing to deliver
+            return
+        if self.keepalive:
+            # While reading is paused by us, the device's silence is not its fault.
+            idle = 0.0 if self._stalled else time.monotonic() - self.last_seen
+            if idle > self.keepalive * 1.5:
+                self.closed = True  # an expired keepalive publishes the will (MQTT 3.1.2.10)
+                if self.will is not None:
+                    self._send_will()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._timer = asyncio.get_running_loop().call_later(
+                self.keepalive * 1.5 - idle + 0.05, self._check_alive)
+
+    # -- packets ---------------------------------------------------------------------------
+
+    def _handle(self, packet: Any) -> None:
+        if isinstance(packet, mq.Publish):
+            self._on_publish(packet)
+        elif isinstance(packet, mq.PubAck):
+            pass  # we publish at QoS 0
+        elif isinstance(packet, mq.PubRel):
+            self.qos2_seen.discard(packet.packet_id)
+            self._write(bytes((0x70, 2)) + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
+        elif isinstance(packet, mq.PingReq):
+            self._write(mq.pingresp())
+        elif isinstance(packet, mq.Subscribe):
+            self._on_subscribe(packet)
+        elif isinstance(packet, mq.Unsubscribe):
+            self._on_unsubscribe(packet)
+        elif isinstance(packet, mq.Connect):
+            self._on_connect(packet)
+        elif isinstance(packet, mq.Disconnect):
+            self.will = None  # a clean goodbye: no will
+            self.close("disconnect")
+
+    def _on_connect(self, packet: Any) -> None:
+        try:
+            if not packet.client_id or packet.username != packet.client_id:
+                raise AuthError("client id and username must be the device id")
+            token = (packet.password or b"").decode("utf-8", errors="strict")
+            principal = self.ctx.tokens.verify(token)
+            if principal.kind != "device" or principal.sub != packet.client_id:
+                raise AuthError("not a device token for this id")
+        except (AuthError, UnicodeDecodeError):
+            self._write(mq.connack(_CONNACK_NOT_AUTHORIZED))
+            self.close("not authorized")
+            return
+        if self.ctx.draining:
+            self._write(mq.connack(3))  # server unavailable
+            self.close("draining")
+            return
+        self.principal = principal
+        self.client_id = packet.client_id
+        key = (principal.tenant, packet.client_id)
+        old = self.bridge.sessions.get(key)
+        if old is not None:
+            old.close("taken over by a new connection")  # MQTT 3.1.4: the new one wins
+        self.bridge.sessions[key] = self
+        self.will = packet.will
+        self.keepalive = packet.keepalive
+        self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst,
+                                  time.monotonic())
+        self.tunnel = _TopicTransport(self, f"rtnode/v1/{packet.client_id}/out")
+        self.tunnel.enabled = False  # until the device subscribes to its out topic
+        actor = ConnectionActor(self.ctx, self.tunnel, CBOR, principal=principal,
+                                client_id=packet.client_id)
+        self.ref = self.ctx.system.spawn(lambda: actor)
+        self._write(mq.connack(0))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.keepalive:
+            self._check_alive()
+
+    # -- uplinks ---------------------------------------------------------------------------
+
+    def _on_publish(self, packet: Any) -> None:
+        topic = packet.topic
+        qos = packet.qos
+        if qos == 2:
+            if packet.packet_id in self.qos2_seen:
+                self._write(bytes((0x50, 2)) + packet.packet_id.to_bytes(2, "big"))  # PUBREC
+                return
+            self.qos2_seen.add(packet.packet_id)
+        entry: list[Any] | None = None
+        if qos:
+            entry = [packet.packet_id, False, qos]
+            self.acks.append(entry)
+        if topic == f"rtnode/v1/{self.client_id}/in":
+            self._tunnel_in(packet.payload)
+            self._done(entry)
+        elif topic.startswith("rooms/") and topic.endswith("/up"):
+            room = topic[6:-3]
+            if not self._uplink(room, packet.payload, entry):
+                self._done(entry)
+        else:
+            self.bridge.refused_publishes += 1  # another device's tunnel, or a topic of no use
+            self._done(entry)
+
+    def _done(self, entry: list[Any] | None) -> None:
+        """Mark an uplink handled and send the acks that are due, in arrival order."""
+        if entry is not None:
+            entry[1] = True
+        acks = self.acks
+        while acks and acks[0][1]:
+            packet_id, _, qos = acks.popleft()
+            if qos == 1:
+                self._write(mq.puback(packet_id))
+            else:
+                self._write(bytes((0x50, 2)) + packet_id.to_bytes(2, "big"))  # PUBREC
+
+    def _tunnel_in(self, payload: bytes) -> None:
+        try:
+            raw = cbor_loads_strict(payload)
+        except CodecError as exc:
+            self.bridge.bad_payloads += 1
+            self.ref.tell(Invalid(exc.code, exc.reason))
+            return
+        try:
+            frame = parse_frame(raw)
+        except ProtocolError as exc:
+            self.bridge.bad_payloads += 1
+            self.ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw)))
+            return
+        with contextlib.suppress(ActorError):
+            self.ref.tell(frame)
+
+    def _uplink(self, room: str, payload: bytes, entry: list[Any] | None) -> bool:
+        """Admit a plain uplink (``node.core.admission``) and store it.
+
+        Returns:
+            True when its ack waits for the store; False when it is done: refused (dropped
+            and counted: MQTT 3.1.1 has no negative ack) or volatile (sent, never stored).
+        """
+        try:
+            raw = cbor_loads_strict(payload)
+            if not isinstance(raw, dict):
+                raise ProtocolError(4000, "expected a map")
+            admitted = self.ctx.admission.admit(
+                "mqtt", self.principal, publish_frame(raw, room), client_id=self.client_id,
+                bucket=self.bucket)
+        except ProtocolError as exc:
+            if exc.code == 4000:
+                self.bridge.bad_payloads += 1
+            else:
+                self.bridge.refused_publishes += 1
+            return False
+        if admitted.volatile:
+            self.volatile.publish(admitted)
+            return False
+        asyncio.get_running_loop().create_task(self._store(admitted, entry))
+        return True
+
+    async def _store(self, admitted: Admitted, entry: list[Any] | None) -> None:
+        try:
+            await self.ctx.admission.store(admitted)
+        except ProtocolError as exc:
+            if exc.retry:
+                # Not stored: no ack. The device's session retries with the same packet (DUP),
+                # or the connection is closed so that it reconnects and resends.
+                self.close("store unavailable")
+                return
+            self.bridge.refused_publishes += 1  # refused for good: dropped, and acked
+        else:
+            self.bridge.uplinks += 1
+        self._done(entry)
+
+    def _send_will(self) -> None:
+        will = self.will
+        self.will = None
+        if will is None or self.principal is None:
+            return
+        topic = will.topic
+        if topic.startswith("rooms/") and topic.endswith("/up"):
+            self._uplink(topic[6:-3], will.payload, None)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def _on_subscribe(self, packet: Any) -> None:
+        principal = self.principal
+        assert principal is not None and self.tunnel is not None
+        granted = []
+        for topic_filter, _qos in packet.topics:
+            if topic_filter == self.tunnel.topic:
+                self.tunnel.enabled = True
+                granted.append(0)
+            elif (topic_filter.startswith("rooms/") and _ROOM_RE.fullmatch(topic_filter[6:])
+                  and principal.can("join", topic_filter[6:])
+                  and (topic_filter[6:] in self.plain
+                       or len(self.plain) < self.settings.max_rooms_per_connection)):
+                room = topic_filter[6:]
+                self._subscribe_plain(room)
+                granted.append(0)
+            else:
+                self.bridge.refused_subscribes += 1
+                granted.append(0x80)
+        self._write(mq.suback(packet.packet_id, granted))
+
+    def _subscribe_plain(self, room: str) -> None:
+        self.plain.add(room)
+        with contextlib.suppress(ActorError):  # a stopping actor: the connection is ending
+            self.ref.tell(PlainJoin(room, PLAIN_CBOR, _TopicTransport(self, f"rooms/{room}")))
+
+    def _on_unsubscribe(self, packet: Any) -> None:
+        assert self.tunnel is not None
+        for topic_filter in packet.topics:
+            if topic_filter == self.tunnel.topic:
+                self.tunnel.enabled = False
+            elif topic_filter.startswith("rooms/") and topic_filter[6:] in self.plain:
+                self.plain.discard(topic_filter[6:])
+                with contextlib.suppress(ActorError):
+                    self.ref.tell(PlainLeave(topic_filter[6:]))
+        self._write(mq.unsuback(packet.packet_id))
