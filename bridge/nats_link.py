@@ -25,7 +25,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -259,32 +258,27 @@ class NatsLink:
     async def _on_disconnected(self) -> None:
         if self._nc is not None:  # not when we close it ourselves
             log.warning("! NATS disconnected")
-            for callback in self.on_disconnected:
-                try:
-                    callback()
-                except Exception:
-                    log.exception("! disconnect hook failed")
+            _run_hooks(self.on_disconnected, "disconnect")
 
     async def _on_reconnected(self) -> None:
         nc = self._nc
         log.info("= NATS reconnected to %s", nc.connected_url if nc else "?")
-        for callback in self.on_reconnected:
-            try:
-                callback()
-            except Exception:
-                log.exception("! reconnect hook failed")
+        _run_hooks(self.on_reconnected, "reconnect")
 
     async def __aenter__(self) -> NatsLink:
         await self.connect()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _run_hooks(hooks: list[Callable[[], None]], what: str) -> None:
+    for callback in hooks:
+        try:
+            callback()
+        except Exception:  # one failing hook must not keep the others from running
+            log.exception("! %s hook failed", what)
 
 
 def _epoch(info: StreamInfo) -> str:

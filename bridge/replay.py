@@ -53,7 +53,6 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Literal
 
 import nats.errors
@@ -479,10 +478,5 @@ class ReplayConsumer:
     async def __aenter__(self) -> ReplayConsumer:
         return await self.open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()

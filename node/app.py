@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from types import TracebackType
 from typing import Any
 
 from actors import ActorSystem
@@ -241,10 +240,5 @@ class Node:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
