@@ -2,14 +2,15 @@
 
 ``python -m bench [fanout flags]`` runs the fan-out benchmark, then the ingest benchmark with
 its defaults, then the scale-out benchmark with its defaults; ``python -m bench fanout [...]``,
-``python -m bench ingest [...]`` or ``python -m bench scaleout [...]`` runs one.
+``python -m bench ingest [...]``, ``python -m bench scaleout [...]`` or
+``python -m bench recovery [...]`` (the latency of a recovering join) runs one.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import fanout, ingest, scaleout
+from bench import fanout, ingest, recovery, scaleout
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +20,8 @@ def main(argv: list[str]) -> int:
         return ingest.main(argv[1:])
     if argv and argv[0] == "scaleout":
         return scaleout.main(argv[1:])
+    if argv and argv[0] == "recovery":
+        return recovery.main(argv[1:])
     rc = fanout.main(argv)
     rc = ingest.main([]) or rc
     return scaleout.main([]) or rc
