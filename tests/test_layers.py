@@ -108,3 +108,25 @@ def test_the_program_is_only_what_it_says() -> None:
     """Every module of ``node`` outside the leaves and the domain is named in PROGRAM."""
     program = {m for m in map(_module_name, _sources()) if layer(m) == "program"}
     assert program <= PROGRAM, program - PROGRAM
+
+
+def test_no_module_reaches_into_anothers_private_names() -> None:
+    """``from x import _name`` only for a private module of the importer's own package."""
+    bad = []
+    for path in [*_sources(), *sorted((ROOT / "bench").rglob("*.py"))]:
+        module = _module_name(path)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] not in ("actors", "node", "bridge", "devices",
+                                                 "bench", "tests"):
+                continue
+            for alias in node.names:
+                if not alias.name.startswith("_"):
+                    continue
+                own_module = node.module == package and \
+                    (ROOT / Path(*package.split(".")) / f"{alias.name}.py").exists()
+                if not own_module:
+                    bad.append(f"{module}: from {node.module} import {alias.name}")
+    assert not bad, bad
