@@ -108,7 +108,8 @@ class Node:
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
                 self.embedded = EmbeddedNats(
-                    s.data_dir / "nats", port=s.nats_port, server_name=self.name
+                    s.data_dir / "nats", port=s.nats_port, server_name=self.name,
+                    sync=s.nats_sync,
                 )
                 await self._stack.enter_async_context(self.embedded)
             self.nats = NatsLink(

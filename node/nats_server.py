@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -98,8 +99,10 @@ class EmbeddedNats:
         port: int = 0,
         server_name: str = "rtnode",
         start_timeout_s: float = 15.0,
+        sync: str = "always",
     ) -> None:
         self.store_dir = store_dir
+        self.sync = sync
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.server_name = server_name
@@ -123,13 +126,18 @@ class EmbeddedNats:
             NatsUnavailable: The server exited or was not ready in time.
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        # JetStream's sync interval has no command-line flag: a config file of our own holds
+        # the jetstream block; the flags give the rest. "always" fsyncs every stored event
+        # before its ack, so an acknowledged event survives a power or kernel failure.
+        conf = self.store_dir / "rtnode-nats.conf"
+        conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n"
+                        f"  sync_interval: {json.dumps(self.sync)}\n}}\n")  # 2m unquoted: 2e6
         args = [
             nats_server_binary(),
+            "-c", str(conf),
             "-a", "127.0.0.1",
             "-p", str(self.port),
             "-m", str(self.monitor_port),
-            "-js",
-            "-sd", str(self.store_dir),
             "-n", self.server_name,
         ]
         log.info("= starting embedded nats-server on %s", self.url)

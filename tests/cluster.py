@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.nats_server import free_port, nats_server_binary
-from tests.servers import http_get, wait_until
+from node.nats_server import nats_server_binary
+from tests.servers import free_ports, http_get, wait_until
 
 __all__ = ["NatsCluster", "TcpProxy"]
 
@@ -29,12 +29,10 @@ CLUSTER_NAME = "rtc"
 
 
 class _Server:
-    def __init__(self, index: int, base: Path) -> None:
+    def __init__(self, index: int, base: Path, ports: list[int]) -> None:
         self.index = index
         self.name = f"n{index}"
-        self.port = free_port()
-        self.cluster_port = free_port()
-        self.monitor_port = free_port()
+        self.port, self.cluster_port, self.monitor_port = ports
         self.dir = base / self.name
         self.conf = base / f"{self.name}.conf"
         self.log = base / f"{self.name}.log"
@@ -68,7 +66,8 @@ class NatsCluster:
 
     def __init__(self, base: Path, preexec_fn: Callable[[], None] | None = None) -> None:
         self.base = base / "nats-cluster"
-        self.servers = [_Server(i, self.base) for i in range(3)]
+        ports = free_ports(9)
+        self.servers = [_Server(i, self.base, ports[3 * i:3 * i + 3]) for i in range(3)]
         self.paused: set[int] = set()
         self.preexec_fn = preexec_fn
 

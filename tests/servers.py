@@ -6,9 +6,11 @@ test that started it, by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +18,24 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from node.nats_server import free_port, nats_server_binary
+from node.nats_server import nats_server_binary
 
-__all__ = ["MS", "NatsProcess", "NodeProcess", "children_of", "http_get", "wait_until"]
+__all__ = ["MS", "NatsProcess", "NodeProcess", "children_of", "free_ports", "http_get",
+           "wait_until"]
 
 # One time unit that a slow CI can scale: RTNODE_TEST_TIMESCALE=3 triples every test deadline.
 MS = 0.001 * float(os.environ.get("RTNODE_TEST_TIMESCALE", "1"))
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1: all bound at once, then released (calls of
+    ``free_port`` one after the other may return the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                 for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
@@ -74,8 +88,9 @@ class NatsProcess:
 
     def __init__(self, store: Path, port: int | None = None) -> None:
         self.store = store
-        self.port = port or free_port()
-        self.monitor_port = free_port()
+        fresh = free_ports(2)
+        self.port = port or fresh[0]
+        self.monitor_port = fresh[1]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,7 +133,7 @@ class NodeProcess:
     def __init__(self, data_dir: Path, *args: str, name: str = "t1",
                  env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
-        self.http_port = free_port()
+        self.http_port, self.mqtt_port = free_ports(2)
         self.name = name
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
@@ -138,7 +153,7 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "run", "--http-port", str(self.http_port),
-             "--mqtt-port", str(free_port()), "--data-dir", str(self.data_dir),
+             "--mqtt-port", str(self.mqtt_port), "--data-dir", str(self.data_dir),
              "--node-name", self.name, *self.args],
             stdout=log, stderr=log, env=self.env,
         )

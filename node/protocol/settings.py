@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         default_factory=list, description="NATS server URLs, comma-separated (unset: embedded)"
     )
     nats_port: int = Field(0, ge=0, le=65535, description="embedded nats-server port (0: free)")
+    nats_sync: str = Field(
+        "always", pattern=r"^(always|[1-9][0-9]{0,5}(ms|s|m))$",
+        description="embedded nats-server: fsync every stored event (always), or every "
+                    "interval like 2m (JetStream's default: faster, a power loss can lose acked "
+                    "events)")
     nats_connect_timeout_s: float = Field(
         60.0, gt=0, description="give up connecting to NATS at start after this long"
     )

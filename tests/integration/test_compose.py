@@ -22,9 +22,9 @@ import yaml
 
 from node.app import Node
 from node.cli import build_parser
-from node.nats_server import free_port, nats_server_binary
+from node.nats_server import nats_server_binary
 from node.protocol.settings import ENV_PREFIX, Settings, load_settings
-from tests.servers import http_get, wait_until
+from tests.servers import free_ports, http_get, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -82,10 +82,10 @@ def test_compose_passes_only_real_settings_and_flags() -> None:
 
 
 class Server:
-    def __init__(self, index: int, conf: str) -> None:
+    def __init__(self, index: int, conf: str, ports: list[int]) -> None:
         self.index = index
         self.conf = conf
-        self.port, self.http, self.route = free_port(), free_port(), free_port()
+        self.port, self.http, self.route = ports
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,11 +112,13 @@ def remap(server: Server, servers: list[Server], store: Path) -> str:
 def cluster(tmp_path: Path) -> Iterator[list[Server]]:
     data = compose()
     servers = []
+    ports = free_ports(9)
     for i in (1, 2, 3):
         svc = data["services"][f"nats{i}"]
         assert f"./nats/n{i}.conf:/etc/nats/n{i}.conf:ro" in svc["volumes"]
         assert svc["command"] == ["-c", f"/etc/nats/n{i}.conf"]
-        servers.append(Server(i, (COMPOSE / "nats" / f"n{i}.conf").read_text()))
+        servers.append(Server(i, (COMPOSE / "nats" / f"n{i}.conf").read_text(),
+                              ports[3 * i - 3:3 * i]))
     try:
         for s in servers:
             conf = tmp_path / f"n{s.index}.conf"
