@@ -23,9 +23,9 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -39,6 +39,8 @@ from node.protocol.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 __all__ = ["EPOCH_KEY", "LEGACY_EPOCH", "NatsLink", "StreamSettings", "config_differs"]
 
 log = logging.getLogger("bridge.nats")
+
+T = TypeVar("T")
 
 _STREAM_NAME_IN_USE = 10058
 # The stream's metadata key holding its epoch.
@@ -103,6 +105,7 @@ class NatsLink:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.epoch = ""
+        self._setup_deadline = 0.0  # set-up steps retry until then (the connect deadline)
         # Called after every reconnect: what was published meanwhile never came live.
         self.on_reconnected: list[Callable[[], None]] = []
         # Called when the connection drops: replies to requests sent before are lost.
@@ -178,27 +181,33 @@ class NatsLink:
             self._nc = nc
             break
         self._js = self._nc.jetstream(timeout=5)
-        # JetStream may not answer yet (a cluster still electing its meta leader, a server
-        # just restarted): the stream set-up is retried within the same deadline as the
-        # connect, not given up after one 5 s request.
-        delay = 0.1
-        while True:
-            try:
-                self.epoch = await self.ensure_stream()
-                break
-            except Exception as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NatsUnavailable(
-                        f"JetStream did not set up stream {STREAM_NAME}: {exc or type(exc)}"
-                    ) from None
-                log.warning("! JetStream not ready (%s); retry in %.1f s",
-                            exc or type(exc).__name__, min(delay, left))
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 2.0)
+        self._setup_deadline = deadline
+        self.epoch = await self.set_up(f"stream {STREAM_NAME}", self.ensure_stream)
         url = self._nc.connected_url
         log.info("= connected to NATS %s, stream %s epoch %s",
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
+
+    async def set_up(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Run a JetStream set-up step (create a stream or a bucket), retrying it until the
+        connect deadline: JetStream may not answer yet, or not place replicas yet (a cluster
+        still electing its meta leader, a server just restarted: "no suitable peers").
+
+        Raises:
+            NatsUnavailable: Still failing at the deadline.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                left = self._setup_deadline - time.monotonic()
+                if left <= 0:
+                    raise NatsUnavailable(
+                        f"JetStream did not set up {what}: {exc or type(exc)}") from None
+                log.warning("! JetStream not ready for %s (%s); retry in %.1f s", what,
+                            exc or type(exc).__name__, min(delay, left))
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 2.0)
 
     async def ensure_stream(self) -> str:
         """Create ``RTNODE_ROOMS`` if it is missing, or bring its limits to the configured ones.

@@ -78,12 +78,16 @@ class PresenceTracker:
             allow_direct=True, allow_rollup_hdrs=True, deny_delete=True,
         )
         js = self.store.link.js
-        try:
-            await js.add_stream(cfg)
-        except BadRequestError as exc:
-            if exc.err_code != 10058:
-                raise
-            await js.update_stream(cfg)
+
+        async def ensure_bucket() -> None:
+            try:
+                await js.add_stream(cfg)
+            except BadRequestError as exc:
+                if exc.err_code != 10058:
+                    raise
+                await js.update_stream(cfg)
+
+        await self.store.link.set_up(f"presence bucket {_STREAM}", ensure_bucket)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._refresh_loop(), name="presence.refresh"),
