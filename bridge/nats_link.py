@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import BadRequestError, NotFoundError
 
-from bridge import _nats_speedups
+from bridge import _nats_patches
 from node.protocol.errors import NatsUnavailable
 from node.protocol.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 
@@ -136,7 +136,7 @@ class NatsLink:
         Raises:
             NatsUnavailable: No server answered within ``connect_timeout_s``.
         """
-        _nats_speedups.install()
+        _nats_patches.install()
         deadline = time.monotonic() + self.connect_timeout_s
         attempt = 0
         while True:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from node.nats_server import nats_server_binary
-from tests.servers import free_ports, http_get, wait_until
+from tests.servers import NodeProcess, free_ports, http_get, wait_until
+from tests.wsclient import SECRET
 
-__all__ = ["NatsCluster", "TcpProxy"]
+__all__ = ["FAST", "NatsCluster", "TcpProxy", "cluster_node"]
 
 CLUSTER_NAME = "rtc"
 
@@ -336,3 +337,13 @@ class TcpProxy:
         await self.cut()
         if self._handlers:  # let each connection's handler see its pipes end
             await asyncio.wait(list(self._handlers), timeout=5)
+
+
+# Rate limits lifted: the fault tests publish as fast as the cluster takes it.
+FAST = ["--rate-per-s", "1000000", "--rate-burst", "1000000"]
+
+
+def cluster_node(tmp: Path, name: str, urls: list[str]) -> NodeProcess:
+    """A node on ``urls`` (a cluster's servers, or a proxy to one) with the R3 room stream."""
+    return NodeProcess(tmp / name, "--nats-url", ",".join(urls), "--stream-replicas", "3",
+                       *FAST, name=name, env={"RTNODE_JWT_SECRET": SECRET}).start()

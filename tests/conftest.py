@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from node.app import Node
 from node.protocol.settings import load_settings
+from tests.cluster import NatsCluster
 from tests.servers import NatsProcess
 from tests.wsclient import SECRET
 
@@ -21,6 +22,14 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-server NATS cluster with JetStream for one test (it may kill, pause, restart)."""
+    c = NatsCluster(tmp_path).start()
+    yield c
+    c.stop()
 
 
 @pytest.fixture

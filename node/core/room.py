@@ -175,24 +175,18 @@ class RoomActor(Actor):
         self._repairing = False
         self._backlog: list[LiveMessage] = []
         self._since_trim = 0
-        # While starting: None until the first live stored event; then its prev. -1 after.
-        self._first_prev: int | None = -1
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life ------------------------------------------------------------------------------
 
     async def on_start(self) -> None:
-        # Subscribe first, then read the latest seq: nothing stored in between can be missed.
-        # The room's position is where the live feed starts: events stored while the read was
-        # in flight (e.g. a client's publishes sent right after its join) arrive live, and the
-        # first of them says with its ``prev`` where the room stood when they began, so they
-        # are delivered, not skipped as if the read had covered them.
-        self._first_prev = None
+        # Subscribe first, then read the latest seq: nothing stored in between can be missed,
+        # and live messages already covered by last_seq are skipped (they precede every
+        # member's joined seq). A client's own publishes sent right after its join are held by
+        # its connection until this room has taken the join in (Membership.on_in_room), so
+        # they are stored after this position and reach it.
         self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
-        latest = await self.store.last_seq(self.tenant, self.room)
-        first_prev, self._first_prev = self._first_prev, -1
-        self.last_seq = latest if first_prev is None or first_prev < 0 \
-            else min(latest, first_prev)
+        self.last_seq = await self.store.last_seq(self.tenant, self.room)
 
     async def on_stop(self) -> None:
         for task in self._tasks:
@@ -217,8 +211,6 @@ class RoomActor(Actor):
             log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
 
     def _on_live_message(self, msg: LiveMessage) -> None:
-        if self._first_prev is None and msg.seq is not None and msg.prev is not None:
-            self._first_prev = msg.prev  # the first stored event since subscribing
         self.ref.tell(msg)
 
     def _spawn(self, coro: Any, name: str) -> None:

@@ -35,28 +35,15 @@ from devices.client import Client, Event, Resync
 from node.nats_server import free_port
 from node.protocol.frames import cbor_loads_strict
 from node.protocol.subjects import STREAM_NAME, room_subject
-from tests.cluster import NatsCluster, TcpProxy
+from tests.cluster import NatsCluster, TcpProxy, cluster_node
 from tests.servers import NodeProcess, http_get, wait_until
-from tests.wsclient import SECRET, token, unique
+from tests.wsclient import token, unique
 
 pytestmark = pytest.mark.integration
 
 TOTAL = 5000
 WINDOW = 64  # publishes in flight per publisher
-FAST = ["--rate-per-s", "1000000", "--rate-burst", "1000000"]
 CUT_S = 10.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    c = NatsCluster(tmp_path).start()
-    yield c
-    c.stop()
-
-
-def _node(tmp: Path, name: str, urls: list[str]) -> NodeProcess:
-    return NodeProcess(tmp / name, "--nats-url", ",".join(urls), "--stream-replicas", "3",
-                       *FAST, name=name, env={"RTNODE_JWT_SECRET": SECRET}).start()
 
 
 def _client(urls: str | list[str], name: str) -> Client:
@@ -249,7 +236,7 @@ async def opened() -> AsyncIterator[Callable[[Client], Awaitable[Client]]]:
 
 async def test_kill_9_of_the_stream_leader_during_a_5000_event_publish(
         tmp_path: Path, cluster: NatsCluster, opened) -> None:
-    a, b = _node(tmp_path, "la", cluster.urls), _node(tmp_path, "lb", cluster.urls)
+    a, b = cluster_node(tmp_path, "la", cluster.urls), cluster_node(tmp_path, "lb", cluster.urls)
     try:
         await asyncio.to_thread(a.wait_ready, 30)
         await asyncio.to_thread(b.wait_ready, 30)
@@ -301,7 +288,7 @@ async def test_kill_9_of_the_stream_leader_during_a_5000_event_publish(
 
 async def test_kill_9_of_a_node_during_the_stream(tmp_path: Path, cluster: NatsCluster,
                                                    opened) -> None:
-    a, b = _node(tmp_path, "ka", cluster.urls), _node(tmp_path, "kb", cluster.urls)
+    a, b = cluster_node(tmp_path, "ka", cluster.urls), cluster_node(tmp_path, "kb", cluster.urls)
     try:
         await asyncio.to_thread(a.wait_ready, 30)
         await asyncio.to_thread(b.wait_ready, 30)
@@ -354,8 +341,8 @@ async def test_kill_9_of_a_node_during_the_stream(tmp_path: Path, cluster: NatsC
 async def test_a_10s_cut_of_a_nodes_nats_connection(tmp_path: Path, cluster: NatsCluster,
                                                      opened) -> None:
     proxy = await TcpProxy(free_port(), "127.0.0.1", cluster.servers[0].port).start()
-    a = _node(tmp_path, "pa", cluster.urls)
-    b = _node(tmp_path, "pb", [proxy.url])  # node B reaches NATS only through the proxy
+    a = cluster_node(tmp_path, "pa", cluster.urls)
+    b = cluster_node(tmp_path, "pb", [proxy.url])  # node B reaches NATS only through the proxy
     try:
         await asyncio.to_thread(a.wait_ready, 30)
         await asyncio.to_thread(b.wait_ready, 30)

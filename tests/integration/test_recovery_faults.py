@@ -27,25 +27,12 @@ import nats
 import pytest
 
 from node.protocol.subjects import STREAM_NAME
-from tests.cluster import NatsCluster
+from tests.cluster import FAST, NatsCluster, cluster_node
 from tests.servers import NatsProcess, NodeProcess, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique
 
 pytestmark = pytest.mark.integration
 
-FAST = ["--rate-per-s", "1000000", "--rate-burst", "1000000"]
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    c = NatsCluster(tmp_path).start()
-    yield c
-    c.stop()
-
-
-def _node(tmp: Path, name: str, urls: list[str]) -> NodeProcess:
-    return NodeProcess(tmp / name, "--nats-url", ",".join(urls), "--stream-replicas", "3",
-                       *FAST, name=name, env={"RTNODE_JWT_SECRET": SECRET}).start()
 
 
 async def _stepdown_to(cluster: NatsCluster, target: int) -> None:
@@ -100,7 +87,7 @@ async def _rejoin(url: str, room: str, since: int, epoch: str, n: int,
 
 async def test_the_epoch_holds_through_restarts_and_leader_moves(
         tmp_path: Path, cluster: NatsCluster) -> None:
-    a, b = _node(tmp_path, "ea", cluster.urls), _node(tmp_path, "eb", cluster.urls)
+    a, b = cluster_node(tmp_path, "ea", cluster.urls), cluster_node(tmp_path, "eb", cluster.urls)
     try:
         await asyncio.to_thread(a.wait_ready, 30)
         await asyncio.to_thread(b.wait_ready, 30)
@@ -115,7 +102,7 @@ async def test_the_epoch_holds_through_restarts_and_leader_moves(
         # (where the old code switched epochs) runs after each move.
         for round_ in range(2):
             a.stop()
-            a = _node(tmp_path, f"ea{round_}", cluster.urls)
+            a = cluster_node(tmp_path, f"ea{round_}", cluster.urls)
             await asyncio.to_thread(a.wait_ready, 30)
             leader = cluster.stream_leader(STREAM_NAME)
             for follower in [i for i in range(3) if i != leader]:
@@ -138,7 +125,7 @@ async def test_the_epoch_holds_through_restarts_and_leader_moves(
 
 async def test_recovery_never_trusts_a_replica_that_is_behind(
         tmp_path: Path, cluster: NatsCluster) -> None:
-    a = _node(tmp_path, "sa", cluster.urls)
+    a = cluster_node(tmp_path, "sa", cluster.urls)
     await asyncio.to_thread(a.wait_ready, 30)
     await asyncio.to_thread(
         wait_until, lambda: cluster.stream_leader(STREAM_NAME) is not None, 15)
@@ -146,8 +133,8 @@ async def test_recovery_never_trusts_a_replica_that_is_behind(
     follower = next(i for i in range(3) if i != leader)
     others = [s.url for i, s in enumerate(cluster.servers) if i != follower]
     # Node B reaches NATS through the follower's server only; node A through the others.
-    b = _node(tmp_path, "sb", [cluster.servers[follower].url])
-    a2 = _node(tmp_path, "sa2", others)
+    b = cluster_node(tmp_path, "sb", [cluster.servers[follower].url])
+    a2 = cluster_node(tmp_path, "sa2", others)
     try:
         await asyncio.to_thread(b.wait_ready, 30)
         await asyncio.to_thread(a2.wait_ready, 30)
