@@ -13,7 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.protocol.errors import ConfigError
@@ -27,6 +29,8 @@ _ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG", "RTNODE_NATS_SERVER"})
 _ENV_IGNORED_PREFIXES = ("RTNODE_TEST_", "RTNODE_JEPSEN_")
 
 CsvList = Annotated[list[str], NoDecode]
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class NamespacePolicy(BaseModel):
@@ -78,7 +82,10 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate: serve https/wss")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
     ws_compression: bool = Field(False, description="permessage-deflate on WebSockets")
-    dev: bool = Field(False, description="development mode (console offers dev tokens)")
+    dev: bool = Field(False, description="development mode (console offers dev tokens; "
+                                         "loopback listeners only)")
+    production: bool = Field(False, description="production mode: tokens must carry exp, "
+                                               "--dev is refused")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     drain_timeout_s: float = Field(10.0, ge=0, description="wait this long for clients on stop")
 
@@ -96,12 +103,26 @@ class Settings(BaseSettings):
         60.0, gt=0, description="give up connecting to NATS at start after this long"
     )
     stream_replicas: int = Field(1, ge=1, le=5, description="replicas of the room stream")
+    nats_monitor_port: int = Field(
+        0, ge=0, le=65535, description="embedded nats-server monitoring port (0: off)")
+    nats_user: str = Field("", description="NATS user name (with --nats-password)")
+    nats_password: str = Field("", description="NATS password")
+    nats_token: str = Field("", description="NATS authentication token")
+    nats_nkey_seed: Path | None = Field(None, description="file holding a NATS NKey seed")
+    nats_creds: Path | None = Field(None, description="NATS .creds file (user JWT and seed)")
+    nats_tls_ca: Path | None = Field(None, description="PEM CA bundle to verify NATS servers")
+    nats_tls_cert: Path | None = Field(None, description="PEM client certificate for NATS")
+    nats_tls_key: Path | None = Field(None, description="PEM private key of --nats-tls-cert")
 
     # Tokens
     jwt_secret: str = Field("", description="HS256 secret (unset: generated in the data dir)")
     jwt_public_key: Path | None = Field(None, description="PEM public key file for RS256/ES256")
     jwt_issuer: str = Field("", description="required token issuer (iss)")
     jwt_audience: str = Field("", description="required token audience (aud)")
+    require_exp: bool | None = Field(
+        None, description="refuse tokens without exp (unset: on in production mode)")
+    token_max_lifetime_s: float = Field(
+        0, ge=0, description="refuse tokens valid for longer than this (exp - iat; 0: no limit)")
 
     # PROTOCOL.md section 10: the environment names are part of the contract.
     max_frame_bytes: int = Field(65536, gt=0, description="max frame or payload size")
@@ -126,6 +147,24 @@ class Settings(BaseSettings):
         default_factory=list, description="allowed WebSocket origins, comma-separated (empty: any)"
     )
     api_key: str = Field("", description="HTTP API key (empty: none)")
+    # Limits beyond PROTOCOL.md section 10 (rtnode decided: docs/protocol-notes.md).
+    request_rate_per_s: float = Field(
+        20, gt=0, description="join, leave, history, presence, rpc and refresh requests per "
+                              "second per connection")
+    request_burst: int = Field(40, gt=0, description="request burst per connection")
+    rooms_per_min: int = Field(
+        120, gt=0, description="rooms a connection may join per minute")
+    room_idle_s: float = Field(
+        1.0, ge=0, description="a room without members stops after this long")
+    max_rooms: int = Field(100000, gt=0, description="room actors on this node (then 4503)")
+    max_connections: int = Field(
+        10000, gt=0, description="client connections on this node (then 4503 / HTTP 503)")
+    max_connections_per_ip: int = Field(
+        1000, gt=0, description="open HTTP/WebSocket/SSE connections per peer address")
+    http_header_timeout_s: float = Field(
+        5, gt=0, description="time allowed for a request head (and WebSocket upgrade)")
+    http_keepalive_s: float = Field(
+        5, gt=0, description="idle HTTP keep-alive connections are closed after this long")
     rpc_modules: CsvList = Field(
         default_factory=list, description="modules registering server rpc methods, comma-separated"
     )
@@ -155,6 +194,16 @@ class Settings(BaseSettings):
             raise ValueError("use letters, digits, '-' and '_' only")
         return name
 
+    @model_validator(mode="after")
+    def _dev_on_loopback_only(self) -> Settings:
+        # --dev hands out all-rights tokens: never to anyone beyond this machine.
+        if self.dev and self.production:
+            raise ValueError("dev: --dev and --production exclude each other")
+        if self.dev and self.host not in _LOOPBACK_HOSTS:
+            raise ValueError(f"dev: --dev needs a loopback --host (127.0.0.1, ::1 or localhost), "
+                             f"not {self.host}")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -168,6 +217,11 @@ class Settings(BaseSettings):
         if cls._toml_file is not None:
             sources.append(_TomlSource(settings_cls, cls._toml_file))
         return tuple(sources)
+
+    @property
+    def tokens_need_exp(self) -> bool:
+        """Whether tokens without ``exp`` are refused (``require_exp``, else production mode)."""
+        return self.production if self.require_exp is None else self.require_exp
 
     @property
     def embedded_nats(self) -> bool:
@@ -260,7 +314,9 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(part) for part in err["loc"]]
-        name = loc[0] if loc else "?"
+        if not loc:  # a rule across settings (a model validator): its message names them
+            raise ConfigError(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+        name = loc[0]
         if err["type"] == "extra_forbidden":
             where = f" in {config_file}" if config_file else ""
             raise ConfigError(f"unknown setting {'.'.join(loc)}{where}") from None
