@@ -2,10 +2,20 @@
 
 A token is a JWT (HS256, RS256 or ES256) whose claims become a :class:`Principal`. The principal
 answers every authorisation question of the node: ``principal.can("publish", "chat:lobby")``.
+
+What a valid token is, beyond its signature (every refusal is 4001, an expired token 4010):
+
+* ``sub`` is an id and ``tenant`` a tenant of ``node.protocol.ids`` (no ``.``, ``*``, ``>``,
+  ``/``, ``+``, ``#``, whitespace...): both reach NATS subjects and MQTT topics;
+* ``exp``, ``nbf`` and ``iat``, when present, are finite JSON numbers (not strings, not
+  booleans); ``exp`` is in the future, ``nbf`` and ``iat`` are not (no leeway);
+* with ``require_exp``, ``exp`` is present; with ``max_lifetime_s``, ``exp`` is present and
+  ``exp - iat`` (``exp - now`` without ``iat``) is at most that.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -16,6 +26,8 @@ from typing import Any, Literal
 import jwt
 
 from node.protocol.errors import AuthError, ConfigError
+from node.protocol.ids import ID_RULE, TENANT_RULE, is_valid_id, is_valid_tenant
+from node.protocol.settings import Settings
 
 __all__ = [
     "KINDS",
@@ -32,6 +44,7 @@ Kind = Literal["user", "device", "service"]
 KINDS: tuple[str, ...] = ("user", "device", "service")
 RIGHTS: tuple[str, ...] = ("join", "publish", "history", "presence")
 _ALGORITHMS = ("HS256", "RS256", "ES256")
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -109,13 +122,13 @@ class Principal:
         return self.exp - (time.time() if now is None else now)
 
 
-def _claims_to_principal(claims: dict[str, Any]) -> Principal:
+def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 128:
-        raise AuthError("token has no valid sub")
+    if not is_valid_id(sub):
+        raise AuthError(f"token sub must be {ID_RULE}")
     tenant = claims.get("tenant", "default")
-    if not isinstance(tenant, str) or not tenant or len(tenant) > 64 or not _is_token_word(tenant):
-        raise AuthError("token has an invalid tenant")
+    if not is_valid_tenant(tenant):
+        raise AuthError(f"token tenant must be {TENANT_RULE}")
     kind = claims.get("kind", "user")
     if kind not in KINDS:
         raise AuthError("token has an invalid kind")
@@ -132,16 +145,31 @@ def _claims_to_principal(claims: dict[str, Any]) -> Principal:
     raw_rpc = claims.get("rpc", [])
     if not isinstance(raw_rpc, list) or not all(isinstance(p, str) for p in raw_rpc):
         raise AuthError("token rpc claim must be a list of patterns")
-    exp = claims.get("exp")
-    return Principal(
-        sub=sub, tenant=tenant, kind=kind, rooms=rooms, rpc=tuple(raw_rpc),
-        exp=float(exp) if isinstance(exp, int | float) else None,
-    )
+    return Principal(sub=sub, tenant=tenant, kind=kind, rooms=rooms, rpc=tuple(raw_rpc), exp=exp)
 
 
-def _is_token_word(value: str) -> bool:
-    # Tenants become a NATS subject token: no dots, wildcards or spaces.
-    return all(c.isalnum() or c in "-_" for c in value)
+def _time_claims(claims: dict[str, Any]) -> dict[str, float]:
+    """``exp``, ``nbf`` and ``iat`` of ``claims`` (those present), as seconds since the epoch.
+
+    Raises:
+        AuthError: One is not a finite JSON number (a string, a boolean, NaN, too large).
+    """
+    times: dict[str, float] = {}
+    for name in _TIME_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        # bool is an int subclass: true would be 1970-01-01T00:00:01.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise AuthError(f"token {name} must be a number")
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise AuthError(f"token {name} must be a finite number")
+        times[name] = seconds
+    return times
 
 
 class TokenVerifier:
@@ -152,6 +180,13 @@ class TokenVerifier:
         public_key_pem: A PEM public key (RS256 or ES256), or None.
         issuer: Required ``iss``, or "" for none.
         audience: Required ``aud``, or "" for none.
+        require_exp: Refuse tokens without ``exp``.
+        max_lifetime_s: Refuse tokens valid for longer than this (``exp - iat``, or
+            ``exp - now`` without ``iat``), and tokens without ``exp``; 0 for no limit.
+
+    Example:
+        verifier = TokenVerifier.from_settings(settings)
+        principal = verifier.verify(token)  # AuthError 4001, or 4010 once expired
     """
 
     def __init__(
@@ -161,6 +196,8 @@ class TokenVerifier:
         public_key_pem: bytes | None = None,
         issuer: str = "",
         audience: str = "",
+        require_exp: bool = False,
+        max_lifetime_s: float = 0,
     ) -> None:
         if public_key_pem:
             self._key: Any = public_key_pem
@@ -172,15 +209,43 @@ class TokenVerifier:
             raise ConfigError("no token key: set jwt_secret or jwt_public_key")
         self._issuer = issuer or None
         self._audience = audience or None
+        self.require_exp = require_exp or max_lifetime_s > 0
+        self.max_lifetime_s = max_lifetime_s
+        # Signature, iss and aud by PyJWT; the time claims here, where their types are checked
+        # first (PyJWT takes a string "exp" as int("...") and its expiry then goes unenforced).
+        self._options: Any = {
+            "require": ["sub"], "verify_aud": self._audience is not None,
+            "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+        }
 
     @classmethod
-    def from_key_file(cls, path: Path, *, issuer: str = "", audience: str = "") -> TokenVerifier:
+    def from_key_file(cls, path: Path, *, issuer: str = "", audience: str = "",
+                      require_exp: bool = False, max_lifetime_s: float = 0) -> TokenVerifier:
         """A verifier for RS256/ES256 tokens signed by the private half of the key in ``path``."""
         try:
             pem = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read jwt_public_key {path}: {exc.strerror}") from None
-        return cls(public_key_pem=pem, issuer=issuer, audience=audience)
+        return cls(public_key_pem=pem, issuer=issuer, audience=audience, require_exp=require_exp,
+                   max_lifetime_s=max_lifetime_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        """The node's verifier: its key (``jwt_public_key``, else ``jwt_secret``, else the
+        data dir's secret), ``jwt_issuer``, ``jwt_audience``, ``tokens_need_exp`` and
+        ``token_max_lifetime_s``.
+
+        Raises:
+            ConfigError: The key file cannot be read.
+        """
+        s = settings
+        policy: dict[str, Any] = {
+            "issuer": s.jwt_issuer, "audience": s.jwt_audience,
+            "require_exp": s.tokens_need_exp, "max_lifetime_s": s.token_max_lifetime_s,
+        }
+        if s.jwt_public_key is not None:
+            return cls.from_key_file(s.jwt_public_key, **policy)
+        return cls(secret=s.jwt_secret or load_or_create_secret(s.data_dir), **policy)
 
     def verify(self, token: object, *, now: float | None = None) -> Principal:
         """Check ``token`` and return its principal.
@@ -190,7 +255,6 @@ class TokenVerifier:
         """
         if not isinstance(token, str) or not token or len(token) > 8192:
             raise AuthError("missing or malformed token")
-        options: Any = {"require": ["sub"], "verify_aud": self._audience is not None}
         try:
             claims = jwt.decode(
                 token,
@@ -198,18 +262,29 @@ class TokenVerifier:
                 algorithms=self._algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
-                options=options,
-                leeway=0,
+                options=self._options,
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired", expired=True) from None
         except jwt.PyJWTError:
             raise AuthError("invalid token") from None
-        principal = _claims_to_principal(claims)
-        left = principal.expires_in(now)
-        if left is not None and left <= 0:
+        times = _time_claims(claims)
+        self._check_times(times, time.time() if now is None else now)
+        return _claims_to_principal(claims, times.get("exp"))
+
+    def _check_times(self, times: dict[str, float], now: float) -> None:
+        exp = times.get("exp")
+        if exp is None:
+            if self.require_exp:
+                raise AuthError("token has no exp (this node requires one)")
+        elif exp <= now:
             raise AuthError("token expired", expired=True)
-        return principal
+        if times.get("nbf", now) > now:
+            raise AuthError("token not valid yet (nbf)")
+        if times.get("iat", now) > now:
+            raise AuthError("token issued in the future (iat)")
+        if self.max_lifetime_s and exp is not None:
+            if exp - times.get("iat", now) > self.max_lifetime_s:
+                raise AuthError(f"token valid for longer than this node allows "
+                                f"({self.max_lifetime_s:g} s)")
 
 
 def parse_room_grant(spec: str) -> tuple[str, list[str]]:
@@ -247,9 +322,18 @@ def mint_token(
     Args:
         key: HS256 secret, or a PEM private key for RS256/ES256.
         ttl_s: Seconds until expiry; None for no ``exp``.
+
+    Raises:
+        ValueError: ``sub``, ``tenant``, ``kind`` or ``algorithm`` is one no node accepts.
     """
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(_ALGORITHMS)}")
+    if not is_valid_id(sub):
+        raise ValueError(f"sub must be {ID_RULE}, got {sub!r}")
+    if not is_valid_tenant(tenant):
+        raise ValueError(f"tenant must be {TENANT_RULE}, got {tenant!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}")
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "tenant": tenant, "kind": kind, "iat": issued}
     if rooms:

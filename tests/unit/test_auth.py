@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import string
 import time
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from node.protocol.errors import AuthError
+from node.protocol.ids import is_valid_id, is_valid_tenant
+from node.protocol.settings import load_settings
 from node.protocol.tokens import (
     Principal,
     TokenVerifier,
@@ -21,6 +25,11 @@ from node.protocol.tokens import (
 )
 
 SECRET = "s" * 40
+
+
+def signed(**claims: object) -> str:
+    """A token with exactly these claims, signed with SECRET (mint_token refuses bad ones)."""
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def test_roundtrip_and_rights() -> None:
@@ -53,8 +62,7 @@ def test_refusals() -> None:
     v = TokenVerifier(secret=SECRET)
     none_token = jwt.encode({"sub": "a"}, key=None, algorithm="none")
     for bad in (none_token, mint_token("other-secret-xxxxxxxxxxxxxxxxxxxxxxxxx", sub="a"), "x.y.z",
-                "", None, 42, mint_token(SECRET, sub="a", kind="admin"),
-                mint_token(SECRET, sub="a", tenant="a.b")):
+                "", None, 42, signed(sub="a", kind="admin"), signed(sub="a", tenant="a.b")):
         with pytest.raises(AuthError) as info:
             v.verify(bad)
         assert info.value.code == 4001
@@ -110,3 +118,110 @@ def test_system_rooms_need_a_sys_grant() -> None:
     assert not everything.can("join", "sys:stats"), "a catch-all does not reach sys: rooms"
     admin = Principal(sub="ops", rooms={"sys:*": frozenset({"join"})})
     assert admin.can("join", "sys:stats")
+
+
+# -- identities and time claims (issue 11) ---------------------------------------------------
+
+#: Characters with a meaning somewhere an id goes: NATS subjects, MQTT topics, logs.
+HOSTILE_CHARS = ".*>+#/$ \t\n\r\x00\x7f|%\\\"'{}éк😀"
+
+
+def hostile_ids(seed: int, n: int) -> list[str]:
+    """``n`` ids each holding at least one hostile character, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    ids = [">", "*", "a.b", "#", "+", "a/b", "$SYS", " ", "", "a" * 121, "alice\n"]
+    while len(ids) < n:
+        good = "".join(rng.choices(string.ascii_letters + "_:@=-", k=rng.randint(0, 10)))
+        at = rng.randint(0, len(good))
+        ids.append(good[:at] + rng.choice(HOSTILE_CHARS) + good[at:])
+    return ids
+
+
+def test_the_id_grammar() -> None:
+    for good in ("alice", "thermo-1", "a", "A_b:c@d=e-f", "x" * 120, "0", "@user", "-"):
+        assert is_valid_id(good), good
+    for bad in hostile_ids(1101, 300):
+        assert not is_valid_id(bad), repr(bad)
+    for bad in (None, 42, b"alice", ["alice"]):
+        assert not is_valid_id(bad)
+    assert is_valid_tenant("acme-1_x") and is_valid_tenant("t" * 64)
+    for bad in ("a:b", "a@b", "a=b", "", "t" * 65, "tenänt", *hostile_ids(1102, 100)):
+        assert not is_valid_tenant(bad), repr(bad)
+
+
+def test_hostile_subs_and_tenants_are_refused() -> None:
+    v = TokenVerifier(secret=SECRET)
+    for bad in hostile_ids(1103, 200):
+        for tok in (signed(sub=bad), signed(sub="a", tenant=bad or "x.y")):
+            with pytest.raises(AuthError) as info:
+                v.verify(tok)
+            assert info.value.code == 4001
+        with pytest.raises(ValueError, match="sub must be"):
+            mint_token(SECRET, sub=bad)
+    with pytest.raises(ValueError, match="tenant must be"):
+        mint_token(SECRET, sub="a", tenant="a:b")
+    assert v.verify(signed(sub="dev:a@b=c-1", tenant="t_1-x")).sub == "dev:a@b=c-1"
+
+
+def test_time_claims_must_be_numbers() -> None:
+    v = TokenVerifier(secret=SECRET)
+    now = int(time.time())
+    for name in ("exp", "nbf", "iat"):
+        for bad in (str(now + 3600), "soon", True, False, None, [now], {"t": now}, 10**400):
+            with pytest.raises(AuthError) as info:
+                v.verify(signed(sub="a", **{name: bad}))
+            assert info.value.code == 4001 and not info.value.expired, (name, bad)
+    inf = jwt.api_jws.encode(b'{"sub":"a","exp":Infinity}', SECRET, algorithm="HS256")
+    with pytest.raises(AuthError) as info:
+        v.verify(inf)
+    assert info.value.code == 4001
+    p = v.verify(signed(sub="a", exp=now + 60.5, nbf=now - 1, iat=now - 1.5))
+    assert p.exp == now + 60.5
+
+
+def test_expiry_nbf_and_iat_are_checked_at_now() -> None:
+    v = TokenVerifier(secret=SECRET)
+    tok = signed(sub="a", iat=1000, nbf=1000, exp=2000)
+    assert v.verify(tok, now=1500).exp == 2000
+    with pytest.raises(AuthError) as info:
+        v.verify(tok, now=2000)
+    assert info.value.code == 4010 and info.value.expired
+    for now in (999, 999.5):
+        with pytest.raises(AuthError) as info:
+            v.verify(tok, now=now)
+        assert info.value.code == 4001 and not info.value.expired
+
+
+def test_require_exp_and_max_lifetime() -> None:
+    now = time.time()
+    no_exp = mint_token(SECRET, sub="a", ttl_s=None)
+    day = mint_token(SECRET, sub="a", ttl_s=86400)
+    hour = mint_token(SECRET, sub="a", ttl_s=3600)
+    assert TokenVerifier(secret=SECRET).verify(no_exp).exp is None
+    strict = TokenVerifier(secret=SECRET, require_exp=True)
+    with pytest.raises(AuthError, match="no exp") as info:
+        strict.verify(no_exp)
+    assert info.value.code == 4001
+    assert strict.verify(day).exp is not None
+    capped = TokenVerifier(secret=SECRET, max_lifetime_s=7200)
+    assert capped.verify(hour).sub == "a"
+    for bad in (day, no_exp, signed(sub="a", exp=int(now) + 7300)):  # without iat: exp - now
+        with pytest.raises(AuthError) as info:
+            capped.verify(bad)
+        assert info.value.code == 4001
+    old_but_short = signed(sub="a", iat=int(now) - 7000, exp=int(now) + 100)
+    assert capped.verify(old_but_short).sub == "a", "exp - iat is the lifetime"
+
+
+def test_the_verifier_is_built_from_settings(tmp_path: Path) -> None:
+    base = {"jwt_secret": SECRET, "data_dir": tmp_path}
+    no_exp = mint_token(SECRET, sub="a", ttl_s=None)
+    assert TokenVerifier.from_settings(load_settings(**base)).verify(no_exp).sub == "a"
+    for flags in ({"production": True}, {"require_exp": True}, {"token_max_lifetime_s": 60}):
+        with pytest.raises(AuthError):
+            TokenVerifier.from_settings(load_settings(**base, **flags)).verify(no_exp)
+    lax = TokenVerifier.from_settings(load_settings(**base, production=True, require_exp=False))
+    assert lax.verify(no_exp).sub == "a", "require_exp=false wins over production mode"
+    generated = TokenVerifier.from_settings(load_settings(data_dir=tmp_path / "d"))
+    key = load_or_create_secret(tmp_path / "d")
+    assert generated.verify(mint_token(key, sub="a")).sub == "a"
