@@ -31,7 +31,7 @@ from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.nats_server import EmbeddedNats
 from node.protocol.errors import ConfigError
 from node.protocol.settings import Settings
-from node.protocol.tokens import KINDS, Principal, TokenVerifier, load_or_create_secret
+from node.protocol.tokens import KINDS, Principal, TokenVerifier
 
 __all__ = ["Node"]
 
@@ -79,18 +79,9 @@ class Node:
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.stats_publisher: StatsPublisher | None = None
-        self.tokens = self._token_verifier()
+        self.tokens = TokenVerifier.from_settings(settings)
         self._stack = contextlib.AsyncExitStack()
         self._closed = asyncio.Event()
-
-    def _token_verifier(self) -> TokenVerifier:
-        s = self.settings
-        if s.jwt_public_key is not None:
-            return TokenVerifier.from_key_file(
-                s.jwt_public_key, issuer=s.jwt_issuer, audience=s.jwt_audience
-            )
-        secret = s.jwt_secret or load_or_create_secret(s.data_dir)
-        return TokenVerifier(secret=secret, issuer=s.jwt_issuer, audience=s.jwt_audience)
 
     @property
     def nats_urls(self) -> list[str]:
