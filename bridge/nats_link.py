@@ -33,6 +33,7 @@ from nats.js.api import RePublish, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bridge import _nats_patches
+from bridge.nats_auth import NatsAuth, connect_refusal
 from node.protocol.errors import NatsUnavailable
 from node.protocol.subjects import LIVE_PREFIX, ROOM_PREFIX, STREAM_NAME
 
@@ -88,6 +89,7 @@ class NatsLink:
         name: Connection name shown by the server (the node's name).
         stream: Limits of the room stream.
         connect_timeout_s: Give up the first connection after this long.
+        auth: Credentials and TLS for the servers (default: none).
     """
 
     def __init__(
@@ -97,8 +99,10 @@ class NatsLink:
         name: str,
         stream: StreamSettings,
         connect_timeout_s: float = 60.0,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.servers = servers
+        self.auth = auth or NatsAuth()
         self.name = name
         self.stream = stream
         self.connect_timeout_s = connect_timeout_s
@@ -134,7 +138,8 @@ class NatsLink:
         """Connect, retrying with exponential backoff and full jitter, then ensure the stream.
 
         Raises:
-            NatsUnavailable: No server answered within ``connect_timeout_s``.
+            NatsUnavailable: No server answered within ``connect_timeout_s``, or a server
+                refused the credentials (at once: retrying cannot fix that).
         """
         _nats_patches.install()
         deadline = time.monotonic() + self.connect_timeout_s
@@ -161,8 +166,15 @@ class NatsLink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    **self.auth.connect_options(),
                 )
             except Exception as exc:  # nats-py raises several unrelated types here
+                refused = connect_refusal(exc, self.auth)
+                if refused:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                    raise NatsUnavailable(
+                        f"NATS at {', '.join(self.servers)} {refused}") from None
                 with contextlib.suppress(Exception):
                     await nc.close()
                 attempt += 1

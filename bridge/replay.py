@@ -62,6 +62,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from bridge.nats_auth import NatsAuth, connect_refusal
 from bridge.replay_event import ReplayError, ReplayEvent
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict
@@ -124,12 +125,19 @@ async def require_room_stream(js: JetStreamContext) -> None:
 
 
 async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
-                       timeout_s: float = 5.0) -> NATS:
+                       timeout_s: float = 5.0, auth: NatsAuth | None = None) -> NATS:
     """Connect once to one of ``servers`` (failing fast), then reconnect for ever.
 
+    Args:
+        servers: NATS URLs.
+        name: The connection's name.
+        timeout_s: Time allowed for the connect.
+        auth: Credentials and TLS (default: none).
+
     Raises:
-        ReplayError: No server answered.
+        ReplayError: No server answered, or it refused the credentials.
     """
+    auth = auth or NatsAuth()
     nc = NATS()
 
     async def on_error(exc: Exception) -> None:  # nats-py would log a traceback per error
@@ -143,10 +151,14 @@ async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
     try:
         await nc.connect(servers=list(servers), name=name, connect_timeout=int(timeout_s),
                          allow_reconnect=False, max_reconnect_attempts=1,
-                         error_cb=on_error, disconnected_cb=on_disconnected)
+                         error_cb=on_error, disconnected_cb=on_disconnected,
+                         **auth.connect_options())
     except Exception as exc:  # nats-py raises several unrelated types here
         with contextlib.suppress(Exception):
             await nc.close()
+        why = connect_refusal(exc, auth)
+        if why:
+            raise ReplayError(f"NATS at {', '.join(servers)} {why}") from None
         raise ReplayError(
             f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}"
         ) from None
@@ -173,6 +185,7 @@ class ReplayConsumer:
         batch: Events fetched per pull (prefetched; nakked back at close).
         max_ack_pending: Events delivered and not yet acked, at most.
         fetch_timeout_s: How long one pull waits for new events.
+        auth: Credentials and TLS for the URLs (unused with a connected client).
 
     Raises:
         ValueError: An invalid argument.
@@ -192,6 +205,7 @@ class ReplayConsumer:
         batch: int = 100,
         max_ack_pending: int = 1000,
         fetch_timeout_s: float = 2.0,
+        auth: NatsAuth | None = None,
     ) -> None:
         if not _NAME.fullmatch(tenant):
             raise ValueError(f"invalid tenant {tenant!r}")
@@ -204,6 +218,7 @@ class ReplayConsumer:
             raise ValueError("start seq must be >= 1")
         if batch < 1 or max_ack_pending < 1 or ack_wait_s <= 0 or fetch_timeout_s <= 0:
             raise ValueError("batch, max_ack_pending, ack_wait_s and fetch_timeout_s must be > 0")
+        self._auth = auth
         self._given_nc: NATS | None = None
         self._urls: list[str] = []
         if isinstance(nc_or_urls, NATS):
@@ -271,7 +286,8 @@ class ReplayConsumer:
         if self._given_nc is not None:
             self._nc = self._given_nc
         else:
-            self._nc = await connect_nats(self._urls, name=f"rtnode-replay-{self.durable}")
+            self._nc = await connect_nats(self._urls, name=f"rtnode-replay-{self.durable}",
+                                          auth=self._auth)
         try:
             self._js = self._nc.jetstream(timeout=5)
             await self._bind()

@@ -17,6 +17,7 @@ from typing import Any
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from bridge.nats_auth import NatsAuth
 from bridge.replay import (
     ReplayConsumer,
     ReplayError,
@@ -94,13 +95,14 @@ async def replay_room(
     follow: bool = False,
     as_json: bool = False,
     out: Any = None,
+    auth: NatsAuth | None = None,
 ) -> int:
     """Print a room's stored events (``rtnode replay``): those after ``since``, or from
     ``since_time``, or all; with ``follow``, then the live ones until cancelled.
 
     Reads with an ordered consumer (AckNone, in-memory, deleted with the connection); when it
     stays silent while the room has newer events (nats.py#510), it is recreated after the
-    last printed seq.
+    last printed seq. ``auth`` gives the credentials and TLS (default: none).
 
     Returns:
         The exit code (0).
@@ -112,7 +114,7 @@ async def replay_room(
 
     out = out or sys.stdout
     subject = room_subject(tenant, room)
-    nc = await connect_nats(servers, name="rtnode-replay-cli")
+    nc = await connect_nats(servers, name="rtnode-replay-cli", auth=auth)
     sub: Any = None
     try:
         js = nc.jetstream(timeout=5)
@@ -200,7 +202,8 @@ async def consume_rooms(
     **options: Any,
 ) -> int:
     """Run a durable consumer that prints each event as a JSON line and acks it once the line
-    is written and flushed (``rtnode consume``). Runs until cancelled.
+    is written and flushed (``rtnode consume``). Runs until cancelled. ``options`` go to
+    :class:`bridge.replay.ReplayConsumer` (``auth``: credentials and TLS).
 
     Raises:
         ReplayError: No NATS, no room stream, or the durable exists for other rooms.

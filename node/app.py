@@ -15,6 +15,7 @@ from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks
 from bridge.mqtt import MqttBridge
 from bridge.mqtt_external import ExternalMqtt
+from bridge.nats_auth import NatsAuth
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
@@ -99,8 +100,8 @@ class Node:
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
                 self.embedded = EmbeddedNats(
-                    s.data_dir / "nats", port=s.nats_port, server_name=self.name,
-                    sync=s.nats_sync,
+                    s.data_dir / "nats", data_dir=s.data_dir, port=s.nats_port,
+                    monitor_port=s.nats_monitor_port, server_name=self.name, sync=s.nats_sync,
                 )
                 await self._stack.enter_async_context(self.embedded)
             self.nats = NatsLink(
@@ -114,6 +115,7 @@ class Node:
                     max_msg_bytes=s.max_frame_bytes * 2,
                 ),
                 connect_timeout_s=s.nats_connect_timeout_s,
+                auth=self.embedded.auth if self.embedded else NatsAuth.from_settings(s),
             )
             await self._stack.enter_async_context(self.nats)
             self.nats.on_reconnected.append(self._check_rooms)

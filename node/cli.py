@@ -225,8 +225,11 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _add_replay_parsers(sub: Any, settings: argparse.ArgumentParser) -> None:
-    need = ("Needs --nats-url (or RTNODE_NATS_URL): the NATS servers of the nodes, "
-            "comma-separated; no embedded server is started.")
+    need = ("Connects to --nats-url (or RTNODE_NATS_URL: the NATS servers of the nodes, "
+            "comma-separated) with the --nats-user/--nats-password, --nats-token, "
+            "--nats-nkey-seed or --nats-creds and --nats-tls-* settings; without --nats-url, "
+            "to the embedded NATS of the node running with --data-dir (its URL and "
+            "credentials are in <data-dir>/nats-connection.json). No server is started.")
     rep = sub.add_parser(
         "replay", parents=[settings], help="print a room's stored events (--follow: and live)",
         description="Print the stored events of ROOM, one line 'seq event data' each (--json: "
@@ -258,9 +261,9 @@ def _add_replay_parsers(sub: Any, settings: argparse.ArgumentParser) -> None:
 
 def _replay_commands(args: argparse.Namespace, settings: Settings) -> int:
     from bridge import replay, replay_cli  # NATS client code only for these commands
+    from bridge.nats_auth import cli_target
 
-    if not settings.nats_url:
-        raise ConfigError(f"{args.command} needs --nats-url (or RTNODE_NATS_URL)")
+    servers, auth = cli_target(settings, args.command)
     _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
     if args.command == "replay":
         try:
@@ -271,11 +274,11 @@ def _replay_commands(args: argparse.Namespace, settings: Settings) -> int:
         if args.room.endswith("*") or (args.since is not None and args.since < 0):
             raise ConfigError("replay takes one room (no '*') and --since >= 0")
         return replay_cli.run_command(replay_cli.replay_room(
-            settings.nats_url, args.room, tenant=args.tenant, since=args.since,
-            since_time=when, follow=args.follow, as_json=args.json))
+            servers, args.room, tenant=args.tenant, since=args.since,
+            since_time=when, follow=args.follow, as_json=args.json, auth=auth))
     return replay_cli.run_command(replay_cli.consume_rooms(
-        settings.nats_url, durable=args.durable, rooms=args.rooms, tenant=args.tenant,
-        start=args.start))
+        servers, durable=args.durable, rooms=args.rooms, tenant=args.tenant,
+        start=args.start, auth=auth))
 
 
 def main(argv: list[str] | None = None) -> int:

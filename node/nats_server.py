@@ -10,6 +10,14 @@ reads are checked with the stream leader), and the fault tests pass on both bina
 The child is bound to 127.0.0.1, is stopped with the node, and on Linux also dies with it if
 the node is killed (PR_SET_PDEATHSIG), so a ``kill -9`` of the node never leaves an orphan
 server holding the data directory.
+
+The server is locked: it requires the user and password generated once in the data directory
+(``nats-credentials.json``, mode 0600, reused across restarts), since any local process (another
+container, an SSRF to loopback) could otherwise read every tenant's traffic, forge stored
+events and purge the stream. Its monitoring port, which needs no credentials, is off unless
+asked for (``nats_monitor_port``). While it runs, ``nats-connection.json`` in the data
+directory (mode 0600) says where it listens and where the credentials are, for ``rtnode
+replay`` and ``rtnode consume``.
 """
 
 from __future__ import annotations
@@ -25,10 +33,17 @@ import socket
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from nats.aio.client import Client as NATS
+
+from bridge.nats_auth import (
+    NatsAuth,
+    load_or_create_credentials,
+    remove_connection_file,
+    write_connection_file,
+    write_private_file,
+)
 from node.protocol.errors import NatsUnavailable
 
 __all__ = ["EmbeddedNats", "free_port", "nats_server_binary"]
@@ -74,12 +89,22 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _http_ok(url: str) -> bool:
+async def _jetstream_ready(url: str, auth: NatsAuth) -> bool:
+    """Whether the server at ``url`` accepts ``auth`` and JetStream answers."""
+    async def quiet(exc: Exception) -> None:  # nats-py would log each refused attempt
+        pass
+
+    nc = NATS()
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
+        await nc.connect(servers=[url], connect_timeout=1, allow_reconnect=False,
+                         max_reconnect_attempts=1, error_cb=quiet, **auth.connect_options())
+        await nc.jetstream(timeout=1).account_info()
+        return True
+    except Exception:  # not up yet, JetStream not enabled yet: the caller retries
         return False
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 class EmbeddedNats:
@@ -87,26 +112,36 @@ class EmbeddedNats:
 
     Args:
         store_dir: JetStream storage directory (created if missing).
+        data_dir: Where the credentials and the connection file live (default ``store_dir``).
         port: Client port; 0 picks a free one.
+        monitor_port: HTTP monitoring port on 127.0.0.1; 0 (the default) turns it off.
         server_name: The server's name (shows in JetStream metadata).
-        start_timeout_s: How long to wait for ``/healthz?js-enabled-only=true``.
+        start_timeout_s: How long to wait for JetStream to answer.
+        sync: JetStream's sync interval (``always``: fsync every stored event).
+
+    Raises:
+        ConfigError: The credentials file exists but cannot be used.
     """
 
     def __init__(
         self,
         store_dir: Path,
         *,
+        data_dir: Path | None = None,
         port: int = 0,
+        monitor_port: int = 0,
         server_name: str = "rtnode",
         start_timeout_s: float = 15.0,
         sync: str = "always",
     ) -> None:
         self.store_dir = store_dir
+        self.data_dir = data_dir or store_dir
         self.sync = sync
         self.port = port or free_port()
-        self.monitor_port = free_port()
+        self.monitor_port = monitor_port
         self.server_name = server_name
         self.start_timeout_s = start_timeout_s
+        self.auth, self.credentials_path = load_or_create_credentials(self.data_dir)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -119,25 +154,42 @@ class EmbeddedNats:
         """The child's process id while it runs."""
         return self.process.pid if self.process else None
 
+    def _write_config(self) -> Path:
+        """The server's configuration file (mode 0600: it holds the password).
+
+        JetStream's sync interval has no command-line flag, and a password on the command line
+        would show in ``ps``: both live in this file; the flags give the rest. "always" fsyncs
+        every stored event before its ack, so an acknowledged event survives a power or kernel
+        failure.
+        """
+        conf = self.store_dir / "rtnode-nats.conf"
+        lines = [
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(self.store_dir))}",
+            f"  sync_interval: {json.dumps(self.sync)}",  # 2m unquoted would read as 2e6
+            "}",
+            "authorization {",
+            f"  user: {json.dumps(self.auth.user)}",
+            f"  password: {json.dumps(self.auth.password)}",
+            "}",
+        ]
+        if self.monitor_port:
+            lines.append(f"http: {json.dumps(f'127.0.0.1:{self.monitor_port}')}")
+        write_private_file(conf, "\n".join(lines) + "\n")
+        return conf
+
     async def start(self) -> None:
-        """Start the server and wait until JetStream is ready.
+        """Start the server, wait until JetStream answers, then write the connection file.
 
         Raises:
             NatsUnavailable: The server exited or was not ready in time.
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        # JetStream's sync interval has no command-line flag: a config file of our own holds
-        # the jetstream block; the flags give the rest. "always" fsyncs every stored event
-        # before its ack, so an acknowledged event survives a power or kernel failure.
-        conf = self.store_dir / "rtnode-nats.conf"
-        conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n"
-                        f"  sync_interval: {json.dumps(self.sync)}\n}}\n")  # 2m unquoted: 2e6
         args = [
             nats_server_binary(),
-            "-c", str(conf),
+            "-c", str(self._write_config()),
             "-a", "127.0.0.1",
             "-p", str(self.port),
-            "-m", str(self.monitor_port),
             "-n", self.server_name,
         ]
         log.info("= starting embedded nats-server on %s", self.url)
@@ -151,12 +203,12 @@ class EmbeddedNats:
                 stderr=log_file,
                 preexec_fn=_child_setup,
             )
-        health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.returncode is not None:
                 break
-            if await asyncio.to_thread(_http_ok, health):
+            if await _jetstream_ready(self.url, self.auth):
+                write_connection_file(self.data_dir, self.url, self.credentials_path)
                 log.info("= embedded nats-server ready (pid %s)", self.process.pid)
                 return
             await asyncio.sleep(0.05)
@@ -169,7 +221,10 @@ class EmbeddedNats:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop the server: SIGTERM, then SIGKILL after ``timeout``."""
         proc, self.process = self.process, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        remove_connection_file(self.data_dir)
+        if proc.returncode is not None:
             return
         log.info("x stopping embedded nats-server (pid %s)", proc.pid)
         with contextlib.suppress(ProcessLookupError):
