@@ -35,6 +35,7 @@ from node.core.events import read_history
 from node.core.ports import StoreError
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
+from node.protocol.ids import ID_PATTERN
 from node.protocol.tokens import Principal, TokenVerifier
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "error_response",
     "json_response",
     "parse_json_body",
-    "select_clients",
     "validate",
 ]
 
@@ -89,10 +89,11 @@ class _Body(BaseModel):
 
 
 class DisconnectBody(_Body):
-    """``POST /api/disconnect``: a user's connections, or one connection (of that user)."""
+    """``POST /api/disconnect``: a user's connections, or those with a client id (of that
+    user), in the caller's tenant; both are ids (``node.protocol.ids``)."""
 
-    user: StrictStr | None = Field(default=None, min_length=1, max_length=128)
-    client_id: StrictStr | None = Field(default=None, min_length=1, max_length=64)
+    user: Annotated[StrictStr, Field(pattern=ID_PATTERN)] | None = None
+    client_id: Annotated[StrictStr, Field(pattern=ID_PATTERN)] | None = None
     reason: StrictStr = Field(default=_DEFAULT_REASON, min_length=1, max_length=120)
 
     @model_validator(mode="after")
@@ -187,28 +188,6 @@ def authenticate(headers: Mapping[str, str], tokens: TokenVerifier, api_key: str
     if key is not None and api_key and hmac.compare_digest(key.encode(), api_key.encode()):
         return API_KEY_PRINCIPAL
     raise AuthError("missing or invalid credentials")
-
-
-def select_clients(
-    by_user: Mapping[tuple[str, str], set[str]],
-    tenant: str,
-    user: str | None,
-    client_id: str | None,
-) -> list[str]:
-    """The local connections a disconnect targets, within ``tenant`` only.
-
-    Args:
-        by_user: ``ConnectionIndex.by_user``: (tenant, sub) -> client ids.
-        tenant: The caller's tenant.
-        user: Every connection of this user, or with ``client_id`` only one of theirs.
-        client_id: One connection.
-    """
-    if client_id is None:
-        return sorted(by_user.get((tenant, user or ""), ()))
-    for (t, sub), ids in by_user.items():
-        if t == tenant and client_id in ids and (user is None or sub == user):
-            return [client_id]
-    return []
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -372,15 +351,12 @@ class HttpApi:
     def disconnect_local(
         self, tenant: str, user: str | None, client_id: str | None, reason: str
     ) -> int:
-        """End the matching connections of this node; returns how many were told to."""
-        index = self.ctx.index
+        """End the matching connections of this node, in ``tenant`` only (a client id, even a
+        device id, may exist in several tenants); returns how many were told to."""
         count = 0
-        for cid in select_clients(index.by_user, tenant, user, client_id):
-            ref = index.by_id.get(cid)
-            if ref is None:
-                continue
+        for conn in self.ctx.index.select(tenant, user, client_id):
             try:
-                ref.tell(Shutdown(DISCONNECT_CODE, reason, False))
+                conn.ref.tell(Shutdown(DISCONNECT_CODE, reason, False))
             except ActorError:
                 continue  # already stopping
             count += 1

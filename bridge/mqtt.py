@@ -18,7 +18,9 @@ A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetS
 order received: a device that got its PUBACK knows the event is durable.
 
 Each device socket is a :class:`bridge.mqtt_session.MqttSession` (flow control, closing);
-this module serves the port.
+this module serves the port, decides who may connect (:meth:`MqttBridge.check_connect`) and
+keeps one session per device and tenant (:meth:`MqttBridge.register`: a reconnect takes the
+older connection over, MQTT 3.1.4).
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from typing import Any
 
+from actors.errors import ActorError
+from bridge import mqtt_codec as mq
 from bridge.mqtt_session import PLAIN_CBOR, MqttSession
-from node.core.connection import NodeContext
+from node.core.connection import NodeContext, TransportClosed
+from node.protocol.errors import AuthError, ProtocolError
+from node.protocol.ids import ID_RULE, is_valid_id
+from node.protocol.tokens import Principal
 
 __all__ = ["PLAIN_CBOR", "MqttBridge"]
 
@@ -68,6 +76,57 @@ class MqttBridge:
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("= MQTT listening on %s:%s", self.host, self.port)
+
+    def check_connect(self, packet: Any) -> Principal:
+        """The device a CONNECT is for, if it may connect now.
+
+        Raises:
+            ConnectRefused: With the CONNACK code: 2 (identifier rejected) for a client id
+                outside the id grammar (``node.protocol.ids``: it names MQTT topics and NATS
+                subjects); 5 (not authorized) for a bad token, one not of this device, or a
+                device at ``max_connections_per_user``; 3 (server unavailable) while the node
+                drains or when it has ``max_connections`` (a takeover adds none).
+        """
+        if not is_valid_id(packet.client_id):
+            raise mq.ConnectRefused(2, f"client id must be {ID_RULE}")
+        try:
+            if packet.username != packet.client_id:
+                raise AuthError("client id and username must be the device id")
+            token = (packet.password or b"").decode("utf-8", errors="strict")
+            principal = self.ctx.tokens.verify(token)
+            if principal.kind != "device" or principal.sub != packet.client_id:
+                raise AuthError("not a device token for this id")
+        except (AuthError, UnicodeDecodeError):
+            raise mq.ConnectRefused(5, "not authorized") from None
+        if self.ctx.draining:
+            raise mq.ConnectRefused(3, "draining")
+        if (principal.tenant, packet.client_id) not in self.sessions:
+            settings = self.ctx.settings
+            try:
+                self.ctx.index.check_room(principal, per_user=settings.max_connections_per_user,
+                                          total=settings.max_connections)
+            except ProtocolError as exc:
+                raise mq.ConnectRefused(3 if exc.retry else 5, exc.reason) from None
+        return principal
+
+    def register(self, session: MqttSession) -> None:
+        """Make ``session`` its device's connection (in its tenant). An older one is taken
+        over: closed, out of the connection index at once (only the new one is counted,
+        revoked by ``/api/disconnect``, drained), and its actor stopped."""
+        assert session.principal is not None
+        tenant = session.principal.tenant
+        old = self.sessions.get((tenant, session.client_id))
+        self.sessions[(tenant, session.client_id)] = session
+        if old is None or old is session:
+            return
+        old.close("taken over by a new connection")
+        if old.ref is None:
+            return
+        for conn in self.ctx.index.select(tenant, client_id=old.client_id):
+            if conn.ref is old.ref:
+                self.ctx.index.remove(conn)
+        with contextlib.suppress(ActorError):
+            old.ref.tell(TransportClosed())
 
     @property
     def listening(self) -> bool:

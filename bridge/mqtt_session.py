@@ -33,7 +33,7 @@ from node.core.connection import (
     TransportClosed,
 )
 from node.core.limits import TokenBucket
-from node.protocol.errors import AuthError, CodecError, ProtocolError
+from node.protocol.errors import CodecError, ProtocolError
 from node.protocol.frames import (
     CBOR,
     ROOM_RE,
@@ -53,7 +53,6 @@ __all__ = ["PLAIN_CBOR", "MqttSession"]
 log = logging.getLogger("bridge.mqtt")
 
 _ROOM_RE = ROOM_RE  # ends in \Z: "rooms/<name>\n" is no room (use fullmatch)
-_CONNACK_NOT_AUTHORIZED = 5
 # After our FIN, the device's input is read and discarded for at most this long.
 _CLOSE_DRAIN_S = 5.0
 
@@ -316,27 +315,14 @@ class MqttSession(asyncio.Protocol):
 
     def _on_connect(self, packet: Any) -> None:
         try:
-            if not packet.client_id or packet.username != packet.client_id:
-                raise AuthError("client id and username must be the device id")
-            token = (packet.password or b"").decode("utf-8", errors="strict")
-            principal = self.ctx.tokens.verify(token)
-            if principal.kind != "device" or principal.sub != packet.client_id:
-                raise AuthError("not a device token for this id")
-        except (AuthError, UnicodeDecodeError):
-            self._write(mq.connack(_CONNACK_NOT_AUTHORIZED))
-            self.close("not authorized")
-            return
-        if self.ctx.draining:
-            self._write(mq.connack(3))  # server unavailable
-            self.close("draining")
+            principal = self.bridge.check_connect(packet)
+        except mq.ConnectRefused as exc:
+            self._write(mq.connack(exc.return_code))
+            self.close(str(exc))
             return
         self.principal = principal
         self.client_id = packet.client_id
-        key = (principal.tenant, packet.client_id)
-        old = self.bridge.sessions.get(key)
-        if old is not None:
-            old.close("taken over by a new connection")  # MQTT 3.1.4: the new one wins
-        self.bridge.sessions[key] = self
+        self.bridge.register(self)  # an older connection of the device is taken over
         self.will = packet.will
         self.keepalive = packet.keepalive
         self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst,

@@ -313,9 +313,9 @@ class SseBridge:
         joined = set(rooms) | ({personal} if personal is not None else set())
         if len(joined) > self.settings.max_rooms_per_connection:
             raise ProtocolError(4029, "too many rooms for this connection")
-        connections = self.ctx.index.by_user.get((principal.tenant, principal.sub), ())
-        if len(connections) >= self.settings.max_connections_per_user:
-            raise ProtocolError(4029, "too many connections for this user")
+        # The connection actor checks again when it is admitted (then a disconnect frame).
+        self.ctx.index.check_room(principal, per_user=self.settings.max_connections_per_user,
+                                  total=self.settings.max_connections)  # 4029, or 4503: 503
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of ``GET /sse?room=<room>&room=<room2>``."""

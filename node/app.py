@@ -203,7 +203,7 @@ class Node:
         ctx.draining = True
         if self.http is not None:
             self.http.listening = False
-        refs = list(ctx.index.by_id.values())
+        refs = ctx.index.refs()
         for ref in refs:
             with contextlib.suppress(Exception):
                 ref.tell(Shutdown(4503, "node shutting down", True))

@@ -34,6 +34,7 @@ from node.core.context import (
     TransportClosed,
 )
 from node.core.events import event_body, read_history
+from node.core.index import IndexedConnection
 from node.core.outbox import Outbox
 from node.core.ports import RpcError, StoreError
 from node.core.room import Join, Leave, Membership
@@ -134,6 +135,7 @@ class ConnectionActor(Actor):
         self.settings = ctx.settings
         self.transport = transport
         self.client_id = client_id or secrets.token_hex(8)
+        self._indexed: IndexedConnection | None = None  # once admitted
         self.outbox = Outbox(
             codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow
         )
@@ -187,12 +189,10 @@ class ConnectionActor(Actor):
         for task in self._tasks:
             task.cancel()
         self.outbox.flush()
-        session = self.session
-        connected = session.connected
-        session.stop()
+        self.session.stop()
         self._execute_now()
-        if session.principal is not None and connected:
-            self.ctx.index.remove(session.principal, self.client_id)
+        if self._indexed is not None:  # its own entry only, never a successor's (same id)
+            self.ctx.index.remove(self._indexed)
         self.outbox.close()
 
     async def on_failure(self, exc: BaseException) -> None:
@@ -324,9 +324,14 @@ class ConnectionActor(Actor):
         refused = 0
         if self.ctx.draining:
             refused = 4503
-        elif not self.ctx.index.add(command.principal, self.client_id, self.ref,
-                                    self.settings.max_connections_per_user):
-            refused = 4029
+        else:
+            try:
+                self._indexed = self.ctx.index.add(
+                    command.principal, self.client_id, self.ref,
+                    per_user=self.settings.max_connections_per_user,
+                    total=self.settings.max_connections)
+            except ProtocolError as exc:  # 4503 node full, 4029 user's limit
+                refused = exc.code
         self.session.receive_admitted(time.monotonic(), refused)
 
     def _send_frame(self, command: SendFrame) -> None:

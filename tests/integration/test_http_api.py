@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.api import authenticate, select_clients
+from bridge.api import authenticate
 from node.protocol.errors import ProtocolError
 from node.protocol.tokens import TokenVerifier
 from tests.wsclient import SECRET, RawClient, token, unique, ws_url
@@ -36,15 +36,6 @@ def test_authenticate() -> None:
         with pytest.raises(ProtocolError) as info:
             authenticate(headers, tokens, key)
         assert info.value.code == code, headers
-
-
-def test_select_clients_stays_in_the_tenant() -> None:
-    by_user = {("t1", "alice"): {"c1", "c2"}, ("t2", "alice"): {"c3"}, ("t1", "bob"): {"c4"}}
-    assert select_clients(by_user, "t1", "alice", None) == ["c1", "c2"]
-    assert select_clients(by_user, "t1", None, "c4") == ["c4"]
-    assert select_clients(by_user, "t1", None, "c3") == [], "another tenant's connection"
-    assert select_clients(by_user, "t1", "alice", "c4") == [], "not that user's connection"
-    assert select_clients(by_user, "t1", "nobody", None) == []
 
 
 # -- against a node ----------------------------------------------------------------------------
