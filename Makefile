@@ -8,7 +8,7 @@ SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench jepsen system-deps clean
+.PHONY: run test lint bench fuzz flood jepsen system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+# Hostile clients against a node (bench/fuzz.py): FUZZ_FRAMES hostile frames over WebSocket
+# (JSON, CBOR), the MQTT tunnel, plain uplinks and half-open sockets, next to well-behaved
+# rooms; prints frames sent, node RSS, crashes, stuck rooms and the well-behaved p99 before and
+# during. FUZZ_SEED=<n> repeats a run's draws. `make flood`: the 20-connection flood's p99
+# without and during, and events lost (bench/flood.py).
+FUZZ_FRAMES ?= 100000
+FUZZ_SEED ?=
+fuzz: $(STAMP)
+	$(BIN)/python -m bench fuzz --frames $(FUZZ_FRAMES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED)) $(ARGS)
+
+flood: $(STAMP)
+	$(BIN)/python -m bench flood $(ARGS)
 
 # The long run of the Jepsen-style fault test (tests/integration/test_jepsen.py; `make test` runs
 # a 30 s one): JEPSEN_SECONDS of faults, its report printed. RTNODE_JEPSEN_SEED=<n> repeats a

@@ -4,6 +4,9 @@
 its defaults, then the scale-out benchmark with its defaults; ``python -m bench fanout [...]``,
 ``python -m bench ingest [...]``, ``python -m bench scaleout [...]`` or
 ``python -m bench recovery [...]`` (the latency of a recovering join) runs one.
+``python -m bench fuzz [...]`` (hostile frames next to well-behaved clients) and
+``python -m bench flood [...]`` (well-behaved latency during a 20-connection flood) run only
+when named (``make fuzz``, ``make flood``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench import fanout, ingest, recovery, scaleout
+from bench import fanout, flood, fuzz, ingest, recovery, scaleout
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +26,10 @@ def main(argv: list[str]) -> int:
         return scaleout.main(argv[1:])
     if argv and argv[0] == "recovery":
         return recovery.main(argv[1:])
+    if argv and argv[0] == "fuzz":
+        return fuzz.main(argv[1:])
+    if argv and argv[0] == "flood":
+        return flood.main(argv[1:])
     rc = fanout.main(argv)
     rc = ingest.main([]) or rc
     # What syncing every stored event costs (the embedded nats-server's default, nats_sync =

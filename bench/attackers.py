@@ -1,0 +1,379 @@
+"""Hostile clients of the fuzz and flood benchmarks, in worker processes of their own.
+
+An attacker is one client that keeps attacking: it sends what :class:`HostileFrames` draws on
+its door (WebSocket JSON or CBOR, the MQTT tunnel, plain uplinks, or half-open sockets), reads
+what the node answers, and when the node closes it, opens a new connection and goes on, until
+its worker's frame budget or deadline is spent. :class:`AttackProcess` runs a list of
+attackers in a separate process (``spawn``) and hands back their :class:`AttackStats`.
+
+Kinds (``AttackerSpec.kind``):
+
+- ``ws-json``, ``ws-cbor``: a mix of everything: malformed messages, hostile frames, forged
+  tokens and frames before ``connect``, oversized frames, join/leave churn, request floods and
+  publishes beyond the rate.
+- ``mqtt-tunnel``, ``mqtt-uplink``: a device publishing hostile payloads to its tunnel
+  (``rtnode/v1/<client_id>/in``) or to ``rooms/<room>/up``, and now and then logging in with a
+  forged token.
+- ``half-open``: TCP connections to the HTTP and MQTT ports that send half a request head or
+  half a CONNECT and then nothing.
+- ``churn``, ``oversized``, ``malformed``, ``requests``: one thing only, over WebSocket (the
+  flood measurement's four kinds of hostile connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+import warnings
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiomqtt
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.typing import Subprotocol
+
+from bench.hostile_frames import HostileFrames, encode
+from bench.procs import die_with_parent
+from node.protocol.frames import CBOR, JSON
+from node.protocol.tokens import mint_token
+
+__all__ = ["FUZZ_KINDS", "AttackProcess", "AttackStats", "AttackerSpec", "Target",
+           "run_attackers"]
+
+FUZZ_KINDS = ("ws-json", "ws-cbor", "mqtt-tunnel", "mqtt-uplink", "half-open")
+OPEN_TIMEOUT_S = 10.0
+HALF_OPEN_HOLD_S = 8.0  # a half-open socket is given up after this long if the node holds it
+ERROR_PAUSE_S = 0.05  # after a refused connection attempt, before the next one
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the attackers go and what they know."""
+
+    http_port: int
+    mqtt_port: int
+    secret: str
+    max_frame_bytes: int = 65536
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}/ws"
+
+
+@dataclass(frozen=True)
+class AttackerSpec:
+    """One attacker: its kind and its seed (the same seed sends the same frames)."""
+
+    kind: str
+    seed: int
+
+
+@dataclass
+class AttackStats:
+    """What a worker's attackers did and what the node answered."""
+
+    sent: Counter[str] = field(default_factory=Counter)  # frames sent, by attacker kind
+    replies: Counter[str] = field(default_factory=Counter)  # "error 4000", "joined", ...
+    closes: Counter[str] = field(default_factory=Counter)  # how the node ended connections
+    connections: int = 0  # connections opened (a refused attempt counts in ``closes``)
+    failures: list[str] = field(default_factory=list)  # an attacker's own bug, reported
+
+    def add(self, other: AttackStats) -> None:
+        self.sent.update(other.sent)
+        self.replies.update(other.replies)
+        self.closes.update(other.closes)
+        self.connections += other.connections
+        self.failures += other.failures
+
+    @property
+    def frames(self) -> int:
+        return sum(self.sent.values())
+
+
+class _Budget:
+    """The frames a worker's attackers send in all (at least), and until when."""
+
+    def __init__(self, frames: int, deadline: float) -> None:
+        self.frames = frames
+        self.sent = 0
+        self.deadline = deadline
+
+    @property
+    def spent(self) -> bool:
+        return self.sent >= self.frames or time.monotonic() >= self.deadline
+
+
+class _Attacker:
+    """One attacker's state: its door, its draws, the stats it adds to."""
+
+    def __init__(self, spec: AttackerSpec, index: int, target: Target, budget: _Budget,
+                 stats: AttackStats) -> None:
+        self.spec = spec
+        self.index = index
+        self.target = target
+        self.budget = budget
+        self.stats = stats
+        self.rng = random.Random(spec.seed)
+        self.draw = HostileFrames(self.rng, target.secret, target.max_frame_bytes)
+        self.codec = "cbor" if spec.kind == "ws-cbor" else "json"
+        self.conn_no = 0
+
+    def sent(self, n: int = 1) -> None:
+        self.stats.sent[self.spec.kind] += n
+        self.budget.sent += n
+
+    async def run(self) -> None:
+        kind = self.spec.kind
+        loop: Callable[[], Awaitable[None]] = {
+            "mqtt-tunnel": self._mqtt_session, "mqtt-uplink": self._mqtt_session,
+            "half-open": self._half_open,
+        }.get(kind, self._ws_session)
+        while not self.budget.spent:
+            try:
+                await loop()
+            except (OSError, TimeoutError, InvalidHandshake, aiomqtt.MqttError) as exc:
+                self.stats.closes[f"{type(exc).__name__}"] += 1
+                await asyncio.sleep(ERROR_PAUSE_S)
+
+    # -- WebSocket
+
+    async def _ws_session(self) -> None:
+        self.conn_no += 1
+        sub = f"fuzz-{self.spec.seed % 10_000}-{self.index}-{self.conn_no % 50}"
+        ws = await connect(self.target.ws_url,
+                           subprotocols=[Subprotocol(f"rtnode.v1.{self.codec}")], max_size=None,
+                           compression=None, ping_interval=None,
+                           open_timeout=OPEN_TIMEOUT_S, close_timeout=1)
+        self.stats.connections += 1
+        reader = asyncio.create_task(self._read(ws))
+        try:
+            await self._ws_attack(ws, sub)
+        except ConnectionClosed:
+            pass
+        finally:
+            if not reader.done():
+                with contextlib.suppress(TimeoutError, ConnectionClosed):
+                    await asyncio.wait_for(ws.close(), 2)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            code = ws.close_code if ws.close_code is not None else "none"
+            self.stats.closes[f"close {code}"] += 1
+            ws.transport.abort()
+
+    async def _read(self, ws: ClientConnection) -> None:
+        codec = CBOR if self.codec == "cbor" else JSON
+        with contextlib.suppress(ConnectionClosed):
+            async for msg in ws:
+                try:
+                    frames = codec.decode(msg)
+                except Exception:
+                    self.stats.replies["<undecodable>"] += 1
+                    continue
+                for f in frames:
+                    kind = f.get("type") if isinstance(f, dict) else "?"
+                    if kind in ("error", "disconnect"):
+                        kind = f"{kind} {f.get('code')}"
+                    self.stats.replies[str(kind)] += 1
+
+    async def _send(self, ws: ClientConnection, *messages: str | bytes) -> bool:
+        if self.budget.spent:
+            return False
+        for m in messages:
+            await ws.send(m)
+        self.sent(len(messages))
+        return True
+
+    async def _connect(self, ws: ClientConnection, sub: str) -> None:
+        tok = mint_token(self.target.secret, sub=sub, rpc=["user:*", "device:*", "server"],
+                         rooms={"*": ["join", "publish", "history", "presence"]})
+        await ws.send(encode(self.codec, {"type": "connect", "id": "c", "token": tok}))
+
+    async def _ws_attack(self, ws: ClientConnection, sub: str) -> None:
+        kind, draw, codec = self.spec.kind, self.draw, self.codec
+        if kind.startswith("ws-") and self.rng.random() < 0.1:
+            if await self._send(ws, encode(codec, draw.pre_connect())):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.wait_closed(), OPEN_TIMEOUT_S)
+            return
+        await self._connect(ws, sub)
+        room = f"fuzz:{sub}"
+        while not self.budget.spent:
+            messages = self._next(kind, room)
+            if not await self._send(ws, *messages):
+                return
+            await asyncio.sleep(0)
+
+    def _next(self, kind: str, room: str) -> list[str | bytes]:
+        draw, codec = self.draw, self.codec
+        if kind == "ws-json" or kind == "ws-cbor":
+            kind = self.rng.choices(
+                ("frame", "malformed", "oversized", "churn", "requests", "rate"),
+                weights=(50, 15, 2, 13, 10, 10))[0]
+        if kind == "frame":
+            return [encode(codec, draw.frame())]
+        if kind == "malformed":
+            return [draw.malformed(codec)]
+        if kind == "oversized":
+            return [draw.oversized(codec)]
+        if kind == "churn":
+            return [encode(codec, f) for f in draw.churn()]
+        if kind == "requests":
+            return [encode(codec, draw.request(room))]
+        return [encode(codec, draw.over_rate(room))]
+
+    # -- MQTT
+
+    async def _mqtt_session(self) -> None:
+        self.conn_no += 1
+        dev = f"fuzz-dev-{self.spec.seed % 10_000}-{self.index}"
+        forged = self.rng.random() < 0.1
+        password = str(self.draw.token()) if forged else mint_token(
+            self.target.secret, sub=dev, kind="device",
+            rooms={"*": ["join", "publish", "history", "presence"]})
+        client = aiomqtt.Client("127.0.0.1", self.target.mqtt_port, identifier=dev,
+                                username=dev, password=password, timeout=OPEN_TIMEOUT_S)
+        if self.budget.spent:
+            return
+        self.sent()  # the CONNECT itself
+        async with client:
+            self.stats.connections += 1
+            n = 0
+            while not self.budget.spent:
+                topic, payload = self._mqtt_message(dev)
+                n += 1
+                await client.publish(topic, payload, qos=1 if n % 20 == 0 else 0)
+                self.sent()
+
+    def _mqtt_message(self, dev: str) -> tuple[str, bytes]:
+        if self.spec.kind == "mqtt-uplink":
+            return self.draw.uplink()
+        if self.rng.random() < 0.05:  # someone else's tunnel: refused
+            return f"rtnode/v1/{dev}-other/in", self.draw.tunnel_payload()
+        return f"rtnode/v1/{dev}/in", self.draw.tunnel_payload()
+
+    # -- half-open sockets
+
+    async def _half_open(self) -> None:
+        """Half a request head (or half a CONNECT), then silence until the node hangs up."""
+        if self.budget.spent:
+            return
+        mqtt = self.rng.random() < 0.3
+        port = self.target.mqtt_port if mqtt else self.target.http_port
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), OPEN_TIMEOUT_S)
+        self.stats.connections += 1
+        writer.write(b"\x10\x7f\x00\x04MQ" if mqtt else
+                     b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+        self.sent()
+        try:
+            data = await asyncio.wait_for(reader.read(), HALF_OPEN_HOLD_S)
+            self.stats.closes["half-open closed by the node" if not data
+                              else "half-open answered and closed"] += 1
+        except TimeoutError:
+            self.stats.closes[f"half-open still held after {HALF_OPEN_HOLD_S:.0f} s"] += 1
+        except OSError:
+            self.stats.closes["half-open reset by the node"] += 1
+        finally:
+            writer.transport.abort()
+
+
+async def run_attackers(specs: list[AttackerSpec], target: Target, frames: int,
+                        seconds: float, first_index: int = 0) -> AttackStats:
+    """Run ``specs`` until ``frames`` are sent (all together) or ``seconds`` have passed."""
+    stats = AttackStats()
+    budget = _Budget(frames, time.monotonic() + seconds)
+
+    async def one(i: int, spec: AttackerSpec) -> None:
+        try:
+            await _Attacker(spec, first_index + i, target, budget, stats).run()
+        except Exception as exc:  # an attacker's bug: reported, never hidden
+            stats.failures.append(f"{spec.kind} attacker failed: {exc!r}")
+
+    await asyncio.gather(*(one(i, s) for i, s in enumerate(specs)))
+    return stats
+
+
+async def _attack_quietly(specs: list[AttackerSpec], target: Target, frames: int,
+                          seconds: float, first_index: int) -> AttackStats:
+    """:func:`run_attackers`, the client libraries' complaints about sockets the node closed
+    under them counted instead of printed."""
+    noise: Counter[str] = Counter()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        noise[type(exc).__name__ if exc else str(context.get("message"))[:60]] += 1
+
+    asyncio.get_running_loop().set_exception_handler(handler)
+    stats = await run_attackers(specs, target, frames, seconds, first_index)
+    stats.closes.update({f"client library: {k}": v for k, v in noise.items()})
+    return stats
+
+
+def _worker_main(conn: Connection, specs: list[AttackerSpec], target: Target, frames: int,
+                 seconds: float, first_index: int) -> None:
+    """Entry point of an attacker process: report ``started``, attack, report ``done``."""
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")  # short HMAC keys of forged tokens, on purpose
+    runner: Any = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        conn.send(("started",))
+        stats = runner(_attack_quietly(specs, target, frames, seconds, first_index))
+        conn.send(("done", stats))
+    except Exception as exc:  # reported, never hidden
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"attacker process failed: {exc!r}"))
+
+
+class AttackProcess:
+    """A worker process running some attackers, seen from the benchmark."""
+
+    def __init__(self, ctx: Any, specs: list[AttackerSpec], target: Target, frames: int,
+                 seconds: float, first_index: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.seconds = seconds
+        self.proc = ctx.Process(target=_worker_main,
+                                args=(child, specs, target, frames, seconds, first_index),
+                                daemon=True, name="bench-attackers")
+        self.proc.start()
+        child.close()
+
+    async def expect(self, kind: str, timeout: float) -> AttackStats | str | None:
+        """Wait for the worker's ``kind`` message: its stats, or what went wrong (a str)."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = await loop.run_in_executor(None, self.conn.poll, 0.5)
+            if not ready:
+                if not self.proc.is_alive():
+                    return f"attacker process exited with {self.proc.exitcode}"
+                continue
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                return f"attacker process exited with {self.proc.exitcode}"
+            if msg[0] == kind:
+                return msg[1] if len(msg) > 1 else None
+            if msg[0] == "failed":
+                return str(msg[1])
+        return f"attacker process silent for {timeout:.0f} s"
+
+    def close(self, notes: list[str]) -> None:
+        self.proc.join(5)
+        if self.proc.is_alive():
+            notes.append(f"attacker process {self.proc.pid} still running: killed")
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
