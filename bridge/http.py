@@ -2,7 +2,9 @@
 SSE and the HTTP API, all on one port.
 
 The routes call back into the composition root through :class:`HttpHooks`; this module knows
-nothing of how readiness is decided or metrics are counted.
+nothing of how readiness is decided or metrics are counted. Connections are admitted and put
+under a head deadline by :class:`~bridge.http_guard.HttpGuard` (limits in :class:`HttpLimits`);
+every response carries the headers of :func:`security_headers`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,66 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-__all__ = ["HttpBridge", "HttpHooks"]
+from bridge.http_guard import GuardedSite, HttpGuard
+
+__all__ = [
+    "API_CSP",
+    "CONSOLE_CSP",
+    "HttpBridge",
+    "HttpHooks",
+    "HttpLimits",
+    "security_headers",
+]
 
 log = logging.getLogger("bridge.http")
+
+#: The console's pages: their scripts, styles and images come from the node, they talk to it
+#: (fetch, WebSocket: CSP 3 'self' covers ws/wss to the same host and port), nothing is inline,
+#: no eval (cbor-x detects that and decodes without generated readers), and no page may frame
+#: them.
+CONSOLE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+#: Everything else (JSON, scripts, event streams) is data, never a document with rights.
+API_CSP = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+_SECURITY = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def security_headers(content_type: str) -> dict[str, str]:
+    """The security headers of a response whose media type is ``content_type``."""
+    csp = CONSOLE_CSP if content_type == "text/html" else API_CSP
+    return {**_SECURITY, "Content-Security-Policy": csp}
+
+
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare runs for every response, streamed ones and WebSocket upgrades too,
+    # before its head is written; a handler's own choice is kept.
+    for name, value in security_headers(response.content_type).items():
+        response.headers.setdefault(name, value)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP connection may hold (settings of the same names, in brackets).
+
+    Attributes:
+        header_timeout_s: From the accept to the first request head read whole
+            (``http_header_timeout_s``).
+        keepalive_s: An idle kept-alive connection is closed after this long, and a later
+            head must be read whole within it (``http_keepalive_s``).
+        max_per_peer: Open connections per peer address (``max_connections_per_ip``).
+    """
+
+    header_timeout_s: float = 5.0
+    keepalive_s: float = 5.0
+    max_per_peer: int = 1000
 
 
 @dataclass
@@ -40,6 +99,7 @@ class HttpBridge:
         port: Port (0 picks a free one; see ``port`` after ``start``).
         hooks: Callbacks into the node.
         ssl_context: Serve https/wss when given.
+        limits: Deadlines and caps of the connections.
     """
 
     def __init__(
@@ -49,12 +109,17 @@ class HttpBridge:
         hooks: HttpHooks,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.hooks = hooks
         self.ssl_context = ssl_context
-        self.app = web.Application(client_max_size=1024 * 1024)
+        self.limits = limits or HttpLimits()
+        self.guard = HttpGuard(self.limits.header_timeout_s, self.limits.max_per_peer)
+        self.app = web.Application(client_max_size=1024 * 1024,
+                                   middlewares=[self.guard.middleware])
+        self.app.on_response_prepare.append(_add_security_headers)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -68,17 +133,16 @@ class HttpBridge:
 
     async def start(self) -> None:
         """Bind and start serving."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.limits.keepalive_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
-                           reuse_address=True)
+        site = GuardedSite(self._runner, self.host, self.port, self.guard,
+                           ssl_context=self.ssl_context)
         await site.start()
-        server = site._server
-        if self.port == 0 and server is not None:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = int(sockets[0].getsockname()[1])
+        self.port = site.port
         self.listening = True
-        log.info("= HTTP listening on %s://%s:%s", self.scheme, self.host, self.port)
+        log.info("= HTTP listening on %s://%s:%s (%d connections at most, %d per address)",
+                 self.scheme, self.host, self.port, self.guard.max_open, self.limits.max_per_peer)
 
     async def stop(self) -> None:
         """Stop accepting and close every HTTP connection."""

@@ -36,6 +36,7 @@ __all__ = [
     "PING",
     "SseBridge",
     "SseSession",
+    "cors_headers",
     "format_cursor",
     "parse_cursor",
     "parse_rooms",
@@ -50,6 +51,22 @@ PING = b": ping\n\n"
 _ROOM = re.compile(ROOM_PATTERN)
 _EVENT_PREFIX = b'{"type":"event",'
 _MAX_SEQ_DIGITS = 20
+
+
+def cors_headers(origin: str | None, allowed: Sequence[str]) -> dict[str, str]:
+    """The CORS headers of a stream answered to a page of ``origin``.
+
+    A stream is authorised by its token (query or ``Authorization``), never by a cookie, and
+    CORS never allows credentials here: with no allow-list, ``*`` lets any page read a stream
+    it holds a token for, exactly as it could without CORS by proxying the token, and nothing
+    of the request's ``Origin`` is reflected. With an allow-list, only a listed origin (the
+    request was refused otherwise) is named, with ``Vary: Origin`` for caches.
+    """
+    if not allowed:
+        return {"Access-Control-Allow-Origin": "*"}
+    if origin is not None and origin in allowed:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {"Vary": "Origin"}
 
 
 def sse_message(event: str, data: bytes, id: str | None = None) -> bytes:
@@ -340,9 +357,7 @@ class SseBridge:
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
         })
-        if origin is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
+        response.headers.update(cors_headers(origin, s.allowed_origins))
         if request.version >= HttpVersion11:
             response.enable_chunked_encoding()
         await response.prepare(request)

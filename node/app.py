@@ -12,7 +12,7 @@ from typing import Any
 
 from actors import ActorSystem
 from bridge.api import HttpApi
-from bridge.http import HttpBridge, HttpHooks
+from bridge.http import HttpBridge, HttpHooks, HttpLimits
 from bridge.mqtt import MqttBridge
 from bridge.mqtt_external import ExternalMqtt
 from bridge.nats_auth import NatsAuth
@@ -139,6 +139,9 @@ class Node:
                 s.host, s.http_port,
                 HttpHooks(readiness=self.readiness, metrics=self._render_metrics),
                 ssl_context=ssl_context,
+                limits=HttpLimits(header_timeout_s=s.http_header_timeout_s,
+                                  keepalive_s=s.http_keepalive_s,
+                                  max_per_peer=s.max_connections_per_ip),
             )
             self.http.add_route("GET", "/ws", self.ws.handle)
             self.sse = SseBridge(self.ctx)

@@ -137,8 +137,14 @@ def _banner(node: Any) -> str:
 
 
 async def _run(settings: Settings) -> int:
+    from bridge.http_guard import raise_open_files_limit
     from node.app import Node  # the composition root imports everything: only when running
 
+    # One descriptor per client socket: take all the kernel allows (the node's HTTP port keeps
+    # a reserve of them for NATS and files, see bridge/http_guard.py).
+    before, after = raise_open_files_limit()
+    if after != before:
+        logging.getLogger("node").info("= descriptor limit raised from %d to %d", before, after)
     node = Node(settings)
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(node.start())

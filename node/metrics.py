@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actors import ActorSystem
+from bridge.http_guard import open_files, open_files_limit
 
 __all__ = ["CONTENT_TYPE", "NodeMetrics"]
 
@@ -80,6 +81,14 @@ class _NodeCollector(Collector):
                 fam = CounterMetricFamily(name, help_)
                 fam.add_metric([], value)
                 yield fam
+        if node.mqtt_external is not None:
+            fam = CounterMetricFamily(
+                "rtnode_broker_refused_uplinks",
+                "External broker uplinks refused for a topic naming no valid device id",
+                labels=["reason"])
+            for reason, n in sorted(node.mqtt_external.refused_topics.items()):
+                fam.add_metric([reason], n)
+            yield fam
         ctx = node.ctx
         if ctx is None:
             return
@@ -128,6 +137,47 @@ class _NodeCollector(Collector):
                 yield fam
 
 
+class _HttpCollector(Collector):
+    """The HTTP port's edge: open connections, refusals and head deadlines, descriptors."""
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        http = self._node.http
+        if http is None:
+            return
+        guard = http.guard
+        for name, help_, value in (
+            ("rtnode_http_connections", "Open HTTP connections (WebSocket and SSE included)",
+             guard.open),
+            ("rtnode_http_peers", "Peer addresses with an open HTTP connection", guard.peers),
+            ("rtnode_http_connections_max", "Open HTTP connections allowed by the descriptor "
+             "limit", guard.max_open),
+            ("rtnode_open_fds_limit", "The process's descriptor limit (soft RLIMIT_NOFILE)",
+             open_files_limit()),
+            ("rtnode_open_fds", "Descriptors open in the process", open_files()),
+        ):
+            g = GaugeMetricFamily(name, help_)
+            g.add_metric([], value)
+            yield g
+        accepted = CounterMetricFamily("rtnode_http_accepted", "HTTP connections admitted")
+        accepted.add_metric([], guard.accepted)
+        yield accepted
+        refused = CounterMetricFamily(
+            "rtnode_http_refused", "HTTP connections refused at once (503), by reason: "
+            "per_peer (max_connections_per_ip) or descriptors (the descriptor limit)",
+            labels=["reason"])
+        for reason in ("per_peer", "descriptors"):
+            refused.add_metric([reason], guard.refused[reason])
+        yield refused
+        timeouts = CounterMetricFamily(
+            "rtnode_http_head_timeouts",
+            "HTTP connections closed (408) without a request head in http_header_timeout_s")
+        timeouts.add_metric([], guard.head_timeouts)
+        yield timeouts
+
+
 class _GaugeFn(Collector):
     def __init__(self, name: str, help_: str, fn: Callable[[], float]) -> None:
         self._name, self._help, self._fn = name, help_, fn
@@ -152,6 +202,7 @@ class NodeMetrics:
     def node_gauges(self, node: Any) -> None:
         """Export the node's connection, room and store figures (read at scrape time)."""
         self.registry.register(_NodeCollector(node))
+        self.registry.register(_HttpCollector(node))
         self.publish_latency = Histogram(
             "rtnode_publish_stored_seconds",
             "Time from a publish's admission to its JetStream ack, every door",
