@@ -4,6 +4,7 @@ on the node's own origin (nothing is added to the node for the tests).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -94,13 +95,38 @@ async def open_test_page(context: Any, node: Any) -> Any:
 
 
 async def load_test_page(page: Any, node: Any, *, reload: bool = False) -> None:
-    """(Re)load the test page: a reload starts a fresh JavaScript realm, same sessionStorage."""
+    """(Re)load the test page: a reload starts a fresh JavaScript realm, same sessionStorage.
+
+    The test page stands for an app's page, which has inline scripts: the node's
+    Content-Security-Policy (sent with every response, this one too) would refuse them, so
+    its context is made with :func:`app_context`.
+    """
     if reload:
         await page.reload()
     else:
         await page.goto(f"{base_url(node)}/rtnode.d.ts")
     await page.set_content(TEST_PAGE)
     await page.wait_for_function("window.rtReady === true", timeout=WAIT_MS)
+
+
+async def app_context(browser: Any, **options: Any) -> Any:
+    """A browser context for the test page: an app's page, under the app's policy, not the
+    node's (the console's pages, under the node's policy, use a plain context)."""
+    return await browser.new_context(bypass_csp=True, **options)
+
+
+async def wait_js(page: Any, expression: str, arg: Any = None, timeout: int = WAIT_MS) -> None:
+    """Wait until ``expression`` (or the function it defines, called with ``arg``) is truthy.
+
+    For the node's own pages: Playwright's ``wait_for_function`` compiles its predicate with
+    ``eval`` in the page, which their Content-Security-Policy refuses, as it should; this polls
+    with ``page.evaluate`` (DevTools, outside the page's policy) instead.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout / 1000
+    while not await page.evaluate(expression, arg):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} ms waiting for {expression}")
+        await asyncio.sleep(0.05)
 
 
 async def wait_count(page: Any, room: str, n: int, timeout: int = WAIT_MS) -> None:

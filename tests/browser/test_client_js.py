@@ -10,6 +10,7 @@ import pytest
 
 from tests.browser.conftest import (
     WAIT_MS,
+    app_context,
     base_url,
     load_test_page,
     open_test_page,
@@ -35,7 +36,7 @@ async def publish_raw(client: RawClient, room: str, n: int, start: int = 0) -> l
 async def test_two_pages_in_one_room_see_each_other(make_node: Any, browser: Any) -> None:
     node = await make_node()
     room = unique("chat")
-    context = await browser.new_context()
+    context = await app_context(browser)
     p1 = await open_test_page(context, node)
     p2 = await open_test_page(context, node)
     await p1.evaluate("(a) => start(a)", {"token": token("alice"), "rooms": [room]})
@@ -62,7 +63,7 @@ async def test_offline_page_gets_exactly_the_missed_events_and_so_does_a_reload(
     node = await make_node()
     room = unique("feed")
     pub = await RawClient.connected(ws_url(node), token("publisher"))
-    context = await browser.new_context()
+    context = await app_context(browser)
     page = await open_test_page(context, node)
     await page.evaluate("(a) => start(a)", {"token": token("carol"), "rooms": [room],
                                             "persist": True})
@@ -107,7 +108,7 @@ async def test_rpc_between_pages_devices_and_the_server(make_node: Any, browser:
                                "result": {"t": 21.5, "asked": f["params"], "by": f["from"]}})
 
     answering = asyncio.create_task(answer_device())
-    context = await browser.new_context()
+    context = await app_context(browser)
     page = await open_test_page(context, node)
     client_id = await page.evaluate(
         "(a) => start(a)",
@@ -143,7 +144,7 @@ async def test_rpc_between_pages_devices_and_the_server(make_node: Any, browser:
 async def test_cbor_page_and_json_page_share_a_room(make_node: Any, browser: Any) -> None:
     node = await make_node()
     room = unique("mixed")
-    context = await browser.new_context()
+    context = await app_context(browser)
     cbor_page = await open_test_page(context, node)
     json_page = await open_test_page(context, node)
     await cbor_page.evaluate("(a) => start(a)", {"token": token("fay"), "rooms": [room],

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import WAIT_MS, base_url
+from tests.browser.conftest import WAIT_MS, base_url, wait_js
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ async def stat(page: Any, name: str) -> float:
 
 
 async def wait_stat_above(page: Any, name: str, value: float) -> None:
-    await page.wait_for_function(
+    await wait_js(page,
         "([n, v]) => Number(document.querySelector(`[data-stat=\"${n}\"]`).textContent) > v",
         arg=[name, value], timeout=WAIT_MS,
     )
@@ -34,7 +34,12 @@ async def test_console_live_view_and_room_view(
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    await page.goto(base_url(node) + "/")
+    # The console works under the node's Content-Security-Policy: nothing it does is refused.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
+    response = await page.goto(base_url(node) + "/")
+    assert response is not None
+    assert "script-src 'self'" in response.headers["content-security-policy"]
     dev_button = page.get_by_role("button", name="Use a development token")
     await dev_button.wait_for(state="visible", timeout=WAIT_MS)
     await dev_button.click()
@@ -57,7 +62,7 @@ async def test_console_live_view_and_room_view(
     await wait_stat_above(page, "rooms", 0)
     transports = await page.text_content("#by-transport")
     assert "ws/json" in (transports or "")
-    await page.wait_for_function(
+    await wait_js(page,
         "document.getElementById('chart').getAttribute('aria-label').startsWith('Events per')",
         timeout=WAIT_MS)
     await page.screenshot(path=str(tmp_path / "console-1280.png"), full_page=True)
@@ -65,20 +70,20 @@ async def test_console_live_view_and_room_view(
     # The room view: history, live events, presence, publish, rpc.
     await page.get_by_label("Room name").fill(room)
     await page.get_by_role("button", name="Open", exact=True).click()
-    await page.wait_for_function(
+    await wait_js(page,
         "document.querySelectorAll('#history li[data-seq]').length === 5", timeout=WAIT_MS)
-    await page.wait_for_function(
+    await wait_js(page,
         "document.getElementById('presence').textContent.includes('dev-console')",
         timeout=WAIT_MS)
     await clients[0].request({"type": "publish", "room": room, "event": "live",
                               "data": {"hello": "console"}})
-    await page.wait_for_function(
+    await wait_js(page,
         "document.querySelector('#events li[data-event=\"live\"] pre')"
         "?.textContent.includes('\"hello\": \"console\"')", timeout=WAIT_MS)
     await page.get_by_label("Event name").fill("from-console")
     await page.get_by_label("Data (JSON)").fill('{"n": 42}')
     await page.get_by_role("button", name="Publish").click()
-    await page.wait_for_function(
+    await wait_js(page,
         "document.getElementById('pub-result').textContent.startsWith('published: seq')",
         timeout=WAIT_MS)
     got = await clients[1].events(7, room)  # 5 ticks, then these two
@@ -86,14 +91,14 @@ async def test_console_live_view_and_room_view(
     assert got[6]["data"] == {"n": 42} and got[6]["from"]["user"] == "dev-console"
     await page.get_by_label("Params (JSON)").fill('{"ping": "pong"}')
     await page.get_by_role("button", name="Call").click()
-    await page.wait_for_function(
+    await wait_js(page,
         "document.getElementById('rpc-result').dataset.ok === 'true'", timeout=WAIT_MS)
     assert '"ping": "pong"' in (await page.text_content("#rpc-result") or "")
     await page.screenshot(path=str(tmp_path / "room-1280.png"), full_page=True)
 
     # 390 px wide: one column, nothing wider than the screen.
     await page.set_viewport_size({"width": 390, "height": 844})
-    await page.wait_for_function(
+    await wait_js(page,
         "document.documentElement.scrollWidth <= 390", timeout=WAIT_MS)
     await page.screenshot(path=str(tmp_path / "console-390.png"), full_page=True)
     assert errors == []
@@ -108,13 +113,13 @@ async def test_dev_token_only_in_dev_mode(make_node: Any, browser: Any) -> None:
     page = await context.new_page()
     await page.goto(base_url(node) + "/")
     await page.get_by_role("heading", name="Sign in").wait_for(timeout=WAIT_MS)
-    await page.wait_for_function("window.fetch !== undefined", timeout=WAIT_MS)
+    await wait_js(page, "window.fetch !== undefined", timeout=WAIT_MS)
     assert await page.get_by_role("button", name="Use a development token").is_hidden()
     status = await page.evaluate("fetch('/dev/token', {method: 'POST'}).then(r => r.status)")
     assert status == 404
     # A plain token signs in; without join on sys:* the console says there are no stats.
     await page.get_by_label("Token (JWT)").fill(token("viewer", rooms={"chat:*": ["join"]}))
     await page.get_by_role("button", name="Sign in").click()
-    await page.wait_for_function(
+    await wait_js(page,
         "document.getElementById('stats-note').textContent.includes('4003')", timeout=WAIT_MS)
     await context.close()
