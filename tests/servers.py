@@ -84,10 +84,15 @@ def pid_alive(pid: int) -> bool:
 
 
 class NatsProcess:
-    """A nats-server with JetStream; can be killed and restarted on the same port and store."""
+    """A nats-server with JetStream; can be killed and restarted on the same port and store.
 
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    ``args`` are more flags for the server (``--user u --pass p``, ``--auth TOKEN``, ``-c FILE``).
+    """
+
+    def __init__(self, store: Path, port: int | None = None, args: list[str] | None = None
+                 ) -> None:
         self.store = store
+        self.args = list(args or [])
         fresh = free_ports(2)
         self.port = port or fresh[0]
         self.monitor_port = fresh[1]
@@ -102,7 +107,7 @@ class NatsProcess:
         log = open(self.store / "server.log", "ab")
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port),
-             "-m", str(self.monitor_port), "-js", "-sd", str(self.store)],
+             "-m", str(self.monitor_port), "-js", "-sd", str(self.store), *self.args],
             stdout=log, stderr=log,
         )
         log.close()

@@ -9,6 +9,7 @@ and a node with the compose file's settings stores and serves events on it with 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -30,6 +31,7 @@ from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 pytestmark = pytest.mark.integration
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
+NATS_PASSWORD = "compose-test-nats-password"
 
 
 def compose() -> dict[str, Any]:
@@ -81,6 +83,10 @@ def test_compose_passes_only_real_settings_and_flags() -> None:
 # -- (b) the same NATS cluster, as local processes --------------------------------------------
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's error callback, silent: the refusals are expected."""
+
+
 class Server:
     def __init__(self, index: int, conf: str, ports: list[int]) -> None:
         self.index = index
@@ -124,8 +130,10 @@ def cluster(tmp_path: Path) -> Iterator[list[Server]]:
             conf = tmp_path / f"n{s.index}.conf"
             conf.write_text(remap(s, servers, tmp_path / f"n{s.index}"))
             log = open(tmp_path / f"n{s.index}.log", "ab")
+            # The servers require a user and password: the one compose gives them and the nodes.
             s.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
-                                      stdout=log, stderr=log)
+                                      stdout=log, stderr=log,
+                                      env={**os.environ, "NATS_PASSWORD": NATS_PASSWORD})
             log.close()
 
         def meta_leader() -> bool:
@@ -158,6 +166,7 @@ async def test_node_with_compose_settings_on_the_compose_cluster(
         "RTNODE_DATA_DIR": str(tmp_path / "rtnode1"),
         "RTNODE_JWT_SECRET": SECRET,  # compose takes it from the host's environment
         "RTNODE_API_KEY": "",
+        "RTNODE_NATS_PASSWORD": NATS_PASSWORD,  # compose: from the host's environment too
     }
     for key, value in {**env, **local}.items():
         monkeypatch.setenv(key, str(value))
@@ -182,7 +191,8 @@ async def test_node_with_compose_settings_on_the_compose_cluster(
         assert [e["seq"] for e in history["events"]] == [reply["seq"]]
         await client.ws.close()
 
-        nc = await nats.connect(servers=[s.url for s in cluster])
+        nc = await nats.connect(servers=[s.url for s in cluster], user="rtnode",
+                                password=NATS_PASSWORD)
         try:
             js = nc.jetstream()
             info = await js.stream_info("RTNODE_ROOMS")
@@ -192,6 +202,12 @@ async def test_node_with_compose_settings_on_the_compose_cluster(
             assert kv.config.num_replicas == 3
         finally:
             await nc.close()
+        # Without the password, a client (another container) gets nothing from the servers.
+        for creds in ({}, {"user": "rtnode", "password": "guess"}):
+            with pytest.raises(Exception, match="Authorization Violation"):
+                await nats.connect(servers=[s.url for s in cluster], allow_reconnect=False,
+                                   max_reconnect_attempts=1, connect_timeout=2,
+                                   error_cb=_quiet, **creds)
         assert startup < 15, startup
     finally:
         await node.stop()

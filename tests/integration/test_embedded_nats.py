@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.nats_server import EmbeddedNats
+from node.nats_server import EmbeddedNats, free_port
 from node.protocol.errors import ConfigError
 from node.protocol.settings import load_settings
 from tests.servers import http_get
@@ -22,14 +22,15 @@ async def _jetstream_config(server: EmbeddedNats) -> dict[str, object]:
 
 
 async def test_every_stored_event_is_synced_by_default(tmp_path: Path) -> None:
-    async with EmbeddedNats(tmp_path / "a", sync=load_settings().nats_sync) as server:
+    async with EmbeddedNats(tmp_path / "a", sync=load_settings().nats_sync,
+                            monitor_port=free_port()) as server:
         config = await _jetstream_config(server)
     assert config["sync_always"] is True
     assert str(config["store_dir"]).startswith(str(tmp_path / "a"))
 
 
 async def test_an_interval_may_be_chosen(tmp_path: Path) -> None:
-    async with EmbeddedNats(tmp_path / "b", sync="2m") as server:
+    async with EmbeddedNats(tmp_path / "b", sync="2m", monitor_port=free_port()) as server:
         config = await _jetstream_config(server)
     assert not config.get("sync_always", False)
     assert config["sync_interval"] == 120 * 10**9

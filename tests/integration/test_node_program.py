@@ -18,9 +18,15 @@ from tests.servers import NatsProcess, NodeProcess, children_of, http_get, pid_a
 pytestmark = pytest.mark.integration
 
 
-def _stream_created(url: str) -> str:
+def _stream_created(url: str, data_dir: Path) -> str:
+    """The stream's creation time, read through the node's embedded NATS with its credentials."""
+    from bridge.nats_auth import read_connection_file
+
+    endpoint = read_connection_file(data_dir)
+    assert endpoint is not None and endpoint.url == url
+
     async def read() -> str:
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **endpoint.auth.connect_options())
         try:
             info = await nc.jetstream().stream_info(STREAM_NAME)
             return str(info.created)
@@ -40,7 +46,7 @@ def test_embedded_start_stop_and_reuse(tmp_path: Path) -> None:
             node.wait_ready(15)
             kids = children_of(node.proc.pid)
             assert len(kids) == 1, "exactly one child: the embedded nats-server"
-            created.append(_stream_created(f"nats://127.0.0.1:{nats_port}"))
+            created.append(_stream_created(f"nats://127.0.0.1:{nats_port}", data))
             status, body = http_get(node.base + "/metrics")
             assert status == 200 and b"rtnode_nats_connected 1.0" in body
             assert http_get(node.base + "/healthz")[0] == 200
