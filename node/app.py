@@ -69,6 +69,8 @@ class Node:
         self.system = ActorSystem(name=self.name)
         self.metrics = NodeMetrics(self.system)
         self.embedded: EmbeddedNats | None = None
+        # External NATS: credentials and TLS checked now, so a bad file is one line at start.
+        self.nats_auth = None if settings.embedded_nats else NatsAuth.from_settings(settings)
         self.nats: NatsLink | None = None
         self.http: HttpBridge | None = None
         self.store: JetStreamRoomStore | None = None
@@ -115,7 +117,7 @@ class Node:
                     max_msg_bytes=s.max_frame_bytes * 2,
                 ),
                 connect_timeout_s=s.nats_connect_timeout_s,
-                auth=self.embedded.auth if self.embedded else NatsAuth.from_settings(s),
+                auth=self.embedded.auth if self.embedded else self.nats_auth,
             )
             await self._stack.enter_async_context(self.nats)
             self.nats.on_reconnected.append(self._check_rooms)
