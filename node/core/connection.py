@@ -144,7 +144,7 @@ class ConnectionActor(Actor):
             verify=ctx.tokens.verify, admit=ctx.admission.admit, principal=principal,
             door="ws" if transport.kind == "ws" else "tunnel", now=time.monotonic(),
             joined_at_ms=int(time.time() * 1000), presence=ctx.presence is not None,
-            rpc=ctx.rpc is not None,
+            rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
         )
         self.members: dict[str, Membership] = {}
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
@@ -269,7 +269,8 @@ class ConnectionActor(Actor):
         elif kind is _RoomLost:
             self._room_lost(message)
         elif kind is PlainJoin:
-            session.receive_plain_join(message.room, (message.codec, message.transport))
+            session.receive_plain_join(message.room, (message.codec, message.transport),
+                                       time.monotonic())
         elif kind is PlainLeave:
             session.receive_plain_leave(message.room)
         elif kind is _RpcIn:
@@ -293,7 +294,8 @@ class ConnectionActor(Actor):
         member = self.members.get(msg.room)
         if member is not None:
             log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, member.cursor)
-        self.session.receive_room_lost(msg.room, member.cursor if member else 0, epoch)
+        self.session.receive_room_lost(msg.room, member.cursor if member else 0, epoch,
+                                       time.monotonic())
 
     # -- executing commands ----------------------------------------------------------------
 
@@ -361,9 +363,17 @@ class ConnectionActor(Actor):
     # -- rooms -----------------------------------------------------------------------------
 
     def _tell_room(self, room: str, message: Any) -> None:
+        """Tell ``room`` (spawned for a join; a leave goes only to a room that runs: one that
+        stopped has forgotten the member already)."""
         assert self.principal is not None
+        tenant = self.principal.tenant
         try:
-            self.ctx.room_ref(self.principal.tenant, room).tell(message)
+            if isinstance(message, Leave):
+                ref = self.ctx.running_room(tenant, room)
+                if ref is not None:
+                    ref.tell(message)
+            else:
+                self.ctx.room_ref(tenant, room).tell(message)
         except ActorError:  # the room is stopping, or the whole system is
             log.debug("! room %s unavailable for %s", room, self.client_id)
 

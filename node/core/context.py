@@ -74,11 +74,26 @@ class NodeContext:
             history_size=policy.history_size, recovery_max=policy.recovery_max,
             presence=policy.presence,
             trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
+            idle_s=self.settings.room_idle_s,
         )
         return self.system.get_or_spawn(
-            f"room:{tenant}:{room}",
+            _room_name(tenant, room),
             lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters),
         )
+
+    def running_room(self, tenant: str, room: str) -> Any:
+        """The room actor of ``room`` if it runs, else None (nothing is spawned)."""
+        return self.system.get(_room_name(tenant, room))
+
+    def may_open_room(self, tenant: str, room: str) -> bool:
+        """Whether a join of ``room`` may go ahead: its room actor runs already, or the node
+        runs fewer than ``max_rooms`` (a join beyond it is refused with 4503)."""
+        return (self.counters.rooms < self.settings.max_rooms
+                or self.running_room(tenant, room) is not None)
+
+
+def _room_name(tenant: str, room: str) -> str:
+    return f"room:{tenant}:{room}"
 
 
 @dataclass(frozen=True, slots=True)

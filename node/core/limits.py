@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["ErrorWindow", "TokenBucket"]
+__all__ = ["ErrorWindow", "SlidingWindow", "TokenBucket"]
 
 
 class TokenBucket:
@@ -36,23 +36,55 @@ class TokenBucket:
         return False
 
 
-class ErrorWindow:
+class SlidingWindow:
+    """Counts what happened in the last ``window_s`` seconds, up to a limit.
+
+    Holds at most ``limit + 1`` times: memory stays bounded whatever the caller does.
+
+    Args:
+        limit: How many are allowed within any ``window_s``.
+        window_s: The window, in seconds.
+    """
+
+    __slots__ = ("_times", "limit", "window_s")
+
+    def __init__(self, limit: int, window_s: float = 60.0) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def _forget(self, now: float) -> None:
+        times = self._times
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+
+    def full(self, now: float) -> bool:
+        """Whether ``limit`` already happened within the window (one more would be too many)."""
+        self._forget(now)
+        return len(self._times) >= self.limit
+
+    def add(self, now: float) -> bool:
+        """Record one at ``now``; True when more than ``limit`` fell within the window."""
+        self._times.append(now)
+        self._forget(now)
+        while len(self._times) > self.limit + 1:
+            self._times.popleft()
+        return len(self._times) > self.limit
+
+
+class ErrorWindow(SlidingWindow):
     """Counts errors in the last minute; ``add`` says whether the tolerance is exceeded.
 
     Args:
         max_per_min: Errors tolerated within any 60 s.
     """
 
-    __slots__ = ("_times", "max_per_min")
+    __slots__ = ()
 
     def __init__(self, max_per_min: int) -> None:
-        self.max_per_min = max_per_min
-        self._times: deque[float] = deque()
+        super().__init__(max_per_min, 60.0)
 
-    def add(self, now: float) -> bool:
-        """Record one error at ``now``; True when more than ``max_per_min`` fell within 60 s."""
-        times = self._times
-        times.append(now)
-        while times and times[0] <= now - 60.0:
-            times.popleft()
-        return len(times) > self.max_per_min
+    @property
+    def max_per_min(self) -> int:
+        """Errors tolerated within any 60 s."""
+        return self.limit

@@ -11,20 +11,34 @@ Fan-out is encode-once: a frame is encoded once per codec in use, and the same b
 to each member's :class:`~node.core.outbox.Outbox` (no coroutine hop per member). A member joining
 with ``since`` is held while its replay is read; live events arriving meanwhile are kept for it
 and sent after the replay, filtered by its cursor, so the switch-over has no gap and no duplicate.
+
+A room without members stops after ``RoomSettings.idle_s`` (``room_idle_s``, default 1 s), live
+traffic or not: an empty room costs two NATS subscriptions and its actor, and a client
+churning through rooms must not keep thousands of them alive. It stops only when its mailbox
+is empty, in the same step as the decision (a join told a moment earlier keeps it running; one
+told later finds the name free and starts a fresh room). ``RoomCounters.rooms`` counts the
+room actors that run, for the node's ``max_rooms``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from actors.actor import Actor, RestartPolicy
+from actors.errors import ActorError
 from actors.mailbox import Overflow
-from node.core.outbox import Outbox
 from node.core.ports import LiveFeed, LiveMessage, RoomStore, StoredEvent, StoreError, Subscription
+from node.core.room_messages import (
+    CheckGap,
+    Join,
+    Leave,
+    Membership,
+    RoomCounters,
+    RoomSettings,
+)
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict, error_frame
 
@@ -42,74 +56,8 @@ log = logging.getLogger("node.core.room")
 
 
 @dataclass(frozen=True, slots=True)
-class RoomSettings:
-    """Policy of one room, from its namespace."""
-
-    history_size: int = 10000
-    recovery_max: int = 10000
-    presence: bool = True
-    trim_to: int | None = None  # a namespace's history_size below the stream's: trim to it
-
-
-@dataclass
-class RoomCounters:
-    """Counters shared by every room of a node (exported as metrics)."""
-
-    delivered: int = 0
-    events_in: int = 0
-    gap_repairs: int = 0
-    replayed: int = 0
-    live_dropped: int = 0
-    undeliverable: int = 0  # stored messages that are not event maps: skipped
-
-
-@dataclass(eq=False, slots=True)
-class Membership:
-    """One connection's place in one room.
-
-    Created by the connection, owned by the room while joined: only the room writes ``cursor``
-    (the last seq delivered). The connection reads it after the room is gone, to rejoin with
-    ``since`` when a room actor had to be rebuilt.
-    """
-
-    client_id: str
-    outbox: Outbox
-    on_room_lost: Callable[[str], None]
-    presence: bool = False
-    cursor: int = 0
-    replaying: bool = False
-    # Live frames that arrived during the replay, with the room's per-codec encodings of each:
-    # members joining together still cost one encoding per codec per event.
-    held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] = field(
-        default_factory=list)
-    # Called by the room when it takes the member in (its live feed is subscribed by then):
-    # the connection holds its publishes to the room until then, so that a client's own
-    # events, sent right after its join, are stored after the room's position and reach it.
-    on_in_room: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    """Add a member. The room answers ``joined`` (unless ``silent``) through its outbox."""
-
-    member: Membership
-    since_seq: int | None = None
-    since_epoch: str | None = None
-    request_id: str | int | None = None
-    silent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    """Remove a member (no reply; the connection answers ``left`` itself)."""
-
-    member: Membership
-
-
-@dataclass(frozen=True, slots=True)
-class CheckGap:
-    """The live feed may have lost events (e.g. after a NATS reconnect): compare with the store
-    and read back what is missing, even if no later live event reveals the gap."""
+class _IdleCheck:
+    """The room may have been empty for ``idle_s``: look (see ``RoomActor._idle``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +100,9 @@ class RoomActor(Actor):
     on_overflow = Overflow.CALLBACK
     batch_size = 256
     restart = RestartPolicy(max_restarts=5, window_s=60, min_backoff_s=0.1, max_backoff_s=5)
-    idle_timeout_s = 30.0
+    # No passivation by the runtime: its idle timer restarts with every message, and an empty
+    # room with live traffic would never stop. The room stops itself (``_idle``).
+    idle_timeout_s = None
 
     def __init__(
         self,
@@ -176,8 +126,20 @@ class RoomActor(Actor):
         self._backlog: list[LiveMessage] = []
         self._since_trim = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # When the room last became empty (loop time; None: it has members), and the timer
+        # that looks again once it may have been empty for idle_s.
+        self._empty_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # Counted from here to on_stop (or a failed on_start): what runs, restarts included.
+        self._counted = True
+        counters.rooms += 1
 
     # -- life ------------------------------------------------------------------------------
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.counters.rooms -= 1
 
     async def on_start(self) -> None:
         # Subscribe first, then read the latest seq: nothing stored in between can be missed,
@@ -185,10 +147,20 @@ class RoomActor(Actor):
         # member's joined seq). A client's own publishes sent right after its join are held by
         # its connection until this room has taken the join in (Membership.on_in_room), so
         # they are stored after this position and reach it.
-        self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
-        self.last_seq = await self.store.last_seq(self.tenant, self.room)
+        try:
+            self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
+            self.last_seq = await self.store.last_seq(self.tenant, self.room)
+        except BaseException:
+            self._uncount()  # no on_stop for an instance that did not start
+            raise
+        self._empty_since = asyncio.get_running_loop().time()  # its first join is queued
+        self._arm_idle(self.settings.idle_s)
 
     async def on_stop(self) -> None:
+        self._uncount()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for task in self._tasks:
             task.cancel()
         if self._sub is not None:
@@ -211,7 +183,40 @@ class RoomActor(Actor):
             log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
 
     def _on_live_message(self, msg: LiveMessage) -> None:
-        self.ref.tell(msg)
+        try:
+            self.ref.tell(msg)
+        except ActorError:
+            pass  # stopped, its subscription not ended yet: it had no members
+
+    def _arm_idle(self, delay: float) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_due)
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        try:
+            self.ref.tell(_IdleCheck())
+        except ActorError:
+            pass  # stopping already
+
+    async def _idle(self) -> None:
+        """After each message of a room without members: stop once it has been empty for
+        ``idle_s`` and nothing waits in its mailbox; else look again later."""
+        now = asyncio.get_running_loop().time()
+        if self._empty_since is None:
+            self._empty_since = now
+        left = self._empty_since + self.settings.idle_s - now
+        if left > 0:
+            if self._idle_timer is None:
+                self._arm_idle(left)
+            return
+        if self.ref.queued:
+            return  # looked at again after the queued messages (a join among them keeps it)
+        log.debug("= room %s: no members for %.1f s, stopping", self.room, self.settings.idle_s)
+        # Synchronous up to here and in stop(): no message can slip in between the look at the
+        # mailbox and the name being freed.
+        await self.ref.stop(drain=False)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"room[{self.room}].{name}")
@@ -238,8 +243,12 @@ class RoomActor(Actor):
                 self._repairing = True
                 self.counters.gap_repairs += 1
                 self._spawn(self._repair(self.last_seq, message.seq + 1), "repair")
-        else:
+        elif not isinstance(message, _IdleCheck):
             raise TypeError(f"unexpected message {type(message).__name__}")
+        if not self.members:
+            await self._idle()
+        elif self._empty_since is not None:
+            self._empty_since = None
         return None
 
     # -- live path -------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 The session holds the protocol rules of PROTOCOL.md sections 1, 4 and 5 for one connection:
 ``connect`` first, token verification, refresh and expiry, rights on every action, the error
-window, room limits, held publishes right after a join, rpc bookkeeping and the volatile
-throttle. It never awaits, never reads a clock and never touches a socket, a room or NATS: it
-takes frames, results and the time, and returns :data:`Command` values that
-:class:`~node.core.connection.ConnectionActor` executes, in order::
+tolerance, the request and room limits, held publishes right after a join, rpc bookkeeping,
+and the volatile and presence throttles. It never awaits, never reads a clock and never
+touches a socket, a room or NATS: it takes frames, results and the time, and returns
+:data:`Command` values that :class:`~node.core.connection.ConnectionActor` executes, in
+order::
 
     session = ConnectionSession(settings, node_name="n1", client_id="c1",
                                 verify=tokens.verify, admit=admission.admit)
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.core.admission import Admitted, VolatileThrottle
-from node.core.limits import ErrorWindow, TokenBucket
+from node.core.limits import ErrorWindow, SlidingWindow, TokenBucket
 from node.core.session_commands import (
     AdmitConnection,
     CancelTimer,
@@ -72,6 +73,19 @@ _EXPIRY: TimerKey = ("expiry", "")
 
 Admit = Callable[..., Admitted]
 
+# Requests that cost the node work and take a token of the request bucket (request_rate_per_s,
+# request_burst). Publishes have their own bucket. Not counted: ``ack`` and ``reply``, which
+# answer what the node sent (events, rpcs) and so follow its pace, cost one lookup and no
+# reply, and provoke an error (counted by the error tolerance) when they name nothing.
+_REQUESTS = frozenset({Join, Leave, History, Presence, Rpc, Refresh, Ping})
+
+# Errors that are the node's or the network's fault: they never count toward the tolerance.
+_NOT_THE_CLIENTS_FAULT = frozenset({4500, 4503, 4504})
+
+
+def _any_room(tenant: str, room: str) -> bool:
+    return True
+
 
 class ConnectionSession(RoomRules, RpcRules):
     """The protocol state of one connection (see the module docstring for how to drive it).
@@ -89,13 +103,15 @@ class ConnectionSession(RoomRules, RpcRules):
         joined_at_ms: Wall-clock ms of the opening, for presence.
         presence: Whether the node tracks presence (a presence port exists).
         rpc: Whether the node relays rpcs between clients (an rpc port exists).
+        may_open_room: Whether a join of (tenant, room) may start that room on this node (it
+            runs already, or the node is below ``max_rooms``); default: always.
     """
 
     def __init__(
         self, settings: Settings, *, node_name: str, client_id: str,
         verify: Callable[[str], Principal], admit: Admit, principal: Principal | None = None,
         door: str = "ws", now: float = 0.0, joined_at_ms: int = 0, presence: bool = False,
-        rpc: bool = False,
+        rpc: bool = False, may_open_room: Callable[[str, str], bool] = _any_room,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -109,7 +125,10 @@ class ConnectionSession(RoomRules, RpcRules):
         self.rooms = {}
         self.plain = set()
         self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, now)
+        self.requests = TokenBucket(settings.request_rate_per_s, settings.request_burst, now)
         self.errors = ErrorWindow(settings.max_errors_per_min)
+        self._room_joins = SlidingWindow(settings.rooms_per_min, 60.0)
+        self._may_open_room = may_open_room
         self._verify = verify
         self._admit = admit
         self._door = door
@@ -122,6 +141,7 @@ class ConnectionSession(RoomRules, RpcRules):
         self._held = {}
         self._throttle: VolatileThrottle[Admitted] = VolatileThrottle(
             settings.volatile_throttle_ms / 1000)
+        self._init_presence()
         self._rpc_serial = 0
         self._rpc_in = {}
         self._rpc_out = {}
@@ -144,9 +164,12 @@ class ConnectionSession(RoomRules, RpcRules):
             self._disconnect(code, reason, code == 4010)
             return
         self._send(error_frame(code, reason, id=request_id, retry=retry))
-        # PROTOCOL.md section 5: 4000 and 4009 end the connection beyond the tolerance.
-        if code in (4000, 4009) and self.errors.add(now):
-            self._disconnect(code, "too many errors", code == 4009)
+        # PROTOCOL.md section 5 ends the connection beyond the tolerance for 4000 and 4009; any
+        # error the client's own frames provoke counts (4003, 4004, 4013, 4029...), else one
+        # could be provoked without end. Beyond it: 4000 for a malformed last frame (do not
+        # reconnect with the same bug), 4009 with reconnect for everything else.
+        if code not in _NOT_THE_CLIENTS_FAULT and self.errors.add(now):
+            self._disconnect(code if code == 4000 else 4009, "too many errors", code != 4000)
 
     # -- life ------------------------------------------------------------------------------
 
@@ -183,7 +206,7 @@ class ConnectionSession(RoomRules, RpcRules):
         self._schedule_expiry(now)
         personal = principal.personal_room
         if personal is not None:
-            self._join_room(personal, None, None, None, presence=False, silent=True)
+            self._join_room(personal, None, None, None, now, presence=False, silent=True)
         if announce:
             self._announced = True
             self._send_connected(request_id)
@@ -207,8 +230,10 @@ class ConnectionSession(RoomRules, RpcRules):
         for room, presence in self.rooms.items():
             self._commands.append(LeaveRoom(room))
             if self.connected:
-                self._presence_off(room, presence, announce=True)
+                self._presence_end(room, presence)
         self.rooms.clear()
+        if self.connected:
+            self._say_goodbye()
         for room in sorted(self.plain):
             self._commands.append(LeavePlainRoom(room))
         self.plain.clear()
@@ -232,7 +257,10 @@ class ConnectionSession(RoomRules, RpcRules):
                 # PROTOCOL.md section 1: anything but a connect first ends the connection.
                 self._disconnect(4001, "connect must be the first frame", False)
             else:
-                handler = self._handlers.get(type(frame))
+                kind = type(frame)
+                if kind in _REQUESTS and not self.requests.take(now):
+                    raise ProtocolError(4009, "too many requests, retry later", retry=True)
+                handler = self._handlers.get(kind)
                 if handler is not None:
                     handler(frame, now)
         except ProtocolError as exc:
@@ -326,6 +354,8 @@ class ConnectionSession(RoomRules, RpcRules):
             self._disconnect(4010, "token expired", True)
         elif kind == "held":
             self._release(name)
+        elif kind == "presence":
+            self._flush_presence(name, now)
         elif kind == "volatile":
             admitted = self._throttle.flush(name, now)
             if admitted is not None:

@@ -1,31 +1,33 @@
 """The room rules of a :class:`~node.core.session.ConnectionSession`: joins with their rights
-and limit, leaves, rejoins after a room actor restart, plain subscriptions, presence, and the
-publishes held right after a join. Pure, like the session it is part of."""
+and limits, leaves, rejoins after a room actor restart, plain subscriptions, and the publishes
+held right after a join. Pure, like the session it is part of.
+
+Joining a room the connection is not in counts toward ``rooms_per_min`` (beyond it: 4009 with
+retry), and a join that would start a room actor beyond the node's ``max_rooms`` is refused
+with 4503 with retry, the connection staying open. Rejoins the node makes by itself (after a
+room actor restart, the personal room at connect) are never refused: they start nothing new.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from node.core.admission import Admitted
+from node.core.limits import SlidingWindow
 from node.core.session_commands import (
-    AnnouncePresence,
     CancelTimer,
-    CommandQueue,
     JoinPlainRoom,
     JoinRoom,
     LeavePlainRoom,
     LeaveRoom,
-    PresenceAdd,
-    PresenceRemove,
-    PresenceWatch,
     StartTimer,
     StorePublish,
 )
+from node.core.session_presence import PresenceRules
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import Join, Leave
-from node.protocol.settings import Settings
-from node.protocol.tokens import Principal
 
 __all__ = ["JOIN_WAIT_S", "RoomRules"]
 
@@ -36,65 +38,48 @@ log = logging.getLogger("node.core.session")
 JOIN_WAIT_S = 5.0
 
 
-class RoomRules(CommandQueue):
+class RoomRules(PresenceRules):
     """Rooms of one connection (a part of ``ConnectionSession``, which sets the state)."""
 
-    settings: Settings
-    principal: Principal | None
-    client_id: str
-    node_name: str
     connected: bool
     #: Joined rooms -> whether the member asked for presence events.
     rooms: dict[str, bool]
     #: Plain subscriptions (MQTT ``rooms/<room>``), apart from the rooms of the frames.
     plain: set[str]
-    _presence: bool
-    _joined_at: int
+    # Rooms joined (that the connection was not in) within the last minute.
+    _room_joins: SlidingWindow
+    # (tenant, room) -> whether the node may run that room: it runs already, or there is room
+    # for one more room actor (max_rooms).
+    _may_open_room: Callable[[str, str], bool]
     # Rooms joined but not yet taken in by their room, and the publishes held for them.
     _joining: set[str]
     _held: dict[str, list[tuple[Admitted, Any]]]
 
-    def _tracked(self, room: str) -> bool:
-        return (self._presence and not room.startswith("@")
-                and self.settings.room_policy(room).presence)
-
-    def member_info(self) -> dict[str, Any]:
-        """This connection as a presence member."""
-        assert self.principal is not None
-        return {"client_id": self.client_id, "user": self.principal.sub,
-                "kind": self.principal.kind, "node": self.node_name,
-                "joined_at": self._joined_at}
-
-    def _presence_on(self, room: str, presence: bool, *, announce: bool) -> None:
-        if not self._tracked(room):
-            return
-        if presence:
-            self._commands.append(PresenceWatch(room, True))
-        if announce:
-            member = self.member_info()
-            self._commands.append(PresenceAdd(room, member))
-            self._commands.append(AnnouncePresence(room, "presence:join", member))
-
-    def _presence_off(self, room: str, presence: bool, *, announce: bool) -> None:
-        if not self._tracked(room):
-            return
-        if presence:
-            self._commands.append(PresenceWatch(room, False))
-        if announce:
-            self._commands.append(PresenceRemove(room))
-            self._commands.append(AnnouncePresence(room, "presence:leave", self.member_info()))
-
     def _join_room(self, room: str, since_seq: int | None, since_epoch: str | None,
-                   request_id: Any, *, presence: bool, silent: bool) -> None:
+                   request_id: Any, now: float, *, presence: bool, silent: bool) -> None:
         old = self.rooms.pop(room, None)
         if old is not None:
             self._commands.append(LeaveRoom(room))
-            self._presence_off(room, old, announce=False)
+            self._presence_off(room, old, now, announce=False)
         self._joining.add(room)
         self.rooms[room] = presence
         self._commands.append(JoinRoom(room, since_seq, since_epoch, request_id, presence,
                                        silent))
-        self._presence_on(room, presence, announce=old is None)
+        self._presence_on(room, presence, now, announce=old is None)
+
+    def _open_room(self, room: str, now: float) -> None:
+        """Count a join of ``room`` (not joined yet), or raise why it cannot be.
+
+        Raises:
+            ProtocolError: 4009 beyond ``rooms_per_min``; 4503 when the room would be one room
+                actor too many on this node.
+        """
+        assert self.principal is not None
+        if self._room_joins.full(now):
+            raise ProtocolError(4009, "too many rooms joined, retry later", retry=True)
+        if not self._may_open_room(self.principal.tenant, room):
+            raise ProtocolError(4503, "too many rooms on this node, retry later", retry=True)
+        self._room_joins.add(now)
 
     def _join(self, frame: Join, now: float) -> None:
         assert self.principal is not None
@@ -102,36 +87,39 @@ class RoomRules(CommandQueue):
             raise ProtocolError(4003, "no join right on this room")
         if frame.presence and not self.principal.can("presence", frame.room):
             raise ProtocolError(4003, "no presence right on this room")
-        if frame.room not in self.rooms and len(self.rooms) >= (
-                self.settings.max_rooms_per_connection):
-            raise ProtocolError(4029, "too many rooms for this connection")
+        if frame.room not in self.rooms:
+            if len(self.rooms) >= self.settings.max_rooms_per_connection:
+                raise ProtocolError(4029, "too many rooms for this connection")
+            self._open_room(frame.room, now)
         since = frame.since
         self._join_room(frame.room, since.seq if since else None, since.epoch if since else None,
-                        frame.id, presence=frame.presence, silent=False)
+                        frame.id, now, presence=frame.presence, silent=False)
 
     def _leave(self, frame: Leave, now: float) -> None:
         self._release(frame.room)  # publishes sent before the leave are stored
         presence = self.rooms.pop(frame.room, None)
         if presence is not None:
             self._commands.append(LeaveRoom(frame.room))
-            self._presence_off(frame.room, presence, announce=True)
+            self._presence_off(frame.room, presence, now, announce=True)
         self._reply(frame.id, {"type": "left", "room": frame.room})
 
     def receive_room_joined(self, room: str) -> None:
         """The room took the current join of ``room`` in: release the publishes held for it."""
         self._release(room)
 
-    def receive_room_lost(self, room: str, cursor: int, epoch: str) -> None:
+    def receive_room_lost(self, room: str, cursor: int, epoch: str, now: float) -> None:
         """The room actor of a joined room stopped: rejoin from ``cursor`` (the last seq the
-        member got) in ``epoch`` (the store's), silently."""
+        member got) in ``epoch`` (the store's), silently (not counted as a join: the
+        connection was in the room)."""
         self._release(room)  # what was held for the lost join goes to the store now
         presence = self.rooms.get(room)
         if presence is not None:
-            self._join_room(room, cursor, epoch, None, presence=presence, silent=True)
+            self._join_room(room, cursor, epoch, None, now, presence=presence, silent=True)
 
-    def receive_plain_join(self, room: str, source: Any) -> None:
+    def receive_plain_join(self, room: str, source: Any, now: float) -> None:
         """Join ``room`` for a plain subscriber; ``source`` (the actor's, opaque here) comes
-        back in :class:`JoinPlainRoom`."""
+        back in :class:`JoinPlainRoom`. Counted like a join; what a join would be refused is
+        logged and skipped (the bridge answered the subscription already)."""
         principal = self.principal
         if principal is None or not self.connected:
             return
@@ -141,6 +129,12 @@ class RoomRules(CommandQueue):
             return
         if room in self.plain:
             return  # a repeated SUBSCRIBE replaces the subscription: the membership goes on
+        try:
+            self._open_room(room, now)
+        except ProtocolError as exc:
+            log.warning("! %s: plain subscription to %s refused: %s", self.client_id, room,
+                        exc.reason)
+            return
         self.plain.add(room)
         self._commands.append(JoinPlainRoom(room, None, None, source))
 

@@ -3,6 +3,7 @@ no sockets, no NATS). The admission pipeline is the real one; it never touches i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -60,12 +61,14 @@ def token(sub: str = "alice", *, ttl_s: float | None = 3600, kind: str = "user",
 
 
 def session(principal: Principal | None = None, *, presence: bool = True, rpc: bool = True,
+            may_open_room: Callable[[str, str], bool] = lambda tenant, room: True,
             **overrides: Any) -> ConnectionSession:
     s = settings(**overrides)
     return ConnectionSession(
         s, node_name="n1", client_id="c1", verify=TokenVerifier(secret=SECRET).verify,
         admit=Admission(s, None, None).admit,  # type: ignore[arg-type]
-        principal=principal, now=T0, joined_at_ms=1, presence=presence, rpc=rpc)
+        principal=principal, now=T0, joined_at_ms=1, presence=presence, rpc=rpc,
+        may_open_room=may_open_room)
 
 
 def feed(s: ConnectionSession, raw: dict[str, Any], now: float = T0) -> list[Command]:
@@ -246,15 +249,14 @@ def test_error_tolerance_ends_the_connection() -> None:
     assert error_codes(out) == [4000] and out[-1] == Close(4000, "too many errors", False)
 
 
-def test_error_window_forgets_after_a_minute_and_ignores_other_codes() -> None:
+def test_error_window_forgets_after_a_minute_and_ignores_the_nodes_faults() -> None:
     s = connected()
     for i in range(6):
         s.receive_invalid(4000, "bad field", i, now=T0 + 61 * i)
-    s.receive_invalid(4013, "frame too large", now=T0 + 400)
-    for _ in range(5):
-        s.receive_invalid(4013, "frame too large", now=T0 + 400)
+    for code in (4500, 4503, 4504) * 4:  # the node's or the network's fault: never counted
+        s.receive_failed(None, code, "x", True, now=T0 + 400)
     out = s.commands_to_send()
-    assert not of(out, Close) and error_codes(out) == [4000] * 6 + [4013] * 6
+    assert not of(out, Close) and error_codes(out) == [4000] * 6 + [4500, 4503, 4504] * 4
 
 
 def test_rate_limit_4009_then_disconnect_4009_with_reconnect() -> None:
@@ -316,7 +318,7 @@ def test_join_rights_and_room_limit() -> None:
 def test_leave() -> None:
     s = connected()
     joined(s, "chat:a")
-    out = feed(s, {"type": "leave", "id": 8, "room": "chat:a"})
+    out = feed(s, {"type": "leave", "id": 8, "room": "chat:a"}, now=T0 + 1)
     assert LeaveRoom("chat:a") in out and PresenceRemove("chat:a") in out
     assert of(out, AnnouncePresence)[0].name == "presence:leave"
     assert frames(out) == [{"type": "left", "room": "chat:a", "id": 8}]
@@ -335,11 +337,11 @@ def test_presence_off_for_personal_rooms_and_quiet_namespaces() -> None:
 def test_room_lost_rejoins_from_the_cursor_silently() -> None:
     s = connected()
     joined(s, "chat:a", presence=True)
-    s.receive_room_lost("chat:a", 42, "e2")
+    s.receive_room_lost("chat:a", 42, "e2", T0)
     out = s.commands_to_send()
     assert of(out, JoinRoom) == [JoinRoom("chat:a", 42, "e2", None, True, True)]
     assert not of(out, PresenceAdd)  # still present: no second presence:join
-    s.receive_room_lost("chat:gone", 1, "e2")
+    s.receive_room_lost("chat:gone", 1, "e2", T0)
     assert s.commands_to_send() == []
 
 
@@ -352,10 +354,10 @@ def test_ack() -> None:
 
 def test_plain_subscriptions() -> None:
     s = connected()
-    s.receive_plain_join("chat:a", "src")
+    s.receive_plain_join("chat:a", "src", T0)
     assert s.commands_to_send() == [JoinPlainRoom("chat:a", None, None, "src")]
-    s.receive_plain_join("chat:a", "src2")  # a repeated SUBSCRIBE: the membership goes on
-    s.receive_plain_join("other:a", "src")  # no right: refused
+    s.receive_plain_join("chat:a", "src2", T0)  # a repeated SUBSCRIBE: the membership goes on
+    s.receive_plain_join("other:a", "src", T0)  # no right: refused
     assert s.commands_to_send() == []
     s.receive_plain_room_lost("chat:a", 9, "e1")
     s.receive_plain_room_lost("chat:a", None, "e1")
@@ -365,7 +367,7 @@ def test_plain_subscriptions() -> None:
     s.receive_plain_leave("chat:a")
     assert s.commands_to_send() == [LeavePlainRoom("chat:a")]
     fresh = session()
-    fresh.receive_plain_join("chat:a", "src")  # not connected yet
+    fresh.receive_plain_join("chat:a", "src", T0)  # not connected yet
     assert fresh.commands_to_send() == []
 
 
@@ -599,7 +601,7 @@ def test_transport_closed_shutdown_and_overflow() -> None:
 def test_stop_leaves_rooms_and_fails_pending_rpcs() -> None:
     s = connected()
     joined(s, "chat:a")
-    s.receive_plain_join("chat:b", "src")
+    s.receive_plain_join("chat:b", "src", T0)
     s.receive_rpc_request({"method": "m"}, "inbox.9", T0)
     s.commands_to_send()
     s.stop()

@@ -1,0 +1,96 @@
+"""What a :class:`~node.core.room.RoomActor` is told and shares: its settings, the node-wide
+counters, a member's place in it (:class:`Membership`), and the messages a connection or the
+node sends it (:class:`Join`, :class:`Leave`, :class:`CheckGap`).
+
+``node.core.room`` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.core.outbox import Outbox
+
+__all__ = [
+    "CheckGap",
+    "Join",
+    "Leave",
+    "Membership",
+    "RoomCounters",
+    "RoomSettings",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomSettings:
+    """Policy of one room, from its namespace."""
+
+    history_size: int = 10000
+    recovery_max: int = 10000
+    presence: bool = True
+    trim_to: int | None = None  # a namespace's history_size below the stream's: trim to it
+    idle_s: float = 1.0  # a room without members stops after this long
+
+
+@dataclass
+class RoomCounters:
+    """Counters shared by every room of a node (exported as metrics)."""
+
+    delivered: int = 0
+    events_in: int = 0
+    gap_repairs: int = 0
+    replayed: int = 0
+    live_dropped: int = 0
+    undeliverable: int = 0  # stored messages that are not event maps: skipped
+    rooms: int = 0  # room actors running (instances built and not stopped)
+
+
+@dataclass(eq=False, slots=True)
+class Membership:
+    """One connection's place in one room.
+
+    Created by the connection, owned by the room while joined: only the room writes ``cursor``
+    (the last seq delivered). The connection reads it after the room is gone, to rejoin with
+    ``since`` when a room actor had to be rebuilt.
+    """
+
+    client_id: str
+    outbox: Outbox
+    on_room_lost: Callable[[str], None]
+    presence: bool = False
+    cursor: int = 0
+    replaying: bool = False
+    # Live frames that arrived during the replay, with the room's per-codec encodings of each:
+    # members joining together still cost one encoding per codec per event.
+    held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] = field(
+        default_factory=list)
+    # Called by the room when it takes the member in (its live feed is subscribed by then):
+    # the connection holds its publishes to the room until then, so that a client's own
+    # events, sent right after its join, are stored after the room's position and reach it.
+    on_in_room: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Add a member. The room answers ``joined`` (unless ``silent``) through its outbox."""
+
+    member: Membership
+    since_seq: int | None = None
+    since_epoch: str | None = None
+    request_id: str | int | None = None
+    silent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Remove a member (no reply; the connection answers ``left`` itself)."""
+
+    member: Membership
+
+
+@dataclass(frozen=True, slots=True)
+class CheckGap:
+    """The live feed may have lost events (e.g. after a NATS reconnect): compare with the store
+    and read back what is missing, even if no later live event reveals the gap."""
