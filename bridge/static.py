@@ -10,7 +10,9 @@ the console's live view.
 - ``POST /dev/token`` answers ``{token, expires_in_s}``, a user token with every right on every
   room and every rpc target, only when the node's ``dev`` setting is true (404 otherwise).
 - :class:`StatsPublisher` publishes the node's figures once a second as a volatile ``stats``
-  event in the room ``sys:stats`` of the default tenant (pushed, never polled).
+  event (pushed, never polled): in the room ``sys:stats`` of each tenant with a room on this
+  node, listing that tenant's rooms only, and in ``sys:all:stats`` of the default tenant,
+  listing every tenant's (``tenant/room``), which only an admin service token may join.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from node.protocol.tokens import Principal, load_or_create_secret, mint_token
 
 __all__ = [
     "DEV_TOKEN_TTL_S",
+    "STATS_ALL_ROOM",
     "STATS_EVENT",
     "STATS_ROOM",
     "STATS_TENANT",
@@ -45,6 +48,7 @@ log = logging.getLogger("bridge.static")
 
 WEB_DIR = Path(__file__).parent / "web"
 STATS_ROOM = "sys:stats"
+STATS_ALL_ROOM = "sys:all:stats"
 STATS_EVENT = "stats"
 STATS_TENANT = "default"
 DEV_TOKEN_TTL_S = 3600
@@ -148,17 +152,41 @@ class StaticSite:
         )
 
 
-def _room_names(system: ActorSystem) -> list[str]:
-    """``tenant/room`` of the room actors alive on this node."""
-    names = []
+def _rooms_by_tenant(system: ActorSystem) -> dict[str, list[str]]:
+    """The room actors alive on this node: tenant -> sorted room names."""
+    rooms: dict[str, list[str]] = {}
     for name in system.names("room:"):
         tenant, _, room = name[5:].partition(":")
-        names.append(room if tenant == STATS_TENANT else f"{tenant}/{room}")
-    return sorted(names)
+        rooms.setdefault(tenant, []).append(room)
+    for names in rooms.values():
+        names.sort()
+    return rooms
 
 
-def stats_snapshot(node: Any) -> dict[str, Any]:
-    """The cumulative figures of one node (``node`` is a :class:`node.app.Node`)."""
+def _all_room_names(rooms: dict[str, list[str]]) -> list[str]:
+    """Every tenant's rooms: the default tenant's by name, the others' as ``tenant/room``."""
+    return sorted(room if tenant == STATS_TENANT else f"{tenant}/{room}"
+                  for tenant, names in rooms.items() for room in names)
+
+
+def _with_rooms(snap: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    return {**snap, "rooms": len(names), "room_names": names[:MAX_ROOMS_LISTED]}
+
+
+def stats_snapshot(node: Any, tenant: str | None = None) -> dict[str, Any]:
+    """The cumulative figures of one node (``node`` is a :class:`node.app.Node`).
+
+    Args:
+        node: The running node.
+        tenant: List only this tenant's rooms; None for every tenant's (``tenant/room``).
+    """
+    rooms = _rooms_by_tenant(node.system)
+    names = _all_room_names(rooms) if tenant is None else rooms.get(tenant, [])
+    return _with_rooms(_node_figures(node), names)
+
+
+def _node_figures(node: Any) -> dict[str, Any]:
+    """The node-wide figures of a stats event (counts only, no names)."""
     ctx = node.ctx
     connections: dict[str, int] = {}
     if node.ws is not None:
@@ -168,7 +196,6 @@ def stats_snapshot(node: Any) -> dict[str, Any]:
         connections["sse/json"] = int(node.sse.open)
     if node.mqtt is not None:
         connections["mqtt/cbor"] = len(node.mqtt.sessions)
-    rooms = _room_names(node.system)
     counters = ctx.counters
     store = node.store
     return {
@@ -176,8 +203,6 @@ def stats_snapshot(node: Any) -> dict[str, Any]:
         "ts": now_ms(),
         "connections": connections,
         "connections_total": sum(connections.values()),
-        "rooms": len(rooms),
-        "room_names": rooms[:MAX_ROOMS_LISTED],
         "events_in": counters.events_in,
         "events_out": counters.delivered,
         "published": ctx.admission.stats.published,
@@ -194,7 +219,9 @@ def stats_snapshot(node: Any) -> dict[str, Any]:
 
 
 class StatsPublisher:
-    """Publishes :func:`stats_snapshot` with per-second rates, every ``interval_s``.
+    """Publishes :func:`stats_snapshot` with per-second rates, every ``interval_s``: one event
+    per tenant with a room on this node (and the default tenant) in its ``sys:stats``, and one
+    with every tenant's rooms in ``sys:all:stats`` of the default tenant.
 
     Args:
         node: The running node (``ctx``, ``ws``, ``sse``, ``mqtt``, ``store``, ``system``).
@@ -206,7 +233,7 @@ class StatsPublisher:
         self.interval_s = interval_s
         self.sent = 0
         self._task: asyncio.Task[None] | None = None
-        self._principal = Principal(sub=f"node:{node.name}", tenant=STATS_TENANT, kind="service")
+        self._sub = f"node:{node.name}"
 
     def start(self) -> None:
         """Start publishing (on the running loop)."""
@@ -228,7 +255,7 @@ class StatsPublisher:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                snap = stats_snapshot(self.node)
+                snap = _node_figures(self.node)
                 t = loop.time()
                 span = max(t - prev_t, 1e-3)
                 if previous is not None:
@@ -238,10 +265,23 @@ class StatsPublisher:
                 else:
                     snap["in_per_s"] = snap["out_per_s"] = 0.0
                 previous, prev_t = snap, t
-                body = event_body(STATS_ROOM, STATS_EVENT, snap, self._principal, None, None)
-                await self.node.ctx.feed.publish_volatile(STATS_TENANT, STATS_ROOM, body)
-                self.sent += 1
+                await self._publish_views(snap)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS down: the next tick tries again
                 log.debug("! stats not published: %r", exc)
+
+    async def _publish_views(self, snap: dict[str, Any]) -> None:
+        """Each tenant's view (its own rooms only), then the admins' view (every room)."""
+        rooms = _rooms_by_tenant(self.node.system)
+        rooms.setdefault(STATS_TENANT, [])
+        for tenant, names in rooms.items():
+            await self._publish(tenant, STATS_ROOM, _with_rooms(snap, names))
+        await self._publish(STATS_TENANT, STATS_ALL_ROOM,
+                            _with_rooms(snap, _all_room_names(rooms)))
+
+    async def _publish(self, tenant: str, room: str, data: dict[str, Any]) -> None:
+        who = Principal(sub=self._sub, tenant=tenant, kind="service")
+        body = event_body(room, STATS_EVENT, data, who, None, None)
+        await self.node.ctx.feed.publish_volatile(tenant, room, body)
+        self.sent += 1

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rpc target the holder may call, e.g. 'server' or 'device:*'")
     tok.add_argument("--ttl", type=float, default=3600.0, metavar="S",
                      help="seconds until expiry (default 3600; 0: no expiry)")
+    tok.add_argument("--admin", action="store_true",
+                     help="with --kind service: may join sys:all:stats (every tenant's rooms)")
     tok.add_argument("--private-key", type=Path, metavar="FILE",
                      help="PEM private key: sign with RS256/ES256 instead of the HS256 secret")
     tok.add_argument("--alg", choices=["HS256", "RS256", "ES256"], default=None,
@@ -196,7 +198,7 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
         token = mint_token(
             key, sub=args.sub, tenant=args.tenant, kind=args.kind, rooms=rooms, rpc=args.rpc,
             ttl_s=args.ttl or None, algorithm=alg,
-            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience, admin=args.admin,
         )
     except Exception as exc:  # PyJWT raises several types for unusable keys
         raise ConfigError(f"cannot sign the token: {exc}") from None

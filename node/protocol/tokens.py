@@ -68,6 +68,8 @@ class Principal:
         rooms: Room pattern -> rights.
         rpc: Target patterns this principal may call.
         exp: Expiry, seconds since the epoch, or None for a token without ``exp``.
+        admin: A service token's ``admin: true``: it may join the ``sys:all:`` rooms, which
+            show every tenant (node stats); nobody else may.
     """
 
     sub: str
@@ -76,6 +78,7 @@ class Principal:
     rooms: dict[str, frozenset[str]] = field(default_factory=dict)
     rpc: tuple[str, ...] = ()
     exp: float | None = None
+    admin: bool = False
 
     @property
     def personal_room(self) -> str | None:
@@ -88,6 +91,9 @@ class Principal:
 
     def can(self, right: str, room: str) -> bool:
         """Whether this principal holds ``right`` on ``room`` of its own tenant."""
+        if room.startswith("sys:all:"):
+            # Views across tenants: joined by admin service tokens only, published by nobody.
+            return self.admin and right == "join"
         if self.kind == "service":
             return True
         if room.startswith("@"):
@@ -145,7 +151,11 @@ def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal
     raw_rpc = claims.get("rpc", [])
     if not isinstance(raw_rpc, list) or not all(isinstance(p, str) for p in raw_rpc):
         raise AuthError("token rpc claim must be a list of patterns")
-    return Principal(sub=sub, tenant=tenant, kind=kind, rooms=rooms, rpc=tuple(raw_rpc), exp=exp)
+    admin = claims.get("admin", False)
+    if not isinstance(admin, bool) or (admin and kind != "service"):
+        raise AuthError("token admin claim must be a boolean, true only for a service")
+    return Principal(sub=sub, tenant=tenant, kind=kind, rooms=rooms, rpc=tuple(raw_rpc), exp=exp,
+                     admin=admin)
 
 
 def _time_claims(claims: dict[str, Any]) -> dict[str, float]:
@@ -316,12 +326,15 @@ def mint_token(
     issuer: str = "",
     audience: str = "",
     now: float | None = None,
+    admin: bool = False,
 ) -> str:
     """Sign a token with the claims of PROTOCOL.md section 4.
 
     Args:
         key: HS256 secret, or a PEM private key for RS256/ES256.
         ttl_s: Seconds until expiry; None for no ``exp``.
+        admin: Add ``admin: true`` (a service token that sees every tenant's ``sys:all:``
+            rooms).
 
     Raises:
         ValueError: ``sub``, ``tenant``, ``kind`` or ``algorithm`` is one no node accepts.
@@ -334,8 +347,12 @@ def mint_token(
         raise ValueError(f"tenant must be {TENANT_RULE}, got {tenant!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+    if admin and kind != "service":
+        raise ValueError("admin is for service tokens only")
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "tenant": tenant, "kind": kind, "iat": issued}
+    if admin:
+        claims["admin"] = True
     if rooms:
         claims["rooms"] = rooms
     if rpc:
