@@ -73,11 +73,14 @@ _EXPIRY: TimerKey = ("expiry", "")
 
 Admit = Callable[..., Admitted]
 
-# Requests that cost the node work and take a token of the request bucket (request_rate_per_s,
-# request_burst). Publishes have their own bucket. Not counted: ``ack`` and ``reply``, which
-# answer what the node sent (events, rpcs) and so follow its pace, cost one lookup and no
-# reply, and provoke an error (counted by the error tolerance) when they name nothing.
-_REQUESTS = frozenset({Join, Leave, History, Presence, Rpc, Refresh, Ping})
+# Requests that cost the node work (a room, a read, NATS, a token check) take a token of the
+# request bucket (request_rate_per_s, request_burst). Publishes have their own bucket. Not
+# limited: ``ack`` and ``reply`` answer what the node sent (events, rpcs), so they follow its
+# pace, cost one lookup and no reply, and provoke an error (counted by the error tolerance)
+# when they name nothing; ``ping`` costs one small reply and nothing else, and a ping flood is
+# held back like any other frame (the socket is not read while the actor is behind, and a
+# client that does not read its pongs is cut off as a slow consumer, 4008).
+_REQUESTS = frozenset({Join, Leave, History, Presence, Rpc, Refresh})
 
 # Errors that are the node's or the network's fault: they never count toward the tolerance.
 _NOT_THE_CLIENTS_FAULT = frozenset({4500, 4503, 4504})
