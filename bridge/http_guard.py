@@ -105,17 +105,20 @@ class LogThrottle:
     Args:
         logger: Where the lines go (at WARNING).
         every_s: The least time between two lines of the same kind.
+        clock: Seconds, monotonic.
     """
 
-    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
         self.every_s = every_s
+        self.clock = clock
         self._last: dict[str, float] = {}
         self._skipped: Counter[str] = Counter()
 
     def warning(self, kind: str, msg: str, *args: Any) -> None:
         """Log ``msg % args`` unless a line of this ``kind`` went out less than every_s ago."""
-        now = time.monotonic()
+        now = self.clock()
         last = self._last.get(kind)
         if last is not None and now - last < self.every_s:
             self._skipped[kind] += 1

@@ -146,6 +146,44 @@ async def test_an_idle_keep_alive_connection_is_closed(make_node) -> None:
     assert t1 - t0 < 3.0, t1 - t0
 
 
+async def test_a_later_head_trickled_on_a_kept_alive_connection_is_cut(make_node) -> None:
+    node = await make_node(**edge(http_header_timeout_s=30.0, http_keepalive_s=1.0))
+    async with raw(node.http.port) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        t0 = time.monotonic()
+
+        async def trickle() -> None:
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+            for i in range(100):
+                await asyncio.sleep(0.2)
+                writer.write(b"X-Slow-%d: 1\r\n" % i)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+
+        task = asyncio.ensure_future(trickle())
+        try:
+            _, t1 = await closed_after(reader, 6.0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
+    assert t1 - t0 < 3.0, t1 - t0
+
+
+async def test_a_silent_socket_on_the_tls_port_is_closed(make_node, tmp_path: Path) -> None:
+    from tests.integration.test_tls import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    node = await make_node(tls_cert=cert, tls_key=key,
+                           **edge(http_header_timeout_s=1.0, http_keepalive_s=30.0))
+    async with raw(node.http.port) as (reader, _):  # no ClientHello, ever
+        t0 = time.monotonic()
+        _, t1 = await closed_after(reader, 5.0)
+    assert t1 - t0 < 3.0, t1 - t0
+
+
 async def test_a_websocket_is_not_subject_to_the_keep_alive(make_node) -> None:
     node = await make_node(**edge(http_keepalive_s=0.5, http_header_timeout_s=0.5))
     c = await RawClient.connected(f"ws://127.0.0.1:{node.http.port}/ws", token("steady"))
