@@ -169,14 +169,13 @@ class NatsLink:
                     **self.auth.connect_options(),
                 )
             except Exception as exc:  # nats-py raises several unrelated types here
+                # Bounded: after a failed TLS handshake nats-py's close() never returns.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(nc.close(), 2)
                 refused = connect_refusal(exc, self.auth)
                 if refused:
-                    with contextlib.suppress(Exception):
-                        await nc.close()
                     raise NatsUnavailable(
                         f"NATS at {', '.join(self.servers)} {refused}") from None
-                with contextlib.suppress(Exception):
-                    await nc.close()
                 attempt += 1
                 left = deadline - time.monotonic()
                 if left <= 0:

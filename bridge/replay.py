@@ -154,8 +154,9 @@ async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
                          error_cb=on_error, disconnected_cb=on_disconnected,
                          **auth.connect_options())
     except Exception as exc:  # nats-py raises several unrelated types here
+        # Bounded: after a failed TLS handshake nats-py's close() never returns.
         with contextlib.suppress(Exception):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 2)
         why = connect_refusal(exc, auth)
         if why:
             raise ReplayError(f"NATS at {', '.join(servers)} {why}") from None

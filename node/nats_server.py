@@ -104,7 +104,7 @@ async def _jetstream_ready(url: str, auth: NatsAuth) -> bool:
         return False
     finally:
         with contextlib.suppress(Exception):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 1)
 
 
 class EmbeddedNats:

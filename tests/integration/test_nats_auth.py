@@ -14,7 +14,6 @@ import os
 import random
 import stat
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from node.core.events import event_body
 from node.nats_server import free_port
 from node.protocol.subjects import STREAM_NAME, room_subject
 from node.protocol.tokens import Principal
-from tests.servers import MS, NatsProcess, NodeProcess, http_get
+from tests.servers import MS, http_get
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -231,86 +230,3 @@ async def test_replay_and_consume_need_only_the_data_dir(make_node: Any, tmp_pat
     rc, _, err = await rtnode("replay", room, "--data-dir", str(tmp_path / "none"))
     assert rc == 2 and "--nats-url" in err and "--data-dir" in err, err
     assert len(err.strip().splitlines()) == 1, err
-
-
-# -- an external nats-server with credentials ---------------------------------------------------
-
-
-@pytest.fixture
-def locked_nats(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    """A nats-server requiring the user/password or the token given by the test's param."""
-    kind, secret = request.param
-    args = ["--user", "svc", "--pass", secret] if kind == "password" else ["--auth", secret]
-    server = NatsProcess(tmp_path / "locked", args=args).start()
-    yield kind, secret, server
-    server.stop()
-
-
-def _creds(kind: str, secret: str) -> dict[str, str]:
-    if kind == "password":
-        return {"nats_user": "svc", "nats_password": secret}
-    return {"nats_token": secret}
-
-
-def _flags(kind: str, secret: str) -> list[str]:
-    return [arg for name, value in _creds(kind, secret).items()
-            for arg in ("--" + name.replace("_", "-"), value)]
-
-
-LOCKED = [("password", "p-" + "7" * 30), ("token", "t-" + "3" * 30)]
-
-
-@pytest.mark.parametrize("locked_nats", LOCKED, indirect=True, ids=["user-password", "token"])
-async def test_external_nats_with_credentials(locked_nats: Any, make_node: Any,
-                                              tmp_path: Path) -> None:
-    kind, secret, server = locked_nats
-    # Without them, or with wrong ones, a node stops at once with one line (no 60 s of retries).
-    wrong = {"password": "p-" + "1" * 30, "token": "t-" + "2" * 30}[kind]
-    for i, creds in enumerate(([], _flags(kind, wrong))):
-        proc = NodeProcess(tmp_path / f"refused{i}", "--nats-url", server.url,
-                           *creds, name="refused").start()
-        started = time.monotonic()
-        try:
-            rc = proc.wait(20)
-        finally:
-            proc.stop()
-        log = proc.log()
-        assert rc == 1, log
-        assert time.monotonic() - started < 15
-        line = [ln for ln in log.splitlines() if ln.startswith("rtnode:")]
-        assert len(line) == 1 and "authorization violation" in line[0], log
-        assert "Traceback" not in log, log
-    node = await make_node(nats_url=server.url, **_creds(kind, secret))
-    room = unique("chat")
-    client, seqs = await chat(node, room)
-    await client.close()
-    # The CLI, with the same settings as flags.
-    rc, lines, err = await rtnode("replay", room, "--json", "--nats-url", server.url,
-                                  "--data-dir", str(tmp_path / "x"), *_flags(kind, secret))
-    assert rc == 0, err
-    assert [json.loads(line)["seq"] for line in lines] == seqs
-
-
-async def test_bad_credential_settings_are_one_line(tmp_path: Path) -> None:
-    missing = str(tmp_path / "missing.nk")
-    empty = tmp_path / "empty.creds"
-    empty.write_text("")
-    url = f"nats://127.0.0.1:{free_port()}"
-    cases = [
-        (["--nats-nkey-seed", missing], "nats_nkey_seed"),
-        (["--nats-creds", str(empty)], "nats_creds"),
-        (["--nats-creds", str(tmp_path)], "nats_creds"),
-        (["--nats-tls-ca", missing], "nats_tls_ca"),
-        (["--nats-tls-cert", missing], "nats_tls_key"),
-        (["--nats-user", "u"], "nats_password"),
-        (["--nats-token", "t", "--nats-user", "u", "--nats-password", "p"], "not several"),
-    ]
-    for command in (["run", "--http-port", "0", "--mqtt-port", "0"], ["replay", "chat:a"]):
-        results = await asyncio.gather(*(
-            rtnode(*command, "--nats-url", url, "--nats-connect-timeout-s", "30",
-                   "--data-dir", str(tmp_path / "d"), *flags, timeout=20)
-            for flags, _ in cases))
-        for (flags, text), (rc, out, err) in zip(cases, results, strict=True):
-            assert rc in (1, 2) and out == [], (command, flags, err)
-            assert text in err and len(err.strip().splitlines()) == 1, (command, flags, err)
-            assert "Traceback" not in err, err
