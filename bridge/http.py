@@ -69,7 +69,8 @@ class HttpLimits:
         header_timeout_s: From the accept to the first request head read whole
             (``http_header_timeout_s``).
         keepalive_s: An idle kept-alive connection is closed after this long, and a later
-            head must be read whole within it (``http_keepalive_s``).
+            head must be read whole within it (``http_keepalive_s``). aiohttp also runs this
+            timer from the accept: the first head's deadline is the smaller of the two.
         max_per_peer: Open connections per peer address (``max_connections_per_ip``).
     """
 

@@ -82,13 +82,15 @@ def raise_open_files_limit() -> tuple[int, int]:
         The soft limit before and after (equal when it could not or need not be raised).
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == soft:
+    # An unlimited hard limit (macOS) still has a kernel ceiling: ask for a generous number.
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if target <= soft:
         return soft, soft
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError):
         return soft, soft
-    return soft, hard
+    return soft, target
 
 
 def open_files() -> int:
