@@ -122,7 +122,8 @@ def _banner(node: Any) -> str:
     http = node.http
     base = f"{http.scheme}://{s.host}:{http.port}"
     nats_line = (
-        f"{node.embedded.url} (embedded, JetStream in {s.data_dir / 'nats'})"
+        f"{node.embedded.url} (embedded, JetStream in {s.data_dir / 'nats'}; user and "
+        f"password in {node.embedded.credentials_path})"
         if node.embedded else ", ".join(s.nats_url)
     )
     return "\n".join([
