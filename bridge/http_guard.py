@@ -105,7 +105,7 @@ class LogThrottle:
     """Logs one line per kind of event at most every ``every_s``, with the count in between.
 
     Args:
-        logger: Where the lines go (at WARNING).
+        logger: Where the lines go.
         every_s: The least time between two lines of the same kind.
         clock: Seconds, monotonic.
     """
@@ -118,7 +118,7 @@ class LogThrottle:
         self._last: dict[str, float] = {}
         self._skipped: Counter[str] = Counter()
 
-    def warning(self, kind: str, msg: str, *args: Any) -> None:
+    def log(self, level: int, kind: str, msg: str, *args: Any) -> None:
         """Log ``msg % args`` unless a line of this ``kind`` went out less than every_s ago."""
         now = self.clock()
         last = self._last.get(kind)
@@ -130,7 +130,7 @@ class LogThrottle:
         if skipped:
             msg += " (and %d more in the last %.0f s)"
             args = (*args, skipped, now - last if last is not None else 0.0)
-        self.logger.warning(msg, *args)
+        self.logger.log(level, msg, *args)
 
 
 class HttpGuard:
@@ -157,6 +157,7 @@ class HttpGuard:
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.head_timeouts = 0
+        self._open = 0
         self._per_peer: Counter[str] = Counter()
         self._waiting: dict[object, _GuardedProtocol] = {}  # aiohttp handler -> its wrapper
         self._log = LogThrottle(log)
@@ -164,7 +165,7 @@ class HttpGuard:
     @property
     def open(self) -> int:
         """Open HTTP connections (admitted, not yet closed)."""
-        return self._per_peer.total()
+        return self._open
 
     @property
     def peers(self) -> int:
@@ -188,20 +189,23 @@ class HttpGuard:
         """None when a connection from ``peer`` may open, else the reason it may not."""
         if self._per_peer[peer] >= self.max_per_peer:
             self.refused["per_peer"] += 1
-            self._log.warning("per_peer", "! HTTP connection from %s refused: %d open from "
-                              "that address (max_connections_per_ip)", peer, self.max_per_peer)
+            self._log.log(logging.WARNING, "per_peer", "! HTTP connection from %s refused: %d "
+                          "open from that address (max_connections_per_ip)", peer,
+                          self.max_per_peer)
             return "too many connections from this address"
-        if self.open >= self.max_open:
+        if self._open >= self.max_open:
             self.refused["descriptors"] += 1
-            self._log.warning("descriptors", "! HTTP connection from %s refused: %d open, the "
-                              "most the descriptor limit (%d) allows", peer, self.open,
-                              self.fd_limit)
+            self._log.log(logging.WARNING, "descriptors", "! HTTP connection from %s refused: "
+                          "%d open, the most the descriptor limit (%d) allows", peer,
+                          self._open, self.fd_limit)
             return "node at its connection limit"
         self._per_peer[peer] += 1
+        self._open += 1
         self.accepted += 1
         return None
 
     def _release(self, peer: str) -> None:
+        self._open -= 1
         left = self._per_peer[peer] - 1
         if left > 0:
             self._per_peer[peer] = left
@@ -210,8 +214,9 @@ class HttpGuard:
 
     def _timed_out(self, peer: str) -> None:
         self.head_timeouts += 1
-        self._log.warning("head", "x HTTP connection from %s closed: no request head within "
-                          "%.1f s (http_header_timeout_s)", peer, self.header_timeout_s)
+        # INFO: browsers open spare connections they may never use; those end here too.
+        self._log.log(logging.INFO, "head", "x HTTP connection from %s closed: no request head "
+                      "within %.1f s (http_header_timeout_s)", peer, self.header_timeout_s)
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> str:

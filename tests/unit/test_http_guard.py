@@ -118,11 +118,11 @@ async def test_the_head_deadline_closes_with_408_unless_a_request_came() -> None
 def test_log_throttle_says_how_many_lines_it_held_back(caplog: Any) -> None:
     now = [0.0]
     throttle = LogThrottle(logging.getLogger("test.throttle"), every_s=10, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="test.throttle"):
+    with caplog.at_level(logging.INFO, logger="test.throttle"):
         for i in range(500):  # 500 refusals over 25 s: three lines, not 500
             now[0] = i * 0.05
-            throttle.warning("per_peer", "refused %s", "10.0.0.1")
-        throttle.warning("other", "another kind")
+            throttle.log(logging.WARNING, "per_peer", "refused %s", "10.0.0.1")
+        throttle.log(logging.INFO, "other", "another kind")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "refused 10.0.0.1",
