@@ -131,6 +131,7 @@ class ConnectionSession(RoomRules, RpcRules):
         self.requests = TokenBucket(settings.request_rate_per_s, settings.request_burst, now)
         self.errors = ErrorWindow(settings.max_errors_per_min)
         self._room_joins = SlidingWindow(settings.rooms_per_min, 60.0)
+        self._free_joins = settings.max_rooms_per_connection
         self._may_open_room = may_open_room
         self._verify = verify
         self._admit = admit
@@ -261,7 +262,8 @@ class ConnectionSession(RoomRules, RpcRules):
                 self._disconnect(4001, "connect must be the first frame", False)
             else:
                 kind = type(frame)
-                if kind in _REQUESTS and not self.requests.take(now):
+                if kind in _REQUESTS and not self._free_join(frame) and not self.requests.take(
+                        now):
                     raise ProtocolError(4009, "too many requests, retry later", retry=True)
                 handler = self._handlers.get(kind)
                 if handler is not None:

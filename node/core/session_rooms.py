@@ -6,6 +6,11 @@ Joining a room the connection is not in counts toward ``rooms_per_min`` (beyond 
 retry), and a join that would start a room actor beyond the node's ``max_rooms`` is refused
 with 4503 with retry, the connection staying open. Rejoins the node makes by itself (after a
 room actor restart, the personal room at connect) are never refused: they start nothing new.
+
+The first ``max_rooms_per_connection`` joins of new rooms are free of the request bucket and of
+``rooms_per_min``: a client resuming all its rooms right after a reconnect (or an SSE stream
+joining its rooms) sends them at once, and must not be cut off for it. What they cost is
+bounded by that same limit; churn begins after them, and is what the two limits bound.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class RoomRules(PresenceRules):
     plain: set[str]
     # Rooms joined (that the connection was not in) within the last minute.
     _room_joins: SlidingWindow
+    # Joins of new rooms left before the request bucket and rooms_per_min apply.
+    _free_joins: int
     # (tenant, room) -> whether the node may run that room: it runs already, or there is room
     # for one more room actor (max_rooms).
     _may_open_room: Callable[[str, str], bool]
@@ -75,11 +82,21 @@ class RoomRules(PresenceRules):
                 actor too many on this node.
         """
         assert self.principal is not None
-        if self._room_joins.full(now):
+        free = self._free_joins > 0
+        if not free and self._room_joins.full(now):
             raise ProtocolError(4009, "too many rooms joined, retry later", retry=True)
         if not self._may_open_room(self.principal.tenant, room):
             raise ProtocolError(4503, "too many rooms on this node, retry later", retry=True)
-        self._room_joins.add(now)
+        if free:
+            self._free_joins -= 1
+        else:
+            self._room_joins.add(now)
+
+    def _free_join(self, frame: Any) -> bool:
+        """Whether ``frame`` is a join of a new room while free joins are left (see the module
+        docstring): it takes no token of the request bucket."""
+        return (self._free_joins > 0 and isinstance(frame, Join)
+                and frame.room not in self.rooms)
 
     def _join(self, frame: Join, now: float) -> None:
         assert self.principal is not None

@@ -46,6 +46,7 @@ def limited(**overrides: Any) -> ConnectionSession:
 @pytest.mark.parametrize("raw", REQUESTS, ids=[r["type"] for r in REQUESTS])
 def test_every_request_kind_takes_from_the_request_bucket(raw: dict[str, Any]) -> None:
     s = limited()
+    joined(s, "chat:a")  # its join was one of the free ones: joining it again is not
     for i in range(3):
         assert 4009 not in error_codes(feed(s, {**raw, "id": i}))
     out = feed(s, {**raw, "id": 9})
@@ -95,7 +96,7 @@ def churn(s: ConnectionSession, n: int, now: float, prefix: str = "chat:r") -> l
 
 def test_rooms_joined_per_minute_are_bounded_and_free_again_after_a_minute() -> None:
     s = connected(rooms_per_min=5, max_errors_per_min=100)
-    assert churn(s, 5, T0) == []
+    assert churn(s, 3 + 5, T0) == []  # the free joins (max_rooms_per_connection 3), then 5
     out = feed(s, {"type": "join", "id": "x", "room": "chat:next"}, T0 + 30)
     assert frames(out) == [{"type": "error", "code": 4009, "id": "x", "retry": True,
                             "reason": "too many rooms joined, retry later"}]
@@ -137,11 +138,24 @@ def test_the_node_room_cap_is_4503_with_retry_and_the_connection_stays() -> None
 def test_plain_subscriptions_count_as_joins_and_are_skipped_beyond_the_limits() -> None:
     s = connected(rooms_per_min=2, may_open_room=lambda t, r: r != "chat:full")
     s.receive_plain_join("chat:full", "src", T0)
-    s.receive_plain_join("chat:a", "src", T0)
-    s.receive_plain_join("chat:b", "src", T0)
-    s.receive_plain_join("chat:c", "src", T0)
-    assert [c.room for c in of(s.commands_to_send(), JoinPlainRoom)] == ["chat:a", "chat:b"]
-    assert error_codes(feed(s, {"type": "join", "id": 1, "room": "chat:d"})) == [4009]
+    for room in "abcdef":  # three free joins, then two per minute
+        s.receive_plain_join(f"chat:{room}", "src", T0)
+    assert [c.room for c in of(s.commands_to_send(), JoinPlainRoom)] == [
+        "chat:a", "chat:b", "chat:c", "chat:d", "chat:e"]
+    assert error_codes(feed(s, {"type": "join", "id": 1, "room": "chat:g"})) == [4009]
+
+
+def test_a_connection_may_join_all_its_rooms_at_once() -> None:
+    # A client resuming its rooms after a reconnect sends every join at once: the first
+    # max_rooms_per_connection joins of new rooms take nothing from the two limits.
+    s = connected(max_rooms_per_connection=50, request_rate_per_s=0.001, request_burst=1,
+                  rooms_per_min=1)
+    for i in range(49):  # and the personal room
+        out = feed(s, {"type": "join", "id": i, "room": f"chat:{i}",
+                       "since": {"seq": i, "epoch": "e1"}})
+        assert of(out, JoinRoom) and not error_codes(out), i
+    assert not error_codes(feed(s, {"type": "history", "id": "h", "room": "chat:1"}))
+    assert error_codes(feed(s, {"type": "history", "id": "h", "room": "chat:1"})) == [4009]
 
 
 # -- the error tolerance --------------------------------------------------------------------------
