@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import aiomqtt
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
@@ -51,6 +50,9 @@ FUZZ_KINDS = ("ws-json", "ws-cbor", "mqtt-tunnel", "mqtt-uplink", "half-open")
 OPEN_TIMEOUT_S = 10.0
 HALF_OPEN_HOLD_S = 8.0  # a half-open socket is given up after this long if the node holds it
 ERROR_PAUSE_S = 0.05  # after a refused connection attempt, before the next one
+WS_WINDOW = 8  # WebSocket messages between two pings whose pongs pace the attacker
+MQTT_WINDOW = 10  # QoS 0 PUBLISHes per QoS 1 one (whose PUBACK paces the attacker)
+SHARES = {"ws-json": 3, "ws-cbor": 3, "mqtt-tunnel": 2, "mqtt-uplink": 2}  # of the budget
 
 
 @dataclass(frozen=True)
@@ -98,16 +100,23 @@ class AttackStats:
 
 
 class _Budget:
-    """The frames a worker's attackers send in all (at least), and until when."""
+    """The frames a worker's attackers send (at least), shared among their kinds by
+    :data:`SHARES`, and until when. Half-open sockets are few and slow: they go on until every
+    other kind is done, outside the budget."""
 
-    def __init__(self, frames: int, deadline: float) -> None:
-        self.frames = frames
-        self.sent = 0
+    def __init__(self, frames: int, deadline: float, kinds: set[str]) -> None:
+        weights = {k: SHARES.get(k, 1) for k in kinds if k != "half-open"}
+        total = sum(weights.values()) or 1
+        self.share = {k: -(-frames * w // total) for k, w in weights.items()}
+        self.sent: Counter[str] = Counter()
         self.deadline = deadline
 
-    @property
-    def spent(self) -> bool:
-        return self.sent >= self.frames or time.monotonic() >= self.deadline
+    def spent(self, kind: str) -> bool:
+        if time.monotonic() >= self.deadline:
+            return True
+        if kind in self.share:
+            return self.sent[kind] >= self.share[kind]
+        return all(self.sent[k] >= n for k, n in self.share.items())
 
 
 class _Attacker:
@@ -124,10 +133,16 @@ class _Attacker:
         self.draw = HostileFrames(self.rng, target.secret, target.max_frame_bytes)
         self.codec = "cbor" if spec.kind == "ws-cbor" else "json"
         self.conn_no = 0
+        self.ping_id = ""  # the pong awaited (WebSocket)
+        self.ponged = asyncio.Event()
 
     def sent(self, n: int = 1) -> None:
         self.stats.sent[self.spec.kind] += n
-        self.budget.sent += n
+        self.budget.sent[self.spec.kind] += n
+
+    @property
+    def spent(self) -> bool:
+        return self.budget.spent(self.spec.kind)
 
     async def run(self) -> None:
         kind = self.spec.kind
@@ -135,11 +150,14 @@ class _Attacker:
             "mqtt-tunnel": self._mqtt_session, "mqtt-uplink": self._mqtt_session,
             "half-open": self._half_open,
         }.get(kind, self._ws_session)
-        while not self.budget.spent:
+        while not self.spent:
             try:
                 await loop()
-            except (OSError, TimeoutError, InvalidHandshake, aiomqtt.MqttError) as exc:
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
                 self.stats.closes[f"{type(exc).__name__}"] += 1
+                await asyncio.sleep(ERROR_PAUSE_S)
+            except Exception as exc:  # a bug of the attacker's own: reported, the attack goes on
+                self.stats.failures.append(f"{self.spec.kind} attacker: {exc!r}"[:300])
                 await asyncio.sleep(ERROR_PAUSE_S)
 
     # -- WebSocket
@@ -170,7 +188,7 @@ class _Attacker:
 
     async def _read(self, ws: ClientConnection) -> None:
         codec = CBOR if self.codec == "cbor" else JSON
-        with contextlib.suppress(ConnectionClosed):
+        try:
             async for msg in ws:
                 try:
                     frames = codec.decode(msg)
@@ -179,12 +197,32 @@ class _Attacker:
                     continue
                 for f in frames:
                     kind = f.get("type") if isinstance(f, dict) else "?"
+                    if kind == "pong" and f.get("id") == self.ping_id:
+                        self.ponged.set()
+                        continue
                     if kind in ("error", "disconnect"):
                         kind = f"{kind} {f.get('code')}"
                     self.stats.replies[str(kind)] += 1
+        except ConnectionClosed:
+            pass
+        finally:
+            self.ponged.set()  # whoever waits for a pong: the connection is over
+
+    async def _window_done(self, ws: ClientConnection) -> bool:
+        """A ``ping`` after a window of frames; True once its ``pong`` says the node has read
+        them all (a node's backlog is not counted as frames sent), False if it hung up."""
+        self.ping_id = f"w{self.rng.randrange(1 << 60)}"
+        self.ponged.clear()
+        await ws.send(encode(self.codec, {"type": "ping", "id": self.ping_id}))
+        try:
+            await asyncio.wait_for(self.ponged.wait(), OPEN_TIMEOUT_S)
+        except TimeoutError:
+            self.stats.closes[f"no pong within {OPEN_TIMEOUT_S:.0f} s"] += 1
+            return False
+        return ws.close_code is None
 
     async def _send(self, ws: ClientConnection, *messages: str | bytes) -> bool:
-        if self.budget.spent:
+        if self.spent:
             return False
         for m in messages:
             await ws.send(m)
@@ -205,11 +243,14 @@ class _Attacker:
             return
         await self._connect(ws, sub)
         room = f"fuzz:{sub}"
-        while not self.budget.spent:
+        n = 0
+        while not self.spent:
             messages = self._next(kind, room)
             if not await self._send(ws, *messages):
                 return
-            await asyncio.sleep(0)
+            n += 1
+            if n % WS_WINDOW == 0 and not await self._window_done(ws):
+                return
 
     def _next(self, kind: str, room: str) -> list[str | bytes]:
         draw, codec = self.draw, self.codec
@@ -232,25 +273,43 @@ class _Attacker:
     # -- MQTT
 
     async def _mqtt_session(self) -> None:
+        """A device on a raw MQTT 3.1.1 connection: CONNECT (now and then with a forged
+        token), then QoS 0 PUBLISHes as fast as the socket takes them, until the node hangs
+        up."""
         self.conn_no += 1
         dev = f"fuzz-dev-{self.spec.seed % 10_000}-{self.index}"
         forged = self.rng.random() < 0.1
         password = str(self.draw.token()) if forged else mint_token(
             self.target.secret, sub=dev, kind="device",
             rooms={"*": ["join", "publish", "history", "presence"]})
-        client = aiomqtt.Client("127.0.0.1", self.target.mqtt_port, identifier=dev,
-                                username=dev, password=password, timeout=OPEN_TIMEOUT_S)
-        if self.budget.spent:
-            return
-        self.sent()  # the CONNECT itself
-        async with client:
-            self.stats.connections += 1
-            n = 0
-            while not self.budget.spent:
-                topic, payload = self._mqtt_message(dev)
-                n += 1
-                await client.publish(topic, payload, qos=1 if n % 20 == 0 else 0)
-                self.sent()
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", self.target.mqtt_port), OPEN_TIMEOUT_S)
+        self.stats.connections += 1
+        try:
+            writer.write(_connect_packet(dev, password))
+            self.sent()
+            connack = await asyncio.wait_for(reader.readexactly(4), OPEN_TIMEOUT_S)
+            if connack[0] != 0x20 or connack[3]:
+                self.stats.closes[f"CONNACK refused ({connack[3]})"] += 1
+                return
+            pid = 0
+            while not self.spent:
+                # a window of QoS 0 PUBLISHes closed by a QoS 1 one: its PUBACK says the node
+                # has read them all (a node's backlog is not counted as frames sent)
+                pid = pid % 65535 + 1
+                for k in range(MQTT_WINDOW):
+                    writer.write(_publish_packet(*self._mqtt_message(dev),
+                                                 pid if k == MQTT_WINDOW - 1 else 0))
+                await writer.drain()
+                if not await _puback(reader, pid):
+                    self.stats.closes["mqtt closed by the node"] += 1
+                    return
+                self.sent(MQTT_WINDOW)
+            self.stats.closes["mqtt closed by the attacker"] += 1
+        except asyncio.IncompleteReadError:
+            self.stats.closes["mqtt closed by the node before CONNACK"] += 1
+        finally:
+            writer.transport.abort()
 
     def _mqtt_message(self, dev: str) -> tuple[str, bytes]:
         if self.spec.kind == "mqtt-uplink":
@@ -263,7 +322,7 @@ class _Attacker:
 
     async def _half_open(self) -> None:
         """Half a request head (or half a CONNECT), then silence until the node hangs up."""
-        if self.budget.spent:
+        if self.spent:
             return
         mqtt = self.rng.random() < 0.3
         port = self.target.mqtt_port if mqtt else self.target.http_port
@@ -285,11 +344,59 @@ class _Attacker:
             writer.transport.abort()
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(text: str) -> bytes:
+    """An MQTT string (a lone surrogate goes out as the invalid UTF-8 it is)."""
+    data = text.encode("utf-8", "surrogatepass")[:65535]
+    return len(data).to_bytes(2, "big") + data
+
+
+def _connect_packet(client_id: str, password: str) -> bytes:
+    """MQTT 3.1.1 CONNECT: user name and password, clean session, keep-alive off."""
+    body = (_field("MQTT") + bytes((4, 0xC2)) + b"\x00\x00" + _field(client_id)
+            + _field(client_id) + _field(password))
+    return b"\x10" + _varint(len(body)) + body
+
+
+def _publish_packet(topic: str, payload: bytes, pid: int = 0) -> bytes:
+    """MQTT PUBLISH: QoS 1 with packet id ``pid``, else QoS 0."""
+    body = _field(topic) + (pid.to_bytes(2, "big") if pid else b"") + payload
+    return (b"\x32" if pid else b"\x30") + _varint(len(body)) + body
+
+
+async def _puback(reader: asyncio.StreamReader, pid: int) -> bool:
+    """Read packets until the PUBACK of ``pid`` (True), or the node hangs up (False)."""
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT_S):
+            while True:
+                head = await reader.readexactly(1)
+                length, shift = 0, 0
+                while True:
+                    digit = (await reader.readexactly(1))[0]
+                    length |= (digit & 0x7F) << shift
+                    shift += 7
+                    if not digit & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                if head[0] >> 4 == 4 and body[:2] == pid.to_bytes(2, "big"):
+                    return True
+    except (asyncio.IncompleteReadError, TimeoutError, OSError):
+        return False
+
+
 async def run_attackers(specs: list[AttackerSpec], target: Target, frames: int,
                         seconds: float, first_index: int = 0) -> AttackStats:
     """Run ``specs`` until ``frames`` are sent (all together) or ``seconds`` have passed."""
     stats = AttackStats()
-    budget = _Budget(frames, time.monotonic() + seconds)
+    budget = _Budget(frames, time.monotonic() + seconds, {s.kind for s in specs})
 
     async def one(i: int, spec: AttackerSpec) -> None:
         try:
