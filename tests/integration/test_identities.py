@@ -175,11 +175,8 @@ async def test_hostile_device_ids_are_refused(make_node) -> None:
         code = await connack_code(node, dev)
         # CONNACK 2 (identifier rejected): paho reports it as reason code 133.
         assert code in (2, 133), (dev, code)
-    good = uid("thermo")
-    async with device(node, good) as ok:  # the node keeps serving devices
-        await tunnel(ok, good)
-        assert (await tunnel_ping(ok, good))["type"] == "pong"
     assert node.mqtt.listening
+    await allowed_ids_work(node)  # the node keeps serving users and devices
 
 
 # -- tenants, takeover -------------------------------------------------------------------------
@@ -336,3 +333,41 @@ async def test_the_connection_cap_answers_4503(make_node) -> None:
     await wait_for(lambda: len(node.ctx.index.by_id) < 3, "a free slot")
     again = await RawClient.connected(ws_url(node), token(uid("again")))
     assert (await again.request({"type": "ping"}))["type"] == "pong"
+
+
+async def allowed_ids_work(node: Any) -> None:
+    """Ids using the grammar's punctuation (``_ : @ = -``) reach rpc subjects, presence keys,
+    personal rooms and MQTT topics without harm."""
+    tail = uuid.uuid4().hex[:6]
+    user, dev = f"u:a@b=c_{tail}-1", f"d:x@y=z_{tail}-2"
+    caller = await RawClient.connected(ws_url(node), token(uid("caller"), rpc=["user:*",
+                                                                              "device:*"]))
+    member = await RawClient.connected(ws_url(node), signed(user))
+    room = f"r:{tail}"
+    assert (await member.request({"type": "join", "room": room, "presence": True}))["type"] \
+        == "joined"
+    async with device(node, dev) as d:
+        await tunnel(d, dev)
+        await d.publish(f"rtnode/v1/{dev}/in", cbor2.dumps(
+            {"type": "join", "id": 1, "room": room}), qos=1)
+
+        async def listed() -> set[str]:
+            for _ in range(250):
+                r = await caller.request({"type": "presence", "room": room})
+                users = {m["user"] for m in r.get("members", [])}
+                if {user, dev} <= users:
+                    return users
+                await asyncio.sleep(0.02)
+            raise AssertionError("presence never listed both")
+
+        await listed()
+
+        async def answer() -> None:
+            f = await member.until("rpc")
+            await member.send({"type": "reply", "id": f["id"], "result": "ok"})
+
+        responder = asyncio.create_task(answer())
+        r = await caller.request({"type": "rpc", "to": f"user:{user}", "method": "m"})
+        await responder
+        assert r.get("result") == "ok", r
+        assert (await tunnel_ping(d, dev))["type"] == "pong"
