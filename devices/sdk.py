@@ -56,6 +56,7 @@ from devices.client_session import (
     RpcRequest,
 )
 from devices.cursors import CursorStore
+from node.protocol.ids import ID_RULE, is_valid_id
 
 __all__ = [
     "ClientClosed",
@@ -115,6 +116,10 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
         keepalive: MQTT keepalive in seconds.
         request_timeout_s: How long one request waits for its reply.
         publish_timeout_s: How long :meth:`publish` retries, across reconnects, in total.
+
+    Raises:
+        ValueError: No token nor provider, or a device id outside the id grammar
+            (``node.protocol.ids``), which no node accepts.
     """
 
     def __init__(
@@ -134,6 +139,8 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
     ) -> None:
         if token is None and token_provider is None:
             raise ValueError("a token or a token_provider is needed")
+        if not is_valid_id(device_id):  # the node would refuse it (CONNACK 2) on every try
+            raise ValueError(f"device_id must be {ID_RULE}, got {device_id!r}")
         # The queue holds events with the epoch they were received in.
         self._session: _DeviceSession = _DeviceSession(
             min_backoff_s=min_backoff_s, max_backoff_s=max_backoff_s, client_name="rtnode-device"
