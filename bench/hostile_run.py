@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.attackers import AttackerSpec, AttackProcess, AttackStats, Target
 from bench.members import WellBehaved
 from bench.nodes import SECRET, NodeProcess, wait_ready
-from bench.procs import READY_TIMEOUT_S, http_get, run_loop
+from bench.procs import READY_TIMEOUT_S, cpu_seconds, http_get, run_loop
 from bench.report import ms, output_lines, pct
 from node.nats_server import free_port
 
@@ -62,8 +62,11 @@ class HostileResult:
     attack: AttackStats = field(default_factory=AttackStats)
     attack_started: float = 0.0  # time.time() once every attacker process had started
     attack_s: float = 0.0
+    attackers_cpu: float = 0.0  # CPU seconds of the attacker processes, start-up included
     rss_before: dict[str, float] = field(default_factory=dict)  # MB, node and nats-server
     rss_after: dict[str, float] = field(default_factory=dict)
+    cpu_before: dict[str, float] = field(default_factory=dict)  # CPU s per wall s, by process
+    cpu_during: dict[str, float] = field(default_factory=dict)
     p99_before: float | None = None
     p99_during: float | None = None
     samples_before: int = 0
@@ -162,6 +165,7 @@ async def _attack(res: HostileResult, node: NodeProcess) -> None:
             elif got:
                 res.notes.append(got)
         res.attack_s = time.monotonic() - started
+        res.attackers_cpu = sum(cpu_seconds(p.proc.pid) for p in procs)
     finally:
         for p in procs:
             p.close(res.notes)
@@ -173,10 +177,16 @@ async def _measure(res: HostileResult, node: NodeProcess) -> None:
     try:
         await wb.start()
         res.rss_before = _rss(node)
+        cpu0, w0 = {**node.cpu(), "clients": time.process_time()}, time.monotonic()
         await asyncio.sleep(cfg.baseline_s)
         t0 = time.time()
+        cpu1, w1 = {**node.cpu(), "clients": time.process_time()}, time.monotonic()
         await _attack(res, node)
         t1 = time.time()
+        cpu2, w2 = {**node.cpu(), "clients": time.process_time()}, time.monotonic()
+        res.cpu_before = {k: (v - cpu0.get(k, 0)) / (w1 - w0) for k, v in cpu1.items()}
+        res.cpu_during = {k: (v - cpu1.get(k, 0)) / (w2 - w1) for k, v in cpu2.items()}
+        res.cpu_during["attackers"] = res.attackers_cpu / (w2 - w1)
         await wb.stop()
         before = wb.latencies(wb.started_at, t0)
         during = wb.latencies(res.attack_started or t0, t1)
@@ -219,6 +229,10 @@ def report_lines(res: HostileResult) -> list[str]:
         "node RSS before / after: " + ", ".join(
             f"{k} {res.rss_before.get(k, 0):.0f} / {res.rss_after.get(k, 0):.0f} MB"
             for k in res.rss_before),
+        "CPU (1.0 = a core) before / during the attack: " + ", ".join(
+            f"{k} {res.cpu_before.get(k, 0):.2f} / {v:.2f}" for k, v in res.cpu_during.items())
+        + f" (clients: the well-behaved ones; {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f})",
         f"well-behaved p99 latency: {ms(res.p99_before)} ms before the attack "
         f"({res.samples_before} events), {ms(res.p99_during)} ms during it "
         f"({res.samples_during} events)",
