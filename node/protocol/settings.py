@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.protocol.errors import ConfigError
+from node.protocol.ids import TENANT_PATTERN
 
 __all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "load_settings"]
 
@@ -76,7 +77,8 @@ class Settings(BaseSettings):
     mqtt_broker_url: str = Field(
         "", description="external MQTT broker, mqtt://[user:pass@]host:port (set: no listener)"
     )
-    mqtt_tenant: str = Field("default", description="tenant of the external broker's rooms")
+    mqtt_tenant: str = Field("default", pattern=TENANT_PATTERN,
+                             description="tenant of the external broker's rooms")
     node_name: str = Field("", description="name of this node (default: the host name)")
     data_dir: Path = Field(Path("rtnode-data"), description="where the node keeps its state")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve https/wss")

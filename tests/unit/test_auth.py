@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from node.protocol.errors import AuthError
+from node.protocol.errors import AuthError, ConfigError
 from node.protocol.ids import is_valid_id, is_valid_tenant
 from node.protocol.settings import load_settings
 from node.protocol.tokens import (
@@ -225,3 +225,10 @@ def test_the_verifier_is_built_from_settings(tmp_path: Path) -> None:
     generated = TokenVerifier.from_settings(load_settings(data_dir=tmp_path / "d"))
     key = load_or_create_secret(tmp_path / "d")
     assert generated.verify(mint_token(key, sub="a")).sub == "a"
+
+
+def test_the_external_brokers_tenant_is_a_tenant() -> None:
+    assert load_settings(mqtt_tenant="acme-1").mqtt_tenant == "acme-1"
+    for bad in ("a.b", "a:b", "*", ""):
+        with pytest.raises(ConfigError, match="mqtt_tenant"):
+            load_settings(mqtt_tenant=bad)
