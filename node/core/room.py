@@ -173,9 +173,6 @@ class RoomActor(Actor):
         for member in members:
             member.on_room_lost(self.room)
 
-    def can_passivate(self) -> bool:
-        return not self.members
-
     def on_mailbox_full(self, message: Any) -> None:
         if isinstance(message, LiveMessage):
             self.counters.live_dropped += 1  # repaired from the stream by the next one

@@ -261,15 +261,22 @@ class ConnectionSession(RoomRules, RpcRules):
                 # PROTOCOL.md section 1: anything but a connect first ends the connection.
                 self._disconnect(4001, "connect must be the first frame", False)
             else:
-                kind = type(frame)
-                if kind in _REQUESTS and not self._free_join(frame) and not self.requests.take(
-                        now):
-                    raise ProtocolError(4009, "too many requests, retry later", retry=True)
-                handler = self._handlers.get(kind)
+                self._limit(frame, now)
+                handler = self._handlers.get(type(frame))
                 if handler is not None:
                     handler(frame, now)
         except ProtocolError as exc:
             self._error(exc.code, exc.reason, getattr(frame, "id", None), exc.retry, now)
+
+    def _limit(self, frame: Any, now: float) -> None:
+        """Take a token of the request bucket for a request (see ``_REQUESTS``).
+
+        Raises:
+            ProtocolError: 4009 with retry when the bucket is empty.
+        """
+        if (type(frame) in _REQUESTS and not self._free_join(frame)
+                and not self.requests.take(now)):
+            raise ProtocolError(4009, "too many requests, retry later", retry=True)
 
     def receive_invalid(self, code: int, reason: str, request_id: Any = None,
                         retry: bool = False, now: float = 0.0) -> None:
