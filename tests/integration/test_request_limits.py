@@ -122,7 +122,8 @@ async def test_room_churn_is_cut_off_and_room_actors_stay_bounded(make_node) -> 
                 break
             if r["type"] == "error":
                 assert r["code"] == 4009 and r["retry"] is True, r
-                refused_at = refused_at or i
+                if refused_at is None:
+                    refused_at = i
                 continue
             assert r["type"] == "joined", r
             left = await churner.request({"type": "leave", "room": room})
