@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,10 @@ class IndexedConnection:
 class ConnectionIndex:
     """Connections of this node by connection id, by user and by client id, within a tenant.
 
+    Attributes:
+        by_id: Connection id -> entry.
+        refusals: Connections refused by :meth:`check_room`, by code (4503, 4029), for metrics.
+
     Example:
         entry = index.add(principal, client_id, ref, per_user=64, total=10000)  # or 4029/4503
         ...
@@ -57,6 +62,7 @@ class ConnectionIndex:
         self._by_user: dict[_Key, dict[int, IndexedConnection]] = {}
         self._by_client: dict[_Key, dict[int, IndexedConnection]] = {}
         self._serial = itertools.count(1)
+        self.refusals: Counter[int] = Counter()
         self._empty_waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
@@ -74,8 +80,10 @@ class ConnectionIndex:
                 user has ``per_user``.
         """
         if len(self.by_id) >= total:
+            self.refusals[4503] += 1
             raise ProtocolError(4503, "too many connections on this node", retry=True)
         if self.user_count(principal.tenant, principal.sub) >= per_user:
+            self.refusals[4029] += 1
             raise ProtocolError(4029, "too many connections for this user")
 
     def add(self, principal: Principal, client_id: str, ref: Any, *, per_user: int,

@@ -53,6 +53,7 @@ def test_limits() -> None:
         index.add(dev("c"), "c1", "r5", per_user=2, total=3)
     assert info.value.code == 4503 and info.value.retry
     assert len(index) == 3, "a refusal indexes nothing"
+    assert index.refusals == {4029: 1, 4503: 1}
 
 
 def test_random_adds_and_removes_keep_the_tables_consistent() -> None:
