@@ -23,6 +23,7 @@ is ever part of one.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 __all__ = [
     "ID_MAX_LEN",
@@ -53,11 +54,11 @@ ID_RULE = f"1-{ID_MAX_LEN} characters of A-Z a-z 0-9 _ : @ = -"
 TENANT_RULE = f"1-{TENANT_MAX_LEN} characters of A-Z a-z 0-9 _ -"
 
 
-def is_valid_id(value: object) -> bool:
+def is_valid_id(value: object) -> TypeGuard[str]:
     """Whether ``value`` is an id (a ``sub``, a device or client id): a str of :data:`ID_RULE`."""
     return isinstance(value, str) and _ID_RE.match(value) is not None
 
 
-def is_valid_tenant(value: object) -> bool:
+def is_valid_tenant(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a tenant: a str of :data:`TENANT_RULE`."""
     return isinstance(value, str) and _TENANT_RE.match(value) is not None
