@@ -2,8 +2,13 @@
 
 Only the plain-topic face is offered here (the broker authenticates the devices):
 
-* uplinks: every node subscribes ``$share/rtnode/rooms/+/up`` (an MQTT 5 shared subscription),
-  so the broker hands each uplink to one node of the cluster, which stores it in the room;
+* uplinks: a device publishes to ``rooms/<room>/up/<device_id>``, a topic its broker's ACL
+  lets it write only under its own name (Mosquitto: ``pattern write rooms/+/up/%u``, see
+  compose/mosquitto.acl). Every node subscribes ``$share/rtnode/rooms/+/up/+`` (an MQTT 5
+  shared subscription), so the broker hands each uplink to one node of the cluster, which
+  stores it in the room. The sender (``from.user``) and the dedupe scope come from that topic
+  level only: the payload cannot name anyone. An uplink on the bare ``rooms/<room>/up`` names
+  nobody the broker vouched for: refused and counted (:class:`UplinkRefused`);
 * downlinks: every node pulls from one shared JetStream durable consumer on the rooms of the
   bridged tenant, so each stored event is published to ``rooms/<room>`` once for the whole
   cluster, and acknowledged to JetStream only after the broker has it (QoS 1).
@@ -17,29 +22,109 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
-import re
+import time
+from collections import Counter
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import aiomqtt
 import cbor2
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from paho.mqtt.reasoncodes import ReasonCode
 
 from node.core.connection import NodeContext
-from node.protocol.errors import ConfigError, ProtocolError
+from node.protocol.errors import AuthError, ConfigError, ProtocolError
 from node.protocol.frames import cbor_loads_strict, publish_frame
+from node.protocol.ids import is_valid_id
 from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
 from node.protocol.tokens import Principal
 
-__all__ = ["DURABLE", "ExternalMqtt", "parse_broker_url"]
+__all__ = [
+    "DURABLE",
+    "LEGACY_UPLINK_FILTER",
+    "SHARE_GROUP",
+    "UPLINK_FILTER",
+    "ExternalMqtt",
+    "UplinkRefused",
+    "device_id_ok",
+    "parse_broker_url",
+    "uplink_route",
+]
 
 log = logging.getLogger("bridge.mqtt.external")
 
 DURABLE = "RTNODE_MQTT_OUT"
-# A device named in an uplink becomes `from.user` and part of the Nats-Msg-Id header.
-_DEVICE_RE = re.compile(r"[A-Za-z0-9_.:@=-]{1,128}\Z")
+#: The uplinks: ``rooms/<room>/up/<device_id>``, the last level pinned by the broker's ACL.
+UPLINK_FILTER = "rooms/+/up/+"
+#: The bare uplink topic of old, which names no device: subscribed only to refuse and count
+#: what still comes by it (a broker whose ACL lets anyone write it).
+LEGACY_UPLINK_FILTER = "rooms/+/up"
+#: The MQTT 5 shared subscription group of the bridging nodes: one of them gets each uplink.
+SHARE_GROUP = "$share/rtnode/"
 _BROKER_GRANT = {"*": frozenset({"publish"})}
+_WARN_INTERVAL_S = 60.0
+
+
+class UplinkRefused(AuthError):
+    """An uplink whose topic names no sender the broker vouched for (4001): dropped, counted.
+
+    Args:
+        label: What was wrong, as counted: ``no_identity`` (the bare ``rooms/<room>/up``),
+            ``bad_device_id`` (a device level outside the id grammar), ``not_uplink``.
+        reason: One line for the log.
+    """
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(reason)
+        self.label = label
+
+
+def device_id_ok(device_id: str) -> bool:
+    """Whether a topic level is a valid device id, fit for ``from.user``, a dedupe key and a
+    subject: the project's id grammar (``node.protocol.ids``, ``ID_RULE``), the same as a
+    device token's ``sub``; so no ``.``, ``*``, ``>``, ``/``, whitespace or control
+    characters."""
+    return is_valid_id(device_id)
+
+
+def uplink_route(topic: str) -> tuple[str, str]:
+    """``rooms/<room>/up/<device_id>`` -> ``(room, device_id)``. Pure.
+
+    The device id is the sender: the broker's ACL lets a device write only the topics that end
+    in its own name. The room is checked by admission like every publish's (4000).
+
+    Raises:
+        UplinkRefused: The topic names no valid sender (see its ``label``).
+    """
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "up":
+        raise UplinkRefused("no_identity", "rooms/<room>/up names no device "
+                                           "(publish to rooms/<room>/up/<device_id>)")
+    if len(parts) != 4 or parts[0] != "rooms" or parts[2] != "up":
+        raise UplinkRefused("not_uplink", "not an uplink topic")
+    if not device_id_ok(parts[3]):
+        raise UplinkRefused("bad_device_id", "the topic's device id is outside the id grammar")
+    return parts[1], parts[3]
+
+
+class _WarnEvery:
+    """A warning at most once per ``interval_s`` (a hostile client must not flood the log),
+    saying how many it held back."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = -math.inf
+        self._held = 0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._held += 1
+            return
+        log.warning(msg + " (%d more since the last such warning)", *args, self._held)
+        self._last, self._held = now, 0
 
 
 def _session_properties() -> Any:
@@ -83,11 +168,15 @@ class ExternalMqtt:
         self.tenant = tenant
         self.uplinks = 0
         self.downlinks = 0
+        #: Uplinks refused for good (dropped, acked), by every rule.
         self.refused = 0
+        #: Of those, the ones whose topic named no valid sender, by ``UplinkRefused.label``.
+        self.refused_topics: Counter[str] = Counter()
         self.connected = False
         self._client: aiomqtt.Client | None = None
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._warn = _WarnEvery(_WARN_INTERVAL_S)
 
     async def start(self) -> None:
         """Start the broker connection and the downlink consumer."""
@@ -120,7 +209,7 @@ class ExternalMqtt:
                 ) as client:
                     # Acknowledge an uplink to the broker only once it is stored (below).
                     client._client.manual_ack_set(True)
-                    await client.subscribe("$share/rtnode/rooms/+/up", qos=1)
+                    await self._subscribe(client)
                     self._client = client
                     self.connected = True
                     self._ready.set()
@@ -143,6 +232,13 @@ class ExternalMqtt:
             attempt += 1
             await asyncio.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))
 
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        filters = [SHARE_GROUP + UPLINK_FILTER, SHARE_GROUP + LEGACY_UPLINK_FILTER]
+        granted = await client.subscribe([(f, 1) for f in filters])
+        for topic_filter, code in zip(filters, granted, strict=False):
+            if (isinstance(code, ReasonCode) and code.is_failure) or code == 0x80:
+                log.warning("! MQTT broker refused the subscription %s: %s", topic_filter, code)
+
     async def _uplink(self, topic: str, payload: bytes) -> bool:
         """Admit one uplink (``node.core.admission``) and store it.
 
@@ -154,18 +250,20 @@ class ExternalMqtt:
         """
         admission = self.ctx.admission
         try:
-            if not (topic.startswith("rooms/") and topic.endswith("/up")):
-                raise ProtocolError(4000, "not an uplink topic")
+            room, device = uplink_route(topic)
             raw = cbor_loads_strict(payload)
             if not isinstance(raw, dict):
                 raise ProtocolError(4000, "expected a map")
-            frame = publish_frame(raw, topic[6:-3])
-            admitted = admission.admit("broker", self._sender(raw.get("device")), frame,
-                                       client_id=None)
+            # Only event, data and msg_id are read: a `device` field names nobody.
+            frame = publish_frame(raw, room)
+            admitted = admission.admit("broker", self._sender(device), frame, client_id=None)
             if admitted.volatile:
                 await admission.send_volatile_quietly(admitted)  # at most once, never retried
             else:
                 await admission.store(admitted)
+        except UplinkRefused as exc:
+            self._refuse_topic(topic, exc)
+            return True
         except ProtocolError as exc:
             if exc.retry and exc.code == 4503:
                 return False
@@ -174,12 +272,17 @@ class ExternalMqtt:
         self.uplinks += 1
         return True
 
-    def _sender(self, device: object) -> Principal:
-        """Who an uplink is from: the broker authenticated the device, and the node trusts it
-        with publishing to the rooms of the bridged tenant (never to a personal or a ``sys:``
-        room). The device may name itself in the map (``device``), else it is ``mqtt``."""
-        sender = device if isinstance(device, str) and _DEVICE_RE.fullmatch(device) else "mqtt"
-        return Principal(sub=sender, tenant=self.tenant, kind="device", rooms=_BROKER_GRANT)
+    def _refuse_topic(self, topic: str, exc: UplinkRefused) -> None:
+        self.refused += 1
+        self.refused_topics[exc.label] += 1
+        log.debug("- uplink refused on %r: %s", topic[:256], exc.reason)
+        self._warn("! uplink refused on %r: %s", topic[:256], exc.reason)
+
+    def _sender(self, device_id: str) -> Principal:
+        """Who an uplink is from: the device its topic names, which the broker authenticated
+        and let write that topic only. The node trusts it with publishing to the rooms of the
+        bridged tenant (never to a personal or a ``sys:`` room)."""
+        return Principal(sub=device_id, tenant=self.tenant, kind="device", rooms=_BROKER_GRANT)
 
     # -- downlinks -------------------------------------------------------------------------
 

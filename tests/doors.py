@@ -226,14 +226,15 @@ class BrokerDoor(_Door):
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
                       *, allowed: bool = True) -> Outcome:
-        # The broker authenticated the device: the node trusts it with publish rights on the
-        # rooms of its tenant, but never on personal rooms (the case without a right).
+        # The broker authenticated the device (named by the topic's last level): the node
+        # trusts it with publish rights on the rooms of its tenant, but never on personal rooms
+        # (the case without a right).
         before = self._counts(self.door)
-        body: dict[str, Any] = {"event": event, "data": data, "device": "sensor-1"}
+        body: dict[str, Any] = {"event": event, "data": data}
         if msg_id is not None:
             body["msg_id"] = msg_id
         target = room if allowed else "@user:someone-else"
-        await self.client.publish(f"rooms/{target}/up", cbor2.dumps(body), qos=1)
+        await self.client.publish(f"rooms/{target}/up/sensor-1", cbor2.dumps(body), qos=1)
         return await self._counted(self.door, before)
 
 
