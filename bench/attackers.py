@@ -3,7 +3,9 @@
 An attacker is one client that keeps attacking: it sends what :class:`HostileFrames` draws on
 its door (WebSocket JSON or CBOR, the MQTT tunnel, plain uplinks, or half-open sockets), reads
 what the node answers, and when the node closes it, opens a new connection and goes on, until
-its worker's frame budget or deadline is spent. :class:`AttackProcess` runs a list of
+its worker's frame budget or deadline is spent. Each waits, after a window of frames, until
+the node has read them (a ``ping`` answered by ``pong``, a QoS 1 PUBLISH answered by PUBACK):
+frames counted as sent were read, not left in a backlog. :class:`AttackProcess` runs a list of
 attackers in a separate process (``spawn``) and hands back their :class:`AttackStats`.
 
 Kinds (``AttackerSpec.kind``):
@@ -11,7 +13,8 @@ Kinds (``AttackerSpec.kind``):
 - ``ws-json``, ``ws-cbor``: a mix of everything: malformed messages, hostile frames, forged
   tokens and frames before ``connect``, oversized frames, join/leave churn, request floods and
   publishes beyond the rate.
-- ``mqtt-tunnel``, ``mqtt-uplink``: a device publishing hostile payloads to its tunnel
+- ``mqtt-tunnel``, ``mqtt-uplink``: a device (a raw MQTT 3.1.1 client, so that malformed
+  topics get out too) publishing hostile payloads to its tunnel
   (``rtnode/v1/<client_id>/in``) or to ``rooms/<room>/up``, and now and then logging in with a
   forged token.
 - ``half-open``: TCP connections to the HTTP and MQTT ports that send half a request head or
@@ -274,8 +277,8 @@ class _Attacker:
 
     async def _mqtt_session(self) -> None:
         """A device on a raw MQTT 3.1.1 connection: CONNECT (now and then with a forged
-        token), then QoS 0 PUBLISHes as fast as the socket takes them, until the node hangs
-        up."""
+        token), then windows of QoS 0 PUBLISHes each closed by a QoS 1 one, until the node
+        hangs up."""
         self.conn_no += 1
         dev = f"fuzz-dev-{self.spec.seed % 10_000}-{self.index}"
         forged = self.rng.random() < 0.1
