@@ -323,9 +323,9 @@ class ConnectionActor(Actor):
             self._run[type(command)](command)
 
     def _admit_connection(self, command: AdmitConnection) -> None:
-        refused = 0
+        refused, reason = 0, ""
         if self.ctx.draining:
-            refused = 4503
+            refused, reason = 4503, "node draining"
         else:
             try:
                 self._indexed = self.ctx.index.add(
@@ -333,8 +333,8 @@ class ConnectionActor(Actor):
                     per_user=self.settings.max_connections_per_user,
                     total=self.settings.max_connections)
             except ProtocolError as exc:  # 4503 node full, 4029 user's limit
-                refused = exc.code
-        self.session.receive_admitted(time.monotonic(), refused)
+                refused, reason = exc.code, exc.reason
+        self.session.receive_admitted(time.monotonic(), refused, reason)
 
     def _send_frame(self, command: SendFrame) -> None:
         self.outbox.send(command.frame)

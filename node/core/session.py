@@ -184,23 +184,24 @@ class ConnectionSession(RoomRules, RpcRules):
         else:
             self._commands.append(StartTimer(_CONNECT, now + self.settings.connect_timeout_s))
 
-    def receive_admitted(self, now: float, refused: int = 0) -> None:
+    def receive_admitted(self, now: float, refused: int = 0, reason: str = "") -> None:
         """The node's answer to :class:`AdmitConnection`.
 
         Args:
             now: The time.
-            refused: 0 when admitted; 4503 when the node drains; 4029 when the user has too
-                many connections.
+            refused: 0 when admitted; 4503 when the node drains or is full; 4029 when the user
+                has too many connections.
+            reason: Why it was refused, for the client (a default per code when empty).
         """
         pending, self._pending_accept = self._pending_accept, None
         if pending is None:
             return
         principal, request_id, announce = pending
         if refused == 4503:
-            self._disconnect(4503, "node draining", True)
+            self._disconnect(4503, reason or "node draining", True)
             return
         if refused:
-            self._disconnect(4029, "too many connections for this user", False)
+            self._disconnect(4029, reason or "too many connections for this user", False)
             return
         self.principal = principal
         self.connected = True
