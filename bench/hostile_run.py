@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
 from bench.attackers import AttackerSpec, AttackProcess, AttackStats, Target
 from bench.members import WellBehaved
 from bench.nodes import SECRET, NodeProcess, wait_ready
@@ -210,8 +212,9 @@ def run_hostile(cfg: HostileConfig) -> HostileResult:
         if node is not None:
             try:
                 run_loop(_measure(res, node))
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                res.error = f"well-behaved clients could not start: {exc!r}"
+            except (OSError, RuntimeError, TimeoutError, ConnectionClosed,
+                    InvalidHandshake) as exc:
+                res.error = f"the run failed: {exc!r}"
     res.log_crashes = log_crashes(res.server_log)
     return res
 
