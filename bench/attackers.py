@@ -5,8 +5,9 @@ its door (WebSocket JSON or CBOR, the MQTT tunnel, plain uplinks, or half-open s
 what the node answers, and when the node closes it, opens a new connection and goes on, until
 its worker's frame budget or deadline is spent. Each waits, after a window of frames, until
 the node has read them (a ``ping`` answered by ``pong``, a QoS 1 PUBLISH answered by PUBACK):
-the frames counted as sent are at most one window ahead of what the node has read. :class:`AttackProcess` runs a list of
-attackers in a separate process (``spawn``) and hands back their :class:`AttackStats`.
+the frames counted as sent are at most one window ahead of what the node has read.
+:class:`AttackProcess` runs a list of attackers in a separate process (``spawn``) and hands
+back their :class:`AttackStats`.
 
 Kinds (``AttackerSpec.kind``):
 

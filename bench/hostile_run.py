@@ -14,6 +14,7 @@ well-behaved clients' p99 before and during the attack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -38,6 +39,12 @@ __all__ = ["HostileConfig", "HostileResult", "hostile_node", "log_crashes", "rep
            "rss_mb", "run_hostile"]
 
 START_TIMEOUT_S = 60.0  # for the attacker processes to import and report ``started``
+SETTLE_S = 2.0  # after the attack, before the last look at the node's rooms and RSS
+# The node's counters and gauges worth printing after an attack (those it has: older nodes
+# lack some), summed over their labels.
+METRICS = ("rtnode_rooms_active", "rtnode_rate_limited", "rtnode_http_refused",
+           "rtnode_http_head_timeouts", "rtnode_mqtt_refused_publishes",
+           "rtnode_mqtt_bad_payloads", "rtnode_slow_consumer_disconnects")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class HostileResult:
     attackers_cpu: float = 0.0  # CPU seconds of the attacker processes, start-up included
     rss_before: dict[str, float] = field(default_factory=dict)  # MB, node and nats-server
     rss_after: dict[str, float] = field(default_factory=dict)
+    metrics_end: dict[str, float] = field(default_factory=dict)  # as the attack ended
+    metrics_settled: dict[str, float] = field(default_factory=dict)  # SETTLE_S later
     cpu_before: dict[str, float] = field(default_factory=dict)  # CPU s per wall s, by process
     cpu_during: dict[str, float] = field(default_factory=dict)
     p99_before: float | None = None
@@ -109,6 +118,21 @@ def _rss(node: NodeProcess) -> dict[str, float]:
     for pid, cmd in node.kids.items():
         if "nats-server" in cmd:
             out["nats-server"] = rss_mb(pid)
+    return out
+
+
+def metrics(base: str) -> dict[str, float]:
+    """The node's :data:`METRICS` it has, each summed over its labels."""
+    status, body = http_get(base + "/metrics", timeout=5)
+    out: dict[str, float] = {}
+    if status != 200:
+        return out
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.rpartition(" ")
+        metric = name.partition("{")[0].removesuffix("_total")
+        if metric in METRICS:
+            with contextlib.suppress(ValueError):
+                out[metric] = out.get(metric, 0.0) + float(value)
     return out
 
 
@@ -186,6 +210,7 @@ async def _measure(res: HostileResult, node: NodeProcess) -> None:
         await _attack(res, node)
         t1 = time.time()
         cpu2, w2 = {**node.cpu(), "clients": time.process_time()}, time.monotonic()
+        res.metrics_end = metrics(node.base)
         res.cpu_before = {k: (v - cpu0.get(k, 0)) / (w1 - w0) for k, v in cpu1.items()}
         res.cpu_during = {k: (v - cpu1.get(k, 0)) / (w2 - w1) for k, v in cpu2.items()}
         res.cpu_during["attackers"] = res.attackers_cpu / (w2 - w1)
@@ -197,6 +222,8 @@ async def _measure(res: HostileResult, node: NodeProcess) -> None:
         res.received, res.lost = wb.received(), wb.lost()
         res.missed_members = wb.missed_members()
         res.stuck, res.client_problems = wb.stuck_rooms(), wb.problems()
+        await asyncio.sleep(max(0.0, SETTLE_S - (time.monotonic() - w2)))
+        res.metrics_settled = metrics(node.base)
         res.rss_after = _rss(node)
     finally:
         await wb.close()
@@ -236,6 +263,9 @@ def report_lines(res: HostileResult) -> list[str]:
             f"{k} {res.cpu_before.get(k, 0):.2f} / {v:.2f}" for k, v in res.cpu_during.items())
         + f" (clients: the well-behaved ones; {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f})",
+        f"node metrics as the attack ended (and {SETTLE_S:g} s later): " + ", ".join(
+            f"{k.removeprefix('rtnode_')} {v:g} ({res.metrics_settled.get(k, 0):g})"
+            for k, v in res.metrics_end.items()),
         f"well-behaved p99 latency: {ms(res.p99_before)} ms before the attack "
         f"({res.samples_before} events), {ms(res.p99_during)} ms during it "
         f"({res.samples_during} events)",
