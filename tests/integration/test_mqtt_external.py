@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,22 @@ def bridged(make_node: Any) -> Callable[[str], Any]:
     return start
 
 
+@pytest.fixture
+async def watcher() -> AsyncIterator[Callable[[Any, str], Any]]:
+    """Open a WebSocket member of a room on a node (closed at the end of the test)."""
+    members: list[RawClient] = []
+
+    async def open_member(node: Any, room: str) -> RawClient:
+        member = await RawClient.connected(ws_url(node), token("watcher"))
+        members.append(member)
+        await member.request({"type": "join", "room": room})
+        return member
+
+    yield open_member
+    for member in members:
+        await member.close()
+
+
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds (a node counter moves), at most ``timeout`` seconds."""
     for _ in range(round(timeout / 0.02)):
@@ -166,14 +182,14 @@ async def stored(member: RawClient, room: str) -> list[dict[str, Any]]:
     return events
 
 
-async def test_two_nodes_bridge_a_broker_once(locked_broker: Any, bridged: Any) -> None:
+async def test_two_nodes_bridge_a_broker_once(
+        locked_broker: Any, bridged: Any, watcher: Any) -> None:
     broker = locked_broker(["sensor-7"])
     # Both bridge nodes log in as the one bridge user, each with its own client id.
     n1 = await bridged(broker.bridge_url)
     n2 = await bridged(broker.bridge_url)
     room = unique("ext")
-    browser = await RawClient.connected(ws_url(n1), token("b"))
-    await browser.request({"type": "join", "room": room})
+    browser = await watcher(n1, room)
     async with broker.client("sensor-7") as dev:
         await dev.subscribe(f"rooms/{room}", qos=1)
         for i in range(20):
@@ -204,15 +220,15 @@ async def test_two_nodes_bridge_a_broker_once(locked_broker: Any, bridged: Any) 
     assert n1.mqtt_external.uplinks + n2.mqtt_external.uplinks == 21
 
 
-async def test_a_client_cannot_post_as_another_device(locked_broker: Any, bridged: Any) -> None:
+async def test_a_client_cannot_post_as_another_device(
+        locked_broker: Any, bridged: Any, watcher: Any) -> None:
     """evil tries thermo-1's topic, thermo-1's client id, and the bare topic naming thermo-1:
     only thermo-1's own readings are ever from thermo-1."""
     rng = random.Random(SEED)
     broker = locked_broker(["thermo-1", "evil"])
     node = await bridged(broker.bridge_url)
     room = unique("sensors")
-    member = await RawClient.connected(ws_url(node), token("watcher"))
-    await member.request({"type": "join", "room": room})
+    member = await watcher(node, room)
     forged = [rng.randrange(-10**6, 10**6) for _ in range(6)]
     for version in (aiomqtt.ProtocolVersion.V311, aiomqtt.ProtocolVersion.V5):
         async with broker.client("evil", protocol=version) as evil:
@@ -241,15 +257,14 @@ async def test_a_client_cannot_post_as_another_device(locked_broker: Any, bridge
 
 
 async def test_a_claimed_device_and_msg_id_suppress_nothing(
-        locked_broker: Any, bridged: Any) -> None:
+        locked_broker: Any, bridged: Any, watcher: Any) -> None:
     """evil sends thermo-1's next msg_ids first, naming thermo-1 in the payload, on its own
     topic: stored as from evil; each of thermo-1's readings is stored too."""
     rng = random.Random(SEED + 1)
     broker = locked_broker(["thermo-1", "evil"])
     node = await bridged(broker.bridge_url)
     room = unique("sensors")
-    member = await RawClient.connected(ws_url(node), token("watcher"))
-    await member.request({"type": "join", "room": room})
+    member = await watcher(node, room)
     msg_ids = [f"thermo-1/{rng.getrandbits(48):x}" for _ in range(rng.randint(4, 9))]
     async with broker.client("evil") as evil, broker.client("thermo-1") as thermo:
         for i, msg_id in enumerate(msg_ids):
@@ -281,14 +296,13 @@ def hostile_ids(rng: random.Random, n: int) -> list[str]:
 
 
 async def test_hostile_device_ids_are_refused_and_counted(
-        locked_broker: Any, bridged: Any) -> None:
+        locked_broker: Any, bridged: Any, watcher: Any) -> None:
     rng = random.Random(SEED + 2)
     bad = hostile_ids(rng, 16)
     broker = locked_broker(["thermo-1", *bad])
     node = await bridged(broker.bridge_url)
     room = unique("sensors")
-    member = await RawClient.connected(ws_url(node), token("watcher"))
-    await member.request({"type": "join", "room": room})
+    member = await watcher(node, room)
     for device_id in bad:
         async with broker.client(device_id) as dev:  # the broker lets each write its own topic
             await publish(dev, f"rooms/{room}/up/{device_id}", event="reading", data=device_id)
@@ -307,15 +321,14 @@ async def test_hostile_device_ids_are_refused_and_counted(
 
 
 async def test_the_bare_uplink_topic_is_refused_even_on_an_open_broker(
-        mosquitto: int, bridged: Any) -> None:
+        mosquitto: int, bridged: Any, watcher: Any) -> None:
     """A broker without that ACL lets anyone write rooms/<room>/up naming any device, with the
     device's next msg_ids: the node refuses and counts each (no identity), and every reading
     the device then sends on its own topic, with those msg_ids, is stored."""
     rng = random.Random(SEED + 3)
     node = await bridged(f"mqtt://127.0.0.1:{mosquitto}")
     room = unique("sensors")
-    member = await RawClient.connected(ws_url(node), token("watcher"))
-    await member.request({"type": "join", "room": room})
+    member = await watcher(node, room)
     msg_ids = [f"m{rng.getrandbits(32):x}" for _ in range(rng.randint(5, 20))]
     async with aiomqtt.Client("127.0.0.1", mosquitto, identifier=f"x-{SEED}") as anyone:
         for msg_id in msg_ids:
