@@ -34,7 +34,7 @@ def _settings_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         help_ = f"{field.description} (RTNODE_{name.upper()})"
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_)
         else:
