@@ -168,7 +168,9 @@ class _Attacker:
 
     async def _ws_session(self) -> None:
         self.conn_no += 1
-        sub = f"fuzz-{self.spec.seed % 10_000}-{self.index}-{self.conn_no % 50}"
+        # One identity per attacker, as a hostile client holds one token and reconnects with it
+        # (the node's per-user limits see through reconnects; new identities need new tokens).
+        sub = f"fuzz-{self.spec.seed % 10_000}-{self.index}"
         ws = await connect(self.target.ws_url,
                            subprotocols=[Subprotocol(f"rtnode.v1.{self.codec}")], max_size=None,
                            compression=None, ping_interval=None,

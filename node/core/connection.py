@@ -145,6 +145,7 @@ class ConnectionActor(Actor):
             door="ws" if transport.kind == "ws" else "tunnel", now=time.monotonic(),
             joined_at_ms=int(time.time() * 1000), presence=ctx.presence is not None,
             rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
+            room_buckets=ctx.room_buckets,
         )
         self.members: dict[str, Membership] = {}
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also

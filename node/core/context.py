@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from actors.system import ActorSystem
 from node.core.admission import Admission
 from node.core.index import ConnectionIndex
+from node.core.limits import KeyedBuckets
 from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort
 from node.core.room import RoomActor, RoomCounters, RoomSettings
 from node.core.rpc import RpcRegistry, default_registry
@@ -62,9 +63,13 @@ class NodeContext:
     rpc: RpcPort | None = None
     rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
     admission: Admission = field(init=False)
+    #: Per-user buckets of room joins (``rooms_per_min``), shared by a user's connections.
+    room_buckets: KeyedBuckets = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings, self.store, self.feed)
+        per_min = self.settings.rooms_per_min
+        self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["ErrorWindow", "SlidingWindow", "TokenBucket"]
+__all__ = ["ErrorWindow", "KeyedBuckets", "SlidingWindow", "TokenBucket"]
 
 
 class TokenBucket:
@@ -24,6 +24,10 @@ class TokenBucket:
         self._tokens = float(burst)
         self._last = now
 
+    def is_full(self, now: float) -> bool:
+        """Whether the bucket has refilled completely by ``now`` (it is then as good as new)."""
+        return self._tokens + (now - self._last) * self.rate >= self.burst
+
     def take(self, now: float, n: float = 1.0) -> bool:
         """Take ``n`` tokens if there are enough; return whether it was allowed."""
         elapsed = now - self._last
@@ -34,6 +38,44 @@ class TokenBucket:
             self._tokens -= n
             return True
         return False
+
+
+class KeyedBuckets:
+    """One :class:`TokenBucket` per key (a user), shared by everything of that key, so a
+    limit does not start afresh when a client reconnects.
+
+    Memory stays bounded by the keys seen within one refill time (``burst / rate``): a bucket
+    that has refilled is the same as a new one, and is forgotten at the next sweep (run when
+    the map has doubled since the last one).
+
+    Args:
+        rate: Tokens added per second to each bucket.
+        burst: Size of each bucket.
+    """
+
+    __slots__ = ("_buckets", "_sweep_at", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[object, TokenBucket] = {}
+        self._sweep_at = 64
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def get(self, key: object, now: float) -> TokenBucket:
+        """The bucket of ``key`` (a full one the first time)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        return bucket
+
+    def _sweep(self, now: float) -> None:
+        self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full(now)}
+        self._sweep_at = max(64, 2 * len(self._buckets))
 
 
 class SlidingWindow:

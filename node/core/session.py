@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.core.admission import Admitted, VolatileThrottle
-from node.core.limits import ErrorWindow, SlidingWindow, TokenBucket
+from node.core.limits import ErrorWindow, KeyedBuckets, TokenBucket
 from node.core.session_commands import (
     AdmitConnection,
     CancelTimer,
@@ -108,6 +108,8 @@ class ConnectionSession(RoomRules, RpcRules):
         rpc: Whether the node relays rpcs between clients (an rpc port exists).
         may_open_room: Whether a join of (tenant, room) may start that room on this node (it
             runs already, or the node is below ``max_rooms``); default: always.
+        room_buckets: The node's per-user buckets of room joins (``rooms_per_min``), shared
+            by every connection; default: a map of this connection's own.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class ConnectionSession(RoomRules, RpcRules):
         verify: Callable[[str], Principal], admit: Admit, principal: Principal | None = None,
         door: str = "ws", now: float = 0.0, joined_at_ms: int = 0, presence: bool = False,
         rpc: bool = False, may_open_room: Callable[[str, str], bool] = _any_room,
+        room_buckets: KeyedBuckets | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -130,8 +133,9 @@ class ConnectionSession(RoomRules, RpcRules):
         self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, now)
         self.requests = TokenBucket(settings.request_rate_per_s, settings.request_burst, now)
         self.errors = ErrorWindow(settings.max_errors_per_min)
-        self._room_joins = SlidingWindow(settings.rooms_per_min, 60.0)
-        self._free_joins = settings.max_rooms_per_connection
+        if room_buckets is None:
+            room_buckets = KeyedBuckets(settings.rooms_per_min / 60.0, settings.rooms_per_min)
+        self._room_buckets = room_buckets
         self._may_open_room = may_open_room
         self._verify = verify
         self._admit = admit
@@ -275,7 +279,7 @@ class ConnectionSession(RoomRules, RpcRules):
         Raises:
             ProtocolError: 4009 with retry when the bucket is empty.
         """
-        if (type(frame) in _REQUESTS and not self._free_join(frame)
+        if (type(frame) in _REQUESTS and not self._opens_room(frame)
                 and not self.requests.take(now)):
             raise ProtocolError(4009, "too many requests, retry later", retry=True)
 

@@ -2,15 +2,12 @@
 and limits, leaves, rejoins after a room actor restart, plain subscriptions, and the publishes
 held right after a join. Pure, like the session it is part of.
 
-Joining a room the connection is not in counts toward ``rooms_per_min`` (beyond it: 4009 with
-retry), and a join that would start a room actor beyond the node's ``max_rooms`` is refused
-with 4503 with retry, the connection staying open. Rejoins the node makes by itself (after a
-room actor restart, the personal room at connect) are never refused: they start nothing new.
-
-The first ``max_rooms_per_connection`` joins of new rooms are free of the request bucket and of
-``rooms_per_min``: a client resuming all its rooms right after a reconnect (or an SSE stream
-joining its rooms) sends them at once, and must not be cut off for it. What they cost is
-bounded by that same limit; churn begins after them, and is what the two limits bound.
+Joining a room the connection is not in takes a token of its user's rooms bucket
+(``rooms_per_min``, shared by every connection of the user on this node, so that reconnecting
+does not start it afresh; beyond it: 4009 with retry), and no token of the request bucket. A join
+that would start a room actor beyond the node's ``max_rooms`` is refused with 4503 with retry,
+the connection staying open. Rejoins the node makes by itself (after a room actor restart, the
+personal room at connect) are never refused: they start nothing new.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.core.admission import Admitted
-from node.core.limits import SlidingWindow
+from node.core.limits import KeyedBuckets
 from node.core.session_commands import (
     CancelTimer,
     JoinPlainRoom,
@@ -51,10 +48,8 @@ class RoomRules(PresenceRules):
     rooms: dict[str, bool]
     #: Plain subscriptions (MQTT ``rooms/<room>``), apart from the rooms of the frames.
     plain: set[str]
-    # Rooms joined (that the connection was not in) within the last minute.
-    _room_joins: SlidingWindow
-    # Joins of new rooms left before the request bucket and rooms_per_min apply.
-    _free_joins: int
+    # Users' buckets of room joins (rooms_per_min), shared with the node's other connections.
+    _room_buckets: KeyedBuckets
     # (tenant, room) -> whether the node may run that room: it runs already, or there is room
     # for one more room actor (max_rooms).
     _may_open_room: Callable[[str, str], bool]
@@ -81,22 +76,18 @@ class RoomRules(PresenceRules):
             ProtocolError: 4009 beyond ``rooms_per_min``; 4503 when the room would be one room
                 actor too many on this node.
         """
-        assert self.principal is not None
-        free = self._free_joins > 0
-        if not free and self._room_joins.full(now):
-            raise ProtocolError(4009, "too many rooms joined, retry later", retry=True)
-        if not self._may_open_room(self.principal.tenant, room):
+        principal = self.principal
+        assert principal is not None
+        if not self._may_open_room(principal.tenant, room):
             raise ProtocolError(4503, "too many rooms on this node, retry later", retry=True)
-        if free:
-            self._free_joins -= 1
-        else:
-            self._room_joins.add(now)
+        if not self._room_buckets.get((principal.tenant, principal.sub), now).take(now):
+            raise ProtocolError(4009, "too many rooms joined, retry later", retry=True)
 
-    def _free_join(self, frame: Any) -> bool:
-        """Whether ``frame`` is a join of a new room while free joins are left (see the module
-        docstring): it takes no token of the request bucket."""
-        return (self._free_joins > 0 and isinstance(frame, Join)
-                and frame.room not in self.rooms)
+    def _opens_room(self, frame: Any) -> bool:
+        """Whether ``frame`` joins a room the connection is not in: the rooms bucket limits it,
+        not the request bucket (a client resuming all its rooms after a reconnect sends them at
+        once)."""
+        return isinstance(frame, Join) and frame.room not in self.rooms
 
     def _join(self, frame: Join, now: float) -> None:
         assert self.principal is not None

@@ -155,7 +155,8 @@ class Settings(BaseSettings):
                               "second per connection")
     request_burst: int = Field(40, gt=0, description="request burst per connection")
     rooms_per_min: int = Field(
-        120, gt=0, description="rooms a connection may join per minute")
+        300, gt=0, description="rooms a user may join per minute on a node, across its "
+                               "connections (joins of rooms the connection is not in)")
     room_idle_s: float = Field(
         1.0, ge=0, description="a room without members stops after this long")
     max_rooms: int = Field(100000, gt=0, description="room actors on this node (then 4503)")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from node.core.limits import KeyedBuckets
 from node.core.session import ConnectionSession
 from node.core.session_commands import (
     AnnouncePresence,
@@ -94,16 +95,28 @@ def churn(s: ConnectionSession, n: int, now: float, prefix: str = "chat:r") -> l
     return codes
 
 
-def test_rooms_joined_per_minute_are_bounded_and_free_again_after_a_minute() -> None:
+def test_rooms_joined_per_minute_are_bounded_and_refill() -> None:
     s = connected(rooms_per_min=5, max_errors_per_min=100)
-    assert churn(s, 3 + 5, T0) == []  # the free joins (max_rooms_per_connection 3), then 5
-    out = feed(s, {"type": "join", "id": "x", "room": "chat:next"}, T0 + 30)
+    assert churn(s, 5, T0) == []  # the bucket's burst (the personal room takes nothing)
+    out = feed(s, {"type": "join", "id": "x", "room": "chat:next"}, T0 + 1)
     assert frames(out) == [{"type": "error", "code": 4009, "id": "x", "retry": True,
                             "reason": "too many rooms joined, retry later"}]
     assert not of(out, JoinRoom)
     # a room left and joined again counts again: it may cost a fresh room actor
-    assert error_codes(feed(s, {"type": "join", "id": 1, "room": "chat:r0"}, T0 + 30)) == [4009]
-    assert churn(s, 5, T0 + 60.5, "chat:s") == []
+    assert error_codes(feed(s, {"type": "join", "id": 1, "room": "chat:r0"}, T0 + 1)) == [4009]
+    assert churn(s, 1, T0 + 12.5, "chat:s") == []  # 5 per minute: one every 12 s
+    assert churn(s, 5, T0 + 72.5, "chat:t") == []
+
+
+def test_the_rooms_bucket_is_the_users_across_its_connections() -> None:
+    # A client cut off for churning starts no fresh allowance by reconnecting.
+    buckets = KeyedBuckets(5 / 60, 5)
+    first = connected(rooms_per_min=5, room_buckets=buckets)
+    assert churn(first, 5, T0) == []
+    again = connected(rooms_per_min=5, room_buckets=buckets)
+    assert churn(again, 1, T0 + 1) == [4009]
+    other = connected(rooms_per_min=5, room_buckets=buckets, tok=token("bob"))
+    assert churn(other, 5, T0 + 1) == []
 
 
 def test_joining_a_joined_room_again_is_not_a_new_room() -> None:
@@ -137,19 +150,18 @@ def test_the_node_room_cap_is_4503_with_retry_and_the_connection_stays() -> None
 
 def test_plain_subscriptions_count_as_joins_and_are_skipped_beyond_the_limits() -> None:
     s = connected(rooms_per_min=2, may_open_room=lambda t, r: r != "chat:full")
-    s.receive_plain_join("chat:full", "src", T0)
-    for room in "abcdef":  # three free joins, then two per minute
+    s.receive_plain_join("chat:full", "src", T0)  # the node is full: takes no token
+    for room in "abcdef":  # two per minute
         s.receive_plain_join(f"chat:{room}", "src", T0)
-    assert [c.room for c in of(s.commands_to_send(), JoinPlainRoom)] == [
-        "chat:a", "chat:b", "chat:c", "chat:d", "chat:e"]
+    assert [c.room for c in of(s.commands_to_send(), JoinPlainRoom)] == ["chat:a", "chat:b"]
     assert error_codes(feed(s, {"type": "join", "id": 1, "room": "chat:g"})) == [4009]
 
 
 def test_a_connection_may_join_all_its_rooms_at_once() -> None:
-    # A client resuming its rooms after a reconnect sends every join at once: the first
-    # max_rooms_per_connection joins of new rooms take nothing from the two limits.
+    # A client resuming its rooms after a reconnect sends every join at once: joins of new
+    # rooms take from the rooms bucket only, not from the request bucket.
     s = connected(max_rooms_per_connection=50, request_rate_per_s=0.001, request_burst=1,
-                  rooms_per_min=1)
+                  rooms_per_min=60)
     for i in range(49):  # and the personal room
         out = feed(s, {"type": "join", "id": i, "room": f"chat:{i}",
                        "since": {"seq": i, "epoch": "e1"}})
@@ -294,3 +306,18 @@ def test_history_reads_are_refused_before_they_are_read() -> None:
     reads = [of(feed(s, {"type": "history", "id": i, "room": "chat:a"}), ReadHistory)
              for i in range(6)]
     assert [len(r) for r in reads] == [1, 1, 1, 0, 0, 0]
+
+
+def test_keyed_buckets_forget_refilled_buckets_and_stay_bounded() -> None:
+    rng = random.Random(7)
+    buckets = KeyedBuckets(rate=1.0, burst=2)
+    now = T0
+    for _ in range(20_000):  # many users, each seen a few times, time moving on
+        now += rng.random() * 0.01
+        key = rng.randrange(100_000)
+        assert buckets.get(key, now) is buckets.get(key, now)
+        buckets.get(key, now).take(now)
+        assert len(buckets) <= 2 * 64 + 2 * 2 / 0.005, "only buckets not yet refilled are kept"
+    busy = buckets.get("busy", now)
+    assert busy.take(now) and busy.take(now) and not busy.take(now)
+    assert buckets.get("busy", now + 0.5) is busy, "a bucket not refilled is kept"
