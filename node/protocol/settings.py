@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -318,7 +324,8 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         err = exc.errors()[0]
         loc = [str(part) for part in err["loc"]]
         if not loc:  # a rule across settings (a model validator): its message names them
-            raise ConfigError(f"invalid settings: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"invalid settings: {msg}") from None
         name = loc[0]
         if err["type"] == "extra_forbidden":
             where = f" in {config_file}" if config_file else ""
