@@ -8,7 +8,8 @@ What a valid token is, beyond its signature (every refusal is 4001, an expired t
 * ``sub`` is an id and ``tenant`` a tenant of ``node.protocol.ids`` (no ``.``, ``*``, ``>``,
   ``/``, ``+``, ``#``, whitespace...): both reach NATS subjects and MQTT topics;
 * ``exp``, ``nbf`` and ``iat``, when present, are finite JSON numbers (not strings, not
-  booleans); ``exp`` is in the future, ``nbf`` and ``iat`` are not (no leeway);
+  booleans); ``exp`` is in the future (no leeway), ``nbf`` and ``iat`` are not (beyond
+  :data:`CLOCK_SKEW_S` of the issuer's clock ahead of the node's);
 * with ``require_exp``, ``exp`` is present; with ``max_lifetime_s``, ``exp`` is present and
   ``exp - iat`` (``exp - now`` without ``iat``) is at most that.
 """
@@ -30,6 +31,7 @@ from node.protocol.ids import ID_RULE, TENANT_RULE, is_valid_id, is_valid_tenant
 from node.protocol.settings import Settings
 
 __all__ = [
+    "CLOCK_SKEW_S",
     "KINDS",
     "RIGHTS",
     "Principal",
@@ -45,6 +47,8 @@ KINDS: tuple[str, ...] = ("user", "device", "service")
 RIGHTS: tuple[str, ...] = ("join", "publish", "history", "presence")
 _ALGORITHMS = ("HS256", "RS256", "ES256")
 _TIME_CLAIMS = ("exp", "nbf", "iat")
+#: How far ahead of the node's clock a token's ``nbf`` and ``iat`` may be (not ``exp``).
+CLOCK_SKEW_S = 60.0
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -287,9 +291,11 @@ class TokenVerifier:
                 raise AuthError("token has no exp (this node requires one)")
         elif exp <= now:
             raise AuthError("token expired", expired=True)
-        if times.get("nbf", now) > now:
+        # exp has no leeway (a token is never used past it); nbf and iat allow the issuer's
+        # clock to be a little ahead of the node's, or every fresh token would be refused.
+        if times.get("nbf", now) > now + CLOCK_SKEW_S:
             raise AuthError("token not valid yet (nbf)")
-        if times.get("iat", now) > now:
+        if times.get("iat", now) > now + CLOCK_SKEW_S:
             raise AuthError("token issued in the future (iat)")
         if self.max_lifetime_s and exp is not None:
             if exp - times.get("iat", now) > self.max_lifetime_s:
