@@ -19,7 +19,7 @@ from .supervision import Backoff, CellHost, RestartWindow
 if TYPE_CHECKING:
     from .stats import KindStats
 
-__all__ = ["ActorCell"]
+__all__ = ["ActorCell", "StoppedCell"]
 
 log = logging.getLogger("actors")
 
@@ -247,6 +247,10 @@ class ActorCell:
         self._fail_pending()
         self._terminated = True
         self._host._cell_terminated(self)
+        # The ref outlives the cell (callers keep it): pointing it at a small stand-in breaks
+        # the ref <-> cell cycle, so refcounting frees the cell, its instance and its mailbox
+        # at once instead of leaving them to a full garbage collection.
+        self.ref._rebind(StoppedCell(self, self._dead_cls, self._dead_msg))
 
     def _own_cancel(self) -> bool:
         # Distinguishes "our task is being cancelled" from a CancelledError that a handler
@@ -444,3 +448,54 @@ class ActorCell:
         )
         self._close()
         self._host._cell_escalated(self, error)
+
+
+class StoppedCell:
+    """What an ActorRef points at once its actor has terminated: it refuses everything.
+
+    Behaves exactly as the terminated ActorCell did (each refusal raises a fresh
+    ActorDeadError, or Escalated, with the same message), without keeping the cell alive.
+    """
+
+    __slots__ = ("_dead_cls", "_dead_msg", "kind", "loop", "name")
+
+    def __init__(self, cell: ActorCell, dead_cls: type[ActorDeadError], dead_msg: str) -> None:
+        # Copies only: holding the cell itself would keep it (and its instance) alive.
+        self.name = cell.name
+        self.kind = cell.kind
+        self.loop = cell.loop
+        self._dead_cls = dead_cls
+        self._dead_msg = dead_msg
+
+    @property
+    def is_alive(self) -> bool:
+        """Always False."""
+        return False
+
+    @property
+    def depth(self) -> int:
+        """Always 0: a terminated actor's mailbox was emptied."""
+        return 0
+
+    def enqueue(self, envelope: Envelope) -> None:
+        """Refuse the envelope.
+
+        Raises:
+            ActorDeadError: always.
+        """
+        raise self._dead_error()
+
+    def _dead_error(self) -> ActorDeadError:
+        # A fresh instance each time, as ActorCell does.
+        return self._dead_cls(self._dead_msg)
+
+    async def wait_for_room(self, level: int) -> None:
+        """Refuse to wait.
+
+        Raises:
+            ActorDeadError: always.
+        """
+        raise self._dead_error()
+
+    async def stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Nothing to do: the actor has already terminated."""

@@ -10,7 +10,7 @@ from .errors import AskTimeout
 from .mailbox import Envelope
 
 if TYPE_CHECKING:
-    from .cell import ActorCell
+    from .cell import ActorCell, StoppedCell
 
 __all__ = ["ActorRef"]
 
@@ -29,9 +29,13 @@ class ActorRef(Generic[A]):
     __slots__ = ("_cell", "kind", "name")
 
     def __init__(self, cell: ActorCell) -> None:
-        self._cell = cell
+        self._cell: ActorCell | StoppedCell = cell
         self.name: str = cell.name
         self.kind: str = cell.kind
+
+    def _rebind(self, cell: StoppedCell) -> None:
+        """Point at the stand-in of a terminated actor (called once, by its cell)."""
+        self._cell = cell
 
     @property
     def is_alive(self) -> bool:

@@ -11,7 +11,6 @@ Publishes are pipelined: the actor hands them to the store and goes on with the 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import time
@@ -157,20 +156,6 @@ class ConnectionActor(Actor):
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
         self._volatile_tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
-        self._run: dict[type, Callable[[Any], None]] = {
-            SendFrame: self._send_frame,
-            StorePublish: lambda c: self._spawn(self._store(c.admitted, c.request_id), "publish"),
-            Close: self._close, Stop: self._stop, StartTimer: self._start_timer,
-            CancelTimer: self._cancel_timer, JoinRoom: self._join_room,
-            LeaveRoom: self._leave_room, JoinPlainRoom: self._join_plain_room,
-            LeavePlainRoom: self._leave_plain_room, SendVolatile: self._send_volatile,
-            ReadHistory: lambda c: self._spawn(self._read_history(c), "history"),
-            ReadPresence: lambda c: self._spawn(self._read_presence(c), "presence"),
-            CallRpc: lambda c: self._spawn(self._call(c), "rpc"),
-            PresenceWatch: self._presence_port, PresenceAdd: self._presence_port,
-            PresenceRemove: self._presence_port, AnnouncePresence: self._announce_presence,
-            RespondRpc: self._respond_rpc, UnregisterRpc: self._unregister_rpc,
-        }
 
     @property
     def principal(self) -> Principal | None:
@@ -227,6 +212,9 @@ class ConnectionActor(Actor):
 
     def _on_room_lost(self, room: str) -> None:
         self._tell(_RoomLost(room))
+
+    def _on_in_room(self, room: str, member: Membership) -> None:
+        self._tell(_InRoom(room, member))
 
     def _on_plain_room_lost(self, room: str) -> None:
         self._tell(_RoomLost(room, plain=True))
@@ -312,7 +300,7 @@ class ConnectionActor(Actor):
                 await self.ctx.rpc.register(command.tenant, command.targets,
                                             self._on_rpc_request)
             else:
-                self._run[type(command)](command)
+                _RUN[type(command)](self, command)
 
     def _execute_now(self) -> None:
         """Execute what the session queued outside a message (a result of background work,
@@ -321,7 +309,7 @@ class ConnectionActor(Actor):
             if type(command) in (AdmitConnection, RegisterRpc):
                 log.error("! %s: %r outside a message", self.client_id, command)
                 continue
-            self._run[type(command)](command)
+            _RUN[type(command)](self, command)
 
     def _admit_connection(self, command: AdmitConnection) -> None:
         refused, reason = 0, ""
@@ -382,7 +370,7 @@ class ConnectionActor(Actor):
         room = command.room
         member = Membership(self.client_id, self.outbox, self._on_room_lost,
                             presence=command.presence)
-        member.on_in_room = functools.partial(self._tell, _InRoom(room, member))
+        member.on_in_room = self._on_in_room
         self.members[room] = member
         self._tell_room(room, Join(member, command.since_seq, command.since_epoch,
                                    command.request_id, command.silent))
@@ -514,3 +502,22 @@ class ConnectionActor(Actor):
         if self.ctx.rpc is not None:
             self.ctx.rpc.unregister(command.tenant, command.targets, self._on_rpc_request)
 
+
+# Per class, not per actor: a per-instance dict of bound methods would be a reference cycle
+# (actor -> dict -> method -> actor), freed only by a full garbage collection.
+_RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
+    SendFrame: ConnectionActor._send_frame,
+    StorePublish: lambda a, c: a._spawn(a._store(c.admitted, c.request_id), "publish"),
+    Close: ConnectionActor._close, Stop: ConnectionActor._stop,
+    StartTimer: ConnectionActor._start_timer,
+    CancelTimer: ConnectionActor._cancel_timer, JoinRoom: ConnectionActor._join_room,
+    LeaveRoom: ConnectionActor._leave_room, JoinPlainRoom: ConnectionActor._join_plain_room,
+    LeavePlainRoom: ConnectionActor._leave_plain_room, SendVolatile: ConnectionActor._send_volatile,
+    ReadHistory: lambda a, c: a._spawn(a._read_history(c), "history"),
+    ReadPresence: lambda a, c: a._spawn(a._read_presence(c), "presence"),
+    CallRpc: lambda a, c: a._spawn(a._call(c), "rpc"),
+    PresenceWatch: ConnectionActor._presence_port, PresenceAdd: ConnectionActor._presence_port,
+    PresenceRemove: ConnectionActor._presence_port,
+    AnnouncePresence: ConnectionActor._announce_presence,
+    RespondRpc: ConnectionActor._respond_rpc, UnregisterRpc: ConnectionActor._unregister_rpc,
+}

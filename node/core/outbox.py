@@ -43,6 +43,10 @@ class Transport(Protocol):
         """Bytes written but not yet sent by the OS (the transport's own buffer)."""
 
 
+def _never_called() -> None:
+    """The ``on_slow`` of a closed outbox."""
+
+
 class Outbox:
     """Frames waiting to be written to one connection.
 
@@ -143,3 +147,6 @@ class Outbox:
         self.closed = True
         self._frames.clear()
         self._queued = 0
+        # Never called once closed; usually a bound method of the outbox's owner, which holds
+        # the outbox: dropping it breaks that cycle for refcounting.
+        self.on_slow = _never_called

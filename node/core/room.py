@@ -375,7 +375,7 @@ class RoomActor(Actor):
         member.held = []
         self.members[id(member)] = member
         if member.on_in_room is not None:
-            member.on_in_room()
+            member.on_in_room(self.room, member)
         self._spawn(self._replay(join, self.last_seq), "replay")
 
     async def _replay(self, join: Join, target: int) -> None:

@@ -66,10 +66,12 @@ class Membership:
     # members joining together still cost one encoding per codec per event.
     held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] = field(
         default_factory=list)
-    # Called by the room when it takes the member in (its live feed is subscribed by then):
-    # the connection holds its publishes to the room until then, so that a client's own
-    # events, sent right after its join, are stored after the room's position and reach it.
-    on_in_room: Callable[[], None] | None = None
+    # Called by the room, with its name and this member, when it takes the member in (its
+    # live feed is subscribed by then): the connection holds its publishes to the room until
+    # then, so that a client's own events, sent right after its join, are stored after the
+    # room's position and reach it. (Arguments rather than a partial holding the member: that
+    # would be a reference cycle, left to the garbage collector.)
+    on_in_room: Callable[[str, Membership], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,11 +153,6 @@ class ConnectionSession(RoomRules, RpcRules):
         self._rpc_serial = 0
         self._rpc_in = {}
         self._rpc_out = {}
-        self._handlers: dict[type, Callable[[Any, float], None]] = {
-            Publish: self._publish, Join: self._join, Leave: self._leave,
-            History: self._history, Ping: self._ping, Ack: self._ack, Refresh: self._refresh,
-            Presence: self._presence_request, Rpc: self._rpc_call, Reply: self._rpc_reply,
-        }
 
     # -- output ----------------------------------------------------------------------------
 
@@ -267,9 +262,9 @@ class ConnectionSession(RoomRules, RpcRules):
                 self._disconnect(4001, "connect must be the first frame", False)
             else:
                 self._limit(frame, now)
-                handler = self._handlers.get(type(frame))
+                handler = _HANDLERS.get(type(frame))
                 if handler is not None:
-                    handler(frame, now)
+                    handler(self, frame, now)
         except ProtocolError as exc:
             self._error(exc.code, exc.reason, getattr(frame, "id", None), exc.retry, now)
 
@@ -438,3 +433,14 @@ class ConnectionSession(RoomRules, RpcRules):
         unique = len({(m.get("user"), m.get("kind")) for m in members})
         self._reply(request_id, {"type": "presence", "room": room, "members": members,
                                  "unique_users": unique})
+
+
+# Per class, not per session: a per-instance dict of bound methods would be a reference cycle
+# (session -> dict -> method -> session), freed only by a full garbage collection.
+_HANDLERS: dict[type, Callable[[ConnectionSession, Any, float], None]] = {
+    Publish: ConnectionSession._publish, Join: ConnectionSession._join,
+    Leave: ConnectionSession._leave, History: ConnectionSession._history,
+    Ping: ConnectionSession._ping, Ack: ConnectionSession._ack,
+    Refresh: ConnectionSession._refresh, Presence: ConnectionSession._presence_request,
+    Rpc: ConnectionSession._rpc_call, Reply: ConnectionSession._rpc_reply,
+}

@@ -1,0 +1,78 @@
+"""Connections and rooms leave no reference cycle in the node: under a churn of clients,
+refcounting frees them at once, and full garbage collections (long pauses for every
+client) stay rare and short."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+_OURS = ("node", "actors", "bridge")
+
+
+@pytest.fixture
+def saved_garbage() -> Iterator[list[Any]]:
+    """gc.garbage of everything that became cyclic garbage during the test."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield gc.garbage
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+async def _churn(url: str, rng: random.Random, clients: int) -> None:
+    """Clients that connect, join and leave rooms, publish, send junk, and go away."""
+    for _ in range(clients):
+        client = await RawClient.connected(url, token(unique("u")))
+        for _ in range(3):
+            room = unique("gc")
+            await client.request({"type": "join", "room": room})
+            if rng.random() < 0.5:
+                await client.request({"type": "publish", "room": room, "data": {"n": 1}})
+            if rng.random() < 0.5:
+                await client.request({"type": "leave", "room": room})
+        if rng.random() < 0.5:
+            await client.send("{nope")
+            await client.until("error")
+        await client.close()
+
+
+async def _settled(node: Any) -> None:
+    """Until every connection and room actor of ``node`` has stopped (bounded)."""
+    # Polled: the actor system has no event for "all of a kind stopped".
+    async with asyncio.timeout(15):
+        while node.system.names("conn:") or node.system.names("room:"):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+def _node_types(garbage: list[Any]) -> dict[str, int]:
+    gc.collect()
+    found: dict[str, int] = {}
+    for obj in garbage:
+        cls = type(obj)
+        if (getattr(cls, "__module__", "") or "").split(".")[0] in _OURS:
+            found[cls.__qualname__] = found.get(cls.__qualname__, 0) + 1
+    return found
+
+
+async def test_churning_clients_leave_no_cycle_in_the_node(make_node, saved_garbage) -> None:
+    node = await make_node(room_idle_s=0.1)
+    url = ws_url(node)
+    await _churn(url, random.Random(11), 3)  # warm-up: caches and lazy state of the node
+    await _settled(node)
+    gc.collect()
+    saved_garbage.clear()
+    await _churn(url, random.Random(12), 20)
+    await _settled(node)
+    assert _node_types(saved_garbage) == {}
