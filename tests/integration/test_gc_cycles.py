@@ -32,19 +32,29 @@ def saved_garbage() -> Iterator[list[Any]]:
 
 
 async def _churn(url: str, rng: random.Random, clients: int) -> None:
-    """Clients that connect, join and leave rooms, publish, send junk, and go away."""
+    """Clients that connect, join and leave rooms, publish, read, send junk (some until the
+    node cuts them off), and go away."""
     for _ in range(clients):
         client = await RawClient.connected(url, token(unique("u")))
         for _ in range(3):
             room = unique("gc")
-            await client.request({"type": "join", "room": room})
+            await client.request({"type": "join", "room": room, "presence": rng.random() < 0.5})
             if rng.random() < 0.5:
                 await client.request({"type": "publish", "room": room, "data": {"n": 1}})
+            if rng.random() < 0.3:
+                await client.request({"type": "history", "room": room})
+            if rng.random() < 0.3:
+                await client.request({"type": "presence", "room": room})
             if rng.random() < 0.5:
                 await client.request({"type": "leave", "room": room})
-        if rng.random() < 0.5:
+        draw = rng.random()
+        if draw < 0.3:
             await client.send("{nope")
             await client.until("error")
+        elif draw < 0.6:  # junk until the node cuts the client off
+            await client.send(*["{nope"] * 100)
+            code, _ = await client.closed()
+            assert code == 4000
         await client.close()
 
 
