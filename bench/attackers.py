@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import time
@@ -56,6 +57,7 @@ HALF_OPEN_HOLD_S = 8.0  # a half-open socket is given up after this long if the 
 ERROR_PAUSE_S = 0.05  # after a refused connection attempt, before the next one
 WS_WINDOW = 8  # WebSocket messages between two pings whose pongs pace the attacker
 MQTT_WINDOW = 10  # QoS 0 PUBLISHes per QoS 1 one (whose PUBACK paces the attacker)
+ATTACKER_NICE = 19  # attacker processes take the CPU only when the node and members leave it
 SHARES = {"ws-json": 3, "ws-cbor": 3, "mqtt-tunnel": 2, "mqtt-uplink": 2}  # of the budget
 
 
@@ -435,6 +437,9 @@ def _worker_main(conn: Connection, specs: list[AttackerSpec], target: Target, fr
     """Entry point of an attacker process: report ``started``, attack, report ``done``."""
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Real attackers run on machines of their own: on a small box the attackers' own CPU must
+    # not be what slows the node and the well-behaved clients down, so they yield the CPU.
+    os.nice(ATTACKER_NICE)
     warnings.simplefilter("ignore")  # short HMAC keys of forged tokens, on purpose
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):

@@ -72,11 +72,14 @@ class HttpLimits:
             head must be read whole within it (``http_keepalive_s``). aiohttp also runs this
             timer from the accept: the first head's deadline is the smaller of the two.
         max_per_peer: Open connections per peer address (``max_connections_per_ip``).
+        failures_per_min: Connections per peer address per minute that may end refused
+            before new ones from it are refused at accept (``peer_failures_per_min``).
     """
 
     header_timeout_s: float = 5.0
     keepalive_s: float = 5.0
     max_per_peer: int = 1000
+    failures_per_min: int = 60
 
 
 @dataclass
@@ -117,7 +120,8 @@ class HttpBridge:
         self.hooks = hooks
         self.ssl_context = ssl_context
         self.limits = limits or HttpLimits()
-        self.guard = HttpGuard(self.limits.header_timeout_s, self.limits.max_per_peer)
+        self.guard = HttpGuard(self.limits.header_timeout_s, self.limits.max_per_peer,
+                               failures_per_min=self.limits.failures_per_min)
         self.app = web.Application(client_max_size=1024 * 1024,
                                    middlewares=[self.guard.middleware])
         self.app.on_response_prepare.append(_add_security_headers)

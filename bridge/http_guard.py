@@ -16,6 +16,12 @@ thin protocol wrapper around aiohttp's request handler (:class:`GuardedSite` ser
   connection gets a 503 (``Retry-After``) and is closed at once.
 - **Descriptor reserve**: HTTP connections never take the last descriptors of the process
   (``RLIMIT_NOFILE`` minus a reserve for NATS, MQTT and files): beyond that, 503 too.
+- **Failing peers**: each connection that ends refused (a bad token, cut off for errors or
+  limits: :meth:`HttpGuard.failed`) takes a token of its peer address's bucket
+  (``failures_per_min``); while that bucket is empty, new connections from the address get a
+  503 at accept, before any handshake or token check. A client that is cut off and reconnects
+  at once, over and over, then costs the node almost nothing; the others from that address
+  that keep their connections are not touched.
 
 What happens at these limits is counted (read by ``/metrics``) and logged at most once per
 ``LOG_EVERY_S`` per kind, never a line per attacking socket.
@@ -34,6 +40,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
+
+from node.core.limits import KeyedBuckets
 
 __all__ = [
     "LOG_EVERY_S",
@@ -144,14 +152,16 @@ class HttpGuard:
     Attributes:
         max_open: Open HTTP connections allowed in all (the limit minus a reserve).
         accepted: Connections admitted since start.
-        refused: Connections refused at once, by reason (``per_peer``, ``descriptors``).
+        refused: Connections refused at once, by reason (``per_peer``, ``descriptors``,
+            ``failing_peer``).
         head_timeouts: Connections closed because their first head did not arrive in time.
     """
 
     def __init__(self, header_timeout_s: float, max_per_peer: int,
-                 fd_limit: int | None = None) -> None:
+                 fd_limit: int | None = None, *, failures_per_min: int = 60) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_per_peer = max_per_peer
+        self._failures = KeyedBuckets(failures_per_min / 60.0, failures_per_min)
         self.fd_limit = open_files_limit() if fd_limit is None else fd_limit
         self.max_open = max(self.fd_limit - max(_RESERVE_MIN, self.fd_limit // 10), 16)
         self.accepted = 0
@@ -185,8 +195,18 @@ class HttpGuard:
             conn.head_read()
         return await handler(request)
 
+    def failed(self, peer: str) -> None:
+        """A connection from ``peer`` ended refused (see the module docstring)."""
+        self._failures.get(peer, time.monotonic()).take(time.monotonic())
+
     def _admit(self, peer: str) -> str | None:
         """None when a connection from ``peer`` may open, else the reason it may not."""
+        failures = self._failures.find(peer)
+        if failures is not None and failures.level(time.monotonic()) < 1:
+            self.refused["failing_peer"] += 1
+            self._log.log(logging.WARNING, "failing_peer", "! HTTP connection from %s refused: "
+                          "its connections keep being refused (peer_failures_per_min)", peer)
+            return "too many refused connections from this address, retry later"
         if self._per_peer[peer] >= self.max_per_peer:
             self.refused["per_peer"] += 1
             self._log.log(logging.WARNING, "per_peer", "! HTTP connection from %s refused: %d "

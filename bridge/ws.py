@@ -19,6 +19,7 @@ import contextlib
 import logging
 import struct
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -37,6 +38,10 @@ _OP_BINARY = 0x2
 # After our close frame, the client's input is read and discarded for at most this long while
 # waiting for its close frame (a client busy sending sees ours once it reads).
 _CLOSE_DRAIN_S = 5.0
+# Close codes of a connection that ended refused for what its client did (a bad token, errors
+# beyond the tolerance, limits): they count against its peer address (HttpGuard.failed). Not
+# 4008 (slow), 4010 (a token that ran out), 4500 or 4503 (the node's).
+_FAILED = frozenset({4000, 4001, 4003, 4009, 4013, 4029})
 # Then what we wrote gets this long to reach a client that does not read, before an abort.
 _CLOSE_FLUSH_S = 2.0
 
@@ -62,6 +67,8 @@ class _WsTransport:
         self.opcode = _OP_BINARY if binary else _OP_TEXT
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        #: The close code the node sent (None: the peer closed first).
+        self.close_code: int | None = None
 
     def write_message(self, payload: bytes) -> None:
         if self._closing or self.raw.is_closing():
@@ -75,6 +82,7 @@ class _WsTransport:
         if self._closing:
             return
         self._closing = True
+        self.close_code = code
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason), name="ws.close")
 
@@ -116,6 +124,8 @@ class WebSocketBridge:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
+        #: Told the peer address of each connection that ended refused (``_FAILED``).
+        self.on_failed: Callable[[str], None] = lambda peer: None
         self.settings = ctx.settings
         self.open: Counter[str] = Counter()  # open connections by codec
 
@@ -154,6 +164,8 @@ class WebSocketBridge:
                 ref.tell(TransportClosed())
             # Returning hands the socket back to aiohttp, which would close it under a drain.
             await conn.closed()
+            if conn.close_code in _FAILED and request.remote:
+                self.on_failed(request.remote)
         return ws
 
     async def _read(self, ws: web.WebSocketResponse, ref: Any, codec: Any) -> None:

@@ -143,8 +143,10 @@ class Node:
                 ssl_context=ssl_context,
                 limits=HttpLimits(header_timeout_s=s.http_header_timeout_s,
                                   keepalive_s=s.http_keepalive_s,
-                                  max_per_peer=s.max_connections_per_ip),
+                                  max_per_peer=s.max_connections_per_ip,
+                                  failures_per_min=s.peer_failures_per_min),
             )
+            self.ws.on_failed = self.http.guard.failed
             self.http.add_route("GET", "/ws", self.ws.handle)
             self.sse = SseBridge(self.ctx)
             self.http.add_route("GET", "/sse", self.sse.handle)

@@ -144,7 +144,7 @@ class ConnectionActor(Actor):
             door="ws" if transport.kind == "ws" else "tunnel", now=time.monotonic(),
             joined_at_ms=int(time.time() * 1000), presence=ctx.presence is not None,
             rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
-            room_buckets=ctx.room_buckets,
+            room_buckets=ctx.room_buckets, carry=ctx.carry,
         )
         self.members: dict[str, Membership] = {}
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
@@ -313,8 +313,11 @@ class ConnectionActor(Actor):
 
     def _admit_connection(self, command: AdmitConnection) -> None:
         refused, reason = 0, ""
+        principal, now = command.principal, time.monotonic()
         if self.ctx.draining:
             refused, reason = 4503, "node draining"
+        elif not self.ctx.connect_buckets.get((principal.tenant, principal.sub), now).take(now):
+            refused, reason = 4009, "too many connections opened, retry later"
         else:
             try:
                 self._indexed = self.ctx.index.add(
@@ -323,7 +326,7 @@ class ConnectionActor(Actor):
                     total=self.settings.max_connections)
             except ProtocolError as exc:  # 4503 node full, 4029 user's limit
                 refused, reason = exc.code, exc.reason
-        self.session.receive_admitted(time.monotonic(), refused, reason)
+        self.session.receive_admitted(now, refused, reason)
 
     def _send_frame(self, command: SendFrame) -> None:
         self.outbox.send(command.frame)

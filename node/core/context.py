@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from actors.system import ActorSystem
 from node.core.admission import Admission
 from node.core.index import ConnectionIndex
-from node.core.limits import KeyedBuckets
+from node.core.limits import KeyedBuckets, LimitCarry
 from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort
 from node.core.room import RoomActor, RoomCounters, RoomSettings
 from node.core.rpc import RpcRegistry, default_registry
@@ -65,11 +65,18 @@ class NodeContext:
     admission: Admission = field(init=False)
     #: Per-user buckets of room joins (``rooms_per_min``), shared by a user's connections.
     room_buckets: KeyedBuckets = field(init=False)
+    #: Per-user buckets of connects (``connects_per_min``): a client that is cut off and
+    #: reconnects at once, over and over, is refused before it costs a connection.
+    connect_buckets: KeyedBuckets = field(init=False)
+    #: What users' ended connections left of their limits, for their next connection.
+    carry: LimitCarry = field(default_factory=LimitCarry)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings, self.store, self.feed)
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
+        per_min = self.settings.connects_per_min
+        self.connect_buckets = KeyedBuckets(per_min / 60.0, per_min)
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""

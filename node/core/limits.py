@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["ErrorWindow", "KeyedBuckets", "SlidingWindow", "TokenBucket"]
+__all__ = ["ErrorWindow", "KeyedBuckets", "LimitCarry", "SlidingWindow", "TokenBucket"]
 
 
 class TokenBucket:
@@ -27,6 +27,21 @@ class TokenBucket:
     def is_full(self, now: float) -> bool:
         """Whether the bucket has refilled completely by ``now`` (it is then as good as new)."""
         return self._tokens + (now - self._last) * self.rate >= self.burst
+
+    def level(self, now: float) -> float:
+        """The tokens the bucket holds at ``now`` (``now`` not before its last use)."""
+        return min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+
+    def copy(self) -> TokenBucket:
+        """A bucket in the same state, used apart from this one."""
+        twin = TokenBucket(self.rate, self.burst, self._last)
+        twin._tokens = self._tokens
+        return twin
+
+    @property
+    def last(self) -> float:
+        """When it was last used."""
+        return self._last
 
     def take(self, now: float, n: float = 1.0) -> bool:
         """Take ``n`` tokens if there are enough; return whether it was allowed."""
@@ -72,6 +87,10 @@ class KeyedBuckets:
                 self._sweep(now)
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket
+
+    def find(self, key: object) -> TokenBucket | None:
+        """The bucket of ``key`` if it has one (none is made)."""
+        return self._buckets.get(key)
 
     def _sweep(self, now: float) -> None:
         self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full(now)}
@@ -130,3 +149,78 @@ class ErrorWindow(SlidingWindow):
     def max_per_min(self) -> int:
         """Errors tolerated within any 60 s."""
         return self.limit
+
+    def empty(self, now: float) -> bool:
+        """Whether no error fell within the last minute."""
+        self._forget(now)
+        return not self._times
+
+    def copy(self) -> ErrorWindow:
+        """A window with the same errors, used apart from this one."""
+        twin = ErrorWindow(self.limit)
+        twin._times = deque(self._times)
+        return twin
+
+    def merge(self, other: ErrorWindow) -> None:
+        """Count ``other``'s errors too (the most recent ``limit + 1`` of both)."""
+        times = sorted([*self._times, *other._times])[-(self.limit + 1):]
+        self._times = deque(times)
+
+
+#: A connection's limits: its buckets by name (``publish``, ``requests``) and its errors.
+Limits = tuple[dict[str, TokenBucket], ErrorWindow]
+
+
+class LimitCarry:
+    """What a user's closed connections leave to the next one on the node: their emptiest
+    buckets and their recent errors, so that reconnecting starts no fresh allowance.
+
+    Concurrent connections of a user keep limits of their own; only what is left when one
+    ends carries over, and only until it would have refilled. Memory stays bounded by the users
+    whose connections ended within the last minute (forgotten entries are swept when the map
+    has doubled since the last sweep).
+    """
+
+    __slots__ = ("_left", "_sweep_at")
+
+    def __init__(self) -> None:
+        self._left: dict[object, Limits] = {}
+        self._sweep_at = 64
+
+    def __len__(self) -> int:
+        return len(self._left)
+
+    def keep(self, key: object, buckets: dict[str, TokenBucket], errors: ErrorWindow) -> None:
+        """A connection of ``key`` ended with these limits (they are not used by it any more)."""
+        left = self._left.get(key)
+        if left is None:
+            self._left[key] = ({n: b.copy() for n, b in buckets.items()}, errors.copy())
+            return
+        kept, kept_errors = left
+        for name, bucket in buckets.items():
+            other = kept.get(name)
+            at = bucket.last if other is None else max(bucket.last, other.last)
+            if other is None or bucket.level(at) < other.level(at):
+                kept[name] = bucket.copy()
+        kept_errors.merge(errors)
+
+    def restore(self, key: object, now: float) -> Limits | None:
+        """What the ended connections of ``key`` left that still binds at ``now``: buckets not
+        yet refilled and errors of the last minute (None when nothing does)."""
+        if len(self._left) >= self._sweep_at:
+            self._sweep(now)
+        left = self._left.get(key)
+        if left is None:
+            return None
+        buckets, errors = left
+        binding = {name: b.copy() for name, b in buckets.items() if not b.is_full(now)}
+        if not binding and errors.empty(now):
+            del self._left[key]
+            return None
+        return binding, errors.copy()
+
+    def _sweep(self, now: float) -> None:
+        self._left = {k: v for k, v in self._left.items()
+                      if not v[1].empty(now) or not all(b.is_full(now) for b in v[0].values())}
+        self._sweep_at = max(64, 2 * len(self._left))
+

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.core.admission import Admitted, VolatileThrottle
-from node.core.limits import ErrorWindow, KeyedBuckets, TokenBucket
+from node.core.limits import ErrorWindow, KeyedBuckets, LimitCarry, TokenBucket
 from node.core.session_commands import (
     AdmitConnection,
     CancelTimer,
@@ -110,6 +110,9 @@ class ConnectionSession(RoomRules, RpcRules):
             runs already, or the node is below ``max_rooms``); default: always.
         room_buckets: The node's per-user buckets of room joins (``rooms_per_min``), shared
             by every connection; default: a map of this connection's own.
+        carry: What the user's ended connections left (their emptiest buckets, their recent
+            errors): taken on at connect, and this connection's left there when it ends, so
+            reconnecting starts no fresh allowance; default: nothing carries over.
     """
 
     def __init__(
@@ -117,7 +120,7 @@ class ConnectionSession(RoomRules, RpcRules):
         verify: Callable[[str], Principal], admit: Admit, principal: Principal | None = None,
         door: str = "ws", now: float = 0.0, joined_at_ms: int = 0, presence: bool = False,
         rpc: bool = False, may_open_room: Callable[[str, str], bool] = _any_room,
-        room_buckets: KeyedBuckets | None = None,
+        room_buckets: KeyedBuckets | None = None, carry: LimitCarry | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -136,6 +139,7 @@ class ConnectionSession(RoomRules, RpcRules):
         if room_buckets is None:
             room_buckets = KeyedBuckets(settings.rooms_per_min / 60.0, settings.rooms_per_min)
         self._room_buckets = room_buckets
+        self._carry = LimitCarry() if carry is None else carry
         self._may_open_room = may_open_room
         self._verify = verify
         self._admit = admit
@@ -188,22 +192,23 @@ class ConnectionSession(RoomRules, RpcRules):
 
         Args:
             now: The time.
-            refused: 0 when admitted; 4503 when the node drains or is full; 4029 when the user
-                has too many connections.
+            refused: 0 when admitted; 4503 when the node drains or is full; 4009 when the user
+                opened too many connections lately; 4029 when the user has too many connections.
             reason: Why it was refused, for the client (a default per code when empty).
         """
         pending, self._pending_accept = self._pending_accept, None
         if pending is None:
             return
         principal, request_id, announce = pending
-        if refused == 4503:
-            self._disconnect(4503, reason or "node draining", True)
+        if refused in (4503, 4009):  # draining or full; connecting too often: retry later
+            self._disconnect(refused, reason or "node draining", True)
             return
         if refused:
             self._disconnect(4029, reason or "too many connections for this user", False)
             return
         self.principal = principal
         self.connected = True
+        self._take_on_limits(now)
         if self._rpc:  # executed before ``connected``: once it is sent, rpcs find the client
             self._commands.append(RegisterRpc(principal.tenant, self.rpc_targets()))
         self._commands.append(CancelTimer(_CONNECT))
@@ -228,8 +233,20 @@ class ConnectionSession(RoomRules, RpcRules):
         """The actor's mailbox overflowed with its own messages: cut the connection off."""
         self._disconnect(4009, "too many frames", True)
 
+    def _take_on_limits(self, now: float) -> None:
+        assert self.principal is not None
+        left = self._carry.restore((self.principal.tenant, self.principal.sub), now)
+        if left is not None:
+            buckets, errors = left
+            self.bucket = buckets.get("publish", self.bucket)
+            self.requests = buckets.get("requests", self.requests)
+            self.errors = errors
+
     def stop(self) -> None:
         """The connection ends: leave every room, say goodbye to presence, fail pending rpcs."""
+        if self.connected and self.principal is not None:
+            self._carry.keep((self.principal.tenant, self.principal.sub),
+                             {"publish": self.bucket, "requests": self.requests}, self.errors)
         self._throttle = VolatileThrottle(self._throttle.window_s)  # what waits is dropped
         for room, presence in self.rooms.items():
             self._commands.append(LeaveRoom(room))

@@ -163,6 +163,8 @@ class Settings(BaseSettings):
     rooms_per_min: int = Field(
         300, gt=0, description="rooms a user may join per minute on a node, across its "
                                "connections (joins of rooms the connection is not in)")
+    connects_per_min: int = Field(
+        60, gt=0, description="connections a user may open per minute on a node (then 4009)")
     room_idle_s: float = Field(
         1.0, ge=0, description="a room without members stops after this long")
     max_rooms: int = Field(100000, gt=0, description="room actors on this node (then 4503)")
@@ -170,6 +172,10 @@ class Settings(BaseSettings):
         10000, gt=0, description="client connections on this node (then 4503 / HTTP 503)")
     max_connections_per_ip: int = Field(
         1000, gt=0, description="open HTTP/WebSocket/SSE connections per peer address")
+    peer_failures_per_min: int = Field(
+        60, gt=0, description="connections per peer address per minute that may end refused "
+                              "(bad token, cut off for errors or limits) before that address "
+                              "is refused at accept (503) until it slows down")
     http_header_timeout_s: float = Field(
         5, gt=0, description="time allowed for a request head (and WebSocket upgrade)")
     http_keepalive_s: float = Field(

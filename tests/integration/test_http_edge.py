@@ -343,3 +343,32 @@ def test_dev_mode_is_refused_beyond_loopback(tmp_path: Path) -> None:
     assert proc.returncode == 2, (proc.returncode, err)
     assert len(lines) == 1 and lines[0].startswith("rtnode: ") and "--dev" in lines[0], lines
     assert out == b""
+
+
+async def test_a_peer_whose_connections_keep_failing_is_refused_at_accept(make_node) -> None:
+    # A client cut off over and over (here: a bad token each time) that reconnects at once is
+    # refused at accept once its address has used up peer_failures_per_min, before any
+    # handshake or token check; other addresses, and connections already open from the same
+    # address, are served as before.
+    node = await make_node(**edge(peer_failures_per_min=10))
+    port = node.http.port
+    url = f"ws://127.0.0.1:{port}/ws"
+    calm = await RawClient.connected(url, token("calm"))
+    rng = random.Random(1107)
+    refused_at_accept = 0
+    for _ in range(40):
+        try:
+            c = await RawClient.open(url)
+        except Exception:  # a 503 at accept, before the client's request (counted below)
+            refused_at_accept += 1
+            continue
+        await c.send({"type": "connect", "id": 1, "token": f"forged.{rng.randrange(1 << 64)}"})
+        code, _ = await c.closed()
+        assert code == 4001
+    assert refused_at_accept >= 25, refused_at_accept
+    assert node.http.guard.refused["failing_peer"] == refused_at_accept
+    status = await healthz_from(port, "127.0.0.1")
+    assert status == 503, "new connections from the failing address wait"
+    assert await healthz_from(port, OTHER) == 200
+    await serves_websocket(port, OTHER)
+    assert (await calm.request({"type": "ping"}))["type"] == "pong"

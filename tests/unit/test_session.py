@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from node.core.admission import Admission
-from node.core.limits import KeyedBuckets
+from node.core.limits import KeyedBuckets, LimitCarry
 from node.core.session import JOIN_WAIT_S, ConnectionSession
 from node.core.session_commands import (
     AdmitConnection,
@@ -63,13 +63,14 @@ def token(sub: str = "alice", *, ttl_s: float | None = 3600, kind: str = "user",
 
 def session(principal: Principal | None = None, *, presence: bool = True, rpc: bool = True,
             may_open_room: Callable[[str, str], bool] = lambda tenant, room: True,
-            room_buckets: KeyedBuckets | None = None, **overrides: Any) -> ConnectionSession:
+            room_buckets: KeyedBuckets | None = None, carry: LimitCarry | None = None,
+            **overrides: Any) -> ConnectionSession:
     s = settings(**overrides)
     return ConnectionSession(
         s, node_name="n1", client_id="c1", verify=TokenVerifier(secret=SECRET).verify,
         admit=Admission(s, None, None).admit,  # type: ignore[arg-type]
         principal=principal, now=T0, joined_at_ms=1, presence=presence, rpc=rpc,
-        may_open_room=may_open_room, room_buckets=room_buckets)
+        may_open_room=may_open_room, room_buckets=room_buckets, carry=carry)
 
 
 def feed(s: ConnectionSession, raw: dict[str, Any], now: float = T0) -> list[Command]:

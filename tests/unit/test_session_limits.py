@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from node.core.limits import KeyedBuckets
+from node.core.limits import ErrorWindow, KeyedBuckets, LimitCarry, TokenBucket
 from node.core.session import ConnectionSession
 from node.core.session_commands import (
     AnnouncePresence,
@@ -321,3 +321,40 @@ def test_keyed_buckets_forget_refilled_buckets_and_stay_bounded() -> None:
     busy = buckets.get("busy", now)
     assert busy.take(now) and busy.take(now) and not busy.take(now)
     assert buckets.get("busy", now + 0.5) is busy, "a bucket not refilled is kept"
+
+
+def test_a_reconnect_takes_on_what_the_users_ended_connections_left() -> None:
+    # Cut off for errors, a client that reconnects at once is not given a fresh tolerance or a
+    # full request bucket: it goes on where its last connection ended.
+    carry = LimitCarry()
+    first = connected(carry=carry, max_errors_per_min=3, request_burst=3, request_rate_per_s=1)
+    for i in range(3):
+        feed(first, {"type": "history", "id": i, "room": "chat:a"})
+    outs = [feed(first, {"type": "join", "id": i, "room": "other:a"}) for i in range(4)]
+    assert of(outs[-1], Close) == [Close(4009, "too many errors", True)]
+    first.stop()
+    again = connected(carry=carry, max_errors_per_min=3, request_burst=3, request_rate_per_s=1)
+    out = feed(again, {"type": "history", "id": 1, "room": "chat:a"})
+    assert error_codes(out) == [4009], "the request bucket is where the last one left it"
+    assert of(out, Close) == [Close(4009, "too many errors", True)], (
+        "and its first error is one too many")
+    other = connected(carry=carry, tok=token("bob"), max_errors_per_min=3, request_burst=3)
+    assert not error_codes(feed(other, {"type": "history", "id": 1, "room": "chat:a"}))
+    later = connected(carry=carry, max_errors_per_min=3, request_burst=3, request_rate_per_s=1)
+    assert not error_codes(feed(later, {"type": "history", "id": 1, "room": "chat:a"},
+                                now=T0 + 61)), "once refilled and a minute on, nothing binds"
+
+
+def test_limit_carry_keeps_the_emptiest_and_forgets_what_refilled() -> None:
+    carry = LimitCarry()
+    full, empty = TokenBucket(1, 10, T0), TokenBucket(1, 10, T0)
+    assert all(empty.take(T0) for _ in range(10))
+    carry.keep("u", {"requests": empty}, ErrorWindow(3))
+    carry.keep("u", {"requests": full}, ErrorWindow(3))
+    left = carry.restore("u", T0 + 1)
+    assert left is not None and left[0]["requests"].level(T0 + 1) == 1.0
+    assert carry.restore("u", T0 + 11) is None and len(carry) == 0
+    for i in range(1000):  # users whose limits refilled do not pile up
+        carry.keep(i, {"requests": TokenBucket(1, 10, T0 + i)}, ErrorWindow(3))
+        carry.restore(-1, T0 + i)
+    assert len(carry) < 200
