@@ -45,6 +45,7 @@ from node.core.limits import KeyedBuckets
 
 __all__ = [
     "LOG_EVERY_S",
+    "REFUSED_LINGER_S",
     "GuardedSite",
     "HttpGuard",
     "LogThrottle",
@@ -57,6 +58,8 @@ log = logging.getLogger("bridge.http")
 
 #: At most one log line per kind of refusal in this many seconds.
 LOG_EVERY_S = 10.0
+#: How long a refused connection is kept for its client to send its request and read the 503.
+REFUSED_LINGER_S = 1.0
 # Descriptors kept back from HTTP connections: at least this many, or a tenth of the limit.
 _RESERVE_MIN = 64
 _REFUSED = (
@@ -164,6 +167,9 @@ class HttpGuard:
         self._failures = KeyedBuckets(failures_per_min / 60.0, failures_per_min)
         self.fd_limit = open_files_limit() if fd_limit is None else fd_limit
         self.max_open = max(self.fd_limit - max(_RESERVE_MIN, self.fd_limit // 10), 16)
+        #: Refused connections kept open for a moment (see ``REFUSED_LINGER_S``), and at most.
+        self.lingering = 0
+        self.max_lingering = max(8, self.fd_limit // 20)
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.head_timeouts = 0
@@ -269,8 +275,7 @@ class _GuardedProtocol(asyncio.Protocol):
         peer = _peer_of(transport)
         refusal = guard._admit(peer)
         if refusal is not None:
-            transport.write(_canned(_REFUSED, 4503, refusal))
-            transport.close()
+            self._refuse(transport, refusal)
             return
         self._peer = peer
         self._transport = transport
@@ -279,6 +284,21 @@ class _GuardedProtocol(asyncio.Protocol):
         self._deadline = asyncio.get_running_loop().call_later(
             guard.header_timeout_s, self._head_expired)
         handler.connection_made(transport)
+
+    def _refuse(self, transport: asyncio.Transport, refusal: str) -> None:
+        # The 503, then our FIN; the socket is closed once the client's request has arrived
+        # (read and dropped) or after REFUSED_LINGER_S. Closing with its request unread would
+        # reset the connection, and a reset can make the client drop the 503 it was sent.
+        transport.write(_canned(_REFUSED, 4503, refusal))
+        guard = self._guard
+        if guard.lingering >= guard.max_lingering or not transport.can_write_eof():
+            transport.close()  # descriptors come first: no lingering beyond the bound
+            return
+        guard.lingering += 1
+        transport.write_eof()
+        self._transport = transport
+        self._deadline = asyncio.get_running_loop().call_later(
+            REFUSED_LINGER_S, transport.close)
 
     def head_read(self) -> None:
         """The first request head was read whole: the deadline is off."""
@@ -299,6 +319,8 @@ class _GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._handler is not None:
             self._handler.data_received(data)
+        elif self._transport is not None:  # refused: its request is read, now it may go
+            self._transport.close()
 
     def eof_received(self) -> bool | None:
         if self._handler is not None:
@@ -315,8 +337,14 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         handler, self._handler = self._handler, None
-        if handler is None:
-            return  # refused: never admitted
+        if handler is None:  # refused: never admitted
+            if self._transport is not None:  # it lingered
+                self._guard.lingering -= 1
+                self._transport = None
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            return
         self.head_read()
         self._guard._waiting.pop(handler, None)
         self._guard._release(self._peer)

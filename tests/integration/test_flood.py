@@ -51,6 +51,16 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
         proc.stop()
 
 
+async def _healthz_within(node: NodeProcess, timeout_s: float) -> int:
+    """GET /healthz until it answers 200 or ``timeout_s`` passes; the last status."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        status = (await asyncio.to_thread(http_get, node.base + "/healthz"))[0]
+        if status == 200 or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.2)
+
+
 def _refused(stats: AttackStats, codes: tuple[str, ...]) -> bool:
     return any(kind.endswith(f" {code}") for kind in stats.replies for code in codes)
 
@@ -80,6 +90,8 @@ async def test_members_of_another_room_get_every_event_during_a_flood(
         assert not stats.failures, (seed, stats.failures)
         assert stats.frames > 0 and stats.connections > 0, (seed, kind, stats)
         assert _refused(stats, REFUSALS[kind]), (seed, kind, dict(stats.replies))
-    assert http_get(node.base + "/healthz")[0] == 200
+    # The flood came from 127.0.0.1 too: new connections from it wait until its failures
+    # (peer_failures_per_min) have drained a little, then are served again.
+    assert await _healthz_within(node, 5.0) == 200
     log = node.log_path.read_text(errors="replace")
     assert "Traceback" not in log and " ERROR " not in log, node.log()

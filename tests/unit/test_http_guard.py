@@ -21,6 +21,7 @@ class FakeTransport:
         self.peer = peer
         self.written = b""
         self.closed = False
+        self.eof = False
 
     def get_extra_info(self, name: str) -> Any:
         return (self.peer, 40000) if name == "peername" else None
@@ -30,6 +31,12 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -89,8 +96,11 @@ async def test_admission_follows_the_per_peer_and_total_caps() -> None:
             open_.append((proto, peer))
             assert handlers[0].calls == ["made"]
             continue
-        assert transport.closed and transport.written.startswith(b"HTTP/1.1 503 "), transport
+        assert transport.eof and transport.written.startswith(b"HTTP/1.1 503 "), transport
         assert b"Retry-After" in transport.written and handlers == []
+        assert not transport.closed, "kept until the client's request is read"
+        proto.data_received(b"GET / HTTP/1.1\r\n")
+        assert transport.closed, "then closed: no reset with its request unread"
         proto.connection_lost(None)  # a refused connection's end changes nothing
         assert guard.open == model.total()
     assert guard.refused == refused and refused["per_peer"] and refused["descriptors"]
