@@ -66,6 +66,7 @@ class PresenceTracker:
         self.replicas = replicas
         self.on_vanished = on_vanished
         self._local: dict[str, bytes] = {}  # KV subject -> member JSON
+        self._joined: dict[str, Any] = {}  # KV subject -> the local member's joined_at
         self._watched: dict[tuple[str, str], int] = {}  # rooms with local presence watchers
         self._seen: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,11 +113,17 @@ class PresenceTracker:
         subject = _key(tenant, room, member["client_id"])
         value = json.dumps(member, separators=(",", ":")).encode()
         self._local[subject] = value
+        self._joined[subject] = member.get("joined_at")
         asyncio.get_running_loop().create_task(self._put(subject, value))
 
-    def remove(self, tenant: str, room: str, client_id: str) -> None:
-        """Forget a member."""
+    def remove(self, tenant: str, room: str, client_id: str,
+               joined_at: int | None = None) -> None:
+        """Forget a member; with ``joined_at``, only if it is the member that joined then (the
+        old connection of a takeover must not delete its successor's key)."""
         subject = _key(tenant, room, client_id)
+        if joined_at is not None and self._joined.get(subject, joined_at) != joined_at:
+            return
+        self._joined.pop(subject, None)
         if self._local.pop(subject, None) is not None:
             asyncio.get_running_loop().create_task(self._delete(subject))
 

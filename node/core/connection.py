@@ -138,11 +138,14 @@ class ConnectionActor(Actor):
         self.outbox = Outbox(
             codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow
         )
+        # Its presence entries carry it; removing them compares it (a takeover's successor
+        # has the same client id, and entries of its own).
+        self._joined_at_ms = int(time.time() * 1000)
         self.session = ConnectionSession(
             ctx.settings, node_name=ctx.node_name, client_id=self.client_id,
             verify=ctx.tokens.verify, admit=ctx.admission.admit, principal=principal,
             door="ws" if transport.kind == "ws" else "tunnel", now=time.monotonic(),
-            joined_at_ms=int(time.time() * 1000), presence=ctx.presence is not None,
+            joined_at_ms=self._joined_at_ms, presence=ctx.presence is not None,
             rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
             room_buckets=ctx.room_buckets, carry=ctx.carry,
         )
@@ -422,7 +425,7 @@ class ConnectionActor(Actor):
         elif isinstance(command, PresenceAdd):
             presence.add(tenant, command.room, command.member)
         else:
-            presence.remove(tenant, command.room, self.client_id)
+            presence.remove(tenant, command.room, self.client_id, self._joined_at_ms)
 
     def _announce_presence(self, command: AnnouncePresence) -> None:
         assert self.principal is not None

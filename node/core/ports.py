@@ -124,8 +124,10 @@ class PresencePort(Protocol):
     def add(self, tenant: str, room: str, member: dict[str, Any]) -> None:
         """Record a local member (never waits)."""
 
-    def remove(self, tenant: str, room: str, client_id: str) -> None:
-        """Forget a local member (never waits)."""
+    def remove(self, tenant: str, room: str, client_id: str,
+               joined_at: int | None = None) -> None:
+        """Forget a local member (never waits); with ``joined_at``, only the member that joined
+        then: a successor with the same client id (an MQTT takeover) stays."""
 
     def watch(self, tenant: str, room: str, on: bool) -> None:
         """Count a local watcher of the room's presence events (on) or drop one (off)."""
