@@ -201,7 +201,8 @@ class ConnectionSession(RoomRules, RpcRules):
             return
         principal, request_id, announce = pending
         if refused in (4503, 4009):  # draining or full; connecting too often: retry later
-            self._disconnect(refused, reason or "node draining", True)
+            default = "node draining" if refused == 4503 else "too many connections opened"
+            self._disconnect(refused, reason or default, True)
             return
         if refused:
             self._disconnect(4029, reason or "too many connections for this user", False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,18 +16,6 @@ from tests.wsclient import RawClient, token, unique, ws_url
 pytestmark = pytest.mark.integration
 
 _OURS = ("node", "actors", "bridge")
-
-
-@pytest.fixture
-def saved_garbage() -> Iterator[list[Any]]:
-    """gc.garbage of everything that became cyclic garbage during the test."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        yield gc.garbage
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
 
 
 async def _churn(url: str, rng: random.Random, clients: int) -> None:

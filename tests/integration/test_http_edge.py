@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,28 @@ async def healthz_from(port: int, source: str) -> int:
             return 0
 
 
+async def trickled_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                pause: Callable[[], float], value: Callable[[int], bytes]
+                                ) -> tuple[bytes, float]:
+    """Trickle header lines (``X-Slow-<i>: <value(i)>``, ``pause()`` apart) until the node
+    closes the connection; what it sent and when it closed (as ``closed_after``, 6 s)."""
+
+    async def trickle() -> None:
+        for i in range(100):
+            await asyncio.sleep(pause())
+            writer.write(b"X-Slow-%d: %s\r\n" % (i, value(i)))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    task = asyncio.ensure_future(trickle())
+    try:
+        return await closed_after(reader, 6.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await task
+
+
 async def serves_websocket(port: int, source: str = OTHER) -> None:
     """A real WebSocket client from ``source`` connects, publishes and gets its event."""
     url = f"ws://127.0.0.1:{port}/ws"
@@ -104,21 +126,9 @@ async def test_a_trickled_head_is_cut_at_the_deadline_not_reset_by_each_line(mak
     async with raw(node.http.port) as (reader, writer):
         t0 = time.monotonic()
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-
-        async def trickle() -> None:
-            for i in range(100):  # one line every 0.2-0.4 s: never a whole head
-                await asyncio.sleep(rng.uniform(0.2, 0.4))
-                writer.write(b"X-Slow-%d: %d\r\n" % (i, rng.randrange(1 << 30)))
-                with contextlib.suppress(ConnectionError):
-                    await writer.drain()
-
-        task = asyncio.ensure_future(trickle())
-        try:
-            data, t1 = await closed_after(reader, 6.0)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await task
+        # one line every 0.2-0.4 s: never a whole head
+        data, t1 = await trickled_until_closed(reader, writer, lambda: rng.uniform(0.2, 0.4),
+                                               lambda i: b"%d" % rng.randrange(1 << 30))
     assert 1.3 <= t1 - t0 < 3.5, t1 - t0
     assert data.startswith(b"HTTP/1.1 408 "), data
 
@@ -153,22 +163,8 @@ async def test_a_later_head_trickled_on_a_kept_alive_connection_is_cut(make_node
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
         assert head.startswith(b"HTTP/1.1 200"), head
         t0 = time.monotonic()
-
-        async def trickle() -> None:
-            writer.write(b"GET /healthz HTTP/1.1\r\n")
-            for i in range(100):
-                await asyncio.sleep(0.2)
-                writer.write(b"X-Slow-%d: 1\r\n" % i)
-                with contextlib.suppress(ConnectionError):
-                    await writer.drain()
-
-        task = asyncio.ensure_future(trickle())
-        try:
-            _, t1 = await closed_after(reader, 6.0)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await task
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        _, t1 = await trickled_until_closed(reader, writer, lambda: 0.2, lambda i: b"1")
     assert t1 - t0 < 3.0, t1 - t0
 
 

@@ -4,7 +4,6 @@ mailbox at once, instead of a full garbage collection (long pauses under connect
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,18 +32,6 @@ class Fragile(Actor):
 
     async def on_receive(self, message: Any) -> Any:
         raise ValueError(message)
-
-
-@pytest.fixture
-def saved_garbage() -> Iterator[list[Any]]:
-    """gc.garbage of everything that became cyclic garbage during the test."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        yield gc.garbage
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
 
 
 def _runtime_objects(garbage: list[Any]) -> list[str]:
