@@ -22,6 +22,7 @@ from bridge.room_store import JetStreamRoomStore
 from bridge.rpc import NatsRpc
 from bridge.sse import SseBridge
 from bridge.static import StaticSite, StatsPublisher
+from bridge.webhook import WebhookRunner
 from bridge.ws import WebSocketBridge
 from node.core.connection import NodeContext, Shutdown
 from node.core.events import event_body
@@ -82,6 +83,7 @@ class Node:
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.stats_publisher: StatsPublisher | None = None
+        self.webhooks: list[WebhookRunner] = []
         self.tokens = TokenVerifier.from_settings(settings)
         self._stack = contextlib.AsyncExitStack()
         self._closed = asyncio.Event()
@@ -98,6 +100,7 @@ class Node:
         s = self.settings
         ssl_context = _ssl_context(s)
         load_rpc_modules(s.rpc_modules)
+        webhook_secrets = [hook.secret_value() for hook in s.webhooks]  # a missing one: now
         try:
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
@@ -170,10 +173,26 @@ class Node:
                 self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
                 await self.mqtt.start()
                 self._stack.push_async_callback(self.mqtt.stop)
+            self._start_webhooks(webhook_secrets)
             self._stack.push_async_callback(self.drain)
         except BaseException:
             await self._stack.aclose()
             raise
+
+    def _start_webhooks(self, secrets: list[str | None]) -> None:
+        """One runner per ``[[webhooks]]`` entry, on the node's own NATS connection; stopped
+        after the clients are drained (events they publish meanwhile are still posted)."""
+        assert self.nats is not None
+        for hook, secret in zip(self.settings.webhooks, secrets, strict=True):
+            runner = WebhookRunner(
+                self.nats.nc, url=hook.url, rooms=hook.rooms, durable=hook.durable,
+                tenant=hook.tenant, secret=secret, partitions=hook.partitions,
+                max_deliver=hook.max_deliver, concurrency=hook.concurrency,
+                timeout_s=hook.timeout_s,
+            )
+            runner.start()
+            self._stack.push_async_callback(runner.stop)
+            self.webhooks.append(runner)
 
     def _check_rooms(self) -> None:
         """After a NATS reconnect every room compares itself with the stream."""

@@ -7,17 +7,21 @@ become dashes). Namespace policies (``[namespaces.<ns>]``) come from the TOML fi
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -27,17 +31,23 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from node.protocol.errors import ConfigError
 from node.protocol.ids import TENANT_PATTERN
 
-__all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "NamespacePolicy", "RoomPolicy", "Settings", "WebhookSetting",
+           "load_settings"]
 
 ENV_PREFIX = "RTNODE_"
 
 # Environment variables with our prefix that are not settings but are still allowed.
-_ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG", "RTNODE_NATS_SERVER"})
+# RTNODE_WEBHOOK_SECRET: `rtnode consume --post`'s secret, allowed so that a shell exporting it
+# can still run a node.
+_ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG", "RTNODE_NATS_SERVER", "RTNODE_WEBHOOK_SECRET"})
 _ENV_IGNORED_PREFIXES = ("RTNODE_TEST_", "RTNODE_JEPSEN_")
 
 CsvList = Annotated[list[str], NoDecode]
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+# A webhook's rooms: an exact room or a prefix and a final '*' (bridge.replay's rule).
+_ROOM_PATTERN_RE = re.compile(r"[A-Za-z0-9_:@=-]{1,128}|[A-Za-z0-9_:@=-]{0,128}\*")
+_DURABLE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class NamespacePolicy(BaseModel):
@@ -67,6 +77,79 @@ class RoomPolicy(BaseModel):
     volatile: bool
     presence: bool
     max_payload_bytes: int
+
+
+class WebhookSetting(BaseModel):
+    """One always-on webhook (``[[webhooks]]``): the events of ``rooms`` POSTed to ``url``
+    (docs/webhooks.md). The secret is ``secret``, or read at start from the environment
+    variable ``secret_env``; neither: no signature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(max_length=2048)
+    rooms: str
+    tenant: str = Field("default", pattern=TENANT_PATTERN)
+    durable: str
+    secret: SecretStr | None = None
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    partitions: int = Field(1, ge=1, le=64)
+    max_deliver: int = Field(5, ge=1)
+    concurrency: int = Field(16, ge=1, le=1024)
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError on a bad port)
+        except ValueError:
+            raise ValueError("not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(
+                c.isspace() for c in value):
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("rooms")
+    @classmethod
+    def _room_pattern(cls, value: str) -> str:
+        if not _ROOM_PATTERN_RE.fullmatch(value):
+            raise ValueError("a room name ([A-Za-z0-9_:@=-], up to 128) or a prefix ending "
+                             "in '*'")
+        return value
+
+    @field_validator("durable")
+    @classmethod
+    def _durable_name(cls, value: str) -> str:
+        if not _DURABLE_RE.fullmatch(value):
+            raise ValueError("1-64 characters of A-Z a-z 0-9 _ -")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookSetting:
+        if self.secret is not None and self.secret_env is not None:
+            raise ValueError("secret and secret_env exclude each other")
+        if (self.secret_env is not None and self.secret_env.startswith(ENV_PREFIX)
+                and self.secret_env not in _ENV_NOT_SETTINGS):
+            # _check_environment refuses unknown RTNODE_* variables.
+            raise ValueError(f"secret_env must not start with {ENV_PREFIX} (those are settings)")
+        return self
+
+    def secret_value(self) -> str | None:
+        """The HMAC secret, or None.
+
+        Raises:
+            ConfigError: ``secret_env`` names an unset or empty environment variable.
+        """
+        if self.secret is not None:
+            return self.secret.get_secret_value() or None
+        if self.secret_env is None:
+            return None
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise ConfigError(f"webhook {self.durable}: environment variable {self.secret_env} "
+                              "(its secret_env) is not set")
+        return value
 
 
 class Settings(BaseSettings):
@@ -187,6 +270,11 @@ class Settings(BaseSettings):
     namespaces: dict[str, NamespacePolicy] = Field(
         default_factory=dict, description="namespace policies (TOML file only)"
     )
+    webhooks: list[WebhookSetting] = Field(
+        default_factory=list,
+        description="always-on webhooks: a JSON list of {url, rooms, durable, tenant, secret | "
+                    "secret_env, partitions, max_deliver, concurrency, timeout_s} "
+                    "(TOML: [[webhooks]])")
 
     # Set by load_settings before validation; read by settings_customise_sources.
     _toml_file: ClassVar[Path | None] = None
@@ -199,6 +287,28 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks_json(cls, value: Any) -> Any:
+        # --webhooks on the command line is a JSON text, like RTNODE_WEBHOOKS.
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else []
+            except ValueError:
+                raise ValueError("not a JSON list of webhooks") from None
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_durables(cls, value: list[WebhookSetting]) -> list[WebhookSetting]:
+        seen: set[tuple[str, str]] = set()
+        for hook in value:
+            if (hook.tenant, hook.durable) in seen:
+                raise ValueError(f"two webhooks with durable {hook.durable!r} of tenant "
+                                 f"{hook.tenant!r}: each needs its own")
+            seen.add((hook.tenant, hook.durable))
         return value
 
     @field_validator("node_name")
