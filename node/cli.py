@@ -1,6 +1,8 @@
 """The ``rtnode`` command line: ``rtnode run`` starts a node, ``rtnode token`` mints a token.
 
-Every setting of :class:`node.protocol.settings.Settings` is also a flag of both subcommands.
+Every setting of :class:`node.protocol.settings.Settings` is also a flag of ``run`` and
+``token``; ``rtnode replay`` and ``rtnode consume`` take only those that say where the node's
+NATS is and how to authenticate to it (``_REPLAY_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -24,14 +27,15 @@ __all__ = ["build_parser", "main"]
 _TOML_ONLY = {"namespaces"}
 
 
-def _settings_parser() -> argparse.ArgumentParser:
+def _settings_parser(only: frozenset[str] | None = None) -> argparse.ArgumentParser:
+    """The settings as flags: every one of them, or ``only`` those named (and ``--config``)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group(
         "settings", "each also read from RTNODE_<NAME> and from the --config file"
     )
     group.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     for name, field in Settings.model_fields.items():
-        if name in _TOML_ONLY:
+        if name in _TOML_ONLY or (only is not None and name not in only):
             continue
         flag = "--" + name.replace("_", "-")
         help_ = f"{field.description} (RTNODE_{name.upper()})"
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     sim.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS,
                      metavar="DATA_DIR", help="the node's data dir (for its jwt-secret)")
-    _add_replay_parsers(sub, settings)
+    _add_replay_parsers(sub)
     return parser
 
 
@@ -237,61 +241,187 @@ def _devices(args: argparse.Namespace) -> int:
     return asyncio.run(_simulate_until_signal(args, settings))
 
 
-def _add_replay_parsers(sub: Any, settings: argparse.ArgumentParser) -> None:
+# What `rtnode replay` and `rtnode consume` use of the settings: where the node's NATS is and
+# how to authenticate to it. The rest (ports, limits, TLS of the listeners) is the node's.
+_REPLAY_SETTINGS = frozenset({
+    "data_dir", "log_level", "nats_url", "nats_user", "nats_password", "nats_token",
+    "nats_nkey_seed", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key",
+})
+
+
+def _add_replay_parsers(sub: Any) -> None:
+    settings = _settings_parser(_REPLAY_SETTINGS)
     need = ("Connects to --nats-url (or RTNODE_NATS_URL: the NATS servers of the nodes, "
             "comma-separated) with the --nats-user/--nats-password, --nats-token, "
             "--nats-nkey-seed or --nats-creds and --nats-tls-* settings; without --nats-url, "
-            "to the embedded NATS of the node running with --data-dir (its URL and "
-            "credentials are in <data-dir>/nats-connection.json). No server is started.")
+            "to the embedded NATS of the node running with --data-dir (default rtnode-data: "
+            "its URL and credentials are in <data-dir>/nats-connection.json), so that no flag "
+            "is needed next to 'make run'. No server is started.")
     rep = sub.add_parser(
         "replay", parents=[settings], help="print a room's stored events (--follow: and live)",
         description="Print the stored events of ROOM, one line 'seq event data' each (--json: "
         "the event map as a JSON line), from the start, after --since SEQ or from "
-        "--since-time; --follow keeps printing live events until Ctrl-C. " + need,
+        "--since-time, up to --until SEQ, at most --limit of them, oldest first (--reverse: "
+        "newest first); --follow keeps printing live events until Ctrl-C. When stdout is not "
+        "a terminal and the replay takes more than 3 s, a progress line goes to stderr. "
+        + need,
     )
     rep.add_argument("room", metavar="ROOM", help="the room, e.g. sensors:lab")
     rep.add_argument("--tenant", default="default", help="tenant (default: default)")
     since = rep.add_mutually_exclusive_group()
-    since.add_argument("--since", type=int, metavar="SEQ", help="only events after SEQ")
+    since.add_argument("--since", metavar="SEQ", help="only events after SEQ")
     since.add_argument("--since-time", metavar="ISO8601",
                        help="events stored from this time (no offset: local time)")
+    rep.add_argument("--until", metavar="SEQ", help="stop after SEQ (inclusive)")
+    rep.add_argument("--limit", metavar="N", help="print at most N events")
+    rep.add_argument("--reverse", action="store_true",
+                     help="newest first (a bounded read: not with --follow)")
     rep.add_argument("--follow", action="store_true", help="then print live events (Ctrl-C)")
     rep.add_argument("--json", action="store_true", help="JSON lines (the event maps)")
     con = sub.add_parser(
-        "consume", parents=[settings], help="run a durable consumer printing JSON lines",
-        description="Run the JetStream durable consumer NAME on the rooms matching PATTERN: "
-        "print each event as a JSON line and ack it once the line is written and flushed. A "
-        "second run with the same NAME goes on after the last acked event; Ctrl-C stops "
-        "(unacked events go back to the durable). " + need,
+        "consume", parents=[settings], help="run a durable consumer (JSON lines or webhook)",
+        description="Run the JetStream durable consumer (group) NAME on the rooms matching "
+        "PATTERN: print each event as a JSON line and ack it once the line is written and "
+        "flushed, or with --post URL, POST it and ack it on a 2xx. A group is one durable "
+        "run as several processes (the same command started several times): its rooms are "
+        "spread over --partitions, each partition served by one process at a time while the "
+        "others stand by and take over within --takeover seconds when it dies; a room's "
+        "events stay in order. A second run with the same NAME goes on at the first event "
+        "not acked; Ctrl-C stops (unacked events go back to the group). " + need,
     )
-    con.add_argument("--durable", required=True, metavar="NAME", help="durable consumer name")
-    con.add_argument("--rooms", required=True, metavar="PATTERN",
-                     help="a room, or a prefix ending in '*' (e.g. 'sensors:*')")
+    # Not an argparse group: "exactly one of the two" is checked in _consume_args, in one line.
+    con.add_argument("--group", metavar="NAME",
+                     help="the group (durable consumer) name; the same as --durable")
+    con.add_argument("--durable", metavar="NAME",
+                     help="durable consumer name (one of --group or --durable is required)")
+    con.add_argument("--rooms", metavar="PATTERN",
+                     help="a room, or a prefix ending in '*' (e.g. 'sensors:*'); required")
     con.add_argument("--tenant", default="default", help="tenant (default: default)")
     con.add_argument("--start", default="all", metavar="all|new|SEQ|ISO8601",
                      help="where a new durable starts (default all; ignored when it exists)")
+    con.add_argument("--partitions", default="1", metavar="N",
+                     help="partitions of the group, 1..64 (default 1: one active process)")
+    con.add_argument("--takeover", default="5", metavar="SECONDS",
+                     help="a standby takes over a partition whose process is silent this long "
+                     "(default 5)")
+    con.add_argument("--on-retry", default="block", metavar="block|skip",
+                     help="a retried event blocks its room until settled (block, default), or "
+                     "is dead-lettered at once and the room goes on (skip)")
+    con.add_argument("--max-deliver", default="5", metavar="N",
+                     help="deliveries before an event is dead-lettered (default 5)")
+    con.add_argument("--ack-wait", default="30", metavar="SECONDS",
+                     help="an event not acked within this is delivered again (default 30)")
+    post = con.add_argument_group("webhook", "POST each event instead of printing it")
+    post.add_argument("--post", metavar="URL",
+                      help="POST each event as JSON to URL, ack on 2xx, retry with backoff")
+    post.add_argument("--secret", metavar="KEY",
+                      help="HMAC key of the signature header (default: RTNODE_WEBHOOK_SECRET; "
+                      "prefer it: a flag is visible in ps)")
+    post.add_argument("--concurrency", metavar="N", help="requests in flight (default 16)")
+    post.add_argument("--post-timeout", metavar="SECONDS",
+                      help="time allowed for one request (default 10)")
 
 
-def _replay_commands(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge import replay, replay_cli  # NATS client code only for these commands
+def _number(text: str | None, flag: str, *, low: float, high: float | None = None,
+            integer: bool = True) -> Any:
+    """``--flag`` as an int (or float) within ``low``..``high``; None stays None.
+
+    Raises:
+        ConfigError: Not a number, or out of range (one line, exit 2).
+    """
+    if text is None:
+        return None
+    try:
+        value: float | None = int(text) if integer else float(text)
+    except ValueError:
+        value = None
+    if (value is None or not math.isfinite(value) or value < low
+            or (high is not None and value > high)):
+        if not integer:
+            raise ConfigError(f"{flag} must be a positive number of seconds, not {text!r}")
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise ConfigError(f"{flag} must be an integer {bound}, not {text!r}")
+    return value
+
+
+def _replay_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of bridge.replay_cli.replay_room, checked."""
+    from bridge import replay, replay_cli
+
+    try:
+        when = replay_cli.parse_time(args.since_time) if args.since_time else None
+        replay.parse_room_pattern(args.room)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.room.endswith("*"):
+        raise ConfigError("replay takes one room (no '*'); 'rtnode consume' reads patterns")
+    if args.reverse and args.follow:
+        raise ConfigError("--reverse reads a bounded range, newest first: not with --follow")
+    since = _number(args.since, "--since", low=0)
+    until = _number(args.until, "--until", low=1)
+    if until is not None and since is not None and until <= since:
+        raise ConfigError(f"--until {until} is not after --since {since}: nothing to replay")
+    return {"tenant": args.tenant, "since": since, "since_time": when, "until": until,
+            "limit": _number(args.limit, "--limit", low=1), "reverse": args.reverse,
+            "follow": args.follow, "as_json": args.json}
+
+
+def _consume_args(args: argparse.Namespace, env_secret: str) -> dict[str, Any]:
+    """The keyword arguments of bridge.replay_cli.consume_rooms, checked."""
+    if (args.group is None) == (args.durable is None):
+        raise ConfigError("consume needs one of --group NAME or --durable NAME (synonyms)")
+    if args.rooms is None:
+        raise ConfigError("consume needs --rooms PATTERN (a room, or a prefix ending in '*')")
+    if args.on_retry not in ("block", "skip"):
+        raise ConfigError(f"--on-retry must be block or skip, not {args.on_retry!r}")
+    options: dict[str, Any] = {
+        "durable": args.group if args.group is not None else args.durable,
+        "rooms": args.rooms, "tenant": args.tenant, "start": args.start,
+        "on_retry": args.on_retry,
+        "partitions": _number(args.partitions, "--partitions", low=1, high=64),
+        "max_deliver": _number(args.max_deliver, "--max-deliver", low=1),
+        "ack_wait_s": _number(args.ack_wait, "--ack-wait", low=0.001, integer=False),
+        "priority_timeout_s": _number(args.takeover, "--takeover", low=0.001, integer=False),
+    }
+    webhook = {"--secret": args.secret, "--concurrency": args.concurrency,
+               "--post-timeout": args.post_timeout}
+    if args.post is None:
+        given = [flag for flag, value in webhook.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --post URL")
+        return options
+    from urllib.parse import urlsplit
+
+    url = urlsplit(args.post)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"--post needs an http:// or https:// URL, not {args.post!r}")
+    options.update(
+        post=args.post, secret=args.secret or env_secret,
+        concurrency=_number(args.concurrency or "16", "--concurrency", low=1, high=10000),
+        post_timeout_s=_number(args.post_timeout or "10", "--post-timeout", low=0.001,
+                               integer=False),
+    )
+    return options
+
+
+def _replay_commands(args: argparse.Namespace) -> int:
+    import os
+
+    from bridge import replay_cli  # NATS client code only for these commands
     from bridge.nats_auth import cli_target
 
+    # consume --post's default secret, not a node setting: out of the environment before the
+    # settings refuse it as an unknown RTNODE_* variable.
+    env_secret = os.environ.pop("RTNODE_WEBHOOK_SECRET", "")
+    settings = _settings_from(args)
+    # Flags before NATS: a bad value is reported even when no node runs.
+    options = _replay_args(args) if args.command == "replay" else _consume_args(args, env_secret)
     servers, auth = cli_target(settings, args.command)
     _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
     if args.command == "replay":
-        try:
-            when = replay_cli.parse_time(args.since_time) if args.since_time else None
-            replay.parse_room_pattern(args.room)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if args.room.endswith("*") or (args.since is not None and args.since < 0):
-            raise ConfigError("replay takes one room (no '*') and --since >= 0")
         return replay_cli.run_command(replay_cli.replay_room(
-            servers, args.room, tenant=args.tenant, since=args.since,
-            since_time=when, follow=args.follow, as_json=args.json, auth=auth))
-    return replay_cli.run_command(replay_cli.consume_rooms(
-        servers, durable=args.durable, rooms=args.rooms, tenant=args.tenant,
-        start=args.start, auth=auth))
+            servers, args.room, auth=auth, **options))
+    return replay_cli.run_command(replay_cli.consume_rooms(servers, auth=auth, **options))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "devices":
             return _devices(args)
-        settings = _settings_from(args)
         if args.command in ("replay", "consume"):
-            return _replay_commands(args, settings)
+            return _replay_commands(args)
+        settings = _settings_from(args)
         if args.command == "token":
             return _token(args, settings)
         _setup_logging(settings.log_level)
