@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bridge.replay import ReplayConsumer
-from bridge.webhook import WebhookRunner, post_events
+from bridge.webhook import WebhookRunner, backoff_delay, post_events, redact_url, sign
 from node.core.events import event_body
 from node.protocol.tokens import Principal
 from tests.servers import MS, NatsProcess
@@ -282,3 +282,47 @@ async def test_runner_survives_a_consumer_that_cannot_start(
     lines = [r.getMessage() for r in caplog.records if r.name == "bridge.webhook"]
     assert lines and all("again in" in line for line in lines)
     assert not any(SECRET in line or "not-for-logs" in line for line in lines)
+
+
+async def test_cancel_cuts_the_posts_in_flight_and_their_events_come_back(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    """Cancelled while every POST hangs: it returns at once, and the events whose POST was cut
+    short are nakked by the consumer's close, so the next run posts them first, in order."""
+    node = await make_node()
+    t = tenant()
+    seqs = {room: await store(node, t, room, 3) for room in ("wh:a", "wh:b")}
+    receiver = Receiver(slow=2, slow_s=30)
+    opts: dict[str, Any] = {"tenant": t, "rooms": "wh:*", "durable": "cut"}
+    async with serving(receiver):
+        async with ReplayConsumer(shared_nats.url, **opts) as consumer:
+            runner = asyncio.create_task(post_events(consumer, receiver.url, timeout_s=60))
+            await receiver.wait(lambda: len(receiver.hits) >= 2, 10, "two hanging POSTs")
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(runner, 2)
+        first = sorted((h.room, h.seq) for h in receiver.hits)
+        assert first == [("wh:a", seqs["wh:a"][0]), ("wh:b", seqs["wh:b"][0])]
+        async with ReplayConsumer(shared_nats.url, **opts) as consumer:
+            runner = asyncio.create_task(post_events(consumer, receiver.url, timeout_s=5))
+            try:
+                await receiver.wait(lambda: len(receiver.ok()) >= 6, 10, "all six")
+            finally:
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
+    for room in ("wh:a", "wh:b"):
+        assert [h.seq for h in receiver.ok() if h.room == room] == seqs[room]
+
+
+def test_backoff_signature_and_redaction() -> None:
+    """The pure parts: full-jitter bounds, the signature's input, URLs fit for logs."""
+    for attempt, cap in [(1, 1.0), (2, 2.0), (4, 8.0), (10, 300.0), (200, 300.0)]:
+        delays = [backoff_delay(attempt, 1.0, 300.0) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays) and max(delays) > cap / 2
+    body = b'{"seq":1}'
+    assert sign("k", "1700000000", body) == "sha256=" + hmac.new(
+        b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert redact_url("https://user:pw@h.example:8443/p/x?token=abc#f") == \
+        "https://h.example:8443/p/x"
+    assert redact_url("http://[::1]/hook?k=v") == "http://[::1]/hook"
