@@ -19,13 +19,35 @@ Design, in short:
   acked silently.
 * **Durable.** The consumer is created on first use with the ``start`` position (``"all"``,
   ``"new"``, a stream seq, inclusive, or a datetime) and is bound afterwards: ``start`` then no
-  longer matters, the consumer resumes after its acked events. Its tenant and pattern are kept
-  in the consumer's metadata; binding the same durable with another pattern is refused.
-* **Resume.** Closing the consumer (normally, on an exception, on cancellation) naks every event
-  it delivered that was not acked, and the events it had fetched but not yielded yet: the next
-  run starts exactly at the first event that was not acked. After a hard kill nothing can be
-  nakked: the unacked events (at most ``batch``) come back after ``ack_wait_s``, and events
-  after them may come first unless ``max_ack_pending=1``. Nothing acked comes back.
+  longer matters, the consumer resumes after its acked events. Its tenant, pattern and partition
+  count are kept in the consumer's metadata; binding the same durable otherwise is refused.
+* **One active process, standbys (JetStream priority groups, pinned client).** Any number of
+  processes may run the same durable: the server pins one of them, the others' pulls wait. The
+  pinned one keeps its pin by pulling at least every ``priority_timeout_s / 2``; when it stops
+  (killed, hung, cut off), the server unpins it after ``priority_timeout_s`` and pins a standby.
+  Closing a consumer unpins it at once.
+* **In order after a crash.** A process that becomes pinned first resets the consumer to its ack
+  floor (``$JS.API.CONSUMER.RESET``, nats-server 2.14): everything the previous process left
+  unacked (fetched, being handled, or lost with it) comes next, in stream order, before anything
+  newer. Without the reset those events would come back only after ``ack_wait``, after later ones.
+  Events acked *above* the floor (acked out of order) are delivered again: at least once. The
+  reset also restarts the delivery counts.
+* **Per-room order, always.** Events come in stream order. ``on_retry`` says what ``nak()``
+  does to the events behind it: ``"block"`` (default) delivers the nakked event again (after
+  its delay) before any later event of its room, the other rooms going on; ``"skip"``
+  dead-letters it at once (reason ``skip``) and the room goes on. With ``serial_rooms=True`` an
+  event of a room is not handed out while an earlier one of that room is unsettled (not acked,
+  termed or dead-lettered), so a caller may handle several rooms at once (the webhook runner
+  does) and keep each room in order. Events held in the consumer (fetched, yielded,
+  blocked) get ``in_progress`` every ``ack_wait_s / 3``: a slow handler does not cause
+  redeliveries. When ``max_ack_pending`` events are held, everything waits.
+* **Groups (partitions).** With ``partitions=N`` the durable is N JetStream consumers
+  (``<durable>-0`` ... ``-<N-1>``), each taking the rooms whose ``crc32(room) % N`` is its index
+  (it reads the tenant's other events and acks them unseen). The processes of a group announce
+  themselves on ``rt.grp.<tenant>.<durable>`` every second; partition ``i`` is served by the
+  ``i % W``-th live process (sorted by id), the others standing by for it. A process that loses a
+  partition to a newcomer waits (up to ``0.8 * priority_timeout_s``) for its events of that
+  partition to be settled, then unpins it; one that dies is replaced when its pins time out.
 * **Dead letters: counted here.** The JetStream consumer redelivers without limit
   (``max_deliver=-1`` on the server); every delivery carries its delivery count, and the
   delivery after the ``max_deliver``-th is not yielded but published to
@@ -36,28 +58,34 @@ Design, in short:
   by ``Nats-Msg-Id``), else a core publish; a failed publish naks the event and tries again.
   The dead letter is the stored CBOR event map unchanged, with headers ``Rtnode-Room``,
   ``Rtnode-Tenant``, ``Rtnode-Seq``, ``Rtnode-Delivered``, ``Rtnode-Durable`` and
-  ``Rtnode-Reason`` (``max_deliver``, or ``undecodable`` for a body that is not an event map:
-  those go to the dead-letter subject at once). ``term()`` stops redelivery of one event without
-  dead-lettering it.
-* **Stalls.** Pulls are bounded requests; when one comes back empty while the consumer reports
-  pending events, the pull subscription is recreated (nats.py#504).
+  ``Rtnode-Reason`` (``max_deliver``, ``skip``, or ``undecodable`` for a body that is not an
+  event map: those go to the dead-letter subject at once). ``term()`` stops redelivery of one
+  event without dead-lettering it.
+* **Pulls** are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests (nats-py has no priority groups):
+  one outstanding per partition, for up to ``batch`` events, renewed every
+  ``min(fetch_timeout_s, priority_timeout_s / 2)``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
+import json
 import logging
+import os
 import re
+import secrets
+import socket
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -76,6 +104,7 @@ __all__ = [
     "Start",
     "connect_nats",
     "parse_room_pattern",
+    "partition_of",
     "require_room_stream",
 ]
 
@@ -85,8 +114,15 @@ _ROOM_CHARS = re.compile(r"[A-Za-z0-9_:@=-]*")  # with fullmatch: Python's $ mat
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _META_TENANT = "rtnode_tenant"
 _META_ROOMS = "rtnode_rooms"
+_META_PARTITIONS = "rtnode_partitions"
+_GROUP = "rtnode"            # the priority group every pull names
+_HEARTBEAT_S = 1.0           # a group member announces itself this often
+_MEMBER_TTL_S = 3.5          # and is gone when not heard for this long
+_API = "$JS.API.CONSUMER"
+_NOT_FOUND = 10014           # JetStream error code: consumer not found
 
 Start = Literal["all", "new"] | int | datetime
+OnRetry = Literal["block", "skip"]
 
 
 def parse_room_pattern(pattern: str) -> tuple[str, bool]:
@@ -106,6 +142,11 @@ def parse_room_pattern(pattern: str) -> tuple[str, bool]:
             "or a prefix ending in '*'"
         )
     return body, wildcard
+
+
+def partition_of(room: str, partitions: int) -> int:
+    """The partition of a group that takes ``room``: ``crc32(room) % partitions``."""
+    return zlib.crc32(room.encode()) % partitions if partitions > 1 else 0
 
 
 async def require_room_stream(js: JetStreamContext) -> None:
@@ -169,6 +210,37 @@ async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
     return nc
 
 
+class _ApiError(Exception):
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Part:
+    """One JetStream consumer of the durable (a partition) as this process sees it."""
+
+    index: int
+    name: str
+    assigned: bool = False
+    pin: str | None = None
+    sub: Subscription | None = None
+    inbox: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Held:
+    """An event delivered to this process and not settled yet."""
+
+    msg: Msg
+    part: _Part
+    room: str
+    seq: int
+    since: float
+
+
 class ReplayConsumer:
     """A durable consumer of one tenant's rooms (see the module's docstring).
 
@@ -182,11 +254,19 @@ class ReplayConsumer:
             datetime (naive: UTC). Ignored when the durable exists.
         max_deliver: Deliveries of one event before it is dead-lettered (<= 0: never).
         dead_letter_subject: Where dead letters go; default ``rt.dlq.<tenant>.<durable>``.
-        ack_wait_s: An event not acked within this is delivered again.
-        batch: Events fetched per pull (prefetched; nakked back at close).
-        max_ack_pending: Events delivered and not yet acked, at most.
+        ack_wait_s: An event not acked (nor kept in progress) within this is delivered again.
+        batch: Events asked for per pull.
+        max_ack_pending: Events delivered and not yet acked, at most, per partition.
         fetch_timeout_s: How long one pull waits for new events.
         auth: Credentials and TLS for the URLs (unused with a connected client).
+        partitions: Partitions of the group (1 to 64); every process of the group gives the
+            same number.
+        on_retry: What ``nak()`` does: ``"block"`` its room until it is redelivered, or
+            ``"skip"``: dead-letter it at once.
+        priority_timeout_s: How long the server waits for a silent pinned process before a
+            standby takes over.
+        serial_rooms: Hand out an event of a room only when the earlier ones of that room are
+            settled: for callers that handle several events at once (one room at a time each).
 
     Raises:
         ValueError: An invalid argument.
@@ -207,6 +287,10 @@ class ReplayConsumer:
         max_ack_pending: int = 1000,
         fetch_timeout_s: float = 2.0,
         auth: NatsAuth | None = None,
+        partitions: int = 1,
+        on_retry: OnRetry = "block",
+        priority_timeout_s: float = 5.0,
+        serial_rooms: bool = False,
     ) -> None:
         if not _NAME.fullmatch(tenant):
             raise ValueError(f"invalid tenant {tenant!r}")
@@ -219,6 +303,12 @@ class ReplayConsumer:
             raise ValueError("start seq must be >= 1")
         if batch < 1 or max_ack_pending < 1 or ack_wait_s <= 0 or fetch_timeout_s <= 0:
             raise ValueError("batch, max_ack_pending, ack_wait_s and fetch_timeout_s must be > 0")
+        if isinstance(partitions, bool) or not 1 <= partitions <= 64:
+            raise ValueError(f"invalid partitions {partitions!r}: 1 to 64")
+        if on_retry not in ("block", "skip"):
+            raise ValueError(f"invalid on_retry {on_retry!r}: 'block' or 'skip'")
+        if not 1.0 <= priority_timeout_s <= 3600:
+            raise ValueError("priority_timeout_s must be between 1 and 3600 seconds")
         self._auth = auth
         self._given_nc: NATS | None = None
         self._urls: list[str] = []
@@ -239,15 +329,27 @@ class ReplayConsumer:
         self.batch = batch
         self.max_ack_pending = max_ack_pending
         self.fetch_timeout_s = fetch_timeout_s
+        self.partitions = partitions
+        self.on_retry: OnRetry = on_retry
+        self.priority_timeout_s = priority_timeout_s
+        self.serial_rooms = serial_rooms
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dead_lettered = 0
         self.skipped = 0
+        self.takeovers = 0
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._psub: Any = None
         self._dlq_stream = False
-        self._buffer: collections.deque[Msg] = collections.deque()
-        self._unsettled: dict[int, Msg] = {}
-        self._next_batch = 1
+        names = [durable] if partitions == 1 else [f"{durable}-{i}" for i in range(partitions)]
+        self._parts = [_Part(i, name) for i, name in enumerate(names)]
+        self._queue: list[_Held] = []           # delivered, not yielded yet, in arrival order
+        self._unsettled: dict[int, _Held] = {}  # yielded, not settled, by seq
+        self._blocked: dict[str, int] = {}      # room -> the seq that must settle first
+        self._wake = asyncio.Event()
+        self._error: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._members: dict[str, float] = {}
+        self._member_sub: Subscription | None = None
         self._closed = False
 
     # -- set-up ----------------------------------------------------------------------------
@@ -257,13 +359,20 @@ class ReplayConsumer:
         """The consumer's subject filter."""
         return room_subject(self.tenant, "*" if self._wildcard else self._prefix)
 
-    def _config(self) -> ConsumerConfig:
+    @property
+    def serving(self) -> list[int]:
+        """The partitions this process is pinned to now."""
+        return [p.index for p in self._parts if p.pin]
+
+    def _config(self, part: _Part) -> dict[str, Any]:
         cfg = ConsumerConfig(
-            name=self.durable, durable_name=self.durable,
-            description=f"rtnode replay of tenant {self.tenant} rooms {self.rooms}",
+            name=part.name, durable_name=part.name,
+            description=f"rtnode replay of tenant {self.tenant} rooms {self.rooms}"
+            + (f" (partition {part.index} of {self.partitions})" if self.partitions > 1 else ""),
             ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=-1,
             filter_subject=self.filter_subject, max_ack_pending=self.max_ack_pending,
-            metadata={_META_TENANT: self.tenant, _META_ROOMS: self.rooms},
+            metadata={_META_TENANT: self.tenant, _META_ROOMS: self.rooms,
+                      _META_PARTITIONS: str(self.partitions)},
         )
         start = self.start
         if start == "all":
@@ -276,10 +385,28 @@ class ReplayConsumer:
         else:
             cfg.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             cfg.opt_start_seq = int(start)
-        return cfg
+        out = cfg.as_dict()
+        out.update(self._priority())
+        return out
+
+    def _priority(self) -> dict[str, Any]:
+        return {"priority_groups": [_GROUP], "priority_policy": "pinned_client",
+                "priority_timeout": int(self.priority_timeout_s * 1e9)}
+
+    async def _api(self, subject: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        nc = self._nc
+        assert nc is not None
+        body = json.dumps(payload).encode() if payload is not None else b""
+        resp = await nc.request(subject, body, timeout=5)
+        data: dict[str, Any] = json.loads(resp.data or b"{}")
+        err = data.get("error")
+        if err:
+            raise _ApiError(int(err.get("err_code") or err.get("code") or 0),
+                            str(err.get("description") or err))
+        return data
 
     async def open(self) -> ReplayConsumer:
-        """Connect (when given URLs), create or bind the durable.
+        """Connect (when given URLs), create or bind the durable, start pulling.
 
         Raises:
             ReplayError: No NATS, no room stream, or the durable exists for other rooms.
@@ -291,44 +418,306 @@ class ReplayConsumer:
                                           auth=self._auth)
         try:
             self._js = self._nc.jetstream(timeout=5)
-            await self._bind()
+            await require_room_stream(self._js)
+            for part in self._parts:
+                await self._bind(part)
+            try:
+                await self._js.find_stream_name_by_subject(self.dead_letter_subject)
+                self._dlq_stream = True
+            except NotFoundError:
+                self._dlq_stream = False
         except BaseException:
             await self._release_connection()
             raise
+        loop = asyncio.get_running_loop()
+        for part in self._parts:
+            part.task = loop.create_task(self._pump(part))
+            self._tasks.append(part.task)
+        self._tasks.append(loop.create_task(self._keep_in_progress()))
+        if self.partitions == 1:
+            self._parts[0].assigned = True
+            self._parts[0].wake.set()
+        else:
+            self._member_sub = await self._nc.subscribe(self._group_subject, cb=self._heard)
+            self._tasks.append(loop.create_task(self._announce()))
         return self
 
-    async def _bind(self) -> None:
-        js = self._js
-        assert js is not None
-        await require_room_stream(js)
-        want = self._config()
+    async def _bind(self, part: _Part) -> None:
         try:
-            info = await js.consumer_info(STREAM_NAME, self.durable)
-        except NotFoundError:
+            info = await self._api(f"{_API}.INFO.{STREAM_NAME}.{part.name}")
+        except _ApiError as exc:
+            if exc.code != _NOT_FOUND:
+                raise ReplayError(f"durable {part.name}: {exc}") from None
             info = None
+        except Exception as exc:
+            raise ReplayError(f"JetStream not answering: {exc or type(exc).__name__}") from None
         if info is None:
-            await js.add_consumer(STREAM_NAME, config=want)
-            log.info("= created durable %s on %s (start %s)", self.durable, self.filter_subject,
+            cfg = self._config(part)
+            log.info("= created durable %s on %s (start %s)", part.name, self.filter_subject,
                      self.start)
         else:
-            have = info.config
-            meta = have.metadata or {}
-            if (meta.get(_META_TENANT), meta.get(_META_ROOMS)) != (self.tenant, self.rooms):
+            cfg = dict(info.get("config") or {})
+            meta = cfg.get("metadata") or {}
+            have = (meta.get(_META_TENANT), meta.get(_META_ROOMS),
+                    meta.get(_META_PARTITIONS, "1"))
+            if have != (self.tenant, self.rooms, str(self.partitions)):
                 raise ReplayError(
-                    f"durable {self.durable} exists for tenant {meta.get(_META_TENANT)} rooms "
-                    f"{meta.get(_META_ROOMS)}: delete it or use another name"
+                    f"durable {self.durable} exists for tenant {have[0]} rooms {have[1]} "
+                    f"partitions {have[2]}: delete it or use another name"
                 )
-            if (have.ack_wait, have.max_ack_pending, have.max_deliver) != (
-                    want.ack_wait, want.max_ack_pending, -1):
-                await js.add_consumer(STREAM_NAME, config=dataclasses.replace(
-                    have, ack_wait=want.ack_wait, max_ack_pending=want.max_ack_pending,
-                    max_deliver=-1))
+            want = {"ack_wait": int(self.ack_wait_s * 1e9), "max_ack_pending":
+                    self.max_ack_pending, "max_deliver": -1, **self._priority()}
+            if all(cfg.get(k) == v for k, v in want.items()):
+                return
+            cfg.update(want)
+            meta[_META_PARTITIONS] = str(self.partitions)
+            cfg["metadata"] = meta
         try:
-            await js.find_stream_name_by_subject(self.dead_letter_subject)
-            self._dlq_stream = True
-        except NotFoundError:
-            self._dlq_stream = False
-        self._psub = await js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
+            await self._api(f"{_API}.CREATE.{STREAM_NAME}.{part.name}",
+                            {"stream_name": STREAM_NAME, "config": cfg})
+        except _ApiError as exc:
+            raise ReplayError(f"cannot create durable {part.name}: {exc}") from None
+
+    # -- group membership (partitions > 1) -------------------------------------------------
+
+    @property
+    def _group_subject(self) -> str:
+        return f"rt.grp.{self.tenant}.{self.durable}"
+
+    async def _heard(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            member = json.loads(msg.data)
+            if (isinstance(member, dict) and isinstance(member.get("id"), str)
+                    and member.get("partitions") == self.partitions):
+                self._members[member["id"]] = asyncio.get_running_loop().time()
+
+    async def _announce(self) -> None:
+        nc, loop = self._nc, asyncio.get_running_loop()
+        assert nc is not None
+        hello = json.dumps({"id": self.worker_id, "partitions": self.partitions}).encode()
+        first = True
+        while not self._closed:
+            with contextlib.suppress(Exception):
+                await nc.publish(self._group_subject, hello)
+            if first:  # hear who else is there before taking anything
+                first = False
+                await asyncio.sleep(_HEARTBEAT_S * 1.2)
+            now = loop.time()
+            self._members[self.worker_id] = now
+            for member, seen in list(self._members.items()):
+                if now - seen > _MEMBER_TTL_S:
+                    del self._members[member]
+            members = sorted(self._members)
+            for part in self._parts:
+                mine = members[part.index % len(members)] == self.worker_id
+                if mine != part.assigned:
+                    part.assigned = mine
+                    part.wake.set()
+            await asyncio.sleep(_HEARTBEAT_S)
+
+    # -- pulling ---------------------------------------------------------------------------
+
+    async def _pump(self, part: _Part) -> None:
+        """Keep one pull outstanding on ``part`` while it is ours to serve."""
+        try:
+            while not self._closed:
+                if not part.assigned:
+                    if part.pin or part.sub:
+                        await self._release(part)
+                    part.wake.clear()
+                    await part.wake.wait()
+                    continue
+                await self._pull_once(part)
+        except asyncio.CancelledError:
+            raise
+        except nats.errors.ConnectionClosedError:
+            self._fail(ReplayError("NATS connection closed"))
+        except ReplayError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug: say it, do not hang the iterator
+            log.exception("! durable %s: pulling partition %d failed", self.durable, part.index)
+            self._fail(ReplayError(f"pulling failed: {exc or type(exc).__name__}"))
+
+    async def _pull_once(self, part: _Part) -> None:
+        nc = self._nc
+        assert nc is not None
+        loop = asyncio.get_running_loop()
+        if part.sub is None:
+            inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+            async def put(msg: Msg) -> None:
+                inbox.put_nowait(msg)
+
+            part.inbox = inbox
+            part.sub = await nc.subscribe(nc.new_inbox() + ".*", cb=put,
+                                          pending_msgs_limit=-1, pending_bytes_limit=-1)
+        sub, inbox = part.sub, part.inbox
+        reply = sub.subject[:-1] + secrets.token_hex(4)
+        expires = min(self.fetch_timeout_s, self.priority_timeout_s / 2)
+        want = min(self.batch, self.max_ack_pending)
+        request: dict[str, Any] = {"batch": want, "expires": int(expires * 1e9), "group": _GROUP}
+        if part.pin:
+            request["id"] = part.pin
+        try:
+            await nc.publish(f"{_API}.MSG.NEXT.{STREAM_NAME}.{part.name}",
+                             json.dumps(request).encode(), reply=reply)
+        except nats.errors.ConnectionClosedError:
+            raise
+        except Exception as exc:  # reconnecting: try again shortly
+            log.debug("! pull on %s: %s", part.name, exc or type(exc).__name__)
+            await asyncio.sleep(0.2)
+            return
+        deadline = loop.time() + expires + 1.0
+        got = 0
+        while got < want and part.sub is sub and part.assigned and not self._closed:
+            try:
+                msg = inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), max(0.01, deadline - loop.time()))
+                except TimeoutError:
+                    return  # the request got lost (a reconnect): ask again
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status and not msg.reply:
+                if msg.subject != reply:
+                    continue  # the end of an earlier request
+                if status == "100":
+                    continue
+                if status == "423":  # another process holds the pin
+                    if part.pin:
+                        log.warning("! durable %s: lost partition %d to another process",
+                                    self.durable, part.index)
+                        self._drop(part, unpinned=True)
+                        part.pin = None
+                    return
+                if status in ("404", "408"):
+                    if part.pin is None:
+                        await self._unstick(part)
+                    return
+                description = headers.get("Description", "")
+                if status == "409" and "Deleted" in description:
+                    raise ReplayError(f"durable {part.name} was deleted")
+                if status == "400":
+                    raise ReplayError(f"durable {part.name}: {description}")
+                log.debug("! pull on %s: %s %s", part.name, status, description)
+                await asyncio.sleep(0.2)
+                return
+            pin = headers.get("Nats-Pin-Id")
+            if pin and pin != part.pin:
+                await self._take_over(part, pin)
+                return
+            got += 1
+            await self._arrive(part, msg)
+
+    async def _take_over(self, part: _Part, pin: str) -> None:
+        """Pinned to ``part``: drop this pull and start at the ack floor."""
+        sub, part.sub = part.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._drop(part, unpinned=False)
+        try:
+            reset = await self._api(f"{_API}.RESET.{STREAM_NAME}.{part.name}")
+            at = reset.get("reset_seq")
+        except Exception as exc:  # a server without the reset API: at least once, as before
+            log.warning("! durable %s: reset of %s failed (%s); unacked events come back "
+                        "after ack_wait", self.durable, part.name, exc or type(exc).__name__)
+            at = None
+        part.pin = pin
+        self.takeovers += 1
+        log.info("= durable %s: %s serves partition %d from seq %s", self.durable,
+                 self.worker_id, part.index, at)
+
+    async def _unstick(self, part: _Part) -> None:
+        """A standby whose pull got nothing: when no process holds the pin while events are
+        still out (the holder died after taking all there was), reset to the ack floor, so that
+        those events are delivered now (pinning a waiting process) instead of after
+        ack_wait."""
+        try:
+            info = await self._api(f"{_API}.INFO.{STREAM_NAME}.{part.name}")
+        except Exception:
+            return
+        groups = info.get("priority_groups") or [{}]
+        if groups[0].get("pinned_client_id") or not info.get("num_ack_pending"):
+            return
+        with contextlib.suppress(Exception):
+            await self._api(f"{_API}.RESET.{STREAM_NAME}.{part.name}")
+            log.info("= durable %s: partition %d had no holder and %d events out: reset",
+                     self.durable, part.index, info.get("num_ack_pending"))
+
+    async def _release(self, part: _Part) -> None:
+        """No longer ours: let the events handed out settle, then unpin."""
+        sub, part.sub = part.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._drop(part, unpinned=False)
+        if part.pin is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 0.8 * self.priority_timeout_s
+        while (any(h.part is part for h in self._unsettled.values())
+               and loop.time() < deadline and not self._closed):
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+        await self._unpin(part)
+
+    async def _unpin(self, part: _Part) -> None:
+        if part.pin is None:
+            return
+        part.pin = None
+        try:
+            await self._api(f"{_API}.UNPIN.{STREAM_NAME}.{part.name}", {"group": _GROUP})
+            log.info("= durable %s: %s let go of partition %d", self.durable, self.worker_id,
+                     part.index)
+        except Exception as exc:
+            log.debug("! unpin %s: %s", part.name, exc or type(exc).__name__)
+
+    def _drop(self, part: _Part, *, unpinned: bool) -> None:
+        """Forget the events of ``part`` not yet handed out (the next holder of the pin resets
+        to the ack floor and gets them); with ``unpinned``, also unblock its rooms waiting for
+        a redelivery that will now go elsewhere."""
+        self._queue = [h for h in self._queue if h.part is not part]
+        if unpinned:
+            waiting = {h.room for h in self._unsettled.values() if h.part is part}
+            for room in [r for r in self._blocked if r not in waiting
+                         and partition_of(r, self.partitions) == part.index]:
+                del self._blocked[room]
+
+    async def _arrive(self, part: _Part, msg: Msg) -> None:
+        try:
+            _tenant, room = room_from_subject(msg.subject)
+        except ValueError:
+            room = ""
+        if not pattern_matches(self.rooms, room) or partition_of(room, self.partitions) != \
+                part.index:
+            self.skipped += 1
+            await msg.ack()
+            return
+        self._queue.append(_Held(msg, part, room, msg.metadata.sequence.stream,
+                                 asyncio.get_running_loop().time()))
+        self._wake.set()
+
+    async def _keep_in_progress(self) -> None:
+        """Events held here (queued, handed out, blocked) do not time out under a slow
+        handler."""
+        every = self.ack_wait_s / 3
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for held in [*self._queue, *self._unsettled.values()]:
+                if now - held.since >= every:
+                    held.since = now
+                    with contextlib.suppress(Exception):
+                        await held.msg.in_progress()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake.set()
 
     # -- iteration -------------------------------------------------------------------------
 
@@ -337,15 +726,18 @@ class ReplayConsumer:
 
     async def __anext__(self) -> ReplayEvent:
         while True:
-            if self._closed or self._psub is None:
+            if self._error is not None:
+                raise self._error
+            if self._closed or self._nc is None:
                 raise StopAsyncIteration
-            if self._buffer:
-                msg = self._buffer.popleft()
-                ev = await self._handle(msg)
+            held = self._pick()
+            if held is not None:
+                ev = await self._handle(held)
                 if ev is not None:
                     return ev
                 continue
-            self._buffer.extend(await self._fetch())
+            self._wake.clear()
+            await self._wake.wait()
 
     async def next(self, timeout: float | None = None) -> ReplayEvent | None:
         """The next event, or None if none came within ``timeout`` seconds."""
@@ -354,83 +746,79 @@ class ReplayConsumer:
         except TimeoutError:
             return None
 
-    async def _fetch(self) -> list[Msg]:
-        psub = self._psub
-        # Never ask for more than the server may hand out (max_ack_pending), or the pull
-        # lingers until its timeout for events that cannot come.
-        want = max(1, min(self._next_batch, self.max_ack_pending - len(self._unsettled)))
-        try:
-            msgs: list[Msg] = await psub.fetch(want, timeout=self.fetch_timeout_s)
-        except TimeoutError:  # nats.errors.TimeoutError too: nothing new
-            self._next_batch = 1
-            await self._check_stall()
-            return []
-        except nats.errors.ConnectionClosedError:
-            raise ReplayError("NATS connection closed") from None
-        except Exception as exc:  # reconnecting, 409 status, ...: try again shortly
-            log.debug("! fetch from %s: %s", self.durable, exc or type(exc).__name__)
-            self._next_batch = 1
-            await asyncio.sleep(0.2)
-            return []
-        # A backlog (num_pending) is fetched in batches whose first request takes what is
-        # there at once; when caught up, one event per pull, which answers at the first event.
-        pending = msgs[-1].metadata.num_pending if msgs else 0
-        self._next_batch = max(1, min(self.batch, pending))
-        return msgs
+    def _pick(self) -> _Held | None:
+        """The first queued event whose room is not waiting for an earlier event."""
+        queue = self._queue
+        i = 0
+        while i < len(queue):
+            held = queue[i]
+            if held.seq in self._unsettled:  # a redelivery of one being handled: drop it
+                del queue[i]
+                continue
+            blocking = self._blocked.get(held.room)
+            if blocking is None or blocking == held.seq:
+                del queue[i]
+                return held
+            i += 1
+        return None
 
-    async def _check_stall(self) -> None:
-        js = self._js
-        if js is None or self._closed:
-            return
-        try:
-            info = await js.consumer_info(STREAM_NAME, self.durable)
-        except Exception:
-            return
-        if info.num_pending and not info.num_ack_pending:
-            log.warning("! durable %s: %d pending but nothing delivered; resubscribing",
-                        self.durable, info.num_pending)
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
-            self._psub = await js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
-
-    async def _handle(self, msg: Msg) -> ReplayEvent | None:
-        try:
-            tenant, room = room_from_subject(msg.subject)
-        except ValueError:
-            tenant, room = self.tenant, ""
-        if not pattern_matches(self.rooms, room):
-            self.skipped += 1
-            await msg.ack()
-            return None
+    async def _handle(self, held: _Held) -> ReplayEvent | None:
+        msg = held.msg
         delivered = msg.metadata.num_delivered
+        if self.serial_rooms:
+            self._blocked[held.room] = held.seq
         if 0 < self.max_deliver < delivered:
-            await self._dead_letter(msg, room, "max_deliver")
+            await self._dead_letter(held, "max_deliver")
             return None
         try:
             body = cbor_loads_strict(msg.data)
             if not isinstance(body, dict) or not isinstance(body.get("event"), str):
                 raise CodecError("not an event map")
         except CodecError:
-            await self._dead_letter(msg, room, "undecodable")
+            await self._dead_letter(held, "undecodable")
             return None
         sender = body.get("from")
         ts = body.get("ts")
         msg_id = body.get("msg_id")
         ev = ReplayEvent(
-            room=room, seq=msg.metadata.sequence.stream, event=body["event"],
-            data=body.get("data"), ts=ts if isinstance(ts, int) else None,
+            room=held.room, seq=held.seq, event=body["event"], data=body.get("data"),
+            ts=ts if isinstance(ts, int) else None,
             from_=sender if isinstance(sender, dict) else {},
             msg_id=msg_id if isinstance(msg_id, str) else None,
-            delivered=delivered, tenant=tenant, _msg=msg, _on_settle=self._settled,
+            delivered=delivered, tenant=self.tenant, _msg=msg, _on_settle=self._settle,
         )
-        self._unsettled[id(msg)] = msg
+        self._unsettled[held.seq] = held
         return ev
 
-    def _settled(self, msg: Msg) -> None:
-        self._unsettled.pop(id(msg), None)
+    def _unblock(self, held: _Held) -> None:
+        if self._blocked.get(held.room) == held.seq:
+            del self._blocked[held.room]
+        self._wake.set()
 
-    async def _dead_letter(self, msg: Msg, room: str, reason: str) -> None:
-        seq = msg.metadata.sequence.stream
+    async def _settle(self, ev: ReplayEvent, msg: Msg, how: str, delay: float | None) -> None:
+        held = self._unsettled.pop(ev.seq, None)
+        if held is None:  # handed out before a takeover elsewhere: settle it anyway
+            held = _Held(msg, self._parts[partition_of(ev.room, self.partitions)], ev.room,
+                         ev.seq, 0.0)
+        try:
+            if how == "ack":
+                await msg.ack()
+            elif how == "term":
+                await msg.term()
+            elif self.on_retry == "skip":
+                await self._dead_letter(held, "skip")
+                return
+            else:
+                self._blocked[held.room] = held.seq  # its room waits for the redelivery
+                await msg.nak(delay=delay)
+                self._wake.set()
+                return
+        finally:
+            if how != "nak":
+                self._unblock(held)
+
+    async def _dead_letter(self, held: _Held, reason: str) -> None:
+        msg, room, seq = held.msg, held.room, held.seq
         headers = {
             "Rtnode-Room": room, "Rtnode-Tenant": self.tenant, "Rtnode-Seq": str(seq),
             "Rtnode-Delivered": str(msg.metadata.num_delivered - (reason == "max_deliver")),
@@ -448,34 +836,50 @@ class ReplayConsumer:
         except Exception as exc:
             log.warning("! dead letter of %s seq %d not published (%s): retried later",
                         room, seq, exc or type(exc).__name__)
+            self._blocked[room] = seq  # the room waits for the redelivery
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(self.ack_wait_s, 5.0))
             return
         self.dead_lettered += 1
         log.warning("! %s seq %d dead-lettered to %s (%s)", room, seq,
                     self.dead_letter_subject, reason)
-        await msg.term()
+        try:
+            await msg.term()
+        finally:
+            self._unblock(held)
 
     # -- closing ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Nak what was delivered and not acked, and close the connection if it is ours.
-        Idempotent."""
+        """Nak what was delivered and not acked, let go of the pins (a standby takes over at
+        once), and close the connection if it is ours. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._wake.set()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
         nc = self._nc
-        unsettled = list(self._unsettled.values()) + list(self._buffer)
+        unsettled = [h.msg for h in self._unsettled.values()] + [h.msg for h in self._queue]
         self._unsettled.clear()
-        self._buffer.clear()
+        self._queue.clear()
         if nc is not None and nc.is_connected:
             for msg in unsettled:
                 with contextlib.suppress(Exception):
                     await msg.nak()
-        if self._psub is not None:
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
-            self._psub = None
+            for part in self._parts:
+                if part.sub is not None:
+                    with contextlib.suppress(Exception):
+                        await part.sub.unsubscribe()
+                    part.sub = None
+                await self._unpin(part)
+            if self._member_sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._member_sub.unsubscribe()
         await self._release_connection()
 
     async def _release_connection(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,8 @@ class ReplayEvent:
     delivered: int
     tenant: str = "default"
     _msg: Msg | None = field(default=None, repr=False)
-    _on_settle: Callable[[Msg], None] | None = field(default=None, repr=False)
+    _on_settle: Callable[[ReplayEvent, Msg, str, float | None], Awaitable[None]] | None = field(
+        default=None, repr=False)
 
     def as_map(self) -> dict[str, Any]:
         """The fields of an ``event`` frame (without ``type``), as clients see them."""
@@ -58,22 +59,25 @@ class ReplayEvent:
         await self._settle("ack")
 
     async def nak(self, delay: float | None = None) -> None:
-        """Not done: deliver it again, at once or after ``delay`` seconds."""
+        """Not done: deliver it again, at once or after ``delay`` seconds. With the consumer's
+        ``on_retry="block"`` (the default) no later event of this room comes before it; with
+        ``"skip"`` it is dead-lettered at once and the room goes on."""
         await self._settle("nak", delay)
 
     async def term(self) -> None:
         """Give up on this event: never delivered again, and not dead-lettered."""
         await self._settle("term")
 
+    async def in_progress(self) -> None:
+        """Still working on it: restart its ``ack_wait``. (The consumer already does this for
+        the events it holds; call it only to be explicit.)"""
+        msg = self._msg
+        if msg is not None:
+            await msg.in_progress()
+
     async def _settle(self, how: str, delay: float | None = None) -> None:
         msg, on_settle = self._msg, self._on_settle
         if msg is None or on_settle is None:
             raise ReplayError(f"event {self.seq} was already acked, nakked or terminated")
         self._msg = None
-        on_settle(msg)
-        if how == "ack":
-            await msg.ack()
-        elif how == "nak":
-            await msg.nak(delay=delay)
-        else:
-            await msg.term()
+        await on_settle(self, msg, how, delay)

@@ -90,16 +90,17 @@ async def test_durable_resumes_after_the_last_acked_event(
         assert await consumer.next(0.3) is None, "everything was acked"
 
 
-async def test_hard_crash_redelivers_what_was_not_acked(
+async def test_hard_crash_resumes_at_the_first_unacked_event(
     make_node: Any, shared_nats: NatsProcess
 ) -> None:
-    """No close, no naks (the process died): unacked events come back after ack_wait_s; with
-    max_ack_pending=1 the next run starts exactly after the last acked one."""
+    """No close, no naks (the process died holding 100 fetched events, ack_wait 30 s): the next
+    run waits out the dead one's pin (priority_timeout_s), resets the durable to its ack floor
+    and goes on at the first unacked event, in order, long before ack_wait."""
     node = await make_node()
     t = tenant()
     seqs = await store(node, t, "sensors:a", 300)
     opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "crashy",
-                            "ack_wait_s": 1.0, "max_ack_pending": 1}
+                            "priority_timeout_s": 1.0}
     nc = NATS()
     await nc.connect(shared_nats.url)
     consumer = await ReplayConsumer(nc, **opts).open()
@@ -108,38 +109,98 @@ async def test_hard_crash_redelivers_what_was_not_acked(
         assert ev is not None
         await ev.ack()
     assert (await consumer.next(5)) is not None  # the 101st, never acked
-    await nc.close()  # "kill -9": nothing nakked
+    await nc.flush()
+    await nc.close()  # "kill -9": nothing nakked, nothing unpinned
     started = time.monotonic()
     async with ReplayConsumer(shared_nats.url, **opts) as again:
-        first = await again.next(5)
-        assert first is not None and first.seq == seqs[100] and first.delivered == 2
+        first = await again.next(10)
+        assert first is not None and first.seq == seqs[100]
         waited = time.monotonic() - started
         await first.ack()
         rest = await drain(again)
+        assert again.takeovers == 1
     assert [e.seq for e in rest] == seqs[101:]
-    assert 0.5 < waited < 3, waited
+    assert 0.5 < waited < 5, waited
 
 
-async def test_nak_redelivers_after_the_delay(make_node: Any, shared_nats: NatsProcess) -> None:
+async def test_a_standby_takes_over_in_order(make_node: Any, shared_nats: NatsProcess) -> None:
+    """Two processes of one durable: one is served, the other waits; when the first stops
+    pulling (hung, killed), the standby is pinned and goes on at the first unacked event."""
     node = await make_node()
     t = tenant()
-    seqs = await store(node, t, "sensors:a", 2)
-    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:a",
+    seqs = await store(node, t, "sensors:a", 50)
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "pair",
+                            "priority_timeout_s": 1.0}
+    nc = NATS()
+    await nc.connect(shared_nats.url)
+    active = await ReplayConsumer(nc, **opts).open()
+    first = await active.next(5)
+    assert first is not None and first.seq == seqs[0]
+    async with ReplayConsumer(shared_nats.url, **opts) as standby:
+        assert await standby.next(1.5) is None, "the pinned process is alive"
+        for _ in range(9):
+            ev = await active.next(5)
+            assert ev is not None
+            await ev.ack()
+        await first.ack()
+        await nc.flush()
+        await nc.close()  # dead: its pin times out, the standby takes over
+        rest = await drain(standby, timeout=3)
+    assert [e.seq for e in rest] == seqs[10:]
+
+
+async def test_nak_blocks_its_room_only(make_node: Any, shared_nats: NatsProcess) -> None:
+    """on_retry="block": a nakked event comes again (after its delay) before any later event of
+    its room; the other rooms go on meanwhile."""
+    node = await make_node()
+    t = tenant()
+    a = await store(node, t, "sensors:a", 2)
+    b = await store(node, t, "sensors:b", 2)
+    async with ReplayConsumer(shared_nats.url, tenant=t, rooms="sensors:*",
                               durable="naky") as consumer:
         ev = await consumer.next(5)
-        assert ev is not None and ev.seq == seqs[0]
+        assert ev is not None and ev.seq == a[0]
         at = time.monotonic()
         await ev.nak(delay=0.4)
         with pytest.raises(ReplayError):
             await ev.ack()  # settled once only
-        second = await consumer.next(5)
-        assert second is not None and second.seq == seqs[1]
-        await second.ack()
-        again = await consumer.next(5)
-        assert again is not None and again.seq == seqs[0] and again.delivered == 2
-        assert time.monotonic() - at >= 0.35
-        await again.ack()
+        got = []
+        while len(got) < 4 and (ev := await consumer.next(5)) is not None:
+            got.append((ev.seq, ev.delivered, time.monotonic() - at))
+            await ev.ack()
+        assert [(seq, n) for seq, n, _ in got] == [(b[0], 1), (b[1], 1), (a[0], 2), (a[1], 1)]
+        assert got[2][2] >= 0.35
         assert await consumer.next(0.3) is None
+
+
+async def test_nak_with_skip_dead_letters_at_once(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 3)
+    nc = NATS()
+    await nc.connect(shared_nats.url)
+    dead: list[Msg] = []
+
+    async def on_dead(msg: Msg) -> None:
+        dead.append(msg)
+
+    await nc.subscribe(f"rt.dlq.{t}.skippy", cb=on_dead)
+    await nc.flush()
+    try:
+        async with ReplayConsumer(nc, tenant=t, rooms="sensors:*", durable="skippy",
+                                  on_retry="skip") as consumer:
+            got = []
+            while (ev := await consumer.next(1)) is not None:
+                got.append(ev.seq)
+                await (ev.nak() if ev.seq == seqs[1] else ev.ack())
+        assert got == seqs and consumer.dead_lettered == 1
+    finally:
+        await nc.flush()
+        await nc.close()
+    assert [(m.headers or {}).get("Rtnode-Reason") for m in dead] == ["skip"]
+    assert (dead[0].headers or {})["Rtnode-Seq"] == str(seqs[1])
 
 
 async def test_max_deliver_dead_letters_and_term_drops(
