@@ -512,6 +512,10 @@ async def consume_rooms(
                 _quiet_stdout()
                 return 0  # not acked: nakked at close, delivered to the next run
             await ev.ack()
+            # Let nats-py's flusher hand the ack to the kernel before the next line is
+            # written: a write that blocks (a reader that stopped) or a kill -9 then costs at
+            # most the one line printed and not acked, never a batch of them.
+            await asyncio.sleep(0)
     return 0
 
 
