@@ -23,9 +23,10 @@ Design, in short:
   without a trace when an endpoint is misconfigured, a dead letter keeps them.
 * **Order and concurrency.** At most ``concurrency`` POSTs are in flight; a slot is taken
   *before* the next event is pulled, so that the consumer is never drained into memory. Events
-  of different rooms are posted concurrently; the consumer's ``on_retry="block"`` mode never
-  yields an event of a room while an earlier one of that room is unsettled, which keeps each
-  room in order, retries included.
+  of different rooms are posted concurrently; the consumer's ``serial_rooms`` (which
+  :func:`post_events` turns on) never yields an event of a room while an earlier one of that
+  room is unsettled, and its ``on_retry="block"`` brings a nakked event back before the later
+  ones of its room: each room stays in order, retries included.
 * **Slow receivers.** While a POST is slower than half the consumer's ``ack_wait_s``, the event
   is marked in progress at that interval, so that it is not redelivered under the POST.
 * **Logs.** Failures are counted and logged at most once per :data:`LOG_EVERY_S` per runner, with
@@ -183,7 +184,8 @@ async def post_events(
     whose POST was cut short are still unsettled, and closing the consumer naks them.
 
     Args:
-        consumer: An open consumer; its ``on_retry="block"`` mode keeps each room in order.
+        consumer: An open consumer (its ``serial_rooms`` is turned on; with its default
+            ``on_retry="block"``, each room is posted in order, retries included).
         url: The endpoint (http or https).
         secret: The HMAC key of ``Rtnode-Signature`` (None: no signature header).
         concurrency: POSTs in flight at most.
@@ -206,6 +208,9 @@ async def post_events(
             connector=aiohttp.TCPConnector(limit=concurrency),
             timeout=aiohttp.ClientTimeout(total=None),  # asyncio.timeout(timeout_s) per POST
         )
+    # Concurrent POSTs keep each room in order only if the consumer holds a room's next event
+    # until the previous one is settled. Read per event: safe to turn on between events.
+    consumer.serial_rooms = True
     failures = _FailureLog(redact_url(url))
     in_progress_s = max(consumer.ack_wait_s / 2, 0.05)
     slots = asyncio.Semaphore(concurrency)
@@ -346,7 +351,7 @@ class WebhookRunner:
                     async with ReplayConsumer(
                         self.nc, tenant=self.tenant, rooms=self.rooms, durable=self.durable,
                         max_deliver=self.max_deliver, partitions=self.partitions,
-                        **self.consumer_options,
+                        serial_rooms=True, **self.consumer_options,
                     ) as consumer:
                         log.info("= webhook %s: delivering %s of tenant %s", where, self.rooms,
                                  self.tenant)
