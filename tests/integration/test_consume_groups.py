@@ -101,8 +101,8 @@ class Worker:
     ``changed`` is notified at every line and at EOF (one condition for all the workers of a
     test, see :func:`until`). With ``stop_reading_at``, the test stops reading its stdout after
     that many lines, as a slow reader would, until it is killed: the worker then blocks in a
-    write with at most about 8 KiB in the pipe and the reader's buffer (about 60 lines; the pipe
-    is shrunk to one page), in the middle of what it fetched.
+    write once the pipe (shrunk to one page) and the reader's 8 KiB buffer are full (about 85
+    lines), in the middle of what it fetched.
     """
 
     name: str
