@@ -318,6 +318,8 @@ class WebhookRunner:
         self.restart_pause_s = restart_pause_s
         self.consumer_options = dict(consumer_options or {})
         self.restarts = 0
+        #: The consumer while one is open (its ``serving`` tells whether this node is active).
+        self.consumer: ReplayConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the secret
@@ -353,6 +355,7 @@ class WebhookRunner:
                         max_deliver=self.max_deliver, partitions=self.partitions,
                         serial_rooms=True, **self.consumer_options,
                     ) as consumer:
+                        self.consumer = consumer
                         log.info("= webhook %s: delivering %s of tenant %s", where, self.rooms,
                                  self.tenant)
                         await post_events(
@@ -366,6 +369,8 @@ class WebhookRunner:
                     raise
                 except Exception as exc:
                     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                finally:
+                    self.consumer = None
                 self.restarts += 1
                 log.warning("! webhook %s: %s; again in %g s", where, why, self.restart_pause_s)
                 await asyncio.sleep(self.restart_pause_s)

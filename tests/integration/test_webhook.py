@@ -326,3 +326,29 @@ def test_backoff_signature_and_redaction() -> None:
     assert redact_url("https://user:pw@h.example:8443/p/x?token=abc#f") == \
         "https://h.example:8443/p/x"
     assert redact_url("http://[::1]/hook?k=v") == "http://[::1]/hook"
+
+
+async def test_two_nodes_with_the_same_webhook_post_each_event_once(make_node: Any) -> None:
+    """Both nodes run the webhook; the pinned consumer makes one post and the other stand by,
+    and the standby takes over when the first node stops."""
+    t = tenant()
+    async with serving(Receiver()) as receiver:
+        hook = {"url": receiver.url, "rooms": "wh:*", "tenant": t, "durable": "pair",
+                "secret": SECRET, "timeout_s": 2}
+        nodes = [await make_node(webhooks=[hook]), await make_node(webhooks=[hook])]
+        seqs = await store(nodes[0], t, "wh:a", 10)
+        await receiver.wait(lambda: len(receiver.ok()) >= 10, 10, "10 events")
+
+        def active_here(node: Any) -> bool:
+            consumer = node.webhooks[0].consumer
+            return consumer is not None and consumer.serving == [0]
+
+        active = [node for node in nodes if active_here(node)]
+        assert len(active) == 1, "one node posts, the other stands by"
+        standby = next(node for node in nodes if node is not active[0])
+        await active[0].stop()
+        seqs += await store(standby, t, "wh:a", 10, 10)
+        await receiver.wait(lambda: len(receiver.ok()) >= 20, 15, "10 more after the stop")
+        await asyncio.sleep(0.3)  # nothing more may come
+    assert [h.seq for h in receiver.ok()] == seqs
+    check_order_and_attempts(receiver.hits)
