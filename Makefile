@@ -8,7 +8,7 @@ SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench fuzz flood jepsen system-deps clean
+.PHONY: run test lint bench bench-consume fuzz flood jepsen system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ fuzz: $(STAMP)
 
 flood: $(STAMP)
 	$(BIN)/python -m bench flood $(ARGS)
+
+# Durable consumers (bench/consume.py): events/s and CPU per event of a nats-py pull baseline,
+# ReplayConsumer, a group of 3, `rtnode consume` to a pipe and the webhook path, same run.
+bench-consume: $(STAMP)
+	$(BIN)/python -m bench consume $(ARGS)
 
 # The long run of the Jepsen-style fault test (tests/integration/test_jepsen.py; `make test` runs
 # a 30 s one): JEPSEN_SECONDS of faults, its report printed. RTNODE_JEPSEN_SEED=<n> repeats a

@@ -6,7 +6,8 @@ its defaults, then the scale-out benchmark with its defaults; ``python -m bench 
 ``python -m bench recovery [...]`` (the latency of a recovering join) runs one.
 ``python -m bench fuzz [...]`` (hostile frames next to well-behaved clients) and
 ``python -m bench flood [...]`` (well-behaved latency during a 20-connection flood) run only
-when named (``make fuzz``, ``make flood``).
+when named (``make fuzz``, ``make flood``), as does ``python -m bench consume [...]``
+(durable consumers' events/s and CPU per event, ``make bench-consume``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench import fanout, flood, fuzz, ingest, recovery, scaleout
+from bench import consume, fanout, flood, fuzz, ingest, recovery, scaleout
 
 
 def main(argv: list[str]) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
         return fuzz.main(argv[1:])
     if argv and argv[0] == "flood":
         return flood.main(argv[1:])
+    if argv and argv[0] == "consume":
+        return consume.main(argv[1:])
     rc = fanout.main(argv)
     rc = ingest.main([]) or rc
     # What syncing every stored event costs (the embedded nats-server's default, nats_sync =
