@@ -326,7 +326,7 @@ async def _cli(run: _Run, n: int, url: str, watch: _Watch, timeout: float) -> No
 
     async def read() -> None:
         nonlocal buf
-        while len(run.seqs) < n:
+        while True:  # to the end of its output: a line printed twice after the last is counted
             chunk = await stdout.read(1 << 16)
             if not chunk:
                 return
@@ -343,13 +343,13 @@ async def _cli(run: _Run, n: int, url: str, watch: _Watch, timeout: float) -> No
         run.error = await _until(lambda: len(run.seqs) >= n, [proc],
                                  timeout + START_TIMEOUT_S, "every event")
         watch.done(run)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(reader), GRACE_S)
+        await asyncio.sleep(GRACE_S)
     finally:
         await _stop([proc])
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ValueError):
-            await reader
+        try:  # the rest of its output, up to its end (it has exited)
+            await asyncio.wait_for(reader, STOP_TIMEOUT_S)
+        except (TimeoutError, ValueError) as exc:
+            run.error = run.error or f"reading its output: {type(exc).__name__}"
 
 
 async def _webhook(run: _Run, n: int, url: str, tmp: Path, watch: _Watch,
