@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PEM private key: sign with RS256/ES256 instead of the HS256 secret")
     tok.add_argument("--alg", choices=["HS256", "RS256", "ES256"], default=None,
                      help="algorithm (default HS256, or RS256 with --private-key)")
-    dev = sub.add_parser("devices", help="device tools (simulator)")
+    dev = sub.add_parser("devices", help="device tools (simulator, tunnel)")
     dev_sub = dev.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
     sim = dev_sub.add_parser(
         "simulate", help="run simulated MQTT devices sim-<i> publishing readings to a room",
@@ -103,6 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tenant", default="default", help="tenant of the tokens")
     sim.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     sim.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS,
+                     metavar="DATA_DIR", help="the node's data dir (for its jwt-secret)")
+    tun = dev_sub.add_parser(
+        "tunnel", help="be device DEVICE_ID on the MQTT tunnel: JSON frames in, frames out",
+        description="One MQTT connection as device DEVICE_ID, as a device makes it (client "
+        "id = user name = DEVICE_ID, password = its JWT; SUBSCRIBE rtnode/v1/<id>/out; an "
+        "explicit connect frame with the JWT again). Then each line of stdin, a JSON frame "
+        "such as {\"type\":\"join\",\"id\":1,\"room\":\"sensors:lab\"}, is sent as one CBOR "
+        "PUBLISH on rtnode/v1/<id>/in, and each frame the node sends is printed as a JSON "
+        "line. Ctrl-D waits for the replies due (--wait) and disconnects; Ctrl-C disconnects. "
+        "Without --token, a 1-hour device token is signed with the node's key "
+        "(RTNODE_JWT_SECRET or <data-dir>/jwt-secret). The wire: docs/tunnel.md.",
+    )
+    tun.add_argument("device_id", metavar="DEVICE_ID", help="the device id (its token's sub)")
+    tun.add_argument("--token", metavar="JWT", help="the device's JWT (kind device)")
+    tun.add_argument("--token-file", metavar="FILE",
+                     help="read the JWT from FILE (a flag's value is visible in ps)")
+    tun.add_argument("--mqtt-url", metavar="URL",
+                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (default: "
+                     "mqtt://127.0.0.1:<the mqtt_port setting, 1883>)")
+    tun.add_argument("--room", action="append", default=[], metavar="PATTERN=RIGHTS",
+                     help="without --token: a grant of the signed token (repeatable; default "
+                     "'*=join,publish,history,presence')")
+    tun.add_argument("--tenant", default="default", help="without --token: the token's tenant")
+    tun.add_argument("--wait", default="5", metavar="SECONDS",
+                     help="at end of input, wait this long at most for replies (default 5)")
+    tun.add_argument("--raw", action="store_true",
+                     help="send any JSON object, even one the node will refuse (to see its "
+                     "errors); by default invalid frames are reported here and not sent")
+    tun.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    tun.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS,
                      metavar="DATA_DIR", help="the node's data dir (for its jwt-secret)")
     _add_replay_parsers(sub)
     return parser
@@ -233,6 +263,10 @@ async def _simulate_until_signal(args: argparse.Namespace, settings: Settings) -
 
 
 def _devices(args: argparse.Namespace) -> int:
+    if args.devices_command == "tunnel":
+        from devices import tunnel_cli  # the MQTT client only for this command
+
+        return tunnel_cli.main(args)
     if args.count < 1 or args.rate <= 0:
         raise ConfigError("--count must be at least 1 and --rate positive")
     flags: dict[str, Any] = {"data_dir": args.data_dir} if hasattr(args, "data_dir") else {}
