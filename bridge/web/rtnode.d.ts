@@ -13,7 +13,8 @@ export interface Codec {
 }
 
 export interface ConnectOptions {
-  /** ws(s)://host:port/ws, or several (each reconnect tries the next); default: this page's host. */
+  /** ws(s)://host:port/ws, or several (each reconnect tries the next); default: the node this
+   * module was imported from (`defaultUrl()`), whatever the page's origin. */
   url?: string | string[];
   /** The JWT sent in `connect`. */
   token?: string;
@@ -32,6 +33,9 @@ export interface ConnectOptions {
   publishTimeoutMs?: number;
   /** How long opening a connection and its `connect` may take; default 10000. */
   openTimeoutMs?: number;
+  /** Upgrades refused in a row whose HTTP status says nothing final (unreadable from another
+   * origin, 400, 426) after which the client ends; default 3. See `upgradeFailure`. */
+  maxUpgradeRefusals?: number;
   /** Sent in `connect` as client.name; default "rtnode-js". */
   clientName?: string;
   /** Where rooms joined with `persist` keep their position; default sessionStorage. */
@@ -81,6 +85,20 @@ export interface Disconnected {
   reconnect: boolean;
   /** false when a connection attempt failed before `connected`. */
   wasConnected: boolean;
+  /** The HTTP status of a refused WebSocket upgrade (0: the node answered, but a page of
+   * another origin may not read it); null when the node could not be reached. */
+  status?: number | null;
+}
+
+/** An error without a waiting request; a refused upgrade that ends the client has `status`
+ * and `url` (then `closed` follows and every request rejects with the same RtnodeError). */
+export interface ClientError {
+  code: number;
+  reason: string;
+  id?: unknown;
+  room?: string;
+  status?: number | null;
+  url?: string;
 }
 
 export interface ClientEvents {
@@ -89,9 +107,9 @@ export interface ClientEvents {
   disconnected: Disconnected;
   recovered: RecoveredFalse;
   event: RoomEvent;
-  error: { code: number; reason: string; id?: unknown; room?: string };
+  error: ClientError;
   state: ClientState;
-  closed: { code: number; reason: string };
+  closed: { code: number; reason: string; status: number | null };
 }
 
 export type ClientState = "idle" | "connecting" | "connected" | "reconnecting" | "closed";
@@ -103,10 +121,13 @@ export interface RpcInfo {
 }
 
 export declare class RtnodeError extends Error {
-  constructor(code: number, reason: string, retry?: boolean);
+  constructor(code: number, reason: string, retry?: boolean, status?: number | null);
   code: number;
   reason: string;
   retry: boolean;
+  /** The HTTP status of a refused WebSocket upgrade (0 when unreadable from another origin),
+   * else null. */
+  status: number | null;
 }
 
 export declare class Client extends EventTarget {
@@ -147,3 +168,11 @@ export declare class Client extends EventTarget {
 
 export declare function connect(options: ConnectOptions): Client;
 export declare function backoffCap(attempt: number, minMs: number, maxMs: number): number;
+/** The default URL: `ws` next to the module's URL when it is a node's `/rtnode.js`
+ * (`https://n.example/rtnode.js` -> `wss://n.example/ws`), else `ws(s)://<page host>/ws`. */
+export declare function defaultUrl(moduleUrl?: string,
+  loc?: { protocol: string; host: string }): string;
+/** What a refused upgrade of HTTP `status` does: "final" ends the client (401, 403, 404...),
+ * "retry" backs off for as long as it lasts (5xx, 408, 425, 429), "refused" ends it after
+ * `maxUpgradeRefusals` in a row (0 = unreadable from another origin, 400, 426, 2xx, 3xx). */
+export declare function upgradeFailure(status: number): "final" | "retry" | "refused";

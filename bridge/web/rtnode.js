@@ -9,6 +9,11 @@
  * retried with the same `msg_id` until `published`, token refresh through `getToken` ahead of
  * expiry, and `recovered: false` surfaced to the application.
  *
+ * Its default URL is the node it was imported from (`ws` next to this file), so a page of
+ * any origin that imports `https://node.example/rtnode.js` talks to that node. A WebSocket
+ * upgrade the node refuses (HTTP 401, 403, 404...) ends the client with an `error` event and
+ * rejected requests instead of endless retries; network errors and 5xx are retried.
+ *
  *     import { connect } from "/rtnode.js";
  *     const client = connect({ token });
  *     await client.join("chat:lobby", { onEvent: (ev) => console.log(ev.seq, ev.data) });
@@ -38,15 +43,39 @@ export class RtnodeError extends Error {
    * @param {number} code PROTOCOL.md section 5 code, or a WebSocket close code.
    * @param {string} reason One line.
    * @param {boolean} [retry] Whether the same request may succeed later.
+   * @param {number | null} [status] The HTTP status of a refused WebSocket upgrade (0 when a
+   *   page of another origin may not read it), null otherwise.
    */
-  constructor(code, reason, retry = false) {
+  constructor(code, reason, retry = false, status = null) {
     super(`${code} ${reason}`);
     this.name = "RtnodeError";
     this.code = code;
     this.reason = reason;
     this.retry = retry;
+    this.status = status;
   }
 }
+
+/**
+ * What a refused WebSocket upgrade of HTTP `status` means (`status` 0: the node answered, but
+ * a page of another origin may not read how):
+ * - "final": 4xx but the ones below (401, 403, 404, 405, 410...): retrying cannot fix it, the
+ *   client ends at once;
+ * - "retry": 5xx, 408, 425, 429: the node is busy, restarting or draining: retried with
+ *   backoff for as long as it lasts, as network errors are;
+ * - "refused": 0 (unreadable), 400 and 426 (the endpoint got no upgrade: a proxy dropped it),
+ *   2xx, 3xx: retried, and the client ends after `maxUpgradeRefusals` of them in a row.
+ * @param {number} status @returns {"final" | "retry" | "refused"}
+ */
+export function upgradeFailure(status) {
+  if (status >= 500 || status === 408 || status === 425 || status === 429) return "retry";
+  if (status > 400 && status < 500 && status !== 426) return "final";
+  return "refused";
+}
+
+/** The protocol code of a refused upgrade of HTTP `status` (PROTOCOL.md section 5). */
+const HTTP_CODES = /** @type {Record<number, number>} */ (
+  { 401: 4001, 403: 4003, 404: 4004, 413: 4013, 429: 4009 });
 
 /** @param {any} v */
 const int = (v) => (typeof v === "number" && Number.isInteger(v) ? v : null);
@@ -62,10 +91,68 @@ function randomId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-function defaultUrl() {
-  const loc = globalThis.location;
+/**
+ * The URL the client connects to without a `url` option: the `ws` endpoint next to this
+ * module when it was imported from a node (`https://node.example/rtnode.js` ->
+ * `wss://node.example/ws`, `/rt/rtnode.js` behind a proxy -> `/rt/ws`); else (bundled into an
+ * app, whose files are not the node's) the page's host, `/ws`.
+ * @param {string} [moduleUrl] @param {{protocol: string, host: string}} [loc]
+ */
+export function defaultUrl(moduleUrl = import.meta.url, loc = globalThis.location) {
+  let base = null;
+  try {
+    base = new URL(moduleUrl);
+  } catch {
+    // not a URL (a bundler's placeholder): use the page's host
+  }
+  if (base && (base.protocol === "http:" || base.protocol === "https:")
+      && /\/rtnode\.js$/.test(base.pathname)) {
+    const ws = new URL("ws", base);
+    ws.protocol = base.protocol === "https:" ? "wss:" : "ws:";
+    return ws.href;
+  }
   if (!loc) throw new TypeError("rtnode: url is needed outside a page");
   return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/ws`;
+}
+
+/**
+ * Why the node did not upgrade `url` to a WebSocket: the browser hides the HTTP answer of a
+ * failed upgrade, so the same URL is fetched once. Resolves to the HTTP status and the node's
+ * {code, reason} body when readable; status 0 when the node answered but a page of another
+ * origin may not read the answer (no CORS header on it); null on a network error.
+ * @param {string} url @param {number} timeoutMs
+ * @returns {Promise<{status: number, code?: number, reason?: string} | null>}
+ */
+async function probeUpgrade(url, timeoutMs) {
+  if (typeof globalThis.fetch !== "function") return null;
+  const http = url.replace(/^ws/i, "http");
+  const ctl = typeof AbortController === "function" ? new AbortController() : null;
+  const timer = setTimeout(() => ctl?.abort(), timeoutMs);
+  /** @type {RequestInit} */
+  const init = { cache: "no-store", credentials: "omit", signal: ctl?.signal };
+  try {
+    const r = await fetch(http, init);
+    /** @type {{status: number, code?: number, reason?: string}} */
+    const out = { status: r.status, reason: r.statusText || undefined };
+    try {
+      const body = await r.json();
+      if (typeof body?.code === "number") out.code = body.code;
+      if (typeof body?.reason === "string") out.reason = body.reason.split("\n")[0].slice(0, 200);
+    } catch {
+      // not the node's JSON (aiohttp's plain 404, a proxy's page): the status says enough
+    }
+    return out;
+  } catch {
+    // A network error, or an answer this origin may not read: no-cors tells them apart.
+    try {
+      await fetch(http, { ...init, mode: "no-cors" });
+      return { status: 0 };
+    } catch {
+      return null;
+    }
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** The `exp` claim of a JWT (seconds), or null. @param {string} token */
@@ -104,9 +191,10 @@ export function connect(options) {
  *
  * Events (`client.on(name, fn)` or `addEventListener(name, e => e.detail)`):
  * `connecting` {attempt, url}, `connected` (the `connected` frame), `disconnected`
- * {code, reason, reconnect, wasConnected}, `recovered` {room, recovered: false, seq, epoch},
- * `event` (every RoomEvent), `error` {code, reason} (errors without a waiting request),
- * `state` (the new state), `closed` {code, reason} (the client ended).
+ * {code, reason, reconnect, wasConnected, status}, `recovered` {room, recovered: false, seq,
+ * epoch}, `event` (every RoomEvent), `error` {code, reason, status?, url?} (errors without a
+ * waiting request, and a refused upgrade that ends the client), `state` (the new state),
+ * `closed` {code, reason, status} (the client ended).
  */
 export class Client extends EventTarget {
   /** @param {import("./rtnode").ConnectOptions} options */
@@ -129,6 +217,8 @@ export class Client extends EventTarget {
     this._requestTimeoutMs = options.requestTimeoutMs ?? 10000;
     this._publishTimeoutMs = options.publishTimeoutMs ?? 30000;
     this._openTimeoutMs = options.openTimeoutMs ?? 10000;
+    this._maxUpgradeRefusals = Math.max(1, options.maxUpgradeRefusals ?? 3);
+    this._refusals = 0;  // upgrades refused in a row, answer unreadable or 400/426
     this._clientName = options.clientName ?? "rtnode-js";
     this._storage = options.storage === undefined ? safeSessionStorage() : options.storage;
     this._storageKey = options.storageKey ?? "rtnode";
@@ -495,7 +585,7 @@ export class Client extends EventTarget {
     this._retryTimer = null;
     if (this._closed || this._conn) return;
     const url = this._urls[this._urlIndex];
-    const conn = { ws: /** @type {WebSocket | null} */ (null), connected: false,
+    const conn = { ws: /** @type {WebSocket | null} */ (null), connected: false, opened: false,
       outcome: /** @type {any} */ (null), timer: /** @type {any} */ (null) };
     this._conn = conn;
     this._setState(this.reconnects > 0 || this._attemptNo > 0 ? "reconnecting" : "connecting");
@@ -506,12 +596,16 @@ export class Client extends EventTarget {
       try {
         ws = new WebSocket(url, [this.protocol]);
       } catch (e) {
-        this._lost(conn, { code: 4000, reason: `invalid URL: ${url}`, reconnect: false });
+        // A malformed URL, or ws:// from an https page (mixed content): both are final.
+        const reason = `cannot open ${url}: ${/** @type {any} */ (e)?.message ?? e}`;
+        this._emit("error", { code: 4000, status: null, reason, url });
+        this._lost(conn, { code: 4000, reason, reconnect: false });
         return;
       }
       conn.ws = ws;
       ws.binaryType = "arraybuffer";
       ws.onopen = () => {
+        conn.opened = true;
         if (this._codec && ws.protocol !== this.protocol) {
           this._drop(conn, 4000, `the node does not speak ${this.protocol}`, false);
           return;
@@ -521,6 +615,10 @@ export class Client extends EventTarget {
       };
       ws.onmessage = (m) => this._onMessage(conn, m.data);
       ws.onclose = (e) => {
+        if (!conn.opened && !conn.outcome) {
+          this._upgradeFailed(conn, url);
+          return;
+        }
         const code = e.code || 1006;
         this._lost(conn, conn.outcome ?? {
           code, reason: e.reason || "connection closed", reconnect: !NO_RECONNECT.has(code),
@@ -537,6 +635,37 @@ export class Client extends EventTarget {
       this._lost(conn, { code: e?.code ?? 4001, reason: `getToken failed: ${e?.message ?? e}`,
         reconnect: !(e instanceof RtnodeError) });
     });
+  }
+
+  /**
+   * The WebSocket of `conn` closed before it opened (the browser says only 1006): ask the
+   * node why with one HTTP request, then retry or end (see `upgradeFailure`).
+   * @param {any} conn @param {string} url
+   */
+  async _upgradeFailed(conn, url) {
+    clearTimeout(conn.timer);
+    const probe = await probeUpgrade(url, Math.min(this._openTimeoutMs, 5000));
+    if (this._conn !== conn) return; // closed, or dropped (offline) meanwhile
+    if (probe === null) {
+      this._refusals = 0;
+      this._lost(conn, { code: 1006, reason: `cannot reach ${url}`, reconnect: true, status: null });
+      return;
+    }
+    const status = probe.status;
+    const kind = upgradeFailure(status);
+    const reason = status === 0
+      ? `the node refused the WebSocket upgrade at ${url}; a page of another origin cannot `
+        + "read why: check the URL's path and the node's allowed_origins"
+      : `HTTP ${status}${probe.reason ? ` ${probe.reason}` : ""}: no WebSocket upgrade at ${url}`;
+    const final = kind === "final"
+      || (kind === "refused" && ++this._refusals >= this._maxUpgradeRefusals);
+    if (!final) {
+      this._lost(conn, { code: 1006, reason, reconnect: true, status });
+      return;
+    }
+    const code = probe.code ?? HTTP_CODES[status] ?? 4000;
+    this._emit("error", { code, status, reason, url });
+    this._lost(conn, { code, reason, reconnect: false, status });
   }
 
   /** Tear down `conn` now (no close handshake wait). @param {any} conn @param {number} code
@@ -592,6 +721,7 @@ export class Client extends EventTarget {
     if (this._attemptNo > 0 || this._everConnected) this.reconnects += 1;
     this._everConnected = true;
     this._attemptNo = 0;
+    this._refusals = 0;
     this._needNewToken = false;
     this._auto = new Map((Array.isArray(frame.rooms) ? frame.rooms : []).map((r) => [r, null]));
     this._setState("connected");
@@ -771,7 +901,7 @@ export class Client extends EventTarget {
   }
 
   /** The connection `conn` ended with `outcome`; reconnect or end. @param {any} conn
-   * @param {{code: number, reason: string, reconnect: boolean}} outcome */
+   * @param {{code: number, reason: string, reconnect: boolean, status?: number | null}} outcome */
   _lost(conn, outcome) {
     if (this._conn !== conn) return;
     clearTimeout(conn.timer);
@@ -794,7 +924,7 @@ export class Client extends EventTarget {
     const expired = outcome.code === 4010;
     const again = expired ? !!this._getToken : outcome.reconnect;
     if (!again) {
-      this._end(new RtnodeError(outcome.code, outcome.reason, false), true);
+      this._end(new RtnodeError(outcome.code, outcome.reason, false, outcome.status ?? null), true);
       return;
     }
     this._needNewToken = this._needNewToken || expired;
@@ -869,7 +999,7 @@ export class Client extends EventTarget {
     }
     this._waiters = [];
     this._setState("closed");
-    this._emit("closed", { code: err.code, reason: err.reason });
+    this._emit("closed", { code: err.code, reason: err.reason, status: err.status });
   }
 
   // -- persistence ------------------------------------------------------------------------
