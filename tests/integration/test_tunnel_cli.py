@@ -178,6 +178,13 @@ async def test_ctrl_c_and_a_node_sent_disconnect(make_node: Any, tunnels: Any) -
 
     tun = await tunnels(dev, "--token", tok, "--mqtt-url", url, "--raw")
     await tun.frame(lambda f: f["type"] == "connected")
+    # docs/tunnel.md: the explicit connect needs its token field; it is answered once.
+    await tun.send(json.dumps({"type": "connect", "id": "bare"}))
+    bare = await tun.frame(lambda f: f.get("id") == "bare")
+    assert (bare["type"], bare["code"]) == ("error", 4000) and "token" in bare["reason"], bare
+    await tun.send(json.dumps({"type": "connect", "id": "again", "token": tok}))
+    again = await tun.frame(lambda f: f.get("id") == "again")
+    assert (again["code"], again["reason"]) == (4000, "already connected"), again
     for i in range(12):  # --raw sends them; beyond the tolerance the node ends the tunnel
         await tun.send(json.dumps({"type": "bogus", "id": i}))
     bye = await tun.frame(lambda f: f["type"] == "disconnect")
