@@ -180,8 +180,10 @@ def authenticate(headers: Mapping[str, str], tokens: TokenVerifier, api_key: str
         token = bearer_token(authorization)
         if token is None:
             raise AuthError("expected Authorization: Bearer <token>")
-        principal = tokens.verify(token)
+        principal = tokens.verify(token, where="api")
         if principal.kind != "service":
+            tokens.refused("wrong_kind", f"wrong kind: a {principal.kind} token (sub "
+                           f"{principal.sub}); the HTTP API needs a service token", "api")
             raise ProtocolError(4003, "the HTTP API needs a service token")
         return principal
     key = headers.get("X-API-Key")

@@ -89,14 +89,28 @@ class MqttBridge:
         """
         if not is_valid_id(packet.client_id):
             raise mq.ConnectRefused(2, f"client id must be {ID_RULE}")
+        tokens, where = self.ctx.tokens, f"mqtt {packet.client_id}"
         try:
             if packet.username != packet.client_id:
+                tokens.refused("wrong_user", "the MQTT user name must be the client id (the "
+                               "device id)", where)
                 raise AuthError("client id and username must be the device id")
-            token = (packet.password or b"").decode("utf-8", errors="strict")
-            principal = self.ctx.tokens.verify(token)
-            if principal.kind != "device" or principal.sub != packet.client_id:
+            try:
+                token = (packet.password or b"").decode("utf-8", errors="strict")
+            except UnicodeDecodeError:
+                tokens.refused("malformed", "malformed: the MQTT password is not UTF-8", where)
+                raise AuthError("not a token") from None
+            principal = tokens.verify(token, where=where)
+            if principal.kind != "device":
+                tokens.refused("wrong_kind", f"wrong kind: a {principal.kind} token "
+                               f"(sub {principal.sub}); MQTT needs a device token "
+                               "('rtnode token --kind device')", where)
                 raise AuthError("not a device token for this id")
-        except (AuthError, UnicodeDecodeError):
+            if principal.sub != packet.client_id:
+                tokens.refused("wrong_sub", f"the token is for device {principal.sub}, not "
+                               f"this client id", where)
+                raise AuthError("not a device token for this id")
+        except AuthError:
             raise mq.ConnectRefused(5, "not authorized") from None
         if self.ctx.draining:
             raise mq.ConnectRefused(3, "draining")

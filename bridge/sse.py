@@ -318,7 +318,7 @@ class SseBridge:
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             token = request.query.get("token")
-        return self.ctx.tokens.verify(token)
+        return self.ctx.tokens.verify(token, where="sse")
 
     def _check(self, principal: Principal, rooms: list[str]) -> None:
         """Rights and limits, checked before the stream starts (HTTP errors, not SSE ones)."""

@@ -58,6 +58,7 @@ class ClientBase(Generic[ItemT]):
         self._queue: asyncio.Queue[ItemT | None] = asyncio.Queue(EVENTS_QUEUE_SIZE)
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._connected = asyncio.Event()  # set while connected, and once ended (to wake)
+        self._end = asyncio.Event()  # set once ended
         self._started = self._closing = self._ended = False
         self._failure: ClientError | None = None
         self.reconnects = 0  # connections after the first one
@@ -100,10 +101,29 @@ class ClientBase(Generic[ItemT]):
         self._ended, self._failure = True, failure
         self._fail_waiters(failure or ClientClosed())
         self._connected.set()
+        self._end.set()
         self._on_end()
         # If the queue is full, no consumer waits: each finds the end once it is drained.
         with suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
+
+    @property
+    def failure(self) -> ClientError | None:
+        """Why the client ended (e.g. 4010: its token expired and no provider), or None."""
+        return self._failure
+
+    async def wait_closed(self) -> None:
+        """Wait until the client ends: return after :meth:`close`, raise its failure.
+
+        For an application that only answers rpcs or publishes now and then: run it next to
+        the application's work to learn at once that the node refused the device for good.
+
+        Raises:
+            ClientError: Why the client ended (4010 expired token, 4001 refused...).
+        """
+        await self._end.wait()
+        if self._failure is not None:
+            raise self._failure
 
     def _fail_waiters(self, exc: ClientError) -> None:
         for future in self._waiters.values():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,7 @@ from typing import Any
 
 import aiomqtt
 import cbor2
+import jwt
 from aiomqtt.exceptions import MqttConnectError
 
 from devices.client_base import ClientBase
@@ -91,6 +93,55 @@ class _DeviceSession(ClientSession):
         return None if state is None else state.epoch
 
 
+def _retrieve_disconnect_error(client: aiomqtt.Client) -> None:
+    """Mark the error of a connection the node closed as retrieved.
+
+    aiomqtt (2.5) sets it on its private ``_disconnected`` future and, when the broker closed
+    first, its ``__aexit__`` returns without looking at it: asyncio then logs "Future exception
+    was never retrieved" when the future is collected. We know the connection ended (that is
+    why we are here), so the error says nothing more.
+    """
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+        future.exception()
+
+
+def _claim_exp(token: str) -> float | None:
+    """The ``exp`` of a JWT, read without checking it (the node does); None if none."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def _expired_since(token: str) -> float | None:
+    """Seconds since ``token`` expired, or None while it is valid (or has no exp)."""
+    exp = _claim_exp(token)
+    if exp is None or exp > time.time():
+        return None
+    return time.time() - exp
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _duration(seconds: float) -> str:
+    s = int(abs(seconds))
+    if s >= 86400:
+        return f"{s // 86400} d {s % 86400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+
+
+def _expired_error(ago: float) -> ClientError:
+    return ClientError(4010, f"token expired {_duration(ago)} ago and no token_provider: give "
+                             "the device a new token ('rtnode token --kind device' lasts 365 "
+                             "days by default) or a token_provider")
+
+
 def _code_int(rc: Any) -> int:
     """An MQTT return code (an int, or paho's ReasonCode) as an int; -1 if it is neither."""
     try:
@@ -106,7 +157,10 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
         host: The node's MQTT host.
         port: The node's MQTT port.
         device_id: The device id: MQTT client id, user name and the token's ``sub``.
-        token: The device JWT (``kind: device``), the MQTT password.
+        token: The device JWT (``kind: device``), the MQTT password. Without a
+            ``token_provider``, the device ends when it expires (or at once if it has):
+            :class:`ClientError` 4010 from requests, :meth:`events` and :meth:`wait_closed`,
+            with no connection attempt after that.
         token_provider: Returns a fresh JWT; used when there is no ``token``, after the node
             refused the current one, and after a 4010 (token expired).
         state_file: Where the per-room cursors {seq, epoch} are kept (JSON, replaced
@@ -331,7 +385,29 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
             self._token = await self._token_provider()
         elif self._token is None:
             raise ClientError(4010, "token expired and no token_provider")
+        elif self._token_provider is None:
+            # An expired token without a provider can only be refused: end now, saying so,
+            # rather than connect to be refused (CONNACK 5 does not say why).
+            expired = _expired_since(self._token)
+            if expired is not None:
+                raise _expired_error(expired)
         return self._token
+
+    def _refused(self, exc: MqttConnectError) -> ClientError:
+        """The failure of a CONNACK "not authorized" that ends the device."""
+        assert self._token is not None
+        expired = _expired_since(self._token)
+        if expired is not None:
+            return _expired_error(expired)
+        return ClientError(4001, f"MQTT connect refused: {exc} (the node's log says why: "
+                                 "'x token refused (mqtt <device id>): ...')")
+
+    def _warn_expiry(self, token: str) -> None:
+        exp = _claim_exp(token)
+        if self._token_provider is None and exp is not None:
+            log.info("= %s: token valid until %s (%s); without a token_provider the device "
+                     "ends then (ClientError 4010)", self.device_id, _iso(exp),
+                     _duration(exp - time.time()))
 
     async def _run(self) -> None:
         """Connect, serve, and reconnect with backoff and full jitter, until closed."""
@@ -348,15 +424,18 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
                     password=token, keepalive=self.keepalive, timeout=self._request_timeout_s,
                 )
                 try:
-                    async with client:
-                        attempt = 1  # connected: the next delay starts from the first cap
-                        outcome = await self._serve(client, token)
+                    try:
+                        async with client:
+                            attempt = 1  # connected: the next delay starts from the first cap
+                            outcome = await self._serve(client, token)
+                    finally:
+                        _retrieve_disconnect_error(client)
                 except MqttConnectError as exc:
                     if _code_int(exc.rc) not in _AUTH_REFUSED:
                         log.info("x %s: refused (%s), retrying", self.device_id, exc)
                         continue
                     if self._token_provider is None or used_fresh:
-                        raise ClientError(4001, f"MQTT connect refused: {exc}") from None
+                        raise self._refused(exc) from None
                     fresh = True  # maybe only expired: try once with a new token
                     continue
                 except aiomqtt.MqttError as exc:
@@ -368,7 +447,7 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
                          outcome.reason)
                 if outcome.code == 4010:
                     if self._token_provider is None:
-                        raise ClientError(outcome.code, outcome.reason)
+                        raise _expired_error(_expired_since(token) or 0.0)
                     fresh = True
                 elif not outcome.reconnect:
                     raise ClientError(outcome.code, outcome.reason)
@@ -401,6 +480,8 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
                 raise aiomqtt.MqttError("no connected frame in time")
             self._client = client
             self._connected.set()
+            if not self._connections:
+                self._warn_expiry(token)
             self._connections += 1
             self.reconnects = self._connections - 1
             resume = asyncio.create_task(self._resume(), name=f"device[{self.device_id}].resume")

@@ -13,14 +13,25 @@ import contextlib
 import gc
 import logging
 import math
+import secrets
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from node.protocol.errors import ConfigError, NodeError
 from node.protocol.settings import Settings, load_settings
-from node.protocol.tokens import KINDS, load_or_create_secret, mint_token, parse_room_grant
+from node.protocol.tokens import (
+    KINDS,
+    SECRET_FILE,
+    create_secret,
+    load_or_create_secret,
+    load_secret,
+    mint_token,
+    parse_room_grant,
+    revoke_token,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -63,25 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
         "JetStream in <data-dir>/nats and stops it on exit.",
     )
     tok = sub.add_parser(
-        "token", parents=[settings], help="print a signed token (JWT)",
+        "token", parents=[settings], help="print a signed token (JWT), or revoke one",
         description="Print a JWT signed with the node's key: RTNODE_JWT_SECRET, or the secret "
-        "the node generated in <data-dir>/jwt-secret, or --private-key for RS256/ES256.",
+        "the node generated in <data-dir>/jwt-secret (found as the node finds it: --data-dir, "
+        "RTNODE_DATA_DIR, the --config file, else ./rtnode-data), or --private-key for "
+        "RS256/ES256. Without a secret there it refuses, unless --create-secret. Device "
+        "tokens last 365 days by default, others 1 hour; each carries an id (jti), printed "
+        "on stderr, that 'rtnode token --revoke JTI' withdraws.",
     )
-    tok.add_argument("--sub", required=True, help="user, device or service id")
+    tok.add_argument("--sub", help="user, device or service id (required unless --revoke)")
     tok.add_argument("--tenant", default="default", help="tenant (default: default)")
     tok.add_argument("--kind", choices=KINDS, default="user", help="principal kind")
     tok.add_argument("--room", action="append", default=[], metavar="PATTERN=RIGHTS",
                      help="grant, e.g. 'chat:*=join,publish,history,presence' (repeatable)")
     tok.add_argument("--rpc", action="append", default=[], metavar="PATTERN",
                      help="rpc target the holder may call, e.g. 'server' or 'device:*'")
-    tok.add_argument("--ttl", type=float, default=3600.0, metavar="S",
-                     help="seconds until expiry (default 3600; 0: no expiry)")
+    tok.add_argument("--ttl", default=None, metavar="TIME",
+                     help="lifetime: seconds, or with a unit (90m, 12h, 365d); 'never' (or 0): "
+                     "no exp, only where the node accepts that (not in production mode). "
+                     "Default: 1h, 365d for --kind device")
     tok.add_argument("--admin", action="store_true",
                      help="with --kind service: may join sys:all:stats (every tenant's rooms)")
     tok.add_argument("--private-key", type=Path, metavar="FILE",
                      help="PEM private key: sign with RS256/ES256 instead of the HS256 secret")
     tok.add_argument("--alg", choices=["HS256", "RS256", "ES256"], default=None,
                      help="algorithm (default HS256, or RS256 with --private-key)")
+    tok.add_argument("--create-secret", action="store_true",
+                     help="when the data dir has no jwt-secret, create one (said on stderr; a "
+                     "node already running elsewhere will not accept its tokens)")
+    tok.add_argument("--revoke", metavar="JTI|TOKEN",
+                     help="instead of minting: add the token id JTI (or the id of TOKEN) to "
+                     "<data-dir>/revoked-tokens; the node refuses that token at its next "
+                     "connect (no restart)")
     dev = sub.add_parser("devices", help="device tools (simulator, tunnel)")
     dev_sub = dev.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
     sim = dev_sub.add_parser(
@@ -213,7 +237,109 @@ async def _run(settings: Settings) -> int:
     return 0
 
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DEFAULT_TTL_S = {"device": 365 * 86400.0}  # others: 1 hour
+
+
+def _ttl(text: str | None, kind: str) -> tuple[float | None, bool]:
+    """``--ttl`` in seconds (None: no exp), and whether it is the kind's default.
+
+    Raises:
+        ConfigError: Not a duration (one line).
+    """
+    if text is None:
+        return _DEFAULT_TTL_S.get(kind, 3600.0), True
+    word = text.strip().lower()
+    if word in ("never", "0"):
+        return None, False
+    number, unit = (word[:-1], word[-1]) if word[-1:] in _TTL_UNITS else (word, "s")
+    try:
+        value = float(number) * _TTL_UNITS[unit]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(f"--ttl must be a duration such as 3600, 90m, 12h or 365d, or "
+                          f"'never', not {text!r}")
+    return value, False
+
+
+def _lifetime(seconds: float) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds / 86400:g} days"
+    if seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    return f"{seconds:g} s"
+
+
+def _token_secret(args: argparse.Namespace, settings: Settings) -> str:
+    """The node's HS256 secret, found as the node finds it; created only on request."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    data_dir = settings.data_dir
+    secret = load_secret(data_dir)
+    if secret:
+        return secret
+    where = data_dir.resolve() / SECRET_FILE
+    if not args.create_secret:
+        raise ConfigError(
+            f"no token secret at {where} (the node creates it in its data dir at its first "
+            f"start): run this where the node runs, or pass --data-dir DIR (the node's "
+            f"banner shows it: 'JetStream in DIR/nats'), or set RTNODE_JWT_SECRET as the "
+            f"node has it; --create-secret makes a new secret here instead")
+    secret = create_secret(data_dir)
+    print(f"rtnode: created a new token secret in {where}; only a node started with "
+          f"--data-dir {data_dir.resolve()} accepts these tokens", file=sys.stderr)
+    return secret
+
+
+def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+    if args.sub is not None:
+        raise ConfigError("--revoke JTI withdraws a token: not with --sub")
+    if not settings.data_dir.is_dir():
+        # As for the secret: never a revocation list where no node will read it.
+        raise ConfigError(f"no data dir at {settings.data_dir.resolve()}: run this where the "
+                          f"node runs, or pass its --data-dir DIR")
+    jti = args.revoke
+    if jti.count(".") == 2:  # a whole token: revoke its id (what it says, signed or not)
+        import jwt
+
+        try:
+            claims = jwt.decode(jti, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise ConfigError("--revoke: neither a token id (jti) nor a token") from None
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise ConfigError("--revoke: this token has no id (jti), so it cannot be revoked; "
+                              "only a new secret (or key) withdraws it")
+    try:
+        path, added = revoke_token(settings.data_dir, jti,
+                                   note=time.strftime("revoked %Y-%m-%dT%H:%M:%SZ",
+                                                      time.gmtime()))
+    except ValueError as exc:
+        raise ConfigError(f"--revoke: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--revoke: cannot write {exc.filename}: {exc.strerror}") from None
+    print(f"rtnode: token {jti} {'revoked' if added else 'was already revoked'} in "
+          f"{path.resolve()}: a node on this data dir refuses it at its next connect or "
+          f"refresh (a connection open now stays: POST /api/disconnect cuts it)",
+          file=sys.stderr)
+    return 0
+
+
 def _token(args: argparse.Namespace, settings: Settings) -> int:
+    if args.revoke is not None:
+        return _revoke(args, settings)
+    if args.sub is None:
+        raise ConfigError("token needs --sub ID (or --revoke JTI)")
+    ttl_s, default_ttl = _ttl(args.ttl, args.kind)
+    if ttl_s is None and settings.tokens_need_exp:
+        raise ConfigError("--ttl never: this node refuses tokens without exp (production mode "
+                          "or require_exp); give a lifetime, e.g. --ttl 365d, and revoke a "
+                          "lost device's token with --revoke JTI")
+    limit = settings.token_max_lifetime_s
+    if limit and ttl_s is not None and ttl_s > limit:
+        raise ConfigError(f"--ttl {_lifetime(ttl_s)}: longer than this node's "
+                          f"token_max_lifetime_s ({limit:g} s), which would refuse it")
     rooms: dict[str, list[str]] = {}
     for spec in args.room:
         try:
@@ -229,18 +355,27 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"cannot read --private-key: {exc.strerror}") from None
         alg = args.alg or "RS256"
     else:
-        key = settings.jwt_secret or load_or_create_secret(settings.data_dir)
         alg = args.alg or "HS256"
         if alg != "HS256":
             raise ConfigError(f"--alg {alg} needs --private-key")
+        key = _token_secret(args, settings)
+    jti = secrets.token_hex(8)
     try:
         token = mint_token(
             key, sub=args.sub, tenant=args.tenant, kind=args.kind, rooms=rooms, rpc=args.rpc,
-            ttl_s=args.ttl or None, algorithm=alg,
+            ttl_s=ttl_s, algorithm=alg, jti=jti,
             issuer=settings.jwt_issuer, audience=settings.jwt_audience, admin=args.admin,
         )
     except Exception as exc:  # PyJWT raises several types for unusable keys
         raise ConfigError(f"cannot sign the token: {exc}") from None
+    if args.kind == "device" or ttl_s is None:
+        # A device keeps its token: say how long, and how to withdraw it.
+        default = " (the device default; --ttl to change)" if default_ttl else ""
+        life = ("never expires" if ttl_s is None else
+                f"valid {_lifetime(ttl_s)}{default}, until "
+                f"{time.strftime('%Y-%m-%d', time.gmtime(time.time() + ttl_s))}")
+        print(f"rtnode: {args.kind} token for {args.sub}, {life}; id {jti}: "
+              f"'rtnode token --revoke {jti}' withdraws it", file=sys.stderr)
     print(token)
     return 0
 

@@ -25,7 +25,7 @@ comes from; starting a key again replaces its timer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from node.core.admission import Admitted, VolatileThrottle
 from node.core.limits import ErrorWindow, KeyedBuckets, LimitCarry, TokenBucket
@@ -86,6 +86,12 @@ _REQUESTS = frozenset({Join, Leave, History, Presence, Rpc, Refresh})
 _NOT_THE_CLIENTS_FAULT = frozenset({4500, 4503, 4504})
 
 
+class Verify(Protocol):
+    """What a session checks tokens with: ``TokenVerifier.verify``."""
+
+    def __call__(self, token: object, *, where: str = "") -> Principal: ...
+
+
 def _any_room(tenant: str, room: str) -> bool:
     return True
 
@@ -97,7 +103,8 @@ class ConnectionSession(RoomRules, RpcRules):
         settings: The node's settings (limits, timeouts, room policies).
         node_name: This node's name, for ``connected`` and presence.
         client_id: The connection's id.
-        verify: Checks a token and returns its principal (raises ``AuthError``).
+        verify: Checks a token and returns its principal (raises ``AuthError``);
+            ``TokenVerifier.verify``, told ``where`` for the log line of a refusal.
         admit: The admission pipeline (``Admission.admit``): rights, rate, size, value model.
         principal: Already authenticated by the transport (MQTT, SSE), or None: a ``connect``
             frame must come first.
@@ -117,7 +124,7 @@ class ConnectionSession(RoomRules, RpcRules):
 
     def __init__(
         self, settings: Settings, *, node_name: str, client_id: str,
-        verify: Callable[[str], Principal], admit: Admit, principal: Principal | None = None,
+        verify: Verify, admit: Admit, principal: Principal | None = None,
         door: str = "ws", now: float = 0.0, joined_at_ms: int = 0, presence: bool = False,
         rpc: bool = False, may_open_room: Callable[[str, str], bool] = _any_room,
         room_buckets: KeyedBuckets | None = None, carry: LimitCarry | None = None,
@@ -314,7 +321,8 @@ class ConnectionSession(RoomRules, RpcRules):
             return
         if self.connected or self._pending_accept is not None:
             raise ProtocolError(4000, "already connected")
-        self._accept(self._verify(frame.token), frame.id, announce=True)
+        where = f"{self._door} {self.client_id}"
+        self._accept(self._verify(frame.token, where=where), frame.id, announce=True)
 
     def _accept(self, principal: Principal, request_id: Any, *, announce: bool) -> None:
         if principal.kind not in KINDS:
@@ -349,7 +357,7 @@ class ConnectionSession(RoomRules, RpcRules):
     def _refresh(self, frame: Refresh, now: float) -> None:
         assert self.principal is not None
         try:
-            principal = self._verify(frame.token)
+            principal = self._verify(frame.token, where=f"{self._door} {self.client_id} refresh")
         except AuthError as exc:
             if exc.expired:  # the connection goes on until its current token expires
                 raise ProtocolError(4010, "token expired", retry=True) from None

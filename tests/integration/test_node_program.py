@@ -145,10 +145,11 @@ def test_help_is_complete() -> None:
 def test_token_command_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
     from node.protocol.tokens import TokenVerifier, load_or_create_secret
 
+    secret = load_or_create_secret(tmp_path)  # as the node does at its first start
     r = _rtnode("token", "--sub", "alice", "--room", "chat:*=join,publish", "--rpc", "server",
                 "--data-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    verifier = TokenVerifier(secret=load_or_create_secret(tmp_path))
+    verifier = TokenVerifier(secret=secret)
     p = verifier.verify(r.stdout.strip())
     assert p.sub == "alice" and p.can("publish", "chat:x") and not p.can("history", "chat:x")
     assert p.can_call("server")
