@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# A node on the defaults, its state in ./rtnode-data (one node per data dir: a second one stops
+# with the holder's pid). Its banner's token command runs as printed; the HTTP API examples of
+# the README use a service token (`.venv/bin/rtnode token --sub backend --kind service`), so no
+# API key is needed (ARGS="--api-key KEY" or RTNODE_API_KEY sets one).
 run: $(STAMP)
 	$(BIN)/rtnode run $(ARGS)
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import ssl
+from collections.abc import Awaitable
 from typing import Any
 
 from actors import ActorSystem
@@ -30,7 +33,7 @@ from node.core.ports import LiveMessage
 from node.core.room import CheckGap
 from node.core.rpc import load_rpc_modules
 from node.metrics import CONTENT_TYPE, NodeMetrics
-from node.nats_server import EmbeddedNats
+from node.nats_server import DataDirLock, EmbeddedNats
 from node.protocol.errors import ConfigError
 from node.protocol.settings import Settings
 from node.protocol.tokens import KINDS, Principal, TokenVerifier
@@ -53,6 +56,55 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+def _listen_error(exc: OSError, host: str, port: int, setting: str) -> ConfigError:
+    """A failed bind as one line naming the port and the setting (and flag) to change."""
+    flag = "--" + setting.replace("_", "-")
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"port {port} ({setting}, {flag}) is in use by another process")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"port {port} ({setting}, {flag}): permission denied (ports below "
+                           "1024 need privileges)")
+    reason = exc.strerror or str(exc)
+    return ConfigError(f"cannot listen on {host}:{port} (host, --host; {setting}, {flag}): "
+                       f"{reason}")
+
+
+def _check_free(host: str, port: int, setting: str) -> None:
+    """Bind ``port`` for a moment, so that a port in use stops the node before it starts
+    anything (the real bind, seconds later, reports a port taken meanwhile the same way).
+
+    Raises:
+        ConfigError: e.g. "port 8080 (http_port, --http-port) is in use by another process".
+    """
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # an unknown host: the listener's own bind says so
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            # As the listeners do: a port left in TIME_WAIT by a node just stopped is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise _listen_error(exc, host, port, setting) from None
+
+
+async def _listen(start: Awaitable[None], host: str, port: int, setting: str) -> None:
+    """Await a listener's ``start()``; a bind failure becomes one line naming the setting.
+
+    Raises:
+        ConfigError: The port is taken, forbidden, or the host is not this machine's.
+    """
+    try:
+        await start
+    except OSError as exc:
+        raise _listen_error(exc, host, port, setting) from None
+
+
 class Node:
     """One rtnode node, for the life of an ``async with`` block.
 
@@ -70,6 +122,7 @@ class Node:
         self.system = ActorSystem(name=self.name)
         self.metrics = NodeMetrics(self.system)
         self.embedded: EmbeddedNats | None = None
+        self.lock = DataDirLock(settings.data_dir)
         # External NATS: credentials and TLS checked now, so a bad file is one line at start.
         self.nats_auth = None if settings.embedded_nats else NatsAuth.from_settings(settings)
         self.nats: NatsLink | None = None
@@ -96,19 +149,37 @@ class Node:
         return list(self.settings.nats_url)
 
     async def start(self) -> None:
-        """Start everything, inside out: actors, NATS, the stream, the listeners."""
+        """Start everything, inside out: the data dir's lock, actors, NATS, the stream, the
+        listeners.
+
+        Raises:
+            ConfigError: Another node holds the data dir, or a port is taken (one line each).
+        """
         s = self.settings
         ssl_context = _ssl_context(s)
         load_rpc_modules(s.rpc_modules)
         webhook_secrets = [hook.secret_value() for hook in s.webhooks]  # a missing one: now
         try:
+            # First: a second node on this data dir stops here, before it starts a second
+            # nats-server on the first one's JetStream store.
+            await self._stack.enter_async_context(self.lock)
+            # Then the ports asked for: one taken is one line, before NATS starts.
+            _check_free(s.host, s.http_port, "http_port")
+            if not s.mqtt_broker_url:
+                _check_free(s.host, s.mqtt_port, "mqtt_port")
+            if s.embedded_nats:
+                _check_free("127.0.0.1", s.nats_port, "nats_port")
+                _check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
+                assert self.lock.fd is not None
                 self.embedded = EmbeddedNats(
                     s.data_dir / "nats", data_dir=s.data_dir, port=s.nats_port,
                     monitor_port=s.nats_monitor_port, server_name=self.name, sync=s.nats_sync,
+                    pass_fds=(self.lock.fd,),
                 )
                 await self._stack.enter_async_context(self.embedded)
+                self.lock.note(nats_pid=self.embedded.pid)
             self.nats = NatsLink(
                 self.nats_urls,
                 name=self.name,
@@ -160,8 +231,8 @@ class Node:
             self._stack.push_async_callback(self.api.stop)
             for method, path, web_handler in StaticSite(s, self.name).routes():
                 self.http.add_route(method, path, web_handler)
-            await self.http.start()
-            self._stack.push_async_callback(self.http.stop)
+            self._stack.push_async_callback(self.http.stop)  # also after a failed bind
+            await _listen(self.http.start(), s.host, s.http_port, "http_port")
             self.stats_publisher = StatsPublisher(self)
             self.stats_publisher.start()
             self._stack.push_async_callback(self.stats_publisher.stop)
@@ -171,7 +242,7 @@ class Node:
                 self._stack.push_async_callback(self.mqtt_external.stop)
             else:
                 self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
-                await self.mqtt.start()
+                await _listen(self.mqtt.start(), s.host, s.mqtt_port, "mqtt_port")
                 self._stack.push_async_callback(self.mqtt.stop)
             self._start_webhooks(webhook_secrets)
             self._stack.push_async_callback(self.drain)

@@ -176,6 +176,67 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _command_path() -> str:
+    """This rtnode as a shell command that runs from the current folder.
+
+    ``.venv/bin/rtnode`` when the script is under the current folder (``make run``), else its
+    absolute path; ``<python> -m node`` when there is no ``rtnode`` script. Never a bare
+    ``rtnode``, which is on no PATH after ``make run``.
+    """
+    import os
+    import shlex
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    script = argv0 if os.path.basename(argv0) == "rtnode" and os.path.isfile(argv0) else \
+        os.path.join(os.path.dirname(sys.executable), "rtnode")
+    if not os.path.isfile(script):
+        return f"{shlex.quote(sys.executable)} -m node"
+    script = os.path.abspath(script)
+    here = os.getcwd()
+    if script.startswith(here.rstrip("/") + "/"):
+        rel = os.path.relpath(script, here)
+        return shlex.quote(rel if "/" in rel else f"./{rel}")
+    return shlex.quote(script)
+
+
+# The banner's token: the README's chat rooms, plus the console's live view (sys:stats, which
+# only a grant naming sys: opens).
+_BANNER_GRANTS = ("chat:*=join,publish,history,presence", "sys:stats=join")
+# The ready token printed with --dev: long enough for a working day on a loopback-only node.
+_BANNER_TOKEN_TTL_S = 86400.0
+
+
+def _token_command(s: Settings) -> str:
+    """The ``rtnode token`` command for the banner, runnable as printed (same key, data dir)."""
+    import shlex
+
+    cmd = _command_path()
+    words = [cmd, "token", "--sub", "alice"]
+    for grant in _BANNER_GRANTS:
+        words += ["--room", f"'{grant}'"]  # no quote in a grant
+    relative = not cmd.startswith(("/", "'/"))
+    if not (relative and s.data_dir == Path("rtnode-data")):
+        # From another folder the default data dir would be another one, with another secret.
+        words += ["--data-dir", shlex.quote(str(s.data_dir if relative else s.data_dir.resolve()))]
+    if s.jwt_public_key is not None:
+        words += ["--private-key", "YOUR-PRIVATE-KEY.pem"]
+    return " ".join(words)
+
+
+def _dev_token(s: Settings) -> str | None:
+    """With --dev and an HS256 key: a token for the console (every room, its live view)."""
+    if not s.dev or s.jwt_public_key is not None:
+        return None
+    ttl = _BANNER_TOKEN_TTL_S
+    if s.token_max_lifetime_s:
+        ttl = min(ttl, s.token_max_lifetime_s)
+    return mint_token(
+        s.jwt_secret or load_or_create_secret(s.data_dir), sub="alice",
+        rooms={"*": ["join", "publish", "history", "presence"], "sys:*": ["join"]}, rpc=["*"],
+        ttl_s=ttl, issuer=s.jwt_issuer, audience=s.jwt_audience,
+    )
+
+
 def _banner(node: Any) -> str:
     s = node.settings
     http = node.http
@@ -185,7 +246,7 @@ def _banner(node: Any) -> str:
         f"password in {node.embedded.credentials_path})"
         if node.embedded else ", ".join(s.nats_url)
     )
-    return "\n".join([
+    lines = [
         f"rtnode {node.name} ready",
         f"  http       {base}  (console /, /rtnode.js, /healthz /readyz /metrics)",
         f"  websocket  {base.replace('http', 'ws', 1)}/ws    sse {base}/sse    api {base}/api",
@@ -193,9 +254,17 @@ def _banner(node: Any) -> str:
          "  (devices: client id = username = device id, password = device JWT)")
         if node.mqtt else f"  mqtt       external broker {s.mqtt_broker_url.split('@')[-1]}",
         f"  nats       {nats_line}",
-        "  dev token  rtnode token --sub alice --room 'chat:*=join,publish,history,presence'"
-        + (f" --data-dir {s.data_dir}" if str(s.data_dir) != "rtnode-data" else ""),
-    ])
+        f"  dev token  {_token_command(s)}",
+    ]
+    token = _dev_token(s)
+    if token is not None:
+        hours = min(_BANNER_TOKEN_TTL_S, s.token_max_lifetime_s or _BANNER_TOKEN_TTL_S) / 3600
+        lines += [
+            f"  dev token  {token}",
+            f"             (--dev: user alice, every room and the console's live view, "
+            f"{hours:g} h; paste it in the console at {base}/)",
+        ]
+    return "\n".join(lines)
 
 
 async def _run(settings: Settings) -> int:
@@ -225,6 +294,9 @@ async def _run(settings: Settings) -> int:
     except asyncio.CancelledError:
         print(f"rtnode {node.name} stopped before it was ready", flush=True)
         return 0
+    except ConfigError as exc:  # data dir in use, port taken: one line, as for bad flags
+        print(f"rtnode: {exc}", file=sys.stderr)
+        return 2
     except NodeError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 1

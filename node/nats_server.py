@@ -18,6 +18,13 @@ events and purge the stream. Its monitoring port, which needs no credentials, is
 asked for (``nats_monitor_port``). While it runs, ``nats-connection.json`` in the data
 directory (mode 0600) says where it listens and where the credentials are, for ``rtnode
 replay`` and ``rtnode consume``.
+
+One node per data directory: :class:`DataDirLock` holds ``flock`` on ``<data-dir>/rtnode.lock``
+for the life of the node, and its embedded nats-server inherits the lock, so that a second node
+on the same directory stops with one line naming the holder (and never starts a second server
+on the same JetStream store). The kernel drops the lock when the node and its server are gone,
+even after a ``kill -9``: a stale lock file never blocks a start. Its contents (pid, command,
+server pid) only serve the message.
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
@@ -44,9 +56,10 @@ from bridge.nats_auth import (
     write_connection_file,
     write_private_file,
 )
-from node.protocol.errors import NatsUnavailable
+from node.protocol.errors import ConfigError, NatsUnavailable
 
-__all__ = ["EmbeddedNats", "free_port", "nats_server_binary"]
+__all__ = ["LOCK_FILE", "DataDirLock", "DataDirLocked", "EmbeddedNats", "free_port",
+           "nats_server_binary"]
 
 log = logging.getLogger("node.nats")
 
@@ -107,17 +120,191 @@ async def _jetstream_ready(url: str, auth: NatsAuth) -> bool:
             await asyncio.wait_for(nc.close(), 1)
 
 
+# -- one node per data directory ------------------------------------------------------------
+
+LOCK_FILE = "rtnode.lock"
+# A node killed with -9 leaves its nats-server a moment to stop (SIGTERM from PDEATHSIG): a
+# start meanwhile waits for it, this long at most (JetStream's shutdown takes ~0.1-2 s).
+_ORPHAN_WAIT_S = 15.0
+# A holder that has not written its pid yet (it took the lock a moment ago).
+_UNKNOWN_WAIT_S = 1.0
+_SECRET_FLAG = re.compile(r"secret|password|token|key|seed|creds", re.IGNORECASE)
+
+
+class DataDirLocked(ConfigError):
+    """Another node (or the nats-server of one) holds the data directory; one line."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this machine (a zombie, dead but not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS): trust kill(0)
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _command_line() -> str:
+    """This process's command, for the lock file; values of secret-looking flags hidden."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[:1] = ["python", "-m", "node"]
+    out: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag.startswith("--") and _SECRET_FLAG.search(flag):
+            if eq:
+                arg = f"{flag}=***"
+            else:
+                hide = True
+        out.append(arg)
+    return shlex.join(out)[:300]
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _locked_message(data_dir: Path, holder: dict[str, Any]) -> str:
+    """The one line a second node prints, from the holder's lock file contents."""
+    pid, cmd, host = holder.get("pid"), holder.get("cmd"), holder.get("host")
+    fix = "stop it, or give this node another --data-dir"
+    if not isinstance(pid, int):
+        return f"data dir {data_dir} is locked by another process ({data_dir / LOCK_FILE}); {fix}"
+    who = f"pid {pid}" + (f" on host {host}" if host and host != socket.gethostname() else "")
+    who += f" ({cmd})" if cmd else ""
+    nats_pid = holder.get("nats_pid")
+    if isinstance(nats_pid, int) and not _pid_alive(pid) and _pid_alive(nats_pid):
+        return (f"data dir {data_dir} is still held by nats-server pid {nats_pid}, left by a "
+                f"node that exited ({who}); stop it (kill {nats_pid}), or give this node "
+                "another --data-dir")
+    return f"data dir {data_dir} is in use by another node: {who}; {fix}"
+
+
+class DataDirLock:
+    """An exclusive lock on a node's data directory, for the life of an ``async with`` block.
+
+    Args:
+        data_dir: The node's data directory (created if missing).
+
+    Example:
+        async with DataDirLock(settings.data_dir) as lock:
+            server = EmbeddedNats(..., pass_fds=[lock.fd])   # the server holds it too
+
+    Raises:
+        DataDirLocked: From :meth:`acquire`: another live node holds it (at once), or the
+            nats-server of a node that exited still does after ~15 s.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / LOCK_FILE
+        self.fd: int | None = None
+        self._info: dict[str, Any] = {}
+
+    async def acquire(self, orphan_wait_s: float = _ORPHAN_WAIT_S) -> None:
+        """Take the lock, or raise :class:`DataDirLocked` with the holder's pid and command."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        start = time.monotonic()
+        waiting = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise ConfigError(f"cannot lock data dir {self.data_dir}: "
+                                          f"{exc.strerror}") from None
+                holder = _read_holder(self.path)
+                pid, host = holder.get("pid"), holder.get("host")
+                elapsed = time.monotonic() - start
+                if isinstance(pid, int):
+                    # A live node, or one elsewhere (a shared volume): no point waiting.
+                    if (host and host != socket.gethostname()) or _pid_alive(pid) \
+                            or elapsed > orphan_wait_s:
+                        raise DataDirLocked(_locked_message(self.data_dir, holder))
+                    if not waiting:
+                        waiting = True
+                        log.info("= waiting for the nats-server (pid %s) of a node that "
+                                 "exited (pid %s) to release %s", holder.get("nats_pid"), pid,
+                                 self.data_dir)
+                elif elapsed > _UNKNOWN_WAIT_S:
+                    raise DataDirLocked(_locked_message(self.data_dir, holder))
+                await asyncio.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.note(pid=os.getpid(), host=socket.gethostname(), cmd=_command_line())
+
+    def note(self, **info: Any) -> None:
+        """Add ``info`` (e.g. ``nats_pid``) to what the lock file tells a second node."""
+        if self.fd is None:
+            return
+        self._info.update(info)
+        text = json.dumps(self._info).encode() + b"\n"
+        with contextlib.suppress(OSError):  # only the message depends on it
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, text, 0)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with a node opening it)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # the lock goes with the last descriptor (the server's, if alive)
+
+    async def __aenter__(self) -> DataDirLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+# nats-server's last line when a port is taken: 'listen tcp 127.0.0.1:4222: bind: address
+# already in use' (client and monitoring ports alike).
+_IN_USE = re.compile(r"listen tcp [^ ]*:(\d+): bind: address already in use")
+
+
+class _PortInUse(Exception):
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.port = port
+
+
 class EmbeddedNats:
     """Runs the bundled nats-server with JetStream for the life of an ``async with`` block.
 
     Args:
         store_dir: JetStream storage directory (created if missing).
         data_dir: Where the credentials and the connection file live (default ``store_dir``).
-        port: Client port; 0 picks a free one.
-        monitor_port: HTTP monitoring port on 127.0.0.1; 0 (the default) turns it off.
+        port: Client port (the ``nats_port`` setting); 0 picks a free one.
+        monitor_port: HTTP monitoring port on 127.0.0.1 (``nats_monitor_port``); 0 (the
+            default) turns it off.
         server_name: The server's name (shows in JetStream metadata).
         start_timeout_s: How long to wait for JetStream to answer.
         sync: JetStream's sync interval (``always``: fsync every stored event).
+        pass_fds: Descriptors the server inherits (the :class:`DataDirLock`'s, so that the
+            data directory stays locked until the server too has exited).
 
     Raises:
         ConfigError: The credentials file exists but cannot be used.
@@ -133,10 +320,13 @@ class EmbeddedNats:
         server_name: str = "rtnode",
         start_timeout_s: float = 15.0,
         sync: str = "always",
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.store_dir = store_dir
         self.data_dir = data_dir or store_dir
         self.sync = sync
+        self.pass_fds = pass_fds
+        self._fixed_port = bool(port)
         self.port = port or free_port()
         self.monitor_port = monitor_port
         self.server_name = server_name
@@ -181,9 +371,26 @@ class EmbeddedNats:
     async def start(self) -> None:
         """Start the server, wait until JetStream answers, then write the connection file.
 
+        A free port picked here and taken meanwhile by another process: another one is
+        picked (three tries).
+
         Raises:
+            ConfigError: A port asked for (``nats_port``, ``nats_monitor_port``) is in use.
             NatsUnavailable: The server exited or was not ready in time.
         """
+        for attempt in range(3):
+            try:
+                await self._start_once()
+                return
+            except _PortInUse as exc:
+                if exc.port == self.port and not self._fixed_port and attempt < 2:
+                    self.port = free_port()
+                    continue
+                setting = "nats_port" if exc.port == self.port else "nats_monitor_port"
+                raise ConfigError(f"port {exc.port} ({setting}, --{setting.replace('_', '-')})"
+                                  " is in use by another process") from None
+
+    async def _start_once(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
             nats_server_binary(),
@@ -196,12 +403,14 @@ class EmbeddedNats:
         # Its log goes to a file, not a pipe: an unread pipe would block the server when full.
         log_path = self.store_dir / "nats-server.log"
         with log_path.open("ab") as log_file:
+            log_start = log_file.tell()
             self.process = await asyncio.create_subprocess_exec(
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
                 preexec_fn=_child_setup,
+                pass_fds=self.pass_fds,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -214,8 +423,15 @@ class EmbeddedNats:
             await asyncio.sleep(0.05)
         exited = self.process.returncode is not None
         await self.stop()
-        lines = log_path.read_text(errors="replace").strip().splitlines() if exited else []
+        lines: list[str] = []
+        if exited:
+            with log_path.open("rb") as f:  # this start's lines only
+                f.seek(log_start)
+                lines = f.read().decode(errors="replace").strip().splitlines()
         detail = lines[-1:] or ["not ready in time"]
+        in_use = _IN_USE.search(detail[0])
+        if in_use:
+            raise _PortInUse(int(in_use.group(1)))
         raise NatsUnavailable(f"embedded nats-server did not start: {detail[0]}")
 
     async def stop(self, timeout: float = 10.0) -> None:
