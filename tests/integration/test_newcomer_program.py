@@ -137,7 +137,7 @@ async def _live_view_and_chat(port: int, token: str, room: str) -> None:
 
 def test_a_second_node_on_the_same_data_dir_stops_with_one_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = NodeProcess(data, name="first").start()
+    first = NodeProcess(data, "--api-key", "k-0123456789", name="first").start()
     try:
         first.wait_ready(30)
         assert first.proc is not None
@@ -152,6 +152,7 @@ def test_a_second_node_on_the_same_data_dir_stops_with_one_line(tmp_path: Path) 
         assert r.returncode == 2, r
         assert f"data dir {data}" in line and f"pid {first.proc.pid}" in line, line
         assert "run" in line and "--data-dir" in line, line
+        assert "k-0123456789" not in line + (data / "rtnode.lock").read_text(), "secrets hidden"
         assert "ready" not in r.stdout and "starting embedded" not in r.stdout + r.stderr
         assert took < 15, f"the second node took {took:.1f} s to give up"
         # The first node, and its nats-server, go on as if nothing happened.
