@@ -416,6 +416,8 @@ class JetStreamRoomStore:
     ) -> list[StoredEvent]:
         if since is not None and not reverse:
             return await self.read(tenant, room, since, limit)
+        if since is not None and since <= 1:
+            return []  # reverse: nothing lies before the stream's first seq
         before = since if reverse else None
         if before is None:
             # The end of the page is the room's last event as the leader has it.

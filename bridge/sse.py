@@ -1,10 +1,12 @@
 """The SSE bridge (``GET /sse``): read-only subscribers, PROTOCOL.md section 7.
 
-A stream is a :class:`~node.core.connection.ConnectionActor` with a pre-authenticated principal
-that joins the stream's rooms, exactly as a WebSocket client would (with ``since`` when the
-request carries a ``Last-Event-ID``). Its rooms push JSON frames into its outbox; the transport
-here turns them into SSE messages with :class:`SseSession` (pure: frames in, bytes out) and
-writes them straight to the socket, so slow readers meet the same slow-consumer rule (4008).
+A stream is a :class:`~node.core.connection.ConnectionActor` with a pre-authenticated principal that
+joins the stream's rooms, exactly as a WebSocket client would (with ``since`` when the request
+carries a ``Last-Event-ID``; with ``rewind`` for the other rooms when the request has ``?rewind=N``:
+the first connect shows the last N events, a reconnect resumes exactly). Its rooms push JSON frames
+into its outbox; the transport here turns them into SSE messages with :class:`SseSession` (pure:
+frames in, bytes out) and writes them straight to the socket, so slow readers meet the same
+slow-consumer rule (4008).
 
 The response uses HTTP/1.1 chunked transfer encoding, as aiohttp does by default for a body of
 unknown length; the outbox writes synchronously, so each outbound message is framed as one
@@ -29,7 +31,7 @@ from actors.errors import ActorDeadError
 from bridge.api import bearer_token, error_response
 from node.core.connection import ConnectionActor, NodeContext, TransportClosed
 from node.protocol.errors import ProtocolError
-from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, parse_frame
+from node.protocol.frames import JSON, REWIND_MAX, ROOM_PATTERN, SEQ_MAX, Join, parse_frame
 from node.protocol.tokens import Principal
 
 __all__ = [
@@ -38,7 +40,9 @@ __all__ = [
     "SseSession",
     "cors_headers",
     "format_cursor",
+    "join_frames",
     "parse_cursor",
+    "parse_rewind",
     "parse_rooms",
     "sse_message",
 ]
@@ -122,6 +126,41 @@ def parse_rooms(values: Iterable[str]) -> list[str]:
     return list(rooms)
 
 
+def parse_rewind(value: str | None) -> int | None:
+    """The ``?rewind=N`` of a stream (None without it); its range is checked by the ``join``.
+
+    Raises:
+        ProtocolError: 4000 when it is not a decimal integer.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > _MAX_SEQ_DIGITS:
+        raise ProtocolError(4000, f"bad field rewind: expected an integer from 1 to {REWIND_MAX}")
+    return int(text)
+
+
+def join_frames(rooms: Sequence[str], since: Mapping[str, int],
+                rewind: int | None) -> list[Join]:
+    """The stream's ``join`` frames, validated like a client's: ``since`` for the rooms of the
+    ``Last-Event-ID``, ``rewind`` for the others.
+
+    Raises:
+        ProtocolError: 4000 naming the bad field (``rewind`` out of range).
+    """
+    frames: list[Join] = []
+    for room in rooms:
+        join: dict[str, Any] = {"type": "join", "room": room}
+        if room in since:
+            join["since"] = {"seq": since[room]}
+        elif rewind is not None:
+            join["rewind"] = rewind
+        frame = parse_frame(join)
+        assert isinstance(frame, Join)
+        frames.append(frame)
+    return frames
+
+
 class SseSession:
     """What one SSE stream writes, from the frames its connection's outbox hands over.
 
@@ -136,11 +175,15 @@ class SseSession:
     Args:
         rooms: The stream's rooms, in the order of its cursor.
         since: Room -> seq from ``Last-Event-ID`` (the rooms joined with ``since``).
+        rewound: The rooms joined with ``rewind``: their replayed events (seq up to the
+            ``joined`` seq) come right after ``joined``, and are written.
     """
 
-    def __init__(self, rooms: Sequence[str], since: Mapping[str, int] | None = None) -> None:
+    def __init__(self, rooms: Sequence[str], since: Mapping[str, int] | None = None,
+                 rewound: Iterable[str] = ()) -> None:
         self.rooms = tuple(rooms)
         self.since = dict(since or {})
+        self.rewound = frozenset(rewound)
         self.cursor: dict[str, int] = {}
         self.ready = False
         self.ended = False
@@ -196,8 +239,14 @@ class SseSession:
         if room not in self._wanted or room in self.cursor or type(seq) is not int:
             return
         since = self.since.get(room)
-        # Recovered: the replay follows, from since on. Otherwise live from the room's seq.
-        self.cursor[room] = since if since is not None and frame.get("recovered") else seq
+        # Recovered: the replay follows, from since on. Rewound: the last events follow, in
+        # order (the room never sends one twice). Otherwise live from the room's seq.
+        if since is not None and frame.get("recovered"):
+            self.cursor[room] = since
+        elif room in self.rewound and frame.get("replayed"):
+            self.cursor[room] = 0
+        else:
+            self.cursor[room] = seq
         if len(self.cursor) < len(self.rooms):
             return
         self.ready = True
@@ -335,7 +384,7 @@ class SseBridge:
                                   total=self.settings.max_connections)  # 4029, or 4503: 503
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """The aiohttp handler of ``GET /sse?room=<room>&room=<room2>``."""
+        """The aiohttp handler of ``GET /sse?room=<room>&room=<room2>[&rewind=N]``."""
         s = self.settings
         origin = request.headers.get("Origin")
         if s.allowed_origins and origin is not None and origin not in s.allowed_origins:
@@ -348,9 +397,10 @@ class SseBridge:
             self._check(principal, rooms)
             last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
             since = parse_cursor(last) if last else {}
+            since = {room: seq for room, seq in since.items() if room in rooms}
+            joins = join_frames(rooms, since, parse_rewind(request.query.get("rewind")))
         except ProtocolError as exc:
             return error_response(exc.code, exc.reason)
-        since = {room: seq for room, seq in since.items() if room in rooms}
 
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
@@ -364,17 +414,15 @@ class SseBridge:
         raw = request.transport
         if raw is None:
             return response
-        conn = _SseTransport(raw, SseSession(rooms, since), chunked=response.chunked)
+        rewound = [join.room for join in joins if join.rewind is not None]
+        conn = _SseTransport(raw, SseSession(rooms, since, rewound), chunked=response.chunked)
         actor = ConnectionActor(self.ctx, conn, JSON, principal=principal)
         ref = self.ctx.system.spawn(lambda: actor, name=f"conn:{actor.client_id}")
         self._streams.add(conn)
         self._schedule_sweep()
         try:
-            for room in rooms:
-                join: dict[str, Any] = {"type": "join", "room": room}
-                if room in since:
-                    join["since"] = {"seq": since[room]}
-                ref.tell(parse_frame(join))
+            for join in joins:
+                ref.tell(join)
             await conn.run(s.heartbeat_s)
         except ActorDeadError:
             pass  # refused at once (too many connections, draining): its frame is written

@@ -230,14 +230,24 @@ class Client(ClientBase[Event | Resync]):
 
     # -- requests --------------------------------------------------------------------------
 
-    async def join(self, room: str, *, presence: bool = False) -> dict[str, Any]:
+    async def join(self, room: str, *, presence: bool = False,
+                   rewind: int | None = None) -> dict[str, Any]:
         """Join ``room``; it is re-joined with ``since`` after every reconnect.
+
+        Args:
+            room: The room.
+            presence: Receive its ``presence:join``/``presence:leave`` events.
+            rewind: Replay its last ``rewind`` stored events (1 to 1000) before the live ones,
+                with no gap: the events come from :meth:`events` right after the join, and
+                ``joined["replayed"]`` counts them. Only while no position is known: a
+                re-join after a reconnect resumes with ``since`` instead.
 
         Returns:
             The ``joined`` frame.
         """
         deadline = self._deadline(self._request_timeout_s)
-        return await self._retrying(lambda: self._session.join_frame(room, presence), deadline)
+        return await self._retrying(lambda: self._session.join_frame(room, presence, rewind),
+                                    deadline)
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room`` (at once locally: it is never re-joined). Returns ``left``."""

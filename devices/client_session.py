@@ -178,6 +178,9 @@ class RoomState:
         resuming: Whether a ``join`` with ``since`` is in flight.
         auto: Whether the node joined it by itself (personal rooms): such rooms are
             joined again by the node on each connection, not resumed.
+        rewind: The ``rewind`` asked for: sent while no position is known (the first join,
+            or a re-join before any event arrived), never with ``since``.
+        rewinding: Whether a ``join`` with ``rewind`` is in flight.
     """
 
     presence: bool = False
@@ -186,6 +189,8 @@ class RoomState:
     joined: bool = False
     resuming: bool = False
     auto: bool = False
+    rewind: int | None = None
+    rewinding: bool = False
 
 
 class _Pending(NamedTuple):
@@ -297,18 +302,26 @@ class ClientSession:
         client = {"name": self.client_name, "version": CLIENT_VERSION}
         return {"type": "connect", "token": token, "client": client}
 
-    def join_frame(self, room: str, presence: bool = False) -> dict[str, Any]:
-        """A ``join`` request; it carries ``since`` when the room's position is known."""
+    def join_frame(self, room: str, presence: bool = False,
+                   rewind: int | None = None) -> dict[str, Any]:
+        """A ``join`` request; it carries ``since`` when the room's position is known, else
+        ``rewind`` when one was asked for (None keeps the room's earlier one)."""
         state = self._rooms.get(room)
         if state is None or state.auto:
             state = self._rooms[room] = RoomState(presence=presence)
         state.presence = presence
+        if rewind is not None:
+            state.rewind = rewind
         frame: dict[str, Any] = {"type": "join", "room": room}
         if presence:
             frame["presence"] = True
+        state.rewinding = False
         if state.joined and state.last_seq is not None and state.epoch is not None:
             frame["since"] = {"seq": state.last_seq, "epoch": state.epoch}
             state.resuming = True
+        elif state.rewind is not None:
+            frame["rewind"] = state.rewind
+            state.rewinding = True
         return self._request(frame, room)
 
     def rejoin_frames(self) -> list[dict[str, Any]]:
@@ -454,10 +467,13 @@ class ClientSession:
             # (no since) is never recovered and starts at the latest seq by design.
             if state.resuming:
                 out.append(Resync(room, seq, epoch))
-            state.last_seq = seq
+            # A rewind's events (seq up to the joined seq) follow: they set the position.
+            rewound = state.rewinding and bool(_int(frame.get("replayed")))
+            state.last_seq = None if rewound else seq
         elif state.last_seq is None:
             state.last_seq = seq
         state.epoch, state.joined, state.resuming = epoch, True, False
+        state.rewinding = False
         return out
 
     def _receive_error(self, frame: dict[str, Any]) -> list[SessionEvent]:

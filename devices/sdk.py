@@ -298,10 +298,18 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
                     self._cursors.set(value["room"], seq, epoch)
             yield value
 
-    async def join(self, room: str, *, presence: bool = False) -> dict[str, Any]:
+    async def join(self, room: str, *, presence: bool = False,
+                   rewind: int | None = None) -> dict[str, Any]:
         """Join ``room`` (resumed from the state file's cursor when it has one).
 
         The room is re-joined with ``since`` after every reconnect.
+
+        Args:
+            room: The room.
+            presence: Receive its presence events.
+            rewind: Without a saved cursor, replay the room's last ``rewind`` stored events
+                (1 to 1000) first, then live ones with no gap (``joined["replayed"]`` counts
+                them); with one, the saved cursor wins and the join resumes exactly.
 
         Returns:
             The ``joined`` frame (``recovered`` tells whether a resume replayed everything).
@@ -310,12 +318,14 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
         if saved is not None and room not in self._rooms:
             self._session.seed(room, saved["seq"], saved["epoch"])
         reply = await self._retrying(
-            lambda: self._session.join_frame(room, presence),
+            lambda: self._session.join_frame(room, presence, rewind),
             self._deadline(self._request_timeout_s),
         )
         self._rooms[room] = presence
-        if reply.get("recovered") is not True and room not in self._cursors:
-            # A first join starts at the room's latest seq: a restart resumes from there.
+        rewound = isinstance(reply.get("replayed"), int) and reply["replayed"] > 0
+        if reply.get("recovered") is not True and room not in self._cursors and not rewound:
+            # A first join starts at the room's latest seq: a restart resumes from there (a
+            # rewind's events, handed out by events(), move the cursor themselves).
             seq = reply.get("seq")
             self._cursors.set(room, seq if isinstance(seq, int) else 0,
                               self._session.epoch(room))

@@ -75,6 +75,10 @@ export interface JoinOptions {
   presence?: boolean;
   /** Keep the room's position in storage so that a page reload resumes it. */
   persist?: boolean;
+  /** Replay the room's last N stored events (1 to 1000) before the live ones, with no gap
+   * (`joined.replayed` of them, oldest first, to `onEvent`). Sent only while the client knows
+   * no position for the room: a reconnect or a saved `persist` position resumes instead. */
+  rewind?: number;
   /** A resume could not be honoured: events were lost, reload the room (history). */
   onRecovered?: (info: RecoveredFalse) => void;
 }

@@ -33,6 +33,7 @@ const NO_RECONNECT = new Set([4000, 4001, 4003, 4013, 4029]);
  * @typedef {{room: string, seq: number | null, event: string, data: any, ts: number | null,
  *   from: Record<string, any>, msg_id?: string}} RoomEvent
  * @typedef {{onEvent?: (ev: RoomEvent) => void, presence?: boolean, persist?: boolean,
+ *   rewind?: number,
  *   onRecovered?: (info: {room: string, recovered: false, seq: number, epoch: string}) => void}}
  *   JoinOptions
  */
@@ -317,7 +318,10 @@ export class Client extends EventTarget {
   /**
    * Join `room`; after each reconnect it is re-joined with `since` {seq, epoch}, so no event
    * is missed or doubled. With `persist`, the position is kept in sessionStorage and a page
-   * reload resumes too. Returns the `joined` frame.
+   * reload resumes too. With `rewind: N` (1 to 1000), the room's last N stored events come
+   * first (to `onEvent`, oldest first, `joined.replayed` of them), then the live ones with no
+   * gap; sent only while the client knows no position for the room (a saved `persist`
+   * position, or a reconnect, resumes with `since` instead). Returns the `joined` frame.
    * @param {string} room @param {JoinOptions} [opts]
    */
   async join(room, opts = {}) {
@@ -332,6 +336,7 @@ export class Client extends EventTarget {
     }
     st.presence = !!opts.presence;
     st.persist = !!opts.persist;
+    if (opts.rewind != null) st.rewind = opts.rewind;
     st.onEvent = opts.onEvent ?? st.onEvent;
     st.onRecovered = opts.onRecovered ?? st.onRecovered;
     try {
@@ -514,9 +519,13 @@ export class Client extends EventTarget {
     /** @type {Record<string, any>} */
     const frame = { type: "join", room };
     if (st.presence) frame.presence = true;
+    st.rewinding = false;
     if ((st.joined || st.restored) && st.lastSeq != null && st.epoch != null) {
       frame.since = { seq: st.lastSeq, epoch: st.epoch };
       st.resuming = true;
+    } else if (st.rewind != null) {
+      frame.rewind = st.rewind; // no position yet: the last events, then live
+      st.rewinding = true;
     }
     return frame;
   }
@@ -835,10 +844,12 @@ export class Client extends EventTarget {
         }
         this._emit("recovered", info);
       }
-      st.lastSeq = seq;
+      // A rewind's events (seqs up to `seq`) follow the `joined`: they set the position.
+      st.lastSeq = st.rewinding && (int(f.replayed) ?? 0) > 0 ? null : seq;
     } else if (st.lastSeq == null) {
       st.lastSeq = seq;
     }
+    st.rewinding = false;
     st.epoch = epoch;
     st.joined = true;
     st.resuming = false;

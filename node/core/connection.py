@@ -379,7 +379,7 @@ class ConnectionActor(Actor):
         member.on_in_room = self._on_in_room
         self.members[room] = member
         self._tell_room(room, Join(member, command.since_seq, command.since_epoch,
-                                   command.request_id, command.silent))
+                                   command.request_id, command.silent, command.rewind))
 
     def _leave_room(self, command: LeaveRoom) -> None:
         member = self.members.pop(command.room, None)

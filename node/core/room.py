@@ -382,10 +382,11 @@ class RoomActor(Actor):
         """Decide recovery and read what the member missed, up to ``target`` (delivered live)."""
         member = join.member
         try:
-            if join.since_seq is not None:
-                # A recovering member: the stream may be ahead of what this room has delivered
-                # (events in flight on the live path, or a live path that was down). Replay up
-                # to the stream's latest; what arrives live later is skipped by its cursor.
+            if join.since_seq is not None or join.rewind:
+                # A recovering (or rewinding) member: the stream may be ahead of what this
+                # room has delivered (events in flight on the live path, or a live path that
+                # was down). Replay up to the stream's latest; what arrives live later is
+                # skipped by its cursor.
                 # (A plain join keeps the room's own position, in order with the frames the
                 # same client sent after it: its own publishes reach it.)
                 target = max(target, await self.store.last_seq(self.tenant, self.room))
@@ -397,6 +398,8 @@ class RoomActor(Actor):
 
     async def _recovery(self, join: Join, target: int) -> tuple[bool, list[StoredEvent]]:
         since = join.since_seq
+        if join.rewind and since is None:
+            return False, await self._rewind(join.rewind, target)
         if since is None:
             return False, []
         if join.since_epoch is not None and join.since_epoch != self.store.epoch:
@@ -420,6 +423,18 @@ class RoomActor(Actor):
             return False, []
         return True, events
 
+    async def _rewind(self, n: int, target: int) -> list[StoredEvent]:
+        """The room's last ``n`` stored events up to ``target``, oldest first (at most the
+        namespace's ``recovery_max``): a join whose ``since`` is the seq before the first of
+        them, decided here, in the same step as the room's position."""
+        n = min(n, self.settings.recovery_max)
+        if n <= 0 or target <= 0:
+            return []
+        # history with reverse pages backwards: the newest n events before target + 1.
+        events = await self.store.history(self.tenant, self.room, since=target + 1, limit=n,
+                                          reverse=True)
+        return events[::-1]
+
     def _on_replay_done(self, done: _ReplayDone) -> None:
         member = done.member
         if self.members.get(id(member)) is not member:
@@ -436,6 +451,8 @@ class RoomActor(Actor):
         events = done.events or []
         if done.recovered:
             member.cursor = max(member.cursor, join.since_seq or 0)
+        elif events:  # a rewind: its events, then live from target on
+            member.cursor = max(member.cursor, events[0].seq - 1)
         else:
             member.cursor = done.target
         if not join.silent:
@@ -456,6 +473,7 @@ class RoomActor(Actor):
             if frame is not None:
                 outbox.push(codec.encode(frame))
         self.counters.replayed += len(events)
+        member.cursor = max(member.cursor, done.target)
         held, member.held = member.held, []
         member.replaying = False
         for seq, frame, encoded in held:

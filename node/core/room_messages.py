@@ -83,6 +83,8 @@ class Join:
     since_epoch: str | None = None
     request_id: str | int | None = None
     silent: bool = False
+    #: Replay the room's last ``rewind`` stored events, then live (a join without ``since``).
+    rewind: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ class JoinRoom:
     request_id: Any
     presence: bool
     silent: bool
+    rewind: int | None = None  # replay the room's last ``rewind`` events first (no since)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,8 @@ class RoomRules(PresenceRules):
     _held: dict[str, list[tuple[Admitted, Any]]]
 
     def _join_room(self, room: str, since_seq: int | None, since_epoch: str | None,
-                   request_id: Any, now: float, *, presence: bool, silent: bool) -> None:
+                   request_id: Any, now: float, *, presence: bool, silent: bool,
+                   rewind: int | None = None) -> None:
         old = self.rooms.pop(room, None)
         if old is not None:
             self._commands.append(LeaveRoom(room))
@@ -66,7 +67,7 @@ class RoomRules(PresenceRules):
         self._joining.add(room)
         self.rooms[room] = presence
         self._commands.append(JoinRoom(room, since_seq, since_epoch, request_id, presence,
-                                       silent))
+                                       silent, rewind))
         self._presence_on(room, presence, now, announce=old is None)
 
     def _open_room(self, room: str, now: float) -> None:
@@ -95,13 +96,18 @@ class RoomRules(PresenceRules):
             raise ProtocolError(4003, "no join right on this room")
         if frame.presence and not self.principal.can("presence", frame.room):
             raise ProtocolError(4003, "no presence right on this room")
+        if frame.rewind is not None and frame.since is not None:
+            # One position per join: since resumes exactly, rewind starts a view afresh.
+            raise ProtocolError(4000, "bad field rewind: not with since (a join resumes from "
+                                      "since or rewinds, not both)")
         if frame.room not in self.rooms:
             if len(self.rooms) >= self.settings.max_rooms_per_connection:
                 raise ProtocolError(4029, "too many rooms for this connection")
             self._open_room(frame.room, now)
         since = frame.since
         self._join_room(frame.room, since.seq if since else None, since.epoch if since else None,
-                        frame.id, now, presence=frame.presence, silent=False)
+                        frame.id, now, presence=frame.presence, silent=False,
+                        rewind=frame.rewind)
 
     def _leave(self, frame: Leave, now: float) -> None:
         self._release(frame.room)  # publishes sent before the leave are stored

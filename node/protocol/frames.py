@@ -31,6 +31,7 @@ __all__ = [
     "CBOR",
     "CODECS",
     "JSON",
+    "REWIND_MAX",
     "ROOM_RE",
     "SEQ_MAX",
     "Ack",
@@ -64,6 +65,8 @@ ROOM_RE = re.compile(r"[A-Za-z0-9_:@=-]{1,128}\Z")
 #: The largest seq a client may name (``since``, ``ack``): JetStream counts in uint64, but a
 #: stream never comes near 2**63, and the store reads from ``since + 1``, which must fit.
 SEQ_MAX = 2**63 - 1
+#: The most events a ``join`` with ``rewind`` replays (as many as one ``history`` page).
+REWIND_MAX = 1000
 
 RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)] | StrictInt
 RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
@@ -105,6 +108,8 @@ class Join(_Frame):
     room: RoomName
     since: Since | None = None
     presence: StrictBool = False
+    #: Replay the room's last ``rewind`` stored events, then go live (not with ``since``).
+    rewind: StrictInt | None = Field(default=None, ge=1, le=REWIND_MAX)
 
 
 class Leave(_Frame):
