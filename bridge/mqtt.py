@@ -9,13 +9,17 @@ browsers.
 Two faces, usable together:
 
 * the tunnel: protocol frames (CBOR) on ``rtnode/v1/<client_id>/in`` and ``/out``;
-* plain topics: ``rooms/<room>/up`` (a CBOR map {event, data, msg_id?}, stored like a publish)
+* plain topics: ``rooms/<room>/up`` (a CBOR map or a JSON object {event, data, msg_id?},
+  stored like a publish)
   and ``rooms/<room>`` (a subscription is a join of the device's own connection actor, with
   its own outbox: it recovers from its cursor when the room actor is rebuilt, like any
   membership; each event arrives as a CBOR map).
 
 A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetStream, in the
-order received: a device that got its PUBACK knows the event is durable.
+order received: a device that got its PUBACK knows the event is durable. A refused uplink is
+PUBACKed too (MQTT 3.1.1 has no negative ack), and shows instead: counted by reason, logged at
+info and told to the device in an ``error`` notice on its ``out`` topic, at most once per device
+and reason per 10 s (``bridge.mqtt_uplinks``).
 
 Each device socket is a :class:`bridge.mqtt_session.MqttSession` (flow control, closing);
 this module serves the port, decides who may connect (:meth:`MqttBridge.check_connect`) and
@@ -34,6 +38,7 @@ from typing import Any
 from actors.errors import ActorError
 from bridge import mqtt_codec as mq
 from bridge.mqtt_session import PLAIN_CBOR, MqttSession
+from bridge.mqtt_uplinks import RefusalLog
 from node.core.connection import NodeContext, TransportClosed
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.ids import ID_RULE, is_valid_id
@@ -65,6 +70,8 @@ class MqttBridge:
         self.refused_subscribes = 0
         self.bad_payloads = 0
         self.uplinks = 0
+        #: Refused uplinks by reason, and which to report (log line, notice): every session's.
+        self.refusals = RefusalLog()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -7,8 +7,12 @@ Only the plain-topic face is offered here (the broker authenticates the devices)
   compose/mosquitto.acl). Every node subscribes ``$share/rtnode/rooms/+/up/+`` (an MQTT 5
   shared subscription), so the broker hands each uplink to one node of the cluster, which
   stores it in the room. The sender (``from.user``) and the dedupe scope come from that topic
-  level only: the payload cannot name anyone. An uplink on the bare ``rooms/<room>/up`` names
-  nobody the broker vouched for: refused and counted (:class:`UplinkRefused`);
+  level only: the payload cannot name anyone. The payload is a JSON object or a CBOR map
+  (``bridge.mqtt_uplinks.decode_uplink``). An uplink on the bare ``rooms/<room>/up`` names
+  nobody the broker vouched for: refused and counted (:class:`UplinkRefused`); any other
+  refusal is counted, logged at info and told to the device in an ``error`` notice on
+  ``rtnode/v1/<device_id>/out`` (QoS 0; the broker's ACL must let the bridge write it and the
+  device read it), at most once per device and reason per 10 s;
 * downlinks: every node pulls from one shared JetStream durable consumer on the rooms of the
   bridged tenant, so each stored event is published to ``rooms/<room>`` once for the whole
   cluster, and acknowledged to JetStream only after the broker has it (QoS 1).
@@ -34,9 +38,16 @@ import cbor2
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.mqtt_uplinks import (
+    RefusalLog,
+    label_of,
+    payload_preview,
+    refusal_notice,
+    uplink_publish,
+)
 from node.core.connection import NodeContext
 from node.protocol.errors import AuthError, ConfigError, ProtocolError
-from node.protocol.frames import cbor_loads_strict, publish_frame
+from node.protocol.frames import CBOR, Publish, cbor_loads_strict
 from node.protocol.ids import is_valid_id
 from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
 from node.protocol.tokens import Principal
@@ -172,6 +183,8 @@ class ExternalMqtt:
         self.refused = 0
         #: Of those, the ones whose topic named no valid sender, by ``UplinkRefused.label``.
         self.refused_topics: Counter[str] = Counter()
+        #: Every refusal by reason, and which to report (log line, notice).
+        self.refusals = RefusalLog()
         self.connected = False
         self._client: aiomqtt.Client | None = None
         self._ready = asyncio.Event()
@@ -249,34 +262,57 @@ class ExternalMqtt:
             behind it).
         """
         admission = self.ctx.admission
+        frame: Publish | None = None
         try:
             room, device = uplink_route(topic)
-            raw = cbor_loads_strict(payload)
-            if not isinstance(raw, dict):
-                raise ProtocolError(4000, "expected a map")
+        except UplinkRefused as exc:
+            self._refuse_topic(topic, exc)
+            return True
+        try:
             # Only event, data and msg_id are read: a `device` field names nobody.
-            frame = publish_frame(raw, room)
+            frame = uplink_publish(payload, room)
             admitted = admission.admit("broker", self._sender(device), frame, client_id=None)
             if admitted.volatile:
                 await admission.send_volatile_quietly(admitted)  # at most once, never retried
             else:
                 await admission.store(admitted)
-        except UplinkRefused as exc:
-            self._refuse_topic(topic, exc)
-            return True
         except ProtocolError as exc:
             if exc.retry and exc.code == 4503:
                 return False
             self.refused += 1
+            await self._refuse(device, topic, payload, label_of(exc), exc, frame)
             return True
         self.uplinks += 1
         return True
 
     def _refuse_topic(self, topic: str, exc: UplinkRefused) -> None:
+        # The topic names no device the broker vouched for: nobody to tell, nor to key a
+        # per-device limit by (a hostile client can make up ids): a warning once a minute.
         self.refused += 1
         self.refused_topics[exc.label] += 1
+        self.refusals.counts[exc.label] += 1
         log.debug("- uplink refused on %r: %s", topic[:256], exc.reason)
         self._warn("! uplink refused on %r: %s", topic[:256], exc.reason)
+
+    async def _refuse(self, device: str, topic: str, payload: bytes, label: str,
+                      exc: ProtocolError, frame: Publish | None) -> None:
+        """Count a refused uplink; unless one of this device and reason was reported less
+        than 10 s ago, log it at info and publish an ``error`` notice to the device's
+        ``rtnode/v1/<device>/out`` on the broker (QoS 0, best effort)."""
+        held = self.refusals.refuse(device, label, time.monotonic())
+        if held is None:
+            return
+        log.info("! %s: uplink refused on %r: %s (%d %s); payload %s%s", device, topic[:128],
+                 label, exc.code, exc.reason, payload_preview(payload),
+                 f"; {held} more held back" if held else "")
+        client = self._client
+        if client is None:
+            return
+        notice = refusal_notice(exc.code, exc.reason, topic,
+                                msg_id=frame.msg_id if frame else None, retry=exc.retry)
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(5):
+                await client.publish(f"rtnode/v1/{device}/out", CBOR.encode(notice), qos=0)
 
     def _sender(self, device_id: str) -> Principal:
         """Who an uplink is from: the device its topic names, which the broker authenticated

@@ -3,7 +3,9 @@
 :class:`MqttSession` is the ``asyncio.Protocol`` of one device socket (see ``bridge.mqtt``
 for the two faces, tunnel and plain topics). Its device is a ``ConnectionActor`` whose
 transports write PUBLISHes on the device's topics; plain uplinks are admitted here and
-PUBACKed once stored, in the order received.
+PUBACKed once stored, in the order received. A refused uplink is PUBACKed too, counted by
+reason, and reported (a log line at info, an ``error`` notice on the device's ``out`` topic) at
+most once per device and reason per 10 s (``bridge.mqtt_uplinks``).
 
 Input is flow-controlled like a WebSocket's: packets are handled in order while the device's
 actor has fewer than ``inbound_high`` messages queued; then the socket is paused, and the rest
@@ -24,6 +26,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from actors.errors import ActorDeadError, ActorError
 from bridge import mqtt_codec as mq
+from bridge.mqtt_uplinks import (
+    check_will,
+    label_of,
+    payload_preview,
+    refusal_notice,
+    uplink_publish,
+)
 from node.core.admission import Admitted, VolatilePublisher
 from node.core.connection import (
     ConnectionActor,
@@ -39,7 +48,6 @@ from node.protocol.frames import (
     ROOM_RE,
     cbor_loads_strict,
     parse_frame,
-    publish_frame,
     request_id_of,
 )
 from node.protocol.tokens import Principal
@@ -112,6 +120,7 @@ class MqttSession(asyncio.Protocol):
         self.acks: deque[list[Any]] = deque()  # [packet_id, done, qos] in arrival order
         self.qos2_seen: set[int] = set()
         self.will: Any = None
+        self._notices_due: list[bytes] = []  # refusal notices waiting for the out subscription
         self.keepalive = 0
         self.last_seen = time.monotonic()
         self.bucket: TokenBucket | None = None
@@ -323,7 +332,7 @@ class MqttSession(asyncio.Protocol):
         self.principal = principal
         self.client_id = packet.client_id
         self.bridge.register(self)  # an older connection of the device is taken over
-        self.will = packet.will
+        self.will = self._checked_will(packet.will)
         self.keepalive = packet.keepalive
         self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst,
                                   time.monotonic())
@@ -357,11 +366,18 @@ class MqttSession(asyncio.Protocol):
             self._tunnel_in(packet.payload)
             self._done(entry)
         elif topic.startswith("rooms/") and topic.endswith("/up"):
-            room = topic[6:-3]
-            if not self._uplink(room, packet.payload, entry):
+            if not self._uplink(topic, packet.payload, entry):
                 self._done(entry)
         else:
             self.bridge.refused_publishes += 1  # another device's tunnel, or a topic of no use
+            if topic.startswith("rtnode/v1/") and topic.endswith("/in"):
+                self._refuse(topic, packet.payload, "other_tunnel", 4003,
+                             f"a device publishes only on its own tunnel "
+                             f"rtnode/v1/{self.client_id}/in")
+            else:
+                self._refuse(topic, packet.payload, "unknown_topic", 4000,
+                             f"no such topic: publish to rooms/<room>/up or "
+                             f"rtnode/v1/{self.client_id}/in")
             self._done(entry)
 
     def _done(self, entry: list[Any] | None) -> None:
@@ -377,48 +393,65 @@ class MqttSession(asyncio.Protocol):
                 self._write(bytes((0x50, 2)) + packet_id.to_bytes(2, "big"))  # PUBREC
 
     def _tunnel_in(self, payload: bytes) -> None:
+        # A bad frame is answered on the tunnel by the device's actor (an error frame, within
+        # max_errors_per_min); here it is only counted and logged.
         try:
             raw = cbor_loads_strict(payload)
         except CodecError as exc:
             self.bridge.bad_payloads += 1
+            self._refuse(f"rtnode/v1/{self.client_id}/in", payload, "bad_tunnel_frame",
+                         exc.code, exc.reason, notify=False)
             self.ref.tell(Invalid(exc.code, exc.reason))
             return
         try:
             frame = parse_frame(raw)
         except ProtocolError as exc:
             self.bridge.bad_payloads += 1
+            self._refuse(f"rtnode/v1/{self.client_id}/in", payload, "bad_tunnel_frame",
+                         exc.code, exc.reason, notify=False)
             self.ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw)))
             return
         with contextlib.suppress(ActorError):
             self.ref.tell(frame)
 
-    def _uplink(self, room: str, payload: bytes, entry: list[Any] | None) -> bool:
-        """Admit a plain uplink (``node.core.admission``) and store it.
+    def _uplink(self, topic: str, payload: bytes, entry: list[Any] | None, *,
+                notify: bool = True) -> bool:
+        """Admit a plain uplink on ``rooms/<room>/up`` (``node.core.admission``), a JSON
+        object or a CBOR map, and store it.
+
+        Args:
+            topic: Its topic.
+            payload: Its payload.
+            entry: Its place in the ack queue (None: QoS 0, or a will).
+            notify: Tell the device why, if refused (False for a will: the device is gone).
 
         Returns:
-            True when its ack waits for the store; False when it is done: refused (dropped
-            and counted: MQTT 3.1.1 has no negative ack) or volatile (sent, never stored).
+            True when its ack waits for the store; False when it is done: refused (dropped,
+            counted and reported: MQTT 3.1.1 has no negative ack) or volatile (sent, never
+            stored).
         """
+        frame = None
         try:
-            raw = cbor_loads_strict(payload)
-            if not isinstance(raw, dict):
-                raise ProtocolError(4000, "expected a map")
+            frame = uplink_publish(payload, topic[6:-3])
             admitted = self.ctx.admission.admit(
-                "mqtt", self.principal, publish_frame(raw, room), client_id=self.client_id,
-                bucket=self.bucket)
+                "mqtt", self.principal, frame, client_id=self.client_id, bucket=self.bucket)
         except ProtocolError as exc:
             if exc.code == 4000:
                 self.bridge.bad_payloads += 1
             else:
                 self.bridge.refused_publishes += 1
+            self._refuse(topic, payload, label_of(exc), exc.code, exc.reason,
+                         msg_id=frame and frame.msg_id, retry=exc.retry, notify=notify)
             return False
         if admitted.volatile:
             self.volatile.publish(admitted)
             return False
-        asyncio.get_running_loop().create_task(self._store(admitted, entry))
+        asyncio.get_running_loop().create_task(
+            self._store(admitted, entry, topic, payload, frame.msg_id, notify))
         return True
 
-    async def _store(self, admitted: Admitted, entry: list[Any] | None) -> None:
+    async def _store(self, admitted: Admitted, entry: list[Any] | None, topic: str,
+                     payload: bytes, msg_id: object, notify: bool) -> None:
         try:
             await self.ctx.admission.store(admitted)
         except ProtocolError as exc:
@@ -428,9 +461,50 @@ class MqttSession(asyncio.Protocol):
                 self.close("store unavailable")
                 return
             self.bridge.refused_publishes += 1  # refused for good: dropped, and acked
+            self._refuse(topic, payload, "store_refused", exc.code, exc.reason, msg_id=msg_id,
+                         notify=notify)
         else:
             self.bridge.uplinks += 1
         self._done(entry)
+
+    def _refuse(self, topic: str, payload: bytes, label: str, code: int, reason: str, *,
+                msg_id: object = None, retry: bool = False, notify: bool = True) -> None:
+        """Count a refused uplink; unless one of this device and reason was reported less
+        than 10 s ago, log it at info and (``notify``) send the device an ``error`` notice on
+        its ``out`` topic, if it subscribes to it (else the notice is dropped)."""
+        tenant = self.principal.tenant if self.principal is not None else ""
+        held = self.bridge.refusals.refuse(f"{tenant}/{self.client_id}", label,
+                                           time.monotonic())
+        if held is None:
+            return
+        log.info("! %s: uplink refused on %r: %s (%d %s); payload %s%s",
+                 self.client_id or "?", topic[:128], label, code, reason,
+                 payload_preview(payload), f"; {held} more held back" if held else "")
+        if not notify:
+            return
+        notice = CBOR.encode(refusal_notice(code, reason, topic, msg_id=msg_id, retry=retry))
+        if self.tunnel is None:  # a will checked at CONNECT: sent once the device subscribes
+            self._notices_due.append(notice)
+        elif self.tunnel.enabled:
+            self.send_publish(self.tunnel.topic, notice)
+
+    def _checked_will(self, will: Any) -> Any:
+        """The will to keep, or None when it could never be stored: its topic, payload and
+        the device's right are checked at CONNECT, and a refusal is reported at once (the
+        notice waits for the device's subscription to its ``out`` topic)."""
+        if will is None or self.principal is None:
+            return will
+        try:
+            check_will(self.principal, will.topic, will.payload)
+        except ProtocolError as exc:
+            if exc.code == 4000:
+                self.bridge.bad_payloads += 1
+            else:
+                self.bridge.refused_publishes += 1
+            self._refuse(will.topic, will.payload, label_of(exc), exc.code,
+                         f"will: {exc.reason}")
+            return None
+        return will
 
     def _send_will(self) -> None:
         will = self.will
@@ -438,8 +512,8 @@ class MqttSession(asyncio.Protocol):
         if will is None or self.principal is None:
             return
         topic = will.topic
-        if topic.startswith("rooms/") and topic.endswith("/up"):
-            self._uplink(topic[6:-3], will.payload, None)
+        if topic.startswith("rooms/") and topic.endswith("/up"):  # else refused at CONNECT
+            self._uplink(topic, will.payload, None, notify=False)
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -462,6 +536,10 @@ class MqttSession(asyncio.Protocol):
                 self.bridge.refused_subscribes += 1
                 granted.append(0x80)
         self._write(mq.suback(packet.packet_id, granted))
+        if self.tunnel.enabled and self._notices_due:
+            due, self._notices_due = self._notices_due, []
+            for notice in due:  # after its SUBACK: a client may drop what comes before
+                self.send_publish(self.tunnel.topic, notice)
 
     def _subscribe_plain(self, room: str) -> None:
         self.plain.add(room)

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from actors import ActorSystem
 from bridge.http_guard import open_files, open_files_limit
+from bridge.mqtt_uplinks import REASONS
 
 __all__ = ["CONTENT_TYPE", "NodeMetrics"]
 
@@ -81,6 +82,16 @@ class _NodeCollector(Collector):
                 fam = CounterMetricFamily(name, help_)
                 fam.add_metric([], value)
                 yield fam
+        sources = [s.refusals for s in (node.mqtt, node.mqtt_external) if s is not None]
+        if sources:
+            fam = CounterMetricFamily(
+                "rtnode_mqtt_uplinks_refused",
+                "MQTT uplinks refused, acknowledged and dropped, by reason (see "
+                "bridge.mqtt_uplinks.REASONS); each reported in the log and to the device at "
+                "most once per device and reason per 10 s", labels=["reason"])
+            for reason in REASONS:
+                fam.add_metric([reason], sum(src.counts[reason] for src in sources))
+            yield fam
         if node.mqtt_external is not None:
             fam = CounterMetricFamily(
                 "rtnode_broker_refused_uplinks",
