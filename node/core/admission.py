@@ -17,7 +17,8 @@ in the same order:
 Then the door stores the admitted event with :meth:`Admission.store` (or sends a volatile one,
 throttled by a :class:`VolatileThrottle` where the door has one) and maps a
 :class:`~node.protocol.errors.ProtocolError` to its own error channel: an ``error`` frame, an HTTP
-status, or, for MQTT doors without one, a dropped and counted uplink.
+status, or, for plain MQTT uplinks (acknowledged: MQTT 3.1.1 has no negative ack), a counted and
+logged refusal told to the device as an ``error`` notice on its tunnel's ``out`` topic.
 
 Every door counts the same way: :class:`AdmissionStats` records one outcome per publish, by door
 (the refusal code at admission; ``volatile`` at admission; ``stored``, ``duplicate``, or the

@@ -129,7 +129,7 @@ async def test_a_standby_takes_over_in_order(make_node: Any, shared_nats: NatsPr
     node = await make_node()
     t = tenant()
     seqs = await store(node, t, "sensors:a", 50)
-    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "pair",
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "standby-pair",
                             "priority_timeout_s": 1.0}
     nc = NATS()
     await nc.connect(shared_nats.url)
