@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite needs (installed by `make test` when missing).
-SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium
+SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium curl
 ARGS ?=
 PYTEST_ARGS ?=
 
