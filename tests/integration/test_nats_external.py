@@ -189,10 +189,11 @@ async def test_bad_credential_settings_are_one_line(tmp_path: Path) -> None:
         async with few:
             return await rtnode(*args, timeout=60)
 
-    for command in (["run", "--http-port", "0", "--mqtt-port", "0"], ["replay", "chat:a"]):
+    # (replay takes only the NATS client's flags: not the node's start-up timeout)
+    for command in (["run", "--http-port", "0", "--mqtt-port", "0",
+                     "--nats-connect-timeout-s", "30"], ["replay", "chat:a"]):
         results = await asyncio.gather(*(
-            run(*command, "--nats-url", url, "--nats-connect-timeout-s", "30",
-                "--data-dir", str(tmp_path / "d"), *flags)
+            run(*command, "--nats-url", url, "--data-dir", str(tmp_path / "d"), *flags)
             for flags, _ in cases))
         for (flags, text), (rc, out, err) in zip(cases, results, strict=True):
             assert rc in (1, 2) and out == [], (command, flags, err)
