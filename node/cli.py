@@ -459,7 +459,11 @@ async def _simulate_until_signal(args: argparse.Namespace, settings: Settings) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
+    secret = settings.jwt_secret or load_secret(settings.data_dir)
+    if not secret:  # never a new secret: the node would refuse every device token signed with it
+        raise ConfigError(
+            f"no token secret at {(settings.data_dir / SECRET_FILE).resolve()}: run this where "
+            f"the node runs, or pass --data-dir DIR, or set RTNODE_JWT_SECRET as the node has it")
     port = args.port if args.port is not None else settings.mqtt_port
     stats = await simulate(
         args.host, port, count=args.count, room=args.room, rate=args.rate, secret=secret,

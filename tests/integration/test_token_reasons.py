@@ -201,6 +201,20 @@ async def ws_refused_url(url: str, tok: str) -> dict[str, Any]:
         await client.ws.close()
 
 
+def test_simulate_never_creates_a_secret_either(tmp_path: Path) -> None:
+    """`rtnode devices simulate` signs device tokens like `rtnode token`: from another folder
+    it says where it looked, instead of signing with a new secret the node would refuse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTNODE_")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-m", "node", "devices", "simulate", "--count", "1",
+                           "--room", "sensors:lab"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("rtnode: no token secret at ") and len(
+        done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "rtnode-data").exists(), "nothing created"
+
+
 def test_device_tokens_default_to_a_year_and_say_so(tmp_path: Path) -> None:
     (tmp_path / "rtnode-data").mkdir()
     (tmp_path / "rtnode-data" / "jwt-secret").write_text(SECRET)
