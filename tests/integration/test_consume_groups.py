@@ -29,12 +29,11 @@ from nats.aio.client import Client as NATS
 
 from bridge.replay import ReplayConsumer
 from node.core.events import event_body
-from node.protocol.tokens import Principal
 from tests.servers import MS, NatsProcess
+from tests.stored import WHO, store, tenant
 
 pytestmark = pytest.mark.integration
 
-WHO = Principal(sub="backend", kind="service")
 ACK_WAIT_S = 30.0  # ReplayConsumer's default: a takeover must not wait for it
 # A takeover comes after about the priority timeout (5 s by default); events that come back
 # only by ack_wait come about ACK_WAIT_S after the kill, a little less after the next start:
@@ -44,10 +43,6 @@ _RTNODE = Path(sys.executable).with_name("rtnode")
 RTNODE = [str(_RTNODE)] if _RTNODE.exists() else [sys.executable, "-m", "node"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("RTNODE_")}
 
-
-def tenant() -> str:
-    """A tenant no other test uses: patterns like ``crash:*`` then see only this test."""
-    return "t" + uuid.uuid4().hex[:10]
 
 
 def durable(base: str) -> str:
@@ -59,15 +54,6 @@ def scaled(seconds: float) -> float:
     """A deadline, scaled by RTNODE_TEST_TIMESCALE."""
     return seconds * MS * 1000
 
-
-async def store(node: Any, tenant: str, room: str, n: int, start: int = 0) -> list[int]:
-    """Store ``n`` events ``{"i": start..}`` in ``room`` through the node; their seqs."""
-    seqs = []
-    for i in range(start, start + n):
-        body = event_body(room, "reading", {"i": i}, WHO, None, f"m{i}")
-        seq, _ = await node.store.publish(tenant, room, body, f"{tenant}:{room}:{i}")
-        seqs.append(seq)
-    return seqs
 
 
 async def publish_paced(node: Any, tenant: str, rooms: Sequence[str], n: int, rate: float,

@@ -26,8 +26,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bridge.replay import ReplayConsumer
-from tests.integration.test_replay import store, tenant
 from tests.servers import NatsProcess
+from tests.stored import store, tenant
 
 pytestmark = pytest.mark.integration
 

@@ -9,37 +9,20 @@ import os
 import signal
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from bridge.replay import ReplayConsumer, ReplayError
-from node.core.events import event_body
-from node.protocol.tokens import Principal
 from tests.servers import MS, NatsProcess
+from tests.stored import dead_letters, store, tenant
 
 pytestmark = pytest.mark.integration
 
-WHO = Principal(sub="backend", kind="service")
 
 
-def tenant() -> str:
-    """A tenant no other test uses: patterns like ``sensors:*`` then see only this test."""
-    return "t" + uuid.uuid4().hex[:10]
-
-
-async def store(node: Any, tenant: str, room: str, n: int, start: int = 0) -> list[int]:
-    """Store ``n`` events ``{"i": start..}`` in ``room`` through the node; their seqs."""
-    seqs = []
-    for i in range(start, start + n):
-        body = event_body(room, "reading", {"i": i}, WHO, None, f"m{i}")
-        seq, _ = await node.store.publish(tenant, room, body, f"{tenant}:{room}:{i}")
-        seqs.append(seq)
-    return seqs
 
 
 async def drain(consumer: ReplayConsumer, timeout: float = 0.5, ack: bool = True) -> list[Any]:
@@ -181,13 +164,7 @@ async def test_nak_with_skip_dead_letters_at_once(
     seqs = await store(node, t, "sensors:a", 3)
     nc = NATS()
     await nc.connect(shared_nats.url)
-    dead: list[Msg] = []
-
-    async def on_dead(msg: Msg) -> None:
-        dead.append(msg)
-
-    await nc.subscribe(f"rt.dlq.{t}.skippy", cb=on_dead)
-    await nc.flush()
+    dead = await dead_letters(nc, f"rt.dlq.{t}.skippy")
     try:
         async with ReplayConsumer(nc, tenant=t, rooms="sensors:*", durable="skippy",
                                   on_retry="skip") as consumer:
@@ -211,13 +188,7 @@ async def test_max_deliver_dead_letters_and_term_drops(
     seqs = await store(node, t, "sensors:a", 3)
     nc = NATS()
     await nc.connect(shared_nats.url)
-    dead: list[Msg] = []
-
-    async def on_dead(msg: Msg) -> None:
-        dead.append(msg)
-
-    await nc.subscribe(f"rt.dlq.{t}.poison", cb=on_dead)
-    await nc.flush()
+    dead = await dead_letters(nc, f"rt.dlq.{t}.poison")
     try:
         async with ReplayConsumer(nc, tenant=t, rooms="sensors:*", durable="poison",
                                   max_deliver=3) as consumer:

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,30 +20,15 @@ from nats.aio.msg import Msg
 
 from bridge.replay import ReplayConsumer
 from bridge.webhook import WebhookRunner, backoff_delay, post_events, redact_url, sign
-from node.core.events import event_body
-from node.protocol.tokens import Principal
 from tests.servers import MS, NatsProcess
+from tests.stored import store, tenant
 
 pytestmark = pytest.mark.integration
 
-WHO = Principal(sub="backend", kind="service")
 SECRET = "whsec-test-7f3a"
 ROOMS = [f"wh:r{i}" for i in range(5)]
 
 
-def tenant() -> str:
-    """A tenant no other test uses."""
-    return "t" + uuid.uuid4().hex[:10]
-
-
-async def store(node: Any, tenant: str, room: str, n: int, start: int = 0) -> list[int]:
-    """Store ``n`` events ``{"i": start..}`` in ``room`` through the node; their seqs."""
-    seqs = []
-    for i in range(start, start + n):
-        body = event_body(room, "reading", {"i": i}, WHO, None, f"m{i}")
-        seq, _ = await node.store.publish(tenant, room, body, f"{tenant}:{room}:{i}")
-        seqs.append(seq)
-    return seqs
 
 
 @dataclass
