@@ -76,6 +76,7 @@ LEGACY_UPLINK_FILTER = "rooms/+/up"
 SHARE_GROUP = "$share/rtnode/"
 _BROKER_GRANT = {"*": frozenset({"publish"})}
 _WARN_INTERVAL_S = 60.0
+_STOP_S = 5.0  # how long stop() waits for the loops, then for a DISCONNECT that never ends
 
 
 class UplinkRefused(AuthError):
@@ -198,12 +199,29 @@ class ExternalMqtt:
                        loop.create_task(self._downlink_loop(), name="mqtt-external.downlink")]
 
     async def stop(self) -> None:
-        """Stop both loops."""
+        """Stop both loops, in bounded time.
+
+        aiomqtt's ``Client.__aexit__`` waits for the broker's side of the DISCONNECT with no
+        timeout (aiomqtt 2.5.1); when that never comes, a cancelled loop would keep the node's
+        stop waiting for ever. After ``_STOP_S`` the client is marked disconnected, which ends
+        that wait.
+        """
         for task in self._tasks:
             task.cancel()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=_STOP_S)
+        if pending:
+            log.warning("! MQTT broker %s:%s: no answer to DISCONNECT; closing without it",
+                        self.host, self.port)
+            client = self._client
+            if client is not None and not client._disconnected.done():
+                client._disconnected.set_result(None)
+            await asyncio.wait(pending, timeout=_STOP_S)
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(BaseException):
+                    task.result()  # retrieved: no "exception was never retrieved"
 
     # -- uplinks ---------------------------------------------------------------------------
 
