@@ -27,8 +27,8 @@ Design, in short:
   :func:`post_events` turns on) never yields an event of a room while an earlier one of that
   room is unsettled, and its ``on_retry="block"`` brings a nakked event back before the later
   ones of its room: each room stays in order, retries included.
-* **Slow receivers.** While a POST is slower than half the consumer's ``ack_wait_s``, the event
-  is marked in progress at that interval, so that it is not redelivered under the POST.
+* **Slow receivers.** The consumer marks every event it handed out in progress every
+  ``ack_wait_s / 3``: a slow POST is not redelivered under itself.
 * **Logs.** Failures are counted and logged at most once per :data:`LOG_EVERY_S` per runner, with
   the URL without credentials or query; the secret is never logged.
 """
@@ -119,17 +119,9 @@ class _FailureLog:
             self.count = 0
 
 
-async def _keep_in_progress(ev: ReplayEvent, every_s: float) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        with contextlib.suppress(Exception):  # the POST's outcome settles it anyway
-            await ev.in_progress()
-
-
 async def _deliver(
     ev: ReplayEvent, session: aiohttp.ClientSession, url: str, secret: str | None,
-    timeout_s: float, backoff_s: float, backoff_max_s: float, in_progress_s: float,
-    failures: _FailureLog,
+    timeout_s: float, backoff_s: float, backoff_max_s: float, failures: _FailureLog,
 ) -> None:
     body = webhook_body(ev)
     stamp = str(int(time.time()))
@@ -142,8 +134,6 @@ async def _deliver(
     }
     if secret:
         headers["Rtnode-Signature"] = sign(secret, stamp, body)
-    keeper = asyncio.create_task(_keep_in_progress(ev, in_progress_s),
-                                 name=f"webhook.in_progress[{ev.room}:{ev.seq}]")
     why: str | None
     try:
         async with asyncio.timeout(timeout_s):
@@ -155,10 +145,6 @@ async def _deliver(
         why = f"no answer within {timeout_s:g} s"
     except (aiohttp.ClientError, OSError) as exc:
         why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
     if why is None:
         await ev.ack()
         return
@@ -212,7 +198,6 @@ async def post_events(
     # until the previous one is settled. Read per event: safe to turn on between events.
     consumer.serial_rooms = True
     failures = _FailureLog(redact_url(url))
-    in_progress_s = max(consumer.ack_wait_s / 2, 0.05)
     slots = asyncio.Semaphore(concurrency)
     inflight: set[asyncio.Task[None]] = set()
     crashed: list[BaseException] = []
@@ -240,7 +225,7 @@ async def post_events(
                 raise
             task = asyncio.create_task(
                 _deliver(ev, session, url, secret, timeout_s, backoff_s, backoff_max_s,
-                         in_progress_s, failures),
+                         failures),
                 name=f"webhook.post[{ev.room}:{ev.seq}]",
             )
             inflight.add(task)

@@ -110,6 +110,26 @@ class RawClient:
         await self.ws.close()
 
 
+async def publish_many(c: RawClient, room: str, n: int, start: int = 0) -> list[int]:
+    """Publish ``n`` events pipelined (50 per message); return their seqs in order."""
+    seqs: dict[int, int] = {}
+    for base in range(start, start + n, 50):
+        frames = [{"type": "publish", "id": f"p{i}", "room": room, "event": "e", "data": i}
+                  for i in range(base, min(base + 50, start + n))]
+        await c.send(*frames)
+    kept = []
+    while len(seqs) < n:
+        f = await c.recv(20)
+        if f.get("type") == "published":
+            seqs[int(f["id"][1:])] = f["seq"]
+        elif f.get("type") == "error":
+            raise AssertionError(f)
+        else:
+            kept.append(f)
+    c.buffer[:0] = kept
+    return [seqs[i] for i in range(start, start + n)]
+
+
 def ws_url(node: Any) -> str:
     """The WebSocket URL of an in-process node."""
     return f"ws://127.0.0.1:{node.http.port}/ws"

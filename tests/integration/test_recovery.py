@@ -9,32 +9,13 @@ import pytest
 
 from node.protocol.subjects import STREAM_NAME
 from tests.servers import NatsProcess
-from tests.wsclient import RawClient, token, unique, ws_url
+from tests.wsclient import RawClient, publish_many, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
 # These tests publish hundreds of events quickly: no rate limit in the way.
 FAST = {"rate_per_s": 1e6, "rate_burst": 1_000_000}
 
-
-async def _publish_many(c: RawClient, room: str, n: int, start: int = 0) -> list[int]:
-    """Publish ``n`` events pipelined (50 per message); return their seqs in order."""
-    seqs: dict[int, int] = {}
-    for base in range(start, start + n, 50):
-        frames = [{"type": "publish", "id": f"p{i}", "room": room, "event": "e", "data": i}
-                  for i in range(base, min(base + 50, start + n))]
-        await c.send(*frames)
-    kept = []
-    while len(seqs) < n:
-        f = await c.recv(20)
-        if f.get("type") == "published":
-            seqs[int(f["id"][1:])] = f["seq"]
-        elif f.get("type") == "error":
-            raise AssertionError(f)
-        else:
-            kept.append(f)
-    c.buffer[:0] = kept
-    return [seqs[i] for i in range(start, start + n)]
 
 
 @pytest.mark.parametrize("codec", ["json", "cbor"])
@@ -44,15 +25,15 @@ async def test_reconnect_gets_exactly_the_missed_events(make_node, codec: str) -
     member = await RawClient.connected(ws_url(node), token("m"), codec=codec)
     joined = await member.request({"type": "join", "room": room})
     writer = await RawClient.connected(ws_url(node), token("w"))
-    [s0] = await _publish_many(writer, room, 1)
+    [s0] = await publish_many(writer, room, 1)
     [ev] = await member.events(1)
     assert ev["seq"] == s0
     await member.close()
 
-    missed = await _publish_many(writer, room, 500, start=1)
+    missed = await publish_many(writer, room, 500, start=1)
     member = await RawClient.connected(ws_url(node), token("m"), codec=codec)
     # live events keep coming while the member rejoins: the switch-over must be exact
-    live_task = asyncio.create_task(_publish_many(writer, room, 100, start=501))
+    live_task = asyncio.create_task(publish_many(writer, room, 100, start=501))
     rejoined = await member.request(
         {"type": "join", "room": room, "since": {"seq": s0, "epoch": joined["epoch"]}})
     assert rejoined["recovered"] is True
@@ -71,10 +52,10 @@ async def test_wrong_epoch_is_not_recovered(make_node) -> None:
     node = await make_node(**FAST)
     room = unique("ep")
     c = await RawClient.connected(ws_url(node))
-    [s0, s1] = await _publish_many(c, room, 2)
+    [s0, s1] = await publish_many(c, room, 2)
     r = await c.request({"type": "join", "room": room, "since": {"seq": s0, "epoch": "other"}})
     assert (r["recovered"], r["replayed"], r["seq"]) == (False, 0, s1)
-    await _publish_many(c, room, 1)
+    await publish_many(c, room, 1)
     [ev] = await c.events(1)
     assert ev["seq"] > s1, "after recovered:false it goes live from the latest seq"
     r = await c.request({"type": "join", "room": room, "since": {"seq": s0}})
@@ -85,13 +66,13 @@ async def test_recovery_max(make_node) -> None:
     node = await make_node(recovery_max=10, **FAST)
     room = unique("rm")
     c = await RawClient.connected(ws_url(node))
-    [s0] = await _publish_many(c, room, 1)
-    await _publish_many(c, room, 11)
+    [s0] = await publish_many(c, room, 1)
+    await publish_many(c, room, 11)
     r = await c.request({"type": "join", "room": room, "since": {"seq": s0}})
     assert (r["recovered"], r["replayed"]) == (False, 0)
     room2 = unique("rm")
-    [t0] = await _publish_many(c, room2, 1)
-    await _publish_many(c, room2, 10)
+    [t0] = await publish_many(c, room2, 1)
+    await publish_many(c, room2, 10)
     r = await c.request({"type": "join", "room": room2, "since": {"seq": t0}})
     assert (r["recovered"], r["replayed"]) == (True, 10)
 
@@ -100,8 +81,8 @@ async def test_trimmed_history_is_not_recovered(nats_proc: NatsProcess, make_nod
     node = await make_node(nats_url=nats_proc.url, history_size=20, **FAST)
     room = unique("trim")
     c = await RawClient.connected(ws_url(node))
-    [s0] = await _publish_many(c, room, 1)
-    await _publish_many(c, room, 30)
+    [s0] = await publish_many(c, room, 1)
+    await publish_many(c, room, 30)
     r = await c.request({"type": "join", "room": room, "since": {"seq": s0}})
     assert (r["recovered"], r["replayed"]) == (False, 0)
     hist = await c.request({"type": "history", "room": room, "limit": 1000})
@@ -118,7 +99,7 @@ async def test_recreated_stream_changes_epoch(nats_proc: NatsProcess, make_node)
     room = unique("re")
     c = await RawClient.connected(ws_url(node))
     j = await c.request({"type": "join", "room": room})
-    [s0] = await _publish_many(c, room, 1)
+    [s0] = await publish_many(c, room, 1)
     await c.close()
     await node.stop()
     nc = await nats.connect(nats_proc.url)
@@ -126,7 +107,7 @@ async def test_recreated_stream_changes_epoch(nats_proc: NatsProcess, make_node)
     await nc.close()
     node = await make_node(nats_url=nats_proc.url, **FAST)
     c = await RawClient.connected(ws_url(node))
-    await _publish_many(c, room, 3)
+    await publish_many(c, room, 3)
     r = await c.request({"type": "join", "room": room, "since": {"seq": s0,
                                                                   "epoch": j["epoch"]}})
     assert r["epoch"] != j["epoch"]
@@ -142,7 +123,7 @@ async def test_two_nodes_same_order(make_node) -> None:
     await b.request({"type": "join", "room": room})
     wa = await RawClient.connected(ws_url(n1), token("wa"))
     wb = await RawClient.connected(ws_url(n2), token("wb"))
-    sa, sb = await asyncio.gather(_publish_many(wa, room, 200), _publish_many(wb, room, 200,
+    sa, sb = await asyncio.gather(publish_many(wa, room, 200), publish_many(wb, room, 200,
                                                                                 start=1000))
     ea = [e["seq"] for e in await a.events(400)]
     eb = [e["seq"] for e in await b.events(400)]
@@ -154,7 +135,7 @@ async def test_namespace_history_limits(make_node) -> None:
     room = unique("short")
     c = await RawClient.connected(ws_url(node))
     await c.request({"type": "join", "room": room})
-    seqs = await _publish_many(c, room, 25)
+    seqs = await publish_many(c, room, 25)
     await c.events(25)
     hist = await c.request({"type": "history", "room": room, "limit": 1000})
     assert [e["seq"] for e in hist["events"]][-10:] == seqs[-10:]
@@ -173,12 +154,12 @@ async def test_room_actor_crash_is_invisible_to_members(make_node) -> None:
     room = unique("crash")
     c = await RawClient.connected(ws_url(node))
     await c.request({"type": "join", "room": room})
-    before = await _publish_many(c, room, 5)
+    before = await publish_many(c, room, 5)
     assert [e["seq"] for e in await c.events(5)] == before
     ref = node.system.get(f"room:default:{room}")
     assert ref is not None
     ref.tell(object())  # an unexpected message: the handler raises, supervision restarts it
-    after = await _publish_many(c, room, 5, start=5)
+    after = await publish_many(c, room, 5, start=5)
     events = await c.events(5)
     assert [e["seq"] for e in events] == after, "rejoined from its cursor: no gap, no duplicate"
     stats = node.system.stats()["room"]

@@ -20,31 +20,13 @@ import pytest
 from devices.client import Client, Event
 from devices.sdk import Device
 from tests.integration.test_sse import data, open_sse, sse_url
-from tests.wsclient import RawClient, token, unique, ws_url
+from tests.wsclient import RawClient, publish_many, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
 # These tests publish hundreds of events quickly: no rate limit in the way.
 FAST = {"rate_per_s": 1e6, "rate_burst": 1_000_000, "rooms_per_min": 100_000}
 
-
-async def publish_many(c: RawClient, room: str, n: int, start: int = 0) -> list[int]:
-    """Publish ``n`` events (data = their index from ``start``) pipelined; their seqs."""
-    frames = [{"type": "publish", "id": f"p{i}", "room": room, "event": "e", "data": i}
-              for i in range(start, start + n)]
-    await c.send(*frames)
-    seqs: dict[int, int] = {}
-    kept = []
-    while len(seqs) < n:
-        f = await c.recv(20)
-        if f.get("type") == "published":
-            seqs[int(f["id"][1:])] = f["seq"]
-        elif f.get("type") == "error":
-            raise AssertionError(f)
-        else:
-            kept.append(f)
-    c.buffer[:0] = kept
-    return [seqs[i] for i in range(start, start + n)]
 
 
 async def events_until(c: RawClient, room: str, last_seq: int) -> list[dict[str, Any]]:
