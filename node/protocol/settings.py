@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     )
     mqtt_tenant: str = Field("default", pattern=TENANT_PATTERN,
                              description="tenant of the external broker's rooms")
+    mqtt_session_expiry_s: float = Field(
+        604800, gt=0, description="persistent MQTT sessions (clean_session=0) kept this long")
+    mqtt_inflight: int = Field(32, ge=1, le=65535,
+                               description="QoS 1 MQTT downlinks unacknowledged at most")
+    mqtt_max_sessions_per_tenant: int = Field(100000, ge=1,
+                                              description="persistent MQTT sessions per tenant")
     node_name: str = Field("", description="name of this node (default: the host name)")
     data_dir: Path = Field(Path("rtnode-data"), description="where the node keeps its state")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve https/wss")
