@@ -9,6 +9,8 @@ connections, feeds the session and waits::
         async for ev in c.events():
             if isinstance(ev, Resync):
                 ...  # events were lost: reload the room (history), then go on
+            elif isinstance(ev, StateValues):
+                ...  # a state room's current values, right after its join (c.values(room))
             else:
                 print(ev.room, ev.seq, ev.data)
 
@@ -47,6 +49,7 @@ from devices.client_session import (
     RequestTimeout,
     Resync,
     RpcRequest,
+    StateValues,
 )
 from node.protocol.errors import CodecError
 from node.protocol.frames import CBOR, JSON, Codec
@@ -62,6 +65,7 @@ __all__ = [
     "RequestTimeout",
     "Resync",
     "RpcHandler",
+    "StateValues",
 ]
 
 # A batch of the node holds at most its slow-consumer budget (1 MiB) plus one frame.
@@ -81,7 +85,7 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
-class Client(ClientBase[Event | Resync]):
+class Client(ClientBase[Event | Resync | StateValues]):
     """An rtnode client: requests, an event stream, automatic reconnect and resume.
 
     Args:
@@ -219,8 +223,11 @@ class Client(ClientBase[Event | Resync]):
                 except Exception:
                     logger.exception("! on_state callback failed")
 
-    async def events(self) -> AsyncIterator[Event | Resync]:
+    async def events(self) -> AsyncIterator[Event | Resync | StateValues]:
         """Every event and :class:`Resync`, in arrival order, until the client ends.
+
+        A state room also gives one :class:`StateValues` right after each join (its current
+        values, before its live events); :meth:`values` is kept up to date either way.
 
         Raises:
             ClientError: The node ended the client (``reconnect: false``, a refused token).
@@ -478,7 +485,7 @@ class Client(ClientBase[Event | Resync]):
                         continue
                     if isinstance(item, Error):
                         logger.warning("! error %s %s (id %s)", item.code, item.reason, item.id)
-                    elif isinstance(item, Event | Resync):
+                    elif isinstance(item, Event | Resync | StateValues):
                         if isinstance(item, Resync) and self._on_resync is not None:
                             try:
                                 self._on_resync(item)

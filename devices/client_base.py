@@ -23,6 +23,7 @@ from devices.client_session import (
     ClientSession,
     ConnectionLost,
     Error,
+    Event,
     Reply,
     RequestTimeout,
     RpcRequest,
@@ -150,9 +151,15 @@ class ClientBase(Generic[ItemT]):
     # -- requests ---------------------------------------------------------------------------
 
     async def publish(
-        self, room: str, event: str, data: Any = None, msg_id: str | None = None
+        self, room: str, event: str, data: Any = None, msg_id: str | None = None, *,
+        key: str | None = None, unset: bool = False,
     ) -> int | None:
         """Publish an event, retried with the same ``msg_id`` until the node stores it.
+
+        Args:
+            key: In a state room, the key the event sets (default: the publisher's own id,
+                e.g. a device's id). Elsewhere the node refuses it (4000).
+            unset: In a state room, remove ``key`` instead (``data`` is not sent).
 
         Returns:
             The event's seq, None for volatile events.
@@ -163,11 +170,25 @@ class ClientBase(Generic[ItemT]):
         """
         mid = msg_id or uuid.uuid4().hex
         reply = await self._retrying(
-            lambda: self._session.publish_frame(room, event, data, mid),
+            lambda: self._session.publish_frame(room, event, data, mid, key, unset),
             self._deadline(self._publish_timeout_s),
         )
         seq = reply.get("seq")
         return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+    async def unset(self, room: str, key: str | None = None, *,
+                    event: str = "state:unset") -> int | None:
+        """Remove ``key`` (default: the publisher's own id) from a state room; returns the seq."""
+        return await self.publish(room, event, key=key, unset=True)
+
+    def values(self, room: str) -> dict[str, Event]:
+        """The current values of a state room, key -> its latest event, ordered by key.
+
+        Filled by the ``state`` frame that follows each ``joined`` and kept up to date by the
+        room's events (an older seq never replaces a newer one; ``unset`` removes a key).
+        Empty for rooms that are not state rooms, or not joined.
+        """
+        return self._session.values(room)
 
     async def request(self, frame: Mapping[str, Any]) -> dict[str, Any]:
         """Send any request frame (its ``id`` is assigned) and return its typed reply.

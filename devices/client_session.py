@@ -9,7 +9,13 @@ touches a socket: :class:`devices.client.Client` does the I/O around it::
     send(session.connect_frame(token))
     for raw in codec.decode(message):
         for item in session.receive(raw):
-            ...  # Connected, Reply, Error, Event, Resync, Disconnect, RpcRequest
+            ...  # Connected, Reply, Error, Event, Resync, StateValues, Disconnect, RpcRequest
+
+State rooms (a namespace with ``state = true``): every event carries a ``key``, and a
+``state`` frame follows each ``joined`` with the room's current values. The session keeps a
+map key -> latest :class:`Event` per room (:meth:`ClientSession.values`): a value or an event
+applies to its key only if its seq is higher than the one held for that key, and an event with
+``unset`` removes the key.
 
 Errors of the client library form one tree:
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "RoomState",
     "RpcRequest",
     "SessionEvent",
+    "StateValues",
     "backoff_cap",
 ]
 
@@ -133,6 +140,19 @@ class Event:
     ts: int | None
     from_: dict[str, Any]
     msg_id: str | None = None
+    key: str | None = None
+    unset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StateValues:
+    """The ``state`` frame of a state room, after its ``joined``: the room's current values.
+
+    ``values`` maps each key to its latest event (the session's map after applying them).
+    """
+
+    room: str
+    values: dict[str, Event]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +183,7 @@ class RpcRequest:
     from_: dict[str, Any]
 
 
-SessionEvent = Connected | Reply | Error | Event | Resync | Disconnect | RpcRequest
+SessionEvent = Connected | Reply | Error | Event | Resync | StateValues | Disconnect | RpcRequest
 
 
 @dataclass(slots=True)
@@ -181,6 +201,9 @@ class RoomState:
         rewind: The ``rewind`` asked for: sent while no position is known (the first join,
             or a re-join before any event arrived), never with ``since``.
         rewinding: Whether a ``join`` with ``rewind`` is in flight.
+        joined_seq: The seq of the last ``joined`` (what its ``state`` frame is at least).
+        values: A state room's current values: key -> its latest event.
+        key_seqs: The highest seq seen per key, removed ones included (the seq rule).
     """
 
     presence: bool = False
@@ -191,6 +214,19 @@ class RoomState:
     auto: bool = False
     rewind: int | None = None
     rewinding: bool = False
+    joined_seq: int = 0
+    values: dict[str, Event] = field(default_factory=dict)
+    key_seqs: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, ev: Event) -> bool:
+        """Apply a keyed event with the seq rule; returns whether it changed the values."""
+        if ev.key is None or ev.seq is None or ev.seq <= self.key_seqs.get(ev.key, 0):
+            return False
+        self.key_seqs[ev.key] = ev.seq
+        if ev.unset:
+            return self.values.pop(ev.key, None) is not None
+        self.values[ev.key] = ev
+        return True
 
 
 class _Pending(NamedTuple):
@@ -217,6 +253,22 @@ def _str(value: Any, default: str = "") -> str:
 
 def _map(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
+
+
+def _event(room: str, frame: dict[str, Any]) -> Event:
+    """An :class:`Event` of ``room`` from an event map (an ``event`` frame, a state value)."""
+    msg_id, key = frame.get("msg_id"), frame.get("key")
+    return Event(
+        room=room,
+        seq=_int(frame.get("seq")),
+        event=_str(frame.get("event")),
+        data=frame.get("data"),
+        ts=_int(frame.get("ts")),
+        from_=_map(frame.get("from")),
+        msg_id=msg_id if isinstance(msg_id, str) else None,
+        key=key if isinstance(key, str) else None,
+        unset=frame.get("unset") is True,
+    )
 
 
 class ClientSession:
@@ -268,6 +320,11 @@ class ClientSession:
         """The last seq received in ``room`` (0 when none)."""
         state = self._rooms.get(room)
         return 0 if state is None or state.last_seq is None else state.last_seq
+
+    def values(self, room: str) -> dict[str, Event]:
+        """A state room's current values, key -> latest event (a copy; empty otherwise)."""
+        state = self._rooms.get(room)
+        return {} if state is None else dict(sorted(state.values.items()))
 
     def pending(self) -> list[int]:
         """The ids of requests still waiting for their reply."""
@@ -342,10 +399,21 @@ class ClientSession:
         self._rooms.pop(room, None)
 
     def publish_frame(
-        self, room: str, event: str, data: Any = None, msg_id: str | None = None
+        self, room: str, event: str, data: Any = None, msg_id: str | None = None,
+        key: str | None = None, unset: bool = False,
     ) -> dict[str, Any]:
-        """A ``publish`` request (send it again with the same ``msg_id`` to retry)."""
-        frame: dict[str, Any] = {"type": "publish", "room": room, "event": event, "data": data}
+        """A ``publish`` request (send it again with the same ``msg_id`` to retry).
+
+        ``key`` and ``unset`` are for state rooms only: the key to set (default: the
+        publisher's own id) or, with ``unset``, to remove (the frame then has no ``data``).
+        """
+        frame: dict[str, Any] = {"type": "publish", "room": room, "event": event}
+        if unset:
+            frame["unset"] = True
+        else:
+            frame["data"] = data
+        if key is not None:
+            frame["key"] = key
         if msg_id is not None:
             frame["msg_id"] = msg_id
         return self._request(frame, room)
@@ -413,6 +481,8 @@ class ClientSession:
             ]
         if kind == "connected":
             return [self._receive_connected(frame)]
+        if kind == "state":
+            return self._receive_state(frame)
         rid = _int(frame.get("id"))
         if rid is None or rid not in self._pending:
             return []  # a reply we stopped waiting for
@@ -441,18 +511,29 @@ class ClientSession:
             if state.last_seq is not None and seq <= state.last_seq:
                 return []  # a duplicate, or older than what was already received
             state.last_seq = seq
-        msg_id = frame.get("msg_id")
-        return [
-            Event(
-                room=room,
-                seq=seq,
-                event=_str(frame.get("event")),
-                data=frame.get("data"),
-                ts=_int(frame.get("ts")),
-                from_=_map(frame.get("from")),
-                msg_id=msg_id if isinstance(msg_id, str) else None,
-            )
-        ]
+        ev = _event(room, frame)
+        if state is not None and ev.key is not None:
+            state.apply(ev)
+        return [ev]
+
+    def _receive_state(self, frame: dict[str, Any]) -> list[SessionEvent]:
+        room, values = frame.get("room"), frame.get("values")
+        state = self._rooms.get(room) if isinstance(room, str) else None
+        if state is None or not isinstance(room, str) or not isinstance(values, list):
+            return []  # left meanwhile, or malformed
+        seen: set[str] = set()
+        for raw in values:
+            if isinstance(raw, dict):
+                ev = _event(room, raw)
+                if ev.key is not None and not ev.unset:
+                    seen.add(ev.key)
+                    state.apply(ev)
+        # A key held but absent from the values was removed while we were away: the values
+        # are at least as recent as the joined seq, so only keys set after it are kept.
+        for key in [k for k in state.values if k not in seen]:
+            if state.key_seqs.get(key, 0) <= state.joined_seq:
+                del state.values[key]
+        return [StateValues(room, dict(sorted(state.values.items())))]
 
     def _receive_joined(self, frame: dict[str, Any]) -> list[SessionEvent]:
         room = _str(frame.get("room"))
@@ -474,6 +555,7 @@ class ClientSession:
             state.last_seq = seq
         state.epoch, state.joined, state.resuming = epoch, True, False
         state.rewinding = False
+        state.joined_seq = seq
         return out
 
     def _receive_error(self, frame: dict[str, Any]) -> list[SessionEvent]:

@@ -56,6 +56,7 @@ from devices.client_session import (
     Resync,
     RoomState,
     RpcRequest,
+    StateValues,
 )
 from devices.cursors import CursorStore
 from node.protocol.ids import ID_RULE, is_valid_id
@@ -283,6 +284,9 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
     async def events(self) -> AsyncIterator[dict[str, Any] | Resync]:
         """Event frames (dicts) and :class:`Resync` notices, in order, until the device ends.
 
+        A state room also gives its ``state`` frame (``{"type": "state", "room", "values"}``)
+        right after each join; :meth:`values` holds the room's current values either way.
+
         Each event handed out moves the room's saved cursor; duplicates (seq at or below the
         cursor) never appear.
 
@@ -330,6 +334,15 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
             self._cursors.set(room, seq if isinstance(seq, int) else 0,
                               self._session.epoch(room))
         return reply
+
+    async def report(self, room: str, data: Any, *, key: str | None = None,
+                     event: str = "reported") -> int | None:
+        """Publish ``data`` as this device's value in the state room ``room``.
+
+        The key defaults to the device id (the node's default), so a fleet room holds each
+        device's latest report; returns the event's seq.
+        """
+        return await self.publish(room, event, data, key=key)
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room``; it is not re-joined, and its saved cursor is forgotten."""
@@ -551,6 +564,8 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
                     await self._queue.put((raw, self._session.epoch(item.room)))
                 elif isinstance(item, Resync):
                     await self._queue.put((item, item.epoch))
+                elif isinstance(item, StateValues):
+                    await self._queue.put((raw, self._session.epoch(item.room)))
                 elif isinstance(item, RpcRequest):
                     self._spawn(self._answer_rpc(item))
         return Disconnect(1006, "connection closed", True)
