@@ -24,7 +24,7 @@ from node.nats_server import nats_server_binary
 from tests.servers import NodeProcess, free_ports, http_get, wait_until
 from tests.wsclient import SECRET
 
-__all__ = ["FAST", "NatsCluster", "TcpProxy", "cluster_node"]
+__all__ = ["FAST", "NatsCluster", "RawMqtt", "TcpProxy", "cluster_node"]
 
 CLUSTER_NAME = "rtc"
 
@@ -347,3 +347,134 @@ def cluster_node(tmp: Path, name: str, urls: list[str]) -> NodeProcess:
     """A node on ``urls`` (a cluster's servers, or a proxy to one) with the R3 room stream."""
     return NodeProcess(tmp / name, "--nats-url", ",".join(urls), "--stream-replicas", "3",
                        *FAST, name=name, env={"RTNODE_JWT_SECRET": SECRET}).start()
+
+
+class RawMqtt:
+    """A bare MQTT 3.1.1 client on asyncio streams, for the persistent-session tests and
+    ``bench.sessions``: it PUBACKs only when told (:meth:`puback`), so a test can leave
+    messages unacknowledged and see them again, with DUP, after reconnecting.
+
+    ``await RawMqtt.connect(port, client_id, password, clean=False)``; ``session_present`` and
+    ``return_code`` come from the CONNACK. :meth:`publish_in` returns the next PUBLISH as
+    ``(topic, payload, packet_id, qos, dup, retain)``.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.session_present = False
+        self.return_code = -1
+        self._ids = 0
+        # PUBLISHes read while waiting for another packet (a SUBACK), handed out first
+        self.pending: list[tuple[str, bytes, int, int, bool, bool]] = []
+
+    @staticmethod
+    def _str(s: str | bytes) -> bytes:
+        raw = s.encode() if isinstance(s, str) else s
+        return len(raw).to_bytes(2, "big") + raw
+
+    @staticmethod
+    def _packet(b0: int, body: bytes) -> bytes:
+        n, length = len(body), bytearray()
+        while True:
+            digit, n = n % 128, n // 128
+            length.append(digit | (0x80 if n else 0))
+            if not n:
+                break
+        return bytes([b0]) + bytes(length) + body
+
+    @classmethod
+    async def connect(cls, port: int, client_id: str, password: str, *, clean: bool = False,
+                      keepalive: int = 60, timeout: float = 10.0) -> RawMqtt:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), timeout)
+        c = cls(reader, writer)
+        flags = 0x80 | 0x40 | (0x02 if clean else 0)
+        body = (cls._str("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
+                + cls._str(client_id) + cls._str(client_id) + cls._str(password))
+        writer.write(cls._packet(0x10, body))
+        b0, rest = await asyncio.wait_for(c.read_packet(), timeout)
+        assert b0 >> 4 == 2, f"expected CONNACK, got packet type {b0 >> 4}"
+        c.session_present, c.return_code = bool(rest[0] & 1), rest[1]
+        return c
+
+    async def read_packet(self) -> tuple[int, bytes]:
+        """The next packet: (first byte, the rest). IncompleteReadError when the socket ends."""
+        b0 = (await self.reader.readexactly(1))[0]
+        n, shift = 0, 0
+        while True:
+            digit = (await self.reader.readexactly(1))[0]
+            n += (digit & 0x7F) << shift
+            shift += 7
+            if not digit & 0x80:
+                break
+        return b0, await self.reader.readexactly(n)
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> list[int]:
+        """SUBSCRIBE one filter; the granted QoS list of the SUBACK."""
+        self._ids = self._ids % 65535 + 1
+        self.writer.write(self._packet(0x82, self._ids.to_bytes(2, "big") + self._str(topic)
+                                       + bytes([qos])))
+        while True:
+            b0, rest = await asyncio.wait_for(self.read_packet(), timeout)
+            if b0 >> 4 == 9:
+                return list(rest[2:])
+            assert b0 >> 4 == 3, f"unexpected packet type {b0 >> 4} before SUBACK"
+            self.pending.append(self._parse_publish(b0, rest))
+
+    @staticmethod
+    def _parse_publish(b0: int, rest: bytes) -> tuple[str, bytes, int, int, bool, bool]:
+        qos = (b0 >> 1) & 3
+        tlen = int.from_bytes(rest[:2], "big")
+        topic = rest[2:2 + tlen].decode()
+        pos = 2 + tlen
+        packet_id = 0
+        if qos:
+            packet_id = int.from_bytes(rest[pos:pos + 2], "big")
+            pos += 2
+        return topic, rest[pos:], packet_id, qos, bool(b0 & 0x08), bool(b0 & 0x01)
+
+    async def publish_in(self, timeout: float = 10.0) -> tuple[str, bytes, int, int, bool, bool]:
+        """The next PUBLISH from the server (other packets, e.g. PINGRESP, are skipped)."""
+        if self.pending:
+            return self.pending.pop(0)
+        while True:
+            b0, rest = await asyncio.wait_for(self.read_packet(), timeout)
+            if b0 >> 4 == 3:
+                return self._parse_publish(b0, rest)
+
+    def puback(self, packet_id: int) -> None:
+        self.writer.write(self._packet(0x40, packet_id.to_bytes(2, "big")))
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> int:
+        """Send a PUBLISH (QoS 0 or 1); its packet id (0 for QoS 0). The PUBACK is not awaited."""
+        pid = 0
+        body = self._str(topic)
+        if qos:
+            self._ids = self._ids % 65535 + 1
+            pid = self._ids
+            body += pid.to_bytes(2, "big")
+        self.writer.write(self._packet(0x30 | (qos << 1) | int(retain), body + payload))
+        return pid
+
+    async def disconnect(self) -> None:
+        """A clean DISCONNECT, then close."""
+        with contextlib.suppress(OSError):
+            self.writer.write(b"\xe0\x00")
+            await self.writer.drain()
+        await self.drop()
+
+    async def drop(self, timeout: float = 10.0) -> None:
+        """End the connection without DISCONNECT (a lost connection, as the node sees it): our
+        side is shut (FIN after every byte written, so PUBACKs sent before are read), then
+        whatever the node still sends is read and dropped until it closes its side."""
+        with contextlib.suppress(OSError):
+            await self.writer.drain()
+            self.writer.write_eof()
+        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
