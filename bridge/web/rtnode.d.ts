@@ -59,6 +59,21 @@ export interface RoomEvent {
   ts: number | null;
   from: EventSender;
   msg_id?: string;
+  /** State rooms only: the key the event sets (or removes, with `unset`). */
+  key?: string;
+  /** State rooms only: the event removed `key`. */
+  unset?: true;
+}
+
+/** A state room's values changed: after a join (`snapshot`, from the `state` frame), or one
+ * key set (`value`) or removed (`value: null`) by a live event. */
+export interface StateChange {
+  room: string;
+  /** The room's current values, key -> latest event (the same live Map as `values(room)`). */
+  values: Map<string, RoomEvent>;
+  snapshot: boolean;
+  key?: string;
+  value?: RoomEvent | null;
 }
 
 export interface RecoveredFalse {
@@ -79,6 +94,9 @@ export interface JoinOptions {
    * (`joined.replayed` of them, oldest first, to `onEvent`). Sent only while the client knows
    * no position for the room: a reconnect or a saved `persist` position resumes instead. */
   rewind?: number;
+  /** A state room's values changed (see StateChange); called after each join with all of
+   * them, then for each key set or removed. */
+  onState?: (change: StateChange) => void;
   /** A resume could not be honoured: events were lost, reload the room (history). */
   onRecovered?: (info: RecoveredFalse) => void;
 }
@@ -113,6 +131,7 @@ export interface ClientEvents {
   event: RoomEvent;
   error: ClientError;
   state: ClientState;
+  values: StateChange;
   closed: { code: number; reason: string; status: number | null };
 }
 
@@ -153,9 +172,16 @@ export declare class Client extends EventTarget {
   join(room: string, opts?: JoinOptions): Promise<Record<string, unknown>>;
   leave(room: string): Promise<Record<string, unknown>>;
   lastSeq(room: string): number;
-  /** Resolves to the seq (null for volatile events) once stored; retried with one msg_id. */
+  /** A state room's current values, key -> latest event (live: do not modify it). */
+  values(room: string): Map<string, RoomEvent>;
+  /** Resolves to the seq (null for volatile events) once stored; retried with one msg_id.
+   * State rooms: `key` (default: the publisher's id) and `unset` (remove the key, no data). */
   publish(room: string, event: string, data?: unknown,
-    opts?: { msgId?: string; timeoutMs?: number }): Promise<number | null>;
+    opts?: { msgId?: string; timeoutMs?: number; key?: string; unset?: boolean }):
+    Promise<number | null>;
+  /** Removes `key` (default: the publisher's id) from a state room; resolves to the seq. */
+  unset(room: string, key?: string, opts?: { event?: string; timeoutMs?: number }):
+    Promise<number | null>;
   rpc(to: string, method: string, params?: unknown, opts?: { timeoutMs?: number }): Promise<unknown>;
   onRpc(method: string, handler: (params: any, info: RpcInfo) => unknown): () => void;
   history(room: string, opts?: { since?: number; limit?: number; reverse?: boolean }):

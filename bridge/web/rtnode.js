@@ -31,9 +31,11 @@ const NO_RECONNECT = new Set([4000, 4001, 4003, 4013, 4029]);
  * @typedef {{encode(value: any): Uint8Array, decodeMulti?(bytes: Uint8Array): any[],
  *   decodeMultiple?(bytes: Uint8Array): any[] | undefined}} Codec
  * @typedef {{room: string, seq: number | null, event: string, data: any, ts: number | null,
- *   from: Record<string, any>, msg_id?: string}} RoomEvent
+ *   from: Record<string, any>, msg_id?: string, key?: string, unset?: boolean}} RoomEvent
+ * @typedef {{room: string, values: Map<string, RoomEvent>, snapshot: boolean, key?: string,
+ *   value?: RoomEvent | null}} StateChange
  * @typedef {{onEvent?: (ev: RoomEvent) => void, presence?: boolean, persist?: boolean,
- *   rewind?: number,
+ *   rewind?: number, onState?: (change: StateChange) => void,
  *   onRecovered?: (info: {room: string, recovered: false, seq: number, epoch: string}) => void}}
  *   JoinOptions
  */
@@ -195,7 +197,8 @@ export function connect(options) {
  * {code, reason, reconnect, wasConnected, status}, `recovered` {room, recovered: false, seq,
  * epoch}, `event` (every RoomEvent), `error` {code, reason, status?, url?} (errors without a
  * waiting request, and a refused upgrade that ends the client), `state` (the new state),
- * `closed` {code, reason, status} (the client ended).
+ * `values` (a StateChange of a state room: its current values after a join, then each key
+ * set or removed), `closed` {code, reason, status} (the client ended).
  */
 export class Client extends EventTarget {
   /** @param {import("./rtnode").ConnectOptions} options */
@@ -338,6 +341,7 @@ export class Client extends EventTarget {
     st.persist = !!opts.persist;
     if (opts.rewind != null) st.rewind = opts.rewind;
     st.onEvent = opts.onEvent ?? st.onEvent;
+    st.onState = opts.onState ?? st.onState;
     st.onRecovered = opts.onRecovered ?? st.onRecovered;
     try {
       return await this._retrying(() => this._joinFrame(room), Date.now() + this._requestTimeoutMs);
@@ -366,6 +370,17 @@ export class Client extends EventTarget {
     return this._rooms.get(room)?.lastSeq ?? 0;
   }
 
+  /**
+   * The current values of a state room (`state = true` in its namespace): key -> its latest
+   * event, live (do not modify it). Filled by the `state` frame that follows each `joined`,
+   * then kept up to date by the room's events: an older seq never replaces a newer one, an
+   * `unset` removes its key. Empty for other rooms.
+   * @param {string} room @returns {Map<string, RoomEvent>}
+   */
+  values(room) {
+    return this._rooms.get(room)?.values ?? new Map();
+  }
+
   /** The rooms joined by the application. */
   get rooms() {
     return [...this._rooms.keys()];
@@ -373,16 +388,32 @@ export class Client extends EventTarget {
 
   /**
    * Publish an event, retried with the same `msg_id` until the node stores it.
-   * Resolves to its seq (null for volatile events).
+   * Resolves to its seq (null for volatile events). In a state room, `key` names the value
+   * it sets (default: the publisher's own id) and `unset: true` removes that key instead
+   * (no data is sent); elsewhere the node refuses both (4000).
    * @param {string} room @param {string} event @param {any} [data]
-   * @param {{msgId?: string, timeoutMs?: number}} [opts]
+   * @param {{msgId?: string, timeoutMs?: number, key?: string, unset?: boolean}} [opts]
    */
   async publish(room, event, data = null, opts = {}) {
     const msgId = opts.msgId ?? randomId();
     const deadline = Date.now() + (opts.timeoutMs ?? this._publishTimeoutMs);
-    const reply = await this._retrying(
-      () => ({ type: "publish", room, event, data, msg_id: msgId }), deadline);
+    /** @type {Record<string, any>} */
+    const base = { type: "publish", room, event };
+    if (opts.unset) base.unset = true;
+    else base.data = data;
+    if (opts.key != null) base.key = opts.key;
+    base.msg_id = msgId;
+    const reply = await this._retrying(() => ({ ...base }), deadline);
     return int(reply.seq);
+  }
+
+  /**
+   * Remove `key` (default: the publisher's own id) from a state room; resolves to the seq.
+   * @param {string} room @param {string} [key] @param {{event?: string, timeoutMs?: number}} [opts]
+   */
+  async unset(room, key, opts = {}) {
+    return this.publish(room, opts.event ?? "state:unset", null,
+      { key, unset: true, timeoutMs: opts.timeoutMs });
   }
 
   /**
@@ -789,6 +820,9 @@ export class Client extends EventTarget {
       case "event":
         this._onEvent(f);
         return;
+      case "state":
+        this._onState(f);
+        return;
       case "rpc":
         this._answerRpc(conn, f);
         return;
@@ -850,6 +884,7 @@ export class Client extends EventTarget {
       st.lastSeq = seq;
     }
     st.rewinding = false;
+    st.joinedSeq = seq;
     st.epoch = epoch;
     st.joined = true;
     st.resuming = false;
@@ -877,6 +912,8 @@ export class Client extends EventTarget {
     const ev = { room, seq, event: String(f.event ?? ""), data: f.data, ts: int(f.ts),
       from: f.from && typeof f.from === "object" ? f.from : {} };
     if (typeof f.msg_id === "string") ev.msg_id = f.msg_id;
+    if (typeof f.key === "string") ev.key = f.key;
+    if (f.unset === true) ev.unset = true;
     if (st?.onEvent) {
       try {
         st.onEvent(ev);
@@ -885,6 +922,45 @@ export class Client extends EventTarget {
       }
     }
     this._emit("event", ev);
+    if (st && ev.key != null && applyValue(st, ev)) {
+      this._stateChanged(st, { room, values: st.values, snapshot: false, key: ev.key,
+        value: ev.unset ? null : ev });
+    }
+  }
+
+  /** The `state` frame of a state room (right after its `joined`). @param {any} f */
+  _onState(f) {
+    const room = f.room;
+    const st = typeof room === "string" ? this._rooms.get(room) : undefined;
+    if (!st || !Array.isArray(f.values)) return;
+    const seen = new Set();
+    for (const v of f.values) {
+      if (!v || typeof v !== "object" || typeof v.key !== "string" || v.unset === true) continue;
+      seen.add(v.key);
+      applyValue(st, { room, seq: int(v.seq), event: String(v.event ?? ""), data: v.data,
+        ts: int(v.ts), from: v.from && typeof v.from === "object" ? v.from : {}, key: v.key });
+    }
+    // Keys held but absent were removed while away (the values are at least as recent as
+    // the joined seq): only keys set after it stay.
+    const values = /** @type {Map<string, RoomEvent>} */ (st.values ??= new Map());
+    const sorted = [...values.entries()]
+      .filter(([k]) => seen.has(k) || (st.keySeqs?.get(k) ?? 0) > (st.joinedSeq ?? 0))
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    values.clear(); // the same Map, ordered by key (an application may hold it)
+    for (const [k, v] of sorted) values.set(k, v);
+    this._stateChanged(st, { room, values, snapshot: true });
+  }
+
+  /** @param {any} st @param {StateChange} change */
+  _stateChanged(st, change) {
+    if (st.onState) {
+      try {
+        st.onState(change);
+      } catch (e) {
+        console.error("rtnode: onState failed", e);
+      }
+    }
+    this._emit("values", change);
   }
 
   /** @param {any} conn @param {any} f */
@@ -1049,6 +1125,22 @@ export class Client extends EventTarget {
       // ignore
     }
   }
+}
+
+/**
+ * Apply a keyed event to a room's values with the seq rule (only a higher seq per key;
+ * `unset` removes); returns whether it was applied.
+ * @param {any} st @param {RoomEvent} ev
+ */
+function applyValue(st, ev) {
+  if (ev.key == null || ev.seq == null) return false;
+  st.values ??= new Map();
+  st.keySeqs ??= new Map();
+  if (ev.seq <= (st.keySeqs.get(ev.key) ?? 0)) return false;
+  st.keySeqs.set(ev.key, ev.seq);
+  if (ev.unset) st.values.delete(ev.key);
+  else st.values.set(ev.key, ev);
+  return true;
 }
 
 function safeSessionStorage() {
