@@ -9,6 +9,8 @@ the console's live view.
 - ``GET /console.json`` tells the console whether the node offers development tokens.
 - ``POST /dev/token`` answers ``{token, expires_in_s}``, a user token with every right on every
   room and every rpc target, only when the node's ``dev`` setting is true (404 otherwise).
+  ``POST /dev/token?kind=service`` answers a service token with the same rights instead: the
+  console's sessions view calls the HTTP API (``/api/sessions``) with it.
 - :class:`StatsPublisher` publishes the node's figures once a second as a volatile ``stats``
   event (pushed, never polled): in the room ``sys:stats`` of each tenant with a room on this
   node, listing that tenant's rooms only, and in ``sys:all:stats`` of the default tenant,
@@ -140,8 +142,9 @@ class StaticSite:
         if secret is None:
             return web.json_response({"code": 4004, "reason": "not found"}, status=404)
         s = self.settings
+        kind = "service" if request.query.get("kind") == "service" else "user"
         token = mint_token(
-            secret, sub="dev-console", kind="user",
+            secret, sub="dev-console", kind=kind,
             rooms={"*": ["join", "publish", "history", "presence"], "sys:*": ["join"]},
             rpc=["*"],
             ttl_s=DEV_TOKEN_TTL_S, issuer=s.jwt_issuer, audience=s.jwt_audience,

@@ -238,6 +238,8 @@ async function openRoom(room, presence) {
   currentRoom = room;
   if (previous && previous !== room && previous !== config.stats_room) c.leave(previous).catch(() => {});
   $("events").replaceChildren();
+  $("state-rows").replaceChildren();
+  $("state-view").hidden = true;
   $("history").replaceChildren();
   $("presence").replaceChildren();
   oldestHistorySeq = null;
@@ -249,6 +251,9 @@ async function openRoom(room, presence) {
         if (ev.room !== currentRoom) return;
         addEvent(ev);
         if (ev.event.startsWith("presence:")) loadPresence();
+      },
+      onState: (change) => {
+        if (change.room === currentRoom) renderState(change);
       },
     });
     if (currentRoom !== room) return;
@@ -262,6 +267,48 @@ async function openRoom(room, presence) {
   }
 }
 
+/** The state view of a state room: one row per key, live. @param {any} change */
+function renderState(change) {
+  const room = change.room;
+  /** @type {Map<string, any>} */
+  const values = change.values;
+  $("state-view").hidden = false;
+  $("state-count").textContent = `(${values.size} key${values.size === 1 ? "" : "s"})`;
+  const keys = [...values.keys()].sort();
+  replaceList($("state-rows"), keys, (key) => {
+    const ev = values.get(key);
+    const tr = document.createElement("tr");
+    tr.dataset.key = key;
+    if (change.key === key) tr.className = "fresh";
+    const cell = (/** @type {string | HTMLElement} */ content) => {
+      const td = document.createElement("td");
+      td.append(content);
+      tr.append(td);
+      return td;
+    };
+    const k = document.createElement("code");
+    k.textContent = key;
+    cell(k);
+    const pre = document.createElement("pre");
+    pre.textContent = JSON.stringify(ev.data);
+    cell(pre).dataset.value = "";
+    const who = ev.from ? `${ev.from.kind ?? "?"} ${ev.from.user ?? "?"}` : "?";
+    cell(`${who} · ${ev.event}`);
+    cell(`${ev.ts ? new Date(ev.ts).toLocaleTimeString() : ""} · #${ev.seq}`);
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = "Remove";
+    b.setAttribute("aria-label", `Remove key ${key}`);
+    b.addEventListener("click", () => {
+      client?.unset(room, key).catch((e) => {
+        $("pub-result").textContent = `not removed: ${e.code ?? ""} ${e.reason ?? e.message}`;
+      });
+    });
+    cell(b);
+    return tr;
+  });
+}
+
 /** @param {any} ev */
 function eventItem(ev) {
   const li = document.createElement("li");
@@ -269,7 +316,8 @@ function eventItem(ev) {
   meta.className = "meta";
   const who = ev.from ? `${ev.from.kind ?? "?"} ${ev.from.user ?? "?"}` : "";
   const when = ev.ts ? new Date(ev.ts).toLocaleTimeString() : "";
-  meta.textContent = `${ev.seq != null ? `#${ev.seq}` : "volatile"} · ${ev.event} · ${who} · ${when}`;
+  const key = ev.key != null ? ` · key ${ev.key}${ev.unset ? " (unset)" : ""}` : "";
+  meta.textContent = `${ev.seq != null ? `#${ev.seq}` : "volatile"} · ${ev.event}${key} · ${who} · ${when}`;
   const pre = document.createElement("pre");
   pre.textContent = JSON.stringify(ev.data, null, 2);
   li.append(meta, pre);
@@ -342,7 +390,9 @@ async function onPublish(/** @type {SubmitEvent} */ e) {
   const out = $("pub-result");
   if (!client || !currentRoom) return;
   try {
-    const seq = await client.publish(currentRoom, $("pub-event").value.trim(), parseJson($("pub-data").value));
+    const key = $("pub-key").value.trim();
+    const seq = await client.publish(currentRoom, $("pub-event").value.trim(), parseJson($("pub-data").value),
+      key ? { key } : {});
     out.textContent = seq == null ? "published (volatile)" : `published: seq ${seq}`;
   } catch (err) {
     const x = /** @type {any} */ (err);
@@ -365,6 +415,103 @@ async function onRpc(/** @type {SubmitEvent} */ e) {
     out.dataset.ok = "false";
     out.textContent = `error ${x.code ?? ""}: ${x.reason ?? x.message}`;
   }
+}
+
+// -- persistent MQTT sessions (the HTTP API) -------------------------------------------------
+
+/** Headers for the HTTP API: the credential typed in, else a dev service token. */
+async function apiHeaders() {
+  let cred = $("sessions-cred").value.trim();
+  if (!cred && config.dev) {
+    const r = await fetch("/dev/token?kind=service", { method: "POST" });
+    if (!r.ok) throw new Error(`development token refused (${r.status})`);
+    cred = (await r.json()).token;
+  }
+  if (!cred) throw new Error("a service token or the API key is needed");
+  // A JWT has three dot-separated parts; anything else is taken as the node's API key.
+  return cred.split(".").length === 3 ? { Authorization: `Bearer ${cred}` } : { "X-API-Key": cred };
+}
+
+/** @param {string} path @param {string} [method] */
+async function api(path, method = "GET") {
+  const r = await fetch(path, { method, headers: await apiHeaders(), cache: "no-store" });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(`${body.code ?? r.status} ${body.reason ?? r.statusText}`);
+  return body;
+}
+
+/** @param {number | undefined} ms */
+const when = (ms) => (ms ? new Date(ms).toLocaleString() : "");
+
+async function loadSessions() {
+  const status = $("sessions-status");
+  status.textContent = "loading…";
+  try {
+    const { sessions } = await api("/api/sessions");
+    const list = Array.isArray(sessions) ? sessions : [];
+    status.textContent = `${list.length} session${list.length === 1 ? "" : "s"}`;
+    replaceList($("session-rows"), list, sessionRow);
+  } catch (e) {
+    status.textContent = `sessions unavailable: ${/** @type {any} */ (e).message}`;
+  }
+}
+
+/** @param {any} s */
+function sessionRow(s) {
+  const tr = document.createElement("tr");
+  tr.dataset.clientId = s.client_id;
+  const cell = (/** @type {string | HTMLElement} */ content) => {
+    const td = document.createElement("td");
+    td.append(content);
+    tr.append(td);
+  };
+  const id = document.createElement("code");
+  id.textContent = s.client_id;
+  cell(id);
+  cell(s.connected ? `online on ${s.node ?? "?"}` : `offline (last on ${s.node ?? "?"})`);
+  const subs = Object.entries(s.subs ?? {}).map(([room, qos]) =>
+    `${room} (QoS ${qos}, seq ${(s.cursors ?? {})[room] ?? "–"})`);
+  cell(subs.join(", ") || "none");
+  cell(when(s.updated_ms));
+  const actions = document.createElement("div");
+  actions.className = "row";
+  const inspect = document.createElement("button");
+  inspect.type = "button";
+  inspect.textContent = "Inspect";
+  inspect.setAttribute("aria-label", `Inspect session ${s.client_id}`);
+  inspect.addEventListener("click", () => inspectSession(s.client_id));
+  const del = document.createElement("button");
+  del.type = "button";
+  del.textContent = "Delete";
+  del.setAttribute("aria-label", `Delete session ${s.client_id}`);
+  del.addEventListener("click", () => deleteSession(s.client_id));
+  actions.append(inspect, del);
+  cell(actions);
+  return tr;
+}
+
+/** @param {string} clientId */
+async function inspectSession(clientId) {
+  const out = $("session-detail");
+  out.hidden = false;
+  try {
+    out.textContent = JSON.stringify(await api(`/api/sessions/${encodeURIComponent(clientId)}`), null, 2);
+  } catch (e) {
+    out.textContent = `cannot read ${clientId}: ${/** @type {any} */ (e).message}`;
+  }
+}
+
+/** @param {string} clientId */
+async function deleteSession(clientId) {
+  if (!window.confirm(`Delete the session of ${clientId}? The device starts empty next time.`)) return;
+  try {
+    await api(`/api/sessions/${encodeURIComponent(clientId)}`, "DELETE");
+    $("session-detail").hidden = true;
+  } catch (e) {
+    $("sessions-status").textContent = `not deleted: ${/** @type {any} */ (e).message}`;
+    return;
+  }
+  await loadSessions();
 }
 
 // -- wiring -------------------------------------------------------------------------------
@@ -390,6 +537,10 @@ async function main() {
   $("history-more").addEventListener("click", () => loadHistory(false));
   $("publish-form").addEventListener("submit", onPublish);
   $("rpc-form").addEventListener("submit", onRpc);
+  $("sessions-form").addEventListener("submit", (/** @type {Event} */ e) => {
+    e.preventDefault();
+    loadSessions();
+  });
   window.addEventListener("resize", drawChart);
   const saved = sessionStorage.getItem("rtnode-console-token");
   if (saved === "dev" && config.dev) signIn({ getToken: devToken });
