@@ -8,7 +8,7 @@ SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium curl
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-consume fuzz flood jepsen system-deps clean
+.PHONY: run test lint bench bench-consume bench-sessions fuzz flood jepsen system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ flood: $(STAMP)
 # ReplayConsumer, a group of 3, `rtnode consume` to a pipe and the webhook path, same run.
 bench-consume: $(STAMP)
 	$(BIN)/python -m bench consume $(ARGS)
+
+# Persistent MQTT sessions (bench/sessions.py): 2,000 offline sessions held (node RSS per
+# session, the session bucket's size), and the resume time of a device that missed 10,000
+# events beside a nats-py ordered consumer reading the same events, same run.
+bench-sessions: $(STAMP)
+	$(BIN)/python -m bench sessions $(ARGS)
 
 # The long run of the Jepsen-style fault test (tests/integration/test_jepsen.py; `make test` runs
 # a 30 s one): JEPSEN_SECONDS of faults, its report printed. RTNODE_JEPSEN_SEED=<n> repeats a

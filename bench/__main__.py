@@ -7,7 +7,9 @@ its defaults, then the scale-out benchmark with its defaults; ``python -m bench 
 ``python -m bench fuzz [...]`` (hostile frames next to well-behaved clients) and
 ``python -m bench flood [...]`` (well-behaved latency during a 20-connection flood) run only
 when named (``make fuzz``, ``make flood``), as does ``python -m bench consume [...]``
-(durable consumers' events/s and CPU per event, ``make bench-consume``).
+(durable consumers' events/s and CPU per event, ``make bench-consume``) and
+``python -m bench sessions [...]`` (persistent MQTT sessions held, RSS per offline session,
+resume time; ``make bench-sessions``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench import consume, fanout, flood, fuzz, ingest, recovery, scaleout
+from bench import consume, fanout, flood, fuzz, ingest, recovery, scaleout, sessions
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str]) -> int:
         return flood.main(argv[1:])
     if argv and argv[0] == "consume":
         return consume.main(argv[1:])
+    if argv and argv[0] == "sessions":
+        return sessions.main(argv[1:])
     rc = fanout.main(argv)
     rc = ingest.main([]) or rc
     # What syncing every stored event costs (the embedded nats-server's default, nats_sync =
