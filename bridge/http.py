@@ -104,6 +104,8 @@ class HttpBridge:
         hooks: Callbacks into the node.
         ssl_context: Serve https/wss when given.
         limits: Deadlines and caps of the connections.
+        reuse_port: Bind with SO_REUSEPORT, so that the workers of ``rtnode run --workers N``
+            share the port (the kernel spreads the connections among them).
     """
 
     def __init__(
@@ -114,8 +116,10 @@ class HttpBridge:
         *,
         ssl_context: ssl.SSLContext | None = None,
         limits: HttpLimits | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.host = host
+        self.reuse_port = reuse_port
         self.port = port
         self.hooks = hooks
         self.ssl_context = ssl_context
@@ -142,7 +146,7 @@ class HttpBridge:
                                      keepalive_timeout=self.limits.keepalive_s)
         await self._runner.setup()
         site = GuardedSite(self._runner, self.host, self.port, self.guard,
-                           ssl_context=self.ssl_context)
+                           ssl_context=self.ssl_context, reuse_port=self.reuse_port)
         await site.start()
         self.port = site.port
         self.listening = True

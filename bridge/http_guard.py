@@ -363,14 +363,15 @@ class GuardedSite(web.BaseSite):
         ssl_context: Serve TLS; the handshake is bounded by the guard's head deadline.
     """
 
-    __slots__ = ("_guard", "_host", "_port")
+    __slots__ = ("_guard", "_host", "_port", "_reuse_port")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: HttpGuard, *,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=1024)
         self._host = host
         self._port = port
         self._guard = guard
+        self._reuse_port = reuse_port  # SO_REUSEPORT: the workers of one rtnode share the port
 
     @property
     def name(self) -> str:
@@ -394,6 +395,7 @@ class GuardedSite(web.BaseSite):
             ssl_handshake_timeout=self._guard.header_timeout_s if self._ssl_context else None,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
         sockets = self._server.sockets
         if sockets:

@@ -60,8 +60,9 @@ class MqttBridge:
     """
 
     def __init__(self, ctx: NodeContext, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        self.reuse_port = reuse_port  # SO_REUSEPORT: shared by the workers of one rtnode
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -79,7 +80,7 @@ class MqttBridge:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: MqttSession(self), self.host, self.port, ssl=self.ssl_context,
-            reuse_address=True,
+            reuse_address=True, reuse_port=self.reuse_port or None,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("= MQTT listening on %s:%s", self.host, self.port)

@@ -110,14 +110,18 @@ class Node:
 
     Args:
         settings: The validated configuration.
+        worker: One of the processes of ``rtnode run --workers N``: the parent holds the data
+            dir's lock, runs the embedded nats-server (``settings`` name its URL) and checked
+            the ports, which this node binds with SO_REUSEPORT beside its sibling workers.
 
     Example:
         async with Node(load_settings()) as node:
             await node.wait_closed()
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: bool = False) -> None:
         self.settings = settings
+        self.worker = worker
         self.name = settings.node_name
         self.system = ActorSystem(name=self.name)
         self.metrics = NodeMetrics(self.system)
@@ -162,11 +166,12 @@ class Node:
         try:
             # First: a second node on this data dir stops here, before it starts a second
             # nats-server on the first one's JetStream store.
-            await self._stack.enter_async_context(self.lock)
-            # Then the ports asked for: one taken is one line, before NATS starts.
-            _check_free(s.host, s.http_port, "http_port")
-            if not s.mqtt_broker_url:
-                _check_free(s.host, s.mqtt_port, "mqtt_port")
+            if not self.worker:  # a worker's parent holds the lock and checked the ports
+                await self._stack.enter_async_context(self.lock)
+                # Then the ports asked for: one taken is one line, before NATS starts.
+                _check_free(s.host, s.http_port, "http_port")
+                if not s.mqtt_broker_url:
+                    _check_free(s.host, s.mqtt_port, "mqtt_port")
             if s.embedded_nats:
                 _check_free("127.0.0.1", s.nats_port, "nats_port")
                 _check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
@@ -219,6 +224,7 @@ class Node:
                                   keepalive_s=s.http_keepalive_s,
                                   max_per_peer=s.max_connections_per_ip,
                                   failures_per_min=s.peer_failures_per_min),
+                reuse_port=self.worker,
             )
             self.ws.on_failed = self.http.guard.failed
             self.http.add_route("GET", "/ws", self.ws.handle)
@@ -241,7 +247,8 @@ class Node:
                 await self.mqtt_external.start()
                 self._stack.push_async_callback(self.mqtt_external.stop)
             else:
-                self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context)
+                self.mqtt = MqttBridge(self.ctx, s.host, s.mqtt_port, ssl_context=ssl_context,
+                                       reuse_port=self.worker)
                 await _listen(self.mqtt.start(), s.host, s.mqtt_port, "mqtt_port")
                 self._stack.push_async_callback(self.mqtt.stop)
             self._start_webhooks(webhook_secrets)

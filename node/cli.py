@@ -68,11 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         "backends (HTTP, NATS) in shared rooms, stored in NATS JetStream.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser(
+    run = sub.add_parser(
         "run", parents=[settings], help="start a node (zero configuration needed)",
         description="Start a node. With no --nats-url it starts the bundled nats-server with "
         "JetStream in <data-dir>/nats and stops it on exit.",
     )
+    run.add_argument("--workers", default="1", metavar="N",
+                     help="node processes sharing the HTTP and MQTT ports (SO_REUSEPORT) and "
+                     "one NATS, each a node named <node-name>-w<i>; 'auto': one per core "
+                     "(default 1)")
+    # A process of 'run --workers N', started by its parent (node/workers.py).
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     tok = sub.add_parser(
         "token", parents=[settings], help="print a signed token (JWT), or revoke one",
         description="Print a JWT signed with the node's key: RTNODE_JWT_SECRET, or the secret "
@@ -238,9 +244,20 @@ def _dev_token(s: Settings) -> str | None:
 
 
 def _banner(node: Any) -> str:
+    """The banner of a node (``Node``) or of the parent of workers (``Workers``)."""
     s = node.settings
-    http = node.http
-    base = f"{http.scheme}://{s.host}:{http.port}"
+    workers = getattr(node, "workers", None)
+    if workers is not None:  # rtnode run --workers N: the ports the workers share
+        from node.workers import workers_banner
+
+        tls = s.tls_cert is not None
+        scheme, http_port, mqtt_port = ("https" if tls else "http"), node.http_port, \
+            (None if s.mqtt_broker_url else node.mqtt_port)
+    else:
+        tls = node.http.ssl_context is not None
+        scheme, http_port = node.http.scheme, node.http.port
+        mqtt_port = node.mqtt.port if node.mqtt else None
+    base = f"{scheme}://{s.host}:{http_port}"
     nats_line = (
         f"{node.embedded.url} (embedded, JetStream in {s.data_dir / 'nats'}; user and "
         f"password in {node.embedded.credentials_path})"
@@ -250,10 +267,12 @@ def _banner(node: Any) -> str:
         f"rtnode {node.name} ready",
         f"  http       {base}  (console /, /rtnode.js, /healthz /readyz /metrics)",
         f"  websocket  {base.replace('http', 'ws', 1)}/ws    sse {base}/sse    api {base}/api",
-        (f"  mqtt       {'mqtts' if http.ssl_context else 'mqtt'}://{s.host}:{node.mqtt.port}"
+        (f"  mqtt       {'mqtts' if tls else 'mqtt'}://{s.host}:{mqtt_port}"
          "  (devices: client id = username = device id, password = device JWT)")
-        if node.mqtt else f"  mqtt       external broker {s.mqtt_broker_url.split('@')[-1]}",
+        if mqtt_port is not None
+        else f"  mqtt       external broker {s.mqtt_broker_url.split('@')[-1]}",
         f"  nats       {nats_line}",
+        *([workers_banner(node)] if workers is not None else []),
         f"  dev token  {_token_command(s)}",
     ]
     token = _dev_token(s)
@@ -267,7 +286,7 @@ def _banner(node: Any) -> str:
     return "\n".join(lines)
 
 
-async def _run(settings: Settings) -> int:
+async def _run(settings: Settings, worker: bool = False) -> int:
     from bridge.http_guard import raise_open_files_limit
     from node.app import Node  # the composition root imports everything: only when running
 
@@ -276,7 +295,7 @@ async def _run(settings: Settings) -> int:
     before, after = raise_open_files_limit()
     if after != before:
         logging.getLogger("node").info("= descriptor limit raised from %d to %d", before, after)
-    node = Node(settings)
+    node = Node(settings, worker=worker)
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(node.start())
 
@@ -303,10 +322,36 @@ async def _run(settings: Settings) -> int:
     # What startup built lives as long as the node: out of the collector's view, it is not
     # scanned again by every full collection.
     gc.freeze()
-    print(_banner(node), flush=True)
+    if worker:  # the parent prints the banner once every worker is ready
+        from node.workers import READY_LINE
+
+        print(f"{READY_LINE} {node.name}", flush=True)
+    else:
+        print(_banner(node), flush=True)
     await node.wait_closed()
     print(f"rtnode {node.name} stopped", flush=True)
     return 0
+
+
+async def _run_workers(settings: Settings, count: int, argv: list[str] | None) -> int:
+    """``run --workers N``: the parent of N node processes (node/workers.py)."""
+    from node.workers import Workers
+
+    # The workers: this same command (flags, environment, config file); the parent adds
+    # --worker-index and the ports, and the last --workers wins.
+    command = [sys.executable, "-m", "node", *(sys.argv[1:] if argv is None else argv),
+               "--workers", "1"]
+    parent = Workers(settings, count, command)
+    try:
+        code = await parent.run(on_ready=lambda p: print(_banner(p), flush=True))
+    except ConfigError as exc:  # data dir in use, port taken: one line, as for bad flags
+        print(f"rtnode: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"rtnode: {exc}", file=sys.stderr)
+        return 1
+    print(f"rtnode {parent.name} stopped ({count} workers)", flush=True)
+    return code
 
 
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -680,13 +725,21 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings_from(args)
         if args.command == "token":
             return _token(args, settings)
+        from node import workers
+
+        count = workers.parse_workers(args.workers)  # before the logs: a bad N is one line
         _setup_logging(settings.log_level)
+        if count > 1 and args.worker_index is None:
+            return asyncio.run(_run_workers(settings, count, argv))
+        worker = args.worker_index is not None
+        if worker:
+            settings = workers.worker_settings(settings, args.worker_index)
         runner: Any = asyncio.run
         with contextlib.suppress(ImportError):
             import uvloop
 
             runner = uvloop.run
-        return int(runner(_run(settings)))
+        return int(runner(_run(settings, worker)))
     except ConfigError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 2
