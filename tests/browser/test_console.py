@@ -123,3 +123,45 @@ async def test_dev_token_only_in_dev_mode(make_node: Any, browser: Any) -> None:
     await wait_js(page,
         "document.getElementById('stats-note').textContent.includes('4003')", timeout=WAIT_MS)
     await context.close()
+
+
+async def test_console_state_view(make_node: Any, browser: Any, tmp_path: Path) -> None:
+    """A state room in the room view: one row per key (value, who, when), live, and Remove."""
+    node = await make_node(dev=True, namespaces={"fleet": {"state": True}})
+    room = f"fleet:{unique('st')}"
+    devices = [await RawClient.connected(ws_url(node), token(f"thermo-{i}", kind="device"))
+               for i in range(3)]
+    for i, d in enumerate(devices):
+        await d.request({"type": "publish", "room": room, "event": "reported",
+                         "data": {"t": 20 + i}})
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(base_url(node) + "/")
+    await page.get_by_role("button", name="Use a development token").click()
+    await page.get_by_label("Room name").fill(room)
+    await page.get_by_role("button", name="Open", exact=True).click()
+    rows = "[...document.querySelectorAll('#state-rows tr')].map(r => r.dataset.key)"
+    await wait_js(page, f"{rows}.join() === 'thermo-0,thermo-1,thermo-2'", timeout=WAIT_MS)
+    row = await page.text_content('#state-rows tr[data-key="thermo-1"]') or ""
+    assert '{"t":21}' in row and "device thermo-1" in row and "reported" in row
+
+    # Live: a new reading replaces the value; a desired value set from the console adds a key.
+    await devices[1].request({"type": "publish", "room": room, "event": "reported",
+                              "data": {"t": 25}})
+    await wait_js(page, "document.querySelector('#state-rows tr[data-key=\"thermo-1\"]')"
+                  "?.textContent.includes('{\"t\":25}')", timeout=WAIT_MS)
+    await page.get_by_label("Event name").fill("desired")
+    await page.get_by_label("Data (JSON)").fill('{"t": 22}')
+    await page.get_by_label("Key (state rooms only", exact=False).fill("desired:thermo-1")
+    await page.get_by_role("button", name="Publish").click()
+    await wait_js(page, f"{rows}.includes('desired:thermo-1')", timeout=WAIT_MS)
+    assert "(4 keys)" in (await page.text_content("#state-count") or "")
+    await page.screenshot(path=str(tmp_path / "state-1280.png"), full_page=True)
+    await page.get_by_role("button", name="Remove key thermo-2").click()
+    await wait_js(page, f"!{rows}.includes('thermo-2')", timeout=WAIT_MS)
+    assert errors == []
+    for d in devices:
+        await d.close()
+    await context.close()
