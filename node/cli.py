@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=None, metavar="S",
                      help="seconds to run (default: until Ctrl-C)")
     sim.add_argument("--tenant", default="default", help="tenant of the tokens")
+    sim.add_argument("--state", action="store_true",
+                     help="reported/desired state (ROOM in a namespace with state = true): "
+                     "readings are 'reported' events keyed by the device id, and each device "
+                     "steers to the value of its key in ROOM-desired")
     sim.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
     sim.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS,
                      metavar="DATA_DIR", help="the node's data dir (for its jwt-secret)")
@@ -514,6 +518,7 @@ async def _simulate_until_signal(args: argparse.Namespace, settings: Settings) -
         args.host, port, count=args.count, room=args.room, rate=args.rate, secret=secret,
         duration=args.duration, stop=stop, tenant=args.tenant, issuer=settings.jwt_issuer,
         audience=settings.jwt_audience, out=lambda line: print(line, flush=True),
+        state=args.state,
     )
     return 0 if stats.acked or not stats.sent else 1
 
