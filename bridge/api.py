@@ -1,4 +1,5 @@
-"""The HTTP API for backends (PROTOCOL.md section 8): publish, history, presence, disconnect.
+"""The HTTP API for backends (PROTOCOL.md section 8): publish, history, presence, disconnect,
+and the values of a state room (``GET /api/state``, docs/protocol-notes.md).
 
 Every request is authenticated by a service token (``Authorization: Bearer``) or the node's API
 key (``X-API-Key``), validated by a pydantic model, and answered with JSON; an error is
@@ -237,6 +238,7 @@ class HttpApi:
             ("POST", "/api/publish", self.publish),
             ("GET", "/api/history", self.history),
             ("GET", "/api/presence", self.presence),
+            ("GET", "/api/state", self.state),
             ("POST", "/api/disconnect", self.disconnect),
         ]
 
@@ -260,12 +262,16 @@ class HttpApi:
     # -- handlers --------------------------------------------------------------------------
 
     async def publish(self, request: web.Request) -> web.Response:
-        """``POST /api/publish`` {room, event, data, msg_id?} -> {seq}."""
+        """``POST /api/publish`` {room, event, data, msg_id?, key?, unset?} -> {seq}."""
         return await self._serve(request, self._publish)
 
     async def history(self, request: web.Request) -> web.Response:
         """``GET /api/history?room=&since=&limit=&reverse=`` -> {events, seq}."""
         return await self._serve(request, self._history)
+
+    async def state(self, request: web.Request) -> web.Response:
+        """``GET /api/state?room=`` -> {room, values, seq}: a state room's current values."""
+        return await self._serve(request, self._state)
 
     async def presence(self, request: web.Request) -> web.Response:
         """``GET /api/presence?room=`` -> {members}."""
@@ -317,6 +323,20 @@ class HttpApi:
         except StoreError:
             raise ProtocolError(4500, "could not read history", retry=True) from None
         return {"events": events, "seq": latest}
+
+    async def _state(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        q = validate(RoomQuery, self._query(request))
+        if not principal.can("history", q.room):
+            raise ProtocolError(4003, "no history right on this room")
+        if not self.settings.room_policy(q.room).state:
+            raise ProtocolError(4004, "not a state room (namespace with state = true)")
+        state = getattr(self.ctx, "state", None)
+        try:
+            values = [] if state is None else await state.values(principal.tenant, q.room)
+            latest = await self.ctx.store.last_seq(principal.tenant, q.room)
+        except StoreError:
+            raise ProtocolError(4500, "could not read the state", retry=True) from None
+        return {"room": q.room, "values": values, "seq": latest}
 
     async def _presence(self, request: web.Request, principal: Principal) -> dict[str, Any]:
         q = validate(RoomQuery, self._query(request))

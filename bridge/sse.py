@@ -4,9 +4,10 @@ A stream is a :class:`~node.core.connection.ConnectionActor` with a pre-authenti
 joins the stream's rooms, exactly as a WebSocket client would (with ``since`` when the request
 carries a ``Last-Event-ID``; with ``rewind`` for the other rooms when the request has ``?rewind=N``:
 the first connect shows the last N events, a reconnect resumes exactly). Its rooms push JSON frames
-into its outbox; the transport here turns them into SSE messages with :class:`SseSession` (pure:
-frames in, bytes out) and writes them straight to the socket, so slow readers meet the same
-slow-consumer rule (4008).
+into its outbox (a state room's ``state`` frame, after its ``joined``, becomes one
+``event: state`` message before any event); the transport here turns them into SSE messages with
+:class:`SseSession` (pure: frames in, bytes out) and writes them straight to the socket, so slow
+readers meet the same slow-consumer rule (4008).
 
 The response uses HTTP/1.1 chunked transfer encoding, as aiohttp does by default for a body of
 unknown length; the outbox writes synchronously, so each outbound message is framed as one
@@ -177,13 +178,18 @@ class SseSession:
         since: Room -> seq from ``Last-Event-ID`` (the rooms joined with ``since``).
         rewound: The rooms joined with ``rewind``: their replayed events (seq up to the
             ``joined`` seq) come right after ``joined``, and are written.
+        state_rooms: The state rooms among ``rooms``: the stream also waits for their
+            ``state`` frame, and writes one ``event: state`` message per state room (data
+            ``{room, values}``, no id) before any event.
     """
 
     def __init__(self, rooms: Sequence[str], since: Mapping[str, int] | None = None,
-                 rewound: Iterable[str] = ()) -> None:
+                 rewound: Iterable[str] = (), state_rooms: Iterable[str] = ()) -> None:
         self.rooms = tuple(rooms)
         self.since = dict(since or {})
         self.rewound = frozenset(rewound)
+        self.state_rooms = frozenset(state_rooms) & frozenset(self.rooms)
+        self._states: dict[str, bytes] = {}  # state room -> its state message, until ready
         self.cursor: dict[str, int] = {}
         self.ready = False
         self.ended = False
@@ -227,6 +233,8 @@ class SseSession:
                 self.held_bytes += len(raw)
         elif kind == "joined":
             self._joined(frame)
+        elif kind == "state":
+            self._state(frame)
         elif kind in ("error", "disconnect"):
             data = {k: v for k, v in frame.items() if k not in ("type", "id")}
             self._out.append(sse_message(str(kind), JSON.encode(data)))
@@ -247,10 +255,28 @@ class SseSession:
             self.cursor[room] = 0
         else:
             self.cursor[room] = seq
-        if len(self.cursor) < len(self.rooms):
+        self._ready_when_complete()
+
+    def _state(self, frame: dict[str, Any]) -> None:
+        room = frame.get("room")
+        if room not in self.cursor:
+            return  # not a room of this stream, or before its joined
+        message = sse_message("state", JSON.encode({"room": room,
+                                                    "values": frame.get("values", [])}))
+        if self.ready:
+            self._out.append(message)  # a later one (a rejoin): the client keeps higher seqs
+            return
+        self._states[room] = message
+        self._ready_when_complete()
+
+    def _ready_when_complete(self) -> None:
+        """Start writing once every room has joined and every state room sent its state."""
+        if len(self.cursor) < len(self.rooms) or len(self._states) < len(self.state_rooms):
             return
         self.ready = True
         self._out.append(b": joined " + self.cursor_text().encode() + b"\n\n")
+        states, self._states = self._states, {}
+        self._out.extend(states[room] for room in self.rooms if room in states)
         held, self._held = self._held, []
         self.held_bytes = 0
         for event, raw in held:
@@ -415,7 +441,9 @@ class SseBridge:
         if raw is None:
             return response
         rewound = [join.room for join in joins if join.rewind is not None]
-        conn = _SseTransport(raw, SseSession(rooms, since, rewound), chunked=response.chunked)
+        state_rooms = [room for room in rooms if s.room_policy(room).state]
+        conn = _SseTransport(raw, SseSession(rooms, since, rewound, state_rooms),
+                             chunked=response.chunked)
         actor = ConnectionActor(self.ctx, conn, JSON, principal=principal)
         ref = self.ctx.system.spawn(lambda: actor, name=f"conn:{actor.client_id}")
         self._streams.add(conn)

@@ -24,6 +24,7 @@ from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
 from bridge.rpc import NatsRpc
 from bridge.sse import SseBridge
+from bridge.state_store import StateStore
 from bridge.static import StaticSite, StatsPublisher
 from bridge.webhook import WebhookRunner
 from bridge.ws import WebSocketBridge
@@ -139,6 +140,7 @@ class Node:
         self.mqtt_external: ExternalMqtt | None = None
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
+        self.state: StateStore | None = None
         self.stats_publisher: StatsPublisher | None = None
         self.webhooks: list[WebhookRunner] = []
         self.tokens = TokenVerifier.from_settings(settings)
@@ -209,9 +211,13 @@ class Node:
             )
             await self.presence.start()
             self._stack.push_async_callback(self.presence.stop)
+            self.state = StateStore(self.store, replicas=s.stream_replicas,
+                                    max_keys=s.state_max_keys)
+            await self.state.start()
+            self._stack.push_async_callback(self.state.stop)
             self.ctx = NodeContext(
                 settings=s, node_name=self.name, tokens=self.tokens, system=self.system,
-                store=self.store, feed=self.store, presence=self.presence,
+                store=self.store, feed=self.store, presence=self.presence, state=self.state,
                 rpc=NatsRpc(self.nats),
             )
             self.ws = WebSocketBridge(self.ctx)

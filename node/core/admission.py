@@ -14,6 +14,13 @@ in the same order:
 7. volatile or stored: ``volatile_events`` and volatile namespaces are not stored;
 8. dedupe scope: the ``Nats-Msg-Id`` of a stored event (``node.core.events.dedupe_key``).
 
+Between 3 and 4, the state fields: ``key`` and ``unset`` only in a state room (a namespace with
+``state = true``), ``unset`` without ``data`` (4000). In a state room the effective key (the
+frame's, else the publisher's ``sub``) goes into the stored event map, with ``unset: true`` when
+it removes the key; :meth:`Admission.store` then writes the room's state (the
+:class:`~node.core.ports.StatePort`) after the stream's ack and before it returns, so that every
+door answers its publisher only once the state holds the event.
+
 Then the door stores the admitted event with :meth:`Admission.store` (or sends a volatile one,
 throttled by a :class:`VolatileThrottle` where the door has one) and maps a
 :class:`~node.protocol.errors.ProtocolError` to its own error channel: an ``error`` frame, an HTTP
@@ -36,17 +43,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
-from node.core.events import dedupe_key, event_body
+from node.core.events import dedupe_key, event_body, now_ms
 from node.core.limits import TokenBucket
-from node.core.ports import LiveFeed, RoomStore, StoreError
+from node.core.ports import LiveFeed, RoomStore, StatePort, StoreError
 from node.protocol.errors import AuthError, ProtocolError
-from node.protocol.frames import Publish
+from node.protocol.frames import CBOR, Publish, cbor_loads_strict
 from node.protocol.settings import Settings
 from node.protocol.tokens import KINDS, Principal
 from node.protocol.values import check_value
 
 __all__ = [
     "DOORS",
+    "NOT_STATE_ROOM",
     "RESERVED_EVENT_PREFIXES",
     "Admission",
     "AdmissionStats",
@@ -59,6 +67,8 @@ log = logging.getLogger("node.core.admission")
 
 #: Event names only the node may use (presence events).
 RESERVED_EVENT_PREFIXES = ("presence:",)
+#: Why ``key`` or ``unset`` is refused outside a state room (4000).
+NOT_STATE_ROOM = "key/unset need a state room (namespace with state = true)"
 #: The doors, as counted: WebSocket, MQTT tunnel, plain MQTT uplink, HTTP API, external broker.
 DOORS = ("ws", "tunnel", "mqtt", "api", "broker")
 
@@ -77,6 +87,8 @@ class Admitted(NamedTuple):
         dedupe: The ``Nats-Msg-Id`` of a stored event ("" for a volatile one).
         ttl_s: The event's TTL in the stream (a namespace's ``history_ttl_s``), or None.
         started: ``time.perf_counter()`` at admission, for the publish latency.
+        key: In a state room, the key the event sets (or removes); else None.
+        unset: The event removes ``key`` from the room's state.
     """
 
     door: str
@@ -87,6 +99,8 @@ class Admitted(NamedTuple):
     dedupe: str
     ttl_s: float | None
     started: float
+    key: str | None = None
+    unset: bool = False
 
 
 @dataclass
@@ -123,23 +137,26 @@ class Admission:
         settings: The node's settings (room policies, volatile events).
         store: Where stored events go.
         feed: Where volatile events go.
+        state: Where the values of state rooms go (None: nowhere; their events are stored).
 
     Example:
         admitted = admission.admit("ws", principal, frame, client_id=cid, bucket=bucket)
         seq = await admission.store(admitted)  # raises ProtocolError 4503 (retry) or 4500
     """
 
-    def __init__(self, settings: Settings, store: RoomStore, feed: LiveFeed) -> None:
+    def __init__(self, settings: Settings, store: RoomStore, feed: LiveFeed,
+                 state: StatePort | None = None) -> None:
         self.settings = settings
         self.store_port = store
         self.feed = feed
+        self.state = state
         self.stats = AdmissionStats()
         self._volatile_events = frozenset(settings.volatile_events)
-        # namespace -> (max_payload_bytes, volatile, ttl_s): the settings' lookup costs ~4 us,
-        # a tenth of the publish path's budget.
-        self._policies: dict[str, tuple[int, bool, float | None]] = {}
+        # namespace -> (max_payload_bytes, volatile, ttl_s, state): the settings' lookup costs
+        # ~4 us, a tenth of the publish path's budget.
+        self._policies: dict[str, tuple[int, bool, float | None, bool]] = {}
 
-    def _policy(self, room: str) -> tuple[int, bool, float | None]:
+    def _policy(self, room: str) -> tuple[int, bool, float | None, bool]:
         namespace = room.partition(":")[0] if ":" in room else ""
         if namespace not in self.settings.namespaces:
             namespace = ""  # every unconfigured namespace has the node's policy: one entry
@@ -148,7 +165,7 @@ class Admission:
             room_policy = self.settings.room_policy(room)
             policy = self._policies[namespace] = (
                 room_policy.max_payload_bytes, room_policy.volatile,
-                self.settings.event_ttl(room))
+                self.settings.event_ttl(room), room_policy.state)
         return policy
 
     def admit(self, door: str, principal: Principal | None, frame: Publish, *,
@@ -180,31 +197,55 @@ class Admission:
             raise ProtocolError(4003, "no publish right on this room")
         if event.startswith(RESERVED_EVENT_PREFIXES):
             raise ProtocolError(4003, "event names starting with presence: are reserved")
+        max_bytes, volatile, ttl_s, state = self._policy(room)
+        key: str | None = None
+        if state:
+            if frame.unset and frame.data is not None:
+                raise ProtocolError(4000, "unset: true takes no data")
+            key = principal.sub if frame.key is None else frame.key
+        elif frame.key is not None or frame.unset:
+            raise _not_state_room()
         if bucket is not None and not bucket.take(time.monotonic()):
             raise ProtocolError(4009, "rate limited", retry=True)
         started = time.perf_counter()
         # The encoder never fails (what the model refuses is made safe), so the size is known
         # before the value model walks the data; either refusal leaves nothing stored.
-        body = event_body(room, event, frame.data, principal, client_id, frame.msg_id)
-        max_bytes, volatile, ttl_s = self._policy(room)
+        if key is None:
+            body = event_body(room, event, frame.data, principal, client_id, frame.msg_id)
+        else:
+            body = _state_body(room, event, frame.data, principal, client_id, frame.msg_id,
+                               key, frame.unset)
         if len(body) > max_bytes:
             raise ProtocolError(4013, "event too large")
         check_value(frame.data, "data")
         if volatile or event in self._volatile_events:
             self.stats.counts[(door, "volatile")] += 1
-            return Admitted(door, principal.tenant, room, body, True, "", None, started)
+            return Admitted(door, principal.tenant, room, body, True, "", None, started, key,
+                            frame.unset)
         return Admitted(door, principal.tenant, room, body, False,
-                        dedupe_key(principal, room, frame.msg_id), ttl_s, started)
+                        dedupe_key(principal, room, frame.msg_id), ttl_s, started, key,
+                        frame.unset)
 
     async def store(self, admitted: Admitted) -> int:
         """Store an admitted event; returns its seq (the original's for a duplicate msg_id).
 
+        In a state room, the key's value is written (:class:`~node.core.ports.StatePort`)
+        after the stream's ack and before this returns; a new key beyond the room's
+        ``state_max_keys`` is refused before anything is stored.
+
         Raises:
             ProtocolError: 4503 with ``retry`` when the store may take it later (same
-                ``msg_id``: stored once); 4500 when the store refused it for good.
+                ``msg_id``: stored once), or when the event was stored but the state could
+                not be written (the retry, deduplicated, writes it); 4500 when the store
+                refused it for good; 4009 when a state room is full.
         """
         door = admitted.door
+        state = self.state if admitted.key is not None else None
         try:
+            if (state is not None and admitted.key is not None and not admitted.unset
+                    and not await state.may_add(admitted.tenant, admitted.room, admitted.key)):
+                self.stats.counts[(door, "4009")] += 1
+                raise ProtocolError(4009, "state room full")
             seq, duplicate = await self.store_port.publish(
                 admitted.tenant, admitted.room, admitted.body, admitted.dedupe, admitted.ttl_s)
         except StoreError as exc:
@@ -214,6 +255,18 @@ class Admission:
                 raise ProtocolError(4503, "event not stored, retry", retry=True) from None
             self.stats.counts[(door, "4500")] += 1
             raise ProtocolError(4500, "event refused by the store") from None
+        if state is not None and admitted.key is not None:
+            event_map = cbor_loads_strict(admitted.body)
+            event_map["seq"] = seq
+            try:
+                await state.put(admitted.tenant, admitted.room, admitted.key, seq, event_map,
+                                admitted.unset)
+            except StoreError as exc:
+                log.warning("! state of %s (%s) not written for seq %d: %s", admitted.room,
+                            door, seq, exc)
+                self.stats.counts[(door, "4503")] += 1
+                raise ProtocolError(4503, "event stored, state not written: retry with the "
+                                          "same msg_id", retry=True) from None
         self.stats.counts[(door, "duplicate" if duplicate else "stored")] += 1
         self.stats.latency(time.perf_counter() - admitted.started)
         return seq
@@ -237,6 +290,29 @@ class Admission:
             await self.send_volatile(admitted)
         except ProtocolError:
             pass
+
+
+def _not_state_room() -> ProtocolError:
+    exc = ProtocolError(4000, NOT_STATE_ROOM)
+    exc.label = "not_state_room"  # type: ignore[attr-defined]  # the plain MQTT face's label
+    return exc
+
+
+def _state_body(room: str, event: str, data: object, principal: Principal,
+                client_id: str | None, msg_id: str | None, key: str, unset: bool) -> bytes:
+    """The event map of a state room: :func:`~node.core.events.event_body` with ``key``, and
+    ``unset: true`` when the event removes it."""
+    sender: dict[str, object] = {"user": principal.sub, "kind": principal.kind}
+    if client_id is not None:
+        sender["client_id"] = client_id
+    body: dict[str, object] = {
+        "room": room, "event": event, "data": data, "ts": now_ms(), "from": sender, "key": key,
+    }
+    if unset:
+        body["unset"] = True
+    if msg_id is not None:
+        body["msg_id"] = msg_id
+    return CBOR.encode(body)
 
 
 class VolatilePublisher:

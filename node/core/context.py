@@ -13,7 +13,7 @@ from actors.system import ActorSystem
 from node.core.admission import Admission
 from node.core.index import ConnectionIndex
 from node.core.limits import KeyedBuckets, LimitCarry
-from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort
+from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort, StatePort
 from node.core.room import RoomActor, RoomCounters, RoomSettings
 from node.core.rpc import RpcRegistry, default_registry
 from node.protocol.settings import Settings
@@ -61,6 +61,8 @@ class NodeContext:
     draining: bool = False
     presence: PresencePort | None = None
     rpc: RpcPort | None = None
+    #: The values of state rooms (None without NATS: their events are stored, no values).
+    state: StatePort | None = None
     rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
     admission: Admission = field(init=False)
     #: Per-user buckets of room joins (``rooms_per_min``), shared by a user's connections.
@@ -72,7 +74,7 @@ class NodeContext:
     carry: LimitCarry = field(default_factory=LimitCarry)
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.settings, self.store, self.feed)
+        self.admission = Admission(self.settings, self.store, self.feed, self.state)
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
         per_min = self.settings.connects_per_min
@@ -86,11 +88,12 @@ class NodeContext:
             history_size=policy.history_size, recovery_max=policy.recovery_max,
             presence=policy.presence,
             trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
-            idle_s=self.settings.room_idle_s,
+            idle_s=self.settings.room_idle_s, state=policy.state,
         )
         return self.system.get_or_spawn(
             _room_name(tenant, room),
-            lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters),
+            lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters,
+                              self.state),
         )
 
     def running_room(self, tenant: str, room: str) -> Any:

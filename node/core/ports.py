@@ -19,6 +19,7 @@ __all__ = [
     "RoomStore",
     "RpcError",
     "RpcPort",
+    "StatePort",
     "StoreError",
     "StoredEvent",
     "Subscription",
@@ -116,6 +117,24 @@ class LiveFeed(Protocol):
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         """Send a volatile event to every node (not stored)."""
+
+
+class StatePort(Protocol):
+    """The current values of state rooms: the latest stored event per key (a KV bucket)."""
+
+    async def values(self, tenant: str, room: str) -> list[dict[str, Any]]:
+        """The room's current values: event maps as stored, with ``seq`` and ``key``, ordered
+        by key (unset keys left out). Raises StoreError."""
+
+    async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
+                  unset: bool) -> None:
+        """Record event ``seq`` (its map, as stored) as ``key``'s value, or remove ``key``
+        when ``unset``; never over a higher seq (an older put arriving late changes nothing,
+        the same seq again is a no-op). Raises StoreError."""
+
+    async def may_add(self, tenant: str, room: str, key: str) -> bool:
+        """Whether ``key`` may be set: it is set already, or the room holds fewer keys than
+        its limit (``state_max_keys``). Raises StoreError."""
 
 
 class PresencePort(Protocol):

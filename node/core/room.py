@@ -18,19 +18,37 @@ churning through rooms must not keep thousands of them alive. It stops only when
 is empty, in the same step as the decision (a join told a moment earlier keeps it running; one
 told later finds the name free and starts a fresh room). ``RoomCounters.rooms`` counts the
 room actors that run, for the node's ``max_rooms``.
+
+A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then one
+``state`` frame: the room's current values, read from the :class:`~node.core.ports.StatePort` in
+the same step as the join's replay, so that no live event of the room comes between. The state
+of an event is written by the node that stored it, right after the stream's ack: an event this
+room has delivered may not be in the state yet when a joiner reads it, and the joiner's cursor
+is already past it. So the room keeps, per key, the last event it delivered in the last
+``STATE_GRACE_S`` seconds, and merges them into what it read (the higher seq of each key wins).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from actors.actor import Actor, RestartPolicy
 from actors.errors import ActorError
 from actors.mailbox import Overflow
-from node.core.ports import LiveFeed, LiveMessage, RoomStore, StoredEvent, StoreError, Subscription
+from node.core.ports import (
+    LiveFeed,
+    LiveMessage,
+    RoomStore,
+    StatePort,
+    StoredEvent,
+    StoreError,
+    Subscription,
+)
 from node.core.room_messages import (
     CheckGap,
     Join,
@@ -40,9 +58,10 @@ from node.core.room_messages import (
     RoomSettings,
 )
 from node.protocol.errors import CodecError
-from node.protocol.frames import cbor_loads_strict, error_frame
+from node.protocol.frames import cbor_loads_strict, error_frame, state_frame
 
 __all__ = [
+    "STATE_GRACE_S",
     "CheckGap",
     "Join",
     "Leave",
@@ -53,6 +72,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("node.core.room")
+
+#: How long a state room keeps the events it delivered, for joiners whose read of the state
+#: may not hold them yet: the state is written within the store's deadlines (a KV put, ~1 ms,
+#: at most a few seconds while a leader is elected), far within this.
+STATE_GRACE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +97,7 @@ class _ReplayDone:
     recovered: bool
     events: list[StoredEvent] | None
     error: str | None = None
+    values: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +116,7 @@ class RoomActor(Actor):
         feed: Live events.
         settings: The room's policy.
         counters: Node-wide counters to update.
+        state: The values of state rooms (None: a state room's joiners get no values).
     """
 
     kind = "room"
@@ -112,6 +138,7 @@ class RoomActor(Actor):
         feed: LiveFeed,
         settings: RoomSettings,
         counters: RoomCounters,
+        state: StatePort | None = None,
     ) -> None:
         self.tenant = tenant
         self.room = room
@@ -119,6 +146,10 @@ class RoomActor(Actor):
         self.feed = feed
         self.settings = settings
         self.counters = counters
+        self.state = state if settings.state else None
+        # A state room's recently delivered events: key -> (monotonic time, event map), the
+        # oldest first (see the module's docstring).
+        self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self.members: dict[int, Membership] = {}
         self.last_seq = 0
         self._sub: Subscription | None = None
@@ -323,10 +354,48 @@ class RoomActor(Actor):
         frame: dict[str, Any] = {"type": "event", "room": self.room}
         if seq is not None:
             frame["seq"] = seq
-        for key in ("event", "data", "ts", "from", "msg_id"):
+        for key in ("event", "data", "ts", "from", "msg_id", "key", "unset"):
             if key in event:
                 frame[key] = event[key]
         return frame
+
+    def _remember(self, seq: int, frame: dict[str, Any]) -> None:
+        """Keep a state room's delivered event for :data:`STATE_GRACE_S` (by its key)."""
+        key = frame.get("key")
+        if not isinstance(key, str):
+            return
+        now = time.monotonic()
+        recent = self._recent
+        value = {k: v for k, v in frame.items() if k != "type"}
+        value["seq"] = seq
+        recent[key] = (now, value)
+        recent.move_to_end(key)
+        while recent:
+            first = next(iter(recent.values()))
+            if now - first[0] <= STATE_GRACE_S:
+                break
+            recent.popitem(last=False)
+
+    def _merged_values(self, values: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The values read for a joiner, with the room's recent events merged in (the higher
+        seq of each key wins; an unset removes the key), ordered by key."""
+        if not self._recent:
+            return values
+        by_key: dict[str, dict[str, Any]] = {}
+        for value in values:
+            by_key[value["key"]] = value
+        now = time.monotonic()
+        for key, (at, value) in self._recent.items():
+            if now - at > STATE_GRACE_S:
+                continue
+            held = by_key.get(key)
+            if held is not None and held.get("seq", 0) >= value["seq"]:
+                continue
+            if value.get("unset"):
+                by_key.pop(key, None)
+            else:
+                by_key[key] = value
+        return [by_key[key] for key in sorted(by_key)]
 
     def _deliver(self, seq: int | None, body: bytes) -> None:
         """Fan one event out: encode once per codec, push the same bytes to each member."""
@@ -343,6 +412,8 @@ class RoomActor(Actor):
         frame = self._frame(seq, body)
         if frame is None:
             return
+        if self.state is not None and seq is not None:
+            self._remember(seq, frame)
         self.counters.events_in += 1
         encoded: dict[str, bytes] = {}
         delivered = 0
@@ -391,7 +462,10 @@ class RoomActor(Actor):
                 # same client sent after it: its own publishes reach it.)
                 target = max(target, await self.store.last_seq(self.tenant, self.room))
             recovered, events = await self._recovery(join, target)
-            done = _ReplayDone(member, join, target, recovered, events)
+            values = None
+            if self.state is not None and not join.silent:
+                values = await self.state.values(self.tenant, self.room)
+            done = _ReplayDone(member, join, target, recovered, events, values=values)
         except StoreError as exc:
             done = _ReplayDone(member, join, target, False, None, error=str(exc))
         self.ref.tell(done)
@@ -464,6 +538,8 @@ class RoomActor(Actor):
             if join.request_id is not None:
                 joined["id"] = join.request_id
             outbox.send(joined)
+            if done.values is not None:
+                outbox.send(state_frame(self.room, self._merged_values(done.values)))
         codec = outbox.codec
         for ev in events:
             if ev.seq <= member.cursor:

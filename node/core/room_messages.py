@@ -32,6 +32,7 @@ class RoomSettings:
     presence: bool = True
     trim_to: int | None = None  # a namespace's history_size below the stream's: trim to it
     idle_s: float = 1.0  # a room without members stops after this long
+    state: bool = False  # a state room: a non-silent join gets a ``state`` frame after joined
 
 
 @dataclass

@@ -54,6 +54,7 @@ __all__ = [
     "parse_frame",
     "publish_frame",
     "request_id_of",
+    "state_frame",
 ]
 
 # For pydantic, whose (Rust) regex engine matches ``$`` only at the very end of the text.
@@ -72,6 +73,9 @@ RequestId = Annotated[StrictStr, Field(min_length=1, max_length=64)] | StrictInt
 RoomName = Annotated[StrictStr, Field(pattern=ROOM_PATTERN)]
 EventName = Annotated[StrictStr, Field(pattern=EVENT_PATTERN)]
 Seq = Annotated[StrictInt, Field(ge=0, le=SEQ_MAX)]
+#: A state room's key: 1 to 128 characters, none of them a control character (C0, DEL, C1).
+STATE_KEY_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,128}$"
+StateKey = Annotated[StrictStr, Field(pattern=STATE_KEY_PATTERN)]
 
 
 class _Frame(BaseModel):
@@ -123,6 +127,10 @@ class Publish(_Frame):
     event: EventName
     data: Any = None
     msg_id: StrictStr | None = Field(default=None, min_length=1, max_length=128)
+    #: The key this event sets in a state room (default: the publisher's sub); only there.
+    key: StateKey | None = None
+    #: Remove ``key`` from the room's state (no ``data``); only in a state room.
+    unset: StrictBool = False
 
 
 class History(_Frame):
@@ -215,17 +223,28 @@ def parse_frame(raw: object) -> ClientFrame:
 
 
 def publish_frame(fields: dict[str, Any], room: str | None = None) -> Publish:
-    """A ``publish`` from the fields of a map {room, event, data, msg_id?} that is not a frame:
-    a plain MQTT uplink (whose room is in its topic), an HTTP API body, a broker uplink.
+    """A ``publish`` from the fields of a map {room, event, data, msg_id?, key?, unset?} that is
+    not a frame: a plain MQTT uplink (whose room is in its topic), an HTTP API body, a broker
+    uplink.
 
     Raises:
         ProtocolError: 4000 with a one-line reason naming the bad field.
     """
-    frame = parse_frame({"type": "publish", "room": fields.get("room") if room is None else room,
-                         "event": fields.get("event"), "data": fields.get("data"),
-                         "msg_id": fields.get("msg_id")})
+    raw = {"type": "publish", "room": fields.get("room") if room is None else room,
+           "event": fields.get("event"), "data": fields.get("data"),
+           "msg_id": fields.get("msg_id")}
+    for name in ("key", "unset"):  # only when present, as in a frame
+        if name in fields:
+            raw[name] = fields[name]
+    frame = parse_frame(raw)
     assert isinstance(frame, Publish)
     return frame
+
+
+def state_frame(room: str, values: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``state`` frame sent right after ``joined`` of a state room: its current values,
+    the stored event maps (with ``seq`` and ``key``), ordered by key."""
+    return {"type": "state", "room": room, "values": values}
 
 
 def error_frame(

@@ -64,6 +64,8 @@ class NamespacePolicy(BaseModel):
     volatile: bool = False
     presence: bool = True
     max_payload_bytes: int | None = Field(default=None, gt=0)
+    #: A state room: the latest event per key is kept (docs/protocol-notes.md, State rooms).
+    state: bool = False
 
 
 class RoomPolicy(BaseModel):
@@ -77,6 +79,7 @@ class RoomPolicy(BaseModel):
     volatile: bool
     presence: bool
     max_payload_bytes: int
+    state: bool = False
 
 
 class WebhookSetting(BaseModel):
@@ -235,6 +238,9 @@ class Settings(BaseSettings):
     history_ttl_s: float = Field(604800, gt=0, description="how long events are kept")
     recovery_max: int = Field(10000, ge=0, description="most events replayed by a recovery")
     dedupe_window_s: float = Field(120, gt=0, description="publish dedupe window")
+    state_max_keys: int = Field(
+        10000, gt=0, description="keys per state room (a publish with a new key beyond it: "
+                                 "4009 state room full)")
     presence_ttl_s: float = Field(10, gt=0, description="presence TTL")
     volatile_events: CsvList = Field(
         default_factory=lambda: ["user:typing"], description="volatile event names, comma-separated"
@@ -385,6 +391,7 @@ class Settings(BaseSettings):
             max_payload_bytes=(
                 self.max_frame_bytes if ns.max_payload_bytes is None else ns.max_payload_bytes
             ),
+            state=ns.state,
         )
 
 

@@ -1,0 +1,188 @@
+"""State rooms over a real node (issue 13): a publish with ``key`` sets the room's value, a late
+joiner gets ``joined``, then ``state`` with the current values, then live events; ``unset``
+removes a key; a lower seq never overwrites a higher one; SSE sends ``event: state`` first;
+``GET /api/state``; ``key``/``unset`` refused outside a state room; a full room refuses a new key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.test_sse import data, open_sse
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+STATE = {"namespaces": {"st": {"state": True}}, "rate_per_s": 1e6, "rate_burst": 1_000_000}
+
+
+async def api(node: Any, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token('backend', kind='service')}"}
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://127.0.0.1:{node.http.port}{path}", headers=headers, **kw) as resp:
+        return resp.status, await resp.json()
+
+
+async def publish(c: RawClient, room: str, event: str = "reading", **fields: Any) -> int:
+    reply = await c.request({"type": "publish", "room": room, "event": event, **fields})
+    assert reply["type"] == "published", reply
+    seq: int = reply["seq"]
+    return seq
+
+
+async def next_of(c: RawClient, room: str, *types: str) -> dict[str, Any]:
+    """The next frame of ``room`` (joined, state or event), skipping replies of other rooms."""
+    while True:
+        f = await c.recv(10)
+        if f.get("room") == room and f.get("type") in types:
+            return dict(f)
+
+
+async def test_keys_state_frame_late_joiner_unset_and_api(make_node: Any) -> None:
+    node = await make_node(**STATE)
+    room = unique("st")
+    dev = await RawClient.connected(ws_url(node), token("dev-1"))
+    s1 = await publish(dev, room, data={"t": 20})                      # key = the sub
+    s2 = await publish(dev, room, "setpoint", data=21, key="target")
+    s3 = await publish(dev, room, data={"t": 22})                      # dev-1 again, higher
+    status, body = await api(node, "GET", "/api/state", params={"room": room})
+    assert status == 200, body
+    assert body["room"] == room and body["seq"] == s3
+    assert [(v["key"], v["seq"], v["data"]) for v in body["values"]] == [
+        ("dev-1", s3, {"t": 22}), ("target", s2, 21)]
+    assert body["values"][0]["from"]["user"] == "dev-1" and "ts" in body["values"][0]
+    assert s1 < s2 < s3
+
+    # A late joiner: joined, then state (ordered by key), then live events carrying their key.
+    late = await RawClient.connected(ws_url(node), token("browser"))
+    await late.send({"type": "join", "room": room, "id": "j"})
+    joined = await next_of(late, room, "joined", "state", "event")
+    assert joined["type"] == "joined" and joined["seq"] == s3
+    state = await next_of(late, room, "joined", "state", "event")
+    assert state["type"] == "state"
+    assert [(v["key"], v["seq"]) for v in state["values"]] == [("dev-1", s3), ("target", s2)]
+    s4 = await publish(dev, room, "setpoint", data=23, key="target")
+    live = await next_of(late, room, "joined", "state", "event")
+    assert (live["type"], live["seq"], live["key"], live["data"]) == ("event", s4, "target", 23)
+    assert "unset" not in live
+
+    # unset removes the key: the event carries unset, the state no longer holds it.
+    s5 = await publish(dev, room, "setpoint:unset", key="target", unset=True)
+    live = await next_of(late, room, "event")
+    assert (live["seq"], live["key"], live["unset"]) == (s5, "target", True)
+    status, body = await api(node, "GET", "/api/state", params={"room": room})
+    assert [v["key"] for v in body["values"]] == ["dev-1"] and body["seq"] == s5
+
+    # HTTP publishes with key and unset as well; history items carry the key.
+    status, answer = await api(node, "POST", "/api/publish", json={
+        "room": room, "event": "setpoint", "data": 5, "key": "target"})
+    assert status == 200, answer
+    status, body = await api(node, "GET", "/api/state", params={"room": room})
+    assert [(v["key"], v["seq"], v["from"]["user"]) for v in body["values"]] == [
+        ("dev-1", s3, "dev-1"), ("target", answer["seq"], "backend")]
+    status, hist = await api(node, "GET", "/api/history", params={"room": room})
+    assert [e.get("key") for e in hist["events"]][-2:] == ["target", "target"]
+    status, answer = await api(node, "POST", "/api/publish", json={
+        "room": room, "event": "setpoint:unset", "key": "target", "unset": True})
+    assert status == 200, answer
+    status, body = await api(node, "GET", "/api/state", params={"room": room})
+    assert [v["key"] for v in body["values"]] == ["dev-1"]
+    for c in (dev, late):
+        await c.close()
+
+
+async def test_lower_seq_never_overwrites_a_higher_one(make_node: Any) -> None:
+    node = await make_node(**STATE)
+    room = unique("st")
+    a = await RawClient.connected(ws_url(node), token("a"))
+    b = await RawClient.connected(ws_url(node), token("b"))
+
+    async def burst(c: RawClient, who: str) -> list[int]:
+        # Pipelined: 40 publishes of one key in one message, their acks collected after.
+        await c.send(*({"type": "publish", "id": i, "room": room, "event": "e",
+                        "data": {"by": who, "i": i}, "key": "shared"} for i in range(40)))
+        seqs = []
+        while len(seqs) < 40:
+            f = await c.recv(10)
+            assert f["type"] in ("published", "event"), f
+            if f["type"] == "published":
+                seqs.append(f["seq"])
+        return seqs
+
+    seqs_a, seqs_b = await asyncio.gather(burst(a, "a"), burst(b, "b"))
+    top = max(seqs_a + seqs_b)
+    _, body = await api(node, "GET", "/api/state", params={"room": room})
+    [value] = body["values"]
+    assert value["seq"] == top, (value, top)
+
+    # The port itself: an older put arriving late changes nothing, nor resurrects an unset key.
+    assert node.state is not None
+    await node.state.put("default", room, "shared", top - 1, {"event": "old", "data": 0,
+                                                               "key": "shared"}, False)
+    [value] = await node.state.values("default", room)
+    assert value["seq"] == top
+    await node.state.put("default", room, "shared", top + 100, {"event": "x", "key": "shared"},
+                         True)
+    await node.state.put("default", room, "shared", top + 50, {"event": "y", "data": 1,
+                                                                "key": "shared"}, False)
+    assert await node.state.values("default", room) == []
+    for c in (a, b):
+        await c.close()
+
+
+async def test_sse_sends_state_first(make_node: Any) -> None:
+    node = await make_node(**STATE)
+    room, chat = unique("st"), unique("chat")
+    dev = await RawClient.connected(ws_url(node), token("dev-9"))
+    s1 = await publish(dev, room, data=1)
+    async with open_sse(node, [chat, room]) as sse:
+        await sse.joined()
+        first = await sse.message()
+        assert first["event"] == "state" and "id" not in first
+        assert data(first) == {"room": room, "values": [
+            {"room": room, "seq": s1, "event": "reading", "data": 1, "key": "dev-9",
+             "ts": data(first)["values"][0]["ts"], "from": {"user": "dev-9", "kind": "user",
+                                                          "client_id": dev.info["client_id"]}}]}
+        s2 = await publish(dev, room, data=2)
+        event = await sse.message()
+        assert event["event"] == "reading" and data(event)["seq"] == s2
+        assert data(event)["key"] == "dev-9"
+    await dev.close()
+
+
+async def test_key_refused_outside_state_rooms_and_full_rooms(make_node: Any) -> None:
+    node = await make_node(state_max_keys=2, **STATE)
+    plain, room = unique("chat"), unique("st")
+    c = await RawClient.connected(ws_url(node), token("u"))
+    for fields in ({"key": "k"}, {"unset": True}):
+        reply = await c.request({"type": "publish", "room": plain, "event": "e", **fields})
+        assert (reply["type"], reply["code"]) == ("error", 4000), reply
+        assert reply["reason"] == "key/unset need a state room (namespace with state = true)"
+        status, body = await api(node, "POST", "/api/publish",
+                                 json={"room": plain, "event": "e", **fields})
+        assert (status, body["code"]) == (400, 4000)
+        assert body["reason"] == reply["reason"]
+    reply = await c.request({"type": "publish", "room": room, "event": "e", "data": 1,
+                             "unset": True})
+    assert (reply["type"], reply["code"]) == ("error", 4000), reply
+    for bad in ("", "x" * 129, "a\nb", 5):
+        reply = await c.request({"type": "publish", "room": room, "event": "e", "key": bad})
+        assert (reply["type"], reply["code"]) == ("error", 4000), (bad, reply)
+    status, body = await api(node, "GET", "/api/state", params={"room": plain})
+    assert (status, body["code"]) == (404, 4004)
+
+    await publish(c, room, key="k1")
+    await publish(c, room, key="k2")
+    await publish(c, room, key="k2")  # an existing key: still fine
+    reply = await c.request({"type": "publish", "room": room, "event": "e", "key": "k3"})
+    assert (reply["type"], reply["code"], reply["reason"]) == ("error", 4009,
+                                                               "state room full"), reply
+    await publish(c, room, key="k1", unset=True)
+    await publish(c, room, key="k3")  # room again once a key is unset
+    status, body = await api(node, "GET", "/api/state", params={"room": room})
+    assert [v["key"] for v in body["values"]] == ["k2", "k3"]
+    await c.close()
