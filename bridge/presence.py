@@ -1,8 +1,17 @@
 """Cluster-wide presence in a JetStream key-value bucket (``RTNODE_PRESENCE``).
 
 Each node puts one key per member (``<tenant>.<room>.<client_id>``, the room base64url-encoded
-since KV keys cannot hold ``:`` or ``@``) and puts it again every third of the TTL; the bucket's
-max age is the TTL, so the members of a node that dies vanish on their own within the TTL.
+since KV keys cannot hold ``:`` or ``@``) and puts it again every third of the TTL. Every message
+carries its own TTL (``Nats-TTL``, nats-server 2.11+, the stream ``allow_msg_ttl``), an online
+member's the presence TTL, so the members of a node that dies vanish on their own within the TTL.
+
+Offline members: a plain MQTT device with a persistent session that disconnects stays in its
+rooms as ``online: false`` (:meth:`PresenceTracker.mark_offline`), in the same key with the
+session's expiry as TTL and refreshed by nobody (no memory on any node), until the session
+expires (the key vanishes: a leave, as below), the device comes back (its key is online again)
+or the session is deleted (:meth:`PresenceTracker.clear_offline`). The stream's max age is only
+a bound for all of them (``offline_max_s``, at least the TTL): a per-message TTL never outlives
+it.
 
 Leave events for them: every node that has local members watching a room's presence lists the
 room's members every half TTL and compares with the previous listing; a member that vanished
@@ -17,6 +26,8 @@ import base64
 import contextlib
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +37,20 @@ from nats.js.errors import BadRequestError
 from bridge.room_store import JetStreamRoomStore
 from node.core.ports import StoreError
 
-__all__ = ["BUCKET", "PresenceTracker"]
+__all__ = ["BUCKET", "OFFLINE_MAX_S", "PresenceTracker"]
 
 log = logging.getLogger("bridge.presence")
 
 BUCKET = "RTNODE_PRESENCE"
 _STREAM = f"KV_{BUCKET}"
 _PREFIX = f"$KV.{BUCKET}"
+#: The longest an offline member is kept by default (a persistent MQTT session's default expiry).
+OFFLINE_MAX_S = 604800.0
+
+
+def _ttl(seconds: float) -> str:
+    """A ``Nats-TTL`` header value: whole seconds, at least 1 (the server's minimum)."""
+    return f"{max(1, math.ceil(seconds))}s"
 
 
 def _room_token(room: str) -> str:
@@ -51,6 +69,8 @@ class PresenceTracker:
         ttl_s: How long a member outlives its node.
         replicas: Replicas of the bucket.
         on_vanished: Called with (tenant, room, member) for a member that left without a leave.
+        offline_max_s: The longest an offline member may be kept (the bucket's max age; set it
+            to the MQTT session expiry).
     """
 
     def __init__(
@@ -60,9 +80,11 @@ class PresenceTracker:
         ttl_s: float,
         replicas: int = 1,
         on_vanished: Callable[[str, str, dict[str, Any]], None] | None = None,
+        offline_max_s: float = OFFLINE_MAX_S,
     ) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.offline_max_s = max(ttl_s, offline_max_s)
         self.replicas = replicas
         self.on_vanished = on_vanished
         self._local: dict[str, bytes] = {}  # KV subject -> member JSON
@@ -75,8 +97,8 @@ class PresenceTracker:
         """Create or update the bucket, then start refreshing and watching."""
         cfg = StreamConfig(
             name=_STREAM, subjects=[f"{_PREFIX}.>"], storage=StorageType.MEMORY,
-            num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.ttl_s,
-            allow_direct=True, allow_rollup_hdrs=True, deny_delete=True,
+            num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.offline_max_s,
+            allow_direct=True, allow_rollup_hdrs=True, deny_delete=True, allow_msg_ttl=True,
         )
         js = self.store.link.js
 
@@ -127,6 +149,46 @@ class PresenceTracker:
         if self._local.pop(subject, None) is not None:
             asyncio.get_running_loop().create_task(self._delete(subject))
 
+    def mark_offline(self, tenant: str, room: str, member: dict[str, Any],
+                     ttl_s: float) -> None:
+        """A local member goes offline but stays listed, with ``online: false``, for ``ttl_s``
+        (its persistent session's expiry), refreshed by nobody: this node forgets it. Skipped
+        when a successor with the same client id has its own entry here (a takeover)."""
+        subject = _key(tenant, room, member["client_id"])
+        joined_at = member.get("joined_at")
+        if self._joined.get(subject, joined_at) != joined_at:
+            return
+        self._joined.pop(subject, None)
+        self._local.pop(subject, None)
+        offline = {**member, "online": False, "offline_since": int(time.time() * 1000)}
+        value = json.dumps(offline, separators=(",", ":")).encode()
+        asyncio.get_running_loop().create_task(
+            self._put(subject, value, min(ttl_s, self.offline_max_s)))
+
+    async def clear_offline(self, tenant: str, room: str, client_id: str) -> dict[str, Any] | None:
+        """Remove an offline member (its session was deleted); returns it, or None when it is
+        not offline there (online somewhere, or not listed). The caller tells the watchers.
+
+        Raises:
+            StoreError: JetStream did not answer.
+        """
+        subject = _key(tenant, room, client_id)
+        if subject in self._local:
+            return None  # online on this node
+        batch = await self.store.direct_get({"multi_last": [subject], "batch": 1}, _STREAM)
+        for ev, headers in zip(batch.events, batch.headers, strict=True):
+            if headers.get("KV-Operation") or not ev.body:
+                return None
+            try:
+                member = json.loads(ev.body)
+            except ValueError:
+                member = None
+            if not isinstance(member, dict) or member.get("online", True) is not False:
+                return None
+            await self._delete(subject)
+            return member
+        return None
+
     def watch(self, tenant: str, room: str, on: bool) -> None:
         """Count local watchers of a room's presence (they get leave events of dead nodes)."""
         key = (tenant, room)
@@ -137,13 +199,16 @@ class PresenceTracker:
             self._watched.pop(key, None)
             self._seen.pop(key, None)
 
-    async def _put(self, subject: str, value: bytes) -> None:
+    async def _put(self, subject: str, value: bytes, ttl_s: float | None = None) -> None:
+        ttl = _ttl(self.ttl_s if ttl_s is None else ttl_s)
         with contextlib.suppress(Exception):  # refreshed again within a third of the TTL
-            await self.store.link.nc.publish(subject, value)
+            await self.store.link.nc.publish(subject, value, headers={"Nats-TTL": ttl})
 
     async def _delete(self, subject: str) -> None:
+        # The marker lives a TTL too (leaves are told apart from vanished members meanwhile).
+        headers = {"KV-Operation": "DEL", "Nats-TTL": _ttl(self.ttl_s)}
         with contextlib.suppress(Exception):
-            await self.store.link.nc.publish(subject, b"", headers={"KV-Operation": "DEL"})
+            await self.store.link.nc.publish(subject, b"", headers=headers)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -154,7 +219,8 @@ class PresenceTracker:
     # -- reading ---------------------------------------------------------------------------
 
     async def members(self, tenant: str, room: str) -> list[dict[str, Any]]:
-        """Every member of the room on every node, oldest first.
+        """Every member of the room on every node, oldest first; each with ``online`` (false
+        for a device whose persistent session keeps it while it is away).
 
         Raises:
             StoreError: JetStream did not answer.
@@ -177,6 +243,7 @@ class PresenceTracker:
             except ValueError:
                 continue
             if isinstance(member, dict):
+                member.setdefault("online", True)
                 members.append(member)
         members.sort(key=lambda m: (m.get("joined_at", 0), m.get("client_id", "")))
         return members, deleted

@@ -63,6 +63,7 @@ from node.core.session_commands import (
     TimerKey,
     UnregisterRpc,
 )
+from node.core.session_presence import PresenceOffline
 from node.protocol.errors import ProtocolError
 from node.protocol.tokens import Principal
 
@@ -71,6 +72,7 @@ __all__ = [
     "ConnectionActor",
     "ConnectionIndex",
     "Invalid",
+    "KeepOffline",
     "NodeContext",
     "PlainJoin",
     "PlainLeave",
@@ -102,6 +104,15 @@ class _InRoom:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepOffline:
+    """Tell a connection whether it stays in its plain rooms' presence as offline when it ends
+    (``ttl_s``: a persistent MQTT session's expiry) or goes (None: e.g. its session was
+    deleted); see ``ConnectionSession.keep_offline``."""
+
+    ttl_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class _TimerFired:
     key: TimerKey
 
@@ -115,6 +126,8 @@ class ConnectionActor(Actor):
         codec: The connection's codec (``node.protocol.JSON`` or ``CBOR``).
         principal: Already authenticated (MQTT); None when a ``connect`` frame must come first.
         client_id: The connection's id (default: a random one).
+        offline_ttl_s: A persistent MQTT session's expiry: when the connection ends, it stays
+            in the presence of its plain rooms as offline that long (default: it is gone).
     """
 
     kind = "connection"
@@ -129,7 +142,8 @@ class ConnectionActor(Actor):
     inbound_low = 256
 
     def __init__(self, ctx: NodeContext, transport: ConnTransport, codec: Any,
-                 principal: Principal | None = None, client_id: str | None = None) -> None:
+                 principal: Principal | None = None, client_id: str | None = None,
+                 offline_ttl_s: float | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.transport = transport
@@ -149,6 +163,7 @@ class ConnectionActor(Actor):
             rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
             room_buckets=ctx.room_buckets, carry=ctx.carry,
         )
+        self.session.keep_offline(offline_ttl_s)
         self.members: dict[str, Membership] = {}
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
         # join the same room on its tunnel.
@@ -264,7 +279,9 @@ class ConnectionActor(Actor):
             session.receive_plain_join(message.room, (message.codec, message.transport),
                                        time.monotonic())
         elif kind is PlainLeave:
-            session.receive_plain_leave(message.room)
+            session.receive_plain_leave(message.room, time.monotonic())
+        elif kind is KeepOffline:
+            session.keep_offline(message.ttl_s)
         elif kind is _RpcIn:
             session.receive_rpc_request(message.request, message.reply_to, time.monotonic())
         else:
@@ -393,14 +410,21 @@ class ConnectionActor(Actor):
             if old is None:
                 return
             outbox = old.outbox
-        else:
+        since_seq, since_epoch = command.since_seq, command.since_epoch
+        if command.source is not None:
             codec, transport = command.source
             outbox = Outbox(codec, transport, limit=self.settings.slow_consumer_bytes,
                             on_slow=self._on_slow)
+            # A QoS 1 subscription of a persistent MQTT session joins from its position
+            # (the bridge sent what came before it: bridge.mqtt_session).
+            resume = getattr(transport, "resume_from", None)
+            if resume is not None and since_seq is None:
+                since_seq, since_epoch = resume
         member = Membership(self.client_id, outbox, self._on_plain_room_lost)
+        if since_seq is not None:
+            member.cursor = since_seq
         self.plain[room] = member
-        self._tell_room(room, Join(member, command.since_seq, command.since_epoch, None,
-                                   silent=True))
+        self._tell_room(room, Join(member, since_seq, since_epoch, None, silent=True))
 
     def _leave_plain_room(self, command: LeavePlainRoom) -> None:
         member = self.plain.pop(command.room, None)
@@ -415,12 +439,21 @@ class ConnectionActor(Actor):
         assert self.principal is not None
         return self.principal.tenant
 
-    def _presence_port(self, command: PresenceWatch | PresenceAdd | PresenceRemove) -> None:
+    def _presence_port(
+        self, command: PresenceWatch | PresenceAdd | PresenceRemove | PresenceOffline
+    ) -> None:
         presence = self.ctx.presence
         if presence is None:
             return
         tenant = self._tenant()
-        if isinstance(command, PresenceWatch):
+        if isinstance(command, PresenceOffline):
+            # Not every presence port keeps offline members (bridge.presence does): else gone.
+            mark = getattr(presence, "mark_offline", None)
+            if mark is not None:
+                mark(tenant, command.room, command.member, command.ttl_s)
+            else:
+                presence.remove(tenant, command.room, self.client_id, self._joined_at_ms)
+        elif isinstance(command, PresenceWatch):
             presence.watch(tenant, command.room, command.on)
         elif isinstance(command, PresenceAdd):
             presence.add(tenant, command.room, command.member)
@@ -524,6 +557,7 @@ _RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
     CallRpc: lambda a, c: a._spawn(a._call(c), "rpc"),
     PresenceWatch: ConnectionActor._presence_port, PresenceAdd: ConnectionActor._presence_port,
     PresenceRemove: ConnectionActor._presence_port,
+    PresenceOffline: ConnectionActor._presence_port,
     AnnouncePresence: ConnectionActor._announce_presence,
     RespondRpc: ConnectionActor._respond_rpc, UnregisterRpc: ConnectionActor._unregister_rpc,
 }

@@ -9,10 +9,19 @@ throttled per connection): a client joining and leaving a room in a loop costs t
 watchers one event per ``volatile_throttle_ms`` at most, and the last event they get is the
 member's true state. An event that would tell watchers what they already know (a leave after
 a join they never saw, a join after a join) is not sent at all.
+
+A plain MQTT subscriber (``rooms/<room>``) is a member like any other (its kind: ``device``,
+from its token). A connection is one member of a room however it is in it (joined with a
+frame, subscribed on a plain topic, or both): present from the first, gone with the last. A
+connection told :meth:`PresenceRules.keep_offline` (a persistent MQTT session) leaves its plain
+rooms *offline* when it ends: its entry stays with ``online: false`` for the given time (the
+session's expiry) and the watchers' ``presence:leave`` carries ``online: false``
+(docs/protocol-notes.md, "Devices in presence").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from node.core.admission import VolatileThrottle
@@ -27,10 +36,20 @@ from node.core.session_commands import (
 from node.protocol.settings import Settings
 from node.protocol.tokens import Principal
 
-__all__ = ["PRESENCE_JOIN", "PRESENCE_LEAVE", "PresenceRules"]
+__all__ = ["PRESENCE_JOIN", "PRESENCE_LEAVE", "PresenceOffline", "PresenceRules"]
 
 PRESENCE_JOIN = "presence:join"
 PRESENCE_LEAVE = "presence:leave"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceOffline:
+    """Keep this connection in a room's presence as offline (``member`` has ``online:
+    false``) for ``ttl_s`` seconds, instead of removing it (``PresencePort.mark_offline``)."""
+
+    room: str
+    member: dict[str, Any]
+    ttl_s: float
 
 
 class PresenceRules(CommandQueue):
@@ -45,6 +64,8 @@ class PresenceRules(CommandQueue):
     node_name: str
     _presence: bool
     _joined_at: int
+    rooms: dict[str, bool]
+    plain: set[str]
     # Rooms whose watchers were last told ``presence:join`` (they see this member there).
     _shown: set[str]
     # The announcements waiting for their room's throttle window, latest wins.
@@ -53,6 +74,12 @@ class PresenceRules(CommandQueue):
     def _init_presence(self) -> None:
         self._shown = set()
         self._announcer = VolatileThrottle(self.settings.volatile_throttle_ms / 1000)
+        self._offline_ttl_s: float | None = None
+
+    def keep_offline(self, ttl_s: float | None) -> None:
+        """When the connection ends, keep it in the presence of its plain rooms as offline for
+        ``ttl_s`` seconds (a persistent MQTT session: until it expires); None: it is gone."""
+        self._offline_ttl_s = ttl_s if ttl_s is None or ttl_s > 0 else None
 
     def _tracked(self, room: str) -> bool:
         return (self._presence and not room.startswith("@")
@@ -79,7 +106,21 @@ class PresenceRules(CommandQueue):
             return
         if presence:
             self._commands.append(PresenceWatch(room, False))
-        if announce:
+        if announce and room not in self.plain:  # else still a member, by its subscription
+            self._commands.append(PresenceRemove(room))
+            self._announce(room, PRESENCE_LEAVE, now)
+
+    def _plain_presence_on(self, room: str, now: float) -> None:
+        """A plain subscription to ``room`` began (the connection is a member unless it joined
+        the room with a frame already)."""
+        if self._tracked(room) and room not in self.rooms:
+            self._commands.append(PresenceAdd(room, self.member_info()))
+            self._announce(room, PRESENCE_JOIN, now)
+
+    def _plain_presence_off(self, room: str, now: float) -> None:
+        """The plain subscription to ``room`` ended (unsubscribed): the connection leaves the
+        room's presence unless it is in the room by a frame join too."""
+        if self._tracked(room) and room not in self.rooms:
             self._commands.append(PresenceRemove(room))
             self._announce(room, PRESENCE_LEAVE, now)
 
@@ -105,7 +146,7 @@ class PresenceRules(CommandQueue):
         if name is not None:
             self._show(room, name)
 
-    def _show(self, room: str, name: str) -> None:
+    def _show(self, room: str, name: str, *, offline: bool = False) -> None:
         joined = name == PRESENCE_JOIN
         if joined == (room in self._shown):
             return  # the watchers see this state already
@@ -113,11 +154,28 @@ class PresenceRules(CommandQueue):
             self._shown.add(room)
         else:
             self._shown.discard(room)
-        self._commands.append(AnnouncePresence(room, name, self.member_info()))
+        member = self.member_info()
+        if offline:
+            member["online"] = False
+        self._commands.append(AnnouncePresence(room, name, member))
 
     def _say_goodbye(self) -> None:
-        """The connection ends: every room whose watchers see it gets its leave now (timers
-        end with the connection, so nothing waits for a window)."""
+        """The connection ends: its plain rooms' presence goes (or turns offline, see
+        :meth:`keep_offline`), and every room whose watchers see it gets its leave now (timers
+        end with the connection, so nothing waits for a window). Called after the frame rooms'
+        :meth:`_presence_end`, with ``plain`` still set."""
         self._announcer = VolatileThrottle(self._announcer.window_s)
+        ttl_s = self._offline_ttl_s
+        offline = {room for room in self.plain if self._tracked(room)} if ttl_s else set()
+        for room in sorted(self.plain):
+            if room in offline:
+                assert ttl_s is not None
+                member = self.member_info()
+                member["online"] = False
+                # Defined here, not in session_commands (whose Command union does not list
+                # it); the actor executes it like the other presence commands.
+                self._commands.append(PresenceOffline(room, member, ttl_s))  # type: ignore[arg-type]
+            elif self._tracked(room) and room not in self.rooms:
+                self._commands.append(PresenceRemove(room))
         for room in sorted(self._shown):
-            self._show(room, PRESENCE_LEAVE)
+            self._show(room, PRESENCE_LEAVE, offline=room in offline)

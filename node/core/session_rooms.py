@@ -133,7 +133,8 @@ class RoomRules(PresenceRules):
     def receive_plain_join(self, room: str, source: Any, now: float) -> None:
         """Join ``room`` for a plain subscriber; ``source`` (the actor's, opaque here) comes
         back in :class:`JoinPlainRoom`. Counted like a join; what a join would be refused is
-        logged and skipped (the bridge answered the subscription already)."""
+        logged and skipped (the bridge answered the subscription already). The subscriber is
+        in the room's presence (``presence:join`` to its watchers) unless it was already."""
         principal = self.principal
         if principal is None or not self.connected:
             return
@@ -151,6 +152,7 @@ class RoomRules(PresenceRules):
             return
         self.plain.add(room)
         self._commands.append(JoinPlainRoom(room, None, None, source))
+        self._plain_presence_on(room, now)  # a member like any other (kind: its token's)
 
     def receive_plain_room_lost(self, room: str, since: int | None, epoch: str) -> None:
         """The room of a plain subscription stopped: rejoin from ``since`` (None: live)."""
@@ -158,11 +160,13 @@ class RoomRules(PresenceRules):
             self._commands.append(JoinPlainRoom(room, since, None if since is None else epoch,
                                                 None))
 
-    def receive_plain_leave(self, room: str) -> None:
-        """End the plain subscription to ``room`` (nothing if there is none)."""
+    def receive_plain_leave(self, room: str, now: float) -> None:
+        """End the plain subscription to ``room`` (nothing if there is none): it leaves the
+        room's presence (an UNSUBSCRIBE is a leave, also for a persistent session)."""
         if room in self.plain:
             self.plain.discard(room)
             self._commands.append(LeavePlainRoom(room))
+            self._plain_presence_off(room, now)
 
     def _hold(self, admitted: Admitted, request_id: Any, now: float) -> None:
         # Joined a moment ago: store once the room has taken the join in, so the event comes

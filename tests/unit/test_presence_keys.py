@@ -24,6 +24,10 @@ def tracker() -> tuple[PresenceTracker, FakeNats]:
     return PresenceTracker(store, ttl_s=10), nc
 
 
+def deletes(nc: FakeNats) -> list[str]:
+    return [h["KV-Operation"] for _, _, h in nc.sent if h and "KV-Operation" in h]
+
+
 def member(joined_at: int) -> dict[str, Any]:
     return {"client_id": "thermo-1", "user": "thermo-1", "kind": "device", "node": "n1",
             "joined_at": joined_at}
@@ -35,11 +39,11 @@ async def test_the_old_connection_of_a_takeover_leaves_its_successor_in_presence
     presence.add("t", "sensors:lab", member(1005))  # the takeover's new connection joins
     presence.remove("t", "sensors:lab", "thermo-1", 1000)  # the old one's cleanup, late
     await asyncio.sleep(0)
-    assert not [h for _, _, h in nc.sent if h], "no delete of the successor's key"
+    assert not deletes(nc), "no delete of the successor's key"
     assert len(presence._local) == 1
     presence.remove("t", "sensors:lab", "thermo-1", 1005)
     await asyncio.sleep(0)
-    assert [h for _, _, h in nc.sent if h] == [{"KV-Operation": "DEL"}]
+    assert deletes(nc) == ["DEL"]
     assert presence._local == {}
 
 
@@ -48,4 +52,24 @@ async def test_remove_without_joined_at_removes_whoever_is_there() -> None:
     presence.add("t", "r", member(7))
     presence.remove("t", "r", "thermo-1")
     await asyncio.sleep(0)
-    assert [h for _, _, h in nc.sent if h] == [{"KV-Operation": "DEL"}]
+    assert deletes(nc) == ["DEL"]
+
+
+async def test_every_write_carries_its_ttl_and_offline_members_the_sessions() -> None:
+    presence, nc = tracker()
+    presence.add("t", "r", member(7))
+    presence.mark_offline("t", "r", {**member(7), "online": False}, 3600)
+    await asyncio.sleep(0)
+    (_, _, h1), (_, offline, h2) = nc.sent
+    assert h1 == {"Nats-TTL": "10s"} and h2 == {"Nats-TTL": "3600s"}
+    assert b'"online":false' in offline and b"offline_since" in offline
+    assert presence._local == {}, "an offline member is refreshed by nobody"
+
+
+async def test_the_old_connection_of_a_takeover_never_marks_its_successor_offline() -> None:
+    presence, nc = tracker()
+    presence.add("t", "r", member(1000))
+    presence.add("t", "r", member(1005))  # the takeover's new connection
+    presence.mark_offline("t", "r", member(1000), 3600)  # the old one ends, late
+    await asyncio.sleep(0)
+    assert len(nc.sent) == 2 and len(presence._local) == 1

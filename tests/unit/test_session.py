@@ -36,6 +36,7 @@ from node.core.session_commands import (
     StorePublish,
     UnregisterRpc,
 )
+from node.core.session_presence import PresenceOffline
 from node.protocol.frames import parse_frame
 from node.protocol.settings import Settings, load_settings
 from node.protocol.tokens import Principal, TokenVerifier, mint_token
@@ -355,7 +356,7 @@ def test_ack() -> None:
 
 
 def test_plain_subscriptions() -> None:
-    s = connected()
+    s = connected(presence=False)
     s.receive_plain_join("chat:a", "src", T0)
     assert s.commands_to_send() == [JoinPlainRoom("chat:a", None, None, "src")]
     s.receive_plain_join("chat:a", "src2", T0)  # a repeated SUBSCRIBE: the membership goes on
@@ -365,12 +366,91 @@ def test_plain_subscriptions() -> None:
     s.receive_plain_room_lost("chat:a", None, "e1")
     assert s.commands_to_send() == [JoinPlainRoom("chat:a", 9, "e1", None),
                                     JoinPlainRoom("chat:a", None, None, None)]
-    s.receive_plain_leave("chat:a")
-    s.receive_plain_leave("chat:a")
+    s.receive_plain_leave("chat:a", T0)
+    s.receive_plain_leave("chat:a", T0)
     assert s.commands_to_send() == [LeavePlainRoom("chat:a")]
     fresh = session()
     fresh.receive_plain_join("chat:a", "src", T0)  # not connected yet
     assert fresh.commands_to_send() == []
+
+
+def device(**kwargs: Any) -> ConnectionSession:
+    """A plain MQTT device's session (pre-authenticated, kind device), admitted."""
+    principal = TokenVerifier(secret=SECRET).verify(token("d1", kind="device"))
+    s = session(principal, **kwargs)
+    s.start(T0)
+    s.receive_admitted(T0)
+    s.commands_to_send()
+    return s
+
+
+def test_plain_subscriber_is_a_presence_member() -> None:
+    s = device()
+    s.receive_plain_join("chat:a", "src", T0)
+    out = s.commands_to_send()
+    assert [type(c) for c in out] == [JoinPlainRoom, PresenceAdd, AnnouncePresence]
+    assert out[1].member == {"client_id": "c1", "user": "d1", "kind": "device", "node": "n1",
+                             "joined_at": 1}
+    assert out[2].name == "presence:join"
+    s.receive_plain_join("quiet:a", "src", T0)  # presence off in the namespace: none
+    assert [type(c) for c in s.commands_to_send()] == [JoinPlainRoom]
+    s.receive_plain_leave("chat:a", T0 + 1)  # UNSUBSCRIBE
+    out = s.commands_to_send()
+    assert LeavePlainRoom("chat:a") in out and PresenceRemove("chat:a") in out
+    assert [c.name for c in of(out, AnnouncePresence)] == ["presence:leave"]
+    assert "online" not in of(out, AnnouncePresence)[0].member
+
+
+def test_plain_and_frame_membership_of_one_room_is_one_member() -> None:
+    s = device()
+    s.receive_plain_join("chat:a", "src", T0)
+    s.commands_to_send()
+    out = feed(s, {"type": "join", "id": 1, "room": "chat:a"}, now=T0 + 1)
+    assert not of(out, AnnouncePresence)  # its watchers see it already
+    out = feed(s, {"type": "leave", "id": 2, "room": "chat:a"}, now=T0 + 2)
+    assert not of(out, PresenceRemove) and not of(out, AnnouncePresence)  # still subscribed
+    s.receive_plain_leave("chat:a", T0 + 3)
+    out = s.commands_to_send()
+    assert PresenceRemove("chat:a") in out
+    assert [c.name for c in of(out, AnnouncePresence)] == ["presence:leave"]
+
+
+def test_plain_subscriber_leaves_presence_when_it_ends() -> None:
+    s = device()
+    s.receive_plain_join("chat:a", "src", T0)
+    s.commands_to_send()
+    s.stop()
+    out = s.commands_to_send()
+    assert PresenceRemove("chat:a") in out and LeavePlainRoom("chat:a") in out
+    assert not of(out, PresenceOffline)
+    (leave,) = of(out, AnnouncePresence)
+    assert leave.name == "presence:leave" and "online" not in leave.member
+
+
+def test_persistent_session_leaves_its_plain_rooms_offline() -> None:
+    s = device()
+    s.keep_offline(3600.0)
+    s.receive_plain_join("chat:a", "src", T0)
+    joined(s, "chat:b")  # a tunnel room: gone as usual
+    s.commands_to_send()
+    s.stop()
+    out = s.commands_to_send()
+    (offline,) = of(out, PresenceOffline)
+    assert offline.room == "chat:a" and offline.ttl_s == 3600.0
+    assert offline.member["online"] is False and offline.member["kind"] == "device"
+    assert PresenceRemove("chat:b") in out and PresenceRemove("chat:a") not in out
+    leaves = {c.room: c for c in of(out, AnnouncePresence)}
+    assert leaves["chat:a"].name == "presence:leave"
+    assert leaves["chat:a"].member["online"] is False  # offline, not gone
+    assert "online" not in leaves["chat:b"].member
+    s = device()
+    s.keep_offline(3600.0)
+    s.keep_offline(None)  # its session was deleted: gone
+    s.receive_plain_join("chat:a", "src", T0)
+    s.commands_to_send()
+    s.stop()
+    out = s.commands_to_send()
+    assert not of(out, PresenceOffline) and PresenceRemove("chat:a") in out
 
 
 # -- publish --------------------------------------------------------------------------------------
