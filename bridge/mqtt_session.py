@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -26,7 +27,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from actors.errors import ActorDeadError, ActorError
 from bridge import mqtt_codec as mq
+from bridge.mqtt_qos import Outgoing, QosWindow
+from bridge.mqtt_sessions import SessionRecord, SessionsFull, SessionTaken
 from bridge.mqtt_uplinks import (
+    UplinkDecodeError,
     check_will,
     label_of,
     payload_preview,
@@ -42,12 +46,14 @@ from node.core.connection import (
     TransportClosed,
 )
 from node.core.limits import TokenBucket
+from node.core.ports import StoreError
 from node.protocol.errors import CodecError, ProtocolError
 from node.protocol.frames import (
     CBOR,
     ROOM_RE,
     cbor_loads_strict,
     parse_frame,
+    publish_frame,
     request_id_of,
 )
 from node.protocol.tokens import Principal
@@ -80,6 +86,46 @@ class _PlainCbor:
 
 PLAIN_CBOR = _PlainCbor()
 
+# The fields of a stored event map a plain subscriber gets (as a room's event frame has them).
+_EVENT_FIELDS = ("event", "data", "ts", "from", "msg_id", "key", "unset")
+# A resumed QoS 1 room is read in pages of at most this many events, each sent under the
+# window; the next page is read once no more than a window's worth waits.
+_PAGE = 500
+
+
+class _PlainCborSeq:
+    """Room events for QoS 1 plain subscribers: the seq (8 bytes), then the plain CBOR map.
+    The room encodes once per codec; :class:`_QosTransport` takes the seq off."""
+
+    name = "cbor-plain-seq"
+    binary = True
+
+    def encode(self, frame: Any) -> bytes:
+        seq = frame.get("seq") or 0
+        return seq.to_bytes(8, "big") + PLAIN_CBOR.encode(frame)
+
+    def join(self, frames: list[bytes]) -> bytes:
+        return b"".join(frames)
+
+
+PLAIN_CBOR_SEQ = _PlainCborSeq()
+
+
+def plain_payload(room: str, seq: int, body: bytes) -> bytes | None:
+    """The payload a plain subscriber gets for stored event ``seq`` (its CBOR event map), as
+    the room would send it; None for a body that is not an event map."""
+    try:
+        event = cbor_loads_strict(body)
+    except CodecError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return None
+    frame: dict[str, Any] = {"room": room, "seq": seq}
+    for key in _EVENT_FIELDS:
+        if key in event:
+            frame[key] = event[key]
+    return CBOR.encode(frame)
+
 
 class _TopicTransport:
     """Writes each frame as one QoS 0 PUBLISH on a fixed topic of one device."""
@@ -101,6 +147,47 @@ class _TopicTransport:
 
     def close(self, code: int, reason: str) -> None:
         self.session.close(f"{code} {reason}")
+
+
+class _QosTransport:
+    """A QoS 1 plain subscription: each event goes through the session's window.
+
+    Attributes:
+        resume_from: (seq, epoch) to join the room from (read by the connection actor when it
+            joins: ``node.core.connection``), or None to join live.
+    """
+
+    kind = "mqtt"
+    frame_per_message = True
+
+    def __init__(self, session: MqttSession, room: str,
+                 resume_from: tuple[int, str] | None) -> None:
+        self.session = session
+        self.room = room
+        self.resume_from = resume_from
+
+    def write_message(self, payload: bytes) -> None:
+        seq = int.from_bytes(payload[:8], "big")
+        if seq:
+            self.session.send_qos1(self.room, seq, payload[8:])
+        else:  # a volatile event (no seq): QoS 0
+            self.session.send_publish(f"rooms/{self.room}", payload[8:])
+
+    def buffered_bytes(self) -> int:
+        # What waits beyond the window counts: a device that does not acknowledge becomes a
+        # slow consumer and is disconnected (it resumes from its cursor later).
+        return self.session.buffered_bytes() + self.session.qos.waiting_bytes
+
+    def close(self, code: int, reason: str) -> None:
+        self.session.close(f"{code} {reason}")
+
+
+def _taken_elsewhere(bridge: MqttBridge, tenant: str, client_id: str) -> None:
+    """Another node took the device's session (or discarded it): close its connection here."""
+    session = bridge.sessions.get((tenant, client_id))
+    if session is not None:
+        session.persistent = False  # its writes would fail: the record is the new holder's
+        session.close("taken over by a new connection on another node")
 
 
 class MqttSession(asyncio.Protocol):
@@ -134,6 +221,19 @@ class MqttSession(asyncio.Protocol):
         self._end_reason: str | None = None  # close once the pending packets are handled
         self._draining: asyncio.TimerHandle | None = None  # half-closed, discarding input
         self._peer_eof = False
+        # QoS 1 downlinks and the persistent session (clean_session = 0).
+        self.qos = QosWindow(self.settings.mqtt_inflight)
+        self.subs: dict[str, int] = {}  # topic filter -> granted QoS
+        self.persistent = False
+        self.record: SessionRecord | None = None
+        self.revision = 0
+        self._gated = False  # an async step (session load, QoS 1 subscribe) runs: wait
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._dirty = False
+        self._refresh: asyncio.TimerHandle | None = None
+        self._drained = asyncio.Event()
+        self._ended = asyncio.Event()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -158,7 +258,7 @@ class MqttSession(asyncio.Protocol):
             packets = exc.packets  # what came before the bad bytes still counts
             self._end_reason = "protocol error"
         self._pending.extend(packets)
-        if not self._stalled:
+        if not self._stalled and not self._gated:
             self._run()
 
     def eof_received(self) -> bool | None:
@@ -174,6 +274,8 @@ class MqttSession(asyncio.Protocol):
         pending = self._pending
         high = ConnectionActor.inbound_high
         while pending and not self.closed:
+            if self._gated:
+                return  # resumed when the async step is done
             ref = self.ref
             if ref is not None and ref.queued >= high:
                 self._stall(ref)
@@ -214,6 +316,7 @@ class MqttSession(asyncio.Protocol):
             if self.will is not None:
                 self._send_will()
         self._end()
+        self._ended.set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -272,6 +375,13 @@ class MqttSession(asyncio.Protocol):
 
     def _end(self) -> None:
         self.volatile.close()
+        for task in self._tasks:
+            task.cancel()
+        if self._refresh is not None:
+            self._refresh.cancel()
+        self._drained.set()
+        if self.persistent:
+            self._persist()  # connected = False, the last cursors
         if self.principal is not None:
             key = (self.principal.tenant, self.client_id)
             if self.bridge.sessions.get(key) is self:
@@ -306,7 +416,7 @@ class MqttSession(asyncio.Protocol):
         if isinstance(packet, mq.Publish):
             self._on_publish(packet)
         elif isinstance(packet, mq.PubAck):
-            pass  # we publish at QoS 0
+            self._on_puback(packet.packet_id)
         elif isinstance(packet, mq.PubRel):
             self.qos2_seen.discard(packet.packet_id)
             self._write(bytes((0x70, 2)) + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
@@ -331,6 +441,7 @@ class MqttSession(asyncio.Protocol):
             return
         self.principal = principal
         self.client_id = packet.client_id
+        old = self.bridge.sessions.get((principal.tenant, packet.client_id))
         self.bridge.register(self)  # an older connection of the device is taken over
         self.will = self._checked_will(packet.will)
         self.keepalive = packet.keepalive
@@ -341,7 +452,14 @@ class MqttSession(asyncio.Protocol):
         actor = ConnectionActor(self.ctx, self.tunnel, CBOR, principal=principal,
                                 client_id=packet.client_id)
         self.ref = self.ctx.system.spawn(lambda: actor)
-        self._write(mq.connack(0))
+        if self.ctx.sessions is not None:
+            if old is self:
+                old = None
+            # The session is loaded (or discarded) before the CONNACK; the packets after the
+            # CONNECT wait for it.
+            self._gate(self._open_session(not packet.clean_session, old), "session")
+        else:
+            self._write(mq.connack(0))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -366,7 +484,7 @@ class MqttSession(asyncio.Protocol):
             self._tunnel_in(packet.payload)
             self._done(entry)
         elif topic.startswith("rooms/") and topic.endswith("/up"):
-            if not self._uplink(topic, packet.payload, entry):
+            if not self._uplink(topic, packet.payload, entry, retain=packet.retain):
                 self._done(entry)
         else:
             self.bridge.refused_publishes += 1  # another device's tunnel, or a topic of no use
@@ -415,7 +533,7 @@ class MqttSession(asyncio.Protocol):
             self.ref.tell(frame)
 
     def _uplink(self, topic: str, payload: bytes, entry: list[Any] | None, *,
-                notify: bool = True) -> bool:
+                notify: bool = True, retain: bool = False) -> bool:
         """Admit a plain uplink on ``rooms/<room>/up`` (``node.core.admission``), a JSON
         object or a CBOR map, and store it.
 
@@ -424,6 +542,8 @@ class MqttSession(asyncio.Protocol):
             payload: Its payload.
             entry: Its place in the ack queue (None: QoS 0, or a will).
             notify: Tell the device why, if refused (False for a will: the device is gone).
+            retain: The RETAIN flag: sets the device's key in a state room (an empty payload
+                removes it: event ``state:unset``); refused in any other room.
 
         Returns:
             True when its ack waits for the store; False when it is done: refused (dropped,
@@ -432,7 +552,16 @@ class MqttSession(asyncio.Protocol):
         """
         frame = None
         try:
-            frame = uplink_publish(payload, topic[6:-3])
+            room = topic[6:-3]
+            if not retain:
+                frame = uplink_publish(payload, room)
+            elif not self.settings.room_policy(room).state:
+                raise UplinkDecodeError("not_state_room", "RETAIN needs a state room "
+                                                          "(namespace with state = true)")
+            elif payload:
+                frame = uplink_publish(payload, room)
+            else:
+                frame = publish_frame({"event": "state:unset", "unset": True}, room)
             admitted = self.ctx.admission.admit(
                 "mqtt", self.principal, frame, client_id=self.client_id, bucket=self.bucket)
         except ProtocolError as exc:
@@ -521,30 +650,124 @@ class MqttSession(asyncio.Protocol):
         principal = self.principal
         assert principal is not None and self.tunnel is not None
         granted = []
-        for topic_filter, _qos in packet.topics:
+        qos1: list[tuple[str, int]] = []
+        for topic_filter, qos in packet.topics:
             if topic_filter == self.tunnel.topic:
                 self.tunnel.enabled = True
+                self.subs[topic_filter] = 0
                 granted.append(0)
             elif (topic_filter.startswith("rooms/") and _ROOM_RE.fullmatch(topic_filter[6:])
                   and principal.can("join", topic_filter[6:])
                   and (topic_filter[6:] in self.plain
                        or len(self.plain) < self.settings.max_rooms_per_connection)):
                 room = topic_filter[6:]
-                self._subscribe_plain(room)
-                granted.append(0)
+                want = min(qos, 1)  # QoS 2 requests are granted 1
+                if room in self.plain and self.subs.get(topic_filter, 0) != want:
+                    self._unsubscribe_plain(room)  # a new QoS: a new subscription
+                self.subs[topic_filter] = want
+                if want:
+                    qos1.append((room, len(granted)))
+                else:
+                    self._subscribe_plain(room)
+                granted.append(want)
             else:
                 self.bridge.refused_subscribes += 1
                 granted.append(0x80)
-        self._write(mq.suback(packet.packet_id, granted))
+        if qos1:
+            # Each QoS 1 room starts from the room's latest seq (its cursor, persisted), read
+            # before the SUBACK; the packets after the SUBSCRIBE wait for it.
+            self._gate(self._subscribe_qos1(packet.packet_id, granted, qos1), "subscribe")
+            return
+        self._suback(packet.packet_id, granted)
+
+    def _suback(self, packet_id: int, granted: list[int]) -> None:
+        assert self.tunnel is not None
+        self._write(mq.suback(packet_id, granted))
+        self._persist()
         if self.tunnel.enabled and self._notices_due:
             due, self._notices_due = self._notices_due, []
             for notice in due:  # after its SUBACK: a client may drop what comes before
                 self.send_publish(self.tunnel.topic, notice)
 
-    def _subscribe_plain(self, room: str) -> None:
+    async def _subscribe_qos1(self, packet_id: int, granted: list[int],
+                              rooms: list[tuple[str, int]]) -> None:
+        assert self.principal is not None
+        tenant, store = self.principal.tenant, self.ctx.store
+        todo: list[tuple[str, int | None, list[dict[str, Any]]]] = []
+        for room, index in rooms:
+            try:
+                if room in self.plain and room in self.qos.rooms:
+                    # Subscribed already at QoS 1: the subscription goes on (its retained
+                    # values are sent again, MQTT 3.8.4).
+                    todo.append((room, None, await self._state_values(room, None)))
+                    continue
+                latest = await store.last_seq(tenant, room)
+            except StoreError as exc:
+                log.info("! %s: QoS 1 subscription to %s failed: %s", self.client_id, room, exc)
+                self.subs.pop(f"rooms/{room}", None)
+                granted[index] = 0x80
+                continue
+            todo.append((room, latest, await self._state_values(room, latest)))
+        self._suback(packet_id, granted)
+        for room, start, values in todo:
+            if start is not None:
+                self.qos.track(room, start)
+            self._send_retained(room, values, 1)  # the current values first, then events
+            if start is not None:
+                self._subscribe_plain(room, resume_from=(start, store.epoch))
+        self._persist()
+
+    async def _state_values(self, room: str, upto: int | None) -> list[dict[str, Any]]:
+        """A state room's current values (none for another room), those above ``upto`` left
+        out (they come as events)."""
+        state = getattr(self.ctx, "state", None)
+        if state is None or self.principal is None:
+            return []
+        if not getattr(self.settings.room_policy(room), "state", False):
+            return []
+        try:
+            values = await state.values(self.principal.tenant, room)
+        except StoreError as exc:
+            log.info("! %s: no retained values of %s: %s", self.client_id, room, exc)
+            return []
+        return [v for v in values if isinstance(v, dict)
+                and (upto is None or int(v.get("seq") or 0) <= upto)]
+
+    def _send_retained(self, room: str, values: list[dict[str, Any]], qos: int) -> None:
+        """A state room's values as retained PUBLISHes (MQTT 3.3.1.3)."""
+        topic = f"rooms/{room}"
+        for value in values:
+            seq = int(value.get("seq") or 0)
+            frame: dict[str, Any] = {"room": room, "seq": seq}
+            for key in _EVENT_FIELDS:
+                if key in value:
+                    frame[key] = value[key]
+            payload = CBOR.encode(frame)
+            if qos and seq:
+                self._write_outgoing(self.qos.offer_retained(room, seq, payload))
+            else:
+                self._publish(topic, payload, retain=True)
+
+    def _subscribe_plain(self, room: str, *, resume_from: tuple[int, str] | None = None,
+                         retained: bool = True) -> None:
         self.plain.add(room)
+        if room in self.qos.rooms:
+            codec: Any = PLAIN_CBOR_SEQ
+            transport: Any = _QosTransport(self, room, resume_from)
+        else:
+            codec, transport = PLAIN_CBOR, _TopicTransport(self, f"rooms/{room}")
+            if retained and getattr(self.ctx, "state", None) is not None:
+                async def send_values() -> None:
+                    self._send_retained(room, await self._state_values(room, None), 0)
+                self._spawn(send_values(), "retained")
         with contextlib.suppress(ActorError):  # a stopping actor: the connection is ending
-            self.ref.tell(PlainJoin(room, PLAIN_CBOR, _TopicTransport(self, f"rooms/{room}")))
+            self.ref.tell(PlainJoin(room, codec, transport))
+
+    def _unsubscribe_plain(self, room: str) -> None:
+        self.plain.discard(room)
+        self.qos.untrack(room)
+        with contextlib.suppress(ActorError):
+            self.ref.tell(PlainLeave(room))
 
     def _on_unsubscribe(self, packet: Any) -> None:
         assert self.tunnel is not None
@@ -552,7 +775,250 @@ class MqttSession(asyncio.Protocol):
             if topic_filter == self.tunnel.topic:
                 self.tunnel.enabled = False
             elif topic_filter.startswith("rooms/") and topic_filter[6:] in self.plain:
-                self.plain.discard(topic_filter[6:])
-                with contextlib.suppress(ActorError):
-                    self.ref.tell(PlainLeave(topic_filter[6:]))
+                self._unsubscribe_plain(topic_filter[6:])
+            self.subs.pop(topic_filter, None)
         self._write(mq.unsuback(packet.packet_id))
+        self._persist()
+
+    # -- QoS 1 downlinks -------------------------------------------------------------------
+
+    def send_qos1(self, room: str, seq: int, payload: bytes) -> None:
+        """An event of a QoS 1 subscription, in seq order: into the window."""
+        self._write_outgoing(self.qos.offer(room, seq, payload))
+
+    def _write_outgoing(self, out: list[Outgoing]) -> None:
+        for msg in out:
+            self._publish(f"rooms/{msg.room}", msg.payload, qos=1, packet_id=msg.packet_id,
+                          retain=msg.retain, dup=msg.dup)
+        if out:
+            self._persist()  # the sent marks moved
+
+    def _publish(self, topic: str, payload: bytes, *, qos: int = 0, packet_id: int | None = None,
+                 retain: bool = False, dup: bool = False) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and self._draining is None:
+            transport.writelines((mq.publish_header(topic, len(payload), qos, packet_id,
+                                                    retain, dup), payload))
+
+    def _on_puback(self, packet_id: int) -> None:
+        self._write_outgoing(self.qos.ack(packet_id))
+        if self.qos.changed:
+            self._persist()
+        if self.qos.drained(self.qos.window):
+            self._drained.set()
+
+    # -- async steps -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"mqtt[{self.client_id}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _gate(self, coro: Any, name: str) -> None:
+        """Run ``coro`` before the device's next packets are handled (reading is paused)."""
+        self._gated = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._spawn(self._gated_run(coro), name)
+
+    async def _gated_run(self, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("! %s: %r", self.client_id, exc)
+            self.close("internal error")
+        self._gated = False
+        if self.closed:
+            return
+        if self.transport is not None and not self.transport.is_closing() and not self._stalled:
+            self.transport.resume_reading()
+        if not self._stalled:
+            self._run()
+
+    # -- the persistent session ------------------------------------------------------------
+
+    async def _open_session(self, keep: bool, old: MqttSession | None) -> None:
+        """CONNECT: claim the stored session (``keep``: clean_session = 0), or discard it;
+        answer the CONNACK; resume the stored subscriptions."""
+        sessions = self.ctx.sessions
+        assert sessions is not None and self.principal is not None and self.tunnel is not None
+        tenant = self.principal.tenant
+        if old is not None:
+            await old.wait_saved()  # a takeover on this node: its last cursors first
+        if not keep:
+            try:
+                await sessions.delete(tenant, self.client_id)
+            except StoreError as exc:
+                log.warning("! %s: stored session not discarded: %s", self.client_id, exc)
+            self._write(mq.connack(0))
+            return
+        store = self.ctx.store
+        try:
+            record, revision, present = await sessions.claim(tenant, self.client_id,
+                                                             epoch=store.epoch)
+        except SessionsFull as exc:
+            log.warning("! %s: %s", self.client_id, exc)
+            self._write(mq.connack(3))
+            self.close("too many sessions")
+            return
+        except StoreError as exc:
+            log.warning("! %s: session not loaded: %s", self.client_id, exc)
+            self._write(mq.connack(3))
+            self.close("session store unavailable")
+            return
+        if self.closed:
+            return
+        if sessions.on_takeover is None:
+            sessions.on_takeover = functools.partial(_taken_elsewhere, self.bridge)
+        self.record, self.revision, self.persistent = record, revision, True
+        self._write(mq.connack(0, present))
+        self._schedule_refresh()
+        same_epoch = record.epoch == store.epoch
+        record.epoch = store.epoch
+        for topic, qos in record.subs.items():
+            if topic == self.tunnel.topic:
+                self.tunnel.enabled = True
+                self.subs[topic] = 0
+                continue
+            room = topic[6:]
+            if not (topic.startswith("rooms/") and self.principal.can("join", room)):
+                continue  # the device lost the right meanwhile: the subscription goes
+            self.subs[topic] = qos
+            if qos and room in record.cursors:
+                self.qos.track(room, record.cursors[room], record.sent.get(room, 0))
+                self.plain.add(room)
+                self._spawn(self._resume_room(room, same_epoch), f"resume[{room}]")
+            else:
+                self._subscribe_plain(room, retained=False)
+        self._persist()
+
+    async def _resume_room(self, room: str, same_epoch: bool) -> None:
+        """Send what the device missed in ``room`` since its cursor, page by page under the
+        window, then join the room from the last one sent (its replay is small by then)."""
+        assert self.principal is not None
+        tenant, store = self.principal.tenant, self.ctx.store
+        track = self.qos.rooms[room]
+        after = track.cursor
+        delay = 0.1
+        while True:
+            try:
+                if not same_epoch:
+                    # The stream was recreated: the cursor means nothing now.
+                    self._notice_gap(room, after + 1, None, "epoch")
+                    self.qos.track(room, 0)
+                    after, same_epoch = 0, True
+                elif after > 0 and not await store.has(tenant, room, after):
+                    first = await store.read(tenant, room, after, 1)
+                    self._notice_gap(room, after + 1, first[0].seq - 1 if first else None,
+                                     "trimmed")
+                elif after == 0 and self.settings.history_size:
+                    if await store.count(tenant, room) >= self.settings.history_size:
+                        first = await store.read(tenant, room, 0, 1)
+                        self._notice_gap(room, 1, first[0].seq - 1 if first else None,
+                                         "trimmed")
+                page = max(1, min(_PAGE, self.settings.recovery_max // 2))
+                while True:
+                    events = await store.read(tenant, room, after, page)
+                    for ev in events:
+                        payload = plain_payload(room, ev.seq, ev.body)
+                        if payload is not None:
+                            self.send_qos1(room, ev.seq, payload)
+                        after = ev.seq
+                    if len(events) < page:
+                        break
+                    while not self.qos.drained(self.qos.window):
+                        self._drained.clear()
+                        await self._drained.wait()
+                        if self.closed:
+                            return
+                break
+            except StoreError as exc:
+                log.info("! %s: resume of %s failed (%s); retry in %.1f s", self.client_id,
+                         room, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if self.closed or room not in self.plain:
+            return
+        self._subscribe_plain(room, resume_from=(after, store.epoch), retained=False)
+
+    def _notice_gap(self, room: str, missed_from: int, missed_to: int | None,
+                    why: str) -> None:
+        """Tell the device (on its ``out`` topic) that events of ``room`` it had not
+        acknowledged are no longer stored: it gets what is, from the oldest on."""
+        log.info("! %s: events of %s from seq %s to %s lost (%s)", self.client_id, room,
+                 missed_from, missed_to, why)
+        notice: dict[str, Any] = {"type": "notice", "code": "gap", "room": room,
+                                  "missed_from": missed_from, "missed_to": missed_to,
+                                  "reason": why}
+        if self.tunnel is not None and self.tunnel.enabled:
+            self.send_publish(self.tunnel.topic, CBOR.encode(notice))
+
+    def _persist(self) -> None:
+        """Write the session (coalesced: one write in flight, the latest state next)."""
+        if not self.persistent:
+            return
+        self._dirty = True
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"mqtt[{self.client_id}].persist")
+            if self.ctx.sessions is not None:
+                self.ctx.sessions.hold(self._writer)
+
+    def _snapshot(self) -> SessionRecord:
+        record = self.record
+        assert record is not None
+        cursors, sent = self.qos.positions()
+        record.subs = dict(self.subs)
+        record.cursors = {r: c for r, c in cursors.items() if f"rooms/{r}" in self.subs}
+        record.sent = {r: c for r, c in sent.items() if f"rooms/{r}" in self.subs}
+        record.connected = not self.closed
+        record.node = self.ctx.node_name
+        return record
+
+    async def _write_loop(self) -> None:
+        sessions = self.ctx.sessions
+        assert sessions is not None
+        failures = 0
+        try:
+            while self._dirty and self.persistent:
+                self._dirty = False
+                try:
+                    self.revision = await sessions.write(self._snapshot(), self.revision)
+                    failures = 0
+                except SessionTaken:
+                    self.persistent = False
+                    self.close("taken over by a new connection")
+                    return
+                except StoreError as exc:
+                    failures += 1
+                    if self.closed and failures >= 5:
+                        log.warning("! %s: last session write failed: %s", self.client_id,
+                                    exc)
+                        return
+                    self._dirty = True
+                    await asyncio.sleep(min(0.1 * 2 ** failures, 2.0))
+        finally:
+            self._writer = None
+
+    def _schedule_refresh(self) -> None:
+        """Rewrite a connected session every half expiry: it expires only once unused."""
+        sessions = self.ctx.sessions
+        if sessions is None or self.closed:
+            return
+        self._refresh = asyncio.get_running_loop().call_later(
+            sessions.expiry_s / 2, self._refresh_due)
+
+    def _refresh_due(self) -> None:
+        self._persist()
+        self._schedule_refresh()
+
+    async def wait_saved(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until this connection ended and its last write is done."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ended.wait()
+                while self._writer is not None:
+                    await asyncio.shield(self._writer)

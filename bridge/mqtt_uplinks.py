@@ -62,6 +62,7 @@ REASONS: dict[str, str] = {
     "no_identity": "broker mode: rooms/<room>/up names no device",
     "bad_device_id": "broker mode: the topic's device id is outside the id grammar",
     "not_uplink": "broker mode: not an uplink topic",
+    "not_state_room": "a RETAIN uplink to a room that is not a state room (4000)",
 }
 #: At most one report (log line and notice) per device and reason in this many seconds.
 REPORT_INTERVAL_S = 10.0

@@ -18,6 +18,7 @@ from bridge.api import HttpApi
 from bridge.http import HttpBridge, HttpHooks, HttpLimits
 from bridge.mqtt import MqttBridge
 from bridge.mqtt_external import ExternalMqtt
+from bridge.mqtt_sessions import SessionStore
 from bridge.nats_auth import NatsAuth
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
@@ -138,6 +139,7 @@ class Node:
         self.sse: SseBridge | None = None
         self.mqtt: MqttBridge | None = None
         self.mqtt_external: ExternalMqtt | None = None
+        self.sessions: SessionStore | None = None
         self.api: HttpApi | None = None
         self.presence: PresenceTracker | None = None
         self.state: StateStore | None = None
@@ -220,6 +222,13 @@ class Node:
                 store=self.store, feed=self.store, presence=self.presence, state=self.state,
                 rpc=NatsRpc(self.nats),
             )
+            # Persistent MQTT sessions: stopped after the MQTT listener (their last writes).
+            self.sessions = SessionStore(
+                self.store, replicas=s.stream_replicas, expiry_s=s.mqtt_session_expiry_s,
+                max_per_tenant=s.mqtt_max_sessions_per_tenant, node=self.name)
+            await self.sessions.start()
+            self._stack.push_async_callback(self.sessions.stop)
+            self.ctx.sessions = self.sessions
             self.ws = WebSocketBridge(self.ctx)
             self.metrics.node_gauges(self)
             self.http = HttpBridge(

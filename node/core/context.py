@@ -64,6 +64,8 @@ class NodeContext:
     #: The values of state rooms (None without NATS: their events are stored, no values).
     state: StatePort | None = None
     rpc_server: RpcRegistry = field(default_factory=lambda: default_registry)
+    #: Persistent MQTT sessions (``bridge.mqtt_sessions.SessionStore``; None without NATS).
+    sessions: Any | None = None
     admission: Admission = field(init=False)
     #: Per-user buckets of room joins (``rooms_per_min``), shared by a user's connections.
     room_buckets: KeyedBuckets = field(init=False)

@@ -1,0 +1,320 @@
+"""Persistent MQTT sessions (``clean_session = 0``) in a JetStream KV bucket.
+
+Bucket ``RTNODE_MQTT_SESSIONS`` (the room stream's replicas, file storage), one key per device:
+``<tenant>.<client_id>``, its value a :class:`SessionRecord` as JSON. The bucket's max age is
+``mqtt_session_expiry_s``: every write refreshes a record, so a session expires that long after
+its last write (a connected session is rewritten at least every half expiry).
+
+Writes are compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``):
+the node that takes a device's CONNECT claims the record with the revision it read, and every
+later write of that connection names the revision of its previous one. A write by an older
+owner (the device has reconnected elsewhere meanwhile) fails with :class:`SessionTaken`, and
+that connection is closed as taken over. A claim also tells every node at once on
+``rtnode.mqtt.takeover.<tenant>.<client_id>`` (core NATS), so that an idle old connection on
+another node is closed without waiting for its next write.
+
+Deleting a session purges its key (no marker is left). Sessions per tenant are bounded
+(``mqtt_max_sessions_per_tenant``): a claim of a new session beyond it is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from bridge.room_store import JetStreamRoomStore
+from node.core.ports import StoreError
+
+__all__ = ["BUCKET", "SessionRecord", "SessionStore", "SessionTaken", "SessionsFull"]
+
+log = logging.getLogger("bridge.mqtt_sessions")
+
+BUCKET = "RTNODE_MQTT_SESSIONS"
+_STREAM = f"KV_{BUCKET}"
+_PREFIX = f"$KV.{BUCKET}"
+_TAKEOVER = "rtnode.mqtt.takeover"
+_WRONG_LAST_SEQ = 10071
+_WRITE_TIMEOUT_S = 5.0
+
+
+class SessionTaken(Exception):
+    """The record was written by someone else since we read it: the device is elsewhere."""
+
+
+class SessionsFull(Exception):
+    """The tenant has ``mqtt_max_sessions_per_tenant`` sessions already."""
+
+
+@dataclass
+class SessionRecord:
+    """One device's persistent session.
+
+    Attributes:
+        tenant: Its tenant.
+        client_id: The device's client id.
+        subs: Topic filter -> granted QoS (``rooms/<room>``, ``rtnode/v1/<id>/out``).
+        cursors: Room -> the last seq the device acknowledged in order.
+        epoch: The room stream's epoch the cursors belong to.
+        node: The node holding (or that last held) the connection.
+        connected: Whether a connection holds it now.
+        created_ms: When the session was created (ms since the epoch).
+        updated_ms: When it was last written.
+        sent: Room -> the highest seq written to the device (sent again with DUP on a resume
+            when above the cursor).
+    """
+
+    tenant: str
+    client_id: str
+    subs: dict[str, int] = field(default_factory=dict)
+    cursors: dict[str, int] = field(default_factory=dict)
+    epoch: str = ""
+    node: str = ""
+    connected: bool = False
+    created_ms: int = 0
+    updated_ms: int = 0
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a JSON-able dict (what is stored, and what ``/api`` shows)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> SessionRecord | None:
+        """A record from its stored JSON (None when it is not one)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(
+                tenant=str(value["tenant"]), client_id=str(value["client_id"]),
+                subs={str(k): int(v) for k, v in dict(value.get("subs") or {}).items()},
+                cursors={str(k): int(v) for k, v in dict(value.get("cursors") or {}).items()},
+                epoch=str(value.get("epoch", "")), node=str(value.get("node", "")),
+                connected=bool(value.get("connected", False)),
+                created_ms=int(value.get("created_ms", 0)),
+                updated_ms=int(value.get("updated_ms", 0)),
+                sent={str(k): int(v) for k, v in dict(value.get("sent") or {}).items()},
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _subject(tenant: str, client_id: str) -> str:
+    return f"{_PREFIX}.{tenant}.{client_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SessionStore:
+    """The persistent sessions of every node, in ``RTNODE_MQTT_SESSIONS``.
+
+    Args:
+        store: The node's JetStream store (its connection, direct and leader gets).
+        replicas: Replicas of the bucket.
+        expiry_s: A session not written for this long is gone.
+        max_per_tenant: Sessions per tenant at most.
+        node: This node's name (for takeover notices).
+
+    Attributes:
+        on_takeover: Called with (tenant, client_id) when another node claimed a session.
+    """
+
+    def __init__(self, store: JetStreamRoomStore, *, replicas: int = 1,
+                 expiry_s: float = 604800, max_per_tenant: int = 100000,
+                 node: str = "") -> None:
+        self.store = store
+        self.replicas = replicas
+        self.expiry_s = expiry_s
+        self.max_per_tenant = max_per_tenant
+        self.node = node
+        self.on_takeover: Callable[[str, str], None] | None = None
+        self.writes = 0
+        self.conflicts = 0
+        self._sub: Any = None
+        self._held: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Create or update the bucket; listen for takeovers by other nodes."""
+        cfg = StreamConfig(
+            name=_STREAM, subjects=[f"{_PREFIX}.>"], storage=StorageType.FILE,
+            num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.expiry_s,
+            allow_direct=True, allow_rollup_hdrs=True, deny_delete=True, deny_purge=False,
+        )
+        js = self.store.link.js
+
+        async def ensure_bucket() -> None:
+            try:
+                await js.add_stream(cfg)
+            except BadRequestError as exc:
+                if exc.err_code != 10058:
+                    raise
+                await js.update_stream(cfg)
+
+        await self.store.link.set_up(f"MQTT session bucket {_STREAM}", ensure_bucket)
+        self._sub = await self.store.link.nc.subscribe(f"{_TAKEOVER}.>", cb=self._on_takeover)
+
+    def hold(self, task: asyncio.Task[None]) -> None:
+        """Keep a connection's session write until it is done: :meth:`stop` waits for it (the
+        last cursors of the connections a stopping node closes)."""
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def stop(self) -> None:
+        """Wait (at most 5 s) for the writes in progress, stop listening (records stay)."""
+        if self._held:
+            await asyncio.wait(list(self._held), timeout=5)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_takeover(self, msg: Any) -> None:
+        if msg.data.decode(errors="replace") == self.node:
+            return  # our own claim: the bridge already took its local connection over
+        parts = msg.subject[len(_TAKEOVER) + 1:].split(".", 1)
+        if len(parts) == 2 and self.on_takeover is not None:
+            self.on_takeover(parts[0], parts[1])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, tenant: str, client_id: str) -> tuple[SessionRecord | None, int]:
+        """The record and its revision, as the stream leader has it ((None, 0) if none).
+
+        Raises:
+            StoreError: JetStream did not answer.
+        """
+        ev = await self.store.leader_get({"last_by_subj": _subject(tenant, client_id)},
+                                         _STREAM)
+        if ev is None:
+            return None, 0
+        try:
+            record = SessionRecord.from_json(json.loads(ev.body)) if ev.body else None
+        except ValueError:
+            record = None
+        return record, ev.seq
+
+    async def get(self, tenant: str, client_id: str) -> SessionRecord | None:
+        """The device's session, or None."""
+        return (await self.read(tenant, client_id))[0]
+
+    async def list(self, tenant: str) -> list[SessionRecord]:
+        """Every session of ``tenant``, by client id.
+
+        Raises:
+            StoreError: JetStream did not answer.
+        """
+        batch = await self.store.direct_get(
+            {"multi_last": [f"{_PREFIX}.{tenant}.*"], "batch": self.max_per_tenant}, _STREAM)
+        out = []
+        for ev in batch.events:
+            if not ev.body:
+                continue
+            try:
+                record = SessionRecord.from_json(json.loads(ev.body))
+            except ValueError:
+                continue
+            if record is not None:
+                out.append(record)
+        out.sort(key=lambda r: r.client_id)
+        return out
+
+    async def count(self, tenant: str) -> int:
+        """How many sessions ``tenant`` has (a hint: from the stream's pending count)."""
+        batch = await self.store.direct_get(
+            {"seq": 1, "next_by_subj": f"{_PREFIX}.{tenant}.*", "batch": 1}, _STREAM)
+        return batch.pending + 1 if batch.events else 0
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(self, record: SessionRecord, revision: int) -> int:
+        """Write ``record`` over ``revision`` (0: it must not exist). Returns the new revision.
+
+        Raises:
+            SessionTaken: Someone else wrote it since.
+            StoreError: JetStream did not answer, or refused.
+        """
+        record.updated_ms = _now_ms()
+        body = json.dumps(record.to_json(), separators=(",", ":")).encode()
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        try:
+            reply = await self.store.link.nc.request(
+                _subject(record.tenant, record.client_id), body, timeout=_WRITE_TIMEOUT_S,
+                headers=headers)
+            ack: dict[str, Any] = json.loads(reply.data)
+        except ValueError:
+            raise StoreError("bad ack from JetStream") from None
+        except Exception as exc:
+            raise StoreError(f"session write failed: {type(exc).__name__}") from None
+        err = ack.get("error")
+        if err:
+            if err.get("err_code") == _WRONG_LAST_SEQ:
+                self.conflicts += 1
+                raise SessionTaken(f"session {record.tenant}/{record.client_id} taken")
+            raise StoreError(str(err.get("description", "refused")))
+        self.writes += 1
+        return int(ack["seq"])
+
+    async def claim(self, tenant: str, client_id: str, *,
+                    epoch: str) -> tuple[SessionRecord, int, bool]:
+        """Take the device's session for this node (CONNECT with ``clean_session = 0``).
+
+        Returns:
+            (record, revision, present): the record now held (``connected``, this node),
+            its revision, and whether it existed (CONNACK's session-present).
+
+        Raises:
+            SessionsFull: A new session beyond ``max_per_tenant``.
+            StoreError: JetStream did not answer.
+        """
+        for _ in range(5):
+            record, revision = await self.read(tenant, client_id)
+            present = record is not None
+            if record is None:
+                if await self.count(tenant) >= self.max_per_tenant:
+                    raise SessionsFull(f"tenant {tenant} has {self.max_per_tenant} sessions")
+                record = SessionRecord(tenant, client_id, epoch=epoch, created_ms=_now_ms())
+            record.node = self.node
+            record.connected = True
+            try:
+                revision = await self.write(record, revision)
+            except SessionTaken:
+                continue  # written meanwhile (a racing CONNECT): read it again
+            self._announce(tenant, client_id)
+            return record, revision, present
+        raise StoreError("session claim kept conflicting")
+
+    async def delete(self, tenant: str, client_id: str) -> bool:
+        """Delete the device's session (purge its key; a ``clean_session = 1`` CONNECT, or
+        ``/api``). A connection holding it on another node is closed (takeover notice), one
+        on any node at its next write. Returns whether there was one.
+
+        Raises:
+            StoreError: JetStream did not answer.
+        """
+        record, _ = await self.read(tenant, client_id)
+        try:
+            await self.store.link.js.purge_stream(_STREAM,
+                                                  subject=_subject(tenant, client_id))
+        except Exception as exc:
+            raise StoreError(f"session delete failed: {type(exc).__name__}") from None
+        if record is not None:
+            self._announce(tenant, client_id)
+        return record is not None
+
+    def _announce(self, tenant: str, client_id: str) -> None:
+        asyncio.get_running_loop().create_task(self._publish_takeover(tenant, client_id))
+
+    async def _publish_takeover(self, tenant: str, client_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.link.nc.publish(f"{_TAKEOVER}.{tenant}.{client_id}",
+                                             self.node.encode())
