@@ -8,10 +8,15 @@ The handlers are thin: parsing and checks are the pure functions and models of t
 
 ``POST /api/disconnect`` ends the matching connections of this node at once, and tells the other
 nodes on the core NATS subject ``rt.ctl.<tenant>.disconnect`` (see :meth:`HttpApi.start`).
+
+``/api/sessions`` lists, shows and deletes the persistent MQTT sessions of the caller's tenant
+(an admin service token may name another with ``?tenant=``); deleting one also ends the
+device's connection wherever it is and takes it out of presence (no longer offline).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -31,13 +36,13 @@ from pydantic import (
 )
 
 from actors.errors import ActorError
-from node.core.connection import NodeContext, Shutdown
-from node.core.events import read_history
+from node.core.connection import KeepOffline, NodeContext, Shutdown
+from node.core.events import event_body, read_history
 from node.core.ports import StoreError
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
-from node.protocol.ids import ID_PATTERN
-from node.protocol.tokens import Principal, TokenVerifier
+from node.protocol.ids import ID_PATTERN, TENANT_PATTERN
+from node.protocol.tokens import KINDS, Principal, TokenVerifier
 
 __all__ = [
     "API_KEY_PRINCIPAL",
@@ -47,6 +52,7 @@ __all__ = [
     "HistoryQuery",
     "HttpApi",
     "RoomQuery",
+    "SessionsQuery",
     "authenticate",
     "bearer_token",
     "ctl_disconnect_subject",
@@ -115,6 +121,21 @@ class RoomQuery(_Query):
     """``GET /api/presence?room=``."""
 
     room: Annotated[str, Field(pattern=ROOM_PATTERN)]
+
+
+class SessionsQuery(_Query):
+    """``/api/sessions?tenant=`` (another tenant: admin service tokens only)."""
+
+    tenant: Annotated[str, Field(pattern=TENANT_PATTERN)] | None = None
+
+
+class _ClientId(_Query):
+    client_id: Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+#: After a session is deleted, its offline presence entries are cleared once more this much
+#: later: a connection ended on another node may have marked them offline meanwhile.
+_RECLEAR_S = 2.0
 
 
 class HistoryQuery(RoomQuery):
@@ -231,6 +252,7 @@ class HttpApi:
         self.origin = secrets.token_hex(8)
         self._nc: Any = None
         self._sub: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()  # delayed presence clean-ups
 
     def routes(self) -> list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]]:
         """The (method, path, handler) of every API route."""
@@ -240,6 +262,9 @@ class HttpApi:
             ("GET", "/api/presence", self.presence),
             ("GET", "/api/state", self.state),
             ("POST", "/api/disconnect", self.disconnect),
+            ("GET", "/api/sessions", self.sessions),
+            ("GET", "/api/sessions/{client_id}", self.session),
+            ("DELETE", "/api/sessions/{client_id}", self.delete_session),
         ]
 
     async def start(self, nc: Any) -> None:
@@ -253,7 +278,9 @@ class HttpApi:
         await nc.flush()  # the server has the subscription before the first request is served
 
     async def stop(self) -> None:
-        """Stop following other nodes' disconnects."""
+        """Stop following other nodes' disconnects (and the delayed presence clean-ups)."""
+        for task in list(self._tasks):
+            task.cancel()
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):  # connection already closing
@@ -280,6 +307,18 @@ class HttpApi:
     async def disconnect(self, request: web.Request) -> web.Response:
         """``POST /api/disconnect`` {user | client_id, reason?} -> {disconnected}."""
         return await self._serve(request, self._disconnect)
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        """``GET /api/sessions?tenant=`` -> {sessions: [record, ...]}."""
+        return await self._serve(request, self._sessions)
+
+    async def session(self, request: web.Request) -> web.Response:
+        """``GET /api/sessions/<client_id>?tenant=`` -> the record (4004 if none)."""
+        return await self._serve(request, self._session)
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        """``DELETE /api/sessions/<client_id>?tenant=`` -> {deleted: true} (4004 if none)."""
+        return await self._serve(request, self._delete_session)
 
     async def _serve(self, request: web.Request, handler: Handler) -> web.Response:
         try:
@@ -367,6 +406,113 @@ class HttpApi:
             log.warning("! disconnect not sent to the cluster: %r", exc)
             raise ProtocolError(4503, "other nodes not reached, retry", retry=True) from None
         return {"disconnected": count}
+
+    # -- persistent MQTT sessions ----------------------------------------------------------
+
+    def _sessions_of(self, request: web.Request, principal: Principal) -> tuple[Any, str]:
+        """The session store and the tenant a sessions request is about.
+
+        Raises:
+            ProtocolError: 4000 bad tenant; 4003 another tenant without an admin token; 4004
+                without persistent sessions (no NATS).
+        """
+        q = validate(SessionsQuery, self._query(request))
+        tenant = principal.tenant
+        if q.tenant is not None and q.tenant != tenant:
+            if not principal.admin:
+                raise ProtocolError(4003, "another tenant's sessions need an admin service token")
+            tenant = q.tenant
+        store = getattr(self.ctx, "sessions", None)
+        if store is None:
+            raise ProtocolError(4004, "persistent sessions not available")
+        return store, tenant
+
+    @staticmethod
+    def _client_id(request: web.Request) -> str:
+        return validate(_ClientId, {"client_id": request.match_info.get("client_id", "")}
+                        ).client_id
+
+    async def _sessions(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        store, tenant = self._sessions_of(request, principal)
+        try:
+            records = await store.list(tenant)
+        except StoreError:
+            raise ProtocolError(4500, "could not read sessions", retry=True) from None
+        return {"sessions": [record.to_json() for record in records]}
+
+    async def _session(self, request: web.Request, principal: Principal) -> dict[str, Any]:
+        store, tenant = self._sessions_of(request, principal)
+        client_id = self._client_id(request)
+        try:
+            record = await store.get(tenant, client_id)
+        except StoreError:
+            raise ProtocolError(4500, "could not read the session", retry=True) from None
+        if record is None:
+            raise ProtocolError(4004, "no such session")
+        result: dict[str, Any] = record.to_json()
+        return result
+
+    async def _delete_session(self, request: web.Request,
+                              principal: Principal) -> dict[str, Any]:
+        """Delete a session: its connection ends (here at once, told to leave presence rather
+        than go offline; elsewhere through the disconnect of ``/api/disconnect``), the record
+        goes, and its offline presence entries go with a ``presence:leave`` to the watchers."""
+        store, tenant = self._sessions_of(request, principal)
+        client_id = self._client_id(request)
+        try:
+            record = await store.get(tenant, client_id)
+        except StoreError:
+            raise ProtocolError(4500, "could not read the session", retry=True) from None
+        if record is None:
+            raise ProtocolError(4004, "no such session")
+        reason = "session deleted"
+        for conn in self.ctx.index.select(tenant, None, client_id):
+            with contextlib.suppress(ActorError):
+                conn.ref.tell(KeepOffline(None))
+                conn.ref.tell(Shutdown(DISCONNECT_CODE, reason, False))
+        if self._nc is not None:
+            message = {"user": None, "client_id": client_id, "reason": reason,
+                       "origin": self.origin}
+            with contextlib.suppress(Exception):  # the store's takeover notice also ends it
+                await self._nc.publish(ctl_disconnect_subject(tenant),
+                                       json.dumps(message).encode())
+        try:
+            await store.delete(tenant, client_id)
+        except StoreError:
+            raise ProtocolError(4500, "could not delete the session", retry=True) from None
+        rooms = sorted(f[6:] for f in record.subs if f.startswith("rooms/"))
+        await self.clear_offline(tenant, client_id, rooms)
+        task = asyncio.get_running_loop().create_task(
+            self.clear_offline(tenant, client_id, rooms, after_s=_RECLEAR_S),
+            name=f"api.clear_offline[{client_id}]")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return {"deleted": True}
+
+    async def clear_offline(self, tenant: str, client_id: str, rooms: list[str], *,
+                            after_s: float = 0.0) -> None:
+        """Take a device whose session is gone out of its rooms' presence where it is offline
+        (``PresenceTracker.clear_offline``), with a ``presence:leave`` to the watchers of
+        every node."""
+        if after_s:
+            await asyncio.sleep(after_s)
+        presence = getattr(self.ctx, "presence", None)
+        clear = getattr(presence, "clear_offline", None)
+        if clear is None:
+            return
+        for room in rooms:
+            try:
+                member = await clear(tenant, room, client_id)
+            except StoreError:
+                log.warning("! offline presence of %s in %s not cleared", client_id, room)
+                continue
+            if member is None:
+                continue
+            kind: Any = member.get("kind") if member.get("kind") in KINDS else "device"
+            who = Principal(sub=str(member.get("user", client_id)), tenant=tenant, kind=kind)
+            body = event_body(room, "presence:leave", member, who, client_id, None)
+            with contextlib.suppress(Exception):
+                await self.ctx.feed.publish_volatile(tenant, room, body)
 
     # -- disconnects -----------------------------------------------------------------------
 
