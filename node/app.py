@@ -40,7 +40,7 @@ from node.protocol.errors import ConfigError
 from node.protocol.settings import Settings
 from node.protocol.tokens import KINDS, Principal, TokenVerifier
 
-__all__ = ["Node"]
+__all__ = ["Node", "check_free"]
 
 log = logging.getLogger("node")
 
@@ -71,7 +71,7 @@ def _listen_error(exc: OSError, host: str, port: int, setting: str) -> ConfigErr
                        f"{reason}")
 
 
-def _check_free(host: str, port: int, setting: str) -> None:
+def check_free(host: str, port: int, setting: str) -> None:
     """Bind ``port`` for a moment, so that a port in use stops the node before it starts
     anything (the real bind, seconds later, reports a port taken meanwhile the same way).
 
@@ -173,12 +173,12 @@ class Node:
             if not self.worker:  # a worker's parent holds the lock and checked the ports
                 await self._stack.enter_async_context(self.lock)
                 # Then the ports asked for: one taken is one line, before NATS starts.
-                _check_free(s.host, s.http_port, "http_port")
+                check_free(s.host, s.http_port, "http_port")
                 if not s.mqtt_broker_url:
-                    _check_free(s.host, s.mqtt_port, "mqtt_port")
+                    check_free(s.host, s.mqtt_port, "mqtt_port")
             if s.embedded_nats:
-                _check_free("127.0.0.1", s.nats_port, "nats_port")
-                _check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
+                check_free("127.0.0.1", s.nats_port, "nats_port")
+                check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
             await self._stack.enter_async_context(self.system)
             if s.embedded_nats:
                 assert self.lock.fd is not None

@@ -354,7 +354,8 @@ async def _run_workers(settings: Settings, count: int, argv: list[str] | None) -
     except NodeError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 1
-    print(f"rtnode {parent.name} stopped ({count} workers)", flush=True)
+    if code == 0:
+        print(f"rtnode {parent.name} stopped ({count} workers)", flush=True)
     return code
 
 

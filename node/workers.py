@@ -154,28 +154,19 @@ class Workers:
     # -- setup -------------------------------------------------------------------------
 
     def _check_ports(self) -> None:
-        from node.app import _check_free  # the same one-line errors as one node's
+        from node.app import check_free  # the same one-line errors as one node's
 
         s = self.settings
         if not self.http_port:
             self.http_port = free_port(s.host)
-        _check_free(s.host, self.http_port, "http_port")
+        check_free(s.host, self.http_port, "http_port")
         if not s.mqtt_broker_url:
             if not self.mqtt_port:
                 self.mqtt_port = free_port(s.host)
-            _check_free(s.host, self.mqtt_port, "mqtt_port")
+            check_free(s.host, self.mqtt_port, "mqtt_port")
         if s.embedded_nats:
-            _check_free("127.0.0.1", s.nats_port, "nats_port")
-            _check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
-
-    def _check_once(self) -> None:
-        """What every worker would refuse, said once by the parent (and the token secret
-        created once, not raced for by N workers)."""
-        from node.app import _ssl_context
-        from node.protocol.tokens import TokenVerifier
-
-        _ssl_context(self.settings)
-        TokenVerifier.from_settings(self.settings)
+            check_free("127.0.0.1", s.nats_port, "nats_port")
+            check_free("127.0.0.1", s.nats_monitor_port, "nats_monitor_port")
 
     async def _start_nats(self) -> None:
         s = self.settings
@@ -310,16 +301,21 @@ class Workers:
         try:
             async with self.lock:
                 self._check_ports()
-                self._check_once()
                 await self._start_nats()
                 try:
-                    for w in self.workers:
-                        if self._stopping.is_set():
+                    # The first worker alone, then the others: a setting that every worker
+                    # would refuse (TLS files, rpc modules) is said once, by the first, and
+                    # the token secret is created once, not raced for.
+                    code = None
+                    for batch in (self.workers[:1], self.workers[1:]):
+                        for w in batch:
+                            if not self._stopping.is_set():
+                                await self._spawn(w)
+                                keepers.append(asyncio.create_task(
+                                    self._keep(w), name=f"worker[{w.name}]"))
+                        code = await self._until_ready(keepers)
+                        if code is not None:
                             break
-                        await self._spawn(w)
-                        keepers.append(asyncio.create_task(self._keep(w),
-                                                           name=f"worker[{w.name}]"))
-                    code = await self._until_ready(keepers)
                     if code is None:
                         on_ready(self)
                         await self._stopping.wait()

@@ -24,7 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROGRAM = {"node", "node.app", "node.cli", "node.metrics", "node.nats_server", "node.__main__"}
+PROGRAM = {"node", "node.app", "node.cli", "node.metrics", "node.nats_server", "node.workers",
+           "node.__main__"}
 # Libraries that do I/O: never in the leaves or the domain.
 IO_LIBRARIES = {"aiohttp", "nats", "websockets", "aiomqtt", "amqtt", "paho", "socket",
                 "subprocess", "uvloop"}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import NodeProcess, pid_alive, wait_until
+from tests.servers import NatsProcess, NodeProcess, children_of, pid_alive, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique
 
 pytestmark = pytest.mark.integration
@@ -123,3 +123,35 @@ def test_bad_workers_is_one_line(tmp_path: Path, value: str) -> None:
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "--workers" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "nats").exists(), "nothing started"
+
+
+def test_workers_on_external_nats(tmp_path: Path, shared_nats: NatsProcess) -> None:
+    node = NodeProcess(tmp_path / "data", "--workers", "2", "--nats-url", shared_nats.url,
+                       name="x", env={"RTNODE_JWT_SECRET": SECRET}).start()
+    try:
+        wait_until(lambda: "rtnode x ready" in node.log() or node.proc.poll() is not None, 30,
+                   what="the banner")
+        assert node.proc.poll() is None, node.log()
+        kids = children_of(node.proc.pid)
+        pids = [w["pid"] for w in _workers(tmp_path / "data")["workers"]]
+        assert sorted(kids) == sorted(pids), "two workers and no nats-server"
+        assert _workers(tmp_path / "data")["nats_pid"] is None
+        node.signal(signal.SIGTERM)
+        assert node.wait(30) == 0, node.log()
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 10, what="workers gone")
+    finally:
+        node.stop()
+
+
+def test_a_setting_the_workers_refuse_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "run", "--workers", "2", "--data-dir", str(tmp_path),
+         "--http-port", "0", "--mqtt-port", "0", "--rpc-modules", "no_such_rpc_module"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("rtnode:")]
+    assert errors == [errors[0]] and "no_such_rpc_module" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert "worker x-w1" not in r.stderr and "-w1 started" not in r.stderr, "w1 never started"
+    assert not (tmp_path / "workers.json").exists()
