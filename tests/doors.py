@@ -82,7 +82,7 @@ class _Door:
         await self.stack.aclose()
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         raise NotImplementedError
 
     def _counts(self, door: str) -> dict[str, int]:
@@ -119,10 +119,11 @@ class WsDoor(_Door):
         return token(f"pub-{self.codec}", rooms=self.rooms if allowed else {"*": ["join"]})
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         frame: dict[str, Any] = {"type": "publish", "room": room, "event": event, "data": data}
         if msg_id is not None:
             frame["msg_id"] = msg_id
+        frame.update(fields or {})
         client = self.client if allowed else self.limited
         return _from_reply(await client.request(frame))
 
@@ -150,12 +151,13 @@ class TunnelDoor(_Door):
             self.devices[allowed] = (dev, client)
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         dev, client = self.devices[allowed]
         frame: dict[str, Any] = {"type": "publish", "id": next(self.ids), "room": room,
                                  "event": event, "data": data}
         if msg_id is not None:
             frame["msg_id"] = msg_id
+        frame.update(fields or {})
         return _from_reply(await tunnel_request(client, dev, frame))
 
 
@@ -174,11 +176,12 @@ class PlainMqttDoor(_Door):
                 mqtt_device(self.node, f"up-{uuid.uuid4().hex[:6]}", rooms=rooms))
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         before = self._counts(self.door)
         body: dict[str, Any] = {"event": event, "data": data}
         if msg_id is not None:
             body["msg_id"] = msg_id
+        body.update(fields or {})
         await self.devices[allowed].publish(f"rooms/{room}/up", cbor2.dumps(body), qos=1)
         return await self._counted(self.door, before)
 
@@ -194,11 +197,12 @@ class ApiDoor(_Door):
         self.url = f"http://127.0.0.1:{self.node.http.port}/api/publish"
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         tok = token("backend", kind="service") if allowed else token("user-not-service")
         body: dict[str, Any] = {"room": room, "event": event, "data": data}
         if msg_id is not None:
             body["msg_id"] = msg_id
+        body.update(fields or {})
         text = json.dumps(body)
         async with self.http.post(self.url, data=text, headers={
                 "Authorization": f"Bearer {tok}", "Content-Type": "application/json"}) as resp:
@@ -225,7 +229,7 @@ class BrokerDoor(_Door):
             aiomqtt.Client("127.0.0.1", self.broker_port, identifier=f"s-{uuid.uuid4().hex[:6]}"))
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
-                      *, allowed: bool = True) -> Outcome:
+                      *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
         # The broker authenticated the device (named by the topic's last level): the node
         # trusts it with publish rights on the rooms of its tenant, but never on personal rooms
         # (the case without a right).
@@ -233,6 +237,7 @@ class BrokerDoor(_Door):
         body: dict[str, Any] = {"event": event, "data": data}
         if msg_id is not None:
             body["msg_id"] = msg_id
+        body.update(fields or {})
         target = room if allowed else "@user:someone-else"
         await self.client.publish(f"rooms/{target}/up/sensor-1", cbor2.dumps(body), qos=1)
         return await self._counted(self.door, before)

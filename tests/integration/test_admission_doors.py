@@ -23,7 +23,7 @@ from tests.wsclient import ALL_RIGHTS, RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
-SMALL = {"small": {"max_payload_bytes": 300}}
+SMALL = {"small": {"max_payload_bytes": 300}, "st": {"state": True}}
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Case:
     msg_id: str | None = None
     allowed: bool = True
     times: int = 1
+    fields: dict[str, Any] | None = None  # more fields of the publish (key, unset)
 
 
 BAD_VALUE = {"json": {"v": [1, 2**64]}, "cbor": {"v": [1, cbor2.undefined]}}
@@ -48,6 +49,13 @@ CASES = [
     Case("volatile event", Outcome("volatile"), event="user:typing", data={"on": True}),
     Case("no right", Outcome("refused", 4003), data=1, allowed=False),
     Case("duplicate msg_id", Outcome("stored"), data=2, msg_id="same", times=2),
+    # State rooms (issue 13): key and unset only there, unset without data.
+    Case("key in a state room", Outcome("stored"), namespace="st", data=3,
+         fields={"key": "setpoint"}),
+    Case("key outside a state room", Outcome("refused", 4000), data=4, fields={"key": "k"}),
+    Case("unset outside a state room", Outcome("refused", 4000), fields={"unset": True}),
+    Case("unset with data", Outcome("refused", 4000), namespace="st", data=5,
+         fields={"key": "k", "unset": True}),
 ]
 
 
@@ -126,7 +134,8 @@ async def _check(case: Case, publisher: Any, members: Members) -> None:
     await members.join(room)
     data = case.data[publisher.codec] if case.data is BAD_VALUE else case.data
     outcomes = [await publisher.publish(room, case.event, data, case.msg_id,
-                                        allowed=case.allowed) for _ in range(case.times)]
+                                        allowed=case.allowed, fields=case.fields)
+                for _ in range(case.times)]
     assert {o.same() for o in outcomes} == {case.expect.same()}, (case.name, outcomes)
     seqs = {o.seq for o in outcomes if o.seq is not None}
     assert len(seqs) <= 1, f"{case.name}: one event, one seq ({seqs})"
@@ -134,6 +143,8 @@ async def _check(case: Case, publisher: Any, members: Members) -> None:
     stored = await members.stored(room)
     if case.expect.kind == "stored":
         assert [e["data"] for e in delivered] == [data], case.name
+        if case.fields and "key" in case.fields:
+            assert [e["key"] for e in delivered] == [case.fields["key"]], case.name
         assert [e["seq"] for e in stored] == [delivered[0]["seq"]], case.name
         assert seqs <= {delivered[0]["seq"]}, case.name
     elif case.expect.kind == "volatile":

@@ -105,7 +105,7 @@ async def test_lower_seq_never_overwrites_a_higher_one(make_node: Any) -> None:
         # Pipelined: 40 publishes of one key in one message, their acks collected after.
         await c.send(*({"type": "publish", "id": i, "room": room, "event": "e",
                         "data": {"by": who, "i": i}, "key": "shared"} for i in range(40)))
-        seqs = []
+        seqs: list[int] = []
         while len(seqs) < 40:
             f = await c.recv(10)
             assert f["type"] in ("published", "event"), f
@@ -146,7 +146,7 @@ async def test_sse_sends_state_first(make_node: Any) -> None:
         assert data(first) == {"room": room, "values": [
             {"room": room, "seq": s1, "event": "reading", "data": 1, "key": "dev-9",
              "ts": data(first)["values"][0]["ts"], "from": {"user": "dev-9", "kind": "user",
-                                                          "client_id": dev.info["client_id"]}}]}
+                                                          "client_id": dev.info["client_id"]}}]}  # type: ignore[attr-defined]
         s2 = await publish(dev, room, data=2)
         event = await sse.message()
         assert event["event"] == "reading" and data(event)["seq"] == s2

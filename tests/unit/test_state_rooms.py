@@ -1,0 +1,213 @@
+"""State rooms without sockets: admission of ``key``/``unset``, the order of the stream's ack,
+the state write and the answer, the room's ``state`` frame after ``joined`` (with the events it
+delivered lately merged in), and the SSE session's ``event: state`` first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import cbor2
+import pytest
+
+from actors import ActorSystem
+from bridge.sse import SseSession
+from node.core.admission import NOT_STATE_ROOM, Admission
+from node.core.ports import StoreError
+from node.core.room import Join, RoomActor, RoomCounters, RoomSettings
+from node.protocol.errors import ProtocolError
+from node.protocol.frames import Publish, parse_frame, publish_frame
+from node.protocol.settings import load_settings
+from node.protocol.tokens import Principal
+from tests.unit.test_room import FakeStore, member
+
+DEV = Principal(sub="dev-7", tenant="t1", rooms={"*": frozenset({"publish"})})
+
+
+class Log:
+    """One list of what happened, in order, for every fake."""
+
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+
+
+class Store:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.seq = 0
+
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
+                      ttl_s: float | None = None) -> tuple[int, bool]:
+        self.seq += 1
+        self.log.steps.append(("stored", self.seq, cbor2.loads(body)))
+        return self.seq, False
+
+    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        self.log.steps.append(("volatile", cbor2.loads(body)))
+
+
+class State:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.full = False
+        self.fail = False
+        self.values_: list[dict[str, Any]] = []
+
+    async def values(self, tenant: str, room: str) -> list[dict[str, Any]]:
+        return list(self.values_)
+
+    async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
+                  unset: bool) -> None:
+        if self.fail:
+            raise StoreError("kv down")
+        self.log.steps.append(("put", key, seq, event_map, unset))
+
+    async def may_add(self, tenant: str, room: str, key: str) -> bool:
+        self.log.steps.append(("may_add", key))
+        return not self.full
+
+
+def pipeline() -> tuple[Admission, State, Log]:
+    log = Log()
+    settings = load_settings(namespaces={"st": {"state": True}})
+    store = Store(log)
+    state = State(log)
+    return Admission(settings, store, store, state), state, log  # type: ignore[arg-type]
+
+
+def frame(room: str, **fields: Any) -> Publish:
+    parsed = parse_frame({"type": "publish", "room": room, "event": "reading", **fields})
+    assert isinstance(parsed, Publish)
+    return parsed
+
+
+async def test_the_key_defaults_to_the_sub_and_the_state_is_written_before_the_answer() -> None:
+    adm, _, log = pipeline()
+    admitted = adm.admit("mqtt", DEV, frame("st:fleet", data=21), client_id="c1")
+    assert (admitted.key, admitted.unset) == ("dev-7", False)
+    seq = await adm.store(admitted)
+    log.steps.append(("answered", seq))
+    kinds = [step[0] for step in log.steps]
+    assert kinds == ["may_add", "stored", "put", "answered"]
+    _, key, put_seq, event_map, unset = log.steps[2]
+    assert (key, put_seq, unset) == ("dev-7", seq, False)
+    assert event_map["key"] == "dev-7" and event_map["seq"] == seq and event_map["data"] == 21
+    assert "unset" not in log.steps[1][2] and log.steps[1][2]["key"] == "dev-7"
+
+    admitted = adm.admit("ws", DEV, frame("st:fleet", key="target", unset=True), client_id=None)
+    log.steps.clear()
+    await adm.store(admitted)
+    assert [step[0] for step in log.steps] == ["stored", "put"]  # an unset never needs room
+    assert log.steps[0][2]["unset"] is True and log.steps[0][2]["key"] == "target"
+    assert log.steps[1][4] is True
+
+
+async def test_refusals_are_the_same_for_every_door() -> None:
+    adm, state, log = pipeline()
+    for fields in ({"key": "k"}, {"unset": True}):
+        with pytest.raises(ProtocolError) as exc:
+            adm.admit("api", DEV, frame("chat:x", **fields), client_id=None)
+        assert (exc.value.code, exc.value.reason) == (4000, NOT_STATE_ROOM)
+        assert exc.value.label == "not_state_room"  # type: ignore[attr-defined]
+    with pytest.raises(ProtocolError) as exc:
+        adm.admit("api", DEV, frame("st:x", data=1, unset=True), client_id=None)
+    assert exc.value.code == 4000
+    assert adm.stats.counts[("api", "4000")] == 3
+    # The HTTP body and a plain uplink's map read key and unset as a frame does.
+    assert publish_frame({"room": "st:x", "event": "e", "key": "k", "unset": True}).key == "k"
+    for bad in ({"key": ""}, {"key": "x" * 129}, {"key": "a\x00"}, {"key": 1},
+                {"unset": "yes"}, {"key": None, "unset": None}):
+        with pytest.raises(ProtocolError) as exc:
+            publish_frame({"room": "st:x", "event": "e", **bad})
+        assert exc.value.code == 4000, bad
+    # Events of other rooms are unchanged: no key in their map.
+    admitted = adm.admit("api", DEV, frame("chat:x", data=1), client_id=None)
+    assert admitted.key is None and "key" not in cbor2.loads(admitted.body)
+
+    state.full = True  # a new key beyond state_max_keys: nothing stored
+    admitted = adm.admit("ws", DEV, frame("st:x", key="new"), client_id=None)
+    with pytest.raises(ProtocolError) as exc:
+        await adm.store(admitted)
+    assert (exc.value.code, exc.value.reason) == (4009, "state room full")
+    assert [s[0] for s in log.steps] == ["may_add"]
+
+    state.full, state.fail = False, True  # stored, state not written: retry (deduplicated)
+    log.steps.clear()
+    with pytest.raises(ProtocolError) as exc:
+        await adm.store(adm.admit("ws", DEV, frame("st:x", key="k2"), client_id=None))
+    assert (exc.value.code, exc.value.retry) == (4503, True)
+    assert [s[0] for s in log.steps] == ["may_add", "stored"]
+
+
+async def test_volatile_events_of_a_state_room_carry_the_key_but_set_nothing() -> None:
+    adm, _, log = pipeline()
+    admitted = adm.admit("ws", DEV, frame("st:x", event="user:typing"), client_id=None)
+    assert admitted.volatile and admitted.key == "dev-7"
+    await adm.send_volatile(admitted)
+    assert [s[0] for s in log.steps] == ["volatile"]
+
+
+async def test_a_join_gets_state_after_joined_with_recent_events_merged() -> None:
+    store = FakeStore()
+    state = State(Log())
+
+    def body(key: str, data: Any, unset: bool = False) -> bytes:
+        event: dict[str, Any] = {"event": "e", "data": data, "key": key}
+        if unset:
+            event["unset"] = True
+        return cbor2.dumps(event)
+
+    # The KV holds a (seq 1) and b (seq 3); the room then delivers a newer a (seq 5) whose
+    # state write is not done yet, and an unset of b (seq 7).
+    state.values_ = [{"seq": 1, "key": "a", "data": "old"}, {"seq": 3, "key": "b", "data": 3}]
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor(
+            "t", "st:r", store, store,  # type: ignore[arg-type]  # reads only
+            RoomSettings(state=True), RoomCounters(), state))
+        first, rec0 = member()
+        ref.tell(Join(first))
+        await rec0.joined()
+        store.events += [(1, body("a", "old")), (3, body("b", 3)), (5, body("a", "new")),
+                         (7, body("b", None, unset=True))]
+        for seq in (1, 3, 5, 7):
+            store.deliver(seq)
+        await rec0.until(4)
+        assert [(f["seq"], f["key"]) for f in rec0.frames if f["type"] == "event"] == [
+            (1, "a"), (3, "b"), (5, "a"), (7, "b")]
+        assert rec0.frames[-1]["unset"] is True
+
+        late, rec = member()
+        ref.tell(Join(late, request_id="j"))
+        await rec.joined()
+        while len(rec.frames) < 2:
+            rec.arrived.clear()
+            await asyncio.wait_for(rec.arrived.wait(), 5)
+        assert [f["type"] for f in rec.frames] == ["joined", "state"]
+        assert [(v["key"], v["seq"], v["data"]) for v in rec.frames[1]["values"]] == [
+            ("a", 5, "new")]
+
+        silent, rec2 = member()
+        ref.tell(Join(silent, silent=True))  # the plain MQTT face: no frames at all
+        store.add(1)
+        store.deliver(store.events[-1][0])
+        await rec2.until(1)
+        assert [f["type"] for f in rec2.frames] == ["event"]
+
+
+def test_sse_writes_every_state_first_then_events() -> None:
+    session = SseSession(["chat:a", "st:b"], state_rooms=["st:b"])
+
+    def feed(*frames: dict[str, Any]) -> bytes:
+        session.receive_message(b"\n".join(json.dumps(f).encode() for f in frames))
+        return session.data_to_send()
+
+    assert feed({"type": "joined", "room": "chat:a", "seq": 4}) == b""
+    assert feed({"type": "event", "room": "chat:a", "seq": 5, "event": "m"}) == b""
+    # st:b joined: still held until its state arrives.
+    assert feed({"type": "joined", "room": "st:b", "seq": 9}) == b""
+    out = feed({"type": "state", "room": "st:b", "values": [{"seq": 9, "key": "k"}]})
+    blocks = out.decode().split("\n\n")
+    assert blocks[0] == ": joined chat:a:4,st:b:9"
+    assert blocks[1] == ('event: state\ndata: {"room":"st:b","values":[{"seq":9,"key":"k"}]}')
+    assert blocks[2].startswith("event: m\nid: chat:a:5,st:b:9\n")
