@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from tests.browser.conftest import WAIT_MS, base_url, wait_js
@@ -164,4 +165,40 @@ async def test_console_state_view(make_node: Any, browser: Any, tmp_path: Path) 
     assert errors == []
     for d in devices:
         await d.close()
+    await context.close()
+
+
+async def test_console_sessions_view(make_node: Any, browser: Any) -> None:
+    """Persistent MQTT sessions in the console: listed (offline, room, QoS, cursor),
+    inspected, deleted; the HTTP API called with the dev service token."""
+    node = await make_node(dev=True)
+    room, dev = unique("cmd"), f"valve-{unique('v')[-6:]}"
+    async with aiomqtt.Client("127.0.0.1", node.mqtt.port, identifier=dev, username=dev,
+                              password=token(dev, kind="device"), clean_session=False) as c:
+        await c.subscribe(f"rooms/{room}", qos=1)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    await page.goto(base_url(node) + "/")
+    await page.get_by_role("button", name="Use a development token").click()
+    await page.get_by_role("button", name="List sessions").click()
+    row = f'#session-rows tr[data-client-id="{dev}"]'
+    await wait_js(page, "(s) => document.querySelector(s)?.textContent.includes('offline')",
+                  arg=row, timeout=WAIT_MS)
+    text = await page.text_content(row) or ""
+    assert f"{room} (QoS 1" in text, text
+    await page.get_by_role("button", name=f"Inspect session {dev}").click()
+    await wait_js(page, "document.getElementById('session-detail').textContent"
+                  ".includes('\"cursors\"')", timeout=WAIT_MS)
+    assert f'"client_id": "{dev}"' in (await page.text_content("#session-detail") or "")
+    await page.get_by_role("button", name=f"Delete session {dev}").click()
+    await wait_js(page, "(s) => !document.querySelector(s)", arg=row, timeout=WAIT_MS)
+    # A wrong credential is one line in the status, not an exception.
+    await page.get_by_label("Service token or API key").fill("not-the-key")
+    await page.get_by_role("button", name="List sessions").click()
+    await wait_js(page, "document.getElementById('sessions-status').textContent"
+                  ".startsWith('sessions unavailable: 4001')", timeout=WAIT_MS)
+    assert errors == []
     await context.close()
