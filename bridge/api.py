@@ -37,12 +37,12 @@ from pydantic import (
 
 from actors.errors import ActorError
 from node.core.connection import KeepOffline, NodeContext, Shutdown
-from node.core.events import event_body, read_history
+from node.core.events import read_history
 from node.core.ports import StoreError
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
 from node.protocol.ids import ID_PATTERN, TENANT_PATTERN
-from node.protocol.tokens import KINDS, Principal, TokenVerifier
+from node.protocol.tokens import Principal, TokenVerifier
 
 __all__ = [
     "API_KEY_PRINCIPAL",
@@ -497,22 +497,9 @@ class HttpApi:
         if after_s:
             await asyncio.sleep(after_s)
         presence = getattr(self.ctx, "presence", None)
-        clear = getattr(presence, "clear_offline", None)
-        if clear is None:
-            return
-        for room in rooms:
-            try:
-                member = await clear(tenant, room, client_id)
-            except StoreError:
-                log.warning("! offline presence of %s in %s not cleared", client_id, room)
-                continue
-            if member is None:
-                continue
-            kind: Any = member.get("kind") if member.get("kind") in KINDS else "device"
-            who = Principal(sub=str(member.get("user", client_id)), tenant=tenant, kind=kind)
-            body = event_body(room, "presence:leave", member, who, client_id, None)
-            with contextlib.suppress(Exception):
-                await self.ctx.feed.publish_volatile(tenant, room, body)
+        forget = getattr(presence, "forget_device", None)  # bridge.presence.PresenceTracker
+        if forget is not None:
+            await forget(tenant, client_id, rooms, self.ctx.feed)
 
     # -- disconnects -----------------------------------------------------------------------
 

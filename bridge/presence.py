@@ -35,7 +35,9 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from bridge.room_store import JetStreamRoomStore
-from node.core.ports import StoreError
+from node.core.events import event_body
+from node.core.ports import LiveFeed, StoreError
+from node.protocol.tokens import KINDS, Principal
 
 __all__ = ["BUCKET", "OFFLINE_MAX_S", "PresenceTracker"]
 
@@ -188,6 +190,29 @@ class PresenceTracker:
             await self._delete(subject)
             return member
         return None
+
+    async def forget_device(self, tenant: str, client_id: str, rooms: list[str],
+                            feed: LiveFeed) -> int:
+        """A device's persistent session is gone (deleted, or discarded by a
+        ``clean_session = 1`` CONNECT): take it out of ``rooms`` where it is offline, with a
+        ``presence:leave`` to the watchers of every node (through ``feed``). Returns how many
+        entries went; a room whose presence cannot be read is logged and skipped."""
+        gone = 0
+        for room in rooms:
+            try:
+                member = await self.clear_offline(tenant, room, client_id)
+            except StoreError:
+                log.warning("! offline presence of %s in %s not cleared", client_id, room)
+                continue
+            if member is None:
+                continue
+            gone += 1
+            kind: Any = member.get("kind") if member.get("kind") in KINDS else "device"
+            who = Principal(sub=str(member.get("user", client_id)), tenant=tenant, kind=kind)
+            body = event_body(room, "presence:leave", member, who, client_id, None)
+            with contextlib.suppress(Exception):
+                await feed.publish_volatile(tenant, room, body)
+        return gone
 
     def watch(self, tenant: str, room: str, on: bool) -> None:
         """Count local watchers of a room's presence (they get leave events of dead nodes)."""

@@ -1,0 +1,108 @@
+"""Plain MQTT devices in presence (issue 13): a ``rooms/<room>`` subscriber is a member of the
+room (kind device) for a WebSocket watcher and ``GET /api/presence``; a device with a persistent
+session (``clean_session = 0``) that goes away stays listed as offline until its session is
+deleted. Real node, real nats-server, aiomqtt devices, WebSocket watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+
+def device(node: Any, dev: str, **kw: Any) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", node.mqtt.port, identifier=dev, username=dev,
+                          password=token(dev, kind="device"), **kw)
+
+
+async def presence_event(watcher: RawClient, client_id: str,
+                         timeout: float = 10.0) -> dict[str, Any]:
+    """The next presence event about ``client_id`` (others are skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            f = await watcher.until("event")
+            if f["event"].startswith("presence:") and f["data"]["client_id"] == client_id:
+                return f
+
+
+async def api(node: Any, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token('backend', kind='service')}"}
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://127.0.0.1:{node.http.port}/api{path}", headers=headers,
+            **kw) as resp:
+        return resp.status, await resp.json()
+
+
+async def members(node: Any, room: str) -> dict[str, dict[str, Any]]:
+    status, body = await api(node, "GET", "/presence", params={"room": room})
+    assert status == 200, body
+    return {m["client_id"]: m for m in body["members"]}
+
+
+async def test_plain_subscriber_joins_and_leaves_presence(make_node) -> None:
+    node = await make_node()
+    room = unique("fleet")
+    watcher = await RawClient.connected(ws_url(node), token("w"))
+    await watcher.request({"type": "join", "room": room, "presence": True})
+    async with device(node, "pump-7") as dev:
+        await dev.subscribe(f"rooms/{room}")
+        joined = await presence_event(watcher, "pump-7")
+        assert joined["event"] == "presence:join"
+        assert joined["data"]["kind"] == "device" and joined["data"]["user"] == "pump-7"
+        listed = await members(node, room)
+        assert listed["pump-7"]["online"] is True and listed["pump-7"]["kind"] == "device"
+        r = await watcher.request({"type": "presence", "room": room})
+        assert any(m["client_id"] == "pump-7" for m in r["members"])
+
+        await dev.unsubscribe(f"rooms/{room}")
+        left = await presence_event(watcher, "pump-7")
+        assert left["event"] == "presence:leave" and "online" not in left["data"]
+        assert "pump-7" not in await members(node, room)
+
+        await dev.subscribe(f"rooms/{room}")
+        assert (await presence_event(watcher, "pump-7"))["event"] == "presence:join"
+    # a clean session's DISCONNECT: gone
+    left = await presence_event(watcher, "pump-7")
+    assert left["event"] == "presence:leave" and "online" not in left["data"]
+    assert "pump-7" not in await members(node, room)
+
+
+async def test_persistent_device_is_offline_not_gone_until_its_session_is_deleted(
+        make_node) -> None:
+    node = await make_node()
+    room = unique("fleet")
+    watcher = await RawClient.connected(ws_url(node), token("w"))
+    await watcher.request({"type": "join", "room": room, "presence": True})
+    async with device(node, "valve-3", clean_session=False) as dev:
+        await dev.subscribe(f"rooms/{room}", qos=1)
+        assert (await presence_event(watcher, "valve-3"))["event"] == "presence:join"
+    left = await presence_event(watcher, "valve-3")
+    assert left["event"] == "presence:leave" and left["data"]["online"] is False
+    listed = await members(node, room)
+    assert listed["valve-3"]["online"] is False and listed["valve-3"]["kind"] == "device"
+    r = await watcher.request({"type": "presence", "room": room})
+    assert [m["online"] for m in r["members"] if m["client_id"] == "valve-3"] == [False]
+
+    # back: online again (the stored subscription resumes), then away again: offline
+    async with device(node, "valve-3", clean_session=False):
+        assert (await presence_event(watcher, "valve-3"))["event"] == "presence:join"
+        assert (await members(node, room))["valve-3"]["online"] is True
+    assert (await presence_event(watcher, "valve-3"))["data"]["online"] is False
+
+    status, body = await api(node, "DELETE", "/sessions/valve-3")
+    assert (status, body) == (200, {"deleted": True})
+    gone = await presence_event(watcher, "valve-3")
+    assert gone["event"] == "presence:leave"
+    assert "valve-3" not in await members(node, room)
+    with contextlib.suppress(asyncio.TimeoutError):  # no ghost comes back
+        extra = await presence_event(watcher, "valve-3", timeout=2.5)
+        raise AssertionError(f"unexpected {extra}")
+    assert "valve-3" not in await members(node, room)
