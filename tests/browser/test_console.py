@@ -162,6 +162,9 @@ async def test_console_state_view(make_node: Any, browser: Any, tmp_path: Path) 
     await page.screenshot(path=str(tmp_path / "state-1280.png"), full_page=True)
     await page.get_by_role("button", name="Remove key thermo-2").click()
     await wait_js(page, f"!{rows}.includes('thermo-2')", timeout=WAIT_MS)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await wait_js(page, "document.documentElement.scrollWidth <= 390", timeout=WAIT_MS)
+    await page.screenshot(path=str(tmp_path / "state-390.png"), full_page=True)
     assert errors == []
     for d in devices:
         await d.close()
