@@ -38,7 +38,7 @@ async def next_of(events: Any, kind: type, timeout: float = 10.0) -> Any:
                 return item
 
 
-async def test_client_values_after_join_live_and_unset(make_node) -> None:
+async def test_client_values_after_join_live_and_unset(make_node: Any) -> None:
     node = await make_node(namespaces=STATE_NS)
     room = f"fleet:{unique('cs')}"
     async with Client(ws_url(node), token=token("alice")) as a:
@@ -80,7 +80,7 @@ async def test_client_values_after_join_live_and_unset(make_node) -> None:
         assert refused.value.code == 4000
 
 
-async def test_device_sdk_values_and_report(make_node) -> None:
+async def test_device_sdk_values_and_report(make_node: Any) -> None:
     node = await make_node(namespaces=STATE_NS)
     room, dev_id = f"fleet:{unique('sdk')}", f"thermo-{unique('d')[-6:]}"
     async with Client(ws_url(node), token=token("op")) as op:
@@ -92,7 +92,8 @@ async def test_device_sdk_values_and_report(make_node) -> None:
             events = aiter(d.events())
             await d.join(room)
             frame = await asyncio.wait_for(anext(events), 10)
-            assert frame["type"] == "state" and [v["key"] for v in frame["values"]] == [dev_id]
+            assert isinstance(frame, dict) and frame["type"] == "state"
+            assert [v["key"] for v in frame["values"]] == [dev_id]
             assert d.values(room)[dev_id].data == {"t": 19}
             seq = await d.report(room, {"t": 20.5})  # key: the device id
             await until(lambda: (v := op.values(room).get(dev_id)) is not None and v.seq == seq,
@@ -101,7 +102,7 @@ async def test_device_sdk_values_and_report(make_node) -> None:
             assert op.values(room)[dev_id].from_["kind"] == "device"
 
 
-async def test_simulate_state_reported_and_desired(make_node) -> None:
+async def test_simulate_state_reported_and_desired(make_node: Any) -> None:
     node = await make_node(namespaces=STATE_NS)
     room = f"fleet:{unique('sim')}"
     lines: list[str] = []
