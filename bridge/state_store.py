@@ -9,9 +9,12 @@ Writes are compare-and-set (the ``Nats-Expected-Last-Subject-Sequence`` of a KV 
 the key's revision and seq, give up if the stored seq is as high or higher (an older event
 arriving late, or the same event again), else write over that revision, and read again on a
 conflict. So a lower seq never overwrites a higher one, whatever the order the writes of two
-nodes arrive in. An unset is written as a tombstone (the event map with ``unset: true``), kept
-:data:`TOMBSTONE_TTL_S` (a per-message TTL): an older put arriving late cannot resurrect the
-key. Reads skip tombstones.
+nodes arrive in. Writes of one key on one node are coalesced: while one is in flight, later
+ones wait and the highest of them is written next; each publisher is answered once the key
+holds its seq or a higher one (a pipelining publisher's 400 writes of one key would otherwise
+conflict with one another, each retried). An unset is written as a tombstone (the event map
+with ``unset: true``), kept :data:`TOMBSTONE_TTL_S` (a per-message TTL): an older put arriving
+late cannot resurrect the key. Reads skip tombstones.
 
 Reads take batches of direct gets filtered on the room's keys (``next_by_subj`` with
 ``<room>.>``), from any replica: a replica that is behind may miss the latest writes. The room
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -52,7 +56,20 @@ _BATCH = 256
 # JetStream's answer to a write whose expected last subject sequence is not the key's.
 _WRONG_LAST_SEQUENCE = 10071
 _CAS_TRIES = 20
-_KNOWN_MAX = 65536  # (tenant, room, key) known to be set, for may_add without a read
+_ROOMS_CACHED = 1024  # rooms whose key set is cached for may_add
+_KEYS_FRESH_S = 10.0  # a cached key set is read again after this long (other nodes' keys)
+
+
+class _KeyWriter:
+    """The writes of one key in progress on this node: the highest seq waiting to be written,
+    and the publishers waiting (seq, future) for a write that covers theirs."""
+
+    __slots__ = ("best", "running", "waiters")
+
+    def __init__(self) -> None:
+        self.best: tuple[int, bytes, bool] | None = None
+        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.running = False
 
 
 def _token(text: str) -> str:
@@ -86,7 +103,12 @@ class StateStore:
         self.replicas = replicas
         self.max_keys = max_keys
         self.deadline_s = deadline_s
-        self._known: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # (tenant, room) -> (monotonic time read, its live keys), for may_add: one read of a
+        # room's keys per _KEYS_FRESH_S, shared by the checks waiting for it.
+        self._rooms: OrderedDict[tuple[str, str], tuple[float, set[str]]] = OrderedDict()
+        self._reading: dict[tuple[str, str], asyncio.Future[set[str]]] = {}
+        self._writers: dict[str, _KeyWriter] = {}  # KV subject -> its writes in progress
+        self._tasks: set[asyncio.Task[None]] = set()
         self.puts = 0
         self.conflicts = 0  # CAS writes that found a newer revision and read again
         self.stale = 0  # puts that found a seq as high or higher: nothing written
@@ -111,7 +133,12 @@ class StateStore:
         await self.store.link.set_up(f"state bucket {_STREAM}", ensure_bucket)
 
     async def stop(self) -> None:
-        """Nothing to release: every write is awaited by its publisher."""
+        """End the writes in progress (their publishers get a StoreError: 4503, retry)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- the port ----------------------------------------------------------------------------
 
@@ -132,26 +159,57 @@ class StateStore:
         return out
 
     async def may_add(self, tenant: str, room: str, key: str) -> bool:
-        """Whether ``key`` may be set: known to be set, or the room holds fewer than
-        ``max_keys`` keys (counted by a read; concurrent new keys may pass it by a few).
+        """Whether ``key`` may be set: it is set, or the room holds fewer than ``max_keys``
+        keys. The room's keys are read once and kept for ``_KEYS_FRESH_S`` (with this node's
+        own writes applied), so new keys published at once on several nodes may pass the limit
+        by a few.
 
         Raises:
             StoreError: JetStream did not answer.
         """
-        known = (tenant, room, key)
-        if known in self._known:
+        room_id = (tenant, room)
+        cached = self._rooms.get(room_id)
+        now = time.monotonic()
+        if cached is not None and key in cached[1]:
             return True
-        latest = await self._scan(tenant, room)
-        live = {v.get("key") for v in latest.values() if not v.get("unset")}
-        if key in live:
-            self._remember(known)
+        if cached is None or now - cached[0] > _KEYS_FRESH_S or len(cached[1]) >= self.max_keys:
+            keys = await self._room_keys(room_id)
+        else:
+            keys = cached[1]
+        if key in keys:
             return True
-        return len(live) < self.max_keys
+        if len(keys) < self.max_keys:
+            keys.add(key)  # taken now: checks that follow count it
+            return True
+        return False
+
+    async def _room_keys(self, room_id: tuple[str, str]) -> set[str]:
+        """The room's live keys, read now (one read at a time per room, shared)."""
+        reading = self._reading.get(room_id)
+        if reading is not None:
+            return await asyncio.shield(reading)
+        fut: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        self._reading[room_id] = fut
+        try:
+            latest = await self._scan(*room_id)
+            keys = {str(v["key"]) for v in latest.values() if not v.get("unset")}
+            self._rooms[room_id] = (time.monotonic(), keys)
+            self._rooms.move_to_end(room_id)
+            if len(self._rooms) > _ROOMS_CACHED:
+                self._rooms.popitem(last=False)
+            fut.set_result(keys)
+            return keys
+        except BaseException as exc:
+            fut.set_exception(exc if isinstance(exc, Exception) else StoreError("cancelled"))
+            fut.exception()  # retrieved: no warning when nobody else waits
+            raise
+        finally:
+            del self._reading[room_id]
 
     async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
                   unset: bool) -> None:
         """Make event ``seq`` the value of ``key`` (a tombstone when ``unset``), unless the
-        key holds a seq as high or higher.
+        key holds a seq as high or higher; returns once the key holds ``seq`` or a higher one.
 
         Raises:
             StoreError: Not written within the deadline.
@@ -162,7 +220,66 @@ class StateStore:
         value["key"] = key
         if unset:
             value["unset"] = True
-        body = CBOR.encode(value)
+        writer = self._writers.get(subject)
+        if writer is None:
+            writer = self._writers[subject] = _KeyWriter()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer.waiters.append((seq, fut))
+        if writer.best is None or writer.best[0] < seq:
+            writer.best = (seq, CBOR.encode(value), unset)
+        if not writer.running:
+            writer.running = True
+            task = asyncio.get_running_loop().create_task(
+                self._drain(subject, writer, (tenant, room, key)), name=f"state[{subject}]")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await fut
+
+    async def _drain(self, subject: str, writer: _KeyWriter,
+                     known: tuple[str, str, str]) -> None:
+        """Write the highest waiting seq of one key until none waits: a burst of publishes of
+        one key (a pipelining publisher sends hundreds) costs a few writes, not one
+        compare-and-set each, which would conflict with one another."""
+        try:
+            while writer.best is not None:
+                seq, body, unset = writer.best
+                writer.best = None
+                error: StoreError | None = None
+                try:
+                    await self._write(subject, seq, body, unset)
+                except StoreError as exc:
+                    error = exc
+                else:
+                    cached = self._rooms.get(known[:2])
+                    if cached is not None:
+                        if unset:
+                            cached[1].discard(known[2])
+                        else:
+                            cached[1].add(known[2])
+                waiting = []
+                for waiter_seq, fut in writer.waiters:
+                    if waiter_seq > seq:
+                        waiting.append((waiter_seq, fut))  # a later write covers it
+                    elif not fut.done():
+                        if error is None:
+                            fut.set_result(None)
+                        else:
+                            fut.set_exception(error)
+                writer.waiters = waiting
+        finally:
+            writer.running = False
+            for _, fut in writer.waiters:  # cancelled (the node stops): nothing covers them
+                if not fut.done():
+                    fut.set_exception(StoreError("state not written: node stopping"))
+            if self._writers.get(subject) is writer:
+                del self._writers[subject]
+
+    async def _write(self, subject: str, seq: int, body: bytes, unset: bool) -> None:
+        """Compare-and-set ``body`` (event ``seq``) as ``subject``'s value.
+
+        Raises:
+            StoreError: Not written within the deadline.
+        """
         deadline = time.monotonic() + self.deadline_s
         delay = 0.02
         reason = "no answer"
@@ -171,7 +288,7 @@ class StateStore:
                 revision, current = await self._current(subject, leader=attempt > 0)
                 if current >= seq:
                     self.stale += 1
-                    break
+                    return
                 headers = {"Nats-Expected-Last-Subject-Sequence": str(revision),
                            _SEQ_HEADER: str(seq)}
                 if unset:
@@ -183,9 +300,9 @@ class StateStore:
                 err = answer.get("error")
                 if not err and "seq" in answer:
                     self.puts += 1
-                    break
+                    return
                 if err and err.get("err_code") == _WRONG_LAST_SEQUENCE:
-                    self.conflicts += 1  # written meanwhile: read it again, from the leader
+                    self.conflicts += 1  # another node wrote it meanwhile: read it again
                     continue
                 reason = str(err.get("description", "refused")) if err else "no ack"
             except StoreError as exc:
@@ -199,13 +316,7 @@ class StateStore:
                 raise StoreError(f"state not written: {reason}")
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
-        else:
-            raise StoreError("state not written: too many concurrent writes of the key")
-        known = (tenant, room, key)
-        if unset:
-            self._known.pop(known, None)
-        else:
-            self._remember(known)
+        raise StoreError("state not written: too many concurrent writes of the key")
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -253,9 +364,3 @@ class StateStore:
             if len(batch.events) < _BATCH:
                 return latest
             start = batch.events[-1].seq + 1
-
-    def _remember(self, known: tuple[str, str, str]) -> None:
-        self._known[known] = None
-        self._known.move_to_end(known)
-        if len(self._known) > _KNOWN_MAX:
-            self._known.popitem(last=False)
