@@ -7,7 +7,8 @@ own. Measured in one run:
    ``--concurrency`` at a time) CONNECT with ``clean_session = 0``, SUBSCRIBE ``rooms/<room>`` at
    QoS 1 and DISCONNECT. The node's RSS before and after (and so per offline session), the
    nats-server's, and the ``RTNODE_MQTT_SESSIONS`` bucket's keys and bytes. Baseline: the node's
-   RSS with no session, after one warm-up device went through the same steps.
+   RSS after as many devices went through the same steps with ``clean_session = 1`` (no session
+   kept): what the connections' churn alone leaves (the allocator's high-water mark).
 2. **resume**: a device with a session misses ``--missed`` events (stored by a WebSocket
    client), then CONNECTs again: the time from CONNECT to the last of them, PUBACKed one by one
    in order (each checked: every seq once, in order). Baseline: the same events read by a plain
@@ -64,9 +65,10 @@ async def _settled_rss(pid: int, seconds: float = 2.0) -> int:
     return last
 
 
-async def _session(port: int, dev: str, room: str) -> None:
-    """One device: CONNECT clean_session = 0, SUBSCRIBE at QoS 1, DISCONNECT."""
-    c = await RawMqtt.connect(port, dev, token(dev, kind="device"))
+async def _session(port: int, dev: str, room: str, *, clean: bool = False) -> None:
+    """One device: CONNECT (clean_session = 0 unless ``clean``), SUBSCRIBE at QoS 1,
+    DISCONNECT."""
+    c = await RawMqtt.connect(port, dev, token(dev, kind="device"), clean=clean)
     if c.return_code != 0:
         raise RuntimeError(f"{dev}: CONNACK {c.return_code}")
     granted = await c.subscribe(f"rooms/{room}", 1)
@@ -159,7 +161,9 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
     try:
         await asyncio.to_thread(server.start)
         node = NodeProcess(tmp / "node", "--nats-url", server.url, "--rate-per-s", "1000000",
-                           "--rate-burst", "1000000", name="bench-sessions",
+                           "--rate-burst", "1000000",
+                           *(["--mqtt-inflight", str(args.inflight)] if args.inflight else []),
+                           name="bench-sessions",
                            env={"RTNODE_JWT_SECRET": SECRET})
         node.start()
         await asyncio.to_thread(node.wait_ready, 30)
@@ -170,27 +174,35 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
         rss0, nrss0 = await _settled_rss(pid), _rss_kib(npid)
         _log(f"node pid {pid}: RSS {rss0} KiB with no session; nats-server {nrss0} KiB")
 
-        sem = asyncio.Semaphore(args.concurrency)
-        done = 0
+        async def devices(prefix: str, clean: bool) -> float:
+            sem = asyncio.Semaphore(args.concurrency)
+            done = 0
 
-        async def one(i: int) -> None:
-            nonlocal done
-            async with sem:
-                await _session(node.mqtt_port, f"bench-{i:06d}", room)
-            done += 1
-            if done % 500 == 0:
-                _log(f"{done}/{args.sessions} sessions")
+            async def one(i: int) -> None:
+                nonlocal done
+                async with sem:
+                    await _session(node.mqtt_port, f"{prefix}-{i:06d}", room, clean=clean)
+                done += 1
+                if done % 500 == 0:
+                    _log(f"{prefix}: {done}/{args.sessions} devices")
 
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(args.sessions))),
-                               args.timeout)
-        made_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(args.sessions))),
+                                   args.timeout)
+            return time.perf_counter() - started
+
+        # The same connections with clean_session = 1 first: what the churn of 2,000 devices
+        # leaves in the node's RSS (allocator high-water mark) with no session kept.
+        await devices("bench-clean", True)
+        rss_clean = await _settled_rss(pid)
+        _log(f"{args.sessions} clean-session devices came and went; node RSS {rss_clean} KiB")
+        made_s = await devices("bench", False)
         rss1, nrss1 = await _settled_rss(pid), _rss_kib(npid)
         bucket = await _bucket(server.url)
         _log(f"{args.sessions} sessions in {made_s:.1f} s; node RSS {rss1} KiB")
 
         resume_s, base_s, _ = await _resume(node, server.url, args.missed, args.timeout)
-        per = (rss1 - rss0) * 1024 / args.sessions
+        per = (rss1 - rss_clean) * 1024 / args.sessions
         rows = [
             ("sessions created (connect, subscribe QoS 1, disconnect)",
              f"{args.sessions} in {made_s:.1f} s ({args.sessions / made_s:.0f}/s)"),
@@ -199,11 +211,14 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
             ("session bucket bytes (per session)",
              "-" if bucket is None else
              f"{bucket[1]} ({bucket[1] / max(1, bucket[0]):.0f} B)"),
-            ("baseline: node RSS with no session", f"{rss0 / 1024:.1f} MiB"),
-            (f"node RSS with {args.sessions} offline sessions", f"{rss1 / 1024:.1f} MiB"),
-            ("node RSS per offline session", f"{per:.0f} B"),
+            ("node RSS with no session (one warm-up device)", f"{rss0 / 1024:.1f} MiB"),
+            (f"baseline: node RSS after {args.sessions} clean-session devices",
+             f"{rss_clean / 1024:.1f} MiB"),
+            (f"node RSS with {args.sessions} offline sessions too", f"{rss1 / 1024:.1f} MiB"),
+            ("node RSS per offline session (difference / sessions)", f"{per:.0f} B"),
             ("nats-server RSS before / after", f"{nrss0 / 1024:.1f} / {nrss1 / 1024:.1f} MiB"),
-            (f"resume: {args.missed} missed events, CONNECT to the last",
+            (f"resume: {args.missed} missed events, CONNECT to the last "
+             f"(window {args.inflight or 32})",
              f"{resume_s * 1000:.0f} ms ({args.missed / resume_s:.0f} events/s)"),
             (f"baseline: nats-py ordered consumer, same {args.missed}",
              f"{base_s * 1000:.0f} ms ({args.missed / base_s:.0f} events/s)"),
@@ -223,6 +238,8 @@ def main(argv: list[str]) -> int:
                         help="events a device misses before it resumes")
     parser.add_argument("--concurrency", type=int, default=50,
                         help="devices connecting at a time")
+    parser.add_argument("--inflight", type=int, default=0,
+                        help="the node's mqtt_inflight (0: its default, 32)")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound of each phase (s)")
     args = parser.parse_args(argv)
     try:
