@@ -190,6 +190,7 @@ class SseSession:
         self.rewound = frozenset(rewound)
         self.state_rooms = frozenset(state_rooms) & frozenset(self.rooms)
         self._states: dict[str, bytes] = {}  # state room -> its state message, until ready
+        self._values: dict[str, list[Any]] = {}  # state room -> values of frames with more
         self.cursor: dict[str, int] = {}
         self.ready = False
         self.ended = False
@@ -261,8 +262,13 @@ class SseSession:
         room = frame.get("room")
         if room not in self.cursor:
             return  # not a room of this stream, or before its joined
-        message = sse_message("state", JSON.encode({"room": room,
-                                                    "values": frame.get("values", [])}))
+        values = self._values.setdefault(room, [])
+        if isinstance(frame.get("values"), list):
+            values.extend(frame["values"])
+        if frame.get("more"):
+            return  # one message per room: the values of every frame, once the last came
+        del self._values[room]
+        message = sse_message("state", JSON.encode({"room": room, "values": values}))
         if self.ready:
             self._out.append(message)  # a later one (a rejoin): the client keeps higher seqs
             return

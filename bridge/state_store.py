@@ -52,7 +52,7 @@ _PREFIX = f"$KV.{BUCKET}"
 #: dedupe window, 120 s by default), after which a write of the key is a new event anyway.
 TOMBSTONE_TTL_S = 86400
 _SEQ_HEADER = "Rtnode-Seq"
-_BATCH = 256
+_BATCH = 1000  # 10,000 keys: ~0.4 s in 10 batches (256: ~0.7 s); nats-py parses headers
 # JetStream's answer to a write whose expected last subject sequence is not the key's.
 _WRONG_LAST_SEQUENCE = 10071
 _CAS_TRIES = 20

@@ -19,9 +19,10 @@ is empty, in the same step as the decision (a join told a moment earlier keeps i
 told later finds the name free and starts a fresh room). ``RoomCounters.rooms`` counts the
 room actors that run, for the node's ``max_rooms``.
 
-A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then one
-``state`` frame: the room's current values, read from the :class:`~node.core.ports.StatePort` in
-the same step as the join's replay, so that no live event of the room comes between. The state
+A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then its
+``state`` frame (several for a large room, all but the last with ``more``): the current values,
+read from the :class:`~node.core.ports.StatePort` in the same step as the join's replay, so
+that no live event of the room comes between. The state
 of an event is written by the node that stored it, right after the stream's ack: an event this
 room has delivered may not be in the state yet when a joiner reads it, and the joiner's cursor
 is already past it. So the room keeps, per key, the last event it delivered in the last
@@ -58,7 +59,7 @@ from node.core.room_messages import (
     RoomSettings,
 )
 from node.protocol.errors import CodecError
-from node.protocol.frames import cbor_loads_strict, error_frame, state_frame
+from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
 
 __all__ = [
     "STATE_GRACE_S",
@@ -539,7 +540,8 @@ class RoomActor(Actor):
                 joined["id"] = join.request_id
             outbox.send(joined)
             if done.values is not None:
-                outbox.send(state_frame(self.room, self._merged_values(done.values)))
+                for state in state_frames(self.room, self._merged_values(done.values)):
+                    outbox.send(state)
         codec = outbox.codec
         for ev in events:
             if ev.seq <= member.cursor:

@@ -34,6 +34,7 @@ __all__ = [
     "REWIND_MAX",
     "ROOM_RE",
     "SEQ_MAX",
+    "STATE_CHUNK_BYTES",
     "Ack",
     "ClientFrame",
     "Codec",
@@ -55,6 +56,7 @@ __all__ = [
     "publish_frame",
     "request_id_of",
     "state_frame",
+    "state_frames",
 ]
 
 # For pydantic, whose (Rust) regex engine matches ``$`` only at the very end of the text.
@@ -245,6 +247,32 @@ def state_frame(room: str, values: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``state`` frame sent right after ``joined`` of a state room: its current values,
     the stored event maps (with ``seq`` and ``key``), ordered by key."""
     return {"type": "state", "room": room, "values": values}
+
+
+#: About how many bytes of values one ``state`` frame carries (their CBOR size): a room of
+#: 10,000 keys is ~30 frames of 64 KB, which every client and the MQTT tunnel take, rather than
+#: one of 2 MB.
+STATE_CHUNK_BYTES = 64 * 1024
+
+
+def state_frames(room: str, values: list[dict[str, Any]],
+                 chunk_bytes: int = STATE_CHUNK_BYTES) -> list[dict[str, Any]]:
+    """The ``state`` frames of a room's values: one, or several of about ``chunk_bytes`` each,
+    all but the last with ``more: true`` (a value is never split; an empty state is one frame
+    with no values)."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for value in values:
+        n = len(CBOR.encode(value))
+        if chunks[-1] and size + n > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(value)
+        size += n
+    frames = [state_frame(room, chunk) for chunk in chunks]
+    for frame in frames[:-1]:
+        frame["more"] = True
+    return frames
 
 
 def error_frame(

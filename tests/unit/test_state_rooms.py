@@ -17,7 +17,13 @@ from node.core.admission import NOT_STATE_ROOM, Admission
 from node.core.ports import StoreError
 from node.core.room import Join, RoomActor, RoomCounters, RoomSettings
 from node.protocol.errors import ProtocolError
-from node.protocol.frames import Publish, parse_frame, publish_frame
+from node.protocol.frames import (
+    STATE_CHUNK_BYTES,
+    Publish,
+    parse_frame,
+    publish_frame,
+    state_frames,
+)
 from node.protocol.settings import load_settings
 from node.protocol.tokens import Principal
 from tests.unit.test_room import FakeStore, member
@@ -211,3 +217,22 @@ def test_sse_writes_every_state_first_then_events() -> None:
     assert blocks[0] == ": joined chat:a:4,st:b:9"
     assert blocks[1] == ('event: state\ndata: {"room":"st:b","values":[{"seq":9,"key":"k"}]}')
     assert blocks[2].startswith("event: m\nid: chat:a:5,st:b:9\n")
+
+
+def test_a_large_state_is_sent_in_frames_of_about_64_kb() -> None:
+    values = [{"seq": i, "key": f"k{i:04d}", "data": "x" * 1000} for i in range(200)]
+    frames = state_frames("st:r", values)
+    assert len(frames) == 4
+    assert [f.get("more") for f in frames] == [True, True, True, None]
+    assert [v for f in frames for v in f["values"]] == values
+    assert all(len(cbor2.dumps(f["values"])) <= STATE_CHUNK_BYTES for f in frames)
+    assert state_frames("st:r", []) == [{"type": "state", "room": "st:r", "values": []}]
+
+    # SSE writes one message per room with the values of all its frames.
+    session = SseSession(["st:r"], state_rooms=["st:r"])
+    session.receive_message(json.dumps({"type": "joined", "room": "st:r", "seq": 1}).encode())
+    for f in frames:
+        session.receive_message(json.dumps(f).encode())
+    blocks = session.data_to_send().decode().split("\n\n")
+    assert blocks[0] == ": joined st:r:1" and blocks[1].startswith("event: state\ndata: ")
+    assert json.loads(blocks[1].split("data: ", 1)[1])["values"] == values
