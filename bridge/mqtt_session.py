@@ -41,6 +41,7 @@ from node.core.admission import Admitted, VolatilePublisher
 from node.core.connection import (
     ConnectionActor,
     Invalid,
+    KeepOffline,
     PlainJoin,
     PlainLeave,
     TransportClosed,
@@ -186,8 +187,7 @@ def _taken_elsewhere(bridge: MqttBridge, tenant: str, client_id: str) -> None:
     """Another node took the device's session (or discarded it): close its connection here."""
     session = bridge.sessions.get((tenant, client_id))
     if session is not None:
-        session.persistent = False  # its writes would fail: the record is the new holder's
-        session.close("taken over by a new connection on another node")
+        session.taken_over("taken over by a new connection on another node")
 
 
 class MqttSession(asyncio.Protocol):
@@ -442,6 +442,9 @@ class MqttSession(asyncio.Protocol):
         self.principal = principal
         self.client_id = packet.client_id
         old = self.bridge.sessions.get((principal.tenant, packet.client_id))
+        if old is not None and old is not self and old.ref is not None:
+            with contextlib.suppress(ActorError):  # its successor is the device's presence
+                old.ref.tell(KeepOffline(None))
         self.bridge.register(self)  # an older connection of the device is taken over
         self.will = self._checked_will(packet.will)
         self.keepalive = packet.keepalive
@@ -449,8 +452,12 @@ class MqttSession(asyncio.Protocol):
                                   time.monotonic())
         self.tunnel = _TopicTransport(self, f"rtnode/v1/{packet.client_id}/out")
         self.tunnel.enabled = False  # until the device subscribes to its out topic
+        # A persistent session's device stays in its plain rooms' presence as offline while
+        # away (until its session expires).
+        keep = not packet.clean_session and self.ctx.sessions is not None
         actor = ConnectionActor(self.ctx, self.tunnel, CBOR, principal=principal,
-                                client_id=packet.client_id)
+                                client_id=packet.client_id,
+                                offline_ttl_s=self.settings.mqtt_session_expiry_s if keep else None)
         self.ref = self.ctx.system.spawn(lambda: actor)
         if self.ctx.sessions is not None:
             if old is self:
@@ -989,8 +996,7 @@ class MqttSession(asyncio.Protocol):
                     self.revision = await sessions.write(self._snapshot(), self.revision)
                     failures = 0
                 except SessionTaken:
-                    self.persistent = False
-                    self.close("taken over by a new connection")
+                    self.taken_over("taken over by a new connection (or its session deleted)")
                     return
                 except StoreError as exc:
                     failures += 1
@@ -1014,6 +1020,15 @@ class MqttSession(asyncio.Protocol):
     def _refresh_due(self) -> None:
         self._persist()
         self._schedule_refresh()
+
+    def taken_over(self, reason: str) -> None:
+        """The session is another connection's now (or deleted): close this one, leaving no
+        offline presence and writing nothing more."""
+        self.persistent = False  # its writes would fail: the record is the new holder's
+        if self.ref is not None:
+            with contextlib.suppress(ActorError):
+                self.ref.tell(KeepOffline(None))
+        self.close(reason)
 
     async def wait_saved(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until this connection ended and its last write is done."""

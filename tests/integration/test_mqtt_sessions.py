@@ -1,0 +1,293 @@
+"""Persistent MQTT sessions on the plain face (issue 13): clean_session=0, QoS 1 downlinks,
+cursors in KV, resume on any node; real nodes, real MQTT clients (paho-mqtt, mosquitto_sub,
+and ``tests.cluster.RawMqtt``, a bare client that PUBACKs only when told)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from typing import Any
+
+import cbor2
+import paho.mqtt.client as paho
+import pytest
+
+from node.core.events import event_body
+from node.protocol.tokens import Principal
+from tests.cluster import RawMqtt
+from tests.wsclient import token, unique
+
+pytestmark = pytest.mark.integration
+
+WHO = Principal(sub="backend", kind="service")
+
+
+def dev_token(dev: str) -> str:
+    return token(dev, kind="device")
+
+
+async def store(node: Any, room: str, n: int, start: int = 0, tenant: str = "default",
+                window: int = 500) -> list[int]:
+    """Store ``n`` events {"i": start..} in ``room`` through the node's store, ``window`` at
+    a time; their seqs, ascending."""
+    seqs: list[int] = []
+    for lo in range(start, start + n, window):
+        hi = min(lo + window, start + n)
+        acks = await asyncio.gather(*(
+            node.store.publish(tenant, room, event_body(room, "reading", {"i": i}, WHO, None,
+                                                        f"m{i}"), f"{room}:{i}")
+            for i in range(lo, hi)))
+        seqs += [seq for seq, _ in acks]
+    return sorted(seqs)
+
+
+async def receive(raw: RawMqtt, n: int, *, ack: bool = True, timeout: float = 10.0
+                  ) -> list[tuple[int, int, bool, dict[str, Any]]]:
+    """``n`` PUBLISHes: (packet id, qos, dup, payload map); PUBACKed when ``ack``."""
+    out = []
+    for _ in range(n):
+        _topic, payload, pid, qos, dup, _retain = await raw.publish_in(timeout)
+        if ack and qos:
+            raw.puback(pid)
+        out.append((pid, qos, dup, cbor2.loads(payload)))
+    return out
+
+
+async def saved(node: Any, dev: str, check: Any, timeout: float = 5.0) -> Any:
+    """The device's stored session, once ``check(record)`` holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            record = await node.sessions.get("default", dev)
+            if record is not None and check(record):
+                return record
+            await asyncio.sleep(0.02)
+
+
+async def test_missed_events_in_order_after_reconnect_then_live(make_node: Any) -> None:
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert not raw.session_present and raw.return_code == 0
+    assert await raw.subscribe(f"rooms/{room}", qos=2) == [1]  # QoS 2 is granted 1
+    first = await store(node, room, 3)
+    got = await receive(raw, 3)
+    assert [m["seq"] for *_, m in got] == first and all(q == 1 and not d for _, q, d, _m in got)
+    await saved(node, dev, lambda r: r.cursors.get(room) == first[-1])
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+
+    missed = await store(node, room, 200, start=3)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present  # no SUBSCRIBE: the subscription was kept
+    got = await receive(raw, 200)
+    assert [m["seq"] for *_, m in got] == missed
+    assert [m["data"]["i"] for *_, m in got] == list(range(3, 203))
+    assert not any(d for _, _q, d, _m in got)
+    live = await store(node, room, 1, start=203)
+    [(_, _, _, m)] = await receive(raw, 1)
+    assert m["seq"] == live[0]
+    record = await saved(node, dev, lambda r: r.cursors.get(room) == live[0])
+    assert record.subs == {f"rooms/{room}": 1} and record.connected and record.node == "n1"
+    await raw.disconnect()
+
+
+async def test_unacknowledged_come_again_with_dup_and_clean_session_starts_empty(
+        make_node: Any) -> None:
+    node = await make_node(mqtt_inflight=4)
+    room, dev = unique("cmd"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rooms/{room}")
+    seqs = await store(node, room, 10)
+    got = await receive(raw, 4, ack=False)  # the window: 4 in flight, none acknowledged
+    assert [m["seq"] for *_, m in got] == seqs[:4]
+    with pytest.raises(TimeoutError):
+        await raw.publish_in(timeout=0.3)  # nothing beyond the window
+    raw.puback(got[0][0])  # the first one only: the cursor moves to it
+    [(_, _, _, fifth)] = await receive(raw, 1, ack=False)
+    assert fifth["seq"] == seqs[4]
+    await saved(node, dev, lambda r: r.cursors.get(room) == seqs[0]
+                and r.sent.get(room) == seqs[4])
+    await raw.drop()
+    await saved(node, dev, lambda r: not r.connected)
+
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    again = await receive(raw, 9)
+    assert [m["seq"] for *_, m in again] == seqs[1:]
+    # Sent before and not acknowledged: DUP, with their packet ids of the first time.
+    assert [d for _, _q, d, _m in again] == [True] * 4 + [False] * 5
+    assert [p for p, *_ in again[:3]] == [p for p, *_ in got[1:4]]
+    await raw.disconnect()
+
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev), clean=True)
+    assert not raw.session_present
+    await store(node, room, 2, start=10)
+    with pytest.raises(TimeoutError):
+        await raw.publish_in(timeout=0.3)  # no subscription kept
+    await raw.disconnect()
+    assert await node.sessions.get("default", dev) is None  # clean: nothing kept
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert not raw.session_present
+    await raw.disconnect()
+
+
+async def test_paho_session_survives_a_node_restart(make_node: Any) -> None:
+    first = await make_node()
+    room, dev = unique("cmd"), unique("lamp")
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    connected: asyncio.Queue[bool] = asyncio.Queue()
+    subscribed = asyncio.Event()
+
+    def client(port: int) -> paho.Client:
+        p = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=dev, clean_session=False)
+        p.username_pw_set(dev, dev_token(dev))
+        p.on_connect = lambda c, u, f, rc, props: loop.call_soon_threadsafe(
+            connected.put_nowait, bool(f.session_present))
+        p.on_subscribe = lambda c, u, mid, codes, props: loop.call_soon_threadsafe(
+            subscribed.set)
+        p.on_message = lambda c, u, m: loop.call_soon_threadsafe(
+            got.put_nowait, (m.qos, m.payload))
+        p.connect("127.0.0.1", port)
+        p.loop_start()
+        return p
+
+    p = client(first.mqtt.port)
+    try:
+        assert await asyncio.wait_for(connected.get(), 10) is False
+        p.subscribe(f"rooms/{room}", qos=1)
+        await asyncio.wait_for(subscribed.wait(), 10)
+        await saved(first, dev, lambda r: f"rooms/{room}" in r.subs)
+    finally:
+        p.disconnect()
+        p.loop_stop()
+    await first.stop()  # the node goes; the session is in the bucket
+
+    second = await make_node()
+    missed = await store(second, room, 20)
+    p = client(second.mqtt.port)
+    try:
+        assert await asyncio.wait_for(connected.get(), 10) is True  # session present
+        items = [await asyncio.wait_for(got.get(), 10) for _ in range(20)]
+        assert [cbor2.loads(b)["seq"] for _, b in items] == missed
+        assert {q for q, _ in items} == {1}
+        await saved(second, dev, lambda r: r.cursors.get(room) == missed[-1]
+                    and r.node == "n2")
+    finally:
+        p.disconnect()
+        p.loop_stop()
+
+
+async def test_ten_thousand_missed_events_resume_paged(make_node: Any) -> None:
+    # recovery_max 2,000: a join could replay at most that many (the stream keeps 10,000 per
+    # room, history_size)
+    node = await make_node(recovery_max=2000)
+    room, dev = unique("bulk"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rooms/{room}")
+    await saved(node, dev, lambda r: room in r.cursors)
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+    n = 10_000
+    missed = await store(node, room, n)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    started = loop_time()
+    got = await receive(raw, n, timeout=20)
+    elapsed = loop_time() - started
+    assert [m["seq"] for *_, m in got] == missed, "every missed event, in order, once"
+    live = await store(node, room, 1, start=n)
+    [(_, _, _, m)] = await receive(raw, 1)
+    assert m["seq"] == live[0]
+    await saved(node, dev, lambda r: r.cursors.get(room) == live[0])
+    await raw.disconnect()
+    print(f"resume of {n} missed events: {elapsed:.2f} s")
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def test_trimmed_cursor_gets_a_gap_notice_then_what_is_stored(make_node: Any) -> None:
+    node = await make_node()
+    room, dev = unique("short"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rtnode/v1/{dev}/out", qos=0)
+    await raw.subscribe(f"rooms/{room}")
+    [seq] = await store(node, room, 1)
+    await receive(raw, 1)
+    await saved(node, dev, lambda r: r.cursors.get(room) == seq)
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+    later = await store(node, room, 12, start=1)
+    await node.store.trim("default", room, 5)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    got = []
+    for _ in range(6):
+        topic, payload, pid, qos, _dup, _retain = await raw.publish_in()
+        if qos:
+            raw.puback(pid)
+        got.append((topic, cbor2.loads(payload)))
+    assert got[0] == (f"rtnode/v1/{dev}/out", {
+        "type": "notice", "code": "gap", "room": room, "missed_from": seq + 1,
+        "missed_to": later[-5] - 1, "reason": "trimmed"})
+    assert [m["seq"] for _, m in got[1:]] == later[-5:]
+    await raw.disconnect()
+
+
+async def test_mosquitto_sub_persistent_and_a_takeover_from_another_node(make_node: Any) -> None:
+    a = await make_node()
+    b = await make_node()
+    room, dev = unique("cmd"), unique("sub")
+    exe = shutil.which("mosquitto_sub")
+    assert exe, "make test installs Debian's mosquitto-clients"
+    args = [exe, "-h", "127.0.0.1", "-i", dev, "-u", dev, "-P", dev_token(dev), "-c",
+            "-q", "1", "-t", f"rooms/{room}", "-F", "%x"]
+    # A first run makes the session (it ends after 1 s without messages).
+    r = await asyncio.to_thread(subprocess.run, [*args, "-p", str(a.mqtt.port), "-W", "1"],
+                                capture_output=True, timeout=20)
+    assert r.returncode in (0, 27), r.stderr  # 27: timed out, as asked
+    await saved(a, dev, lambda r: not r.connected and f"rooms/{room}" in r.subs)
+    missed = await store(a, room, 5)
+    r = await asyncio.to_thread(subprocess.run, [*args, "-p", str(b.mqtt.port), "-C", "5",
+                                                 "-W", "10"], capture_output=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    seqs = [cbor2.loads(bytes.fromhex(x))["seq"] for x in r.stdout.decode().split()]
+    assert seqs == missed
+
+    # Held on a, then taken by a CONNECT on b: a's connection is closed.
+    raw_a = await RawMqtt.connect(a.mqtt.port, dev, dev_token(dev))
+    assert raw_a.session_present
+    await saved(a, dev, lambda r: r.connected and r.node == "n1")
+    raw_b = await RawMqtt.connect(b.mqtt.port, dev, dev_token(dev))
+    assert raw_b.session_present
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        async with asyncio.timeout(5):
+            await raw_a.read_packet()
+    more = await store(a, room, 2, start=5)
+    got = await receive(raw_b, 2)
+    assert [m["seq"] for *_, m in got] == more
+    await raw_b.disconnect()
+
+
+async def test_retained_uplink_outside_a_state_room_is_refused_and_expiry(make_node: Any
+                                                                          ) -> None:
+    node = await make_node(mqtt_session_expiry_s=1.5)
+    room, dev = unique("plain"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rtnode/v1/{dev}/out", qos=0)
+    raw.publish(f"rooms/{room}/up", cbor2.dumps({"event": "reading", "data": 1}), qos=1,
+                retain=True)
+    topic, payload, *_ = await raw.publish_in()
+    notice = cbor2.loads(payload)
+    assert topic == f"rtnode/v1/{dev}/out" and notice["code"] == 4000
+    assert "state room" in notice["reason"]
+    assert node.mqtt.refusals.counts["not_state_room"] == 1
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+    await asyncio.sleep(2.0)  # past the session expiry: the bucket's max age
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert not raw.session_present
+    await raw.disconnect()
