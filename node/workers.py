@@ -262,12 +262,14 @@ class Workers:
                 with contextlib.suppress(ProcessLookupError):
                     w.process.send_signal(sig)
 
-    def stop(self) -> None:
-        """Stop: SIGTERM to every worker (each drains); a second call kills them."""
+    def stop(self, force: bool = False) -> None:
+        """Stop: SIGTERM to every worker (each drains); once stopping, ``force`` (a second
+        Ctrl-C) kills them. A repeated SIGTERM (a process manager's and its group's) does not.
+        """
         if self._stopping.is_set():
-            if not self._forced:
+            if force and not self._forced:
                 self._forced = True
-                log.warning("! second signal: killing the workers")
+                log.warning("! second Ctrl-C: killing the workers")
                 self._signal(signal.SIGKILL)
             return
         self._stopping.set()
@@ -295,8 +297,8 @@ class Workers:
             NatsUnavailable: The embedded nats-server did not start.
         """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop, True)
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
         keepers: list[asyncio.Task[int | None]] = []
         try:
             async with self.lock:
@@ -333,6 +335,8 @@ class Workers:
 
     async def _until_ready(self, keepers: list[asyncio.Task[int | None]]) -> int | None:
         """None once every worker is ready; the exit code of one that failed; 0 on stop."""
+        if self._stopping.is_set():  # a signal while NATS started: no worker to wait for
+            return 0
         readies = [asyncio.ensure_future(w.ready.wait()) for w in self.workers if w.ready]
         stopping = asyncio.ensure_future(self._stopping.wait())
         pending: set[asyncio.Future[Any]] = {*readies, *keepers, stopping}
