@@ -1,7 +1,7 @@
 """Plain MQTT devices in presence (issue 13): a ``rooms/<room>`` subscriber is a member of the
 room (kind device) for a WebSocket watcher and ``GET /api/presence``; a device with a persistent
-session (``clean_session = 0``) that goes away stays listed as offline until its session is
-deleted. Real node, real nats-server, aiomqtt devices, WebSocket watchers."""
+session (``clean_session = 0``) that goes away stays listed as offline, on every node, until its
+session is deleted. Real nodes, real nats-server, aiomqtt devices, WebSocket watchers."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ async def test_plain_subscriber_joins_and_leaves_presence(make_node) -> None:
 
 async def test_persistent_device_is_offline_not_gone_until_its_session_is_deleted(
         make_node) -> None:
-    node = await make_node()
+    node, other = await make_node(), await make_node()  # the API calls go to the other node
     room = unique("fleet")
     watcher = await RawClient.connected(ws_url(node), token("w"))
     await watcher.request({"type": "join", "room": room, "presence": True})
@@ -86,7 +86,7 @@ async def test_persistent_device_is_offline_not_gone_until_its_session_is_delete
         assert (await presence_event(watcher, "valve-3"))["event"] == "presence:join"
     left = await presence_event(watcher, "valve-3")
     assert left["event"] == "presence:leave" and left["data"]["online"] is False
-    listed = await members(node, room)
+    listed = await members(other, room)
     assert listed["valve-3"]["online"] is False and listed["valve-3"]["kind"] == "device"
     r = await watcher.request({"type": "presence", "room": room})
     assert [m["online"] for m in r["members"] if m["client_id"] == "valve-3"] == [False]
@@ -94,15 +94,15 @@ async def test_persistent_device_is_offline_not_gone_until_its_session_is_delete
     # back: online again (the stored subscription resumes), then away again: offline
     async with device(node, "valve-3", clean_session=False):
         assert (await presence_event(watcher, "valve-3"))["event"] == "presence:join"
-        assert (await members(node, room))["valve-3"]["online"] is True
+        assert (await members(other, room))["valve-3"]["online"] is True
     assert (await presence_event(watcher, "valve-3"))["data"]["online"] is False
 
-    status, body = await api(node, "DELETE", "/sessions/valve-3")
+    status, body = await api(other, "DELETE", "/sessions/valve-3")
     assert (status, body) == (200, {"deleted": True})
     gone = await presence_event(watcher, "valve-3")
     assert gone["event"] == "presence:leave"
-    assert "valve-3" not in await members(node, room)
+    assert "valve-3" not in await members(other, room)
     with contextlib.suppress(asyncio.TimeoutError):  # no ghost comes back
         extra = await presence_event(watcher, "valve-3", timeout=2.5)
         raise AssertionError(f"unexpected {extra}")
-    assert "valve-3" not in await members(node, room)
+    assert "valve-3" not in await members(other, room)

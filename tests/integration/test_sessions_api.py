@@ -11,7 +11,7 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from tests.wsclient import token, unique
+from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +31,14 @@ class Api:
         async with self.http.request(method, self.base + path, headers=self.headers,
                                      **kw) as resp:
             return resp.status, await resp.json()
+
+
+async def presence_event(watcher: RawClient, client_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            f = await watcher.until("event")
+            if f["event"].startswith("presence:") and f["data"]["client_id"] == client_id:
+                return f
 
 
 def service(tenant: str, **kw: Any) -> dict[str, str]:
@@ -90,6 +98,8 @@ async def test_deleting_a_connected_session_disconnects_the_device(make_node) ->
     node = await make_node()
     room = unique("fleet")
     tenant = unique("tc").replace(":", "-")
+    watcher = await RawClient.connected(ws_url(node), token("w", tenant=tenant))
+    await watcher.request({"type": "join", "room": room, "presence": True})
     async with aiohttp.ClientSession() as http:
         api = Api(node, http, service(tenant))
         dev = device(node, "live-1", tenant)
@@ -98,6 +108,7 @@ async def test_deleting_a_connected_session_disconnects_the_device(make_node) ->
             await dev.subscribe(f"rooms/{room}", qos=1)
             status, rec = await api("GET", "/sessions/live-1")
             assert status == 200 and rec["connected"] is True
+            assert (await presence_event(watcher, "live-1"))["event"] == "presence:join"
             assert await api("DELETE", "/sessions/live-1") == (200, {"deleted": True})
             with pytest.raises(aiomqtt.MqttError):
                 async with asyncio.timeout(5):
@@ -106,3 +117,8 @@ async def test_deleting_a_connected_session_disconnects_the_device(make_node) ->
         finally:
             await asyncio.wait_for(dev.__aexit__(None, None, None), 5)
         assert (await api("GET", "/sessions/live-1"))[0] == 404
+        # gone, not offline: its session is no more
+        left = await presence_event(watcher, "live-1")
+        assert left["event"] == "presence:leave" and "online" not in left["data"]
+        r = await watcher.request({"type": "presence", "room": room})
+        assert not [m for m in r["members"] if m["client_id"] == "live-1"]
