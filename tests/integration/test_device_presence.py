@@ -106,3 +106,18 @@ async def test_persistent_device_is_offline_not_gone_until_its_session_is_delete
         extra = await presence_event(watcher, "valve-3", timeout=2.5)
         raise AssertionError(f"unexpected {extra}")
     assert "valve-3" not in await members(other, room)
+
+
+async def test_offline_device_leaves_when_its_session_expires(make_node) -> None:
+    node = await make_node(presence_ttl_s=1.0, mqtt_session_expiry_s=2.0)
+    room = unique("fleet")
+    watcher = await RawClient.connected(ws_url(node), token("w"))
+    await watcher.request({"type": "join", "room": room, "presence": True})
+    async with device(node, "meter-5", clean_session=False) as dev:
+        await dev.subscribe(f"rooms/{room}", qos=1)
+        assert (await presence_event(watcher, "meter-5"))["event"] == "presence:join"
+    assert (await presence_event(watcher, "meter-5"))["data"]["online"] is False
+    assert (await members(node, room))["meter-5"]["online"] is False
+    gone = await presence_event(watcher, "meter-5", timeout=6)  # expiry 2 s, checks every 0.5 s
+    assert gone["event"] == "presence:leave"
+    assert "meter-5" not in await members(node, room)
