@@ -59,8 +59,10 @@ class State:
         self.full = False
         self.fail = False
         self.values_: list[dict[str, Any]] = []
+        self.reads = 0
 
     async def values(self, tenant: str, room: str) -> list[dict[str, Any]]:
+        self.reads += 1
         return list(self.values_)
 
     async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
@@ -192,6 +194,18 @@ async def test_a_join_gets_state_after_joined_with_recent_events_merged() -> Non
         assert [f["type"] for f in rec.frames] == ["joined", "state"]
         assert [(v["key"], v["seq"], v["data"]) for v in rec.frames[1]["values"]] == [
             ("a", 5, "new")]
+        assert state.reads == 1
+
+        # The room keeps the values up to date: the next join reads nothing, and sees c.
+        store.events.append((9, body("c", 9)))
+        store.deliver(9)
+        again, rec3 = member()
+        ref.tell(Join(again))
+        while len(rec3.frames) < 2:
+            rec3.arrived.clear()
+            await asyncio.wait_for(rec3.arrived.wait(), 5)
+        assert [(v["key"], v["seq"]) for v in rec3.frames[1]["values"]] == [("a", 5), ("c", 9)]
+        assert state.reads == 1
 
         silent, rec2 = member()
         ref.tell(Join(silent, silent=True))  # the plain MQTT face: no frames at all
