@@ -811,7 +811,7 @@ class MqttSession(asyncio.Protocol):
         self._write_outgoing(self.qos.ack(packet_id))
         if self.qos.changed:
             self._persist()
-        if self.qos.drained(self.qos.window):
+        if self._is_drained():
             self._drained.set()
 
     # -- async steps -----------------------------------------------------------------------
@@ -921,8 +921,9 @@ class MqttSession(asyncio.Protocol):
                     first = await store.read(tenant, room, after, 1)
                     self._notice_gap(room, after + 1, first[0].seq - 1 if first else None,
                                      "trimmed")
-                elif after == 0 and self.settings.history_size:
-                    if await store.count(tenant, room) >= self.settings.history_size:
+                elif after == 0 and (keep := self.settings.room_policy(room).history_size):
+                    # From the room's start: a room at its history limit may have lost some.
+                    if await store.count(tenant, room) >= keep:
                         first = await store.read(tenant, room, 0, 1)
                         self._notice_gap(room, 1, first[0].seq - 1 if first else None,
                                          "trimmed")
@@ -934,13 +935,10 @@ class MqttSession(asyncio.Protocol):
                         if payload is not None:
                             self.send_qos1(room, ev.seq, payload)
                         after = ev.seq
+                    if not await self._window_drained():
+                        return
                     if len(events) < page:
                         break
-                    while not self.qos.drained(self.qos.window):
-                        self._drained.clear()
-                        await self._drained.wait()
-                        if self.closed:
-                            return
                 break
             except StoreError as exc:
                 log.info("! %s: resume of %s failed (%s); retry in %.1f s", self.client_id,
@@ -950,6 +948,21 @@ class MqttSession(asyncio.Protocol):
         if self.closed or room not in self.plain:
             return
         self._subscribe_plain(room, resume_from=(after, store.epoch), retained=False)
+
+    def _is_drained(self) -> bool:
+        """Whether the next page may be read: at most a window's worth waits, and less than a
+        quarter of ``slow_consumer_bytes`` (live events count them too)."""
+        return (self.qos.drained(self.qos.window)
+                and self.qos.waiting_bytes <= self.settings.slow_consumer_bytes // 4)
+
+    async def _window_drained(self) -> bool:
+        """Wait until :meth:`_is_drained`; False when the connection ended meanwhile."""
+        while not self._is_drained():
+            if self.closed:
+                return False
+            self._drained.clear()
+            await self._drained.wait()
+        return not self.closed
 
     def _notice_gap(self, room: str, missed_from: int, missed_to: int | None,
                     why: str) -> None:
