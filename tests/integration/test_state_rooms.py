@@ -7,6 +7,7 @@ removes a key; a lower seq never overwrites a higher one; SSE sends ``event: sta
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import aiohttp
@@ -70,6 +71,15 @@ async def test_keys_state_frame_late_joiner_unset_and_api(make_node: Any) -> Non
     assert (live["type"], live["seq"], live["key"], live["data"]) == ("event", s4, "target", 23)
     assert "unset" not in live
 
+    # A rewind (or recovery) join gets the state too, right after joined, before the replay.
+    rewound = await RawClient.connected(ws_url(node), token("browser-2"))
+    await rewound.send({"type": "join", "room": room, "id": "r", "rewind": 2})
+    frames = [await next_of(rewound, room, "joined", "state", "event") for _ in range(4)]
+    assert [f["type"] for f in frames] == ["joined", "state", "event", "event"]
+    assert [v["seq"] for v in frames[1]["values"]] == [s3, s4]
+    assert [f["seq"] for f in frames[2:]] == [s3, s4]
+    await rewound.close()
+
     # unset removes the key: the event carries unset, the state no longer holds it.
     s5 = await publish(dev, room, "setpoint:unset", key="target", unset=True)
     live = await next_of(late, room, "event")
@@ -96,10 +106,11 @@ async def test_keys_state_frame_late_joiner_unset_and_api(make_node: Any) -> Non
 
 
 async def test_lower_seq_never_overwrites_a_higher_one(make_node: Any) -> None:
-    node = await make_node(**STATE)
+    # Two nodes on one NATS: each writes the state of what it stores, in a race.
+    node, other = await make_node(**STATE), await make_node(**STATE)
     room = unique("st")
     a = await RawClient.connected(ws_url(node), token("a"))
-    b = await RawClient.connected(ws_url(node), token("b"))
+    b = await RawClient.connected(ws_url(other), token("b"))
 
     async def burst(c: RawClient, who: str) -> list[int]:
         # Pipelined: 40 publishes of one key in one message, their acks collected after.
@@ -130,6 +141,17 @@ async def test_lower_seq_never_overwrites_a_higher_one(make_node: Any) -> None:
     await node.state.put("default", room, "shared", top + 50, {"event": "y", "data": 1,
                                                                 "key": "shared"}, False)
     assert await node.state.values("default", room) == []
+
+    # Two nodes' stores racing on one key, seqs in a shuffled order: the highest wins.
+    assert other.state is not None
+    seqs = list(range(1, 201))
+    random.Random(7).shuffle(seqs)
+    await asyncio.gather(*(
+        (node if seq % 2 else other).state.put(
+            "default", room, "raced", seq, {"event": "e", "data": seq, "key": "raced"}, False)
+        for seq in seqs))
+    [value] = await other.state.values("default", room)
+    assert (value["seq"], value["data"]) == (200, 200)
     for c in (a, b):
         await c.close()
 
