@@ -48,6 +48,8 @@ _STREAM = f"KV_{BUCKET}"
 _PREFIX = f"$KV.{BUCKET}"
 #: The longest an offline member is kept by default (a persistent MQTT session's default expiry).
 OFFLINE_MAX_S = 604800.0
+# Members read per request when a room has more than a multi_last answers.
+_PAGE = 1000
 
 
 def _ttl(seconds: float) -> str:
@@ -255,11 +257,17 @@ class PresenceTracker:
     async def _listing(self, tenant: str, room: str) -> tuple[list[dict[str, Any]], set[str]]:
         """The room's members, and the client ids that left normally (their delete markers)."""
         prefix = f"{_PREFIX}.{tenant}.{_room_token(room)}."
-        batch = await self.store.direct_get(
-            {"multi_last": [prefix + "*"], "batch": 10000}, _STREAM)
+        try:
+            batch = await self.store.direct_get(
+                {"multi_last": [prefix + "*"], "batch": 10000}, _STREAM)
+            found = list(zip(batch.events, batch.headers, strict=True))
+        except StoreError as exc:
+            if "413" not in str(exc):
+                raise
+            found = await self._scan(prefix + "*")  # more than the server's multi_last limit
         members = []
         deleted: set[str] = set()
-        for ev, headers in zip(batch.events, batch.headers, strict=True):
+        for ev, headers in found:
             if headers.get("KV-Operation") or not ev.body:
                 deleted.add(headers.get("Nats-Subject", "")[len(prefix):])
                 continue
@@ -272,6 +280,20 @@ class PresenceTracker:
                 members.append(member)
         members.sort(key=lambda m: (m.get("joined_at", 0), m.get("client_id", "")))
         return members, deleted
+
+    async def _scan(self, subjects: str) -> list[tuple[Any, dict[str, str]]]:
+        """Every message on ``subjects``, page by page (the bucket keeps one per key, so these
+        are the keys' values): for a room with more members than a multi_last answers
+        (1024), e.g. a fleet of offline devices."""
+        found: list[tuple[Any, dict[str, str]]] = []
+        seq = 1
+        while True:
+            batch = await self.store.direct_get(
+                {"next_by_subj": subjects, "seq": seq, "batch": _PAGE}, _STREAM)
+            found.extend(zip(batch.events, batch.headers, strict=True))
+            if not batch.events or not batch.pending:
+                return found
+            seq = batch.events[-1].seq + 1
 
     async def _watch_loop(self) -> None:
         while True:

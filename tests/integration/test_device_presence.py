@@ -121,3 +121,19 @@ async def test_offline_device_leaves_when_its_session_expires(make_node) -> None
     gone = await presence_event(watcher, "meter-5", timeout=6)  # expiry 2 s, checks every 0.5 s
     assert gone["event"] == "presence:leave"
     assert "meter-5" not in await members(node, room)
+
+
+async def test_a_fleet_beyond_one_multi_last_is_listed_whole(make_node) -> None:
+    node = await make_node()
+    room = unique("fleet")
+    n = 1100  # nats-server answers a multi_last with 1024 subjects at most
+    for i in range(n):
+        dev = f"fleet-{i:04d}"
+        node.presence.mark_offline("default", room, {
+            "client_id": dev, "user": dev, "kind": "device", "node": "n1", "joined_at": i},
+            60)
+    listed: dict[str, Any] = {}
+    async with asyncio.timeout(10):
+        while len(listed) < n:
+            listed = await members(node, room)
+    assert len(listed) == n and not any(m["online"] for m in listed.values())
