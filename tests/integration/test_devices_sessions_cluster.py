@@ -1,13 +1,13 @@
 """Issue 13, done when: persistent MQTT sessions survive a kill -9 of the device's node.
 
-A 3-server R3 NATS cluster and two node processes on it (A and B). Three devices with
+A 3-server R3 NATS cluster and three node processes on it (A, B and C). Three devices with
 ``clean_session = 0`` subscribe at QoS 1 to one room through node A and go away: paho-mqtt,
 Debian's ``mosquitto_sub -c -q 1`` and a bare MQTT client that PUBACKs only when told
 (``tests.cluster.RawMqtt``). 500 events are stored, half from a browser-like WebSocket client
 through A and half from the HTTP API through B; A is killed with SIGKILL. Each device
 reconnects to B: session present, the 500 in stored order, then a live event. The bare client
-leaves some PUBLISHes unacknowledged, reconnects, and gets them again with DUP and their packet
-ids; ``clean_session = 1`` starts empty.
+leaves some PUBLISHes of B unacknowledged, reconnects through C, and gets them again with DUP
+and their packet ids; ``clean_session = 1`` starts empty.
 """
 
 from __future__ import annotations
@@ -119,10 +119,10 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
                                                      ) -> None:
     a = cluster_node(tmp_path, "a", cluster.urls)
     b = cluster_node(tmp_path, "b", cluster.urls)
+    c = cluster_node(tmp_path, "c", cluster.urls)
     http = aiohttp.ClientSession()
     try:
-        await asyncio.gather(asyncio.to_thread(a.wait_ready, 30),
-                             asyncio.to_thread(b.wait_ready, 30))
+        await asyncio.gather(*(asyncio.to_thread(n.wait_ready, 30) for n in (a, b, c)))
         room = unique("cmd")
 
         # Three devices subscribe at QoS 1 through A, with clean_session = 0, and go away.
@@ -190,7 +190,8 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
                 await proc.wait()
         assert lines == stored, "mosquitto_sub: the 500 and the live event between, in order"
 
-        # The bare client: 10 PUBLISHes read, the first 5 acknowledged, the connection lost.
+        # The bare client: 10 PUBLISHes read from B, the first 5 acknowledged, the connection
+        # lost; back through C, the unacknowledged ones come again.
         raw = await RawMqtt.connect(b.mqtt_port, "r-1", device_token("r-1"))
         assert raw.session_present and raw.return_code == 0
         first = [await raw.publish_in() for _ in range(10)]
@@ -199,7 +200,7 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         for m in first[:5]:
             raw.puback(m[2])
         await raw.drop()
-        raw = await RawMqtt.connect(b.mqtt_port, "r-1", device_token("r-1"))
+        raw = await RawMqtt.connect(c.mqtt_port, "r-1", device_token("r-1"))
         assert raw.session_present
         again = [await raw.publish_in() for _ in range(5)]
         assert [int(cbor2.loads(m[1])["seq"]) for m in again] == stored[5:10], \
@@ -230,6 +231,6 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         await p.stop()
     finally:
         await http.close()
-        for node in (a, b):
+        for node in (a, b, c):
             with contextlib.suppress(Exception):
                 node.stop()
