@@ -233,7 +233,6 @@ class MqttSession(asyncio.Protocol):
         self._dirty = False
         self._refresh: asyncio.TimerHandle | None = None
         self._drained = asyncio.Event()
-        self._ended = asyncio.Event()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -316,7 +315,6 @@ class MqttSession(asyncio.Protocol):
             if self.will is not None:
                 self._send_will()
         self._end()
-        self._ended.set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -345,6 +343,8 @@ class MqttSession(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             log.debug("x %s: %s", self.client_id or "?", reason)
+            if self.persistent:
+                self._persist()  # its last cursors (nothing moves them after the close)
         self._pending.clear()
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -1044,9 +1044,8 @@ class MqttSession(asyncio.Protocol):
         self.close(reason)
 
     async def wait_saved(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) until this connection ended and its last write is done."""
+        """Wait (bounded) until the last write of this closed connection is done."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._ended.wait()
                 while self._writer is not None:
                     await asyncio.shield(self._writer)

@@ -291,3 +291,67 @@ async def test_retained_uplink_outside_a_state_room_is_refused_and_expiry(make_n
     raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
     assert not raw.session_present
     await raw.disconnect()
+
+
+async def test_state_room_retained_values_first_and_retained_uplinks(make_node: Any) -> None:
+    node = await make_node(namespaces={"st": {"state": True}})
+    room, a, b = unique("st"), unique("dev"), unique("dev")
+    sender = await RawMqtt.connect(node.mqtt.port, a, dev_token(a))
+    pid = sender.publish(f"rooms/{room}/up", cbor2.dumps({"event": "reading", "data": 21}),
+                         qos=1, retain=True)
+    b0, rest = await sender.read_packet()
+    assert (b0 >> 4, int.from_bytes(rest, "big")) == (4, pid)  # PUBACKed once stored
+    watcher = await RawMqtt.connect(node.mqtt.port, b, dev_token(b))
+    await watcher.subscribe(f"rooms/{room}")
+    _t, payload, wpid, qos, dup, retain = await watcher.publish_in()
+    value = cbor2.loads(payload)
+    assert (qos, dup, retain) == (1, False, True)  # the current value, retained
+    assert (value["key"], value["data"], value["event"]) == (a, 21, "reading")
+    watcher.puback(wpid)
+    sender.publish(f"rooms/{room}/up", b"", qos=1, retain=True)  # an empty payload: unset
+    _t, payload, wpid, qos, _dup, retain = await watcher.publish_in()
+    unset = cbor2.loads(payload)
+    assert (qos, retain) == (1, False)  # a live event
+    assert (unset["key"], unset["event"], unset["unset"]) == (a, "state:unset", True)
+    watcher.puback(wpid)
+    b0, _rest = await sender.read_packet()  # PUBACKed once the state is written too
+    assert b0 >> 4 == 4
+    assert await node.state.values("default", room) == []
+    await watcher.disconnect()
+    await sender.disconnect()
+
+
+async def test_sessions_per_tenant_are_bounded(make_node: Any) -> None:
+    node = await make_node(mqtt_max_sessions_per_tenant=1)
+    tenant = "s" + unique("t")[2:]
+    devs = [unique("dev") for _ in range(2)]
+    toks = [token(d, kind="device", tenant=tenant) for d in devs]
+    raw = await RawMqtt.connect(node.mqtt.port, devs[0], toks[0])
+    assert raw.return_code == 0
+    refused = await RawMqtt.connect(node.mqtt.port, devs[1], toks[1])
+    assert refused.return_code == 3  # server unavailable: the tenant has its sessions
+    clean = await RawMqtt.connect(node.mqtt.port, devs[1], toks[1], clean=True)
+    assert clean.return_code == 0  # a clean session keeps nothing: not counted
+    for c in (raw, clean):
+        await c.disconnect()
+    assert [r.client_id for r in await node.sessions.list(tenant)] == [devs[0]]
+
+
+async def test_takeover_on_the_same_node_keeps_the_last_acknowledgements(make_node: Any
+                                                                         ) -> None:
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    old = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await old.subscribe(f"rooms/{room}")
+    seqs = await store(node, room, 3)
+    await receive(old, 3)  # acknowledged: the takeover must not send them again
+    await asyncio.sleep(0.05)  # the PUBACKs reach the node
+    new = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert new.session_present
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        async with asyncio.timeout(5):
+            await old.read_packet()  # the old connection is closed
+    later = await store(node, room, 2, start=3)
+    got = await receive(new, 2)
+    assert [m["seq"] for *_, m in got] == later and seqs[-1] < later[0]
+    await new.disconnect()
