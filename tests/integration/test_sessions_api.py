@@ -91,7 +91,7 @@ async def test_list_inspect_delete_and_tenant_isolation(make_node) -> None:
         assert (await b("GET", "/sessions/s-1"))[0] == 200  # B's own s-1 untouched
         # the API key acts in the default tenant
         status, body = await Api(node, http, {"X-API-Key": "k" * 24})("GET", "/sessions")
-        assert status == 200 and body == {"sessions": []}
+        assert status == 200 and {s["tenant"] for s in body["sessions"]} <= {"default"}
 
 
 async def test_deleting_a_connected_session_disconnects_the_device(make_node) -> None:
