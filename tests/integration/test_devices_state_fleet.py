@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,11 +24,12 @@ import aiomqtt
 import cbor2
 import pytest
 
-from tests.wsclient import RawClient, token, unique, ws_url
+from tests.wsclient import SECRET, RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
 DEVICES = 100
+RTNODE = Path(sys.executable).parent / "rtnode"
 
 
 def _reading(i: int, n: int) -> bytes:
@@ -133,3 +137,58 @@ async def test_state_room_of_100_devices(make_node) -> None:
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_simulated_fleet_reported_and_desired(make_node, tmp_path: Path) -> None:
+    """``rtnode devices simulate --state``: 100 devices (the SDK, over the tunnel) report a
+    reading a second, keyed by their ids; a late browser sees the 100 values first, then live
+    ones; a desired value it sets for one device shows in that device's next readings."""
+    node = await make_node(namespaces={"fleet": {"state": True}})
+    room = unique("fleet")
+    ids = sorted(f"sim-{i}" for i in range(DEVICES))
+    sim = await asyncio.create_subprocess_exec(
+        str(RTNODE), "devices", "simulate", "--count", str(DEVICES), "--room", room,
+        "--rate", "1", "--state", "--port", str(node.mqtt.port), "--duration", "60",
+        cwd=tmp_path, env={**os.environ, "RTNODE_JWT_SECRET": SECRET},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    http = aiohttp.ClientSession()
+    try:
+        async with asyncio.timeout(30):
+            while len((await _state(http, node, room))["values"]) < DEVICES:
+                if sim.returncode is not None:
+                    raise AssertionError(f"simulate exited {sim.returncode}")
+                await asyncio.sleep(0.2)
+
+        browser = await RawClient.connected(ws_url(node), token("viewer"))
+        joined = await browser.request({"type": "join", "room": room})
+        assert joined["type"] == "joined", joined
+        frame = await browser.recv()
+        while frame.get("room") != room:
+            frame = await browser.recv()
+        assert frame["type"] == "state", f"the state frame first, got {frame}"
+        assert [v["key"] for v in frame["values"]] == ids
+        held = {v["key"]: v["seq"] for v in frame["values"]}
+        assert all(v["event"] == "reported" and v["from"]["user"] == v["key"]
+                   for v in frame["values"])
+        live = await browser.events(DEVICES, room, timeout=10)
+        assert all(e["seq"] > held[e["key"]] for e in live), "live events are newer"
+
+        reply = await browser.request({"type": "publish", "room": f"{room}-desired",
+                                       "event": "desired", "key": "sim-3",
+                                       "data": {"t": 40.0}})
+        assert reply["type"] == "published", reply
+        async with asyncio.timeout(15):
+            while True:
+                [e] = await browser.events(1, room)
+                if e["key"] == "sim-3" and e["data"]["t"] > 30:
+                    break  # steering towards 40 (a third of the way a second)
+        await browser.close()
+    finally:
+        await http.close()
+        if sim.returncode is None:
+            sim.terminate()  # our own child, by its PID
+            try:
+                await asyncio.wait_for(sim.wait(), 15)
+            except TimeoutError:
+                sim.kill()
+                await sim.wait()
