@@ -157,7 +157,8 @@ class PresenceTracker:
                      ttl_s: float) -> None:
         """A local member goes offline but stays listed, with ``online: false``, for ``ttl_s``
         (its persistent session's expiry), refreshed by nobody: this node forgets it. Skipped
-        when a successor with the same client id has its own entry here (a takeover)."""
+        when a successor with the same client id has its own entry, here or (read first) on
+        another node: the device reconnected elsewhere before this connection ended."""
         subject = _key(tenant, room, member["client_id"])
         joined_at = member.get("joined_at")
         if self._joined.get(subject, joined_at) != joined_at:
@@ -167,7 +168,23 @@ class PresenceTracker:
         offline = {**member, "online": False, "offline_since": int(time.time() * 1000)}
         value = json.dumps(offline, separators=(",", ":")).encode()
         asyncio.get_running_loop().create_task(
-            self._put(subject, value, min(ttl_s, self.offline_max_s)))
+            self._put_offline(subject, value, min(ttl_s, self.offline_max_s), joined_at))
+
+    async def _put_offline(self, subject: str, value: bytes, ttl_s: float,
+                           joined_at: Any) -> None:
+        try:
+            batch = await self.store.direct_get({"multi_last": [subject], "batch": 1}, _STREAM)
+        except StoreError:
+            batch = None  # written anyway: an offline entry is better than none
+        for ev, headers in zip(batch.events, batch.headers, strict=True) if batch else ():
+            if headers.get("KV-Operation") or not ev.body:
+                break
+            with contextlib.suppress(ValueError):
+                there = json.loads(ev.body)
+                if (isinstance(there, dict) and there.get("online", True) is not False
+                        and there.get("joined_at") != joined_at):
+                    return  # a successor's online entry, from another node
+        await self._put(subject, value, ttl_s)
 
     async def clear_offline(self, tenant: str, room: str, client_id: str) -> dict[str, Any] | None:
         """Remove an offline member (its session was deleted); returns it, or None when it is

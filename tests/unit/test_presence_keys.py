@@ -4,6 +4,7 @@ the old connection of an MQTT takeover (same client id) never deletes its succes
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,10 +19,23 @@ class FakeNats:
         self.sent.append((subject, body, headers))
 
 
-def tracker() -> tuple[PresenceTracker, FakeNats]:
+def tracker(there: dict[str, Any] | None = None) -> tuple[PresenceTracker, FakeNats]:
+    """A tracker whose bucket holds ``there`` for every key read (None: nothing)."""
     nc = FakeNats()
-    store: Any = SimpleNamespace(link=SimpleNamespace(nc=nc))
+
+    async def direct_get(request: dict[str, Any], stream: str) -> Any:
+        if there is None:
+            return SimpleNamespace(events=[], headers=[])
+        return SimpleNamespace(events=[SimpleNamespace(seq=1, body=json.dumps(there).encode())],
+                               headers=[{}])
+
+    store: Any = SimpleNamespace(link=SimpleNamespace(nc=nc), direct_get=direct_get)
     return PresenceTracker(store, ttl_s=10), nc
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 def deletes(nc: FakeNats) -> list[str]:
@@ -59,7 +73,7 @@ async def test_every_write_carries_its_ttl_and_offline_members_the_sessions() ->
     presence, nc = tracker()
     presence.add("t", "r", member(7))
     presence.mark_offline("t", "r", {**member(7), "online": False}, 3600)
-    await asyncio.sleep(0)
+    await settle()
     (_, _, h1), (_, offline, h2) = nc.sent
     assert h1 == {"Nats-TTL": "10s"} and h2 == {"Nats-TTL": "3600s"}
     assert b'"online":false' in offline and b"offline_since" in offline
@@ -71,5 +85,18 @@ async def test_the_old_connection_of_a_takeover_never_marks_its_successor_offlin
     presence.add("t", "r", member(1000))
     presence.add("t", "r", member(1005))  # the takeover's new connection
     presence.mark_offline("t", "r", member(1000), 3600)  # the old one ends, late
-    await asyncio.sleep(0)
+    await settle()
     assert len(nc.sent) == 2 and len(presence._local) == 1
+
+
+async def test_a_successor_on_another_node_is_never_marked_offline() -> None:
+    presence, nc = tracker(there={**member(2000), "node": "n2"})  # reconnected elsewhere
+    presence.add("t", "r", member(1000))
+    presence.mark_offline("t", "r", member(1000), 3600)
+    await settle()
+    assert len(nc.sent) == 1 and presence._local == {}  # its own put only
+    presence, nc = tracker(there=member(1000))  # its own online entry: marked offline
+    presence.add("t", "r", member(1000))
+    presence.mark_offline("t", "r", member(1000), 3600)
+    await settle()
+    assert len(nc.sent) == 2 and b'"online":false' in nc.sent[1][1]
