@@ -20,16 +20,19 @@ told later finds the name free and starts a fresh room). ``RoomCounters.rooms`` 
 room actors that run, for the node's ``max_rooms``.
 
 A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then its
-``state`` frame (several for a large room, all but the last with ``more``): the current values,
-read from the :class:`~node.core.ports.StatePort` in the same step as the join's replay, so
-that no live event of the room comes between. The state
-of an event is written by the node that stored it, right after the stream's ack: an event this
-room has delivered may not be in the state yet when a joiner reads it, and the joiner's cursor
-is already past it. So the room keeps, per key, the last event it delivered in the last
-``STATE_GRACE_S`` seconds, and merges them into what it read (the higher seq of each key wins).
-It then keeps the values it read up to date with every event it delivers, so the joins that
-follow within ``STATE_GRACE_S`` cost no read (a dashboard of 10,000 devices opened by a hundred
-browsers reads the bucket once, not a hundred times).
+``state`` frame (several for a large room, all but the last with ``more``): the values as of
+``joined.seq``, so that every event after it comes live, and is newer than the value of its
+key. The room reads the values from the :class:`~node.core.ports.StatePort` once (its first
+state join waits for the read) and then keeps them up to date with every event it delivers:
+later joins cost no read (a dashboard of 10,000 devices opened by a hundred browsers reads the
+bucket once, not a hundred times), and take a copy of the room's values in the same step as
+their ``joined.seq``. Two races are closed. The state of an event is written by the node that
+stored it, right after the stream's ack: an event this room has delivered may not be in the
+read yet, so the room merges in the events it delivered in the last ``STATE_GRACE_S`` seconds.
+And the read may hold a value this room has not delivered yet: the waiting joins go on once the
+room has delivered up to it (at most ``STATE_WAIT_S``, with a gap check meanwhile). The values
+are read again, in the background, at a join once older than ``STATE_GRACE_S`` (what was in
+flight when the room started is then in the bucket).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
 
 __all__ = [
     "STATE_GRACE_S",
+    "STATE_WAIT_S",
     "CheckGap",
     "Join",
     "Leave",
@@ -81,6 +85,8 @@ log = logging.getLogger("node.core.room")
 #: may not hold them yet: the state is written within the store's deadlines (a KV put, ~1 ms,
 #: at most a few seconds while a leader is elected), far within this.
 STATE_GRACE_S = 30.0
+#: How long the first state joins of a room wait for it to deliver what the read holds.
+STATE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +107,22 @@ class _ReplayDone:
     recovered: bool
     events: list[StoredEvent] | None
     error: str | None = None
-    #: A state room's join: send the state after joined (with ``values``, read at ``values``'s
-    #: time, when the room's copy was missing or too old to use).
-    state: bool = False
-    values: tuple[float, list[dict[str, Any]]] | None = None
+    #: A state room's join: the values to send after joined (as of the join's seq).
+    values: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _StateRead:
+    """The state port's values, asked for at ``at`` (monotonic), or the read's error."""
+
+    at: float
+    values: list[dict[str, Any]]
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _StateWaitOver:
+    """The first state joins waited ``STATE_WAIT_S``: go on with what the room has."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +187,15 @@ class RoomActor(Actor):
         # A state room's recently delivered events: key -> (monotonic time, event map), the
         # oldest first (see the module's docstring).
         self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-        # A state room's values as this room knows them (key -> value): read from the state
-        # port at a join (at _values_at), merged with _recent, then kept up to date by every
-        # event the room delivers; read again at a join once older than STATE_GRACE_S (an
-        # event whose state write was in flight when the room started is then in the read).
+        # A state room's values as this room knows them (key -> value, see the module's
+        # docstring): None until the first read; the joins waiting for it (until the room has
+        # delivered _state_need), and whether a read is in flight.
         self._values: dict[str, dict[str, Any]] | None = None
         self._values_at = 0.0
-        self._values_read: asyncio.Task[tuple[float, list[dict[str, Any]]]] | None = None
+        self._state_waiting: list[Join] = []
+        self._state_need: int | None = None
+        self._state_timer: asyncio.TimerHandle | None = None
+        self._reading = False
         self.members: dict[int, Membership] = {}
         self.last_seq = 0
         self._sub: Subscription | None = None
@@ -218,6 +238,9 @@ class RoomActor(Actor):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+            self._state_timer = None
         for task in self._tasks:
             task.cancel()
         if self._sub is not None:
@@ -290,6 +313,14 @@ class RoomActor(Actor):
             self._on_replay_done(message)
         elif isinstance(message, _RepairDone):
             self._on_repair_done(message)
+        elif isinstance(message, _StateRead):
+            self._on_state_read(message)
+        elif isinstance(message, _StateWaitOver):
+            self._state_timer = None
+            if self._state_need is not None:
+                log.warning("! room %s: state read ahead of the live path; joins go on",
+                            self.room)
+                self._state_go_on()
         elif isinstance(message, CheckGap):
             self._spawn(self._check_gap(), "check-gap")
         elif isinstance(message, _Latest):
@@ -402,45 +433,80 @@ class RoomActor(Actor):
                 break
             recent.popitem(last=False)
 
-    def _set_values(self, at: float, values: list[dict[str, Any]]) -> None:
-        """Take the values read at ``at`` as the room's, with its recent events merged in."""
-        if self._values is not None and at < self._values_at:
-            return  # an older read finishing after a newer one
-        by_key: dict[str, dict[str, Any]] = {}
-        for value in values:
-            key = value.get("key")
-            if isinstance(key, str):
-                by_key[key] = value
+    def _read_state(self) -> None:
+        """Read the state port's values (unless a read is in flight); the actor is told."""
+        if self._reading or self.state is None:
+            return
+        self._reading = True
+        state, tenant, room = self.state, self.tenant, self.room
+
+        async def read() -> None:
+            at = time.monotonic()
+            try:
+                done = _StateRead(at, await state.values(tenant, room))
+            except StoreError as exc:
+                done = _StateRead(at, [], str(exc))
+            self.ref.tell(done)
+
+        self._spawn(read(), "state")
+
+    def _on_state_read(self, read: _StateRead) -> None:
+        self._reading = False
+        old = self._values
+        if read.error is not None:
+            log.warning("! room %s: state not read: %s", self.room, read.error)
+            if old is None:  # the waiting joins fail as a failed replay does
+                waiting, self._state_waiting = self._state_waiting, []
+                for join in waiting:
+                    self._on_replay_done(_ReplayDone(join.member, join, self.last_seq, False,
+                                                     None, error=read.error))
+            return
+        values: dict[str, dict[str, Any]] = {}
+        for value in read.values:
+            key, seq = value.get("key"), value.get("seq")
+            if not isinstance(key, str) or type(seq) is not int:
+                continue
+            if old is not None and seq > self.last_seq:
+                # A refresh: this room has not delivered it yet; it does soon, live. Until
+                # then, the value the room holds (joins copy values up to their seq).
+                if key in old:
+                    values[key] = old[key]
+                continue
+            values[key] = value
         now = time.monotonic()
         for key, (delivered_at, value) in self._recent.items():
             if now - delivered_at <= STATE_GRACE_S:
-                _apply(by_key, key, value)
-        self._values, self._values_at = by_key, at
+                _apply(values, key, value)
+        self._values, self._values_at = values, read.at
+        if old is not None:
+            return
+        need = max((v["seq"] for v in values.values()), default=0)
+        if need <= self.last_seq:
+            self._state_go_on()
+            return
+        # The read holds events the live path has not brought yet: wait for them (a gap
+        # check reads them back if the live path lost them), at most STATE_WAIT_S.
+        self._state_need = need
+        self._spawn(self._check_gap(), "check-gap")
+        self._state_timer = asyncio.get_running_loop().call_later(
+            STATE_WAIT_S, self._state_wait_over)
 
-    async def _read_values(self) -> tuple[float, list[dict[str, Any]]]:
-        """The state port's values and when they were asked for: one read at a time, shared
-        by the joins waiting for it."""
-        task = self._values_read
-        if task is None:
-            assert self.state is not None
-            state, tenant, room = self.state, self.tenant, self.room
+    def _state_wait_over(self) -> None:
+        try:
+            self.ref.tell(_StateWaitOver())
+        except ActorError:
+            pass  # stopping already
 
-            async def read() -> tuple[float, list[dict[str, Any]]]:
-                at = time.monotonic()
-                return at, await state.values(tenant, room)
-
-            task = self._values_read = asyncio.get_running_loop().create_task(
-                read(), name=f"room[{self.room}].state")
-            self._tasks.add(task)  # type: ignore[arg-type]  # cancelled with the room
-            task.add_done_callback(self._values_read_done)
-        return await asyncio.shield(task)
-
-    def _values_read_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if self._values_read is task:
-            self._values_read = None
-        if not task.cancelled():
-            task.exception()  # retrieved here too: every waiter may have gone
+    def _state_go_on(self) -> None:
+        """The room's values are complete up to its position: start the waiting joins."""
+        self._state_need = None
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+            self._state_timer = None
+        waiting, self._state_waiting = self._state_waiting, []
+        for join in waiting:
+            if self.members.get(id(join.member)) is join.member:
+                self._start_replay(join)
 
     def _deliver(self, seq: int | None, body: bytes) -> None:
         """Fan one event out: encode once per codec, push the same bytes to each member."""
@@ -457,9 +523,9 @@ class RoomActor(Actor):
         frame = self._frame(seq, body)
         if frame is None:
             return
-        if self.state is not None and seq is not None:
+        if self.state is not None and seq is not None and isinstance(frame.get("key"), str):
             self._remember(seq, frame)
-            if self._values is not None and isinstance(frame.get("key"), str):
+            if self._values is not None:
                 _apply(self._values, frame["key"], self._recent[frame["key"]][1])
         self.counters.events_in += 1
         encoded: dict[str, bytes] = {}
@@ -484,6 +550,8 @@ class RoomActor(Actor):
             outbox.push(data)
             delivered += 1
         self.counters.delivered += delivered
+        if self._state_need is not None and self.last_seq >= self._state_need:
+            self._state_go_on()
 
     # -- joining ---------------------------------------------------------------------------
 
@@ -494,28 +562,47 @@ class RoomActor(Actor):
         self.members[id(member)] = member
         if member.on_in_room is not None:
             member.on_in_room(self.room, member)
-        self._spawn(self._replay(join, self.last_seq), "replay")
+        if self.state is not None and not join.silent:
+            if self._values is None:
+                self._state_waiting.append(join)  # live events are held for it meanwhile
+                self._read_state()
+                return
+            if time.monotonic() - self._values_at > STATE_GRACE_S:
+                self._read_state()  # a refresh, in the background
+        self._start_replay(join)
 
-    async def _replay(self, join: Join, target: int) -> None:
+    def _start_replay(self, join: Join) -> None:
+        """Fix the join's position (the room's), copy a state room's values as of it, and read
+        its replay."""
+        target = self.last_seq
+        values = None
+        if self.state is not None and not join.silent:
+            held = self._values or {}
+            values = [held[k] for k in sorted(held) if held[k]["seq"] <= target]
+        self._spawn(self._replay(join, target, values), "replay")
+
+    async def _replay(self, join: Join, target: int,
+                      values: list[dict[str, Any]] | None = None) -> None:
         """Decide recovery and read what the member missed, up to ``target`` (delivered live)."""
         member = join.member
+        position = target
         try:
-            if join.since_seq is not None or join.rewind:
+            if join.since_seq is not None or (join.rewind and values is None):
                 # A recovering (or rewinding) member: the stream may be ahead of what this
                 # room has delivered (events in flight on the live path, or a live path that
                 # was down). Replay up to the stream's latest; what arrives live later is
                 # skipped by its cursor.
                 # (A plain join keeps the room's own position, in order with the frames the
-                # same client sent after it: its own publishes reach it.)
+                # same client sent after it: its own publishes reach it. So does a rewind in
+                # a state room: its last N events might not reach back to the room's
+                # position, where its values were copied.)
                 target = max(target, await self.store.last_seq(self.tenant, self.room))
             recovered, events = await self._recovery(join, target)
-            values = None
-            state = self.state is not None and not join.silent
-            if state and (self._values is None
-                          or time.monotonic() - self._values_at > STATE_GRACE_S):
-                values = await self._read_values()
-            done = _ReplayDone(member, join, target, recovered, events, state=state,
-                               values=values)
+            if values is not None and not recovered:
+                # Nothing replayed: join at the position of the values, the events after it
+                # come live.
+                target = min(target, position)
+            done = _ReplayDone(member, join, target, recovered, events, values=values)
         except StoreError as exc:
             done = _ReplayDone(member, join, target, False, None, error=str(exc))
         self.ref.tell(done)
@@ -588,11 +675,8 @@ class RoomActor(Actor):
             if join.request_id is not None:
                 joined["id"] = join.request_id
             outbox.send(joined)
-            if done.state:
-                if done.values is not None:
-                    self._set_values(*done.values)
-                values = self._values or {}
-                for state in state_frames(self.room, [values[k] for k in sorted(values)]):
+            if done.values is not None:
+                for state in state_frames(self.room, done.values):
                     outbox.send(state)
         codec = outbox.codec
         for ev in events:

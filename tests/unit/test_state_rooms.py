@@ -60,9 +60,12 @@ class State:
         self.fail = False
         self.values_: list[dict[str, Any]] = []
         self.reads = 0
+        self.gate: asyncio.Event | None = None  # hold reads until set
 
     async def values(self, tenant: str, room: str) -> list[dict[str, Any]]:
         self.reads += 1
+        if self.gate is not None:
+            await self.gate.wait()
         return list(self.values_)
 
     async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
@@ -156,63 +159,90 @@ async def test_volatile_events_of_a_state_room_carry_the_key_but_set_nothing() -
     assert [s[0] for s in log.steps] == ["volatile"]
 
 
-async def test_a_join_gets_state_after_joined_with_recent_events_merged() -> None:
-    store = FakeStore()
-    state = State(Log())
+def _body(key: str, data: Any, unset: bool = False) -> bytes:
+    event: dict[str, Any] = {"event": "e", "data": data, "key": key}
+    if unset:
+        event["unset"] = True
+    return cbor2.dumps(event)
 
-    def body(key: str, data: Any, unset: bool = False) -> bytes:
-        event: dict[str, Any] = {"event": "e", "data": data, "key": key}
-        if unset:
-            event["unset"] = True
-        return cbor2.dumps(event)
 
-    # The KV holds a (seq 1) and b (seq 3); the room then delivers a newer a (seq 5) whose
-    # state write is not done yet, and an unset of b (seq 7).
+async def _frames(rec: Any, n: int) -> list[dict[str, Any]]:
+    while len(rec.frames) < n:
+        rec.arrived.clear()
+        await asyncio.wait_for(rec.arrived.wait(), 5)
+    return list(rec.frames)
+
+
+def _state_room(system: ActorSystem, store: FakeStore, state: State) -> Any:
+    return system.spawn(lambda: RoomActor(
+        "t", "st:r", store, store,  # type: ignore[arg-type]  # reads only
+        RoomSettings(state=True), RoomCounters(), state))
+
+
+async def test_joins_get_the_state_as_of_joined_then_newer_events() -> None:
+    store, state = FakeStore(), State(Log())
+    store.events += [(1, _body("a", "old")), (3, _body("b", 3))]
     state.values_ = [{"seq": 1, "key": "a", "data": "old"}, {"seq": 3, "key": "b", "data": 3}]
     async with ActorSystem() as system:
-        ref = system.spawn(lambda: RoomActor(
-            "t", "st:r", store, store,  # type: ignore[arg-type]  # reads only
-            RoomSettings(state=True), RoomCounters(), state))
+        ref = _state_room(system, store, state)
         first, rec0 = member()
         ref.tell(Join(first))
-        await rec0.joined()
-        store.events += [(1, body("a", "old")), (3, body("b", 3)), (5, body("a", "new")),
-                         (7, body("b", None, unset=True))]
-        for seq in (1, 3, 5, 7):
-            store.deliver(seq)
-        await rec0.until(4)
-        assert [(f["seq"], f["key"]) for f in rec0.frames if f["type"] == "event"] == [
-            (1, "a"), (3, "b"), (5, "a"), (7, "b")]
-        assert rec0.frames[-1]["unset"] is True
+        joined, values = await _frames(rec0, 2)
+        assert (joined["type"], joined["seq"]) == ("joined", 3)
+        assert (values["type"], [(v["key"], v["seq"]) for v in values["values"]]) == (
+            "state", [("a", 1), ("b", 3)])
+        store.events += [(5, _body("a", "new")), (7, _body("b", None, unset=True))]
+        store.deliver(5)
+        store.deliver(7)
+        frames = await _frames(rec0, 4)
+        assert [(f["seq"], f["key"], f.get("unset")) for f in frames[2:]] == [
+            (5, "a", None), (7, "b", True)]
 
+        # The room keeps its values up to date: a late join reads nothing, and its live
+        # events are all newer than joined.seq.
         late, rec = member()
         ref.tell(Join(late, request_id="j"))
-        await rec.joined()
-        while len(rec.frames) < 2:
-            rec.arrived.clear()
-            await asyncio.wait_for(rec.arrived.wait(), 5)
-        assert [f["type"] for f in rec.frames] == ["joined", "state"]
-        assert [(v["key"], v["seq"], v["data"]) for v in rec.frames[1]["values"]] == [
-            ("a", 5, "new")]
-        assert state.reads == 1
-
-        # The room keeps the values up to date: the next join reads nothing, and sees c.
-        store.events.append((9, body("c", 9)))
+        joined, values = await _frames(rec, 2)
+        assert joined["seq"] == 7
+        assert [(v["key"], v["seq"], v["data"]) for v in values["values"]] == [("a", 5, "new")]
+        store.events.append((9, _body("c", 9)))
         store.deliver(9)
-        again, rec3 = member()
-        ref.tell(Join(again))
-        while len(rec3.frames) < 2:
-            rec3.arrived.clear()
-            await asyncio.wait_for(rec3.arrived.wait(), 5)
-        assert [(v["key"], v["seq"]) for v in rec3.frames[1]["values"]] == [("a", 5), ("c", 9)]
+        assert [(f["type"], f.get("seq")) for f in await _frames(rec, 3)] == [
+            ("joined", 7), ("state", None), ("event", 9)]
         assert state.reads == 1
 
         silent, rec2 = member()
         ref.tell(Join(silent, silent=True))  # the plain MQTT face: no frames at all
-        store.add(1)
-        store.deliver(store.events[-1][0])
+        store.events.append((11, _body("c", 11)))
+        store.deliver(11)
         await rec2.until(1)
         assert [f["type"] for f in rec2.frames] == ["event"]
+
+
+async def test_the_first_read_merges_what_was_delivered_and_waits_for_what_was_not() -> None:
+    store, state = FakeStore(), State(Log())
+    state.gate = asyncio.Event()  # the read is in flight while an event is delivered
+    async with ActorSystem() as system:
+        ref = _state_room(system, store, state)
+        m, rec = member()
+        ref.tell(Join(m))
+        async with asyncio.timeout(5):
+            while not state.reads:  # noqa: ASYNC110  (the fake has no event to wait on)
+                await asyncio.sleep(0.001)
+        store.events.append((2, _body("a", 2)))
+        store.deliver(2)  # delivered during the read, not yet in the bucket's answer
+        # ...which holds an event the live path has not brought yet (seq 4): the join waits
+        # until the room has delivered it (here read back by the gap check).
+        store.events.append((4, _body("b", 4)))
+        state.values_ = [{"seq": 4, "key": "b", "data": 4}]
+        state.gate.set()
+        joined, values = await _frames(rec, 2)
+        assert joined["seq"] == 4
+        assert [(v["key"], v["seq"]) for v in values["values"]] == [("a", 2), ("b", 4)]
+        store.events.append((6, _body("b", 6)))
+        store.deliver(6)
+        assert [(f["type"], f.get("seq")) for f in await _frames(rec, 3)] == [
+            ("joined", 4), ("state", None), ("event", 6)]
 
 
 def test_sse_writes_every_state_first_then_events() -> None:
