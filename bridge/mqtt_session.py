@@ -856,10 +856,18 @@ class MqttSession(asyncio.Protocol):
         if old is not None:
             await old.wait_saved()  # a takeover on this node: its last cursors first
         if not keep:
+            record = None
             try:
-                await sessions.delete(tenant, self.client_id)
+                record = await sessions.get(tenant, self.client_id)
+                if record is not None:
+                    await sessions.delete(tenant, self.client_id)
             except StoreError as exc:
                 log.warning("! %s: stored session not discarded: %s", self.client_id, exc)
+            forget = getattr(self.ctx.presence, "forget_device", None)
+            if record is not None and forget is not None:
+                # Its offline entries go (with a presence:leave), before the CONNACK.
+                rooms = sorted(t[6:] for t in record.subs if t.startswith("rooms/"))
+                await forget(tenant, self.client_id, rooms, self.ctx.feed)
             self._write(mq.connack(0))
             return
         store = self.ctx.store

@@ -64,6 +64,15 @@ async def saved(node: Any, dev: str, check: Any, timeout: float = 5.0) -> Any:
             await asyncio.sleep(0.02)
 
 
+async def until(check: Any, timeout: float = 5.0) -> None:
+    """Wait until ``await check()`` is true (polled)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.02)
+
+
 async def test_missed_events_in_order_after_reconnect_then_live(make_node: Any) -> None:
     node = await make_node()
     room, dev = unique("cmd"), unique("dev")
@@ -355,3 +364,28 @@ async def test_takeover_on_the_same_node_keeps_the_last_acknowledgements(make_no
     got = await receive(new, 2)
     assert [m["seq"] for *_, m in got] == later and seqs[-1] < later[0]
     await new.disconnect()
+
+
+async def test_a_clean_connect_takes_the_offline_device_out_of_presence(make_node: Any
+                                                                        ) -> None:
+    node = await make_node()
+    room, dev = unique("fleet"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rooms/{room}")
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+
+    async def listed() -> dict[str, Any]:
+        return {m["client_id"]: m for m in await node.presence.members("default", room)}
+
+    async def offline() -> bool:
+        return (await listed()).get(dev, {}).get("online") is False
+
+    async def gone() -> bool:
+        return dev not in await listed()
+
+    await until(offline)  # away: offline, not gone
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev), clean=True)
+    assert not raw.session_present
+    await until(gone)  # the discarded session's offline entry goes with it
+    await raw.disconnect()
