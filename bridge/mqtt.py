@@ -13,7 +13,11 @@ Two faces, usable together:
   stored like a publish)
   and ``rooms/<room>`` (a subscription is a join of the device's own connection actor, with
   its own outbox: it recovers from its cursor when the room actor is rebuilt, like any
-  membership; each event arrives as a CBOR map).
+  membership; each event arrives as a CBOR map, at QoS 0 or, for a QoS 1 subscription, as a
+  QoS 1 PUBLISH under an in-flight window; a state room's current values come first, retained).
+
+With ``clean_session = 0`` a device's session (subscriptions, a cursor per QoS 1 room) is kept
+in JetStream KV (``bridge.mqtt_sessions``) and resumed on any node (``bridge.mqtt_session``).
 
 A QoS 1 (or 2) uplink on a plain topic is acknowledged once it is stored in JetStream, in the
 order received: a device that got its PUBACK knows the event is durable. A refused uplink is

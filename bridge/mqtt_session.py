@@ -13,6 +13,16 @@ waits until the actor is down to ``inbound_low``. Closing writes what is due, th
 (FIN) and reads and discards the device's input until it closes too (at most
 ``_CLOSE_DRAIN_S``): closing a socket with unread input resets it, and the device's TCP stack
 would drop our last frames (a ``disconnect`` on the tunnel).
+
+QoS 1 subscriptions to ``rooms/<room>`` go through the session's window
+(``bridge.mqtt_qos``): a room delivers to a :class:`_QosTransport` (events encoded with their
+seq in front, once per room), which hands each event to the window; PUBACKs move the rooms'
+cursors. With ``clean_session = 0`` the session is a record in ``bridge.mqtt_sessions``: claimed
+at CONNECT (before the CONNACK; the packets that follow wait, as they do behind a QoS 1
+SUBSCRIBE, which reads the room's latest seq first), written as cursors move (one write in
+flight, the latest state next) and when the connection closes. A resumed QoS 1 room is read
+from the stream after its cursor, page by page under the window, then joined live from the last
+event sent (docs/protocol-notes.md, "Persistent MQTT sessions").
 """
 
 from __future__ import annotations
