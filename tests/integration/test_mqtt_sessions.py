@@ -389,3 +389,34 @@ async def test_a_clean_connect_takes_the_offline_device_out_of_presence(make_nod
     assert not raw.session_present
     await until(gone)  # the discarded session's offline entry goes with it
     await raw.disconnect()
+
+
+async def test_a_slow_persistent_device_is_cut_off_and_loses_nothing(make_node: Any) -> None:
+    node = await make_node(mqtt_inflight=2, slow_consumer_bytes=20_000)
+    room, dev = unique("cmd"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rooms/{room}")
+    await saved(node, dev, lambda r: room in r.cursors)
+    big = "x" * 1000
+    seqs = []
+    for lo in range(0, 100, 10):  # live, in bursts: more than 20 kB wait beyond the window
+        seqs += await store_data(node, room, [{"i": i, "pad": big} for i in range(lo, lo + 10)])
+    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+        async with asyncio.timeout(5):
+            while True:
+                await raw.read_packet()  # never acknowledged: cut off as a slow consumer
+    assert node.ctx.slow_consumers >= 1
+    await saved(node, dev, lambda r: not r.connected)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    got = await receive(raw, 100)
+    assert [m["seq"] for *_, m in got] == seqs  # every one, in order, from the cursor
+    await raw.disconnect()
+
+
+async def store_data(node: Any, room: str, datas: list[Any]) -> list[int]:
+    acks = []
+    for data in datas:
+        acks.append(await node.store.publish("default", room, event_body(
+            room, "reading", data, WHO, None, None), unique("m")))
+    return [seq for seq, _ in acks]
