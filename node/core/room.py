@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +63,7 @@ from node.core.room_messages import (
     RoomCounters,
     RoomSettings,
 )
+from node.core.room_state import RoomValues
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
 
@@ -131,18 +131,6 @@ class _RepairDone:
     events: list[StoredEvent]
 
 
-def _apply(values: dict[str, dict[str, Any]], key: str, value: dict[str, Any]) -> None:
-    """Apply one event (as a value, with its ``seq``) to a state: only over a lower seq; an
-    unset removes the key."""
-    held = values.get(key)
-    if held is not None and held.get("seq", 0) >= value["seq"]:
-        return
-    if value.get("unset"):
-        values.pop(key, None)
-    else:
-        values[key] = value
-
-
 class RoomActor(Actor):
     """The members of one room on this node, and the room's live feed.
 
@@ -184,14 +172,9 @@ class RoomActor(Actor):
         self.settings = settings
         self.counters = counters
         self.state = state if settings.state else None
-        # A state room's recently delivered events: key -> (monotonic time, event map), the
-        # oldest first (see the module's docstring).
-        self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-        # A state room's values as this room knows them (key -> value, see the module's
-        # docstring): None until the first read; the joins waiting for it (until the room has
-        # delivered _state_need), and whether a read is in flight.
-        self._values: dict[str, dict[str, Any]] | None = None
-        self._values_at = 0.0
+        # A state room's values (see the module's docstring); the joins waiting for the first
+        # read (until the room has delivered _state_need), and whether a read is in flight.
+        self._values = RoomValues(STATE_GRACE_S)
         self._state_waiting: list[Join] = []
         self._state_need: int | None = None
         self._state_timer: asyncio.TimerHandle | None = None
@@ -416,23 +399,6 @@ class RoomActor(Actor):
                 frame[key] = event[key]
         return frame
 
-    def _remember(self, seq: int, frame: dict[str, Any]) -> None:
-        """Keep a state room's delivered event for :data:`STATE_GRACE_S` (by its key)."""
-        key = frame.get("key")
-        if not isinstance(key, str):
-            return
-        now = time.monotonic()
-        recent = self._recent
-        value = {k: v for k, v in frame.items() if k != "type"}
-        value["seq"] = seq
-        recent[key] = (now, value)
-        recent.move_to_end(key)
-        while recent:
-            first = next(iter(recent.values()))
-            if now - first[0] <= STATE_GRACE_S:
-                break
-            recent.popitem(last=False)
-
     def _read_state(self) -> None:
         """Read the state port's values (unless a read is in flight); the actor is told."""
         if self._reading or self.state is None:
@@ -452,35 +418,17 @@ class RoomActor(Actor):
 
     def _on_state_read(self, read: _StateRead) -> None:
         self._reading = False
-        old = self._values
         if read.error is not None:
             log.warning("! room %s: state not read: %s", self.room, read.error)
-            if old is None:  # the waiting joins fail as a failed replay does
+            if not self._values.known:  # the waiting joins fail as a failed replay does
                 waiting, self._state_waiting = self._state_waiting, []
                 for join in waiting:
                     self._on_replay_done(_ReplayDone(join.member, join, self.last_seq, False,
                                                      None, error=read.error))
             return
-        values: dict[str, dict[str, Any]] = {}
-        for value in read.values:
-            key, seq = value.get("key"), value.get("seq")
-            if not isinstance(key, str) or type(seq) is not int:
-                continue
-            if old is not None and seq > self.last_seq:
-                # A refresh: this room has not delivered it yet; it does soon, live. Until
-                # then, the value the room holds (joins copy values up to their seq).
-                if key in old:
-                    values[key] = old[key]
-                continue
-            values[key] = value
-        now = time.monotonic()
-        for key, (delivered_at, value) in self._recent.items():
-            if now - delivered_at <= STATE_GRACE_S:
-                _apply(values, key, value)
-        self._values, self._values_at = values, read.at
-        if old is not None:
-            return
-        need = max((v["seq"] for v in values.values()), default=0)
+        need = self._values.take_read(read.values, read.at, self.last_seq, time.monotonic())
+        if need is None:
+            return  # a refresh
         if need <= self.last_seq:
             self._state_go_on()
             return
@@ -523,10 +471,8 @@ class RoomActor(Actor):
         frame = self._frame(seq, body)
         if frame is None:
             return
-        if self.state is not None and seq is not None and isinstance(frame.get("key"), str):
-            self._remember(seq, frame)
-            if self._values is not None:
-                _apply(self._values, frame["key"], self._recent[frame["key"]][1])
+        if self.state is not None and seq is not None:
+            self._values.delivered(seq, frame, time.monotonic())
         self.counters.events_in += 1
         encoded: dict[str, bytes] = {}
         delivered = 0
@@ -563,11 +509,11 @@ class RoomActor(Actor):
         if member.on_in_room is not None:
             member.on_in_room(self.room, member)
         if self.state is not None and not join.silent:
-            if self._values is None:
+            if not self._values.known:
                 self._state_waiting.append(join)  # live events are held for it meanwhile
                 self._read_state()
                 return
-            if time.monotonic() - self._values_at > STATE_GRACE_S:
+            if self._values.stale(time.monotonic()):
                 self._read_state()  # a refresh, in the background
         self._start_replay(join)
 
@@ -577,8 +523,7 @@ class RoomActor(Actor):
         target = self.last_seq
         values = None
         if self.state is not None and not join.silent:
-            held = self._values or {}
-            values = [held[k] for k in sorted(held) if held[k]["seq"] <= target]
+            values = self._values.upto(target)
         self._spawn(self._replay(join, target, values), "replay")
 
     async def _replay(self, join: Join, target: int,

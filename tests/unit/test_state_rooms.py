@@ -16,6 +16,7 @@ from bridge.sse import SseSession
 from node.core.admission import NOT_STATE_ROOM, Admission
 from node.core.ports import StoreError
 from node.core.room import Join, RoomActor, RoomCounters, RoomSettings
+from node.core.room_state import RoomValues
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import (
     STATE_CHUNK_BYTES,
@@ -280,3 +281,25 @@ def test_a_large_state_is_sent_in_frames_of_about_64_kb() -> None:
     blocks = session.data_to_send().decode().split("\n\n")
     assert blocks[0] == ": joined st:r:1" and blocks[1].startswith("event: state\ndata: ")
     assert json.loads(blocks[1].split("data: ", 1)[1])["values"] == values
+
+
+def test_room_values_merge_reads_and_deliveries_by_seq() -> None:
+    values = RoomValues(30.0)
+    assert not values.known
+    values.delivered(5, {"type": "event", "key": "a", "seq": 5, "data": 5}, now=0.0)
+    # The first read: what was delivered meanwhile wins over older values, and the highest
+    # seq read is what joins wait for.
+    need = values.take_read([{"key": "a", "seq": 3, "data": 3}, {"key": "b", "seq": 8}],
+                            at=0.0, last_seq=5, now=1.0)
+    assert need == 8 and values.known
+    assert [(v["key"], v["seq"]) for v in values.upto(8)] == [("a", 5), ("b", 8)]
+    assert [v["key"] for v in values.upto(5)] == ["a"]  # a join at 5 gets b live
+    values.delivered(8, {"key": "b", "seq": 8}, now=2.0)
+    values.delivered(9, {"key": "a", "seq": 9, "unset": True}, now=2.0)
+    assert [v["key"] for v in values.upto(9)] == ["b"]
+    # A refresh keeps the room's own value of a key whose read one it has not delivered yet.
+    values.delivered(10, {"key": "c", "seq": 10}, now=40.0)
+    assert values.stale(40.0)
+    assert values.take_read([{"key": "b", "seq": 8}, {"key": "c", "seq": 12}],
+                            at=40.0, last_seq=10, now=41.0) is None
+    assert [(v["key"], v["seq"]) for v in values.upto(20)] == [("b", 8), ("c", 10)]

@@ -1,0 +1,114 @@
+"""A state room's values as one :class:`~node.core.room.RoomActor` knows them. Pure: data in,
+data out, the caller passes the time.
+
+The room reads the values from the state port once, feeds every event it delivers, and copies
+them for each join as of the join's seq (``node.core.room`` says why and when).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["RoomValues", "apply_value"]
+
+
+def apply_value(values: dict[str, dict[str, Any]], key: str, value: dict[str, Any]) -> None:
+    """Apply one event (as a value, with its ``seq``) to ``values``: only over a lower seq; an
+    unset removes the key."""
+    held = values.get(key)
+    if held is not None and held.get("seq", 0) >= value["seq"]:
+        return
+    if value.get("unset"):
+        values.pop(key, None)
+    else:
+        values[key] = value
+
+
+class RoomValues:
+    """The values of one state room, kept by its room actor.
+
+    Args:
+        grace_s: How long delivered events are kept for a read that may not hold them yet
+            (their state written by another node, a moment after the stream's ack).
+
+    Example:
+        values = RoomValues(30.0)
+        values.delivered(seq, frame, now)          # every event the room delivers
+        need = values.take_read(read, at, room.last_seq, now)  # a read of the state port
+        frames = values.upto(joined_seq)           # a join's copy
+    """
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        # key -> (time delivered, value), the oldest first.
+        self._recent: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._values: dict[str, dict[str, Any]] | None = None
+        self.read_at = 0.0
+
+    @property
+    def known(self) -> bool:
+        """Whether the values were read (until then, a join must wait for a read)."""
+        return self._values is not None
+
+    def stale(self, now: float) -> bool:
+        """Whether the last read is older than ``grace_s`` (read again, in the background)."""
+        return now - self.read_at > self.grace_s
+
+    def delivered(self, seq: int, frame: dict[str, Any], now: float) -> None:
+        """Feed one delivered event frame of the room (one with a ``key``)."""
+        key = frame.get("key")
+        if not isinstance(key, str):
+            return
+        value = {k: v for k, v in frame.items() if k != "type"}
+        value["seq"] = seq
+        recent = self._recent
+        recent[key] = (now, value)
+        recent.move_to_end(key)
+        while recent:
+            first = next(iter(recent.values()))
+            if now - first[0] <= self.grace_s:
+                break
+            recent.popitem(last=False)
+        if self._values is not None:
+            apply_value(self._values, key, value)
+
+    def take_read(self, read: list[dict[str, Any]], at: float, last_seq: int,
+                  now: float) -> int | None:
+        """Take a read of the state port (asked for at ``at``), with the events delivered
+        within ``grace_s`` merged in.
+
+        Args:
+            read: The port's values.
+            at: When the read was asked for.
+            last_seq: The room's position (the last seq it delivered).
+            now: The time now.
+
+        Returns:
+            For the first read, the highest seq it holds: joins must wait until the room has
+            delivered it. None for a later read (a refresh), which keeps the room's own value
+            of a key whose read value the room has not delivered yet.
+        """
+        old = self._values
+        values: dict[str, dict[str, Any]] = {}
+        for value in read:
+            key, seq = value.get("key"), value.get("seq")
+            if not isinstance(key, str) or type(seq) is not int:
+                continue
+            if old is not None and seq > last_seq:
+                if key in old:
+                    values[key] = old[key]  # the newer one comes live, soon
+                continue
+            values[key] = value
+        for key, (delivered_at, value) in self._recent.items():
+            if now - delivered_at <= self.grace_s:
+                apply_value(values, key, value)
+        self._values, self.read_at = values, at
+        if old is not None:
+            return None
+        return max((v["seq"] for v in values.values()), default=0)
+
+    def upto(self, seq: int) -> list[dict[str, Any]]:
+        """The values with a seq up to ``seq``, ordered by key (a join's copy)."""
+        values = self._values or {}
+        return [values[k] for k in sorted(values) if values[k]["seq"] <= seq]
