@@ -667,7 +667,7 @@ class MqttSession(asyncio.Protocol):
         principal = self.principal
         assert principal is not None and self.tunnel is not None
         granted = []
-        qos1: list[tuple[str, int]] = []
+        later: list[tuple[str, int, int]] = []  # (room, its place in granted, granted QoS)
         for topic_filter, qos in packet.topics:
             if topic_filter == self.tunnel.topic:
                 self.tunnel.enabled = True
@@ -682,18 +682,19 @@ class MqttSession(asyncio.Protocol):
                 if room in self.plain and self.subs.get(topic_filter, 0) != want:
                     self._unsubscribe_plain(room)  # a new QoS: a new subscription
                 self.subs[topic_filter] = want
-                if want:
-                    qos1.append((room, len(granted)))
+                if want or self._is_state_room(room):
+                    later.append((room, len(granted), want))
                 else:
                     self._subscribe_plain(room)
                 granted.append(want)
             else:
                 self.bridge.refused_subscribes += 1
                 granted.append(0x80)
-        if qos1:
-            # Each QoS 1 room starts from the room's latest seq (its cursor, persisted), read
-            # before the SUBACK; the packets after the SUBSCRIBE wait for it.
-            self._gate(self._subscribe_qos1(packet.packet_id, granted, qos1), "subscribe")
+        if later:
+            # Each QoS 1 room starts from the room's latest seq (its cursor, persisted), and a
+            # state room's values are read, before the SUBACK; the packets after the
+            # SUBSCRIBE wait for them.
+            self._gate(self._subscribe_later(packet.packet_id, granted, later), "subscribe")
             return
         self._suback(packet.packet_id, granted)
 
@@ -706,12 +707,17 @@ class MqttSession(asyncio.Protocol):
             for notice in due:  # after its SUBACK: a client may drop what comes before
                 self.send_publish(self.tunnel.topic, notice)
 
-    async def _subscribe_qos1(self, packet_id: int, granted: list[int],
-                              rooms: list[tuple[str, int]]) -> None:
+    async def _subscribe_later(self, packet_id: int, granted: list[int],
+                               rooms: list[tuple[str, int, int]]) -> None:
+        """SUBSCRIBE to QoS 1 rooms and to state rooms: what they need read first, then the
+        SUBACK, then each room's retained values and its events."""
         assert self.principal is not None
         tenant, store = self.principal.tenant, self.ctx.store
         todo: list[tuple[str, int | None, list[dict[str, Any]]]] = []
-        for room, index in rooms:
+        for room, index, qos in rooms:
+            if not qos:
+                todo.append((room, -1, await self._state_values(room, None)))
+                continue
             try:
                 if room in self.plain and room in self.qos.rooms:
                     # Subscribed already at QoS 1: the subscription goes on (its retained
@@ -727,20 +733,25 @@ class MqttSession(asyncio.Protocol):
             todo.append((room, latest, await self._state_values(room, latest)))
         self._suback(packet_id, granted)
         for room, start, values in todo:
+            if start == -1:  # QoS 0
+                self._send_retained(room, values, 0)  # the current values first, then events
+                self._subscribe_plain(room)
+                continue
             if start is not None:
                 self.qos.track(room, start)
-            self._send_retained(room, values, 1)  # the current values first, then events
+            self._send_retained(room, values, 1)
             if start is not None:
                 self._subscribe_plain(room, resume_from=(start, store.epoch))
         self._persist()
 
+    def _is_state_room(self, room: str) -> bool:
+        return self.ctx.state is not None and self.settings.room_policy(room).state
+
     async def _state_values(self, room: str, upto: int | None) -> list[dict[str, Any]]:
         """A state room's current values (none for another room), those above ``upto`` left
         out (they come as events)."""
-        state = getattr(self.ctx, "state", None)
-        if state is None or self.principal is None:
-            return []
-        if not getattr(self.settings.room_policy(room), "state", False):
+        state = self.ctx.state
+        if state is None or self.principal is None or not self._is_state_room(room):
             return []
         try:
             values = await state.values(self.principal.tenant, room)
@@ -765,18 +776,14 @@ class MqttSession(asyncio.Protocol):
             else:
                 self._publish(topic, payload, retain=True)
 
-    def _subscribe_plain(self, room: str, *, resume_from: tuple[int, str] | None = None,
-                         retained: bool = True) -> None:
+    def _subscribe_plain(self, room: str, *,
+                         resume_from: tuple[int, str] | None = None) -> None:
         self.plain.add(room)
         if room in self.qos.rooms:
             codec: Any = PLAIN_CBOR_SEQ
             transport: Any = _QosTransport(self, room, resume_from)
         else:
             codec, transport = PLAIN_CBOR, _TopicTransport(self, f"rooms/{room}")
-            if retained and getattr(self.ctx, "state", None) is not None:
-                async def send_values() -> None:
-                    self._send_retained(room, await self._state_values(room, None), 0)
-                self._spawn(send_values(), "retained")
         with contextlib.suppress(ActorError):  # a stopping actor: the connection is ending
             self.ref.tell(PlainJoin(room, codec, transport))
 
@@ -917,7 +924,7 @@ class MqttSession(asyncio.Protocol):
                 self.plain.add(room)
                 self._spawn(self._resume_room(room, same_epoch), f"resume[{room}]")
             else:
-                self._subscribe_plain(room, retained=False)
+                self._subscribe_plain(room)
         self._persist()
 
     async def _resume_room(self, room: str, same_epoch: bool) -> None:
@@ -965,7 +972,7 @@ class MqttSession(asyncio.Protocol):
                 delay = min(delay * 2, 5.0)
         if self.closed or room not in self.plain:
             return
-        self._subscribe_plain(room, resume_from=(after, store.epoch), retained=False)
+        self._subscribe_plain(room, resume_from=(after, store.epoch))
 
     def _is_drained(self) -> bool:
         """Whether the next page may be read: at most a window's worth waits, and less than a
