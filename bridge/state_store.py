@@ -56,6 +56,7 @@ _BATCH = 1000  # 10,000 keys: ~0.4 s in 10 batches (256: ~0.7 s); nats-py parses
 # JetStream's answer to a write whose expected last subject sequence is not the key's.
 _WRONG_LAST_SEQUENCE = 10071
 _CAS_TRIES = 20
+_WRITTEN_MAX = 65536  # keys whose last write by this node is remembered
 _ROOMS_CACHED = 1024  # rooms whose key set is cached for may_add
 _KEYS_FRESH_S = 10.0  # a cached key set is read again after this long (other nodes' keys)
 
@@ -108,6 +109,8 @@ class StateStore:
         self._rooms: OrderedDict[tuple[str, str], tuple[float, set[str]]] = OrderedDict()
         self._reading: dict[tuple[str, str], asyncio.Future[set[str]]] = {}
         self._writers: dict[str, _KeyWriter] = {}  # KV subject -> its writes in progress
+        # KV subject -> (revision, seq) of this node's last write of it.
+        self._written: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.puts = 0
         self.conflicts = 0  # CAS writes that found a newer revision and read again
@@ -285,7 +288,13 @@ class StateStore:
         reason = "no answer"
         for attempt in range(_CAS_TRIES):
             try:
-                revision, current = await self._current(subject, leader=attempt > 0)
+                # This node's last write of the key saves a read (a device keeps publishing
+                # through one node): a wrong guess is a conflict, and the next try reads.
+                last = self._written.get(subject) if attempt == 0 else None
+                if last is not None:
+                    revision, current = last
+                else:
+                    revision, current = await self._current(subject, leader=attempt > 0)
                 if current >= seq:
                     self.stale += 1
                     return
@@ -300,9 +309,15 @@ class StateStore:
                 err = answer.get("error")
                 if not err and "seq" in answer:
                     self.puts += 1
+                    self._written[subject] = (int(answer["seq"]), seq)
+                    self._written.move_to_end(subject)
+                    if len(self._written) > _WRITTEN_MAX:
+                        self._written.popitem(last=False)
                     return
+                self._written.pop(subject, None)
                 if err and err.get("err_code") == _WRONG_LAST_SEQUENCE:
-                    self.conflicts += 1  # another node wrote it meanwhile: read it again
+                    if last is None:
+                        self.conflicts += 1  # another node wrote it meanwhile: read again
                     continue
                 reason = str(err.get("description", "refused")) if err else "no ack"
             except StoreError as exc:
@@ -311,6 +326,7 @@ class StateStore:
                 reason = "bad answer from JetStream"
             except Exception as exc:  # no responders (election), timeout, disconnected
                 reason = type(exc).__name__
+            self._written.pop(subject, None)  # perhaps written: read before the next try
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreError(f"state not written: {reason}")
