@@ -44,6 +44,7 @@ _PREFIX = f"$KV.{BUCKET}"
 _TAKEOVER = "rtnode.mqtt.takeover"
 _WRONG_LAST_SEQ = 10071
 _WRITE_TIMEOUT_S = 5.0
+_PAGE = 1000  # records read per request by list()
 
 
 class SessionTaken(Exception):
@@ -208,23 +209,27 @@ class SessionStore:
         return (await self.read(tenant, client_id))[0]
 
     async def list(self, tenant: str) -> list[SessionRecord]:
-        """Every session of ``tenant``, by client id.
+        """Every session of ``tenant``, by client id (read page by page: the bucket keeps one
+        message per key, and no delete markers).
 
         Raises:
             StoreError: JetStream did not answer.
         """
-        batch = await self.store.direct_get(
-            {"multi_last": [f"{_PREFIX}.{tenant}.*"], "batch": self.max_per_tenant}, _STREAM)
         out = []
-        for ev in batch.events:
-            if not ev.body:
-                continue
-            try:
-                record = SessionRecord.from_json(json.loads(ev.body))
-            except ValueError:
-                continue
-            if record is not None:
-                out.append(record)
+        seq = 1
+        while True:
+            batch = await self.store.direct_get(
+                {"next_by_subj": f"{_PREFIX}.{tenant}.*", "seq": seq, "batch": _PAGE}, _STREAM)
+            for ev in batch.events:
+                try:
+                    record = SessionRecord.from_json(json.loads(ev.body)) if ev.body else None
+                except ValueError:
+                    record = None
+                if record is not None:
+                    out.append(record)
+            if not batch.events or not batch.pending:
+                break
+            seq = batch.events[-1].seq + 1
         out.sort(key=lambda r: r.client_id)
         return out
 

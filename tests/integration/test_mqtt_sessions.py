@@ -420,3 +420,19 @@ async def store_data(node: Any, room: str, datas: list[Any]) -> list[int]:
         acks.append(await node.store.publish("default", room, event_body(
             room, "reading", data, WHO, None, None), unique("m")))
     return [seq for seq, _ in acks]
+
+
+async def test_sessions_of_a_tenant_are_listed_whole(make_node: Any) -> None:
+    from bridge.mqtt_sessions import SessionRecord
+
+    node = await make_node()
+    tenant = "l" + unique("t")[2:]
+    n = 1100  # more than one multi_last (1024) or one page (1000) answers
+    await asyncio.gather(*(node.sessions.write(SessionRecord(tenant, f"d-{i:04d}"), 0)
+                           for i in range(n)))
+    listed = await node.sessions.list(tenant)
+    assert [r.client_id for r in listed] == [f"d-{i:04d}" for i in range(n)]
+    assert await node.sessions.count(tenant) == n
+    assert await node.sessions.delete(tenant, "d-0000")
+    assert not await node.sessions.delete(tenant, "d-0000")
+    assert len(await node.sessions.list(tenant)) == n - 1
