@@ -217,6 +217,8 @@ class RoomState:
     joined_seq: int = 0
     values: dict[str, Event] = field(default_factory=dict)
     key_seqs: dict[str, int] = field(default_factory=dict)
+    #: Keys of the ``state`` frames received so far of a state sent in several (``more``).
+    state_seen: set[str] = field(default_factory=set)
 
     def apply(self, ev: Event) -> bool:
         """Apply a keyed event with the seq rule; returns whether it changed the values."""
@@ -521,13 +523,16 @@ class ClientSession:
         state = self._rooms.get(room) if isinstance(room, str) else None
         if state is None or not isinstance(room, str) or not isinstance(values, list):
             return []  # left meanwhile, or malformed
-        seen: set[str] = set()
+        seen = state.state_seen
         for raw in values:
             if isinstance(raw, dict):
                 ev = _event(room, raw)
                 if ev.key is not None and not ev.unset:
                     seen.add(ev.key)
                     state.apply(ev)
+        if frame.get("more") is True:
+            return []  # a large state comes in several frames: the last has no ``more``
+        state.state_seen = set()
         # A key held but absent from the values was removed while we were away: the values
         # are at least as recent as the joined seq, so only keys set after it are kept.
         for key in [k for k in state.values if k not in seen]:
@@ -556,6 +561,7 @@ class ClientSession:
         state.epoch, state.joined, state.resuming = epoch, True, False
         state.rewinding = False
         state.joined_seq = seq
+        state.state_seen = set()  # the state frames of this join follow
         return out
 
     def _receive_error(self, frame: dict[str, Any]) -> list[SessionEvent]:

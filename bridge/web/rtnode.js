@@ -885,6 +885,7 @@ export class Client extends EventTarget {
     }
     st.rewinding = false;
     st.joinedSeq = seq;
+    st.stateSeen = undefined; // the state frames of this join follow
     st.epoch = epoch;
     st.joined = true;
     st.resuming = false;
@@ -933,13 +934,16 @@ export class Client extends EventTarget {
     const room = f.room;
     const st = typeof room === "string" ? this._rooms.get(room) : undefined;
     if (!st || !Array.isArray(f.values)) return;
-    const seen = new Set();
+    // A large state comes in several frames; all but the last have more: true.
+    const seen = (st.stateSeen ??= new Set());
     for (const v of f.values) {
       if (!v || typeof v !== "object" || typeof v.key !== "string" || v.unset === true) continue;
       seen.add(v.key);
       applyValue(st, { room, seq: int(v.seq), event: String(v.event ?? ""), data: v.data,
         ts: int(v.ts), from: v.from && typeof v.from === "object" ? v.from : {}, key: v.key });
     }
+    if (f.more === true) return;
+    st.stateSeen = undefined;
     // Keys held but absent were removed while away (the values are at least as recent as
     // the joined seq): only keys set after it stay.
     const values = /** @type {Map<string, RoomEvent>} */ (st.values ??= new Map());

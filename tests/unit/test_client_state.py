@@ -94,3 +94,19 @@ def test_publish_frames_with_key_and_unset() -> None:
     assert keyed["key"] == "desired:sim-1" and keyed["data"] == 22
     unset = s.publish_frame(ROOM, "state:unset", None, "m3", key="k", unset=True)
     assert unset["unset"] is True and "data" not in unset and unset["key"] == "k"
+
+
+def test_a_state_in_several_frames_is_whole_at_its_last() -> None:
+    # A large state comes as several frames, all but the last with more: true. Keys of the
+    # earlier frames are kept; the prune of keys removed while away waits for the last.
+    s = joined(seq=10)
+    s.receive({"type": "state", "room": ROOM, "values": [value(3, "a", 1), value(4, "z", 0)]})
+    frame = s.join_frame(ROOM)
+    s.receive({"type": "joined", "id": frame["id"], "room": ROOM, "seq": 30, "epoch": "e",
+               "recovered": True, "replayed": 0})
+    first = s.receive({"type": "state", "room": ROOM, "more": True,
+                       "values": [value(3, "a", 1), value(5, "b", 2)]})
+    assert first == []  # not whole yet
+    out = s.receive({"type": "state", "room": ROOM, "values": [value(6, "c", 3)]})
+    assert len(out) == 1 and isinstance(out[0], StateValues)
+    assert data_of(s) == {"a": 1, "b": 2, "c": 3}  # "z" was unset while away
