@@ -920,38 +920,40 @@ class MqttSession(asyncio.Protocol):
                 continue  # the device lost the right meanwhile: the subscription goes
             self.subs[topic] = qos
             if qos and room in record.cursors:
-                self.qos.track(room, record.cursors[room], record.sent.get(room, 0))
+                cursor = record.cursors[room]
+                if same_epoch:
+                    self.qos.track(room, cursor, record.sent.get(room, 0))
+                else:
+                    # The stream was recreated: its seqs start again, the cursor means nothing
+                    # (reset at once, in the record too).
+                    self.qos.track(room, 0)
                 self.plain.add(room)
-                self._spawn(self._resume_room(room, same_epoch), f"resume[{room}]")
+                self._spawn(self._resume_room(room, None if same_epoch else cursor),
+                            f"resume[{room}]")
             else:
                 self._subscribe_plain(room)
         self._persist()
 
-    async def _resume_room(self, room: str, same_epoch: bool) -> None:
+    async def _resume_room(self, room: str, old_cursor: int | None) -> None:
         """Send what the device missed in ``room`` since its cursor, page by page under the
-        window, then join the room from the last one sent (its replay is small by then)."""
+        window, then join the room from the last one sent (its replay is small by then).
+        ``old_cursor``: the cursor of a stream that was recreated since (gap notice, then the
+        room from its start)."""
         assert self.principal is not None
         tenant, store = self.principal.tenant, self.ctx.store
-        track = self.qos.rooms[room]
+        track = self.qos.rooms.get(room)
+        if track is None:
+            return  # unsubscribed meanwhile
         after = track.cursor
+        if old_cursor is not None:
+            self._notice_gap(room, old_cursor + 1, None, "epoch")
+        checked = old_cursor is not None  # a recreated stream: from its start
         delay = 0.1
         while True:
             try:
-                if not same_epoch:
-                    # The stream was recreated: the cursor means nothing now.
-                    self._notice_gap(room, after + 1, None, "epoch")
-                    self.qos.track(room, 0)
-                    after, same_epoch = 0, True
-                elif after > 0 and not await store.has(tenant, room, after):
-                    first = await store.read(tenant, room, after, 1)
-                    self._notice_gap(room, after + 1, first[0].seq - 1 if first else None,
-                                     "trimmed")
-                elif after == 0 and (keep := self.settings.room_policy(room).history_size):
-                    # From the room's start: a room at its history limit may have lost some.
-                    if await store.count(tenant, room) >= keep:
-                        first = await store.read(tenant, room, 0, 1)
-                        self._notice_gap(room, 1, first[0].seq - 1 if first else None,
-                                         "trimmed")
+                if not checked:
+                    await self._check_gap(room, after)
+                    checked = True  # not again on a retry after a failed read
                 page = max(1, min(_PAGE, self.settings.recovery_max // 2))
                 while True:
                     events = await store.read(tenant, room, after, page)
@@ -973,6 +975,26 @@ class MqttSession(asyncio.Protocol):
         if self.closed or room not in self.plain:
             return
         self._subscribe_plain(room, resume_from=(after, store.epoch))
+
+    async def _check_gap(self, room: str, after: int) -> None:
+        """Send a gap notice if events after ``after`` (the cursor) may have been trimmed
+        from the room's history.
+
+        Raises:
+            StoreError: The store did not answer.
+        """
+        assert self.principal is not None
+        tenant, store = self.principal.tenant, self.ctx.store
+        if after > 0:
+            if not await store.has(tenant, room, after):
+                first = await store.read(tenant, room, after, 1)
+                self._notice_gap(room, after + 1, first[0].seq - 1 if first else None,
+                                 "trimmed")
+        elif (keep := self.settings.room_policy(room).history_size) and \
+                await store.count(tenant, room) >= keep:
+            # From the room's start: a room at its history limit may have lost some.
+            first = await store.read(tenant, room, 0, 1)
+            self._notice_gap(room, 1, first[0].seq - 1 if first else None, "trimmed")
 
     def _is_drained(self) -> bool:
         """Whether the next page may be read: at most a window's worth waits, and less than a

@@ -436,3 +436,27 @@ async def test_sessions_of_a_tenant_are_listed_whole(make_node: Any) -> None:
     assert await node.sessions.delete(tenant, "d-0000")
     assert not await node.sessions.delete(tenant, "d-0000")
     assert len(await node.sessions.list(tenant)) == n - 1
+
+
+async def test_a_recreated_stream_means_a_gap_notice_and_the_room_from_its_start(
+        make_node: Any) -> None:
+    from bridge.mqtt_sessions import SessionRecord
+
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    seqs = await store(node, room, 3)
+    # A session of an earlier life of the stream (another epoch), its cursor beyond.
+    await node.sessions.write(SessionRecord(
+        "default", dev, subs={f"rtnode/v1/{dev}/out": 0, f"rooms/{room}": 1},
+        cursors={room: 10**9}, sent={room: 10**9}, epoch="an-old-epoch"), 0)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    topic, payload, *_ = await raw.publish_in()
+    assert topic == f"rtnode/v1/{dev}/out" and cbor2.loads(payload) == {
+        "type": "notice", "code": "gap", "room": room, "missed_from": 10**9 + 1,
+        "missed_to": None, "reason": "epoch"}
+    got = await receive(raw, 3)
+    assert [m["seq"] for *_, m in got] == seqs and not any(d for _, _q, d, _m in got)
+    record = await saved(node, dev, lambda r: r.cursors.get(room) == seqs[-1])
+    assert record.epoch == node.store.epoch
+    await raw.disconnect()
