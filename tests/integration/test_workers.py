@@ -155,3 +155,17 @@ def test_a_setting_the_workers_refuse_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "worker x-w1" not in r.stderr and "-w1 started" not in r.stderr, "w1 never started"
     assert not (tmp_path / "workers.json").exists()
+
+
+def test_workers_auto_and_no_reuseport(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from node.protocol.errors import ConfigError
+    from node.workers import parse_workers
+
+    assert parse_workers("auto") == (os.cpu_count() or 1)
+    assert parse_workers("3") == 3
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    assert parse_workers("1") == 1, "one process needs no shared port"
+    with pytest.raises(ConfigError, match="SO_REUSEPORT"):
+        parse_workers("2")
