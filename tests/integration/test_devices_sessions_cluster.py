@@ -24,6 +24,7 @@ import aiohttp
 import cbor2
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.cluster import NatsCluster, RawMqtt, cluster_node
 from tests.servers import NodeProcess
@@ -44,7 +45,7 @@ class PahoDevice:
     def __init__(self, dev: str, port: int, *, clean: bool) -> None:
         self.loop = asyncio.get_running_loop()
         self.port = port
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=dev,
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=dev,
                                   clean_session=clean)
         self.client.username_pw_set(dev, device_token(dev))
         self.connack: asyncio.Future[tuple[bool, int]] = self.loop.create_future()
@@ -52,18 +53,23 @@ class PahoDevice:
         self.messages: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = lambda c, u, m: self.loop.call_soon_threadsafe(
-            self.messages.put_nowait, m)
+        self.client.on_message = self._on_message
+
+    @staticmethod
+    def _settle(future: asyncio.Future[Any], value: Any) -> None:
+        if not future.done():
+            future.set_result(value)
 
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         result = (bool(flags.session_present), int(rc.value))
-        self.loop.call_soon_threadsafe(
-            lambda: self.connack.done() or self.connack.set_result(result))
+        self.loop.call_soon_threadsafe(self._settle, self.connack, result)
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
         granted = [int(code.value) for code in codes]
-        self.loop.call_soon_threadsafe(
-            lambda: self.suback.done() or self.suback.set_result(granted))
+        self.loop.call_soon_threadsafe(self._settle, self.suback, granted)
+
+    def _on_message(self, c: Any, u: Any, m: paho.MQTTMessage) -> None:
+        self.loop.call_soon_threadsafe(self.messages.put_nowait, m)
 
     async def start(self) -> tuple[bool, int]:
         """Connect; (session present, CONNACK return code)."""
@@ -76,7 +82,7 @@ class PahoDevice:
         return await asyncio.wait_for(self.suback, 10)
 
     async def seqs(self, n: int, timeout: float = 30.0) -> list[int]:
-        out = []
+        out: list[int] = []
         async with asyncio.timeout(timeout):
             while len(out) < n:
                 m = await self.messages.get()

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ async def _state(http: aiohttp.ClientSession, node: Any, room: str) -> dict[str,
         return dict(await resp.json())
 
 
-async def test_state_room_of_100_devices(make_node) -> None:
+async def test_state_room_of_100_devices(make_node: Callable[..., Any]) -> None:
     node = await make_node(namespaces={"fleet": {"state": True}})
     port = node.mqtt.port
     room = unique("fleet")
@@ -139,7 +140,8 @@ async def test_state_room_of_100_devices(make_node) -> None:
         await asyncio.gather(*tasks.values(), return_exceptions=True)
 
 
-async def test_simulated_fleet_reported_and_desired(make_node, tmp_path: Path) -> None:
+async def test_simulated_fleet_reported_and_desired(make_node: Callable[..., Any],
+                                                    tmp_path: Path) -> None:
     """``rtnode devices simulate --state``: 100 devices (the SDK, over the tunnel) report a
     reading a second, keyed by their ids; a late browser sees the 100 values first, then live
     ones; a desired value it sets for one device shows in that device's next readings."""
