@@ -179,10 +179,12 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **flags)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, tag: str = "") -> None:
+    """Log lines on stderr; ``tag`` (a worker's name) starts each one."""
+    tag = tag.replace("%", "%%")
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s",
     )
 
 
@@ -734,12 +736,12 @@ def main(argv: list[str] | None = None) -> int:
         from node import workers
 
         count = workers.parse_workers(args.workers)  # before the logs: a bad N is one line
-        _setup_logging(settings.log_level)
-        if count > 1 and args.worker_index is None:
-            return asyncio.run(_run_workers(settings, count, argv))
         worker = args.worker_index is not None
         if worker:
             settings = workers.worker_settings(settings, args.worker_index)
+        _setup_logging(settings.log_level, f"[{settings.node_name}] " if worker else "")
+        if count > 1 and not worker:
+            return asyncio.run(_run_workers(settings, count, argv))
         runner: Any = asyncio.run
         with contextlib.suppress(ImportError):
             import uvloop
