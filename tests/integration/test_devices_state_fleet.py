@@ -158,7 +158,9 @@ async def test_simulated_fleet_reported_and_desired(make_node: Callable[..., Any
         async with asyncio.timeout(30):
             while len((await _state(http, node, room))["values"]) < DEVICES:
                 if sim.returncode is not None:
-                    raise AssertionError(f"simulate exited {sim.returncode}")
+                    assert sim.stdout is not None
+                    out = (await sim.stdout.read()).decode(errors="replace")[-2000:]
+                    raise AssertionError(f"simulate exited {sim.returncode}:\n{out}")
                 await asyncio.sleep(0.2)
 
         browser = await RawClient.connected(ws_url(node), token("viewer"))
