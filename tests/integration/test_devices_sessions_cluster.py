@@ -240,3 +240,46 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         for node in (a, b, c):
             with contextlib.suppress(Exception):
                 node.stop()
+
+
+async def test_a_session_survives_its_node_and_nats_server(tmp_path: Path, cluster: NatsCluster
+                                                           ) -> None:
+    """Node A uses only NATS server 0; the device's session is made through A, then A and
+    server 0 are killed (-9) together; the device reconnects through B (servers 1 and 2): its
+    session and every event stored meanwhile are there (R3: two servers of three hold them)."""
+    a = cluster_node(tmp_path, "a", cluster.urls[:1])
+    b = cluster_node(tmp_path, "b", cluster.urls[1:])
+    http = aiohttp.ClientSession()
+    try:
+        await asyncio.gather(*(asyncio.to_thread(n.wait_ready, 30) for n in (a, b)))
+        room = unique("cmd")
+        p = PahoDevice("p-2", a.mqtt_port, clean=False)
+        assert await p.start() == (False, 0)
+        assert await p.subscribe(f"rooms/{room}") == [1]
+        await p.stop()
+        stored = await http_publish(http, b, room, 200, 0)
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        cluster.kill(0)
+
+        # A CONNACK 3 (the session store electing a new leader) is retried, as a device would.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            p = PahoDevice("p-2", b.mqtt_port, clean=False)
+            present, rc = await p.start()
+            if rc not in (3, 136) or loop.time() > deadline:  # paho: 3 is 136
+                break
+            await p.stop()
+            await asyncio.sleep(0.5)
+        assert (present, rc) == (True, 0), "the session outlived its node and NATS server"
+        assert await p.seqs(len(stored)) == sorted(stored), "every event, in order, once"
+        [seq] = await http_publish(http, b, room, 1, 1000)
+        assert await p.seqs(1) == [seq]
+        await p.stop()
+    finally:
+        await http.close()
+        for node in (a, b):
+            with contextlib.suppress(Exception):
+                node.stop()
