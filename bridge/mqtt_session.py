@@ -243,6 +243,7 @@ class MqttSession(asyncio.Protocol):
         self._dirty = False
         self._refresh: asyncio.TimerHandle | None = None
         self._drained = asyncio.Event()
+        self._saved_at_close = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -355,6 +356,7 @@ class MqttSession(asyncio.Protocol):
             log.debug("x %s: %s", self.client_id or "?", reason)
             if self.persistent:
                 self._persist()  # its last cursors (nothing moves them after the close)
+                self._saved_at_close = True
         self._pending.clear()
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -390,8 +392,8 @@ class MqttSession(asyncio.Protocol):
         if self._refresh is not None:
             self._refresh.cancel()
         self._drained.set()
-        if self.persistent:
-            self._persist()  # connected = False, the last cursors
+        if self.persistent and not self._saved_at_close:
+            self._persist()  # connected = False, the last cursors (a connection lost)
         if self.principal is not None:
             key = (self.principal.tenant, self.client_id)
             if self.bridge.sessions.get(key) is self:
