@@ -193,7 +193,7 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
 
         # The same connections with clean_session = 1 first: what the churn of 2,000 devices
         # leaves in the node's RSS (allocator high-water mark) with no session kept.
-        await devices("bench-clean", True)
+        clean_s = await devices("bench-clean", True)
         rss_clean = await _settled_rss(pid)
         _log(f"{args.sessions} clean-session devices came and went; node RSS {rss_clean} KiB")
         made_s = await devices("bench", False)
@@ -206,6 +206,8 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
         rows = [
             ("sessions created (connect, subscribe QoS 1, disconnect)",
              f"{args.sessions} in {made_s:.1f} s ({args.sessions / made_s:.0f}/s)"),
+            ("baseline: the same with clean_session = 1 (no session)",
+             f"{args.sessions} in {clean_s:.1f} s ({args.sessions / clean_s:.0f}/s)"),
             (f"sessions held ({SESSIONS_BUCKET} keys)",
              "bucket missing" if bucket is None else f"{bucket[0]}"),
             ("session bucket bytes (per session)",
