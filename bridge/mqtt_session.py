@@ -102,6 +102,9 @@ _EVENT_FIELDS = ("event", "data", "ts", "from", "msg_id", "key", "unset")
 # A resumed QoS 1 room is read in pages of at most this many events, each sent under the
 # window; the next page is read once no more than a window's worth waits.
 _PAGE = 500
+# A connected session's cursors are written at most this often (the last state, at once on
+# close).
+_WRITE_INTERVAL_S = 0.02
 
 
 class _PlainCborSeq:
@@ -1048,6 +1051,7 @@ class MqttSession(asyncio.Protocol):
         return record
 
     async def _write_loop(self) -> None:
+        """Write the session while it changes: one write in flight, the latest state next."""
         sessions = self.ctx.sessions
         assert sessions is not None
         failures = 0
@@ -1057,6 +1061,9 @@ class MqttSession(asyncio.Protocol):
                 try:
                     self.revision = await sessions.write(self._snapshot(), self.revision)
                     failures = 0
+                    if self._dirty and not self.closed:
+                        # A stream of PUBACKs: one write per interval, not one per ack.
+                        await asyncio.sleep(_WRITE_INTERVAL_S)
                 except SessionTaken:
                     self.taken_over("taken over by a new connection (or its session deleted)")
                     return
