@@ -247,6 +247,7 @@ class MqttSession(asyncio.Protocol):
         self._refresh: asyncio.TimerHandle | None = None
         self._drained = asyncio.Event()
         self._saved_at_close = False
+        self._closing = asyncio.Event()  # set by close(): the last write waits for nothing
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -360,6 +361,7 @@ class MqttSession(asyncio.Protocol):
             if self.persistent:
                 self._persist()  # its last cursors (nothing moves them after the close)
                 self._saved_at_close = True
+                self._closing.set()
         self._pending.clear()
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -397,6 +399,7 @@ class MqttSession(asyncio.Protocol):
         self._drained.set()
         if self.persistent and not self._saved_at_close:
             self._persist()  # connected = False, the last cursors (a connection lost)
+            self._closing.set()
         if self.principal is not None:
             key = (self.principal.tenant, self.client_id)
             if self.bridge.sessions.get(key) is self:
@@ -1062,8 +1065,11 @@ class MqttSession(asyncio.Protocol):
                     self.revision = await sessions.write(self._snapshot(), self.revision)
                     failures = 0
                     if self._dirty and not self.closed:
-                        # A stream of PUBACKs: one write per interval, not one per ack.
-                        await asyncio.sleep(_WRITE_INTERVAL_S)
+                        # A stream of PUBACKs: one write per interval, not one per ack (a
+                        # close ends the wait: its write goes at once).
+                        self._closing.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._closing.wait(), _WRITE_INTERVAL_S)
                 except SessionTaken:
                     self.taken_over("taken over by a new connection (or its session deleted)")
                     return

@@ -265,6 +265,7 @@ async def test_mosquitto_sub_persistent_and_a_takeover_from_another_node(make_no
     assert r.returncode == 0, r.stderr
     seqs = [cbor2.loads(bytes.fromhex(x))["seq"] for x in r.stdout.decode().split()]
     assert seqs == missed
+    await saved(b, dev, lambda r: not r.connected)  # (else its last PUBACKs may come late)
 
     # Held on a, then taken by a CONNECT on b: a's connection is closed.
     raw_a = await RawMqtt.connect(a.mqtt.port, dev, dev_token(dev))
