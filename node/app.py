@@ -210,6 +210,8 @@ class Node:
             self.presence = PresenceTracker(
                 self.store, ttl_s=s.presence_ttl_s, replicas=s.stream_replicas,
                 on_vanished=self._member_vanished,
+                # An offline device (persistent MQTT session) is listed as long as its session.
+                offline_max_s=s.mqtt_session_expiry_s,
             )
             await self.presence.start()
             self._stack.push_async_callback(self.presence.stop)

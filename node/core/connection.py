@@ -49,6 +49,7 @@ from node.core.session_commands import (
     LeavePlainRoom,
     LeaveRoom,
     PresenceAdd,
+    PresenceOffline,
     PresenceRemove,
     PresenceWatch,
     ReadHistory,
@@ -63,7 +64,6 @@ from node.core.session_commands import (
     TimerKey,
     UnregisterRpc,
 )
-from node.core.session_presence import PresenceOffline
 from node.protocol.errors import ProtocolError
 from node.protocol.tokens import Principal
 

@@ -26,6 +26,7 @@ __all__ = [
     "LeavePlainRoom",
     "LeaveRoom",
     "PresenceAdd",
+    "PresenceOffline",
     "PresenceRemove",
     "PresenceWatch",
     "ReadHistory",
@@ -203,6 +204,16 @@ class PresenceRemove:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceOffline:
+    """Keep this connection in a room's presence as offline (``member`` has ``online:
+    false``) for ``ttl_s`` seconds, instead of removing it (``PresencePort.mark_offline``)."""
+
+    room: str
+    member: dict[str, Any]
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class AnnouncePresence:
     """Send a ``presence:join``/``presence:leave`` volatile event about ``member``."""
 
@@ -236,7 +247,7 @@ Command = (
     SendFrame | Close | Stop | AdmitConnection | RegisterRpc | UnregisterRpc | StartTimer
     | CancelTimer | JoinRoom | LeaveRoom | JoinPlainRoom | LeavePlainRoom | StorePublish
     | SendVolatile | ReadHistory | ReadPresence | PresenceWatch | PresenceAdd | PresenceRemove
-    | AnnouncePresence | CallRpc | RespondRpc
+    | PresenceOffline | AnnouncePresence | CallRpc | RespondRpc
 )
 
 

@@ -21,7 +21,6 @@ session's expiry) and the watchers' ``presence:leave`` carries ``online: false``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from node.core.admission import VolatileThrottle
@@ -29,6 +28,7 @@ from node.core.session_commands import (
     AnnouncePresence,
     CommandQueue,
     PresenceAdd,
+    PresenceOffline,
     PresenceRemove,
     PresenceWatch,
     StartTimer,
@@ -40,16 +40,6 @@ __all__ = ["PRESENCE_JOIN", "PRESENCE_LEAVE", "PresenceOffline", "PresenceRules"
 
 PRESENCE_JOIN = "presence:join"
 PRESENCE_LEAVE = "presence:leave"
-
-
-@dataclass(frozen=True, slots=True)
-class PresenceOffline:
-    """Keep this connection in a room's presence as offline (``member`` has ``online:
-    false``) for ``ttl_s`` seconds, instead of removing it (``PresencePort.mark_offline``)."""
-
-    room: str
-    member: dict[str, Any]
-    ttl_s: float
 
 
 class PresenceRules(CommandQueue):
@@ -174,7 +164,7 @@ class PresenceRules(CommandQueue):
                 member["online"] = False
                 # Defined here, not in session_commands (whose Command union does not list
                 # it); the actor executes it like the other presence commands.
-                self._commands.append(PresenceOffline(room, member, ttl_s))  # type: ignore[arg-type]
+                self._commands.append(PresenceOffline(room, member, ttl_s))
             elif self._tracked(room) and room not in self.rooms:
                 self._commands.append(PresenceRemove(room))
         for room in sorted(self._shown):
