@@ -9,6 +9,10 @@ closes it) flood the node for ``--seconds``, from processes of their own.
 Printed: the members' p99 latency without the flood and during it (same run), their ratio (the
 goal: within 2x), events lost (must be 0), and what the node answered the flood. The exit status
 is 1 when an event was lost, a room got stuck or the node crashed.
+
+``--kinds churn --connections 5`` floods with one kind only; ``--node-arg=--nats-sync=2m``
+(repeatable) passes a flag to the node, e.g. to take JetStream's per-event fsync out of the
+figures.
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ FLOOD_KINDS = ("churn", "oversized", "malformed", "requests")
 FLOOD_FRAMES = 10**9  # bounded by time only
 
 
-def flood_specs(seed: int, connections: int) -> tuple[AttackerSpec, ...]:
+def flood_specs(seed: int, connections: int,
+                kinds: tuple[str, ...] = FLOOD_KINDS) -> tuple[AttackerSpec, ...]:
     """``connections`` flood attackers, the kinds in turn, their seeds drawn from ``seed``."""
     rng = random.Random(seed)
-    return tuple(AttackerSpec(FLOOD_KINDS[i % len(FLOOD_KINDS)], rng.randrange(1 << 62))
+    return tuple(AttackerSpec(kinds[i % len(kinds)], rng.randrange(1 << 62))
                  for i in range(connections))
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FLOOD_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'none'}: the kinds are {', '.join(FLOOD_KINDS)}")
+    return kinds
 
 
 def main(argv: list[str]) -> int:
@@ -42,15 +56,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline-s", type=float, default=10.0,
                         help="how long the members are measured alone first")
     parser.add_argument("--workers", type=int, default=2, help="attacker processes")
+    parser.add_argument("--kinds", type=_kinds, default=FLOOD_KINDS,
+                        help=f"comma-separated hostile kinds, dealt in turn (default: "
+                             f"{','.join(FLOOD_KINDS)})")
+    parser.add_argument("--node-arg", action="append", default=[], metavar="FLAG",
+                        help="a flag for the node, e.g. --node-arg=--nats-sync=2m (repeatable)")
     args = parser.parse_args(argv)
     if args.connections < 1 or args.seconds <= 0 or args.baseline_s <= 0 or args.workers < 1:
         parser.error("--connections, --seconds, --baseline-s and --workers must be positive")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    cfg = HostileConfig(seed=seed, specs=flood_specs(seed, args.connections),
+    cfg = HostileConfig(seed=seed, specs=flood_specs(seed, args.connections, args.kinds),
                         frames=FLOOD_FRAMES, seconds=args.seconds, workers=args.workers,
-                        baseline_s=args.baseline_s)
+                        baseline_s=args.baseline_s, node_flags=tuple(args.node_arg))
+    node = f", node flags {' '.join(args.node_arg)}" if args.node_arg else ""
     print(f"flood: seed {seed}, {args.connections} hostile connections "
-          f"({', '.join(FLOOD_KINDS)}) for {args.seconds:g} s after {args.baseline_s:g} s "
+          f"({', '.join(args.kinds)}{node}) for {args.seconds:g} s after {args.baseline_s:g} s "
           f"without; {cfg.rooms} well-behaved rooms of {cfg.members} members, "
           f"{cfg.rate_per_s:g} events/s each", flush=True)
     res = run_hostile(cfg)
