@@ -9,7 +9,8 @@ its defaults, then the scale-out benchmark with its defaults; ``python -m bench 
 when named (``make fuzz``, ``make flood``), as does ``python -m bench consume [...]``
 (durable consumers' events/s and CPU per event, ``make bench-consume``) and
 ``python -m bench sessions [...]`` (persistent MQTT sessions held, RSS per offline session,
-resume time; ``make bench-sessions``).
+resume time; ``make bench-sessions``) and ``python -m bench connections [...]`` (memory per
+idle connection and connects/s, against plain ``websockets``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bench import consume, fanout, flood, fuzz, ingest, recovery, scaleout, sessions
+from bench import connections, consume, fanout, flood, fuzz, ingest, recovery, scaleout, sessions
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
         return flood.main(argv[1:])
     if argv and argv[0] == "consume":
         return consume.main(argv[1:])
+    if argv and argv[0] == "connections":
+        return connections.main(argv[1:])
     if argv and argv[0] == "sessions":
         return sessions.main(argv[1:])
     rc = fanout.main(argv)
