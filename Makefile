@@ -40,6 +40,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check node actors bridge devices tests bench
 	$(BIN)/mypy node actors bridge devices
 
+# The report of issue 12 (bench/__main__.py): every workload side by side (rtnode with 1 and 2
+# workers, the plain websockets baseline), printed as a table and written as JSON and PNG plots
+# to ./bench-report/ (--out DIR; progress on stderr). `make bench ARGS="--help"` lists the knobs;
+# `make bench ARGS="fanout ..."` runs one benchmark alone.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
