@@ -63,6 +63,7 @@ from node.core.room_messages import (
     RoomCounters,
     RoomSettings,
 )
+from node.core.room_recovery import RecoveryBatch
 from node.core.room_state import RoomValues
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
@@ -109,6 +110,19 @@ class _ReplayDone:
     error: str | None = None
     #: A state room's join: the values to send after joined (as of the join's seq).
     values: list[dict[str, Any]] | None = None
+    #: Where the member's events start in ``events`` (a batch's events, shared).
+    start: int = 0
+    #: A batch's frames and encodings by seq, shared by its members (each event is decoded
+    #: once and encoded once per codec, not once per member).
+    cache: dict[int, tuple[dict[str, Any] | None, dict[str, bytes]]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchDone:
+    joins: list[Join]
+    target: int
+    batch: RecoveryBatch | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +200,10 @@ class RoomActor(Actor):
         self._backlog: list[LiveMessage] = []
         self._since_trim = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Joins with ``since`` waiting for the next recovery batch, and whether a batch is
+        # scheduled or in flight (one at a time: joins arriving meanwhile wait for the next).
+        self._recovering: list[Join] = []
+        self._batching = False
         # When the room last became empty (loop time; None: it has members), and the timer
         # that looks again once it may have been empty for idle_s.
         self._empty_since: float | None = None
@@ -294,6 +312,8 @@ class RoomActor(Actor):
             self.members.pop(id(message.member), None)
         elif isinstance(message, _ReplayDone):
             self._on_replay_done(message)
+        elif isinstance(message, _BatchDone):
+            self._on_batch_done(message)
         elif isinstance(message, _RepairDone):
             self._on_repair_done(message)
         elif isinstance(message, _StateRead):
@@ -524,7 +544,75 @@ class RoomActor(Actor):
         values = None
         if self.state is not None and not join.silent:
             values = self._values.upto(target)
+        if join.since_seq is not None and values is None:
+            # A recovery: served with the others that arrive in the same loop turn, or while
+            # the batch before is read (a reconnect storm: thousands within a second or two).
+            self._recovering.append(join)
+            if not self._batching:
+                self._batching = True
+                self._spawn(self._recover(), "recover")
+            return
         self._spawn(self._replay(join, target, values), "replay")
+
+    async def _recover(self) -> None:
+        """One batch: the stream's latest seq once, ``has`` only for a ``since`` beyond it,
+        one paged read from the lowest ``since`` (see ``node.core.room_recovery``)."""
+        # The task's first step runs in the loop turn after the join that spawned it, before
+        # any await: it takes every recovering join the room has handled until then, in one
+        # step with the room's position (no message can be handled in between).
+        joins, self._recovering = self._recovering, []
+        position = self.last_seq
+        store, tenant, room, counters = self.store, self.tenant, self.room, self.counters
+        counters.recovery_batches += 1
+        target = position
+        try:
+            counters.recovery_reads += 1
+            # The stream may be ahead of what this room has delivered: replay up to its latest
+            # (what arrives live later is skipped by each member's cursor).
+            target = max(position, await store.last_seq(tenant, room))
+            sinces = [j.since_seq for j in joins
+                      if j.since_seq is not None and self._epoch_ok(j)]
+            batch = RecoveryBatch(sinces, target, self.settings.recovery_max,
+                                  self.settings.history_size)
+            for since in batch.has_to_ask:
+                counters.recovery_reads += 1
+                batch.take_has(since, await store.has(tenant, room, since))
+            if batch.count_needed:
+                counters.recovery_reads += 1
+                batch.take_count(await store.count(tenant, room))
+            while (after := batch.next_read()) is not None:
+                counters.recovery_reads += 1
+                batch.take_page(await store.read(tenant, room, after, batch.page,
+                                                 before=target + 1))
+            done = _BatchDone(joins, target, batch)
+        except StoreError as exc:
+            done = _BatchDone(joins, target, None, str(exc))
+        self.ref.tell(done)
+
+    def _epoch_ok(self, join: Join) -> bool:
+        return join.since_epoch is None or join.since_epoch == self.store.epoch
+
+    def _on_batch_done(self, done: _BatchDone) -> None:
+        """Answer each join of a batch (its slice of the shared events), then start the next
+        batch if joins queued meanwhile."""
+        batch = done.batch
+        cache: dict[int, tuple[dict[str, Any] | None, dict[str, bytes]]] = {}
+        for join in done.joins:
+            if batch is None:
+                reply = _ReplayDone(join.member, join, done.target, False, None,
+                                    error=done.error)
+            elif join.since_seq is None or not self._epoch_ok(join):
+                reply = _ReplayDone(join.member, join, done.target, False, [])
+            else:
+                recovered, start = batch.outcome(join.since_seq)
+                reply = _ReplayDone(join.member, join, done.target, recovered,
+                                    batch.events if recovered else [], start=start,
+                                    cache=cache)
+            self._on_replay_done(reply)
+        self._batching = False
+        if self._recovering:
+            self._batching = True
+            self._spawn(self._recover(), "recover")
 
     async def _replay(self, join: Join, target: int,
                       values: list[dict[str, Any]] | None = None) -> None:
@@ -605,6 +693,7 @@ class RoomActor(Actor):
             member.on_room_lost(self.room)
             return
         events = done.events or []
+        start = min(done.start, len(events))
         if done.recovered:
             member.cursor = max(member.cursor, join.since_seq or 0)
         elif events:  # a rewind: its events, then live from target on
@@ -615,7 +704,7 @@ class RoomActor(Actor):
             joined: dict[str, Any] = {
                 "type": "joined", "room": self.room, "seq": done.target,
                 "epoch": self.store.epoch, "recovered": done.recovered,
-                "replayed": len(events),
+                "replayed": len(events) - start,
             }
             if join.request_id is not None:
                 joined["id"] = join.request_id
@@ -624,14 +713,27 @@ class RoomActor(Actor):
                 for state in state_frames(self.room, done.values):
                     outbox.send(state)
         codec = outbox.codec
-        for ev in events:
+        cache = done.cache
+        for i in range(start, len(events)):
+            ev = events[i]
             if ev.seq <= member.cursor:
                 continue
-            frame = self._frame(ev.seq, ev.body)
             member.cursor = ev.seq
+            if cache is None:
+                frame = self._frame(ev.seq, ev.body)
+                if frame is not None:
+                    outbox.push(codec.encode(frame))
+                continue
+            hit = cache.get(ev.seq)
+            if hit is None:
+                hit = cache[ev.seq] = (self._frame(ev.seq, ev.body), {})
+            frame, encoded = hit
             if frame is not None:
-                outbox.push(codec.encode(frame))
-        self.counters.replayed += len(events)
+                data = encoded.get(codec.name)
+                if data is None:
+                    data = encoded[codec.name] = codec.encode(frame)
+                outbox.push(data)
+        self.counters.replayed += len(events) - start
         member.cursor = max(member.cursor, done.target)
         held, member.held = member.held, []
         member.replaying = False

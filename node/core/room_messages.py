@@ -46,6 +46,10 @@ class RoomCounters:
     live_dropped: int = 0
     undeliverable: int = 0  # stored messages that are not event maps: skipped
     rooms: int = 0  # room actors running (instances built and not stopped)
+    # Store requests made for recovering joins (latest seq, has, count, read pages), and the
+    # batches that made them: joins arriving together share one batch (node.core.room_recovery).
+    recovery_reads: int = 0
+    recovery_batches: int = 0
 
 
 @dataclass(eq=False, slots=True)

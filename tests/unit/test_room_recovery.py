@@ -1,0 +1,81 @@
+"""The batching of recoveries (node.core.room_recovery): what one read serves, pure values."""
+
+from __future__ import annotations
+
+from node.core.ports import StoredEvent
+from node.core.room_recovery import RecoveryBatch
+
+
+def _run(batch: RecoveryBatch, stored: list[int]) -> list[int]:
+    """Answer the batch's reads from ``stored`` (seqs of the room); returns the reads' afters."""
+    afters = []
+    for since in batch.has_to_ask:
+        batch.take_has(since, since in stored)
+    if batch.count_needed:
+        batch.take_count(len(stored))
+    while (after := batch.next_read()) is not None:
+        afters.append(after)
+        page = [StoredEvent(s, b"") for s in stored if after < s <= batch.target][:batch.page]
+        batch.take_page(page)
+    return afters
+
+
+def _slice(batch: RecoveryBatch, since: int) -> tuple[bool, list[int]]:
+    ok, start = batch.outcome(since)
+    return ok, [ev.seq for ev in batch.events[start:]] if ok else []
+
+
+def test_one_read_serves_every_since_with_its_own_slice() -> None:
+    stored = [2, 5, 7, 8, 12, 15]  # other rooms' events in between
+    batch = RecoveryBatch([7, 5, 12, 7, 15], 15, recovery_max=100, history_size=0)
+    assert batch.has_to_ask == [] and not batch.count_needed
+    assert _run(batch, stored) == [4]  # one read, from the lowest since itself
+    assert _slice(batch, 5) == (True, [7, 8, 12, 15])
+    assert _slice(batch, 7) == (True, [8, 12, 15])
+    assert _slice(batch, 12) == (True, [15])
+    assert _slice(batch, 15) == (True, [])  # at target: nothing missed
+
+
+def test_a_since_no_longer_stored_is_not_recovered() -> None:
+    stored = [5, 7, 8]  # 6 is another room's, 3 was trimmed
+    batch = RecoveryBatch([3, 6, 7], 8, recovery_max=100, history_size=0)
+    _run(batch, stored)
+    assert batch.outcome(3)[0] is False
+    assert batch.outcome(6)[0] is False
+    assert _slice(batch, 7) == (True, [8])
+
+
+def test_beyond_target_asks_has_and_zero_asks_count() -> None:
+    stored = [1, 2, 3]
+    batch = RecoveryBatch([0, 9, 3], 3, recovery_max=100, history_size=10)
+    assert batch.has_to_ask == [9] and batch.count_needed
+    _run(batch, stored)
+    assert _slice(batch, 0) == (True, [1, 2, 3])
+    assert batch.outcome(9)[0] is False
+    assert _slice(batch, 3) == (True, [])
+    full = RecoveryBatch([0], 3, recovery_max=100, history_size=3)  # may have been trimmed
+    _run(full, stored)
+    assert full.outcome(0)[0] is False
+    empty = RecoveryBatch([0], 0, recovery_max=100, history_size=3)
+    assert _run(empty, []) == [] and empty.outcome(0) == (True, 0)
+
+
+def test_recovery_max_bounds_the_window_and_each_member() -> None:
+    stored = list(range(1, 101))
+    batch = RecoveryBatch([10, 94, 95], 100, recovery_max=5, history_size=0, page=4)
+    _run(batch, stored)
+    assert len(batch.events) <= 5 + 1 + 4  # never more than one window and a page
+    assert batch.outcome(10)[0] is False  # missed 90
+    assert batch.outcome(94)[0] is False  # missed 6
+    assert _slice(batch, 95) == (True, [96, 97, 98, 99, 100])
+
+
+def test_the_read_skips_what_no_remaining_member_can_use() -> None:
+    stored = list(range(1, 10_001))
+    batch = RecoveryBatch([1, 9_990], 10_000, recovery_max=20, history_size=0, page=10)
+    afters = _run(batch, stored)
+    # From 1, one window and a page, then straight to 9,990: not 1,000 pages.
+    assert len(afters) <= 6, afters
+    assert 9_989 in afters
+    assert batch.outcome(1)[0] is False
+    assert _slice(batch, 9_990) == (True, list(range(9_991, 10_001)))
