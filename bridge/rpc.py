@@ -4,18 +4,25 @@ A node subscribes, with one queue group for the whole cluster, to the subjects o
 holds: ``rt.rpc.<tenant>.client.<client_id>`` for each connection and
 ``rt.rpc.<tenant>.<user|device>.<sub>`` for each principal. A request to a target nobody holds
 gets NATS's "no responders" at once (4004); one held by several connections goes to one of them.
+
+A route is cheap: not a nats-py ``Subscription`` (each has an ``asyncio.Queue`` and a task
+running a coroutine, ~4 KB per connection for two routes) but a :class:`_Route` registered in
+the client's table of subscriptions, whose messages are dispatched in the client's read loop,
+synchronously (a request is only told to an actor's mailbox). The routes registered within one
+turn of the event loop share one PING/PONG with the server: a connection gets its ``connected``
+once the server has its routes, without a round trip of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import cbor2
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -39,6 +46,63 @@ def rpc_subject(tenant: str, target: str) -> str:
     return f"rt.rpc.{tenant}.{kind}.{ident}"
 
 
+class _Route:
+    """One rpc subject of this node, as nats-py's client sees a subscription: what its read
+    loop (``_process_msg``), reconnect (SUBs sent again), close and drain read of one. Each
+    message is handed to ``deliver`` at once (no queue, no task)."""
+
+    __slots__ = (
+        "_closed",
+        "_deliver",
+        "_id",
+        "_nc",
+        "_pending_size",
+        "_queue",
+        "_received",
+        "_subject",
+    )
+    # What nats-py reads and this route never has: a limit, a JetStream context, a future, a
+    # bytes limit on pending messages (0: none), a task or iterator to stop.
+    _max_msgs = 0
+    _jsi = None
+    _future = None
+    _pending_bytes_limit = 0
+    _wait_for_msgs_task = None
+    _message_iterator = None
+    _pending_next_msgs_calls = None
+
+    def __init__(self, nc: Any, sid: int, subject: str, deliver: Callable[[Msg], None]) -> None:
+        self._nc = nc
+        self._id, self._subject, self._queue = sid, subject, _QUEUE
+        self._deliver = deliver
+        self._received = 0
+        self._pending_size = 0
+        self._closed = False
+
+    @property
+    def _pending_queue(self) -> _Route:
+        return self
+
+    def put_nowait(self, msg: Msg) -> None:
+        """nats-py's read loop hands over one message."""
+        self._pending_size = 0
+        try:
+            self._deliver(msg)
+        except Exception:  # never into the client's read loop
+            log.exception("! rpc request on %s", self._subject)
+
+    async def _drain(self) -> None:  # the client drains: no more requests
+        with contextlib.suppress(Exception):
+            await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        nc = self._nc
+        self._closed = True
+        nc._remove_sub(self._id)
+        if not nc.is_closed and not nc.is_reconnecting:
+            await nc._send_unsubscribe(self._id)
+
+
 class NatsRpc:
     """The ``RpcPort`` of a node.
 
@@ -48,29 +112,53 @@ class NatsRpc:
 
     def __init__(self, link: NatsLink) -> None:
         self.link = link
-        # subject -> (subscription, local handlers in registration order)
-        self._subs: dict[str, tuple[Subscription | None, list[Callable[[dict[str, Any], str],
-                                                                       None]]]] = {}
+        # subject -> (route, local handlers in registration order)
+        self._subs: dict[str, tuple[_Route | None, list[Callable[[dict[str, Any], str],
+                                                                 None]]]] = {}
+        # The PING/PONG that the routes subscribed during this loop turn wait for.
+        self._confirm: asyncio.Future[None] | None = None
 
     async def register(self, tenant: str, targets: list[str],
                        handler: Callable[[dict[str, Any], str], None]) -> None:
         """Route requests for ``targets`` (``client:<id>``, ``user:<sub>``...) to ``handler``,
         called with (request, reply subject). Returns once the server has the routes."""
-        new = []
+        new = False
         for target in targets:
             subject = rpc_subject(tenant, target)
             entry = self._subs.get(subject)
             if entry is None:
                 entry = self._subs[subject] = (None, [])
-                new.append(subject)
+                entry[1].append(handler)
+                if await self._subscribe(subject):
+                    new = True
+                continue
             entry[1].append(handler)
-        for subject in new:
-            await self._subscribe(subject)
         if new:
-            try:  # one round trip: the server has processed the SUBs
+            await self._confirmed()
+
+    async def _confirmed(self) -> None:
+        """Wait for a PING/PONG sent after every SUB written so far (one for all the routes
+        subscribed in this turn of the loop)."""
+        if self._confirm is None:
+            loop = asyncio.get_running_loop()
+            self._confirm = loop.create_future()
+            loop.call_soon(self._ping)
+        await asyncio.shield(self._confirm)
+
+    def _ping(self) -> None:
+        done, self._confirm = self._confirm, None
+        assert done is not None
+
+        async def flush() -> None:
+            try:  # one round trip: the server has processed the SUBs written before
                 await self.link.nc.flush(timeout=2)
             except Exception as exc:
                 log.warning("! rpc routes not confirmed: %s", exc)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        asyncio.get_running_loop().create_task(flush(), name="rpc.routes")
 
     def unregister(self, tenant: str, targets: list[str],
                    handler: Callable[[dict[str, Any], str], None]) -> None:
@@ -89,33 +177,37 @@ class NatsRpc:
                 asyncio.get_running_loop().call_later(
                     _UNSUBSCRIBE_GRACE_S, self._drop_if_unused, subject)
 
-    async def _subscribe(self, subject: str) -> None:
-        async def on_request(msg: Msg) -> None:
-            if not msg.reply:
-                return
-            entry = self._subs.get(subject)
-            if entry is None or not entry[1]:
-                # The target left between the request and now: say so rather than time out.
-                self.respond(msg.reply, {"error": {"code": 4004, "reason": "rpc target offline",
-                                                   "retry": True}})
-                return
-            try:
-                request = cbor_loads_strict(msg.data)
-            except CodecError:
-                return
-            if isinstance(request, dict):
-                entry[1][0](request, msg.reply)
-
-        try:
-            sub = await self.link.nc.subscribe(subject, queue=_QUEUE, cb=on_request)
-        except Exception as exc:
-            log.warning("! cannot subscribe %s: %s", subject, exc)
+    def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
             return
-        entry = self._subs.get(subject)
-        if entry is None:  # unregistered while subscribing
-            await self._unsubscribe(sub)
-        else:
-            self._subs[subject] = (sub, entry[1])
+        entry = self._subs.get(msg.subject)
+        if entry is None or not entry[1]:
+            # The target left between the request and now: say so rather than time out.
+            self.respond(msg.reply, {"error": {"code": 4004, "reason": "rpc target offline",
+                                               "retry": True}})
+            return
+        try:
+            request = cbor_loads_strict(msg.data)
+        except CodecError:
+            return
+        if isinstance(request, dict):
+            entry[1][0](request, msg.reply)
+
+    async def _subscribe(self, subject: str) -> bool:
+        """Send the SUB of a route (False: the client is closed or draining)."""
+        nc: Any = self.link.nc  # its private table and SUB: a _Route is no Subscription
+        if nc.is_closed or nc.is_draining:
+            log.warning("! cannot subscribe %s: NATS connection closed", subject)
+            del self._subs[subject]
+            return False
+        nc._sid += 1
+        route = _Route(nc, nc._sid, subject, self._on_request)
+        nc._subs[route._id] = route
+        self._subs[subject] = (route, self._subs[subject][1])
+        # Into the client's buffer at once (its flusher writes it); while it reconnects, the
+        # client sends every subscription of its table again once connected.
+        await nc._send_subscribe(route)
+        return True
 
     def _drop_if_unused(self, subject: str) -> None:
         entry = self._subs.get(subject)
@@ -123,13 +215,7 @@ class NatsRpc:
             return  # gone already, or in use again
         del self._subs[subject]
         if entry[0] is not None:
-            asyncio.get_running_loop().create_task(self._unsubscribe(entry[0]))
-
-    async def _unsubscribe(self, sub: Subscription) -> None:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
+            asyncio.get_running_loop().create_task(entry[0]._unsubscribe())
 
     async def request(self, tenant: str, target: str, request: dict[str, Any],
                       timeout: float) -> Any:
