@@ -1,7 +1,9 @@
-"""``python -m bench``: run every benchmark and print its figures.
+"""``python -m bench``: the report of every workload (``make bench``), or one benchmark.
 
-``python -m bench [fanout flags]`` runs the fan-out benchmark, then the ingest benchmark with
-its defaults, then the scale-out benchmark with its defaults; ``python -m bench fanout [...]``,
+``python -m bench [report flags]`` (``make bench``) runs ``bench.suite``: idle connections,
+500 rooms x 2 members publishing, device ingest and fan-out, each against rtnode with 1 and 2
+workers and the plain websockets baseline, printed side by side and written as JSON and PNG
+plots (``python -m bench --help``). ``python -m bench fanout [...]``,
 ``python -m bench ingest [...]``, ``python -m bench scaleout [...]`` or
 ``python -m bench recovery [...]`` (the latency of a recovering join) runs one.
 ``python -m bench fuzz [...]`` (hostile frames next to well-behaved clients) and
@@ -15,10 +17,20 @@ idle connection and connects/s, against plain ``websockets``).
 
 from __future__ import annotations
 
-import os
 import sys
 
-from bench import connections, consume, fanout, flood, fuzz, ingest, recovery, scaleout, sessions
+from bench import (
+    connections,
+    consume,
+    fanout,
+    flood,
+    fuzz,
+    ingest,
+    recovery,
+    scaleout,
+    sessions,
+    suite,
+)
 
 
 def main(argv: list[str]) -> int:
@@ -40,18 +52,7 @@ def main(argv: list[str]) -> int:
         return connections.main(argv[1:])
     if argv and argv[0] == "sessions":
         return sessions.main(argv[1:])
-    rc = fanout.main(argv)
-    rc = ingest.main([]) or rc
-    # What syncing every stored event costs (the embedded nats-server's default, nats_sync =
-    # always): the same ingest with JetStream's own default, an fsync every 2 minutes.
-    print("\nbaseline for the line above: the same ingest with RTNODE_NATS_SYNC=2m "
-          "(JetStream's default sync interval; a power loss can lose acked events)", flush=True)
-    os.environ["RTNODE_NATS_SYNC"] = "2m"
-    try:
-        rc = ingest.main([]) or rc
-    finally:
-        del os.environ["RTNODE_NATS_SYNC"]
-    return scaleout.main([]) or rc
+    return suite.main(argv)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,13 @@ from node.nats_server import free_port
 __all__ = ["BenchConfig", "RunResult", "main", "run_baseline", "run_rtnode"]
 
 
-def run_rtnode(cfg: BenchConfig) -> RunResult:
-    """Start a node subprocess, measure fan-out through it, stop it. Never raises on figures."""
+def run_rtnode(cfg: BenchConfig, workers: int = 1) -> RunResult:
+    """Start a node subprocess (``--workers`` N), measure fan-out through it, stop it.
+
+    Never raises on figures.
+    """
     res = RunResult("rtnode", cfg, acked_ids=bytearray(cfg.events))
-    with bench_node(res, "rtnode-bench-", cfg.payload_bytes) as node:
+    with bench_node(res, "rtnode-bench-", cfg.payload_bytes, workers=workers) as node:
         if node is not None:
             run_loop(measure(res, [node.ws_url], True, node.cpu))
             res.server_counters = scrape_settled(node.base)

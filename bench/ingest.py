@@ -276,10 +276,12 @@ async def _measure(res: IngestResult, url: str, port: int, probe: Any,
 # The node process
 
 
-def run_ingest(cfg: IngestConfig) -> IngestResult:
-    """Start a node subprocess, measure device ingest through it, stop it."""
+def run_ingest(cfg: IngestConfig, node_workers: int = 1) -> IngestResult:
+    """Start a node subprocess (``--workers node_workers``), measure device ingest through it,
+    stop it."""
     res = IngestResult(cfg)
-    with bench_node(res, "rtnode-bench-ingest-", cfg.payload_bytes, cfg.node_optimize) as node:
+    with bench_node(res, "rtnode-bench-ingest-", cfg.payload_bytes, cfg.node_optimize,
+                    workers=node_workers) as node:
         if node is None:
             return res
         workers: list[int] = []

@@ -8,6 +8,7 @@ while stopping, apart.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ __all__ = [
     "RunOutcome",
     "bench_node",
     "node_command",
+    "rss_kib",
     "scrape",
     "scrape_settled",
     "wait_ready",
@@ -121,8 +123,17 @@ class NodeProcess:
         """CPU seconds so far of the node and of its nats-server (and other children)."""
         out = {"node": cpu_seconds(self.proc.pid)}
         for pid, cmd in self.kids.items():
-            name = "nats-server" if "nats-server" in cmd else f"node child {pid}"
+            name = ("nats-server" if "nats-server" in cmd
+                    else "node workers" if "--worker-index" in cmd else f"node child {pid}")
             out[name] = out.get(name, 0.0) + cpu_seconds(pid)
+        return out
+
+    def rss_kib(self) -> dict[str, int]:
+        """Resident memory (KiB) now of the node processes (the node, or the parent and its
+        ``--workers``) and of its nats-server."""
+        out = {"node": rss_kib(self.proc.pid), "nats-server": 0}
+        for pid, cmd in self.kids.items():
+            out["nats-server" if "nats-server" in cmd else "node"] += rss_kib(pid)
         return out
 
     def mark_stop(self) -> None:
@@ -146,22 +157,30 @@ class NodeProcess:
 
 @contextmanager
 def bench_node(res: RunOutcome, prefix: str, payload_bytes: int = 0,
-               optimize: bool = False) -> Iterator[NodeProcess | None]:
+               optimize: bool = False, workers: int = 1, extra: Sequence[str] = (),
+               secret: str = SECRET) -> Iterator[NodeProcess | None]:
     """One node with its embedded nats-server, in a temporary directory removed at the end.
 
-    Yields the node once ready, or None when it could not start (``res.error`` says why). At
-    the end it is stopped and what it logged is in ``res.server_log`` and ``res.shutdown_log``.
+    With ``workers`` > 1 the node runs ``--workers N`` (N node processes sharing the ports)
+    and is ready once every worker is; ``extra`` are more flags of ``node run``, ``secret``
+    its HS256 secret. Yields the node once ready, or None when it could not
+    start (``res.error`` says why). At the end it is stopped and what it logged is in
+    ``res.server_log`` and ``res.shutdown_log``.
     """
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     http_port, mqtt_port = free_port(), free_port()
     cmd = node_command(http_port, mqtt_port, tmp / "data", payload_bytes=payload_bytes,
-                       optimize=optimize)
-    env = {**os.environ, "RTNODE_JWT_SECRET": SECRET}
+                       optimize=optimize,
+                       extra=[*(["--workers", str(workers)] if workers > 1 else []), *extra])
+    env = {**os.environ, "RTNODE_JWT_SECRET": secret}
     node: NodeProcess | None = None
     notes: list[str] = []
     try:
         node = NodeProcess("bench", cmd, tmp / "node.log", env, http_port, mqtt_port)
         res.error = wait_ready([node], READY_TIMEOUT_S)
+        if not res.error and workers > 1:
+            res.error = _wait_workers(node, tmp / "data" / "workers.json", workers,
+                                      READY_TIMEOUT_S)
         yield None if res.error else node
     finally:
         if node is not None:
@@ -169,6 +188,35 @@ def bench_node(res: RunOutcome, prefix: str, payload_bytes: int = 0,
             res.server_log, res.shutdown_log = node.output()
         res.shutdown_log += notes
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_workers(node: NodeProcess, path: Path, workers: int, timeout: float) -> str | None:
+    """Wait until ``workers.json`` says every worker is ready; then note the node's children."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ready = sum(1 for w in json.loads(path.read_text())["workers"] if w.get("ready"))
+        except (OSError, ValueError, KeyError, TypeError):
+            ready = 0
+        if ready >= workers:
+            node.kids = {pid: cmdline(pid) for pid in children_of(node.proc.pid)}
+            return None
+        if node.proc.poll() is not None:
+            return f"{node.label} exited with {node.proc.returncode} before its workers were ready"
+        if time.monotonic() > deadline:
+            return f"{node.label}: {ready} of {workers} workers ready after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` in KiB (Linux /proc; 0 elsewhere or once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def wait_ready(nodes: list[NodeProcess], timeout: float) -> str | None:

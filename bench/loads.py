@@ -1,0 +1,397 @@
+"""Rooms of two members, every member publishing; the clients in processes of their own.
+
+- :func:`rooms`: R rooms of two members, every member publishing for ``seconds`` within a
+  window of ``window`` events not yet received by its peer; then a bounded drain. Gives
+  events/s stored (rtnode's ``published`` replies) and delivered to the peer, publish ->
+  deliver latency, and what was lost (stored, or for the baseline sent, and never received by
+  the peer) or received twice.
+
+The server is an rtnode node (``rtnode=True``: the v1 protocol, JSON) or
+``bench.baseline_server`` (the request path is the room; messages forwarded unchanged).
+:func:`rooms` takes a ``probe`` for the server's CPU seconds, and never raises on figures:
+failures are in the result's ``errors``. Every step is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, die_with_parent
+from bench.report import pct
+from node.protocol.tokens import mint_token
+
+__all__ = ["RoomsResult", "rooms"]
+
+OPEN_CONCURRENCY = 64
+DRAIN_S = 10.0
+LATENCY_SAMPLES = 20_000  # per client process
+
+
+# ---------------------------------------------------------------------------------------------
+# Client processes
+
+
+async def _open(url: str, rtnode: bool, secret: str, sub: str, room: str) -> ClientConnection:
+    """One member, connected and joined (rtnode) or in its room (baseline)."""
+    if not rtnode:
+        ws = await connect(f"{url}/{room}", max_size=None, compression=None,
+                           ping_interval=None, open_timeout=SETUP_TIMEOUT_S)
+        await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S)  # {"type":"joined"}
+        return ws
+    ws = await connect(url, subprotocols=[Subprotocol("rtnode.v1.json")], max_size=None,
+                       compression=None, ping_interval=None, open_timeout=SETUP_TIMEOUT_S)
+    tok = mint_token(secret, sub=sub, rooms={"bench-*": ["join", "publish"]})
+    await ws.send(json.dumps({"type": "connect", "id": "c", "token": tok}) + "\n"
+                  + json.dumps({"type": "join", "id": "j", "room": room}))
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+        for line in str(msg).split("\n"):
+            f = json.loads(line) if line else {}
+            if f.get("id") == "j" or f.get("type") == "disconnect":
+                if f.get("type") != "joined":
+                    raise RuntimeError(f"join answered {line[:200]}")
+                return ws
+
+
+@dataclass
+class _Member:
+    ws: ClientConnection
+    room: str
+    me: int  # 0 or 1 within the room
+    sent: int = 0
+    acked: bytearray = field(default_factory=bytearray)
+    seen: bytearray = field(default_factory=bytearray)  # the peer's events received
+    received: int = 0  # distinct events of the peer received
+    echoes: int = 0
+    duplicates: int = 0
+    peer: _Member | None = None
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+    last_recv: float = 0.0
+    first_send: float = 0.0
+    last_ack: float = 0.0
+    closed: str | None = None
+
+
+class _Client:
+    """The client process: its connections, and the commands it gets on its pipe."""
+
+    def __init__(self, conn: Connection, url: str, rtnode: bool, secret: str) -> None:
+        self.conn, self.url, self.rtnode, self.secret = conn, url, rtnode, secret
+        self.members: list[_Member] = []
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.n_errors = 0
+        self.progress = asyncio.Event()  # set on every event received
+
+    def _error(self, text: str) -> None:
+        self.n_errors += 1
+        if len(self.errors) < 3:
+            self.errors.append(text)
+
+    async def open_rooms(self, rooms: list[int]) -> None:
+        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+        async def one(r: int, me: int) -> _Member | None:
+            async with sem:
+                try:
+                    ws = await _open(self.url, self.rtnode, self.secret, f"bench-m-{r}-{me}",
+                                     f"bench-r{r}")
+                except (OSError, TimeoutError, ConnectionClosed, RuntimeError) as exc:
+                    self._error(f"room {r} member {me}: {exc!r}"[:200])
+                    return None
+                return _Member(ws, f"bench-r{r}", me)
+
+        got = await asyncio.gather(*(one(r, me) for r in rooms for me in (0, 1)))
+        for a, b in zip(got[0::2], got[1::2], strict=True):
+            if a is not None and b is not None:
+                a.peer, b.peer = b, a
+                self.members += [a, b]
+            else:
+                for m in (a, b):
+                    if m is not None:
+                        m.ws.transport.abort()
+
+    async def _read(self, m: _Member, stride: int) -> None:
+        peer = m.peer
+        assert peer is not None
+        latencies = self.latencies
+        try:
+            async for msg in m.ws:
+                now = time.time()
+                for line in str(msg).split("\n"):
+                    if not line:
+                        continue
+                    f = json.loads(line)
+                    kind = f.get("type")
+                    if kind == "published" and self.rtnode:
+                        i = f["id"]
+                        if 0 <= i < len(m.acked):
+                            m.acked[i] = 1
+                        m.last_ack = now
+                    elif kind == "event" or (not self.rtnode and "data" in f):
+                        d = f["data"]
+                        if d["m"] == m.me:
+                            m.echoes += 1
+                            continue
+                        i = d["i"]
+                        if i >= len(m.seen):
+                            m.seen.extend(bytes(max(i + 1 - len(m.seen), 4096)))
+                        if m.seen[i]:
+                            m.duplicates += 1
+                            continue
+                        m.seen[i] = 1
+                        m.received += 1
+                        m.last_recv = now
+                        if i % stride == 0 and len(latencies) < LATENCY_SAMPLES:
+                            latencies.append(now - d["t"])
+                        peer.moved.set()
+                        self.progress.set()
+                    elif kind in ("error", "disconnect"):
+                        self._error(f"{m.room}: {line[:200]}")
+        except ConnectionClosed:
+            pass
+        if m.closed is None:
+            m.closed = f"{m.ws.close_code} {m.ws.close_reason or ''}".strip()
+
+    async def _publish(self, m: _Member, until: float, window: int) -> None:
+        peer = m.peer
+        assert peer is not None
+        room, me, rtnode = m.room, m.me, self.rtnode
+        try:
+            while time.time() < until:
+                while m.sent - peer.received >= window:
+                    m.moved.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(m.moved.wait(), max(0.01, until - time.time()))
+                    if time.time() >= until:
+                        return
+                t = time.time()
+                if not m.first_send:
+                    m.first_send = t
+                i = m.sent
+                if i >= len(m.acked):
+                    m.acked.extend(bytes(4096))
+                data = {"m": me, "i": i, "t": t}
+                frame = ({"type": "publish", "id": i, "room": room, "event": "m", "data": data}
+                         if rtnode else {"data": data})
+                await m.ws.send(json.dumps(frame, separators=(",", ":")))
+                m.sent = i + 1
+        except ConnectionClosed:
+            pass
+
+    async def run_rooms(self, seconds: float, window: int, go_at: float) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, go_at - time.time()))
+        until = go_at + seconds
+        stride = 7
+        readers = [asyncio.create_task(self._read(m, stride)) for m in self.members]
+        pubs = [asyncio.create_task(self._publish(m, until, window)) for m in self.members]
+        await asyncio.gather(*pubs)
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline and any(self._owed(m) for m in self.members):
+            self.progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.progress.wait(), 0.2)
+        await asyncio.sleep(0.2)  # stray duplicates
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        ms = self.members
+        return {
+            "sent": sum(m.sent for m in ms),
+            "acked": sum(sum(m.acked[:m.sent]) for m in ms),
+            "delivered": sum(m.received for m in ms),
+            "duplicates": sum(m.duplicates for m in ms),
+            "echoes": sum(m.echoes for m in ms),
+            "lost": sum(self._owed(m) for m in ms),
+            "first_send": min((m.first_send for m in ms if m.first_send), default=0.0),
+            "last_recv": max((m.last_recv for m in ms), default=0.0),
+            "last_ack": max((m.last_ack for m in ms), default=0.0),
+            "closed": sum(1 for m in ms if m.closed),
+            "latencies": self.latencies,
+        }
+
+    def _owed(self, m: _Member) -> int:
+        """Events of ``m`` stored (rtnode) or sent (baseline) that its peer has not received."""
+        peer = m.peer
+        assert peer is not None
+        seen = peer.seen
+        owed = m.acked if self.rtnode else None
+        return sum(1 for i in range(m.sent)
+                   if (owed is None or owed[i]) and (i >= len(seen) or not seen[i]))
+
+    async def close(self) -> None:
+        conns = [m.ws for m in self.members]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(c.close() for c in conns),
+                                                  return_exceptions=True), 10)
+        for c in conns:
+            c.transport.abort()
+        self.members = []
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await loop.run_in_executor(None, self.conn.recv)
+            self.errors, self.n_errors = [], 0
+            if msg[0] == "rooms":
+                await self.open_rooms(msg[1])
+                self.conn.send(("ready", len(self.members) // 2, self.n_errors, self.errors))
+            elif msg[0] == "go":
+                out = await self.run_rooms(msg[1], msg[2], msg[3])
+                self.conn.send(("done", out, self.n_errors, self.errors))
+            elif msg[0] == "close":
+                await self.close()
+                self.conn.send(("closed",))
+            else:
+                await self.close()
+                return
+
+
+def _client_main(conn: Connection, url: str, rtnode: bool, secret: str) -> None:
+    die_with_parent()
+    runner: Any = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):
+        runner(_Client(conn, url, rtnode, secret).serve())
+
+
+class _Procs:
+    """The client processes, seen from the benchmark (blocking, bounded waits)."""
+
+    def __init__(self, n: int, url: str, rtnode: bool, secret: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_client_main, args=(child, url, rtnode, secret),
+                            daemon=True, name="bench-load")
+            p.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def ask(self, msgs: list[tuple[Any, ...]], timeout: float) -> list[tuple[Any, ...]]:
+        for pipe, msg in zip(self.pipes, msgs, strict=True):
+            pipe.send(msg)
+        out: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + timeout
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"a client process did not answer {msgs[0][0]!r} "
+                                   f"within {timeout:.0f} s")
+            out.append(pipe.recv())
+        return out
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.send(("stop",))
+        for p in self.procs:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements
+
+
+Probe = Callable[[], dict[str, float]]
+
+
+@dataclass
+class RoomsResult:
+    """Rooms of two, every member publishing."""
+
+    rooms: int = 0
+    seconds: float = 0.0
+    sent: int = 0
+    acked: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    echoes: int = 0
+    closed: int = 0
+    span_s: float = 0.0  # first send -> last delivery
+    ack_span_s: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+    load_cpu: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.span_s if self.span_s else 0.0
+
+    @property
+    def stored_rate(self) -> float:
+        return self.acked / self.ack_span_s if self.ack_span_s else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        out = {q: pct(lat, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99),
+                                            ("p99.9", 0.999))}
+        out["max"] = lat[-1] if lat else None
+        return {k: v * 1000 for k, v in out.items() if v is not None}
+
+
+def rooms(url: str, rtnode: bool, secret: str, n_rooms: int, seconds: float, window: int,
+          procs: int, cpu: Probe, log: Callable[[str], None]) -> RoomsResult:
+    """``n_rooms`` rooms of two members, every member publishing for ``seconds``."""
+    res = RoomsResult(rooms=n_rooms, seconds=seconds)
+    clients = _Procs(procs, url, rtnode, secret)
+    try:
+        replies = clients.ask([("rooms", list(range(j, n_rooms, procs))) for j in range(procs)],
+                              SETUP_TIMEOUT_S + n_rooms / 20)
+        ready = sum(r[1] for r in replies)
+        for r in replies:
+            res.errors += [f"{r[2]} members failed: {'; '.join(r[3])}"] if r[2] else []
+        res.rooms = ready
+        log(f"    {ready} rooms ready ({2 * ready} members); publishing for {seconds:g} s")
+        go_at = time.time() + 0.5
+        c0, l0 = cpu(), clients.cpu()
+        done = clients.ask([("go", seconds, window, go_at) for _ in range(procs)],
+                           seconds + DRAIN_S + 30)
+        c1 = cpu()
+        res.load_cpu = clients.cpu() - l0
+        res.cpu = {k: v - c0.get(k, 0.0) for k, v in c1.items()}
+        outs = [d[1] for d in done]
+        for d in done:
+            res.errors += [f"{d[2]} errors: {'; '.join(d[3])}"] if d[2] else []
+        for key in ("sent", "acked", "delivered", "duplicates", "lost", "echoes", "closed"):
+            setattr(res, key, sum(o[key] for o in outs))
+        first = min((o["first_send"] for o in outs if o["first_send"]), default=0.0)
+        last = max(o["last_recv"] for o in outs)
+        last_ack = max(o["last_ack"] for o in outs)
+        res.span_s = last - first if first and last > first else 0.0
+        res.ack_span_s = last_ack - first if first and last_ack > first else 0.0
+        res.latencies = [x for o in outs for x in o["latencies"]]
+        clients.ask([("close",)] * procs, 30)
+    except (TimeoutError, OSError, EOFError) as exc:
+        res.errors.append(f"stopped: {exc}")
+    finally:
+        clients.stop()
+    return res

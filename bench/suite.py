@@ -1,0 +1,455 @@
+"""``make bench`` (``python -m bench [flags]``): every workload of issue 12, side by side.
+
+Runs, each bounded in count and time, against rtnode with 1 worker, rtnode with 2 workers
+(``rtnode run --workers 2``) and the plain ``websockets`` baseline (``bench.baseline_server``),
+every server a fresh subprocess and the load generators in processes of their own:
+
+- idle connections (``bench.loads.connections``): KB of server RSS per connection, connected
+  and joined; connects/s; server CPU per connect; RSS against connections;
+- 500 rooms x 2 members, every member publishing (``bench.loads.rooms``): events/s stored and
+  delivered, CPU per event (node, nats-server, load generator), latency, lost, duplicated;
+- device ingest (``bench.ingest``): 100 MQTT devices QoS 1 -> stored -> delivered (rtnode
+  only: the baseline has no MQTT);
+- fan-out through JetStream (``bench.fanout``) at several subscriber counts.
+
+Prints the table on stdout (progress on stderr) and writes ``report.txt``, ``report.json``
+and PNG plots (``deliveries.png``, ``latency.png``, ``memory.png``) to ``--out``. Exit code 1
+when a run failed or anything was lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import connections, fanout, ingest, loads
+from bench.fanout_results import BenchConfig, RunResult
+from bench.fanout_results import lost as fanout_lost
+from bench.ingest_devices import IngestConfig
+from bench.ingest_report import IngestResult, _accounting
+from bench.nodes import SECRET, RunOutcome, bench_node, rss_kib
+from bench.plots import write_plots
+from bench.procs import (
+    READY_TIMEOUT_S,
+    REPO,
+    cpu_seconds,
+    log_lines,
+    run_loop,
+    spawn,
+    stop,
+    terminated,
+)
+from bench.procs import wait_line as _wait_line
+from bench.report import pct
+from bench.table import Report, problems, render, to_json
+from node.nats_server import free_port
+
+__all__ = ["main"]
+
+WORKLOADS = ("connections", "rooms", "ingest", "fanout")
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Target:
+    """A server under test: where its clients connect, and its CPU and RSS probes."""
+
+    system: str
+    url: str
+    rtnode: bool
+    cpu: Callable[[], dict[str, float]]
+    rss: Callable[[], float]  # KiB of the server processes (the node's, not nats-server's)
+
+
+def _systems(a: argparse.Namespace) -> list[tuple[str, int]]:
+    """(column, workers) for each system measured; workers 0 is the websockets baseline."""
+    out = [("rtnode" if w == 1 else f"rtnode-w{w}", w) for w in a.workers]
+    return out if a.skip_baseline else [*out, ("websockets", 0)]
+
+
+@contextmanager
+def _server(system: str, workers: int, errors: list[str], extra: Sequence[str] = (),
+            secret: str = SECRET) -> Iterator[Target | None]:
+    """A fresh rtnode node (``workers`` >= 1) or baseline server; None when it did not start."""
+    if workers:
+        res = RunOutcome()
+        with bench_node(res, f"rtnode-bench-{system}-", workers=workers, extra=extra,
+                        secret=secret) as node:
+            if node is None:
+                errors.append(f"{system}: {res.error}")
+                yield None
+            else:
+                yield Target(system, node.ws_url, True, node.cpu,
+                             lambda: float(node.rss_kib()["node"]))
+        logged = [line for line in res.server_log if "workers.json" not in line]
+        if logged:
+            errors.append(f"{system} logged: " + " | ".join(logged[-3:])[:400])
+        return
+    port = free_port()
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="rtnode-bench-baseline-") as tmp:
+        log_path = Path(tmp) / "baseline.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        proc = spawn([sys.executable, "-m", "bench.baseline_server", "--port", str(port)],
+                     log_path, env)
+        try:
+            if not _wait_line(log_path, "baseline ready", proc, READY_TIMEOUT_S):
+                errors.append(f"{system}: the baseline server did not start")
+                yield None
+            else:
+                yield Target(system, f"ws://127.0.0.1:{port}", False,
+                             lambda: {"server": cpu_seconds(proc.pid)},
+                             lambda: float(rss_kib(proc.pid)))
+        finally:
+            stop(proc, "baseline server", notes)
+            lines = log_lines(log_path)
+            if lines or notes:
+                errors.append(f"{system}: " + " | ".join([*lines[-3:], *notes])[:400])
+
+
+def _split(cpu: dict[str, float]) -> tuple[float, float]:
+    """(server, nats-server) CPU seconds of a probe's difference."""
+    nats = cpu.get("nats-server", 0.0)
+    server = sum(v for k, v in cpu.items() if k in ("node", "node workers", "server")
+                 or k.startswith("node child"))
+    return server, nats
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    out = {q: pct(lat, v) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99),
+                                        ("p99.9", 0.999))}
+    out["max"] = lat[-1] if lat else None
+    return {k: v * 1000 for k, v in out.items() if v is not None}
+
+
+def _us(seconds: float, count: float) -> float | None:
+    return seconds / count * 1e6 if count else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+async def _settled_kib(rss: Callable[[], float], seconds: float = 4.0) -> float:
+    """RSS once it moved by less than 0.5% over 0.3 s (at most ``seconds``)."""
+    last = rss()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        now = rss()
+        if abs(now - last) <= 0.005 * max(last, 1.0):
+            return now
+        last = now
+    return last
+
+
+@dataclass
+class _Conns:
+    opened: int = 0
+    wall: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+    rss: list[list[float]] = field(default_factory=list)  # [connections, KiB]
+    errors: list[str] = field(default_factory=list)
+
+
+async def _hold(t: Target, a: argparse.Namespace, res: _Conns) -> None:
+    """Open ``a.connections`` in ``a.steps`` steps with bench.connections' raw clients."""
+    kind, port = ("rtnode" if t.rtnode else "baseline"), int(t.url.rsplit(":", 1)[1]
+                                                              .split("/")[0])
+    held: list[Any] = []
+    try:
+        warm = connections._Clients(kind, port, min(200, a.connections), 1, 100, 100, "warm")
+        await warm.opened(a.timeout_s)
+        await warm.close()
+        await asyncio.sleep(1.5)  # rooms without members stop after room_idle_s
+        res.rss.append([0, await _settled_kib(t.rss)])
+        for k in range(1, a.steps + 1):
+            n = a.connections * k // a.steps - a.connections * (k - 1) // a.steps
+            c0 = t.cpu()
+            clients = connections._Clients(kind, port, n, a.load_procs, 100, 100, f"s{k}")
+            held.append(clients)
+            wall, failed, errors = await clients.opened(a.timeout_s)
+            c1 = t.cpu()
+            for key, v in c1.items():
+                res.cpu[key] = res.cpu.get(key, 0.0) + v - c0.get(key, 0.0)
+            res.wall += wall
+            res.opened += n - failed
+            if failed:
+                res.errors.append(f"{failed} connections failed: {'; '.join(errors[:2])}")
+            res.rss.append([res.opened, await _settled_kib(t.rss)])
+            log(f"    {res.opened} connections open, server RSS "
+                f"{res.rss[-1][1] / 1024:.1f} MB")
+    except (TimeoutError, OSError, RuntimeError, ValueError) as exc:
+        res.errors.append(f"stopped: {exc!r}")
+    finally:
+        for clients in held:
+            await clients.close()
+
+
+def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
+    w = r.workload("connections", "idle WebSocket connections, connected and joined "
+                                  f"({a.connections}, rooms of 100)")
+    big = str(max(100_000, 2 * a.connections))
+    limits = ["--max-connections", big, "--max-connections-per-ip", big,
+              "--peer-failures-per-min", big]
+    for system, workers in _systems(a):
+        log(f"  connections: {system} ...")
+        res = _Conns()
+        with _server(system, workers, errors, limits, connections.SECRET) as t:
+            if t is None:
+                continue
+            run_loop(_hold(t, a, res))
+        errors.extend(f"connections, {system}: {e}" for e in res.errors)
+        server, nats = _split(res.cpu)
+        kib = None
+        if len(res.rss) >= 2 and res.rss[-1][0] > 0:
+            kib = (res.rss[-1][1] - res.rss[0][1]) / res.rss[-1][0]
+        w.metric("kb", "KB of server RSS per connection", 1, "<= 12 KB").values[system] = (
+            kib * 1.024 if kib is not None else None)
+        w.metric("rate", "connects/s (handshake + token + join)", 0,
+                 ">= 3,000").values[system] = res.opened / res.wall if res.wall else None
+        w.metric("cpu", "server CPU µs per connect", 0).values[system] = _us(
+            server, res.opened)
+        w.metric("cpu_nats", "nats-server CPU µs per connect", 0).values[system] = (
+            _us(nats, res.opened) if t.rtnode else None)
+        w.metric("rss", f"server RSS with {a.connections} open (MB)", 1).values[system] = (
+            res.rss[-1][1] / 1024 if res.rss else None)
+        w.metric("failed", "connections that failed", 0).values[system] = float(
+            a.connections - res.opened)
+        r.series.setdefault("memory", {})[system] = [[n, k / 1024] for n, k in res.rss]
+    w.notes.append("bench.connections' raw WebSocket clients in "
+                   f"{a.load_procs} processes, {a.steps} steps; KB per connection: server "
+                   "RSS (the node processes; nats-server apart) after the last step minus "
+                   "before the first (after a warm-up of 200), per connection")
+
+
+def run_rooms(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
+    w = r.workload("rooms", f"{a.rooms} rooms x 2 members, every member publishing "
+                            f"({a.seconds:g} s, window {a.window})")
+    for system, workers in _systems(a):
+        log(f"  rooms: {system} ...")
+        with _server(system, workers, errors) as t:
+            if t is None:
+                continue
+            res = loads.rooms(t.url, t.rtnode, SECRET, a.rooms, a.seconds, a.window,
+                              a.load_procs, t.cpu, log)
+        errors.extend(f"rooms, {system}: {e}" for e in res.errors)
+        server, nats = _split(res.cpu)
+        wall = res.span_s or 1.0
+        w.metric("stored", "events/s stored (published replies)", 0).values[system] = (
+            res.stored_rate if t.rtnode else None)
+        w.metric("rate", "events/s delivered to the other member", 0,
+                 ">= 30,000").values[system] = res.rate
+        w.metric("cpu", "server CPU µs per event", 1).values[system] = _us(server,
+                                                                            res.delivered)
+        w.metric("cpu_nats", "nats-server CPU µs per event", 1).values[system] = (
+            _us(nats, res.delivered) if t.rtnode else None)
+        w.metric("core_server", "server CPU, % of one core", 0).values[system] = (
+            100 * server / wall)
+        w.metric("core_nats", "nats-server CPU, % of one core", 0).values[system] = (
+            100 * nats / wall if t.rtnode else None)
+        w.metric("core_load", "load generator CPU, % of one core", 0).values[system] = (
+            100 * res.load_cpu / wall)
+        pcts = _percentiles(res.latencies)
+        w.metric("p50", "latency p50 ms", 1).values[system] = pcts.get("p50")
+        w.metric("p99", "latency p99 ms", 1).values[system] = pcts.get("p99")
+        w.metric("lost", "lost", 0).values[system] = float(res.lost)
+        w.metric("duplicated", "duplicated", 0).values[system] = float(res.duplicates)
+        r.percentiles.setdefault("rooms", {})[system] = pcts
+    w.notes.append("rtnode also delivers each event back to its publisher (not counted); "
+                   "lost: stored (rtnode) or sent (websockets) and never received by the peer")
+
+
+def _ingest_lost(res: IngestResult) -> int:
+    return _accounting(res)[1]["lost"] if res.devices else 0
+
+
+def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
+    w = r.workload("ingest", f"device ingest, {a.devices} devices QoS 1 -> stored -> "
+                             f"delivered ({a.devices * a.events_per_device} events)")
+    for system, workers in _systems(a):
+        if not workers:
+            continue
+        log(f"  ingest: {system} ...")
+        cfg = IngestConfig(devices=a.devices, events_per_device=a.events_per_device,
+                           timeout_s=a.timeout_s)
+        res = ingest.run_ingest(cfg, node_workers=workers)
+        if res.error:
+            errors.append(f"ingest, {system}: {res.error}")
+        server, nats = _split(res.cpu)
+        load = sum(v for k, v in res.cpu.items() if k.startswith(("member", "device")))
+        wall = res.cpu_wall or 1.0
+        w.metric("stored", "events/s stored (PUBACKed)", 0).values[system] = res.stored_rate
+        w.metric("rate", "events/s delivered (end to end)", 0,
+                 ">= 30,000 on one core").values[system] = res.rate
+        w.metric("cpu", "node CPU µs per event", 1).values[system] = _us(server, res.distinct)
+        w.metric("cpu_nats", "nats-server CPU µs per event", 1).values[system] = _us(
+            nats, res.distinct)
+        w.metric("core_server", "node CPU, % of one core", 0).values[system] = (
+            100 * server / wall)
+        w.metric("core_nats", "nats-server CPU, % of one core", 0).values[system] = (
+            100 * nats / wall)
+        w.metric("core_load", "load generator CPU, % of one core", 0).values[system] = (
+            100 * load / wall)
+        pcts = _percentiles(res.latencies)
+        w.metric("p50", "latency p50 ms", 1).values[system] = pcts.get("p50")
+        w.metric("p99", "latency p99 ms", 1).values[system] = pcts.get("p99")
+        w.metric("lost", "lost", 0).values[system] = float(_ingest_lost(res))
+        w.metric("duplicated", "duplicated", 0).values[system] = float(res.duplicates)
+        r.percentiles.setdefault("ingest", {})[system] = pcts
+    w.notes.append("no websockets figure: the baseline has no MQTT (the issue's Mosquitto "
+                   "52k/s is without storage)")
+
+
+def _fanout_lost(res: RunResult) -> int:
+    if res.name == "rtnode":
+        return fanout_lost(res)
+    return sum(sum(1 for i in range(res.sent) if i >= len(s.seen) or not s.seen[i])
+               for s in res.subs)
+
+
+def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
+    w = r.workload("fanout", f"fan-out through JetStream, one room, {a.fanout_events} "
+                             "events, pipelined")
+    biggest = max(a.fanout_subscribers)
+    for system, workers in _systems(a):
+        lost = dups = 0
+        for subs in a.fanout_subscribers:
+            log(f"  fan-out: {system}, {subs} subscribers ...")
+            cfg = BenchConfig(subscribers=subs, events=a.fanout_events,
+                              timeout_s=a.timeout_s)
+            res = (fanout.run_rtnode(cfg, workers=workers) if workers
+                   else fanout.run_baseline(cfg))
+            if res.error:
+                errors.append(f"fan-out {subs}, {system}: {res.error}")
+            lost += _fanout_lost(res)
+            dups += sum(s.duplicates for s in res.subs)
+            w.metric(f"rate{subs}", f"deliveries/s, {subs} subscribers", 0,
+                     ">= 1.4M" if subs == 1000 else "").values[system] = res.rate
+            r.series.setdefault("fanout", {}).setdefault(system, []).append([subs, res.rate])
+            if subs == biggest or subs == 100:
+                pcts = _percentiles(res.latencies)
+                w.metric(f"p99_{subs}", f"latency p99 ms, {subs} subscribers",
+                         1).values[system] = pcts.get("p99")
+                r.percentiles.setdefault(f"fan-out, {subs} subscribers", {})[system] = pcts
+            if subs == biggest:
+                server, nats = _split(res.cpu)
+                w.metric("cpu", f"server CPU µs per delivery, {subs} subscribers",
+                         2).values[system] = _us(server, res.delivered)
+                w.metric("cpu_nats", f"nats-server CPU µs per delivery, {subs} subscribers",
+                         2).values[system] = _us(nats, res.delivered) if workers else None
+        w.metric("lost", "lost", 0).values[system] = float(lost)
+        w.metric("duplicated", "duplicated", 0).values[system] = float(dups)
+    w.notes.append("latency here is of a pipelined flood (publishers within a window of "
+                   "256), not the issue's 1k msg/s x 100 subscribers p99")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"numbers of at least 1 expected: {text!r}")
+    return out
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench",
+                                description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--out", default="bench-report",
+                   help="directory for report.txt, report.json and the PNG plots")
+    p.add_argument("--only", default=",".join(WORKLOADS),
+                   help=f"workloads to run, of {','.join(WORKLOADS)}")
+    p.add_argument("--workers", type=_ints, default=[1, 2],
+                   help="rtnode worker counts, one column each")
+    p.add_argument("--skip-baseline", action="store_true", help="no websockets column")
+    p.add_argument("--connections", type=int, default=2000, help="idle connections held")
+    p.add_argument("--steps", type=int, default=4, help="steps of the idle connections")
+    p.add_argument("--rooms", type=int, default=500, help="rooms of 2 members")
+    p.add_argument("--seconds", type=float, default=8.0, help="publishing time in the rooms")
+    p.add_argument("--window", type=int, default=16,
+                   help="a member's events not yet received by its peer")
+    p.add_argument("--devices", type=int, default=100, help="MQTT devices of the ingest")
+    p.add_argument("--events-per-device", type=int, default=200)
+    p.add_argument("--fanout-subscribers", type=_ints, default=[10, 100, 1000])
+    p.add_argument("--fanout-events", type=int, default=1000)
+    p.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    p.add_argument("--timeout-s", type=float, default=60.0,
+                   help="bound of each fan-out and ingest measurement")
+    a = p.parse_args(argv)
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
+    for x in a.only:
+        if x not in WORKLOADS:
+            p.error(f"--only: unknown workload {x!r} (of {', '.join(WORKLOADS)})")
+    for name in ("connections", "steps", "rooms", "window", "devices", "events_per_device",
+                 "fanout_events", "load_procs"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.seconds <= 0 or a.timeout_s <= 0:
+        p.error("--seconds and --timeout-s must be positive")
+    return a
+
+
+def main(argv: list[str]) -> int:
+    """Run the workloads, print the table, write the JSON and the plots."""
+    a = _parse(argv)
+    out = Path(a.out)
+    r = Report(machine={"system": platform.system(), "machine": platform.machine(),
+                        "cores": os.cpu_count(), "python": platform.python_version()},
+               started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               command="python -m bench " + shlex.join(argv) if argv else "make bench")
+    errors: list[str] = []
+    signal.signal(signal.SIGTERM, terminated)
+    started = time.monotonic()
+    runs: dict[str, Callable[[Report, argparse.Namespace, list[str]], None]] = {
+        "connections": run_connections, "rooms": run_rooms, "ingest": run_ingest,
+        "fanout": run_fanout}
+    log(f"make bench: {', '.join(a.only)}; systems: "
+        f"{', '.join(s for s, _ in _systems(a))}; report to {out}/")
+    try:
+        for name in a.only:
+            t0 = time.monotonic()
+            runs[name](r, a, errors)
+            log(f"  {name}: {time.monotonic() - t0:.0f} s")
+    except KeyboardInterrupt:
+        log("interrupted: the figures so far follow")
+        errors.append("interrupted")
+    r.seconds = time.monotonic() - started
+    text = render(r)
+    if errors:
+        text += "\n\nrun notes:\n" + "\n".join(f"  {e}" for e in errors)
+    print(text, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.txt").write_text(text + "\n")
+    data: dict[str, Any] = to_json(r)
+    data["errors"] = errors
+    (out / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    written, note = write_plots(r, out)
+    log(f"wrote {out / 'report.txt'}, {out / 'report.json'}"
+        + "".join(f", {p}" for p in written) + (f" ({note})" if note else ""))
+    return 1 if problems(r) or any(e.startswith(("interrupted",)) or ": stopped" in e
+                                   for e in errors) else 0
