@@ -169,10 +169,11 @@ class ConnectionActor(Actor):
         # join the same room on its tunnel.
         self.plain: dict[str, Membership] = {}
         self._timers: dict[TimerKey, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Both sets are made at their first task: an empty set is ~200 bytes per connection.
+        self._tasks: set[asyncio.Task[None]] | None = None
         # Volatile sends are not cancelled when the connection ends: a typing notice sent just
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
-        self._volatile_tasks: set[asyncio.Task[None]] = set()
+        self._volatile_tasks: set[asyncio.Task[None]] | None = None
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -190,7 +191,7 @@ class ConnectionActor(Actor):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
         self.outbox.flush()
         self.session.stop()
@@ -242,6 +243,8 @@ class ConnectionActor(Actor):
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = self._loop.create_task(coro, name=f"conn[{self.client_id}].{name}")
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -485,6 +488,8 @@ class ConnectionActor(Actor):
         task = self._loop.create_task(
             self.ctx.admission.send_volatile_quietly(command.admitted),
             name=f"volatile[{command.admitted.room}]")
+        if self._volatile_tasks is None:
+            self._volatile_tasks = set()
         self._volatile_tasks.add(task)
         task.add_done_callback(self._volatile_tasks.discard)
 

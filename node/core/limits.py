@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 __all__ = ["ErrorWindow", "KeyedBuckets", "LimitCarry", "SlidingWindow", "TokenBucket"]
 
 
@@ -100,7 +98,8 @@ class KeyedBuckets:
 class SlidingWindow:
     """Counts what happened in the last ``window_s`` seconds, up to a limit.
 
-    Holds at most ``limit + 1`` times: memory stays bounded whatever the caller does.
+    Holds at most ``limit + 1`` times: memory stays bounded whatever the caller does. A list,
+    not a deque: every connection has one, mostly empty, and an empty deque is ~600 bytes.
 
     Args:
         limit: How many are allowed within any ``window_s``.
@@ -112,12 +111,16 @@ class SlidingWindow:
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s
-        self._times: deque[float] = deque()
+        self._times: list[float] = []
 
     def _forget(self, now: float) -> None:
         times = self._times
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
+        edge = now - self.window_s
+        if times and times[0] <= edge:
+            keep = 0
+            while keep < len(times) and times[keep] <= edge:
+                keep += 1
+            del times[:keep]
 
     def full(self, now: float) -> bool:
         """Whether ``limit`` already happened within the window (one more would be too many)."""
@@ -128,8 +131,8 @@ class SlidingWindow:
         """Record one at ``now``; True when more than ``limit`` fell within the window."""
         self._times.append(now)
         self._forget(now)
-        while len(self._times) > self.limit + 1:
-            self._times.popleft()
+        if len(self._times) > self.limit + 1:
+            del self._times[:len(self._times) - self.limit - 1]
         return len(self._times) > self.limit
 
 
@@ -158,13 +161,13 @@ class ErrorWindow(SlidingWindow):
     def copy(self) -> ErrorWindow:
         """A window with the same errors, used apart from this one."""
         twin = ErrorWindow(self.limit)
-        twin._times = deque(self._times)
+        twin._times = list(self._times)
         return twin
 
     def merge(self, other: ErrorWindow) -> None:
         """Count ``other``'s errors too (the most recent ``limit + 1`` of both)."""
         times = sorted([*self._times, *other._times])[-(self.limit + 1):]
-        self._times = deque(times)
+        self._times = times
 
 
 #: A connection's limits: its buckets by name (``publish``, ``requests``) and its errors.

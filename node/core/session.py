@@ -122,6 +122,14 @@ class ConnectionSession(RoomRules, RpcRules):
             reconnecting starts no fresh allowance; default: nothing carries over.
     """
 
+    __slots__ = (
+        "_admit", "_announced", "_announcer", "_carry", "_door", "_held", "_joined_at",
+        "_joining", "_may_open_room", "_offline_ttl_s", "_pending_accept", "_presence",
+        "_room_buckets", "_rpc", "_rpc_in", "_rpc_out", "_rpc_serial", "_shown", "_throttle",
+        "_verify", "bucket", "client_id", "closing", "connected", "errors", "node_name",
+        "plain", "preauthenticated", "principal", "requests", "rooms", "settings",
+    )
+
     def __init__(
         self, settings: Settings, *, node_name: str, client_id: str,
         verify: Verify, admit: Admit, principal: Principal | None = None,
