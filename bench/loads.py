@@ -35,7 +35,7 @@ from node.protocol.tokens import mint_token
 __all__ = ["RoomsResult", "rooms"]
 
 OPEN_CONCURRENCY = 64
-DRAIN_S = 10.0
+DRAIN_S = 30.0
 LATENCY_SAMPLES = 20_000  # per client process
 
 
@@ -200,7 +200,7 @@ class _Client:
         pubs = [asyncio.create_task(self._publish(m, until, window)) for m in self.members]
         await asyncio.gather(*pubs)
         deadline = time.monotonic() + DRAIN_S
-        while time.monotonic() < deadline and any(self._owed(m) for m in self.members):
+        while time.monotonic() < deadline and any(self._pending(m) for m in self.members):
             self.progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.progress.wait(), 0.2)
@@ -216,12 +216,21 @@ class _Client:
             "duplicates": sum(m.duplicates for m in ms),
             "echoes": sum(m.echoes for m in ms),
             "lost": sum(self._owed(m) for m in ms),
+            "unacked": (sum(m.sent - sum(m.acked[:m.sent]) for m in ms) if self.rtnode
+                        else 0),
             "first_send": min((m.first_send for m in ms if m.first_send), default=0.0),
             "last_recv": max((m.last_recv for m in ms), default=0.0),
             "last_ack": max((m.last_ack for m in ms), default=0.0),
             "closed": sum(1 for m in ms if m.closed),
             "latencies": self.latencies,
         }
+
+    def _pending(self, m: _Member) -> bool:
+        """Has ``m`` sent an event that its peer has not received, or (rtnode) that is not
+        acknowledged yet?"""
+        seen = m.peer.seen if m.peer is not None else bytearray()
+        return any((i >= len(seen) or not seen[i]) or (self.rtnode and not m.acked[i])
+                   for i in range(m.sent))
 
     def _owed(self, m: _Member) -> int:
         """Events of ``m`` stored (rtnode) or sent (baseline) that its peer has not received."""
@@ -333,6 +342,7 @@ class RoomsResult:
     delivered: int = 0
     duplicates: int = 0
     lost: int = 0
+    unacked: int = 0  # rtnode: sent, never acknowledged (nor refused) after the drain
     echoes: int = 0
     closed: int = 0
     span_s: float = 0.0  # first send -> last delivery
@@ -381,7 +391,8 @@ def rooms(url: str, rtnode: bool, secret: str, n_rooms: int, seconds: float, win
         outs = [d[1] for d in done]
         for d in done:
             res.errors += [f"{d[2]} errors: {'; '.join(d[3])}"] if d[2] else []
-        for key in ("sent", "acked", "delivered", "duplicates", "lost", "echoes", "closed"):
+        for key in ("sent", "acked", "delivered", "duplicates", "lost", "unacked", "echoes",
+                    "closed"):
             setattr(res, key, sum(o[key] for o in outs))
         first = min((o["first_send"] for o in outs if o["first_send"]), default=0.0)
         last = max(o["last_recv"] for o in outs)

@@ -10,6 +10,7 @@ A plot with no data is not written. matplotlib is an extra of the ``test`` depen
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def write_plots(report: Report, out_dir: Path) -> tuple[list[Path], str | None]:
             return
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in systems:
-            points = sorted(series[s])
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+            by_x: dict[float, list[float]] = {}
+            for x, y in series[s]:
+                by_x.setdefault(x, []).append(y)
+            xs = sorted(by_x)  # several runs: their median at each x
+            ax.plot(xs, [statistics.median(by_x[x]) for x in xs], marker="o",
                     label=LABELS.get(s, s))
         if logx:
             ax.set_xscale("log")

@@ -81,7 +81,8 @@ class Target:
 def _systems(a: argparse.Namespace) -> list[tuple[str, int]]:
     """(column, workers) for each system measured; workers 0 is the websockets baseline."""
     out = [("rtnode" if w == 1 else f"rtnode-w{w}", w) for w in a.workers]
-    return out if a.skip_baseline else [*out, ("websockets", 0)]
+    out = out if a.skip_baseline else [*out, ("websockets", 0)]
+    return out * int(a.repeat)  # several runs: interleaved
 
 
 @contextmanager
@@ -223,18 +224,18 @@ def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None
         kib = None
         if len(res.rss) >= 2 and res.rss[-1][0] > 0:
             kib = (res.rss[-1][1] - res.rss[0][1]) / res.rss[-1][0]
-        w.metric("kb", "KB of server RSS per connection", 1, "<= 12 KB").values[system] = (
-            kib * 1.024 if kib is not None else None)
+        w.metric("kb", "KB of server RSS per connection", 1, "<= 12 KB").add(system, (
+            kib * 1.024 if kib is not None else None))
         w.metric("rate", "connects/s (handshake + token + join)", 0,
-                 ">= 3,000").values[system] = res.opened / res.wall if res.wall else None
-        w.metric("cpu", "server CPU µs per connect", 0).values[system] = _us(
-            server, res.opened)
-        w.metric("cpu_nats", "nats-server CPU µs per connect", 0).values[system] = (
-            _us(nats, res.opened) if t.rtnode else None)
-        w.metric("rss", f"server RSS with {a.connections} open (MB)", 1).values[system] = (
-            res.rss[-1][1] / 1024 if res.rss else None)
-        w.metric("failed", "connections that failed", 0).values[system] = float(
-            a.connections - res.opened)
+                 ">= 3,000").add(system, res.opened / res.wall if res.wall else None)
+        w.metric("cpu", "server CPU µs per connect", 0).add(system, _us(
+            server, res.opened))
+        w.metric("cpu_nats", "nats-server CPU µs per connect", 0).add(system, (
+            _us(nats, res.opened) if t.rtnode else None))
+        w.metric("rss", f"server RSS with {a.connections} open (MB)", 1).add(system, (
+            res.rss[-1][1] / 1024 if res.rss else None))
+        w.metric("failed", "connections that failed", 0).add(system, float(
+            a.connections - res.opened))
         r.series.setdefault("memory", {})[system] = [[n, k / 1024] for n, k in res.rss]
     w.notes.append("bench.connections' raw WebSocket clients in "
                    f"{a.load_procs} processes, {a.steps} steps; KB per connection: server "
@@ -255,25 +256,27 @@ def run_rooms(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         errors.extend(f"rooms, {system}: {e}" for e in res.errors)
         server, nats = _split(res.cpu)
         wall = res.span_s or 1.0
-        w.metric("stored", "events/s stored (published replies)", 0).values[system] = (
-            res.stored_rate if t.rtnode else None)
+        w.metric("stored", "events/s stored (published replies)", 0).add(system, (
+            res.stored_rate if t.rtnode else None))
         w.metric("rate", "events/s delivered to the other member", 0,
-                 ">= 30,000").values[system] = res.rate
-        w.metric("cpu", "server CPU µs per event", 1).values[system] = _us(server,
-                                                                            res.delivered)
-        w.metric("cpu_nats", "nats-server CPU µs per event", 1).values[system] = (
-            _us(nats, res.delivered) if t.rtnode else None)
-        w.metric("core_server", "server CPU, % of one core", 0).values[system] = (
-            100 * server / wall)
-        w.metric("core_nats", "nats-server CPU, % of one core", 0).values[system] = (
-            100 * nats / wall if t.rtnode else None)
-        w.metric("core_load", "load generator CPU, % of one core", 0).values[system] = (
-            100 * res.load_cpu / wall)
+                 ">= 30,000").add(system, res.rate)
+        w.metric("cpu", "server CPU µs per event", 1).add(system, _us(server,
+                                                                            res.delivered))
+        w.metric("cpu_nats", "nats-server CPU µs per event", 1).add(system, (
+            _us(nats, res.delivered) if t.rtnode else None))
+        w.metric("core_server", "server CPU, % of one core", 0).add(system, (
+            100 * server / wall))
+        w.metric("core_nats", "nats-server CPU, % of one core", 0).add(system, (
+            100 * nats / wall if t.rtnode else None))
+        w.metric("core_load", "load generator CPU, % of one core", 0).add(system, (
+            100 * res.load_cpu / wall))
         pcts = _percentiles(res.latencies)
-        w.metric("p50", "latency p50 ms", 1).values[system] = pcts.get("p50")
-        w.metric("p99", "latency p99 ms", 1).values[system] = pcts.get("p99")
-        w.metric("lost", "lost", 0).values[system] = float(res.lost)
-        w.metric("duplicated", "duplicated", 0).values[system] = float(res.duplicates)
+        w.metric("p50", "latency p50 ms", 1).add(system, pcts.get("p50"))
+        w.metric("p99", "latency p99 ms", 1).add(system, pcts.get("p99"))
+        w.metric("lost", "lost", 0).add(system, float(res.lost))
+        w.metric("duplicated", "duplicated", 0).add(system, float(res.duplicates))
+        w.metric("unacked", "sent, not acknowledged after the drain", 0).add(
+            system, float(res.unacked) if t.rtnode else None)
         r.percentiles.setdefault("rooms", {})[system] = pcts
     w.notes.append("rtnode also delivers each event back to its publisher (not counted); "
                    "lost: stored (rtnode) or sent (websockets) and never received by the peer")
@@ -298,23 +301,23 @@ def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         server, nats = _split(res.cpu)
         load = sum(v for k, v in res.cpu.items() if k.startswith(("member", "device")))
         wall = res.cpu_wall or 1.0
-        w.metric("stored", "events/s stored (PUBACKed)", 0).values[system] = res.stored_rate
+        w.metric("stored", "events/s stored (PUBACKed)", 0).add(system, res.stored_rate)
         w.metric("rate", "events/s delivered (end to end)", 0,
-                 ">= 30,000 on one core").values[system] = res.rate
-        w.metric("cpu", "node CPU µs per event", 1).values[system] = _us(server, res.distinct)
-        w.metric("cpu_nats", "nats-server CPU µs per event", 1).values[system] = _us(
-            nats, res.distinct)
-        w.metric("core_server", "node CPU, % of one core", 0).values[system] = (
-            100 * server / wall)
-        w.metric("core_nats", "nats-server CPU, % of one core", 0).values[system] = (
-            100 * nats / wall)
-        w.metric("core_load", "load generator CPU, % of one core", 0).values[system] = (
-            100 * load / wall)
+                 ">= 30,000 on one core").add(system, res.rate)
+        w.metric("cpu", "node CPU µs per event", 1).add(system, _us(server, res.distinct))
+        w.metric("cpu_nats", "nats-server CPU µs per event", 1).add(system, _us(
+            nats, res.distinct))
+        w.metric("core_server", "node CPU, % of one core", 0).add(system, (
+            100 * server / wall))
+        w.metric("core_nats", "nats-server CPU, % of one core", 0).add(system, (
+            100 * nats / wall))
+        w.metric("core_load", "load generator CPU, % of one core", 0).add(system, (
+            100 * load / wall))
         pcts = _percentiles(res.latencies)
-        w.metric("p50", "latency p50 ms", 1).values[system] = pcts.get("p50")
-        w.metric("p99", "latency p99 ms", 1).values[system] = pcts.get("p99")
-        w.metric("lost", "lost", 0).values[system] = float(_ingest_lost(res))
-        w.metric("duplicated", "duplicated", 0).values[system] = float(res.duplicates)
+        w.metric("p50", "latency p50 ms", 1).add(system, pcts.get("p50"))
+        w.metric("p99", "latency p99 ms", 1).add(system, pcts.get("p99"))
+        w.metric("lost", "lost", 0).add(system, float(_ingest_lost(res)))
+        w.metric("duplicated", "duplicated", 0).add(system, float(res.duplicates))
         r.percentiles.setdefault("ingest", {})[system] = pcts
     w.notes.append("no websockets figure: the baseline has no MQTT (the issue's Mosquitto "
                    "52k/s is without storage)")
@@ -344,21 +347,21 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
             lost += _fanout_lost(res)
             dups += sum(s.duplicates for s in res.subs)
             w.metric(f"rate{subs}", f"deliveries/s, {subs} subscribers", 0,
-                     ">= 1.4M" if subs == 1000 else "").values[system] = res.rate
+                     ">= 1.4M" if subs == 1000 else "").add(system, res.rate)
             r.series.setdefault("fanout", {}).setdefault(system, []).append([subs, res.rate])
             if subs == biggest or subs == 100:
                 pcts = _percentiles(res.latencies)
                 w.metric(f"p99_{subs}", f"latency p99 ms, {subs} subscribers",
-                         1).values[system] = pcts.get("p99")
+                         1).add(system, pcts.get("p99"))
                 r.percentiles.setdefault(f"fan-out, {subs} subscribers", {})[system] = pcts
             if subs == biggest:
                 server, nats = _split(res.cpu)
                 w.metric("cpu", f"server CPU µs per delivery, {subs} subscribers",
-                         2).values[system] = _us(server, res.delivered)
+                         2).add(system, _us(server, res.delivered))
                 w.metric("cpu_nats", f"nats-server CPU µs per delivery, {subs} subscribers",
-                         2).values[system] = _us(nats, res.delivered) if workers else None
-        w.metric("lost", "lost", 0).values[system] = float(lost)
-        w.metric("duplicated", "duplicated", 0).values[system] = float(dups)
+                         2).add(system, _us(nats, res.delivered) if workers else None)
+        w.metric("lost", "lost", 0).add(system, float(lost))
+        w.metric("duplicated", "duplicated", 0).add(system, float(dups))
     w.notes.append("latency here is of a pipelined flood (publishers within a window of "
                    "256), not the issue's 1k msg/s x 100 subscribers p99")
 
@@ -398,6 +401,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fanout-subscribers", type=_ints, default=[10, 100, 1000])
     p.add_argument("--fanout-events", type=int, default=1000)
     p.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of every system, interleaved: the table shows the median and "
+                        "the range")
     p.add_argument("--timeout-s", type=float, default=60.0,
                    help="bound of each fan-out and ingest measurement")
     a = p.parse_args(argv)
@@ -406,7 +412,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if x not in WORKLOADS:
             p.error(f"--only: unknown workload {x!r} (of {', '.join(WORKLOADS)})")
     for name in ("connections", "steps", "rooms", "window", "devices", "events_per_device",
-                 "fanout_events", "load_procs"):
+                 "fanout_events", "load_procs", "repeat"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.seconds <= 0 or a.timeout_s <= 0:
@@ -419,7 +425,10 @@ def main(argv: list[str]) -> int:
     a = _parse(argv)
     out = Path(a.out)
     r = Report(machine={"system": platform.system(), "machine": platform.machine(),
-                        "cores": os.cpu_count(), "python": platform.python_version()},
+                        "cores": os.cpu_count(), "python": platform.python_version(),
+                        "nats_sync": os.environ.get("RTNODE_NATS_SYNC", "the node's default"),
+                        "load average": os.getloadavg()[0] if hasattr(os, "getloadavg")
+                        else None},
                started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                command="python -m bench " + shlex.join(argv) if argv else "make bench")
     errors: list[str] = []
@@ -429,7 +438,8 @@ def main(argv: list[str]) -> int:
         "connections": run_connections, "rooms": run_rooms, "ingest": run_ingest,
         "fanout": run_fanout}
     log(f"make bench: {', '.join(a.only)}; systems: "
-        f"{', '.join(s for s, _ in _systems(a))}; report to {out}/")
+        f"{', '.join(s for s, _ in _systems(a)[:len(_systems(a)) // a.repeat])}"
+        f"{f', {a.repeat} runs each' if a.repeat > 1 else ''}; report to {out}/")
     try:
         for name in a.only:
             t0 = time.monotonic()

@@ -9,6 +9,7 @@ holds, and :func:`problems` lists the figures that must be 0 (lost, duplicated) 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +40,25 @@ class Metric:
     values: dict[str, float | None] = field(default_factory=dict)
     digits: int = 0
     goal: str = ""
+    runs: dict[str, list[float]] = field(default_factory=dict)  # every run's figure
+
+    def add(self, system: str, value: float | None) -> None:
+        """One run's figure: the value shown is the median of the runs (the sum for the
+        counts that must be 0); every run's figure is kept in ``runs``."""
+        if value is None:
+            self.values.setdefault(system, None)
+            return
+        runs = self.runs.setdefault(system, [])
+        runs.append(value)
+        self.values[system] = (sum(runs) if self.key in MUST_BE_ZERO
+                               else statistics.median(runs))
+
+    def spread(self, system: str) -> str:
+        """``min-max`` of the runs when there were several, else ""."""
+        runs = self.runs.get(system, [])
+        if len(runs) < 2 or self.key in MUST_BE_ZERO or min(runs) == max(runs):
+            return ""
+        return f"{_cell(min(runs), self.digits)}-{_cell(max(runs), self.digits)}"
 
 
 @dataclass
@@ -66,7 +86,8 @@ class Report:
 
     ``series[name][system]`` is a list of ``[x, y]`` points (``"fanout"``: subscribers,
     deliveries/s; ``"memory"``: connections, RSS MB). ``percentiles[workload][system]`` maps
-    ``"p50"``, ``"p90"``, ``"p99"``, ``"p99.9"``, ``"max"`` to milliseconds.
+    ``"p50"``, ``"p90"``, ``"p99"``, ``"p99.9"``, ``"max"`` to milliseconds. With several
+    runs, the table shows each figure's median and range (:meth:`Metric.add`).
     """
 
     machine: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +133,11 @@ def render(report: Report) -> str:
         f"{machine.get('machine', '')}, {machine.get('cores', '?')} cores, "
         f"{report.seconds:.0f} s",
     ]
+    extra = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+             for k, v in machine.items()
+             if k not in ("system", "machine", "cores") and v is not None]
+    if extra:
+        lines.append(", ".join(extra))
     if report.command:
         lines.append(f"reproduce: {report.command}")
     lines += ["", head, "-" * len(head)]
@@ -123,6 +149,10 @@ def render(report: Report) -> str:
             if m.key in MUST_BE_ZERO and any(v for v in m.values.values() if v is not None):
                 flag = "  <- must be 0"
             lines.append(f"  {m.label:<{width - 2}}{cells}  {m.goal}{flag}".rstrip())
+            spreads = [m.spread(s) for s in cols]
+            if any(spreads):
+                lines.append(f"  {'  range of the runs':<{width - 2}}"
+                             + "".join(f" {x:>{cw}}" for x in spreads))
         lines.extend(f"  note: {n}" for n in w.notes)
     bad = problems(report)
     lines.append("")

@@ -81,3 +81,23 @@ def test_no_data_no_plot(tmp_path: Path) -> None:
     written, note = write_plots(Report(), tmp_path)
     assert written == [] and note is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_several_runs_show_median_and_range_and_counts_add_up() -> None:
+    r = Report()
+    w = r.workload("rooms", "rooms")
+    rate = w.metric("rate", "events/s", 0)
+    lost = w.metric("lost", "lost")
+    for v in (5000.0, 7000.0, 6000.0):
+        rate.add("rtnode", v)
+    for v in (0.0, 2.0, 1.0):
+        lost.add("rtnode", v)
+    rate.add("websockets", None)
+    assert rate.values == {"rtnode": 6000.0, "websockets": None}
+    assert rate.runs == {"rtnode": [5000.0, 7000.0, 6000.0]}
+    assert lost.values["rtnode"] == 3.0  # every run's losses, not their median
+    lines = render(r).splitlines()
+    rate_line = lines.index(next(line for line in lines if "events/s" in line))
+    assert "6,000" in lines[rate_line]
+    assert "range of the runs" in lines[rate_line + 1]
+    assert "5,000-7,000" in lines[rate_line + 1]
