@@ -24,10 +24,15 @@ this module's logging), ``why`` what the node logs at info (``node.tokens``, at 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
+import json
 import logging
 import math
 import os
+import re
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -328,6 +333,50 @@ def _jwt_refusal(exc: jwt.PyJWTError, algorithms: list[str]) -> TokenRefused:
     return TokenRefused("invalid token", f"invalid ({type(exc).__name__})", "malformed")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64url(segment: str) -> bytes | None:
+    """A canonical unpadded base64url segment, decoded (None: anything else)."""
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != segment:
+        return None
+    return raw
+
+
+def _fast_hs256(token: str, key: bytes) -> dict[str, Any] | None:
+    """The claims of an HS256 token in its plainest form, verified: header ``{"alg":"HS256"}``
+    (``typ`` allowed), canonical unpadded base64url, a good signature, a JSON object with a
+    string ``sub`` and no ``jti`` other than a string. None for anything else: PyJWT decides
+    then (and says why). Several times faster than PyJWT, which checks each base64 character
+    in a generator (~100 us a token)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    head, body, sig = parts
+    raw_head, raw_body, raw_sig = _b64url(head), _b64url(body), _b64url(sig)
+    if raw_head is None or raw_body is None or raw_sig is None:
+        return None
+    expected = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, raw_sig):
+        return None
+    try:
+        header, claims = json.loads(raw_head), json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return None
+    if (not isinstance(header, dict) or header.get("alg") != "HS256"
+            or not header.keys() <= {"alg", "typ"} or not isinstance(header.get("typ", ""), str)
+            or not isinstance(claims, dict) or not isinstance(claims.get("sub"), str)
+            or not isinstance(claims.get("jti", ""), str)):
+        return None
+    return claims
+
+
 class TokenVerifier:
     """Verifies JWTs with one key and turns them into principals; logs why it refuses one.
 
@@ -381,6 +430,11 @@ class TokenVerifier:
             "verify_exp": False, "verify_nbf": False, "verify_iat": False,
         }
         self.refusals = TokenRefusalLog()
+        # HS256 without iss or aud to check: plain tokens are verified by _fast_hs256 once
+        # PyJWT has accepted one with this key (it refuses some keys, e.g. PEM-like ones).
+        self._fast_key = (secret.encode() if not public_key_pem and self._issuer is None
+                          and self._audience is None else None)
+        self._fast_ok = False
         self._revoked_file = revoked_file
         self._revoked: frozenset[str] = frozenset()
         self._revoked_stamp: tuple[int, int] | None = None
@@ -468,17 +522,23 @@ class TokenVerifier:
             self._check_times(times, now, claims)
             self._check_revoked(claims)
             return principal
-        try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                issuer=self._issuer,
-                audience=self._audience,
-                options=self._options,
-            )
-        except jwt.PyJWTError as exc:
-            raise _jwt_refusal(exc, self._algorithms) from None
+        fast = (_fast_hs256(token, self._fast_key)
+                if self._fast_ok and self._fast_key is not None else None)
+        if fast is not None:
+            claims = fast
+        else:
+            try:
+                claims = jwt.decode(
+                    token,
+                    self._key,
+                    algorithms=self._algorithms,
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    options=self._options,
+                )
+            except jwt.PyJWTError as exc:
+                raise _jwt_refusal(exc, self._algorithms) from None
+            self._fast_ok = True
         times = _time_claims(claims)
         self._check_times(times, now, claims)
         self._check_revoked(claims)

@@ -79,3 +79,70 @@ def test_the_cache_is_bounded() -> None:
         v.verify(tok)
     assert len(v._verified) == 8
     assert v.verify(toks[0]).sub == "u0"  # evicted: verified again
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _signed(header: dict[str, object], claims: object, key: str = SECRET, alg: str = "sha256",
+            raw_body: str | None = None) -> str:
+    import hashlib
+    import hmac
+    import json
+    head = _b64(json.dumps(header).encode())
+    body = raw_body if raw_body is not None else _b64(json.dumps(claims).encode())
+    sig = hmac.new(key.encode(), f"{head}.{body}".encode(), getattr(hashlib, alg)).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _outcome(v: TokenVerifier, tok: str) -> object:
+    try:
+        p = v.verify(tok)
+    except TokenRefused as exc:
+        return ("refused", exc.code, exc.reason, exc.category)
+    return ("ok", p)
+
+
+def test_the_fast_hs256_path_decides_as_pyjwt() -> None:
+    now = int(time.time())
+    good = {"sub": "alice", "rooms": {"*": ["join"]}, "iat": now, "exp": now + 60}
+    good_tok = mint_token(SECRET, sub="alice", rooms={"*": ["join"]})
+    head, body, sig = good_tok.split(".")
+    cases = [
+        good_tok,
+        _signed({"alg": "HS256", "typ": "JWT"}, good),
+        _signed({"alg": "HS256"}, {**good, "exp": now - 5}),  # expired
+        _signed({"alg": "HS256"}, good, key="another-secret-0123456789-0123456789-01"),
+        _signed({"alg": "HS512"}, good, alg="sha512"),
+        _signed({"alg": "none"}, good),
+        _signed({"alg": "HS256", "kid": 7}, good),
+        _signed({"alg": "HS256", "crit": ["b64"], "b64": False}, good),
+        _signed({"alg": "HS256"}, [1, 2]),
+        _signed({"alg": "HS256"}, {**good, "sub": 5}),
+        _signed({"alg": "HS256"}, {**good, "jti": 5}),
+        _signed({"alg": "HS256"}, {k: v for k, v in good.items() if k != "sub"}),
+        _signed({"alg": "HS256"}, None, raw_body=body + "="),  # padded
+        f"{head}.{body}.{sig}=",
+        f"{head}.{body[:-1]}{'B' if body[-1] != 'B' else 'C'}.{sig}",  # tampered claims
+        f"{head}.{body}",
+        f"{head}.{body}.{sig}.x",
+        "not a token",
+    ]
+    fast, slow = TokenVerifier(secret=SECRET), TokenVerifier(secret=SECRET)
+    fast.verify(good_tok)  # PyJWT accepted the key once: the fast path is on
+    slow._fast_key = None
+    fast.verified_cache_size = slow.verified_cache_size = 0
+    for tok in cases:
+        assert _outcome(fast, tok) == _outcome(slow, tok), tok
+    assert fast._fast_ok and _outcome(fast, cases[1])[0] == "ok"
+
+
+def test_the_fast_path_runs_without_pyjwt_for_a_plain_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TokenVerifier(secret=SECRET)
+    v.verify(mint_token(SECRET, sub="first"))
+    calls = _count_decodes(monkeypatch)
+    assert v.verify(mint_token(SECRET, sub="second")).sub == "second"
+    assert calls[0] == 0
