@@ -97,7 +97,7 @@ def _signed(header: dict[str, object], claims: object, key: str = SECRET, alg: s
     return f"{head}.{body}.{_b64(sig)}"
 
 
-def _outcome(v: TokenVerifier, tok: str) -> object:
+def _outcome(v: TokenVerifier, tok: str) -> tuple[object, ...]:
     try:
         p = v.verify(tok)
     except TokenRefused as exc:
