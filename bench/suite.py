@@ -40,7 +40,7 @@ from bench import connections, fanout, ingest, loads
 from bench.fanout_results import BenchConfig, RunResult
 from bench.fanout_results import lost as fanout_lost
 from bench.ingest_devices import IngestConfig
-from bench.ingest_report import IngestResult, _accounting
+from bench.ingest_report import IngestResult
 from bench.nodes import SECRET, RunOutcome, bench_node, rss_kib
 from bench.plots import write_plots
 from bench.procs import (
@@ -283,7 +283,10 @@ def run_rooms(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
 
 
 def _ingest_lost(res: IngestResult) -> int:
-    return _accounting(res)[1]["lost"] if res.devices else 0
+    """Events PUBACKed to a device and never received by the member."""
+    by_index = {d.index: d for d in res.devices}
+    return sum(1 for k, seen in enumerate(res.seen) if k in by_index
+               for i, acked in enumerate(by_index[k].acked) if acked and not seen[i])
 
 
 def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
