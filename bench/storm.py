@@ -16,7 +16,9 @@ run from a copy of that commit; interleaved, ``--rounds`` times):
    being ready to the last client holding all its events, the store requests the node made
    for the recoveries (``rtnode_recovery_reads``; the baseline has no such counter: its leader
    reads, ``rtnode_store_leader_reads``, are shown for both), the node's peak RSS (VmHWM of
-   the restarted process), and events lost and duplicated (must be 0).
+   the restarted process), and events lost and duplicated (must be 0). Beside them, the time
+   the same clients took for their first joins (plain, nothing to replay): what connecting
+   alone costs, the floor of the storm's time.
 
 Progress on stderr, the table on stdout. Run it with ``python -m bench storm``.
 """
@@ -287,6 +289,7 @@ async def _publish(url: str, room: str, n: int) -> list[int]:
 @dataclass
 class _Round:
     seconds: float
+    join_seconds: float  # the same clients' first joins (plain, nothing replayed)
     reads: float | None
     batches: float | None
     leader_reads: float
@@ -342,7 +345,8 @@ async def _storm(args: argparse.Namespace, tree: Path, tmp: Path, nats_url: str,
 
         started = time.monotonic()
         joined = sum(await ask("join", args.timeout, args.timeout + 10))
-        _log(f"{tag}: {joined} clients joined in {time.monotonic() - started:.1f} s")
+        join_seconds = time.monotonic() - started
+        _log(f"{tag}: {joined} clients joined in {join_seconds:.1f} s")
         before = await _publish(pub_url, room, args.before)
         live = sum(await ask("live", before[-1], 70))
         _log(f"{tag}: {live} clients at seq {before[-1]}; restarting the node")
@@ -372,7 +376,7 @@ async def _storm(args: argparse.Namespace, tree: Path, tmp: Path, nats_url: str,
         return m1[name] - m0.get(name, 0.0) if name in m1 else None
 
     out = _Round(
-        seconds=last - t0 if last else float("nan"),
+        seconds=last - t0 if last else float("nan"), join_seconds=join_seconds,
         reads=delta("rtnode_recovery_reads"), batches=delta("rtnode_recovery_batches"),
         leader_reads=delta("rtnode_store_leader_reads") or 0.0,
         replayed=delta("rtnode_events_replayed") or 0.0,
@@ -439,6 +443,7 @@ async def _run(args: argparse.Namespace) -> int:
           f"restart, {args.missed} missed; median (min-max) of {args.rounds} round(s)")
     rows: list[tuple[str, Callable[[_Round], float | None], str]] = [
         ("time to the last recovered client (s)", lambda x: x.seconds, ".2f"),
+        ("the same clients' first plain joins (s)", lambda x: x.join_seconds, ".2f"),
         ("clients recovered completely", lambda x: x.recovered, ".0f"),
         ("store requests for recoveries", lambda x: x.reads, ".0f"),
         ("recovery batches", lambda x: x.batches, ".0f"),
