@@ -12,6 +12,13 @@ to each member's :class:`~node.core.outbox.Outbox` (no coroutine hop per member)
 with ``since`` is held while its replay is read; live events arriving meanwhile are kept for it
 and sent after the replay, filtered by its cursor, so the switch-over has no gap and no duplicate.
 
+Members joining with ``since`` are served in batches (a reconnect storm brings thousands within
+a second or two): the joins the room takes in within one loop turn, or while the batch before is
+read, share one ask for the stream's latest seq and one paged read from the lowest ``since``,
+each getting its slice of the same events, decoded once and encoded once per codec
+(:class:`~node.core.room_recovery.RecoveryBatch`; at most ``recovery_max + 1`` events and a page
+held, whatever the number of members).
+
 A room without members stops after ``RoomSettings.idle_s`` (``room_idle_s``, default 1 s), live
 traffic or not: an empty room costs two NATS subscriptions and its actor, and a client
 churning through rooms must not keep thousands of them alive. It stops only when its mailbox
@@ -257,6 +264,9 @@ class RoomActor(Actor):
     def on_mailbox_full(self, message: Any) -> None:
         if isinstance(message, LiveMessage):
             self.counters.live_dropped += 1  # repaired from the stream by the next one
+        elif isinstance(message, _BatchDone):
+            # Never dropped: the room's later recoveries wait for this batch to be answered.
+            asyncio.get_running_loop().call_later(0.05, self._retell, message)
         else:
             log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
 
@@ -265,6 +275,12 @@ class RoomActor(Actor):
             self.ref.tell(msg)
         except ActorError:
             pass  # stopped, its subscription not ended yet: it had no members
+
+    def _retell(self, message: Any) -> None:
+        try:
+            self.ref.tell(message)
+        except ActorError:
+            pass  # stopped: its members rejoin a new instance
 
     def _arm_idle(self, delay: float) -> None:
         if self._idle_timer is not None:
@@ -587,6 +603,9 @@ class RoomActor(Actor):
             done = _BatchDone(joins, target, batch)
         except StoreError as exc:
             done = _BatchDone(joins, target, None, str(exc))
+        except Exception as exc:  # never leave a batch unanswered: the next ones wait for it
+            log.exception("! room %s: recovery batch failed", self.room)
+            done = _BatchDone(joins, target, None, type(exc).__name__)
         self.ref.tell(done)
 
     def _epoch_ok(self, join: Join) -> bool:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from node.core.ports import StoredEvent
+import asyncio
+from typing import Any
+
+import pytest
+
+from actors import ActorSystem
+from node.core.ports import StoredEvent, StoreError
+from node.core.room import Join, RoomActor, RoomCounters, RoomSettings
 from node.core.room_recovery import RecoveryBatch
+from tests.unit.test_room import FakeStore, member
 
 
 def _run(batch: RecoveryBatch, stored: list[int]) -> list[int]:
@@ -79,3 +87,81 @@ def test_the_read_skips_what_no_remaining_member_can_use() -> None:
     assert 9_989 in afters
     assert batch.outcome(1)[0] is False
     assert _slice(batch, 9_990) == (True, list(range(9_991, 10_001)))
+
+
+# -- the room actor: joins that arrive together share a batch ---------------------------------
+
+
+class _Store(FakeStore):
+    """The tests' in-memory store, whose reads say when they start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+
+    async def read(self, tenant: str, room: str, after: int, limit: int, *,
+                   before: int | None = None) -> list[StoredEvent]:
+        self.reading.set()
+        return await super().read(tenant, room, after, limit, before=before)
+
+    async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
+                      ttl_s: float | None = None) -> tuple[int, bool]:
+        raise NotImplementedError
+
+    async def history(self, tenant: str, room: str, *, since: int | None, limit: int,
+                      reverse: bool) -> list[StoredEvent]:
+        raise NotImplementedError
+
+
+@pytest.fixture
+async def counted_room() -> Any:
+    store = _Store()
+    counters = RoomCounters()
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor("t", "r", store, store, RoomSettings(), counters))
+        yield store, ref, counters
+
+
+async def test_recovering_joins_share_one_read_each_its_own_slice(counted_room: Any) -> None:
+    store, ref, counters = counted_room
+    old = store.add(10)
+    store.gate = asyncio.Event()  # the batch's read waits: later joins queue for the next one
+    members = [member() for _ in range(40)]
+    for i, (m, _) in enumerate(members):
+        ref.tell(Join(m, since_seq=old[i % 10], since_epoch="e1"))
+    await asyncio.wait_for(store.reading.wait(), 5)  # the first batch is reading
+    late = [member() for _ in range(20)]
+    for i, (m, _) in enumerate(late):
+        ref.tell(Join(m, since_seq=old[i % 5], since_epoch="e1"))
+    store.gate.set()
+    for i, (_, rec) in enumerate(members):
+        assert await rec.until(9 - i % 10) == old[i % 10 + 1:]
+        assert (await rec.joined())["recovered"] is True
+    for i, (_, rec) in enumerate(late):
+        assert await rec.until(9 - i % 5) == old[i % 5 + 1:]
+    # 60 recoveries: two batches, each one latest seq and one read (not 3 requests each).
+    assert counters.recovery_batches == 2
+    assert store.reads == 2 and counters.recovery_reads == 4
+
+
+async def test_a_failed_batch_answers_each_join_and_the_next_batch_runs(
+        counted_room: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, ref, _ = counted_room
+    old = store.add(3)
+
+    async def broken(*args: Any, **kwargs: Any) -> list[StoredEvent]:
+        raise StoreError("read timed out")
+
+    monkeypatch.setattr(store, "read", broken)
+    failing = [member() for _ in range(3)]
+    for m, _ in failing:
+        ref.tell(Join(m, since_seq=old[0], since_epoch="e1", request_id=1))
+    for _, rec in failing:
+        while not rec.frames:
+            rec.arrived.clear()
+            await asyncio.wait_for(rec.arrived.wait(), 5)
+        assert rec.frames[0]["type"] == "error" and rec.frames[0]["code"] == 4500
+    monkeypatch.undo()
+    m, rec = member()
+    ref.tell(Join(m, since_seq=old[0], since_epoch="e1"))
+    assert await rec.until(2) == old[1:]
