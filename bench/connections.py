@@ -11,6 +11,8 @@ Each run, for rtnode then for the baseline (interleaved, ``--runs`` times):
    the upgrade, then one message with ``connect`` (its own token: a user of its own) and
    ``join`` (rooms of ``--room-size`` members), until ``joined`` arrives; on the baseline, the
    upgrade until its ``{"type":"joined"}`` arrives. connects/s = connections / wall time.
+   The server's CPU seconds over that phase, per connection, do not depend on what else the
+   machine runs (connects/s does: on 2 cores the load generator competes).
 2. They are all held, idle; the server's RSS once it settles, minus its RSS before (after a
    warm-up of the same kind, closed again), divided by the connections: memory per idle
    connection. Then they all close.
@@ -239,8 +241,11 @@ class _Clients:
 
 
 async def _measure(kind: str, port: int, pid: int, args: argparse.Namespace, tag: str
-                   ) -> tuple[float, float]:
-    """(connects/s, KB per idle connection) of one run against one server."""
+                   ) -> tuple[float, float, float]:
+    """(connects/s, KB per idle connection, server CPU ms per connect) of one run against one
+    server."""
+    from bench.procs import cpu_seconds
+
     warm = _Clients(kind, port, min(200, args.conns), 1, args.concurrency, args.room_size,
                     f"{tag}-warm")
     await warm.opened(args.timeout)
@@ -250,16 +255,19 @@ async def _measure(kind: str, port: int, pid: int, args: argparse.Namespace, tag
     clients = _Clients(kind, port, args.conns, args.clients, args.concurrency, args.room_size,
                        tag)
     try:
+        cpu0 = cpu_seconds(pid)
         wall, failed, errors = await clients.opened(args.timeout)
+        cpu = cpu_seconds(pid) - cpu0
         if failed:
             raise RuntimeError(f"{kind}: {failed} connections failed, e.g. {errors}")
         after = await _settled_rss(pid)
     finally:
         await clients.close()
     rate, kb = args.conns / wall, (after - before) * 1024 / args.conns / 1000
-    _log(f"{kind} ({tag}): {args.conns} in {wall:.2f} s = {rate:.0f}/s; "
-         f"RSS {before} -> {after} KiB = {kb:.1f} KB per connection")
-    return rate, kb
+    ms = cpu * 1000 / args.conns
+    _log(f"{kind} ({tag}): {args.conns} in {wall:.2f} s = {rate:.0f}/s, server CPU {ms:.2f} ms "
+         f"each; RSS {before} -> {after} KiB = {kb:.1f} KB per connection")
+    return rate, kb, ms
 
 
 def _span(xs: list[float], fmt: str) -> str:
@@ -292,7 +300,7 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         if not await asyncio.to_thread(wait_line, blog, "baseline ready", base, 30):
             raise RuntimeError("the baseline server did not start")
         assert node.proc is not None
-        results: dict[str, list[tuple[float, float]]] = {"rtnode": [], "baseline": []}
+        results: dict[str, list[tuple[float, float, float]]] = {"rtnode": [], "baseline": []}
         for run in range(args.runs):
             results["rtnode"].append(
                 await _measure("rtnode", node.http_port, node.proc.pid, args, f"r{run}"))
@@ -300,7 +308,8 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
                 await _measure("baseline", bport, base.pid, args, f"r{run}"))
         rows: list[tuple[str, str, str]] = []
         for what, i, fmt in (("connects/s (handshake + token + join)", 0, ".0f"),
-                             ("KB per idle connection, connected and joined", 1, ".1f")):
+                             ("KB per idle connection, connected and joined", 1, ".1f"),
+                             ("server CPU ms per connect (CPU s / connections)", 2, ".3f")):
             rows.append((what, _span([r[i] for r in results["rtnode"]], fmt),
                          _span([r[i] for r in results["baseline"]], fmt)))
         return rows
