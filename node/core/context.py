@@ -84,6 +84,11 @@ class NodeContext:
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
+        return self.system.get_or_spawn(_room_name(tenant, room),
+                                        lambda: self._new_room(tenant, room))
+
+    def _new_room(self, tenant: str, room: str) -> RoomActor:
+        # Only when the room is spawned: a join of a running room builds nothing.
         policy = self.settings.room_policy(room)
         stream_size = self.settings.history_size
         settings = RoomSettings(
@@ -92,11 +97,8 @@ class NodeContext:
             trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
             idle_s=self.settings.room_idle_s, state=policy.state,
         )
-        return self.system.get_or_spawn(
-            _room_name(tenant, room),
-            lambda: RoomActor(tenant, room, self.store, self.feed, settings, self.counters,
-                              self.state),
-        )
+        return RoomActor(tenant, room, self.store, self.feed, settings, self.counters,
+                         self.state)
 
     def running_room(self, tenant: str, room: str) -> Any:
         """The room actor of ``room`` if it runs, else None (nothing is spawned)."""
