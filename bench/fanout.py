@@ -35,6 +35,7 @@ import platform
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.fanout_clients import measure
@@ -58,13 +59,13 @@ from node.nats_server import free_port
 __all__ = ["BenchConfig", "RunResult", "main", "run_baseline", "run_rtnode"]
 
 
-def run_rtnode(cfg: BenchConfig, workers: int = 1) -> RunResult:
-    """Start a node subprocess (``--workers`` N), measure fan-out through it, stop it.
-
-    Never raises on figures.
+def run_rtnode(cfg: BenchConfig, workers: int = 1, extra: Sequence[str] = ()) -> RunResult:
+    """Start a node subprocess (``--workers`` N, more flags in ``extra``), measure fan-out
+    through it, stop it. Never raises on figures.
     """
     res = RunResult("rtnode", cfg, acked_ids=bytearray(cfg.events))
-    with bench_node(res, "rtnode-bench-", cfg.payload_bytes, workers=workers) as node:
+    with bench_node(res, "rtnode-bench-", cfg.payload_bytes, workers=workers,
+                    extra=extra) as node:
         if node is not None:
             run_loop(measure(res, [node.ws_url], True, node.cpu))
             res.server_counters = scrape_settled(node.base)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench.fanout_results import BenchConfig, RunResult, SubStats
 from bench.nodes import SECRET
@@ -367,7 +367,7 @@ async def measure(res: RunResult, urls: list[str], rtnode: bool,
         await asyncio.sleep(grace)  # stray (duplicate) frames
         if pub.done() and not pub.cancelled() and pub.exception() is not None:
             res.pub_notes.append(f"publisher failed: {pub.exception()!r}")
-    except (TimeoutError, OSError, ConnectionClosed, RuntimeError) as exc:
+    except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake, RuntimeError) as exc:
         res.error = res.error or f"set-up failed: {exc!r}"
     finally:
         finished.set()

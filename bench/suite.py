@@ -126,6 +126,13 @@ def _server(system: str, workers: int, errors: list[str], extra: Sequence[str] =
                 errors.append(f"{system}: " + " | ".join([*lines[-3:], *notes])[:400])
 
 
+def _limits(connections: int) -> list[str]:
+    """Node flags that let ``connections`` clients of one address in."""
+    big = str(max(100_000, 2 * connections))
+    return ["--max-connections", big, "--max-connections-per-ip", big,
+            "--peer-failures-per-min", big]
+
+
 def _split(cpu: dict[str, float]) -> tuple[float, float]:
     """(server, nats-server) CPU seconds of a probe's difference."""
     nats = cpu.get("nats-server", 0.0)
@@ -209,9 +216,7 @@ async def _hold(t: Target, a: argparse.Namespace, res: _Conns) -> None:
 def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
     w = r.workload("connections", "idle WebSocket connections, connected and joined "
                                   f"({a.connections}, rooms of 100)")
-    big = str(max(100_000, 2 * a.connections))
-    limits = ["--max-connections", big, "--max-connections-per-ip", big,
-              "--peer-failures-per-min", big]
+    limits = _limits(a.connections)
     for system, workers in _systems(a):
         log(f"  connections: {system} ...")
         res = _Conns()
@@ -343,7 +348,7 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
             log(f"  fan-out: {system}, {subs} subscribers ...")
             cfg = BenchConfig(subscribers=subs, events=a.fanout_events,
                               timeout_s=a.timeout_s)
-            res = (fanout.run_rtnode(cfg, workers=workers) if workers
+            res = (fanout.run_rtnode(cfg, workers=workers, extra=_limits(subs)) if workers
                    else fanout.run_baseline(cfg))
             if res.error:
                 errors.append(f"fan-out {subs}, {system}: {res.error}")
@@ -446,7 +451,11 @@ def main(argv: list[str]) -> int:
     try:
         for name in a.only:
             t0 = time.monotonic()
-            runs[name](r, a, errors)
+            try:
+                runs[name](r, a, errors)
+            except Exception as exc:  # a failed workload: said, and the others still run
+                log(f"  {name} failed: {exc!r}")
+                errors.append(f"{name}: failed: {exc!r}"[:400])
             log(f"  {name}: {time.monotonic() - t0:.0f} s")
     except KeyboardInterrupt:
         log("interrupted: the figures so far follow")
@@ -464,5 +473,5 @@ def main(argv: list[str]) -> int:
     written, note = write_plots(r, out)
     log(f"wrote {out / 'report.txt'}, {out / 'report.json'}"
         + "".join(f", {p}" for p in written) + (f" ({note})" if note else ""))
-    return 1 if problems(r) or any(e.startswith(("interrupted",)) or ": stopped" in e
-                                   for e in errors) else 0
+    return 1 if problems(r) or any(e.startswith("interrupted") or ": stopped" in e
+                                   or ": failed" in e for e in errors) else 0
