@@ -59,6 +59,7 @@ def ws_frame_header(opcode: int, length: int) -> bytes:
 class _WsTransport:
     """A connection's side of one WebSocket, for its actor and outbox."""
 
+    __slots__ = ("_close_task", "_closing", "close_code", "opcode", "raw", "ws")
     kind = "ws"
 
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, binary: bool):

@@ -238,6 +238,9 @@ def _bad_claim(reason: str, claim: str, detail: str = "") -> TokenRefused:
                         "bad_claim")
 
 
+_RIGHT_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
 def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal:
     sub = claims.get("sub")
     if not is_valid_id(sub):
@@ -261,7 +264,9 @@ def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal
         if any(r not in RIGHTS for r in rights):
             raise _bad_claim("token rooms claim names an unknown right", "rooms",
                              f"names a right other than {', '.join(RIGHTS)}")
-        rooms[pattern] = frozenset(rights)
+        got = frozenset(rights)
+        # Shared: there are at most 2^len(RIGHTS) of them, and every principal holds some.
+        rooms[pattern] = _RIGHT_SETS.setdefault(got, got)
     raw_rpc = claims.get("rpc", [])
     if not isinstance(raw_rpc, list) or not all(isinstance(p, str) for p in raw_rpc):
         raise _bad_claim("token rpc claim must be a list of patterns", "rpc",

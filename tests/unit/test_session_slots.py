@@ -23,3 +23,10 @@ def test_the_error_window_is_bounded_and_forgets() -> None:
     other.add(T0 + 100)
     w.merge(other)
     assert len(w._times) <= 4 and w._times[-1] == T0 + 100
+
+
+def test_the_websocket_transport_has_slots() -> None:
+    from bridge.ws import _WsTransport
+
+    t = _WsTransport(None, None, False)  # type: ignore[arg-type]
+    assert not hasattr(t, "__dict__")

@@ -146,3 +146,10 @@ def test_the_fast_path_runs_without_pyjwt_for_a_plain_token(
     calls = _count_decodes(monkeypatch)
     assert v.verify(mint_token(SECRET, sub="second")).sub == "second"
     assert calls[0] == 0
+
+
+def test_principals_share_their_sets_of_rights() -> None:
+    v = TokenVerifier(secret=SECRET)
+    a = v.verify(mint_token(SECRET, sub="a", rooms={"chat:*": ["join", "publish"]}))
+    b = v.verify(mint_token(SECRET, sub="b", rooms={"x": ["publish", "join"]}))
+    assert a.rooms["chat:*"] is b.rooms["x"]
