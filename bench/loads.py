@@ -72,7 +72,8 @@ class _Member:
     room: str
     me: int  # 0 or 1 within the room
     sent: int = 0
-    acked: bytearray = field(default_factory=bytearray)
+    acked: bytearray = field(default_factory=bytearray)  # 1 stored, 2 refused
+    refused: int = 0
     seen: bytearray = field(default_factory=bytearray)  # the peer's events received
     received: int = 0  # distinct events of the peer received
     echoes: int = 0
@@ -160,6 +161,12 @@ class _Client:
                         peer.moved.set()
                         self.progress.set()
                     elif kind in ("error", "disconnect"):
+                        i = f.get("id")
+                        if isinstance(i, int) and 0 <= i < len(m.acked) and not m.acked[i]:
+                            m.acked[i] = 2  # refused (not stored): its slot is free again
+                            m.refused += 1
+                            m.moved.set()
+                            self.progress.set()
                         self._error(f"{m.room}: {line[:200]}")
         except ConnectionClosed:
             pass
@@ -172,7 +179,7 @@ class _Client:
         room, me, rtnode = m.room, m.me, self.rtnode
         try:
             while time.time() < until:
-                while m.sent - peer.received >= window:
+                while m.sent - peer.received - m.refused >= window:
                     m.moved.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(m.moved.wait(), max(0.01, until - time.time()))
@@ -211,13 +218,13 @@ class _Client:
         ms = self.members
         return {
             "sent": sum(m.sent for m in ms),
-            "acked": sum(sum(m.acked[:m.sent]) for m in ms),
+            "acked": sum(m.acked[:m.sent].count(1) for m in ms),
+            "refused": sum(m.refused for m in ms),
             "delivered": sum(m.received for m in ms),
             "duplicates": sum(m.duplicates for m in ms),
             "echoes": sum(m.echoes for m in ms),
             "lost": sum(self._owed(m) for m in ms),
-            "unacked": (sum(m.sent - sum(m.acked[:m.sent]) for m in ms) if self.rtnode
-                        else 0),
+            "unacked": (sum(m.acked[:m.sent].count(0) for m in ms) if self.rtnode else 0),
             "first_send": min((m.first_send for m in ms if m.first_send), default=0.0),
             "last_recv": max((m.last_recv for m in ms), default=0.0),
             "last_ack": max((m.last_ack for m in ms), default=0.0),
@@ -229,7 +236,10 @@ class _Client:
         """Has ``m`` sent an event that its peer has not received, or (rtnode) that is not
         acknowledged yet?"""
         seen = m.peer.seen if m.peer is not None else bytearray()
-        return any((i >= len(seen) or not seen[i]) or (self.rtnode and not m.acked[i])
+        acked = m.acked
+        if not self.rtnode:
+            return any(i >= len(seen) or not seen[i] for i in range(m.sent))
+        return any(acked[i] == 0 or (acked[i] == 1 and (i >= len(seen) or not seen[i]))
                    for i in range(m.sent))
 
     def _owed(self, m: _Member) -> int:
@@ -239,7 +249,7 @@ class _Client:
         seen = peer.seen
         owed = m.acked if self.rtnode else None
         return sum(1 for i in range(m.sent)
-                   if (owed is None or owed[i]) and (i >= len(seen) or not seen[i]))
+                   if (owed is None or owed[i] == 1) and (i >= len(seen) or not seen[i]))
 
     async def close(self) -> None:
         conns = [m.ws for m in self.members]
@@ -343,6 +353,7 @@ class RoomsResult:
     duplicates: int = 0
     lost: int = 0
     unacked: int = 0  # rtnode: sent, never acknowledged (nor refused) after the drain
+    refused: int = 0  # rtnode: answered with an error (not stored, retry)
     echoes: int = 0
     closed: int = 0
     span_s: float = 0.0  # first send -> last delivery
@@ -391,8 +402,8 @@ def rooms(url: str, rtnode: bool, secret: str, n_rooms: int, seconds: float, win
         outs = [d[1] for d in done]
         for d in done:
             res.errors += [f"{d[2]} errors: {'; '.join(d[3])}"] if d[2] else []
-        for key in ("sent", "acked", "delivered", "duplicates", "lost", "unacked", "echoes",
-                    "closed"):
+        for key in ("sent", "acked", "delivered", "duplicates", "lost", "unacked", "refused",
+                    "echoes", "closed"):
             setattr(res, key, sum(o[key] for o in outs))
         first = min((o["first_send"] for o in outs if o["first_send"]), default=0.0)
         last = max(o["last_recv"] for o in outs)

@@ -280,7 +280,9 @@ def run_rooms(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("p99", "latency p99 ms", 1).add(system, pcts.get("p99"))
         w.metric("lost", "lost", 0).add(system, float(res.lost))
         w.metric("duplicated", "duplicated", 0).add(system, float(res.duplicates))
-        w.metric("unacked", "sent, not acknowledged after the drain", 0).add(
+        w.metric("refused", "publishes refused (4503 not stored, retry)", 0).add(
+            system, float(res.refused) if t.rtnode else None)
+        w.metric("unacked", "publishes unanswered after the drain", 0).add(
             system, float(res.unacked) if t.rtnode else None)
         r.percentiles.setdefault("rooms", {})[system] = pcts
     w.notes.append("rtnode also delivers each event back to its publisher (not counted); "
@@ -402,7 +404,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="steps of the idle connections")
     p.add_argument("--rooms", type=int, default=500, help="rooms of 2 members")
     p.add_argument("--seconds", type=float, default=8.0, help="publishing time in the rooms")
-    p.add_argument("--window", type=int, default=16,
+    p.add_argument("--window", type=int, default=4,
                    help="a member's events not yet received by its peer")
     p.add_argument("--devices", type=int, default=100, help="MQTT devices of the ingest")
     p.add_argument("--events-per-device", type=int, default=200)
