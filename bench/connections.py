@@ -7,6 +7,8 @@ generator is a process of its own too (``--clients`` of them): a minimal raw Web
 
 Each run, for rtnode then for the baseline (interleaved, ``--runs`` times):
 
+Each run has fresh server processes (one nats-server for all).
+
 1. ``--conns`` connections are opened, ``--concurrency`` at a time. On rtnode each one is
    the upgrade, then one message with ``connect`` (its own token: a user of its own) and
    ``join`` (rooms of ``--room-size`` members), until ``joined`` arrives; on the baseline, the
@@ -281,31 +283,39 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
     tmp = Path(tempfile.mkdtemp(prefix="rtnode-bench-connections-"))
     server = NatsProcess(tmp / "nats")
-    node: NodeProcess | None = None
-    base: Any = None
     notes: list[str] = []
+    big = str(max(100_000, 2 * args.conns))
+    results: dict[str, list[tuple[float, float, float]]] = {"rtnode": [], "baseline": []}
     try:
         await asyncio.to_thread(server.start)
-        big = str(max(100_000, 2 * args.conns))
-        node = NodeProcess(
-            tmp / "node", "--nats-url", server.url, "--max-connections", big,
-            "--max-connections-per-ip", big, "--peer-failures-per-min", big,
-            name="bench-conns", env={"RTNODE_JWT_SECRET": SECRET})
-        node.start()
-        await asyncio.to_thread(node.wait_ready, 30)
-        (bport,) = free_ports(1)
-        blog = tmp / "baseline.log"
-        base = spawn([sys.executable, "-m", "bench.baseline_server", "--port", str(bport)],
-                     blog, dict(os.environ))
-        if not await asyncio.to_thread(wait_line, blog, "baseline ready", base, 30):
-            raise RuntimeError("the baseline server did not start")
-        assert node.proc is not None
-        results: dict[str, list[tuple[float, float, float]]] = {"rtnode": [], "baseline": []}
+        # Fresh servers each run: a process's RSS does not shrink back once its connections
+        # are gone (the allocator keeps its high-water mark), so a second run would read ~0.
         for run in range(args.runs):
-            results["rtnode"].append(
-                await _measure("rtnode", node.http_port, node.proc.pid, args, f"r{run}"))
-            results["baseline"].append(
-                await _measure("baseline", bport, base.pid, args, f"r{run}"))
+            node: NodeProcess | None = None
+            base: Any = None
+            try:
+                node = NodeProcess(
+                    tmp / f"node{run}", "--nats-url", server.url, "--max-connections", big,
+                    "--max-connections-per-ip", big, "--peer-failures-per-min", big,
+                    name=f"bench-conns-{run}", env={"RTNODE_JWT_SECRET": SECRET})
+                node.start()
+                await asyncio.to_thread(node.wait_ready, 30)
+                (bport,) = free_ports(1)
+                blog = tmp / f"baseline{run}.log"
+                base = spawn([sys.executable, "-m", "bench.baseline_server", "--port",
+                              str(bport)], blog, dict(os.environ))
+                if not await asyncio.to_thread(wait_line, blog, "baseline ready", base, 30):
+                    raise RuntimeError("the baseline server did not start")
+                assert node.proc is not None
+                results["rtnode"].append(
+                    await _measure("rtnode", node.http_port, node.proc.pid, args, f"r{run}"))
+                results["baseline"].append(
+                    await _measure("baseline", bport, base.pid, args, f"r{run}"))
+            finally:
+                if node is not None:
+                    await asyncio.to_thread(node.stop)
+                if base is not None:
+                    stop(base, "baseline", notes)
         rows: list[tuple[str, str, str]] = []
         for what, i, fmt in (("connects/s (handshake + token + join)", 0, ".0f"),
                              ("KB per idle connection, connected and joined", 1, ".1f"),
@@ -314,10 +324,6 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
                          _span([r[i] for r in results["baseline"]], fmt)))
         return rows
     finally:
-        if node is not None:
-            node.stop()
-        if base is not None:
-            stop(base, "baseline", notes)
         server.stop()
         for n in notes:
             _log(n)
