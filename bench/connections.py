@@ -137,7 +137,8 @@ async def _client(args: argparse.Namespace) -> None:
     for i in range(args.n):
         if args.kind == "rtnode":
             sub = f"{args.prefix}-{i}"
-            tok = mint_token(SECRET, sub=sub, rooms={"*": ["join", "publish"]}, ttl_s=3600)
+            tok = mint_token(SECRET, sub=sub, rooms={"*": ["join", "publish"]}, ttl_s=3600,
+                             kind=args.token_kind)
             room = f"{args.prefix}-room-{i // args.room_size}"
             firsts.append(json.dumps({"type": "connect", "token": tok}).encode() + b"\n"
                           + json.dumps({"type": "join", "id": 1, "room": room}).encode())
@@ -188,6 +189,7 @@ def _client_main(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--room-size", type=int, default=100)
     p.add_argument("--prefix", default="c")
+    p.add_argument("--token-kind", default="user")
     from bench.procs import run_loop
 
     run_loop(_client(p.parse_args(argv)))
@@ -201,7 +203,7 @@ class _Clients:
     """``count`` load-generator processes sharing ``n`` connections."""
 
     def __init__(self, kind: str, port: int, n: int, count: int, concurrency: int,
-                 room_size: int, prefix: str) -> None:
+                 room_size: int, prefix: str, token_kind: str = "user") -> None:
         from bench.procs import die_with_parent
 
         self.procs: list[subprocess.Popen[str]] = []
@@ -211,7 +213,7 @@ class _Clients:
                 [sys.executable, "-m", "bench.connections", "client", "--kind", kind,
                  "--port", str(port), "--n", str(k), "--concurrency",
                  str(max(1, concurrency // count)), "--room-size", str(room_size),
-                 "--prefix", f"{prefix}-{i}"],
+                 "--prefix", f"{prefix}-{i}", "--token-kind", token_kind],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 cwd=Path(__file__).resolve().parent.parent, preexec_fn=die_with_parent))
 
@@ -249,13 +251,13 @@ async def _measure(kind: str, port: int, pid: int, args: argparse.Namespace, tag
     from bench.procs import cpu_seconds
 
     warm = _Clients(kind, port, min(200, args.conns), 1, args.concurrency, args.room_size,
-                    f"{tag}-warm")
+                    f"{tag}-warm", args.token_kind)
     await warm.opened(args.timeout)
     await warm.close()
     await asyncio.sleep(1.5)  # rooms without members stop after room_idle_s
     before = await _settled_rss(pid)
     clients = _Clients(kind, port, args.conns, args.clients, args.concurrency, args.room_size,
-                       tag)
+                       tag, args.token_kind)
     try:
         cpu0 = cpu_seconds(pid)
         wall, failed, errors = await clients.opened(args.timeout)
@@ -340,6 +342,9 @@ def main(argv: list[str]) -> int:
                         help="connections being opened at a time")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--room-size", type=int, default=100, help="members per room")
+    parser.add_argument("--token-kind", choices=("user", "service"), default="user",
+                        help="the tokens' kind: a user has a personal room (@user:<sub>) and an "
+                             "rpc route of its own; a service has neither")
     parser.add_argument("--timeout", type=float, default=120.0, help="bound of each phase (s)")
     args = parser.parse_args(argv)
     try:
