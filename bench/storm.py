@@ -292,7 +292,7 @@ async def _publish(url: str, room: str, n: int) -> list[int]:
 
 @dataclass
 class _Round:
-    seconds: float
+    seconds: float | None  # None: no client recovered completely
     join_seconds: float  # the same clients' first joins (plain, nothing replayed)
     reads: float | None
     batches: float | None
@@ -383,7 +383,7 @@ async def _storm(args: argparse.Namespace, tree: Path, tmp: Path, nats_url: str,
         return m1[name] - m0.get(name, 0.0) if name in m1 else None
 
     out = _Round(
-        seconds=last - t0 if last else float("nan"), join_seconds=join_seconds,
+        seconds=last - t0 if last else None, join_seconds=join_seconds,
         reads=delta("rtnode_recovery_reads"), batches=delta("rtnode_recovery_batches"),
         leader_reads=delta("rtnode_store_leader_reads") or 0.0,
         replayed=delta("rtnode_events_replayed") or 0.0,
