@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from bridge.room_store import JetStreamRoomStore
 from node.core.ports import StoreError
@@ -151,17 +150,7 @@ class SessionStore:
             num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.expiry_s,
             allow_direct=True, allow_rollup_hdrs=True, deny_delete=True, deny_purge=False,
         )
-        js = self.store.link.js
-
-        async def ensure_bucket() -> None:
-            try:
-                await js.add_stream(cfg)
-            except BadRequestError as exc:
-                if exc.err_code != 10058:
-                    raise
-                await js.update_stream(cfg)
-
-        await self.store.link.set_up(f"MQTT session bucket {_STREAM}", ensure_bucket)
+        await self.store.link.ensure_bucket(f"MQTT session bucket {_STREAM}", cfg)
         self._sub = await self.store.link.nc.subscribe(f"{_TAKEOVER}.>", cb=self._on_takeover)
 
     def hold(self, task: asyncio.Task[None]) -> None:

@@ -220,6 +220,23 @@ class NatsLink:
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, 2.0)
 
+    async def ensure_bucket(self, what: str, cfg: StreamConfig) -> None:
+        """Create the stream of a key-value bucket (``cfg``), or bring an existing one to
+        ``cfg`` (JetStream's "stream name already in use", 10058), retrying as :meth:`set_up`.
+
+        Raises:
+            NatsUnavailable: Still failing at the connect deadline.
+        """
+        async def step() -> None:
+            try:
+                await self.js.add_stream(cfg)
+            except BadRequestError as exc:
+                if exc.err_code != 10058:  # exists with another config
+                    raise
+                await self.js.update_stream(cfg)
+
+        await self.set_up(what, step)
+
     async def ensure_stream(self) -> str:
         """Create ``RTNODE_ROOMS`` if it is missing, or bring its limits to the configured ones.
 

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from bridge.room_store import JetStreamRoomStore
 from node.core.events import event_body
@@ -104,17 +103,7 @@ class PresenceTracker:
             num_replicas=self.replicas, max_msgs_per_subject=1, max_age=self.offline_max_s,
             allow_direct=True, allow_rollup_hdrs=True, deny_delete=True, allow_msg_ttl=True,
         )
-        js = self.store.link.js
-
-        async def ensure_bucket() -> None:
-            try:
-                await js.add_stream(cfg)
-            except BadRequestError as exc:
-                if exc.err_code != 10058:
-                    raise
-                await js.update_stream(cfg)
-
-        await self.store.link.set_up(f"presence bucket {_STREAM}", ensure_bucket)
+        await self.store.link.ensure_bucket(f"presence bucket {_STREAM}", cfg)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._refresh_loop(), name="presence.refresh"),

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from bridge.room_store import JetStreamRoomStore
 from node.core.ports import StoreError
@@ -123,17 +122,7 @@ class StateStore:
             num_replicas=self.replicas, max_msgs_per_subject=1, allow_direct=True,
             allow_rollup_hdrs=True, deny_delete=True, allow_msg_ttl=True,
         )
-        js = self.store.link.js
-
-        async def ensure_bucket() -> None:
-            try:
-                await js.add_stream(cfg)
-            except BadRequestError as exc:
-                if exc.err_code != 10058:  # exists with another config
-                    raise
-                await js.update_stream(cfg)
-
-        await self.store.link.set_up(f"state bucket {_STREAM}", ensure_bucket)
+        await self.store.link.ensure_bucket(f"state bucket {_STREAM}", cfg)
 
     async def stop(self) -> None:
         """End the writes in progress (their publishers get a StoreError: 4503, retry)."""
