@@ -99,7 +99,10 @@ class _Route:
         nc = self._nc
         self._closed = True
         nc._remove_sub(self._id)
-        if not nc.is_closed and not nc.is_reconnecting:
+        if not nc.is_closed:
+            # Also while reconnecting (unlike nats-py's own unsubscribe): its SUB may wait in
+            # the client's buffer, sent after the reconnect; the UNSUB follows it there (a
+            # route left on the server would take its share of a queue group's requests).
             await nc._send_unsubscribe(self._id)
 
 
