@@ -199,6 +199,10 @@ class Workers:
         worker.started = time.monotonic()
         log.info("= worker %s started (pid %s)", worker.name, worker.process.pid)
         self._write_file()
+        if self._stopping.is_set():
+            # A stop came while it was being started: stop() signalled the others only.
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGKILL if self._forced else signal.SIGTERM)
 
     async def _read(self, worker: Worker) -> None:
         """Forward a worker's stdout; its ready line sets ``worker.ready``."""
