@@ -58,6 +58,7 @@ _CAS_TRIES = 20
 _WRITTEN_MAX = 65536  # keys whose last write by this node is remembered
 _ROOMS_CACHED = 1024  # rooms whose key set is cached for may_add
 _KEYS_FRESH_S = 10.0  # a cached key set is read again after this long (other nodes' keys)
+_FULL_FRESH_S = 1.0  # a full one at most this often (not on every new key refused)
 
 
 class _KeyWriter:
@@ -154,7 +155,8 @@ class StateStore:
         """Whether ``key`` may be set: it is set, or the room holds fewer than ``max_keys``
         keys. The room's keys are read once and kept for ``_KEYS_FRESH_S`` (with this node's
         own writes applied), so new keys published at once on several nodes may pass the limit
-        by a few.
+        by a few; a full room's, for ``_FULL_FRESH_S`` (a key unset on another node frees its
+        place here within that).
 
         Raises:
             StoreError: JetStream did not answer.
@@ -164,7 +166,8 @@ class StateStore:
         now = time.monotonic()
         if cached is not None and key in cached[1]:
             return True
-        if cached is None or now - cached[0] > _KEYS_FRESH_S or len(cached[1]) >= self.max_keys:
+        if (cached is None or now - cached[0] > _KEYS_FRESH_S
+                or (len(cached[1]) >= self.max_keys and now - cached[0] > _FULL_FRESH_S)):
             keys = await self._room_keys(room_id)
         else:
             keys = cached[1]

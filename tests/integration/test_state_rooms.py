@@ -208,3 +208,27 @@ async def test_key_refused_outside_state_rooms_and_full_rooms(make_node: Any) ->
     status, body = await api(node, "GET", "/api/state", params={"room": room})
     assert [v["key"] for v in body["values"]] == ["k2", "k3"]
     await c.close()
+
+
+async def test_new_keys_in_a_full_room_do_not_read_the_room_each(make_node: Any) -> None:
+    # A full room refuses new keys; each refusal must not read every key of the room again
+    # (a publisher naming new keys would make the node scan a 10,000-key room per publish).
+    node = await make_node(state_max_keys=2, max_errors_per_min=1000, **STATE)
+    room = unique("st")
+    c = await RawClient.connected(ws_url(node), token("u"))
+    await publish(c, room, key="k1")
+    await publish(c, room, key="k2")
+    scans = 0
+    scan = node.state._scan
+
+    async def counted(*args: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return await scan(*args)
+
+    node.state._scan = counted
+    for i in range(20):
+        reply = await c.request({"type": "publish", "room": room, "event": "e", "key": f"n{i}"})
+        assert (reply["type"], reply["code"]) == ("error", 4009), reply
+    assert scans <= 2, scans
+    await c.close()
