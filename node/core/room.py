@@ -264,8 +264,9 @@ class RoomActor(Actor):
     def on_mailbox_full(self, message: Any) -> None:
         if isinstance(message, LiveMessage):
             self.counters.live_dropped += 1  # repaired from the stream by the next one
-        elif isinstance(message, _BatchDone):
-            # Never dropped: the room's later recoveries wait for this batch to be answered.
+        elif isinstance(message, _BatchDone | _ReplayDone | _RepairDone | _StateRead):
+            # Never dropped: the room waits for them (its later recoveries for a batch, a
+            # member for its replay, the live path for a repair, the state joins for a read).
             asyncio.get_running_loop().call_later(0.05, self._retell, message)
         else:
             log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
