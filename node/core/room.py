@@ -712,6 +712,22 @@ class RoomActor(Actor):
                                         retry=True))
             member.on_room_lost(self.room)
             return
+        if (join.silent and not done.recovered and join.since_seq is not None
+                and join.since_seq < done.target
+                and join.since_epoch in (None, self.store.epoch)):
+            # A silent rejoin (this room restarted under a member, or a device's persistent
+            # session joins from its cursor) that cannot be recovered here: more than
+            # recovery_max events missed, or the last one it got was trimmed. Joining it at
+            # the room's position would skip events without a word; it is cut off as a slow
+            # consumer (4008) instead. A client then rejoins with ``since`` and is told
+            # ``recovered: false``; a persistent MQTT session resumes from its cursor through
+            # the bridge's paged read (and a gap notice when events were trimmed).
+            del self.members[id(member)]
+            log.info("! room %s: %s's silent rejoin from %d not recoverable; cut off (4008)",
+                     self.room, member.client_id, join.since_seq)
+            outbox.slow = True
+            outbox.on_slow()
+            return
         events = done.events or []
         start = min(done.start, len(events))
         if done.recovered:

@@ -461,3 +461,50 @@ async def test_a_recreated_stream_means_a_gap_notice_and_the_room_from_its_start
     record = await saved(node, dev, lambda r: r.cursors.get(room) == seqs[-1])
     assert record.epoch == node.store.epoch
     await raw.disconnect()
+
+
+async def test_events_stored_between_the_resume_and_the_live_join_are_not_skipped(
+        make_node: Any) -> None:
+    # The resume reads pages from the cursor, then joins the room live from the last event
+    # sent. When more than recovery_max events are stored in between, the room cannot
+    # replay them to that join: the device must not jump over them (it is cut off as a slow
+    # consumer, 4008, and resumes from its cursor on its next connection).
+    node = await make_node(recovery_max=4)
+    room, dev = unique("gap"), unique("dev")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    await raw.subscribe(f"rooms/{room}")
+    await saved(node, dev, lambda r: room in r.cursors)
+    await raw.disconnect()
+    await saved(node, dev, lambda r: not r.connected)
+    first = await store(node, room, 1)
+    later: list[int] = []
+    real_read = node.store.read
+
+    async def read(tenant: str, r: str, after: int, limit: int, **kw: Any) -> Any:
+        events = await real_read(tenant, r, after, limit, **kw)
+        if r == room and kw.get("before") is None and not later:
+            later.extend(await store(node, room, 10, start=1))  # after the resume's last page
+        return events
+
+    node.store.read = read
+    seqs: list[int] = []
+
+    async def take(raw: RawMqtt) -> bool:
+        """Receive until all 11 came (True) or the node closed the connection (False); a
+        connection that stays open with events missing is the defect (TimeoutError)."""
+        try:
+            while len(seqs) < 11:
+                _pid, _qos, _dup, m = (await receive(raw, 1, timeout=5))[0]
+                if not seqs or m["seq"] > seqs[-1]:
+                    seqs.append(m["seq"])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+        return True
+
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    if not await take(raw):  # cut off (4008): resumed from the cursor on the next connection
+        raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+        assert raw.session_present and await take(raw)
+    assert seqs == first + later, "every event, in order"
+    await raw.disconnect()

@@ -208,3 +208,34 @@ async def test_leave_stops_delivery(room: Any) -> None:
     ref.tell(Join(other))  # handled after the live event: a barrier
     await other_rec.arrived.wait()
     assert rec.events() == first
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+async def test_a_silent_rejoin_that_cannot_recover_is_cut_off_not_skipped(trimmed: bool) -> None:
+    # A silent join from a cursor (a room restarted under its member, a device's persistent
+    # session) that would miss more than recovery_max events, or whose last event was
+    # trimmed, must not be joined at the room's position (events skipped without a word):
+    # the member is cut off as a slow consumer, and nothing is delivered to it.
+    store = FakeStore()
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor("t", "r", store, store,
+                                             RoomSettings(recovery_max=3), RoomCounters()))
+        seqs = store.add(10)
+        if trimmed:
+            store.events = [(s, b) for s, b in store.events if s != seqs[5]]
+        since = seqs[5] if trimmed else seqs[0]
+        rec = Recording(JSON)
+        slow = asyncio.Event()
+        outbox = Outbox(JSON, rec, limit=1 << 20, on_slow=slow.set)
+        ref.tell(Join(Membership("c", outbox, lambda room: None), since_seq=since,
+                      since_epoch="e1", silent=True))
+        await asyncio.wait_for(slow.wait(), 5)
+        later = [seqs[-1] + 2]  # (store.add would reuse a seq once one was trimmed)
+        store.events.append((later[0], cbor2.dumps({"event": "e", "data": later[0]})))
+        store.deliver(later[0])
+        # A member that can recover is served as before, next to it.
+        m, ok = member()
+        ref.tell(Join(m, since_seq=seqs[-1], since_epoch="e1", silent=True))
+        store.deliver(later[0])
+        assert await ok.until(1) == later
+        assert rec.events() == []
