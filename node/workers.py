@@ -208,7 +208,14 @@ class Workers:
         """Forward a worker's stdout; its ready line sets ``worker.ready``."""
         proc, ready = worker.process, worker.ready
         assert proc is not None and proc.stdout is not None and ready is not None
-        async for raw in proc.stdout:
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's 64 KiB limit: asyncio dropped it
+                log.warning("! worker %s printed a line over 64 KiB; dropped", worker.name)
+                continue
+            if not raw:
+                return
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith(READY_LINE):
                 ready.set()
