@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.nodes import settled_rss_kib
+
 __all__ = ["main"]
 
 SECRET = "bench-connections-secret-0123456789-0123456789"
@@ -46,29 +48,6 @@ _KEY = base64.b64encode(b"rtnode-bench-key").decode()
 
 def _log(msg: str) -> None:
     print(f"[bench connections] {msg}", file=sys.stderr, flush=True)
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-async def _settled_rss(pid: int, seconds: float = 4.0) -> int:
-    """RSS once it moved by at most 0.5% over 0.5 s (at most ``seconds``)."""
-    last = _rss_kib(pid)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        now = _rss_kib(pid)
-        if abs(now - last) <= last / 200:
-            return now
-        last = now
-    return last
 
 
 # -- the load generator (a process of its own) ----------------------------------------------
@@ -255,7 +234,7 @@ async def _measure(kind: str, port: int, pid: int, args: argparse.Namespace, tag
     await warm.opened(args.timeout)
     await warm.close()
     await asyncio.sleep(1.5)  # rooms without members stop after room_idle_s
-    before = await _settled_rss(pid)
+    before = await settled_rss_kib(pid)
     clients = _Clients(kind, port, args.conns, args.clients, args.concurrency, args.room_size,
                        tag, args.token_kind)
     try:
@@ -264,7 +243,7 @@ async def _measure(kind: str, port: int, pid: int, args: argparse.Namespace, tag
         cpu = cpu_seconds(pid) - cpu0
         if failed:
             raise RuntimeError(f"{kind}: {failed} connections failed, e.g. {errors}")
-        after = await _settled_rss(pid)
+        after = await settled_rss_kib(pid)
     finally:
         await clients.close()
     rate, kb = args.conns / wall, (after - before) * 1024 / args.conns / 1000

@@ -8,6 +8,7 @@ while stopping, apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -217,6 +218,20 @@ def rss_kib(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+async def settled_rss_kib(pid: int, seconds: float = 4.0, tolerance: float = 0.005) -> int:
+    """RSS of ``pid`` in KiB once it moved by at most ``tolerance`` over 0.5 s (waiting at
+    most ``seconds``)."""
+    last = rss_kib(pid)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = rss_kib(pid)
+        if abs(now - last) <= last * tolerance:
+            return now
+        last = now
+    return last
 
 
 def wait_ready(nodes: list[NodeProcess], timeout: float) -> str | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cbor2
 
+from bench.nodes import rss_kib, settled_rss_kib
 from tests.cluster import RawMqtt
 from tests.servers import NatsProcess, NodeProcess
 from tests.wsclient import SECRET, RawClient, publish_many, token, unique
@@ -39,30 +40,6 @@ SESSIONS_BUCKET = "RTNODE_MQTT_SESSIONS"
 
 def _log(msg: str) -> None:
     print(f"[bench sessions] {msg}", file=sys.stderr, flush=True)
-
-
-def _rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-async def _settled_rss(pid: int, seconds: float = 2.0) -> int:
-    """The node's RSS once it stopped moving by more than 1% over 0.5 s (at most ``seconds``)."""
-    last = _rss_kib(pid)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        now = _rss_kib(pid)
-        if abs(now - last) <= last / 100:
-            return now
-        last = now
-    return last
 
 
 async def _session(port: int, dev: str, room: str, *, clean: bool = False) -> None:
@@ -171,7 +148,7 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
         pid, npid = node.proc.pid, server.proc.pid
         room = unique("bench-sessions")
         await _session(node.mqtt_port, "bench-warmup", room)  # the code paths loaded
-        rss0, nrss0 = await _settled_rss(pid), _rss_kib(npid)
+        rss0, nrss0 = await settled_rss_kib(pid, 2.0, 0.01), rss_kib(npid)
         _log(f"node pid {pid}: RSS {rss0} KiB with no session; nats-server {nrss0} KiB")
 
         async def devices(prefix: str, clean: bool) -> float:
@@ -194,10 +171,10 @@ async def _run(args: argparse.Namespace) -> list[tuple[str, str]]:
         # The same connections with clean_session = 1 first: what the churn of 2,000 devices
         # leaves in the node's RSS (allocator high-water mark) with no session kept.
         clean_s = await devices("bench-clean", True)
-        rss_clean = await _settled_rss(pid)
+        rss_clean = await settled_rss_kib(pid, 2.0, 0.01)
         _log(f"{args.sessions} clean-session devices came and went; node RSS {rss_clean} KiB")
         made_s = await devices("bench", False)
-        rss1, nrss1 = await _settled_rss(pid), _rss_kib(npid)
+        rss1, nrss1 = await settled_rss_kib(pid, 2.0, 0.01), rss_kib(npid)
         bucket = await _bucket(server.url)
         _log(f"{args.sessions} sessions in {made_s:.1f} s; node RSS {rss1} KiB")
 
