@@ -56,6 +56,7 @@ from node.core.connection import (
     PlainLeave,
     TransportClosed,
 )
+from node.core.events import event_frame
 from node.core.limits import TokenBucket
 from node.core.ports import StoreError
 from node.protocol.errors import CodecError, ProtocolError
@@ -98,7 +99,6 @@ class _PlainCbor:
 PLAIN_CBOR = _PlainCbor()
 
 # The fields of a stored event map a plain subscriber gets (as a room's event frame has them).
-_EVENT_FIELDS = ("event", "data", "ts", "from", "msg_id", "key", "unset")
 # A resumed QoS 1 room is read in pages of at most this many events, each sent under the
 # window; the next page is read once no more than a window's worth waits.
 _PAGE = 500
@@ -129,16 +129,10 @@ def plain_payload(room: str, seq: int, body: bytes) -> bytes | None:
     """The payload a plain subscriber gets for stored event ``seq`` (its CBOR event map), as
     the room would send it; None for a body that is not an event map."""
     try:
-        event = cbor_loads_strict(body)
+        frame = event_frame(room, seq, cbor_loads_strict(body))
     except CodecError:
         return None
-    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-        return None
-    frame: dict[str, Any] = {"room": room, "seq": seq}
-    for key in _EVENT_FIELDS:
-        if key in event:
-            frame[key] = event[key]
-    return CBOR.encode(frame)
+    return None if frame is None else PLAIN_CBOR.encode(frame)
 
 
 class _TopicTransport:
@@ -774,11 +768,10 @@ class MqttSession(asyncio.Protocol):
         topic = f"rooms/{room}"
         for value in values:
             seq = int(value.get("seq") or 0)
-            frame: dict[str, Any] = {"room": room, "seq": seq}
-            for key in _EVENT_FIELDS:
-                if key in value:
-                    frame[key] = value[key]
-            payload = CBOR.encode(frame)
+            frame = event_frame(room, seq, value)
+            if frame is None:
+                continue
+            payload = PLAIN_CBOR.encode(frame)
             if qos and seq:
                 self._write_outgoing(self.qos.offer_retained(room, seq, payload))
             else:

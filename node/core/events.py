@@ -12,7 +12,25 @@ from node.protocol.errors import ProtocolError
 from node.protocol.frames import CBOR, cbor_loads_strict
 from node.protocol.tokens import Principal
 
-__all__ = ["dedupe_key", "event_body", "now_ms", "read_history"]
+__all__ = ["EVENT_FIELDS", "dedupe_key", "event_body", "event_frame", "now_ms", "read_history"]
+
+
+#: The fields of a stored event map that an ``event`` frame carries (PROTOCOL.md section 1).
+EVENT_FIELDS = ("event", "data", "ts", "from", "msg_id", "key", "unset")
+
+
+def event_frame(room: str, seq: int | None, event: Any) -> dict[str, Any] | None:
+    """The ``event`` frame of a stored event map (``type`` first), or None when ``event`` is
+    not an event map (a backend may publish anything to the stream)."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return None
+    frame: dict[str, Any] = {"type": "event", "room": room}
+    if seq is not None:
+        frame["seq"] = seq
+    for key in EVENT_FIELDS:
+        if key in event:
+            frame[key] = event[key]
+    return frame
 
 
 def now_ms() -> int:

@@ -53,6 +53,7 @@ from typing import Any
 from actors.actor import Actor, RestartPolicy
 from actors.errors import ActorError
 from actors.mailbox import Overflow
+from node.core.events import event_frame
 from node.core.ports import (
     LiveFeed,
     LiveMessage,
@@ -421,19 +422,14 @@ class RoomActor(Actor):
             event = cbor_loads_strict(body)
         except CodecError:
             event = None
-        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        frame = event_frame(self.room, seq, event)
+        if frame is None:
             # Written to the stream by something else than a node (PROTOCOL.md section 9):
             # skipped and counted. Event maps with values outside the value model (stored by an
             # older node) are delivered: the codecs' encoders make them safe, never fail.
             self.counters.undeliverable += 1
             log.warning("! room %s: undecodable event at seq %s skipped", self.room, seq)
             return None
-        frame: dict[str, Any] = {"type": "event", "room": self.room}
-        if seq is not None:
-            frame["seq"] = seq
-        for key in ("event", "data", "ts", "from", "msg_id", "key", "unset"):
-            if key in event:
-                frame[key] = event[key]
         return frame
 
     def _read_state(self) -> None:
