@@ -189,8 +189,10 @@ async def test_connect_timeout(make_node) -> None:
 
 async def test_token_expiry_disconnects_with_4010(make_node) -> None:
     node = await make_node()
-    c = await RawClient.connected(ws_url(node), token(ttl_s=1))
-    code, frames = await c.closed(timeout=5)
+    # exp is in whole seconds (iat + ttl, iat truncated): ttl 3 leaves at least 2 s to connect
+    # on a loaded machine (ttl 1 could be expired on arrival).
+    c = await RawClient.connected(ws_url(node), token(ttl_s=3))
+    code, frames = await c.closed(timeout=10)
     assert code == 4010
     assert frames[-1] == {"type": "disconnect", "code": 4010, "reason": "token expired",
                           "reconnect": True}
