@@ -2,19 +2,24 @@
 
 One key per (tenant, room, key): ``<tenant>.<room token>.<key token>``, the room and the key
 base64url-encoded (KV keys cannot hold ``:``, ``@``, spaces...). The value is the CBOR event map
-as stored in the room's stream, with its ``seq``; a header ``Rtnode-Seq`` repeats the seq so
-that a write can compare without decoding.
+as stored in the room's stream, with its ``seq`` and the ``epoch`` of the stream it was stored
+in (left out of what :meth:`StateStore.values` returns); headers ``Rtnode-Seq`` and
+``Rtnode-Epoch`` repeat them so that a write can compare without decoding.
 
 Writes are compare-and-set (the ``Nats-Expected-Last-Subject-Sequence`` of a KV update): read
 the key's revision and seq, give up if the stored seq is as high or higher (an older event
 arriving late, or the same event again), else write over that revision, and read again on a
 conflict. So a lower seq never overwrites a higher one, whatever the order the writes of two
-nodes arrive in. Writes of one key on one node are coalesced: while one is in flight, later
-ones wait and the highest of them is written next; each publisher is answered once the key
-holds its seq or a higher one (a pipelining publisher's 400 writes of one key would otherwise
-conflict with one another, each retried). An unset is written as a tombstone (the event map
-with ``unset: true``), kept :data:`TOMBSTONE_TTL_S` (a per-message TTL): an older put arriving
-late cannot resurrect the key. Reads skip tombstones.
+nodes arrive in. Seqs compare only within one epoch: a stream deleted and created again
+(``bridge.nats_link``) numbers its events from 1 again, so a value of another epoch than the
+node's is gone for reads and replaced by any write, whatever its seq (a value written before
+values carried an epoch counts as the current epoch's). Writes of one key on one node are
+coalesced: while one is in flight, later ones wait and the highest of them is written next; each
+publisher is answered once the key holds its seq or a higher one (a pipelining publisher's 400
+writes of one key would otherwise conflict with one another, each retried). An unset is written
+as a tombstone (the event map with ``unset: true``), kept :data:`TOMBSTONE_TTL_S` (a per-message
+TTL): an older put arriving late cannot resurrect the key. Reads skip tombstones, and values of
+another epoch.
 
 Reads take batches of direct gets filtered on the room's keys (``next_by_subj`` with
 ``<room>.>``), from any replica: a replica that is behind may miss the latest writes. The room
@@ -51,6 +56,8 @@ _PREFIX = f"$KV.{BUCKET}"
 #: dedupe window, 120 s by default), after which a write of the key is a new event anyway.
 TOMBSTONE_TTL_S = 86400
 _SEQ_HEADER = "Rtnode-Seq"
+_EPOCH_HEADER = "Rtnode-Epoch"
+_EPOCH_FIELD = "epoch"  # in the stored map only: taken out of what values() returns
 _BATCH = 1000  # 10,000 keys: ~0.4 s in 10 batches (256: ~0.7 s); nats-py parses headers
 # JetStream's answer to a write whose expected last subject sequence is not the key's.
 _WRONG_LAST_SEQUENCE = 10071
@@ -62,14 +69,15 @@ _FULL_FRESH_S = 1.0  # a full one at most this often (not on every new key refus
 
 
 class _KeyWriter:
-    """The writes of one key in progress on this node: the highest seq waiting to be written,
-    and the publishers waiting (seq, future) for a write that covers theirs."""
+    """The writes of one key in progress on this node: the highest (epoch, seq) waiting to be
+    written (a later epoch's over any seq of an earlier one), and the publishers waiting
+    (epoch, seq, future) for a write that covers theirs."""
 
     __slots__ = ("best", "running", "waiters")
 
     def __init__(self) -> None:
-        self.best: tuple[int, bytes, bool] | None = None
-        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.best: tuple[str, int, bytes, bool] | None = None
+        self.waiters: list[tuple[str, int, asyncio.Future[None]]] = []
         self.running = False
 
 
@@ -80,6 +88,19 @@ def _token(text: str) -> str:
 def _seq_of(event_map: Any) -> int:
     seq = event_map.get("seq") if isinstance(event_map, dict) else None
     return seq if type(seq) is int else 0
+
+
+def _epoch_of(event_map: Any) -> str:
+    """The epoch a stored value was written in ("" for one written before values had one)."""
+    epoch = event_map.get(_EPOCH_FIELD) if isinstance(event_map, dict) else None
+    return epoch if isinstance(epoch, str) else ""
+
+
+def _same_epoch(stored: str, epoch: str) -> bool:
+    """Whether a value stored in ``stored`` belongs to ``epoch``: its seq compares with the
+    epoch's seqs. A value without an epoch (written before they were recorded) is taken as
+    the current one's, so that an upgrade keeps the state."""
+    return not stored or stored == epoch
 
 
 class StateStore:
@@ -109,8 +130,8 @@ class StateStore:
         self._rooms: OrderedDict[tuple[str, str], tuple[float, set[str]]] = OrderedDict()
         self._reading: dict[tuple[str, str], asyncio.Future[set[str]]] = {}
         self._writers: dict[str, _KeyWriter] = {}  # KV subject -> its writes in progress
-        # KV subject -> (revision, seq) of this node's last write of it.
-        self._written: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # KV subject -> (revision, seq, epoch) of this node's last write of it.
+        self._written: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.puts = 0
         self.conflicts = 0  # CAS writes that found a newer revision and read again
@@ -204,24 +225,32 @@ class StateStore:
     async def put(self, tenant: str, room: str, key: str, seq: int, event_map: dict[str, Any],
                   unset: bool) -> None:
         """Make event ``seq`` the value of ``key`` (a tombstone when ``unset``), unless the
-        key holds a seq as high or higher; returns once the key holds ``seq`` or a higher one.
+        key holds a seq as high or higher of the same epoch; returns once the key holds ``seq``
+        or a higher one (or a later epoch's value).
+
+        The event's epoch is the stream's as this node knows it now (the put follows the
+        stream's ack at once): the one ``joined`` frames name.
 
         Raises:
             StoreError: Not written within the deadline.
         """
         subject = self.subject(tenant, room, key)
+        epoch = self.store.epoch
         value = dict(event_map)
         value["seq"] = seq
         value["key"] = key
+        value[_EPOCH_FIELD] = epoch
         if unset:
             value["unset"] = True
         writer = self._writers.get(subject)
         if writer is None:
             writer = self._writers[subject] = _KeyWriter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        writer.waiters.append((seq, fut))
-        if writer.best is None or writer.best[0] < seq:
-            writer.best = (seq, CBOR.encode(value), unset)
+        writer.waiters.append((epoch, seq, fut))
+        best = writer.best
+        if best is None or best[0] != epoch or best[1] < seq:
+            # Epochs only move on: a put of another epoch than the waiting one is a later one's.
+            writer.best = (epoch, seq, CBOR.encode(value), unset)
         if not writer.running:
             writer.running = True
             task = asyncio.get_running_loop().create_task(
@@ -237,11 +266,11 @@ class StateStore:
         compare-and-set each, which would conflict with one another."""
         try:
             while writer.best is not None:
-                seq, body, unset = writer.best
+                epoch, seq, body, unset = writer.best
                 writer.best = None
                 error: StoreError | None = None
                 try:
-                    await self._write(subject, seq, body, unset)
+                    await self._write(subject, epoch, seq, body, unset)
                 except StoreError as exc:
                     error = exc
                 else:
@@ -251,11 +280,14 @@ class StateStore:
                             cached[1].discard(known[2])
                         else:
                             cached[1].add(known[2])
-                waiting = []
-                for waiter_seq, fut in writer.waiters:
-                    if waiter_seq > seq:
-                        waiting.append((waiter_seq, fut))  # a later write covers it
-                    elif not fut.done():
+                waiting: list[tuple[str, int, asyncio.Future[None]]] = []
+                following = writer.best
+                for waiter_epoch, waiter_seq, fut in writer.waiters:
+                    covered = waiter_epoch == epoch and waiter_seq <= seq
+                    if not covered and following is not None and waiter_epoch == following[0]:
+                        # The next write covers it (the highest waiting seq of its epoch).
+                        waiting.append((waiter_epoch, waiter_seq, fut))
+                    elif not fut.done():  # covered, or of an earlier epoch than this write
                         if error is None:
                             fut.set_result(None)
                         else:
@@ -263,14 +295,16 @@ class StateStore:
                 writer.waiters = waiting
         finally:
             writer.running = False
-            for _, fut in writer.waiters:  # cancelled (the node stops): nothing covers them
+            for _, _, fut in writer.waiters:  # cancelled (the node stops): nothing covers them
                 if not fut.done():
                     fut.set_exception(StoreError("state not written: node stopping"))
             if self._writers.get(subject) is writer:
                 del self._writers[subject]
 
-    async def _write(self, subject: str, seq: int, body: bytes, unset: bool) -> None:
-        """Compare-and-set ``body`` (event ``seq``) as ``subject``'s value.
+    async def _write(self, subject: str, epoch: str, seq: int, body: bytes,
+                     unset: bool) -> None:
+        """Compare-and-set ``body`` (event ``seq`` of ``epoch``) as ``subject``'s value: over a
+        lower seq of the same epoch, or over any value of another epoch.
 
         Raises:
             StoreError: Not written within the deadline.
@@ -284,14 +318,15 @@ class StateStore:
                 # through one node): a wrong guess is a conflict, and the next try reads.
                 last = self._written.get(subject) if attempt == 0 else None
                 if last is not None:
-                    revision, current = last
+                    revision, current, held_epoch = last
                 else:
-                    revision, current = await self._current(subject, leader=attempt > 0)
-                if current >= seq:
+                    revision, current, held_epoch = await self._current(
+                        subject, leader=attempt > 0)
+                if current >= seq and _same_epoch(held_epoch, epoch):
                     self.stale += 1
                     return
                 headers = {"Nats-Expected-Last-Subject-Sequence": str(revision),
-                           _SEQ_HEADER: str(seq)}
+                           _SEQ_HEADER: str(seq), _EPOCH_HEADER: epoch}
                 if unset:
                     headers["Nats-TTL"] = f"{TOMBSTONE_TTL_S}s"
                 left = max(0.05, deadline - time.monotonic())
@@ -301,7 +336,7 @@ class StateStore:
                 err = answer.get("error")
                 if not err and "seq" in answer:
                     self.puts += 1
-                    self._written[subject] = (int(answer["seq"]), seq)
+                    self._written[subject] = (int(answer["seq"]), seq, epoch)
                     self._written.move_to_end(subject)
                     if len(self._written) > _WRITTEN_MAX:
                         self._written.popitem(last=False)
@@ -328,31 +363,34 @@ class StateStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _current(self, subject: str, *, leader: bool) -> tuple[int, int]:
-        """(revision, seq) of ``subject``'s value, (0, 0) when it has none. The first try of a
-        write reads any replica; after a conflict, the stream leader (a replica that is behind
-        would answer the same stale revision again)."""
+    async def _current(self, subject: str, *, leader: bool) -> tuple[int, int, str]:
+        """(revision, seq, epoch) of ``subject``'s value, (0, 0, "") when it has none. The first
+        try of a write reads any replica; after a conflict, the stream leader (a replica that is
+        behind would answer the same stale revision again)."""
         if leader:
             ev = await self.store.leader_get({"last_by_subj": subject}, _STREAM)
             if ev is None:
-                return 0, 0
+                return 0, 0, ""
             try:
-                return ev.seq, _seq_of(cbor_loads_strict(ev.body))
+                value = cbor_loads_strict(ev.body)
             except ProtocolError:
-                return ev.seq, 0
+                return ev.seq, 0, ""
+            return ev.seq, _seq_of(value), _epoch_of(value)
         batch = await self.store.direct_get({"last_by_subj": subject}, _STREAM)
         if not batch.events:
-            return 0, 0
+            return 0, 0, ""
         ev, headers = batch.events[0], batch.headers[0]
         try:
             seq = int(headers.get(_SEQ_HEADER, "0"))
         except ValueError:
             seq = 0
-        return ev.seq, seq
+        return ev.seq, seq, headers.get(_EPOCH_HEADER, "")
 
     async def _scan(self, tenant: str, room: str) -> dict[str, dict[str, Any]]:
-        """Every key's latest value of the room, tombstones included: KV subject -> map."""
+        """Every key's latest value of the room, tombstones included, those of another epoch
+        left out (their seqs number events of a stream that is gone): KV subject -> map."""
         prefix = f"{_PREFIX}.{tenant}.{_token(room)}."
+        epoch = self.store.epoch
         latest: dict[str, dict[str, Any]] = {}
         start = 1
         while True:
@@ -365,6 +403,9 @@ class StateStore:
                     continue
                 if not isinstance(value, dict) or not isinstance(value.get("key"), str):
                     continue
+                if not _same_epoch(_epoch_of(value), epoch):
+                    continue
+                value.pop(_EPOCH_FIELD, None)
                 subject = headers.get("Nats-Subject", "")
                 held = latest.get(subject)
                 if held is None or _seq_of(held) < _seq_of(value):
