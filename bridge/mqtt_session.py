@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 from actors.errors import ActorDeadError, ActorError
 from bridge import mqtt_codec as mq
 from bridge.mqtt_qos import Outgoing, QosWindow
-from bridge.mqtt_sessions import SessionRecord, SessionsFull, SessionTaken
+from bridge.mqtt_sessions import SessionRecord, SessionsFull, SessionTaken, Takeover
 from bridge.mqtt_uplinks import (
     UplinkDecodeError,
     check_will,
@@ -190,11 +191,25 @@ class _QosTransport:
         self.session.close(f"{code} {reason}")
 
 
-def _taken_elsewhere(bridge: MqttBridge, tenant: str, client_id: str) -> None:
-    """Another node took the device's session (or discarded it): close its connection here."""
-    session = bridge.sessions.get((tenant, client_id))
-    if session is not None:
-        session.taken_over("taken over by a new connection on another node")
+def _taken_elsewhere(bridge: MqttBridge, notice: Takeover) -> None:
+    """A takeover notice: another connection claimed the device's session (or discarded it),
+    on this node or another. Its connection here is closed if the notice's claim is newer than
+    the revision it holds; a notice that arrives late (older than that) closes nothing."""
+    session = bridge.sessions.get((notice.tenant, notice.client_id))
+    if session is None or session.closed:
+        return
+    if notice.before is not None:
+        if notice.conn and notice.conn == session.conn_id:
+            return  # its own claim
+        if not session.opened:
+            # Its claim is on its way: judged once its revision is known.
+            session.notice_before = max(session.notice_before, notice.before)
+            return
+        if not notice.supersedes(session.revision):
+            log.debug("= %s: a late takeover notice (before %d; it holds %d) ignored",
+                      session.client_id, notice.before, session.revision)
+            return
+    session.taken_over("taken over by a new connection elsewhere")
 
 
 class MqttSession(asyncio.Protocol):
@@ -233,7 +248,14 @@ class MqttSession(asyncio.Protocol):
         self.subs: dict[str, int] = {}  # topic filter -> granted QoS
         self.persistent = False
         self.record: SessionRecord | None = None
+        #: The session's revision this connection holds (its claim, then its last write; a
+        #: clean connection: the revision it deleted): a takeover notice below it is late.
         self.revision = 0
+        #: Names this connection's claim in takeover notices (its own is ignored).
+        self.conn_id = secrets.token_hex(8)
+        self.opened = False  # its session is claimed (or discarded): its revision is known
+        self.notice_before = 0  # the newest takeover notice that came before that
+        self._opening: asyncio.Task[None] | None = None  # the session's claim, then CONNACK
         self._gated = False  # an async step (session load, QoS 1 subscribe) runs: wait
         self._tasks: set[asyncio.Task[None]] = set()
         self._writer: asyncio.Task[None] | None = None
@@ -476,7 +498,8 @@ class MqttSession(asyncio.Protocol):
                 old = None
             # The session is loaded (or discarded) before the CONNACK; the packets after the
             # CONNECT wait for it.
-            self._gate(self._open_session(not packet.clean_session, old), "session")
+            self._opening = self._gate(self._open_session(not packet.clean_session, old),
+                                       "session")
         else:
             self._write(mq.connack(0))
         if self._timer is not None:
@@ -840,12 +863,12 @@ class MqttSession(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _gate(self, coro: Any, name: str) -> None:
+    def _gate(self, coro: Any, name: str) -> asyncio.Task[None]:
         """Run ``coro`` before the device's next packets are handled (reading is paused)."""
         self._gated = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
-        self._spawn(self._gated_run(coro), name)
+        return self._spawn(self._gated_run(coro), name)
 
     async def _gated_run(self, coro: Any) -> None:
         try:
@@ -871,16 +894,27 @@ class MqttSession(asyncio.Protocol):
         sessions = self.ctx.sessions
         assert sessions is not None and self.principal is not None and self.tunnel is not None
         tenant = self.principal.tenant
+        if sessions.on_takeover is None:
+            sessions.on_takeover = functools.partial(_taken_elsewhere, self.bridge)
         if old is not None:
-            await old.wait_saved()  # a takeover on this node: its last cursors first
+            # A takeover on this node: the older connection's claim first (else it could land
+            # after ours and take the session from the newest connection), then its last
+            # cursors.
+            await old.wait_opened()
+            await old.wait_saved()
         if not keep:
             record = None
             try:
                 record = await sessions.get(tenant, self.client_id)
                 if record is not None:
-                    await sessions.delete(tenant, self.client_id)
+                    self.revision = await sessions.delete(tenant, self.client_id,
+                                                          conn=self.conn_id)
             except StoreError as exc:
                 log.warning("! %s: stored session not discarded: %s", self.client_id, exc)
+            self.opened = True
+            if self.notice_before > self.revision:
+                self.taken_over("taken over by a newer connection while connecting")
+                return
             forget = getattr(self.ctx.presence, "forget_device", None)
             if record is not None and forget is not None:
                 # Its offline entries go (with a presence:leave), before the CONNACK.
@@ -891,7 +925,8 @@ class MqttSession(asyncio.Protocol):
         store = self.ctx.store
         try:
             record, revision, present = await sessions.claim(tenant, self.client_id,
-                                                             epoch=store.epoch)
+                                                             epoch=store.epoch,
+                                                             conn=self.conn_id)
         except SessionsFull as exc:
             log.warning("! %s: %s", self.client_id, exc)
             self._write(mq.connack(3))
@@ -904,9 +939,12 @@ class MqttSession(asyncio.Protocol):
             return
         if self.closed:
             return
-        if sessions.on_takeover is None:
-            sessions.on_takeover = functools.partial(_taken_elsewhere, self.bridge)
         self.record, self.revision, self.persistent = record, revision, True
+        self.opened = True
+        if self.notice_before > revision:
+            # A newer claim was announced while ours was on its way.
+            self.taken_over("taken over by a newer connection while connecting")
+            return
         self._write(mq.connack(0, present))
         self._schedule_refresh()
         same_epoch = record.epoch == store.epoch
@@ -1097,6 +1135,12 @@ class MqttSession(asyncio.Protocol):
             with contextlib.suppress(ActorError):
                 self.ref.tell(KeepOffline(None))
         self.close(reason)
+
+    async def wait_opened(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until this connection's session claim (or discard) is done."""
+        task = self._opening
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=timeout)
 
     async def wait_saved(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until the last write of this closed connection is done."""

@@ -13,6 +13,14 @@ that connection is closed as taken over. A claim also tells every node at once o
 ``rtnode.mqtt.takeover.<tenant>.<client_id>`` (core NATS), so that an idle old connection on
 another node is closed without waiting for its next write.
 
+A notice names the claim it announces (headers, its body is the claiming node's name as before):
+``Rtnode-Takeover-Before`` is a revision, and only a connection holding a revision below it is
+taken over (a claim's own revision; a deleted record's revision + 1); ``Rtnode-Takeover-Conn``
+is the claiming connection's id, which ignores its own notice. A notice that arrives late (the
+device reconnected again meanwhile: A, B, then C, and B's notice comes after C's claim) is then
+older than the connection it reaches and closes nothing. A notice without the headers (a node
+of an older version) closes the device's connection on every other node, as it always did.
+
 Deleting a session purges its key (no marker is left). Sessions per tenant are bounded
 (``mqtt_max_sessions_per_tenant``): a claim of a new session beyond it is refused.
 """
@@ -33,7 +41,7 @@ from nats.js.api import StorageType, StreamConfig
 from bridge.room_store import JetStreamRoomStore
 from node.core.ports import StoreError
 
-__all__ = ["BUCKET", "SessionRecord", "SessionStore", "SessionTaken", "SessionsFull"]
+__all__ = ["BUCKET", "SessionRecord", "SessionStore", "SessionTaken", "SessionsFull", "Takeover"]
 
 log = logging.getLogger("bridge.mqtt_sessions")
 
@@ -41,6 +49,8 @@ BUCKET = "RTNODE_MQTT_SESSIONS"
 _STREAM = f"KV_{BUCKET}"
 _PREFIX = f"$KV.{BUCKET}"
 _TAKEOVER = "rtnode.mqtt.takeover"
+BEFORE_HEADER = "Rtnode-Takeover-Before"
+CONN_HEADER = "Rtnode-Takeover-Conn"
 _WRONG_LAST_SEQ = 10071
 _WRITE_TIMEOUT_S = 5.0
 _PAGE = 1000  # records read per request by list()
@@ -52,6 +62,29 @@ class SessionTaken(Exception):
 
 class SessionsFull(Exception):
     """The tenant has ``mqtt_max_sessions_per_tenant`` sessions already."""
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A takeover notice: a claim of a device's session (or its deletion) somewhere.
+
+    Attributes:
+        tenant: The device's tenant.
+        client_id: The device's client id.
+        before: A connection holding a revision below this one is taken over; None for a
+            notice of an older node (every connection of the device is, but the sender's
+            node's own).
+        conn: The id of the connection that claimed (or deleted) the session ("" if none).
+    """
+
+    tenant: str
+    client_id: str
+    before: int | None = None
+    conn: str = ""
+
+    def supersedes(self, revision: int) -> bool:
+        """Whether a connection holding ``revision`` is taken over by this notice."""
+        return self.before is None or revision < self.before
 
 
 @dataclass
@@ -126,7 +159,8 @@ class SessionStore:
         node: This node's name (for takeover notices).
 
     Attributes:
-        on_takeover: Called with (tenant, client_id) when another node claimed a session.
+        on_takeover: Called with a :class:`Takeover` when a session was claimed or deleted
+            (by another connection, of this node or another).
     """
 
     def __init__(self, store: JetStreamRoomStore, *, replicas: int = 1,
@@ -137,7 +171,7 @@ class SessionStore:
         self.expiry_s = expiry_s
         self.max_per_tenant = max_per_tenant
         self.node = node
-        self.on_takeover: Callable[[str, str], None] | None = None
+        self.on_takeover: Callable[[Takeover], None] | None = None
         self.writes = 0
         self.conflicts = 0
         self._sub: Any = None
@@ -169,11 +203,25 @@ class SessionStore:
             self._sub = None
 
     async def _on_takeover(self, msg: Any) -> None:
-        if msg.data.decode(errors="replace") == self.node:
-            return  # our own claim: the bridge already took its local connection over
         parts = msg.subject[len(_TAKEOVER) + 1:].split(".", 1)
-        if len(parts) == 2 and self.on_takeover is not None:
-            self.on_takeover(parts[0], parts[1])
+        if len(parts) != 2 or self.on_takeover is None:
+            return
+        headers = msg.headers or {}
+        raw = headers.get(BEFORE_HEADER)
+        if raw is None:
+            # A node of an older version: it names no claim.
+            if msg.data.decode(errors="replace") == self.node:
+                return  # our own claim: the bridge already took its local connection over
+            self.on_takeover(Takeover(parts[0], parts[1]))
+            return
+        try:
+            before = int(raw)
+        except ValueError:
+            log.warning("! takeover notice on %s with a bad %s: %r", msg.subject,
+                        BEFORE_HEADER, raw[:40])
+            return
+        self.on_takeover(Takeover(parts[0], parts[1], before,
+                                  str(headers.get(CONN_HEADER, ""))))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -258,9 +306,10 @@ class SessionStore:
         self.writes += 1
         return int(ack["seq"])
 
-    async def claim(self, tenant: str, client_id: str, *,
-                    epoch: str) -> tuple[SessionRecord, int, bool]:
-        """Take the device's session for this node (CONNECT with ``clean_session = 0``).
+    async def claim(self, tenant: str, client_id: str, *, epoch: str,
+                    conn: str = "") -> tuple[SessionRecord, int, bool]:
+        """Take the device's session for this node (CONNECT with ``clean_session = 0``); a
+        takeover notice names the claim (its revision, ``conn``: the claiming connection's id).
 
         Returns:
             (record, revision, present): the record now held (``connected``, this node),
@@ -283,32 +332,37 @@ class SessionStore:
                 revision = await self.write(record, revision)
             except SessionTaken:
                 continue  # written meanwhile (a racing CONNECT): read it again
-            self._announce(tenant, client_id)
+            self._announce(tenant, client_id, revision, conn)
             return record, revision, present
         raise StoreError("session claim kept conflicting")
 
-    async def delete(self, tenant: str, client_id: str) -> bool:
+    async def delete(self, tenant: str, client_id: str, *, conn: str = "") -> int:
         """Delete the device's session (purge its key; a ``clean_session = 1`` CONNECT, or
-        ``/api``). A connection holding it on another node is closed (takeover notice), one
-        on any node at its next write. Returns whether there was one.
+        ``/api``). A connection holding it on another node is closed (takeover notice, from
+        ``conn``), one on any node at its next write. Returns the revision deleted (0: there
+        was none).
 
         Raises:
             StoreError: JetStream did not answer.
         """
-        record, _ = await self.read(tenant, client_id)
+        record, revision = await self.read(tenant, client_id)
         try:
             await self.store.link.js.purge_stream(_STREAM,
                                                   subject=_subject(tenant, client_id))
         except Exception as exc:
             raise StoreError(f"session delete failed: {type(exc).__name__}") from None
-        if record is not None:
-            self._announce(tenant, client_id)
-        return record is not None
+        if record is None:
+            return 0
+        self._announce(tenant, client_id, revision + 1, conn)
+        return revision
 
-    def _announce(self, tenant: str, client_id: str) -> None:
-        asyncio.get_running_loop().create_task(self._publish_takeover(tenant, client_id))
+    def _announce(self, tenant: str, client_id: str, before: int, conn: str) -> None:
+        asyncio.get_running_loop().create_task(
+            self._publish_takeover(tenant, client_id, before, conn))
 
-    async def _publish_takeover(self, tenant: str, client_id: str) -> None:
+    async def _publish_takeover(self, tenant: str, client_id: str, before: int,
+                                conn: str) -> None:
         with contextlib.suppress(Exception):
-            await self.store.link.nc.publish(f"{_TAKEOVER}.{tenant}.{client_id}",
-                                             self.node.encode())
+            await self.store.link.nc.publish(
+                f"{_TAKEOVER}.{tenant}.{client_id}", self.node.encode(),
+                headers={BEFORE_HEADER: str(before), CONN_HEADER: conn})
