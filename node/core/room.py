@@ -26,6 +26,15 @@ is empty, in the same step as the decision (a join told a moment earlier keeps i
 told later finds the name free and starts a fresh room). ``RoomCounters.rooms`` counts the
 room actors that run, for the node's ``max_rooms``.
 
+A full mailbox (a flood of live messages, thousands of clients joining at once after a restart)
+drops live messages only: what they carried is read back from the stream by the next repair.
+Nothing that changes who is in the room is dropped. A Leave is taken at once, in its sender's
+step. A Join is told again a moment later, behind what was queued before it (a leave of the
+connection's previous membership among it), and, if the room cannot take it in within
+``JOIN_RETRY_S``, refused to its member: ``error`` 4500 with ``retry`` (a silent join gets none),
+and ``on_room_lost``, its connection rejoining. The room's own results (replays, recovery
+batches, repairs, state reads) and gap checks are told again until they get in.
+
 A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then its
 ``state`` frame (several for a large room, all but the last with ``more``): the values as of
 ``joined.seq``, so that every event after it comes live, and is newer than the value of its
@@ -77,6 +86,8 @@ from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
 
 __all__ = [
+    "JOIN_RETRY_S",
+    "RETELL_S",
     "STATE_GRACE_S",
     "STATE_WAIT_S",
     "CheckGap",
@@ -96,6 +107,12 @@ log = logging.getLogger("node.core.room")
 STATE_GRACE_S = 30.0
 #: How long the first state joins of a room wait for it to deliver what the read holds.
 STATE_WAIT_S = 2.0
+#: How long a Join that found the room's mailbox full is told again (after 50 ms, then twice as
+#: long each time, at most 0.5 s apart: about a dozen tries) before it is refused to its member.
+#: The same as the connection's wait for a join to be taken in (``session_rooms.JOIN_WAIT_S``).
+JOIN_RETRY_S = 5.0
+#: The first delay before a message that found the mailbox full is told again.
+RETELL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +123,16 @@ class _IdleCheck:
 @dataclass(frozen=True, slots=True)
 class _Latest:
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class _JoinAgain:
+    """A Join that found the mailbox full, told again; refused once past ``deadline``
+    (monotonic), else told again after ``delay`` if the mailbox is still full."""
+
+    join: Join
+    deadline: float
+    delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +195,8 @@ class RoomActor(Actor):
 
     kind = "room"
     # Live messages must not be refused: when the mailbox is full, a live message is dropped
-    # and the gap is repaired from the stream by the next one (see on_mailbox_full).
+    # and the gap is repaired from the stream by the next one; joins, leaves and the room's
+    # own results are not dropped (see on_mailbox_full).
     mailbox_size = 65536
     on_overflow = Overflow.CALLBACK
     batch_size = 256
@@ -216,6 +244,9 @@ class RoomActor(Actor):
         # that looks again once it may have been empty for idle_s.
         self._empty_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Joins that found the mailbox full, waiting to be told again: the room does not stop
+        # for being empty meanwhile (one of them would be refused instead of taken in).
+        self._joins_waiting = 0
         # Counted from here to on_stop (or a failed on_start): what runs, restarts included.
         self._counted = True
         counters.rooms += 1
@@ -263,14 +294,33 @@ class RoomActor(Actor):
             member.on_room_lost(self.room)
 
     def on_mailbox_full(self, message: Any) -> None:
+        """Only live messages (and idle checks) are dropped; nothing that changes who is in the
+        room, or that someone waits for.
+
+        Runs in the sender's step, on the instance a restart is replacing during its backoff.
+        """
         if isinstance(message, LiveMessage):
             self.counters.live_dropped += 1  # repaired from the stream by the next one
-        elif isinstance(message, _BatchDone | _ReplayDone | _RepairDone | _StateRead):
-            # Never dropped: the room waits for them (its later recoveries for a batch, a
-            # member for its replay, the live path for a repair, the state joins for a read).
-            asyncio.get_running_loop().call_later(0.05, self._retell, message)
-        else:
-            log.warning("! room %s mailbox full: dropped %s", self.room, type(message).__name__)
+        elif isinstance(message, Leave):
+            # Taken at once (a Join that was queued before it is ignored when it comes, see
+            # Membership.left): a Leave told again later would leave a ghost member meanwhile,
+            # and could come after a retold Join of the same member.
+            self._leave(message.member)
+        elif isinstance(message, Join):
+            self._join_again(_JoinAgain(message, time.monotonic() + JOIN_RETRY_S, RETELL_S))
+        elif isinstance(message, _JoinAgain):
+            if time.monotonic() >= message.deadline:
+                self._refuse(message.join, "mailbox full")
+            else:
+                self._join_again(_JoinAgain(message.join, message.deadline,
+                                            min(message.delay * 2, 0.5)))
+        elif not isinstance(message, _IdleCheck):
+            # Told again: the room waits for them (its later recoveries for a batch, a member
+            # for its replay, the live path for a repair or a gap check's answer, the state
+            # joins for a read or the end of their wait). Each is one per task or timer of the
+            # room (a CheckGap one per NATS reconnect), so few wait at a time. (An idle check
+            # is not needed: with the mailbox full, every message handled looks again.)
+            asyncio.get_running_loop().call_later(RETELL_S, self._retell, message)
 
     def _on_live_message(self, msg: LiveMessage) -> None:
         try:
@@ -283,6 +333,43 @@ class RoomActor(Actor):
             self.ref.tell(message)
         except ActorError:
             pass  # stopped: its members rejoin a new instance
+
+    def _join_again(self, again: _JoinAgain) -> None:
+        # Told again after the messages queued before it (a Leave of the member's previous
+        # membership among them: it comes first, never two memberships of one connection).
+        self._joins_waiting += 1
+        asyncio.get_running_loop().call_later(again.delay, self._tell_join_again, again)
+
+    def _tell_join_again(self, again: _JoinAgain) -> None:
+        self._joins_waiting -= 1
+        if again.join.member.left:
+            return
+        try:
+            self.ref.tell(again)
+        except ActorError:  # the room stopped meanwhile (no restart left): rejoin a new one
+            self._refuse(again.join, "room stopped")
+
+    def _refuse(self, join: Join, why: str) -> None:
+        """Tell the member of a Join the room could not take in, as when its replay cannot be
+        read: ``error`` 4500 with ``retry`` (unless the join was silent), and ``on_room_lost``,
+        its connection rejoining (silently) from where this join would have started: its
+        ``since``, else the room's position."""
+        member = join.member
+        if member.left:
+            return
+        log.warning("! room %s: join of %s refused (%s)", self.room, member.client_id, why)
+        if join.since_seq is not None and self._epoch_ok(join):
+            member.cursor = max(member.cursor, join.since_seq)
+        else:
+            member.cursor = max(member.cursor, self.last_seq)
+        if not join.silent:
+            member.outbox.send(error_frame(4500, "room busy, join again", id=join.request_id,
+                                           retry=True))
+        member.on_room_lost(self.room)
+
+    def _leave(self, member: Membership) -> None:
+        member.left = True
+        self.members.pop(id(member), None)
 
     def _arm_idle(self, delay: float) -> None:
         if self._idle_timer is not None:
@@ -309,6 +396,9 @@ class RoomActor(Actor):
             return
         if self.ref.queued:
             return  # looked at again after the queued messages (a join among them keeps it)
+        if self._joins_waiting:
+            self._arm_idle(RETELL_S)  # looked at again once they are told
+            return
         log.debug("= room %s: no members for %.1f s, stopping", self.room, self.settings.idle_s)
         # Synchronous up to here and in stop(): no message can slip in between the look at the
         # mailbox and the name being freed.
@@ -327,7 +417,9 @@ class RoomActor(Actor):
         elif isinstance(message, Join):
             self._on_join(message)
         elif isinstance(message, Leave):
-            self.members.pop(id(message.member), None)
+            self._leave(message.member)
+        elif isinstance(message, _JoinAgain):
+            self._on_join(message.join)
         elif isinstance(message, _ReplayDone):
             self._on_replay_done(message)
         elif isinstance(message, _BatchDone):
@@ -536,6 +628,8 @@ class RoomActor(Actor):
 
     def _on_join(self, join: Join) -> None:
         member = join.member
+        if member.left:
+            return  # its Leave came first (this Join found the mailbox full and was told again)
         member.replaying = True
         member.held = []
         self.members[id(member)] = member

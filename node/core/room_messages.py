@@ -77,11 +77,22 @@ class Membership:
     # room's position and reach it. (Arguments rather than a partial holding the member: that
     # would be a reference cycle, left to the garbage collector.)
     on_in_room: Callable[[str, Membership], None] | None = None
+    # Set by the room when it handles the member's Leave. A Join may reach the room after its
+    # Leave (one that found the mailbox full is told again later, while the Leave is taken at
+    # once): a Join of a member that left is ignored, so a Leave is never undone. (A
+    # connection makes a new Membership for every join.)
+    left: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Join:
-    """Add a member. The room answers ``joined`` (unless ``silent``) through its outbox."""
+    """Add a member. The room answers ``joined`` (unless ``silent``) through its outbox.
+
+    Never dropped: a Join that finds the room's mailbox full is told again a moment later;
+    one the room cannot take in within ``node.core.room.JOIN_RETRY_S`` is refused (``error``
+    4500 with ``retry`` unless ``silent``, then ``on_room_lost``, to rejoin from where the
+    join would have started).
+    """
 
     member: Membership
     since_seq: int | None = None
@@ -94,7 +105,11 @@ class Join:
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    """Remove a member (no reply; the connection answers ``left`` itself)."""
+    """Remove a member (no reply; the connection answers ``left`` itself).
+
+    Never dropped: one that finds the room's mailbox full is taken at once, in the sender's
+    step (a dict removal), so that a member that left gets nothing more.
+    """
 
     member: Membership
 
@@ -102,4 +117,6 @@ class Leave:
 @dataclass(frozen=True, slots=True)
 class CheckGap:
     """The live feed may have lost events (e.g. after a NATS reconnect): compare with the store
-    and read back what is missing, even if no later live event reveals the gap."""
+    and read back what is missing, even if no later live event reveals the gap.
+
+    Never dropped: one that finds the room's mailbox full is told again a moment later."""

@@ -10,9 +10,18 @@ import cbor2
 import pytest
 
 from actors import ActorSystem
+from node.core import room as room_module
 from node.core.outbox import Outbox
 from node.core.ports import LiveMessage, StoredEvent
-from node.core.room import Join, Leave, Membership, RoomActor, RoomCounters, RoomSettings
+from node.core.room import (
+    CheckGap,
+    Join,
+    Leave,
+    Membership,
+    RoomActor,
+    RoomCounters,
+    RoomSettings,
+)
 from node.protocol.frames import CBOR, JSON
 
 
@@ -239,3 +248,196 @@ async def test_a_silent_rejoin_that_cannot_recover_is_cut_off_not_skipped(trimme
         store.deliver(later[0])
         assert await ok.until(1) == later
         assert rec.events() == []
+
+
+# -- a full mailbox ---------------------------------------------------------------------------
+# The room is told messages in one synchronous step (it runs only when the test awaits), so a
+# small mailbox is full exactly when the test says so.
+
+
+class SmallRoom(RoomActor):
+    """A room with a mailbox of 4 that a told ``asyncio.Event`` holds until it is set."""
+
+    mailbox_size = 4
+
+    async def on_receive(self, message: Any) -> Any:
+        if isinstance(message, asyncio.Event):
+            await message.wait()
+            return None
+        return await super().on_receive(message)
+
+
+@pytest.fixture
+async def small_room() -> Any:
+    store = FakeStore()
+    rooms: list[RoomActor] = []
+
+    def make() -> RoomActor:
+        rooms.append(SmallRoom("t", "r", store, store, RoomSettings(), RoomCounters()))
+        return rooms[-1]
+
+    async with ActorSystem() as system:
+        ref = system.spawn(make)
+        # Started and idle: a first member is in.
+        first, rec = member()
+        ref.tell(Join(first))
+        await rec.joined()
+        yield store, ref, rooms, first, rec
+
+
+async def hold(ref: Any) -> asyncio.Event:
+    """Hold the room in a handler until the returned event is set (its mailbox then fills)."""
+    held = asyncio.Event()
+    ref.tell(held)
+    for _ in range(100):
+        if not ref.queued:
+            return held
+        await asyncio.sleep(0)
+    raise AssertionError("the room did not take the hold")
+
+
+def fill(store: FakeStore, ref: Any, free: int = 0) -> list[int]:
+    """Fill the room's mailbox with live events (each one stored), but ``free`` places; return
+    their seqs."""
+    seqs = store.add(SmallRoom.mailbox_size - free - ref.queued)
+    for seq in seqs:
+        store.deliver(seq)
+    assert ref.queued == SmallRoom.mailbox_size - free
+    return seqs
+
+
+async def test_joins_that_find_the_mailbox_full_are_taken_in(small_room: Any) -> None:
+    store, ref, rooms, _first, first_rec = small_room
+    before = fill(store, ref)
+    joiners = [member() for _ in range(10)]
+    for i, (m, _rec) in enumerate(joiners):
+        ref.tell(Join(m, request_id=i))  # each finds the mailbox full
+    for i, (_m, rec) in enumerate(joiners):
+        joined = await rec.joined()
+        assert joined["id"] == i
+    assert await first_rec.until(len(before)) == before
+    later = store.add(1)
+    store.deliver(later[0])
+    for _m, rec in joiners:
+        assert await rec.until(1) == later
+    assert len(rooms[0].members) == 11
+
+
+async def test_leaves_that_find_the_mailbox_full_leave_no_ghost(small_room: Any) -> None:
+    store, ref, rooms, _first, first_rec = small_room
+    leavers = [member() for _ in range(10)]
+    for m, _rec in leavers:
+        ref.tell(Join(m))
+    for _m, rec in leavers:
+        await rec.joined()
+    seqs = fill(store, ref)
+    for m, _rec in leavers:
+        ref.tell(Leave(m))  # each finds the mailbox full
+    assert len(rooms[0].members) == 1
+    assert await first_rec.until(len(seqs)) == seqs
+    later = store.add(1)
+    store.deliver(later[0])
+    assert await first_rec.until(len(seqs) + 1) == seqs + later
+    for _m, rec in leavers:
+        assert rec.events() == []
+
+
+async def test_a_leave_before_its_join_is_not_undone(small_room: Any) -> None:
+    store, ref, rooms, first, first_rec = small_room
+    held = await hold(ref)
+    seqs = fill(store, ref, free=1)
+    queued, queued_rec = member()  # its Join fits, its Leave does not
+    retold, retold_rec = member()  # neither fits: the Leave is taken before the Join
+    ref.tell(Join(queued))
+    ref.tell(Join(retold))
+    ref.tell(Leave(queued))
+    ref.tell(Leave(retold))
+    assert ref.queued == SmallRoom.mailbox_size
+    held.set()
+    await first_rec.until(len(seqs))
+    await asyncio.sleep(3 * room_module.RETELL_S)  # past the retold Join's first try
+    later = store.add(1)
+    store.deliver(later[0])
+    barrier, barrier_rec = member()
+    ref.tell(Join(barrier))
+    await barrier_rec.joined()
+    assert await first_rec.until(len(seqs) + 1) == seqs + later
+    assert queued_rec.frames == [] and retold_rec.frames == []
+    assert list(rooms[0].members.values()) == [first, barrier]
+
+
+async def test_a_join_the_room_cannot_take_in_is_refused_to_its_member(
+        small_room: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, ref, rooms, _first, _first_rec = small_room
+    monkeypatch.setattr(room_module, "JOIN_RETRY_S", 0.3)
+    held = await hold(ref)  # its mailbox stays full
+    try:
+        await _refused(store, ref, rooms)
+    finally:
+        held.set()
+    barrier, barrier_rec = member()
+    ref.tell(Join(barrier))
+    await barrier_rec.joined()
+    assert len(rooms[0].members) == 2  # the first member and the barrier
+
+
+async def _refused(store: FakeStore, ref: Any, rooms: list[RoomActor]) -> None:
+    seqs = fill(store, ref)
+    lost: dict[str, asyncio.Event] = {"plain": asyncio.Event(), "silent": asyncio.Event()}
+    plain_rec, silent_rec = Recording(JSON), Recording(JSON)
+    plain = Membership("p", Outbox(JSON, plain_rec, limit=1 << 20, on_slow=lambda: None),
+                       lambda room: lost["plain"].set())
+    silent = Membership("s", Outbox(JSON, silent_rec, limit=1 << 20, on_slow=lambda: None),
+                        lambda room: lost["silent"].set())
+    ref.tell(Join(plain, request_id=9))
+    ref.tell(Join(silent, since_seq=seqs[0], since_epoch="e1", silent=True))
+    for event in lost.values():
+        await asyncio.wait_for(event.wait(), 5)
+    # Told, with where its connection's rejoin starts: the join's since, else the room's
+    # position (nothing the room delivered after it is skipped).
+    await plain_rec.arrived.wait()
+    [error] = plain_rec.frames
+    assert (error["type"], error["code"], error["id"], error["retry"]) == ("error", 4500, 9, True)
+    assert plain.cursor == rooms[0].last_seq
+    assert silent.cursor == seqs[0] and silent_rec.frames == []
+
+
+async def test_a_join_retold_to_a_stopped_room_is_refused(small_room: Any) -> None:
+    store, ref, _rooms, _first, _first_rec = small_room
+    fill(store, ref)
+    lost = asyncio.Event()
+    m = Membership("c", member()[0].outbox, lambda room: lost.set())
+    ref.tell(Join(m, silent=True))
+    await ref.stop(drain=False)
+    await asyncio.wait_for(lost.wait(), 5)
+
+
+async def test_a_gap_check_that_finds_the_mailbox_full_is_not_dropped(small_room: Any) -> None:
+    store, ref, _rooms, _first, first_rec = small_room
+    held = await hold(ref)
+    seqs = fill(store, ref)
+    missed = store.add(2)  # stored, lost on the live path: only a gap check finds them
+    ref.tell(CheckGap())
+    held.set()
+    assert await first_rec.until(len(seqs) + 2) == seqs + missed
+
+
+async def test_a_join_waiting_to_be_told_again_keeps_an_empty_room_running() -> None:
+    # A room without members stops after idle_s once its mailbox is empty: not while a join
+    # that found it full waits to be told again (it would be refused, not taken in).
+    store = FakeStore()
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: SmallRoom("t", "r", store, store, RoomSettings(idle_s=0.1),
+                                             RoomCounters()))
+        held = await hold(ref)  # from before its first join: empty since it started
+        try:
+            fill(store, ref)
+            lost = asyncio.Event()
+            m, rec = member()
+            m.on_room_lost = lambda room: lost.set()
+            ref.tell(Join(m))
+            await asyncio.sleep(0.3)  # empty for longer than idle_s
+        finally:
+            held.set()
+        await rec.joined()
+        assert ref.is_alive and not lost.is_set()
