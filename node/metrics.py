@@ -126,6 +126,8 @@ class _NodeCollector(Collector):
              ctx.slow_consumers),
             ("rtnode_rate_limited", "Publishes refused by the rate limit",
              ctx.admission.stats.rate_limited),
+            ("rtnode_paced_requests", "Heavy requests (history, presence, rpc, joins that "
+             "start a room) that waited for their connection's turn", ctx.paced),
             ("rtnode_volatile_failed", "Volatile events not sent (NATS unavailable)",
              ctx.admission.stats.volatile_failed),
         ):

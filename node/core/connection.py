@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from node.core.context import (
 )
 from node.core.events import event_body, read_history
 from node.core.index import IndexedConnection
+from node.core.limits import TokenBucket
 from node.core.outbox import Outbox
 from node.core.ports import RpcError, StoreError
 from node.core.room import Join, Leave, Membership
@@ -65,6 +67,7 @@ from node.core.session_commands import (
     UnregisterRpc,
 )
 from node.protocol.errors import ProtocolError
+from node.protocol.frames import error_frame
 from node.protocol.tokens import Principal
 
 __all__ = [
@@ -115,6 +118,60 @@ class KeepOffline:
 @dataclass(frozen=True, slots=True)
 class _TimerFired:
     key: TimerKey
+
+
+class _Pacer:
+    """Runs a connection's heavy actions (history, presence and rpc requests, joins that start a
+    room) at most ``rate`` per second after a burst of ``burst``, in order, so that a burst of
+    them cannot hold up the node's other work. The connection goes on reading meanwhile: its
+    limits (request_rate_per_s, rooms_per_min) still count requests as they arrive.
+
+    Each action comes with ``live``: an action no longer live when its turn comes (a join left
+    meanwhile, a connection that ended) is dropped, and costs no turn.
+    """
+
+    __slots__ = ("_bucket", "_queue", "_task")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._bucket = TokenBucket(rate, burst, time.monotonic())
+        self._queue: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, live: Callable[[], bool], run: Callable[[], None]) -> bool:
+        """Run ``run`` now if its turn has come and nothing waits (True), else in its turn if
+        ``live()`` still holds then (False)."""
+        now = time.monotonic()
+        if not self._queue and self._bucket.take(now):
+            run()
+            return True
+        self._queue.append((live, run))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="pace")
+        return False
+
+    async def _drain(self) -> None:
+        bucket, queue = self._bucket, self._queue
+        try:
+            while queue:
+                if not queue[0][0]():
+                    queue.popleft()
+                    continue
+                level = bucket.level(time.monotonic())
+                if level < 1:
+                    await asyncio.sleep((1 - level) / bucket.rate)
+                    continue
+                live, run = queue.popleft()
+                if live():
+                    bucket.take(time.monotonic())
+                    run()
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        """Drop what waits (the connection ended)."""
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
 
 
 class ConnectionActor(Actor):
@@ -174,6 +231,9 @@ class ConnectionActor(Actor):
         # Volatile sends are not cancelled when the connection ends: a typing notice sent just
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
         self._volatile_tasks: set[asyncio.Task[None]] | None = None
+        self._pacer: _Pacer | None = None  # made at the first heavy action
+        # Joins waiting for their turn: id of the member -> the join's request id.
+        self._waiting: dict[int, Any] | None = None
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -193,6 +253,8 @@ class ConnectionActor(Actor):
         self._timers.clear()
         for task in self._tasks or ():
             task.cancel()
+        if self._pacer is not None:
+            self._pacer.close()
         self.outbox.flush()
         self.session.stop()
         self._execute_now()
@@ -398,12 +460,63 @@ class ConnectionActor(Actor):
                             presence=command.presence)
         member.on_in_room = self._on_in_room
         self.members[room] = member
-        self._tell_room(room, Join(member, command.since_seq, command.since_epoch,
-                                   command.request_id, command.silent, command.rewind))
+        join = Join(member, command.since_seq, command.since_epoch, command.request_id,
+                    command.silent, command.rewind)
+        if command.silent:  # a rejoin after a room actor restart: never held up
+            self._tell_room(room, join)
+        else:
+            self._join_in_turn(room, join, self.members)
+
+    def _join_in_turn(self, room: str, join: Join, members: dict[str, Membership]) -> None:
+        """Tell ``room`` the join now if the room runs on this node, else when the connection's
+        pace allows (starting a room costs the node and NATS work). A join left or replaced
+        before its turn is withdrawn (:meth:`_withdraw`)."""
+        assert self.principal is not None
+        if self.ctx.running_room(self.principal.tenant, room) is not None:
+            self._tell_room(room, join)
+            return
+        member = join.member
+        if self._waiting is None:
+            self._waiting = {}
+        self._waiting[id(member)] = join.request_id
+        waiting = self._waiting
+
+        def live() -> bool:
+            return members.get(room) is member and not self.session.closing
+
+        def run() -> None:
+            waiting.pop(id(member), None)
+            self._tell_room(room, join)
+
+        self._in_turn(live, run)
+
+    def _withdraw(self, member: Membership) -> bool:
+        """Whether ``member``'s join was still waiting for its turn: then it is withdrawn (no
+        room is started for it) and answered with 4009 ``retry``."""
+        if self._waiting is None or id(member) not in self._waiting:
+            return False
+        request_id = self._waiting.pop(id(member))
+        if request_id is not None:
+            self.outbox.send(error_frame(4009, "left before its turn to join "
+                                               "(heavy_requests_per_s)", id=request_id,
+                                         retry=True))
+        return True
+
+    def _in_turn(self, live: Callable[[], bool], run: Callable[[], None]) -> None:
+        """Run a heavy action in the connection's pace (``heavy_requests_per_s``)."""
+        if self._pacer is None:
+            rate = self.settings.heavy_requests_per_s
+            self._pacer = _Pacer(rate, max(1, int(rate / 2)))
+        if not self._pacer.submit(live, run):
+            self.ctx.paced += 1
+
+    def _spawn_in_turn(self, make: Callable[[], Any], name: str) -> None:
+        """Start the task ``make()`` (a request's work) in the connection's pace."""
+        self._in_turn(lambda: not self.session.closing, lambda: self._spawn(make(), name))
 
     def _leave_room(self, command: LeaveRoom) -> None:
         member = self.members.pop(command.room, None)
-        if member is not None:
+        if member is not None and not self._withdraw(member):
             self._tell_room(command.room, Leave(member))
 
     def _join_plain_room(self, command: JoinPlainRoom) -> None:
@@ -427,12 +540,17 @@ class ConnectionActor(Actor):
         if since_seq is not None:
             member.cursor = since_seq
         self.plain[room] = member
-        self._tell_room(room, Join(member, since_seq, since_epoch, None, silent=True))
+        join = Join(member, since_seq, since_epoch, None, silent=True)
+        if command.source is None:  # a rejoin after a room actor restart
+            self._tell_room(room, join)
+        else:
+            self._join_in_turn(room, join, self.plain)
 
     def _leave_plain_room(self, command: LeavePlainRoom) -> None:
         member = self.plain.pop(command.room, None)
         if member is not None:
-            self._tell_room(command.room, Leave(member))
+            if not self._withdraw(member):
+                self._tell_room(command.room, Leave(member))
             member.outbox.flush()  # what the room already delivered still goes out
             member.outbox.close()
 
@@ -557,9 +675,9 @@ _RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
     CancelTimer: ConnectionActor._cancel_timer, JoinRoom: ConnectionActor._join_room,
     LeaveRoom: ConnectionActor._leave_room, JoinPlainRoom: ConnectionActor._join_plain_room,
     LeavePlainRoom: ConnectionActor._leave_plain_room, SendVolatile: ConnectionActor._send_volatile,
-    ReadHistory: lambda a, c: a._spawn(a._read_history(c), "history"),
-    ReadPresence: lambda a, c: a._spawn(a._read_presence(c), "presence"),
-    CallRpc: lambda a, c: a._spawn(a._call(c), "rpc"),
+    ReadHistory: lambda a, c: a._spawn_in_turn(lambda: a._read_history(c), "history"),
+    ReadPresence: lambda a, c: a._spawn_in_turn(lambda: a._read_presence(c), "presence"),
+    CallRpc: lambda a, c: a._spawn_in_turn(lambda: a._call(c), "rpc"),
     PresenceWatch: ConnectionActor._presence_port, PresenceAdd: ConnectionActor._presence_port,
     PresenceRemove: ConnectionActor._presence_port,
     PresenceOffline: ConnectionActor._presence_port,

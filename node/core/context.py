@@ -58,6 +58,8 @@ class NodeContext:
     counters: RoomCounters = field(default_factory=RoomCounters)
     index: ConnectionIndex = field(default_factory=ConnectionIndex)
     slow_consumers: int = 0
+    #: Heavy requests that waited for their connection's turn (heavy_requests_per_s).
+    paced: int = 0
     draining: bool = False
     presence: PresencePort | None = None
     rpc: RpcPort | None = None
