@@ -11,7 +11,9 @@ fence is a marker comment:
   ``<...>`` standing for anything). After the skipped ``make run`` block, the output checked is
   the banner of this test's node, which was started as ``make run`` starts it.
 - ``<!-- docs-test: stream SECONDS -->``: a command that runs until stopped (``curl -N``, a
-  consumer): it runs SECONDS, then is stopped; still running then is success.
+  consumer): it is stopped once it has printed what the docs say it prints (EXPECT below and the
+  output block after it, when there are any), else after SECONDS; still running then is
+  success, and what it says it prints must have come within SECONDS.
 
 A block of another language without a marker fails the test. How each language runs:
 ``sh`` in ``bash -e -o pipefail`` with stdin closed; ``python`` with ``.venv/bin/python``, or, when
@@ -38,9 +40,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +86,7 @@ EXPECT: dict[str, list[str]] = {
     "print(cbor2.loads(message.payload))": ["'code': 4000", "the map has no event"],
     ".venv/bin/rtnode replay chat:lobby ": ["chat:msg"],
     "--since-time 2025-01-31T12:00Z --follow": ["reading"],
+    "# lamp.py:": ["connected: Success session present: True"],
     "'{\"type\":\"history\",\"id\":2": ['"type":"joined"', '"type":"history"'],
 }
 
@@ -192,30 +196,54 @@ def node(tmp_path: Path) -> Iterator[Node]:
                     os.kill(kid, signal.SIGKILL)
 
 
-def _run(command: list[str], node: Node, stream_s: float | None = None) -> tuple[int | None, str]:
+def _run(command: list[str], node: Node, stream_s: float | None = None,
+         done: Callable[[str], bool] | None = None) -> tuple[int | None, str]:
     """Run ``command`` in the node's folder, stdin closed: (exit status, stdout and stderr).
-    With ``stream_s``: stopped after that long, and None as its status if it was still running."""
+    With ``stream_s``: stopped after that long, or as soon as ``done`` says its output so far is
+    all it was to print, and None as its status if it was still running then."""
     proc = subprocess.Popen(command, cwd=node.folder, env=node.env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    fd = proc.stdout.fileno()
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(fd, 65536), b"")),
+                              daemon=True)
+    reader.start()
     limit = (stream_s if stream_s is not None else TIMEOUT_S) * MS * 1000
-    try:
-        out, _ = proc.communicate(timeout=limit)
-        return proc.returncode, out.decode(errors="replace")
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)  # the block's own process group, by its id
+    deadline = time.monotonic() + limit
+    finished = False
+    while time.monotonic() < deadline:  # bounded: the block's time limit
         try:
-            out, _ = proc.communicate(timeout=5)
+            proc.wait(timeout=0.05)
+            finished = True
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        if stream_s is None:
-            raise AssertionError(f"timed out after {TIMEOUT_S} s:\n{out.decode()}") from None
-        return None, out.decode(errors="replace")
+            pass
+        if done is not None and done(b"".join(chunks).decode(errors="replace")):
+            break  # all it prints has come: stopped as at the end of its SECONDS
+    if finished:
+        reader.join(5)
+        proc.stdout.close()
+        return proc.returncode, b"".join(chunks).decode(errors="replace")
+    os.killpg(proc.pid, signal.SIGTERM)  # the block's own process group, by its id
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reader.join(5)
+    proc.stdout.close()
+    out = b"".join(chunks).decode(errors="replace")
+    if stream_s is None:
+        raise AssertionError(f"timed out after {TIMEOUT_S} s:\n{out}")
+    return None, out
 
 
-def _run_block(block: Block, node: Node, scratch: Path) -> str:
-    """Run one block as the docs say; its output. Raises AssertionError when it fails."""
+def _run_block(block: Block, node: Node, scratch: Path, shown: Block | None = None) -> str:
+    """Run one block as the docs say; its output. Raises AssertionError when it fails.
+
+    ``shown`` is the output block right after it, if any (a stream stops once that has come)."""
     text = node.rewrite(block.text)
     stream_s = float(block.arg or 5) if block.marker == "stream" else None
     if block.lang in SHELL:
@@ -244,7 +272,19 @@ def _run_block(block: Block, node: Node, scratch: Path) -> str:
     else:
         raise AssertionError(f"a {block.lang or 'plain'} block cannot run: mark it "
                              "<!-- docs-test: skip REASON --> or <!-- docs-test: output -->")
-    status, out = _run(command, node, stream_s)
+    done = None
+    expected = _expected_pieces(block)
+    if stream_s is not None and (expected or shown is not None):
+        def done(out: str) -> bool:
+            if not all(piece in out for piece in expected):
+                return False
+            if shown is not None:
+                try:
+                    _check_output(shown.text, out, node)
+                except AssertionError:
+                    return False
+            return True
+    status, out = _run(command, node, stream_s, done)
     if status not in (0, None):
         raise AssertionError(f"exit {status}:\n{out}")
     return out
@@ -309,7 +349,10 @@ def test_every_docs_block_runs_as_written(node: Node, tmp_path: Path) -> None:
                     _check_output(block.text, previous.output, node)
                     block.status = f"output of {previous.where}, matched"
                 continue
-            block.output = _run_block(block, node, scratch)
+            following = blocks[index + 1] if index + 1 < len(blocks) else None
+            shown = (following if following is not None and following.path == block.path
+                     and following.marker == "output" else None)
+            block.output = _run_block(block, node, scratch, shown)
             (scratch / f"{block.path.stem}_{block.line}.out").write_text(block.output)
             for piece in _expected_pieces(block):
                 assert piece in block.output, f"output lacks {piece!r}:\n{block.output}"

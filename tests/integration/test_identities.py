@@ -287,6 +287,7 @@ async def test_time_claims_that_are_not_numbers_are_refused(make_node, claim: st
             assert resp.status == 401
     caller = await RawClient.connected(ws_url(node), signed(user, exp=later))
     assert (await caller.request({"type": "ping"}))["type"] == "pong"
+    await caller.close()  # left open, the node's stop could wait 5 s for its close handshake
 
 
 async def test_require_exp(make_node) -> None:
@@ -296,6 +297,7 @@ async def test_require_exp(make_node) -> None:
     assert (code, last.get("code")) == (4001, 4001)
     ok = await RawClient.connected(ws_url(node), signed(user))
     assert (await ok.request({"type": "ping"}))["type"] == "pong"
+    await ok.close()
 
 
 async def test_max_token_lifetime(make_node) -> None:
