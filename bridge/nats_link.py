@@ -82,7 +82,14 @@ class StreamSettings:
 
 
 class NatsLink:
-    """One NATS connection for the whole node, with JetStream and the room stream.
+    """The node's NATS connections, with JetStream and the room stream.
+
+    Two connections: the main one carries publishes, their acks, subscriptions and every
+    other request; the reads connection carries reads of the room stream (history,
+    recoveries, the latest seq of a room). nats-server answers one connection's messages in
+    order, and a read waits for the stream's lock (held while a write is flushed to disk): a
+    burst of reads on the main connection held up the acks of publishes behind it. Reads fall
+    back to the main connection while the reads connection is down.
 
     Args:
         servers: NATS URLs.
@@ -107,6 +114,7 @@ class NatsLink:
         self.stream = stream
         self.connect_timeout_s = connect_timeout_s
         self._nc: NATS | None = None
+        self._reads: NATS | None = None
         self._js: JetStreamContext | None = None
         self.epoch = ""
         self._setup_deadline = 0.0  # set-up steps retry until then (the connect deadline)
@@ -114,6 +122,8 @@ class NatsLink:
         self.on_reconnected: list[Callable[[], None]] = []
         # Called when the connection drops: replies to requests sent before are lost.
         self.on_disconnected: list[Callable[[], None]] = []
+        # Called when the reads connection drops: replies to the reads sent on it are lost.
+        self.on_reads_disconnected: list[Callable[[], None]] = []
 
     @property
     def nc(self) -> NATS:
@@ -121,6 +131,15 @@ class NatsLink:
         if self._nc is None:
             raise NatsUnavailable("not connected to NATS")
         return self._nc
+
+    @property
+    def reads(self) -> NATS:
+        """The connection for reads of the room stream: the reads connection while it is
+        up, else the main one."""
+        reads = self._reads
+        if reads is not None and reads.is_connected:
+            return reads
+        return self.nc
 
     @property
     def js(self) -> JetStreamContext:
@@ -194,9 +213,36 @@ class NatsLink:
         self._js = self._nc.jetstream(timeout=5)
         self._setup_deadline = deadline
         self.epoch = await self.set_up(f"stream {STREAM_NAME}", self.ensure_stream)
+        await self._connect_reads()
         url = self._nc.connected_url
         log.info("= connected to NATS %s, stream %s epoch %s",
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
+
+    async def _connect_reads(self) -> None:
+        """Open the reads connection, to the server of the main one (so that a room's
+        subscription, made on the main connection, is known in the cluster before a read
+        made after it). Without it (refused, unreachable) reads use the main connection."""
+        main = self.nc
+        url = main.connected_url
+        servers = [f"{url.scheme}://{url.netloc}"] if url else []
+        servers += [s for s in self.servers if s not in servers]
+        nc = NATS()
+        try:
+            await nc.connect(
+                servers=servers, name=f"{self.name} reads", connect_timeout=2,
+                dont_randomize=True, allow_reconnect=True, max_reconnect_attempts=-1,
+                reconnect_time_wait=_RECONNECT_WAIT_S, ping_interval=2,
+                max_outstanding_pings=3, error_cb=self._on_error,
+                disconnected_cb=self._on_reads_disconnected,
+                **self.auth.connect_options(),
+            )
+        except Exception as exc:  # reads go over the main connection: slower, not wrong
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
+            log.warning("! no NATS reads connection (%s): reads share the main one",
+                        exc or type(exc).__name__)
+            return
+        self._reads = nc
 
     async def set_up(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """Run a JetStream set-up step (create a stream or a bucket), retrying it until the
@@ -278,15 +324,17 @@ class NatsLink:
         return None
 
     async def close(self) -> None:
-        """Drain and close the connection."""
+        """Drain and close the connections."""
         nc, self._nc, self._js = self._nc, None, None
-        if nc is None or nc.is_closed:
-            return
-        try:
-            await asyncio.wait_for(nc.drain(), 5)
-        except Exception:  # the server may already be gone: closing is all that is left
-            with contextlib.suppress(Exception):
-                await nc.close()
+        reads, self._reads = self._reads, None
+        for client in (reads, nc):
+            if client is None or client.is_closed:
+                continue
+            try:
+                await asyncio.wait_for(client.drain(), 5)
+            except Exception:  # the server may already be gone: closing is all that is left
+                with contextlib.suppress(Exception):
+                    await client.close()
 
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is not None:  # before the first connect, the retry loop logs
@@ -296,6 +344,11 @@ class NatsLink:
         if self._nc is not None:  # not when we close it ourselves
             log.warning("! NATS disconnected")
             _run_hooks(self.on_disconnected, "disconnect")
+
+    async def _on_reads_disconnected(self) -> None:
+        if self._reads is not None:
+            log.warning("! NATS reads connection lost: reads use the main one meanwhile")
+            _run_hooks(self.on_reads_disconnected, "reads disconnect")
 
     async def _on_reconnected(self) -> None:
         nc = self._nc

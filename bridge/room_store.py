@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
@@ -114,6 +116,8 @@ class JetStreamRoomStore:
         self._batches: dict[str, _Batch] = {}
         self._prefix = ""
         self._sub: NatsSubscription | None = None
+        self._reads_prefix = ""
+        self._reads_sub: NatsSubscription | None = None
         self.retries = 0
         self.errors = 0
         self.leader_reads = 0
@@ -124,25 +128,38 @@ class JetStreamRoomStore:
         return self.link.epoch
 
     async def start(self) -> None:
-        """Subscribe the reply inbox shared by every publish and read."""
+        """Subscribe the reply inboxes: the main connection's, shared by every publish and
+        read of other streams, and the reads connection's (reads of the room stream)."""
         self.link.on_disconnected.append(self._on_disconnected)
+        self.link.on_reads_disconnected.append(self._fail_batches)
         nc = self.link.nc
         self._prefix = nc.new_inbox()
-        self._sub = await nc.subscribe(
-            self._prefix + ".>", cb=self._on_reply
-        )
+        self._sub = await nc.subscribe(self._prefix + ".>", cb=self._on_reply)
+        reads = self.link.reads
+        if reads is not nc:
+            self._reads_prefix = reads.new_inbox()
+            self._reads_sub = await reads.subscribe(self._reads_prefix + ".>",
+                                                    cb=self._on_reply)
+
+    def _reads_nc(self, stream: str) -> tuple[NATS, str]:
+        """The connection and reply prefix for a read of ``stream``: the reads connection for
+        the room stream (while it is up), the main one for the others."""
+        if stream == STREAM_NAME and self._reads_sub is not None:
+            reads = self.link.reads
+            if reads is not self.link.nc:
+                return reads, self._reads_prefix
+        return self.link.nc, self._prefix
 
     async def stop(self) -> None:
         """Fail what is still waiting and unsubscribe."""
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(StoreError("node stopping"))
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
-            self._sub = None
+        for sub in (self._sub, self._reads_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._reads_sub = None
 
     def _on_disconnected(self) -> None:
         """The acks and replies of what was sent before are lost with the connection: retry
@@ -150,12 +167,18 @@ class JetStreamRoomStore:
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(ConnectionResetError("NATS disconnected"))
+        self._fail_batches()
+
+    def _fail_batches(self) -> None:
+        """Fail the reads waiting for replies (their connection dropped: the callers retry or
+        answer an error; a read sent again goes over a connection that is up)."""
         for batch in self._batches.values():
             if not batch.done.done():
                 batch.done.set_exception(StoreError("NATS disconnected"))
 
     async def _on_reply(self, msg: Msg) -> None:
-        kind, _, token = msg.subject[len(self._prefix) + 1:].partition(".")
+        # <inbox prefix>.<kind>.<token>: either connection's prefix (both end in a nuid)
+        kind, token = msg.subject.rsplit(".", 2)[-2:]
         if kind == "a":
             fut = self._acks.get(token)
             if fut is not None and not fut.done():
@@ -266,9 +289,10 @@ class JetStreamRoomStore:
         batch = _Batch(single="batch" not in request)
         self._batches[token] = batch
         try:
-            await self.link.nc.publish(
+            nc, prefix = self._reads_nc(stream)
+            await nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
-                reply=f"{self._prefix}.d.{token}",
+                reply=f"{prefix}.d.{token}",
             )
             await asyncio.wait_for(batch.done, self.read_timeout_s)
         except TimeoutError:
@@ -307,7 +331,7 @@ class JetStreamRoomStore:
         while True:
             left = deadline - time.monotonic()
             try:
-                reply = await self.link.nc.request(
+                reply = await self._reads_nc(stream)[0].request(
                     f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
                     timeout=max(0.05, min(2.0, left)))
                 answer: dict[str, Any] = json.loads(reply.data)
@@ -456,6 +480,15 @@ class JetStreamRoomStore:
             live_subject(tenant, room), cb=on_live
         )
         eph = await nc.subscribe(eph_subject(tenant, room), cb=on_eph)
+        if self._reads_sub is not None:
+            # The room reads its latest seq next, maybe over the reads connection: the server
+            # has the subscriptions before that read (a round trip), so what is stored after
+            # the read comes live.
+            try:
+                await nc.flush(timeout=max(1, int(self.read_timeout_s)))
+            except BaseException:
+                await _LiveSub(sub, eph).unsubscribe()
+                raise
         return _LiveSub(sub, eph)
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:

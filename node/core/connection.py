@@ -122,18 +122,23 @@ class _TimerFired:
 
 class _Pacer:
     """Runs a connection's heavy actions (history, presence and rpc requests, joins that start a
-    room) at most ``rate`` per second after a burst of ``burst``, in order, so that a burst of
-    them cannot hold up the node's other work. The connection goes on reading meanwhile: its
-    limits (request_rate_per_s, rooms_per_min) still count requests as they arrive.
+    room) in its user's pace (a token bucket shared by the user's connections on the node, so
+    that reconnecting starts no fresh burst), in order, so that a burst of them cannot hold up
+    the node's other work. The connection goes on reading meanwhile: its limits
+    (request_rate_per_s, rooms_per_min) still count requests as they arrive.
 
     Each action comes with ``live``: an action no longer live when its turn comes (a join left
     meanwhile, a connection that ended) is dropped, and costs no turn.
+
+    Args:
+        bucket: Gives the user's bucket now (looked up at each use: the node's map of buckets
+            forgets full ones).
     """
 
     __slots__ = ("_bucket", "_queue", "_task")
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self._bucket = TokenBucket(rate, burst, time.monotonic())
+    def __init__(self, bucket: Callable[[float], TokenBucket]) -> None:
+        self._bucket = bucket
         self._queue: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -141,7 +146,7 @@ class _Pacer:
         """Run ``run`` now if its turn has come and nothing waits (True), else in its turn if
         ``live()`` still holds then (False)."""
         now = time.monotonic()
-        if not self._queue and self._bucket.take(now):
+        if not self._queue and self._bucket(now).take(now):
             run()
             return True
         self._queue.append((live, run))
@@ -150,19 +155,21 @@ class _Pacer:
         return False
 
     async def _drain(self) -> None:
-        bucket, queue = self._bucket, self._queue
+        queue = self._queue
         try:
             while queue:
                 if not queue[0][0]():
                     queue.popleft()
                     continue
-                level = bucket.level(time.monotonic())
+                now = time.monotonic()
+                bucket = self._bucket(now)
+                level = bucket.level(now)
                 if level < 1:
                     await asyncio.sleep((1 - level) / bucket.rate)
                     continue
                 live, run = queue.popleft()
                 if live():
-                    bucket.take(time.monotonic())
+                    bucket.take(now)
                     run()
         finally:
             self._task = None
@@ -505,8 +512,9 @@ class ConnectionActor(Actor):
     def _in_turn(self, live: Callable[[], bool], run: Callable[[], None]) -> None:
         """Run a heavy action in the connection's pace (``heavy_requests_per_s``)."""
         if self._pacer is None:
-            rate = self.settings.heavy_requests_per_s
-            self._pacer = _Pacer(rate, max(1, int(rate / 2)))
+            assert self.principal is not None
+            key, buckets = (self.principal.tenant, self.principal.sub), self.ctx.pace_buckets
+            self._pacer = _Pacer(lambda now: buckets.get(key, now))
         if not self._pacer.submit(live, run):
             self.ctx.paced += 1
 

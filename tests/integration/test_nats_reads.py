@@ -1,0 +1,98 @@
+"""Reads of the room stream go over a NATS connection of their own, on a real node and
+nats-server: history and the latest seq of a room are asked there, publishes and their acks
+stay on the main connection, and while the reads connection is down reads use the main one
+(nothing fails, nothing is missed live).
+
+Why: nats-server answers one connection's messages in order, and a read waits for the stream
+(flushing a write to disk): a burst of reads (room starts, history floods) on the one
+connection held up the acks of every publish behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+
+def _out(nc: Any) -> int:
+    return int(nc.stats["out_msgs"])
+
+
+async def test_history_goes_over_the_reads_connection(make_node) -> None:
+    node = await make_node()
+    link = node.nats
+    main, reads = link.nc, link.reads
+    assert reads is not main and reads.is_connected, "a reads connection of its own"
+    room = unique("reads")
+    c = await RawClient.connected(ws_url(node), token("reader"))
+    await c.request({"type": "join", "room": room})
+    seqs = []
+    for i in range(5):
+        pub = await c.request({"type": "publish", "room": room, "event": "e", "data": i})
+        seqs.append(pub["seq"])
+    main0, reads0 = _out(main), _out(reads)
+    for _ in range(10):
+        hist = await c.request({"type": "history", "room": room, "limit": 3})
+        assert [e["seq"] for e in hist["events"]] == seqs[-3:]
+    assert _out(reads) - reads0 >= 10, "every history read asked on the reads connection"
+    assert _out(main) - main0 < 10, "not on the main one"
+
+
+async def test_reads_use_the_main_connection_while_the_reads_one_is_down(make_node) -> None:
+    node = await make_node()
+    link = node.nats
+    room = unique("fallback")
+    c = await RawClient.connected(ws_url(node), token("reader"))
+    pub = await c.request({"type": "publish", "room": room, "event": "before", "data": 1})
+    await link.reads.close()  # as if lost for good
+    assert link.reads is link.nc
+    hist = await c.request({"type": "history", "room": room})
+    assert [e["seq"] for e in hist["events"]] == [pub["seq"]]
+    # a room started now (subscription and latest seq) gets what is published after its join
+    watcher = await RawClient.connected(ws_url(node), token("watcher"))
+    joined = await watcher.request({"type": "join", "room": room})
+    assert joined["seq"] == pub["seq"]
+    after = await c.request({"type": "publish", "room": room, "event": "after", "data": 2})
+    [ev] = await watcher.events(1, room)
+    assert ev["seq"] == after["seq"]
+
+
+async def test_a_room_started_with_reads_apart_misses_nothing_published_meanwhile(
+        make_node) -> None:
+    """The room subscribes on the main connection and reads its latest seq on the reads one,
+    once the server has the subscription (a round trip on the main one), so an event stored
+    between the two comes live. Publishes go on throughout the joins of 30 new rooms: every
+    event after each joined seq arrives, in order."""
+    node = await make_node(heavy_requests_per_s=1000, rate_per_s=100000, rate_burst=100000)
+    publisher = await RawClient.connected(ws_url(node), token("publisher"))
+    rooms = [unique(f"race{i}") for i in range(30)]
+    joiners = [await RawClient.connected(ws_url(node), token(f"j{i}")) for i in range(30)]
+    stored: dict[str, list[int]] = {r: [] for r in rooms}
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        i = 0
+        while not stop.is_set() and i < 3000:
+            room = rooms[i % len(rooms)]
+            pub = await publisher.request({"type": "publish", "room": room, "event": "e",
+                                           "data": i})
+            stored[room].append(pub["seq"])
+            i += 1
+
+    task = asyncio.create_task(publish())
+    joined = await asyncio.gather(*(j.request({"type": "join", "room": r})
+                                    for j, r in zip(joiners, rooms, strict=True)))
+    await asyncio.sleep(0.2)  # more events after every join
+    stop.set()
+    await task
+    for j, r, ack in zip(joiners, rooms, joined, strict=True):
+        assert ack["type"] == "joined", ack
+        want = [s for s in stored[r] if s > ack["seq"]]
+        got = await j.events(len(want), r)
+        assert [e["seq"] for e in got] == want, r
