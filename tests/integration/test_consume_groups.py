@@ -336,8 +336,10 @@ async def test_killed_consumer_goes_on_at_its_first_unacked_event(
         await store(node, other, room, 3)
     seqs += await store(node, t, "crash:a", 1500, 1500)
     changed = asyncio.Condition()
+    # --takeover 2 (default 5): the second run waits that long for the dead run's pin to go.
+    # One process at a time here, so no live worker can lose its pin to a shorter timeout.
     args = ["--durable", durable("d1"), "--rooms", "crash:*", "--tenant", t,
-            "--nats-url", shared_nats.url]
+            "--takeover", "2", "--nats-url", shared_nats.url]
     first = Worker("run1", args, changed, tmp_path,
                    stop_reading_at=1000 if reader == "stopped" else None)
     second = Worker("run2", args, changed, tmp_path)
