@@ -227,15 +227,17 @@ def test_the_banner_token_command_runs_as_printed(repo: Path, programs: list[Pro
     run from another folder than the node's."""
     node = Program([".venv/bin/rtnode", "run"], repo)
     programs.append(node)
+    # The second node starts at once (its own folder, data dir and ports): both start-ups
+    # overlap instead of one after the other.
+    elsewhere = repo.parent / "elsewhere"
+    elsewhere.mkdir()
+    other = Program([str(repo / ".venv/bin/rtnode"), "run", "--data-dir", "mydata"], elsewhere)
+    programs.append(other)
     command = _banner_token_command(node.banner())
     assert command.startswith(".venv/bin/rtnode token "), command
     token = _shell(command, repo).strip()
     asyncio.run(_live_view_and_chat(node.http_port, token, unique("chat")))
 
-    elsewhere = repo.parent / "elsewhere"
-    elsewhere.mkdir()
-    other = Program([str(repo / ".venv/bin/rtnode"), "run", "--data-dir", "mydata"], elsewhere)
-    programs.append(other)
     command = _banner_token_command(other.banner())
     assert command.startswith(str(repo / ".venv/bin/rtnode") + " token "), command
     token = _shell(command, repo.parent).strip()  # not where the node runs
