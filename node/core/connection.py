@@ -95,6 +95,7 @@ class _RpcIn:
 @dataclass(frozen=True, slots=True)
 class _RoomLost:
     room: str
+    member: Membership
     plain: bool = False
 
 
@@ -298,14 +299,14 @@ class ConnectionActor(Actor):
         self.ctx.slow_consumers += 1
         self._tell(Shutdown(4008, "slow consumer", True))
 
-    def _on_room_lost(self, room: str) -> None:
-        self._tell(_RoomLost(room))
+    def _on_room_lost(self, room: str, member: Membership) -> None:
+        self._tell(_RoomLost(room, member))
 
     def _on_in_room(self, room: str, member: Membership) -> None:
         self._tell(_InRoom(room, member))
 
-    def _on_plain_room_lost(self, room: str) -> None:
-        self._tell(_RoomLost(room, plain=True))
+    def _on_plain_room_lost(self, room: str, member: Membership) -> None:
+        self._tell(_RoomLost(room, member, plain=True))
 
     def _on_rpc_request(self, request: dict[str, Any], reply_to: str) -> None:
         self._tell(_RpcIn(request, reply_to))
@@ -365,7 +366,7 @@ class ConnectionActor(Actor):
         epoch = self.ctx.store.epoch
         if msg.plain:
             plain = self.plain.get(msg.room)
-            if plain is not None:
+            if plain is msg.member:  # else a membership the connection ended since
                 # A first join lost before its replay ended delivered nothing (cursor 0): it
                 # starts live again, as it began, rather than replaying the room from its start.
                 since = None if plain.replaying and not plain.cursor else plain.cursor
@@ -373,10 +374,19 @@ class ConnectionActor(Actor):
                 self.session.receive_plain_room_lost(msg.room, since, epoch)
             return
         member = self.members.get(msg.room)
-        if member is not None:
-            log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, member.cursor)
-        self.session.receive_room_lost(msg.room, member.cursor if member else 0, epoch,
-                                       time.monotonic())
+        if member is not msg.member:
+            return  # a membership the connection ended since (left, or joined again)
+        if member.refused:
+            # The client was told to join again (4500 retry): rejoining by itself too could
+            # deliver events twice (once live, once in the client's own rejoin's replay).
+            del self.members[msg.room]
+            self.session.receive_join_refused(msg.room, time.monotonic())
+            return
+        # A first join lost before its replay ended delivered nothing (cursor 0): it starts
+        # live again, as it began, rather than replaying the room from its start.
+        since = None if member.replaying and not member.cursor else member.cursor
+        log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
+        self.session.receive_room_lost(msg.room, since, epoch, time.monotonic())
 
     # -- executing commands ----------------------------------------------------------------
 
@@ -465,6 +475,8 @@ class ConnectionActor(Actor):
         room = command.room
         member = Membership(self.client_id, self.outbox, self._on_room_lost,
                             presence=command.presence)
+        if command.since_seq is not None:
+            member.cursor = command.since_seq  # lost before its replay: rejoined from there
         member.on_in_room = self._on_in_room
         self.members[room] = member
         join = Join(member, command.since_seq, command.since_epoch, command.request_id,

@@ -291,7 +291,7 @@ class RoomActor(Actor):
         # The next instance starts empty: tell members to rejoin from their cursors.
         members, self.members = list(self.members.values()), {}
         for member in members:
-            member.on_room_lost(self.room)
+            member.on_room_lost(self.room, member)
 
     def on_mailbox_full(self, message: Any) -> None:
         """Only live messages (and idle checks) are dropped; nothing that changes who is in the
@@ -363,9 +363,10 @@ class RoomActor(Actor):
         else:
             member.cursor = max(member.cursor, self.last_seq)
         if not join.silent:
+            member.refused = True  # the client joins again: its connection leaves the room
             member.outbox.send(error_frame(4500, "room busy, join again", id=join.request_id,
                                            retry=True))
-        member.on_room_lost(self.room)
+        member.on_room_lost(self.room, member)
 
     def _leave(self, member: Membership) -> None:
         member.left = True
@@ -798,9 +799,10 @@ class RoomActor(Actor):
         if done.error is not None:
             del self.members[id(member)]
             if not join.silent:
+                member.refused = True  # the client joins again: its connection leaves the room
                 outbox.send(error_frame(4500, "could not read the room", id=join.request_id,
                                         retry=True))
-            member.on_room_lost(self.room)
+            member.on_room_lost(self.room, member)
             return
         if (join.silent and not done.recovered and join.since_seq is not None
                 and join.since_seq < done.target

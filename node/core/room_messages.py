@@ -63,7 +63,10 @@ class Membership:
 
     client_id: str
     outbox: Outbox
-    on_room_lost: Callable[[str], None]
+    # Called by the room, with its name and this member, when the member is out of the room
+    # without having left: the room actor stopped under it (its connection rejoins from
+    # ``cursor``), or the room refused its join (``refused``).
+    on_room_lost: Callable[[str, Membership], None]
     presence: bool = False
     cursor: int = 0
     replaying: bool = False
@@ -82,6 +85,9 @@ class Membership:
     # once): a Join of a member that left is ignored, so a Leave is never undone. (A
     # connection makes a new Membership for every join.)
     left: bool = False
+    # Set by the room when it refused this member's join with an error to the client (4500
+    # with retry: "join again"): its connection does not rejoin by itself, the client does.
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)

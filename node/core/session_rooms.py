@@ -121,14 +121,23 @@ class RoomRules(PresenceRules):
         """The room took the current join of ``room`` in: release the publishes held for it."""
         self._release(room)
 
-    def receive_room_lost(self, room: str, cursor: int, epoch: str, now: float) -> None:
+    def receive_room_lost(self, room: str, cursor: int | None, epoch: str, now: float) -> None:
         """The room actor of a joined room stopped: rejoin from ``cursor`` (the last seq the
-        member got) in ``epoch`` (the store's), silently (not counted as a join: the
-        connection was in the room)."""
+        member got; None: live, a first join that had delivered nothing) in ``epoch`` (the
+        store's), silently (not counted as a join: the connection was in the room)."""
         self._release(room)  # what was held for the lost join goes to the store now
         presence = self.rooms.get(room)
         if presence is not None:
             self._join_room(room, cursor, epoch, None, now, presence=presence, silent=True)
+
+    def receive_join_refused(self, room: str, now: float) -> None:
+        """The room refused the current join of ``room`` and told the client to join again
+        (4500 with retry): the connection is no longer in the room (nothing is rejoined by
+        itself; the client's own join comes as a new one)."""
+        self._release(room)  # what was held for the join goes to the store now
+        presence = self.rooms.pop(room, None)
+        if presence is not None:
+            self._presence_off(room, presence, now, announce=True)
 
     def receive_plain_join(self, room: str, source: Any, now: float) -> None:
         """Join ``room`` for a plain subscriber; ``source`` (the actor's, opaque here) comes

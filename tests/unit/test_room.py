@@ -122,7 +122,7 @@ class Recording:
 def member(codec: Any = JSON) -> tuple[Membership, Recording]:
     rec = Recording(codec)
     outbox = Outbox(codec, rec, limit=1 << 20, on_slow=lambda: None)
-    return Membership("c", outbox, lambda room: None), rec
+    return Membership("c", outbox, lambda room, member: None), rec
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ async def test_a_silent_rejoin_that_cannot_recover_is_cut_off_not_skipped(trimme
         rec = Recording(JSON)
         slow = asyncio.Event()
         outbox = Outbox(JSON, rec, limit=1 << 20, on_slow=slow.set)
-        ref.tell(Join(Membership("c", outbox, lambda room: None), since_seq=since,
+        ref.tell(Join(Membership("c", outbox, lambda room, member: None), since_seq=since,
                       since_epoch="e1", silent=True))
         await asyncio.wait_for(slow.wait(), 5)
         later = [seqs[-1] + 2]  # (store.add would reuse a seq once one was trimmed)
@@ -386,9 +386,9 @@ async def _refused(store: FakeStore, ref: Any, rooms: list[RoomActor]) -> None:
     lost: dict[str, asyncio.Event] = {"plain": asyncio.Event(), "silent": asyncio.Event()}
     plain_rec, silent_rec = Recording(JSON), Recording(JSON)
     plain = Membership("p", Outbox(JSON, plain_rec, limit=1 << 20, on_slow=lambda: None),
-                       lambda room: lost["plain"].set())
+                       lambda room, member: lost["plain"].set())
     silent = Membership("s", Outbox(JSON, silent_rec, limit=1 << 20, on_slow=lambda: None),
-                        lambda room: lost["silent"].set())
+                        lambda room, member: lost["silent"].set())
     ref.tell(Join(plain, request_id=9))
     ref.tell(Join(silent, since_seq=seqs[0], since_epoch="e1", silent=True))
     for event in lost.values():
@@ -400,13 +400,15 @@ async def _refused(store: FakeStore, ref: Any, rooms: list[RoomActor]) -> None:
     assert (error["type"], error["code"], error["id"], error["retry"]) == ("error", 4500, 9, True)
     assert plain.cursor == rooms[0].last_seq
     assert silent.cursor == seqs[0] and silent_rec.frames == []
+    # the client of the refused join joins again itself; the silent one is rejoined
+    assert plain.refused and not silent.refused
 
 
 async def test_a_join_retold_to_a_stopped_room_is_refused(small_room: Any) -> None:
     store, ref, _rooms, _first, _first_rec = small_room
     fill(store, ref)
     lost = asyncio.Event()
-    m = Membership("c", member()[0].outbox, lambda room: lost.set())
+    m = Membership("c", member()[0].outbox, lambda room, member: lost.set())
     ref.tell(Join(m, silent=True))
     await ref.stop(drain=False)
     await asyncio.wait_for(lost.wait(), 5)
@@ -434,7 +436,7 @@ async def test_a_join_waiting_to_be_told_again_keeps_an_empty_room_running() -> 
             fill(store, ref)
             lost = asyncio.Event()
             m, rec = member()
-            m.on_room_lost = lambda room: lost.set()
+            m.on_room_lost = lambda room, member: lost.set()
             ref.tell(Join(m))
             await asyncio.sleep(0.3)  # empty for longer than idle_s
         finally:
