@@ -85,7 +85,7 @@ class NodeContext:
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
         pace = self.settings.heavy_requests_per_s
-        self.pace_buckets = KeyedBuckets(pace, max(1, int(pace / 2)))
+        self.pace_buckets = KeyedBuckets(pace, max(1, int(pace / 10)))
         per_min = self.settings.connects_per_min
         self.connect_buckets = KeyedBuckets(per_min / 60.0, per_min)
 

@@ -260,8 +260,8 @@ class Settings(BaseSettings):
                                "connections (joins of rooms the connection is not in)")
     heavy_requests_per_s: float = Field(
         20, gt=0, description="requests per second of a user on a node that cost NATS work "
-                              "(history, presence, rpc, a join that starts a room), half a "
-                              "second's worth at once; beyond, they wait their turn")
+                              "(history, presence, rpc, a join that starts a room), a tenth "
+                              "of a second's worth at once; beyond, they wait their turn")
     connects_per_min: int = Field(
         60, gt=0, description="connections a user may open per minute on a node (then 4009)")
     room_idle_s: float = Field(

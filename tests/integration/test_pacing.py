@@ -3,7 +3,7 @@ against a real node and NATS (issue 11, the flood of 20 hostile connections).
 
 A join that starts a room, a history, presence or rpc request costs the node and NATS work
 that can hold up everyone else's events. A connection sends them as fast as it likes; the node
-runs them at most ``heavy_requests_per_s`` a second after a burst of half that, in order, and
+runs them at most ``heavy_requests_per_s`` a second after a burst of a tenth of that, in order, and
 goes on reading meanwhile: the limits (``rooms_per_min``, ``request_rate_per_s``) still count
 requests as they arrive, and refuse with 4009 beyond them. Within them, a client is slowed,
 never refused; a join withdrawn by a leave before its turn starts no room and is answered with
@@ -25,7 +25,7 @@ from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
-RATE = 20  # heavy_requests_per_s of these tests: a burst of 10, then 20 a second
+RATE = 20  # heavy_requests_per_s of these tests: a burst of 2, then 20 a second
 
 
 async def _bystander(node: Any) -> tuple[RawClient, RawClient, str]:
@@ -83,7 +83,7 @@ async def test_a_burst_of_joins_of_new_rooms_is_slowed_not_refused(make_node) ->
     assert sorted(got) == list(range(n)), "every join answered"
     assert all(f["type"] == "joined" for f in got.values()), [
         f for f in got.values() if f["type"] != "joined"]
-    # beyond the burst (10) and what refilled, they waited their turn
+    # beyond the burst (2) and what refilled, they waited their turn
     assert node.ctx.paced - paced0 >= 30, node.ctx.paced - paced0
     pong = await joiner.request({"type": "ping"})
     assert pong["type"] == "pong", "slowed, not cut off"
@@ -118,7 +118,7 @@ async def test_join_leave_churn_starts_no_room_beyond_the_pace(make_node) -> Non
     assert all(f is None or f["type"] in ("joined", "error") for f in joins), joins[:3]
     started = pairs - len(withdrawn)
     # rooms started: the burst and what the pace refilled meanwhile, not one per join
-    assert 0 < started <= RATE / 2 + RATE * elapsed + 1, (started, elapsed)
+    assert 0 < started <= RATE / 10 + RATE * elapsed + 1, (started, elapsed)
     assert peak.peak - baseline <= started + 1, peak.peak
     # the answers withdrawn by the node do not count as the client's errors
     pong = await churner.request({"type": "ping"})
