@@ -382,9 +382,10 @@ class ConnectionActor(Actor):
             del self.members[msg.room]
             self.session.receive_join_refused(msg.room, time.monotonic())
             return
-        # A first join lost before its replay ended delivered nothing (cursor 0): it starts
-        # live again, as it began, rather than replaying the room from its start.
-        since = None if member.replaying and not member.cursor else member.cursor
+        # A live join lost before its replay ended delivered nothing (cursor 0): it starts
+        # live again, as it began, rather than replaying the room from its start. A join
+        # with ``since`` rejoins from there (its cursor starts at its since).
+        since = None if member.live and member.replaying and not member.cursor else member.cursor
         log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
         self.session.receive_room_lost(msg.room, since, epoch, time.monotonic())
 
@@ -477,6 +478,8 @@ class ConnectionActor(Actor):
                             presence=command.presence)
         if command.since_seq is not None:
             member.cursor = command.since_seq  # lost before its replay: rejoined from there
+        else:
+            member.live = True
         member.on_in_room = self._on_in_room
         self.members[room] = member
         join = Join(member, command.since_seq, command.since_epoch, command.request_id,

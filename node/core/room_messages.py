@@ -88,6 +88,9 @@ class Membership:
     # Set by the room when it refused this member's join with an error to the client (4500
     # with retry: "join again"): its connection does not rejoin by itself, the client does.
     refused: bool = False
+    # Set by the connection for a join without ``since``: lost before its replay ended, it
+    # rejoins live, as it began (not from cursor 0, the room's start).
+    live: bool = False
 
 
 @dataclass(frozen=True, slots=True)

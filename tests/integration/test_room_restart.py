@@ -119,3 +119,44 @@ async def test_every_member_kind_recovers_after_its_room_actor_crashes(make_node
         assert after["seq"] == check
     await browser.close()
     await publisher.close()
+
+
+async def test_a_join_whose_room_crashes_during_its_replay_rejoins_from_its_since(
+        make_node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join with ``since`` whose room actor crashes while its replay is read is rejoined
+    from its ``since``: not from 0, which delivered again the events the client had before
+    it (and, beyond ``recovery_max``, cut the client off)."""
+    node = await make_node()
+    room = unique("replaycrash")
+    publisher = await RawClient.connected(ws_url(node), token("pub"))
+    seqs = []
+    for i in range(8):
+        pub = await publisher.request({"type": "publish", "room": room, "event": "e", "data": i})
+        seqs.append(pub["seq"])
+    client = await RawClient.connected(ws_url(node), token("resumer"))
+    release = asyncio.Event()
+    reading = asyncio.Event()
+    real_read = node.store.read
+
+    async def held_read(*args: Any, **kw: Any) -> Any:
+        if not release.is_set():
+            reading.set()
+            await release.wait()
+        return await real_read(*args, **kw)
+
+    monkeypatch.setattr(node.store, "read", held_read)
+    await client.send({"type": "join", "room": room, "id": "j",
+                       "since": {"seq": seqs[3], "epoch": node.store.epoch}})
+    await asyncio.wait_for(reading.wait(), 10)  # its replay is being read
+    ref = node.system.get(f"room:default:{room}")
+    assert ref is not None
+    ref.tell(_Poison())  # the room crashes under the join; its next instance reads again
+    with pytest.raises(TypeError):
+        await ref.ask(_Poison(), timeout=10)  # answered (by raising) once it was rebuilt
+    release.set()
+    last = await publisher.request({"type": "publish", "room": room, "event": "e", "data": 8})
+    want = [*seqs[4:], last["seq"]]
+    got = [e["seq"] for e in await client.events(len(want), room)]
+    assert got == want, "from its since, once each"
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    assert [f["seq"] for f in client.buffer if f.get("type") == "event"] == []
