@@ -31,9 +31,11 @@ drops live messages only: what they carried is read back from the stream by the 
 Nothing that changes who is in the room is dropped. A Leave is taken at once, in its sender's
 step. A Join is told again a moment later, behind what was queued before it (a leave of the
 connection's previous membership among it), and, if the room cannot take it in within
-``JOIN_RETRY_S``, refused to its member: ``error`` 4500 with ``retry`` (a silent join gets none),
-and ``on_room_lost``, its connection rejoining. The room's own results (replays, recovery
-batches, repairs, state reads) and gap checks are told again until they get in.
+``JOIN_RETRY_S``, refused to its member: ``error`` 4500 with ``retry`` and ``on_room_lost`` with
+the member marked ``refused`` (its client joins again; its connection leaves the room), or, for
+a silent join, ``on_room_lost`` alone (its connection rejoins). The room's own results
+(replays, recovery batches, repairs, state reads) and gap checks are told again until they get
+in.
 
 A state room (``RoomSettings.state``) answers a non-silent join with ``joined`` and then its
 ``state`` frame (several for a large room, all but the last with ``more``): the values as of
@@ -351,9 +353,9 @@ class RoomActor(Actor):
 
     def _refuse(self, join: Join, why: str) -> None:
         """Tell the member of a Join the room could not take in, as when its replay cannot be
-        read: ``error`` 4500 with ``retry`` (unless the join was silent), and ``on_room_lost``,
-        its connection rejoining (silently) from where this join would have started: its
-        ``since``, else the room's position."""
+        read: ``error`` 4500 with ``retry`` and the member ``refused`` (its client joins again),
+        or for a silent join its connection rejoining, from where this join would have
+        started: its ``since``, else the room's position. Then ``on_room_lost``."""
         member = join.member
         if member.left:
             return

@@ -99,8 +99,8 @@ class Join:
 
     Never dropped: a Join that finds the room's mailbox full is told again a moment later;
     one the room cannot take in within ``node.core.room.JOIN_RETRY_S`` is refused (``error``
-    4500 with ``retry`` unless ``silent``, then ``on_room_lost``, to rejoin from where the
-    join would have started).
+    4500 with ``retry``, the client joins again; a ``silent`` one is rejoined by its
+    connection from where it would have started).
     """
 
     member: Membership
