@@ -31,7 +31,7 @@ import pytest
 
 from node.nats_server import free_port
 from node.protocol.ids import ID_MAX_LEN
-from tests.servers import http_get, wait_until
+from tests.servers import NatsProcess, http_get, wait_until
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -130,11 +130,21 @@ def locked_broker(tmp_path: Path) -> Iterator[Callable[[list[str]], Broker]]:
 
 
 @pytest.fixture
-def bridged(make_node: Any) -> Callable[[str], Any]:
-    """Start a node bridging the broker at this URL, once it has subscribed."""
+def bridged(nats_proc: NatsProcess, make_node: Any) -> Callable[[str], Any]:
+    """Start a node bridging the broker at this URL, once it has subscribed.
+
+    The nodes of a test share a nats-server of their own, not the session's ``shared_nats``:
+    the bridge's downlink consumer is a durable (``RTNODE_MQTT_OUT``, deliver policy ``new``
+    only when it is created), so on a shared server it outlives the test that created it
+    (test_admission_doors' broker door, first in the suite) and every event stored in the
+    ``default`` tenant's rooms since is its backlog, which these nodes would publish to the
+    broker, one PUBACK at a time, before this test's own: 15,009 events after
+    test_backpressure.py, 9-10 s, and the wait for ``cmd`` timed out. (``nats_proc`` comes
+    first: torn down last, after the nodes have stopped.)
+    """
 
     async def start(url: str) -> Any:
-        node = await make_node(mqtt_broker_url=url)
+        node = await make_node(nats_url=nats_proc.url, mqtt_broker_url=url)
         assert node.mqtt is None and node.mqtt_external is not None
         await asyncio.wait_for(node.mqtt_external._ready.wait(), 10)
         return node
