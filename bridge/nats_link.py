@@ -86,10 +86,11 @@ class NatsLink:
 
     Two connections: the main one carries publishes, their acks, subscriptions and every
     other request; the reads connection carries reads of the room stream (history,
-    recoveries, the latest seq of a room). nats-server answers one connection's messages in
+    recoveries, replays). nats-server answers one connection's messages in
     order, and a read waits for the stream's lock (held while a write is flushed to disk): a
     burst of reads on the main connection held up the acks of publishes behind it. Reads fall
-    back to the main connection while the reads connection is down.
+    back to the main connection while the reads connection is down. (A starting room reads its
+    latest seq on the main connection, right behind its subscription.)
 
     Args:
         servers: NATS URLs.
@@ -115,6 +116,8 @@ class NatsLink:
         self.connect_timeout_s = connect_timeout_s
         self._nc: NATS | None = None
         self._reads: NATS | None = None
+        # The PING/PONG that the callers of confirmed() in this loop turn wait for.
+        self._confirm: asyncio.Future[None] | None = None
         self._js: JetStreamContext | None = None
         self.epoch = ""
         self._setup_deadline = 0.0  # set-up steps retry until then (the connect deadline)
@@ -217,6 +220,32 @@ class NatsLink:
         url = self._nc.connected_url
         log.info("= connected to NATS %s, stream %s epoch %s",
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
+
+    async def confirmed(self) -> None:
+        """Wait for a PING/PONG on the main connection sent after everything written to it so
+        far: the server has then processed it (a subscription is in place). One round trip
+        serves every caller of the same loop turn (rpc routes and room subscriptions of
+        connections that connect together)."""
+        if self._confirm is None:
+            loop = asyncio.get_running_loop()
+            self._confirm = loop.create_future()
+            loop.call_soon(self._ping)
+        await asyncio.shield(self._confirm)
+
+    def _ping(self) -> None:
+        done, self._confirm = self._confirm, None
+        assert done is not None
+
+        async def flush() -> None:
+            try:  # one round trip: the server has processed what was written before
+                await self.nc.flush(timeout=2)
+            except Exception as exc:
+                log.warning("! NATS round trip not confirmed: %s", exc or type(exc).__name__)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        asyncio.get_running_loop().create_task(flush(), name="nats.confirm")
 
     async def _connect_reads(self) -> None:
         """Open the reads connection, to the server of the main one (so that a room's

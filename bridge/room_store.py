@@ -313,8 +313,8 @@ class JetStreamRoomStore:
         except Exception as exc:
             raise StoreError(f"trim failed: {type(exc).__name__}") from None
 
-    async def leader_get(self, request: dict[str, Any],
-                         stream: str = STREAM_NAME) -> StoredEvent | None:
+    async def leader_get(self, request: dict[str, Any], stream: str = STREAM_NAME, *,
+                         main: bool = False) -> StoredEvent | None:
         """One message as the stream leader has it (``$JS.API.STREAM.MSG.GET``), or None.
 
         Only the stream leader answers this API, so the answer reflects every acknowledged
@@ -331,7 +331,8 @@ class JetStreamRoomStore:
         while True:
             left = deadline - time.monotonic()
             try:
-                reply = await self._reads_nc(stream)[0].request(
+                nc = self.link.nc if main else self._reads_nc(stream)[0]
+                reply = await nc.request(
                     f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
                     timeout=max(0.05, min(2.0, left)))
                 answer: dict[str, Any] = json.loads(reply.data)
@@ -355,9 +356,16 @@ class JetStreamRoomStore:
         data = message.get("data")
         return StoredEvent(int(message["seq"]), base64.b64decode(data) if data else b"")
 
-    async def last_seq(self, tenant: str, room: str) -> int:
-        """The room's latest seq, as the stream leader has it (0 if none)."""
-        ev = await self.leader_get({"last_by_subj": room_subject(tenant, room)})
+    async def last_seq(self, tenant: str, room: str, *, after_subscribe: bool = False) -> int:
+        """The room's latest seq, as the stream leader has it (0 if none).
+
+        Args:
+            after_subscribe: Asked right after the room's live subscription: over the main
+                connection, behind the subscription (the server has it before it answers, so
+                what is stored after the answer comes live), not over the reads connection.
+        """
+        ev = await self.leader_get({"last_by_subj": room_subject(tenant, room)},
+                                   main=after_subscribe)
         return ev.seq if ev is not None else 0
 
     async def count(self, tenant: str, room: str) -> int:
@@ -480,15 +488,6 @@ class JetStreamRoomStore:
             live_subject(tenant, room), cb=on_live
         )
         eph = await nc.subscribe(eph_subject(tenant, room), cb=on_eph)
-        if self._reads_sub is not None:
-            # The room reads its latest seq next, maybe over the reads connection: the server
-            # has the subscriptions before that read (a round trip), so what is stored after
-            # the read comes live.
-            try:
-                await nc.flush(timeout=max(1, int(self.read_timeout_s)))
-            except BaseException:
-                await _LiveSub(sub, eph).unsubscribe()
-                raise
         return _LiveSub(sub, eph)
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:

@@ -118,8 +118,6 @@ class NatsRpc:
         # subject -> (route, local handlers in registration order)
         self._subs: dict[str, tuple[_Route | None, list[Callable[[dict[str, Any], str],
                                                                  None]]]] = {}
-        # The PING/PONG that the routes subscribed during this loop turn wait for.
-        self._confirm: asyncio.Future[None] | None = None
 
     async def register(self, tenant: str, targets: list[str],
                        handler: Callable[[dict[str, Any], str], None]) -> None:
@@ -137,31 +135,7 @@ class NatsRpc:
                 continue
             entry[1].append(handler)
         if new:
-            await self._confirmed()
-
-    async def _confirmed(self) -> None:
-        """Wait for a PING/PONG sent after every SUB written so far (one for all the routes
-        subscribed in this turn of the loop)."""
-        if self._confirm is None:
-            loop = asyncio.get_running_loop()
-            self._confirm = loop.create_future()
-            loop.call_soon(self._ping)
-        await asyncio.shield(self._confirm)
-
-    def _ping(self) -> None:
-        done, self._confirm = self._confirm, None
-        assert done is not None
-
-        async def flush() -> None:
-            try:  # one round trip: the server has processed the SUBs written before
-                await self.link.nc.flush(timeout=2)
-            except Exception as exc:
-                log.warning("! rpc routes not confirmed: %s", exc)
-            finally:
-                if not done.done():
-                    done.set_result(None)
-
-        asyncio.get_running_loop().create_task(flush(), name="rpc.routes")
+            await self.link.confirmed()  # the server has the routes
 
     def unregister(self, tenant: str, targets: list[str],
                    handler: Callable[[dict[str, Any], str], None]) -> None:

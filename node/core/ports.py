@@ -82,8 +82,10 @@ class RoomStore(Protocol):
     async def trim(self, tenant: str, room: str, keep: int) -> None:
         """Keep only the room's latest ``keep`` events. Raises StoreError."""
 
-    async def last_seq(self, tenant: str, room: str) -> int:
-        """The latest acknowledged seq of the room, 0 if none (never a stale replica's)."""
+    async def last_seq(self, tenant: str, room: str, *, after_subscribe: bool = False) -> int:
+        """The latest acknowledged seq of the room, 0 if none (never a stale replica's).
+        ``after_subscribe``: asked right after the room's live subscription, and answered
+        after the server has it (what is stored after the answer comes live)."""
 
     async def read(
         self, tenant: str, room: str, after: int, limit: int, *, before: int | None = None

@@ -268,7 +268,8 @@ class RoomActor(Actor):
         # they are stored after this position and reach it.
         try:
             self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
-            self.last_seq = await self.store.last_seq(self.tenant, self.room)
+            self.last_seq = await self.store.last_seq(self.tenant, self.room,
+                                                      after_subscribe=True)
         except BaseException:
             self._uncount()  # no on_stop for an instance that did not start
             raise

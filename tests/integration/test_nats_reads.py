@@ -1,5 +1,5 @@
 """Reads of the room stream go over a NATS connection of their own, on a real node and
-nats-server: history and the latest seq of a room are asked there, publishes and their acks
+nats-server: history and recoveries are asked there, publishes and their acks
 stay on the main connection, and while the reads connection is down reads use the main one
 (nothing fails, nothing is missed live).
 
@@ -65,10 +65,10 @@ async def test_reads_use_the_main_connection_while_the_reads_one_is_down(make_no
 
 async def test_a_room_started_with_reads_apart_misses_nothing_published_meanwhile(
         make_node) -> None:
-    """The room subscribes on the main connection and reads its latest seq on the reads one,
-    once the server has the subscription (a round trip on the main one), so an event stored
-    between the two comes live. Publishes go on throughout the joins of 30 new rooms: every
-    event after each joined seq arrives, in order."""
+    """A starting room reads its latest seq on the main connection, right behind its
+    subscription (not on the reads connection, where the read could overtake it): an event
+    stored after the read comes live. Publishes go on throughout the joins of 30 new rooms:
+    every event after each joined seq arrives, in order."""
     node = await make_node(heavy_requests_per_s=1000, rate_per_s=100000, rate_burst=100000)
     publisher = await RawClient.connected(ws_url(node), token("publisher"))
     rooms = [unique(f"race{i}") for i in range(30)]

@@ -63,7 +63,7 @@ class FakeStore:
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         raise NotImplementedError
 
-    async def last_seq(self, tenant: str, room: str) -> int:
+    async def last_seq(self, tenant: str, room: str, *, after_subscribe: bool = False) -> int:
         return self.events[-1][0] if self.events else 0
 
     async def read(self, tenant: str, room: str, after: int, limit: int, *,
