@@ -127,6 +127,8 @@ class NatsLink:
         self.on_disconnected: list[Callable[[], None]] = []
         # Called when the reads connection drops: replies to the reads sent on it are lost.
         self.on_reads_disconnected: list[Callable[[], None]] = []
+        # Called when check() finds the stream recreated (``epoch`` is the new one by then).
+        self.on_epoch_changed: list[Callable[[], None]] = []
 
     @property
     def nc(self) -> NATS:
@@ -350,6 +352,7 @@ class NatsLink:
             # Only a stream deleted and created again has another epoch in its metadata.
             log.warning("= stream %s recreated: epoch %s -> %s", STREAM_NAME, self.epoch, epoch)
             self.epoch = epoch
+            _run_hooks(self.on_epoch_changed, "epoch change")
         return None
 
     async def close(self) -> None:

@@ -44,6 +44,9 @@ __all__ = ["Node", "check_free"]
 
 log = logging.getLogger("node")
 
+#: How often the node asks whether the room stream was recreated (a new epoch).
+EPOCH_CHECK_S = 5.0
+
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is None and settings.tls_key is None:
@@ -144,6 +147,7 @@ class Node:
         self.presence: PresenceTracker | None = None
         self.state: StateStore | None = None
         self.stats_publisher: StatsPublisher | None = None
+        self._room_stops: asyncio.Task[None] | None = None  # rooms stopped by an epoch change
         self.webhooks: list[WebhookRunner] = []
         self.tokens = TokenVerifier.from_settings(settings)
         self._stack = contextlib.AsyncExitStack()
@@ -204,6 +208,7 @@ class Node:
             )
             await self._stack.enter_async_context(self.nats)
             self.nats.on_reconnected.append(self._check_rooms)
+            self.nats.on_epoch_changed.append(self._epoch_changed)
             self.store = JetStreamRoomStore(self.nats)
             await self.store.start()
             self._stack.push_async_callback(self.store.stop)
@@ -259,6 +264,8 @@ class Node:
             self.stats_publisher = StatsPublisher(self)
             self.stats_publisher.start()
             self._stack.push_async_callback(self.stats_publisher.stop)
+            watch = asyncio.get_running_loop().create_task(self._watch_epoch(), name="epoch")
+            self._stack.callback(watch.cancel)
             if s.mqtt_broker_url:
                 self.mqtt_external = ExternalMqtt(self.ctx, s.mqtt_broker_url, s.mqtt_tenant)
                 await self.mqtt_external.start()
@@ -296,6 +303,39 @@ class Node:
             if ref is not None:
                 with contextlib.suppress(Exception):
                     ref.tell(CheckGap())
+
+    async def _watch_epoch(self) -> None:
+        """Ask every EPOCH_CHECK_S whether the room stream was recreated (also asked by each
+        readiness probe); NatsLink.check calls _epoch_changed when it was."""
+        assert self.nats is not None
+        while True:
+            await asyncio.sleep(EPOCH_CHECK_S)
+            await self.nats.check()
+
+    def _epoch_changed(self) -> None:
+        """The room stream was deleted and created again: its seqs start over. Every running
+        room knows the old life's latest seq (it would skip the new life's events as already
+        delivered) and every client's cursor is of the old life. The rooms are stopped and the
+        clients told to reconnect (4503 with reconnect): a client's rejoin with its ``since``
+        is answered ``recovered: false`` with the new epoch (PROTOCOL.md), a persistent MQTT
+        session's resume sends its gap notice (reason ``epoch``)."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        refs = ctx.index.refs()
+        log.warning("! room stream recreated (epoch %s): %d clients told to reconnect",
+                    self.nats.epoch if self.nats else "?", len(refs))
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ref.tell(Shutdown(4503, "room stream recreated, rejoin", True))
+        rooms = [r for r in map(self.system.get, self.system.names("room:")) if r is not None]
+        self._room_stops = asyncio.get_running_loop().create_task(
+            self._stop_rooms(rooms), name="epoch.rooms")
+
+    @staticmethod
+    async def _stop_rooms(rooms: list[Any]) -> None:
+        # A join that comes meanwhile starts a new room actor (a stopping one is unregistered).
+        await asyncio.gather(*(r.stop(drain=False) for r in rooms), return_exceptions=True)
 
     def _member_vanished(self, tenant: str, room: str, member: dict[str, Any]) -> None:
         """A member whose node died: its presence key expired. Tell the local watchers."""
