@@ -8,7 +8,6 @@ NATS is and how to authenticate to it (``_REPLAY_SETTINGS``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import logging
@@ -293,6 +292,8 @@ def _banner(node: Any) -> str:
 
 
 async def _run(settings: Settings, worker: bool = False) -> int:
+    import asyncio
+
     from bridge.http_guard import raise_open_files_limit
     from node.app import Node  # the composition root imports everything: only when running
 
@@ -505,6 +506,8 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _simulate_until_signal(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from devices.simulate import simulate  # the device SDK only when simulating
 
     stop = asyncio.Event()
@@ -536,6 +539,8 @@ def _devices(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {"data_dir": args.data_dir} if hasattr(args, "data_dir") else {}
     settings = load_settings(args.config, **flags)
     _setup_logging("warning")
+    import asyncio
+
     return asyncio.run(_simulate_until_signal(args, settings))
 
 
@@ -733,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings_from(args)
         if args.command == "token":
             return _token(args, settings)
+        # Only 'run' gets here: the commands above import no event loop (~30 ms of CPU).
+        import asyncio
+
         from node import workers
 
         count = workers.parse_workers(args.workers)  # before the logs: a bad N is one line

@@ -13,7 +13,7 @@ import platform
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,7 +26,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.protocol.errors import ConfigError
 from node.protocol.ids import TENANT_PATTERN
@@ -42,7 +41,12 @@ ENV_PREFIX = "RTNODE_"
 _ENV_NOT_SETTINGS = frozenset({"RTNODE_CONFIG", "RTNODE_NATS_SERVER", "RTNODE_WEBHOOK_SECRET"})
 _ENV_IGNORED_PREFIXES = ("RTNODE_TEST_", "RTNODE_JEPSEN_")
 
-CsvList = Annotated[list[str], NoDecode]
+# A comma-separated list: a string from the environment or a flag is split by _split_csv.
+CsvList = list[str]
+# Settings whose environment value is JSON (pydantic-settings' rule for a dict), e.g.
+# RTNODE_NAMESPACES='{"chat": {"history_size": 100}}'. RTNODE_WEBHOOKS is JSON too, parsed by
+# its own validator (as --webhooks is).
+_ENV_JSON = frozenset({"namespaces"})
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 # A webhook's rooms: an exact room or a prefix and a final '*' (bridge.replay's rule).
@@ -155,12 +159,15 @@ class WebhookSetting(BaseModel):
         return value
 
 
-class Settings(BaseSettings):
-    """Everything a node can be told. Field names are the setting names."""
+class Settings(BaseModel):
+    """Everything a node can be told. Field names are the setting names.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
-    )
+    Build it with :func:`load_settings`, which reads the environment and the TOML file.
+    """
+
+    # A plain model, its sources merged by load_settings: pydantic-settings cost every
+    # 'rtnode' command ~70 ms of CPU to import, for an environment lookup and a TOML file.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     # Listeners and identity
     host: str = Field("127.0.0.1", description="address the HTTP and MQTT listeners bind to")
@@ -292,8 +299,6 @@ class Settings(BaseSettings):
                     "secret_env, partitions, max_deliver, concurrency, timeout_s} "
                     "(TOML: [[webhooks]])")
 
-    # Set by load_settings before validation; read by settings_customise_sources.
-    _toml_file: ClassVar[Path | None] = None
     # room_policy() runs on every publish: one RoomPolicy per namespace, built once.
     _policies: dict[str, RoomPolicy] = PrivateAttr(default_factory=dict)
 
@@ -345,20 +350,6 @@ class Settings(BaseSettings):
                              f"not {self.host}")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(_TomlSource(settings_cls, cls._toml_file))
-        return tuple(sources)
-
     @property
     def tokens_need_exp(self) -> bool:
         """Whether tokens without ``exp`` are refused (``require_exp``, else production mode)."""
@@ -399,23 +390,54 @@ class Settings(BaseSettings):
         )
 
 
-class _TomlSource(PydanticBaseSettingsSource):
-    """Reads the TOML file once; unknown keys are caught by ``extra="forbid"``."""
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file; unknown keys are caught by ``extra="forbid"``."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
-        super().__init__(settings_cls)
-        try:
-            self._data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
+def _environment_values() -> dict[str, Any]:
+    """The settings given as ``RTNODE_<NAME>`` variables, by setting name.
 
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._data)
+    The variable's name may be in any case (``rtnode_http_port`` too), as pydantic-settings
+    read it; values stay strings (the model converts them), but those of :data:`_ENV_JSON`.
+
+    Raises:
+        ConfigError: A JSON setting's value is not JSON.
+    """
+    env = {key.lower(): value for key, value in os.environ.items()}
+    prefix = ENV_PREFIX.lower()
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = env.get(prefix + name)
+        if value is None:
+            continue
+        if name in _ENV_JSON:
+            try:
+                values[name] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"invalid setting {name} ({ENV_PREFIX}{name.upper()}): "
+                                  "not JSON") from None
+        else:
+            values[name] = value
+    return values
+
+
+def _deep_update(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by each of ``updates`` in turn, tables merged key by key (a flag or
+    variable of a namespace keeps the file's other namespaces, as pydantic-settings did)."""
+    merged = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(merged.get(key), dict) and isinstance(value, dict):
+                merged[key] = _deep_update(merged[key], value)
+            else:
+                merged[key] = value
+    return merged
 
 
 def _flag(name: str) -> str:
@@ -450,9 +472,9 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     _check_environment()
     if config_file is None and os.environ.get("RTNODE_CONFIG"):
         config_file = Path(os.environ["RTNODE_CONFIG"])
-    Settings._toml_file = config_file
+    toml = _read_toml(config_file) if config_file is not None else {}
     try:
-        return Settings(**flags)
+        return Settings.model_validate(_deep_update(toml, _environment_values(), flags))
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(part) for part in err["loc"]]
@@ -467,5 +489,3 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
         detail = ".".join(loc[1:])
         detail = f" ({detail})" if detail else ""
         raise ConfigError(f"invalid setting {name}{detail} ({sources}): {err['msg']}") from None
-    finally:
-        Settings._toml_file = None

@@ -39,13 +39,17 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-
-import jwt
+from typing import TYPE_CHECKING, Any, Literal
 
 from node.protocol.errors import AuthError, ConfigError
 from node.protocol.ids import ID_RULE, TENANT_RULE, is_valid_id, is_valid_tenant
-from node.protocol.settings import Settings
+
+if TYPE_CHECKING:
+    # PyJWT is imported where tokens are signed or checked (a TokenVerifier, mint_token): it
+    # loads cryptography, ~60 ms of every 'rtnode' start that signs and checks nothing.
+    import jwt
+
+    from node.protocol.settings import Settings
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -314,21 +318,29 @@ def _who(claims: dict[str, Any]) -> str:
     return who
 
 
-_JWT_ERRORS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
-    # Most specific first: InvalidSignatureError is a DecodeError.
-    (jwt.InvalidSignatureError, "bad_signature",
-     "bad signature: signed with another key (was it minted with this node's secret: "
-     "'rtnode token' run with the node's --data-dir, or the same RTNODE_JWT_SECRET?)"),
-    (jwt.InvalidAlgorithmError, "bad_algorithm", "its algorithm is not one this node accepts"),
-    (jwt.InvalidIssuerError, "bad_claim", "invalid claim iss (not the node's jwt_issuer)"),
-    (jwt.InvalidAudienceError, "bad_claim", "invalid claim aud (not the node's jwt_audience)"),
-    (jwt.MissingRequiredClaimError, "bad_claim", "missing claim"),
-    (jwt.DecodeError, "malformed", "malformed: not a JWT"),
-)
+def _jwt_errors() -> tuple[tuple[type[jwt.PyJWTError], str, str], ...]:
+    """PyJWT's errors, most specific first, with the category and the why of the refusal."""
+    import jwt
+
+    return (
+        # Most specific first: InvalidSignatureError is a DecodeError.
+        (jwt.InvalidSignatureError, "bad_signature",
+         "bad signature: signed with another key (was it minted with this node's secret: "
+         "'rtnode token' run with the node's --data-dir, or the same RTNODE_JWT_SECRET?)"),
+        (jwt.InvalidAlgorithmError, "bad_algorithm",
+         "its algorithm is not one this node accepts"),
+        (jwt.InvalidIssuerError, "bad_claim", "invalid claim iss (not the node's jwt_issuer)"),
+        (jwt.InvalidAudienceError, "bad_claim",
+         "invalid claim aud (not the node's jwt_audience)"),
+        (jwt.MissingRequiredClaimError, "bad_claim", "missing claim"),
+        (jwt.DecodeError, "malformed", "malformed: not a JWT"),
+    )
 
 
 def _jwt_refusal(exc: jwt.PyJWTError, algorithms: list[str]) -> TokenRefused:
-    for error_type, category, why in _JWT_ERRORS:
+    import jwt
+
+    for error_type, category, why in _jwt_errors():
         if isinstance(exc, error_type):
             if error_type is jwt.InvalidAlgorithmError:
                 why = f"{why} ({', '.join(algorithms)})"
@@ -416,6 +428,8 @@ class TokenVerifier:
         max_lifetime_s: float = 0,
         revoked_file: Path | None = None,
     ) -> None:
+        import jwt  # noqa: F401 (now, at the node's start, rather than at its first token)
+
         if public_key_pem:
             self._key: Any = public_key_pem
             self._algorithms = ["RS256", "ES256"]
@@ -532,6 +546,8 @@ class TokenVerifier:
         if fast is not None:
             claims = fast
         else:
+            import jwt
+
             try:
                 claims = jwt.decode(
                     token,
@@ -702,6 +718,8 @@ def mint_token(
         claims["iss"] = issuer
     if audience:
         claims["aud"] = audience
+    import jwt
+
     return jwt.encode(claims, key, algorithm=algorithm)
 
 
