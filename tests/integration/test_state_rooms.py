@@ -315,6 +315,10 @@ async def test_state_written_by_a_running_node_after_a_recreation(nats_proc: Nat
     assert second.store.epoch != first.store.epoch
     assert await first.readiness() is None
     assert first.store.epoch == second.store.epoch
+    # the node told its clients to reconnect (test_stream_recreated.py): its client does
+    bye = await dev.until("disconnect")
+    assert (bye["code"], bye["reconnect"]) == (4503, True), bye
+    dev = await RawClient.connected(ws_url(first), token("dev-2"))
     s1 = await publish(dev, room, data="new-a", key="a")
     assert s1 < old
     for node in (first, second):
