@@ -50,7 +50,7 @@ def test_the_command_line_imports_no_heavy_module(tmp_path: Path) -> None:
 def test_a_refused_flag_and_help_import_no_heavy_module(tmp_path: Path) -> None:
     code = ("import contextlib, io\nfrom node.cli import main\nresult = []\n"
             "for argv in (['run', '--http-port', 'notaport'], ['token', '--ttl', '1h'],\n"
-            "             ['run', '--help']):\n"
+            "             ['consume', '--group', 'g'], ['run', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), "
             "contextlib.redirect_stderr(io.StringIO()):\n"
             "        try:\n"
@@ -58,7 +58,7 @@ def test_a_refused_flag_and_help_import_no_heavy_module(tmp_path: Path) -> None:
             "        except SystemExit as exc:\n"
             "            result.append(exc.code)\n")
     answer = _imported_by(code, tmp_path)
-    assert answer["result"] == [2, 2, 0]
+    assert answer["result"] == [2, 2, 2, 0]
     assert answer["heavy"] == []
 
 
