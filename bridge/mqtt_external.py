@@ -190,10 +190,13 @@ class ExternalMqtt:
         self._client: aiomqtt.Client | None = None
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Set by stop(): each loop also ends at its next step, since a cancel can be lost.
+        self._stopping = False
         self._warn = _WarnEvery(_WARN_INTERVAL_S)
 
     async def start(self) -> None:
         """Start the broker connection and the downlink consumer."""
+        self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._uplink_loop(), name="mqtt-external.uplink"),
                        loop.create_task(self._downlink_loop(), name="mqtt-external.downlink")]
@@ -205,12 +208,21 @@ class ExternalMqtt:
         timeout (aiomqtt 2.5.1); when that never comes, a cancelled loop would keep the node's
         stop waiting for ever. After ``_STOP_S`` the client is marked disconnected, which ends
         that wait.
+
+        A cancel can also be lost: Python 3.11's ``asyncio.wait_for`` (under aiomqtt's
+        ``publish`` and nats-py's requests) returns the result instead of raising when the
+        awaited PUBACK or reply lands with the cancel, which a loop busy with a backlog hits
+        nearly every time. So each loop also checks ``_stopping`` after each message and ends
+        there (that message handled and acknowledged), and stop() cancels again what is left.
         """
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         if not self._tasks:
             return
         _, pending = await asyncio.wait(self._tasks, timeout=_STOP_S)
+        for task in pending:
+            task.cancel()  # a cancel swallowed in a wait: this one lands on the next await
         if pending:
             log.warning("! MQTT broker %s:%s: no answer to DISCONNECT; closing without it",
                         self.host, self.port)
@@ -254,6 +266,8 @@ class ExternalMqtt:
                             raise aiomqtt.MqttError("uplink not stored; reconnecting")
                         if message.qos:
                             client._client.ack(message.mid, message.qos)
+                        if self._stopping:
+                            return  # stop() began while this uplink was stored (see stop)
             except aiomqtt.MqttError as exc:
                 log.warning("! MQTT broker %s:%s: %s", self.host, self.port, exc)
             finally:
@@ -354,7 +368,7 @@ class ExternalMqtt:
             except Exception as exc:
                 log.warning("! downlink consumer not ready: %s", exc)
                 await asyncio.sleep(1)
-        while True:
+        while not self._stopping:
             await self._ready.wait()
             try:
                 msgs = await psub.fetch(batch=100, timeout=1)
@@ -362,7 +376,7 @@ class ExternalMqtt:
                 continue
             for msg in msgs:
                 client = self._client
-                if client is None:
+                if client is None or self._stopping:
                     break  # not acked: redelivered after ack_wait
                 try:
                     _, room = room_from_subject(msg.subject)

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -27,10 +28,14 @@ from typing import Any
 
 import aiomqtt
 import cbor2
+import nats
+import nats.js.errors
 import pytest
 
+from bridge.mqtt_external import DURABLE
 from node.nats_server import free_port
 from node.protocol.ids import ID_MAX_LEN
+from node.protocol.subjects import STREAM_NAME, room_subject
 from tests.servers import NatsProcess, http_get, wait_until
 from tests.wsclient import RawClient, token, unique, ws_url
 
@@ -354,3 +359,36 @@ async def test_the_bare_uplink_topic_is_refused_even_on_an_open_broker(
     assert [e["data"] for e in await stored(member, room)] == list(range(len(msg_ids)))
     await eventually(lambda: refused(node, "no_identity") == len(msg_ids),
                      f"{len(msg_ids)} bare uplinks refused")
+
+
+async def test_a_bridge_stops_at_once_in_the_middle_of_a_backlog(
+        mosquitto: int, nats_proc: NatsProcess, make_node: Any) -> None:
+    """A node stopping while its downlink loop drains a backlog (one PUBACK after another)
+    stops at once: the cancel that Python 3.11's wait_for loses when a PUBACK lands with it
+    ended nothing, and stop() waited 2 x 5 s, then left the loop running."""
+    node = await make_node(nats_url=nats_proc.url,
+                           mqtt_broker_url=f"mqtt://127.0.0.1:{mosquitto}")
+    bridge = node.mqtt_external
+    await asyncio.wait_for(bridge._ready.wait(), 10)
+    nc = await nats.connect(nats_proc.url)
+    try:
+        js = nc.jetstream()
+        for _ in range(250):  # the durable exists once the loop has subscribed
+            try:
+                await js.consumer_info(STREAM_NAME, DURABLE)
+                break
+            except nats.js.errors.NotFoundError:
+                await asyncio.sleep(0.02)
+        event = cbor2.dumps({"event": "x", "data": 1, "from": {"user": "u", "kind": "user"}})
+        acks = [await js.publish_async(room_subject("default", f"r{i % 10}"), event)
+                for i in range(10_000)]
+        await asyncio.gather(*acks)
+        await eventually(lambda: bridge.downlinks >= 500, "500 downlinks")
+        started = time.monotonic()
+        await bridge.stop()
+        took = time.monotonic() - started
+        assert all(task.done() for task in bridge._tasks), "a bridge loop outlived stop()"
+        assert took < 1.0, f"stop took {took:.2f} s"
+        assert bridge.downlinks < 10_000, "stopped in the middle of the backlog"
+    finally:
+        await nc.close()
