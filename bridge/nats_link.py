@@ -259,14 +259,18 @@ class NatsLink:
         servers += [s for s in self.servers if s not in servers]
         nc = NATS()
         try:
+            # One attempt per server (nats-py retries for ever inside connect() otherwise),
+            # then reconnect for ever like the main connection.
             await nc.connect(
                 servers=servers, name=f"{self.name} reads", connect_timeout=2,
-                dont_randomize=True, allow_reconnect=True, max_reconnect_attempts=-1,
+                dont_randomize=True, allow_reconnect=False, max_reconnect_attempts=1,
                 reconnect_time_wait=_RECONNECT_WAIT_S, ping_interval=2,
                 max_outstanding_pings=3, error_cb=self._on_error,
                 disconnected_cb=self._on_reads_disconnected,
                 **self.auth.connect_options(),
             )
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:  # reads go over the main connection: slower, not wrong
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 2)

@@ -79,10 +79,11 @@ class _LiveSub:
 class _Batch:
     """Collects the replies of one batched direct get until its end-of-batch marker."""
 
-    __slots__ = ("done", "events", "headers", "pending", "single")
+    __slots__ = ("done", "events", "headers", "pending", "reads", "single")
 
     def __init__(self, single: bool = False) -> None:
         self.single = single  # a plain (not batched) direct get: one reply, no end marker
+        self.reads = False  # asked over the reads connection (else the main one)
         self.events: list[StoredEvent] = []
         self.headers: list[dict[str, str]] = []
         self.pending = 0
@@ -131,7 +132,7 @@ class JetStreamRoomStore:
         """Subscribe the reply inboxes: the main connection's, shared by every publish and
         read of other streams, and the reads connection's (reads of the room stream)."""
         self.link.on_disconnected.append(self._on_disconnected)
-        self.link.on_reads_disconnected.append(self._fail_batches)
+        self.link.on_reads_disconnected.append(lambda: self._fail_batches(reads=True))
         nc = self.link.nc
         self._prefix = nc.new_inbox()
         self._sub = await nc.subscribe(self._prefix + ".>", cb=self._on_reply)
@@ -167,13 +168,14 @@ class JetStreamRoomStore:
         for fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(ConnectionResetError("NATS disconnected"))
-        self._fail_batches()
+        self._fail_batches(reads=False)
 
-    def _fail_batches(self) -> None:
-        """Fail the reads waiting for replies (their connection dropped: the callers retry or
-        answer an error; a read sent again goes over a connection that is up)."""
+    def _fail_batches(self, *, reads: bool) -> None:
+        """Fail the reads waiting for replies over the connection that dropped (the reads
+        one, or the main one): the callers retry or answer an error; a read sent again goes
+        over a connection that is up."""
         for batch in self._batches.values():
-            if not batch.done.done():
+            if batch.reads == reads and not batch.done.done():
                 batch.done.set_exception(StoreError("NATS disconnected"))
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -290,6 +292,7 @@ class JetStreamRoomStore:
         self._batches[token] = batch
         try:
             nc, prefix = self._reads_nc(stream)
+            batch.reads = nc is not self.link.nc
             await nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
                 reply=f"{prefix}.d.{token}",

@@ -147,7 +147,7 @@ class Node:
         self.presence: PresenceTracker | None = None
         self.state: StateStore | None = None
         self.stats_publisher: StatsPublisher | None = None
-        self._room_stops: asyncio.Task[None] | None = None  # rooms stopped by an epoch change
+        self._room_stops: set[asyncio.Task[None]] = set()  # rooms stopped by an epoch change
         self.webhooks: list[WebhookRunner] = []
         self.tokens = TokenVerifier.from_settings(settings)
         self._stack = contextlib.AsyncExitStack()
@@ -266,6 +266,7 @@ class Node:
             self._stack.push_async_callback(self.stats_publisher.stop)
             watch = asyncio.get_running_loop().create_task(self._watch_epoch(), name="epoch")
             self._stack.callback(watch.cancel)
+            self._stack.callback(lambda: [t.cancel() for t in self._room_stops])
             if s.mqtt_broker_url:
                 self.mqtt_external = ExternalMqtt(self.ctx, s.mqtt_broker_url, s.mqtt_tenant)
                 await self.mqtt_external.start()
@@ -310,7 +311,10 @@ class Node:
         assert self.nats is not None
         while True:
             await asyncio.sleep(EPOCH_CHECK_S)
-            await self.nats.check()
+            try:
+                await self.nats.check()
+            except Exception:  # never: check() answers why; the watch must go on anyway
+                log.exception("! epoch check failed")
 
     def _epoch_changed(self) -> None:
         """The room stream was deleted and created again: its seqs start over. Every running
@@ -329,8 +333,9 @@ class Node:
             with contextlib.suppress(Exception):
                 ref.tell(Shutdown(4503, "room stream recreated, rejoin", True))
         rooms = [r for r in map(self.system.get, self.system.names("room:")) if r is not None]
-        self._room_stops = asyncio.get_running_loop().create_task(
-            self._stop_rooms(rooms), name="epoch.rooms")
+        task = asyncio.get_running_loop().create_task(self._stop_rooms(rooms), name="epoch.rooms")
+        self._room_stops.add(task)
+        task.add_done_callback(self._room_stops.discard)
 
     @staticmethod
     async def _stop_rooms(rooms: list[Any]) -> None:

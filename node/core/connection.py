@@ -123,47 +123,42 @@ class _TimerFired:
 
 class _Pacer:
     """Runs a connection's heavy actions (history, presence and rpc requests, joins that start a
-    room) in its user's pace (a token bucket shared by the user's connections on the node, so
-    that reconnecting starts no fresh burst), in order, so that a burst of them cannot hold up
-    the node's other work. The connection goes on reading meanwhile: its limits
-    (request_rate_per_s, rooms_per_min) still count requests as they arrive.
+    room) at most ``rate`` a second after a burst of ``burst``, in order, so that a burst of
+    them cannot hold up the node's other work. The connection goes on reading meanwhile: its
+    limits (request_rate_per_s, rooms_per_min, max_rooms_per_connection) still count requests
+    as they arrive and refuse beyond them, which bounds what waits here.
 
     Each action comes with ``live``: an action no longer live when its turn comes (a join left
     meanwhile, a connection that ended) is dropped, and costs no turn.
-
-    Args:
-        bucket: Gives the user's bucket now (looked up at each use: the node's map of buckets
-            forgets full ones).
     """
 
     __slots__ = ("_bucket", "_queue", "_task")
 
-    def __init__(self, bucket: Callable[[float], TokenBucket]) -> None:
-        self._bucket = bucket
+    def __init__(self, rate: float, burst: int) -> None:
+        self._bucket = TokenBucket(rate, burst, time.monotonic())
         self._queue: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, live: Callable[[], bool], run: Callable[[], None]) -> bool:
+    def submit(self, live: Callable[[], bool], run: Callable[[], None], name: str) -> bool:
         """Run ``run`` now if its turn has come and nothing waits (True), else in its turn if
-        ``live()`` still holds then (False)."""
+        ``live()`` still holds then (False). ``name`` names the task that waits."""
         now = time.monotonic()
-        if not self._queue and self._bucket(now).take(now):
+        if not self._queue and self._bucket.take(now):
             run()
             return True
         self._queue.append((live, run))
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name="pace")
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name=name)
         return False
 
     async def _drain(self) -> None:
-        queue = self._queue
+        bucket, queue = self._bucket, self._queue
         try:
             while queue:
                 if not queue[0][0]():
                     queue.popleft()
                     continue
                 now = time.monotonic()
-                bucket = self._bucket(now)
                 level = bucket.level(now)
                 if level < 1:
                     await asyncio.sleep((1 - level) / bucket.rate)
@@ -240,8 +235,8 @@ class ConnectionActor(Actor):
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
         self._volatile_tasks: set[asyncio.Task[None]] | None = None
         self._pacer: _Pacer | None = None  # made at the first heavy action
-        # Joins waiting for their turn: id of the member -> the join's request id.
-        self._waiting: dict[int, Any] | None = None
+        # Joins waiting for their turn: their member -> the join's request id.
+        self._waiting: dict[Membership, Any] | None = None
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -387,7 +382,10 @@ class ConnectionActor(Actor):
         # with ``since`` rejoins from there (its cursor starts at its since).
         since = None if member.live and member.replaying and not member.cursor else member.cursor
         log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
-        self.session.receive_room_lost(msg.room, since, epoch, time.monotonic())
+        # A join still replaying was not answered: its rejoin answers it (``joined``, its id).
+        unanswered = member.replaying and member.announce
+        self.session.receive_room_lost(msg.room, since, epoch, time.monotonic(),
+                                       answer=unanswered, request_id=member.request_id)
 
     # -- executing commands ----------------------------------------------------------------
 
@@ -476,10 +474,12 @@ class ConnectionActor(Actor):
         room = command.room
         member = Membership(self.client_id, self.outbox, self._on_room_lost,
                             presence=command.presence)
-        if command.since_seq is not None:
-            member.cursor = command.since_seq  # lost before its replay: rejoined from there
-        else:
+        if not command.silent:
+            member.announce, member.request_id = True, command.request_id
+        if command.since_seq is None:
             member.live = True
+        elif command.since_epoch in (None, self.ctx.store.epoch):
+            member.cursor = command.since_seq  # lost before its replay: rejoined from there
         member.on_in_room = self._on_in_room
         self.members[room] = member
         join = Join(member, command.since_seq, command.since_epoch, command.request_id,
@@ -500,14 +500,14 @@ class ConnectionActor(Actor):
         member = join.member
         if self._waiting is None:
             self._waiting = {}
-        self._waiting[id(member)] = join.request_id
+        self._waiting[member] = join.request_id
         waiting = self._waiting
 
         def live() -> bool:
             return members.get(room) is member and not self.session.closing
 
         def run() -> None:
-            waiting.pop(id(member), None)
+            waiting.pop(member, None)
             self._tell_room(room, join)
 
         self._in_turn(live, run)
@@ -515,9 +515,9 @@ class ConnectionActor(Actor):
     def _withdraw(self, member: Membership) -> bool:
         """Whether ``member``'s join was still waiting for its turn: then it is withdrawn (no
         room is started for it) and answered with 4009 ``retry``."""
-        if self._waiting is None or id(member) not in self._waiting:
+        if self._waiting is None or member not in self._waiting:
             return False
-        request_id = self._waiting.pop(id(member))
+        request_id = self._waiting.pop(member)
         if request_id is not None:
             self.outbox.send(error_frame(4009, "left before its turn to join "
                                                "(heavy_requests_per_s)", id=request_id,
@@ -527,10 +527,9 @@ class ConnectionActor(Actor):
     def _in_turn(self, live: Callable[[], bool], run: Callable[[], None]) -> None:
         """Run a heavy action in the connection's pace (``heavy_requests_per_s``)."""
         if self._pacer is None:
-            assert self.principal is not None
-            key, buckets = (self.principal.tenant, self.principal.sub), self.ctx.pace_buckets
-            self._pacer = _Pacer(lambda now: buckets.get(key, now))
-        if not self._pacer.submit(live, run):
+            rate = self.settings.heavy_requests_per_s
+            self._pacer = _Pacer(rate, max(1, int(rate / 10)))
+        if not self._pacer.submit(live, run, f"conn[{self.client_id}].pace"):
             self.ctx.paced += 1
 
     def _spawn_in_turn(self, make: Callable[[], Any], name: str) -> None:
@@ -658,19 +657,27 @@ class ConnectionActor(Actor):
 
     # -- rpc -------------------------------------------------------------------------------
 
-    async def _call(self, command: CallRpc) -> None:
+    def _call_in_turn(self, command: CallRpc) -> None:
+        """An rpc in the connection's pace; its timeout counts from its arrival (a call that
+        waited it out is answered 4504 and never made)."""
+        arrived = time.monotonic()
+        self._spawn_in_turn(lambda: self._call(command, arrived), "rpc")
+
+    async def _call(self, command: CallRpc, arrived: float) -> None:
         principal = self.principal
         assert principal is not None
+        left = command.timeout_s - (time.monotonic() - arrived)
         try:
+            if left <= 0:
+                raise TimeoutError
             if command.to == "server":
                 result = await asyncio.wait_for(
-                    self.ctx.rpc_server.call(command.method, command.params, principal),
-                    command.timeout_s)
+                    self.ctx.rpc_server.call(command.method, command.params, principal), left)
             elif self.ctx.rpc is None:
                 raise RpcError(4004, "rpc is not available")
             else:
                 result = await self.ctx.rpc.request(principal.tenant, command.to,
-                                                    command.request, command.timeout_s)
+                                                    command.request, left)
         except TimeoutError:
             self.session.receive_rpc_failed(command.call, 4504, "rpc timed out")
         except (RpcError, ProtocolError) as exc:
@@ -700,7 +707,7 @@ _RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
     LeavePlainRoom: ConnectionActor._leave_plain_room, SendVolatile: ConnectionActor._send_volatile,
     ReadHistory: lambda a, c: a._spawn_in_turn(lambda: a._read_history(c), "history"),
     ReadPresence: lambda a, c: a._spawn_in_turn(lambda: a._read_presence(c), "presence"),
-    CallRpc: lambda a, c: a._spawn_in_turn(lambda: a._call(c), "rpc"),
+    CallRpc: ConnectionActor._call_in_turn,
     PresenceWatch: ConnectionActor._presence_port, PresenceAdd: ConnectionActor._presence_port,
     PresenceRemove: ConnectionActor._presence_port,
     PresenceOffline: ConnectionActor._presence_port,

@@ -74,9 +74,6 @@ class NodeContext:
     #: Per-user buckets of connects (``connects_per_min``): a client that is cut off and
     #: reconnects at once, over and over, is refused before it costs a connection.
     connect_buckets: KeyedBuckets = field(init=False)
-    #: Per-user paces of heavy requests (``heavy_requests_per_s``), shared by a user's
-    #: connections: history, presence, rpc and joins that start a room wait their turn.
-    pace_buckets: KeyedBuckets = field(init=False)
     #: What users' ended connections left of their limits, for their next connection.
     carry: LimitCarry = field(default_factory=LimitCarry)
 
@@ -84,8 +81,6 @@ class NodeContext:
         self.admission = Admission(self.settings, self.store, self.feed, self.state)
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
-        pace = self.settings.heavy_requests_per_s
-        self.pace_buckets = KeyedBuckets(pace, max(1, int(pace / 10)))
         per_min = self.settings.connects_per_min
         self.connect_buckets = KeyedBuckets(per_min / 60.0, per_min)
 

@@ -91,6 +91,11 @@ class Membership:
     # Set by the connection for a join without ``since``: lost before its replay ended, it
     # rejoins live, as it began (not from cursor 0, the room's start).
     live: bool = False
+    # Set by the connection for a join the client asked for (not silent), with its request id:
+    # lost before its replay ended (``joined`` not sent yet), it is rejoined with that id, so
+    # that the client still gets its ``joined``.
+    announce: bool = False
+    request_id: str | int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,14 +121,18 @@ class RoomRules(PresenceRules):
         """The room took the current join of ``room`` in: release the publishes held for it."""
         self._release(room)
 
-    def receive_room_lost(self, room: str, cursor: int | None, epoch: str, now: float) -> None:
+    def receive_room_lost(self, room: str, cursor: int | None, epoch: str, now: float, *,
+                          answer: bool = False, request_id: Any = None) -> None:
         """The room actor of a joined room stopped: rejoin from ``cursor`` (the last seq the
         member got; None: live, a first join that had delivered nothing) in ``epoch`` (the
-        store's), silently (not counted as a join: the connection was in the room)."""
+        store's), not counted as a join (the connection was in the room). Silently, unless
+        ``answer``: the lost join was not answered yet, and this one answers it
+        (``joined`` with ``request_id``)."""
         self._release(room)  # what was held for the lost join goes to the store now
         presence = self.rooms.get(room)
         if presence is not None:
-            self._join_room(room, cursor, epoch, None, now, presence=presence, silent=True)
+            self._join_room(room, cursor, epoch, request_id if answer else None, now,
+                            presence=presence, silent=not answer)
 
     def receive_join_refused(self, room: str, now: float) -> None:
         """The room refused the current join of ``room`` and told the client to join again

@@ -266,7 +266,7 @@ class Settings(BaseModel):
         300, gt=0, description="rooms a user may join per minute on a node, across its "
                                "connections (joins of rooms the connection is not in)")
     heavy_requests_per_s: float = Field(
-        20, gt=0, description="requests per second of a user on a node that cost NATS work "
+        20, gt=0, description="requests per second of a connection that cost NATS work "
                               "(history, presence, rpc, a join that starts a room), a tenth "
                               "of a second's worth at once; beyond, they wait their turn")
     connects_per_min: int = Field(

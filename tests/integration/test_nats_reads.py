@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.servers import NatsProcess
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -96,3 +97,25 @@ async def test_a_room_started_with_reads_apart_misses_nothing_published_meanwhil
         want = [s for s in stored[r] if s > ack["seq"]]
         got = await j.events(len(want), r)
         assert [e["seq"] for e in got] == want, r
+
+
+async def test_a_node_without_a_reads_connection_starts_and_reads_on_the_main_one(
+        make_node, tmp_path: Any) -> None:
+    """A server that takes one connection of the node only (its max_connections): the reads
+    connection is refused, the node starts anyway (it waited for ever before) and reads on
+    the main connection."""
+    conf = tmp_path / "one.conf"
+    conf.write_text("max_connections: 1\n")
+    server = NatsProcess(tmp_path / "nats", args=["-c", str(conf)]).start()
+    try:
+        node = await asyncio.wait_for(make_node(nats_url=server.url), 30)
+        assert node.nats.reads is node.nats.nc
+        room = unique("single")
+        c = await RawClient.connected(ws_url(node), token("reader"))
+        pub = await c.request({"type": "publish", "room": room, "event": "e", "data": 1})
+        hist = await c.request({"type": "history", "room": room})
+        assert [e["seq"] for e in hist["events"]] == [pub["seq"]]
+        await c.close()
+        await node.stop()
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""Heavy requests are paced per user on a node (``heavy_requests_per_s``), over the real network
+"""Heavy requests are paced per connection (``heavy_requests_per_s``), over the real network
 against a real node and NATS (issue 11, the flood of 20 hostile connections).
 
 A join that starts a room, a history, presence or rpc request costs the node and NATS work

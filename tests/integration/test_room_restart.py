@@ -124,8 +124,9 @@ async def test_every_member_kind_recovers_after_its_room_actor_crashes(make_node
 async def test_a_join_whose_room_crashes_during_its_replay_rejoins_from_its_since(
         make_node, monkeypatch: pytest.MonkeyPatch) -> None:
     """A join with ``since`` whose room actor crashes while its replay is read is rejoined
-    from its ``since``: not from 0, which delivered again the events the client had before
-    it (and, beyond ``recovery_max``, cut the client off)."""
+    from its ``since`` and answered: not from 0, which delivered again the events the client
+    had before it (and, beyond ``recovery_max``, cut the client off), and not silently (the
+    client's join never got its ``joined``)."""
     node = await make_node()
     room = unique("replaycrash")
     publisher = await RawClient.connected(ws_url(node), token("pub"))
@@ -154,6 +155,9 @@ async def test_a_join_whose_room_crashes_during_its_replay_rejoins_from_its_sinc
     with pytest.raises(TypeError):
         await ref.ask(_Poison(), timeout=10)  # answered (by raising) once it was rebuilt
     release.set()
+    # its join is answered by the rejoin: recovered from its since
+    joined = await client.until("joined")
+    assert (joined["id"], joined["recovered"], joined["replayed"]) == ("j", True, 4), joined
     last = await publisher.request({"type": "publish", "room": room, "event": "e", "data": 8})
     want = [*seqs[4:], last["seq"]]
     got = [e["seq"] for e in await client.events(len(want), room)]
