@@ -446,6 +446,10 @@ class ConnectionActor(Actor):
 
     def _fire(self, key: TimerKey) -> None:
         self._timers.pop(key, None)
+        if key[0] == "held" and self._waiting:
+            member = self.members.get(key[1])
+            if member is not None and member in self._waiting:
+                return  # its join waits for its turn: armed again once told (join_sent)
         self._tell(_TimerFired(key))
 
     def _cancel_timer(self, command: CancelTimer) -> None:
@@ -509,6 +513,9 @@ class ConnectionActor(Actor):
         def run() -> None:
             waiting.pop(member, None)
             self._tell_room(room, join)
+            if members is self.members:  # publishes held for it wait from now on
+                self.session.receive_join_sent(room, time.monotonic())
+                self._execute_now()
 
         self._in_turn(live, run)
 

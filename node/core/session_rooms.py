@@ -190,6 +190,12 @@ class RoomRules(PresenceRules):
             self._commands.append(StartTimer(("held", admitted.room), now + JOIN_WAIT_S))
         held.append((admitted, request_id))
 
+    def receive_join_sent(self, room: str, now: float) -> None:
+        """The connection told the room the join of ``room`` only now (it waited for its
+        turn): the publishes held for it wait JOIN_WAIT_S from now, not from when they came."""
+        if self._held.get(room):
+            self._commands.append(StartTimer(("held", room), now + JOIN_WAIT_S))
+
     def _release(self, room: str) -> None:
         self._joining.discard(room)
         held = self._held.pop(room, None)

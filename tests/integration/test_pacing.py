@@ -144,3 +144,38 @@ async def test_history_presence_and_rpc_requests_wait_their_turn(make_node) -> N
         if f["type"] == "history":
             assert [e["seq"] for e in f["events"]] == [pub["seq"]]
     assert node.ctx.paced - paced0 >= 20, node.ctx.paced - paced0
+
+
+async def test_a_publish_right_after_a_join_that_waits_its_turn_reaches_its_member(
+        make_node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishes sent right after a join are held until the room has taken the join in (so the
+    member gets its own event), at most JOIN_WAIT_S: counted from when the join was told to
+    the room, not from the publish (a join that waits its turn would miss its own events)."""
+    from node.core import session_rooms
+
+    monkeypatch.setattr(session_rooms, "JOIN_WAIT_S", 0.5)
+    node = await make_node(**OPEN, heavy_requests_per_s=2)  # one at once, then one each 0.5 s
+    c = await RawClient.connected(ws_url(node), token("joiner"))
+    rooms = [unique(f"wait{i}") for i in range(4)]
+    await c.send(*[{"type": "join", "room": r, "id": f"j{i}"} for i, r in enumerate(rooms)],
+                 {"type": "publish", "room": rooms[-1], "event": "mine", "data": 1, "id": "p"})
+    got = await replies_by_id(c, {f"j{i}" for i in range(4)} | {"p"})
+    assert all(got[f"j{i}"]["type"] == "joined" for i in range(4)), got
+    assert got["p"]["type"] == "published", got["p"]
+    assert got["p"]["seq"] > got["j3"]["seq"], "stored after the join's position"
+    [ev] = await c.events(1, rooms[-1])
+    assert ev["seq"] == got["p"]["seq"]
+
+
+async def replies_by_id(c: RawClient, ids: set[str], timeout: float = 20.0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    kept = []
+    while not ids <= out.keys():
+        f = await c.recv(max(0.01, deadline - time.monotonic()))
+        if f.get("id") in ids:
+            out[f["id"]] = f
+        else:
+            kept.append(f)
+    c.buffer[:0] = kept
+    return out
