@@ -368,28 +368,35 @@ class ExternalMqtt:
             except Exception as exc:
                 log.warning("! downlink consumer not ready: %s", exc)
                 await asyncio.sleep(1)
-        while not self._stopping:
-            await self._ready.wait()
-            try:
-                msgs = await psub.fetch(batch=100, timeout=1)
-            except Exception:  # nothing new (timeout), or NATS reconnecting
-                continue
-            for msg in msgs:
-                client = self._client
-                if client is None or self._stopping:
-                    break  # not acked: redelivered after ack_wait
+        try:
+            while not self._stopping:
+                await self._ready.wait()
                 try:
-                    _, room = room_from_subject(msg.subject)
-                    event = cbor_loads_strict(msg.data)
-                    if not isinstance(event, dict):
-                        raise ProtocolError(4000, "not an event map")
-                    event["room"] = room
-                    event["seq"] = msg.metadata.sequence.stream
-                    await client.publish(f"rooms/{room}", cbor2.dumps(event), qos=1)
-                except (ProtocolError, ValueError):
-                    await msg.ack()  # not an event: nothing to forward
+                    msgs = await psub.fetch(batch=100, timeout=1)
+                except Exception:  # nothing new (timeout), or NATS reconnecting
                     continue
-                except aiomqtt.MqttError:
-                    break
-                await msg.ack()
-                self.downlinks += 1
+                for msg in msgs:
+                    client = self._client
+                    if client is None or self._stopping:
+                        break  # not acked: redelivered after ack_wait
+                    try:
+                        _, room = room_from_subject(msg.subject)
+                        event = cbor_loads_strict(msg.data)
+                        if not isinstance(event, dict):
+                            raise ProtocolError(4000, "not an event map")
+                        event["room"] = room
+                        event["seq"] = msg.metadata.sequence.stream
+                        await client.publish(f"rooms/{room}", cbor2.dumps(event), qos=1)
+                    except (ProtocolError, ValueError):
+                        await msg.ack()  # not an event: nothing to forward
+                        continue
+                    except aiomqtt.MqttError:
+                        break
+                    await msg.ack()
+                    self.downlinks += 1
+        finally:
+            # Unsubscribed, so that the NATS connection's drain at the node's stop does not
+            # wait (5 s) for the messages still queued for this pull subscription, which
+            # nobody reads any more; unacked, they are redelivered after ack_wait.
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()

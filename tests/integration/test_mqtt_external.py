@@ -366,7 +366,8 @@ async def test_a_bridge_stops_at_once_in_the_middle_of_a_backlog(
     """A bridge stopping while its downlink loop drains a backlog (one PUBACK after another)
     stops at once: the cancel that Python 3.11's wait_for loses when a PUBACK lands with it
     ended nothing, and stop() waited 2 x 5 s, then left the loop running. Three stops, each of
-    a new bridge of the node (each may or may not meet that race)."""
+    a new bridge of the node (each may or may not meet that race); then the node stops at
+    once too (its NATS drain waited 5 s for the queue of a pull subscription nobody read)."""
     url = f"mqtt://127.0.0.1:{mosquitto}"
     node = await make_node(nats_url=nats_proc.url, mqtt_broker_url=url)
     bridge = node.mqtt_external
@@ -395,5 +396,10 @@ async def test_a_bridge_stops_at_once_in_the_middle_of_a_backlog(
             took = time.monotonic() - started
             assert all(task.done() for task in bridge._tasks), "a bridge loop outlived stop()"
             assert took < 1.0, f"stop took {took:.2f} s"
+        # and the node's NATS drain does not wait for the pull subscription's queued messages
+        started = time.monotonic()
+        await node.stop()
+        took = time.monotonic() - started
+        assert took < 2.0, f"the node's stop took {took:.2f} s"
     finally:
         await nc.close()
