@@ -122,6 +122,7 @@ class JetStreamRoomStore:
         self.retries = 0
         self.errors = 0
         self.leader_reads = 0
+        self._highest_acked = 0  # the highest seq a publish of this node was acked with
         self.stale_reads = 0  # reads a lagging replica cut short, completed from the leader
 
     @property
@@ -245,6 +246,8 @@ class JetStreamRoomStore:
                 else:
                     acked = self._parse_ack(reply)
                     if acked is not None:
+                        if not acked[1]:
+                            await self._check_order(acked[0])
                         return acked
                     reason = "duplicate message id in process"  # see _RETRYABLE_ERR_CODES
             except TimeoutError:
@@ -263,6 +266,15 @@ class JetStreamRoomStore:
             log.debug("! publish to %s retried: %s", subject, reason)
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, 1.0)
+
+    async def _check_order(self, seq: int) -> None:
+        """The stream's seqs only grow, and this node's acks come in order: a new event acked
+        with a seq below one acked before means the stream was deleted and created again (a
+        new epoch, seqs from 1). Ask now, before the publisher is answered and its event
+        (a state room's value) is tagged with the old epoch, not at the next epoch check."""
+        if seq <= self._highest_acked:
+            await self.link.check()
+        self._highest_acked = seq
 
     def _parse_ack(self, reply: Msg) -> tuple[int, bool] | None:
         """(seq, duplicate), or None when the error is worth a retry (_RETRYABLE_ERR_CODES)."""
