@@ -208,7 +208,14 @@ class HttpGuard:
     def _admit(self, peer: str) -> str | None:
         """None when a connection from ``peer`` may open, else the reason it may not."""
         failures = self._failures.find(peer)
-        if failures is not None and failures.level(time.monotonic()) < 1:
+        now = time.monotonic()
+        # A peer that used up its failures is refused; one that used more than half of them
+        # (a client that keeps failing, not a NAT with a few failed clients) spends one of
+        # what is left on every new connection: waiting clients of a failing peer come in one
+        # per token, not all at once the moment one is there.
+        if failures is not None and (
+                failures.level(now) < 1
+                or (failures.level(now) < failures.burst / 2 and not failures.take(now))):
             self.refused["failing_peer"] += 1
             self._log.log(logging.WARNING, "failing_peer", "! HTTP connection from %s refused: "
                           "its connections keep being refused (peer_failures_per_min)", peer)

@@ -368,3 +368,30 @@ async def test_a_peer_whose_connections_keep_failing_is_refused_at_accept(make_n
     assert await healthz_from(port, OTHER) == 200
     await serves_websocket(port, OTHER)
     assert (await calm.request({"type": "ping"}))["type"] == "pong"
+
+
+async def _fail_and_rush(node: Any, failures: int, rush: int) -> int:
+    """``failures`` connections from 127.0.0.1 cut off for a forged token, then ``rush``
+    opened at once from there (as clients of a failing peer waiting to reconnect do); how many
+    of those the node admitted (answered /healthz)."""
+    port = node.http.port
+    url = f"ws://127.0.0.1:{port}/ws"
+    for i in range(failures):
+        c = await RawClient.open(url)
+        await c.send({"type": "connect", "id": 1, "token": f"forged.{i}"})
+        code, _ = await c.closed()
+        assert code == 4001
+    statuses = await asyncio.gather(*(healthz_from(port, "127.0.0.1") for _ in range(rush)))
+    assert set(statuses) <= {200, 503}, statuses
+    return statuses.count(200)
+
+
+async def test_clients_of_a_failing_peer_come_in_one_per_token(make_node) -> None:
+    # A peer that used more than half its peer_failures_per_min (a client that keeps
+    # failing) spends one of what is left on each new connection: eight clients rushing in
+    # get the few tokens left (3 of 10), not all eight at once. A peer with a few failures
+    # (a NAT with a client whose token is wrong) is not held back.
+    node = await make_node(**edge(peer_failures_per_min=10))
+    assert await _fail_and_rush(node, 7, 8) <= 4  # 3 left, and what refilled meanwhile
+    other = await make_node(**edge(peer_failures_per_min=10))
+    assert await _fail_and_rush(other, 2, 8) == 8
