@@ -12,15 +12,10 @@ from typing import Any
 import pytest
 
 from node.core.ports import StoreError
+from tests.integration.test_state_rooms import publish
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
-
-
-async def _publish(c: RawClient, room: str, i: int) -> int:
-    pub = await c.request({"type": "publish", "room": room, "event": "e", "data": i})
-    assert pub["type"] == "published", pub
-    return int(pub["seq"])
 
 
 async def test_a_refused_join_is_not_rejoined_behind_the_client(make_node,
@@ -29,7 +24,7 @@ async def test_a_refused_join_is_not_rejoined_behind_the_client(make_node,
     room = unique("refused")
     observer = await RawClient.connected(ws_url(node), token("observer"))
     await observer.request({"type": "join", "room": room})
-    seqs = [await _publish(observer, room, i) for i in range(6)]
+    seqs = [await publish(observer, room, "e", data=i) for i in range(6)]
     assert [e["seq"] for e in await observer.events(6, room)] == seqs
     c = await RawClient.connected(ws_url(node), token("member"))
     since = {"seq": seqs[2], "epoch": node.store.epoch}
@@ -47,7 +42,7 @@ async def test_a_refused_join_is_not_rejoined_behind_the_client(make_node,
     error = await c.request({"type": "join", "room": room, "since": since})
     assert (error["type"], error["code"], error["retry"]) == ("error", 4500, True), error
     # out of the room: what is published now does not reach it, nor anything replayed
-    later = await _publish(observer, room, 6)
+    later = await publish(observer, room, "e", data=6)
     [seen] = await observer.events(1, room)
     assert seen["seq"] == later
     assert (await c.request({"type": "ping"}))["type"] == "pong"
@@ -57,7 +52,7 @@ async def test_a_refused_join_is_not_rejoined_behind_the_client(make_node,
     # as told: join again; every event after since arrives once, in order
     joined = await c.request({"type": "join", "room": room, "since": since})
     assert joined["type"] == "joined" and joined["recovered"] is True, joined
-    last = await _publish(observer, room, 7)
+    last = await publish(observer, room, "e", data=7)
     want = [*seqs[3:], later, last]
     got = await c.events(len(want), room)
     assert [e["seq"] for e in got] == want

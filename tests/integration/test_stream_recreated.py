@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats
 import pytest
 
 from node import app as app_module
-from node.protocol.subjects import STREAM_NAME
+from tests.integration.test_state_rooms import _delete_stream
 from tests.servers import NatsProcess
 from tests.wsclient import RawClient, token, unique, ws_url
 
@@ -41,11 +40,7 @@ async def test_clients_are_told_when_the_room_stream_is_recreated(
     seqs = [(await _publish(publisher, room, i))["seq"] for i in range(3)]
     assert [e["seq"] for e in await member.events(3, room)] == seqs
 
-    nc = await nats.connect(nats_proc.url)
-    try:
-        await nc.jetstream().delete_stream(STREAM_NAME)
-    finally:
-        await nc.close()
+    await _delete_stream(nats_proc.url)
     other = await make_node(nats_url=nats_proc.url)  # creates the stream anew: a new epoch
     assert other.nats.epoch != old_epoch
 
@@ -80,11 +75,7 @@ async def test_the_first_publish_of_a_new_life_is_tagged_with_its_epoch(
     dev = await RawClient.connected(ws_url(node), token("dev-1"))
     for i in range(5):
         await publish(dev, room, data=f"old-{i}", key="a")
-    nc = await nats.connect(nats_proc.url)
-    try:
-        await nc.jetstream().delete_stream(STREAM_NAME)
-    finally:
-        await nc.close()
+    await _delete_stream(nats_proc.url)
     other = await make_node(nats_url=nats_proc.url, **STATE)
     await dev.send({"type": "publish", "room": room, "event": "reading", "data": "new-a",
                     "key": "a", "msg_id": "m-new-a"})
