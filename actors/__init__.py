@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .actor import Actor, RestartPolicy
 from .errors import ActorDeadError, ActorError, AskTimeout, Escalated, MailboxFull
+from .lane import Lane
 from .mailbox import Overflow
 from .ref import ActorRef
 from .stats import KindStats
@@ -21,6 +22,7 @@ __all__ = [
     "AskTimeout",
     "Escalated",
     "KindStats",
+    "Lane",
     "MailboxFull",
     "Overflow",
     "RestartPolicy",

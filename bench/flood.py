@@ -1,13 +1,15 @@
 """``python -m bench flood``: well-behaved members' latency without and during a flood.
 
 One node with its own limits; well-behaved members of their own rooms publish and receive
-throughout (:mod:`bench.members`). After ``--baseline-s`` alone, ``--connections`` hostile
+throughout (:mod:`bench.members`). After 2 s of warm-up (not counted) and ``--baseline-s``
+alone, ``--connections`` hostile
 WebSocket connections (default 20: a quarter each join/leave churn on distinct rooms, oversized
 frames, malformed messages, history/presence/rpc request floods; each reconnects when the node
 closes it) flood the node for ``--seconds``, from processes of their own.
 
 Printed: the members' p99 latency without the flood and during it (same run), their ratio (the
-goal: within 2x), events lost (must be 0), and what the node answered the flood. The exit status
+goal: within 2x), the p99 of the part until the node stamped an event (the way into the node),
+events lost (must be 0), and what the node answered the flood. The exit status
 is 1 when an event was lost, a room got stuck or the node crashed.
 
 ``--kinds churn --connections 5`` floods with one kind only; ``--node-arg=--nats-sync=2m``

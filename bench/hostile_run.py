@@ -40,6 +40,7 @@ __all__ = ["HostileConfig", "HostileResult", "hostile_node", "log_crashes", "rep
 
 START_TIMEOUT_S = 60.0  # for the attacker processes to import and report ``started``
 SETTLE_S = 2.0  # after the attack, before the last look at the node's rooms and RSS
+WARMUP_S = 2.0  # the members publish this long before the baseline counts (rooms warm up)
 # The node's counters and gauges worth printing after an attack (those it has: older nodes
 # lack some), summed over their labels.
 METRICS = ("rtnode_rooms_active", "rtnode_rate_limited", "rtnode_http_refused",
@@ -80,6 +81,8 @@ class HostileResult:
     cpu_during: dict[str, float] = field(default_factory=dict)
     p99_before: float | None = None
     p99_during: float | None = None
+    # The p99 of the way into the node (until it stamped the event), before and during.
+    p99_into: tuple[float | None, float | None] = (None, None)
     samples_before: int = 0
     samples_during: int = 0
     received: int = 0
@@ -202,6 +205,8 @@ async def _measure(res: HostileResult, node: NodeProcess) -> None:
     wb = WellBehaved(node.ws_url, SECRET, cfg.rooms, cfg.members, cfg.rate_per_s)
     try:
         await wb.start()
+        await asyncio.sleep(WARMUP_S)
+        counted_from = time.time()
         res.rss_before = _rss(node)
         cpu0, w0 = {**node.cpu(), "clients": time.process_time()}, time.monotonic()
         await asyncio.sleep(cfg.baseline_s)
@@ -215,9 +220,11 @@ async def _measure(res: HostileResult, node: NodeProcess) -> None:
         res.cpu_during = {k: (v - cpu1.get(k, 0)) / (w2 - w1) for k, v in cpu2.items()}
         res.cpu_during["attackers"] = res.attackers_cpu / (w2 - w1)
         await wb.stop()
-        before = wb.latencies(wb.started_at, t0)
+        before = wb.latencies(counted_from, t0)
         during = wb.latencies(res.attack_started or t0, t1)
         res.p99_before, res.p99_during = pct(before, 0.99), pct(during, 0.99)
+        res.p99_into = (pct(wb.latencies_into(counted_from, t0), 0.99),
+                        pct(wb.latencies_into(res.attack_started or t0, t1), 0.99))
         res.samples_before, res.samples_during = len(before), len(during)
         res.received, res.lost = wb.received(), wb.lost()
         res.missed_members = wb.missed_members()
@@ -268,7 +275,8 @@ def report_lines(res: HostileResult) -> list[str]:
             for k, v in res.metrics_end.items()),
         f"well-behaved p99 latency: {ms(res.p99_before)} ms before the attack "
         f"({res.samples_before} events), {ms(res.p99_during)} ms during it "
-        f"({res.samples_during} events)",
+        f"({res.samples_during} events); of which the way into the node (until it stamped "
+        f"the event): {ms(res.p99_into[0])} / {ms(res.p99_into[1])} ms",
         f"well-behaved events received: {res.received}, lost: {res.lost}",
         f"stuck rooms: {len(res.stuck)}" + "".join(f"\n  {s}" for s in res.stuck),
         f"crashes: {res.crashes} (node {'died: ' + res.node_died if res.node_died else 'up'}"

@@ -41,7 +41,8 @@ class MemberStats:
     room: str
     index: int
     seen: set[int] = field(default_factory=set)
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (sent at, latency)
+    # (sent at, latency, of which the way into the node: until the node stamped the event's ts)
+    samples: list[tuple[float, float, float]] = field(default_factory=list)
     duplicates: int = 0
     out_of_order: int = 0
     last_i: int = -1
@@ -174,7 +175,7 @@ class WellBehaved:
                 for f in _decode(msg):
                     if isinstance(f, dict) and f.get("type") == "event" \
                             and f.get("event") == EVENT:
-                        self._event(st, f["data"], now)
+                        self._event(st, f["data"], now, f.get("ts"))
                         self.progress.set()
                     elif isinstance(f, dict) and f.get("type") == "disconnect":
                         st.closed = f"disconnect {f.get('code')} {f.get('reason')}"
@@ -184,7 +185,7 @@ class WellBehaved:
             st.closed = f"closed {ws.close_code} {ws.close_reason}"
 
     @staticmethod
-    def _event(st: MemberStats, data: dict[str, Any], now: float) -> None:
+    def _event(st: MemberStats, data: dict[str, Any], now: float, ts: Any) -> None:
         i = int(data["i"])
         if i in st.seen:
             st.duplicates += 1
@@ -194,14 +195,22 @@ class WellBehaved:
         st.last_i = max(st.last_i, i)
         st.seen.add(i)
         st.arrivals.append(now)
-        st.samples.append((float(data["t"]), now - float(data["t"])))
+        sent = float(data["t"])
+        into = ts / 1000 - sent if isinstance(ts, (int, float)) else 0.0
+        st.samples.append((sent, now - sent, into))
 
     def members(self) -> list[MemberStats]:
         return [st for room in self.rooms for _, st in room.members]
 
     def latencies(self, start: float, end: float) -> list[float]:
         """Every member's latency of the events sent between ``start`` and ``end``."""
-        return [lat for st in self.members() for t, lat in st.samples if start <= t < end]
+        return [lat for st in self.members() for t, lat, _ in st.samples if start <= t < end]
+
+    def latencies_into(self, start: float, end: float) -> list[float]:
+        """The part of :meth:`latencies` until the node stamped the event (its ``ts``, in whole
+        ms): the publisher's side and the node's read. The rest is the node's store and
+        fan-out and the member's side."""
+        return [into for st in self.members() for t, _, into in st.samples if start <= t < end]
 
     def received(self) -> int:
         return sum(len(st.seen) for st in self.members())

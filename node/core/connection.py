@@ -66,9 +66,19 @@ from node.core.session_commands import (
     TimerKey,
     UnregisterRpc,
 )
+from node.protocol import frames
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import error_frame
 from node.protocol.tokens import Principal
+
+#: What a connection handles in the node's lane, one per turn of the loop (``NodeContext.lane``):
+#: the requests, whose cost (a token to verify, a room to start, a read) a burst of clients may
+#: multiply. Publishes, replies, acks and pings are not: they are what members are waiting for,
+#: and have limits of their own.
+_LANE_KINDS = frozenset({
+    frames.Connect, frames.Join, frames.Leave, frames.History, frames.Presence, frames.Rpc,
+    frames.Refresh, PlainJoin, PlainLeave,
+})
 
 __all__ = [
     "ConnTransport",
@@ -329,6 +339,8 @@ class ConnectionActor(Actor):
                 self._stop(None)
             return None
         kind = type(message)
+        if kind in _LANE_KINDS and not self.ctx.lane.take():
+            await self.ctx.lane.wait()  # its turn of the loop (actors/lane.py)
         if kind is Invalid:
             session.receive_invalid(message.code, message.reason, message.request_id,
                                     message.retry, time.monotonic())
@@ -382,6 +394,7 @@ class ConnectionActor(Actor):
         # with ``since`` rejoins from there (its cursor starts at its since).
         since = None if member.live and member.replaying and not member.cursor else member.cursor
         log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
+        del self.members[msg.room]  # out of the room: its rejoin answers its join if need be
         # A join still replaying was not answered: its rejoin answers it (``joined``, its id).
         unanswered = member.replaying and member.announce
         self.session.receive_room_lost(msg.room, since, epoch, time.monotonic(),
@@ -546,7 +559,19 @@ class ConnectionActor(Actor):
     def _leave_room(self, command: LeaveRoom) -> None:
         member = self.members.pop(command.room, None)
         if member is not None and not self._withdraw(member):
+            self._answer_left(member)
             self._tell_room(command.room, Leave(member))
+
+    def _answer_left(self, member: Membership) -> None:
+        """A join the room has not answered yet (not taken in yet, or its replay still read)
+        when the client leaves the room: the room no longer answers a member that left, so the
+        join is answered here, 4009 ``retry`` as a join withdrawn before its turn, before the
+        leave's ``left``. Every request gets its answer."""
+        if member.announce and not member.answered and not member.refused:
+            member.left = True  # from now on the room sends this member nothing
+            if member.request_id is not None:
+                self.outbox.send(error_frame(4009, "left or joined again before it was joined",
+                                             id=member.request_id, retry=True))
 
     def _join_plain_room(self, command: JoinPlainRoom) -> None:
         room = command.room

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from actors.lane import Lane
 from actors.system import ActorSystem
 from node.core.admission import Admission
 from node.core.index import ConnectionIndex
@@ -60,6 +61,9 @@ class NodeContext:
     slow_consumers: int = 0
     #: Heavy requests that waited for their connection's turn (heavy_requests_per_s).
     paced: int = 0
+    #: Requests of every connection go through it, one per turn of the loop: a burst of them
+    #: from many connections at once cannot hold up the events on their way meanwhile.
+    lane: Lane = field(default_factory=Lane)
     draining: bool = False
     presence: PresencePort | None = None
     rpc: RpcPort | None = None

@@ -795,8 +795,8 @@ class RoomActor(Actor):
 
     def _on_replay_done(self, done: _ReplayDone) -> None:
         member = done.member
-        if self.members.get(id(member)) is not member:
-            return  # left while its replay was read
+        if self.members.get(id(member)) is not member or member.left:
+            return  # left while its replay was read (its connection answered the join)
         join = done.join
         outbox = member.outbox
         if done.error is not None:
@@ -840,6 +840,7 @@ class RoomActor(Actor):
             if join.request_id is not None:
                 joined["id"] = join.request_id
             outbox.send(joined)
+            member.answered = True
             if done.values is not None:
                 for state in state_frames(self.room, done.values):
                     outbox.send(state)

@@ -83,7 +83,9 @@ class Membership:
     # Set by the room when it handles the member's Leave. A Join may reach the room after its
     # Leave (one that found the mailbox full is told again later, while the Leave is taken at
     # once): a Join of a member that left is ignored, so a Leave is never undone. (A
-    # connection makes a new Membership for every join.)
+    # connection makes a new Membership for every join.) Set by the connection too, at once,
+    # when the client leaves before the room answered the join: the connection answers it
+    # then, and the room answers nothing more for this member.
     left: bool = False
     # Set by the room when it refused this member's join with an error to the client (4500
     # with retry: "join again"): its connection does not rejoin by itself, the client does.
@@ -96,6 +98,8 @@ class Membership:
     # that the client still gets its ``joined``.
     announce: bool = False
     request_id: str | int | None = None
+    # Set by the room when it sent the join's ``joined``.
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

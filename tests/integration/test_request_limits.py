@@ -178,7 +178,10 @@ async def test_a_request_flood_gets_4009_and_is_cut_off(make_node, kind: str) ->
         return await replies(flooder, set(range(400)))
 
     _, got = await asyncio.gather(calm(), flood())
-    limited = [f for f in got.values() if f.get("code") == 4009 and f["type"] == "error"]
+    # (A join of the room joined again before the room took it in is answered 4009 too, by
+    # the join after it: not a refusal.)
+    limited = [f for f in got.values() if f.get("code") == 4009 and f["type"] == "error"
+               and "before it was joined" not in f["reason"]]
     assert limited, "beyond request_burst, requests are refused with 4009"
     assert all(f["retry"] is True for f in limited)
     # the burst (request_burst, 40) goes through, and what refilled meanwhile (20/s)

@@ -1,0 +1,72 @@
+"""A lane: work that lets one of its waiters go per turn of the event loop.
+
+asyncio runs what is ready in the order it became ready, with no priorities: a burst of costly
+work from many actors at once (hundreds of clients connecting and joining in the same second)
+lines up ahead of everything else, and every cheap step behind it (an event on its way to its
+room's members) waits for the whole burst. Work that goes through a lane takes at most one
+turn's worth of the loop at a time: each turn of the loop lets one waiter go, after everything
+else that was ready in that turn. The rest of the loop keeps its pace, and the lane's work goes
+as fast as the loop has nothing better to do (a loop with nothing else to run turns at once).
+
+Waiters go in the order they came. An actor that waits for its turn before a costly message
+holds its later messages back too, so each actor has at most one waiter: the lane goes round
+the actors that have costly work, one message each.
+
+Usage::
+
+    if not lane.take():
+        await lane.wait()
+    ...  # the costly step
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+__all__ = ["Lane"]
+
+
+class Lane:
+    """One waiter per turn of the loop, in the order they came."""
+
+    __slots__ = ("_busy", "_waiters", "waited")
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._busy = False  # someone went this turn: the next waits for the next turn
+        #: How many had to wait for their turn (not those that went at once).
+        self.waited = 0
+
+    def take(self) -> bool:
+        """Take this turn's place if it is free and nobody waits (True); else call :meth:`wait`."""
+        if self._busy or self._waiters:
+            return False
+        self._busy = True
+        asyncio.get_running_loop().call_soon(self._next)
+        return True
+
+    async def wait(self) -> None:
+        """Wait for a turn of the loop of one's own (after :meth:`take` said no)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(future)
+        self.waited += 1
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._next)
+        await future  # a waiter cancelled meanwhile is skipped by _next
+
+    def __len__(self) -> int:
+        """Waiters not yet let go (cancelled ones included until their turn)."""
+        return len(self._waiters)
+
+    def _next(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                asyncio.get_running_loop().call_soon(self._next)
+                return
+        self._busy = False

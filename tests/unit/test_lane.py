@@ -1,0 +1,100 @@
+"""The lane (actors/lane.py): one waiter per turn of the loop, in order, everything else first."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import pytest
+
+from actors import Lane
+
+
+class Turns:
+    """Counts the turns of the loop: a callback that schedules itself again each turn."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._stopped = False
+        asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        if not self._stopped:
+            self.n += 1
+            asyncio.get_running_loop().call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._stopped = True
+
+
+async def _through(lane: Lane) -> None:
+    if not lane.take():
+        await lane.wait()
+
+
+async def test_one_taker_per_turn_then_free_again() -> None:
+    lane = Lane()
+    assert lane.take()
+    assert not lane.take()  # this turn's place is taken
+    await asyncio.sleep(0)
+    assert lane.take()
+    assert lane.waited == 0
+
+
+async def test_waiters_go_one_per_turn_in_the_order_they_came() -> None:
+    lane = Lane()
+    turns = Turns()
+    went: list[tuple[int, int]] = []
+
+    async def waiter(i: int) -> None:
+        await _through(lane)
+        went.append((i, turns.n))
+
+    await asyncio.gather(*(waiter(i) for i in range(20)))
+    turns.stop()
+    assert [i for i, _ in went] == list(range(20))
+    assert all(b > a for (_, a), (_, b) in itertools.pairwise(went))  # a turn each
+    assert lane.waited == 19 and len(lane) == 0
+
+
+async def test_a_cancelled_waiter_is_skipped_and_the_rest_go() -> None:
+    lane = Lane()
+    assert lane.take()
+    went: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await lane.wait()
+        went.append(i)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(4)]
+    await asyncio.sleep(0)  # all four are waiting
+    tasks[1].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert went == [0, 2, 3]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert lane.take()  # nothing left behind: the lane is free again
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_other_work_keeps_its_pace_while_the_lane_has_a_backlog(seed: int) -> None:
+    """A task that is not in the lane needs a few turns per step; it finishes its steps while a
+    burst of hundreds of lane waiters is still waiting (without the lane, each of those would
+    have taken its turn ahead of it)."""
+    rng = random.Random(seed)
+    lane = Lane()
+    left = rng.randint(200, 400)
+    waiters = [asyncio.create_task(_through(lane)) for _ in range(left)]
+    steps = rng.randint(5, 20)
+
+    async def member() -> int:
+        for _ in range(steps):
+            for _ in range(rng.randint(1, 3)):  # an event's hops: a few turns each
+                await asyncio.sleep(0)
+        return len(lane)
+
+    waiting_when_done = await member()
+    assert waiting_when_done > left - steps * 3 - 2  # at most one waiter went per turn
+    await asyncio.gather(*waiters)
+    assert len(lane) == 0
