@@ -380,6 +380,9 @@ class VolatileThrottle(Generic[T]):
         self.window_s = window_s
         self._last: dict[str, float] = {}
         self._pending: dict[str, T] = {}
+        # The next prune, at twice what the last one kept: keys all within their window (a
+        # burst over many rooms) are not scanned again at each offer.
+        self._prune_at = self._PRUNE_AT
 
     def offer(self, key: str, item: T, now: float) -> tuple[T | None, float | None]:
         """Offer one event.
@@ -390,8 +393,9 @@ class VolatileThrottle(Generic[T]):
         """
         last = self._last.get(key)
         if key not in self._pending and (last is None or now - last >= self.window_s):
-            if len(self._last) >= self._PRUNE_AT:
+            if len(self._last) >= self._prune_at:
                 self._last = {k: t for k, t in self._last.items() if now - t < self.window_s}
+                self._prune_at = max(self._PRUNE_AT, 2 * len(self._last))
             self._last[key] = now
             return item, None
         delay = None

@@ -349,7 +349,8 @@ class ConnectionActor(Actor):
         elif kind is Shutdown:
             session.receive_shutdown(message.code, message.reason, message.reconnect)
         elif kind is _TimerFired:
-            session.receive_timer(message.key, time.monotonic())
+            if message.key not in self._timers:  # else armed again since it fired: stale
+                session.receive_timer(message.key, time.monotonic())
         elif kind is _InRoom:
             if self.members.get(message.room) is message.member:  # else an older join's
                 session.receive_room_joined(message.room)

@@ -205,3 +205,28 @@ def test_volatile_throttle_forgets_rooms_quiet_for_a_window() -> None:
         t.offer(f"r{i}", i, 0.0)
     t.offer("late", 0, 5.0)
     assert len(t._last) == 1
+
+
+def test_volatile_throttle_does_not_rescan_rooms_that_are_all_within_their_window() -> None:
+    """A burst over many rooms, each within its window: a prune that keeps them all is not run
+    again at the next offer (that made every offer scan them all: quadratic)."""
+    t: VolatileThrottle[int] = VolatileThrottle(10.0)
+    scans = 0
+
+    class Counting(dict):  # type: ignore[type-arg]
+        def items(self):  # type: ignore[no-untyped-def]
+            nonlocal scans
+            scans += 1
+            return super().items()
+
+    t._last = Counting()
+    n = 20 * VolatileThrottle._PRUNE_AT
+    for i in range(n):
+        t.offer(f"r{i}", i, i * 1e-6)
+        if type(t._last) is dict:
+            t._last = Counting(t._last)
+    assert len(t._last) == n
+    assert scans <= 6, scans  # at 1024, 2048, 4096, ... not at each offer beyond 1024
+    for i in range(n):  # the window ends for all: the next prune forgets them
+        t.offer(f"s{i}", i, 100.0 + i * 1e-6)
+    assert len(t._last) <= 2 * n
