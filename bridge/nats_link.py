@@ -118,6 +118,7 @@ class NatsLink:
         self._reads: NATS | None = None
         # The PING/PONG that the callers of confirmed() in this loop turn wait for.
         self._confirm: asyncio.Future[None] | None = None
+        self._pinging = False  # a round trip of confirmed() is in flight
         self._js: JetStreamContext | None = None
         self.epoch = ""
         self._setup_deadline = 0.0  # set-up steps retry until then (the connect deadline)
@@ -227,16 +228,20 @@ class NatsLink:
         """Wait for a PING/PONG on the main connection sent after everything written to it so
         far: the server has then processed it (a subscription is in place). One round trip
         serves every caller of the same loop turn (rpc routes and room subscriptions of
-        connections that connect together)."""
+        connections that connect together), and one round trip at a time is in flight: the
+        callers that come meanwhile share the next, sent once it is back (connections that
+        connect one per turn, through the node's lane, share a few)."""
         if self._confirm is None:
             loop = asyncio.get_running_loop()
             self._confirm = loop.create_future()
-            loop.call_soon(self._ping)
+            if not self._pinging:
+                loop.call_soon(self._ping)
         await asyncio.shield(self._confirm)
 
     def _ping(self) -> None:
         done, self._confirm = self._confirm, None
         assert done is not None
+        self._pinging = True
 
         async def flush() -> None:
             try:  # one round trip: the server has processed what was written before
@@ -246,6 +251,9 @@ class NatsLink:
             finally:
                 if not done.done():
                     done.set_result(None)
+                self._pinging = False
+                if self._confirm is not None:  # callers that came while it was in flight
+                    self._ping()
 
         asyncio.get_running_loop().create_task(flush(), name="nats.confirm")
 

@@ -143,20 +143,21 @@ class PresenceTracker:
             asyncio.get_running_loop().create_task(self._delete(subject))
 
     def mark_offline(self, tenant: str, room: str, member: dict[str, Any],
-                     ttl_s: float) -> None:
+                     ttl_s: float) -> asyncio.Task[None] | None:
         """A local member goes offline but stays listed, with ``online: false``, for ``ttl_s``
         (its persistent session's expiry), refreshed by nobody: this node forgets it. Skipped
         when a successor with the same client id has its own entry, here or (read first) on
-        another node: the device reconnected elsewhere before this connection ended."""
+        another node: the device reconnected elsewhere before this connection ended. Returns
+        the task that writes the entry (None when skipped): the leave is announced after it."""
         subject = _key(tenant, room, member["client_id"])
         joined_at = member.get("joined_at")
         if self._joined.get(subject, joined_at) != joined_at:
-            return
+            return None
         self._joined.pop(subject, None)
         self._local.pop(subject, None)
         offline = {**member, "online": False, "offline_since": int(time.time() * 1000)}
         value = json.dumps(offline, separators=(",", ":")).encode()
-        asyncio.get_running_loop().create_task(
+        return asyncio.get_running_loop().create_task(
             self._put_offline(subject, value, min(ttl_s, self.offline_max_s), joined_at))
 
     async def _put_offline(self, subject: str, value: bytes, ttl_s: float,

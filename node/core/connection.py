@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,12 @@ class KeepOffline:
 @dataclass(frozen=True, slots=True)
 class _TimerFired:
     key: TimerKey
+
+
+async def _after(first: asyncio.Future[None], then: Awaitable[None]) -> None:
+    """Await ``then`` once ``first`` is done, whatever its outcome."""
+    await asyncio.wait([first])
+    await then
 
 
 class _Pacer:
@@ -245,6 +251,8 @@ class ConnectionActor(Actor):
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
         self._volatile_tasks: set[asyncio.Task[None]] | None = None
         self._pacer: _Pacer | None = None  # made at the first heavy action
+        # Offline presence entries being written, by room: their announcements wait for them.
+        self._offline_writes: dict[str, asyncio.Future[None]] | None = None
         # Joins waiting for their turn: their member -> the join's request id.
         self._waiting: dict[Membership, Any] | None = None
         self._loop = asyncio.get_running_loop()
@@ -341,6 +349,8 @@ class ConnectionActor(Actor):
         kind = type(message)
         if kind in _LANE_KINDS and not self.ctx.lane.take():
             await self.ctx.lane.wait()  # its turn of the loop (actors/lane.py)
+            if session.closing:  # closed meanwhile (cut off as a slow consumer, drained)
+                return None
         if kind is Invalid:
             session.receive_invalid(message.code, message.reason, message.request_id,
                                     message.retry, time.monotonic())
@@ -626,7 +636,10 @@ class ConnectionActor(Actor):
             # Not every presence port keeps offline members (bridge.presence does): else gone.
             mark = getattr(presence, "mark_offline", None)
             if mark is not None:
-                mark(tenant, command.room, command.member, command.ttl_s)
+                written = mark(tenant, command.room, command.member, command.ttl_s)
+                if written is not None:  # its announcement waits for it (_announce_presence)
+                    self._offline_writes = {**(self._offline_writes or {}),
+                                            command.room: written}
             else:
                 presence.remove(tenant, command.room, self.client_id, self._joined_at_ms)
         elif isinstance(command, PresenceWatch):
@@ -640,8 +653,15 @@ class ConnectionActor(Actor):
         assert self.principal is not None
         body = event_body(command.room, command.name, command.member, self.principal,
                           self.client_id, None)
-        self._spawn(self.ctx.feed.publish_volatile(self.principal.tenant, command.room, body),
-                    command.name)
+        send = self.ctx.feed.publish_volatile(self.principal.tenant, command.room, body)
+        written = (self._offline_writes or {}).pop(command.room, None)
+        if written is None:
+            self._spawn(send, command.name)
+        else:
+            # A device gone offline: its watchers hear of it once its entry says so (a
+            # presence request right after the leave lists it offline). Not cancelled with
+            # the connection, which ends right after.
+            self._spawn_kept(_after(written, send), command.name)
 
     # -- publish and reads -----------------------------------------------------------------
 
@@ -658,9 +678,12 @@ class ConnectionActor(Actor):
         self._execute_now()
 
     def _send_volatile(self, command: SendVolatile) -> None:
-        task = self._loop.create_task(
-            self.ctx.admission.send_volatile_quietly(command.admitted),
-            name=f"volatile[{command.admitted.room}]")
+        self._spawn_kept(self.ctx.admission.send_volatile_quietly(command.admitted),
+                         f"volatile[{command.admitted.room}]")
+
+    def _spawn_kept(self, coro: Any, name: str) -> None:
+        """A task that is not cancelled when the connection ends (referenced until done)."""
+        task = self._loop.create_task(coro, name=name)
         if self._volatile_tasks is None:
             self._volatile_tasks = set()
         self._volatile_tasks.add(task)

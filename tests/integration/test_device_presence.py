@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from typing import Any
 
 import aiohttp
@@ -137,3 +138,31 @@ async def test_a_fleet_beyond_one_multi_last_is_listed_whole(make_node) -> None:
         while len(listed) < n:
             listed = await members(node, room)
     assert len(listed) == n and not any(m["online"] for m in listed.values())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_devices_offline_leave_is_announced_once_its_entry_says_so(make_node,
+                                                                           seed: int) -> None:
+    """Persistent devices go away, a few at once: the moment a watcher hears a device's leave
+    (``online: false``), a presence request lists that device offline (its entry was written
+    before the announcement, not after)."""
+    rng = random.Random(seed)
+    node = await make_node(mqtt_session_expiry_s=60.0)
+    room = unique("fleet")
+    watcher = await RawClient.connected(ws_url(node), token("w"))
+    await watcher.request({"type": "join", "room": room, "presence": True})
+    ids = [f"dev-{seed}-{i}" for i in range(rng.randint(4, 8))]
+    async with contextlib.AsyncExitStack() as stack:
+        for dev in ids:
+            client = await stack.enter_async_context(device(node, dev, clean_session=False))
+            await client.subscribe(f"rooms/{room}", qos=1)
+            assert (await presence_event(watcher, dev))["event"] == "presence:join"
+    for _ in ids:
+        f = await watcher.until("event")
+        while not f["event"].startswith("presence:"):
+            f = await watcher.until("event")
+        assert f["event"] == "presence:leave" and f["data"]["online"] is False, f
+        listed = await watcher.request({"type": "presence", "room": room})  # at once
+        assert listed["type"] == "presence", listed
+        online = {m["client_id"]: m["online"] for m in listed["members"]}
+        assert online[f["data"]["client_id"]] is False, listed
