@@ -423,6 +423,9 @@ class SseBridge:
             return error_response(4003, "origin not allowed")
         if self.ctx.draining:
             return error_response(4503, "node draining")
+        lane = self.ctx.lane  # the token, the stream's start and its joins: one per loop turn
+        if not lane.take():
+            await lane.wait()
         try:
             principal = self._principal(request)
             rooms = parse_rooms(request.query.getall("room", []))

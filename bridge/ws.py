@@ -138,6 +138,9 @@ class WebSocketBridge:
             return web.json_response({"code": 4003, "reason": "origin not allowed"}, status=403)
         if self.ctx.draining:
             return web.json_response({"code": 4503, "reason": "node draining"}, status=503)
+        lane = self.ctx.lane  # the upgrade and the connection's start: one per loop turn
+        if not lane.take():
+            await lane.wait()
         ws = web.WebSocketResponse(
             timeout=_CLOSE_DRAIN_S,  # aiohttp's bound on reading after our close frame
             protocols=tuple(CODECS),
