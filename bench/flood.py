@@ -55,8 +55,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None, help="repeat a run (default: random)")
     parser.add_argument("--connections", type=int, default=20, help="hostile connections")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long the flood lasts")
-    parser.add_argument("--baseline-s", type=float, default=10.0,
-                        help="how long the members are measured alone first")
+    parser.add_argument("--baseline-s", type=float, default=None,
+                        help="how long the members are measured alone first (default: as long "
+                             "as the flood: the two p99s come from windows of the same length, "
+                             "so that a rare stall of the machine is as likely in either)")
     parser.add_argument("--workers", type=int, default=2, help="attacker processes")
     parser.add_argument("--kinds", type=_kinds, default=FLOOD_KINDS,
                         help=f"comma-separated hostile kinds, dealt in turn (default: "
@@ -64,6 +66,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--node-arg", action="append", default=[], metavar="FLAG",
                         help="a flag for the node, e.g. --node-arg=--nats-sync=2m (repeatable)")
     args = parser.parse_args(argv)
+    if args.baseline_s is None:
+        args.baseline_s = args.seconds
     if args.connections < 1 or args.seconds <= 0 or args.baseline_s <= 0 or args.workers < 1:
         parser.error("--connections, --seconds, --baseline-s and --workers must be positive")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)

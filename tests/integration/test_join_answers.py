@@ -40,7 +40,7 @@ async def _answers(c: RawClient, ids: set[int], timeout: float = 20.0) -> list[d
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_every_join_gets_one_answer(make_node, seed: int) -> None:
     rng = random.Random(seed)
     node = await make_node(**OPEN, heavy_requests_per_s=rng.choice([5, 50, 10000]))
