@@ -28,13 +28,25 @@ __all__ = ["Lane"]
 
 
 class Lane:
-    """One waiter per turn of the loop, in the order they came."""
+    """One waiter per turn of the loop, in the order they came; none in a turn that follows a
+    busy one (longer than ``busy_turn_s``: what the waiters that went before set off is still
+    being done), but one at least every ``max_hold_s``.
 
-    __slots__ = ("_busy", "_waiters", "waited")
+    Args:
+        busy_turn_s: A turn of the loop longer than this holds the next waiter back a turn.
+        max_hold_s: However busy the loop, a waiter goes at least this often.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_busy", "_last_turn", "_let_go", "_waiters", "busy_turn_s", "max_hold_s",
+                 "waited")
+
+    def __init__(self, busy_turn_s: float = 0.002, max_hold_s: float = 0.02) -> None:
+        self.busy_turn_s = busy_turn_s
+        self.max_hold_s = max_hold_s
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._busy = False  # someone went this turn: the next waits for the next turn
+        self._last_turn = 0.0  # loop time of _next's last run (the start of a turn)
+        self._let_go = 0.0  # loop time a waiter last went
         #: How many had to wait for their turn (not those that went at once).
         self.waited = 0
 
@@ -42,8 +54,7 @@ class Lane:
         """Take this turn's place if it is free and nobody waits (True); else call :meth:`wait`."""
         if self._busy or self._waiters:
             return False
-        self._busy = True
-        asyncio.get_running_loop().call_soon(self._next)
+        self._arm(asyncio.get_running_loop())
         return True
 
     async def wait(self) -> None:
@@ -53,20 +64,31 @@ class Lane:
         self._waiters.append(future)
         self.waited += 1
         if not self._busy:
-            self._busy = True
-            loop.call_soon(self._next)
+            self._arm(loop)
         await future  # a waiter cancelled meanwhile is skipped by _next
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._busy = True
+        self._last_turn = self._let_go = loop.time()
+        loop.call_soon(self._next)
 
     def __len__(self) -> int:
         """Waiters not yet let go (cancelled ones included until their turn)."""
         return len(self._waiters)
 
     def _next(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        turn, self._last_turn = now - self._last_turn, now
         waiters = self._waiters
+        if waiters and turn > self.busy_turn_s and now - self._let_go < self.max_hold_s:
+            loop.call_soon(self._next)  # the loop has more pressing work: the next turn
+            return
         while waiters:
             future = waiters.popleft()
             if not future.done():
                 future.set_result(None)
-                asyncio.get_running_loop().call_soon(self._next)
+                self._let_go = now
+                loop.call_soon(self._next)
                 return
         self._busy = False

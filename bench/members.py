@@ -196,7 +196,7 @@ class WellBehaved:
         st.seen.add(i)
         st.arrivals.append(now)
         sent = float(data["t"])
-        into = ts / 1000 - sent if isinstance(ts, (int, float)) else 0.0
+        into = ts / 1000 - sent if isinstance(ts, (int, float)) else float("nan")
         st.samples.append((sent, now - sent, into))
 
     def members(self) -> list[MemberStats]:
@@ -208,9 +208,10 @@ class WellBehaved:
 
     def latencies_into(self, start: float, end: float) -> list[float]:
         """The part of :meth:`latencies` until the node stamped the event (its ``ts``, in whole
-        ms): the publisher's side and the node's read. The rest is the node's store and
-        fan-out and the member's side."""
-        return [into for st in self.members() for t, _, into in st.samples if start <= t < end]
+        ms, cut: up to 1 ms low): the publisher's side and the node's read. The rest is the
+        node's store and fan-out and the member's side. Events without ``ts`` are left out."""
+        return [into for st in self.members() for t, _, into in st.samples
+                if start <= t < end and into == into]  # NaN: no ts
 
     def received(self) -> int:
         return sum(len(st.seen) for st in self.members())

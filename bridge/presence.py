@@ -143,7 +143,7 @@ class PresenceTracker:
             asyncio.get_running_loop().create_task(self._delete(subject))
 
     def mark_offline(self, tenant: str, room: str, member: dict[str, Any],
-                     ttl_s: float) -> asyncio.Task[None] | None:
+                     ttl_s: float) -> asyncio.Task[bool] | None:
         """A local member goes offline but stays listed, with ``online: false``, for ``ttl_s``
         (its persistent session's expiry), refreshed by nobody: this node forgets it. Skipped
         when a successor with the same client id has its own entry, here or (read first) on
@@ -161,7 +161,7 @@ class PresenceTracker:
             self._put_offline(subject, value, min(ttl_s, self.offline_max_s), joined_at))
 
     async def _put_offline(self, subject: str, value: bytes, ttl_s: float,
-                           joined_at: Any) -> None:
+                           joined_at: Any) -> bool:
         try:
             batch = await self.store.direct_get({"multi_last": [subject], "batch": 1}, _STREAM)
         except StoreError:
@@ -173,8 +173,11 @@ class PresenceTracker:
                 there = json.loads(ev.body)
                 if (isinstance(there, dict) and there.get("online", True) is not False
                         and there.get("joined_at") != joined_at):
-                    return  # a successor's online entry, from another node
+                    return False  # a successor's online entry, from another node
+        if subject in self._joined:
+            return False  # a successor joined here during the read: its entry stands
         await self._put(subject, value, ttl_s)
+        return True
 
     async def clear_offline(self, tenant: str, room: str, client_id: str) -> dict[str, Any] | None:
         """Remove an offline member (its session was deleted); returns it, or None when it is

@@ -426,6 +426,8 @@ class SseBridge:
         lane = self.ctx.lane  # the token, the stream's start and its joins: one per loop turn
         if not lane.take():
             await lane.wait()
+            if self.ctx.draining:
+                return error_response(4503, "node draining")
         try:
             principal = self._principal(request)
             rooms = parse_rooms(request.query.getall("room", []))

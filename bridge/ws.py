@@ -141,6 +141,8 @@ class WebSocketBridge:
         lane = self.ctx.lane  # the upgrade and the connection's start: one per loop turn
         if not lane.take():
             await lane.wait()
+            if self.ctx.draining:
+                return web.json_response({"code": 4503, "reason": "node draining"}, status=503)
         ws = web.WebSocketResponse(
             timeout=_CLOSE_DRAIN_S,  # aiohttp's bound on reading after our close frame
             protocols=tuple(CODECS),

@@ -129,12 +129,15 @@ class KeepOffline:
 @dataclass(frozen=True, slots=True)
 class _TimerFired:
     key: TimerKey
+    serial: int  # of the timer that fired: one armed again or cancelled since makes it stale
 
 
-async def _after(first: asyncio.Future[None], then: Awaitable[None]) -> None:
-    """Await ``then`` once ``first`` is done, whatever its outcome."""
-    await asyncio.wait([first])
-    await then
+async def _after(written: asyncio.Future[bool], send: Callable[[], Awaitable[None]]) -> None:
+    """``send()`` once ``written`` is done, unless it says that nothing was written (a
+    successor has the entry: its join was announced, and this leave must not follow it)."""
+    await asyncio.wait([written])
+    if written.cancelled() or written.exception() is not None or written.result():
+        await send()
 
 
 class _Pacer:
@@ -245,6 +248,10 @@ class ConnectionActor(Actor):
         # join the same room on its tunnel.
         self.plain: dict[str, Membership] = {}
         self._timers: dict[TimerKey, asyncio.TimerHandle] = {}
+        # Each timer armed gets a serial; one that fired waits here with its serial until its
+        # message is handled, and is stale if armed again or cancelled meanwhile.
+        self._timer_serial = 0
+        self._due: dict[TimerKey, int] = {}
         # Both sets are made at their first task: an empty set is ~200 bytes per connection.
         self._tasks: set[asyncio.Task[None]] | None = None
         # Volatile sends are not cancelled when the connection ends: a typing notice sent just
@@ -252,7 +259,7 @@ class ConnectionActor(Actor):
         self._volatile_tasks: set[asyncio.Task[None]] | None = None
         self._pacer: _Pacer | None = None  # made at the first heavy action
         # Offline presence entries being written, by room: their announcements wait for them.
-        self._offline_writes: dict[str, asyncio.Future[None]] | None = None
+        self._offline_writes: dict[str, asyncio.Future[bool]] | None = None
         # Joins waiting for their turn: their member -> the join's request id.
         self._waiting: dict[Membership, Any] | None = None
         self._loop = asyncio.get_running_loop()
@@ -359,7 +366,8 @@ class ConnectionActor(Actor):
         elif kind is Shutdown:
             session.receive_shutdown(message.code, message.reason, message.reconnect)
         elif kind is _TimerFired:
-            if message.key not in self._timers:  # else armed again since it fired: stale
+            if self._due.get(message.key) == message.serial:  # else armed again or cancelled
+                del self._due[message.key]
                 session.receive_timer(message.key, time.monotonic())
         elif kind is _InRoom:
             if self.members.get(message.room) is message.member:  # else an older join's
@@ -407,7 +415,7 @@ class ConnectionActor(Actor):
         log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
         del self.members[msg.room]  # out of the room: its rejoin answers its join if need be
         # A join still replaying was not answered: its rejoin answers it (``joined``, its id).
-        unanswered = member.replaying and member.announce
+        unanswered = member.announce and not member.answered
         self.session.receive_room_lost(msg.room, since, epoch, time.monotonic(),
                                        answer=unanswered, request_id=member.request_id)
 
@@ -466,20 +474,24 @@ class ConnectionActor(Actor):
     def _start_timer(self, command: StartTimer) -> None:
         self._cancel_timer(CancelTimer(command.key))
         delay = max(0.0, command.deadline - time.monotonic())
-        self._timers[command.key] = self._loop.call_later(delay, self._fire, command.key)
+        self._timer_serial += 1
+        self._timers[command.key] = self._loop.call_later(delay, self._fire, command.key,
+                                                          self._timer_serial)
 
-    def _fire(self, key: TimerKey) -> None:
+    def _fire(self, key: TimerKey, serial: int) -> None:
         self._timers.pop(key, None)
         if key[0] == "held" and self._waiting:
             member = self.members.get(key[1])
             if member is not None and member in self._waiting:
                 return  # its join waits for its turn: armed again once told (join_sent)
-        self._tell(_TimerFired(key))
+        self._due[key] = serial
+        self._tell(_TimerFired(key, serial))
 
     def _cancel_timer(self, command: CancelTimer) -> None:
         timer = self._timers.pop(command.key, None)
         if timer is not None:
             timer.cancel()
+        self._due.pop(command.key, None)  # fired, its message not handled yet: now stale
 
     # -- rooms -----------------------------------------------------------------------------
 
@@ -653,15 +665,17 @@ class ConnectionActor(Actor):
         assert self.principal is not None
         body = event_body(command.room, command.name, command.member, self.principal,
                           self.client_id, None)
-        send = self.ctx.feed.publish_volatile(self.principal.tenant, command.room, body)
+        tenant, feed = self.principal.tenant, self.ctx.feed
         written = (self._offline_writes or {}).pop(command.room, None)
         if written is None:
-            self._spawn(send, command.name)
+            self._spawn(feed.publish_volatile(tenant, command.room, body), command.name)
         else:
             # A device gone offline: its watchers hear of it once its entry says so (a
-            # presence request right after the leave lists it offline). Not cancelled with
-            # the connection, which ends right after.
-            self._spawn_kept(_after(written, send), command.name)
+            # presence request right after the leave lists it offline), and not at all if a
+            # successor (a takeover) has the entry by then. Not cancelled with the
+            # connection, which ends right after.
+            self._spawn_kept(_after(written, lambda: feed.publish_volatile(
+                tenant, command.room, body)), command.name)
 
     # -- publish and reads -----------------------------------------------------------------
 

@@ -98,3 +98,36 @@ async def test_other_work_keeps_its_pace_while_the_lane_has_a_backlog(seed: int)
     assert waiting_when_done > left - steps * 3 - 2  # at most one waiter went per turn
     await asyncio.gather(*waiters)
     assert len(lane) == 0
+
+
+async def test_after_a_busy_turn_none_goes_but_one_goes_at_least_every_max_hold() -> None:
+    """A loop whose every turn is busy (here: a callback that takes 5 ms each turn) lets a
+    waiter go only every max_hold_s; once the turns are short again, one per turn."""
+    import time
+
+    lane = Lane(busy_turn_s=0.002, max_hold_s=0.02)
+    loop = asyncio.get_running_loop()
+    busy = True
+
+    def hog() -> None:
+        if busy:
+            time.sleep(0.005)
+            loop.call_soon(hog)
+
+    loop.call_soon(hog)
+    went: list[float] = []
+    four = asyncio.Event()
+
+    async def waiter() -> None:
+        await _through(lane)
+        went.append(loop.time())
+        if len(went) == 4:
+            four.set()
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(6)]
+    await four.wait()
+    gaps = [b - a for a, b in itertools.pairwise(went[1:4])]
+    assert all(g >= 0.015 for g in gaps), gaps  # held while the turns are busy
+    busy = False
+    await asyncio.gather(*tasks)
+    assert len(went) == 6 and len(lane) == 0
