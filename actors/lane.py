@@ -40,7 +40,7 @@ class Lane:
     __slots__ = ("_busy", "_last_turn", "_let_go", "_waiters", "busy_turn_s", "max_hold_s",
                  "waited")
 
-    def __init__(self, busy_turn_s: float = 0.002, max_hold_s: float = 0.02) -> None:
+    def __init__(self, busy_turn_s: float = 0.002, max_hold_s: float = 0.005) -> None:
         self.busy_turn_s = busy_turn_s
         self.max_hold_s = max_hold_s
         self._waiters: deque[asyncio.Future[None]] = deque()
