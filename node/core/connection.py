@@ -414,7 +414,8 @@ class ConnectionActor(Actor):
         since = None if member.live and member.replaying and not member.cursor else member.cursor
         log.info("= %s rejoins %s from seq %s", self.client_id, msg.room, since)
         del self.members[msg.room]  # out of the room: its rejoin answers its join if need be
-        # A join still replaying was not answered: its rejoin answers it (``joined``, its id).
+        # A join not answered yet (its replay still read): its rejoin answers it (``joined``,
+        # its id).
         unanswered = member.announce and not member.answered
         self.session.receive_room_lost(msg.room, since, epoch, time.monotonic(),
                                        answer=unanswered, request_id=member.request_id)
@@ -650,8 +651,9 @@ class ConnectionActor(Actor):
             if mark is not None:
                 written = mark(tenant, command.room, command.member, command.ttl_s)
                 if written is not None:  # its announcement waits for it (_announce_presence)
-                    self._offline_writes = {**(self._offline_writes or {}),
-                                            command.room: written}
+                    if self._offline_writes is None:
+                        self._offline_writes = {}
+                    self._offline_writes[command.room] = written
             else:
                 presence.remove(tenant, command.room, self.client_id, self._joined_at_ms)
         elif isinstance(command, PresenceWatch):
