@@ -144,6 +144,11 @@ class _NodeCollector(Collector):
             for name, help_, value in (
                 ("rtnode_jetstream_retries", "JetStream publish retries", node.store.retries),
                 ("rtnode_jetstream_errors", "JetStream publishes that failed", node.store.errors),
+                ("rtnode_store_batches", "Atomic batches of publishes stored (group commit)",
+                 node.store.batches),
+                ("rtnode_store_batched", "Events stored in atomic batches", node.store.batched),
+                ("rtnode_store_batches_undone", "Atomic batches not stored as one, their "
+                 "events sent again one by one", node.store.batches_undone),
                 ("rtnode_store_leader_reads", "Reads answered by the stream leader (checks)",
                  node.store.leader_reads),
                 ("rtnode_store_stale_reads", "Reads a lagging replica cut short, completed "
