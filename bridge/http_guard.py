@@ -174,6 +174,8 @@ class HttpGuard:
         self.refused: Counter[str] = Counter()
         self.head_timeouts = 0
         self._open = 0
+        #: The most connections open at once since someone last set it back (node/memory.py).
+        self.high_water = 0
         self._per_peer: Counter[str] = Counter()
         self._waiting: dict[object, _GuardedProtocol] = {}  # aiohttp handler -> its wrapper
         self._log = LogThrottle(log)
@@ -234,6 +236,7 @@ class HttpGuard:
             return "node at its connection limit"
         self._per_peer[peer] += 1
         self._open += 1
+        self.high_water = max(self.high_water, self._open)
         self.accepted += 1
         return None
 

@@ -34,6 +34,7 @@ from node.core.events import event_body
 from node.core.ports import LiveMessage
 from node.core.room import CheckGap
 from node.core.rpc import load_rpc_modules
+from node.memory import MemoryReturn, release
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.nats_server import DataDirLock, EmbeddedNats
 from node.protocol.errors import ConfigError
@@ -46,6 +47,8 @@ log = logging.getLogger("node")
 
 #: How often the node asks whether the room stream was recreated (a new epoch).
 EPOCH_CHECK_S = 5.0
+# How often the node looks whether a crowd of connections has gone (node/memory.py).
+MEMORY_CHECK_S = 2.0
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -147,6 +150,7 @@ class Node:
         self.presence: PresenceTracker | None = None
         self.state: StateStore | None = None
         self.stats_publisher: StatsPublisher | None = None
+        self.memory = MemoryReturn()
         self._room_stops: set[asyncio.Task[None]] = set()  # rooms stopped by an epoch change
         self.webhooks: list[WebhookRunner] = []
         self.tokens = TokenVerifier.from_settings(settings)
@@ -266,6 +270,8 @@ class Node:
             self._stack.push_async_callback(self.stats_publisher.stop)
             watch = asyncio.get_running_loop().create_task(self._watch_epoch(), name="epoch")
             self._stack.callback(watch.cancel)
+            memory = asyncio.get_running_loop().create_task(self._watch_memory(), name="memory")
+            self._stack.callback(memory.cancel)
             self._stack.callback(lambda: [t.cancel() for t in self._room_stops])
             if s.mqtt_broker_url:
                 self.mqtt_external = ExternalMqtt(self.ctx, s.mqtt_broker_url, s.mqtt_tenant)
@@ -315,6 +321,28 @@ class Node:
                 await self.nats.check()
             except Exception:  # never: check() answers why; the watch must go on anyway
                 log.exception("! epoch check failed")
+
+    def _connections(self) -> tuple[int, int]:
+        """Client connections open now (HTTP: WebSocket, SSE, API; and MQTT), and the most
+        open at once since the last call (HTTP's high-water mark: a crowd that came and went
+        between two calls counts)."""
+        http = high = 0
+        if self.http is not None:
+            guard = self.http.guard
+            http, high = guard.open, guard.high_water
+            guard.high_water = http
+        mqtt = len(self.mqtt.sessions) if self.mqtt is not None else 0
+        return http + mqtt, high + mqtt
+
+    async def _watch_memory(self) -> None:
+        """Give memory back once a crowd of connections has gone (node/memory.py)."""
+        while True:
+            await asyncio.sleep(MEMORY_CHECK_S)
+            now, high = self._connections()
+            if self.memory.due(now, high):
+                took = release([self.tokens.forget])
+                log.info("= %d connections open (%d at the peak): memory released in %.0f ms",
+                         now, self.memory.last_peak, took * 1000)
 
     def _epoch_changed(self) -> None:
         """The room stream was deleted and created again: its seqs start over. Every running

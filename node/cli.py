@@ -740,6 +740,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             return _token(args, settings)
         # Only 'run' gets here: the commands above import no event loop (~30 ms of CPU).
+        if argv is None:  # the program itself (not a call from a test): see node/memory.py
+            import os
+
+            from node.memory import wanted_env
+
+            env = wanted_env(dict(os.environ))
+            if env is not None:  # the allocator is chosen at start: start again with it
+                sys.stdout.flush()
+                prog = sys.argv[0]
+                if os.access(prog, os.X_OK) and not prog.endswith(".py"):  # the rtnode script
+                    os.execve(prog, sys.argv, env)
+                os.execve(sys.executable, [sys.executable, "-m", "node", *sys.argv[1:]], env)
         import asyncio
 
         from node import workers

@@ -134,6 +134,11 @@ class _NodeCollector(Collector):
             fam = CounterMetricFamily(name, help_)
             fam.add_metric([], value)
             yield fam
+        releases = CounterMetricFamily(
+            "rtnode_memory_releases", "Times memory was given back after connections went "
+            "(a full collection and malloc_trim)")
+        releases.add_metric([], node.memory.releases)
+        yield releases
         outcomes = CounterMetricFamily(
             "rtnode_publishes", "Publishes by door and outcome (stored, duplicate, volatile, "
             "or the refusal code)", labels=["door", "outcome"])

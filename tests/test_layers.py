@@ -9,8 +9,8 @@ From the inside out, imports flow one way:
   ports); imports the runtime and the leaves, and no I/O library.
 - ``bridge``: the adapters (NATS, HTTP, WebSocket, SSE, MQTT); import the runtime, the leaves
   and the domain, never the program.
-- the program (``node``, ``node.app``, ``node.cli``, ``node.metrics``, ``node.nats_server``,
-  ``node.__main__``): sees everything.
+- the program (``node``, ``node.app``, ``node.cli``, ``node.memory``, ``node.metrics``,
+  ``node.nats_server``, ``node.workers``, ``node.__main__``): sees everything.
 - ``devices``: the client side (device SDK, Python client, simulator); imports the leaves only,
   so it could ship on its own.
 """
@@ -24,8 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROGRAM = {"node", "node.app", "node.cli", "node.metrics", "node.nats_server", "node.workers",
-           "node.__main__"}
+PROGRAM = {"node", "node.app", "node.cli", "node.memory", "node.metrics", "node.nats_server",
+           "node.workers", "node.__main__"}
 # Libraries that do I/O: never in the leaves or the domain.
 IO_LIBRARIES = {"aiohttp", "nats", "websockets", "aiomqtt", "amqtt", "paho", "socket",
                 "subprocess", "uvloop"}

@@ -467,6 +467,11 @@ class TokenVerifier:
     #: Verified tokens remembered (least recently used first out): ~0.4 KB each.
     verified_cache_size = 1024
 
+    def forget(self) -> None:
+        """Empty the cache of verified tokens (after a crowd has gone, node/memory.py: its
+        entries, made among the crowd's connections, would keep their memory pages)."""
+        self._verified.clear()
+
     @classmethod
     def from_key_file(cls, path: Path, *, issuer: str = "", audience: str = "",
                       require_exp: bool = False, max_lifetime_s: float = 0,

@@ -1,0 +1,105 @@
+"""A node process gives back the memory of connections that are gone (issue 12): after a crowd
+of idle WebSocket clients connected, joined and left, its RSS is back near where it was.
+
+A warm-up crowd first (the node's caches, the allocator's pools and the modules a connection
+loads are there from then on), then its RSS; then a crowd of ``CROWD`` clients that connect,
+join a room each (a few rooms shared) and stay idle, then all go. The node sees its open
+connections fall by half from their peak and gives the memory back (node/memory.py: a full
+collection and ``malloc_trim``, the node running with ``PYTHONMALLOC=malloc``); its RSS must
+then be within a fifth of what the crowd cost. What a connection costs is the benchmark's to
+state (``python -m bench connections``, which also holds 10,000), never asserted here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.nodes import rss_kib, settled_rss_kib
+from tests.servers import NodeProcess, http_get
+from tests.wsclient import SECRET, RawClient, token
+
+pytestmark = pytest.mark.integration
+
+CROWD = 2000
+WARMUP = 300
+ROOMS = 50
+AT_ONCE = 100  # clients connecting together
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    proc = NodeProcess(tmp_path / "node", "--log-level", "info",
+                       "--max-connections-per-user", "100000", "--max-connections-per-ip", "100000",
+                       env={"RTNODE_JWT_SECRET": SECRET}).start()
+    try:
+        proc.wait_ready(30)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _metric(node: NodeProcess, pattern: bytes) -> float:
+    _, body = http_get(node.base + "/metrics")
+    return sum(float(m) for m in re.findall(pattern + rb" ([0-9.e+]+)$", body, re.M))
+
+
+def _open(node: NodeProcess) -> float:
+    return _metric(node, rb"^rtnode_connections\{[^}]*\}")
+
+
+def _releases(node: NodeProcess) -> float:
+    return _metric(node, rb"^rtnode_memory_releases(?:_total)?")
+
+
+async def _crowd(node: NodeProcess, n: int, rng: random.Random) -> list[RawClient]:
+    clients: list[RawClient] = []
+
+    async def one(i: int) -> RawClient:
+        c = await RawClient.connected(node.ws_url, token(f"idle-{i % 97}"))
+        r = await c.request({"type": "join", "room": f"chat:idle-{rng.randrange(ROOMS)}"})
+        assert r["type"] == "joined", r
+        return c
+
+    for start in range(0, n, AT_ONCE):
+        clients += await asyncio.gather(*(one(i) for i in range(start, min(n, start + AT_ONCE))))
+    return clients
+
+
+async def _gone(node: NodeProcess, clients: list[RawClient], releases: float) -> None:
+    """Close ``clients``; wait until the node has none open and has released memory."""
+    await asyncio.gather(*(c.close() for c in clients))
+    for _ in range(300):
+        if _open(node) == 0 and _releases(node) > releases:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{_open(node)} connections still open, releases {_releases(node)}")
+
+
+async def test_rss_returns_near_its_start_once_idle_connections_are_gone(
+        node: NodeProcess) -> None:
+    rng = random.Random(1205)
+    assert node.proc is not None
+    pid = node.proc.pid
+    # `rtnode run` started again with the allocator whose free pages can go back (the same pid)
+    environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+    assert b"PYTHONMALLOC=malloc" in environ.split(b"\0")
+    await _gone(node, await _crowd(node, WARMUP, rng), _releases(node))
+    start = await settled_rss_kib(pid)
+    clients = await _crowd(node, CROWD, rng)
+    held = await settled_rss_kib(pid)
+    assert _open(node) == CROWD
+    await _gone(node, clients, _releases(node))
+    end = await settled_rss_kib(pid)
+    cost = held - start
+    print(f"node RSS: {start / 1024:.1f} MiB at the start, {held / 1024:.1f} MiB with {CROWD} "
+          f"idle connections ({cost / CROWD:.1f} KiB each), {end / 1024:.1f} MiB once they "
+          f"are gone (now {rss_kib(pid) / 1024:.1f})")
+    assert "memory released" in node.log()
+    assert cost > 0
+    assert end - start <= 0.2 * cost, (start, held, end)

@@ -1,0 +1,64 @@
+"""When the node gives memory back (node/memory.py): once a crowd of connections has gone."""
+
+from __future__ import annotations
+
+import random
+
+from node.memory import MemoryReturn, release, wanted_env
+
+
+def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
+    watch = MemoryReturn(min_drop=200)
+    assert not watch.due(100)
+    assert not watch.due(1000)
+    assert not watch.due(600)  # still leaving
+    assert not watch.due(300)  # still leaving
+    assert watch.due(300)  # gone, and by more than half
+    assert watch.last_peak == 1000
+    assert not watch.due(300)  # once per drop
+    assert not watch.due(0)  # falling again: from a peak of 300
+    assert watch.due(0)
+    assert watch.releases == 2
+
+
+def test_a_crowd_seen_only_as_a_high_water_mark_counts() -> None:
+    watch = MemoryReturn(min_drop=200)
+    assert not watch.due(0, high=0)
+    assert watch.due(0, high=500)  # came and went between two looks
+
+
+def test_small_or_partial_drops_are_not_worth_a_release() -> None:
+    watch = MemoryReturn(min_drop=200)
+    watch.due(300)
+    assert not watch.due(150, high=300)  # falling
+    assert not watch.due(150)  # by half, but only 150 gone
+    watch2 = MemoryReturn(min_drop=200)
+    watch2.due(10_000)
+    assert not watch2.due(6_000)
+    assert not watch2.due(6_000)  # 4,000 gone, but not half
+
+
+def test_seeded_walks_release_only_after_half_went_and_at_most_once_per_drop() -> None:
+    rng = random.Random(12)
+    for _ in range(200):
+        watch = MemoryReturn(min_drop=rng.choice([1, 50, 200]))
+        open_now = 0
+        for _ in range(100):
+            open_now = max(0, open_now + rng.randint(-500, 500))
+            if watch.due(open_now):
+                assert open_now <= watch.last_peak // 2
+                assert watch.last_peak - open_now >= watch.min_drop
+                assert not watch.due(open_now)
+
+
+def test_release_empties_the_caches_and_says_how_long_it_took() -> None:
+    emptied = []
+    took = release([lambda: emptied.append(1), lambda: emptied.append(2)])
+    assert emptied == [1, 2]
+    assert took >= 0
+
+
+def test_the_node_runs_with_the_system_allocator_unless_told_otherwise() -> None:
+    assert wanted_env({"A": "1"}) == {"A": "1", "PYTHONMALLOC": "malloc"}
+    assert wanted_env({"PYTHONMALLOC": "pymalloc"}) is None  # the user's choice stays
+    assert wanted_env({"PYTHONMALLOC": "malloc"}) is None
