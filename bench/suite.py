@@ -61,6 +61,8 @@ from node.nats_server import free_port
 __all__ = ["main"]
 
 WORKLOADS = ("connections", "rooms", "ingest", "fanout")
+# Seconds between the last idle connection closing and the RSS read "once they all closed".
+AFTER_CLOSE_S = 6.0
 
 
 def log(text: str) -> None:
@@ -176,6 +178,7 @@ class _Conns:
     wall: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     rss: list[list[float]] = field(default_factory=list)  # [connections, KiB]
+    rss_closed: float | None = None  # KiB, once they all closed
     errors: list[str] = field(default_factory=list)
 
 
@@ -211,6 +214,11 @@ async def _hold(t: Target, a: argparse.Namespace, res: _Conns) -> None:
     finally:
         for clients in held:
             await clients.close()
+    if res.opened:
+        # rtnode gives memory back once its connections stopped falling (node/memory.py:
+        # looked at every 2 s): the RSS a few seconds after the last one went
+        await asyncio.sleep(AFTER_CLOSE_S)
+        res.rss_closed = await _settled_kib(t.rss)
 
 
 def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
@@ -239,6 +247,8 @@ def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None
             _us(nats, res.opened) if t.rtnode else None))
         w.metric("rss", f"server RSS with {a.connections} open (MB)", 1).add(system, (
             res.rss[-1][1] / 1024 if res.rss else None))
+        w.metric("rss_closed", f"server RSS {AFTER_CLOSE_S:g} s after they all closed (MB)",
+                 1).add(system, res.rss_closed / 1024 if res.rss_closed is not None else None)
         w.metric("failed", "connections that failed", 0).add(system, float(
             a.connections - res.opened))
         r.series.setdefault("memory", {})[system] = [[n, k / 1024] for n, k in res.rss]

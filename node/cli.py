@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import math
 import secrets
@@ -326,9 +325,9 @@ async def _run(settings: Settings, worker: bool = False) -> int:
     except NodeError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 1
-    # What startup built lives as long as the node: out of the collector's view, it is not
-    # scanned again by every full collection.
-    gc.freeze()
+    from node.memory import tune_collector
+
+    tune_collector()
     if worker:  # the parent prints the banner once every worker is ready
         from node.workers import READY_LINE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from node.memory import MemoryReturn, release, wanted_env
+from node.memory import GC_THRESHOLDS, MemoryReturn, release, tune_collector, wanted_env
 
 
 def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
@@ -62,3 +62,16 @@ def test_the_node_runs_with_the_system_allocator_unless_told_otherwise() -> None
     assert wanted_env({"A": "1"}) == {"A": "1", "PYTHONMALLOC": "malloc"}
     assert wanted_env({"PYTHONMALLOC": "pymalloc"}) is None  # the user's choice stays
     assert wanted_env({"PYTHONMALLOC": "malloc"}) is None
+
+
+def test_the_collector_is_tuned_for_a_node_that_is_up() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        tune_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
