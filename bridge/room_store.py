@@ -168,6 +168,7 @@ class JetStreamRoomStore:
         self._commits: dict[str, asyncio.Future[Msg]] = {}  # batch commits waiting for acks
         self._committing: set[asyncio.Task[None]] = set()
         self._kick_soon = False
+        self._stopping = False
         self.batches = 0  # batches stored
         self.batched = 0  # events stored in them
         self.batches_undone = 0  # batches whose events were sent again one by one
@@ -201,6 +202,7 @@ class JetStreamRoomStore:
 
     async def stop(self) -> None:
         """Fail what is still waiting and unsubscribe."""
+        self._stopping = True
         for futs in (self._acks, self._commits):
             for fut in futs.values():
                 if not fut.done():
@@ -390,11 +392,15 @@ class JetStreamRoomStore:
             last = int(ack["seq"])
             await self._check_order(last - n + 1)
             self._highest_acked = last
-        except Exception as exc:  # refused, lost, timed out, stopping: one by one
+        except Exception as exc:  # refused, lost, timed out: one by one
             self.batches_undone += 1
             log.debug("! batch of %d sent again one by one: %s", n, exc)
             for queued in taken:
-                if not queued.fut.done():
+                if queued.fut.done():
+                    continue
+                if self._stopping:  # as the publishes in flight one by one are answered
+                    queued.fut.set_exception(StoreError("node stopping"))
+                else:
                     queued.fut.set_result(None)
             return
         finally:

@@ -10,6 +10,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -334,13 +335,17 @@ class Node:
         mqtt = len(self.mqtt.sessions) if self.mqtt is not None else 0
         return http + mqtt, high + mqtt
 
+    def _sweep_limits(self) -> None:
+        if self.ctx is not None:
+            self.ctx.sweep_limits(time.monotonic())
+
     async def _watch_memory(self) -> None:
         """Give memory back once a crowd of connections has gone (node/memory.py)."""
         while True:
             await asyncio.sleep(MEMORY_CHECK_S)
             now, high = self._connections()
-            if self.memory.due(now, high):
-                took = release([self.tokens.forget])
+            if self.memory.due(now, high, time.monotonic()):
+                took = release([self.tokens.forget, self._sweep_limits])
                 log.info("= %d connections open (%d at the peak): memory released in %.0f ms",
                          now, self.memory.last_peak, took * 1000)
 

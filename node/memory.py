@@ -101,27 +101,38 @@ def release(caches: Iterable[Callable[[], None]] = ()) -> float:
 class MemoryReturn:
     """When to :func:`release`: open connections fell by half from their peak since the last
     release, by at least ``min_drop``, and stopped falling (a crowd still leaving is waited
-    for: one release once it has gone).
+    for: one release once it has gone); and once more ``again_s`` later, when what the
+    crowd's users left of their rate limits (for a minute: see ``NodeContext.sweep_limits``)
+    no longer binds and can go too.
 
     Args:
         min_drop: Fewer connections gone than this is not worth a release.
+        again_s: When the second release comes (None: none).
     """
 
-    def __init__(self, min_drop: int = 200) -> None:
+    def __init__(self, min_drop: int = 200, again_s: float | None = 65.0) -> None:
         self.min_drop = min_drop
+        self.again_s = again_s
         self.peak = 0
         self.last_peak = 0  # the peak before the last release
         self.releases = 0
         self._last = 0  # open connections at the last call
+        self._again_at: float | None = None
 
-    def due(self, open_now: int, high: int | None = None) -> bool:
-        """Note ``open_now`` (and ``high``, the most open since the last call); True when a
-        release is due (the peak starts again from here)."""
+    def due(self, open_now: int, high: int | None = None, now: float = 0.0) -> bool:
+        """Note ``open_now`` (and ``high``, the most open since the last call) at ``now``
+        (seconds, any clock); True when a release is due."""
         falling = open_now < self._last
         self._last = open_now
         self.peak = max(self.peak, open_now, high or 0)
         if falling or self.peak - open_now < self.min_drop or open_now > self.peak // 2:
+            if self._again_at is not None and now >= self._again_at:
+                self._again_at = None
+                self.releases += 1
+                return True
             return False
         self.last_peak, self.peak = self.peak, open_now
         self.releases += 1
+        if self.again_s is not None:
+            self._again_at = now + self.again_s
         return True

@@ -88,6 +88,13 @@ class NodeContext:
         per_min = self.settings.connects_per_min
         self.connect_buckets = KeyedBuckets(per_min / 60.0, per_min)
 
+    def sweep_limits(self, now: float) -> None:
+        """Forget the limits that bind no one any more (refilled buckets, ended users' limits
+        past their minute): what they held can be given back (node/memory.py)."""
+        self.room_buckets.sweep(now)
+        self.connect_buckets.sweep(now)
+        self.carry.sweep(now)
+
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
         return self.system.get_or_spawn(_room_name(tenant, room),

@@ -82,7 +82,7 @@ class KeyedBuckets:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self._sweep_at:
-                self._sweep(now)
+                self.sweep(now)
             bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket
 
@@ -90,7 +90,8 @@ class KeyedBuckets:
         """The bucket of ``key`` if it has one (none is made)."""
         return self._buckets.get(key)
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> None:
+        """Forget the buckets that have refilled (the same as none)."""
         self._buckets = {k: b for k, b in self._buckets.items() if not b.is_full(now)}
         self._sweep_at = max(64, 2 * len(self._buckets))
 
@@ -211,7 +212,7 @@ class LimitCarry:
         """What the ended connections of ``key`` left that still binds at ``now``: buckets not
         yet refilled and errors of the last minute (None when nothing does)."""
         if len(self._left) >= self._sweep_at:
-            self._sweep(now)
+            self.sweep(now)
         left = self._left.get(key)
         if left is None:
             return None
@@ -222,7 +223,8 @@ class LimitCarry:
             return None
         return binding, errors.copy()
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> None:
+        """Forget what no longer binds (buckets refilled, no error within the minute)."""
         self._left = {k: v for k, v in self._left.items()
                       if not v[1].empty(now) or not all(b.is_full(now) for b in v[0].values())}
         self._sweep_at = max(64, 2 * len(self._left))

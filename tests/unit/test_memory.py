@@ -8,7 +8,7 @@ from node.memory import GC_THRESHOLDS, MemoryReturn, release, tune_collector, wa
 
 
 def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
-    watch = MemoryReturn(min_drop=200)
+    watch = MemoryReturn(min_drop=200, again_s=None)
     assert not watch.due(100)
     assert not watch.due(1000)
     assert not watch.due(600)  # still leaving
@@ -22,7 +22,7 @@ def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
 
 
 def test_a_crowd_seen_only_as_a_high_water_mark_counts() -> None:
-    watch = MemoryReturn(min_drop=200)
+    watch = MemoryReturn(min_drop=200, again_s=None)
     assert not watch.due(0, high=0)
     assert watch.due(0, high=500)  # came and went between two looks
 
@@ -41,7 +41,7 @@ def test_small_or_partial_drops_are_not_worth_a_release() -> None:
 def test_seeded_walks_release_only_after_half_went_and_at_most_once_per_drop() -> None:
     rng = random.Random(12)
     for _ in range(200):
-        watch = MemoryReturn(min_drop=rng.choice([1, 50, 200]))
+        watch = MemoryReturn(min_drop=rng.choice([1, 50, 200]), again_s=None)
         open_now = 0
         for _ in range(100):
             open_now = max(0, open_now + rng.randint(-500, 500))
@@ -49,6 +49,18 @@ def test_seeded_walks_release_only_after_half_went_and_at_most_once_per_drop() -
                 assert open_now <= watch.last_peak // 2
                 assert watch.last_peak - open_now >= watch.min_drop
                 assert not watch.due(open_now)
+
+
+def test_a_second_release_comes_once_what_the_crowd_left_of_its_limits_is_past() -> None:
+    watch = MemoryReturn(min_drop=200, again_s=65.0)
+    assert not watch.due(1000, now=0.0)
+    assert not watch.due(0, now=2.0)  # falling
+    assert watch.due(0, now=4.0)
+    assert not watch.due(0, now=30.0)
+    assert not watch.due(10, now=68.0)
+    assert watch.due(10, now=69.0)  # 65 s after the first
+    assert not watch.due(10, now=200.0)  # once
+    assert watch.releases == 2
 
 
 def test_release_empties_the_caches_and_says_how_long_it_took() -> None:
