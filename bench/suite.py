@@ -62,7 +62,7 @@ __all__ = ["main"]
 
 WORKLOADS = ("connections", "rooms", "ingest", "fanout")
 # The longest wait, after the idle connections closed, for the node to give memory back.
-AFTER_CLOSE_S = 45.0
+AFTER_CLOSE_S = 80.0
 
 
 def log(text: str) -> None:
@@ -216,7 +216,7 @@ async def _hold(t: Target, a: argparse.Namespace, res: _Conns) -> None:
             await clients.close()
     if res.opened and len(res.rss) >= 2:
         # rtnode gives memory back once its connections stopped falling (node/memory.py:
-        # looked at every 2 s; 10,000 closes take the node a while): the RSS once it fell by
+        # looked at every 2 s, and again 65 s later): the RSS once it fell by
         # a fifth of what the connections cost, or at most AFTER_CLOSE_S after they closed
         start, held = res.rss[0][1], res.rss[-1][1]
         deadline = time.monotonic() + (AFTER_CLOSE_S if t.rtnode else 5.0)

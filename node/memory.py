@@ -6,9 +6,11 @@ allocator keeps the freed memory for reuse. After a spike of 10,000 connections 
 would keep its peak RSS for good. So the node watches its open connections; when they have
 dropped well below their peak (by half, and by at least ``min_drop``), it runs a full
 collection and asks the C allocator to give back what is free (``malloc_trim`` on glibc;
-nothing elsewhere). The loop stands still meanwhile, once per drop: on a 2-core VM, after
-2,000 connections went, ~150 ms for the collection (~50,000 objects of theirs: the same work
-Python's own full collection would do later) and ~50 ms for the trim.
+nothing elsewhere); once more a minute later, when what the gone users left of their rate
+limits (kept for their next connection) no longer binds and is forgotten too. The loop stands
+still meanwhile: on a 2-core VM, after 2,000 connections went, ~150 ms for the collection
+(~50,000 objects of theirs: the same work Python's own full collection would do later) and
+~50 ms for the trim; after 10,000 of distinct users, ~2 s each time.
 
 How much comes back depends on the allocator of small objects. CPython's own (pymalloc) keeps
 an arena of 1 MiB as long as one object in it lives, and the objects that outlive a crowd
