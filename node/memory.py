@@ -107,14 +107,22 @@ class MemoryReturn:
     crowd's users left of their rate limits (for a minute: see ``NodeContext.sweep_limits``)
     no longer binds and can go too.
 
+    At most one release per ``every_s`` for a drop: a client cycling a few hundred
+    connections must not make the loop stand still every few seconds (a drop within it is
+    released once it is over).
+
     Args:
         min_drop: Fewer connections gone than this is not worth a release.
         again_s: When the second release comes (None: none).
+        every_s: The least time between two releases of a drop.
     """
 
-    def __init__(self, min_drop: int = 200, again_s: float | None = 65.0) -> None:
+    def __init__(self, min_drop: int = 200, again_s: float | None = 65.0,
+                 every_s: float = 30.0) -> None:
         self.min_drop = min_drop
         self.again_s = again_s
+        self.every_s = every_s
+        self._next_at = float("-inf")  # no release of a drop before then
         self.peak = 0
         self.last_peak = 0  # the peak before the last release
         self.releases = 0
@@ -127,7 +135,8 @@ class MemoryReturn:
         falling = open_now < self._last
         self._last = open_now
         self.peak = max(self.peak, open_now, high or 0)
-        if falling or self.peak - open_now < self.min_drop or open_now > self.peak // 2:
+        if (falling or self.peak - open_now < self.min_drop or open_now > self.peak // 2
+                or now < self._next_at):
             if self._again_at is not None and now >= self._again_at:
                 self._again_at = None
                 self.releases += 1
@@ -135,6 +144,7 @@ class MemoryReturn:
             return False
         self.last_peak, self.peak = self.peak, open_now
         self.releases += 1
+        self._next_at = now + self.every_s
         if self.again_s is not None:
             self._again_at = now + self.again_s
         return True

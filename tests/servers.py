@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from node.nats_server import nats_server_binary
@@ -194,6 +195,17 @@ class NodeProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` (a counter's ``_total`` too) in /metrics."""
+        _, body = http_get(self.base + "/metrics")
+        total = 0.0
+        for line in body.decode(errors="replace").splitlines():
+            head, _, value = line.rpartition(" ")
+            family = head.partition("{")[0]
+            if family in (name, name + "_total"):
+                total += float(value)
+        return total
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -207,3 +219,15 @@ class NodeProcess:
         for kid in kids:  # only our own node's children, by PID
             if pid_alive(kid):
                 os.kill(kid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_node(data_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> Iterator[NodeProcess]:
+    """A node process started, ready within ``timeout``, and stopped at the end."""
+    proc = NodeProcess(data_dir, *args, env=env).start()
+    try:
+        proc.wait_ready(timeout)
+        yield proc
+    finally:
+        proc.stop()

@@ -21,7 +21,7 @@ import pytest
 
 from bench.attackers import AttackerSpec, AttackStats, Target, run_attackers
 from bench.members import WellBehaved
-from tests.servers import NodeProcess, http_get, pid_alive
+from tests.servers import NodeProcess, http_get, pid_alive, running_node
 from tests.wsclient import SECRET
 
 pytestmark = pytest.mark.integration
@@ -42,13 +42,9 @@ REFUSALS = {
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
     """A node process with its own limits (the flood and the members all come from
     127.0.0.1, well under the per-peer cap)."""
-    proc = NodeProcess(tmp_path / "node", "--log-level", "warning",
-                       env={"RTNODE_JWT_SECRET": SECRET}).start()
-    try:
-        proc.wait_ready(30)
+    with running_node(tmp_path / "node", "--log-level", "warning",
+                      env={"RTNODE_JWT_SECRET": SECRET}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 async def _healthz_within(node: NodeProcess, timeout_s: float) -> int:

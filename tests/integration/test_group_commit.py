@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import NatsProcess, NodeProcess, http_get
+from tests.servers import NatsProcess, NodeProcess, running_node
 from tests.wsclient import SECRET, RawClient, token
 
 pytestmark = pytest.mark.integration
@@ -52,20 +51,10 @@ def nats(tmp_path: Path) -> Iterator[NatsProcess]:
 
 @pytest.fixture
 def node(tmp_path: Path, nats: NatsProcess) -> Iterator[NodeProcess]:
-    proc = NodeProcess(tmp_path / "node", "--nats-url", nats.url, "--log-level", "warning",
-                       "--rate-per-s", "100000", "--rate-burst", "100000",
-                       env={"RTNODE_JWT_SECRET": SECRET}).start()
-    try:
-        proc.wait_ready(30)
+    with running_node(tmp_path / "node", "--nats-url", nats.url, "--log-level", "warning",
+                      "--rate-per-s", "100000", "--rate-burst", "100000",
+                      env={"RTNODE_JWT_SECRET": SECRET}) as proc:
         yield proc
-    finally:
-        proc.stop()
-
-
-def _metric(node: NodeProcess, name: str) -> float:
-    _, body = http_get(node.base + "/metrics")
-    found = re.search(rb"^" + name.encode() + rb"(?:_total)? ([0-9.e+]+)$", body, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 class Publisher:
@@ -202,10 +191,10 @@ async def _run(node: NodeProcess, nats: NatsProcess, seed: int, faults: int) -> 
                 assert by_key.get((p.tag, i)) == seq, (
                     f"{msg_id} acked at {seq}, stored at {by_key.get((p.tag, i))} ({history})")
             assert len(p.acked) == p.next >= EVENTS
-    assert _metric(node, "rtnode_store_batches") > 0, "no atomic batch was stored"
-    print(f"seed {seed}: faults {history}; batches {_metric(node, 'rtnode_store_batches'):.0f} "
-          f"({_metric(node, 'rtnode_store_batched'):.0f} events), "
-          f"undone {_metric(node, 'rtnode_store_batches_undone'):.0f}")
+    assert node.metric("rtnode_store_batches") > 0, "no atomic batch was stored"
+    print(f"seed {seed}: faults {history}; batches {node.metric('rtnode_store_batches'):.0f} "
+          f"({node.metric('rtnode_store_batched'):.0f} events), "
+          f"undone {node.metric('rtnode_store_batches_undone'):.0f}")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -213,7 +202,7 @@ async def test_batched_publishes_each_get_their_own_seq_once(
         node: NodeProcess, nats: NatsProcess, seed: int) -> None:
     await _run(node, nats, seed, faults=0)
     # a retry of an acked id sits in most batches: they are refused whole and sent again
-    assert _metric(node, "rtnode_store_batches_undone") > 0
+    assert node.metric("rtnode_store_batches_undone") > 0
 
 
 @pytest.mark.timeout(240)

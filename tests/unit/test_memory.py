@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from node.memory import GC_THRESHOLDS, MemoryReturn, release, tune_collector, wanted_env
 
 
 def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
-    watch = MemoryReturn(min_drop=200, again_s=None)
+    watch = MemoryReturn(min_drop=200, again_s=None, every_s=0.0)
     assert not watch.due(100)
     assert not watch.due(1000)
     assert not watch.due(600)  # still leaving
@@ -61,6 +62,17 @@ def test_a_second_release_comes_once_what_the_crowd_left_of_its_limits_is_past()
     assert watch.due(10, now=69.0)  # 65 s after the first
     assert not watch.due(10, now=200.0)  # once
     assert watch.releases == 2
+
+
+def test_a_client_cycling_connections_gets_one_release_per_interval() -> None:
+    watch = MemoryReturn(min_drop=200, again_s=None, every_s=30.0)
+    released = []
+    for tick in range(60):  # 300 connections in, all out, every 6 s, for two minutes
+        now = tick * 2.0
+        if watch.due(300 if tick % 3 == 0 else 0, high=300, now=now):
+            released.append(now)
+    assert released and all(b - a >= 30.0 for a, b in itertools.pairwise(released))
+    assert len(released) <= 5
 
 
 def test_release_empties_the_caches_and_says_how_long_it_took() -> None:
