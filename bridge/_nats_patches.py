@@ -1,5 +1,7 @@
 """Two patches to nats-py 2.16, installed by the node at start: a faster header parser, and
-a PONG handler that survives a timed-out flush.
+a PONG handler that survives a timed-out flush. And two helpers that go around nats-py's
+per-message costs where the node sends or receives many messages: :func:`publish_many` and
+:func:`direct_dispatch`.
 
 **PONG after a timed-out flush.** ``flush(timeout=...)`` queues a future for the server's PONG
 and cancels it when the timeout passes; the late PONG then meets a cancelled future and
@@ -21,11 +23,19 @@ strip, decode values as UTF-8 with replacement) with one regex search per name.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
-from nats.aio.client import Client
+from nats import errors
+from nats.aio.client import Client, _validate_subject
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
-__all__ = ["install"]
+__all__ = ["direct_dispatch", "install", "publish_many"]
+
+log = logging.getLogger(__name__)
 
 _SPACE = re.compile(r"\s")  # str patterns: the characters str.isspace() accepts
 
@@ -61,3 +71,102 @@ def install() -> None:
     """Replace nats-py's header parser and PONG handler (idempotent)."""
     Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]
     Client._process_pong = _process_pong  # type: ignore[method-assign]
+
+
+# -- many publishes, one command ---------------------------------------------------------------
+
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, dict[str, str]]]) -> None:
+    """Publish ``(subject, reply, payload, headers)`` in order, as that many ``nc.publish``
+    calls would, as one write to nats-py's pending buffer and one flush.
+
+    The same checks as ``publish``, made for all of them before any is written (so either all
+    are queued or none is, with the error ``publish`` would raise); header values are
+    sanitized as nats-py does (stripped, CR and LF as spaces); header names must be valid
+    (the caller's constants). A JetStream atomic batch of 1,000 events costs nats-py about
+    8 us per message one by one (a header dict walk, a subject regex, a future per flush).
+    """
+    if nc.is_closed:
+        raise errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise errors.ConnectionDrainingError
+    total = 0
+    parts: list[bytes] = []
+    for subject, reply, payload, headers in msgs:
+        _validate_subject(subject)
+        if reply:
+            _validate_subject(reply)
+        if len(payload) > nc._max_payload:
+            raise errors.MaxPayloadError
+        total += len(payload)
+        hdr = "".join([f"{k}: {v.strip().translate(_NEWLINES)}\r\n"
+                       for k, v in headers.items()])
+        hdr_b = f"NATS/1.0\r\n{hdr}\r\n".encode()
+        parts.append(f"HPUB {subject} {reply} {len(hdr_b)} {len(hdr_b) + len(payload)}\r\n"
+                     .encode())
+        parts.append(hdr_b)
+        parts.append(payload)
+        parts.append(b"\r\n")
+    if not nc.is_connected and (nc._max_pending_size <= 0
+                                or total + nc._pending_data_size > nc._max_pending_size):
+        raise errors.OutboundBufferLimitError
+    nc.stats["out_msgs"] += len(msgs)
+    nc.stats["out_bytes"] += total
+    await nc._send_command(b"".join(parts))
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+# -- messages handed over in the read loop -------------------------------------------------------
+
+
+class _Direct:
+    """Stands in for a subscription's pending queue: each message goes to the handler at once,
+    in the connection's read loop (no queue, no task switch, no coroutine per message)."""
+
+    __slots__ = ("handler", "sub")
+
+    def __init__(self, sub: Subscription, handler: Callable[[Msg], None]) -> None:
+        self.sub = sub
+        self.handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self.sub._pending_size -= len(msg.data)
+        try:
+            self.handler(msg)
+        except Exception:  # never into nats-py's read loop, which would stop reading
+            log.exception("! handler of %s failed", self.sub.subject)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
+async def direct_dispatch(nc: Client, subject: str,
+                          handler: Callable[[Msg], None]) -> Subscription:
+    """``nc.subscribe(subject)`` whose messages are handed to ``handler`` (synchronous, quick,
+    never raising into the read loop: exceptions are logged) as nats-py reads them, in order.
+
+    A subscription with a ``cb`` costs a queue put, a task switch and a coroutine per message;
+    for a room's live events that was ~7 us each. ``unsubscribe`` and ``drain`` work as usual.
+    """
+
+    async def unused(_: Msg) -> None:  # pragma: no cover - never called
+        return None
+
+    sub = await nc.subscribe(subject, cb=unused)
+    task: Any = sub._wait_for_msgs_task
+    if task is not None:
+        task.cancel()
+    sub._pending_queue = _Direct(sub, handler)  # type: ignore[assignment]
+    return sub

@@ -52,6 +52,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from bridge._nats_patches import direct_dispatch, publish_many
 from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
@@ -184,12 +185,12 @@ class JetStreamRoomStore:
         self.link.on_reads_disconnected.append(lambda: self._fail_batches(reads=True))
         nc = self.link.nc
         self._prefix = nc.new_inbox()
-        self._sub = await nc.subscribe(self._prefix + ".>", cb=self._on_reply)
+        self._sub = await direct_dispatch(nc, self._prefix + ".>", self._on_reply)
         reads = self.link.reads
         if reads is not nc:
             self._reads_prefix = reads.new_inbox()
-            self._reads_sub = await reads.subscribe(self._reads_prefix + ".>",
-                                                    cb=self._on_reply)
+            self._reads_sub = await direct_dispatch(reads, self._reads_prefix + ".>",
+                                                    self._on_reply)
 
     def _reads_nc(self, stream: str) -> tuple[NATS, str]:
         """The connection and reply prefix for a read of ``stream``: the reads connection for
@@ -234,7 +235,7 @@ class JetStreamRoomStore:
             if batch.reads == reads and not batch.done.done():
                 batch.done.set_exception(StoreError("NATS disconnected"))
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         # <inbox prefix>.<kind>.<token>: either connection's prefix (both end in a nuid)
         kind, token = msg.subject.rsplit(".", 2)[-2:]
         if kind == "a" or kind == "b":
@@ -371,6 +372,7 @@ class JetStreamRoomStore:
         n = len(taken)
         try:
             batch_id = f"{self._prefix.rpartition('.')[2]}.{token}"  # unique: a nuid and a count
+            msgs = []
             for k, queued in enumerate(taken, 1):
                 headers = {**queued.headers, "Nats-Batch-Id": batch_id,
                            "Nats-Batch-Sequence": str(k)}
@@ -379,8 +381,8 @@ class JetStreamRoomStore:
                     headers["Nats-Batch-Commit"] = "1"
                     reply = f"{self._prefix}.b.{token}"
                 # Only the commit has a reply: the server answers nothing else of a batch.
-                await self.link.nc.publish(queued.subject, queued.body, reply=reply,
-                                           headers=headers)
+                msgs.append((queued.subject, reply, queued.body, headers))
+            await publish_many(self.link.nc, msgs)
             timer = asyncio.get_running_loop().call_later(self.ack_timeout_s, _expire, fut)
             try:
                 reply_msg = await fut
@@ -629,7 +631,7 @@ class JetStreamRoomStore:
     async def subscribe(
         self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
     ) -> _LiveSub:
-        async def on_live(msg: Msg) -> None:
+        def on_live(msg: Msg) -> None:
             headers = msg.headers or {}
             try:
                 seq = int(headers["Nats-Sequence"])
@@ -639,14 +641,13 @@ class JetStreamRoomStore:
                 return
             callback(LiveMessage(seq, prev, msg.data))
 
-        async def on_eph(msg: Msg) -> None:
+        def on_eph(msg: Msg) -> None:
             callback(LiveMessage(None, None, msg.data))
 
         nc = self.link.nc
-        sub = await nc.subscribe(
-            live_subject(tenant, room), cb=on_live
-        )
-        eph = await nc.subscribe(eph_subject(tenant, room), cb=on_eph)
+        # Handed over in the read loop (bridge/_nats_patches.py): no task switch per event.
+        sub = await direct_dispatch(nc, live_subject(tenant, room), on_live)
+        eph = await direct_dispatch(nc, eph_subject(tenant, room), on_eph)
         return _LiveSub(sub, eph)
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:

@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Any, Literal, Protocol
 
 import cbor2
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -318,27 +319,55 @@ def _json_default(value: object) -> object:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+# A run of 19 digits: orjson reads an integer beyond 64 bits (or below -2**63) as a float, json
+# as an int (that the value model then refuses); text with one takes the slow path.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+_LONG_DIGITS_B = re.compile(rb"[0-9]{19}")
+_DECODER = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))  # defined below
+
+
 def json_loads_strict(text: str | bytes) -> Any:
     """Decode one JSON document from untrusted text.
 
     Bytes must be UTF-8; ``NaN`` and ``Infinity`` are refused, and so is text with a lone
     surrogate (``"\\ud800"``: no codec could write it out again).
 
+    orjson reads it when it can; whatever orjson refuses, and integers it would read as
+    floats, go to the standard library, whose answer (value or error) is the contract
+    (``tests/unit/test_json_fast.py`` compares the two on random and hostile text).
+
     Raises:
         CodecError: 4000.
     """
+    long = (_LONG_DIGITS_B.search(text) if isinstance(text, bytes)
+            else _LONG_DIGITS.search(text))
+    if long is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # the slow path says why (or, where the two differ, reads it)
+    return json_loads_slow(text)
+
+
+def json_loads_slow(text: str | bytes) -> Any:
+    """:func:`json_loads_strict` by the standard library alone (its reference)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise CodecError("message is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise CodecError("message is not valid JSON") from None
     if _SURROGATE_ESCAPE.search(text) and has_lone_surrogate(value):
         raise CodecError("message is not valid JSON: text with a lone surrogate")
     return value
+
+
+# What orjson would write by itself but json would not (dataclasses, dates, ...) goes to
+# _json_default, which refuses it as json does.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 class JsonCodec:
@@ -359,7 +388,15 @@ class JsonCodec:
         return [json_loads_strict(line) for line in data.split("\n") if line.strip()]
 
     def encode(self, frame: Any) -> bytes:
-        """Never fails: what JSON cannot hold (from an older node's store) is made safe."""
+        """Never fails: what JSON cannot hold (from an older node's store) is made safe.
+
+        orjson writes it unless it refuses (integers beyond 64 bits, lone surrogates, keys
+        that are not text, nesting past 254); then the standard library does, as before.
+        """
+        try:
+            return orjson.dumps(frame, default=_json_default, option=_ORJSON_OPTIONS)
+        except (orjson.JSONEncodeError, ValueError, TypeError, RecursionError):
+            pass
         try:
             return self._encoder.encode(frame).encode("utf-8")
         except (ValueError, TypeError, RecursionError):

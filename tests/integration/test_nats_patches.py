@@ -1,0 +1,152 @@
+"""``publish_many`` and ``direct_dispatch`` (bridge/_nats_patches.py) against a real nats-server.
+
+What a subscriber receives from ``publish_many`` is what as many ``publish`` calls would have
+sent (subjects, replies, payloads, headers, in order), a bad subject refuses the whole list
+before anything is written, and a ``direct_dispatch`` handler that raises does not stop the
+connection's read loop; ``unsubscribe`` stops the handler. Seeded random payloads and headers
+(``RTNODE_TEST_PATCH_SEED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import nats
+import pytest
+from nats import errors
+from nats.aio.msg import Msg
+
+from bridge._nats_patches import direct_dispatch, install, publish_many
+from tests.servers import NatsProcess
+
+pytestmark = pytest.mark.integration
+
+SEED = int(os.environ.get("RTNODE_TEST_PATCH_SEED", "1207"))
+
+
+def _random_messages(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict[str, str]]]:
+    msgs = []
+    for i in range(n):
+        payload = rng.randbytes(rng.choice([0, 1, 7, 300, 5000]))
+        headers = {"Nats-Msg-Id": f"k{i}",
+                   "X-Value": "".join(rng.choice(" ab\r\n\t\u00e9") for _ in range(8))}
+        reply = rng.choice(["", f"_INBOX.r{i}"])
+        msgs.append((f"t.many.{rng.randrange(3)}", reply, payload, headers))
+    return msgs
+
+
+async def test_publish_many_delivers_what_single_publishes_would(
+        shared_nats: NatsProcess) -> None:
+    install()
+    rng = random.Random(SEED)
+    pub = await nats.connect(shared_nats.url)
+    sub_nc = await nats.connect(shared_nats.url)
+    try:
+        got_many: list[Msg] = []
+        got_single: list[Msg] = []
+        done = asyncio.Event()
+        msgs = _random_messages(rng, 200)
+
+        async def on(msg: Msg) -> None:
+            (got_many if msg.subject.startswith("t.many") else got_single).append(msg)
+            if len(got_many) == len(msgs) and len(got_single) == len(msgs):
+                done.set()
+
+        await sub_nc.subscribe("t.>", cb=on)
+        await sub_nc.flush()
+        await publish_many(pub, msgs)
+        for subject, reply, payload, headers in msgs:
+            await pub.publish(subject.replace("t.many", "t.single"), payload, reply=reply,
+                              headers=headers)
+        await pub.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        for a, b, sent in zip(got_many, got_single, msgs, strict=True):
+            assert a.subject == sent[0]
+            assert a.subject.replace("t.many", "t.single") == b.subject
+            assert (a.reply, a.data, a.headers) == (b.reply, b.data, b.headers)
+            assert a.data == sent[2]
+    finally:
+        await pub.close()
+        await sub_nc.close()
+
+
+async def test_publish_many_refuses_the_whole_list_on_a_bad_subject(
+        shared_nats: NatsProcess) -> None:
+    pub = await nats.connect(shared_nats.url)
+    sub_nc = await nats.connect(shared_nats.url)
+    try:
+        seen: list[bytes] = []
+        ok = asyncio.Event()
+
+        async def on(msg: Msg) -> None:
+            seen.append(msg.data)
+            if msg.data == b"ok":
+                ok.set()
+
+        sub = await sub_nc.subscribe("t.refuse.>", cb=on)
+        await sub_nc.flush()
+        bad = [("t.refuse.a", "", b"1", {}), ("t.refuse. b", "", b"2", {})]
+        with pytest.raises(errors.BadSubjectError):
+            await publish_many(pub, bad)
+        huge = [("t.refuse.a", "", b"1", {}), ("t.refuse.b", "", b"x" * (pub.max_payload + 1), {})]
+        with pytest.raises(errors.MaxPayloadError):
+            await publish_many(pub, huge)
+        await publish_many(pub, [("t.refuse.ok", "", b"ok", {})])
+        await pub.flush()
+        await asyncio.wait_for(ok.wait(), 10)
+        assert seen == [b"ok"]  # in order from one connection: nothing of the refused lists
+        await sub.unsubscribe()
+    finally:
+        await pub.close()
+        await sub_nc.close()
+
+
+async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
+        shared_nats: NatsProcess) -> None:
+    rng = random.Random(SEED + 1)
+    pub = await nats.connect(shared_nats.url)
+    sub_nc = await nats.connect(shared_nats.url)
+    try:
+        got: list[bytes] = []
+        failing = {i for i in range(300) if rng.random() < 0.2}
+        last = asyncio.Event()
+
+        def handler(msg: Msg) -> None:
+            i = int(msg.data)
+            if i == 299:
+                last.set()
+            if i in failing:
+                raise RuntimeError("a handler's bug")
+            got.append(msg.data)
+
+        sub = await direct_dispatch(sub_nc, "t.direct", handler)
+        await sub_nc.flush()
+        for i in range(300):
+            await pub.publish("t.direct", str(i).encode())
+        await pub.flush()
+        await asyncio.wait_for(last.wait(), 10)
+        assert got == [str(i).encode() for i in range(300) if i not in failing]
+        assert sub.pending_msgs == 0 and sub.pending_bytes == 0
+
+        # the connection still reads: another subscription still receives
+        other = asyncio.Event()
+        await direct_dispatch(sub_nc, "t.other", lambda m: other.set())
+        await sub_nc.flush()
+        await pub.publish("t.other", b"x")
+        await pub.flush()
+        await asyncio.wait_for(other.wait(), 10)
+
+        await sub.unsubscribe()
+        await sub_nc.flush()
+        before = len(got)
+        other.clear()
+        await pub.publish("t.direct", b"1000")
+        await pub.publish("t.other", b"y")
+        await pub.flush()
+        await asyncio.wait_for(other.wait(), 10)  # sent after t.direct, so that one is past
+        assert len(got) == before
+    finally:
+        await pub.close()
+        await sub_nc.close()
