@@ -43,7 +43,7 @@ from nats.aio.client import Client, _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["direct_dispatch", "install", "publish_many"]
+__all__ = ["direct_dispatch", "header_lines", "install", "publish_many"]
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,22 @@ def install() -> None:
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
-async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, dict[str, str]]]) -> None:
-    """Publish ``(subject, reply, payload, headers)`` in order, as that many ``nc.publish``
-    calls would, as one write to nats-py's pending buffer and one flush.
+def header_lines(headers: dict[str, str]) -> str:
+    """``headers`` as the lines nats-py's ``publish`` would write for them (values stripped,
+    CR and LF as spaces; names must be valid: the caller's constants), each ending in CRLF."""
+    return "".join([f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items()])
 
+
+async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> None:
+    """Publish ``(subject, reply, payload, header lines)`` in order, as that many
+    ``nc.publish`` calls would, as one write to nats-py's pending buffer and one flush.
+
+    The header lines are :func:`header_lines`'s (so the same dict gives the same header as
+    ``publish`` would: a ``Nats-Msg-Id`` sent in a batch and again on its own is one key).
     The same checks as ``publish``, made for all of them before any is written (so either all
-    are queued or none is, with the error ``publish`` would raise); header values are
-    sanitized as nats-py does (stripped, CR and LF as spaces); header names must be valid
-    (the caller's constants). A JetStream atomic batch of 1,000 events costs nats-py about
-    8 us per message one by one (a header dict walk, a subject regex, a future per flush).
+    are queued or none is, with the error ``publish`` would raise). A JetStream atomic batch of
+    1,000 events costs nats-py about 8 us per message one by one (a header dict walk, a
+    subject regex, a future per flush).
     """
     if nc.is_closed:
         raise errors.ConnectionClosedError
@@ -119,19 +126,18 @@ async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, dict[str, s
         raise errors.ConnectionDrainingError
     total = 0
     parts: list[bytes] = []
-    for subject, reply, payload, headers in msgs:
+    max_payload = nc._max_payload
+    for subject, reply, payload, lines in msgs:
         _validate_subject(subject)
         if reply:
             _validate_subject(reply)
-        if len(payload) > nc._max_payload:
+        size = len(payload)
+        if size > max_payload:
             raise errors.MaxPayloadError
-        total += len(payload)
-        hdr = "".join([f"{k}: {v.strip().translate(_NEWLINES)}\r\n"
-                       for k, v in headers.items()])
-        hdr_b = f"NATS/1.0\r\n{hdr}\r\n".encode()
-        parts.append(f"HPUB {subject} {reply} {len(hdr_b)} {len(hdr_b) + len(payload)}\r\n"
-                     .encode())
-        parts.append(hdr_b)
+        total += size
+        hdr = f"NATS/1.0\r\n{lines}\r\n".encode()
+        parts.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + size}\r\n".encode())
+        parts.append(hdr)
         parts.append(payload)
         parts.append(b"\r\n")
     if not nc.is_connected and (nc._max_pending_size <= 0

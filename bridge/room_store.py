@@ -52,7 +52,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from bridge._nats_patches import direct_dispatch, publish_many
+from bridge._nats_patches import direct_dispatch, header_lines, publish_many
 from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
@@ -85,13 +85,13 @@ class _Queued:
     """A publish waiting for its batch: the result is (seq, duplicate), or None for "send it
     on its own"."""
 
-    __slots__ = ("body", "fut", "headers", "subject")
+    __slots__ = ("body", "fut", "lines", "subject")
 
-    def __init__(self, subject: str, body: bytes, headers: dict[str, str],
+    def __init__(self, subject: str, body: bytes, lines: str,
                  fut: asyncio.Future[tuple[int, bool] | None]) -> None:
         self.subject = subject
         self.body = body
-        self.headers = headers
+        self.lines = lines  # its own headers, as header lines (its Nats-Msg-Id, Nats-TTL)
         self.fut = fut
 
 
@@ -170,6 +170,7 @@ class JetStreamRoomStore:
         self._committing: set[asyncio.Task[None]] = set()
         self._kick_soon = False
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop  # the running loop, set by start()
         self.batches = 0  # batches stored
         self.batched = 0  # events stored in them
         self.batches_undone = 0  # batches whose events were sent again one by one
@@ -181,6 +182,7 @@ class JetStreamRoomStore:
     async def start(self) -> None:
         """Subscribe the reply inboxes: the main connection's, shared by every publish and
         read of other streams, and the reads connection's (reads of the room stream)."""
+        self._loop = asyncio.get_running_loop()
         self.link.on_disconnected.append(self._on_disconnected)
         self.link.on_reads_disconnected.append(lambda: self._fail_batches(reads=True))
         nc = self.link.nc
@@ -280,10 +282,10 @@ class JetStreamRoomStore:
         if ttl_s is not None:
             headers["Nats-TTL"] = f"{max(1, int(ttl_s))}s"
         deadline = time.monotonic() + self.publish_deadline_s
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
         if self.group_after and self.link.atomic_batches and (
                 self._queued or self._committing or len(self._acks) >= self.group_after):
-            queued = _Queued(subject, body, headers, loop.create_future())
+            queued = _Queued(subject, body, header_lines(headers), loop.create_future())
             self._queued.append(queued)
             if not self._kick_soon:
                 self._kick_soon = True
@@ -354,7 +356,7 @@ class JetStreamRoomStore:
                 for queued in taken:
                     queued.fut.set_result(None)
                 continue
-            task = asyncio.get_running_loop().create_task(self._commit(taken))
+            task = self._loop.create_task(self._commit(taken))
             self._committing.add(task)
             task.add_done_callback(self._committed)
 
@@ -367,23 +369,21 @@ class JetStreamRoomStore:
         """Store ``taken`` as one atomic batch, and give each its seq; on any failure, each
         is sent again on its own (its Nats-Msg-Id finds it if the batch was stored after all)."""
         token = str(next(self._tokens))
-        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        fut: asyncio.Future[Msg] = loop.create_future()
         self._commits[token] = fut
         n = len(taken)
         try:
             batch_id = f"{self._prefix.rpartition('.')[2]}.{token}"  # unique: a nuid and a count
-            msgs = []
-            for k, queued in enumerate(taken, 1):
-                headers = {**queued.headers, "Nats-Batch-Id": batch_id,
-                           "Nats-Batch-Sequence": str(k)}
-                reply = ""
-                if k == n:
-                    headers["Nats-Batch-Commit"] = "1"
-                    reply = f"{self._prefix}.b.{token}"
-                # Only the commit has a reply: the server answers nothing else of a batch.
-                msgs.append((queued.subject, reply, queued.body, headers))
+            # Only the commit has a reply: the server answers nothing else of a batch.
+            msgs = [(queued.subject, "", queued.body,
+                     f"{queued.lines}Nats-Batch-Id: {batch_id}\r\nNats-Batch-Sequence: {k}\r\n")
+                    for k, queued in enumerate(taken, 1)]
+            last_msg = msgs[-1]
+            msgs[-1] = (last_msg[0], f"{self._prefix}.b.{token}", last_msg[2],
+                        f"{last_msg[3]}Nats-Batch-Commit: 1\r\n")
             await publish_many(self.link.nc, msgs)
-            timer = asyncio.get_running_loop().call_later(self.ack_timeout_s, _expire, fut)
+            timer = loop.call_later(self.ack_timeout_s, _expire, fut)
             try:
                 reply_msg = await fut
             finally:

@@ -23,7 +23,7 @@ import pytest
 from nats import errors
 from nats.aio.msg import Msg
 
-from bridge._nats_patches import direct_dispatch, install, publish_many
+from bridge._nats_patches import direct_dispatch, header_lines, install, publish_many
 from tests.servers import NatsProcess
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ async def test_publish_many_delivers_what_single_publishes_would(
 
         await sub_nc.subscribe("t.>", cb=on)
         await sub_nc.flush()
-        await publish_many(pub, msgs)
+        await publish_many(pub, [(s, r, p, header_lines(h)) for s, r, p, h in msgs])
         for subject, reply, payload, headers in msgs:
             await pub.publish(subject.replace("t.many", "t.single"), payload, reply=reply,
                               headers=headers)
@@ -124,13 +124,14 @@ async def test_publish_many_refuses_the_whole_list_on_a_bad_subject(
 
         sub = await sub_nc.subscribe("t.refuse.>", cb=on)
         await sub_nc.flush()
-        bad = [("t.refuse.a", "", b"1", {}), ("t.refuse. b", "", b"2", {})]
+        bad = [("t.refuse.a", "", b"1", ""), ("t.refuse. b", "", b"2", "")]
         with pytest.raises(errors.BadSubjectError):
             await publish_many(pub, bad)
-        huge = [("t.refuse.a", "", b"1", {}), ("t.refuse.b", "", b"x" * (pub.max_payload + 1), {})]
+        huge = [("t.refuse.a", "", b"1", ""),
+                ("t.refuse.b", "", b"x" * (pub.max_payload + 1), "")]
         with pytest.raises(errors.MaxPayloadError):
             await publish_many(pub, huge)
-        await publish_many(pub, [("t.refuse.ok", "", b"ok", {})])
+        await publish_many(pub, [("t.refuse.ok", "", b"ok", "")])
         await pub.flush()
         await asyncio.wait_for(ok.wait(), 10)
         assert seen == [b"ok"]  # in order from one connection: nothing of the refused lists
