@@ -221,6 +221,7 @@ class MqttSession(asyncio.Protocol):
         self.settings = bridge.ctx.settings
         self.parser = mq.MqttParser(max_packet_bytes=self.settings.max_frame_bytes + 1024)
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop  # the running loop, set by connection_made
         self.principal: Principal | None = None
         self.client_id = ""
         self.ref: Any = None
@@ -270,7 +271,7 @@ class MqttSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
         self.transport = cast(asyncio.Transport, transport)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.settings.connect_timeout_s, self._check_alive)
 
     def data_received(self, data: bytes) -> None:
@@ -617,8 +618,11 @@ class MqttSession(asyncio.Protocol):
         if admitted.volatile:
             self.volatile.publish(admitted)
             return False
-        asyncio.get_running_loop().create_task(
-            self._store(admitted, entry, topic, payload, frame.msg_id, notify))
+        msg_id = frame.msg_id
+        # A busy node's store gathers publishes into batches: then no task per uplink.
+        if not self.ctx.admission.store_soon(admitted, lambda _seq, error: self._stored(
+                entry, topic, payload, msg_id, notify, error)):
+            self._loop.create_task(self._store(admitted, entry, topic, payload, msg_id, notify))
         return True
 
     async def _store(self, admitted: Admitted, entry: list[Any] | None, topic: str,
@@ -626,16 +630,23 @@ class MqttSession(asyncio.Protocol):
         try:
             await self.ctx.admission.store(admitted)
         except ProtocolError as exc:
-            if exc.retry:
-                # Not stored: no ack. The device's session retries with the same packet (DUP),
-                # or the connection is closed so that it reconnects and resends.
-                self.close("store unavailable")
-                return
+            self._stored(entry, topic, payload, msg_id, notify, exc)
+        else:
+            self._stored(entry, topic, payload, msg_id, notify, None)
+
+    def _stored(self, entry: list[Any] | None, topic: str, payload: bytes, msg_id: object,
+                notify: bool, exc: ProtocolError | None) -> None:
+        if exc is None:
+            self.bridge.uplinks += 1
+        elif exc.retry:
+            # Not stored: no ack. The device's session retries with the same packet (DUP),
+            # or the connection is closed so that it reconnects and resends.
+            self.close("store unavailable")
+            return
+        else:
             self.bridge.refused_publishes += 1  # refused for good: dropped, and acked
             self._refuse(topic, payload, "store_refused", exc.code, exc.reason, msg_id=msg_id,
                          notify=notify)
-        else:
-            self.bridge.uplinks += 1
         self._done(entry)
 
     def _refuse(self, topic: str, payload: bytes, label: str, code: int, reason: str, *,

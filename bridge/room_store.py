@@ -82,17 +82,26 @@ _COMMITS_IN_FLIGHT = 2
 
 
 class _Queued:
-    """A publish waiting for its batch: the result is (seq, duplicate), or None for "send it
-    on its own"."""
+    """A publish waiting for its batch: the result is (seq, duplicate), from its batch or, when
+    the batch did not store it, from a publish on its own (or the StoreError of that)."""
 
-    __slots__ = ("body", "fut", "lines", "subject")
+    __slots__ = ("body", "deadline", "fut", "headers", "lines", "subject")
 
-    def __init__(self, subject: str, body: bytes, lines: str,
-                 fut: asyncio.Future[tuple[int, bool] | None]) -> None:
+    def __init__(self, subject: str, body: bytes, headers: dict[str, str], deadline: float,
+                 fut: asyncio.Future[tuple[int, bool]]) -> None:
         self.subject = subject
         self.body = body
-        self.lines = lines  # its own headers, as header lines (its Nats-Msg-Id, Nats-TTL)
+        self.headers = headers  # its own (Nats-Msg-Id, Nats-TTL), for a publish on its own
+        self.lines = header_lines(headers)  # the same, as a batch writes them
+        self.deadline = deadline  # of its publish, on its own included
         self.fut = fut
+
+
+def _headers(msg_id: str, ttl_s: float | None) -> dict[str, str]:
+    headers = {"Nats-Msg-Id": msg_id}
+    if ttl_s is not None:
+        headers["Nats-TTL"] = f"{max(1, int(ttl_s))}s"
+    return headers
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -168,6 +177,7 @@ class JetStreamRoomStore:
         self._queued: list[_Queued] = []  # publishes gathering for the next batch
         self._commits: dict[str, asyncio.Future[Msg]] = {}  # batch commits waiting for acks
         self._committing: set[asyncio.Task[None]] = set()
+        self._alone_tasks: set[asyncio.Task[None]] = set()  # queued ones sent on their own
         self._kick_soon = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop  # the running loop, set by start()
@@ -278,22 +288,63 @@ class JetStreamRoomStore:
             StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
         """
         subject = room_subject(tenant, room)
-        headers = {"Nats-Msg-Id": msg_id}
-        if ttl_s is not None:
-            headers["Nats-TTL"] = f"{max(1, int(ttl_s))}s"
+        headers = _headers(msg_id, ttl_s)
         deadline = time.monotonic() + self.publish_deadline_s
+        if self._gathering():
+            return await self._enqueue(subject, body, headers, deadline)
+        return await self._publish_alone(subject, body, headers, deadline)
+
+    def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
+                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
+        """:meth:`publish` without a coroutine while publishes gather into batches (a busy
+        node): the future of what ``publish`` would return or raise. None when they do not
+        gather now: then ``await publish(...)``. Cancelled before its batch is sent, the
+        event is not sent."""
+        if not self._gathering():
+            return None
+        return self._enqueue(room_subject(tenant, room), body, _headers(msg_id, ttl_s),
+                             time.monotonic() + self.publish_deadline_s)
+
+    def _gathering(self) -> bool:
+        return bool(self.group_after and self.link.atomic_batches and (
+            self._queued or self._committing or len(self._acks) >= self.group_after))
+
+    def _enqueue(self, subject: str, body: bytes, headers: dict[str, str],
+                 deadline: float) -> asyncio.Future[tuple[int, bool]]:
         loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
-        if self.group_after and self.link.atomic_batches and (
-                self._queued or self._committing or len(self._acks) >= self.group_after):
-            queued = _Queued(subject, body, header_lines(headers), loop.create_future())
-            self._queued.append(queued)
-            if not self._kick_soon:
-                self._kick_soon = True
-                loop.call_soon(self._kick)
-            stored = await queued.fut
-            if stored is not None:
-                return stored
-            # not stored by a batch: on its own, as below (the same Nats-Msg-Id)
+        queued = _Queued(subject, body, headers, deadline, loop.create_future())
+        self._queued.append(queued)
+        if not self._kick_soon:
+            self._kick_soon = True
+            loop.call_soon(self._kick)
+        return queued.fut
+
+    def _send_alone(self, queued: _Queued) -> None:
+        """A queued publish its batch did not store goes on its own (the same Nats-Msg-Id
+        finds it if the batch was stored after all), unless its publisher gave up."""
+        if queued.fut.done():
+            return
+        task = self._loop.create_task(self._alone(queued))
+        self._alone_tasks.add(task)
+        task.add_done_callback(self._alone_tasks.discard)
+        queued.fut.add_done_callback(lambda fut: task.cancel() if fut.cancelled() else None)
+
+    async def _alone(self, queued: _Queued) -> None:
+        fut = queued.fut
+        try:
+            stored = await self._publish_alone(queued.subject, queued.body, queued.headers,
+                                               queued.deadline)
+        except StoreError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(stored)
+
+    async def _publish_alone(self, subject: str, body: bytes, headers: dict[str, str],
+                             deadline: float) -> tuple[int, bool]:
+        """One publish and its own ack, retried with the same headers until ``deadline``."""
+        loop = self._loop
         delay = 0.05
         reason = "no answer"
         while True:
@@ -354,7 +405,7 @@ class JetStreamRoomStore:
             del self._queued[:GROUP_MAX]
             if len(taken) < GROUP_MIN:
                 for queued in taken:
-                    queued.fut.set_result(None)
+                    self._send_alone(queued)
                 continue
             task = self._loop.create_task(self._commit(taken))
             self._committing.add(task)
@@ -403,7 +454,7 @@ class JetStreamRoomStore:
                 if self._stopping:  # as the publishes in flight one by one are answered
                     queued.fut.set_exception(StoreError("node stopping"))
                 else:
-                    queued.fut.set_result(None)
+                    self._send_alone(queued)
             return
         finally:
             self._commits.pop(token, None)

@@ -249,12 +249,7 @@ class Admission:
             seq, duplicate = await self.store_port.publish(
                 admitted.tenant, admitted.room, admitted.body, admitted.dedupe, admitted.ttl_s)
         except StoreError as exc:
-            log.warning("! publish to %s (%s) not stored: %s", admitted.room, door, exc)
-            if exc.retry:
-                self.stats.counts[(door, "4503")] += 1
-                raise ProtocolError(4503, "event not stored, retry", retry=True) from None
-            self.stats.counts[(door, "4500")] += 1
-            raise ProtocolError(4500, "event refused by the store") from None
+            raise self._not_stored(admitted, exc) from None
         if state is not None and admitted.key is not None:
             event_map = cbor_loads_strict(admitted.body)
             event_map["seq"] = seq
@@ -267,9 +262,56 @@ class Admission:
                 self.stats.counts[(door, "4503")] += 1
                 raise ProtocolError(4503, "event stored, state not written: retry with the "
                                           "same msg_id", retry=True) from None
-        self.stats.counts[(door, "duplicate" if duplicate else "stored")] += 1
-        self.stats.latency(time.perf_counter() - admitted.started)
+        self._stored(admitted, duplicate)
         return seq
+
+    def store_soon(self, admitted: Admitted,
+                   done: Callable[[int, ProtocolError | None], None]) -> bool:
+        """:meth:`store` without a coroutine where the store can (an event of a room without
+        state, while the store gathers publishes into batches): later, never within this
+        call, ``done(seq, None)`` or ``done(0, error)`` with the error ``store`` would raise.
+
+        Returns:
+            False when nothing was started: then ``await store(...)``.
+        """
+        if admitted.key is not None:
+            return False
+        fut = self.store_port.publish_soon(admitted.tenant, admitted.room, admitted.body,
+                                           admitted.dedupe, admitted.ttl_s)
+        if fut is None:
+            return False
+        fut.add_done_callback(lambda f: self._stored_soon(admitted, done, f))
+        return True
+
+    def _stored_soon(self, admitted: Admitted, done: Callable[[int, ProtocolError | None], None],
+                     fut: asyncio.Future[tuple[int, bool]]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            seq, duplicate = fut.result()
+            self._stored(admitted, duplicate)
+            done(seq, None)
+        elif isinstance(exc, StoreError):
+            done(0, self._not_stored(admitted, exc))
+        else:  # a bug of the store: the publisher may retry (same msg_id: stored once)
+            log.error("! publish to %s (%s) failed: %r", admitted.room, admitted.door, exc)
+            self.stats.counts[(admitted.door, "4503")] += 1
+            done(0, ProtocolError(4503, "event not stored, retry", retry=True))
+
+    def _stored(self, admitted: Admitted, duplicate: bool) -> None:
+        self.stats.counts[(admitted.door, "duplicate" if duplicate else "stored")] += 1
+        self.stats.latency(time.perf_counter() - admitted.started)
+
+    def _not_stored(self, admitted: Admitted, exc: StoreError) -> ProtocolError:
+        """What the publisher is told of a StoreError (counted)."""
+        door = admitted.door
+        log.warning("! publish to %s (%s) not stored: %s", admitted.room, door, exc)
+        if exc.retry:
+            self.stats.counts[(door, "4503")] += 1
+            return ProtocolError(4503, "event not stored, retry", retry=True)
+        self.stats.counts[(door, "4500")] += 1
+        return ProtocolError(4500, "event refused by the store")
 
     async def send_volatile(self, admitted: Admitted) -> None:
         """Send an admitted volatile event to every node (not stored).

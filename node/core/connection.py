@@ -254,6 +254,7 @@ class ConnectionActor(Actor):
         self._due: dict[TimerKey, int] = {}
         # Both sets are made at their first task: an empty set is ~200 bytes per connection.
         self._tasks: set[asyncio.Task[None]] | None = None
+        self._stopped = False  # on_stop ran: what comes back from the store is dropped
         # Volatile sends are not cancelled when the connection ends: a typing notice sent just
         # before a close still goes out. Referenced until done (the loop keeps weak ones only).
         self._volatile_tasks: set[asyncio.Task[None]] | None = None
@@ -276,6 +277,7 @@ class ConnectionActor(Actor):
         await self._execute()
 
     async def on_stop(self) -> None:
+        self._stopped = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -681,6 +683,21 @@ class ConnectionActor(Actor):
 
     # -- publish and reads -----------------------------------------------------------------
 
+    def _publish(self, command: StorePublish) -> None:
+        # A busy node's store gathers publishes into batches: then no task per publish.
+        if not self.ctx.admission.store_soon(
+                command.admitted, lambda seq, error: self._stored(command, seq, error)):
+            self._spawn(self._store(command.admitted, command.request_id), "publish")
+
+    def _stored(self, command: StorePublish, seq: int, error: ProtocolError | None) -> None:
+        if self._stopped:  # as a task of _store would have been cancelled
+            return
+        if error is not None:
+            self._tell(Invalid(error.code, error.reason, command.request_id, error.retry))
+            return
+        self.session.receive_stored(command.request_id, command.admitted.room, seq)
+        self._execute_now()
+
     async def _store(self, admitted: Admitted, request_id: Any) -> None:
         try:
             seq = await self.ctx.admission.store(admitted)
@@ -771,7 +788,7 @@ class ConnectionActor(Actor):
 # (actor -> dict -> method -> actor), freed only by a full garbage collection.
 _RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
     SendFrame: ConnectionActor._send_frame,
-    StorePublish: lambda a, c: a._spawn(a._store(c.admitted, c.request_id), "publish"),
+    StorePublish: ConnectionActor._publish,
     Close: ConnectionActor._close, Stop: ConnectionActor._stop,
     StartTimer: ConnectionActor._start_timer,
     CancelTimer: ConnectionActor._cancel_timer, JoinRoom: ConnectionActor._join_room,

@@ -8,6 +8,7 @@ recording fakes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -78,6 +79,12 @@ class RoomStore(Protocol):
                       ttl_s: float | None = None) -> tuple[int, bool]:
         """Store one event (kept ``ttl_s``, or the store's max age); returns (seq, duplicate).
         Raises StoreError."""
+
+    def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
+                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
+        """``publish`` without a coroutine, where the store can (it gathers publishes into
+        batches): a future of what ``publish`` would return or raise; None: call ``publish``.
+        """
 
     async def trim(self, tenant: str, room: str, keep: int) -> None:
         """Keep only the room's latest ``keep`` events. Raises StoreError."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -30,6 +31,15 @@ class RecordingStore:
         self.fail: StoreError | None = None
         self.feed_fails = False
         self.keys: dict[str, int] = {}
+        self.soon: list[asyncio.Future[tuple[int, bool]]] | None = None  # publish_soon's
+
+    def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
+                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
+        if self.soon is None:
+            return None  # not gathering: await publish
+        fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self.soon.append(fut)
+        return fut
 
     async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
                       ttl_s: float | None = None) -> tuple[int, bool]:
@@ -157,6 +167,39 @@ async def test_store_failures_map_to_4503_retry_or_4500() -> None:
         assert (info.value.code, info.value.retry) == (code, retry)
     assert adm.stats.counts[("broker", "4503")] == adm.stats.counts[("broker", "4500")] == 1
     assert adm.stats.published == 0
+
+
+async def test_store_soon_answers_as_store_would() -> None:
+    """Without a coroutine: ``done`` hears what ``store`` would return or raise, counted the
+    same; a cancelled publish is never answered; a store that is not gathering, and a state
+    room, take the coroutine path (False)."""
+    adm, store = admission(namespaces={"st": {"state": True}})
+    event = adm.admit("ws", ALICE, frame("chat:a", data=1), client_id="c1")
+    heard: list[tuple[int, int | None, bool | None]] = []
+
+    def done(seq: int, error: ProtocolError | None) -> None:
+        heard.append((seq, error and error.code, error and error.retry))
+
+    assert adm.store_soon(event, done) is False  # the store is not gathering
+    store.soon = []
+    for _ in range(5):
+        assert adm.store_soon(event, done) is True
+    assert heard == [], "never answered within the call"
+    ok, dup, retry, refused, cancelled = store.soon
+    ok.set_result((7, False))
+    dup.set_result((7, True))
+    retry.set_exception(StoreError("timeout"))
+    refused.set_exception(StoreError("too big", retry=False))
+    cancelled.cancel()
+    await asyncio.sleep(0)  # the futures' callbacks run
+    assert heard == [(7, None, None), (7, None, None), (0, 4503, True), (0, 4500, False)]
+    counts = adm.stats.counts
+    assert (counts[("ws", "stored")], counts[("ws", "duplicate")], counts[("ws", "4503")],
+            counts[("ws", "4500")]) == (1, 1, 1, 1)
+    writer = Principal(sub="w", tenant="t1", rooms={"st:*": frozenset({"publish"})})
+    state = adm.admit("ws", writer, frame("st:a", data=1), client_id="c1")
+    assert state.key == "w"
+    assert adm.store_soon(state, done) is False
 
 
 @pytest.mark.parametrize("door", DOORS)

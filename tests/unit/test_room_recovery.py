@@ -104,6 +104,10 @@ class _Store(FakeStore):
         self.reading.set()
         return await super().read(tenant, room, after, limit, before=before)
 
+    def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
+                     ttl_s: float | None = None) -> None:
+        return None  # never gathers: publish is awaited
+
     async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
                       ttl_s: float | None = None) -> tuple[int, bool]:
         raise NotImplementedError

@@ -44,6 +44,10 @@ class Store:
         self.log = log
         self.seq = 0
 
+    def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
+                     ttl_s: float | None = None) -> None:
+        return None  # never gathers: publish is awaited
+
     async def publish(self, tenant: str, room: str, body: bytes, msg_id: str,
                       ttl_s: float | None = None) -> tuple[int, bool]:
         self.seq += 1
