@@ -52,13 +52,17 @@ def wanted_env(env: dict[str, str]) -> dict[str, str] | None:
 
 
 # The collector's thresholds for a node that is up: young collections as often as Python's
-# default (each is short), objects promoted to the oldest generation only once they have lived
-# through 100 of them (Python: 10). A node's in-flight objects (publishes waiting for their
-# batch's ack, replies being written) live a few tens of ms; with the default many of them were
-# promoted, and every 25% growth of the oldest generation costs a full collection of all live
-# objects (~250-300 ms with 1,000 connections). Measured under `make bench`'s rooms workload
-# (10 s windows, gc.callbacks): collector time 2.5 s -> 1.6 s, full collections 5 -> 1.
-GC_THRESHOLDS = (700, 100, 10)
+# default (each is short), and a middle generation collected only every 1,000 of them (Python:
+# 10). What a busy node allocates per event (a publish waiting for its batch's ack, a reply being
+# written) lives a few hundred ms under load: it outlives young collections and is promoted, but
+# has died by the time the middle generation is collected, so that collection no longer walks
+# tens of thousands of in-flight objects (~30 ms each time), and fewer reach the oldest, whose
+# every 25% growth costs a full collection of all live objects. Measured under `make bench`'s
+# rooms workload (gc.callbacks over 20 s windows): collector time 2.4 s -> 1.15 s, CPU per
+# event 91.1-92.5 -> 84.1-85.8 us (3 runs each). Before that, (700, 100, 10) against Python's
+# (700, 10, 10): 2.5 s -> 1.6 s, full collections 5 -> 1. Cyclic garbage (the node makes none
+# on its paths, tests/integration/test_gc_cycles.py) waits longer; memory.release collects.
+GC_THRESHOLDS = (700, 1000, 10)
 
 
 def tune_collector() -> None:
