@@ -106,7 +106,13 @@ _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 def header_lines(headers: dict[str, str]) -> str:
     """``headers`` as the lines nats-py's ``publish`` would write for them (values stripped,
     CR and LF as spaces; names must be valid: the caller's constants), each ending in CRLF."""
-    return "".join([f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items()])
+    out = ""
+    for k, v in headers.items():
+        v = v.strip()
+        if "\r" in v or "\n" in v:  # translate costs ~2 us even when it changes nothing
+            v = v.translate(_NEWLINES)
+        out += f"{k}: {v}\r\n"
+    return out
 
 
 async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> None:
