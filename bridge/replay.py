@@ -90,6 +90,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from bridge import _nats_patches
 from bridge.nats_auth import NatsAuth, connect_refusal
 from bridge.replay_event import ReplayError, ReplayEvent
 from node.protocol.errors import CodecError
@@ -179,6 +180,7 @@ async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
         ReplayError: No server answered, or it refused the credentials.
     """
     auth = auth or NatsAuth()
+    _nats_patches.install()  # a flush that follows what was sent before it (dead letters)
     nc = NATS()
 
     async def on_error(exc: Exception) -> None:  # nats-py would log a traceback per error
