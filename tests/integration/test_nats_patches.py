@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
+import pytest_asyncio
 from nats import errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bridge._nats_patches import direct_dispatch, header_lines, install, publish_many
@@ -36,32 +39,37 @@ def _patched() -> None:
     install()  # as the node does (bridge/nats_link.py)
 
 
-async def test_after_subscribe_and_flush_the_server_has_the_subscription(
-        shared_nats: NatsProcess) -> None:
-    rng = random.Random(SEED + 2)
+@pytest_asyncio.fixture
+async def clients(shared_nats: NatsProcess) -> AsyncIterator[tuple[Client, Client]]:
+    """A publishing and a subscribing connection to one nats-server."""
     pub = await nats.connect(shared_nats.url)
     sub_nc = await nats.connect(shared_nats.url)
-    try:
-        for i in range(200):
-            got = asyncio.Event()
-            subject = f"t.flush.{i}.{rng.randrange(10**6)}"
-            if rng.random() < 0.5:
-                sub = await direct_dispatch(sub_nc, subject, lambda m, got=got: got.set())
-            else:
-                async def on(msg: Msg, got: asyncio.Event = got) -> None:
-                    got.set()
+    yield pub, sub_nc
+    await pub.close()
+    await sub_nc.close()
 
-                sub = await sub_nc.subscribe(subject, cb=on)
-            if rng.random() < 0.5:  # something else queued behind the SUB
-                await sub_nc.publish(f"t.noise.{i}", b"n")
-            await sub_nc.flush()
-            await pub.publish(subject, b"x")
-            await pub.flush()
-            await asyncio.wait_for(got.wait(), 5)
-            await sub.unsubscribe()
-    finally:
-        await pub.close()
-        await sub_nc.close()
+
+async def test_after_subscribe_and_flush_the_server_has_the_subscription(
+        clients: tuple[Client, Client]) -> None:
+    rng = random.Random(SEED + 2)
+    pub, sub_nc = clients
+    for i in range(200):
+        got = asyncio.Event()
+        subject = f"t.flush.{i}.{rng.randrange(10**6)}"
+        if rng.random() < 0.5:
+            sub = await direct_dispatch(sub_nc, subject, lambda m, got=got: got.set())
+        else:
+            async def on(msg: Msg, got: asyncio.Event = got) -> None:
+                got.set()
+
+            sub = await sub_nc.subscribe(subject, cb=on)
+        if rng.random() < 0.5:  # something else queued behind the SUB
+            await sub_nc.publish(f"t.noise.{i}", b"n")
+        await sub_nc.flush()
+        await pub.publish(subject, b"x")
+        await pub.flush()
+        await asyncio.wait_for(got.wait(), 5)
+        await sub.unsubscribe()
 
 
 def _random_messages(rng: random.Random, n: int) -> list[tuple[str, str, bytes, dict[str, str]]]:
@@ -76,115 +84,100 @@ def _random_messages(rng: random.Random, n: int) -> list[tuple[str, str, bytes, 
 
 
 async def test_publish_many_delivers_what_single_publishes_would(
-        shared_nats: NatsProcess) -> None:
+        clients: tuple[Client, Client]) -> None:
     rng = random.Random(SEED)
-    pub = await nats.connect(shared_nats.url)
-    sub_nc = await nats.connect(shared_nats.url)
-    try:
-        got_many: list[Msg] = []
-        got_single: list[Msg] = []
-        done = asyncio.Event()
-        msgs = _random_messages(rng, 200)
+    pub, sub_nc = clients
+    got_many: list[Msg] = []
+    got_single: list[Msg] = []
+    done = asyncio.Event()
+    msgs = _random_messages(rng, 200)
 
-        async def on(msg: Msg) -> None:
-            (got_many if msg.subject.startswith("t.many") else got_single).append(msg)
-            if len(got_many) == len(msgs) and len(got_single) == len(msgs):
-                done.set()
+    async def on(msg: Msg) -> None:
+        (got_many if msg.subject.startswith("t.many") else got_single).append(msg)
+        if len(got_many) == len(msgs) and len(got_single) == len(msgs):
+            done.set()
 
-        await sub_nc.subscribe("t.>", cb=on)
-        await sub_nc.flush()
-        await publish_many(pub, [(s, r, p, header_lines(h)) for s, r, p, h in msgs])
-        for subject, reply, payload, headers in msgs:
-            await pub.publish(subject.replace("t.many", "t.single"), payload, reply=reply,
-                              headers=headers)
-        await pub.flush()
-        await asyncio.wait_for(done.wait(), 10)
-        for a, b, sent in zip(got_many, got_single, msgs, strict=True):
-            assert a.subject == sent[0]
-            assert a.subject.replace("t.many", "t.single") == b.subject
-            assert (a.reply, a.data, a.headers) == (b.reply, b.data, b.headers)
-            assert a.data == sent[2]
-    finally:
-        await pub.close()
-        await sub_nc.close()
+    await sub_nc.subscribe("t.>", cb=on)
+    await sub_nc.flush()
+    await publish_many(pub, [(s, r, p, header_lines(h)) for s, r, p, h in msgs])
+    for subject, reply, payload, headers in msgs:
+        await pub.publish(subject.replace("t.many", "t.single"), payload, reply=reply,
+                          headers=headers)
+    await pub.flush()
+    await asyncio.wait_for(done.wait(), 10)
+    for a, b, sent in zip(got_many, got_single, msgs, strict=True):
+        assert a.subject == sent[0]
+        assert a.subject.replace("t.many", "t.single") == b.subject
+        assert (a.reply, a.data, a.headers) == (b.reply, b.data, b.headers)
+        assert a.data == sent[2]
 
 
 async def test_publish_many_refuses_the_whole_list_on_a_bad_subject(
-        shared_nats: NatsProcess) -> None:
-    pub = await nats.connect(shared_nats.url)
-    sub_nc = await nats.connect(shared_nats.url)
-    try:
-        seen: list[bytes] = []
-        ok = asyncio.Event()
+        clients: tuple[Client, Client]) -> None:
+    pub, sub_nc = clients
+    seen: list[bytes] = []
+    ok = asyncio.Event()
 
-        async def on(msg: Msg) -> None:
-            seen.append(msg.data)
-            if msg.data == b"ok":
-                ok.set()
+    async def on(msg: Msg) -> None:
+        seen.append(msg.data)
+        if msg.data == b"ok":
+            ok.set()
 
-        sub = await sub_nc.subscribe("t.refuse.>", cb=on)
-        await sub_nc.flush()
-        bad = [("t.refuse.a", "", b"1", ""), ("t.refuse. b", "", b"2", "")]
-        with pytest.raises(errors.BadSubjectError):
-            await publish_many(pub, bad)
-        huge = [("t.refuse.a", "", b"1", ""),
-                ("t.refuse.b", "", b"x" * (pub.max_payload + 1), "")]
-        with pytest.raises(errors.MaxPayloadError):
-            await publish_many(pub, huge)
-        await publish_many(pub, [("t.refuse.ok", "", b"ok", "")])
-        await pub.flush()
-        await asyncio.wait_for(ok.wait(), 10)
-        assert seen == [b"ok"]  # in order from one connection: nothing of the refused lists
-        await sub.unsubscribe()
-    finally:
-        await pub.close()
-        await sub_nc.close()
+    sub = await sub_nc.subscribe("t.refuse.>", cb=on)
+    await sub_nc.flush()
+    bad = [("t.refuse.a", "", b"1", ""), ("t.refuse. b", "", b"2", "")]
+    with pytest.raises(errors.BadSubjectError):
+        await publish_many(pub, bad)
+    huge = [("t.refuse.a", "", b"1", ""),
+            ("t.refuse.b", "", b"x" * (pub.max_payload + 1), "")]
+    with pytest.raises(errors.MaxPayloadError):
+        await publish_many(pub, huge)
+    await publish_many(pub, [("t.refuse.ok", "", b"ok", "")])
+    await pub.flush()
+    await asyncio.wait_for(ok.wait(), 10)
+    assert seen == [b"ok"]  # in order from one connection: nothing of the refused lists
+    await sub.unsubscribe()
 
 
 async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
-        shared_nats: NatsProcess) -> None:
+        clients: tuple[Client, Client]) -> None:
     rng = random.Random(SEED + 1)
-    pub = await nats.connect(shared_nats.url)
-    sub_nc = await nats.connect(shared_nats.url)
-    try:
-        got: list[bytes] = []
-        failing = {i for i in range(300) if rng.random() < 0.2}
-        last = asyncio.Event()
+    pub, sub_nc = clients
+    got: list[bytes] = []
+    failing = {i for i in range(300) if rng.random() < 0.2}
+    last = asyncio.Event()
 
-        def handler(msg: Msg) -> None:
-            i = int(msg.data)
-            if i == 299:
-                last.set()
-            if i in failing:
-                raise RuntimeError("a handler's bug")
-            got.append(msg.data)
+    def handler(msg: Msg) -> None:
+        i = int(msg.data)
+        if i == 299:
+            last.set()
+        if i in failing:
+            raise RuntimeError("a handler's bug")
+        got.append(msg.data)
 
-        sub = await direct_dispatch(sub_nc, "t.direct", handler)
-        await sub_nc.flush()
-        for i in range(300):
-            await pub.publish("t.direct", str(i).encode())
-        await pub.flush()
-        await asyncio.wait_for(last.wait(), 10)
-        assert got == [str(i).encode() for i in range(300) if i not in failing]
-        assert sub.pending_msgs == 0 and sub.pending_bytes == 0
+    sub = await direct_dispatch(sub_nc, "t.direct", handler)
+    await sub_nc.flush()
+    for i in range(300):
+        await pub.publish("t.direct", str(i).encode())
+    await pub.flush()
+    await asyncio.wait_for(last.wait(), 10)
+    assert got == [str(i).encode() for i in range(300) if i not in failing]
+    assert sub.pending_msgs == 0 and sub.pending_bytes == 0
 
-        # the connection still reads: another subscription still receives
-        other = asyncio.Event()
-        await direct_dispatch(sub_nc, "t.other", lambda m: other.set())
-        await sub_nc.flush()
-        await pub.publish("t.other", b"x")
-        await pub.flush()
-        await asyncio.wait_for(other.wait(), 10)
+    # the connection still reads: another subscription still receives
+    other = asyncio.Event()
+    await direct_dispatch(sub_nc, "t.other", lambda m: other.set())
+    await sub_nc.flush()
+    await pub.publish("t.other", b"x")
+    await pub.flush()
+    await asyncio.wait_for(other.wait(), 10)
 
-        await sub.unsubscribe()
-        await sub_nc.flush()
-        before = len(got)
-        other.clear()
-        await pub.publish("t.direct", b"1000")
-        await pub.publish("t.other", b"y")
-        await pub.flush()
-        await asyncio.wait_for(other.wait(), 10)  # sent after t.direct, so that one is past
-        assert len(got) == before
-    finally:
-        await pub.close()
-        await sub_nc.close()
+    await sub.unsubscribe()
+    await sub_nc.flush()
+    before = len(got)
+    other.clear()
+    await pub.publish("t.direct", b"1000")
+    await pub.publish("t.other", b"y")
+    await pub.flush()
+    await asyncio.wait_for(other.wait(), 10)  # sent after t.direct, so that one is past
+    assert len(got) == before
