@@ -287,12 +287,12 @@ class JetStreamRoomStore:
         Raises:
             StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
         """
-        subject = room_subject(tenant, room)
-        headers = _headers(msg_id, ttl_s)
-        deadline = time.monotonic() + self.publish_deadline_s
-        if self._gathering():
-            return await self._enqueue(subject, body, headers, deadline)
-        return await self._publish_alone(subject, body, headers, deadline)
+        gathered = self.publish_soon(tenant, room, body, msg_id, ttl_s)
+        if gathered is not None:
+            return await gathered
+        return await self._publish_alone(room_subject(tenant, room), body,
+                                         _headers(msg_id, ttl_s),
+                                         time.monotonic() + self.publish_deadline_s)
 
     def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
                      ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
@@ -300,19 +300,12 @@ class JetStreamRoomStore:
         node): the future of what ``publish`` would return or raise. None when they do not
         gather now: then ``await publish(...)``. Cancelled before its batch is sent, the
         event is not sent."""
-        if not self._gathering():
+        if not (self.group_after and self.link.atomic_batches and (
+                self._queued or self._committing or len(self._acks) >= self.group_after)):
             return None
-        return self._enqueue(room_subject(tenant, room), body, _headers(msg_id, ttl_s),
-                             time.monotonic() + self.publish_deadline_s)
-
-    def _gathering(self) -> bool:
-        return bool(self.group_after and self.link.atomic_batches and (
-            self._queued or self._committing or len(self._acks) >= self.group_after))
-
-    def _enqueue(self, subject: str, body: bytes, headers: dict[str, str],
-                 deadline: float) -> asyncio.Future[tuple[int, bool]]:
         loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
-        queued = _Queued(subject, body, headers, deadline, loop.create_future())
+        queued = _Queued(room_subject(tenant, room), body, _headers(msg_id, ttl_s),
+                         time.monotonic() + self.publish_deadline_s, loop.create_future())
         self._queued.append(queued)
         if not self._kick_soon:
             self._kick_soon = True

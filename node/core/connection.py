@@ -22,7 +22,6 @@ from typing import Any
 from actors.actor import Actor
 from actors.errors import ActorDeadError, ActorError
 from actors.mailbox import Overflow
-from node.core.admission import Admitted
 from node.core.context import (
     ConnectionIndex,
     ConnTransport,
@@ -687,27 +686,26 @@ class ConnectionActor(Actor):
         # A busy node's store gathers publishes into batches: then no task per publish.
         if not self.ctx.admission.store_soon(
                 command.admitted, lambda seq, error: self._stored(command, seq, error)):
-            self._spawn(self._store(command.admitted, command.request_id), "publish")
+            self._spawn(self._store(command), "publish")
+
+    async def _store(self, command: StorePublish) -> None:
+        try:
+            seq = await self.ctx.admission.store(command.admitted)
+        except ProtocolError as exc:
+            self._stored(command, 0, exc)
+        else:
+            self._stored(command, seq, None)
 
     def _stored(self, command: StorePublish, seq: int, error: ProtocolError | None) -> None:
-        if self._stopped:  # as a task of _store would have been cancelled
+        if self._stopped:  # a task of _store is cancelled then; a callback comes anyway
             return
         if error is not None:
             self._tell(Invalid(error.code, error.reason, command.request_id, error.retry))
             return
-        self.session.receive_stored(command.request_id, command.admitted.room, seq)
-        self._execute_now()
-
-    async def _store(self, admitted: Admitted, request_id: Any) -> None:
-        try:
-            seq = await self.ctx.admission.store(admitted)
-        except ProtocolError as exc:
-            self._tell(Invalid(exc.code, exc.reason, request_id, exc.retry))
-            return
         # Fed back at once, not through the mailbox: a pipelining client may have thousands of
         # publishes in flight, and their acks would overflow the slots left for the actor's
         # own messages (see inbound_high).
-        self.session.receive_stored(request_id, admitted.room, seq)
+        self.session.receive_stored(command.request_id, command.admitted.room, seq)
         self._execute_now()
 
     def _send_volatile(self, command: SendVolatile) -> None:
