@@ -52,7 +52,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from bridge._nats_patches import direct_dispatch, header_lines, publish_many
+from bridge._nats_patches import direct_dispatch, header_lines, header_value, publish_many
 from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
@@ -675,23 +675,24 @@ class JetStreamRoomStore:
     async def subscribe(
         self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
     ) -> _LiveSub:
-        def on_live(msg: Msg) -> None:
-            headers = msg.headers or {}
+        def on_live(data: bytes, headers: bytes | None) -> None:
+            # The stream's RePublish sets both headers (the first event's last seq is 0).
             try:
-                seq = int(headers["Nats-Sequence"])
-                prev = int(headers.get("Nats-Last-Sequence", "0"))
-            except (KeyError, ValueError):
-                log.warning("! live message without sequence headers on %s", msg.subject)
+                seq = int(header_value(headers, b"Nats-Sequence") or b"x")
+                prev = int(header_value(headers, b"Nats-Last-Sequence") or 0)
+            except ValueError:
+                log.warning("! live message without sequence headers in room %s", room)
                 return
-            callback(LiveMessage(seq, prev, msg.data))
+            callback(LiveMessage(seq, prev, data))
 
-        def on_eph(msg: Msg) -> None:
-            callback(LiveMessage(None, None, msg.data))
+        def on_eph(data: bytes, headers: bytes | None) -> None:
+            callback(LiveMessage(None, None, data))
 
         nc = self.link.nc
-        # Handed over in the read loop (bridge/_nats_patches.py): no task switch per event.
-        sub = await direct_dispatch(nc, live_subject(tenant, room), on_live)
-        eph = await direct_dispatch(nc, eph_subject(tenant, room), on_eph)
+        # Handed over in the read loop (bridge/_nats_patches.py): no task switch, no header
+        # dict and no Msg per event.
+        sub = await direct_dispatch(nc, live_subject(tenant, room), on_live, raw=True)
+        eph = await direct_dispatch(nc, eph_subject(tenant, room), on_eph, raw=True)
         return _LiveSub(sub, eph)
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:

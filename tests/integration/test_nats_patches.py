@@ -25,8 +25,15 @@ import pytest_asyncio
 from nats import errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import RePublish, StorageType, StreamConfig
 
-from bridge._nats_patches import direct_dispatch, header_lines, install, publish_many
+from bridge._nats_patches import (
+    direct_dispatch,
+    header_lines,
+    header_value,
+    install,
+    publish_many,
+)
 from tests.servers import NatsProcess
 
 pytestmark = pytest.mark.integration
@@ -139,23 +146,27 @@ async def test_publish_many_refuses_the_whole_list_on_a_bad_subject(
     await sub.unsubscribe()
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["msg", "raw"])
 async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
-        clients: tuple[Client, Client]) -> None:
+        clients: tuple[Client, Client], raw: bool) -> None:
     rng = random.Random(SEED + 1)
     pub, sub_nc = clients
     got: list[bytes] = []
     failing = {i for i in range(300) if rng.random() < 0.2}
     last = asyncio.Event()
 
-    def handler(msg: Msg) -> None:
-        i = int(msg.data)
+    def on_data(data: bytes) -> None:
+        i = int(data)
         if i == 299:
             last.set()
         if i in failing:
             raise RuntimeError("a handler's bug")
-        got.append(msg.data)
+        got.append(data)
 
-    sub = await direct_dispatch(sub_nc, "t.direct", handler)
+    if raw:
+        sub = await direct_dispatch(sub_nc, "t.direct", lambda data, hdr: on_data(data), raw=True)
+    else:
+        sub = await direct_dispatch(sub_nc, "t.direct", lambda msg: on_data(msg.data))
     await sub_nc.flush()
     for i in range(300):
         await pub.publish("t.direct", str(i).encode())
@@ -181,3 +192,57 @@ async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
     await pub.flush()
     await asyncio.wait_for(other.wait(), 10)  # sent after t.direct, so that one is past
     assert len(got) == before
+
+
+async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Client]) -> None:
+    """A stream's RePublish, received twice: as nats-py's ``Msg`` (its header dict) and raw.
+    Every header of the dict (the server's ``Nats-Sequence``, ``Nats-Last-Sequence``... and
+    seeded random ones of the publisher, decoys such as ``X-Nats-Sequence`` among them) reads
+    the same with ``header_value``; a name that is not there reads None."""
+    rng = random.Random(SEED + 3)
+    pub, sub_nc = clients
+    js = pub.jetstream()
+    await js.add_stream(StreamConfig(
+        name="RAWHDR", subjects=["rawsrc.>"], storage=StorageType.MEMORY,
+        republish=RePublish(src="rawsrc.>", dest="rawdst.>")))
+    as_msg: list[Msg] = []
+    as_raw: list[tuple[bytes, bytes | None]] = []
+    n = 300
+    done = asyncio.Event()
+
+    async def on(msg: Msg) -> None:
+        as_msg.append(msg)
+        if len(as_msg) == n and len(as_raw) == n:
+            done.set()
+
+    def on_raw(data: bytes, headers: bytes | None) -> None:
+        as_raw.append((data, headers))
+        if len(as_msg) == n and len(as_raw) == n:
+            done.set()
+
+    try:
+        await sub_nc.subscribe("rawdst.>", cb=on)
+        await direct_dispatch(sub_nc, "rawdst.>", on_raw, raw=True)
+        await sub_nc.flush()
+        alphabet = "ab: -=\t\u00e9"
+        for i in range(n):
+            headers = {"Nats-Msg-Id": f"m{i}"}
+            for name in rng.sample(["X-Nats-Sequence", "Sequence", "A", "x-b", "Nats-Seq",
+                                    "Long-" + "h" * 200], rng.randrange(4)):
+                headers[name] = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+            await js.publish(f"rawsrc.{rng.randrange(5)}", rng.randbytes(rng.randrange(50)),
+                             headers=headers)
+        await asyncio.wait_for(done.wait(), 10)
+        for msg, (data, raw) in zip(as_msg, as_raw, strict=True):
+            assert msg.data == data
+            assert msg.headers and "Nats-Sequence" in msg.headers
+            assert "Nats-Last-Sequence" in msg.headers
+            for name, value in msg.headers.items():
+                assert header_value(raw, name.encode()) == value.encode(), name
+            assert header_value(raw, b"Nats-Absent") is None
+        seqs = [int(header_value(raw, b"Nats-Sequence") or 0) for _, raw in as_raw]
+        assert seqs == list(range(1, n + 1))
+        assert header_value(None, b"Nats-Sequence") is None
+        assert header_value(b"NATS/1.0\r\nNats-Sequence: 7", b"Nats-Sequence") == b"7"
+    finally:
+        await js.delete_stream("RAWHDR")

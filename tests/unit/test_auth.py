@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import string
 import time
@@ -234,3 +235,35 @@ def test_the_external_brokers_tenant_is_a_tenant() -> None:
     for bad in ("a.b", "a:b", "*", ""):
         with pytest.raises(ConfigError, match="mqtt_tenant"):
             load_settings(mqtt_tenant=bad)
+
+
+def _can_reference(p: Principal, right: str, room: str) -> bool:
+    """``Principal.can`` as the protocol states it (PROTOCOL.md section 4), written plainly."""
+    if room.startswith("sys:all:"):
+        return p.admin and right == "join"
+    if p.kind == "service":
+        return True
+    if room.startswith("@"):
+        if room != p.personal_room:
+            return False
+        return right != "publish" or "publish" in p.rooms.get(room, frozenset())
+    return any(right in rights and pattern_matches(pattern, room)
+               and (not room.startswith("sys:") or pattern.startswith("sys:"))
+               for pattern, rights in p.rooms.items())
+
+
+def test_can_answers_as_the_plain_rule_on_seeded_random_grants() -> None:
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_CAN_SEED", "4242")))
+    parts = ["chat", "chat:", "chat:a", "chat:ab", "sys:", "sys:stats", "sys:all:x", "@user:u",
+             "@user:v", "@device:u", "news", "", "a*b"]
+    rights = ["join", "publish", "history", "presence"]
+    for _ in range(3000):
+        grants = {}
+        for _ in range(rng.randrange(5)):
+            pattern = rng.choice(parts) + rng.choice(["", "*", "x", "x*"])
+            grants[pattern] = frozenset(rng.sample(rights, rng.randrange(len(rights) + 1)))
+        p = Principal(sub=rng.choice(["u", "v"]), kind=rng.choice(["user", "device", "service"]),
+                      rooms=grants, admin=rng.random() < 0.2)
+        room = rng.choice(parts) + rng.choice(["", "x", "y", "*"])
+        right = rng.choice(rights)
+        assert p.can(right, room) == _can_reference(p, right, room), (p, right, room)
