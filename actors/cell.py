@@ -75,11 +75,11 @@ class ActorCell:
         self._closed = False  # no longer accepting messages
         self._terminated = False
         self._dead_cls: type[ActorDeadError] = ActorDeadError
-        self._dead_msg = f"actor {name!r} stopped"
+        self._dead_msg: str | None = None  # "actor <name> stopped", made when first needed
         self._current: Envelope | None = None
         # Producers parked in wait_for_room(): (level, future), woken once depth <= level.
         self._room_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._backoff = Backoff(loop)
+        self._backoff: Backoff | None = None  # made at the first restart
         self._task: asyncio.Task[None] | None = None
         self.ref: ActorRef[Any] = ActorRef(self)
         instance.ref = self.ref
@@ -107,7 +107,10 @@ class ActorCell:
         """Create the actor's task."""
         self._task = self.loop.create_task(self._main(), name=f"actor[{self.name}]")
         # Safety net: a task cancelled before its first step never runs _main's finally.
-        self._task.add_done_callback(lambda _task: self._finalize())
+        self._task.add_done_callback(self._task_done)  # a bound method: no closure per actor
+
+    def _task_done(self, _task: asyncio.Task[None]) -> None:
+        self._finalize()
 
     def enqueue(self, envelope: Envelope) -> None:
         """Queue an envelope, applying the overflow policy when the mailbox is full.
@@ -152,7 +155,8 @@ class ActorCell:
             self._fail_pending()
         self._mailbox.wake()
         # A stop request cuts a restart backoff short: waiting it out would only delay the stop.
-        self._backoff.interrupt()
+        if self._backoff is not None:
+            self._backoff.interrupt()
 
     # The timeout is part of the public API (it triggers a cancel, not just an error).
     async def stop(self, *, drain: bool, timeout: float | None) -> None:
@@ -197,7 +201,12 @@ class ActorCell:
 
     def _dead_error(self) -> ActorDeadError:
         # A fresh instance each time: sharing one exception across futures mixes tracebacks.
-        return self._dead_cls(self._dead_msg)
+        return self._dead_cls(self._stopped_msg())
+
+    def _stopped_msg(self) -> str:
+        if self._dead_msg is None:
+            self._dead_msg = f"actor {self.name!r} stopped"
+        return self._dead_msg
 
     def _mark_dead(self, cls: type[ActorDeadError], reason: str) -> None:
         self._dead_cls = cls
@@ -250,7 +259,7 @@ class ActorCell:
         # The ref outlives the cell (callers keep it): pointing it at a small stand-in breaks
         # the ref <-> cell cycle, so refcounting frees the cell, its instance and its mailbox
         # at once instead of leaving them to a full garbage collection.
-        self.ref._rebind(StoppedCell(self, self._dead_cls, self._dead_msg))
+        self.ref._rebind(StoppedCell(self, self._dead_cls, self._stopped_msg()))
 
     def _own_cancel(self) -> bool:
         # Distinguishes "our task is being cancelled" from a CancelledError that a handler
@@ -400,6 +409,8 @@ class ActorCell:
             await self._stop_instance()
             assert self._restarts is not None  # _admit_restart returns None without a policy
             if not self._closed:
+                if self._backoff is None:
+                    self._backoff = Backoff(self.loop)
                 await self._backoff.sleep(self._restarts.policy.backoff(attempt))
             if self._closed and not self._mailbox:
                 # Stopped during the backoff with nothing left to drain: no point restarting.

@@ -68,31 +68,39 @@ class Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: deque[Envelope] = deque()
+        # None while empty and parked: an idle actor holds no deque (624 bytes each; a node
+        # with 10,000 connections has 20,000 idle actors: theirs and their personal rooms').
+        self._queue: deque[Envelope] | None = None
         # Only exists while the consumer is parked in wait(); None means "nobody to wake".
         self._waiter: asyncio.Future[bool] | None = None
 
     def __len__(self) -> int:
-        return len(self._queue)
+        queue = self._queue
+        return 0 if queue is None else len(queue)
 
     def __bool__(self) -> bool:
         return bool(self._queue)
 
     def put(self, envelope: Envelope) -> None:
         """Append an envelope and wake the consumer if it is parked."""
-        self._queue.append(envelope)
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(envelope)
         if self._waiter is not None:
             self.wake()
 
     def popleft(self) -> Envelope:
         """Remove and return the oldest envelope (IndexError when empty)."""
+        if self._queue is None:
+            raise IndexError("pop from an empty mailbox")
         return self._queue.popleft()
 
     def drain(self) -> list[Envelope]:
         """Remove and return every queued envelope, oldest first."""
-        items = list(self._queue)
-        self._queue.clear()
-        return items
+        queue = self._queue
+        self._queue = None
+        return [] if queue is None else list(queue)
 
     def wake(self) -> None:
         """Wake the parked consumer, if any (also used to signal a stop request)."""
@@ -115,6 +123,7 @@ class Mailbox:
         """
         if self._queue:
             return True
+        self._queue = None  # parked: the deque goes until the next put
         waiter: asyncio.Future[bool] = self._loop.create_future()
         self._waiter = waiter
         # One timer per idle period, not per message: this is what keeps passivation cheap.

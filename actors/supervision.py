@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from .actor import RestartPolicy
@@ -38,7 +37,9 @@ class RestartWindow:
 
     def __init__(self, policy: RestartPolicy) -> None:
         self.policy = policy
-        self._times: deque[float] = deque()
+        # A list, not a deque: a window holds at most max_restarts times, and an empty list
+        # is 56 bytes where an empty deque is 624 (every room actor has a window).
+        self._times: list[float] = []
 
     def admit(self, now: float) -> int | None:
         """Record a restart at ``now`` if the budget allows it.
@@ -52,7 +53,7 @@ class RestartWindow:
         """
         times = self._times
         while times and times[0] < now - self.policy.window_s:
-            times.popleft()
+            del times[0]
         if len(times) >= self.policy.max_restarts:
             return None
         times.append(now)
