@@ -237,7 +237,7 @@ class RoomActor(Actor):
         self._repairing = False
         self._backlog: list[LiveMessage] = []
         self._since_trim = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], None] = {}  # a set (64 bytes empty, not 216)
         # Joins with ``since`` waiting for the next recovery batch, and whether a batch is
         # scheduled or in flight (one at a time: joins arriving meanwhile wait for the next).
         self._recovering: list[Join] = []
@@ -410,8 +410,11 @@ class RoomActor(Actor):
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"room[{self.room}].{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     # -- messages --------------------------------------------------------------------------
 

@@ -55,14 +55,14 @@ class PresenceRules(CommandQueue):
     _presence: bool
     _joined_at: int
     rooms: dict[str, bool]
-    plain: set[str]
+    plain: dict[str, None]
     # Rooms whose watchers were last told ``presence:join`` (they see this member there).
-    _shown: set[str]
+    _shown: dict[str, None]  # a set, as a dict
     # The announcements waiting for their room's throttle window, latest wins.
     _announcer: VolatileThrottle[str]
 
     def _init_presence(self) -> None:
-        self._shown = set()
+        self._shown = {}
         self._announcer = VolatileThrottle(self.settings.volatile_throttle_ms / 1000)
         self._offline_ttl_s: float | None = None
 
@@ -141,9 +141,9 @@ class PresenceRules(CommandQueue):
         if joined == (room in self._shown):
             return  # the watchers see this state already
         if joined:
-            self._shown.add(room)
+            self._shown[room] = None
         else:
-            self._shown.discard(room)
+            self._shown.pop(room, None)
         member = self.member_info()
         if offline:
             member["online"] = False
