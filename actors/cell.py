@@ -6,6 +6,7 @@ Internal module: user code talks to ActorRef and ActorSystem only.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["ActorCell", "StoppedCell"]
 
 log = logging.getLogger("actors")
+
+#: An actor (without an idle timeout) that had nothing to do for this long rests: its task
+#: ends (a task, its coroutines and its future are ~1.5 KB, and a node holds two idle actors
+#: per connection), and its next message or a stop starts a new one. A busy actor keeps its
+#: task, and costs one timer per REST_AFTER_S, not one per message.
+REST_AFTER_S = 2.0
 
 
 class ActorCell:
@@ -81,6 +88,12 @@ class ActorCell:
         self._room_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._backoff: Backoff | None = None  # made at the first restart
         self._task: asyncio.Task[None] | None = None
+        # Resting: no task until the next message (REST_AFTER_S); its tasks share a context.
+        self._resting = False
+        self._rest_due = False  # the waiting task is woken to end: it rests
+        self._rest_timer: asyncio.TimerHandle | None = None  # looks whether it may rest
+        self._idle_since = 0.0
+        self._context: contextvars.Context | None = None
         self.ref: ActorRef[Any] = ActorRef(self)
         instance.ref = self.ref
 
@@ -105,12 +118,41 @@ class ActorCell:
 
     def start(self) -> None:
         """Create the actor's task."""
-        self._task = self.loop.create_task(self._main(), name=f"actor[{self.name}]")
+        # Every task of the actor runs in the context of its spawner, as one long task would
+        # (not in the context of whoever's message wakes it from rest).
+        self._context = contextvars.copy_context()
+        self._run(self._main(boot=True))
+
+    def _run(self, coro: Any) -> None:
+        self._task = self.loop.create_task(coro, name=f"actor[{self.name}]",
+                                           context=self._context)
         # Safety net: a task cancelled before its first step never runs _main's finally.
         self._task.add_done_callback(self._task_done)  # a bound method: no closure per actor
 
-    def _task_done(self, _task: asyncio.Task[None]) -> None:
-        self._finalize()
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task is self._task and not self._resting:
+            self._finalize()
+
+    def _wake(self) -> None:
+        """A resting actor gets a task again (a message came, or a stop)."""
+        self._resting = False
+        self._run(self._main(boot=False))
+
+    def _look_at_rest(self) -> None:
+        """The rest timer: a task waiting since REST_AFTER_S ago is told to end."""
+        self._rest_timer = None
+        if self._closed or self._resting:
+            return
+        now = self.loop.time()
+        if self._mailbox.waiting and not self._mailbox:
+            due = self._idle_since + REST_AFTER_S
+            if now >= due:
+                self._rest_due = True
+                self._mailbox.wake()
+                return
+        else:  # busy: look again later
+            due = now + REST_AFTER_S
+        self._rest_timer = self.loop.call_at(due, self._look_at_rest)
 
     def enqueue(self, envelope: Envelope) -> None:
         """Queue an envelope, applying the overflow policy when the mailbox is full.
@@ -126,6 +168,8 @@ class ActorCell:
             self._overflow(envelope)
             return
         mailbox.put(envelope)
+        if self._resting:
+            self._wake()
 
     async def wait_for_room(self, level: int) -> None:
         """Wait until at most ``level`` messages are queued.
@@ -154,6 +198,8 @@ class ActorCell:
         if not drain:
             self._fail_pending()
         self._mailbox.wake()
+        if self._resting:
+            self._wake()  # its task runs on_stop
         # A stop request cuts a restart backoff short: waiting it out would only delay the stop.
         if self._backoff is not None:
             self._backoff.interrupt()
@@ -249,6 +295,9 @@ class ActorCell:
     def _finalize(self) -> None:
         if self._terminated:
             return
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+            self._rest_timer = None
         self._close()
         current = self._current
         if current is not None and current.future is not None and not current.future.done():
@@ -279,10 +328,11 @@ class ActorCell:
 
     # -- the task -------------------------------------------------------------------------
 
-    async def _main(self) -> None:
+    async def _main(self, boot: bool) -> None:
         try:
-            if await self._boot():
-                await self._process()
+            if not boot or await self._boot():
+                if await self._process():
+                    return  # resting: the actor lives on without a task
             self._close()
             self._fail_pending()
             await self._stop_instance()
@@ -293,7 +343,8 @@ class ActorCell:
             # Defensive: hooks are guarded, so this would be a bug in the runtime itself.
             log.exception("actor %s: internal error in the actor runtime", self.name)
         finally:
-            self._finalize()
+            if not self._resting:
+                self._finalize()
 
     async def _boot(self) -> bool:
         error = await self._start_instance()
@@ -319,15 +370,29 @@ class ActorCell:
         self._started = False
         await self._guard("on_stop", self._instance.on_stop())
 
-    async def _process(self) -> None:
+    async def _process(self) -> bool:
+        """Handle messages until the actor stops (False) or rests (True: see REST_AFTER_S)."""
         mailbox = self._mailbox
         batch_size = self._batch_size
+        loop = self.loop
         while True:
             if not mailbox:
                 if self._closed:
-                    return
-                if not await mailbox.wait(self._idle_timeout) and self._try_passivate():
-                    return
+                    return False
+                if self._idle_timeout is not None:  # it passivates instead of resting
+                    if not await mailbox.wait(self._idle_timeout) and self._try_passivate():
+                        return False
+                    continue
+                self._idle_since = loop.time()
+                if self._rest_timer is None:
+                    self._rest_timer = loop.call_at(self._idle_since + REST_AFTER_S,
+                                                    self._look_at_rest)
+                await mailbox.wait()
+                if self._rest_due:
+                    self._rest_due = False
+                    if not mailbox and not self._closed:
+                        self._resting = True
+                        return True
                 continue
             handled = 0
             while mailbox and handled < batch_size:
@@ -337,7 +402,7 @@ class ActorCell:
                     self._wake_room_waiters()
                 error = await self._handle(envelope)
                 if error is not None and not await self._recover(error, "on_receive"):
-                    return
+                    return False
             if handled >= batch_size:
                 # Fairness: a busy actor must not starve the rest of the loop.
                 await asyncio.sleep(0)

@@ -81,6 +81,11 @@ class Mailbox:
     def __bool__(self) -> bool:
         return bool(self._queue)
 
+    @property
+    def waiting(self) -> bool:
+        """The consumer is parked in :meth:`wait`."""
+        return self._waiter is not None
+
     def put(self, envelope: Envelope) -> None:
         """Append an envelope and wake the consumer if it is parked."""
         queue = self._queue

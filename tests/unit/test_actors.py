@@ -8,6 +8,9 @@ asyncio runs ready tasks first in, first out.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import actors.cell as cell_module
 from actors import (
     Actor,
     ActorDeadError,
@@ -577,3 +581,88 @@ async def test_wait_for_room_fails_when_the_actor_stops() -> None:
         await stopping
         with pytest.raises(ActorDeadError):
             await ref.wait_for_room(5)
+
+
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (bounded) until ``predicate()`` holds: resting is a matter of the loop's time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_idle_actors_rest_without_a_task_and_wake_for_their_next_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded rounds: random tells and asks to 60 actors, then they all rest (no task left);
+    each keeps its state, handles what comes next in order, in its spawner's context (not its
+    sender's), started once; a stop of a resting actor runs its on_stop; a shutdown stops
+    the rest."""
+    monkeypatch.setattr(cell_module, "REST_AFTER_S", 0.02)
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_REST_SEED", "77")))
+    seen_context: list[str] = []
+
+    class Ctx(Recorder):
+        async def on_receive(self, message: Any) -> Any:
+            if message == "ctx":
+                seen_context.append(_WHO.get())
+                return None
+            return await super().on_receive(message)
+
+    system = ActorSystem()
+    _WHO.set("spawner")
+    probes, refs = [], []
+    for _ in range(60):
+        probe, factory = recorder(Ctx)
+        probes.append(probe)
+        refs.append(system.spawn(factory))
+    model: list[list[int]] = [[] for _ in refs]
+
+    async def tell_from_elsewhere(ref: ActorRef[Any]) -> None:
+        _WHO.set("sender")
+        ref.tell("ctx")
+
+    n = 0
+    for _ in range(4):
+        for _ in range(rng.randrange(50, 300)):
+            i = rng.randrange(len(refs))
+            n += 1
+            if rng.random() < 0.2:
+                assert await refs[i].ask(n) == n
+            else:
+                refs[i].tell(n)
+            model[i].append(n)
+        for i, ref in enumerate(refs):
+            assert await ref.ask("get") == model[i]
+        await _until(lambda: actor_tasks() == [])  # all of them rest
+        assert len(system) == len(refs) and all(ref.is_alive for ref in refs)
+        woken = refs[rng.randrange(len(refs))]  # woken by a task with a context of its own
+        await asyncio.create_task(tell_from_elsewhere(woken))
+        await woken.ask("get")
+    assert seen_context == ["spawner"] * 4
+    assert all(len(p.starts) == 1 and p.stops == [] for p in probes)
+
+    await refs[0].stop()  # resting: its stop still runs on_stop
+    assert probes[0].stops == [len(model[0])] and not refs[0].is_alive
+    with pytest.raises(ActorDeadError):
+        refs[0].tell("late")
+    await _until(lambda: actor_tasks() == [])
+    await system.shutdown()
+    assert all(p.stops == [len(model[i])] for i, p in enumerate(probes))
+    assert actor_tasks() == [] and len(system) == 0
+
+
+async def test_a_busy_actor_keeps_its_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages closer together than REST_AFTER_S: the same task handles all of them."""
+    monkeypatch.setattr(cell_module, "REST_AFTER_S", 0.2)
+    async with ActorSystem() as system:
+        _, factory = recorder()
+        ref = system.spawn(factory)
+        await ref.ask("get")
+        (task,) = actor_tasks()
+        for i in range(20):
+            await asyncio.sleep(0.01)
+            assert await ref.ask(i) == i
+        assert actor_tasks() == [task]
