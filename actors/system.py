@@ -125,6 +125,12 @@ class ActorSystem:
         """The names of the registered actors that start with ``prefix``, sorted."""
         return sorted(name for name in self._registry if name.startswith(prefix))
 
+    @property
+    def closing(self) -> int:
+        """Actors that no longer accept messages and have not terminated yet (winding down:
+        draining, ``on_stop``)."""
+        return len(self._cells) - len(self._registry)
+
     def __len__(self) -> int:
         """Number of registered (alive) actors."""
         return len(self._registry)

@@ -133,10 +133,13 @@ class MemoryReturn:
         self._last = 0  # open connections at the last call
         self._again_at: float | None = None
 
-    def due(self, open_now: int, high: int | None = None, now: float = 0.0) -> bool:
+    def due(self, open_now: int, high: int | None = None, now: float = 0.0,
+            settling: bool = False) -> bool:
         """Note ``open_now`` (and ``high``, the most open since the last call) at ``now``
-        (seconds, any clock); True when a release is due."""
-        falling = open_now < self._last
+        (seconds, any clock); True when a release is due. ``settling``: what left is still
+        winding down (its actors' ``on_stop``, on a loaded machine a few seconds after the
+        sockets closed), so its memory is not free yet: as if still falling."""
+        falling = open_now < self._last or settling
         self._last = open_now
         self.peak = max(self.peak, open_now, high or 0)
         if (falling or self.peak - open_now < self.min_drop or open_now > self.peak // 2

@@ -137,7 +137,7 @@ class _NodeCollector(Collector):
         releases = CounterMetricFamily(
             "rtnode_memory_releases", "Times memory was given back after connections went "
             "(a full collection and malloc_trim)")
-        releases.add_metric([], node.memory.releases)
+        releases.add_metric([], node.memory_releases)
         yield releases
         outcomes = CounterMetricFamily(
             "rtnode_publishes", "Publishes by door and outcome (stored, duplicate, volatile, "

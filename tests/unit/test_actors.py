@@ -666,3 +666,22 @@ async def test_a_busy_actor_keeps_its_task(monkeypatch: pytest.MonkeyPatch) -> N
             await asyncio.sleep(0.01)
             assert await ref.ask(i) == i
         assert actor_tasks() == [task]
+
+
+async def test_closing_counts_actors_that_wind_down() -> None:
+    gate = asyncio.Event()
+
+    class SlowStop(Actor):
+        async def on_stop(self) -> None:
+            await gate.wait()
+
+    async with ActorSystem() as system:
+        refs = [system.spawn(SlowStop) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert system.closing == 0
+        stops = [asyncio.create_task(ref.stop()) for ref in refs[:2]]
+        await _until(lambda: system.closing == 2)
+        assert len(system) == 1
+        gate.set()
+        await asyncio.gather(*stops)
+        assert system.closing == 0

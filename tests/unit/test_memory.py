@@ -99,3 +99,13 @@ def test_the_collector_is_tuned_for_a_node_that_is_up() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_crowd_whose_actors_still_wind_down_is_waited_for() -> None:
+    watch = MemoryReturn(min_drop=200, again_s=None, every_s=0.0)
+    assert not watch.due(1000)
+    assert not watch.due(0)  # leaving
+    assert not watch.due(0, settling=True)  # sockets gone, actors still stopping
+    assert not watch.due(0, settling=True)
+    assert watch.due(0)  # all gone now
+    assert watch.last_peak == 1000
