@@ -26,9 +26,10 @@ log = logging.getLogger("actors")
 
 #: An actor (without an idle timeout) that had nothing to do for this long rests: its task
 #: ends (a task, its coroutines and its future are ~1.5 KB, and a node holds two idle actors
-#: per connection), and its next message or a stop starts a new one. A busy actor keeps its
-#: task, and costs one timer per REST_AFTER_S, not one per message.
-REST_AFTER_S = 2.0
+#: per connection), and its next message or a stop starts a new one. Its system looks for
+#: them every REST_AFTER_S (one timer for all: see ActorSystem._sweep_rest); an actor with
+#: messages closer together than that keeps its task.
+REST_AFTER_S = 0.5
 
 
 class ActorCell:
@@ -91,7 +92,6 @@ class ActorCell:
         # Resting: no task until the next message (REST_AFTER_S); its tasks share a context.
         self._resting = False
         self._rest_due = False  # the waiting task is woken to end: it rests
-        self._rest_timer: asyncio.TimerHandle | None = None  # looks whether it may rest
         self._idle_since = 0.0
         self._context: contextvars.Context | None = None
         self.ref: ActorRef[Any] = ActorRef(self)
@@ -138,21 +138,16 @@ class ActorCell:
         self._resting = False
         self._run(self._main(boot=False))
 
-    def _look_at_rest(self) -> None:
-        """The rest timer: a task waiting since REST_AFTER_S ago is told to end."""
-        self._rest_timer = None
-        if self._closed or self._resting:
-            return
-        now = self.loop.time()
-        if self._mailbox.waiting and not self._mailbox:
-            due = self._idle_since + REST_AFTER_S
-            if now >= due:
-                self._rest_due = True
-                self._mailbox.wake()
-                return
-        else:  # busy: look again later
-            due = now + REST_AFTER_S
-        self._rest_timer = self.loop.call_at(due, self._look_at_rest)
+    def rest_if_idle(self, now: float) -> bool | None:
+        """For the system's sweep: tell a task waiting since REST_AFTER_S ago to end (True),
+        say it is not due yet (False), or that it is no longer waiting (None)."""
+        if self._closed or self._resting or not self._mailbox.waiting or self._mailbox:
+            return None
+        if now - self._idle_since < REST_AFTER_S:
+            return False
+        self._rest_due = True
+        self._mailbox.wake()
+        return True
 
     def enqueue(self, envelope: Envelope) -> None:
         """Queue an envelope, applying the overflow policy when the mailbox is full.
@@ -295,9 +290,6 @@ class ActorCell:
     def _finalize(self) -> None:
         if self._terminated:
             return
-        if self._rest_timer is not None:
-            self._rest_timer.cancel()
-            self._rest_timer = None
         self._close()
         current = self._current
         if current is not None and current.future is not None and not current.future.done():
@@ -384,9 +376,7 @@ class ActorCell:
                         return False
                     continue
                 self._idle_since = loop.time()
-                if self._rest_timer is None:
-                    self._rest_timer = loop.call_at(self._idle_since + REST_AFTER_S,
-                                                    self._look_at_rest)
+                self._host._cell_idle(self)
                 await mailbox.wait()
                 if self._rest_due:
                     self._rest_due = False

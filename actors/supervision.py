@@ -25,6 +25,9 @@ class CellHost(Protocol):
     def _cell_terminated(self, cell: ActorCell) -> None:
         """The cell's task has finished."""
 
+    def _cell_idle(self, cell: ActorCell) -> None:
+        """The cell's task waits for a message (it may rest: ``ActorCell.rest_if_idle``)."""
+
 
 class RestartWindow:
     """Counts restarts in a sliding window of ``policy.window_s`` seconds.

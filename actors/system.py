@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from . import cell as _cell
 from .actor import A
 from .cell import ActorCell
 from .errors import ActorError
@@ -48,6 +49,10 @@ class ActorSystem:
         self._counters: dict[str, KindStats] = {}
         self._next_id: dict[str, int] = {}
         self._closed = False
+        # Actors whose task waits for a message, looked at every REST_AFTER_S by one timer:
+        # those still waiting since then rest (their task ends; see ActorCell).
+        self._idle: dict[ActorCell, None] = {}
+        self._rest_timer: asyncio.TimerHandle | None = None
 
     def spawn(self, factory: Callable[[], A], name: str | None = None) -> ActorRef[A]:
         """Build an actor with ``factory()`` and start it.
@@ -154,6 +159,9 @@ class ActorSystem:
         current = asyncio.current_task()
         # An actor shutting the system down from its handler must not wait for itself.
         tasks = {cell.task for cell in cells if cell.task is not current and not cell.task.done()}
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+            self._rest_timer = None
         if not tasks:
             return
         log.info("system %s: stopping %d actor(s)", self.name, len(tasks))
@@ -198,6 +206,21 @@ class ActorSystem:
         except Exception:
             log.exception("system %s: on_escalation raised for actor %s", self.name, cell.name)
 
+    def _cell_idle(self, cell: ActorCell) -> None:
+        self._idle[cell] = None
+        if self._rest_timer is None:
+            self._rest_timer = cell.loop.call_later(_cell.REST_AFTER_S, self._sweep_rest,
+                                                  cell.loop)
+
+    def _sweep_rest(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for cell in list(self._idle):
+            if cell.rest_if_idle(now) is not False:  # rested, or not waiting any more
+                del self._idle[cell]
+        self._rest_timer = (loop.call_later(_cell.REST_AFTER_S, self._sweep_rest, loop)
+                            if self._idle else None)
+
     def _cell_terminated(self, cell: ActorCell) -> None:
         self._cells.discard(cell)
+        self._idle.pop(cell, None)
         self._cell_closed(cell)
