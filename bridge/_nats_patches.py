@@ -180,11 +180,30 @@ async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> N
 # -- messages handed over in the read loop -------------------------------------------------------
 
 
-class _Direct:
-    """Stands in for a subscription's pending queue: each message goes to the handler at once,
-    in the connection's read loop (no queue, no task switch, no coroutine per message)."""
+class _Handover:
+    """Stands in for a subscription's pending queue, whose messages are handed to ``handler``
+    at once in the connection's read loop: what nats-py's drain and close ask of a queue."""
 
-    __slots__ = ("handler", "sub")
+    __slots__ = ("handler",)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+
+class _Direct(_Handover):
+    """Each message goes to the handler as nats-py's ``Msg`` (no queue, no task switch, no
+    coroutine per message)."""
+
+    __slots__ = ("sub",)
 
     def __init__(self, sub: Subscription, handler: Callable[[Msg], None]) -> None:
         self.sub = weakref.ref(sub)  # the subscription holds this: no cycle for the collector
@@ -199,24 +218,12 @@ class _Direct:
         except Exception:  # never into nats-py's read loop, which would stop reading
             log.exception("! handler of %s failed", msg.subject)
 
-    def qsize(self) -> int:
-        return 0
 
-    def empty(self) -> bool:
-        return True
+class _Raw(_Handover):
+    """A ``raw`` :func:`direct_dispatch` subscription's: nats-py's ``_process_msg`` (patched)
+    hands it each message's payload and raw headers, with no ``Msg`` built."""
 
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        return None
-
-
-class _Raw:
-    """The pending queue of a ``raw`` :func:`direct_dispatch` subscription: nats-py's
-    ``_process_msg`` (patched) hands it each message's payload and raw headers."""
-
-    __slots__ = ("handler",)
+    __slots__ = ()
 
     def __init__(self, handler: Callable[[bytes, bytes | None], None]) -> None:
         self.handler = handler
@@ -226,19 +233,6 @@ class _Raw:
             self.handler(data, headers)
         except Exception:  # never into nats-py's read loop, which would stop reading
             log.exception("! handler of %s failed", subject.decode(errors="replace"))
-
-    # What nats-py's drain and close ask of a pending queue.
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        return None
 
 
 def header_value(raw: bytes | None, name: bytes) -> bytes | None:
