@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 
 import nats
 import pytest
 
-from node.protocol.subjects import STREAM_NAME
+from node.protocol.subjects import STREAM_NAME, live_subject
 from tests.servers import NatsProcess
 from tests.wsclient import RawClient, publish_many, token, unique, ws_url
 
@@ -173,3 +175,38 @@ async def test_room_actor_crash_is_invisible_to_members(make_node) -> None:
     assert [e["seq"] for e in events] == after, "rejoined from its cursor: no gap, no duplicate"
     stats = node.system.stats()["room"]
     assert stats.restarts >= 1 and stats.failures >= 1
+
+
+async def test_forged_live_messages_are_dropped_and_the_room_keeps_serving(
+        nats_proc: NatsProcess, make_node) -> None:
+    """What arrives on a room's live subject without valid sequence headers (read raw from the
+    header bytes: bridge/_nats_patches.py) is dropped; an old seq is not delivered again; the
+    member then gets exactly the stored events, in order, once. Seeded forgeries."""
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_FORGE_SEED", "31")))
+    node = await make_node(nats_url=nats_proc.url, **FAST)
+    room = unique("forged")
+    member = await RawClient.connected(ws_url(node), token("m"))
+    await member.request({"type": "join", "room": room})
+    writer = await RawClient.connected(ws_url(node), token("w"))
+    first = await publish_many(writer, room, 3)
+    assert [e["seq"] for e in await member.events(3, room)] == first
+    forged: list[dict[str, str] | None] = [
+        None, {}, {"Nats-Sequence": "x"}, {"Nats-Sequence": ""}, {"X-Nats-Sequence": "9"},
+        {"Nats-Sequence": "1e3", "Nats-Last-Sequence": "0"}, {"Nats-Last-Sequence": "1"},
+        {"Nats-Sequence": str(first[0]), "Nats-Last-Sequence": str(first[0] - 1)},  # old
+        {"Nats-Sequence": "7", "Nats-Last-Sequence": "six"}]
+    nc = await nats.connect(nats_proc.url)
+    try:
+        for _ in range(60):
+            headers = rng.choice(forged)
+            body = rng.choice([b"", b"\xff\x00", rng.randbytes(rng.randrange(1, 300))])
+            await nc.publish(live_subject("default", room), body, headers=headers)
+        await nc.flush()
+    finally:
+        await nc.close()
+    later = await publish_many(writer, room, 3, start=3)
+    events = await member.events(3, room)
+    assert [e["seq"] for e in events] == later
+    assert [e["data"] for e in events] == [3, 4, 5]
+    assert (await member.request({"type": "ping"}))["type"] == "pong"
+    assert not [f for f in member.buffer if f.get("type") == "event"], "nothing forged came"
