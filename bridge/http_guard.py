@@ -62,10 +62,17 @@ LOG_EVERY_S = 10.0
 REFUSED_LINGER_S = 1.0
 # Descriptors kept back from HTTP connections: at least this many, or a tenth of the limit.
 _RESERVE_MIN = 64
+# A head that may be an upgrade is kept by the guard up to this size; a longer one is refused
+# (431), however it was cut into reads.
+_MAX_SNIFFED = 16384
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"X-Content-Type-Options: nosniff\r\nRetry-After: 1\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s"
+)
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+    b"X-Content-Type-Options: nosniff\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
 )
 _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
@@ -178,6 +185,12 @@ class HttpGuard:
         self.high_water = 0
         self._per_peer: Counter[str] = Counter()
         self._waiting: dict[object, _GuardedProtocol] = {}  # aiohttp handler -> its wrapper
+        #: Takes a socket whose whole first head (and what came after it) asks for an upgrade
+        #: of ``upgrade_prefix``'s path: returns the protocol that serves it from then on, or
+        #: None to leave it to aiohttp (bridge/ws.py).
+        self.upgrade: Callable[[asyncio.Transport, str, bytes], asyncio.Protocol | None] | None
+        self.upgrade = None
+        self.upgrade_prefix = b"GET /ws"
         self._log = LogThrottle(log)
 
     @property
@@ -263,18 +276,23 @@ def _peer_of(transport: asyncio.BaseTransport) -> str:
 
 
 class _GuardedProtocol(asyncio.Protocol):
-    """One accepted connection: admitted or refused, then aiohttp's handler under a deadline.
+    """One accepted connection: admitted or refused, then its handler under a deadline.
 
-    Everything after admission is forwarded to the handler unchanged; the only extra work per
-    read is one attribute test.
+    The handler is aiohttp's, or the one :attr:`HttpGuard.upgrade` returns for a WebSocket
+    upgrade of its path: until the first bytes show which (``_head``), they are kept here.
+    Everything after that is forwarded to the handler unchanged; the only extra work per read
+    is one attribute test.
     """
 
-    __slots__ = ("_deadline", "_guard", "_handler", "_make_handler", "_peer", "_transport")
+    __slots__ = ("_deadline", "_discarding", "_guard", "_handler", "_head", "_make_handler",
+                 "_peer", "_transport")
 
     def __init__(self, guard: HttpGuard, make_handler: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
         self._make_handler = make_handler
         self._handler: asyncio.Protocol | None = None
+        self._head: bytes | None = None  # admitted, its handler not chosen yet: what came so far
+        self._discarding = False  # refused after admission (431): input is dropped
         self._peer = ""
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -289,11 +307,62 @@ class _GuardedProtocol(asyncio.Protocol):
             return
         self._peer = peer
         self._transport = transport
-        handler = self._handler = self._make_handler()
-        guard._waiting[handler] = self
         self._deadline = asyncio.get_running_loop().call_later(
             guard.header_timeout_s, self._head_expired)
-        handler.connection_made(transport)
+        if guard.upgrade is None:
+            self._to_aiohttp(b"")
+        else:
+            self._head = b""
+
+    def _to_aiohttp(self, data: bytes) -> None:
+        self._head = None
+        handler = self._handler = self._make_handler()
+        self._guard._waiting[handler] = self
+        handler.connection_made(cast(asyncio.Transport, self._transport))
+        if data:
+            handler.data_received(data)
+
+    def _sniff(self, data: bytes) -> None:
+        # A head that can still be "GET <upgrade path>[ ?]" is kept until it is whole; then
+        # HttpGuard.upgrade may take the socket. Anything else goes to aiohttp at once.
+        head = cast(bytes, self._head) + data
+        guard = self._guard
+        prefix = guard.upgrade_prefix
+        start = head[:len(prefix) + 1]
+        if not (prefix.startswith(start) or (start[:-1] == prefix and start[-1:] in b" ?")):
+            self._to_aiohttp(head)
+            return
+        end = head.find(b"\r\n\r\n")
+        if (end if end >= 0 else len(head)) > _MAX_SNIFFED:
+            self._head_too_large()
+            return
+        if end < 0:
+            self._head = head
+            return
+        assert guard.upgrade is not None
+        handler = guard.upgrade(cast(asyncio.Transport, self._transport), self._peer, head)
+        if handler is None:
+            self._to_aiohttp(head)
+            return
+        self._head = None
+        self.head_read()
+        self._handler = handler
+
+    def _head_too_large(self) -> None:
+        # However the head was cut into reads: an upgrade head longer than the bound is refused.
+        # The 431, our FIN, then what the client still sends is dropped until it closes (or
+        # REFUSED_LINGER_S): closing with input unread would reset the socket, and the reset
+        # can make the client drop the 431.
+        self._head = b""
+        self._discarding = True
+        self.head_read()
+        transport = cast(asyncio.Transport, self._transport)
+        transport.write(_canned(_TOO_LARGE, 4013, "request head too large"))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._deadline = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
 
     def _refuse(self, transport: asyncio.Transport, refusal: str) -> None:
         # The 503, then our FIN; the socket is closed once the client's request has arrived
@@ -329,10 +398,18 @@ class _GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._handler is not None:
             self._handler.data_received(data)
+        elif self._discarding:
+            return
+        elif self._head is not None:
+            self._sniff(data)
         elif self._transport is not None:  # refused: its request is read, now it may go
             self._transport.close()
 
     def eof_received(self) -> bool | None:
+        if self._discarding:
+            return None  # the client is done: close
+        if self._head is not None:
+            self._to_aiohttp(self._head)  # what it makes of a head cut short, as before
         if self._handler is not None:
             return self._handler.eof_received()
         return None
@@ -347,6 +424,12 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         handler, self._handler = self._handler, None
+        if self._head is not None:  # admitted, lost before its handler was chosen
+            self._head = None
+            self.head_read()
+            self._guard._release(self._peer)
+            self._transport = None
+            return
         if handler is None:  # refused: never admitted
             if self._transport is not None:  # it lingered
                 self._guard.lingering -= 1

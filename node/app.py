@@ -256,7 +256,8 @@ class Node:
                 reuse_port=self.worker,
             )
             self.ws.on_failed = self.http.guard.failed
-            self.http.add_route("GET", "/ws", self.ws.handle)
+            self.http.guard.upgrade = self.ws.take  # a /ws upgrade is the bridge's, not aiohttp's
+            self.http.add_route("GET", "/ws", self.ws.not_an_upgrade)
             self.sse = SseBridge(self.ctx)
             self.http.add_route("GET", "/sse", self.sse.handle)
             self.api = HttpApi(self.ctx, api_key=s.api_key)
@@ -267,6 +268,7 @@ class Node:
             for method, path, web_handler in StaticSite(s, self.name).routes():
                 self.http.add_route(method, path, web_handler)
             self._stack.push_async_callback(self.http.stop)  # also after a failed bind
+            self._stack.callback(self.ws.stop)  # before http.stop: what the drain left
             await _listen(self.http.start(), s.host, s.http_port, "http_port")
             self.stats_publisher = StatsPublisher(self)
             self.stats_publisher.start()

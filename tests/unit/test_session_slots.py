@@ -26,7 +26,7 @@ def test_the_error_window_is_bounded_and_forgets() -> None:
 
 
 def test_the_websocket_transport_has_slots() -> None:
-    from bridge.ws import _WsTransport
+    from bridge.ws import WsConnection
 
-    t = _WsTransport(None, None, False)  # type: ignore[arg-type]
+    t = WsConnection(None, None, "", None)  # type: ignore[arg-type]
     assert not hasattr(t, "__dict__")
