@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from bridge.http_guard import GuardedSite, HttpGuard
+from bridge.http_guard import GuardedSite, HttpGuard, LogThrottle
 
 __all__ = [
     "API_CSP",
@@ -59,6 +60,27 @@ async def _add_security_headers(request: web.Request, response: web.StreamRespon
     # before its head is written; a handler's own choice is kept.
     for name, value in security_headers(response.content_type).items():
         response.headers.setdefault(name, value)
+
+
+class _UnreadableRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse at ERROR, with a traceback: any peer could
+    fill the log with them. They become one line (at most every ``LOG_EVERY_S``), no traceback;
+    the client still gets aiohttp's 400."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = LogThrottle(log)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self._throttle.log(logging.INFO, "unreadable", "x HTTP request refused (%d): %s",
+                           exc.code, str(exc.message).splitlines()[0][:200])
+        return False
+
+
+_UNREADABLE = _UnreadableRequests()
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,7 @@ class HttpBridge:
         self.app = web.Application(client_max_size=1024 * 1024,
                                    middlewares=[self.guard.middleware])
         self.app.on_response_prepare.append(_add_security_headers)
+        logging.getLogger("aiohttp.server").addFilter(_UNREADABLE)  # once: it is a set
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
