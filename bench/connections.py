@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.nodes import settled_rss_kib
+from tests.wsclient import read_server_frame
 
 __all__ = ["main"]
 
@@ -65,16 +66,6 @@ def _frame(payload: bytes) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    b0, b1 = await reader.readexactly(2)
-    n = b1 & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", await reader.readexactly(2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", await reader.readexactly(8))
-    return b0 & 0x0F, await reader.readexactly(n)
-
-
 class _Conn:
     __slots__ = ("reader", "writer")
 
@@ -95,7 +86,7 @@ async def _open(host: str, port: int, path: str, first: bytes | None, until: byt
         status = head.split(b"\r\n", 1)[0]
         raise RuntimeError(f"upgrade refused: {status!r}")
     while True:
-        opcode, payload = await _read_frame(reader)
+        opcode, payload = await read_server_frame(reader)
         if opcode == 0x8:
             raise RuntimeError(f"closed: {payload[2:]!r}")
         if opcode == 0x9:  # a ping: pong
@@ -145,7 +136,7 @@ async def _client(args: argparse.Namespace) -> None:
     async def pong(c: _Conn) -> None:  # keep idle connections answering the server's pings
         try:
             while True:
-                opcode, payload = await _read_frame(c.reader)
+                opcode, payload = await read_server_frame(c.reader)
                 if opcode == 0x9:
                     c.writer.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
         except (OSError, asyncio.IncompleteReadError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from node.protocol.frames import CBOR, JSON
 from node.protocol.tokens import mint_token
 
-__all__ = ["SECRET", "RawClient", "token", "unique", "ws_url"]
+__all__ = ["SECRET", "RawClient", "read_server_frame", "token", "unique", "ws_url"]
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 ALL_RIGHTS = ["join", "publish", "history", "presence"]
@@ -133,3 +134,15 @@ async def publish_many(c: RawClient, room: str, n: int, start: int = 0) -> list[
 def ws_url(node: Any) -> str:
     """The WebSocket URL of an in-process node."""
     return f"ws://127.0.0.1:{node.http.port}/ws"
+
+
+async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One WebSocket frame from a server (unmasked, RFC 6455 section 5.2), read off a raw
+    socket: its opcode and payload."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", await reader.readexactly(8))
+    return b0 & 0x0F, await reader.readexactly(n)

@@ -21,7 +21,7 @@ import cbor2
 import pytest
 
 from tests.integration.test_hostile_input import still_serves
-from tests.wsclient import RawClient, token, ws_url
+from tests.wsclient import RawClient, read_server_frame, token, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -88,13 +88,7 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True,
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """One server frame (unmasked): its opcode and payload."""
-    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
-    n = b1 & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", await reader.readexactly(2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", await reader.readexactly(8))
-    return b0 & 0x0F, await reader.readexactly(n)
+    return await asyncio.wait_for(read_server_frame(reader), 10)
 
 
 def frames_of(payload: bytes) -> list[Any]:
