@@ -397,12 +397,14 @@ class WsConnection(asyncio.Protocol):
                 self._close_transport()
 
     def _drain_expired(self) -> None:
+        # Our close went out _CLOSE_DRAIN_S ago, or the actor never closed after a broken
+        # frame: whatever is held goes now, and the socket closes.
         self._drain = None
         if self._failure is not None:
-            self._write_failure()
+            self._write_failure(drain=False)
         self._close_transport()
 
-    def _write_failure(self) -> None:
+    def _write_failure(self, *, drain: bool = True) -> None:
         failure, self._failure = self._failure or [], None
         self.closing = True
         if self._drain is not None:
@@ -414,6 +416,8 @@ class WsConnection(asyncio.Protocol):
         for data in failure:
             if data:
                 raw.write(data)
+        if not drain:
+            return  # the caller closes
         if not raw.can_write_eof():  # TLS: no half-close
             self._close_transport()
             return
