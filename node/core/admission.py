@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
-from node.core.events import dedupe_key, event_body, now_ms
+from node.core.events import RecentEvents, dedupe_key, event_map
 from node.core.limits import TokenBucket
 from node.core.ports import LiveFeed, RoomStore, StatePort, StoreError
 from node.protocol.errors import AuthError, ProtocolError
@@ -151,6 +151,10 @@ class Admission:
         self.feed = feed
         self.state = state
         self.stats = AdmissionStats()
+        #: The event maps admitted here lately, for this node's room actors (RecentEvents).
+        self.recent = RecentEvents()
+        #: Whether a room actor of (tenant, room) runs on this node (set by the node).
+        self.room_here: Callable[[str, str], bool] = _nowhere
         self._volatile_events = frozenset(settings.volatile_events)
         # namespace -> (max_payload_bytes, volatile, ttl_s, state): the settings' lookup costs
         # ~4 us, a tenth of the publish path's budget.
@@ -210,14 +214,15 @@ class Admission:
         started = time.perf_counter()
         # The encoder never fails (what the model refuses is made safe), so the size is known
         # before the value model walks the data; either refusal leaves nothing stored.
-        if key is None:
-            body = event_body(room, event, frame.data, principal, client_id, frame.msg_id)
-        else:
-            body = _state_body(room, event, frame.data, principal, client_id, frame.msg_id,
-                               key, frame.unset)
+        as_map = event_map(room, event, frame.data, principal, client_id, frame.msg_id, key,
+                           frame.unset)
+        body = CBOR.encode(as_map)
         if len(body) > max_bytes:
             raise ProtocolError(4013, "event too large")
         check_value(frame.data, "data")
+        if key is None and self.room_here(principal.tenant, room):
+            # This node's room actor delivers it: it need not decode what was built here.
+            self.recent.put(body, as_map)
         if volatile or event in self._volatile_events:
             self.stats.counts[(door, "volatile")] += 1
             return Admitted(door, principal.tenant, room, body, True, "", None, started, key,
@@ -251,10 +256,10 @@ class Admission:
         except StoreError as exc:
             raise self._not_stored(admitted, exc) from None
         if state is not None and admitted.key is not None:
-            event_map = cbor_loads_strict(admitted.body)
-            event_map["seq"] = seq
+            value = cbor_loads_strict(admitted.body)
+            value["seq"] = seq
             try:
-                await state.put(admitted.tenant, admitted.room, admitted.key, seq, event_map,
+                await state.put(admitted.tenant, admitted.room, admitted.key, seq, value,
                                 admitted.unset)
             except StoreError as exc:
                 log.warning("! state of %s (%s) not written for seq %d: %s", admitted.room,
@@ -334,27 +339,14 @@ class Admission:
             pass
 
 
+def _nowhere(tenant: str, room: str) -> bool:
+    return False
+
+
 def _not_state_room() -> ProtocolError:
     exc = ProtocolError(4000, NOT_STATE_ROOM)
     exc.label = "not_state_room"  # type: ignore[attr-defined]  # the plain MQTT face's label
     return exc
-
-
-def _state_body(room: str, event: str, data: object, principal: Principal,
-                client_id: str | None, msg_id: str | None, key: str, unset: bool) -> bytes:
-    """The event map of a state room: :func:`~node.core.events.event_body` with ``key``, and
-    ``unset: true`` when the event removes it."""
-    sender: dict[str, object] = {"user": principal.sub, "kind": principal.kind}
-    if client_id is not None:
-        sender["client_id"] = client_id
-    body: dict[str, object] = {
-        "room": room, "event": event, "data": data, "ts": now_ms(), "from": sender, "key": key,
-    }
-    if unset:
-        body["unset"] = True
-    if msg_id is not None:
-        body["msg_id"] = msg_id
-    return CBOR.encode(body)
 
 
 class VolatilePublisher:

@@ -83,6 +83,7 @@ class NodeContext:
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings, self.store, self.feed, self.state)
+        self.admission.room_here = self._room_here
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
         per_min = self.settings.connects_per_min
@@ -111,11 +112,14 @@ class NodeContext:
             idle_s=self.settings.room_idle_s, state=policy.state,
         )
         return RoomActor(tenant, room, self.store, self.feed, settings, self.counters,
-                         self.state)
+                         self.state, self.admission.recent)
 
     def running_room(self, tenant: str, room: str) -> Any:
         """The room actor of ``room`` if it runs, else None (nothing is spawned)."""
         return self.system.get(_room_name(tenant, room))
+
+    def _room_here(self, tenant: str, room: str) -> bool:
+        return self.system.get(_room_name(tenant, room)) is not None
 
     def may_open_room(self, tenant: str, room: str) -> bool:
         """Whether a join of ``room`` may go ahead: its room actor runs already, or the node

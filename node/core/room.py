@@ -64,7 +64,7 @@ from typing import Any
 from actors.actor import Actor, RestartPolicy
 from actors.errors import ActorError
 from actors.mailbox import Overflow
-from node.core.events import event_frame
+from node.core.events import RecentEvents, event_frame
 from node.core.ports import (
     LiveFeed,
     LiveMessage,
@@ -216,6 +216,7 @@ class RoomActor(Actor):
         settings: RoomSettings,
         counters: RoomCounters,
         state: StatePort | None = None,
+        recent: RecentEvents | None = None,
     ) -> None:
         self.tenant = tenant
         self.room = room
@@ -224,6 +225,8 @@ class RoomActor(Actor):
         self.settings = settings
         self.counters = counters
         self.state = state if settings.state else None
+        # The maps of events this node admitted itself (none for a state room's events).
+        self.recent = recent
         # A state room's values (see the module's docstring); the joins waiting for the first
         # read (until the room has delivered _state_need), and whether a read is in flight.
         self._values = RoomValues(STATE_GRACE_S)
@@ -517,10 +520,12 @@ class RoomActor(Actor):
             self._on_live(msg)
 
     def _frame(self, seq: int | None, body: bytes) -> dict[str, Any] | None:
-        try:
-            event = cbor_loads_strict(body)
-        except CodecError:
-            event = None
+        event = None if self.recent is None else self.recent.take(body)
+        if event is None:
+            try:
+                event = cbor_loads_strict(body)
+            except CodecError:
+                event = None
         frame = event_frame(self.room, seq, event)
         if frame is None:
             # Written to the stream by something else than a node (PROTOCOL.md section 9):

@@ -10,6 +10,8 @@ duplicate ``msg_id`` is stored once.
 from __future__ import annotations
 
 import asyncio
+import io
+import random
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import cbor2
 import pytest
 
+from node.protocol.frames import CBOR
 from tests.doors import DOORS, Outcome, make_door
 from tests.integration.test_mqtt_external import mosquitto  # noqa: F401  (a fixture)
 from tests.wsclient import ALL_RIGHTS, RawClient, token, unique, ws_url
@@ -152,3 +155,84 @@ async def _check(case: Case, publisher: Any, members: Members) -> None:
         assert stored == [], f"{case.name}: a volatile event is never stored"
     else:
         assert delivered == [] and stored == [], f"{case.name}: refused, never stored"
+
+
+def _value(rng: random.Random, depth: int = 0) -> Any:
+    """A seeded value of the value model (floats, big integers, bytes, text and nesting)."""
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([None, True, False, 0, -0.0, 2**64 - 1, -(2**63)])
+    if kind == 1:
+        return rng.randint(-(2**40), 2**40)
+    if kind == 2:
+        return rng.choice([rng.random() * 10 ** rng.randint(-5, 300), 1.5, 0.1, 1e16])
+    if kind == 3:
+        return "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0xA0, 0x2FFF),
+                                       0x1F600, 0])) for _ in range(rng.randint(0, 12)))
+    if kind == 4:
+        return rng.randbytes(rng.randint(0, 9))
+    if kind == 5:
+        return rng.uniform(-1e6, 1e6)
+    if kind in (6, 7):
+        return [_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {f"k{i}\u00e9"[: rng.randint(1, 3)]: _value(rng, depth + 1)
+            for i in range(rng.randint(0, 4))}
+
+
+async def test_the_admitting_node_delivers_its_map_and_another_decodes_the_same(
+        make_node: Any) -> None:
+    """The node a publish comes in by hands its room the event map it built (RecentEvents);
+    another node decodes the stored bytes. Members of both, in both codecs, receive the same
+    bytes for every event of a seeded run of values."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    first, second = await make_node(), await make_node()
+    room = unique("chat")
+    members: dict[tuple[str, str], RawClient] = {}
+    for node in (first, second):
+        for codec in ("json", "cbor"):
+            m = await RawClient.connected(ws_url(node), token(f"m-{codec}"), codec=codec)
+            assert (await m.request({"type": "join", "room": room}))["type"] == "joined"
+            members[(node.settings.node_name, codec)] = m
+    publisher = await RawClient.connected(ws_url(first), token("pub"), codec="cbor")
+    values = [_value(rng) for _ in range(40)]
+    try:
+        for value in values:
+            reply = await publisher.request({"type": "publish", "room": room, "event": "v",
+                                             "data": value})
+            assert reply["type"] == "published", (seed, value, reply)
+        for codec in ("json", "cbor"):
+            here, there = (members[(n.settings.node_name, codec)] for n in (first, second))
+            for value in values:
+                raw_here, raw_there = await _raw_event(here), await _raw_event(there)
+                assert raw_here == raw_there, (seed, value)
+        assert first.ctx.admission.recent.hits > 0  # the first node did use its maps
+    finally:
+        for m in [*members.values(), publisher]:
+            await m.close()
+
+
+async def _raw_event(member: RawClient) -> bytes:
+    """The next ``v`` event's bytes as they came over the socket (a message may carry several
+    frames: JSON ones joined by newlines, CBOR ones one after another)."""
+    while True:
+        while not member.buffer:
+            data = await asyncio.wait_for(member.ws.recv(), 20)
+            raw = data.encode() if isinstance(data, str) else data
+            member.buffer.extend(_frames(raw, member.codec is CBOR))
+        raw = member.buffer.pop(0)
+        [frame] = member.codec.decode(raw)
+        if frame.get("type") == "event" and frame.get("event") == "v":
+            return bytes(raw)
+
+
+def _frames(raw: bytes, cbor: bool) -> list[bytes]:
+    if not cbor:
+        return [line for line in raw.split(b"\n") if line.strip()]
+    out, fp = [], io.BytesIO(raw)
+    decoder = cbor2.CBORDecoder(fp)
+    while fp.tell() < len(raw):
+        start = fp.tell()
+        decoder.decode()
+        out.append(raw[start:fp.tell()])
+    return out
