@@ -1,11 +1,12 @@
 """Room fan-out, end to end through JetStream: rtnode against a plain websockets broadcast server.
 
-``python -m bench [--subscribers 100] [--events 2000] [--payload-bytes 100] [--codec json|cbor]
-[--skip-baseline] [--in-flight 256] [--timeout-s 120]`` (or ``make bench ARGS="..."``):
+``python -m bench fanout [--subscribers 100] [--events 2000] [--payload-bytes 100]
+[--codec json|cbor] [--skip-baseline] [--in-flight 256] [--timeout-s 120]`` (or
+``make bench ARGS="fanout ..."``):
 
 1. starts an rtnode node as a subprocess (with its embedded nats-server) on free ports, in a
    temporary data directory, with limits high enough that the benchmark measures fan-out, not
-   rate limiting;
+   rate limiting (its clients all come from 127.0.0.1: the per-address limits are lifted);
 2. opens S subscriber WebSockets that ``connect`` and ``join`` one room, and one publisher that
    publishes M events to it, pipelined: several ``publish`` frames per WebSocket message, its
    ``published`` replies read by a task of their own;
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from bench.fanout_clients import measure
 from bench.fanout_results import BenchConfig, RunResult, figures, problems
-from bench.nodes import bench_node, scrape_settled
+from bench.nodes import bench_node, open_limits, scrape_settled
 from bench.procs import (
     READY_TIMEOUT_S,
     REPO,
@@ -114,8 +115,8 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
     print(f"machine: {platform.system()} {platform.machine()}, os.cpu_count() = "
           f"{os.cpu_count()}; the server process (the node and its nats-server, or the "
           f"baseline) and all clients share these cores")
-    print(f"reproduce: python -m bench {args}")
-    print(f"       or: make bench ARGS=\"{args}\"")
+    print(f"reproduce: python -m bench fanout {args}")
+    print(f"       or: make bench ARGS=\"fanout {args}\"")
     print(f"publishers: at most {cfg.in_flight} events published and not yet received (on "
           f"average over the subscribers); rtnode: {cfg.batch} publish frames per message, "
           f"baseline: one event per message")
@@ -187,7 +188,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, terminated)
     try:
         print("  rtnode (through JetStream) ...", flush=True)
-        results.append(run_rtnode(cfg))
+        results.append(run_rtnode(cfg, extra=open_limits(cfg.subscribers)))
         if not cfg.skip_baseline:
             print("  baseline (websockets.broadcast) ...", flush=True)
             results.append(run_baseline(cfg))

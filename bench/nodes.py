@@ -41,6 +41,7 @@ __all__ = [
     "RunOutcome",
     "bench_node",
     "node_command",
+    "open_limits",
     "rss_kib",
     "scrape",
     "scrape_settled",
@@ -294,3 +295,11 @@ def scrape_settled(base: str, timeout: float = 3.0, mqtt: bool = False) -> dict[
         if not alive or time.monotonic() > deadline:
             return counters
         time.sleep(0.1)
+
+
+def open_limits(connections: int) -> list[str]:
+    """Node flags that let ``connections`` clients of one address in (a benchmark's clients
+    all come from 127.0.0.1)."""
+    big = str(max(100_000, 2 * connections))
+    return ["--max-connections", big, "--max-connections-per-ip", big,
+            "--peer-failures-per-min", big]

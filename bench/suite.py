@@ -41,7 +41,7 @@ from bench.fanout_results import BenchConfig, RunResult
 from bench.fanout_results import lost as fanout_lost
 from bench.ingest_devices import IngestConfig
 from bench.ingest_report import IngestResult
-from bench.nodes import SECRET, RunOutcome, bench_node, rss_kib
+from bench.nodes import SECRET, RunOutcome, bench_node, open_limits, rss_kib
 from bench.plots import write_plots
 from bench.procs import (
     READY_TIMEOUT_S,
@@ -126,13 +126,6 @@ def _server(system: str, workers: int, errors: list[str], extra: Sequence[str] =
             lines = log_lines(log_path)
             if lines or notes:
                 errors.append(f"{system}: " + " | ".join([*lines[-3:], *notes])[:400])
-
-
-def _limits(connections: int) -> list[str]:
-    """Node flags that let ``connections`` clients of one address in."""
-    big = str(max(100_000, 2 * connections))
-    return ["--max-connections", big, "--max-connections-per-ip", big,
-            "--peer-failures-per-min", big]
 
 
 def _split(cpu: dict[str, float]) -> tuple[float, float]:
@@ -230,7 +223,7 @@ async def _hold(t: Target, a: argparse.Namespace, res: _Conns) -> None:
 def run_connections(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
     w = r.workload("connections", "idle WebSocket connections, connected and joined "
                                   f"({a.connections}, rooms of 100)")
-    limits = _limits(a.connections)
+    limits = open_limits(a.connections)
     for system, workers in _systems(a):
         log(f"  connections: {system} ...")
         res = _Conns()
@@ -366,7 +359,7 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
             log(f"  fan-out: {system}, {subs} subscribers ...")
             cfg = BenchConfig(subscribers=subs, events=a.fanout_events,
                               timeout_s=a.timeout_s)
-            res = (fanout.run_rtnode(cfg, workers=workers, extra=_limits(subs)) if workers
+            res = (fanout.run_rtnode(cfg, workers=workers, extra=open_limits(subs)) if workers
                    else fanout.run_baseline(cfg))
             if res.error:
                 errors.append(f"fan-out {subs}, {system}: {res.error}")
