@@ -110,10 +110,8 @@ class ActorCell:
         return len(self._mailbox)
 
     @property
-    def task(self) -> asyncio.Task[None]:
-        """The actor's task (exists once ``start()`` was called)."""
-        if self._task is None:
-            raise RuntimeError(f"actor {self.name!r} was never started")
+    def task(self) -> asyncio.Task[None] | None:
+        """The actor's task: None before ``start()`` and while the actor rests."""
         return self._task
 
     def start(self) -> None:
@@ -130,7 +128,13 @@ class ActorCell:
         self._task.add_done_callback(self._task_done)  # a bound method: no closure per actor
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task is self._task and not self._resting:
+        if task is not self._task:
+            return
+        if self._resting:
+            # A done task keeps its coroutine and name (~500 bytes): a resting actor holds
+            # none, and a message or a stop gives it a new one.
+            self._task = None
+        else:
             self._finalize()
 
     def _wake(self) -> None:

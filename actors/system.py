@@ -158,7 +158,8 @@ class ActorSystem:
             cell.request_stop(drain=True)
         current = asyncio.current_task()
         # An actor shutting the system down from its handler must not wait for itself.
-        tasks = {cell.task for cell in cells if cell.task is not current and not cell.task.done()}
+        tasks = {task for cell in cells
+                 if (task := cell.task) is not None and task is not current and not task.done()}
         if self._rest_timer is not None:
             self._rest_timer.cancel()
             self._rest_timer = None

@@ -23,6 +23,9 @@ from node.protocol.tokens import Principal
 __all__ = ["ConnectionIndex", "IndexedConnection"]
 
 _Key = tuple[str, str]
+# In the tables by user and by client id, one connection of a key is kept as itself, several
+# as a dict by connection id: most users and client ids have one connection, and a dict of one
+# is ~230 bytes per connection and table.
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -59,8 +62,8 @@ class ConnectionIndex:
 
     def __init__(self) -> None:
         self.by_id: dict[int, IndexedConnection] = {}
-        self._by_user: dict[_Key, dict[int, IndexedConnection]] = {}
-        self._by_client: dict[_Key, dict[int, IndexedConnection]] = {}
+        self._by_user: dict[_Key, IndexedConnection | dict[int, IndexedConnection]] = {}
+        self._by_client: dict[_Key, IndexedConnection | dict[int, IndexedConnection]] = {}
         self._serial = itertools.count(1)
         self.refusals: Counter[int] = Counter()
         self._empty_waiters: list[asyncio.Future[None]] = []
@@ -70,7 +73,7 @@ class ConnectionIndex:
 
     def user_count(self, tenant: str, sub: str) -> int:
         """How many connections the user ``sub`` of ``tenant`` has on this node."""
-        return len(self._by_user.get((tenant, sub), ()))
+        return len(_entries(self._by_user, (tenant, sub)))
 
     def check_room(self, principal: Principal, *, per_user: int, total: int) -> None:
         """Whether one more connection of ``principal`` fits.
@@ -100,8 +103,8 @@ class ConnectionIndex:
         entry = IndexedConnection(next(self._serial), principal.tenant, principal.sub,
                                   client_id, ref)
         self.by_id[entry.conn_id] = entry
-        self._by_user.setdefault((entry.tenant, entry.sub), {})[entry.conn_id] = entry
-        self._by_client.setdefault((entry.tenant, client_id), {})[entry.conn_id] = entry
+        _add(self._by_user, (entry.tenant, entry.sub), entry)
+        _add(self._by_client, (entry.tenant, client_id), entry)
         return entry
 
     def remove(self, entry: IndexedConnection) -> bool:
@@ -123,11 +126,11 @@ class ConnectionIndex:
         """The connections of ``tenant`` only: every one of ``user``, or those with
         ``client_id`` (of ``user`` when both are given), oldest first."""
         if client_id is not None:
-            found = self._by_client.get((tenant, client_id), {})
+            found = _entries(self._by_client, (tenant, client_id))
             return [c for _, c in sorted(found.items()) if user is None or c.sub == user]
         if user is None:
             return []
-        return [c for _, c in sorted(self._by_user.get((tenant, user), {}).items())]
+        return [c for _, c in sorted(_entries(self._by_user, (tenant, user)).items())]
 
     def refs(self) -> list[Any]:
         """The actor of every connection (for the drain)."""
@@ -141,9 +144,38 @@ class ConnectionIndex:
             await fut
 
 
-def _discard(table: dict[_Key, dict[int, IndexedConnection]], key: _Key, conn_id: int) -> None:
-    entries = table.get(key)
-    if entries is not None:
-        entries.pop(conn_id, None)
-        if not entries:
+def _entries(table: dict[_Key, IndexedConnection | dict[int, IndexedConnection]],
+             key: _Key) -> dict[int, IndexedConnection]:
+    found = table.get(key)
+    if found is None:
+        return {}
+    if isinstance(found, IndexedConnection):
+        return {found.conn_id: found}
+    return found
+
+
+def _add(table: dict[_Key, IndexedConnection | dict[int, IndexedConnection]], key: _Key,
+         entry: IndexedConnection) -> None:
+    found = table.get(key)
+    if found is None:
+        table[key] = entry
+    elif isinstance(found, IndexedConnection):
+        table[key] = {found.conn_id: found, entry.conn_id: entry}
+    else:
+        found[entry.conn_id] = entry
+
+
+def _discard(table: dict[_Key, IndexedConnection | dict[int, IndexedConnection]], key: _Key,
+             conn_id: int) -> None:
+    found = table.get(key)
+    if found is None:
+        return
+    if isinstance(found, IndexedConnection):
+        if found.conn_id == conn_id:
             del table[key]
+        return
+    found.pop(conn_id, None)
+    if len(found) == 1:
+        table[key] = next(iter(found.values()))
+    elif not found:
+        del table[key]

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from node.core.index import ConnectionIndex
+from node.core.index import ConnectionIndex, IndexedConnection
 from node.protocol.errors import ProtocolError
 from node.protocol.tokens import Principal
 
@@ -85,3 +85,28 @@ async def test_wait_empty() -> None:
     assert not waiter.done()
     index.remove(entry)
     await asyncio.wait_for(waiter, 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_random_adds_and_removes_agree_with_a_plain_model(seed: int) -> None:
+    """Keys with one connection and keys with several (a connection kept as itself or in a
+    dict): every selection, count and removal agrees with a list of what is open."""
+    rng = random.Random(seed)
+    index = ConnectionIndex()
+    open_: list[IndexedConnection] = []
+    for _ in range(600):
+        if open_ and rng.random() < 0.45:
+            entry = open_.pop(rng.randrange(len(open_)))
+            assert index.remove(entry) and not index.remove(entry)
+        else:
+            sub, cid = f"u{rng.randrange(4)}", f"c{rng.randrange(5)}"
+            open_.append(index.add(dev(sub, rng.choice(["ta", "tb"])), cid, object(), **LIMITS))
+        for tenant in ("ta", "tb"):
+            for sub in ("u0", "u1", "u2", "u3"):
+                mine = [e for e in open_ if (e.tenant, e.sub) == (tenant, sub)]
+                assert index.select(tenant, user=sub) == mine  # oldest first
+                assert index.user_count(tenant, sub) == len(mine)
+            for cid in ("c0", "c1", "c2", "c3", "c4"):
+                assert index.select(tenant, client_id=cid) == [
+                    e for e in open_ if (e.tenant, e.client_id) == (tenant, cid)]
+    assert len(index) == len(open_)
