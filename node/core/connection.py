@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.actor import Actor
+from actors.deadlines import Deadline
 from actors.errors import ActorDeadError, ActorError
 from actors.mailbox import Overflow
 from node.core.context import (
@@ -246,7 +247,8 @@ class ConnectionActor(Actor):
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
         # join the same room on its tunnel.
         self.plain: dict[str, Membership] = {}
-        self._timers: dict[TimerKey, asyncio.TimerHandle] = {}
+        # On the node's Deadlines: one loop timer for all (each of its own was ~800 bytes).
+        self._timers: dict[TimerKey, Deadline] = {}
         # Each timer armed gets a serial; one that fired waits here with its serial until its
         # message is handled, and is stale if armed again or cancelled meanwhile.
         self._timer_serial = 0
@@ -484,8 +486,8 @@ class ConnectionActor(Actor):
         self._cancel_timer(CancelTimer(command.key))
         delay = max(0.0, command.deadline - time.monotonic())
         self._timer_serial += 1
-        self._timers[command.key] = self._loop.call_later(delay, self._fire, command.key,
-                                                          self._timer_serial)
+        self._timers[command.key] = self.ctx.deadlines.call_later(delay, self._fire, command.key,
+                                                                  self._timer_serial)
 
     def _fire(self, key: TimerKey, serial: int) -> None:
         self._timers.pop(key, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from actors.deadlines import Deadlines
 from actors.lane import Lane
 from actors.system import ActorSystem
 from node.core.admission import Admission
@@ -64,6 +65,8 @@ class NodeContext:
     #: Requests of every connection go through it, one per turn of the loop: a burst of them
     #: from many connections at once cannot hold up the events on their way meanwhile.
     lane: Lane = field(default_factory=Lane)
+    #: The connections' timers (token expiry, rpc and join deadlines...) on one loop timer.
+    deadlines: Deadlines = field(default_factory=Deadlines)
     draining: bool = False
     presence: PresencePort | None = None
     rpc: RpcPort | None = None
