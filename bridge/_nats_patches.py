@@ -2,8 +2,9 @@
 PONG handler that survives a timed-out flush, a PING that keeps its place after what was
 queued before it, and a message dispatch that hands a ``raw`` subscription its payload and
 header bytes as they are. And two helpers that go around nats-py's
-per-message costs where the node sends or receives many messages: :func:`publish_many` and
-:func:`direct_dispatch` (with :func:`header_value` for its raw headers: a room's live events).
+per-message costs where the node sends or receives many messages: :func:`publish_many`,
+:func:`direct_dispatch` and :func:`raw_dispatch` (with :func:`header_value` for its raw
+headers: a room's live events).
 
 **PONG after a timed-out flush.** ``flush(timeout=...)`` queues a future for the server's PONG
 and cancels it when the timeout passes; the late PONG then meets a cancelled future and
@@ -44,7 +45,8 @@ from nats.aio.client import Client, _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["direct_dispatch", "header_lines", "header_value", "install", "publish_many"]
+__all__ = ["RawRoute", "Route", "direct_dispatch", "header_lines", "header_value", "install",
+           "publish_many", "raw_dispatch"]
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +102,12 @@ async def _process_msg(self: Client, sid: int, subject: bytes, reply: bytes, dat
     """nats-py's, except for a subscription of :func:`direct_dispatch` with ``raw=True``: its
     handler gets the payload and the raw header block, with no header dict, no ``Msg`` and no
     coroutine of its own (a live event's seven headers cost ~6 us to parse into a dict)."""
-    sub = self._subs.get(sid)
-    queue: Any = None if sub is None else sub._pending_queue
-    if type(queue) is _Raw:
+    sub: Any = self._subs.get(sid)
+    if type(sub) is RawRoute:
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        sub._received += 1  # type: ignore[union-attr]
-        queue.deliver(subject, data, headers)
+        sub._received += 1
+        sub.deliver(subject, data, headers)
         return
     await _ORIGINAL_PROCESS_MSG(self, sid, subject, reply, data, headers)  # type: ignore[arg-type]
 
@@ -219,14 +220,92 @@ class _Direct(_Handover):
             log.exception("! handler of %s failed", msg.subject)
 
 
-class _Raw(_Handover):
-    """A ``raw`` :func:`direct_dispatch` subscription's: nats-py's ``_process_msg`` (patched)
-    hands it each message's payload and raw headers, with no ``Msg`` built."""
+class Route:
+    """A subscription as nats-py's client sees one (its read loop, the SUBs a reconnect sends
+    again, close and drain), for the node's own many subscriptions: rpc targets and the rooms'
+    live subjects. ~100 bytes with no queue and no task, against ~500 for a ``Subscription``
+    with a :class:`_Direct`. Each message goes to ``handler`` at once, in the read loop, as
+    nats-py's ``Msg``; exceptions are logged, never raised into the read loop."""
+
+    __slots__ = ("_closed", "_id", "_nc", "_pending_size", "_queue", "_received", "_subject",
+                 "handler")
+    # What nats-py reads and a route never has: a limit, a JetStream context, a future, a
+    # bytes limit on pending messages (0: none), a task or iterator to stop.
+    _max_msgs = 0
+    _jsi = None
+    _future = None
+    _pending_bytes_limit = 0
+    _wait_for_msgs_task = None
+    _message_iterator = None
+    _pending_next_msgs_calls = None
+
+    def __init__(self, nc: Any, sid: int, subject: str, handler: Callable[..., None],
+                 queue: str = "") -> None:
+        self._nc = nc
+        self._id, self._subject, self._queue = sid, subject, queue
+        self.handler = handler
+        self._received = 0
+        self._pending_size = 0
+        self._closed = False
+
+    @property
+    def _pending_queue(self) -> Route:
+        return self
+
+    @property
+    def pending_msgs(self) -> int:
+        """Messages waiting (as a ``Subscription`` says): none, each is handed over at once."""
+        return 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return 0
+
+    # What nats-py's drain and close ask of a queue: a route holds nothing.
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        return None
+
+    def put_nowait(self, msg: Msg) -> None:
+        """nats-py's read loop hands over one message."""
+        self._pending_size = 0
+        try:
+            self.handler(msg)
+        except Exception:  # never into the client's read loop
+            log.exception("! handler of %s failed", self._subject)
+
+    async def _drain(self) -> None:  # the client drains: no more messages
+        try:
+            await self.unsubscribe()
+        except Exception:  # closing meanwhile: nothing left to unsubscribe from
+            pass
+
+    async def unsubscribe(self) -> None:
+        """No more messages; the server forgets the subscription."""
+        nc = self._nc
+        self._closed = True
+        nc._remove_sub(self._id)
+        if not nc.is_closed:
+            # Also while reconnecting (unlike nats-py's own unsubscribe): its SUB may wait in
+            # the client's buffer, sent after the reconnect; the UNSUB follows it there (a
+            # subscription left on the server would take its share of a queue group's
+            # messages, or keep sending a room's events).
+            await nc._send_unsubscribe(self._id)
+
+
+class RawRoute(Route):
+    """A ``raw`` :func:`direct_dispatch` route: nats-py's ``_process_msg`` (patched) hands its
+    handler each message's payload and raw headers, with no ``Msg`` built."""
 
     __slots__ = ()
-
-    def __init__(self, handler: Callable[[bytes, bytes | None], None]) -> None:
-        self.handler = handler
 
     def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
         try:
@@ -251,17 +330,8 @@ def header_value(raw: bytes | None, name: bytes) -> bytes | None:
     return raw[i:j if j >= 0 else len(raw)].strip()
 
 
-async def direct_dispatch(nc: Client, subject: str, handler: Callable[..., None], *,
-                          raw: bool = False) -> Subscription:
-    """``nc.subscribe(subject)`` whose messages are handed to ``handler`` (synchronous, quick,
-    never raising into the read loop: exceptions are logged) as nats-py reads them, in order:
-    each as a ``Msg``, or with ``raw`` as ``handler(payload, raw_headers)`` (read them with
-    :func:`header_value`; needs :func:`install`).
-
-    A subscription with a ``cb`` costs a queue put, a task switch and a coroutine per message;
-    for a room's live events that was ~7 us each. It also starts a task at subscribe time,
-    which this does not. ``unsubscribe`` and ``drain`` work as usual.
-    """
+def _check_subscribe(nc: Client, subject: str) -> None:
+    """What ``nc.subscribe`` checks first (and raises the same errors)."""
     if not nc._skip_subject_validation:
         _validate_subject(subject, strict=True)
     elif not subject:
@@ -270,11 +340,38 @@ async def direct_dispatch(nc: Client, subject: str, handler: Callable[..., None]
         raise errors.ConnectionClosedError
     if nc.is_draining:
         raise errors.ConnectionDrainingError
+
+
+async def direct_dispatch(nc: Client, subject: str,
+                          handler: Callable[[Msg], None]) -> Subscription:
+    """``nc.subscribe(subject)`` whose messages are handed to ``handler`` as nats-py's ``Msg``
+    (synchronous, quick, never raising into the read loop: exceptions are logged) as nats-py
+    reads them, in order.
+
+    A subscription with a ``cb`` costs a queue put, a task switch and a coroutine per message;
+    for a room's live events that was ~7 us each. It also starts a task at subscribe time,
+    which this does not. ``unsubscribe`` and ``drain`` work as usual.
+    """
+    _check_subscribe(nc, subject)
     nc._sid += 1
     # No cb and no future: nats-py starts no task for it. Its queue is replaced before the
     # server knows the subscription, so no message can be left in the old one.
     sub = Subscription(nc, nc._sid, subject)
-    sub._pending_queue = _Raw(handler) if raw else _Direct(sub, handler)  # type: ignore[assignment]
+    sub._pending_queue = _Direct(sub, handler)  # type: ignore[assignment]
     nc._subs[sub._id] = sub
     await nc._send_subscribe(sub)
     return sub
+
+
+async def raw_dispatch(nc: Client, subject: str,
+                       handler: Callable[[bytes, bytes | None], None]) -> RawRoute:
+    """:func:`direct_dispatch` with ``handler(payload, raw_headers)`` (read the headers with
+    :func:`header_value`; needs :func:`install`): no ``Msg`` and no header dict per message,
+    and a :class:`RawRoute` of ~100 bytes instead of a ``Subscription`` (every room has two).
+    ``unsubscribe`` and ``drain`` work as usual."""
+    _check_subscribe(nc, subject)
+    nc._sid += 1
+    route = RawRoute(nc, nc._sid, subject, handler)
+    nc._subs[route._id] = route  # type: ignore[assignment]
+    await nc._send_subscribe(route)  # type: ignore[arg-type]
+    return route

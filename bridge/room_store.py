@@ -52,7 +52,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from bridge._nats_patches import direct_dispatch, header_lines, header_value, publish_many
+from bridge._nats_patches import (
+    RawRoute,
+    direct_dispatch,
+    header_lines,
+    header_value,
+    publish_many,
+    raw_dispatch,
+)
 from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
@@ -110,11 +117,33 @@ def _expire(fut: asyncio.Future[Any]) -> None:
 
 
 class _LiveSub:
-    def __init__(self, sub: NatsSubscription, eph: NatsSubscription) -> None:
-        self._subs = (sub, eph)
+    """A room's two subscriptions (stored events as the stream republishes them, volatile
+    ones), handing each message to the room's callback."""
+
+    __slots__ = ("callback", "room", "subs")
+
+    def __init__(self, room: str, callback: Callable[[LiveMessage], None]) -> None:
+        self.room = room
+        self.callback = callback
+        self.subs: list[RawRoute] = []
+
+    def on_live(self, data: bytes, headers: bytes | None) -> None:
+        # The stream's RePublish sets both headers (the first event's last seq is 0).
+        try:
+            seq = int(header_value(headers, b"Nats-Sequence") or b"x")
+            prev = int(header_value(headers, b"Nats-Last-Sequence") or 0)
+        except ValueError:
+            log.warning("! live message without sequence headers in room %s", self.room)
+            return
+        self.callback(LiveMessage(seq, prev, data))
+
+    def on_eph(self, data: bytes, headers: bytes | None) -> None:
+        self.callback(LiveMessage(None, None, data))
 
     async def unsubscribe(self) -> None:
-        for sub in self._subs:
+        # Its routes' handlers are its methods: once they are gone, no cycle is left.
+        subs, self.subs = self.subs, []
+        for sub in subs:
             try:
                 await sub.unsubscribe()
             except Exception:  # connection closing: nothing left to unsubscribe from
@@ -675,25 +704,13 @@ class JetStreamRoomStore:
     async def subscribe(
         self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
     ) -> _LiveSub:
-        def on_live(data: bytes, headers: bytes | None) -> None:
-            # The stream's RePublish sets both headers (the first event's last seq is 0).
-            try:
-                seq = int(header_value(headers, b"Nats-Sequence") or b"x")
-                prev = int(header_value(headers, b"Nats-Last-Sequence") or 0)
-            except ValueError:
-                log.warning("! live message without sequence headers in room %s", room)
-                return
-            callback(LiveMessage(seq, prev, data))
-
-        def on_eph(data: bytes, headers: bytes | None) -> None:
-            callback(LiveMessage(None, None, data))
-
+        live = _LiveSub(room, callback)
         nc = self.link.nc
         # Handed over in the read loop (bridge/_nats_patches.py): no task switch, no header
         # dict and no Msg per event.
-        sub = await direct_dispatch(nc, live_subject(tenant, room), on_live, raw=True)
-        eph = await direct_dispatch(nc, eph_subject(tenant, room), on_eph, raw=True)
-        return _LiveSub(sub, eph)
+        live.subs.append(await raw_dispatch(nc, live_subject(tenant, room), live.on_live))
+        live.subs.append(await raw_dispatch(nc, eph_subject(tenant, room), live.on_eph))
+        return live
 
     async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         await self.link.nc.publish(eph_subject(tenant, room), body)

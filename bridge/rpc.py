@@ -6,9 +6,10 @@ holds: ``rt.rpc.<tenant>.client.<client_id>`` for each connection and
 gets NATS's "no responders" at once (4004); one held by several connections goes to one of them.
 
 A route is cheap: not a nats-py ``Subscription`` (each has an ``asyncio.Queue`` and a task
-running a coroutine, ~4 KB per connection for two routes) but a :class:`_Route` registered in
-the client's table of subscriptions, whose messages are dispatched in the client's read loop,
-synchronously (a request is only told to an actor's mailbox). The routes registered within one
+running a coroutine, ~4 KB per connection for two routes) but a ``Route``
+(``bridge/_nats_patches.py``) registered in the client's table of subscriptions, whose messages
+are dispatched in the client's read loop, synchronously (a request is only told to an actor's
+mailbox). The routes registered within one
 turn of the event loop share one PING/PONG with the server: a connection gets its ``connected``
 once the server has its routes, without a round trip of its own.
 """
@@ -16,7 +17,6 @@ once the server has its routes, without a round trip of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from bridge._nats_patches import Route
 from bridge.nats_link import NatsLink
 from node.core.ports import RpcError
 from node.protocol.errors import CodecError
@@ -46,66 +47,6 @@ def rpc_subject(tenant: str, target: str) -> str:
     return f"rt.rpc.{tenant}.{kind}.{ident}"
 
 
-class _Route:
-    """One rpc subject of this node, as nats-py's client sees a subscription: what its read
-    loop (``_process_msg``), reconnect (SUBs sent again), close and drain read of one. Each
-    message is handed to ``deliver`` at once (no queue, no task)."""
-
-    __slots__ = (
-        "_closed",
-        "_deliver",
-        "_id",
-        "_nc",
-        "_pending_size",
-        "_queue",
-        "_received",
-        "_subject",
-    )
-    # What nats-py reads and this route never has: a limit, a JetStream context, a future, a
-    # bytes limit on pending messages (0: none), a task or iterator to stop.
-    _max_msgs = 0
-    _jsi = None
-    _future = None
-    _pending_bytes_limit = 0
-    _wait_for_msgs_task = None
-    _message_iterator = None
-    _pending_next_msgs_calls = None
-
-    def __init__(self, nc: Any, sid: int, subject: str, deliver: Callable[[Msg], None]) -> None:
-        self._nc = nc
-        self._id, self._subject, self._queue = sid, subject, _QUEUE
-        self._deliver = deliver
-        self._received = 0
-        self._pending_size = 0
-        self._closed = False
-
-    @property
-    def _pending_queue(self) -> _Route:
-        return self
-
-    def put_nowait(self, msg: Msg) -> None:
-        """nats-py's read loop hands over one message."""
-        self._pending_size = 0
-        try:
-            self._deliver(msg)
-        except Exception:  # never into the client's read loop
-            log.exception("! rpc request on %s", self._subject)
-
-    async def _drain(self) -> None:  # the client drains: no more requests
-        with contextlib.suppress(Exception):
-            await self._unsubscribe()
-
-    async def _unsubscribe(self) -> None:
-        nc = self._nc
-        self._closed = True
-        nc._remove_sub(self._id)
-        if not nc.is_closed:
-            # Also while reconnecting (unlike nats-py's own unsubscribe): its SUB may wait in
-            # the client's buffer, sent after the reconnect; the UNSUB follows it there (a
-            # route left on the server would take its share of a queue group's requests).
-            await nc._send_unsubscribe(self._id)
-
-
 class NatsRpc:
     """The ``RpcPort`` of a node.
 
@@ -116,7 +57,7 @@ class NatsRpc:
     def __init__(self, link: NatsLink) -> None:
         self.link = link
         # subject -> (route, local handlers in registration order)
-        self._subs: dict[str, tuple[_Route | None, list[Callable[[dict[str, Any], str],
+        self._subs: dict[str, tuple[Route | None, list[Callable[[dict[str, Any], str],
                                                                  None]]]] = {}
 
     async def register(self, tenant: str, targets: list[str],
@@ -172,13 +113,13 @@ class NatsRpc:
 
     async def _subscribe(self, subject: str) -> bool:
         """Send the SUB of a route (False: the client is closed or draining)."""
-        nc: Any = self.link.nc  # its private table and SUB: a _Route is no Subscription
+        nc: Any = self.link.nc  # its private table and SUB: a Route is no Subscription
         if nc.is_closed or nc.is_draining:
             log.warning("! cannot subscribe %s: NATS connection closed", subject)
             del self._subs[subject]
             return False
         nc._sid += 1
-        route = _Route(nc, nc._sid, subject, self._on_request)
+        route = Route(nc, nc._sid, subject, self._on_request, _QUEUE)
         nc._subs[route._id] = route
         self._subs[subject] = (route, self._subs[subject][1])
         # Into the client's buffer at once (its flusher writes it); while it reconnects, the
@@ -192,7 +133,7 @@ class NatsRpc:
             return  # gone already, or in use again
         del self._subs[subject]
         if entry[0] is not None:
-            asyncio.get_running_loop().create_task(entry[0]._unsubscribe())
+            asyncio.get_running_loop().create_task(entry[0].unsubscribe())
 
     async def request(self, tenant: str, target: str, request: dict[str, Any],
                       timeout: float) -> Any:

@@ -33,6 +33,7 @@ from bridge._nats_patches import (
     header_value,
     install,
     publish_many,
+    raw_dispatch,
 )
 from tests.servers import NatsProcess
 
@@ -164,7 +165,7 @@ async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
         got.append(data)
 
     if raw:
-        sub = await direct_dispatch(sub_nc, "t.direct", lambda data, hdr: on_data(data), raw=True)
+        sub = await raw_dispatch(sub_nc, "t.direct", lambda data, hdr: on_data(data))
     else:
         sub = await direct_dispatch(sub_nc, "t.direct", lambda msg: on_data(msg.data))
     await sub_nc.flush()
@@ -222,7 +223,7 @@ async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Cli
 
     try:
         await sub_nc.subscribe("rawdst.>", cb=on)
-        await direct_dispatch(sub_nc, "rawdst.>", on_raw, raw=True)
+        await raw_dispatch(sub_nc, "rawdst.>", on_raw)
         await sub_nc.flush()
         alphabet = "ab: -=\t\u00e9"
         for i in range(n):
