@@ -48,6 +48,38 @@ class ActorCell:
             idle_timeout_s.
     """
 
+    # Two cells per idle connection (its own and its personal room's): no __dict__.
+    __slots__ = (
+        "__weakref__",
+        "_backoff",
+        "_batch_size",
+        "_capacity",
+        "_closed",
+        "_context",
+        "_counters",
+        "_current",
+        "_dead_cls",
+        "_dead_msg",
+        "_factory",
+        "_host",
+        "_idle_since",
+        "_idle_timeout",
+        "_instance",
+        "_mailbox",
+        "_overflow_policy",
+        "_rest_due",
+        "_restarts",
+        "_resting",
+        "_room_waiters",
+        "_started",
+        "_task",
+        "_terminated",
+        "kind",
+        "loop",
+        "name",
+        "ref",
+    )
+
     def __init__(
         self,
         *,

@@ -619,7 +619,9 @@ class RoomActor(Actor):
             if presence_only and not member.presence:
                 continue
             if member.replaying:
-                member.held.append((seq, frame, encoded))
+                held = member.held
+                assert isinstance(held, list)  # its own, from _on_join until the replay ends
+                held.append((seq, frame, encoded))
                 continue
             if seq is not None:
                 if seq <= member.cursor:
@@ -875,7 +877,7 @@ class RoomActor(Actor):
                 outbox.push(data)
         self.counters.replayed += len(events) - start
         member.cursor = max(member.cursor, done.target)
-        held, member.held = member.held, []
+        held, member.held = member.held, ()
         member.replaying = False
         for seq, frame, encoded in held:
             if seq is not None:

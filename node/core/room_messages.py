@@ -8,7 +8,7 @@ node sends it (:class:`Join`, :class:`Leave`, :class:`CheckGap`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from node.core.outbox import Outbox
@@ -71,9 +71,9 @@ class Membership:
     cursor: int = 0
     replaying: bool = False
     # Live frames that arrived during the replay, with the room's per-codec encodings of each:
-    # members joining together still cost one encoding per codec per event.
-    held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] = field(
-        default_factory=list)
+    # members joining together still cost one encoding per codec per event. A list of its own
+    # only while replaying (the room sets one at the join); else the shared empty tuple.
+    held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] | tuple[()] = ()
     # Called by the room, with its name and this member, when it takes the member in (its
     # live feed is subscribed by then): the connection holds its publishes to the room until
     # then, so that a client's own events, sent right after its join, are stored after the
