@@ -98,6 +98,12 @@ class ActorSystem:
         log.debug("system %s spawned actor %s", self.name, name)
         return cell.ref
 
+    def compact(self) -> None:
+        """Size the tables of actors to the actors there are now: a dict or set keeps the size
+        of its peak (10,000 connections' actors: ~1.5 MB) until it grows again."""
+        self._registry = dict(self._registry)
+        self._cells = set(self._cells)
+
     def get(self, name: str) -> ActorRef[Any] | None:
         """Return the live actor registered under ``name``, or None."""
         return self._registry.get(name)

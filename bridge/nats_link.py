@@ -138,6 +138,12 @@ class NatsLink:
         # Called when check() finds the stream recreated (``epoch`` is the new one by then).
         self.on_epoch_changed: list[Callable[[], None]] = []
 
+    def compact(self) -> None:
+        """Size the client's table of subscriptions (every rpc route and room subscription of
+        the node is there) to what there is now: a dict keeps the size of its peak."""
+        if self._nc is not None:
+            self._nc._subs = dict(self._nc._subs)
+
     @property
     def nc(self) -> NATS:
         """The connected client."""

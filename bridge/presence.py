@@ -123,6 +123,11 @@ class PresenceTracker:
 
     # -- this node's members -----------------------------------------------------------------
 
+    def compact(self) -> None:
+        """Size the tables of local members to what there is now (see ``node/memory.py``)."""
+        self._local = dict(self._local)
+        self._joined = dict(self._joined)
+
     def add(self, tenant: str, room: str, member: dict[str, Any]) -> None:
         """Record a member (``client_id``, ``user``, ``kind``, ``node``, ``joined_at``)."""
         subject = _key(tenant, room, member["client_id"])

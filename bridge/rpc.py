@@ -95,6 +95,10 @@ class NatsRpc:
                 asyncio.get_running_loop().call_later(
                     _UNSUBSCRIBE_GRACE_S, self._drop_if_unused, subject)
 
+    def compact(self) -> None:
+        """Size the table of routes to what there is now: a dict keeps its peak's size."""
+        self._subs = dict(self._subs)
+
     def _on_request(self, msg: Msg) -> None:
         if not msg.reply:
             return

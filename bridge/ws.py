@@ -466,6 +466,10 @@ class WebSocketBridge:
         self._max_size = max(4 * s.max_frame_bytes, 1 << 20)
         self._heartbeat: asyncio.TimerHandle | None = None
 
+    def compact(self) -> None:
+        """Size the table of open connections to what there is now (see ``node/memory.py``)."""
+        self.connections = dict(self.connections)
+
     def take(self, transport: asyncio.Transport, peer: str, head: bytes
              ) -> asyncio.Protocol | None:
         """The protocol that takes over a socket whose first request head is ``head`` (whole,

@@ -132,6 +132,12 @@ class ConnectionIndex:
             return []
         return [c for _, c in sorted(_entries(self._by_user, (tenant, user)).items())]
 
+    def compact(self) -> None:
+        """Size the tables to the connections there are now (a dict keeps its peak's size)."""
+        self.by_id = dict(self.by_id)
+        self._by_user = dict(self._by_user)
+        self._by_client = dict(self._by_client)
+
     def refs(self) -> list[Any]:
         """The actor of every connection (for the drain)."""
         return [entry.ref for entry in self.by_id.values()]

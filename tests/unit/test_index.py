@@ -110,3 +110,17 @@ def test_random_adds_and_removes_agree_with_a_plain_model(seed: int) -> None:
                 assert index.select(tenant, client_id=cid) == [
                     e for e in open_ if (e.tenant, e.client_id) == (tenant, cid)]
     assert len(index) == len(open_)
+
+
+def test_compact_keeps_every_connection_findable() -> None:
+    index = ConnectionIndex()
+    entries = [index.add(dev(f"u{i % 7}"), f"c{i % 11}", i, **LIMITS) for i in range(300)]
+    for entry in entries[:290]:
+        index.remove(entry)
+    before = {(e.sub, e.client_id): index.select("t1", user=e.sub) for e in entries[290:]}
+    index.compact()
+    assert len(index) == 10 and sorted(index.refs()) == list(range(290, 300))
+    for (sub, cid), found in before.items():
+        assert index.select("t1", user=sub) == found
+        assert all(e.client_id == cid for e in index.select("t1", client_id=cid))
+    assert all(index.remove(e) for e in entries[290:]) and len(index) == 0
