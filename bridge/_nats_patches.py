@@ -220,15 +220,14 @@ class _Direct(_Handover):
             log.exception("! handler of %s failed", msg.subject)
 
 
-class Route:
+class Route(_Handover):
     """A subscription as nats-py's client sees one (its read loop, the SUBs a reconnect sends
     again, close and drain), for the node's own many subscriptions: rpc targets and the rooms'
     live subjects. ~100 bytes with no queue and no task, against ~500 for a ``Subscription``
     with a :class:`_Direct`. Each message goes to ``handler`` at once, in the read loop, as
     nats-py's ``Msg``; exceptions are logged, never raised into the read loop."""
 
-    __slots__ = ("_closed", "_id", "_nc", "_pending_size", "_queue", "_received", "_subject",
-                 "handler")
+    __slots__ = ("_closed", "_id", "_nc", "_pending_size", "_queue", "_received", "_subject")
     # What nats-py reads and a route never has: a limit, a JetStream context, a future, a
     # bytes limit on pending messages (0: none), a task or iterator to stop.
     _max_msgs = 0
@@ -260,19 +259,6 @@ class Route:
     @property
     def pending_bytes(self) -> int:
         return 0
-
-    # What nats-py's drain and close ask of a queue: a route holds nothing.
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        return None
 
     def put_nowait(self, msg: Msg) -> None:
         """nats-py's read loop hands over one message."""

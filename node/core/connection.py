@@ -342,11 +342,7 @@ class ConnectionActor(Actor):
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        tasks = self._tasks
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
-                self._tasks = None  # a set that held one is ~200 bytes, kept by an idle client
+        self._tasks = _without(self._tasks, task)
 
     def _close_now(self, code: int, reason: str, reconnect: bool) -> None:
         self.outbox.send_now(
@@ -730,11 +726,7 @@ class ConnectionActor(Actor):
         task.add_done_callback(self._kept_task_done)
 
     def _kept_task_done(self, task: asyncio.Task[None]) -> None:
-        tasks = self._volatile_tasks
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
-                self._volatile_tasks = None
+        self._volatile_tasks = _without(self._volatile_tasks, task)
 
     async def _read_history(self, command: ReadHistory) -> None:
         try:
@@ -817,3 +809,14 @@ _RUN: dict[type, Callable[[ConnectionActor, Any], None]] = {
     AnnouncePresence: ConnectionActor._announce_presence,
     RespondRpc: ConnectionActor._respond_rpc, UnregisterRpc: ConnectionActor._unregister_rpc,
 }
+
+
+def _without(tasks: set[asyncio.Task[None]] | None,
+             task: asyncio.Task[None]) -> set[asyncio.Task[None]] | None:
+    """``tasks`` less ``task``, or None once empty: a set that held one is ~200 bytes, which
+    every idle connection would keep."""
+    if tasks is not None:
+        tasks.discard(task)
+        if tasks:
+            return tasks
+    return None

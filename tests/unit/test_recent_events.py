@@ -12,16 +12,10 @@ from hypothesis import strategies as st
 
 from node.core.events import RecentEvents, event_frame
 from node.protocol.frames import CBOR, JSON, cbor_loads_strict
-from node.protocol.values import INT_MAX, INT_MIN
 from tests.unit.test_admission import ALICE, admission, frame
+from tests.unit.test_values import json_values
 
-values = st.recursive(
-    st.none() | st.booleans() | st.integers(INT_MIN, INT_MAX)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text() | st.binary(max_size=8),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids,
-                                                                max_size=4),
-    max_leaves=25,
-)
+values = json_values  # what the value model accepts (tests/unit/test_values.py)
 
 
 def _here(tenant: str, room: str) -> bool:
