@@ -341,10 +341,10 @@ class Node:
 
     def _compact(self) -> None:
         """The tables that grew for the crowd, sized to what is left (node/memory.py)."""
-        self.system.compact()
-        for part in (self.ctx.index if self.ctx is not None else None,
-                     self.ctx.rpc if self.ctx is not None else None, self.ws, self.presence,
-                     self.nats):
+        parts: list[Any] = [self.system, self.ws, self.presence, self.nats]
+        if self.ctx is not None:
+            parts += [self.ctx.index, self.ctx.rpc]
+        for part in parts:
             compact = getattr(part, "compact", None)
             if compact is not None:
                 compact()
