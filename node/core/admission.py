@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from node.core.events import RecentEvents, dedupe_key, event_map
 from node.core.limits import TokenBucket
@@ -396,6 +396,10 @@ class VolatilePublisher:
         task.add_done_callback(self._tasks.discard)
 
 
+# The maps of a VolatileThrottle until its first write: shared, never written.
+_UNWRITTEN: dict[str, Any] = {}
+
+
 class VolatileThrottle(Generic[T]):
     """At most one volatile event per key (a room) per window; the latest of a burst wins.
 
@@ -412,8 +416,10 @@ class VolatileThrottle(Generic[T]):
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._last: dict[str, float] = {}
-        self._pending: dict[str, T] = {}
+        # Both start as one shared empty map, never written: a map of its own is made at the
+        # first write (every connection has two throttles; most never send a volatile event).
+        self._last: dict[str, float] = _UNWRITTEN
+        self._pending: dict[str, T] = _UNWRITTEN
         # The next prune, at twice what the last one kept: keys all within their window (a
         # burst over many rooms) are not scanned again at each offer.
         self._prune_at = self._PRUNE_AT
@@ -427,7 +433,9 @@ class VolatileThrottle(Generic[T]):
         """
         last = self._last.get(key)
         if key not in self._pending and (last is None or now - last >= self.window_s):
-            if len(self._last) >= self._prune_at:
+            if self._last is _UNWRITTEN:
+                self._last = {}
+            elif len(self._last) >= self._prune_at:
                 self._last = {k: t for k, t in self._last.items() if now - t < self.window_s}
                 self._prune_at = max(self._PRUNE_AT, 2 * len(self._last))
             self._last[key] = now
@@ -435,12 +443,19 @@ class VolatileThrottle(Generic[T]):
         delay = None
         if key not in self._pending:
             delay = (last if last is not None else now) + self.window_s - now
+        if self._pending is _UNWRITTEN:
+            self._pending = {}
         self._pending[key] = item
         return None, delay
 
     def flush(self, key: str, now: float) -> T | None:
         """The event that waited for ``key``'s window to end, if any: send it now."""
-        item = self._pending.pop(key, None)
+        pending = self._pending
+        item = pending.pop(key, None)  # (nothing to pop from the shared empty map)
         if item is not None:
+            if not pending:
+                self._pending = _UNWRITTEN
+            if self._last is _UNWRITTEN:
+                self._last = {}
             self._last[key] = now
         return item

@@ -229,7 +229,7 @@ class RoomActor(Actor):
         self.recent = recent
         # A state room's values (see the module's docstring); the joins waiting for the first
         # read (until the room has delivered _state_need), and whether a read is in flight.
-        self._values = RoomValues(STATE_GRACE_S)
+        self._state_values: RoomValues | None = None  # made at first use (state rooms only)
         self._state_waiting: list[Join] = []
         self._state_need: int | None = None
         self._state_timer: asyncio.TimerHandle | None = None
@@ -240,7 +240,9 @@ class RoomActor(Actor):
         self._repairing = False
         self._backlog: list[LiveMessage] = []
         self._since_trim = 0
-        self._tasks: dict[asyncio.Task[None], None] = {}  # a set (64 bytes empty, not 216)
+        # A set (a dict: 64 bytes empty, not 216), None while no task runs: one that held a
+        # task keeps its table, which every idle room would hold.
+        self._tasks: dict[asyncio.Task[None], None] | None = None
         # Joins with ``since`` waiting for the next recovery batch, and whether a batch is
         # scheduled or in flight (one at a time: joins arriving meanwhile wait for the next).
         self._recovering: list[Join] = []
@@ -287,7 +289,7 @@ class RoomActor(Actor):
         if self._state_timer is not None:
             self._state_timer.cancel()
             self._state_timer = None
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
         if self._sub is not None:
             await self._sub.unsubscribe()
@@ -413,11 +415,25 @@ class RoomActor(Actor):
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"room[{self.room}].{name}")
+        if self._tasks is None:
+            self._tasks = {}
         self._tasks[task] = None
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.pop(task, None)
+            if not tasks:
+                self._tasks = None
+
+    @property
+    def _values(self) -> RoomValues:
+        """A state room's values, made at first use: a plain room never needs them."""
+        values = self._state_values
+        if values is None:
+            values = self._state_values = RoomValues(STATE_GRACE_S)
+        return values
 
     # -- messages --------------------------------------------------------------------------
 

@@ -116,6 +116,16 @@ def test_many_cancelled_deadlines_are_compacted_away() -> None:
     assert len(deadlines) == 0 and not [t for t in loop.timers if not t[2]]
 
 
+def test_a_cancelled_one_beside_each_kept_one_does_not_stay() -> None:
+    # Connections: each arms a connect deadline and an expiry, then cancels the first.
+    loop = FakeLoop()
+    deadlines = Deadlines(loop)  # type: ignore[arg-type]
+    for _ in range(1000):
+        deadlines.call_later(10, print).cancel()
+        deadlines.call_later(3600, print)
+    assert len(deadlines) == 1000 and len(deadlines._heap) <= 1000 * 4 // 3 + 1
+
+
 async def test_on_the_real_loop_they_run_in_order_and_not_early() -> None:
     loop = asyncio.get_running_loop()
     deadlines = Deadlines()
