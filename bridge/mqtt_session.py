@@ -228,6 +228,9 @@ class MqttSession(asyncio.Protocol):
         self.tunnel: _TopicTransport | None = None
         self.plain: set[str] = set()  # rooms subscribed on plain topics (for the SUBACKs)
         self.acks: deque[list[Any]] = deque()  # [packet_id, done, qos] in arrival order
+        # Acks due, written together at the end of the loop turn: a batch of stored uplinks
+        # answers each of its devices with one write, not one per PUBACK.
+        self._acks_out: list[bytes] | None = None
         self.qos2_seen: set[int] = set()
         self.will: Any = None
         self._notices_due: list[bytes] = []  # refusal notices waiting for the out subscription
@@ -380,6 +383,8 @@ class MqttSession(asyncio.Protocol):
                 self._saved_at_close = True
                 self._closing.set()
         self._pending.clear()
+        if self._acks_out:
+            self._flush_acks()  # the acks due go before the end
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -546,12 +551,23 @@ class MqttSession(asyncio.Protocol):
         if entry is not None:
             entry[1] = True
         acks = self.acks
+        if not (acks and acks[0][1]):
+            return
+        out = self._acks_out
+        if out is None:
+            out = self._acks_out = []
+            self._loop.call_soon(self._flush_acks)
         while acks and acks[0][1]:
             packet_id, _, qos = acks.popleft()
             if qos == 1:
-                self._write(mq.puback(packet_id))
+                out.append(mq.puback(packet_id))
             else:
-                self._write(bytes((0x50, 2)) + packet_id.to_bytes(2, "big"))  # PUBREC
+                out.append(bytes((0x50, 2)) + packet_id.to_bytes(2, "big"))  # PUBREC
+
+    def _flush_acks(self) -> None:
+        out, self._acks_out = self._acks_out, None
+        if out:
+            self._write(b"".join(out))
 
     def _tunnel_in(self, payload: bytes) -> None:
         # A bad frame is answered on the tunnel by the device's actor (an error frame, within
