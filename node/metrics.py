@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from actors import ActorSystem
 from bridge.http_guard import open_files, open_files_limit
@@ -205,6 +212,33 @@ class _HttpCollector(Collector):
         yield timeouts
 
 
+class _Latency(Collector):
+    """A histogram observed once per stored event: plain counts, summed into the exposition
+    at scrape time (prometheus_client's Histogram takes a lock per bucket and per sum, ~2 us
+    an observation; this is a bisect and two additions: the loop is one thread)."""
+
+    def __init__(self, name: str, help_: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.help = name, help_
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts,
+                                strict=True):
+            total += count
+            buckets.append((bound, total))
+        family = HistogramMetricFamily(self.name, self.help)
+        family.add_metric([], buckets, self.sum)
+        yield family
+
+
 class _GaugeFn(Collector):
     def __init__(self, name: str, help_: str, fn: Callable[[], float]) -> None:
         self._name, self._help, self._fn = name, help_, fn
@@ -230,12 +264,12 @@ class NodeMetrics:
         """Export the node's connection, room and store figures (read at scrape time)."""
         self.registry.register(_NodeCollector(node))
         self.registry.register(_HttpCollector(node))
-        self.publish_latency = Histogram(
+        self.publish_latency = _Latency(
             "rtnode_publish_stored_seconds",
             "Time from a publish's admission to its JetStream ack, every door",
-            registry=self.registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.registry.register(self.publish_latency)
         node.ctx.admission.stats.latency = self.publish_latency.observe
 
     def gauge_fn(self, name: str, help_: str, fn: Callable[[], float]) -> None:
