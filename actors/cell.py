@@ -118,7 +118,8 @@ class ActorCell:
         self._dead_msg: str | None = None  # "actor <name> stopped", made when first needed
         self._current: Envelope | None = None
         # Producers parked in wait_for_room(): (level, future), woken once depth <= level.
-        self._room_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Producers waiting for room in the mailbox; None while none waits (most never do).
+        self._room_waiters: list[tuple[int, asyncio.Future[None]]] | None = None
         self._backoff: Backoff | None = None  # made at the first restart
         self._task: asyncio.Task[None] | None = None
         # Resting: no task until the next message (REST_AFTER_S); its tasks share a context.
@@ -214,12 +215,17 @@ class ActorCell:
             return
         future: asyncio.Future[None] = self.loop.create_future()
         waiter = (level, future)
+        if self._room_waiters is None:
+            self._room_waiters = []
         self._room_waiters.append(waiter)
         try:
             await future
         finally:
-            if waiter in self._room_waiters:
-                self._room_waiters.remove(waiter)
+            waiters = self._room_waiters
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    self._room_waiters = None
 
     def request_stop(self, *, drain: bool) -> None:
         """Stop accepting messages and make the task wind down (does not wait)."""
@@ -300,8 +306,10 @@ class ActorCell:
         self._host._cell_closed(self)
 
     def _wake_room_waiters(self) -> None:
-        depth = len(self._mailbox)
         waiters = self._room_waiters
+        if not waiters:
+            return
+        depth = len(self._mailbox)
         for waiter in list(waiters):
             level, future = waiter
             if self._closed or depth <= level:

@@ -83,6 +83,8 @@ class NodeContext:
     connect_buckets: KeyedBuckets = field(init=False)
     #: What users' ended connections left of their limits, for their next connection.
     carry: LimitCarry = field(default_factory=LimitCarry)
+    #: One RoomSettings per distinct policy, shared by the rooms that have it.
+    _room_settings: dict[RoomSettings, RoomSettings] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings, self.store, self.feed, self.state)
@@ -114,6 +116,8 @@ class NodeContext:
             trim_to=policy.history_size if 0 < policy.history_size < stream_size else None,
             idle_s=self.settings.room_idle_s, state=policy.state,
         )
+        # One object per distinct policy (a handful of namespaces), not one per room.
+        settings = self._room_settings.setdefault(settings, settings)
         return RoomActor(tenant, room, self.store, self.feed, settings, self.counters,
                          self.state, self.admission.recent)
 
