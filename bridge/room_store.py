@@ -92,16 +92,21 @@ class _Queued:
     """A publish waiting for its batch: the result is (seq, duplicate), from its batch or, when
     the batch did not store it, from a publish on its own (or the StoreError of that)."""
 
-    __slots__ = ("body", "deadline", "fut", "headers", "lines", "subject")
+    __slots__ = ("body", "deadline", "fut", "lines", "msg_id", "subject", "ttl_s")
 
-    def __init__(self, subject: str, body: bytes, headers: dict[str, str], deadline: float,
-                 fut: asyncio.Future[tuple[int, bool]]) -> None:
+    def __init__(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
+                 deadline: float, fut: asyncio.Future[tuple[int, bool]]) -> None:
         self.subject = subject
         self.body = body
-        self.headers = headers  # its own (Nats-Msg-Id, Nats-TTL), for a publish on its own
-        self.lines = header_lines(headers)  # the same, as a batch writes them
+        self.msg_id, self.ttl_s = msg_id, ttl_s
+        self.lines = _header_lines(msg_id, ttl_s)  # its headers, as a batch writes them
         self.deadline = deadline  # of its publish, on its own included
         self.fut = fut
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Its headers, for a publish on its own."""
+        return _headers(self.msg_id, self.ttl_s)
 
 
 def _headers(msg_id: str, ttl_s: float | None) -> dict[str, str]:
@@ -109,6 +114,16 @@ def _headers(msg_id: str, ttl_s: float | None) -> dict[str, str]:
     if ttl_s is not None:
         headers["Nats-TTL"] = f"{max(1, int(ttl_s))}s"
     return headers
+
+
+def _header_lines(msg_id: str, ttl_s: float | None) -> str:
+    """``header_lines(_headers(msg_id, ttl_s))`` without the dict, for a msg id that needs no
+    cleaning (every one the node makes)."""
+    if "\r" in msg_id or "\n" in msg_id or msg_id.strip() != msg_id:
+        return header_lines(_headers(msg_id, ttl_s))
+    if ttl_s is None:
+        return f"Nats-Msg-Id: {msg_id}\r\n"
+    return f"Nats-Msg-Id: {msg_id}\r\nNats-TTL: {max(1, int(ttl_s))}s\r\n"
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -333,7 +348,7 @@ class JetStreamRoomStore:
                 self._queued or self._committing or len(self._acks) >= self.group_after)):
             return None
         loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
-        queued = _Queued(room_subject(tenant, room), body, _headers(msg_id, ttl_s),
+        queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s,
                          time.monotonic() + self.publish_deadline_s, loop.create_future())
         self._queued.append(queued)
         if not self._kick_soon:
