@@ -236,10 +236,10 @@ class ConnectionActor(Actor):
         self._joined_at_ms = int(time.time() * 1000)
         self.session = ConnectionSession(
             ctx.settings, node_name=ctx.node_name, client_id=self.client_id,
-            verify=ctx.tokens.verify, admit=ctx.admission.admit, principal=principal,
+            verify=ctx.verify_token, admit=ctx.admit, principal=principal,
             door="ws" if transport.kind == "ws" else "tunnel", now=time.monotonic(),
             joined_at_ms=self._joined_at_ms, presence=ctx.presence is not None,
-            rpc=ctx.rpc is not None, may_open_room=ctx.may_open_room,
+            rpc=ctx.rpc is not None, may_open_room=ctx.may_open,
             room_buckets=ctx.room_buckets, carry=ctx.carry,
         )
         self.session.keep_offline(offline_ttl_s)
@@ -265,6 +265,8 @@ class ConnectionActor(Actor):
         # Joins waiting for their turn: their member -> the join's request id.
         self._waiting: dict[Membership, Any] | None = None
         self._loop = asyncio.get_running_loop()
+        self._member_hooks: tuple[Callable[[str, Membership], None],
+                                  Callable[[str, Membership], None]] | None = None
 
     @property
     def principal(self) -> Principal | None:
@@ -519,15 +521,17 @@ class ConnectionActor(Actor):
 
     def _join_room(self, command: JoinRoom) -> None:
         room = command.room
-        member = Membership(self.client_id, self.outbox, self._on_room_lost,
-                            presence=command.presence)
+        hooks = self._member_hooks
+        if hooks is None:  # bound once, shared by its memberships (64 bytes each)
+            hooks = self._member_hooks = (self._on_room_lost, self._on_in_room)
+        member = Membership(self.client_id, self.outbox, hooks[0], presence=command.presence)
         if not command.silent:
             member.announce, member.request_id = True, command.request_id
         if command.since_seq is None:
             member.live = True
         elif command.since_epoch in (None, self.ctx.store.epoch):
             member.cursor = command.since_seq  # lost before its replay: rejoined from there
-        member.on_in_room = self._on_in_room
+        member.on_in_room = hooks[1]
         self.members[room] = member
         join = Join(member, command.since_seq, command.since_epoch, command.request_id,
                     command.silent, command.rewind)

@@ -6,20 +6,21 @@ the transport side of a connection, and the messages a bridge tells a connection
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from actors.deadlines import Deadlines
 from actors.lane import Lane
 from actors.system import ActorSystem
-from node.core.admission import Admission
+from node.core.admission import Admission, Admitted
 from node.core.index import ConnectionIndex
 from node.core.limits import KeyedBuckets, LimitCarry
 from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort, StatePort
 from node.core.room import RoomActor, RoomCounters, RoomSettings
 from node.core.rpc import RpcRegistry, default_registry
 from node.protocol.settings import Settings
-from node.protocol.tokens import TokenVerifier
+from node.protocol.tokens import Principal, TokenVerifier
 
 __all__ = [
     "ConnTransport",
@@ -85,10 +86,18 @@ class NodeContext:
     carry: LimitCarry = field(default_factory=LimitCarry)
     #: One RoomSettings per distinct policy, shared by the rooms that have it.
     _room_settings: dict[RoomSettings, RoomSettings] = field(default_factory=dict, repr=False)
+    #: ``tokens.verify``, ``admission.admit`` and ``may_open_room`` bound once, for every
+    #: connection's session (a bound method made per connection is 64 bytes it keeps).
+    verify_token: Callable[..., Principal] = field(init=False, repr=False)
+    admit: Callable[..., Admitted] = field(init=False, repr=False)
+    may_open: Callable[[str, str], bool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.settings, self.store, self.feed, self.state)
         self.admission.room_here = self._room_here
+        self.verify_token = self.tokens.verify
+        self.admit = self.admission.admit
+        self.may_open = self.may_open_room
         per_min = self.settings.rooms_per_min
         self.room_buckets = KeyedBuckets(per_min / 60.0, per_min)
         per_min = self.settings.connects_per_min
