@@ -214,8 +214,9 @@ class _HttpCollector(Collector):
 
 class _Latency(Collector):
     """A histogram observed once per stored event: plain counts, summed into the exposition
-    at scrape time (prometheus_client's Histogram takes a lock per bucket and per sum, ~2 us
-    an observation; this is a bisect and two additions: the loop is one thread)."""
+    at scrape time (prometheus_client's Histogram takes a lock for its sum and one for the
+    bucket, ~1.2 us an observation; this is a bisect and two additions, ~0.2 us: the loop is
+    one thread)."""
 
     def __init__(self, name: str, help_: str, bounds: tuple[float, ...]) -> None:
         self.name, self.help = name, help_

@@ -85,7 +85,8 @@ class NodeContext:
     #: What users' ended connections left of their limits, for their next connection.
     carry: LimitCarry = field(default_factory=LimitCarry)
     #: One RoomSettings per distinct policy, shared by the rooms that have it.
-    _room_settings: dict[RoomSettings, RoomSettings] = field(default_factory=dict, repr=False)
+    _room_settings: dict[RoomSettings, RoomSettings] = field(default_factory=dict, init=False,
+                                                             repr=False)
     #: ``tokens.verify``, ``admission.admit`` and ``may_open_room`` bound once, for every
     #: connection's session (a bound method made per connection is 64 bytes it keeps).
     verify_token: Callable[..., Principal] = field(init=False, repr=False)

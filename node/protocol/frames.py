@@ -191,6 +191,8 @@ ClientFrame = Annotated[
     Connect | Join | Leave | Publish | History | Presence | Rpc | Reply | Ack | Refresh | Ping,
     Field(discriminator="type"),
 ]
+# The union validated as a whole: the reference tests/unit/test_frame_validation.py holds
+# parse_frame to.
 _CLIENT_FRAME: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 # Each frame type's own validation, picked by its ``type``: the same checks and errors as the
 # union's (less the tag in the error's location), ~1.5 us a frame sooner.
