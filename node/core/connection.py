@@ -281,6 +281,7 @@ class ConnectionActor(Actor):
 
     async def on_stop(self) -> None:
         self._stopped = True
+        self._member_hooks = None  # bound methods of this actor: a cycle left to the collector
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
