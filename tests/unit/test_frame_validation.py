@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from node.protocol.errors import ProtocolError
-from node.protocol.frames import _BY_TYPE, _CLIENT_FRAME, parse_frame
+from node.protocol.frames import _BY_TYPE, ClientFrame, parse_frame
+
+# The union validated as a whole: what parse_frame did before it picked a model by type.
+_CLIENT_FRAME: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 
 FIELDS = ["id", "room", "event", "data", "msg_id", "key", "unset", "since", "presence",
           "rewind", "token", "client", "limit", "reverse", "to", "method", "params",
