@@ -86,6 +86,14 @@ class Actor:
         Messages told meanwhile are queued. Raising here counts as a failure.
         """
 
+    def receive_now(self, message: Any) -> bool:
+        """Handle a message given to ``ActorRef.handle_now``, without waiting, if this actor
+        can; return False to have it told instead (then ``on_receive`` handles it).
+
+        Called only while nothing else of the actor runs. Raising counts as a failing tell.
+        """
+        return False
+
     async def on_receive(self, message: Any) -> Any:
         """Handle one message; the return value is the reply to an ``ask()``.
 

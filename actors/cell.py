@@ -32,6 +32,21 @@ log = logging.getLogger("actors")
 REST_AFTER_S = 0.5
 
 
+class _FailedNow(Envelope):
+    """Queued when a message handled at once (:meth:`ActorCell.handle_now`) raised: the task
+    takes it as a tell whose handler raised, in order, and recovers or stops the actor."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(None)
+        self.error = error
+
+
+#: The cell's current envelope while a message is handled at once: nothing else runs then.
+_NOW = Envelope(None)
+
+
 class ActorCell:
     """Runs one actor: a single task handling its mailbox one message at a time.
 
@@ -202,6 +217,36 @@ class ActorCell:
         mailbox.put(envelope)
         if self._resting:
             self._wake()
+
+    def handle_now(self, message: Any) -> bool:
+        """Handle a tell at once, in the caller's step, if the actor would take it next anyway
+        and need not wait to handle it; False when it was not handled (then ``tell`` it).
+
+        It is handled when the actor is idle (its task waits for a message, or it rests), its
+        mailbox is empty, it has no idle timeout, and its instance's ``receive_now`` takes it
+        (returns True). Nothing of the actor runs meanwhile, so the order of its messages and
+        their one-at-a-time handling hold as for a tell; no task wakes for it. A
+        ``receive_now`` that raises is a failing tell: the task recovers or stops the actor
+        before it handles anything told after.
+        """
+        mailbox = self._mailbox
+        if (self._current is not None or self._closed or mailbox or not self._started
+                or self._idle_timeout is not None or not (self._resting or mailbox.waiting)):
+            return False
+        self._current = _NOW
+        try:
+            taken = self._instance.receive_now(message)
+        except Exception as exc:
+            self._current = None
+            self._counters.handled += 1
+            mailbox.put(_FailedNow(exc))  # wakes a waiting task
+            if self._resting:
+                self._wake()
+            return True
+        self._current = None
+        if taken:
+            self._counters.handled += 1
+        return taken
 
     async def wait_for_room(self, level: int) -> None:
         """Wait until at most ``level`` messages are queued.
@@ -434,7 +479,10 @@ class ActorCell:
                 handled += 1
                 if self._room_waiters:  # one falsy check per message when nobody waits
                     self._wake_room_waiters()
-                error = await self._handle(envelope)
+                if type(envelope) is _FailedNow:
+                    error: BaseException | None = envelope.error
+                else:
+                    error = await self._handle(envelope)
                 if error is not None and not await self._recover(error, "on_receive"):
                     return False
             if handled >= batch_size:
@@ -586,6 +634,10 @@ class StoppedCell:
     def depth(self) -> int:
         """Always 0: a terminated actor's mailbox was emptied."""
         return 0
+
+    def handle_now(self, message: Any) -> bool:
+        """Never: ``tell`` says why."""
+        return False
 
     def enqueue(self, envelope: Envelope) -> None:
         """Refuse the envelope.

@@ -74,6 +74,17 @@ class ActorRef(Generic[A]):
         """
         self._cell.enqueue(Envelope(message))
 
+    def handle_now(self, message: Any) -> bool:
+        """Handle a tell at once, in the caller's step, when the actor is idle and its
+        ``receive_now`` takes it; False when it did not (then ``tell`` it).
+
+        For a producer of many messages (a socket reader): a message the actor can handle
+        without waiting costs no wake-up of its task. The order of the actor's messages and
+        their one-at-a-time handling are those of ``tell``. Never raises: a ``receive_now``
+        that raises is a failing tell (the actor recovers or stops, as ``restart`` says).
+        """
+        return self._cell.handle_now(message)
+
     # A timeout argument (not asyncio.timeout around the call) because the default must apply
     # to every ask: a caller forgetting a deadline would otherwise wait forever on a stuck actor.
     async def ask(self, message: Any, timeout: float | None = 5.0) -> Any:

@@ -278,6 +278,8 @@ class WsConnection(asyncio.Protocol):
         held = self._held
         for item in items:
             if held is None and ref.queued < ConnectionActor.inbound_high:
+                if ref.handle_now(item):  # a publish to an idle actor: no wake-up
+                    continue
                 try:
                     ref.tell(item)
                 except ActorDeadError:

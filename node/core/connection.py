@@ -356,6 +356,17 @@ class ConnectionActor(Actor):
 
     # -- messages --------------------------------------------------------------------------
 
+    def receive_now(self, message: Any) -> bool:
+        """A publish, handled in the reader's step when the actor is idle
+        (``ActorRef.handle_now``): what ``on_receive`` does with one, none of which waits."""
+        if type(message) is not frames.Publish:
+            return False
+        session = self.session
+        if not session.closing:
+            session.receive_frame(message, time.monotonic())
+            self._execute_now()
+        return True
+
     async def on_receive(self, message: Any) -> Any:
         session = self.session
         if session.closing:
@@ -447,7 +458,7 @@ class ConnectionActor(Actor):
 
     def _execute_now(self) -> None:
         """Execute what the session queued outside a message (a result of background work,
-        the stop): everything there is synchronous."""
+        the stop) or for a publish: everything there is synchronous."""
         for command in self.session.commands_to_send():
             if type(command) in (AdmitConnection, RegisterRpc):
                 log.error("! %s: %r outside a message", self.client_id, command)

@@ -331,10 +331,25 @@ class RoomActor(Actor):
             asyncio.get_running_loop().call_later(RETELL_S, self._retell, message)
 
     def _on_live_message(self, msg: LiveMessage) -> None:
+        ref = self.ref
+        if ref.handle_now(msg):
+            return
         try:
-            self.ref.tell(msg)
+            ref.tell(msg)
         except ActorError:
             pass  # stopped, its subscription not ended yet: it had no members
+
+    def receive_now(self, message: Any) -> bool:
+        """A live event for a room with members, handled in the NATS reader's step when the
+        actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with it."""
+        if type(message) is not LiveMessage or not self.members:
+            return False
+        self._on_live(message)
+        if not self.members:  # gone meanwhile: the look on_receive takes after each message
+            self.ref.tell(_IdleCheck())
+        elif self._empty_since is not None:
+            self._empty_since = None
+        return True
 
     def _retell(self, message: Any) -> None:
         try:

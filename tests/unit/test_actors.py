@@ -685,3 +685,154 @@ async def test_closing_counts_actors_that_wind_down() -> None:
         gate.set()
         await asyncio.gather(*stops)
         assert system.closing == 0
+
+
+# -- handle_now: a tell handled in the sender's step ------------------------------------------
+
+
+class Inline(Recorder):
+    """Takes ints at once (``receive_now``); a negative one raises there, as "fail" does."""
+
+    restart = RestartPolicy(max_restarts=10_000, window_s=60.0, min_backoff_s=0.001,
+                            max_backoff_s=0.001)
+
+    def receive_now(self, message: Any) -> bool:
+        if not isinstance(message, int):
+            return False
+        if message < 0:
+            raise ValueError("boom now")
+        self.state.append(message)
+        self.probe.received.append(message)
+        return True
+
+    async def on_receive(self, message: Any) -> Any:
+        if isinstance(message, int) and message < 0:  # told: the same failure
+            raise ValueError("boom now")
+        return await super().on_receive(message)
+
+
+def send(ref: ActorRef[Any], message: Any) -> bool:
+    """What a socket reader does: at once when the actor can, else told. True: at once."""
+    if ref.handle_now(message):
+        return True
+    ref.tell(message)
+    return False
+
+
+async def test_handle_now_handles_a_tell_at_once_only_when_the_actor_would_take_it_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cell_module, "REST_AFTER_S", 0.02)
+    async with ActorSystem() as system:
+        probe, factory = recorder(Inline)
+        ref = system.spawn(factory, "inline")
+        assert not ref.handle_now(1)  # on_start has not run yet
+        ref.tell(1)
+        assert await ref.ask("get") == [1]
+
+        assert ref.handle_now(2) and probe.received == [1, 2]  # done before it returns
+        assert not ref.handle_now("text")  # receive_now does not take it: told instead
+
+        gate = await block(ref)  # inside a handler: the next one waits its turn
+        assert not ref.handle_now(3)
+        ref.tell(3)
+        assert not ref.handle_now(4)  # one is queued: it comes first
+        ref.tell(4)
+        gate.set()
+        assert await ref.ask("get") == [1, 2, 3, 4]
+        assert system.stats()["recorder"].handled == 7  # 4 ints, the block, 2 asks
+
+        await _until(lambda: actor_tasks() == [])  # resting: taken without a task
+        assert ref.handle_now(5) and actor_tasks() == []
+        assert probe.received == [1, 2, 3, 4, 5]
+
+        await ref.stop()
+        assert not ref.handle_now(6)
+        with pytest.raises(ActorDeadError):
+            ref.tell(6)
+
+    class Passivating(Inline):
+        idle_timeout_s = 60.0  # its idle timer runs in its task: every message goes there
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Passivating)
+        ref = system.spawn(factory)
+        await ref.ask("get")
+        assert not send(ref, 1)
+        assert await ref.ask("get") == [1]
+
+
+async def test_a_receive_now_that_raises_is_a_failing_tell() -> None:
+    """Restarted under a policy before anything told after it; stopped without one."""
+    async with ActorSystem() as system:
+        probe, factory = recorder(Inline)
+        ref = system.spawn(factory)
+        await ref.ask("get")
+        assert ref.handle_now(1)
+        assert ref.handle_now(-1)  # raised: the task recovers first
+        assert not send(ref, 2)
+        assert await ref.ask("get") == [2]  # a fresh instance
+        assert probe.received == [1, 2] and len(probe.starts) == 2 and probe.stops == [1]
+        assert [str(e) for e in probe.failures] == ["boom now"]
+        stats = system.stats()["recorder"]
+        assert (stats.failures, stats.restarts) == (1, 1)
+
+    class Fragile(Inline):
+        restart = None
+
+    async with ActorSystem() as system:
+        probe, factory = recorder(Fragile)
+        ref = system.spawn(factory, "fragile")
+        await ref.ask("get")
+        assert ref.handle_now(-1)
+        ref.tell(2)  # queued behind the failure: never handled
+        await probe.stopped.wait()
+        assert not ref.is_alive and probe.received == []
+        with pytest.raises(ActorDeadError, match="actor 'fragile' stopped"):
+            ref.tell(3)
+
+
+async def test_handle_now_keeps_every_message_in_order_across_blocks_failures_and_rests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded: a producer sends 3,000 messages at once-or-told, between random yields, asks,
+    handlers that block, failures (restarts) and rests; the actor sees them all, in order."""
+    monkeypatch.setattr(cell_module, "REST_AFTER_S", 0.005)
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_NOW_SEED", "4242")))
+    async with ActorSystem() as system:
+        probe, factory = recorder(Inline)
+        ref = system.spawn(factory)
+        await ref.ask("get")
+        sent: list[int] = []
+        at_once = failures = 0
+        gates: list[asyncio.Event] = []
+        for n in range(3_000):
+            roll = rng.random()
+            if roll < 0.02:
+                failures += 1
+                send(ref, -1)
+            elif roll < 0.04:
+                blocker = Block()
+                ref.tell(blocker)
+                gates.append(blocker.gate)
+            elif roll < 0.08 and gates:
+                gates.pop(rng.randrange(len(gates))).set()
+            elif roll < 0.2:
+                await asyncio.sleep(0)
+            elif roll < 0.22:
+                await asyncio.sleep(0.01)  # long enough to rest
+            elif roll < 0.25:
+                assert await asyncio.wait_for(_release_and_ask(ref, gates), 5) is not None
+            sent.append(n)
+            at_once += send(ref, n)
+        for gate in gates:
+            gate.set()
+        await ref.ask("get")
+        assert probe.received == sent
+        assert failures and 0 < at_once < len(sent)  # both ways were taken
+        assert system.stats()["recorder"].restarts == failures
+
+
+async def _release_and_ask(ref: ActorRef[Any], gates: list[asyncio.Event]) -> Any:
+    for gate in gates:
+        gate.set()
+    gates.clear()
+    return await ref.ask("get")
