@@ -3,8 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the test suite needs (installed by `make test` when missing).
-SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium curl
+# Debian packages the test suite needs (installed by `make test` when missing); the node
+# preloads jemalloc when the system has it (node/memory.py).
+SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium curl libjemalloc2
 ARGS ?=
 PYTEST_ARGS ?=
 

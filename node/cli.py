@@ -325,9 +325,10 @@ async def _run(settings: Settings, worker: bool = False) -> int:
     except NodeError as exc:
         print(f"rtnode: {exc}", file=sys.stderr)
         return 1
-    from node.memory import tune_collector
+    from node.memory import allocator, tune_collector
 
     tune_collector()
+    logging.getLogger("node.memory").info("= allocator: %s", allocator())
     if worker:  # the parent prints the banner once every worker is ready
         from node.workers import READY_LINE
 

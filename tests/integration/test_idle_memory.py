@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from bench.nodes import rss_kib, settled_rss_kib
+from node.memory import jemalloc
 from tests.servers import NodeProcess, running_node
 from tests.wsclient import SECRET, RawClient, token
 
@@ -85,9 +86,12 @@ async def test_rss_returns_near_its_start_once_idle_connections_are_gone(
     rng = random.Random(1205)
     assert node.proc is not None
     pid = node.proc.pid
-    # `rtnode run` started again with the allocator whose free pages can go back (the same pid)
-    environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
-    assert b"PYTHONMALLOC=malloc" in environ.split(b"\0")
+    # `rtnode run` started again with the allocator whose free pages can go back (the same
+    # pid): jemalloc, which `make test` installs (libjemalloc2), preloaded as the C allocator.
+    environ = (await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)).split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environ
+    assert f"LD_PRELOAD={jemalloc()}".encode() in environ
+    assert "allocator: jemalloc" in node.log()
     await _gone(node, await _crowd(node, WARMUP, rng), None)
     start = await settled_rss_kib(pid)
     clients = await _crowd(node, CROWD, rng)

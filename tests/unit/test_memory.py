@@ -5,7 +5,14 @@ from __future__ import annotations
 import itertools
 import random
 
-from node.memory import GC_THRESHOLDS, MemoryReturn, release, tune_collector, wanted_env
+from node.memory import (
+    GC_THRESHOLDS,
+    MemoryReturn,
+    allocator,
+    release,
+    tune_collector,
+    wanted_env,
+)
 
 
 def test_a_crowd_that_went_is_released_once_it_stopped_leaving() -> None:
@@ -82,10 +89,22 @@ def test_release_empties_the_caches_and_says_how_long_it_took() -> None:
     assert took >= 0
 
 
-def test_the_node_runs_with_the_system_allocator_unless_told_otherwise() -> None:
-    assert wanted_env({"A": "1"}) == {"A": "1", "PYTHONMALLOC": "malloc"}
-    assert wanted_env({"PYTHONMALLOC": "pymalloc"}) is None  # the user's choice stays
+def test_the_node_runs_with_jemalloc_or_the_system_allocator_unless_told_otherwise() -> None:
+    def without() -> None:
+        return None
+
+    def found() -> str:
+        return "libjemalloc.so.2"
+
+    assert wanted_env({"A": "1"}, without) == {"A": "1", "PYTHONMALLOC": "malloc"}
+    assert wanted_env({"A": "1"}, found) == {"A": "1", "PYTHONMALLOC": "malloc",
+                                             "LD_PRELOAD": "libjemalloc.so.2"}
+    # The user's choices stay: a preload of theirs, an allocator of theirs.
+    assert wanted_env({"LD_PRELOAD": "x.so"}, found) == {"LD_PRELOAD": "x.so",
+                                                          "PYTHONMALLOC": "malloc"}
+    assert wanted_env({"PYTHONMALLOC": "pymalloc"}, found) is None
     assert wanted_env({"PYTHONMALLOC": "malloc"}) is None
+    assert allocator() == "pymalloc"  # this test process: CPython's own
 
 
 def test_the_collector_is_tuned_for_a_node_that_is_up() -> None:
