@@ -298,7 +298,8 @@ async def hold(ref: Any) -> asyncio.Event:
 
 def fill(store: FakeStore, ref: Any, free: int = 0) -> list[int]:
     """Fill the room's mailbox with live events (each one stored), but ``free`` places; return
-    their seqs."""
+    their seqs. The room must be held (:func:`hold`): an idle one takes a live event at once
+    (``ActorRef.handle_now``), which queues nothing."""
     seqs = store.add(SmallRoom.mailbox_size - free - ref.queued)
     for seq in seqs:
         store.deliver(seq)
@@ -308,10 +309,12 @@ def fill(store: FakeStore, ref: Any, free: int = 0) -> list[int]:
 
 async def test_joins_that_find_the_mailbox_full_are_taken_in(small_room: Any) -> None:
     store, ref, rooms, _first, first_rec = small_room
+    held = await hold(ref)
     before = fill(store, ref)
     joiners = [member() for _ in range(10)]
     for i, (m, _rec) in enumerate(joiners):
         ref.tell(Join(m, request_id=i))  # each finds the mailbox full
+    held.set()
     for i, (_m, rec) in enumerate(joiners):
         joined = await rec.joined()
         assert joined["id"] == i
@@ -330,10 +333,12 @@ async def test_leaves_that_find_the_mailbox_full_leave_no_ghost(small_room: Any)
         ref.tell(Join(m))
     for _m, rec in leavers:
         await rec.joined()
+    held = await hold(ref)
     seqs = fill(store, ref)
     for m, _rec in leavers:
         ref.tell(Leave(m))  # each finds the mailbox full
     assert len(rooms[0].members) == 1
+    held.set()
     assert await first_rec.until(len(seqs)) == seqs
     later = store.add(1)
     store.deliver(later[0])
@@ -406,11 +411,15 @@ async def _refused(store: FakeStore, ref: Any, rooms: list[RoomActor]) -> None:
 
 async def test_a_join_retold_to_a_stopped_room_is_refused(small_room: Any) -> None:
     store, ref, _rooms, _first, _first_rec = small_room
+    held = await hold(ref)
     fill(store, ref)
     lost = asyncio.Event()
     m = Membership("c", member()[0].outbox, lambda room, member: lost.set())
-    ref.tell(Join(m, silent=True))
-    await ref.stop(drain=False)
+    ref.tell(Join(m, silent=True))  # finds the mailbox full: told again later
+    stopping = asyncio.create_task(ref.stop(drain=False))
+    await asyncio.sleep(0)
+    held.set()
+    await stopping
     await asyncio.wait_for(lost.wait(), 5)
 
 
