@@ -224,26 +224,28 @@ class ActorCell:
 
         It is handled when the actor is idle (its task waits for a message, or it rests), its
         mailbox is empty, it has no idle timeout, and its instance's ``receive_now`` takes it
-        (returns True). Nothing of the actor runs meanwhile, so the order of its messages and
-        their one-at-a-time handling hold as for a tell; no task wakes for it. A
-        ``receive_now`` that raises is a failing tell: the task recovers or stops the actor
-        before it handles anything told after.
+        (returns True), in the actor's context as its task would. Nothing of the actor runs
+        meanwhile, so the order of its messages and their one-at-a-time handling hold as for a
+        tell; no task wakes for it. A ``receive_now`` that raises is a failing tell: the task
+        recovers or stops the actor before it handles anything told after.
         """
         mailbox = self._mailbox
+        context = self._context
         if (self._current is not None or self._closed or mailbox or not self._started
-                or self._idle_timeout is not None or not (self._resting or mailbox.waiting)):
+                or self._idle_timeout is not None or not (self._resting or mailbox.waiting)
+                or context is None):
             return False
         self._current = _NOW
         try:
-            taken = self._instance.receive_now(message)
+            taken = context.run(self._instance.receive_now, message)
         except Exception as exc:
-            self._current = None
             self._counters.handled += 1
             mailbox.put(_FailedNow(exc))  # wakes a waiting task
             if self._resting:
                 self._wake()
             return True
-        self._current = None
+        finally:
+            self._current = None
         if taken:
             self._counters.handled += 1
         return taken

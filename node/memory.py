@@ -66,7 +66,7 @@ def wanted_env(env: dict[str, str],
     glibc's malloc spreads Python's small objects over the heap where jemalloc packs them by
     size as CPython's own allocator does: the rooms workload took 15-20% more CPU per event
     with glibc's, and after a crowd of 4,000 idle connections left, jemalloc gave back more
-    (RSS 75 -> 118 -> 81 MiB, against 75 -> 119 -> 84 with glibc's)."""
+    (RSS 75 -> 118 -> 80 MiB, against 75 -> 119 -> 84 with glibc's)."""
     if "PYTHONMALLOC" in env:
         return None
     out = {**env, "PYTHONMALLOC": NODE_ALLOCATOR}
@@ -78,11 +78,11 @@ def wanted_env(env: dict[str, str],
 
 
 def allocator() -> str:
-    """What this process allocates with: ``jemalloc``, ``malloc`` (the C library's) or
-    ``pymalloc`` (CPython's own, with glibc's under it)."""
-    if _symbol("mallctl") is not None:
-        return "jemalloc"
-    return "malloc" if os.environ.get("PYTHONMALLOC") == "malloc" else "pymalloc"
+    """What this process's Python objects come from: ``jemalloc`` (preloaded as the C
+    allocator), ``malloc`` (the C library's) or ``pymalloc`` (CPython's own)."""
+    if os.environ.get("PYTHONMALLOC") not in ("malloc", "malloc_debug"):
+        return "pymalloc"
+    return "jemalloc" if _symbol("mallctl") is not None else "malloc"
 
 
 def _symbol(name: str) -> Any:

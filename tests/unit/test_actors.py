@@ -690,6 +690,9 @@ async def test_closing_counts_actors_that_wind_down() -> None:
 # -- handle_now: a tell handled in the sender's step ------------------------------------------
 
 
+_NOW_CONTEXTS: list[str] = []  # the context Inline.receive_now ran in, for each "ctx"
+
+
 class Inline(Recorder):
     """Takes ints at once (``receive_now``); a negative one raises there, as "fail" does."""
 
@@ -697,6 +700,9 @@ class Inline(Recorder):
                             max_backoff_s=0.001)
 
     def receive_now(self, message: Any) -> bool:
+        if message == "ctx":
+            _NOW_CONTEXTS.append(_WHO.get())
+            return True
         if not isinstance(message, int):
             return False
         if message < 0:
@@ -722,6 +728,7 @@ def send(ref: ActorRef[Any], message: Any) -> bool:
 async def test_handle_now_handles_a_tell_at_once_only_when_the_actor_would_take_it_next(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cell_module, "REST_AFTER_S", 0.02)
+    _WHO.set("spawner")
     async with ActorSystem() as system:
         probe, factory = recorder(Inline)
         ref = system.spawn(factory, "inline")
@@ -729,6 +736,12 @@ async def test_handle_now_handles_a_tell_at_once_only_when_the_actor_would_take_
         ref.tell(1)
         assert await ref.ask("get") == [1]
 
+        def sender() -> bool:
+            _WHO.set("sender")
+            return ref.handle_now("ctx")
+
+        assert contextvars.copy_context().run(sender)
+        assert _NOW_CONTEXTS == ["spawner"]  # the actor's context, not its sender's
         assert ref.handle_now(2) and probe.received == [1, 2]  # done before it returns
         assert not ref.handle_now("text")  # receive_now does not take it: told instead
 
@@ -739,7 +752,7 @@ async def test_handle_now_handles_a_tell_at_once_only_when_the_actor_would_take_
         ref.tell(4)
         gate.set()
         assert await ref.ask("get") == [1, 2, 3, 4]
-        assert system.stats()["recorder"].handled == 7  # 4 ints, the block, 2 asks
+        assert system.stats()["recorder"].handled == 8  # 4 ints, "ctx", the block, 2 asks
 
         await _until(lambda: actor_tasks() == [])  # resting: taken without a task
         assert ref.handle_now(5) and actor_tasks() == []
