@@ -345,10 +345,8 @@ class RoomActor(Actor):
         if type(message) is not LiveMessage or not self.members:
             return False
         self._on_live(message)
-        if not self.members:  # gone meanwhile: the look on_receive takes after each message
+        if not self._in_use():  # gone meanwhile: on_receive's look, after an idle check
             self.ref.tell(_IdleCheck())
-        elif self._empty_since is not None:
-            self._empty_since = None
         return True
 
     def _retell(self, message: Any) -> None:
@@ -484,11 +482,17 @@ class RoomActor(Actor):
                 self._spawn(self._repair(self.last_seq, message.seq + 1), "repair")
         elif not isinstance(message, _IdleCheck):
             raise TypeError(f"unexpected message {type(message).__name__}")
-        if not self.members:
+        if not self._in_use():
             await self._idle()
-        elif self._empty_since is not None:
-            self._empty_since = None
         return None
+
+    def _in_use(self) -> bool:
+        """After each message: False for a room without members (it looks whether it is idle),
+        else it is no longer empty."""
+        if not self.members:
+            return False
+        self._empty_since = None
+        return True
 
     # -- live path -------------------------------------------------------------------------
 
