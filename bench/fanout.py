@@ -1,7 +1,7 @@
 """Room fan-out, end to end through JetStream: rtnode against a plain websockets broadcast server.
 
 ``python -m bench fanout [--subscribers 100] [--events 2000] [--payload-bytes 100]
-[--codec json|cbor] [--skip-baseline] [--in-flight 256] [--timeout-s 120]`` (or
+[--codec json|cbor] [--skip-baseline] [--in-flight 256] [--timeout-s 120] [--rate 0]`` (or
 ``make bench ARGS="fanout ..."``):
 
 1. starts an rtnode node as a subprocess (with its embedded nats-server) on free ports, in a
@@ -18,9 +18,11 @@
 5. prints a table and the ratio. Never asserts: losses, duplicates, disconnects and anything the
    node logged are printed as figures.
 
-Both publishers obey the same window: at most ``--in-flight`` events published and not yet
-received, on average over the subscribers (a broadcast server has no acks to pace on, and the
-node cuts off a client with more than 1024 frames queued). Each measurement is bounded by
+With ``--rate R`` the publishers are paced instead: one event per message, R per second, on a
+schedule that does not wait for deliveries (the latency of a steady load, not of a flood).
+Otherwise both publishers obey the same window: at most ``--in-flight`` events published and
+not yet received, on average over the subscribers (a broadcast server has no acks to pace on,
+and the node cuts off a client with more than 1024 frames queued). Each measurement is bounded by
 ``--timeout-s``, and ends early when deliveries stop; partial counts are then reported.
 
 Every subscriber checks what it receives: events carry their index ``i`` in ``data`` (next to the
@@ -107,7 +109,8 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
     args = (f"--subscribers {cfg.subscribers} --events {cfg.events} "
             f"--payload-bytes {cfg.payload_bytes} --codec {cfg.codec} --in-flight {cfg.in_flight}"
             + (" --skip-baseline" if cfg.skip_baseline else "")
-            + (f" --timeout-s {cfg.timeout_s:g}" if cfg.timeout_s != 120.0 else ""))
+            + (f" --timeout-s {cfg.timeout_s:g}" if cfg.timeout_s != 120.0 else "")
+            + (f" --rate {cfg.rate:g}" if cfg.rate else ""))
     print()
     print(f"fan-out: {cfg.subscribers} subscribers x {cfg.events} events = "
           f"{cfg.subscribers * cfg.events} deliveries, {cfg.payload_bytes}-byte payload, "
@@ -117,9 +120,13 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
           f"baseline) and all clients share these cores")
     print(f"reproduce: python -m bench fanout {args}")
     print(f"       or: make bench ARGS=\"fanout {args}\"")
-    print(f"publishers: at most {cfg.in_flight} events published and not yet received (on "
-          f"average over the subscribers); rtnode: {cfg.batch} publish frames per message, "
-          f"baseline: one event per message")
+    if cfg.rate:
+        print(f"publishers: paced, {cfg.rate:g} events/s, one per message, whatever has been "
+              f"delivered")
+    else:
+        print(f"publishers: at most {cfg.in_flight} events published and not yet received (on "
+              f"average over the subscribers); rtnode: {cfg.batch} publish frames per message, "
+              f"baseline: one event per message")
     print()
     header = (f"{'':<10} {'delivered':>17} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'max ms':>8} {'ack p50':>8} {'ack p99':>8} {'time s':>7} {'stored/s':>9}")
@@ -169,14 +176,17 @@ def _parse(argv: list[str]) -> BenchConfig:
                         "subscribers), for both servers")
     p.add_argument("--timeout-s", type=float, default=120.0,
                    help="bound of each measurement (partial counts are reported)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="paced: events published per second, one per message, whatever has "
+                        "been delivered (0: pipelined within --in-flight)")
     a = p.parse_args(argv)
     for name in ("subscribers", "events", "in_flight"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if a.payload_bytes < 0:
-        p.error("--payload-bytes must not be negative")
+    if a.payload_bytes < 0 or a.rate < 0:
+        p.error("--payload-bytes and --rate must not be negative")
     return BenchConfig(a.subscribers, a.events, a.payload_bytes, a.codec, a.skip_baseline,
-                       a.in_flight, a.timeout_s)
+                       a.in_flight, a.timeout_s, a.rate)
 
 
 def main(argv: list[str]) -> int:

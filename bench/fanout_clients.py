@@ -3,7 +3,8 @@
 :func:`measure` opens S subscribers and one publisher on rtnode (``connect``, ``join``, then
 ``publish`` frames pipelined a batch per message, ``published`` replies read by a task of their
 own) or on ``bench.baseline_server`` (one event per message, no acks), publishes M events
-within the in-flight window, and fills a :class:`~bench.fanout_results.RunResult`.
+within the in-flight window (or, paced, one per message at ``rate`` per second, whatever has
+been delivered), and fills a :class:`~bench.fanout_results.RunResult`.
 Every subscriber checks what it receives: events carry their index ``i`` in ``data`` (next to
 the send time ``t`` and the padding), so missing, duplicated and reordered events are counted.
 """
@@ -160,6 +161,17 @@ async def _read_subscriber(ws: ClientConnection, sub: SubStats, col: Collector,
         sub.closed = f"{ws.close_code} {ws.close_reason or ''}".strip()
 
 
+async def _slot(res: RunResult, i: int, start: float) -> None:
+    """Paced publishing: wait for event ``i``'s time (``start + i / rate``), whatever has been
+    delivered; a publisher behind its schedule sends at once and the lag is noted."""
+    due = start + i / res.config.rate
+    now = time.time()
+    if due > now:
+        await asyncio.sleep(due - now)
+    else:
+        res.late = max(res.late, now - due)
+
+
 # ---------------------------------------------------------------------------------------------
 # Clients of rtnode
 
@@ -253,9 +265,10 @@ async def _publish_rtnode(ws: ClientConnection, res: RunResult, col: Collector) 
     reader = asyncio.create_task(replies(), name="bench.publisher.replies")
     try:
         k = 0
+        start = time.time()
         while k < cfg.events and not reader.done():
             n = min(cfg.batch, cfg.events - k)
-            await col.window(k + n)
+            await (_slot(res, k, start) if cfg.rate else col.window(k + n))
             if reader.done():
                 break
             t = time.time()
@@ -293,8 +306,9 @@ async def _publish_baseline(ws: ClientConnection, res: RunResult, col: Collector
     """Publish M events, one per message, within the delivery window (the server has no acks)."""
     cfg = res.config
     pad = "x" * cfg.payload_bytes
+    start = time.time()
     for i in range(cfg.events):
-        await col.window(i + 1)
+        await (_slot(res, i, start) if cfg.rate else col.window(i + 1))
         t = time.time()
         frame = {"type": "event", "room": ROOM, "event": EVENT,
                  "data": {"i": i, "t": t, "pad": pad}}

@@ -17,6 +17,7 @@ from bench.report import output_lines, pct, ranges
 __all__ = ["BenchConfig", "RunResult", "SubStats", "figures", "lost", "problems"]
 
 MAX_BATCH = 32
+LATE_S = 0.05  # paced: a publisher later than this behind its schedule is reported
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,16 @@ class BenchConfig:
     skip_baseline: bool = False
     in_flight: int = 256
     timeout_s: float = 120.0
+    #: Events published per second, one per WebSocket message, on a schedule that does not
+    #: wait for deliveries (0: pipelined within ``in_flight``, as fast as the server takes).
+    rate: float = 0.0
 
     @property
     def batch(self) -> int:
-        """Publish frames per WebSocket message (kept under the node's frame limit)."""
+        """Publish frames per WebSocket message (kept under the node's frame limit; one when
+        paced)."""
+        if self.rate:
+            return 1
         per_frame = self.payload_bytes + 160
         return max(1, min(MAX_BATCH, self.in_flight, MAX_MESSAGE_BYTES // per_frame))
 
@@ -74,6 +81,7 @@ class RunResult(RunOutcome):
     last_ack_at: float = 0.0
     pub_errors: Counter[str] = field(default_factory=Counter)
     pub_notes: list[str] = field(default_factory=list)
+    late: float = 0.0  # paced: how far behind its schedule the publisher fell at most (s)
 
     @property
     def expected(self) -> int:
@@ -159,6 +167,10 @@ def problems(res: RunResult) -> list[str]:
             out.append(f"  {who}: {line}")
         if len(groups) > 20:
             out.append(f"  ... and {len(groups) - 20} more kinds")
+    if cfg.rate and res.late > LATE_S:
+        out.append(f"the publisher fell {res.late * 1000:.0f} ms behind its schedule of "
+                   f"{cfg.rate:g} events/s (the load generator was short of CPU): it published "
+                   f"slower than asked")
     disorder = sum(s.out_of_order for s in res.subs)
     if disorder:
         out.append(f"{disorder} deliveries arrived after a later-published event "

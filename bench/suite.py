@@ -10,7 +10,9 @@ every server a fresh subprocess and the load generators in processes of their ow
   delivered, CPU per event (node, nats-server, load generator), latency, lost, duplicated;
 - device ingest (``bench.ingest``): 100 MQTT devices QoS 1 -> stored -> delivered (rtnode
   only: the baseline has no MQTT);
-- fan-out through JetStream (``bench.fanout``) at several subscriber counts.
+- fan-out through JetStream (``bench.fanout``) at several subscriber counts, pipelined;
+- the same, paced (``bench.fanout --rate``): 1,000 events/s to 100 subscribers, latency
+  percentiles of a steady load.
 
 Prints the table on stdout (progress on stderr) and writes ``report.txt``, ``report.json``
 and PNG plots (``deliveries.png``, ``latency.png``, ``memory.png``) to ``--out``. Exit code 1
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import connections, fanout, ingest, loads
-from bench.fanout_results import BenchConfig, RunResult
+from bench.fanout_results import LATE_S, BenchConfig, RunResult
 from bench.fanout_results import lost as fanout_lost
 from bench.ingest_devices import IngestConfig
 from bench.ingest_report import IngestResult
@@ -60,7 +62,7 @@ from node.nats_server import free_port
 
 __all__ = ["main"]
 
-WORKLOADS = ("connections", "rooms", "ingest", "fanout")
+WORKLOADS = ("connections", "rooms", "ingest", "fanout", "paced")
 # The longest wait, after the idle connections closed, for the node to give memory back.
 AFTER_CLOSE_S = 80.0
 
@@ -131,7 +133,8 @@ def _server(system: str, workers: int, errors: list[str], extra: Sequence[str] =
 def _split(cpu: dict[str, float]) -> tuple[float, float]:
     """(server, nats-server) CPU seconds of a probe's difference."""
     nats = cpu.get("nats-server", 0.0)
-    server = sum(v for k, v in cpu.items() if k in ("node", "node workers", "server")
+    server = sum(v for k, v in cpu.items() if k in ("node", "node workers", "server",
+                                                    "baseline server")
                  or k.startswith("node child"))
     return server, nats
 
@@ -382,7 +385,52 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("lost", "lost", 0).add(system, float(lost))
         w.metric("duplicated", "duplicated", 0).add(system, float(dups))
     w.notes.append("latency here is of a pipelined flood (publishers within a window of "
-                   "256), not the issue's 1k msg/s x 100 subscribers p99")
+                   "256); the issue's 1k msg/s x 100 subscribers p99 is the paced workload's")
+
+
+def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
+    subs, rate = a.paced_subscribers, a.paced_rate
+    events = max(1, round(rate * a.paced_seconds))
+    w = r.workload("paced", f"fan-out through JetStream, paced: {rate:g} events/s to {subs} "
+                            f"subscribers of one room ({events} events)")
+    for system, workers in _systems(a):
+        log(f"  paced: {system} ...")
+        cfg = BenchConfig(subscribers=subs, events=events, rate=rate, timeout_s=a.timeout_s)
+        res = (fanout.run_rtnode(cfg, workers=workers, extra=open_limits(subs)) if workers
+               else fanout.run_baseline(cfg))
+        if res.error:
+            errors.append(f"paced, {system}: {res.error}")
+        if res.late > LATE_S:
+            errors.append(f"paced, {system}: the publisher fell {res.late * 1000:.0f} ms "
+                          f"behind its schedule")
+        server, nats = _split(res.cpu)
+        wall = res.cpu_wall or 1.0
+        w.metric("rate", "deliveries/s", 0).add(system, res.rate)
+        pcts = _percentiles(res.latencies)
+        w.metric("p50", "latency p50 ms", 1).add(system, pcts.get("p50"))
+        w.metric("p99", "latency p99 ms", 1, "<= 5 ms").add(system, pcts.get("p99"))
+        w.metric("max", "latency max ms", 1).add(system, pcts.get("max"))
+        acks = _percentiles(res.acks)
+        w.metric("ack50", "publish -> published (stored) p50 ms", 1).add(system, (
+            acks.get("p50") if workers else None))
+        w.metric("ack99", "publish -> published (stored) p99 ms", 1).add(system, (
+            acks.get("p99") if workers else None))
+        w.metric("cpu", "server CPU µs per delivery", 2).add(system, _us(server,
+                                                                         res.delivered))
+        w.metric("core_server", "server CPU, % of one core", 0).add(system, 100 * server / wall)
+        w.metric("core_nats", "nats-server CPU, % of one core", 0).add(system, (
+            100 * nats / wall if workers else None))
+        w.metric("core_load", "load generator CPU, % of one core", 0).add(system, (
+            100 * res.cpu.get("clients", 0.0) / wall))
+        w.metric("lost", "lost", 0).add(system, float(_fanout_lost(res)))
+        w.metric("duplicated", "duplicated", 0).add(system, float(
+            sum(s.duplicates for s in res.subs)))
+        r.percentiles.setdefault(f"paced, {subs} subscribers", {})[system] = pcts
+    w.notes.append("one event per message on a fixed schedule; the subscribers and the "
+                   "publisher share one load generator process (its CPU above: near 100% "
+                   "of a core, its own queueing is in the latency); rtnode acknowledges an "
+                   "event once nats-server has stored it with fsync (--nats-sync always, the "
+                   "node's default), and delivers it after that")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +467,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--events-per-device", type=int, default=200)
     p.add_argument("--fanout-subscribers", type=_ints, default=[10, 100, 1000])
     p.add_argument("--fanout-events", type=int, default=1000)
+    p.add_argument("--paced-subscribers", type=int, default=100)
+    p.add_argument("--paced-rate", type=float, default=1000.0,
+                   help="events/s of the paced fan-out")
+    p.add_argument("--paced-seconds", type=float, default=5.0,
+                   help="publishing time of the paced fan-out")
     p.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of every system, interleaved: the table shows the median and "
@@ -431,11 +484,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if x not in WORKLOADS:
             p.error(f"--only: unknown workload {x!r} (of {', '.join(WORKLOADS)})")
     for name in ("connections", "steps", "rooms", "window", "devices", "events_per_device",
-                 "fanout_events", "load_procs", "repeat"):
+                 "fanout_events", "paced_subscribers", "load_procs", "repeat"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if a.seconds <= 0 or a.timeout_s <= 0:
-        p.error("--seconds and --timeout-s must be positive")
+    if min(a.seconds, a.timeout_s, a.paced_rate, a.paced_seconds) <= 0:
+        p.error("--seconds, --timeout-s, --paced-rate and --paced-seconds must be positive")
     return a
 
 
@@ -455,7 +508,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     runs: dict[str, Callable[[Report, argparse.Namespace, list[str]], None]] = {
         "connections": run_connections, "rooms": run_rooms, "ingest": run_ingest,
-        "fanout": run_fanout}
+        "fanout": run_fanout, "paced": run_paced}
     log(f"make bench: {', '.join(a.only)}; systems: "
         f"{', '.join(s for s, _ in _systems(a)[:len(_systems(a)) // a.repeat])}"
         f"{f', {a.repeat} runs each' if a.repeat > 1 else ''}; report to {out}/")
