@@ -708,6 +708,12 @@ class RoomActor(Actor):
                 self._batching = True
                 self._spawn(self._recover(), "recover")
             return
+        if join.since_seq is None and not join.rewind:
+            # A plain join reads nothing: answered in this step (what _replay would tell), with
+            # no task and no message of its own (most joins; every connect's personal room).
+            self._on_replay_done(_ReplayDone(join.member, join, target, False, [],
+                                             values=values))
+            return
         self._spawn(self._replay(join, target, values), "replay")
 
     async def _recover(self) -> None:
