@@ -4,7 +4,9 @@
 ``publish`` frames pipelined a batch per message, ``published`` replies read by a task of their
 own) or on ``bench.baseline_server`` (one event per message, no acks), publishes M events
 within the in-flight window (or, paced, one per message at ``rate`` per second, whatever has
-been delivered), and fills a :class:`~bench.fanout_results.RunResult`.
+been delivered), and fills a :class:`~bench.fanout_results.RunResult`. The subscribers are
+:class:`~bench.fanout_subscriber.Subscriber` (websockets' protocol, no task woken per message),
+the publisher websockets' asyncio client.
 Every subscriber checks what it receives: events carry their index ``i`` in ``data`` (next to
 the send time ``t`` and the padding), so missing, duplicated and reordered events are counted.
 """
@@ -23,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench.fanout_results import BenchConfig, RunResult, SubStats
+from bench.fanout_subscriber import Subscriber
 from bench.nodes import SECRET
 from bench.procs import SETUP_TIMEOUT_S
 from node.protocol.frames import CBOR
@@ -146,18 +149,20 @@ class Collector:
             self.lat.append(now - t)
 
 
-async def _read_subscriber(ws: ClientConnection, sub: SubStats, col: Collector,
+async def _read_subscriber(ws: Subscriber, sub: SubStats, col: Collector,
                            finished: asyncio.Event) -> None:
     message = col.message
-    try:
-        async for msg in ws:
-            message(sub, msg, time.time())
-    except ConnectionClosed:
-        pass
-    except Exception as exc:  # a bug of the benchmark's own: reported, not hidden
-        sub.closed = f"reader failed: {exc!r}"
-        return
-    if not finished.is_set():
+
+    def handler(msg: str | bytes, now: float) -> None:
+        try:
+            message(sub, msg, now)
+        except Exception as exc:  # a bug of the benchmark's own: reported, not hidden
+            if sub.closed is None:
+                sub.closed = f"reader failed: {exc!r}"
+
+    ws.stream(handler)
+    await asyncio.shield(ws.closed)
+    if not finished.is_set() and sub.closed is None:
         sub.closed = f"{ws.close_code} {ws.close_reason or ''}".strip()
 
 
@@ -195,7 +200,7 @@ async def _open(url: str, codec: str | None) -> ClientConnection:
     )
 
 
-async def _until(ws: ClientConnection, codec: str, rid: str) -> dict[str, Any]:
+async def _until(ws: ClientConnection | Subscriber, codec: str, rid: str) -> dict[str, Any]:
     """Read frames until the reply with id ``rid`` (or a disconnect); other frames are dropped."""
     while True:
         for f in _decode(codec, await ws.recv()):
@@ -203,16 +208,20 @@ async def _until(ws: ClientConnection, codec: str, rid: str) -> dict[str, Any]:
                 return f
 
 
-async def _rtnode_subscriber(url: str, cfg: BenchConfig, index: int) -> ClientConnection:
-    ws = await _open(url, cfg.codec)
-    tok = mint_token(SECRET, sub=f"bench-sub-{index}", rooms={"*": RIGHTS})
-    await ws.send(_encode(cfg.codec, [
-        {"type": "connect", "id": "connect", "token": tok},
-        {"type": "join", "id": "join", "room": ROOM},
-    ]))
-    reply = await _until(ws, cfg.codec, "join")
-    if reply.get("type") != "joined":
-        raise RuntimeError(f"subscriber {index}: join answered {reply}")
+async def _rtnode_subscriber(url: str, cfg: BenchConfig, index: int) -> Subscriber:
+    ws = await Subscriber.open(url, f"rtnode.v1.{cfg.codec}", SETUP_TIMEOUT_S)
+    try:
+        tok = mint_token(SECRET, sub=f"bench-sub-{index}", rooms={"*": RIGHTS})
+        ws.send(_encode(cfg.codec, [
+            {"type": "connect", "id": "connect", "token": tok},
+            {"type": "join", "id": "join", "room": ROOM},
+        ]))
+        reply = await _until(ws, cfg.codec, "join")
+        if reply.get("type") != "joined":
+            raise RuntimeError(f"subscriber {index}: join answered {reply}")
+    except BaseException:
+        ws.abort()
+        raise
     return ws
 
 
@@ -302,6 +311,16 @@ async def _baseline_client(url: str) -> ClientConnection:
     return ws
 
 
+async def _baseline_subscriber(url: str) -> Subscriber:
+    ws = await Subscriber.open(url, None, SETUP_TIMEOUT_S)
+    try:
+        await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S)  # {"type":"joined"}: in its set
+    except BaseException:
+        ws.abort()
+        raise
+    return ws
+
+
 async def _publish_baseline(ws: ClientConnection, res: RunResult, col: Collector) -> None:
     """Publish M events, one per message, within the delivery window (the server has no acks)."""
     cfg = res.config
@@ -335,15 +354,15 @@ async def measure(res: RunResult, urls: list[str], rtnode: bool,
     """
     cfg = res.config
     sem = asyncio.Semaphore(50)
-    opened: list[ClientConnection | None] = [None] * cfg.subscribers
-    subs: list[ClientConnection] = []
+    opened: list[Subscriber | None] = [None] * cfg.subscribers
+    subs: list[Subscriber] = []
     publisher: ClientConnection | None = None
 
     async def one(i: int) -> None:
         async with sem:
             url = urls[i % len(urls)]
             opened[i] = await (_rtnode_subscriber(url, cfg, i) if rtnode
-                               else _baseline_client(url))
+                               else _baseline_subscriber(url))
 
     tasks: list[asyncio.Task[Any]] = []
     finished = asyncio.Event()
@@ -388,7 +407,8 @@ async def measure(res: RunResult, urls: list[str], rtnode: bool,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        conns = [ws for ws in [*opened, publisher] if ws is not None]
+        conns: list[Subscriber | ClientConnection] = [
+            ws for ws in [*opened, publisher] if ws is not None]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True), 10
