@@ -422,15 +422,31 @@ def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
             100 * nats / wall if workers else None))
         w.metric("core_load", "load generator CPU, % of one core", 0).add(system, (
             100 * res.cpu.get("clients", 0.0) / wall))
-        w.metric("lost", "lost", 0).add(system, float(_fanout_lost(res)))
-        w.metric("duplicated", "duplicated", 0).add(system, float(
-            sum(s.duplicates for s in res.subs)))
+        lost, dups = _fanout_lost(res), sum(s.duplicates for s in res.subs)
+        if workers:
+            # The same without an fsync per event: how much of the latency is the disk's.
+            log(f"  paced: {system}, --nats-sync 2m ...")
+            fast = fanout.run_rtnode(cfg, workers=workers,
+                                     extra=[*open_limits(subs), "--nats-sync", "2m"])
+            if fast.error:
+                errors.append(f"paced --nats-sync 2m, {system}: {fast.error}")
+            fast_pcts = _percentiles(fast.latencies)
+            w.metric("p50_2m", "latency p50 ms, --nats-sync 2m", 1).add(
+                system, fast_pcts.get("p50"))
+            w.metric("p99_2m", "latency p99 ms, --nats-sync 2m", 1).add(
+                system, fast_pcts.get("p99"))
+            lost += _fanout_lost(fast)
+            dups += sum(s.duplicates for s in fast.subs)
+        w.metric("lost", "lost", 0).add(system, float(lost))
+        w.metric("duplicated", "duplicated", 0).add(system, float(dups))
         r.percentiles.setdefault(f"paced, {subs} subscribers", {})[system] = pcts
     w.notes.append("one event per message on a fixed schedule; the subscribers and the "
                    "publisher share one load generator process (its CPU above: near 100% "
                    "of a core, its own queueing is in the latency); rtnode acknowledges an "
                    "event once nats-server has stored it with fsync (--nats-sync always, the "
-                   "node's default), and delivers it after that")
+                   "node's default), and delivers it after that; the --nats-sync 2m rows are "
+                   "a second run without that fsync (a power loss may then lose acknowledged "
+                   "events)")
 
 
 # ---------------------------------------------------------------------------------------------
