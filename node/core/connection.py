@@ -329,7 +329,9 @@ class ConnectionActor(Actor):
         self._tell(_RoomLost(room, member))
 
     def _on_in_room(self, room: str, member: Membership) -> None:
-        self._tell(_InRoom(room, member))
+        message = _InRoom(room, member)
+        if not self.ref.handle_now(message):
+            self._tell(message)
 
     def _on_plain_room_lost(self, room: str, member: Membership) -> None:
         self._tell(_RoomLost(room, member, plain=True))
@@ -357,15 +359,22 @@ class ConnectionActor(Actor):
     # -- messages --------------------------------------------------------------------------
 
     def receive_now(self, message: Any) -> bool:
-        """A publish, handled in the reader's step when the actor is idle
-        (``ActorRef.handle_now``): what ``on_receive`` does with one, none of which waits."""
-        if type(message) is not frames.Publish:
-            return False
-        session = self.session
-        if not session.closing:
-            session.receive_frame(message, time.monotonic())
-            self._execute_now()
-        return True
+        """A publish (in the reader's step), or a room's news that it took a join in (in the
+        room's), handled at once when the actor is idle (``ActorRef.handle_now``): what
+        ``on_receive`` does with them, none of which waits."""
+        kind = type(message)
+        if kind is frames.Publish:
+            session = self.session
+            if not session.closing:
+                session.receive_frame(message, time.monotonic())
+                self._execute_now()
+            return True
+        if kind is _InRoom:
+            if not self.session.closing and self.members.get(message.room) is message.member:
+                self.session.receive_room_joined(message.room)
+                self._execute_now()
+            return True
+        return False
 
     async def on_receive(self, message: Any) -> Any:
         session = self.session
