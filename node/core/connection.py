@@ -111,7 +111,7 @@ class _RoomLost:
 
 @dataclass(frozen=True, slots=True)
 class _InRoom:
-    """The room took ``member``'s join in."""
+    """The room fixed the position of ``member``'s join (its publishes held may go)."""
 
     room: str
     member: Membership
@@ -359,8 +359,8 @@ class ConnectionActor(Actor):
     # -- messages --------------------------------------------------------------------------
 
     def receive_now(self, message: Any) -> bool:
-        """A publish (in the reader's step), or a room's news that it took a join in (in the
-        room's), handled at once when the actor is idle (``ActorRef.handle_now``): what
+        """A publish (in the reader's step), or a room's news that a join's position is fixed
+        (in the room's), handled at once when the actor is idle (``ActorRef.handle_now``): what
         ``on_receive`` does with them, none of which waits."""
         kind = type(message)
         if kind is frames.Publish:

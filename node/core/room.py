@@ -269,8 +269,8 @@ class RoomActor(Actor):
         # Subscribe first, then read the latest seq: nothing stored in between can be missed,
         # and live messages already covered by last_seq are skipped (they precede every
         # member's joined seq). A client's own publishes sent right after its join are held by
-        # its connection until this room has taken the join in (Membership.on_in_room), so
-        # they are stored after this position and reach it.
+        # its connection until the room has fixed the join's position (Membership.on_in_room),
+        # so they are stored after it and reach the member.
         try:
             self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
             self.last_seq = await self.store.last_seq(self.tenant, self.room,
@@ -682,8 +682,6 @@ class RoomActor(Actor):
         member.replaying = True
         member.held = []
         self.members[id(member)] = member
-        if member.on_in_room is not None:
-            member.on_in_room(self.room, member)
         if self.state is not None and not join.silent:
             if not self._values.known:
                 self._state_waiting.append(join)  # live events are held for it meanwhile
@@ -858,6 +856,12 @@ class RoomActor(Actor):
                                         retry=True))
             member.on_room_lost(self.room, member)
             return
+        # The join's position (done.target) is fixed: the publishes its connection held for
+        # it go to the store now, after that position, and reach the member live. (Told at the
+        # join, a replay that reads the stream's latest seq afterwards could take them in its
+        # position: a rewind of the last N would then leave the client's own events out.)
+        if member.on_in_room is not None:
+            member.on_in_room(self.room, member)
         if (join.silent and not done.recovered and join.since_seq is not None
                 and join.since_seq < done.target
                 and join.since_epoch in (None, self.store.epoch)):

@@ -74,11 +74,12 @@ class Membership:
     # members joining together still cost one encoding per codec per event. A list of its own
     # only while replaying (the room sets one at the join); else the shared empty tuple.
     held: list[tuple[int | None, dict[str, Any], dict[str, bytes]]] | tuple[()] = ()
-    # Called by the room, with its name and this member, when it takes the member in (its
-    # live feed is subscribed by then): the connection holds its publishes to the room until
-    # then, so that a client's own events, sent right after its join, are stored after the
-    # room's position and reach it. (Arguments rather than a partial holding the member: that
-    # would be a reference cycle, left to the garbage collector.)
+    # Called by the room, with its name and this member, once the member's position is fixed
+    # (its replay read, if any; the room's live feed is subscribed by then): the connection
+    # holds its publishes to the room until then, so that a client's own events, sent right
+    # after its join, are stored after its position and reach it live. (Arguments rather
+    # than a partial holding the member: that would be a reference cycle, left to the
+    # garbage collector.)
     on_in_room: Callable[[str, Membership], None] | None = None
     # Set by the room when it handles the member's Leave. A Join may reach the room after its
     # Leave (one that found the mailbox full is told again later, while the Leave is taken at

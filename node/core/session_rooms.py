@@ -35,8 +35,8 @@ __all__ = ["JOIN_WAIT_S", "RoomRules"]
 
 log = logging.getLogger("node.core.session")
 
-#: How long publishes right after a join wait for the room to take the join in (a room starts
-#: in ~1 ms; one that cannot start answers the join with an error).
+#: How long publishes right after a join wait for the room to fix the join's position (a room
+#: starts in ~1 ms, a replay reads in a few; one that cannot answers the join with an error).
 JOIN_WAIT_S = 5.0
 
 
@@ -118,7 +118,8 @@ class RoomRules(PresenceRules):
         self._reply(frame.id, {"type": "left", "room": frame.room})
 
     def receive_room_joined(self, room: str) -> None:
-        """The room took the current join of ``room`` in: release the publishes held for it."""
+        """The room fixed the position of the current join of ``room``: release the publishes
+        held for it."""
         self._release(room)
 
     def receive_room_lost(self, room: str, cursor: int | None, epoch: str, now: float, *,
@@ -182,8 +183,8 @@ class RoomRules(PresenceRules):
             self._plain_presence_off(room, now)
 
     def _hold(self, admitted: Admitted, request_id: Any, now: float) -> None:
-        # Joined a moment ago: store once the room has taken the join in, so the event comes
-        # after the room's position and reaches this member too. Held in order, released in
+        # Joined a moment ago: store once the room has fixed the join's position, so the event
+        # comes after it and reaches this member too. Held in order, released in
         # order (and after JOIN_WAIT_S at the latest).
         held = self._held.setdefault(admitted.room, [])
         if not held:
