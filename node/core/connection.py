@@ -229,7 +229,8 @@ class ConnectionActor(Actor):
         self.client_id = client_id or secrets.token_hex(8)
         self._indexed: IndexedConnection | None = None  # once admitted
         self.outbox = Outbox(
-            codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow
+            codec, transport, limit=self.settings.slow_consumer_bytes, on_slow=self._on_slow,
+            flush_turn=ctx.flush_turn,
         )
         # Its presence entries carry it; removing them compares it (a takeover's successor
         # has the same client id, and entries of its own).
@@ -639,7 +640,7 @@ class ConnectionActor(Actor):
         if command.source is not None:
             codec, transport = command.source
             outbox = Outbox(codec, transport, limit=self.settings.slow_consumer_bytes,
-                            on_slow=self._on_slow)
+                            on_slow=self._on_slow, flush_turn=self.ctx.flush_turn)
             # A QoS 1 subscription of a persistent MQTT session joins from its position
             # (the bridge sent what came before it: bridge.mqtt_session).
             resume = getattr(transport, "resume_from", None)

@@ -16,6 +16,7 @@ from actors.system import ActorSystem
 from node.core.admission import Admission, Admitted
 from node.core.index import ConnectionIndex
 from node.core.limits import KeyedBuckets, LimitCarry
+from node.core.outbox import FlushTurn
 from node.core.ports import LiveFeed, PresencePort, RoomStore, RpcPort, StatePort
 from node.core.room import RoomActor, RoomCounters, RoomSettings
 from node.core.rpc import RpcRegistry, default_registry
@@ -68,6 +69,8 @@ class NodeContext:
     lane: Lane = field(default_factory=Lane)
     #: The connections' timers (token expiry, rpc and join deadlines...) on one loop timer.
     deadlines: Deadlines = field(default_factory=Deadlines)
+    #: The connections' outboxes with frames to write, flushed by one callback per turn.
+    flush_turn: FlushTurn = field(default_factory=FlushTurn)
     draining: bool = False
     presence: PresencePort | None = None
     rpc: RpcPort | None = None
