@@ -449,8 +449,9 @@ def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("duplicated", "duplicated", 0).add(system, float(dups))
         r.percentiles.setdefault(f"paced, {subs} subscribers", {})[system] = pcts
     w.notes.append("one event per message on a fixed schedule; the subscribers and the "
-                   "publisher share one load generator process (its CPU above: near 100% "
-                   "of a core, its own queueing is in the latency); rtnode acknowledges an "
+                   "publisher share one load generator process (its CPU above: the closer "
+                   "to 100% of a core, the more of its own queueing is in the latency); "
+                   "rtnode acknowledges an "
                    "event once nats-server has stored it with fsync (--nats-sync always, the "
                    "node's default), and delivers it after that; the --nats-sync 2m rows are "
                    "a second run without that fsync (a power loss may then lose acknowledged "
