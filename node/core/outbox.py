@@ -83,7 +83,7 @@ class Outbox:
         limit: Unsent bytes (ours plus the transport's) beyond which the peer is a slow consumer.
         on_slow: Called once when the limit is passed (e.g. disconnect with 4008).
         max_message_bytes: Flush early when a message would grow past this.
-        flush_turn: The node's :class:`FlushTurn` (None: the outbox schedules its own flush).
+        flush_turn: The node's :class:`FlushTurn` (None: one of its own, for this outbox).
     """
 
     __slots__ = (
@@ -122,7 +122,7 @@ class Outbox:
         self._queued = 0
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
-        self._flush_turn = flush_turn
+        self._flush_turn = FlushTurn() if flush_turn is None else flush_turn
 
     def push(self, encoded: bytes) -> bool:
         """Queue one encoded frame. Returns False if it was refused (slow or closed)."""
@@ -140,10 +140,7 @@ class Outbox:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
-            if self._flush_turn is not None:
-                self._flush_turn.add(self)
-            else:
-                self._loop.call_soon(self.flush)
+            self._flush_turn.add(self)
         return True
 
     def send(self, frame: Any) -> bool:

@@ -67,7 +67,7 @@ async def test_a_flush_early_and_a_closed_outbox_in_the_same_turn() -> None:
     big.send({"after": 1})
     shut.send({"gone": 1})
     shut.close()
-    plain.send({"own": 1})  # without a FlushTurn: its own callback, as before
+    plain.send({"own": 1})  # without the node's FlushTurn: one of its own
     await asyncio.sleep(0)
     assert [JSON.decode(m) for m in big_sink.messages][1:] == [[{"after": 1}]]
     assert shut_sink.messages == []
