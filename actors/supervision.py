@@ -40,9 +40,10 @@ class RestartWindow:
 
     def __init__(self, policy: RestartPolicy) -> None:
         self.policy = policy
-        # A list, not a deque: a window holds at most max_restarts times, and an empty list
-        # is 56 bytes where an empty deque is 624 (every room actor has a window).
-        self._times: list[float] = []
+        # A list, not a deque: a window holds at most max_restarts times, and a list is 56
+        # bytes where a deque is 624. None until the first restart: every room actor has a
+        # window, and most never restart.
+        self._times: list[float] | None = None
 
     def admit(self, now: float) -> int | None:
         """Record a restart at ``now`` if the budget allows it.
@@ -55,6 +56,8 @@ class RestartWindow:
             when ``max_restarts`` were already spent in the window (the caller escalates).
         """
         times = self._times
+        if times is None:
+            times = self._times = []
         while times and times[0] < now - self.policy.window_s:
             del times[0]
         if len(times) >= self.policy.max_restarts:

@@ -414,6 +414,8 @@ class VolatileThrottle(Generic[T]):
 
     _PRUNE_AT = 1024  # keys remembered before the stale ones are forgotten
 
+    __slots__ = ("_last", "_pending", "_prune_at", "window_s")
+
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         # Both start as one shared empty map, never written: a map of its own is made at the

@@ -116,8 +116,7 @@ class NodeContext:
 
     def room_ref(self, tenant: str, room: str) -> Any:
         """The room actor of ``room``, spawned on first local interest."""
-        return self.system.get_or_spawn(_room_name(tenant, room),
-                                        lambda: self._new_room(tenant, room))
+        return self.system.get_or_spawn(_room_name(tenant, room), _RoomFactory(self, tenant, room))
 
     def _new_room(self, tenant: str, room: str) -> RoomActor:
         # Only when the room is spawned: a join of a running room builds nothing.
@@ -146,6 +145,20 @@ class NodeContext:
         runs fewer than ``max_rooms`` (a join beyond it is refused with 4503)."""
         return (self.counters.rooms < self.settings.max_rooms
                 or self.running_room(tenant, room) is not None)
+
+
+class _RoomFactory:
+    """Builds a room actor (again after a restart): kept by the room's actor cell for the
+    room's life, so one small object, not a closure (~0.3 KB with its cells; a node with
+    10,000 users has 10,000 personal rooms)."""
+
+    __slots__ = ("ctx", "room", "tenant")
+
+    def __init__(self, ctx: NodeContext, tenant: str, room: str) -> None:
+        self.ctx, self.tenant, self.room = ctx, tenant, room
+
+    def __call__(self) -> RoomActor:
+        return self.ctx._new_room(self.tenant, self.room)
 
 
 def _room_name(tenant: str, room: str) -> str:

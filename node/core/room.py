@@ -230,7 +230,8 @@ class RoomActor(Actor):
         # A state room's values (see the module's docstring); the joins waiting for the first
         # read (until the room has delivered _state_need), and whether a read is in flight.
         self._state_values: RoomValues | None = None  # made at first use (state rooms only)
-        self._state_waiting: list[Join] = []
+        # Lists made when first needed (None meanwhile): a node has a room per user.
+        self._state_waiting: list[Join] | None = None
         self._state_need: int | None = None
         self._state_timer: asyncio.TimerHandle | None = None
         self._reading = False
@@ -238,14 +239,14 @@ class RoomActor(Actor):
         self.last_seq = 0
         self._sub: Subscription | None = None
         self._repairing = False
-        self._backlog: list[LiveMessage] = []
+        self._backlog: list[LiveMessage] | None = None
         self._since_trim = 0
         # A set (a dict: 64 bytes empty, not 216), None while no task runs: one that held a
         # task keeps its table, which every idle room would hold.
         self._tasks: dict[asyncio.Task[None], None] | None = None
         # Joins with ``since`` waiting for the next recovery batch, and whether a batch is
         # scheduled or in flight (one at a time: joins arriving meanwhile wait for the next).
-        self._recovering: list[Join] = []
+        self._recovering: list[Join] | None = None
         self._batching = False
         # When the room last became empty (loop time; None: it has members), and the timer
         # that looks again once it may have been empty for idle_s.
@@ -501,18 +502,24 @@ class RoomActor(Actor):
             self._deliver(None, msg.body)
             return
         if self._repairing:
-            self._backlog.append(msg)
+            self._hold_live(msg)
             return
         if msg.seq <= self.last_seq:
             return  # already delivered (e.g. read by a repair)
         if msg.prev is not None and msg.prev > self.last_seq:
             # The live path lost something between last_seq and this one: read it back.
             self._repairing = True
-            self._backlog.append(msg)
+            self._hold_live(msg)
             self.counters.gap_repairs += 1
             self._spawn(self._repair(self.last_seq, msg.seq), "repair")
             return
         self._deliver(msg.seq, msg.body)
+
+    def _hold_live(self, msg: LiveMessage) -> None:
+        if self._backlog is None:
+            self._backlog = [msg]
+        else:
+            self._backlog.append(msg)
 
     async def _check_gap(self) -> None:
         try:
@@ -550,7 +557,7 @@ class RoomActor(Actor):
         for ev in done.events:
             if ev.seq > self.last_seq:
                 self._deliver(ev.seq, ev.body)
-        backlog, self._backlog = self._backlog, []
+        backlog, self._backlog = self._backlog or (), None
         for msg in backlog:
             self._on_live(msg)
 
@@ -593,7 +600,7 @@ class RoomActor(Actor):
         if read.error is not None:
             log.warning("! room %s: state not read: %s", self.room, read.error)
             if not self._values.known:  # the waiting joins fail as a failed replay does
-                waiting, self._state_waiting = self._state_waiting, []
+                waiting, self._state_waiting = self._state_waiting or (), None
                 for join in waiting:
                     self._on_replay_done(_ReplayDone(join.member, join, self.last_seq, False,
                                                      None, error=read.error))
@@ -623,7 +630,7 @@ class RoomActor(Actor):
         if self._state_timer is not None:
             self._state_timer.cancel()
             self._state_timer = None
-        waiting, self._state_waiting = self._state_waiting, []
+        waiting, self._state_waiting = self._state_waiting or (), None
         for join in waiting:
             if self.members.get(id(join.member)) is join.member:
                 self._start_replay(join)
@@ -684,7 +691,11 @@ class RoomActor(Actor):
         self.members[id(member)] = member
         if self.state is not None and not join.silent:
             if not self._values.known:
-                self._state_waiting.append(join)  # live events are held for it meanwhile
+                # Live events are held for it meanwhile.
+                if self._state_waiting is None:
+                    self._state_waiting = [join]
+                else:
+                    self._state_waiting.append(join)
                 self._read_state()
                 return
             if self._values.stale(time.monotonic()):
@@ -701,7 +712,10 @@ class RoomActor(Actor):
         if join.since_seq is not None and values is None:
             # A recovery: served with the others that arrive in the same loop turn, or while
             # the batch before is read (a reconnect storm: thousands within a second or two).
-            self._recovering.append(join)
+            if self._recovering is None:
+                self._recovering = [join]
+            else:
+                self._recovering.append(join)
             if not self._batching:
                 self._batching = True
                 self._spawn(self._recover(), "recover")
@@ -720,7 +734,7 @@ class RoomActor(Actor):
         # The task's first step runs in the loop turn after the join that spawned it, before
         # any await: it takes every recovering join the room has handled until then, in one
         # step with the room's position (no message can be handled in between).
-        joins, self._recovering = self._recovering, []
+        joins, self._recovering = self._recovering or [], None
         position = self.last_seq
         store, tenant, room, counters = self.store, self.tenant, self.room, self.counters
         counters.recovery_batches += 1

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import secrets
+import sys
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -241,6 +242,7 @@ def _bad_claim(reason: str, claim: str, detail: str = "") -> TokenRefused:
 
 
 _RIGHT_SETS: dict[frozenset[str], frozenset[str]] = {}
+_KIND_NAMES: dict[str, Kind] = {"user": "user", "device": "device", "service": "service"}
 
 
 def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal:
@@ -255,6 +257,9 @@ def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal
     if kind not in KINDS:
         raise _bad_claim("token has an invalid kind", "kind",
                          f"must be one of {', '.join(KINDS)} (sub {sub})")
+    # The principal outlives its connect: one string for each tenant, kind and room pattern,
+    # not a copy per connection from each token's JSON.
+    tenant, kind = sys.intern(tenant), _KIND_NAMES[kind]
     raw_rooms = claims.get("rooms", {})
     if not isinstance(raw_rooms, dict):
         raise _bad_claim("token rooms claim must be a map", "rooms", "not a map")
@@ -268,7 +273,7 @@ def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal
                              f"names a right other than {', '.join(RIGHTS)}")
         got = frozenset(rights)
         # Shared: there are at most 2^len(RIGHTS) of them, and every principal holds some.
-        rooms[pattern] = _RIGHT_SETS.setdefault(got, got)
+        rooms[sys.intern(pattern)] = _RIGHT_SETS.setdefault(got, got)
     raw_rpc = claims.get("rpc", [])
     if not isinstance(raw_rpc, list) or not all(isinstance(p, str) for p in raw_rpc):
         raise _bad_claim("token rpc claim must be a list of patterns", "rpc",
@@ -459,10 +464,10 @@ class TokenVerifier:
         # Tokens whose signature, iss and aud were verified, by digest: a token presented again
         # (a reconnect, a second tab) skips PyJWT (~100 us). Its times and its jti are checked
         # again on every use (expiry, revocation); refusals are never cached.
-        self._verified: OrderedDict[bytes, tuple[Principal, dict[str, float],
-                                                 dict[str, Any]]] = OrderedDict()
+        self._verified: OrderedDict[bytes, tuple[Principal, dict[str, float], Any]] = \
+            OrderedDict()
 
-    #: Verified tokens remembered (least recently used first out): ~0.4 KB each.
+    #: Verified tokens remembered (least recently used first out): ~0.3 KB each.
     verified_cache_size = 1024
 
     def forget(self) -> None:
@@ -540,7 +545,11 @@ class TokenVerifier:
         hit = self._verified.get(digest)
         if hit is not None:
             self._verified.move_to_end(digest)
-            principal, times, claims = hit
+            principal, times, jti = hit
+            # What the checks read of the claims: the names of _who, and the jti.
+            claims = {"sub": principal.sub, "kind": principal.kind, "tenant": principal.tenant}
+            if jti is not None:
+                claims["jti"] = jti
             self._check_times(times, now, claims)
             self._check_revoked(claims)
             return principal
@@ -567,10 +576,8 @@ class TokenVerifier:
         self._check_times(times, now, claims)
         self._check_revoked(claims)
         principal = _claims_to_principal(claims, times.get("exp"))
-        # What the checks above read again on a hit: the names of _who, and the jti.
-        kept: dict[str, Any] = {k: claims[k] for k in ("sub", "kind", "tenant", "jti")
-                                if k in claims}
-        self._verified[digest] = (principal, times, kept)
+        # The principal has the names of _who; the jti is all else the checks read on a hit.
+        self._verified[digest] = (principal, times, claims.get("jti"))
         if len(self._verified) > self.verified_cache_size:
             self._verified.popitem(last=False)
         return principal
