@@ -56,9 +56,9 @@ class NatsRpc:
 
     def __init__(self, link: NatsLink) -> None:
         self.link = link
-        # subject -> (route, local handlers in registration order)
-        self._subs: dict[str, tuple[Route | None, list[Callable[[dict[str, Any], str],
-                                                                 None]]]] = {}
+        # subject -> [its route (None until subscribed), then the local handlers in
+        # registration order]: one list, not a tuple and a list (~0.1 KB less per target).
+        self._subs: dict[str, list[Any]] = {}
 
     async def register(self, tenant: str, targets: list[str],
                        handler: Callable[[dict[str, Any], str], None]) -> None:
@@ -69,12 +69,11 @@ class NatsRpc:
             subject = rpc_subject(tenant, target)
             entry = self._subs.get(subject)
             if entry is None:
-                entry = self._subs[subject] = (None, [])
-                entry[1].append(handler)
+                self._subs[subject] = [None, handler]
                 if await self._subscribe(subject):
                     new = True
                 continue
-            entry[1].append(handler)
+            entry.append(handler)
         if new:
             await self.link.confirmed()  # the server has the routes
 
@@ -86,9 +85,9 @@ class NatsRpc:
             entry = self._subs.get(subject)
             if entry is None:
                 continue
-            if handler in entry[1]:
-                entry[1].remove(handler)
-            if not entry[1]:
+            if handler in entry[1:]:
+                del entry[entry.index(handler, 1)]
+            if len(entry) == 1:
                 # Keep the route for a grace period, answering 4004 at once: an UNSUB still
                 # in flight would make the server deliver a request nobody answers (a 4504
                 # after the caller's whole timeout instead of a 4004 now).
@@ -103,7 +102,7 @@ class NatsRpc:
         if not msg.reply:
             return
         entry = self._subs.get(msg.subject)
-        if entry is None or not entry[1]:
+        if entry is None or len(entry) == 1:
             # The target left between the request and now: say so rather than time out.
             self.respond(msg.reply, {"error": {"code": 4004, "reason": "rpc target offline",
                                                "retry": True}})
@@ -113,7 +112,7 @@ class NatsRpc:
         except CodecError:
             return
         if isinstance(request, dict):
-            entry[1][0](request, msg.reply)
+            entry[1](request, msg.reply)
 
     async def _subscribe(self, subject: str) -> bool:
         """Send the SUB of a route (False: the client is closed or draining)."""
@@ -125,7 +124,7 @@ class NatsRpc:
         nc._sid += 1
         route = Route(nc, nc._sid, subject, self._on_request, _QUEUE)
         nc._subs[route._id] = route
-        self._subs[subject] = (route, self._subs[subject][1])
+        self._subs[subject][0] = route
         # Into the client's buffer at once (its flusher writes it); while it reconnects, the
         # client sends every subscription of its table again once connected.
         await nc._send_subscribe(route)
@@ -133,7 +132,7 @@ class NatsRpc:
 
     def _drop_if_unused(self, subject: str) -> None:
         entry = self._subs.get(subject)
-        if entry is None or entry[1]:
+        if entry is None or len(entry) > 1:
             return  # gone already, or in use again
         del self._subs[subject]
         if entry[0] is not None:
