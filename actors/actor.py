@@ -80,6 +80,10 @@ class Actor:
 
     ref: ActorRef[Any]
 
+    # A subclass without __slots__ has a __dict__ as usual; one with them (an actor there are
+    # thousands of) lists its own.
+    __slots__ = ("ref",)
+
     async def on_start(self) -> None:
         """Called in the actor's task before the first message is handled.
 

@@ -220,6 +220,13 @@ class ConnectionActor(Actor):
     inbound_high = 512
     inbound_low = 256
 
+    __slots__ = (
+        "_due", "_indexed", "_joined_at_ms", "_loop", "_member_hooks", "_offline_writes",
+        "_pacer", "_stopped", "_tasks", "_timer_serial", "_timers", "_volatile_tasks",
+        "_waiting", "client_id", "ctx", "members", "outbox", "plain", "session", "settings",
+        "transport",
+    )
+
     def __init__(self, ctx: NodeContext, transport: ConnTransport, codec: Any,
                  principal: Principal | None = None, client_id: str | None = None,
                  offline_ttl_s: float | None = None) -> None:

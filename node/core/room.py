@@ -203,6 +203,14 @@ class RoomActor(Actor):
     on_overflow = Overflow.CALLBACK
     batch_size = 256
     restart = RestartPolicy(max_restarts=5, window_s=60, min_backoff_s=0.1, max_backoff_s=5)
+
+    # Slots: there is a room per user on a node (its personal room).
+    __slots__ = (
+        "_backlog", "_batching", "_counted", "_empty_since", "_idle_timer", "_joins_waiting",
+        "_reading", "_recovering", "_repairing", "_since_trim", "_state_need", "_state_timer",
+        "_state_values", "_state_waiting", "_sub", "_tasks", "counters", "feed", "last_seq",
+        "members", "recent", "room", "settings", "state", "store", "tenant",
+    )
     # No passivation by the runtime: its idle timer restarts with every message, and an empty
     # room with live traffic would never stop. The room stops itself (``_idle``).
     idle_timeout_s = None
