@@ -46,6 +46,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 from node.core.events import RecentEvents, dedupe_key, event_map
 from node.core.limits import TokenBucket
 from node.core.ports import LiveFeed, RoomStore, StatePort, StoreError
+from node.core.unwritten import UNWRITTEN
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import CBOR, Publish, cbor_loads_strict
 from node.protocol.settings import Settings
@@ -397,7 +398,7 @@ class VolatilePublisher:
 
 
 # The maps of a VolatileThrottle until its first write: shared, never written.
-_UNWRITTEN: dict[str, Any] = {}
+_UNWRITTEN: dict[str, Any] = UNWRITTEN
 
 
 class VolatileThrottle(Generic[T]):

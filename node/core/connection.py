@@ -66,6 +66,7 @@ from node.core.session_commands import (
     TimerKey,
     UnregisterRpc,
 )
+from node.core.unwritten import UNWRITTEN
 from node.protocol import frames
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import error_frame
@@ -254,13 +255,13 @@ class ConnectionActor(Actor):
         self.members: dict[str, Membership] = {}
         # Plain subscriptions (MQTT rooms/<room>), each with its own outbox: a device may also
         # join the same room on its tunnel.
-        self.plain: dict[str, Membership] = {}
+        self.plain: dict[str, Membership] = UNWRITTEN  # node/core/unwritten.py
         # On the node's Deadlines: one loop timer for all (each of its own was ~800 bytes).
         self._timers: dict[TimerKey, Deadline] = {}
         # Each timer armed gets a serial; one that fired waits here with its serial until its
         # message is handled, and is stale if armed again or cancelled meanwhile.
         self._timer_serial = 0
-        self._due: dict[TimerKey, int] = {}
+        self._due: dict[TimerKey, int] = UNWRITTEN  # node/core/unwritten.py
         # Both sets are made at their first task: an empty set is ~200 bytes per connection.
         self._tasks: set[asyncio.Task[None]] | None = None
         self._stopped = False  # on_stop ran: what comes back from the store is dropped
@@ -522,6 +523,8 @@ class ConnectionActor(Actor):
             member = self.members.get(key[1])
             if member is not None and member in self._waiting:
                 return  # its join waits for its turn: armed again once told (join_sent)
+        if self._due is UNWRITTEN:
+            self._due = {}
         self._due[key] = serial
         self._tell(_TimerFired(key, serial))
 
@@ -656,6 +659,8 @@ class ConnectionActor(Actor):
         member = Membership(self.client_id, outbox, self._on_plain_room_lost)
         if since_seq is not None:
             member.cursor = since_seq
+        if self.plain is UNWRITTEN:
+            self.plain = {}
         self.plain[room] = member
         join = Join(member, since_seq, since_epoch, None, silent=True)
         if command.source is None:  # a rejoin after a room actor restart

@@ -48,6 +48,7 @@ from node.core.session_commands import (
 )
 from node.core.session_rooms import JOIN_WAIT_S, RoomRules
 from node.core.session_rpc import RpcRules
+from node.core.unwritten import UNWRITTEN
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import (
     Ack,
@@ -147,9 +148,9 @@ class ConnectionSession(RoomRules, RpcRules):
         self.closing = False
         #: Joined rooms -> whether the member asked for presence events.
         self.rooms = {}
-        # Sets kept as dicts (keys only): an empty dict is 64 bytes, an empty set 216, and
-        # every connection has these.
-        self.plain = {}
+        # Sets kept as dicts (keys only): an empty dict is 64 bytes, an empty set 216. Maps
+        # most connections never write start as the shared UNWRITTEN (node/core/unwritten.py).
+        self.plain = UNWRITTEN
         self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, now)
         self.requests = TokenBucket(settings.request_rate_per_s, settings.request_burst, now)
         self.errors = ErrorWindow(settings.max_errors_per_min)
@@ -166,14 +167,14 @@ class ConnectionSession(RoomRules, RpcRules):
         self._rpc = rpc
         self._announced = False
         self._pending_accept: tuple[Principal, Any, bool] | None = None
-        self._joining = {}
-        self._held = {}
+        self._joining = UNWRITTEN
+        self._held = UNWRITTEN
         self._throttle: VolatileThrottle[Admitted] = VolatileThrottle(
             settings.volatile_throttle_ms / 1000)
         self._init_presence()
         self._rpc_serial = 0
-        self._rpc_in = {}
-        self._rpc_out = {}
+        self._rpc_in = UNWRITTEN
+        self._rpc_out = UNWRITTEN
 
     # -- output ----------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from node.core.session_commands import (
     PresenceWatch,
     StartTimer,
 )
+from node.core.unwritten import UNWRITTEN
 from node.protocol.settings import Settings
 from node.protocol.tokens import Principal
 
@@ -62,7 +63,7 @@ class PresenceRules(CommandQueue):
     _announcer: VolatileThrottle[str]
 
     def _init_presence(self) -> None:
-        self._shown = {}
+        self._shown = UNWRITTEN
         self._announcer = VolatileThrottle(self.settings.volatile_throttle_ms / 1000)
         self._offline_ttl_s: float | None = None
 
@@ -141,6 +142,8 @@ class PresenceRules(CommandQueue):
         if joined == (room in self._shown):
             return  # the watchers see this state already
         if joined:
+            if self._shown is UNWRITTEN:
+                self._shown = {}
             self._shown[room] = None
         else:
             self._shown.pop(room, None)

@@ -28,6 +28,7 @@ from node.core.session_commands import (
     StorePublish,
 )
 from node.core.session_presence import PresenceRules
+from node.core.unwritten import UNWRITTEN
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import Join, Leave
 
@@ -64,6 +65,8 @@ class RoomRules(PresenceRules):
         if old is not None:
             self._commands.append(LeaveRoom(room))
             self._presence_off(room, old, now, announce=False)
+        if self._joining is UNWRITTEN:
+            self._joining = {}
         self._joining[room] = None
         self.rooms[room] = presence
         self._commands.append(JoinRoom(room, since_seq, since_epoch, request_id, presence,
@@ -164,6 +167,8 @@ class RoomRules(PresenceRules):
             log.warning("! %s: plain subscription to %s refused: %s", self.client_id, room,
                         exc.reason)
             return
+        if self.plain is UNWRITTEN:
+            self.plain = {}
         self.plain[room] = None
         self._commands.append(JoinPlainRoom(room, None, None, source))
         self._plain_presence_on(room, now)  # a member like any other (kind: its token's)
@@ -186,6 +191,8 @@ class RoomRules(PresenceRules):
         # Joined a moment ago: store once the room has fixed the join's position, so the event
         # comes after it and reaches this member too. Held in order, released in
         # order (and after JOIN_WAIT_S at the latest).
+        if self._held is UNWRITTEN:
+            self._held = {}
         held = self._held.setdefault(admitted.room, [])
         if not held:
             self._commands.append(StartTimer(("held", admitted.room), now + JOIN_WAIT_S))

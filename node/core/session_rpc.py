@@ -14,6 +14,7 @@ from node.core.session_commands import (
     RespondRpc,
     StartTimer,
 )
+from node.core.unwritten import UNWRITTEN
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import Reply, Rpc, error_frame
 from node.protocol.tokens import Principal
@@ -56,6 +57,8 @@ class RpcRules(CommandQueue):
             return
         self._rpc_serial += 1
         call = f"o{self._rpc_serial}"
+        if self._rpc_out is UNWRITTEN:
+            self._rpc_out = {}
         self._rpc_out[call] = (frame.id, server, frame.method)
         request = {"method": frame.method, "params": frame.params, "timeout_ms": frame.timeout_ms,
                    "from": {"user": principal.sub, "kind": principal.kind,
@@ -103,6 +106,8 @@ class RpcRules(CommandQueue):
         rpc_id = f"r{self._rpc_serial}"
         timeout_ms = request.get("timeout_ms")
         timeout = timeout_ms / 1000 if isinstance(timeout_ms, int) else 60.0
+        if self._rpc_in is UNWRITTEN:
+            self._rpc_in = {}
         self._rpc_in[rpc_id] = reply_to
         self._commands.append(StartTimer(("rpc-in", rpc_id), now + timeout))
         self._send({"type": "rpc", "id": rpc_id, "from": request.get("from"),
