@@ -59,6 +59,7 @@ class NatsRpc:
         # subject -> [its route (None until subscribed), then the local handlers in
         # registration order]: one list, not a tuple and a list (~0.1 KB less per target).
         self._subs: dict[str, list[Any]] = {}
+        self._handler = self._on_request  # one bound method for every route, not one each
 
     async def register(self, tenant: str, targets: list[str],
                        handler: Callable[[dict[str, Any], str], None]) -> None:
@@ -122,7 +123,7 @@ class NatsRpc:
             del self._subs[subject]
             return False
         nc._sid += 1
-        route = Route(nc, nc._sid, subject, self._on_request, _QUEUE)
+        route = Route(nc, nc._sid, subject, self._handler, _QUEUE)
         nc._subs[route._id] = route
         self._subs[subject][0] = route
         # Into the client's buffer at once (its flusher writes it); while it reconnects, the

@@ -100,7 +100,8 @@ class SlidingWindow:
     """Counts what happened in the last ``window_s`` seconds, up to a limit.
 
     Holds at most ``limit + 1`` times: memory stays bounded whatever the caller does. A list,
-    not a deque: every connection has one, mostly empty, and an empty deque is ~600 bytes.
+    not a deque: every connection has one, mostly empty, and an empty deque is ~600 bytes; and
+    the empty tuple until the first time (most connections never make an error).
 
     Args:
         limit: How many are allowed within any ``window_s``.
@@ -112,12 +113,13 @@ class SlidingWindow:
     def __init__(self, limit: int, window_s: float = 60.0) -> None:
         self.limit = limit
         self.window_s = window_s
-        self._times: list[float] = []
+        self._times: list[float] | tuple[()] = ()
 
     def _forget(self, now: float) -> None:
         times = self._times
         edge = now - self.window_s
         if times and times[0] <= edge:
+            assert isinstance(times, list)  # not empty: a list
             keep = 0
             while keep < len(times) and times[keep] <= edge:
                 keep += 1
@@ -130,11 +132,14 @@ class SlidingWindow:
 
     def add(self, now: float) -> bool:
         """Record one at ``now``; True when more than ``limit`` fell within the window."""
-        self._times.append(now)
-        self._forget(now)
-        if len(self._times) > self.limit + 1:
-            del self._times[:len(self._times) - self.limit - 1]
-        return len(self._times) > self.limit
+        times = self._times
+        if not isinstance(times, list):
+            times = self._times = []
+        times.append(now)
+        self._forget(now)  # trims the same list
+        if len(times) > self.limit + 1:
+            del times[:len(times) - self.limit - 1]
+        return len(times) > self.limit
 
 
 class ErrorWindow(SlidingWindow):

@@ -242,6 +242,10 @@ def _bad_claim(reason: str, claim: str, detail: str = "") -> TokenRefused:
 
 
 _RIGHT_SETS: dict[frozenset[str], frozenset[str]] = {}
+# Grant maps of principals, by their items: tokens minted for one role have equal maps, and
+# every connection's principal holds one (~0.2 KB). Never written once made; bounded.
+_ROOM_MAPS: dict[tuple[tuple[str, frozenset[str]], ...], dict[str, frozenset[str]]] = {}
+_ROOM_MAPS_MAX = 4096
 _KIND_NAMES: dict[str, Kind] = {"user": "user", "device": "device", "service": "service"}
 
 
@@ -274,6 +278,12 @@ def _claims_to_principal(claims: dict[str, Any], exp: float | None) -> Principal
         got = frozenset(rights)
         # Shared: there are at most 2^len(RIGHTS) of them, and every principal holds some.
         rooms[sys.intern(pattern)] = _RIGHT_SETS.setdefault(got, got)
+    items = tuple(rooms.items())
+    shared = _ROOM_MAPS.get(items)
+    if shared is not None:
+        rooms = shared
+    elif len(_ROOM_MAPS) < _ROOM_MAPS_MAX:
+        _ROOM_MAPS[items] = rooms
     raw_rpc = claims.get("rpc", [])
     if not isinstance(raw_rpc, list) or not all(isinstance(p, str) for p in raw_rpc):
         raise _bad_claim("token rpc claim must be a list of patterns", "rpc",

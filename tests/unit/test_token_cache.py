@@ -153,3 +153,29 @@ def test_principals_share_their_sets_of_rights() -> None:
     a = v.verify(mint_token(SECRET, sub="a", rooms={"chat:*": ["join", "publish"]}))
     b = v.verify(mint_token(SECRET, sub="b", rooms={"x": ["publish", "join"]}))
     assert a.rooms["chat:*"] is b.rooms["x"]
+
+
+def test_equal_grants_share_one_map_and_unequal_ones_do_not() -> None:
+    # Principals outlive their connect: equal grant maps are one object (memory per
+    # connection), and sharing never mixes two different grants.
+    v = TokenVerifier(secret=SECRET)
+    grants = {"chat:*": ["join", "publish"], "news:*": ["join"]}
+    a = v.verify(mint_token(SECRET, sub="a", rooms=grants))
+    b = v.verify(mint_token(SECRET, sub="b", rooms=dict(grants), tenant="acme"))
+    c = v.verify(mint_token(SECRET, sub="c", rooms={"chat:*": ["join"], "news:*": ["join"]}))
+    assert a.rooms is b.rooms and a.rooms is not c.rooms
+    assert a.can("publish", "chat:x") and b.can("publish", "chat:x")
+    assert not c.can("publish", "chat:x") and c.can("join", "chat:x")
+    assert a.tenant == "default" and b.tenant == "acme"
+
+
+def test_the_table_of_shared_grant_maps_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node.protocol import tokens
+
+    monkeypatch.setattr(tokens, "_ROOM_MAPS", {})
+    monkeypatch.setattr(tokens, "_ROOM_MAPS_MAX", 8)
+    v = TokenVerifier(secret=SECRET)
+    for i in range(20):
+        p = v.verify(mint_token(SECRET, sub=f"u{i}", rooms={f"r{i}:*": ["join"]}))
+        assert p.can("join", f"r{i}:x") and not p.can("join", f"r{i + 1}:x")
+    assert len(tokens._ROOM_MAPS) == 8
