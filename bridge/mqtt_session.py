@@ -215,6 +215,18 @@ def _taken_elsewhere(bridge: MqttBridge, notice: Takeover) -> None:
 class MqttSession(asyncio.Protocol):
     """One device connection: parse, authorise, route; ack uplinks once stored."""
 
+    # Slots: with more than 30 attributes, an instance would get a dict of its own (~1.6 KB
+    # per device; an IoT fleet is many devices).
+    __slots__ = (
+        "_acks_out", "_closing", "_dirty", "_drained", "_draining", "_end_reason", "_gated",
+        "_loop", "_notices_due", "_opening", "_peer_eof", "_pending", "_refresh",
+        "_saved_at_close", "_stalled", "_tasks", "_timer", "_unstall_task", "_writer", "acks",
+        "bridge", "bucket", "client_id", "closed", "conn_id", "ctx", "keepalive", "last_seen",
+        "notice_before", "opened", "parser", "persistent", "plain", "principal", "qos",
+        "qos2_seen", "record", "ref", "revision", "settings", "subs", "transport", "tunnel",
+        "volatile", "will",
+    )
+
     def __init__(self, bridge: MqttBridge) -> None:
         self.bridge = bridge
         self.ctx = bridge.ctx
@@ -241,7 +253,9 @@ class MqttSession(asyncio.Protocol):
                                           self.settings.volatile_throttle_ms / 1000)
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
-        self._pending: deque[Any] = deque()  # parsed packets waiting for room in the actor
+        # Parsed packets waiting for room in the actor (None while there are none: an empty
+        # deque is 0.6 KB, and a fleet's devices are idle most of the time).
+        self._pending: deque[Any] | None = None
         self._stalled = False  # reading paused until the actor has room
         self._unstall_task: asyncio.Task[None] | None = None  # held: a task is weakly kept
         self._end_reason: str | None = None  # close once the pending packets are handled
@@ -265,9 +279,11 @@ class MqttSession(asyncio.Protocol):
         self._writer: asyncio.Task[None] | None = None
         self._dirty = False
         self._refresh: asyncio.TimerHandle | None = None
-        self._drained = asyncio.Event()
+        # Made by their first waiter (an Event holds a deque: 0.7 KB each, per device).
+        self._drained: asyncio.Event | None = None
         self._saved_at_close = False
-        self._closing = asyncio.Event()  # set by close(): the last write waits for nothing
+        # Set by close() (_wake_writer): the last write waits for nothing.
+        self._closing: asyncio.Event | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -291,7 +307,10 @@ class MqttSession(asyncio.Protocol):
             log.debug("! %s: bad MQTT packet: %s", self.client_id or "?", exc)
             packets = exc.packets  # what came before the bad bytes still counts
             self._end_reason = "protocol error"
-        self._pending.extend(packets)
+        if self._pending is None:
+            self._pending = deque(packets)
+        else:
+            self._pending.extend(packets)
         if not self._stalled and not self._gated:
             self._run()
 
@@ -306,6 +325,8 @@ class MqttSession(asyncio.Protocol):
     def _run(self) -> None:
         """Handle pending packets in order while the actor has room, else pause reading."""
         pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
         high = ConnectionActor.inbound_high
         while pending and not self.closed:
             if self._gated:
@@ -315,7 +336,7 @@ class MqttSession(asyncio.Protocol):
                 self._stall(ref)
                 return
             self._handle(pending.popleft())
-        pending.clear()
+        self._pending = None
         if self._end_reason is not None:
             self.close(self._end_reason)
 
@@ -330,7 +351,7 @@ class MqttSession(asyncio.Protocol):
         try:
             await ref.wait_for_room(ConnectionActor.inbound_low)
         except ActorDeadError:
-            self._pending.clear()  # the connection is ending: nothing will handle them
+            self._pending = None  # the connection is ending: nothing will handle them
         self._stalled = False
         self.last_seen = time.monotonic()  # our own pause is not the device's silence
         if self.closed:
@@ -381,8 +402,8 @@ class MqttSession(asyncio.Protocol):
             if self.persistent:
                 self._persist()  # its last cursors (nothing moves them after the close)
                 self._saved_at_close = True
-                self._closing.set()
-        self._pending.clear()
+                self._wake_writer()
+        self._pending = None
         if self._acks_out:
             self._flush_acks()  # the acks due go before the end
         transport = self.transport
@@ -418,10 +439,11 @@ class MqttSession(asyncio.Protocol):
             task.cancel()
         if self._refresh is not None:
             self._refresh.cancel()
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
         if self.persistent and not self._saved_at_close:
             self._persist()  # connected = False, the last cursors (a connection lost)
-            self._closing.set()
+            self._wake_writer()
         if self.principal is not None:
             key = (self.principal.tenant, self.client_id)
             if self.bridge.sessions.get(key) is self:
@@ -879,7 +901,7 @@ class MqttSession(asyncio.Protocol):
         self._write_outgoing(self.qos.ack(packet_id))
         if self.qos.changed:
             self._persist()
-        if self._is_drained():
+        if self._is_drained() and self._drained is not None:
             self._drained.set()
 
     # -- async steps -----------------------------------------------------------------------
@@ -1062,6 +1084,11 @@ class MqttSession(asyncio.Protocol):
             first = await store.read(tenant, room, 0, 1)
             self._notice_gap(room, 1, first[0].seq - 1 if first else None, "trimmed")
 
+    def _wake_writer(self) -> None:
+        """End the session writer's wait between writes: the close's write goes at once."""
+        if self._closing is not None:
+            self._closing.set()
+
     def _is_drained(self) -> bool:
         """Whether the next page may be read: at most a window's worth waits, and less than a
         quarter of ``slow_consumer_bytes`` (live events count them too)."""
@@ -1073,6 +1100,8 @@ class MqttSession(asyncio.Protocol):
         while not self._is_drained():
             if self.closed:
                 return False
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             await self._drained.wait()
         return not self.closed
@@ -1125,6 +1154,8 @@ class MqttSession(asyncio.Protocol):
                     if self._dirty and not self.closed:
                         # A stream of PUBACKs: one write per interval, not one per ack (a
                         # close ends the wait: its write goes at once).
+                        if self._closing is None:
+                            self._closing = asyncio.Event()
                         self._closing.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._closing.wait(), _WRITE_INTERVAL_S)
