@@ -325,8 +325,6 @@ class MqttSession(asyncio.Protocol):
     def _run(self) -> None:
         """Handle pending packets in order while the actor has room, else pause reading."""
         pending = self._pending
-        if pending is None:
-            pending = self._pending = deque()
         high = ConnectionActor.inbound_high
         while pending and not self.closed:
             if self._gated:
