@@ -103,7 +103,7 @@ async def _process_msg(self: Client, sid: int, subject: bytes, reply: bytes, dat
     handler gets the payload and the raw header block, with no header dict, no ``Msg`` and no
     coroutine of its own (a live event's seven headers cost ~6 us to parse into a dict)."""
     sub: Any = self._subs.get(sid)
-    if type(sub) is RawRoute:
+    if isinstance(sub, RawRoute):  # and its subclasses (a room's routes)
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         sub._received += 1
@@ -349,15 +349,16 @@ async def direct_dispatch(nc: Client, subject: str,
     return sub
 
 
-async def raw_dispatch(nc: Client, subject: str,
-                       handler: Callable[[bytes, bytes | None], None]) -> RawRoute:
+async def raw_dispatch(nc: Client, subject: str, handler: Callable[..., None],
+                       route_cls: type[RawRoute] = RawRoute) -> RawRoute:
     """:func:`direct_dispatch` with ``handler(payload, raw_headers)`` (read the headers with
     :func:`header_value`; needs :func:`install`): no ``Msg`` and no header dict per message,
     and a :class:`RawRoute` of ~100 bytes instead of a ``Subscription`` (every room has two).
-    ``unsubscribe`` and ``drain`` work as usual."""
+    ``unsubscribe`` and ``drain`` work as usual. A subclass of :class:`RawRoute` as
+    ``route_cls`` calls ``handler`` as its ``deliver`` says."""
     _check_subscribe(nc, subject)
     nc._sid += 1
-    route = RawRoute(nc, nc._sid, subject, handler)
+    route = route_cls(nc, nc._sid, subject, handler)
     nc._subs[route._id] = route  # type: ignore[assignment]
     await nc._send_subscribe(route)  # type: ignore[arg-type]
     return route

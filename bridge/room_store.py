@@ -131,32 +131,50 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(TimeoutError())
 
 
-class _LiveSub:
-    """A room's two subscriptions (stored events as the stream republishes them, volatile
-    ones), handing each message to the room's callback."""
+class _StoredRoute(RawRoute):
+    """A room's stored events, as the stream republishes them: its handler (the room's
+    callback) gets each as a ``LiveMessage`` with its seq and the room's previous seq."""
 
-    __slots__ = ("callback", "room", "subs")
+    __slots__ = ()
 
-    def __init__(self, room: str, callback: Callable[[LiveMessage], None]) -> None:
-        self.room = room
-        self.callback = callback
-        self.subs: tuple[RawRoute, ...] = ()  # a tuple: 0.1 KB less than a list, per room
-
-    def on_live(self, data: bytes, headers: bytes | None) -> None:
+    def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
         # The stream's RePublish sets both headers (the first event's last seq is 0).
         try:
             seq = int(header_value(headers, b"Nats-Sequence") or b"x")
             prev = int(header_value(headers, b"Nats-Last-Sequence") or 0)
         except ValueError:
-            log.warning("! live message without sequence headers in room %s", self.room)
+            log.warning("! live message without sequence headers on %s",
+                        subject.decode(errors="replace"))
             return
-        self.callback(LiveMessage(seq, prev, data))
+        try:
+            self.handler(LiveMessage(seq, prev, data))
+        except Exception:  # never into nats-py's read loop, which would stop reading
+            log.exception("! handler of %s failed", subject.decode(errors="replace"))
 
-    def on_eph(self, data: bytes, headers: bytes | None) -> None:
-        self.callback(LiveMessage(None, None, data))
+
+class _VolatileRoute(RawRoute):
+    """A room's volatile events: its handler gets each as a ``LiveMessage`` without a seq."""
+
+    __slots__ = ()
+
+    def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+        try:
+            self.handler(LiveMessage(None, None, data))
+        except Exception:  # never into nats-py's read loop, which would stop reading
+            log.exception("! handler of %s failed", subject.decode(errors="replace"))
+
+
+class _LiveSub:
+    """A room's two subscriptions (stored events as the stream republishes them, volatile
+    ones): both routes call the room's callback itself (no bound method of their own: a
+    node has a room per user)."""
+
+    __slots__ = ("subs",)
+
+    def __init__(self) -> None:
+        self.subs: tuple[RawRoute, ...] = ()  # a tuple: 0.1 KB less than a list, per room
 
     async def unsubscribe(self) -> None:
-        # Its routes' handlers are its methods: once they are gone, no cycle is left.
         subs, self.subs = self.subs, ()
         for sub in subs:
             try:
@@ -719,13 +737,15 @@ class JetStreamRoomStore:
     async def subscribe(
         self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
     ) -> _LiveSub:
-        live = _LiveSub(room, callback)
+        live = _LiveSub()
         nc = self.link.nc
         # Handed over in the read loop (bridge/_nats_patches.py): no task switch, no header
         # dict and no Msg per event.
-        live.subs = (await raw_dispatch(nc, live_subject(tenant, room), live.on_live),)
+        live.subs = (await raw_dispatch(nc, live_subject(tenant, room), callback,
+                                        _StoredRoute),)
         try:
-            live.subs += (await raw_dispatch(nc, eph_subject(tenant, room), live.on_eph),)
+            live.subs += (await raw_dispatch(nc, eph_subject(tenant, room), callback,
+                                             _VolatileRoute),)
         except BaseException:
             await live.unsubscribe()  # not left subscribed by a room that did not start
             raise
