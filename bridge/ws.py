@@ -45,6 +45,7 @@ from websockets.exceptions import ProtocolError as WsProtocolError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -172,14 +173,18 @@ class WsConnection(asyncio.Protocol):
             return
         proto = self.proto
         response = proto.accept(request)
-        # websockets' parser keeps the request for as long as the connection lives: its headers
-        # (about 2.5 KB) are not needed past this point.
-        request.headers.clear()
         if response.status_code != 101:
             self._refuse(response.status_code, 4000, _reason_of(response))
             return
         response.headers.update(bridge.extra_headers)
         proto.send_response(response)
+        # websockets' server parser reads the request, then frames in a generator whose frame
+        # keeps the request (its headers) for as long as the connection lives (~0.5 KB). The
+        # frame parser it goes on to is started afresh without it, as websockets itself
+        # replaces its parser (by discard() at a close). Nothing is buffered or half read
+        # here: the parser was given the request head alone (take()).
+        proto.parser = Protocol.parse(proto)
+        next(proto.parser)
         self._flush()
         codec = self._codec = CODECS.get(proto.subprotocol or "", JSON)
         self.opcode = _OP_BINARY if codec.binary else _OP_TEXT

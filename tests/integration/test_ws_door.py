@@ -343,3 +343,44 @@ async def test_an_upgrade_head_beyond_the_door_bound_is_refused(make_node) -> No
         assert headers["content-type"] == "application/json"
         writer.close()
     await still_serves(node)
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_an_open_connection_keeps_no_handshake_request(make_node, compression,
+                                                             monkeypatch) -> None:
+    """Once the 101 is out, nothing of the connection holds the handshake's request (its
+    headers: ~0.5 KB per idle connection, issue 12), and frames are read as before: a message
+    sent behind the head in the same write, then a fragmented one (compressed when agreed)."""
+    import gc
+    import weakref
+
+    from bridge.ws import WsConnection
+
+    seen: list[weakref.ref[Any]] = []
+    answer = WsConnection._open
+
+    def spying_open(self: WsConnection, request: Any) -> None:
+        seen.append(weakref.ref(request))
+        answer(self, request)
+
+    monkeypatch.setattr(WsConnection, "_open", spying_open)
+    node = await make_node(ws_compression=compression)
+    head = handshake(random.Random(11), protocols=["rtnode.v1.json"])
+    if compression:
+        head = head.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate"
+                                         b"\r\n\r\n", 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.http.port)
+    hello = json.dumps({"type": "connect", "token": token("lean"), "id": 1}).encode()
+    writer.write(head + frame(0x1, hello))
+    status, headers = await read_head(reader)
+    assert status == 101
+    assert ("permessage-deflate" in headers.get("sec-websocket-extensions", "")) == compression
+    op, payload = await read_frame(reader)
+    assert op == 0x1 and frames_of(payload)[0]["type"] == "connected"
+    ping = b'{"type":"ping","id":"after"}'
+    writer.write(frame(0x1, ping[:10], fin=False) + frame(0x0, ping[10:]))
+    op, payload = await read_frame(reader)
+    assert op == 0x1 and frames_of(payload) == [{"type": "pong", "id": "after"}]
+    gc.collect()
+    assert len(seen) == 1 and seen[0]() is None, "the handshake request is still held"
+    writer.close()
