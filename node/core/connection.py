@@ -223,7 +223,8 @@ class ConnectionActor(Actor):
 
     __slots__ = (
         "_due", "_indexed", "_joined_at_ms", "_loop", "_member_hooks", "_offline_writes",
-        "_pacer", "_stopped", "_tasks", "_timer_serial", "_timers", "_volatile_tasks",
+        "_pacer", "_stopped", "_tasks", "_timer", "_timer_key", "_timer_serial", "_timers",
+        "_volatile_tasks",
         "_waiting", "client_id", "ctx", "members", "outbox", "plain", "session", "settings",
         "transport",
     )
@@ -257,7 +258,11 @@ class ConnectionActor(Actor):
         # join the same room on its tunnel.
         self.plain: dict[str, Membership] = UNWRITTEN  # node/core/unwritten.py
         # On the node's Deadlines: one loop timer for all (each of its own was ~800 bytes).
-        self._timers: dict[TimerKey, Deadline] = {}
+        # The first timer armed is kept in two slots (an idle connection has one: its token's
+        # expiry), the others in a map made for them (a dict is ~0.24 KB).
+        self._timer: Deadline | None = None
+        self._timer_key: TimerKey | None = None
+        self._timers: dict[TimerKey, Deadline] = UNWRITTEN  # node/core/unwritten.py
         # Each timer armed gets a serial; one that fired waits here with its serial until its
         # message is handled, and is stale if armed again or cancelled meanwhile.
         self._timer_serial = 0
@@ -291,6 +296,9 @@ class ConnectionActor(Actor):
     async def on_stop(self) -> None:
         self._stopped = True
         self._member_hooks = None  # bound methods of this actor: a cycle left to the collector
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_key = None
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -514,11 +522,25 @@ class ConnectionActor(Actor):
         self._cancel_timer(CancelTimer(command.key))
         delay = max(0.0, command.deadline - time.monotonic())
         self._timer_serial += 1
-        self._timers[command.key] = self.ctx.deadlines.call_later(delay, self._fire, command.key,
-                                                                  self._timer_serial)
+        # The function and the actor as its argument: no bound method per timer.
+        timer = self.ctx.deadlines.call_later(delay, ConnectionActor._fire, self, command.key,
+                                              self._timer_serial)
+        if self._timer is None:
+            self._timer, self._timer_key = timer, command.key
+        else:
+            if self._timers is UNWRITTEN:
+                self._timers = {}
+            self._timers[command.key] = timer
+
+    def _pop_timer(self, key: TimerKey) -> Deadline | None:
+        timer = self._timer
+        if timer is not None and self._timer_key == key:
+            self._timer = self._timer_key = None
+            return timer
+        return self._timers.pop(key, None)
 
     def _fire(self, key: TimerKey, serial: int) -> None:
-        self._timers.pop(key, None)
+        self._pop_timer(key)
         if key[0] == "held" and self._waiting:
             member = self.members.get(key[1])
             if member is not None and member in self._waiting:
@@ -529,7 +551,7 @@ class ConnectionActor(Actor):
         self._tell(_TimerFired(key, serial))
 
     def _cancel_timer(self, command: CancelTimer) -> None:
-        timer = self._timers.pop(command.key, None)
+        timer = self._pop_timer(command.key)
         if timer is not None:
             timer.cancel()
         self._due.pop(command.key, None)  # fired, its message not handled yet: now stale

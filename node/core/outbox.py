@@ -118,7 +118,8 @@ class Outbox:
         self.max_message_bytes = max_message_bytes
         self.slow = False
         self.closed = False
-        self._frames: list[bytes] = []
+        # None while nothing is queued (an idle connection's outbox holds no list).
+        self._frames: list[bytes] | None = None
         self._queued = 0
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -128,11 +129,14 @@ class Outbox:
         """Queue one encoded frame. Returns False if it was refused (slow or closed)."""
         if self.closed or self.slow:
             return False
-        self._frames.append(encoded)
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = []
+        frames.append(encoded)
         self._queued += len(encoded)
         if self._queued + self.transport.buffered_bytes() > self.limit:
             self.slow = True
-            self._frames.clear()
+            self._frames = None
             self._queued = 0
             self.on_slow()
             return False
@@ -150,9 +154,10 @@ class Outbox:
     def flush(self) -> None:
         """Write what is queued as one message."""
         self._scheduled = False
-        if not self._frames or self.closed:
+        frames = self._frames
+        if not frames or self.closed:
             return
-        frames, self._frames, self._queued = self._frames, [], 0
+        self._frames, self._queued = None, 0
         try:
             if len(frames) == 1:
                 self.transport.write_message(frames[0])
@@ -170,13 +175,17 @@ class Outbox:
         if self.closed:
             return
         self.slow = False
-        self._frames.append(self.codec.encode(frame))
+        encoded = self.codec.encode(frame)
+        if self._frames is None:
+            self._frames = [encoded]
+        else:
+            self._frames.append(encoded)
         self.flush()
 
     def close(self) -> None:
         """Refuse everything from now on."""
         self.closed = True
-        self._frames.clear()
+        self._frames = None
         self._queued = 0
         # Never called once closed; usually a bound method of the outbox's owner, which holds
         # the outbox: dropping it breaks that cycle for refcounting.

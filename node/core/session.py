@@ -151,7 +151,9 @@ class ConnectionSession(RoomRules, RpcRules):
         # Sets kept as dicts (keys only): an empty dict is 64 bytes, an empty set 216. Maps
         # most connections never write start as the shared UNWRITTEN (node/core/unwritten.py).
         self.plain = UNWRITTEN
-        self.bucket = TokenBucket(settings.rate_per_s, settings.rate_burst, now)
+        # The publish bucket and the volatile throttles are made at their first use (a bucket
+        # made then is as full as one made now); most connections of a crowd never publish.
+        self.bucket: TokenBucket | None = None
         self.requests = TokenBucket(settings.request_rate_per_s, settings.request_burst, now)
         self.errors = ErrorWindow(settings.max_errors_per_min)
         if room_buckets is None:
@@ -169,8 +171,7 @@ class ConnectionSession(RoomRules, RpcRules):
         self._pending_accept: tuple[Principal, Any, bool] | None = None
         self._joining = UNWRITTEN
         self._held = UNWRITTEN
-        self._throttle: VolatileThrottle[Admitted] = VolatileThrottle(
-            settings.volatile_throttle_ms / 1000)
+        self._throttle: VolatileThrottle[Admitted] | None = None
         self._init_presence()
         self._rpc_serial = 0
         self._rpc_in = UNWRITTEN
@@ -264,9 +265,11 @@ class ConnectionSession(RoomRules, RpcRules):
     def stop(self) -> None:
         """The connection ends: leave every room, say goodbye to presence, fail pending rpcs."""
         if self.connected and self.principal is not None:
-            self._carry.keep((self.principal.tenant, self.principal.sub),
-                             {"publish": self.bucket, "requests": self.requests}, self.errors)
-        self._throttle = VolatileThrottle(self._throttle.window_s)  # what waits is dropped
+            buckets = {"requests": self.requests}
+            if self.bucket is not None:
+                buckets["publish"] = self.bucket
+            self._carry.keep((self.principal.tenant, self.principal.sub), buckets, self.errors)
+        self._throttle = None  # what waits is dropped
         for room, presence in self.rooms.items():
             self._commands.append(LeaveRoom(room))
             if self.connected:
@@ -406,7 +409,7 @@ class ConnectionSession(RoomRules, RpcRules):
         elif kind == "presence":
             self._flush_presence(name, now)
         elif kind == "volatile":
-            admitted = self._throttle.flush(name, now)
+            admitted = self._throttle.flush(name, now) if self._throttle is not None else None
             if admitted is not None:
                 self._commands.append(SendVolatile(admitted))
         elif kind == "rpc-in":
@@ -417,12 +420,20 @@ class ConnectionSession(RoomRules, RpcRules):
     # -- publish, history, presence -----------------------------------------------------------
 
     def _publish(self, frame: Publish, now: float) -> None:
+        bucket = self.bucket
+        if bucket is None:
+            bucket = self.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst,
+                                               now)
         admitted = self._admit(self._door, self.principal, frame, client_id=self.client_id,
-                               bucket=self.bucket)
+                               bucket=bucket)
         if admitted.volatile:
             # Throttled per room: the latest of a burst wins, sent when its window ends.
             room = admitted.room
-            send, flush_in = self._throttle.offer(room, admitted, now)
+            throttle = self._throttle
+            if throttle is None:
+                throttle = self._throttle = VolatileThrottle(
+                    self.settings.volatile_throttle_ms / 1000)
+            send, flush_in = throttle.offer(room, admitted, now)
             if send is not None:
                 self._commands.append(SendVolatile(send))
             if flush_in is not None:

@@ -60,11 +60,11 @@ class PresenceRules(CommandQueue):
     # Rooms whose watchers were last told ``presence:join`` (they see this member there).
     _shown: dict[str, None]  # a set, as a dict
     # The announcements waiting for their room's throttle window, latest wins.
-    _announcer: VolatileThrottle[str]
+    _announcer: VolatileThrottle[str] | None
 
     def _init_presence(self) -> None:
         self._shown = UNWRITTEN
-        self._announcer = VolatileThrottle(self.settings.volatile_throttle_ms / 1000)
+        self._announcer = None  # made at the first announcement (most connections make none)
         self._offline_ttl_s: float | None = None
 
     def keep_offline(self, ttl_s: float | None) -> None:
@@ -125,7 +125,11 @@ class PresenceRules(CommandQueue):
         self._commands.append(PresenceRemove(room))
 
     def _announce(self, room: str, name: str, now: float) -> None:
-        send, flush_in = self._announcer.offer(room, name, now)
+        announcer = self._announcer
+        if announcer is None:
+            announcer = self._announcer = VolatileThrottle(
+                self.settings.volatile_throttle_ms / 1000)
+        send, flush_in = announcer.offer(room, name, now)
         if send is not None:
             self._show(room, send)
         if flush_in is not None:
@@ -133,7 +137,7 @@ class PresenceRules(CommandQueue):
 
     def _flush_presence(self, room: str, now: float) -> None:
         """The throttle window of ``room`` ended: announce the state that waited, if any."""
-        name = self._announcer.flush(room, now)
+        name = self._announcer.flush(room, now) if self._announcer is not None else None
         if name is not None:
             self._show(room, name)
 
@@ -157,7 +161,7 @@ class PresenceRules(CommandQueue):
         :meth:`keep_offline`), and every room whose watchers see it gets its leave now (timers
         end with the connection, so nothing waits for a window). Called after the frame rooms'
         :meth:`_presence_end`, with ``plain`` still set."""
-        self._announcer = VolatileThrottle(self._announcer.window_s)
+        self._announcer = None  # what waits is dropped
         ttl_s = self._offline_ttl_s
         offline = {room for room in self.plain if self._tracked(room)} if ttl_s else set()
         for room in sorted(self.plain):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from node.core.limits import ErrorWindow
-from tests.unit.test_session import T0, connected, feed, joined
+from node.core.session import SendVolatile
+from tests.unit.test_session import T0, connected, feed, joined, of
 
 
 def test_a_connected_joined_session_allocates_no_dict() -> None:
@@ -30,3 +31,23 @@ def test_the_websocket_transport_has_slots() -> None:
 
     t = WsConnection(None, None, "", None)  # type: ignore[arg-type]
     assert not hasattr(t, "__dict__")
+
+
+def test_an_idle_session_makes_its_publish_limit_and_throttles_at_first_use() -> None:
+    """A connected, joined member that never publishes holds no publish bucket and no volatile
+    or presence throttle (issue 12: ~0.2 KB per idle connection); the first publish makes the
+    bucket (as full as one made at connect), a volatile one the throttle, and the limit and
+    the throttle then work as before."""
+    s = connected()
+    joined(s, "chat:a", presence=True)
+    assert s.bucket is None and s._throttle is None
+    feed(s, {"type": "publish", "room": "chat:a", "event": "x", "data": 1})
+    assert s.bucket is not None and s.bucket.level(T0) == s.settings.rate_burst - 1
+    assert s._throttle is None
+    for i in range(3):  # a burst of volatile events: the first goes, the latest waits
+        sent = of(feed(s, {"type": "publish", "room": "chat:a", "event": "user:typing",
+                           "data": i}, now=T0 + 0.001 * i), SendVolatile)
+        assert len(sent) == (1 if i == 0 else 0)
+    assert s._throttle is not None
+    s.stop()
+    assert s._throttle is None  # what waited is dropped with the connection
