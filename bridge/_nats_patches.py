@@ -1,10 +1,10 @@
 """Four patches to nats-py 2.16, installed by the node at start: a faster header parser, a
 PONG handler that survives a timed-out flush, a PING that keeps its place after what was
 queued before it, and a message dispatch that hands a ``raw`` subscription its payload and
-header bytes as they are. And two helpers that go around nats-py's
-per-message costs where the node sends or receives many messages: :func:`publish_many`,
-:func:`direct_dispatch` and :func:`raw_dispatch` (with :func:`header_value` for its raw
-headers: a room's live events).
+header bytes as they are. And helpers that go around nats-py's per-message costs where the
+node sends or receives many messages: :func:`publish_many`, :func:`publish_now` (a publish
+from synchronous code, no task), :func:`direct_dispatch` and :func:`raw_dispatch` (with
+:func:`header_value` for its raw headers: a room's live events).
 
 **PONG after a timed-out flush.** ``flush(timeout=...)`` queues a future for the server's PONG
 and cancels it when the timeout passes; the late PONG then meets a cancelled future and
@@ -37,7 +37,7 @@ import asyncio
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nats import errors
@@ -46,7 +46,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 __all__ = ["RawRoute", "Route", "direct_dispatch", "header_lines", "header_value", "install",
-           "publish_many", "raw_dispatch"]
+           "publish_many", "publish_now", "raw_dispatch"]
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +137,13 @@ def header_lines(headers: dict[str, str]) -> str:
     return out
 
 
-async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> None:
-    """Publish ``(subject, reply, payload, header lines)`` in order, as that many
-    ``nc.publish`` calls would, as one write to nats-py's pending buffer and one flush.
+_Msgs = Sequence[tuple[str, str, bytes, str | None]]
 
-    The header lines are :func:`header_lines`'s (so the same dict gives the same header as
-    ``publish`` would: a ``Nats-Msg-Id`` sent in a batch and again on its own is one key).
-    The same checks as ``publish``, made for all of them before any is written (so either all
-    are queued or none is, with the error ``publish`` would raise). A JetStream atomic batch of
-    1,000 events costs nats-py about 8 us per message one by one (a header dict walk, a
-    subject regex, a future per flush).
-    """
+
+def _commands(nc: Client, msgs: _Msgs) -> bytes:
+    """The HPUB commands of ``msgs`` (a PUB where the header lines are None) as one buffer,
+    after the checks ``publish`` makes (raising what it would), all made before anything is
+    queued."""
     if nc.is_closed:
         raise errors.ConnectionClosedError
     if nc.is_draining_pubs:
@@ -163,9 +159,12 @@ async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> N
         if size > max_payload:
             raise errors.MaxPayloadError
         total += size
-        hdr = f"NATS/1.0\r\n{lines}\r\n".encode()
-        parts.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + size}\r\n".encode())
-        parts.append(hdr)
+        if lines is not None:
+            hdr = f"NATS/1.0\r\n{lines}\r\n".encode()
+            parts.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + size}\r\n".encode())
+            parts.append(hdr)
+        else:
+            parts.append(f"PUB {subject} {reply} {size}\r\n".encode())
         parts.append(payload)
         parts.append(b"\r\n")
     if not nc.is_connected and (nc._max_pending_size <= 0
@@ -173,9 +172,50 @@ async def publish_many(nc: Client, msgs: list[tuple[str, str, bytes, str]]) -> N
         raise errors.OutboundBufferLimitError
     nc.stats["out_msgs"] += len(msgs)
     nc.stats["out_bytes"] += total
-    await nc._send_command(b"".join(parts))
+    return b"".join(parts)
+
+
+async def publish_many(nc: Client, msgs: _Msgs) -> None:
+    """Publish ``(subject, reply, payload, header lines)`` in order, as that many
+    ``nc.publish`` calls would, as one write to nats-py's pending buffer and one flush.
+
+    The header lines are :func:`header_lines`'s (so the same dict gives the same header as
+    ``publish`` would: a ``Nats-Msg-Id`` sent in a batch and again on its own is one key).
+    The same checks as ``publish``, made for all of them before any is written (so either all
+    are queued or none is, with the error ``publish`` would raise). A JetStream atomic batch of
+    1,000 events costs nats-py about 8 us per message one by one (a header dict walk, a
+    subject regex, a future per flush).
+    """
+    command = _commands(nc, msgs)
+    await nc._send_command(command)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()
+
+
+def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = None) -> None:
+    """``nc.publish(subject, payload)`` (with the header :func:`header_lines` gave ``lines``)
+    without a coroutine, for a fire-and-forget message sent from synchronous code (a
+    presence entry, a volatile event): no task to run it. Raises what ``publish`` would.
+
+    Queued in the client's pending buffer, in order with everything else sent, and the
+    flusher task is woken as ``publish`` wakes it. One difference: past the client's pending
+    limit ``publish`` waits for that flush, this does not wait (a caller sending many should
+    use :func:`publish_many`).
+    """
+    command = _commands(nc, [(subject, "", payload, lines)])
+    nc._pending.append(command)
+    nc._pending_data_size += len(command)
+    queue, flusher, transport = nc._flush_queue, nc._flusher_task, nc._transport
+    if not nc.is_connected or queue is None or transport is None:
+        return  # sent once connected again (nats-py flushes its pending buffer then)
+    if flusher is None or flusher.done():
+        # As _flush_pending does when the flusher is gone: write inline.
+        transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+        return
+    if queue.empty():
+        queue.put_nowait(asyncio.get_running_loop().create_future())
 
 
 # -- messages handed over in the read loop -------------------------------------------------------

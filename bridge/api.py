@@ -346,7 +346,7 @@ class HttpApi:
         admitted = admission.admit("api", principal, publish_frame(await self._body(request)),
                                    client_id=None)
         if admitted.volatile:
-            await admission.send_volatile(admitted)
+            admission.send_volatile(admitted)
             return {}  # volatile: no seq, as the WebSocket `published`
         return {"seq": await admission.store(admitted)}
 

@@ -305,7 +305,7 @@ class ExternalMqtt:
             frame = uplink_publish(payload, room)
             admitted = admission.admit("broker", self._sender(device), frame, client_id=None)
             if admitted.volatile:
-                await admission.send_volatile_quietly(admitted)  # at most once, never retried
+                admission.send_volatile_quietly(admitted)  # at most once, never retried
             else:
                 await admission.store(admitted)
         except ProtocolError as exc:

@@ -237,6 +237,15 @@ class NatsLink:
         log.info("= connected to NATS %s, stream %s epoch %s",
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
 
+    def publish_now(self, subject: str, payload: bytes,
+                    headers: dict[str, str] | None = None) -> None:
+        """Publish on the main connection from synchronous code, fire and forget: queued at
+        once, in order with everything else sent, no task (``_nats_patches.publish_now``).
+        Raises what ``nc.publish`` would (closed, draining, its buffer full while away)."""
+        _nats_patches.publish_now(
+            self.nc, subject, payload,
+            None if headers is None else _nats_patches.header_lines(headers))
+
     async def confirmed(self) -> None:
         """Wait for a PING/PONG on the main connection sent after everything written to it so
         far: the server has then processed it (a subscription is in place). One round trip

@@ -49,6 +49,8 @@ _PREFIX = f"$KV.{BUCKET}"
 OFFLINE_MAX_S = 604800.0
 # Members read per request when a room has more than a multi_last answers.
 _PAGE = 1000
+# A member's entry as json.dumps(member, separators=(",", ":")) writes it, one encoder for all.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _ttl(seconds: float) -> str:
@@ -118,7 +120,7 @@ class PresenceTracker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for subject in list(self._local):
-            await self._delete(subject)
+            self._delete(subject)
         self._local.clear()
 
     # -- this node's members -----------------------------------------------------------------
@@ -131,10 +133,10 @@ class PresenceTracker:
     def add(self, tenant: str, room: str, member: dict[str, Any]) -> None:
         """Record a member (``client_id``, ``user``, ``kind``, ``node``, ``joined_at``)."""
         subject = _key(tenant, room, member["client_id"])
-        value = json.dumps(member, separators=(",", ":")).encode()
+        value = _JSON.encode(member).encode()
         self._local[subject] = value
         self._joined[subject] = member.get("joined_at")
-        asyncio.get_running_loop().create_task(self._put(subject, value))
+        self._put(subject, value)
 
     def remove(self, tenant: str, room: str, client_id: str,
                joined_at: int | None = None) -> None:
@@ -145,7 +147,7 @@ class PresenceTracker:
             return
         self._joined.pop(subject, None)
         if self._local.pop(subject, None) is not None:
-            asyncio.get_running_loop().create_task(self._delete(subject))
+            self._delete(subject)
 
     def mark_offline(self, tenant: str, room: str, member: dict[str, Any],
                      ttl_s: float) -> asyncio.Task[bool] | None:
@@ -161,7 +163,7 @@ class PresenceTracker:
         self._joined.pop(subject, None)
         self._local.pop(subject, None)
         offline = {**member, "online": False, "offline_since": int(time.time() * 1000)}
-        value = json.dumps(offline, separators=(",", ":")).encode()
+        value = _JSON.encode(offline).encode()
         return asyncio.get_running_loop().create_task(
             self._put_offline(subject, value, min(ttl_s, self.offline_max_s), joined_at))
 
@@ -181,7 +183,7 @@ class PresenceTracker:
                     return False  # a successor's online entry, from another node
         if subject in self._joined:
             return False  # a successor joined here during the read: its entry stands
-        await self._put(subject, value, ttl_s)
+        self._put(subject, value, ttl_s)
         return True
 
     async def clear_offline(self, tenant: str, room: str, client_id: str) -> dict[str, Any] | None:
@@ -204,7 +206,7 @@ class PresenceTracker:
                 member = None
             if not isinstance(member, dict) or member.get("online", True) is not False:
                 return None
-            await self._delete(subject)
+            self._delete(subject)
             return member
         return None
 
@@ -228,7 +230,7 @@ class PresenceTracker:
             who = Principal(sub=str(member.get("user", client_id)), tenant=tenant, kind=kind)
             body = event_body(room, "presence:leave", member, who, client_id, None)
             with contextlib.suppress(Exception):
-                await feed.publish_volatile(tenant, room, body)
+                feed.publish_volatile(tenant, room, body)
         return gone
 
     def watch(self, tenant: str, room: str, on: bool) -> None:
@@ -241,22 +243,23 @@ class PresenceTracker:
             self._watched.pop(key, None)
             self._seen.pop(key, None)
 
-    async def _put(self, subject: str, value: bytes, ttl_s: float | None = None) -> None:
+    # Written at once into the NATS client's buffer (no task each: one per join and leave).
+    def _put(self, subject: str, value: bytes, ttl_s: float | None = None) -> None:
         ttl = _ttl(self.ttl_s if ttl_s is None else ttl_s)
         with contextlib.suppress(Exception):  # refreshed again within a third of the TTL
-            await self.store.link.nc.publish(subject, value, headers={"Nats-TTL": ttl})
+            self.store.link.publish_now(subject, value, {"Nats-TTL": ttl})
 
-    async def _delete(self, subject: str) -> None:
+    def _delete(self, subject: str) -> None:
         # The marker lives a TTL too (leaves are told apart from vanished members meanwhile).
         headers = {"KV-Operation": "DEL", "Nats-TTL": _ttl(self.ttl_s)}
         with contextlib.suppress(Exception):
-            await self.store.link.nc.publish(subject, b"", headers=headers)
+            self.store.link.publish_now(subject, b"", headers)
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             for subject, value in list(self._local.items()):
-                await self._put(subject, value)
+                self._put(subject, value)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -751,5 +751,5 @@ class JetStreamRoomStore:
             raise
         return live
 
-    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
-        await self.link.nc.publish(eph_subject(tenant, room), body)
+    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        self.link.publish_now(eph_subject(tenant, room), body)

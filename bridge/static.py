@@ -286,5 +286,5 @@ class StatsPublisher:
     async def _publish(self, tenant: str, room: str, data: dict[str, Any]) -> None:
         who = Principal(sub=self._sub, tenant=tenant, kind="service")
         body = event_body(room, STATS_EVENT, data, who, None, None)
-        await self.node.ctx.feed.publish_volatile(tenant, room, body)
+        self.node.ctx.feed.publish_volatile(tenant, room, body)
         self.sent += 1

@@ -319,23 +319,23 @@ class Admission:
         self.stats.counts[(door, "4500")] += 1
         return ProtocolError(4500, "event refused by the store")
 
-    async def send_volatile(self, admitted: Admitted) -> None:
+    def send_volatile(self, admitted: Admitted) -> None:
         """Send an admitted volatile event to every node (not stored).
 
         Raises:
             ProtocolError: 4503 with ``retry`` when it could not be sent.
         """
         try:
-            await self.feed.publish_volatile(admitted.tenant, admitted.room, admitted.body)
+            self.feed.publish_volatile(admitted.tenant, admitted.room, admitted.body)
         except Exception as exc:  # NATS closed or its buffer full: nothing was sent
             self.stats.volatile_failed += 1
             log.warning("! volatile publish to %s failed: %r", admitted.room, exc)
             raise ProtocolError(4503, "event not sent, retry", retry=True) from None
 
-    async def send_volatile_quietly(self, admitted: Admitted) -> None:
+    def send_volatile_quietly(self, admitted: Admitted) -> None:
         """:meth:`send_volatile` for fire and forget: a failure is counted and logged only."""
         try:
-            await self.send_volatile(admitted)
+            self.send_volatile(admitted)
         except ProtocolError:
             pass
 
@@ -364,7 +364,6 @@ class VolatilePublisher:
         self.throttle: VolatileThrottle[Admitted] = VolatileThrottle(window_s)
         self.closed = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def publish(self, admitted: Admitted) -> None:
         """Send ``admitted`` now, or when its room's window ends (unless a newer one comes)."""
@@ -372,7 +371,7 @@ class VolatilePublisher:
             return
         send, flush_in = self.throttle.offer(admitted.room, admitted, time.monotonic())
         if send is not None:
-            self._send(send)
+            self.admission.send_volatile_quietly(send)
         if flush_in is not None:
             self._timers[admitted.room] = asyncio.get_running_loop().call_later(
                 flush_in, self._flush, admitted.room)
@@ -388,13 +387,7 @@ class VolatilePublisher:
         self._timers.pop(room, None)
         admitted = self.throttle.flush(room, time.monotonic())
         if admitted is not None and not self.closed:
-            self._send(admitted)
-
-    def _send(self, admitted: Admitted) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self.admission.send_volatile_quietly(admitted), name=f"volatile[{admitted.room}]")
-        self._tasks.add(task)  # a reference until done: the loop keeps only weak ones
-        task.add_done_callback(self._tasks.discard)
+            self.admission.send_volatile_quietly(admitted)
 
 
 # The maps of a VolatileThrottle until its first write: shared, never written.

@@ -11,11 +11,12 @@ Publishes are pipelined: the actor hands them to the store and goes on with the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +134,13 @@ class _TimerFired:
     serial: int  # of the timer that fired: one armed again or cancelled since makes it stale
 
 
-async def _after(written: asyncio.Future[bool], send: Callable[[], Awaitable[None]]) -> None:
+async def _after(written: asyncio.Future[bool], send: Callable[[], None]) -> None:
     """``send()`` once ``written`` is done, unless it says that nothing was written (a
     successor has the entry: its join was announced, and this leave must not follow it)."""
     await asyncio.wait([written])
     if written.cancelled() or written.exception() is not None or written.result():
-        await send()
+        with contextlib.suppress(Exception):  # fire and forget, as every presence event
+            send()
 
 
 class _Pacer:
@@ -736,7 +738,8 @@ class ConnectionActor(Actor):
         tenant, feed = self.principal.tenant, self.ctx.feed
         written = (self._offline_writes or {}).pop(command.room, None)
         if written is None:
-            self._spawn(feed.publish_volatile(tenant, command.room, body), command.name)
+            with contextlib.suppress(Exception):  # fire and forget, as every presence event
+                feed.publish_volatile(tenant, command.room, body)
         else:
             # A device gone offline: its watchers hear of it once its entry says so (a
             # presence request right after the leave lists it offline), and not at all if a
@@ -774,8 +777,7 @@ class ConnectionActor(Actor):
         self._execute_now()
 
     def _send_volatile(self, command: SendVolatile) -> None:
-        self._spawn_kept(self.ctx.admission.send_volatile_quietly(command.admitted),
-                         f"volatile[{command.admitted.room}]")
+        self.ctx.admission.send_volatile_quietly(command.admitted)
 
     def _spawn_kept(self, coro: Any, name: str) -> None:
         """A task that is not cancelled when the connection ends (referenced until done)."""

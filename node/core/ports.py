@@ -124,8 +124,10 @@ class LiveFeed(Protocol):
     ) -> Subscription:
         """Start delivering the room's live messages to ``callback``, in stream order."""
 
-    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
-        """Send a volatile event to every node (not stored)."""
+    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+        """Send a volatile event to every node (not stored): queued at once, from synchronous
+        code (no task per event). Raises when it cannot be sent (the link closed, its buffer
+        full while disconnected)."""
 
 
 class StatePort(Protocol):

@@ -6,10 +6,12 @@ then from another connection arrives (nats-py's own PING overtook the queued SUB
 about one time in five).
 
 What a subscriber receives from ``publish_many`` is what as many ``publish`` calls would have
-sent (subjects, replies, payloads, headers, in order), a bad subject refuses the whole list
-before anything is written, and a ``direct_dispatch`` handler that raises does not stop the
-connection's read loop; ``unsubscribe`` stops the handler. Seeded random payloads and headers
-(``RTNODE_TEST_PATCH_SEED``).
+sent (subjects, replies, payloads, headers, in order), as is what ``publish_now`` sends from
+synchronous code (interleaved with ``publish`` and ``publish_many``, in the order called, with
+no flush asked for; refused as ``publish`` refuses, and nothing sent then), a bad subject
+refuses the whole list before anything is written, and a ``direct_dispatch`` handler that
+raises does not stop the connection's read loop; ``unsubscribe`` stops the handler. Seeded
+random payloads and headers (``RTNODE_TEST_PATCH_SEED``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bridge._nats_patches import (
     header_value,
     install,
     publish_many,
+    publish_now,
     raw_dispatch,
 )
 from tests.servers import NatsProcess
@@ -145,6 +148,53 @@ async def test_publish_many_refuses_the_whole_list_on_a_bad_subject(
     await asyncio.wait_for(ok.wait(), 10)
     assert seen == [b"ok"]  # in order from one connection: nothing of the refused lists
     await sub.unsubscribe()
+
+
+async def test_publish_now_sends_in_order_with_publish_and_publish_many(
+        clients: tuple[Client, Client]) -> None:
+    rng = random.Random(SEED + 3)
+    pub, sub_nc = clients
+    msgs = _random_messages(rng, 300)
+    got: list[Msg] = []
+    done = asyncio.Event()
+
+    async def on(msg: Msg) -> None:
+        got.append(msg)
+        if len(got) == len(msgs):
+            done.set()
+
+    await sub_nc.subscribe("t.many.*", cb=on)
+    await sub_nc.flush()
+    ids: list[str | None] = []  # the Nats-Msg-Id each message should arrive with
+    i = 0
+    while i < len(msgs):  # runs of each kind, mixed: what the node's sends look like
+        run, how = msgs[i:i + rng.randint(1, 5)], rng.choice(["now", "publish", "many"])
+        i += len(run)
+        if how == "many":
+            await publish_many(pub, [(s, r, p, header_lines(h)) for s, r, p, h in run])
+            ids += [h["Nats-Msg-Id"] for _, _, _, h in run]
+            continue
+        for subject, reply, payload, headers in run:
+            if how == "now" and not reply:  # publish_now sends no reply subject
+                with_headers = rng.random() < 0.7
+                publish_now(pub, subject, payload,
+                            header_lines(headers) if with_headers else None)
+                ids.append(headers["Nats-Msg-Id"] if with_headers else None)
+            else:
+                await pub.publish(subject, payload, reply=reply, headers=headers)
+                ids.append(headers["Nats-Msg-Id"])
+    await asyncio.wait_for(done.wait(), 10)  # no flush asked for: the flusher was woken
+    assert [(m.subject, m.data) for m in got] == [(s, p) for s, _, p, _ in msgs]
+    assert [(m.headers or {}).get("Nats-Msg-Id") for m in got] == ids
+    with pytest.raises(errors.BadSubjectError):
+        publish_now(pub, "t.many. bad", b"x")
+    with pytest.raises(errors.MaxPayloadError):
+        publish_now(pub, "t.many.0", b"x" * (pub.max_payload + 1))
+    await pub.close()
+    with pytest.raises(errors.ConnectionClosedError):
+        publish_now(pub, "t.many.0", b"x")
+    await sub_nc.flush()
+    assert len(got) == len(msgs)  # nothing of what was refused
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["msg", "raw"])

@@ -51,7 +51,7 @@ class RecordingStore:
         self.keys[msg_id] = len(self.stored)
         return len(self.stored), False
 
-    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         if self.feed_fails:
             raise ConnectionError("nats closed")
         self.sent.append((tenant, room, body))
@@ -144,14 +144,14 @@ async def test_volatile_events_and_namespaces_are_never_stored() -> None:
     cursor = adm.admit("broker", ALICE, frame("cur:1", event="move"), client_id=None)
     for admitted in (typing, cursor):
         assert admitted.volatile and admitted.dedupe == "" and admitted.ttl_s is None
-        await adm.send_volatile(admitted)
+        adm.send_volatile(admitted)
     assert store.stored == [] and len(store.sent) == 2
     assert adm.stats.counts[("mqtt", "volatile")] == adm.stats.counts[("broker", "volatile")] == 1
     store.feed_fails = True
     with pytest.raises(ProtocolError) as info:
-        await adm.send_volatile(typing)
+        adm.send_volatile(typing)
     assert info.value.code == 4503 and info.value.retry and adm.stats.volatile_failed == 1
-    await adm.send_volatile_quietly(typing)  # fire and forget: counted, never raised
+    adm.send_volatile_quietly(typing)  # fire and forget: counted, never raised
     assert adm.stats.volatile_failed == 2
 
 

@@ -12,10 +12,12 @@ from bridge.presence import PresenceTracker
 
 
 class FakeNats:
+    """The node's NATS link, as the tracker writes to it."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, Any]] = []
 
-    async def publish(self, subject: str, body: bytes, headers: Any = None) -> None:
+    def publish_now(self, subject: str, body: bytes, headers: Any = None) -> None:
         self.sent.append((subject, body, headers))
 
 
@@ -29,7 +31,7 @@ def tracker(there: dict[str, Any] | None = None) -> tuple[PresenceTracker, FakeN
         return SimpleNamespace(events=[SimpleNamespace(seq=1, body=json.dumps(there).encode())],
                                headers=[{}])
 
-    store: Any = SimpleNamespace(link=SimpleNamespace(nc=nc), direct_get=direct_get)
+    store: Any = SimpleNamespace(link=nc, direct_get=direct_get)
     return PresenceTracker(store, ttl_s=10), nc
 
 

@@ -60,7 +60,7 @@ class FakeStore:
 
         return Sub()
 
-    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         raise NotImplementedError
 
     async def last_seq(self, tenant: str, room: str, *, after_subscribe: bool = False) -> int:

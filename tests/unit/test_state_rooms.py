@@ -54,7 +54,7 @@ class Store:
         self.log.steps.append(("stored", self.seq, cbor2.loads(body)))
         return self.seq, False
 
-    async def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
         self.log.steps.append(("volatile", cbor2.loads(body)))
 
 
@@ -160,7 +160,7 @@ async def test_volatile_events_of_a_state_room_carry_the_key_but_set_nothing() -
     adm, _, log = pipeline()
     admitted = adm.admit("ws", DEV, frame("st:x", event="user:typing"), client_id=None)
     assert admitted.volatile and admitted.key == "dev-7"
-    await adm.send_volatile(admitted)
+    adm.send_volatile(admitted)
     assert [s[0] for s in log.steps] == ["volatile"]
 
 
