@@ -20,6 +20,7 @@ import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -297,3 +298,52 @@ async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Cli
         assert header_value(b"NATS/1.0\r\nNats-Sequence: 7", b"Nats-Sequence") == b"7"
     finally:
         await js.delete_stream("RAWHDR")
+
+
+async def test_publish_now_while_reconnecting_is_sent_once_the_server_is_back(
+        tmp_path: Path) -> None:
+    """What ``publish_now`` queues while the client is away (its server killed) is sent once
+    the restarted server has it back, in order; past the client's reconnect buffer it is
+    refused at once, as ``publish`` refuses it, and nothing of it is sent. The client is its
+    own subscriber: it subscribes again before it sends what it buffered."""
+    rng = random.Random(SEED + 4)
+    server = NatsProcess(tmp_path / "nats").start()
+    away, back = asyncio.Event(), asyncio.Event()
+
+    async def disconnected() -> None:
+        away.set()
+
+    async def reconnected() -> None:
+        back.set()
+
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+                            pending_size=64 * 1024, disconnected_cb=disconnected,
+                            reconnected_cb=reconnected)
+    got: list[bytes] = []
+    done = asyncio.Event()
+    try:
+        sent: list[bytes] = []
+
+        async def on(msg: Msg) -> None:
+            got.append(msg.data)
+            if len(got) >= len(sent):
+                done.set()
+
+        await nc.subscribe("t.away", cb=on)
+        await nc.flush()
+        server.kill()
+        await asyncio.wait_for(away.wait(), 10)
+        for i in range(rng.randint(20, 60)):
+            payload = f"{i}:".encode() + rng.randbytes(rng.randint(0, 500))
+            publish_now(nc, "t.away", payload)
+            sent.append(payload)
+        with pytest.raises(errors.OutboundBufferLimitError):
+            publish_now(nc, "t.away", b"x" * 70 * 1024)  # more than the buffer holds
+        server.start()
+        await asyncio.wait_for(back.wait(), 10)
+        await asyncio.wait_for(done.wait(), 10)
+        await nc.flush()
+        assert got == sent
+    finally:
+        await nc.close()
+        server.stop()
