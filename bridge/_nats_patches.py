@@ -1,10 +1,11 @@
-"""Four patches to nats-py 2.16, installed by the node at start: a faster header parser, a
+"""Five patches to nats-py 2.16, installed by the node at start: a faster header parser, a
 PONG handler that survives a timed-out flush, a PING that keeps its place after what was
-queued before it, and a message dispatch that hands a ``raw`` subscription its payload and
-header bytes as they are. And helpers that go around nats-py's per-message costs where the
-node sends or receives many messages: :func:`publish_many`, :func:`publish_now` (a publish
-from synchronous code, no task), :func:`direct_dispatch` and :func:`raw_dispatch` (with
-:func:`header_value` for its raw headers: a room's live events).
+queued before it, a flusher woken once per batch of commands, and a message dispatch that
+hands a ``raw`` subscription its payload and header bytes as they are. And helpers that go
+around nats-py's per-message costs where the node sends or receives many messages:
+:func:`publish_many`, :func:`publish_now` (a publish from synchronous code, no task),
+:func:`direct_dispatch` and :func:`raw_dispatch` (with :func:`header_value` for its raw
+headers: a room's live events).
 
 **PONG after a timed-out flush.** ``flush(timeout=...)`` queues a future for the server's PONG
 and cancels it when the timeout passes; the late PONG then meets a cancelled future and
@@ -20,6 +21,16 @@ before it wait in ``_pending`` for the flusher task, so the PONG can come back b
 server has seen a subscription (``subscribe``, ``flush``, then a publish elsewhere: the message
 was lost about one time in five here; nats.py2 had fixed the same, its PR #24). The PING now
 goes through ``_pending`` behind them, as nats.go does (``tests/integration/test_nats_patches.py``).
+
+**One wake-up of the flusher for what is queued.** Every SUB, UNSUB, request and PING made
+nats-py create a future and ``await`` putting it on its flusher's queue, and the flusher then
+went round once per future (a write of nothing and a drain for all but the first): ~15
+Python calls each, ~11 times for a user's connect and disconnect (its personal room's
+subscriptions, its position read, presence, rpc route). Whatever is in ``_pending`` when the
+flusher next runs is written, so while a wake-up is already queued another adds nothing: the
+patch queues one only when the queue is empty, without awaiting, as ``publish`` itself
+decides. A forced flush (the pending buffer over its limit), a client not connected and a
+flusher that is gone keep nats-py's own path.
 
 **Headers.**
 
@@ -112,9 +123,24 @@ async def _process_msg(self: Client, sid: int, subject: bytes, reply: bytes, dat
     await _ORIGINAL_PROCESS_MSG(self, sid, subject, reply, data, headers)  # type: ignore[arg-type]
 
 
+_ORIGINAL_FLUSH_PENDING = Client._flush_pending
+
+
+async def _flush_pending(self: Client, force_flush: bool = False) -> Any:
+    queue, flusher = self._flush_queue, self._flusher_task
+    if (force_flush or queue is None or flusher is None or flusher.done()
+            or not self.is_connected):
+        return await _ORIGINAL_FLUSH_PENDING(self, force_flush)
+    if queue.empty():  # else the wake-up queued already writes what was just added
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+    return None
+
+
 def install() -> None:
-    """Replace nats-py's header parser, PONG handler, PING and message dispatch (idempotent)."""
+    """Replace nats-py's header parser, PONG handler, PING, flusher wake-up and message
+    dispatch (idempotent)."""
     Client._send_ping = _send_ping  # type: ignore[method-assign]
+    Client._flush_pending = _flush_pending  # type: ignore[method-assign]
     Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]
     Client._process_pong = _process_pong  # type: ignore[method-assign]
     Client._process_msg = _process_msg  # type: ignore[method-assign]

@@ -10,8 +10,10 @@ sent (subjects, replies, payloads, headers, in order), as is what ``publish_now`
 synchronous code (interleaved with ``publish`` and ``publish_many``, in the order called, with
 no flush asked for; refused as ``publish`` refuses, and nothing sent then), a bad subject
 refuses the whole list before anything is written, and a ``direct_dispatch`` handler that
-raises does not stop the connection's read loop; ``unsubscribe`` stops the handler. Seeded
-random payloads and headers (``RTNODE_TEST_PATCH_SEED``).
+raises does not stop the connection's read loop; ``unsubscribe`` stops the handler. SUBs,
+UNSUBs, requests and publishes queued in one loop step wake the flusher once and all reach the
+server, in order, with no flush asked for. Seeded random payloads, headers and sequences of
+operations (``RTNODE_TEST_PATCH_SEED``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -196,6 +199,76 @@ async def test_publish_now_sends_in_order_with_publish_and_publish_many(
         publish_now(pub, "t.many.0", b"x")
     await sub_nc.flush()
     assert len(got) == len(msgs)  # nothing of what was refused
+
+
+async def test_commands_queued_in_one_step_wake_the_flusher_once_and_all_arrive(
+        clients: tuple[Client, Client]) -> None:
+    """Seeded runs of subscribe, unsubscribe, request and publish, several per loop step and
+    never a flush: the flusher's queue holds at most one wake-up, and afterwards the server
+    holds exactly the subscriptions left (a message to each subject reaches those and only
+    those), every request was answered and every publish arrived, in order."""
+    rng = random.Random(SEED + 4)
+    pub, sub_nc = clients
+
+    async def answer(msg: Msg) -> None:
+        await pub.publish(msg.reply, msg.data)
+
+    echo = await pub.subscribe("t.wake.echo", cb=answer)
+    seen: dict[str, list[bytes]] = {}
+    live: dict[str, Any] = {}
+    published: list[bytes] = []
+    order: list[bytes] = []
+    probes_in, order_in = asyncio.Event(), asyncio.Event()
+
+    async def on(msg: Msg) -> None:
+        if msg.subject == "t.wake.end":  # sent last, from the same connection: all are in
+            probes_in.set()
+        else:
+            seen.setdefault(msg.subject, []).append(msg.data)
+
+    async def in_order(msg: Msg) -> None:
+        if msg.data == b"end":
+            order_in.set()
+        else:
+            order.append(msg.data)
+
+    await pub.subscribe("t.wake.order", cb=in_order)
+    await pub.flush()
+    requests: list[asyncio.Task[Msg]] = []
+    for step in range(60):
+        for _ in range(rng.randint(1, 12)):  # no await that yields to the flusher between
+            what = rng.random()
+            if what < 0.35 or not live:
+                subject = f"t.wake.{step}.{rng.randrange(10**6)}"
+                live[subject] = await sub_nc.subscribe(subject, cb=on)
+            elif what < 0.55:
+                subject = rng.choice(sorted(live))
+                await live.pop(subject).unsubscribe()
+            elif what < 0.75:
+                requests.append(asyncio.ensure_future(
+                    sub_nc.request("t.wake.echo", b"%d" % len(requests), timeout=5)))
+            else:
+                data = rng.randbytes(rng.randint(0, 40))
+                published.append(data)
+                await sub_nc.publish("t.wake.order", data)
+            assert sub_nc._flush_queue is not None and sub_nc._flush_queue.qsize() <= 1
+        await asyncio.sleep(0)  # the flusher's step
+    answers = await asyncio.gather(*requests)
+    assert [a.data for a in answers] == [b"%d" % i for i in range(len(requests))]
+    await sub_nc.subscribe("t.wake.end", cb=on)
+    await sub_nc.publish("t.wake.order", b"end")
+    await sub_nc.flush()
+    assert not seen  # nothing was published to those subjects yet
+    probe = [f"t.wake.{step}.probe" for step in range(3)]  # never subscribed
+    for subject in [*live, *probe, "t.wake.end"]:
+        await pub.publish(subject, b"probe")
+    await pub.flush()
+    await asyncio.wait_for(probes_in.wait(), 5)
+    assert sorted(seen) == sorted(live)
+    assert all(got == [b"probe"] for got in seen.values())
+    await asyncio.wait_for(order_in.wait(), 5)
+    assert order == published
+    await echo.unsubscribe()
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["msg", "raw"])
