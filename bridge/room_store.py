@@ -51,6 +51,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
+from nats.errors import NoRespondersError
 
 from bridge._nats_patches import (
     RawRoute,
@@ -227,6 +228,8 @@ class JetStreamRoomStore:
         self._tokens = itertools.count(1)
         self._acks: dict[str, asyncio.Future[Msg]] = {}
         self._batches: dict[str, _Batch] = {}
+        # leader reads waiting for their answer: token -> (future, over the reads connection)
+        self._gets: dict[str, tuple[asyncio.Future[Msg], bool]] = {}
         self._prefix = ""
         self._sub: NatsSubscription | None = None
         self._reads_prefix = ""
@@ -308,6 +311,9 @@ class JetStreamRoomStore:
         for batch in self._batches.values():
             if batch.reads == reads and not batch.done.done():
                 batch.done.set_exception(StoreError("NATS disconnected"))
+        for fut, over_reads in self._gets.values():
+            if over_reads == reads and not fut.done():
+                fut.set_exception(ConnectionResetError("NATS disconnected"))
 
     def _on_reply(self, msg: Msg) -> None:
         # <inbox prefix>.<kind>.<token>: either connection's prefix (both end in a nuid)
@@ -318,6 +324,11 @@ class JetStreamRoomStore:
                 fut.set_result(msg)
             if self._queued:
                 self._kick()
+            return
+        if kind == "g":
+            waiting = self._gets.get(token)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(msg)
             return
         batch = self._batches.get(token)
         if batch is None or batch.done.done():
@@ -595,13 +606,26 @@ class JetStreamRoomStore:
         # than fail a join that would be answered a moment later.
         deadline = time.monotonic() + self.read_timeout_s
         delay = 0.05
+        loop = self._loop
+        body = json.dumps(request).encode()
         while True:
             left = deadline - time.monotonic()
+            # Asked like a publish's ack is awaited (the reply inbox's own route, a timer on
+            # the future), not with nats-py's request: no task step and queue per answer.
+            token = str(next(self._tokens))
+            fut: asyncio.Future[Msg] = loop.create_future()
             try:
-                nc = self.link.nc if main else self._reads_nc(stream)[0]
-                reply = await nc.request(
-                    f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps(request).encode(),
-                    timeout=max(0.05, min(2.0, left)))
+                nc, prefix = (self.link.nc, self._prefix) if main else self._reads_nc(stream)
+                self._gets[token] = (fut, nc is not self.link.nc)
+                await nc.publish(f"$JS.API.STREAM.MSG.GET.{stream}", body,
+                                 reply=f"{prefix}.g.{token}")
+                timer = loop.call_later(max(0.05, min(2.0, left)), _expire, fut)
+                try:
+                    reply = await fut
+                finally:
+                    timer.cancel()
+                if (reply.headers or {}).get("Status") == "503":
+                    raise NoRespondersError  # no leader yet: asked again below
                 answer: dict[str, Any] = json.loads(reply.data)
                 err = answer.get("error")
                 if not err:
@@ -613,6 +637,8 @@ class JetStreamRoomStore:
                 raise StoreError("bad answer from JetStream") from None
             except Exception as exc:  # no responders (no leader yet), timeout, disconnected
                 reason = type(exc).__name__
+            finally:
+                self._gets.pop(token, None)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreError(f"leader read failed: {reason}")

@@ -11,6 +11,8 @@ connection held up the acks of every publish behind it.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 from typing import Any
 
 import pytest
@@ -119,3 +121,29 @@ async def test_a_node_without_a_reads_connection_starts_and_reads_on_the_main_on
         await node.stop()
     finally:
         server.stop()
+
+
+async def test_concurrent_leader_reads_each_get_their_own_room(make_node) -> None:
+    """Leader reads await their answer on the store's reply inbox (a route of its own, not
+    nats-py's request): many at once, over both connections and for rooms of seeded sizes,
+    each gets its own room's latest seq; a room never written reads 0; the ask that meets a
+    closed reads connection is asked again on the main one."""
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_READS_SEED", "3")))
+    node = await make_node()
+    store = node.store
+    rooms = [unique(f"lead{i}") for i in range(12)]
+    last = {room: 0 for room in rooms}
+    for k in range(80):
+        room = rng.choice(rooms[:-2])  # the last two stay empty
+        seq, dup = await store.publish("default", room, b"x%d" % k, f"lead-{room}-{k}")
+        assert not dup
+        last[room] = seq
+    asks = [(room, rng.random() < 0.5) for room in rooms for _ in range(rng.randint(1, 4))]
+    rng.shuffle(asks)
+    got = await asyncio.gather(*(store.last_seq("default", room, after_subscribe=main)
+                                 for room, main in asks))
+    assert list(got) == [last[room] for room, _ in asks]
+    assert not store._gets, "nothing left waiting"
+    pending = [asyncio.ensure_future(store.last_seq("default", room)) for room in rooms]
+    await node.nats.reads.close()  # as if lost: asked again over the main connection
+    assert list(await asyncio.gather(*pending)) == [last[room] for room in rooms]
