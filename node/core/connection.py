@@ -34,7 +34,7 @@ from node.core.context import (
     Shutdown,
     TransportClosed,
 )
-from node.core.events import event_body, read_history
+from node.core.events import event_map, read_history
 from node.core.index import IndexedConnection
 from node.core.limits import TokenBucket
 from node.core.outbox import Outbox
@@ -70,7 +70,7 @@ from node.core.session_commands import (
 from node.core.unwritten import UNWRITTEN
 from node.protocol import frames
 from node.protocol.errors import ProtocolError
-from node.protocol.frames import error_frame
+from node.protocol.frames import CBOR, error_frame
 from node.protocol.tokens import Principal
 
 #: What a connection handles in the node's lane, one per turn of the loop (``NodeContext.lane``):
@@ -733,11 +733,16 @@ class ConnectionActor(Actor):
 
     def _announce_presence(self, command: AnnouncePresence) -> None:
         assert self.principal is not None
-        body = event_body(command.room, command.name, command.member, self.principal,
-                          self.client_id, None)
+        as_map = event_map(command.room, command.name, command.member, self.principal,
+                           self.client_id, None)
+        body = CBOR.encode(as_map)
         tenant, feed = self.principal.tenant, self.ctx.feed
         written = (self._offline_writes or {}).pop(command.room, None)
         if written is None:
+            admission = self.ctx.admission
+            if admission.room_here(tenant, command.room):
+                # The room actor here takes the map back, as it does a publish's (no decode).
+                admission.recent.put(body, as_map)
             with contextlib.suppress(Exception):  # fire and forget, as every presence event
                 feed.publish_volatile(tenant, command.room, body)
         else:

@@ -182,6 +182,12 @@ class _RepairDone:
     events: list[StoredEvent]
 
 
+def _is_presence(event: Any) -> bool:
+    """A ``presence:join`` or ``presence:leave`` event map (volatile; for watchers only)."""
+    return isinstance(event, dict) and isinstance(name := event.get("event"), str) and (
+        name.startswith("presence:"))
+
+
 class RoomActor(Actor):
     """The members of one room on this node, and the room's live feed.
 
@@ -576,6 +582,11 @@ class RoomActor(Actor):
                 event = cbor_loads_strict(body)
             except CodecError:
                 event = None
+        if seq is None and _is_presence(event) and not any(
+                member.presence for member in self.members.values()):
+            # Nobody here asked for presence events (most members): nothing to build or send.
+            self.counters.events_in += 1
+            return None
         frame = event_frame(self.room, seq, event)
         if frame is None:
             # Written to the stream by something else than a node (PROTOCOL.md section 9):

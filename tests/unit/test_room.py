@@ -452,3 +452,62 @@ async def test_a_join_waiting_to_be_told_again_keeps_an_empty_room_running() -> 
             held.set()
         await rec.joined()
         assert ref.is_alive and not lost.is_set()
+
+
+async def test_presence_events_reach_watchers_only_and_other_volatile_ones_everyone() -> None:
+    """Seeded runs of volatile events (presence ones and others, some with their map kept in
+    the node's recent events, some undecodable) into a room whose members come and go, some
+    of them watching presence: each member gets every non-presence volatile event and, if it
+    watches, every presence event, in order; nothing else. Presence events that no member
+    here watches are counted in and built for nobody (their recent maps are still taken)."""
+    import random
+
+    from node.core.events import RecentEvents
+
+    rng = random.Random(41)
+    store = FakeStore()
+    recent = RecentEvents()
+    counters = RoomCounters()
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor("t", "r", store, store, RoomSettings(), counters,
+                                             recent=recent))
+        joined: list[tuple[Membership, Recording, int]] = []  # member, recording, events before
+        sent: list[tuple[str, int]] = []  # (event name, n) of every decodable event sent
+        broken = 0
+        for step in range(120):
+            what = rng.random()
+            if what < 0.15 or not joined:
+                m, rec = member(rng.choice([JSON, CBOR]))
+                m.presence = bool(joined) and rng.random() < 0.4  # the first one does not
+                ref.tell(Join(m))
+                await rec.joined()
+                joined.append((m, rec, len(sent)))
+                continue
+            if what < 0.22 and len(joined) > 1:
+                m, rec, _ = joined.pop(rng.randrange(len(joined)))
+                ref.tell(Leave(m))
+                continue
+            name = rng.choice(["presence:join", "presence:leave", "cursor", "typing"])
+            as_map = {"room": "r", "event": name, "data": {"n": step}, "ts": 1,
+                      "from": {"user": "u", "kind": "user"}}
+            body = CBOR.encode(as_map)
+            if rng.random() < 0.05:
+                body = b"\xff\x00"  # not an event map: counted undeliverable, sent to nobody
+                broken += 1
+            else:
+                sent.append((name, step))
+                if rng.random() < 0.5:
+                    recent.put(body, as_map)
+            assert store.callback is not None
+            store.callback(LiveMessage(None, None, body))
+        barrier, barrier_rec = member()
+        ref.tell(Join(barrier))  # handled after every event told before it
+        await barrier_rec.joined()
+        for m, rec, since in joined:
+            want = [(name, n) for name, n in sent[since:]
+                    if m.presence or not name.startswith("presence:")]
+            got = [(f["event"], f["data"]["n"]) for f in rec.frames if f.get("type") == "event"]
+            assert got == want
+        assert len(recent) == 0, "every kept map was taken by its delivery"
+        assert counters.events_in == len(sent), "every decodable event counted in, once"
+        assert counters.undeliverable == broken
