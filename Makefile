@@ -9,7 +9,8 @@ SYSTEM_PACKAGES ?= mosquitto-clients mosquitto chromium curl libjemalloc2
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench bench-consume bench-sessions fuzz flood jepsen system-deps clean
+.PHONY: run test lint bench bench-consume bench-sessions bench-instructions fuzz flood jepsen \
+	system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +72,13 @@ bench-consume: $(STAMP)
 # events beside a nats-py ordered consumer reading the same events, same run.
 bench-sessions: $(STAMP)
 	$(BIN)/python -m bench sessions $(ARGS)
+
+# Instructions per connect and per event under valgrind's callgrind (bench/instructions.py),
+# rtnode beside the websockets baseline: repeatable within ~1% where CPU time varies by ~10% on
+# a VM. Installs Debian's valgrind when missing; ARGS="--repeat 3" for the median and range.
+bench-instructions: $(STAMP)
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES=valgrind
+	$(BIN)/python -m bench instructions $(ARGS)
 
 # The long run of the Jepsen-style fault test (tests/integration/test_jepsen.py; `make test` runs
 # a 30 s one): JEPSEN_SECONDS of faults, its report printed. RTNODE_JEPSEN_SEED=<n> repeats a

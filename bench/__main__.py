@@ -12,9 +12,11 @@ when named (``make fuzz``, ``make flood``), as does ``python -m bench consume [.
 (durable consumers' events/s and CPU per event, ``make bench-consume``) and
 ``python -m bench sessions [...]`` (persistent MQTT sessions held, RSS per offline session,
 resume time; ``make bench-sessions``) and ``python -m bench connections [...]`` (memory per
-idle connection and connects/s, against plain ``websockets``), and ``python -m bench storm
+idle connection and connects/s, against plain ``websockets``), ``python -m bench storm
 [...]`` (a reconnect storm: 5,000 clients of one room recover after their node restarts,
-beside the unbatched baseline).
+beside the unbatched baseline), and ``python -m bench instructions [...]`` (instructions per
+connect and per event under valgrind's callgrind, repeatable within ~1% where CPU time is not,
+beside the websockets baseline; ``make bench-instructions``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench import (
     flood,
     fuzz,
     ingest,
+    instructions,
     recovery,
     scaleout,
     sessions,
@@ -57,6 +60,8 @@ def main(argv: list[str]) -> int:
         return sessions.main(argv[1:])
     if argv and argv[0] == "storm":
         return storm.main(argv[1:])
+    if argv and argv[0] == "instructions":
+        return instructions.main(argv[1:])
     return suite.main(argv)
 
 

@@ -1,0 +1,111 @@
+"""``python -m bench instructions`` (bench/instructions.py) from fixed dumps and figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.instructions import dump_instructions, newest_dump, parse_args, render, spread
+
+# The head and tail of a dump by `callgrind_control -d` (valgrind 3.19), its body cut.
+DUMP = """\
+# callgrind format
+version: 1
+creator: callgrind-3.19.0
+pid: 1851
+cmd:  /work/main/.venv/bin/python -m node run --http-port 41000
+part: 2
+
+desc: Trigger: dump
+
+positions: line
+events: Ir
+summary: 263187940
+
+
+ob=(3) /usr/lib/x86_64-linux-gnu/libc.so.6
+fn=(610) (below main)
+0 12
+
+totals: 263187941
+"""
+
+
+def test_summary_of_a_dump_not_its_totals() -> None:
+    # summary: callgrind's counter since the zero; totals may add stale costs (higher)
+    assert dump_instructions(DUMP) == 263187940
+
+
+def test_totals_when_there_is_no_summary_line() -> None:
+    assert dump_instructions(DUMP.replace("summary: 263187940\n", "")) == 263187941
+
+
+def test_the_ir_column_among_several_events() -> None:
+    text = DUMP.replace("events: Ir", "events: sysCount sysTime Ir").replace(
+        "summary: 263187940", "summary: 17 900 263187940")
+    assert dump_instructions(text) == 263187940
+
+
+def test_a_dump_without_figures_is_an_error() -> None:
+    with pytest.raises(ValueError, match="summary"):
+        dump_instructions("# callgrind format\nevents: Ir\n")
+    with pytest.raises(ValueError, match="Ir"):
+        dump_instructions("events: Dr Dw\ntotals: 1 2\n")
+
+
+def test_newest_dump_by_number_not_by_name() -> None:
+    names = ["cg.out", "cg.out.9", "cg.out.10", "cg.out.2", "server.log", "cg.out.x", "cg.out.11~"]
+    assert newest_dump(names, "cg.out") == "cg.out.10"
+
+
+def test_newest_dump_with_thread_suffix_and_none() -> None:
+    assert newest_dump(["cg.out.3-01", "cg.out.2-01"], "cg.out") == "cg.out.3-01"
+    assert newest_dump(["cg.out", "other.out.4"], "cg.out") is None
+
+
+def test_arguments_defaults_and_bounds() -> None:
+    args = parse_args([])
+    assert (args.connects, args.events, args.rooms, args.window, args.repeat) == (
+        100, 100, 5, 4, 1)
+    assert args.json is None
+    assert parse_args(["--repeat", "3", "--json", "out.json"]).json.name == "out.json"
+    for bad in (["--repeat", "0"], ["--connects", "-1"], ["--connects", "200"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(bad)
+        assert exit_.value.code == 2
+
+
+def _figures() -> dict[str, dict[str, list[float]]]:
+    return {"rtnode": {"connect_user": [2_660_000.0, 2_640_000.0, 2_650_000.0],
+                       "connect_service": [1_800_000.0, 1_810_000.0, 1_790_000.0],
+                       "event": [330_000.0, 331_000.0, 329_000.0]},
+            "websockets": {"connect": [620_000.0, 621_000.0, 619_000.0],
+                           "event": [67_000.0, 67_100.0, 66_900.0]}}
+
+
+def test_spread_is_median_min_max() -> None:
+    assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+def test_table_side_by_side_with_ratio_range_and_notes() -> None:
+    lines = render(_figures(), parse_args(["--repeat", "3"])).splitlines()
+    assert "median (min-max, spread) of 3 runs" in lines[0]
+    head = lines[1]
+    assert head.index("rtnode") < head.index("websockets") < head.index("rtnode/websockets")
+    user = next(line for line in lines if line.startswith("per connect, user token"))
+    assert "2,650,000 (2,640,000-2,660,000, 0.8%)" in user
+    assert "620,000 (619,000-621,000, 0.3%)" in user and user.endswith("4.27x")
+    service = next(line for line in lines if line.startswith("per connect, service token"))
+    assert service.endswith("2.90x")  # the baseline's one connect figure, in both rows
+    event = next(line for line in lines if line.startswith("per event"))
+    assert event.endswith("4.93x")
+    text = " ".join(lines)
+    assert "published reply and the echo" in text and "nats-server is not" in text
+    assert all(len(line) <= 100 for line in lines[5:])  # the notes, wrapped
+
+
+def test_one_run_shows_the_figures_alone() -> None:
+    figures = {s: {k: v[:1] for k, v in f.items()} for s, f in _figures().items()}
+    text = render(figures, parse_args([]))
+    assert "1 run;" in text.splitlines()[0]
+    user = next(line for line in text.splitlines() if line.startswith("per connect, user"))
+    assert user.split()[-3:] == ["2,660,000", "620,000", "4.29x"]
