@@ -131,9 +131,15 @@ async def _flush_pending(self: Client, force_flush: bool = False) -> Any:
     if (force_flush or queue is None or flusher is None or flusher.done()
             or not self.is_connected):
         return await _ORIGINAL_FLUSH_PENDING(self, force_flush)
-    if queue.empty():  # else the wake-up queued already writes what was just added
-        queue.put_nowait(asyncio.get_running_loop().create_future())
+    _wake(queue)
     return None
+
+
+def _wake(queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
+    """Wake the flusher for what is pending, unless a wake-up is queued already (the flusher
+    writes everything pending when it takes one)."""
+    if queue.empty():
+        queue.put_nowait(asyncio.get_running_loop().create_future())
 
 
 def install() -> None:
@@ -240,8 +246,7 @@ def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = No
         nc._pending = []
         nc._pending_data_size = 0
         return
-    if queue.empty():
-        queue.put_nowait(asyncio.get_running_loop().create_future())
+    _wake(queue)
 
 
 # -- messages handed over in the read loop -------------------------------------------------------

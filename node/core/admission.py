@@ -221,9 +221,8 @@ class Admission:
         if len(body) > max_bytes:
             raise ProtocolError(4013, "event too large")
         check_value(frame.data, "data")
-        if key is None and self.room_here(principal.tenant, room):
-            # This node's room actor delivers it: it need not decode what was built here.
-            self.recent.put(body, as_map)
+        if key is None:
+            self.keep_for_room(principal.tenant, room, body, as_map)
         if volatile or event in self._volatile_events:
             self.stats.counts[(door, "volatile")] += 1
             return Admitted(door, principal.tenant, room, body, True, "", None, started, key,
@@ -231,6 +230,12 @@ class Admission:
         return Admitted(door, principal.tenant, room, body, False,
                         dedupe_key(principal, room, frame.msg_id), ttl_s, started, key,
                         frame.unset)
+
+    def keep_for_room(self, tenant: str, room: str, body: bytes, as_map: dict[str, Any]) -> None:
+        """Where this node's room actor delivers ``body`` (the encoded ``as_map``, built and
+        checked here), keep the map for it: it need not decode what was built here."""
+        if self.room_here(tenant, room):
+            self.recent.put(body, as_map)
 
     async def store(self, admitted: Admitted) -> int:
         """Store an admitted event; returns its seq (the original's for a duplicate msg_id).

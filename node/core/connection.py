@@ -739,10 +739,7 @@ class ConnectionActor(Actor):
         tenant, feed = self.principal.tenant, self.ctx.feed
         written = (self._offline_writes or {}).pop(command.room, None)
         if written is None:
-            admission = self.ctx.admission
-            if admission.room_here(tenant, command.room):
-                # The room actor here takes the map back, as it does a publish's (no decode).
-                admission.recent.put(body, as_map)
+            self.ctx.admission.keep_for_room(tenant, command.room, body, as_map)
             with contextlib.suppress(Exception):  # fire and forget, as every presence event
                 feed.publish_volatile(tenant, command.room, body)
         else:
