@@ -224,17 +224,19 @@ async def publish_many(nc: Client, msgs: _Msgs) -> None:
         await nc._flush_pending()
 
 
-def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = None) -> None:
-    """``nc.publish(subject, payload)`` (with the header :func:`header_lines` gave ``lines``)
-    without a coroutine, for a fire-and-forget message sent from synchronous code (a
-    presence entry, a volatile event): no task to run it. Raises what ``publish`` would.
+def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = None,
+                reply: str = "") -> None:
+    """``nc.publish(subject, payload, reply)`` (with the header :func:`header_lines` gave
+    ``lines``) without a coroutine, for a message sent from synchronous code (a presence
+    entry, a volatile event, the first try of a JetStream publish whose ack comes back on a
+    reply inbox): no task to run it. Raises what ``publish`` would.
 
     Queued in the client's pending buffer, in order with everything else sent, and the
     flusher task is woken as ``publish`` wakes it. One difference: past the client's pending
     limit ``publish`` waits for that flush, this does not wait (a caller sending many should
     use :func:`publish_many`).
     """
-    command = _commands(nc, [(subject, "", payload, lines)])
+    command = _commands(nc, [(subject, reply, payload, lines)])
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     queue, flusher, transport = nc._flush_queue, nc._flusher_task, nc._transport

@@ -59,6 +59,7 @@ from bridge._nats_patches import (
     header_lines,
     header_value,
     publish_many,
+    publish_now,
     raw_dispatch,
 )
 from bridge.nats_link import NatsLink
@@ -360,25 +361,21 @@ class JetStreamRoomStore:
         Raises:
             StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
         """
-        gathered = self.publish_soon(tenant, room, body, msg_id, ttl_s)
-        if gathered is not None:
-            return await gathered
-        return await self._publish_alone(room_subject(tenant, room), body,
-                                         _headers(msg_id, ttl_s),
-                                         time.monotonic() + self.publish_deadline_s)
+        return await self.publish_soon(tenant, room, body, msg_id, ttl_s)
 
     def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
-                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
-        """:meth:`publish` without a coroutine while publishes gather into batches (a busy
-        node): the future of what ``publish`` would return or raise. None when they do not
-        gather now: then ``await publish(...)``. Cancelled before its batch is sent, the
-        event is not sent."""
+                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]]:
+        """:meth:`publish` without a coroutine: the future of what ``publish`` would return
+        or raise. While publishes gather into batches (a busy node) it joins the next batch
+        (cancelled before its batch is sent, the event is not sent); otherwise it is sent at
+        once, on its own (:meth:`_send_lone`)."""
+        loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
+        deadline = time.monotonic() + self.publish_deadline_s
         if not (self.group_after and self.link.atomic_batches and (
                 self._queued or self._committing or len(self._acks) >= self.group_after)):
-            return None
-        loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
-        queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s,
-                         time.monotonic() + self.publish_deadline_s, loop.create_future())
+            return self._send_lone(room_subject(tenant, room), body, msg_id, ttl_s, deadline)
+        queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s, deadline,
+                         loop.create_future())
         self._queued.append(queued)
         if not self._kick_soon:
             self._kick_soon = True
@@ -390,10 +387,7 @@ class JetStreamRoomStore:
         finds it if the batch was stored after all), unless its publisher gave up."""
         if queued.fut.done():
             return
-        task = self._loop.create_task(self._alone(queued))
-        self._alone_tasks.add(task)
-        task.add_done_callback(self._alone_tasks.discard)
-        queued.fut.add_done_callback(lambda fut: task.cancel() if fut.cancelled() else None)
+        self._track(self._loop.create_task(self._alone(queued)), queued.fut)
 
     async def _alone(self, queued: _Queued) -> None:
         fut = queued.fut
@@ -407,12 +401,112 @@ class JetStreamRoomStore:
             if not fut.done():
                 fut.set_result(stored)
 
+    def _send_lone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
+                   deadline: float) -> asyncio.Future[tuple[int, bool]]:
+        """The first try of a publish on its own, from synchronous code: the command is
+        queued at once (``_nats_patches.publish_now``) and its ack is taken in a callback,
+        with no task and no coroutine (what a quiet node, one publish at a time, does for
+        every event). Whatever is not a plain answer (no ack in time, the connection lost, a
+        "try again" from JetStream, a seq that needs the epoch checked, a publish that could
+        not be queued) goes on in :meth:`_publish_alone`, with the same ``Nats-Msg-Id``."""
+        loop = self._loop
+        result: asyncio.Future[tuple[int, bool]] = loop.create_future()
+        token = str(next(self._tokens))
+        lines = _header_lines(msg_id, ttl_s)
+        try:
+            publish_now(self.link.nc, subject, body, lines, f"{self._prefix}.a.{token}")
+        except Exception as exc:  # closed, draining, buffer full while away: retried
+            self._go_alone(subject, body, msg_id, ttl_s, deadline, result, type(exc).__name__)
+            return result
+        ack: asyncio.Future[Msg] = loop.create_future()
+        self._acks[token] = ack
+        left = deadline - time.monotonic()
+        timer = loop.call_later(max(0.01, min(self.ack_timeout_s, left)), _expire, ack)
+        ack.add_done_callback(lambda _: self._lone_answer(
+            token, timer, ack, result, subject, body, msg_id, ttl_s, deadline))
+        return result
+
+    def _lone_answer(self, token: str, timer: asyncio.TimerHandle, ack: asyncio.Future[Msg],
+                     result: asyncio.Future[tuple[int, bool]], subject: str, body: bytes,
+                     msg_id: str, ttl_s: float | None, deadline: float) -> None:
+        """The answer to :meth:`_send_lone`'s try: the result, or a retry."""
+        timer.cancel()
+        self._acks.pop(token, None)
+        if self._queued and not self._kick_soon:  # gathered ones may go now
+            self._kick_soon = True
+            self._loop.call_soon(self._kick)
+        if result.done():
+            return  # its publisher gave up
+        exc = ack.exception()
+        if isinstance(exc, StoreError):  # the node stops
+            result.set_exception(exc)
+            return
+        reason = "ack timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        if exc is None:
+            reply = ack.result()
+            reason = "stream unavailable"
+            if (reply.headers or {}).get("Status") not in _RETRYABLE_STATUS:
+                try:
+                    acked = self._parse_ack(reply)
+                except StoreError as refused:
+                    result.set_exception(refused)
+                    return
+                reason = "duplicate message id in process"  # see _RETRYABLE_ERR_CODES
+                if acked is not None and (acked[1] or acked[0] > self._highest_acked):
+                    if not acked[1]:
+                        self._highest_acked = acked[0]
+                    result.set_result(acked)
+                    return
+                if acked is not None:  # a seq at or below one acked before: the epoch
+                    self._go_checked(acked, result)
+                    return
+        self._go_alone(subject, body, msg_id, ttl_s, deadline, result, reason)
+
+    def _go_checked(self, acked: tuple[int, bool],
+                    result: asyncio.Future[tuple[int, bool]]) -> None:
+        async def checked() -> None:
+            try:
+                await self._check_order(acked[0])
+            except Exception as exc:
+                if not result.done():
+                    result.set_exception(exc)
+            else:
+                if not result.done():
+                    result.set_result(acked)
+        self._track(self._loop.create_task(checked()), result)
+
+    def _go_alone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
+                  deadline: float, result: asyncio.Future[tuple[int, bool]],
+                  reason: str) -> None:
+        """A lone publish's first try failed: :meth:`_publish_alone` goes on from its second,
+        with the same ``Nats-Msg-Id``, until ``deadline`` (counted as a retry)."""
+        async def alone() -> None:
+            try:
+                stored = await self._publish_alone(subject, body, _headers(msg_id, ttl_s),
+                                                   deadline, tried=reason)
+            except StoreError as exc:
+                if not result.done():
+                    result.set_exception(exc)
+            else:
+                if not result.done():
+                    result.set_result(stored)
+        self._track(self._loop.create_task(alone()), result)
+
+    def _track(self, task: asyncio.Task[None], result: asyncio.Future[Any]) -> None:
+        """Keep ``task`` (working for ``result``) until it ends; cancel it if its publisher
+        gives ``result`` up."""
+        self._alone_tasks.add(task)
+        task.add_done_callback(self._alone_tasks.discard)
+        result.add_done_callback(lambda fut: task.cancel() if fut.cancelled() else None)
+
     async def _publish_alone(self, subject: str, body: bytes, headers: dict[str, str],
-                             deadline: float) -> tuple[int, bool]:
-        """One publish and its own ack, retried with the same headers until ``deadline``."""
+                             deadline: float, tried: str | None = None) -> tuple[int, bool]:
+        """One publish and its own ack, retried with the same headers until ``deadline``;
+        ``tried``: why the first try (already made) failed, to go on from the second."""
         loop = self._loop
         delay = 0.05
-        reason = "no answer"
+        if tried is not None:
+            delay = await self._pause(subject, tried, deadline, delay)
         while True:
             token = str(next(self._tokens))
             fut: asyncio.Future[Msg] = loop.create_future()
@@ -449,14 +543,19 @@ class JetStreamRoomStore:
                 if self._queued and not self._kick_soon:  # gathered ones may go now
                     self._kick_soon = True
                     loop.call_soon(self._kick)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.errors += 1
-                raise StoreError(f"publish failed: {reason}")
-            self.retries += 1
-            log.debug("! publish to %s retried: %s", subject, reason)
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 1.0)
+            delay = await self._pause(subject, reason, deadline, delay)
+
+    async def _pause(self, subject: str, reason: str, deadline: float, delay: float) -> float:
+        """After a failed try: wait ``delay`` (less if the deadline comes first) and return
+        the next one; raise StoreError once past ``deadline``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.errors += 1
+            raise StoreError(f"publish failed: {reason}")
+        self.retries += 1
+        log.debug("! publish to %s retried: %s", subject, reason)
+        await asyncio.sleep(min(delay, left))
+        return min(delay * 2, 1.0)
 
     def _kick(self) -> None:
         """Send what gathered: as a batch when enough did, else one by one, unless the

@@ -1,5 +1,8 @@
 """Group commit (bridge/room_store.py): publishes that gather while others are in flight are
 stored as JetStream atomic batches, and each publisher still gets its own event's seq, once.
+Fewer publishes in flight than the node's ``group_after`` go one by one, each sent from
+synchronous code with its ack taken in a callback, and retried on its own after a fault: the
+same rules hold for them.
 
 A nats-server with ``sync_interval: always`` (an fsync per stored write, as the embedded one)
 and a node; publishers keep many publishes in flight (so batches form), each with its own
@@ -58,10 +61,13 @@ def node(tmp_path: Path, nats: NatsProcess) -> Iterator[NodeProcess]:
 
 
 class Publisher:
-    """Publishes events to ``room``, ``WINDOW`` in flight, each until it is acked."""
+    """Publishes events to ``room``, ``window`` in flight (and ``again`` ids already acked,
+    now and then), each until it is acked."""
 
-    def __init__(self, url: str, room: str, tag: str, rng: random.Random) -> None:
+    def __init__(self, url: str, room: str, tag: str, rng: random.Random,
+                 window: int = WINDOW, again: int = 3) -> None:
         self.url, self.room, self.tag, self.rng = url, room, tag, rng
+        self.window, self.again = window, again
         self.acked: dict[str, int] = {}  # msg_id -> seq
         self.next = 0  # the events 0 .. next-1 were sent
 
@@ -87,12 +93,13 @@ class Publisher:
                 while todo or not stop.is_set() or self.next < EVENTS:
                     assert loop.time() < deadline, f"{self.tag}: {len(self.unacked())} never acked"
                     if not todo:
-                        todo = list(range(self.next, self.next + WINDOW))
-                        self.next += WINDOW
-                    chunk, todo = todo[:WINDOW], todo[WINDOW:]
+                        todo = list(range(self.next, self.next + self.window))
+                        self.next += self.window
+                    chunk, todo = todo[:self.window], todo[self.window:]
                     frames = [self.frame(i) for i in chunk]
                     if self.rng.random() < 0.3:  # a client retry of ids already acked
-                        frames += [self.frame(i) for i in self.rng.sample(range(self.next), 3)
+                        frames += [self.frame(i)
+                                   for i in self.rng.sample(range(self.next), self.again)
                                    if f"{self.tag}-{i}" in self.acked]
                     self.rng.shuffle(frames)
                     await client.send(*frames)
@@ -163,11 +170,16 @@ async def _nemesis(nats: NatsProcess, rng: random.Random, faults: int) -> list[s
     return done
 
 
-async def _run(node: NodeProcess, nats: NatsProcess, seed: int, faults: int) -> None:
+async def _run(node: NodeProcess, nats: NatsProcess, seed: int, faults: int,
+               lone: bool = False) -> None:
+    """``lone``: 4 publishers, 2 in flight and 1 id again each (at most 12 in flight, fewer
+    than the node's group_after of 16): every publish goes on its own, none in a batch."""
     rng = random.Random(seed)
     rooms = [f"chat:gc-{seed}-{r}" for r in range(ROOMS)]
-    pubs = [Publisher(node.ws_url, rooms[p % ROOMS], f"p{seed}x{p}", random.Random(rng.random()))
-            for p in range(PUBLISHERS)]
+    shape = {"window": 2, "again": 1} if lone else {}
+    pubs = [Publisher(node.ws_url, rooms[p % ROOMS], f"p{seed}x{p}", random.Random(rng.random()),
+                      **shape)
+            for p in range(4 if lone else PUBLISHERS)]
     deadline = asyncio.get_running_loop().time() + 120
     stop = asyncio.Event()
     work = [asyncio.create_task(p.run(deadline, stop)) for p in pubs]
@@ -191,7 +203,12 @@ async def _run(node: NodeProcess, nats: NatsProcess, seed: int, faults: int) -> 
                 assert by_key.get((p.tag, i)) == seq, (
                     f"{msg_id} acked at {seq}, stored at {by_key.get((p.tag, i))} ({history})")
             assert len(p.acked) == p.next >= EVENTS
-    assert node.metric("rtnode_store_batches") > 0, "no atomic batch was stored"
+    if lone:
+        assert node.metric("rtnode_store_batches") == 0, "publishes gathered into a batch"
+        if faults:  # the faults were met by retries of lone publishes
+            assert node.metric("rtnode_jetstream_retries") > 0
+    else:
+        assert node.metric("rtnode_store_batches") > 0, "no atomic batch was stored"
     print(f"seed {seed}: faults {history}; batches {node.metric('rtnode_store_batches'):.0f} "
           f"({node.metric('rtnode_store_batched'):.0f} events), "
           f"undone {node.metric('rtnode_store_batches_undone'):.0f}")
@@ -210,3 +227,10 @@ async def test_batched_publishes_each_get_their_own_seq_once(
 async def test_nothing_acked_is_lost_or_doubled_when_nats_fails_under_batches(
         node: NodeProcess, nats: NatsProcess, seed: int) -> None:
     await _run(node, nats, seed, faults=3)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_nothing_acked_is_lost_or_doubled_when_nats_fails_under_lone_publishes(
+        node: NodeProcess, nats: NatsProcess, seed: int) -> None:
+    await _run(node, nats, seed, faults=3, lone=True)
