@@ -214,8 +214,8 @@ class RoomActor(Actor):
     __slots__ = (
         "_backlog", "_batching", "_counted", "_empty_since", "_idle_timer", "_joins_waiting",
         "_reading", "_recovering", "_repairing", "_since_trim", "_state_need", "_state_timer",
-        "_state_values", "_state_waiting", "_sub", "_tasks", "counters", "feed", "last_seq",
-        "members", "recent", "room", "settings", "state", "store", "tenant",
+        "_state_values", "_state_waiting", "_sub", "_tasks", "_watchers", "counters", "feed",
+        "last_seq", "members", "recent", "room", "settings", "state", "store", "tenant",
     )
     # No passivation by the runtime: its idle timer restarts with every message, and an empty
     # room with live traffic would never stop. The room stops itself (``_idle``).
@@ -250,6 +250,9 @@ class RoomActor(Actor):
         self._state_timer: asyncio.TimerHandle | None = None
         self._reading = False
         self.members: dict[int, Membership] = {}
+        # The members that joined with presence (None while none): a presence event goes to
+        # these only, without a pass over every member of a large room.
+        self._watchers: dict[int, Membership] | None = None
         self.last_seq = 0
         self._sub: Subscription | None = None
         self._repairing = False
@@ -312,7 +315,7 @@ class RoomActor(Actor):
 
     async def on_failure(self, exc: BaseException) -> None:
         # The next instance starts empty: tell members to rejoin from their cursors.
-        members, self.members = list(self.members.values()), {}
+        members, self.members, self._watchers = list(self.members.values()), {}, None
         for member in members:
             member.on_room_lost(self.room, member)
 
@@ -406,7 +409,14 @@ class RoomActor(Actor):
 
     def _leave(self, member: Membership) -> None:
         member.left = True
+        self._drop(member)
+
+    def _drop(self, member: Membership) -> None:
+        """``member`` is no longer in the room."""
         self.members.pop(id(member), None)
+        watchers = self._watchers
+        if watchers is not None and watchers.pop(id(member), None) is not None and not watchers:
+            self._watchers = None
 
     def _arm_idle(self, delay: float) -> None:
         if self._idle_timer is not None:
@@ -582,8 +592,7 @@ class RoomActor(Actor):
                 event = cbor_loads_strict(body)
             except CodecError:
                 event = None
-        if seq is None and _is_presence(event) and not any(
-                member.presence for member in self.members.values()):
+        if seq is None and self._watchers is None and _is_presence(event):
             # Nobody here asked for presence events (most members): nothing to build or send.
             self.counters.events_in += 1
             return None
@@ -675,10 +684,10 @@ class RoomActor(Actor):
         encoded: dict[str, bytes] = {}
         delivered = 0
         # Presence events reach only the members that asked for them.
-        presence_only = seq is None and frame["event"].startswith("presence:")
-        for member in self.members.values():
-            if presence_only and not member.presence:
-                continue
+        members = self.members
+        if seq is None and frame["event"].startswith("presence:"):
+            members = self._watchers or {}
+        for member in members.values():
             if member.replaying:
                 held = member.held
                 assert isinstance(held, list)  # its own, from _on_join until the replay ends
@@ -708,6 +717,10 @@ class RoomActor(Actor):
         member.replaying = True
         member.held = []
         self.members[id(member)] = member
+        if member.presence:
+            if self._watchers is None:
+                self._watchers = {}
+            self._watchers[id(member)] = member
         if self.state is not None and not join.silent:
             if not self._values.known:
                 # Live events are held for it meanwhile.
@@ -882,7 +895,7 @@ class RoomActor(Actor):
         join = done.join
         outbox = member.outbox
         if done.error is not None:
-            del self.members[id(member)]
+            self._drop(member)
             if not join.silent:
                 member.refused = True  # the client joins again: its connection leaves the room
                 outbox.send(error_frame(4500, "could not read the room", id=join.request_id,
@@ -905,7 +918,7 @@ class RoomActor(Actor):
             # consumer (4008) instead. A client then rejoins with ``since`` and is told
             # ``recovered: false``; a persistent MQTT session resumes from its cursor through
             # the bridge's paged read (and a gap notice when events were trimmed).
-            del self.members[id(member)]
+            self._drop(member)
             log.info("! room %s: %s's silent rejoin from %d not recoverable; cut off (4008)",
                      self.room, member.client_id, join.since_seq)
             outbox.slow = True

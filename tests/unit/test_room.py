@@ -458,8 +458,9 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
     """Seeded runs of volatile events (presence ones and others, some with their map kept in
     the node's recent events, some undecodable) into a room whose members come and go, some
     of them watching presence: each member gets every non-presence volatile event and, if it
-    watches, every presence event, in order; nothing else. Presence events that no member
-    here watches are counted in and built for nobody (their recent maps are still taken)."""
+    watches, every presence event, in order, from its join to its leave; nothing else.
+    Presence events that no member here watches are counted in and built for nobody (their
+    recent maps are still taken)."""
     import random
 
     from node.core.events import RecentEvents
@@ -472,6 +473,7 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
         ref = system.spawn(lambda: RoomActor("t", "r", store, store, RoomSettings(), counters,
                                              recent=recent))
         joined: list[tuple[Membership, Recording, int]] = []  # member, recording, events before
+        left: list[tuple[Membership, Recording, int, int]] = []  # ... and events before its leave
         sent: list[tuple[str, int]] = []  # (event name, n) of every decodable event sent
         broken = 0
         for step in range(120):
@@ -484,8 +486,9 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
                 joined.append((m, rec, len(sent)))
                 continue
             if what < 0.22 and len(joined) > 1:
-                m, rec, _ = joined.pop(rng.randrange(len(joined)))
+                m, rec, since = joined.pop(rng.randrange(len(joined)))
                 ref.tell(Leave(m))
+                left.append((m, rec, since, len(sent)))
                 continue
             name = rng.choice(["presence:join", "presence:leave", "cursor", "typing"])
             as_map = {"room": "r", "event": name, "data": {"n": step}, "ts": 1,
@@ -503,8 +506,10 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
         barrier, barrier_rec = member()
         ref.tell(Join(barrier))  # handled after every event told before it
         await barrier_rec.joined()
-        for m, rec, since in joined:
-            want = [(name, n) for name, n in sent[since:]
+        assert any(m.presence for m, *_ in left), "a watcher left (seed)"
+        for m, rec, since, until in [*((m, rec, since, len(sent)) for m, rec, since in joined),
+                                     *left]:
+            want = [(name, n) for name, n in sent[since:until]
                     if m.presence or not name.startswith("presence:")]
             got = [(f["event"], f["data"]["n"]) for f in rec.frames if f.get("type") == "event"]
             assert got == want
