@@ -42,12 +42,12 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
@@ -604,7 +604,7 @@ class JetStreamRoomStore:
                 reply_msg = await fut
             finally:
                 timer.cancel()
-            ack: dict[str, Any] = json.loads(reply_msg.data)
+            ack: dict[str, Any] = orjson.loads(reply_msg.data)
             if ack.get("error") or int(ack.get("count", -1)) != n:
                 raise StoreError(f"batch refused: {ack.get('error')}")
             last = int(ack["seq"])
@@ -641,7 +641,7 @@ class JetStreamRoomStore:
     def _parse_ack(self, reply: Msg) -> tuple[int, bool] | None:
         """(seq, duplicate), or None when the error is worth a retry (_RETRYABLE_ERR_CODES)."""
         try:
-            ack: dict[str, Any] = json.loads(reply.data)
+            ack: dict[str, Any] = orjson.loads(reply.data)
         except ValueError:
             raise StoreError("bad ack from JetStream") from None
         err = ack.get("error")
@@ -668,7 +668,7 @@ class JetStreamRoomStore:
             nc, prefix = self._reads_nc(stream)
             batch.reads = nc is not self.link.nc
             await nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request),
                 reply=f"{prefix}.d.{token}",
             )
             await asyncio.wait_for(batch.done, self.read_timeout_s)
@@ -706,7 +706,7 @@ class JetStreamRoomStore:
         deadline = time.monotonic() + self.read_timeout_s
         delay = 0.05
         loop = self._loop
-        body = json.dumps(request).encode()
+        body = orjson.dumps(request)
         while True:
             left = deadline - time.monotonic()
             # Asked like a publish's ack is awaited (the reply inbox's own route, a timer on
@@ -725,7 +725,7 @@ class JetStreamRoomStore:
                     timer.cancel()
                 if (reply.headers or {}).get("Status") == "503":
                     raise NoRespondersError  # no leader yet: asked again below
-                answer: dict[str, Any] = json.loads(reply.data)
+                answer: dict[str, Any] = orjson.loads(reply.data)
                 err = answer.get("error")
                 if not err:
                     break
