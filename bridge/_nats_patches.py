@@ -1,6 +1,6 @@
 """Five patches to nats-py 2.16, installed by the node at start: a faster header parser, a
 PONG handler that survives a timed-out flush, a PING that keeps its place after what was
-queued before it, a flusher woken once per batch of commands, and a message dispatch that
+queued before it, one write per loop step of the commands queued, and a message dispatch that
 hands a ``raw`` subscription its payload and header bytes as they are. And helpers that go
 around nats-py's per-message costs where the node sends or receives many messages:
 :func:`publish_many`, :func:`publish_now` (a publish from synchronous code, no task),
@@ -22,15 +22,18 @@ server has seen a subscription (``subscribe``, ``flush``, then a publish elsewhe
 was lost about one time in five here; nats.py2 had fixed the same, its PR #24). The PING now
 goes through ``_pending`` behind them, as nats.go does (``tests/integration/test_nats_patches.py``).
 
-**One wake-up of the flusher for what is queued.** Every SUB, UNSUB, request and PING made
-nats-py create a future and ``await`` putting it on its flusher's queue, and the flusher then
-went round once per future (a write of nothing and a drain for all but the first): ~15
-Python calls each, ~11 times for a user's connect and disconnect (its personal room's
-subscriptions, its position read, presence, rpc route). Whatever is in ``_pending`` when the
-flusher next runs is written, so while a wake-up is already queued another adds nothing: the
-patch queues one only when the queue is empty, without awaiting, as ``publish`` itself
-decides. A forced flush (the pending buffer over its limit), a client not connected and a
-flusher that is gone keep nats-py's own path.
+**One write for what a loop step queued.** Every SUB, UNSUB, request and PING made nats-py
+create a future and ``await`` putting it on its flusher's queue, and the flusher then went
+round once per future (a write of nothing and a drain for all but the first): ~15 Python calls
+each, ~11 times for a user's connect and disconnect (its personal room's subscriptions, its
+position read, presence, rpc route). Whatever is in ``_pending`` when it is next written goes
+at once, so the patch arranges one write per loop step, without awaiting: a callback at the
+end of the step writes ``_pending`` to the socket, as the flusher would, with no task step
+and no queue (a quiet node's publish and its ack, one by one, pay it for every event). While
+the socket still holds unsent bytes, the callback wakes the flusher instead, which writes and
+waits for the socket to drain, so nats-py's backpressure holds (a forced flush, the pending
+buffer over its limit, waits for it). A client not connected and a flusher that is gone keep
+nats-py's own path.
 
 **Headers.**
 
@@ -131,15 +134,41 @@ async def _flush_pending(self: Client, force_flush: bool = False) -> Any:
     if (force_flush or queue is None or flusher is None or flusher.done()
             or not self.is_connected):
         return await _ORIGINAL_FLUSH_PENDING(self, force_flush)
-    _wake(queue)
+    _wake(self, queue)
     return None
 
 
-def _wake(queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
-    """Wake the flusher for what is pending, unless a wake-up is queued already (the flusher
-    writes everything pending when it takes one)."""
-    if queue.empty():
-        queue.put_nowait(asyncio.get_running_loop().create_future())
+def _wake(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
+    """Have what is pending written at the end of this loop step (:func:`_write_soon`: one
+    callback for every command of the step, no task), unless a write or a wake-up of the
+    flusher is on its way already (it writes everything pending when it runs)."""
+    if queue.empty() and not getattr(nc, "_rt_write_soon", False):
+        nc._rt_write_soon = True  # type: ignore[attr-defined]
+        asyncio.get_running_loop().call_soon(_write_soon, nc, queue)
+
+
+def _write_soon(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
+    """Write what is pending to the socket, as the flusher would; but while the socket still
+    holds unsent bytes, wake the flusher instead: it writes and waits for the socket to drain
+    (nats-py's backpressure)."""
+    nc._rt_write_soon = False  # type: ignore[attr-defined]
+    transport, flusher = nc._transport, nc._flusher_task
+    if not nc._pending or transport is None or not nc.is_connected:
+        return  # written already, or by nats-py once connected again
+    writer = getattr(transport, "_io_writer", None)  # a TCP (or TLS) transport's
+    flusher_runs = flusher is not None and not flusher.done()
+    if flusher_runs and (writer is None or writer.transport.get_write_buffer_size() > 0):
+        if queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return
+    try:
+        transport.writelines(nc._pending[:])
+    except Exception:  # the socket is failing: the flusher (if any) and the reconnect see to it
+        if flusher_runs and queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return
+    nc._pending = []
+    nc._pending_data_size = 0
 
 
 def install() -> None:
@@ -248,7 +277,7 @@ def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = No
         nc._pending = []
         nc._pending_data_size = 0
         return
-    _wake(queue)
+    _wake(nc, queue)
 
 
 # -- messages handed over in the read loop -------------------------------------------------------

@@ -11,8 +11,10 @@ synchronous code (interleaved with ``publish`` and ``publish_many``, in the orde
 no flush asked for; refused as ``publish`` refuses, and nothing sent then), a bad subject
 refuses the whole list before anything is written, and a ``direct_dispatch`` handler that
 raises does not stop the connection's read loop; ``unsubscribe`` stops the handler. SUBs,
-UNSUBs, requests and publishes queued in one loop step wake the flusher once and all reach the
-server, in order, with no flush asked for. Seeded random payloads, headers and sequences of
+UNSUBs, requests and publishes queued in one loop step wake the flusher at most once and all
+reach the server, in order, with no flush asked for; with the server stopped, the socket's
+buffer stays bounded (the flusher waits for it to drain) and everything arrives once it goes
+on. Seeded random payloads, headers and sequences of
 operations (``RTNODE_TEST_PATCH_SEED``).
 """
 
@@ -419,4 +421,66 @@ async def test_publish_now_while_reconnecting_is_sent_once_the_server_is_back(
         assert got == sent
     finally:
         await nc.close()
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_writes_of_a_stalled_server_wait_for_the_socket_and_all_arrive(
+        tmp_path: Path) -> None:
+    """What is pending is written at the end of the loop step while the socket takes it, and
+    by nats-py's flusher, which waits for the socket to drain, once it does not: with the
+    server stopped (SIGSTOP) while seeded bursts of ``publish_now`` go on for many loop steps,
+    the client's socket buffer never holds more than a few steps' worth (the rest waits in the
+    client's pending buffer), and once the server goes on, everything arrives in order, once,
+    with what ``publish`` sends after it. (``publish`` itself waits while the server is
+    stopped, once the pending buffer is past its limit: nats-py's backpressure.)"""
+    import signal
+
+    rng = random.Random(SEED + 5)
+    server = NatsProcess(tmp_path / "nats").start()
+    pub = await nats.connect(server.url, ping_interval=600)
+    sub_nc = await nats.connect(server.url, ping_interval=600)
+    got: list[bytes] = []
+    sent: list[bytes] = []
+    done = asyncio.Event()
+
+    async def on(msg: Msg) -> None:
+        got.append(msg.data)
+        if len(got) >= len(sent) and sent and sent[-1] == b"end":
+            done.set()
+
+    try:
+        await sub_nc.subscribe("t.stall", cb=on)
+        await sub_nc.flush()
+        writer = pub._transport._io_writer  # type: ignore[union-attr]
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        most, step_most = 0, 0
+        try:
+            for step in range(150):
+                step_bytes = 0
+                for i in range(rng.randint(1, 12)):
+                    payload = f"{step}.{i}:".encode() + rng.randbytes(rng.randint(1000, 60_000))
+                    publish_now(pub, "t.stall", payload)
+                    sent.append(payload)
+                    step_bytes += len(payload)
+                step_most = max(step_most, step_bytes)
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                most = max(most, writer.transport.get_write_buffer_size())
+            assert pub._pending_data_size > 0, "the stalled socket left commands pending"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert most <= 4 * (step_most + 64 * 1024), (most, step_most)
+        for i in range(rng.randint(5, 20)):
+            payload = f"after.{i}:".encode() + rng.randbytes(rng.randint(1, 5000))
+            await pub.publish("t.stall", payload)
+            sent.append(payload)
+        publish_now(pub, "t.stall", b"end")
+        sent.append(b"end")
+        await asyncio.wait_for(done.wait(), 30)
+        assert got == sent
+    finally:
+        await pub.close()
+        await sub_nc.close()
         server.stop()
