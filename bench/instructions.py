@@ -20,6 +20,11 @@ divided by the work:
 2. **event**: ``--rooms`` rooms of 2 members, each member publishing ``--events`` events with
    ``--window`` of them unacknowledged (rtnode: its ``published`` replies; the baseline has
    none: events received from the other member). Per event delivered to the other member.
+3. **quiet event**: one room of 2 members, one of them publishing ``--quiet-events`` events
+   one at a time, each once the one before has reached the other member (and its
+   ``published`` reply has come back), ``--quiet-gap-s`` apart: what an event costs when it
+   shares no loop step, no write and no store round trip with others (a quiet room, the
+   latency figure's case). Per event delivered to the other member.
 
 Only the server process is counted: rtnode's nats-server runs outside valgrind (Go, not the
 node's code). The node runs as ``rtnode run`` would restart itself (``PYTHONMALLOC=malloc``,
@@ -50,7 +55,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.instructions_clients import close, connects, exchange, pairs
+from bench.instructions_clients import close, connects, exchange, one_at_a_time, pairs
 from bench.nodes import (
     SECRET,
     NodeProcess,
@@ -98,6 +103,7 @@ ROWS = (
     ("connect_service", "per connect, service token (no personal room)", "connect_service",
      "connect"),
     ("event", "per event delivered to the other member", "event", "event"),
+    ("quiet_event", "per event, one at a time (a quiet room)", "quiet_event", "quiet_event"),
 )
 
 
@@ -194,6 +200,9 @@ def render(figures: dict[str, dict[str, list[float]]], args: argparse.Namespace)
         f"event = {args.rooms} rooms x 2 members, each publishing {args.events} events, "
         f"{args.window} in flight; rtnode also stores each event in JetStream and sends the "
         "publisher its published reply and the echo of its event",
+        f"one at a time = one member publishing {args.quiet_events} events, each once the one "
+        f"before has reached the other member (rtnode: and been acknowledged), "
+        f"{args.quiet_gap_s:g} s apart",
         "only the server process is counted: rtnode's embedded nats-server is not",
     )
     for note in notes:
@@ -357,6 +366,19 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         await close(ws for _, a, b in members for ws in (a, b))
     _log(f"{kind}: {out['event']:,.0f} instructions per event ({delivered} delivered), "
          f"counted over {time.monotonic() - started:.0f} s")
+    await _settle(pid)
+    (room, a, b), = await pairs(kind, port, 1, "q")
+    try:
+        await _settle(pid)
+        server.zero()
+        started = time.monotonic()
+        delivered = await one_at_a_time(kind, room, a, b, args.quiet_events, args.quiet_gap_s)
+        await _settle(pid)
+        out["quiet_event"] = server.dump() / delivered
+    finally:
+        await close((a, b))
+    _log(f"{kind}: {out['quiet_event']:,.0f} instructions per event one at a time "
+         f"({delivered} delivered), counted over {time.monotonic() - started:.0f} s")
     return out
 
 
@@ -408,6 +430,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="events each member publishes (default 100)")
     parser.add_argument("--window", type=_positive, default=4,
                         help="a member's events in flight (default 4)")
+    parser.add_argument("--quiet-events", type=_positive, default=100,
+                        help="events of the one-at-a-time figure (default 100)")
+    parser.add_argument("--quiet-gap-s", type=float, default=0.02,
+                        help="pause between them, s (default 0.02)")
     parser.add_argument("--repeat", type=_positive, default=1,
                         help="runs of each server, interleaved (default 1)")
     parser.add_argument("--timeout", type=float, default=600.0,

@@ -1,6 +1,7 @@
 """The clients of ``python -m bench instructions`` (:mod:`bench.instructions`): members that
-connect and join, and pairs of members publishing to each other, against rtnode or the plain
-``websockets`` baseline. They run in the benchmark's own process, not under valgrind."""
+connect and join, pairs of members publishing to each other, and a member publishing one event
+at a time to another, against rtnode or the plain ``websockets`` baseline. They run in the
+benchmark's own process, not under valgrind."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from bench.nodes import SECRET
 from node.protocol.frames import JSON
 from node.protocol.tokens import mint_token
 
-__all__ = ["close", "connects", "exchange", "member", "pairs"]
+__all__ = ["close", "connects", "exchange", "member", "one_at_a_time", "pairs"]
 
 _T = TypeVar("_T")
 _RIGHTS = {"*": ["join", "publish"]}
@@ -151,3 +152,56 @@ async def exchange(kind: str, pairs: list[tuple[str, ClientConnection, ClientCon
     got = await all_of(talk(kind, ws, me, room, events, window)
                      for room, a, b in pairs for ws, me in ((a, "a"), (b, "b")))
     return sum(got)
+
+
+async def one_at_a_time(kind: str, room: str, a: ClientConnection, b: ClientConnection,
+                        events: int, gap_s: float) -> int:
+    """``a`` publishes ``events`` events one at a time, ``gap_s`` apart: each once the one
+    before has reached ``b`` (and, on rtnode, ``a`` has its ``published`` reply), as in a
+    quiet room. Returns the events ``b`` received.
+
+    Raises:
+        RuntimeError: An ``error`` or ``disconnect`` frame, or a connection closed early.
+    """
+    frames: dict[str, asyncio.Queue[dict[str, object]]] = {"a": asyncio.Queue(),
+                                                           "b": asyncio.Queue()}
+
+    async def read(ws: ClientConnection, me: str) -> None:
+        async for msg in ws:
+            for f in JSON.decode(msg) if kind == "rtnode" else [json.loads(msg)]:
+                if f.get("type") in ("error", "disconnect"):
+                    raise RuntimeError(f"{room} {me}: {json.dumps(f)[:200]}")
+                frames[me].put_nowait(f)
+        raise RuntimeError(f"{room} {me}: closed early")
+
+    async def until(me: str, wanted: int, reader: asyncio.Task[None]) -> None:
+        while True:
+            waiting = asyncio.ensure_future(frames[me].get())
+            await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                reader.result()  # what stopped it
+            f = waiting.result()
+            data = f.get("data") if kind == "rtnode" else f
+            if kind == "rtnode" and me == "a":
+                if f.get("type") == "published" and f.get("id") == wanted:
+                    return
+            elif isinstance(data, dict) and data.get("n") == wanted and (
+                    kind == "websockets" or f.get("type") == "event"):
+                return
+
+    readers = {"a": asyncio.create_task(read(a, "a")), "b": asyncio.create_task(read(b, "b"))}
+    try:
+        for n in range(events):
+            data = {"from": "a", "n": n, "pad": "p" * 40}
+            await a.send(json.dumps(data) if kind == "websockets" else json.dumps(
+                {"type": "publish", "id": n, "room": room, "event": "m", "data": data}))
+            await until("b", n, readers["b"])
+            if kind == "rtnode":
+                await until("a", n, readers["a"])
+            await asyncio.sleep(gap_s)
+    finally:
+        for task in readers.values():
+            task.cancel()
+        await asyncio.gather(*readers.values(), return_exceptions=True)
+    return events

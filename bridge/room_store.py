@@ -437,6 +437,9 @@ class JetStreamRoomStore:
             self._loop.call_soon(self._kick)
         if result.done():
             return  # its publisher gave up
+        if ack.cancelled():  # not done by the store; nothing is known of this try
+            self._go_alone(subject, body, msg_id, ttl_s, deadline, result, "cancelled")
+            return
         exc = ack.exception()
         if isinstance(exc, StoreError):  # the node stops
             result.set_exception(exc)

@@ -66,6 +66,7 @@ def test_arguments_defaults_and_bounds() -> None:
     args = parse_args([])
     assert (args.connects, args.events, args.rooms, args.window, args.repeat) == (
         100, 100, 5, 4, 1)
+    assert (args.quiet_events, args.quiet_gap_s) == (100, 0.02)
     assert args.json is None
     assert parse_args(["--repeat", "3", "--json", "out.json"]).json.name == "out.json"
     for bad in (["--repeat", "0"], ["--connects", "-1"], ["--connects", "200"]):
@@ -77,9 +78,11 @@ def test_arguments_defaults_and_bounds() -> None:
 def _figures() -> dict[str, dict[str, list[float]]]:
     return {"rtnode": {"connect_user": [2_660_000.0, 2_640_000.0, 2_650_000.0],
                        "connect_service": [1_800_000.0, 1_810_000.0, 1_790_000.0],
-                       "event": [330_000.0, 331_000.0, 329_000.0]},
+                       "event": [330_000.0, 331_000.0, 329_000.0],
+                       "quiet_event": [600_000.0, 590_000.0, 610_000.0]},
             "websockets": {"connect": [620_000.0, 621_000.0, 619_000.0],
-                           "event": [67_000.0, 67_100.0, 66_900.0]}}
+                           "event": [67_000.0, 67_100.0, 66_900.0],
+                           "quiet_event": [150_000.0, 150_000.0, 150_000.0]}}
 
 
 def test_spread_is_median_min_max() -> None:
@@ -96,11 +99,14 @@ def test_table_side_by_side_with_ratio_range_and_notes() -> None:
     assert "620,000 (619,000-621,000, 0.3%)" in user and user.endswith("4.27x")
     service = next(line for line in lines if line.startswith("per connect, service token"))
     assert service.endswith("2.90x")  # the baseline's one connect figure, in both rows
-    event = next(line for line in lines if line.startswith("per event"))
+    event = next(line for line in lines if line.startswith("per event delivered"))
     assert event.endswith("4.93x")
+    quiet = next(line for line in lines if line.startswith("per event, one at a time"))
+    assert "600,000 (590,000-610,000, 3.3%)" in quiet and quiet.endswith("4.00x")
     text = " ".join(lines)
     assert "published reply and the echo" in text and "nats-server is not" in text
-    assert all(len(line) <= 100 for line in lines[5:])  # the notes, wrapped
+    assert "publishing 100 events, each once the one before" in text
+    assert all(len(line) <= 100 for line in lines[6:])  # the notes, wrapped
 
 
 def test_one_run_shows_the_figures_alone() -> None:
