@@ -45,12 +45,13 @@ from websockets.exceptions import ProtocolError as WsProtocolError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from actors.errors import ActorDeadError
 from bridge.http import security_headers
+from bridge.ws_frames import OTHER, PARTIAL, SIMPLE, apply_mask, scan
 from node.core.connection import (
     ConnectionActor,
     Invalid,
@@ -87,6 +88,10 @@ _FAILED = frozenset({4000, 4001, 4003, 4009, 4013, 4029})
 _WS_LOG = logging.getLogger("bridge.ws.protocol")
 _WS_LOG.setLevel(logging.WARNING)
 _DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+#: Whether whole simple frames are read here, not by websockets (bridge/ws_frames.py); off,
+#: websockets reads every frame (the tests compare the two).
+SPLIT = True
+_MAX_SIMPLE = 1 << 20  # a protocol without max_size: the longest frame split here
 _SUBPROTOCOLS = [Subprotocol(name) for name in CODECS]  # one list for every connection
 
 
@@ -133,8 +138,9 @@ class WsConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_bridge", "_buffered", "_codec", "_drain", "_failure", "_held", "_parts", "_ref", "_text",
-        "_waiter", "close_code", "closing", "opcode", "peer", "ping_out", "proto", "quiet", "raw",
+        "_bridge", "_buffered", "_carry", "_codec", "_drain", "_failure", "_held", "_parts",
+        "_ref", "_text", "_waiter", "close_code", "closing", "opcode", "peer", "ping_out", "proto",
+        "quiet", "raw",
     )
     kind = "ws"
 
@@ -151,6 +157,10 @@ class WsConnection(asyncio.Protocol):
         self._held: deque[Any] | None = None  # decoded, waiting for room in the actor's mailbox
         self._waiter: asyncio.Task[None] | None = None
         self._parts: list[bytes] | None = None  # a fragmented message so far
+        # Input split at frame boundaries here (bridge/ws_frames.py): the start of a frame not
+        # all here yet (b"": none). None: websockets reads all input (SPLIT off, or after
+        # something that is websockets' alone to read to the end: the close, a broken frame).
+        self._carry: bytes | None = b"" if SPLIT else None
         self._text = False
         self._drain: asyncio.TimerHandle | None = None
         self._failure: list[bytes] | None = None  # websockets' close for a broken frame, held
@@ -218,6 +228,46 @@ class WsConnection(asyncio.Protocol):
                     self.raw.pause_reading()  # read on once the 101 is out
             return
         self.quiet = False
+        carry = self._carry
+        if carry is not None:  # websockets' parser is at a frame boundary: split here
+            self._split(carry + data if carry else data)
+        else:
+            self._receive(data)
+
+    def _split(self, buf: bytes) -> None:
+        """Read the frames of ``buf`` from the first: each ``SIMPLE`` one here (the common
+        case, see bridge/ws_frames.py), every other one whole by websockets; a partial frame
+        waits for the rest. Once something is not for splitting (a length beyond max_size,
+        the close handshake), everything left goes to websockets, from then on."""
+        proto = self.proto
+        max_size = proto.max_size or _MAX_SIMPLE
+        pos, size = 0, len(buf)
+        while pos < size:
+            if self._failure is not None or self.closing or proto.state is not State.OPEN:
+                break
+            kind, start, end = scan(buf, pos, max_size)
+            if kind == SIMPLE and self._parts is None:  # else: websockets refuses it
+                payload = apply_mask(buf[start:end], buf[start - 4:start])
+                self._complete(payload, buf[pos] == 0x81)
+            elif kind == SIMPLE or kind == OTHER:
+                if not self._receive(buf[pos:end]):
+                    self._carry = None
+                    return
+            elif kind == PARTIAL:
+                self._carry = buf[pos:] if pos else buf
+                return
+            else:
+                break
+            pos = end
+        else:
+            self._carry = b""
+            return
+        self._carry = None  # websockets reads everything from here on
+        self._receive(buf[pos:])
+
+    def _receive(self, data: bytes) -> bool:
+        """websockets reads ``data``; the messages it yields are delivered. Returns False
+        once the connection is closing (nothing more is read for it)."""
         proto = self.proto
         proto.receive_data(data)
         events = proto.events_received()
@@ -225,18 +275,20 @@ class WsConnection(asyncio.Protocol):
         if proto.writes and not broken:
             self._flush()  # pongs, the answer to a close
         if self.closing or self._failure is not None:
-            return  # input after our close frame (or a broken frame) is read and dropped
+            return False  # input after our close frame (or a broken frame) is read and dropped
         for event in events:
             frame = cast(Frame, event)  # after the handshake, websockets yields only frames
             if frame.opcode in _DATA:
                 self._message(frame)
                 if self._failure is not None or self.closing:
-                    return
+                    return False
             elif frame.opcode is Opcode.CLOSE:
                 self.closing = True
-                return
+                return False
         if broken:
             self._hold_failure()
+            return False
+        return True
 
     def _fail(self, code: int, reason: str) -> None:
         self.proto.fail(code, reason)
@@ -269,8 +321,12 @@ class WsConnection(asyncio.Protocol):
                 return
             data = b"".join(parts)
             self._parts = None
+        self._complete(data, self._text)
+
+    def _complete(self, data: bytes, text: bool) -> None:
+        """A whole message: decoded, and its frames told to the actor."""
         message: str | bytes = data
-        if self._text:
+        if text:
             try:
                 message = data.decode()
             except UnicodeDecodeError:
@@ -327,6 +383,9 @@ class WsConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self._ref is not None:
+            carry, self._carry = self._carry, None
+            if carry:  # a partial frame: websockets has it before the end, as it would have
+                self._receive(carry)
             self.proto.receive_eof()
             self._flush()
         return None  # close our side too
