@@ -160,7 +160,7 @@ class WsConnection(asyncio.Protocol):
         # Input split at frame boundaries here (bridge/ws_frames.py): the start of a frame not
         # all here yet (b"": none). None: websockets reads all input (SPLIT off, or after
         # something that is websockets' alone to read to the end: the close, a broken frame).
-        self._carry: bytes | None = b"" if SPLIT else None
+        self._carry: bytes | bytearray | None = b"" if SPLIT else None
         self._text = False
         self._drain: asyncio.TimerHandle | None = None
         self._failure: list[bytes] | None = None  # websockets' close for a broken frame, held
@@ -229,12 +229,15 @@ class WsConnection(asyncio.Protocol):
             return
         self.quiet = False
         carry = self._carry
-        if carry is not None:  # websockets' parser is at a frame boundary: split here
-            self._split(carry + data if carry else data)
-        else:
+        if carry is None:
             self._receive(data)
+        elif carry:  # the rest of a frame (appended in place: a frame trickling in costs O(n))
+            carry += data
+            self._split(carry)
+        else:  # websockets' parser is at a frame boundary: split here
+            self._split(data)
 
-    def _split(self, buf: bytes) -> None:
+    def _split(self, buf: bytes | bytearray) -> None:
         """Read the frames of ``buf`` from the first: each ``SIMPLE`` one here (the common
         case, see bridge/ws_frames.py), every other one whole by websockets; a partial frame
         waits for the rest. Once something is not for splitting (a length beyond max_size,
@@ -247,14 +250,14 @@ class WsConnection(asyncio.Protocol):
                 break
             kind, start, end = scan(buf, pos, max_size)
             if kind == SIMPLE and self._parts is None:  # else: websockets refuses it
-                payload = apply_mask(buf[start:end], buf[start - 4:start])
+                payload = apply_mask(bytes(buf[start:end]), bytes(buf[start - 4:start]))
                 self._complete(payload, buf[pos] == 0x81)
             elif kind == SIMPLE or kind == OTHER:
-                if not self._receive(buf[pos:end]):
+                if not self._receive(bytes(buf[pos:end])):
                     self._carry = None
                     return
             elif kind == PARTIAL:
-                self._carry = buf[pos:] if pos else buf
+                self._carry = buf if not pos and type(buf) is bytearray else bytearray(buf[pos:])
                 return
             else:
                 break
@@ -263,7 +266,7 @@ class WsConnection(asyncio.Protocol):
             self._carry = b""
             return
         self._carry = None  # websockets reads everything from here on
-        self._receive(buf[pos:])
+        self._receive(bytes(buf[pos:]))
 
     def _receive(self, data: bytes) -> bool:
         """websockets reads ``data``; the messages it yields are delivered. Returns False
@@ -385,7 +388,7 @@ class WsConnection(asyncio.Protocol):
         if self._ref is not None:
             carry, self._carry = self._carry, None
             if carry:  # a partial frame: websockets has it before the end, as it would have
-                self._receive(carry)
+                self._receive(bytes(carry))
             self.proto.receive_eof()
             self._flush()
         return None  # close our side too

@@ -39,7 +39,7 @@ _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 
 
-def scan(buf: bytes, pos: int, max_size: int) -> tuple[int, int, int]:
+def scan(buf: bytes | bytearray, pos: int, max_size: int) -> tuple[int, int, int]:
     """The frame that starts at ``buf[pos]``: ``(kind, payload_start, end)``.
 
     For ``SIMPLE`` its payload is ``buf[payload_start:end]``, masked with the 4 bytes before

@@ -270,3 +270,20 @@ async def test_a_partial_frame_at_the_end_of_the_stream_fails_as_websockets_fail
     assert ref.items == [("message", "str", "whole")]
     assert isinstance(conn.proto.parser_exc, EOFError)  # websockets' 1006: nothing is sent
     await asyncio.sleep(0)
+
+
+async def test_a_frame_trickling_in_is_kept_in_one_buffer_that_grows() -> None:
+    """A large frame that comes a few bytes at a time is appended to one buffer in place (no
+    copy of all so far per read: a hostile client trickling a frame costs O(n), not O(n^2)),
+    and read whole once its last byte is in."""
+    conn, _, ref = _connection(True, False)
+    payload = bytes(range(256)) * 12  # 3,072 bytes, within MAX_SIZE
+    data = frame(2, payload) + frame(1, b"next")
+    conn.data_received(data[:3])
+    carry = conn._carry
+    assert isinstance(carry, bytearray)
+    for k in range(3, len(data), 7):
+        conn.data_received(data[k:k + 7])
+        assert ref.items or conn._carry is carry, "copied while it trickled in"
+    assert ref.items == [("message", "bytes", payload), ("message", "str", "next")]
+    assert conn._carry == b""
