@@ -30,7 +30,7 @@ Only the server process is counted: rtnode's nats-server runs outside valgrind (
 node's code). The node runs as ``rtnode run`` would restart itself (``PYTHONMALLOC=malloc``,
 jemalloc preloaded when the system has it: :func:`node.memory.wanted_env`), so it does not
 re-exec, which valgrind would not follow; the baseline with Python's own allocator. Under
-valgrind a server runs ~50 times slower: the defaults take ~2-3 minutes on 2 cores.
+valgrind a server runs ~50 times slower: the defaults take ~3-4 minutes on 2 cores.
 
 Progress on stderr, the table on stdout (median and range over ``--repeat`` runs), the figures
 in JSON with ``--json PATH``. The exit status is 2 without valgrind (``apt-get install
