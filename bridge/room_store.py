@@ -44,8 +44,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -69,6 +69,7 @@ from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_
 __all__ = ["JetStreamRoomStore"]
 
 log = logging.getLogger("bridge.store")
+_T = TypeVar("_T")
 
 _BATCH = 256
 # STREAM.MSG.GET error codes: no such message (not an error for a read).
@@ -387,19 +388,8 @@ class JetStreamRoomStore:
         finds it if the batch was stored after all), unless its publisher gave up."""
         if queued.fut.done():
             return
-        self._track(self._loop.create_task(self._alone(queued)), queued.fut)
-
-    async def _alone(self, queued: _Queued) -> None:
-        fut = queued.fut
-        try:
-            stored = await self._publish_alone(queued.subject, queued.body, queued.headers,
-                                               queued.deadline)
-        except StoreError as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-        else:
-            if not fut.done():
-                fut.set_result(stored)
+        self._run_for(queued.fut, lambda: self._publish_alone(
+            queued.subject, queued.body, queued.headers, queued.deadline))
 
     def _send_lone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
                    deadline: float) -> asyncio.Future[tuple[int, bool]]:
@@ -467,37 +457,37 @@ class JetStreamRoomStore:
 
     def _go_checked(self, acked: tuple[int, bool],
                     result: asyncio.Future[tuple[int, bool]]) -> None:
-        async def checked() -> None:
-            try:
-                await self._check_order(acked[0])
-            except Exception as exc:
-                if not result.done():
-                    result.set_exception(exc)
-            else:
-                if not result.done():
-                    result.set_result(acked)
-        self._track(self._loop.create_task(checked()), result)
+        """A lone publish acked with a seq at or below one acked before: the result once the
+        epoch is checked (:meth:`_check_order`)."""
+        async def checked() -> tuple[int, bool]:
+            await self._check_order(acked[0])
+            return acked
+        self._run_for(result, checked, Exception)
 
     def _go_alone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
                   deadline: float, result: asyncio.Future[tuple[int, bool]],
                   reason: str) -> None:
         """A lone publish's first try failed: :meth:`_publish_alone` goes on from its second,
         with the same ``Nats-Msg-Id``, until ``deadline`` (counted as a retry)."""
-        async def alone() -> None:
+        self._run_for(result, lambda: self._publish_alone(
+            subject, body, _headers(msg_id, ttl_s), deadline, tried=reason))
+
+    def _run_for(self, result: asyncio.Future[_T],
+                 make: Callable[[], Coroutine[Any, Any, _T]],
+                 caught: type[BaseException] = StoreError) -> None:
+        """Run ``make()`` in a task kept until it ends: what it returns, or raises of
+        ``caught``, is ``result``'s; the task is cancelled if the publisher gives ``result``
+        up."""
+        async def run() -> None:
             try:
-                stored = await self._publish_alone(subject, body, _headers(msg_id, ttl_s),
-                                                   deadline, tried=reason)
-            except StoreError as exc:
+                value = await make()
+            except caught as exc:
                 if not result.done():
                     result.set_exception(exc)
             else:
                 if not result.done():
-                    result.set_result(stored)
-        self._track(self._loop.create_task(alone()), result)
-
-    def _track(self, task: asyncio.Task[None], result: asyncio.Future[Any]) -> None:
-        """Keep ``task`` (working for ``result``) until it ends; cancel it if its publisher
-        gives ``result`` up."""
+                    result.set_result(value)
+        task = self._loop.create_task(run())
         self._alone_tasks.add(task)
         task.add_done_callback(self._alone_tasks.discard)
         result.add_done_callback(lambda fut: task.cancel() if fut.cancelled() else None)
