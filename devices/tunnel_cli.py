@@ -50,6 +50,7 @@ __all__ = [
     "PendingReplies",
     "TunnelError",
     "TunnelTarget",
+    "end_tasks",
     "frame_from_line",
     "frames_from_payload",
     "main",
@@ -394,11 +395,7 @@ async def run_tunnel(target: TunnelTarget, device_id: str, token: str, *,
                     raise reader.exception()  # type: ignore[misc]
                 raise TunnelError("the node closed the connection")
             finally:
-                for task in (writer, reader):
-                    if task is not None and not task.done():
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                            await task
+                await end_tasks(writer, reader)
     except MqttConnectError as exc:
         words = _connack_words(exc, device_id)
         raise TunnelError(f"{target} refused device {device_id}: {words}") from None
@@ -419,6 +416,24 @@ async def run_tunnel(target: TunnelTarget, device_id: str, token: str, *,
             raise TunnelError(f"the node closed the tunnel: {frame.get('code')} "
                               f"{frame.get('reason')}") from None
         raise
+
+
+async def end_tasks(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel and await the tasks still running; take the error of those that ended with one.
+
+    The writer's publish and the reader's iteration may both end with the connection: the
+    error the tunnel reports is raised by its caller, and the other one is taken here, not
+    printed at exit as "Task exception was never retrieved".
+    """
+    for task in tasks:
+        if task is None:
+            continue
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+        elif not task.cancelled():
+            task.exception()
 
 
 def _quiet_closed_socket(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
