@@ -498,6 +498,7 @@ class JetStreamRoomStore:
         ``tried``: why the first try (already made) failed, to go on from the second."""
         loop = self._loop
         delay = 0.05
+        reason = "no answer"
         if tried is not None:
             delay = await self._pause(subject, tried, deadline, delay)
         while True:
