@@ -92,8 +92,8 @@ _COMMITS_IN_FLIGHT = 2
 
 
 class _Queued:
-    """A publish waiting for its batch: the result is (seq, duplicate), from its batch or, when
-    the batch did not store it, from a publish on its own (or the StoreError of that)."""
+    """A publish: the result is (seq, duplicate), from its batch or from a publish on its own
+    (or the StoreError of that)."""
 
     __slots__ = ("body", "deadline", "fut", "lines", "msg_id", "subject", "ttl_s")
 
@@ -371,64 +371,62 @@ class JetStreamRoomStore:
         (cancelled before its batch is sent, the event is not sent); otherwise it is sent at
         once, on its own (:meth:`_send_lone`)."""
         loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
-        deadline = time.monotonic() + self.publish_deadline_s
+        queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s,
+                         time.monotonic() + self.publish_deadline_s, loop.create_future())
         if not (self.group_after and self.link.atomic_batches and (
                 self._queued or self._committing or len(self._acks) >= self.group_after)):
-            return self._send_lone(room_subject(tenant, room), body, msg_id, ttl_s, deadline)
-        queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s, deadline,
-                         loop.create_future())
+            self._send_lone(queued)
+            return queued.fut
         self._queued.append(queued)
         if not self._kick_soon:
             self._kick_soon = True
             loop.call_soon(self._kick)
         return queued.fut
 
-    def _send_alone(self, queued: _Queued) -> None:
-        """A queued publish its batch did not store goes on its own (the same Nats-Msg-Id
-        finds it if the batch was stored after all), unless its publisher gave up."""
+    def _send_alone(self, queued: _Queued, tried: str | None = None) -> None:
+        """A publish goes on on its own in :meth:`_publish_alone`, with the same Nats-Msg-Id,
+        unless its publisher gave up: one its batch did not store (the id finds it if the
+        batch was stored after all), or one whose first try (``tried``: why it failed) was
+        :meth:`_send_lone`'s."""
         if queued.fut.done():
             return
         self._run_for(queued.fut, lambda: self._publish_alone(
-            queued.subject, queued.body, queued.headers, queued.deadline))
+            queued.subject, queued.body, queued.headers, queued.deadline, tried=tried))
 
-    def _send_lone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
-                   deadline: float) -> asyncio.Future[tuple[int, bool]]:
+    def _send_lone(self, queued: _Queued) -> None:
         """The first try of a publish on its own, from synchronous code: the command is
         queued at once (``_nats_patches.publish_now``) and its ack is taken in a callback,
         with no task and no coroutine (what a quiet node, one publish at a time, does for
         every event). Whatever is not a plain answer (no ack in time, the connection lost, a
         "try again" from JetStream, a seq that needs the epoch checked, a publish that could
-        not be queued) goes on in :meth:`_publish_alone`, with the same ``Nats-Msg-Id``."""
+        not be queued) goes on in :meth:`_send_alone`."""
         loop = self._loop
-        result: asyncio.Future[tuple[int, bool]] = loop.create_future()
         token = str(next(self._tokens))
-        lines = _header_lines(msg_id, ttl_s)
         try:
-            publish_now(self.link.nc, subject, body, lines, f"{self._prefix}.a.{token}")
+            publish_now(self.link.nc, queued.subject, queued.body, queued.lines,
+                        f"{self._prefix}.a.{token}")
         except Exception as exc:  # closed, draining, buffer full while away: retried
-            self._go_alone(subject, body, msg_id, ttl_s, deadline, result, type(exc).__name__)
-            return result
+            self._send_alone(queued, type(exc).__name__)
+            return
         ack: asyncio.Future[Msg] = loop.create_future()
         self._acks[token] = ack
-        left = deadline - time.monotonic()
+        left = queued.deadline - time.monotonic()
         timer = loop.call_later(max(0.01, min(self.ack_timeout_s, left)), _expire, ack)
-        ack.add_done_callback(lambda _: self._lone_answer(
-            token, timer, ack, result, subject, body, msg_id, ttl_s, deadline))
-        return result
+        ack.add_done_callback(lambda _: self._lone_answer(queued, token, timer, ack))
 
-    def _lone_answer(self, token: str, timer: asyncio.TimerHandle, ack: asyncio.Future[Msg],
-                     result: asyncio.Future[tuple[int, bool]], subject: str, body: bytes,
-                     msg_id: str, ttl_s: float | None, deadline: float) -> None:
+    def _lone_answer(self, queued: _Queued, token: str, timer: asyncio.TimerHandle,
+                     ack: asyncio.Future[Msg]) -> None:
         """The answer to :meth:`_send_lone`'s try: the result, or a retry."""
         timer.cancel()
         self._acks.pop(token, None)
         if self._queued and not self._kick_soon:  # gathered ones may go now
             self._kick_soon = True
             self._loop.call_soon(self._kick)
+        result = queued.fut
         if result.done():
             return  # its publisher gave up
         if ack.cancelled():  # not done by the store; nothing is known of this try
-            self._go_alone(subject, body, msg_id, ttl_s, deadline, result, "cancelled")
+            self._send_alone(queued, "cancelled")
             return
         exc = ack.exception()
         if isinstance(exc, StoreError):  # the node stops
@@ -453,7 +451,7 @@ class JetStreamRoomStore:
                 if acked is not None:  # a seq at or below one acked before: the epoch
                     self._go_checked(acked, result)
                     return
-        self._go_alone(subject, body, msg_id, ttl_s, deadline, result, reason)
+        self._send_alone(queued, reason)
 
     def _go_checked(self, acked: tuple[int, bool],
                     result: asyncio.Future[tuple[int, bool]]) -> None:
@@ -463,14 +461,6 @@ class JetStreamRoomStore:
             await self._check_order(acked[0])
             return acked
         self._run_for(result, checked, Exception)
-
-    def _go_alone(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
-                  deadline: float, result: asyncio.Future[tuple[int, bool]],
-                  reason: str) -> None:
-        """A lone publish's first try failed: :meth:`_publish_alone` goes on from its second,
-        with the same ``Nats-Msg-Id``, until ``deadline`` (counted as a retry)."""
-        self._run_for(result, lambda: self._publish_alone(
-            subject, body, _headers(msg_id, ttl_s), deadline, tried=reason))
 
     def _run_for(self, result: asyncio.Future[_T],
                  make: Callable[[], Coroutine[Any, Any, _T]],
