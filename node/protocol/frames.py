@@ -328,11 +328,22 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 # A run of 19 digits: orjson reads an integer beyond 64 bits (or below -2**63) as a float, json
-# as an int (that the value model then refuses); text with one takes the slow path.
-# (Written as one digit and then 18: the leading class lets the regex engine skip to the next
-# digit, ~0.4 us less per frame than [0-9]{19}, which tries its repeat at every position.)
-_LONG_DIGITS = re.compile(r"[0-9][0-9]{18}")
-_LONG_DIGITS_B = re.compile(rb"[0-9][0-9]{18}")
+# as an int (that the value model then refuses); text with one takes the slow path. Looked for
+# in the UTF-8 bytes with every digit made a 0 (bytes.translate, then a substring search):
+# ~0.25 us for a frame of 150 bytes, where a regex ([0-9][0-9]{18}) took ~0.95 us, 3% of an
+# event's instructions. (UTF-8 puts no ASCII byte inside a longer character.)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_ZEROS = b"0" * 19
+
+
+def has_long_digits(text: str | bytes) -> bool:
+    """Whether ``text`` holds a run of 19 or more ASCII digits."""
+    if len(text) < 19:
+        return False
+    if isinstance(text, str):
+        text = text.encode("utf-8", "surrogatepass")
+    return _NINETEEN_ZEROS in text.translate(_DIGITS_AS_ZERO)
+
 _DECODER = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))  # defined below
 
 
@@ -349,9 +360,7 @@ def json_loads_strict(text: str | bytes) -> Any:
     Raises:
         CodecError: 4000.
     """
-    long = (_LONG_DIGITS_B.search(text) if isinstance(text, bytes)
-            else _LONG_DIGITS.search(text))
-    if long is None:
+    if not has_long_digits(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:

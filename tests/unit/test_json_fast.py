@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.protocol.errors import CodecError
-from node.protocol.frames import JSON, json_loads_slow, json_loads_strict
+from node.protocol.frames import JSON, has_long_digits, json_loads_slow, json_loads_strict
 
 SEED = int(os.environ.get("RTNODE_TEST_JSON_SEED", "1"))
 
@@ -93,6 +94,22 @@ def test_fast_decode_on_random_bytes() -> None:
     for _ in range(5000):
         data = bytes(rnd.choice(alphabet) for _ in range(rnd.randrange(1, 24)))
         check(data)
+
+
+def test_long_digits_are_found_as_a_regex_finds_them() -> None:
+    # The fast path's test for integers orjson reads as floats: any text, str or UTF-8 bytes.
+    rng = random.Random(SEED)
+    pieces = ["0", "1", "9", "12345", "9" * 18, "9" * 19, "1" * 25, "a", " ", "-", ".", "e",
+              "\u0663", "\uff11", "\u00b9", "\U0001d7cf", "\ud800", "\u00e9", "\U0001f600", '"']
+    found = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        want = re.search(r"[0-9]{19}", text, re.ASCII) is not None
+        found += want
+        assert has_long_digits(text) is want, repr(text)
+        if "\ud800" not in text:
+            assert has_long_digits(text.encode()) is want, repr(text)
+    assert 300 < found < 2700  # both answers, many times
 
 
 @pytest.mark.parametrize("piece", HOSTILE, ids=repr)
