@@ -25,12 +25,19 @@ divided by the work:
    ``published`` reply has come back), ``--quiet-gap-s`` apart: what an event costs when it
    shares no loop step, no write and no store round trip with others (a quiet room, the
    latency figure's case). Per event delivered to the other member.
+4. **device ingest** (rtnode only: the baseline has no MQTT, its column shows ``-``):
+   ``--devices`` MQTT 3.1.1 devices on the node's MQTT port (device tokens, clean session, no
+   keep-alive), each publishing ``--device-events`` events (CBOR) at QoS 1 to
+   ``rooms/<room>/up``, ``--window`` of them unacknowledged, to a room one WebSocket member
+   joined beforehand. The node stores each in JetStream, then sends its PUBACK, and delivers
+   it to the member. Per event the member received: every one must arrive, once (the run
+   fails when none arrives and no PUBACK comes for :data:`INGEST_STALL_S`).
 
 Only the server process is counted: rtnode's nats-server runs outside valgrind (Go, not the
 node's code). The node runs as ``rtnode run`` would restart itself (``PYTHONMALLOC=malloc``,
 jemalloc preloaded when the system has it: :func:`node.memory.wanted_env`), so it does not
 re-exec, which valgrind would not follow; the baseline with Python's own allocator. Under
-valgrind a server runs ~50 times slower: the defaults take ~3-4 minutes on 2 cores.
+valgrind a server runs ~50 times slower: the defaults take ~4-5 minutes on 2 cores.
 
 Progress on stderr, the table on stdout (median and range over ``--repeat`` runs), the figures
 in JSON with ``--json PATH``. The exit status is 2 without valgrind (``apt-get install
@@ -55,7 +62,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.instructions_clients import close, connects, exchange, one_at_a_time, pairs
+from bench.instructions_clients import (
+    close,
+    connects,
+    devices,
+    disconnect,
+    exchange,
+    ingest,
+    member,
+    one_at_a_time,
+    pairs,
+)
 from bench.nodes import (
     SECRET,
     NodeProcess,
@@ -87,6 +104,10 @@ SETTLE_CPU = 0.05
 SETTLE_TIMEOUT_S = 30.0
 WARM_CONNECTS = 20
 WARM_EVENTS = 20
+WARM_DEVICES = 2  # each publishing WARM_EVENTS: the MQTT door's code paths, before any count
+# The device ingest figure fails when no PUBACK and no event reaches the member for this long:
+# an event acknowledged but never delivered (a refused uplink is acknowledged too).
+INGEST_STALL_S = 60.0
 # The node's timers that run per held connection, whose count depends on wall time (which
 # valgrind stretches ~50 times), not on the work: presence entries refreshed every third of
 # presence_ttl_s (10 s: each member's, several times during a connect figure) and pings every
@@ -97,13 +118,16 @@ QUIET_TIMERS = ("--presence-ttl-s", "3600", "--heartbeat-s", "3600")
 MAX_CONNECTS = 199
 
 SYSTEMS = ("rtnode", "websockets")
-# (key, label, rtnode's figure, the baseline's figure): the baseline has no token kinds.
-ROWS = (
+# (key, label, rtnode's figure, the baseline's figure): the baseline has no token kinds, and no
+# MQTT (None: its column and the ratio show "-", its JSON null).
+ROWS: tuple[tuple[str, str, str, str | None], ...] = (
     ("connect_user", "per connect, user token (personal room)", "connect_user", "connect"),
     ("connect_service", "per connect, service token (no personal room)", "connect_service",
      "connect"),
     ("event", "per event delivered to the other member", "event", "event"),
     ("quiet_event", "per event, one at a time (a quiet room)", "quiet_event", "quiet_event"),
+    ("ingest", "per device event (MQTT QoS 1 -> stored -> delivered to a WebSocket member)",
+     "ingest", None),
 )
 
 
@@ -174,8 +198,17 @@ def _figure(values: Sequence[float]) -> str:
     return f"{med:,.0f} ({lo:,.0f}-{hi:,.0f}, {(hi - lo) / med:.1%})"
 
 
+def _baseline(figures: dict[str, dict[str, list[float]]], theirs: str | None
+              ) -> list[float] | None:
+    """The baseline's figure of a row, or None where it has none (``theirs`` None: no MQTT)."""
+    if theirs is None:
+        return None
+    return figures["websockets"].get(theirs) or None
+
+
 def render(figures: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
-    """The table: a row per figure of :data:`ROWS`, rtnode, the baseline and their ratio.
+    """The table: a row per figure of :data:`ROWS`, rtnode, the baseline and their ratio
+    (``-`` for both where the baseline has no such figure).
 
     Args:
         figures: ``{"rtnode": {"connect_user": [per run...], ...}, "websockets": {...}}``.
@@ -186,9 +219,12 @@ def render(figures: dict[str, dict[str, list[float]]], args: argparse.Namespace)
              "python -m bench instructions"]
     rows = [("", "rtnode", "websockets", "rtnode/websockets")]
     for _key, label, ours, theirs in ROWS:
-        a, b = figures["rtnode"][ours], figures["websockets"][theirs]
-        rows.append((label, _figure(a), _figure(b),
-                     f"{statistics.median(a) / statistics.median(b):.2f}x"))
+        a, b = figures["rtnode"][ours], _baseline(figures, theirs)
+        if b is None:
+            rows.append((label, _figure(a), "-", "-"))
+        else:
+            rows.append((label, _figure(a), _figure(b),
+                         f"{statistics.median(a) / statistics.median(b):.2f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         lines.append(f"{r[0]:<{widths[0]}}  " + "  ".join(
@@ -203,6 +239,10 @@ def render(figures: dict[str, dict[str, list[float]]], args: argparse.Namespace)
         f"one at a time = one member publishing {args.quiet_events} events, each once the one "
         f"before has reached the other member (rtnode: and been acknowledged), "
         f"{args.quiet_gap_s:g} s apart",
+        f"device event = {args.devices} MQTT devices, each publishing {args.device_events} "
+        f"events at QoS 1, {args.window} unacknowledged, to a room one WebSocket member is in: "
+        "per event it received; rtnode stores each in JetStream before its PUBACK; the "
+        "baseline has no MQTT (-)",
         "only the server process is counted: rtnode's embedded nats-server is not",
     )
     for note in notes:
@@ -229,6 +269,7 @@ class CallgrindServer:
         self.log = tmp / "server.log"
         self._dumps = 0  # the number of the newest dump read
         self._node: NodeProcess | None = None
+        self.mqtt_port: int | None = None  # rtnode's MQTT door (the baseline has none)
         vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
               "--trace-children=no"]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "LD_PRELOAD")}
@@ -239,10 +280,11 @@ class CallgrindServer:
             if node_env is None or wanted_env(node_env) is not None:
                 raise RuntimeError("node.memory.wanted_env: the node would re-exec itself")
             node_env["RTNODE_JWT_SECRET"] = SECRET
-            mqtt_port = free_port()
-            cmd = node_command(self.port, mqtt_port, tmp / "data",
+            self.mqtt_port = free_port()
+            cmd = node_command(self.port, self.mqtt_port, tmp / "data",
                                extra=[*open_limits(connections), *QUIET_TIMERS])
-            self._node = NodeProcess("bench", vg + cmd, self.log, node_env, self.port, mqtt_port)
+            self._node = NodeProcess("bench", vg + cmd, self.log, node_env, self.port,
+                                     self.mqtt_port)
             self.proc = self._node.proc
         else:
             cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(self.port)]
@@ -338,6 +380,8 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         await exchange(kind, warm, WARM_EVENTS, args.window)
     finally:
         await close(ws for _, a, b in warm for ws in (a, b))
+    if server.mqtt_port is not None:
+        await _ingest(server, args, "wi", WARM_DEVICES, WARM_EVENTS, count=False)
     await _settle(pid)
     out: dict[str, float] = {}
     for token_kind in token_kinds:
@@ -379,7 +423,40 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         await close((a, b))
     _log(f"{kind}: {out['quiet_event']:,.0f} instructions per event one at a time "
          f"({delivered} delivered), counted over {time.monotonic() - started:.0f} s")
+    if server.mqtt_port is not None:
+        await _settle(pid)
+        out["ingest"] = await _ingest(server, args, "i", args.devices, args.device_events,
+                                      count=True)
     return out
+
+
+async def _ingest(server: CallgrindServer, args: argparse.Namespace, prefix: str, n: int,
+                  events: int, count: bool) -> float:
+    """A member in a room, then ``n`` MQTT devices publishing ``events`` events each to it.
+    With ``count``, the events run between a zero and a dump, after the connects' work
+    (:func:`_settle`): returns the instructions per event the member received (0.0 without)."""
+    assert server.mqtt_port is not None
+    kind, pid, room = server.kind, server.proc.pid, f"{prefix}-r0"
+    per_event = 0.0
+    ws = await member(kind, server.port, f"{prefix}-m", room)
+    try:
+        devs = await devices(server.mqtt_port, prefix, n, room)
+        try:
+            if count:
+                await _settle(pid)
+                server.zero()
+            started = time.monotonic()
+            delivered = await ingest(ws, devs, room, events, args.window, INGEST_STALL_S)
+            if count:
+                await _settle(pid)
+                per_event = server.dump() / delivered
+                _log(f"{kind}: {per_event:,.0f} instructions per device event ({delivered} "
+                     f"delivered), counted over {time.monotonic() - started:.0f} s")
+        finally:
+            await disconnect(devs)
+    finally:
+        await close((ws,))
+    return per_event
 
 
 async def _run(kind: str, args: argparse.Namespace, into: dict[str, list[float]]) -> None:
@@ -429,11 +506,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--events", type=_positive, default=100,
                         help="events each member publishes (default 100)")
     parser.add_argument("--window", type=_positive, default=4,
-                        help="a member's events in flight (default 4)")
+                        help="a member's events in flight, and a device's unacknowledged "
+                             "PUBLISHes (default 4)")
     parser.add_argument("--quiet-events", type=_positive, default=100,
                         help="events of the one-at-a-time figure (default 100)")
     parser.add_argument("--quiet-gap-s", type=float, default=0.02,
                         help="pause between them, s (default 0.02)")
+    parser.add_argument("--devices", type=_positive, default=10,
+                        help="MQTT devices of the device ingest figure (default 10)")
+    parser.add_argument("--device-events", type=_positive, default=100,
+                        help="events each device publishes at QoS 1 (default 100)")
     parser.add_argument("--repeat", type=_positive, default=1,
                         help="runs of each server, interleaved (default 1)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -485,11 +567,13 @@ def main(argv: list[str]) -> int:
 def _to_json(figures: dict[str, dict[str, list[float]]], args: argparse.Namespace
              ) -> dict[str, Any]:
     rows = {}
+    names = ("median", "min", "max")
     for key, label, ours, theirs in ROWS:
-        a, b = spread(figures["rtnode"][ours]), spread(figures["websockets"][theirs])
-        rows[key] = {"label": label, "rtnode": dict(zip(("median", "min", "max"), a, strict=True)),
-                     "websockets": dict(zip(("median", "min", "max"), b, strict=True)),
-                     "ratio": a[0] / b[0]}
+        a, theirs_runs = spread(figures["rtnode"][ours]), _baseline(figures, theirs)
+        b = spread(theirs_runs) if theirs_runs is not None else None
+        rows[key] = {"label": label, "rtnode": dict(zip(names, a, strict=True)),
+                     "websockets": dict(zip(names, b, strict=True)) if b is not None else None,
+                     "ratio": a[0] / b[0] if b is not None else None}
     return {"unit": "instructions (callgrind Ir) of the server process",
             "args": {k: v for k, v in vars(args).items() if k != "json"},
             "runs": figures, "figures": rows}

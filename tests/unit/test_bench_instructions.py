@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bench.instructions import dump_instructions, newest_dump, parse_args, render, spread
+from bench.instructions import (
+    ROWS,
+    _to_json,
+    dump_instructions,
+    newest_dump,
+    parse_args,
+    render,
+    spread,
+)
 
 # The head and tail of a dump by `callgrind_control -d` (valgrind 3.19), its body cut.
 DUMP = """\
@@ -67,9 +77,12 @@ def test_arguments_defaults_and_bounds() -> None:
     assert (args.connects, args.events, args.rooms, args.window, args.repeat) == (
         100, 100, 5, 4, 1)
     assert (args.quiet_events, args.quiet_gap_s) == (100, 0.02)
+    assert (args.devices, args.device_events) == (10, 100)
     assert args.json is None
     assert parse_args(["--repeat", "3", "--json", "out.json"]).json.name == "out.json"
-    for bad in (["--repeat", "0"], ["--connects", "-1"], ["--connects", "200"]):
+    assert parse_args(["--devices", "3", "--device-events", "7"]).device_events == 7
+    for bad in (["--repeat", "0"], ["--connects", "-1"], ["--connects", "200"],
+                ["--devices", "0"], ["--device-events", "-5"]):
         with pytest.raises(SystemExit) as exit_:
             parse_args(bad)
         assert exit_.value.code == 2
@@ -79,7 +92,8 @@ def _figures() -> dict[str, dict[str, list[float]]]:
     return {"rtnode": {"connect_user": [2_660_000.0, 2_640_000.0, 2_650_000.0],
                        "connect_service": [1_800_000.0, 1_810_000.0, 1_790_000.0],
                        "event": [330_000.0, 331_000.0, 329_000.0],
-                       "quiet_event": [600_000.0, 590_000.0, 610_000.0]},
+                       "quiet_event": [600_000.0, 590_000.0, 610_000.0],
+                       "ingest": [450_000.0, 455_000.0, 448_000.0]},
             "websockets": {"connect": [620_000.0, 621_000.0, 619_000.0],
                            "event": [67_000.0, 67_100.0, 66_900.0],
                            "quiet_event": [150_000.0, 150_000.0, 150_000.0]}}
@@ -106,7 +120,40 @@ def test_table_side_by_side_with_ratio_range_and_notes() -> None:
     text = " ".join(lines)
     assert "published reply and the echo" in text and "nats-server is not" in text
     assert "publishing 100 events, each once the one before" in text
-    assert all(len(line) <= 100 for line in lines[6:])  # the notes, wrapped
+    assert "10 MQTT devices, each publishing 100 events at QoS 1, 4 unacknowledged" in text
+    assert all(len(line) <= 100 for line in lines[2 + len(ROWS):])  # the notes, wrapped
+
+
+def test_the_baseline_has_no_mqtt_a_dash_and_no_ratio() -> None:
+    lines = render(_figures(), parse_args(["--repeat", "3"])).splitlines()
+    ingest = next(line for line in lines if line.startswith("per device event (MQTT QoS 1"))
+    assert "450,000 (448,000-455,000, 1.6%)" in ingest
+    assert ingest.split()[-2:] == ["-", "-"]
+    # the columns kept: each dash right-aligned under its head, as the figures are
+    head, event = lines[1], next(line for line in lines if line.startswith("per event del"))
+    assert ingest[head.index("websockets") + len("websockets") - 1] == "-"
+    assert len(ingest) == len(event) == len(head)
+
+
+def test_a_baseline_figure_missing_from_the_runs_is_a_dash_too() -> None:
+    figures = _figures()
+    del figures["websockets"]["quiet_event"]
+    quiet = next(line for line in render(figures, parse_args([])).splitlines()
+                 if line.startswith("per event, one at a time"))
+    assert quiet.split()[-2:] == ["-", "-"]
+
+
+def test_json_rows_with_null_for_the_baseline_without_mqtt() -> None:
+    out = _to_json(_figures(), parse_args(["--repeat", "3", "--json", "x.json"]))
+    assert list(out["figures"]) == [key for key, *_ in ROWS]
+    ingest = out["figures"]["ingest"]
+    assert ingest["rtnode"] == {"median": 450_000.0, "min": 448_000.0, "max": 455_000.0}
+    assert ingest["websockets"] is None and ingest["ratio"] is None
+    assert out["figures"]["event"]["ratio"] == pytest.approx(330_000 / 67_000)
+    assert "ingest" not in out["runs"]["websockets"]
+    assert (out["args"]["devices"], out["args"]["device_events"]) == (10, 100)
+    assert "json" not in out["args"]
+    json.dumps(out)  # as main writes it
 
 
 def test_one_run_shows_the_figures_alone() -> None:
