@@ -44,6 +44,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
 from bench.hostile_frames import HostileFrames, encode
+from bench.ingest_devices import read_packet
 from bench.procs import die_with_parent
 from node.protocol.frames import CBOR, JSON
 from node.protocol.tokens import mint_token
@@ -392,16 +393,8 @@ async def _puback(reader: asyncio.StreamReader, pid: int) -> bool:
     try:
         async with asyncio.timeout(OPEN_TIMEOUT_S):
             while True:
-                head = await reader.readexactly(1)
-                length, shift = 0, 0
-                while True:
-                    digit = (await reader.readexactly(1))[0]
-                    length |= (digit & 0x7F) << shift
-                    shift += 7
-                    if not digit & 0x80:
-                        break
-                body = await reader.readexactly(length)
-                if head[0] >> 4 == 4 and body[:2] == pid.to_bytes(2, "big"):
+                kind, body = await read_packet(reader)
+                if kind == 4 and body[:2] == pid.to_bytes(2, "big"):
                     return True
     except (asyncio.IncompleteReadError, TimeoutError, OSError):
         return False

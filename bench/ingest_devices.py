@@ -87,6 +87,22 @@ def _utf8(s: str | bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next MQTT packet from ``reader``: (its type, its body).
+
+    Raises:
+        asyncio.IncompleteReadError: The connection ended first.
+    """
+    kind = (await reader.readexactly(1))[0] >> 4
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return kind, await reader.readexactly(length)
+
+
 def _connect_packet(client_id: str, password: str) -> bytes:
     # protocol name, level 4, flags: user name, password, clean session; keep-alive 0 (off)
     body = (_utf8("MQTT") + bytes((4, 0xC2)) + (0).to_bytes(2, "big")

@@ -18,7 +18,7 @@ import cbor2
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from bench.ingest_devices import EVENT, _connect_packet, _utf8, _varint
+from bench.ingest_devices import EVENT, _connect_packet, _utf8, _varint, read_packet
 from bench.nodes import SECRET
 from node.protocol.frames import JSON
 from node.protocol.tokens import mint_token
@@ -218,18 +218,6 @@ async def one_at_a_time(kind: str, room: str, a: ClientConnection, b: ClientConn
 # -- MQTT devices (rtnode only) ----------------------------------------------------------------
 
 
-async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next MQTT packet: (its type, its body)."""
-    kind = (await reader.readexactly(1))[0] >> 4
-    length, shift = 0, 0
-    while True:
-        byte = (await reader.readexactly(1))[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return kind, await reader.readexactly(length)
-
-
 async def device(mqtt_port: int, client_id: str, room: str) -> Device:
     """One MQTT 3.1.1 device (:mod:`bench.ingest_devices`' CONNECT: client id = username =
     ``client_id``, password = a device token that may publish to ``room``; clean session, no
@@ -242,7 +230,7 @@ async def device(mqtt_port: int, client_id: str, room: str) -> Device:
     reader, writer = await asyncio.open_connection("127.0.0.1", mqtt_port)
     try:
         writer.write(_connect_packet(client_id, token))
-        kind, body = await _packet(reader)
+        kind, body = await read_packet(reader)
         if kind != 2 or len(body) < 2 or body[1] != 0:
             raise RuntimeError(f"{client_id}: CONNECT answered by packet type {kind} "
                                f"{body.hex()}")
@@ -302,7 +290,7 @@ async def _uplink(dev: Device, name: str, index: int, room: str, events: int, wi
         nonlocal acked
         try:
             while acked < events:
-                kind, body = await _packet(reader)
+                kind, body = await read_packet(reader)
                 pid = int.from_bytes(body[:2], "big")
                 if kind != 4 or pid not in unacked:
                     raise RuntimeError(f"{name}: packet type {kind} {body[:40].hex()} "
