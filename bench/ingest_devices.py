@@ -24,7 +24,7 @@ from bench.procs import SETUP_TIMEOUT_S, die_with_parent
 from node.protocol.tokens import mint_token
 
 __all__ = ["EVENT", "MAX_LATENCY_SAMPLES", "ROOM", "DeviceProcess", "DeviceReport",
-           "IngestConfig"]
+           "IngestConfig", "connect_packet", "read_packet", "utf8", "varint"]
 
 ROOM = "bench:ingest"
 EVENT = "reading"
@@ -73,7 +73,7 @@ class DeviceReport:
     closed: str | None = None  # the connection ended before the device was done
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)
@@ -82,7 +82,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _utf8(s: str | bytes) -> bytes:
+def utf8(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return len(b).to_bytes(2, "big") + b
 
@@ -103,11 +103,11 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             return kind, await reader.readexactly(length)
 
 
-def _connect_packet(client_id: str, password: str) -> bytes:
+def connect_packet(client_id: str, password: str) -> bytes:
     # protocol name, level 4, flags: user name, password, clean session; keep-alive 0 (off)
-    body = (_utf8("MQTT") + bytes((4, 0xC2)) + (0).to_bytes(2, "big")
-            + _utf8(client_id) + _utf8(client_id) + _utf8(password))
-    return b"\x10" + _varint(len(body)) + body
+    body = (utf8("MQTT") + bytes((4, 0xC2)) + (0).to_bytes(2, "big")
+            + utf8(client_id) + utf8(client_id) + utf8(password))
+    return b"\x10" + varint(len(body)) + body
 
 
 class _Device(asyncio.Protocol):
@@ -125,7 +125,7 @@ class _Device(asyncio.Protocol):
         self.lat_stride = lat_stride
         self.worker = worker
         topic = f"rooms/{ROOM}/up".encode()
-        self.topic_field = _utf8(topic)
+        self.topic_field = utf8(topic)
         self.first_byte = b"\x32" if cfg.qos else b"\x30"
         self.sent_at = array("d", bytes(8 * cfg.events_per_device))
         self.inflight: dict[int, int] = {}  # packet id -> event index
@@ -143,7 +143,7 @@ class _Device(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass: no isinstance check
         self.transport = transport  # type: ignore[assignment]
-        self.transport.write(_connect_packet(self.client_id, self.token))
+        self.transport.write(connect_packet(self.client_id, self.token))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.stopping and not self.done.done():
@@ -230,10 +230,10 @@ class _Device(asyncio.Protocol):
             if qos:
                 pid = i % 65535 + 1
                 inflight[pid] = i
-                out.append(first + _varint(len(topic) + 2 + len(payload)) + topic
+                out.append(first + varint(len(topic) + 2 + len(payload)) + topic
                            + pid.to_bytes(2, "big") + payload)
             else:
-                out.append(first + _varint(len(topic) + len(payload)) + topic + payload)
+                out.append(first + varint(len(topic) + len(payload)) + topic + payload)
             self.sent_at[i] = now
             i += 1
         if out:

@@ -18,7 +18,7 @@ import cbor2
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from bench.ingest_devices import EVENT, _connect_packet, _utf8, _varint, read_packet
+from bench.ingest_devices import EVENT, connect_packet, read_packet, utf8, varint
 from bench.nodes import SECRET
 from node.protocol.frames import JSON
 from node.protocol.tokens import mint_token
@@ -229,7 +229,7 @@ async def device(mqtt_port: int, client_id: str, room: str) -> Device:
     token = mint_token(SECRET, sub=client_id, kind="device", rooms={room: ["publish"]})
     reader, writer = await asyncio.open_connection("127.0.0.1", mqtt_port)
     try:
-        writer.write(_connect_packet(client_id, token))
+        writer.write(connect_packet(client_id, token))
         kind, body = await read_packet(reader)
         if kind != 2 or len(body) < 2 or body[1] != 0:
             raise RuntimeError(f"{client_id}: CONNECT answered by packet type {kind} "
@@ -281,7 +281,7 @@ async def _uplink(dev: Device, name: str, index: int, room: str, events: int, wi
         RuntimeError: Another packet than a PUBACK of ours, or the connection closed early.
     """
     reader, writer = dev
-    topic = _utf8(f"rooms/{room}/up")
+    topic = utf8(f"rooms/{room}/up")
     unacked: set[int] = set()
     acked = sent = 0
     moved = asyncio.Event()
@@ -318,7 +318,7 @@ async def _uplink(dev: Device, name: str, index: int, room: str, events: int, wi
                                                            "pad": "p" * 40}})
             pid = sent % 65535 + 1
             unacked.add(pid)
-            writer.write(b"\x32" + _varint(len(topic) + 2 + len(payload)) + topic
+            writer.write(b"\x32" + varint(len(topic) + 2 + len(payload)) + topic
                          + pid.to_bytes(2, "big") + payload)
             sent += 1
         await acks
