@@ -254,9 +254,11 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
             sub._received += 1
             sub.deliver(subject, payload, hdr)
         elif (hdr is None and sub is not None and type(sub._pending_queue) is _Direct
-                and not sub._max_msgs and sub._jsi is None and sub._future is None):
-            # nats-py's _process_msg for such a subscription, step by step (no limit, no
-            # JetStream context, no request future: the handover's own put_nowait)
+                and not sub._max_msgs and sub._jsi is None and sub._future is None
+                and sub._pending_size + len(payload) < sub._pending_bytes_limit):
+            # nats-py's _process_msg for such a subscription, step by step (no message limit,
+            # no JetStream context, no request future, within its pending bytes: the
+            # handover's own put_nowait)
             nc.stats["in_msgs"] += 1
             nc.stats["in_bytes"] += len(payload)
             sub._received += 1

@@ -48,7 +48,13 @@ class _World:
         limited._max_msgs = 2
         limited._pending_queue = _Direct(  # type: ignore[assignment]
             limited, lambda m: log.append(("limited", m.subject, m.data)))
-        subs: dict[int, Any] = {1: route, 2: direct, 3: self.queued, 5: limited}
+        # A direct one with a small pending-bytes limit (nats-py calls a larger message a
+        # slow consumer's and drops it).
+        small = Subscription(nc, 6, "s.>")
+        small._pending_bytes_limit = 120
+        small._pending_queue = _Direct(  # type: ignore[assignment]
+            small, lambda m: log.append(("small", m.subject, m.data)))
+        subs: dict[int, Any] = {1: route, 2: direct, 3: self.queued, 5: limited, 6: small}
         nc._subs.update(subs)
         self.direct = direct
 
@@ -68,6 +74,11 @@ class _World:
         nc._process_pong = pong  # type: ignore[method-assign]
         nc._process_info = info  # type: ignore[method-assign]
         nc._process_err = err  # type: ignore[method-assign]
+
+        async def error(exc: Exception) -> None:
+            log.append(("error_cb", type(exc).__name__))
+
+        nc._error_cb = error
         self.parser = Parser(nc)
 
     def outcome(self) -> Any:
@@ -103,7 +114,7 @@ def _headers(rng: random.Random) -> bytes:
 
 
 def _message(rng: random.Random) -> bytes:
-    sid = rng.choice([b"1", b"2", b"3", b"4", b"5", b"1", b"2"])
+    sid = rng.choice([b"1", b"2", b"3", b"4", b"5", b"6", b"1", b"2"])
     reply = rng.choice([b"", b"", b"_INBOX.r.1", b"7"])
     data = _payload(rng)
     subject = _subject(rng)
@@ -178,7 +189,7 @@ async def _feed(parse: Any, world: _World, stream: bytes, cuts: list[int]) -> An
 
 async def test_the_node_reads_every_stream_as_nats_py_does() -> None:
     rng = random.Random(SEED)
-    kinds = {"raw": 0, "direct": 0, "limited": 0, "error": 0}
+    kinds = {"raw": 0, "direct": 0, "limited": 0, "small": 0, "error_cb": 0, "error": 0}
     for i in range(STREAMS):
         stream = _stream(rng)
         cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1,
