@@ -167,6 +167,9 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+_PUBLISH_KNOWN_MAX = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is on the other side of a connection, from a verified token.
@@ -189,6 +192,10 @@ class Principal:
     rpc: tuple[str, ...] = ()
     exp: float | None = None
     admin: bool = False
+    #: ``can("publish", room)`` answers so far, by room (None until the first publish): the
+    #: publish path asks for every event; the answer depends on nothing that changes.
+    _publish: dict[str, bool] | None = field(default=None, init=False, repr=False,
+                                             compare=False)
 
     @property
     def personal_room(self) -> str | None:
@@ -201,6 +208,20 @@ class Principal:
 
     def can(self, right: str, room: str) -> bool:
         """Whether this principal holds ``right`` on ``room`` of its own tenant."""
+        if right != "publish":
+            return self._can(right, room)
+        known = self._publish
+        if known is None:
+            known = {}
+            object.__setattr__(self, "_publish", known)  # frozen: set once, here
+        ok = known.get(room)
+        if ok is None:
+            if len(known) >= _PUBLISH_KNOWN_MAX:
+                known.clear()
+            ok = known[room] = self._can(right, room)
+        return ok
+
+    def _can(self, right: str, room: str) -> bool:
         if room.startswith("sys:all:"):
             # Views across tenants: joined by admin service tokens only, published by nobody.
             return self.admin and right == "join"
