@@ -68,6 +68,9 @@ class Actor:
         batch_size: messages handled per wake-up before yielding to the event loop.
         restart: None stops the actor on a tell failure; a RestartPolicy restarts it.
         idle_timeout_s: passivate (stop) after this long without a message; None never.
+        routine_failures: exception types that are the outside world's doing, not a bug (a
+            store that does not answer in time): a failure of one of them is logged in one
+            line at WARNING, without a traceback. It is supervised as any other.
         ref: this actor's own reference, set by the runtime before ``on_start``.
     """
 
@@ -77,6 +80,7 @@ class Actor:
     batch_size: ClassVar[int] = 64
     restart: ClassVar[RestartPolicy | None] = None
     idle_timeout_s: ClassVar[float | None] = None
+    routine_failures: ClassVar[tuple[type[BaseException], ...]] = ()
 
     ref: ActorRef[Any]
 

@@ -546,7 +546,10 @@ class ActorCell:
         self, error: BaseException, during: str, instance: Actor | None
     ) -> None:
         self._counters.failures += 1
-        log.error("actor %s failed in %s: %r", self.name, during, error, exc_info=error)
+        if self._routine(error):
+            log.warning("actor %s failed in %s: %r", self.name, during, error)
+        else:
+            log.error("actor %s failed in %s: %r", self.name, during, error, exc_info=error)
         if instance is not None:
             await self._guard("on_failure", instance.on_failure(error))
 
@@ -595,13 +598,18 @@ class ActorCell:
         self._counters.restarts += 1
         return attempt
 
+    def _routine(self, error: BaseException) -> bool:
+        """Whether ``error`` is one of the actor's ``routine_failures`` (no traceback)."""
+        return isinstance(error, type(self._instance).routine_failures)
+
     def _escalate(self, error: BaseException, policy: RestartPolicy) -> None:
         log.error(
-            "actor %s exceeded %s restarts within %ss; escalating",
+            "actor %s exceeded %s restarts within %ss; escalating (%r)",
             self.name,
             policy.max_restarts,
             policy.window_s,
-            exc_info=error,
+            error,
+            exc_info=None if self._routine(error) else error,
         )
         self._counters.escalations += 1
         self._mark_dead(

@@ -54,6 +54,7 @@ EPOCH_KEY = "rtnode_epoch"
 LEGACY_EPOCH = "e0"
 # nats-py annotates this as int but sleeps on it: half a second keeps fail-over short.
 _RECONNECT_WAIT_S: Any = 0.5
+_DRAIN_S = 5  # at most, per connection, when the node stops
 
 
 @dataclass(frozen=True)
@@ -399,8 +400,12 @@ class NatsLink:
         for client in (reads, nc):
             if client is None or client.is_closed:
                 continue
+            # nats-py gives up on its subscriptions' drains first (its own timeout, which
+            # ends them and takes their outcome): cut short by ours, their gathered future
+            # would be left failed and logged with a traceback ("never retrieved").
+            client.options["drain_timeout"] = _DRAIN_S - 1
             try:
-                await asyncio.wait_for(client.drain(), 5)
+                await asyncio.wait_for(client.drain(), _DRAIN_S)
             except Exception:  # the server may already be gone: closing is all that is left
                 with contextlib.suppress(Exception):
                     await client.close()

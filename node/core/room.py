@@ -209,6 +209,9 @@ class RoomActor(Actor):
     on_overflow = Overflow.CALLBACK
     batch_size = 256
     restart = RestartPolicy(max_restarts=5, window_s=60, min_backoff_s=0.1, max_backoff_s=5)
+    # The store not answering (NATS down, paused, no stream leader yet) fails a start now and
+    # then: the outside world's doing, logged in one line; the restart tries again.
+    routine_failures = (StoreError,)
 
     # Slots: there is a room per user on a node (its personal room).
     __slots__ = (

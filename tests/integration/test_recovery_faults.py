@@ -214,3 +214,58 @@ async def test_a_3s_pause_of_nats_leaves_the_node_deaf_no_longer_than_the_pause(
     finally:
         node.stop()
         nats_server.stop()
+
+
+async def test_a_paused_nats_is_told_in_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """While the node's only nats-server is paused (SIGSTOP), a join starts a room, whose
+    question to the stream leader (its last seq) gets no answer within the read deadline;
+    later, the node is stopped while the server is paused again, so draining its NATS
+    connections times out. Each used to log a traceback (the room's failed start; an
+    unretrieved future of nats-py's drain). Now the room's failure is one warning line, the
+    room starts once the server answers and the join and a publish are served, and the stop
+    ends in time with no traceback anywhere in the node's log."""
+    nats_server = NatsProcess(tmp_path / "nats").start()
+    node = NodeProcess(tmp_path / "node", "--nats-url", nats_server.url, *FAST,
+                       "--drain-timeout-s", "1", name="pl",
+                       env={"RTNODE_JWT_SECRET": SECRET}).start()
+    assert nats_server.proc is not None
+    pid = nats_server.proc.pid
+    try:
+        await asyncio.to_thread(node.wait_ready, 30)
+        client = await RawClient.connected(node.ws_url, token("early"))
+        room = unique("paused")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await client.send({"type": "join", "id": "j", "room": room})
+            # The leader read's deadline is 5 s; the failure is logged when it passes.
+            await asyncio.to_thread(
+                wait_until, lambda: f"room:default:{room} failed in on_start" in node.log(),
+                20, what="the room's failed start logged")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        joined = await client.until("joined", timeout=30)
+        assert joined["room"] == room, joined
+        reply = await client.request({"type": "publish", "room": room, "event": "e",
+                                      "data": 1, "msg_id": "after"}, timeout=10)
+        assert reply["type"] == "published", reply
+        [event] = await client.events(1, room, timeout=10)
+        assert event["seq"] == reply["seq"]
+        await client.close()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            node.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(node.wait, 30)
+            stop_s = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        log = node.log_path.read_text(errors="replace")
+        print(f"\n[paused NATS] stopped in {stop_s:.1f} s (exit {code})")
+        failed = [line for line in log.splitlines() if "failed in on_start" in line]
+        assert failed and all(" WARNING " in line and "StoreError(" in line
+                              for line in failed), failed
+        assert "Traceback" not in log, log[-4000:]
+        assert "never retrieved" not in log, log[-4000:]
+    finally:
+        node.stop()
+        nats_server.stop()

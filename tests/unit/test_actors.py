@@ -357,6 +357,87 @@ async def test_escalation_after_max_restarts() -> None:
             ref.tell(1)
 
 
+class Unreachable(Exception):
+    """A routine failure in the tests below: the outside world's, not a bug."""
+
+
+async def test_routine_failures_are_one_line_and_others_keep_their_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Seeded: starts and tells that fail in order, some routinely (Unreachable, or a subclass
+    # of it), some not; each failure is logged exactly once, a routine one without a
+    # traceback at WARNING, any other at ERROR with its traceback, and supervised alike.
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_ACTORS_SEED", "4471")))
+
+    class Subclass(Unreachable):
+        pass
+
+    kinds = [rng.choice([Unreachable, Subclass, RuntimeError, KeyError]) for _ in range(40)]
+    plan = iter(kinds)
+    raised: list[type[Exception]] = []
+
+    def take() -> type[Exception] | None:
+        kind = next(plan, None)
+        if kind is not None:
+            raised.append(kind)
+        return kind
+
+    class Flaky(Recorder):
+        restart = RestartPolicy(max_restarts=10_000, window_s=60.0, min_backoff_s=0.001,
+                                max_backoff_s=0.001)
+        routine_failures = (Unreachable,)
+
+        async def on_start(self) -> None:
+            await super().on_start()
+            if rng.random() < 0.5 and (kind := take()) is not None:
+                raise kind("on start")
+
+        async def on_receive(self, message: Any) -> Any:
+            if message == "fail" and (kind := take()) is not None:
+                raise kind("in a tell")
+            return await super().on_receive(message)
+
+    caplog.set_level("INFO", logger="actors")
+    async with ActorSystem() as system:
+        probe, factory = recorder(Flaky)
+        ref = system.spawn(factory, "flaky")
+        while len(raised) < len(kinds):
+            ref.tell("fail")
+            await ref.ask("get")  # handled, and started again after what failed
+        failures = probe.failures
+    assert [type(e) for e in failures] == kinds
+    logged = [r for r in caplog.records if " failed in " in r.getMessage()]
+    assert len(logged) == len(failures)
+    for record, exc in zip(logged, failures, strict=True):
+        assert repr(exc) in record.getMessage()
+        if isinstance(exc, Unreachable):
+            assert (record.levelname, record.exc_info) == ("WARNING", None), record.getMessage()
+        else:
+            assert record.levelname == "ERROR"
+            assert record.exc_info is not None and record.exc_info[1] is exc
+    assert {"WARNING", "ERROR"} <= {r.levelname for r in logged}  # the seed tries both
+
+
+async def test_escalation_for_a_routine_failure_has_no_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Down(Recorder):
+        restart = RestartPolicy(max_restarts=1, min_backoff_s=0.001, max_backoff_s=0.001)
+        routine_failures = (Unreachable,)
+
+        async def on_start(self) -> None:
+            raise Unreachable("store not answering")
+
+    async with ActorSystem() as system:
+        _, factory = recorder(Down)
+        ref = system.spawn(factory, "down")
+        with pytest.raises(Escalated):
+            await ref.ask("get")
+    records = [r for r in caplog.records if r.name.startswith("actors")]
+    assert all(r.exc_info is None for r in records), [r.getMessage() for r in records]
+    escalation = [r for r in records if "escalating" in r.getMessage()]
+    assert len(escalation) == 1 and escalation[0].levelname == "ERROR"
+    assert "store not answering" in escalation[0].getMessage()
+
+
 async def test_graceful_stop_drains_the_mailbox_before_on_stop() -> None:
     async with ActorSystem() as system:
         probe, factory = recorder()
