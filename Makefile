@@ -43,10 +43,12 @@ lint: $(STAMP)
 	$(BIN)/mypy node actors bridge devices
 
 # The report of issue 12 (bench/__main__.py): every workload side by side (rtnode with 1 and 2
-# workers, the plain websockets baseline), printed as a table and written as JSON and PNG plots
-# to ./bench-report/ (--out DIR; progress on stderr). `make bench ARGS="--help"` lists the knobs;
+# workers, the plain websockets baseline; Mosquitto for the device ingest, installed from Debian
+# when missing), printed as a table and written as JSON and PNG plots to ./bench-report/
+# (--out DIR; progress on stderr). `make bench ARGS="--help"` lists the knobs;
 # `make bench ARGS="fanout ..."` runs one benchmark alone.
 bench: $(STAMP)
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES=mosquitto
 	$(BIN)/python -m bench $(ARGS)
 
 # Hostile clients against a node (bench/fuzz.py): FUZZ_FRAMES hostile frames over WebSocket

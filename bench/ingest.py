@@ -9,9 +9,10 @@
 2. joins one WebSocket member (JSON) to the room;
 3. starts ``--workers`` client processes that connect D devices between them with a minimal
    raw-asyncio MQTT 3.1.1 client (client id = username = device id, password = a device JWT),
-   each device publishing its readings ``{"event": "reading", "data": {"t", "i", "pad"}}``
-   (CBOR) to ``rooms/<room>/up`` at QoS 1 as fast as its window of ``--window`` unacknowledged
-   PUBLISHes allows (at QoS 0: as fast as its socket takes them);
+   each device publishing its readings ``{"event": "reading", "data": {"t", "i", "d", "pad"}}``
+   (CBOR; ``d``: the device's index) to ``rooms/<room>/up`` at QoS 1 as fast as its window
+   of ``--window`` unacknowledged PUBLISHes allows (at QoS 0: as fast as its socket takes
+   them);
 4. measures events/s end to end (first PUBLISH sent -> last event received by the member),
    stored events/s (PUBACKs), publish->deliver and publish->PUBACK latency, and what was lost
    or doubled: every PUBACKed event must reach the member exactly once.
@@ -47,7 +48,8 @@ from bench.nodes import SECRET, bench_node, scrape_settled
 from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, run_loop, terminated
 from node.protocol.tokens import mint_token
 
-__all__ = ["IngestConfig", "IngestResult", "main", "report", "run_ingest"]
+__all__ = ["IngestConfig", "IngestResult", "Member", "WsMember", "main", "measure", "report",
+           "run_ingest"]
 
 STALL_S = 20.0  # no event at the member and no device finishing for this long: over
 STALL_AFTER_DEVICES_S = 3.0  # the same, once every device has finished
@@ -58,7 +60,7 @@ GRACE_S = 1.0  # after the last expected event: time for stray (duplicate) frame
 # The member (in the benchmark's process)
 
 
-class _Member:
+class Member:
     """Counts and times the events received by the WebSocket member."""
 
     def __init__(self, res: IngestResult) -> None:
@@ -96,18 +98,25 @@ class _Member:
             self._event(f, now)
 
     def _event(self, f: dict[str, Any], now: float) -> None:
+        seq = f.get("seq")
+        if isinstance(seq, int):
+            if seq <= self.last_seq:
+                self.res.seq_disorder += 1
+            self.last_seq = seq
+        try:
+            client_id = f["from"]["client_id"]
+        except (KeyError, TypeError):
+            client_id = None
+        self.reading(client_id, f.get("data"), now)
+
+    def reading(self, client_id: Any, data: Any, now: float) -> None:
+        """One reading received: device ``client_id``'s ``data`` ({"t", "i", ...})."""
         res = self.res
         res.received += 1
         res.last_event_at = now
         self.progress = time.monotonic()
-        seq = f.get("seq")
-        if isinstance(seq, int):
-            if seq <= self.last_seq:
-                res.seq_disorder += 1
-            self.last_seq = seq
         try:
-            d = self.ids[f["from"]["client_id"]]
-            data = f["data"]
+            d = self.ids[client_id]
             i, t = int(data["i"]), float(data["t"])
             if not 0 <= i < self.events:
                 raise ValueError(i)
@@ -146,7 +155,7 @@ async def _open_member(url: str) -> ClientConnection:
                 return ws
 
 
-async def _read_member(ws: ClientConnection, member: _Member, finished: asyncio.Event) -> None:
+async def _read_member(ws: ClientConnection, member: Member, finished: asyncio.Event) -> None:
     message = member.message
     try:
         async for msg in ws:
@@ -160,18 +169,40 @@ async def _read_member(ws: ClientConnection, member: _Member, finished: asyncio.
         member.res.member_closed = f"{ws.close_code} {ws.close_reason or ''}".strip()
 
 
-async def _measure(res: IngestResult, url: str, port: int, probe: Any,
-                   worker_pids: list[int]) -> None:
+class WsMember:
+    """The member as the node has it: a WebSocket client joined to the room (JSON)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def open(self) -> ClientConnection:
+        return await _open_member(self.url)
+
+    async def read(self, conn: ClientConnection, member: Member,
+                   finished: asyncio.Event) -> None:
+        await _read_member(conn, member, finished)
+
+    async def close(self, conn: ClientConnection) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.close(), 10)
+        conn.transport.abort()
+
+
+async def measure(res: IngestResult, door: Any, port: int, probe: Any,
+                  worker_pids: list[int]) -> None:
+    """Devices on the MQTT ``port`` publish; the member opened by ``door`` (``open``,
+    ``read`` until told ``finished``, ``close``: :class:`WsMember`, or a baseline's) counts
+    what arrives. Figures go to ``res``."""
     cfg = res.config
     n = max(1, min(cfg.workers, cfg.devices))
     ctx = multiprocessing.get_context("spawn")
     procs: list[DeviceProcess] = []
-    ws: ClientConnection | None = None
+    conn: Any = None
     reader: asyncio.Task[None] | None = None
     finished = asyncio.Event()
     try:
-        ws = await asyncio.wait_for(_open_member(url), SETUP_TIMEOUT_S)
-        member = _Member(res)
+        conn = await asyncio.wait_for(door.open(), SETUP_TIMEOUT_S)
+        member = Member(res)
         for w in range(n):
             procs.append(DeviceProcess(ctx, cfg, port, list(range(w, cfg.devices, n))))
             worker_pids.append(procs[-1].proc.pid)
@@ -189,7 +220,7 @@ async def _measure(res: IngestResult, url: str, port: int, probe: Any,
         if connected < cfg.devices:
             res.error = f"only {connected} of {cfg.devices} devices connected"
             return
-        reader = asyncio.create_task(_read_member(ws, member, finished))
+        reader = asyncio.create_task(door.read(conn, member, finished))
         cpu0, wall0 = probe(), time.monotonic()
         cpu1: dict[str, float] | None = None
         deadline_wall = time.time() + cfg.timeout_s
@@ -266,10 +297,8 @@ async def _measure(res: IngestResult, url: str, port: int, probe: Any,
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        if ws is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ws.close(), 10)
-            ws.transport.abort()
+        if conn is not None:
+            await door.close(conn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +322,7 @@ def run_ingest(cfg: IngestConfig, node_workers: int = 1) -> IngestResult:
             out[f"device processes ({len(workers)})"] = sum(cpu_seconds(p) for p in workers)
             return out
 
-        run_loop(_measure(res, node.ws_url, node.mqtt_port, probe, workers))
+        run_loop(measure(res, WsMember(node.ws_url), node.mqtt_port, probe, workers))
         res.server_counters = scrape_settled(node.base, mqtt=True)
     return res
 

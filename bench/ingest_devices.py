@@ -24,7 +24,7 @@ from bench.procs import SETUP_TIMEOUT_S, die_with_parent
 from node.protocol.tokens import mint_token
 
 __all__ = ["EVENT", "MAX_LATENCY_SAMPLES", "ROOM", "DeviceProcess", "DeviceReport",
-           "IngestConfig", "connect_packet", "read_packet", "utf8", "varint"]
+           "IngestConfig", "connect_packet", "packet_at", "read_packet", "utf8", "varint"]
 
 ROOM = "bench:ingest"
 EVENT = "reading"
@@ -101,6 +101,24 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         shift += 7
         if not byte & 0x80:
             return kind, await reader.readexactly(length)
+
+
+def packet_at(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """The body of the MQTT packet starting at ``buf[pos]`` and where the next one starts, or
+    None while it is not all there."""
+    size = len(buf)
+    length, mult, j = 0, 1, pos + 1
+    while j < size:
+        length += (buf[j] & 0x7F) * mult
+        mult *= 128
+        j += 1
+        if not buf[j - 1] & 0x80:
+            break
+    else:
+        return None
+    if size - j < length:
+        return None
+    return bytes(buf[j:j + length]), j + length
 
 
 def connect_packet(client_id: str, password: str) -> bytes:
@@ -186,19 +204,10 @@ class _Device(asyncio.Protocol):
                     self.worker.ack_latencies.append(now - self.sent_at[i])
                 got_ack = True
                 continue
-            length, mult, j = 0, 1, pos + 1
-            while j < size:
-                length += (buf[j] & 0x7F) * mult
-                mult *= 128
-                j += 1
-                if not buf[j - 1] & 0x80:
-                    break
-            else:
+            whole = packet_at(buf, pos)
+            if whole is None:
                 break
-            if size - j < length:
-                break
-            body = bytes(buf[j:j + length])
-            pos = j + length
+            body, pos = whole
             if kind == 2 and len(body) >= 2:  # CONNACK
                 if not self.connected.done():
                     self.connected.set_result(body[1])
@@ -225,8 +234,10 @@ class _Device(asyncio.Protocol):
         now = time.time()
         i = self.next_i
         dumps, pad, topic, first = cbor2.dumps, self.pad, self.topic_field, self.first_byte
+        index = self.report.index  # for a member that gets no sender with it (a baseline's)
         while i < events and (len(inflight) < limit if qos else len(out) < limit):
-            payload = dumps({"event": EVENT, "data": {"t": now, "i": i, "pad": pad}})
+            payload = dumps({"event": EVENT, "data": {"t": now, "i": i, "d": index,
+                                                      "pad": pad}})
             if qos:
                 pid = i % 65535 + 1
                 inflight[pid] = i

@@ -8,8 +8,9 @@ every server a fresh subprocess and the load generators in processes of their ow
   and joined; connects/s; server CPU per connect; RSS against connections;
 - 500 rooms x 2 members, every member publishing (``bench.loads.rooms``): events/s stored and
   delivered, CPU per event (node, nats-server, load generator), latency, lost, duplicated;
-- device ingest (``bench.ingest``): 100 MQTT devices QoS 1 -> stored -> delivered (rtnode
-  only: the baseline has no MQTT);
+- device ingest (``bench.ingest``): 100 MQTT devices QoS 1 -> stored -> delivered; its
+  baseline is Mosquitto with the same devices and an MQTT member (``bench.ingest_mosquitto``:
+  nothing stored), as websockets has no MQTT;
 - fan-out through JetStream (``bench.fanout``) at several subscriber counts, pipelined;
 - the same, paced (``bench.fanout --rate``): 1,000 events/s to 100 subscribers, latency
   percentiles of a steady load.
@@ -42,6 +43,7 @@ from bench import connections, fanout, ingest, loads
 from bench.fanout_results import LATE_S, BenchConfig, RunResult
 from bench.fanout_results import lost as fanout_lost
 from bench.ingest_devices import IngestConfig
+from bench.ingest_mosquitto import mosquitto_binary, run_mosquitto_ingest
 from bench.ingest_report import IngestResult
 from bench.nodes import SECRET, RunOutcome, bench_node, open_limits, rss_kib
 from bench.plots import write_plots
@@ -312,12 +314,19 @@ def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
     w = r.workload("ingest", f"device ingest, {a.devices} devices QoS 1 -> stored -> "
                              f"delivered ({a.devices * a.events_per_device} events)")
     for system, workers in _systems(a):
-        if not workers:
-            continue
-        log(f"  ingest: {system} ...")
         cfg = IngestConfig(devices=a.devices, events_per_device=a.events_per_device,
                            timeout_s=a.timeout_s)
-        res = ingest.run_ingest(cfg, node_workers=workers)
+        if not workers:  # the baseline: the same devices and member's count, on Mosquitto
+            if mosquitto_binary() is None:
+                w.notes.append("no Mosquitto figure: no mosquitto binary (make installs "
+                               "Debian's mosquitto)")
+                continue
+            system = "mosquitto"
+            log("  ingest: mosquitto ...")
+            res = run_mosquitto_ingest(cfg)
+        else:
+            log(f"  ingest: {system} ...")
+            res = ingest.run_ingest(cfg, node_workers=workers)
         if res.error:
             errors.append(f"ingest, {system}: {res.error}")
         server, nats = _split(res.cpu)
@@ -326,13 +335,14 @@ def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("stored", "events/s stored (PUBACKed)", 0).add(system, res.stored_rate)
         w.metric("rate", "events/s delivered (end to end)", 0,
                  ">= 30,000 on one core").add(system, res.rate)
-        w.metric("cpu", "node CPU µs per event", 1).add(system, _us(server, res.distinct))
+        w.metric("cpu", "node (broker) CPU µs per event", 1).add(system, _us(server,
+                                                                              res.distinct))
         w.metric("cpu_nats", "nats-server CPU µs per event", 1).add(system, _us(
-            nats, res.distinct))
-        w.metric("core_server", "node CPU, % of one core", 0).add(system, (
+            nats, res.distinct) if workers else None)
+        w.metric("core_server", "node (broker) CPU, % of one core", 0).add(system, (
             100 * server / wall))
         w.metric("core_nats", "nats-server CPU, % of one core", 0).add(system, (
-            100 * nats / wall))
+            100 * nats / wall if workers else None))
         w.metric("core_load", "load generator CPU, % of one core", 0).add(system, (
             100 * load / wall))
         pcts = _percentiles(res.latencies)
@@ -341,8 +351,8 @@ def run_ingest(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("lost", "lost", 0).add(system, float(_ingest_lost(res)))
         w.metric("duplicated", "duplicated", 0).add(system, float(res.duplicates))
         r.percentiles.setdefault("ingest", {})[system] = pcts
-    w.notes.append("no websockets figure: the baseline has no MQTT (the issue's Mosquitto "
-                   "52k/s is without storage)")
+    w.notes.append("the baseline is Mosquitto (websockets has no MQTT): the same device "
+                   "processes, its member an MQTT subscriber at QoS 0; it stores nothing")
 
 
 def _fanout_lost(res: RunResult) -> int:

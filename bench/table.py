@@ -17,12 +17,13 @@ __all__ = ["LABELS", "MUST_BE_ZERO", "SYSTEMS", "Metric", "Report", "Workload", 
            "render", "to_json"]
 
 #: The columns, in order: rtnode with one worker, with two, and the baselines.
-SYSTEMS = ("rtnode", "rtnode-w2", "websockets", "nats-server")
+SYSTEMS = ("rtnode", "rtnode-w2", "websockets", "nats-server", "mosquitto")
 LABELS = {
     "rtnode": "rtnode 1 worker",
     "rtnode-w2": "rtnode 2 workers",
     "websockets": "websockets",
     "nats-server": "nats-server WS",
+    "mosquitto": "Mosquitto",
 }
 #: Metric keys whose every value must be 0.
 MUST_BE_ZERO = ("lost", "duplicated")
