@@ -61,7 +61,8 @@ GRACE_S = 1.0  # after the last expected event: time for stray (duplicate) frame
 
 
 class Member:
-    """Counts and times the events received by the WebSocket member."""
+    """Counts and times the readings the member receives (the node's WebSocket client, or a
+    baseline's MQTT subscriber: :meth:`reading`)."""
 
     def __init__(self, res: IngestResult) -> None:
         cfg = res.config

@@ -55,6 +55,18 @@ class MqttMember:
 
     async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            await self._subscribe(reader, writer)
+        except asyncio.IncompleteReadError:
+            writer.close()
+            raise RuntimeError("member: the broker closed the connection") from None
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    @staticmethod
+    async def _subscribe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(connect_packet("bench-member", ""))
         kind, body = await read_packet(reader)
         if kind != 2 or len(body) < 2 or body[1] != 0:
@@ -65,7 +77,6 @@ class MqttMember:
         kind, body = await read_packet(reader)
         if kind != 9 or body[-1:] != b"\x00":
             raise RuntimeError(f"member: SUBSCRIBE answered with packet {kind} {body!r}")
-        return reader, writer
 
     async def read(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                    member: Member, finished: asyncio.Event) -> None:
