@@ -196,7 +196,7 @@ class Node:
                 self.embedded = EmbeddedNats(
                     s.data_dir / "nats", data_dir=s.data_dir, port=s.nats_port,
                     monitor_port=s.nats_monitor_port, server_name=self.name, sync=s.nats_sync,
-                    pass_fds=(self.lock.fd,),
+                    pass_fds=(self.lock.fd,), avoid=(s.http_port, s.mqtt_port),
                 )
                 await self._stack.enter_async_context(self.embedded)
                 self.lock.note(nats_pid=self.embedded.pid)

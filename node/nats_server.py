@@ -44,6 +44,7 @@ import socket
 import sys
 import sysconfig
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,15 @@ log = logging.getLogger("node.nats")
 _PR_SET_PDEATHSIG = 1
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A TCP port that was free a moment ago, and none of ``avoid``: ports free now that are
+    about to be bound (the node's HTTP and MQTT ports while its NATS server starts)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def nats_server_binary() -> str:
@@ -305,6 +310,8 @@ class EmbeddedNats:
         sync: JetStream's sync interval (``always``: fsync every stored event).
         pass_fds: Descriptors the server inherits (the :class:`DataDirLock`'s, so that the
             data directory stays locked until the server too has exited).
+        avoid: Ports a free port picked here must not be (the node's HTTP and MQTT ports,
+            free while this server starts, bound after it).
 
     Raises:
         ConfigError: The credentials file exists but cannot be used.
@@ -321,13 +328,15 @@ class EmbeddedNats:
         start_timeout_s: float = 15.0,
         sync: str = "always",
         pass_fds: tuple[int, ...] = (),
+        avoid: tuple[int, ...] = (),
     ) -> None:
         self.store_dir = store_dir
+        self.avoid = avoid  # ports the node binds after this server started: never its own
         self.data_dir = data_dir or store_dir
         self.sync = sync
         self.pass_fds = pass_fds
         self._fixed_port = bool(port)
-        self.port = port or free_port()
+        self.port = port or free_port(avoid=avoid)
         self.monitor_port = monitor_port
         self.server_name = server_name
         self.start_timeout_s = start_timeout_s
@@ -384,7 +393,7 @@ class EmbeddedNats:
                 return
             except _PortInUse as exc:
                 if exc.port == self.port and not self._fixed_port and attempt < 2:
-                    self.port = free_port()
+                    self.port = free_port(avoid=self.avoid)
                     continue
                 setting = "nats_port" if exc.port == self.port else "nats_monitor_port"
                 raise ConfigError(f"port {exc.port} ({setting}, --{setting.replace('_', '-')})"

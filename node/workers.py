@@ -162,7 +162,7 @@ class Workers:
         check_free(s.host, self.http_port, "http_port")
         if not s.mqtt_broker_url:
             if not self.mqtt_port:
-                self.mqtt_port = free_port(s.host)
+                self.mqtt_port = free_port(s.host, avoid=(self.http_port,))
             check_free(s.host, self.mqtt_port, "mqtt_port")
         if s.embedded_nats:
             check_free("127.0.0.1", s.nats_port, "nats_port")
@@ -176,7 +176,7 @@ class Workers:
         self.embedded = EmbeddedNats(
             s.data_dir / "nats", data_dir=s.data_dir, port=s.nats_port,
             monitor_port=s.nats_monitor_port, server_name=self.name, sync=s.nats_sync,
-            pass_fds=(self.lock.fd,),
+            pass_fds=(self.lock.fd,), avoid=(self.http_port, self.mqtt_port),
         )
         await self.embedded.start()
         self.lock.note(nats_pid=self.embedded.pid)
