@@ -45,7 +45,8 @@ class TokenBucket:
         """Take ``n`` tokens if there are enough; return whether it was allowed."""
         elapsed = now - self._last
         if elapsed > 0:
-            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            tokens = self._tokens + elapsed * self.rate
+            self._tokens = tokens if tokens < self.burst else self.burst  # min() costs a call
             self._last = now
         if self._tokens >= n:
             self._tokens -= n

@@ -455,11 +455,28 @@ CBOR_MAX_DEPTH = FRAME_MAX_DEPTH
 
 
 def cbor_loads_strict(data: bytes) -> Any:
-    """Decode exactly one CBOR item from untrusted bytes (no tags, no trailing bytes)."""
-    items = CBOR.decode(data)
-    if len(items) != 1:
+    """Decode exactly one CBOR item from untrusted bytes (no tags, no trailing bytes).
+
+    As ``CBOR.decode`` with a check of the count, with its decoder and without its list: every
+    device uplink is read here (tests/unit/test_cbor_decoder.py holds the two to one answer).
+    """
+    if not data:
         raise CodecError("expected exactly one CBOR item")
-    return items[0]
+    decoder = CBOR.decoder()
+    fp = decoder.fp = io.BytesIO(data)
+    try:
+        value = decoder.decode()
+    except (cbor2.CBORError, ValueError, RecursionError):
+        raise CodecError("message is not valid CBOR") from None
+    end = len(data)
+    if fp.tell() != end:
+        try:  # the rest is read as a sequence is: any bad item makes the message invalid
+            while fp.tell() < end:
+                decoder.decode()
+        except (cbor2.CBORError, ValueError, RecursionError):
+            raise CodecError("message is not valid CBOR") from None
+        raise CodecError("expected exactly one CBOR item")
+    return value
 
 
 def _cbor_decoder() -> cbor2.CBORDecoder:
@@ -487,13 +504,18 @@ class CborCodec:
         # decoder's answers on seeded hostile input).
         self._local = threading.local()
 
+    def decoder(self) -> cbor2.CBORDecoder:
+        """This thread's decoder (built on its first use)."""
+        local = self._local
+        decoder: cbor2.CBORDecoder | None = getattr(local, "decoder", None)
+        if decoder is None:
+            decoder = local.decoder = _cbor_decoder()
+        return decoder
+
     def decode(self, data: bytes | str) -> list[Any]:
         if isinstance(data, str):
             raise CodecError("CBOR frames travel in binary messages")
-        local = self._local
-        decoder = getattr(local, "decoder", None)
-        if decoder is None:
-            decoder = local.decoder = _cbor_decoder()
+        decoder = self.decoder()
         fp = decoder.fp = io.BytesIO(data)  # it holds the last message's bytes until the next
         frames = []
         end = len(data)

@@ -141,6 +141,28 @@ def test_depth_is_counted_from_zero_after_a_message_that_failed_deep() -> None:
         assert answer(CBOR.decode, beyond) == answer(fresh_decode, beyond)
 
 
+def one_item(data: bytes) -> Any:
+    """``cbor_loads_strict`` as it was: the codec's decode, then exactly one item."""
+    items = CBOR.decode(data)
+    if len(items) != 1:
+        raise CodecError("expected exactly one CBOR item")
+    return items[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_item_answers_as_the_codec_does(seed: int) -> None:
+    """cbor_loads_strict reads every device uplink with the codec's decoder, not its list:
+    the same answer, value or refusal and reason, on seeded valid and hostile messages."""
+    rng = random.Random(1000 + seed)
+    kinds = {"ok": 0, "refused": 0}
+    for _ in range(1500):
+        data = message(rng)
+        expected = answer(one_item, data)
+        assert answer(cbor_loads_strict, data) == expected, data.hex()
+        kinds[expected[0]] += 1
+    assert min(kinds.values()) > 150
+
+
 def test_one_item_exactly() -> None:
     assert cbor_loads_strict(b"\xa1\x61a\x01") == {"a": 1}
     for data in (b"", b"\x01\x02", b"\xa1\x61a"):
