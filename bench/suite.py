@@ -91,6 +91,16 @@ def _systems(a: argparse.Namespace) -> list[tuple[str, int]]:
     return out * int(a.repeat)  # several runs: interleaved
 
 
+def _systems_said(a: argparse.Namespace) -> str:
+    """The systems of a run, for its first progress line: the baseline slot is Mosquitto for
+    the device ingest (websockets has no MQTT)."""
+    names = [s for s, w in _systems(a)[:len(_systems(a)) // a.repeat]]
+    if not a.skip_baseline and "ingest" in a.only:
+        names[-1] = ("websockets, Mosquitto for the ingest" if len(a.only) > 1
+                     else "Mosquitto")
+    return ", ".join(names)
+
+
 @contextmanager
 def _server(system: str, workers: int, errors: list[str], extra: Sequence[str] = (),
             secret: str = SECRET) -> Iterator[Target | None]:
@@ -544,8 +554,7 @@ def main(argv: list[str]) -> int:
     runs: dict[str, Callable[[Report, argparse.Namespace, list[str]], None]] = {
         "connections": run_connections, "rooms": run_rooms, "ingest": run_ingest,
         "fanout": run_fanout, "paced": run_paced}
-    log(f"make bench: {', '.join(a.only)}; systems: "
-        f"{', '.join(s for s, _ in _systems(a)[:len(_systems(a)) // a.repeat])}"
+    log(f"make bench: {', '.join(a.only)}; systems: {_systems_said(a)}"
         f"{f', {a.repeat} runs each' if a.repeat > 1 else ''}; report to {out}/")
     try:
         for name in a.only:

@@ -101,3 +101,14 @@ def test_several_runs_show_median_and_range_and_counts_add_up() -> None:
     assert "6,000" in lines[rate_line]
     assert "range of the runs" in lines[rate_line + 1]
     assert "5,000-7,000" in lines[rate_line + 1]
+
+
+def test_the_first_progress_line_names_the_ingest_baseline() -> None:
+    from bench.suite import _parse, _systems_said
+
+    one = _parse(["--only", "ingest", "--workers", "1", "--repeat", "3"])
+    assert _systems_said(one) == "rtnode, Mosquitto"
+    assert _systems_said(_parse(["--only", "rooms,ingest", "--workers", "1,2"])) == (
+        "rtnode, rtnode-w2, websockets, Mosquitto for the ingest")
+    assert _systems_said(_parse(["--only", "rooms", "--workers", "1"])) == "rtnode, websockets"
+    assert _systems_said(_parse(["--only", "ingest", "--skip-baseline"])) == "rtnode, rtnode-w2"
