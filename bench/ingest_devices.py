@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -71,6 +73,18 @@ class DeviceReport:
     dup_acks: int = 0  # PUBACKs for a packet id not in flight (duplicates or strays)
     unexpected: dict[str, int] = field(default_factory=dict)  # other packets, by kind
     closed: str | None = None  # the connection ended before the device was done
+
+
+def watch_pipe(loop: asyncio.AbstractEventLoop, conn: Any, readable: Callable[[], None]) -> None:
+    """Call ``readable`` when a message starts on the pipe ``conn``, which stays blocking.
+
+    ``add_reader`` makes the descriptor non-blocking (uvloop's does), and a ``send`` or ``recv``
+    of a message longer than the pipe holds (a report of a few thousand events) then fails
+    midway with EAGAIN: the report was lost and the run said 0 events/s. Readiness only says a
+    message starts; each is written and read whole.
+    """
+    loop.add_reader(conn.fileno(), readable)
+    os.set_blocking(conn.fileno(), True)
 
 
 def varint(n: int) -> bytes:
@@ -313,7 +327,7 @@ async def _worker(conn: Connection, cfg: IngestConfig, port: int, secret: str,
             inbox.put_nowait(("stop",))
             stop_requested.set()
 
-    loop.add_reader(conn.fileno(), readable)
+    watch_pipe(loop, conn, readable)
     worker = _Worker()
     share = max(1, MAX_LATENCY_SAMPLES * len(indices) // max(1, cfg.devices))
     stride = max(1, -(-len(indices) * cfg.events_per_device // share))
@@ -397,7 +411,7 @@ class DeviceProcess:
         self.ready: tuple[Any, ...] | None = None
         self.done: tuple[Any, ...] | None = None
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.conn.fileno(), self._readable)
+        watch_pipe(loop, self.conn, self._readable)
 
     def _readable(self) -> None:
         try:
