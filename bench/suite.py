@@ -509,7 +509,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=4,
                    help="a member's events not yet received by its peer")
     p.add_argument("--devices", type=int, default=100, help="MQTT devices of the ingest")
-    p.add_argument("--events-per-device", type=int, default=200)
+    p.add_argument("--events-per-device", type=int, default=1000,
+                   help="events each device publishes (the default: ~4 s of steady ingest)")
     p.add_argument("--fanout-subscribers", type=_ints, default=[10, 100, 1000])
     p.add_argument("--fanout-events", type=int, default=1000)
     p.add_argument("--paced-subscribers", type=int, default=100)
