@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ import pytest
 
 from tests.doors import mqtt_device, tunnel_request
 from tests.integration.test_sse import open_sse
+from tests.unit.test_cbor_decoder import message as hostile_message
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -217,6 +219,43 @@ async def test_hostile_plain_uplinks_are_dropped_and_counted(make_node, case: st
         await dev.publish(f"rooms/{room}/up", payload, qos=1)  # PUBACKed: MQTT has no nack
     assert node.mqtt.bad_payloads + node.mqtt.refused_publishes == before + 1
     await _nothing_but(members, node, room)
+
+
+@pytest.mark.parametrize("seed", [3, 17])
+async def test_seeded_hostile_cbor_uplinks_among_valid_readings(make_node, seed: int) -> None:
+    """A device sends a seeded mix of valid readings and hostile CBOR (tags, duplicate keys,
+    indefinite lengths, bad UTF-8, trailing items, messages cut short or with a byte changed)
+    as plain uplinks: each hostile one is dropped and counted, every valid one is stored and
+    reaches both members once, in order, and the node goes on serving."""
+    rng = random.Random(seed)
+    node = await make_node()
+    room = unique("mix")
+    members = await _members(node, room)
+    valid = hostile = 0
+    before = node.mqtt.bad_payloads
+    async with mqtt_device(node, f"mix-{seed}") as dev:
+        for _ in range(150):
+            if rng.random() < 0.4:
+                payload = cbor2.dumps({"event": "reading", "data": {"i": valid},
+                                       "msg_id": f"r{valid}"})
+                valid += 1
+            else:  # a third of them a whole reading with bytes after it: one item only
+                payload = hostile_message(rng)
+                if rng.random() < 0.33:
+                    payload = cbor2.dumps({"event": "reading", "data": {"i": -1}}) + payload
+                hostile += 1
+            await dev.publish(f"rooms/{room}/up", payload, qos=1)
+    assert hostile > 50 and valid > 30
+    assert node.mqtt.bad_payloads == before + hostile
+    for m in members:
+        got = await m.events(valid, room)
+        assert [e["data"] for e in got] == [{"i": i} for i in range(valid)]
+    pub = await members[0].request({"type": "publish", "room": room, "event": "after"})
+    for m in members:
+        [ev] = await m.events(1, room)
+        assert ev["event"] == "after" and ev["seq"] == pub["seq"], ev
+    assert await history_len(node, room) == valid + 1
+    await still_serves(node)
 
 
 @pytest.mark.parametrize("case", ["2^64", "-2^63-1", "1e400", "33 deep"])
