@@ -519,7 +519,14 @@ class RoomActor(Actor):
         else it is no longer empty."""
         if not self.members:
             return False
-        self._empty_since = None
+        if self._empty_since is not None:
+            # No idle look while it has members: the timer armed when it became empty (at its
+            # start, for the join in its mailbox) is cancelled rather than told to the room
+            # for nothing, a message per connect for a user's personal room.
+            self._empty_since = None
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
         return True
 
     # -- live path -------------------------------------------------------------------------

@@ -5,11 +5,14 @@ one of test_room.py), a real actor system, no sockets."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
+import pytest
+
 from actors import ActorSystem
-from node.core.room import Join, Leave, RoomActor, RoomCounters, RoomSettings
+from node.core.room import Join, Leave, RoomActor, RoomCounters, RoomSettings, _IdleCheck
 from tests.unit.test_room import FakeStore, member
 
 IDLE = 0.05
@@ -82,3 +85,46 @@ async def test_a_join_queued_behind_the_idle_look_keeps_the_room() -> None:
             ref.tell(Leave(m))
             await stopped(ref)
         assert not system.names("room:")
+
+
+class CountingRoom(RoomActor):
+    """A room that counts the idle looks it is told while it has members."""
+
+    idle_looks_with_members = 0
+
+    async def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _IdleCheck) and self.members:
+            CountingRoom.idle_looks_with_members += 1
+        return await super().on_receive(message)
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_room_with_members_is_told_no_idle_look(seed: int) -> None:
+    """Seeded joins and leaves of a few members, with pauses beyond idle_s: no idle look
+    reaches the room while it has members (its timer is cancelled when the first one joins,
+    a message saved per personal room), and it still stops idle_s after the last leaves."""
+    rng = random.Random(seed)
+    CountingRoom.idle_looks_with_members = 0
+    store, counters = FakeStore(), RoomCounters()
+    async with ActorSystem() as system:
+        ref = system.get_or_spawn("room:t:c", lambda: CountingRoom(
+            "t", "room:t:c", store, store, RoomSettings(idle_s=IDLE), counters))
+        inside: list[Any] = []
+        for _ in range(12):
+            if inside and rng.random() < 0.4:
+                ref.tell(Leave(inside.pop(rng.randrange(len(inside)))))
+            else:
+                m, rec = member()
+                ref.tell(Join(m))
+                await rec.joined()
+                inside.append(m)
+            await asyncio.sleep(rng.choice([0.0, IDLE * 0.5, IDLE * 2]))
+            assert ref.is_alive or not inside
+            if not ref.is_alive:  # emptied for longer than idle_s: stopped, as it should
+                ref = system.get_or_spawn("room:t:c", lambda: CountingRoom(
+                    "t", "room:t:c", store, store, RoomSettings(idle_s=IDLE), counters))
+        for m in inside:
+            ref.tell(Leave(m))
+        took = await stopped(ref)
+        assert took < IDLE + 1.0
+    assert CountingRoom.idle_looks_with_members == 0
