@@ -460,6 +460,8 @@ def cbor_loads_strict(data: bytes) -> Any:
     As ``CBOR.decode`` with a check of the count, with its decoder and without its list: every
     device uplink is read here (tests/unit/test_cbor_decoder.py holds the two to one answer).
     """
+    if isinstance(data, str):
+        raise CodecError("CBOR frames travel in binary messages")
     if not data:
         raise CodecError("expected exactly one CBOR item")
     decoder = CBOR.decoder()

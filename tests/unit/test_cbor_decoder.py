@@ -169,6 +169,8 @@ def test_one_item_exactly() -> None:
         with pytest.raises(CodecError):
             cbor_loads_strict(data)
     assert cbor_loads_strict(b"\x01") == 1  # after the refusals
+    assert answer(cbor_loads_strict, "x") == answer(one_item, "x")  # text: refused, as before
+    assert answer(cbor_loads_strict, bytearray(b"\x01")) == ("ok", "1")
 
 
 def test_threads_decode_with_their_own_decoder() -> None:
