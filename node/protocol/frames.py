@@ -470,13 +470,8 @@ def cbor_loads_strict(data: bytes) -> Any:
         value = decoder.decode()
     except (cbor2.CBORError, ValueError, RecursionError):
         raise CodecError("message is not valid CBOR") from None
-    end = len(data)
-    if fp.tell() != end:
-        try:  # the rest is read as a sequence is: any bad item makes the message invalid
-            while fp.tell() < end:
-                decoder.decode()
-        except (cbor2.CBORError, ValueError, RecursionError):
-            raise CodecError("message is not valid CBOR") from None
+    if fp.tell() != len(data):
+        CBOR.decode(data)  # read as the sequence it is, a bad item after the first raises
         raise CodecError("expected exactly one CBOR item")
     return value
 
