@@ -239,13 +239,14 @@ class NatsLink:
                  url.netloc if url else "?", STREAM_NAME, self.epoch)
 
     def publish_now(self, subject: str, payload: bytes,
-                    headers: dict[str, str] | None = None) -> None:
+                    headers: dict[str, str] | None = None, *, later: bool = False) -> None:
         """Publish on the main connection from synchronous code, fire and forget: queued at
         once, in order with everything else sent, no task (``_nats_patches.publish_now``).
-        Raises what ``nc.publish`` would (closed, draining, its buffer full while away)."""
+        Raises what ``nc.publish`` would (closed, draining, its buffer full while away).
+        ``later``: it may wait up to 2 ms for the connection's next write (``publish_now``'s)."""
         _nats_patches.publish_now(
             self.nc, subject, payload,
-            None if headers is None else _nats_patches.header_lines(headers))
+            None if headers is None else _nats_patches.header_lines(headers), later=later)
 
     async def confirmed(self) -> None:
         """Wait for a PING/PONG on the main connection sent after everything written to it so

@@ -230,7 +230,7 @@ class PresenceTracker:
             who = Principal(sub=str(member.get("user", client_id)), tenant=tenant, kind=kind)
             body = event_body(room, "presence:leave", member, who, client_id, None)
             with contextlib.suppress(Exception):
-                feed.publish_volatile(tenant, room, body)
+                feed.publish_volatile(tenant, room, body, later=True)
         return gone
 
     def watch(self, tenant: str, room: str, on: bool) -> None:
@@ -247,13 +247,13 @@ class PresenceTracker:
     def _put(self, subject: str, value: bytes, ttl_s: float | None = None) -> None:
         ttl = _ttl(self.ttl_s if ttl_s is None else ttl_s)
         with contextlib.suppress(Exception):  # refreshed again within a third of the TTL
-            self.store.link.publish_now(subject, value, {"Nats-TTL": ttl})
+            self.store.link.publish_now(subject, value, {"Nats-TTL": ttl}, later=True)
 
     def _delete(self, subject: str) -> None:
         # The marker lives a TTL too (leaves are told apart from vanished members meanwhile).
         headers = {"KV-Operation": "DEL", "Nats-TTL": _ttl(self.ttl_s)}
         with contextlib.suppress(Exception):
-            self.store.link.publish_now(subject, b"", headers)
+            self.store.link.publish_now(subject, b"", headers, later=True)
 
     async def _refresh_loop(self) -> None:
         while True:

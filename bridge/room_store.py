@@ -651,10 +651,8 @@ class JetStreamRoomStore:
         try:
             nc, prefix = self._reads_nc(stream)
             batch.reads = nc is not self.link.nc
-            await nc.publish(
-                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request),
-                reply=f"{prefix}.d.{token}",
-            )
+            publish_now(nc, f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), None,
+                        f"{prefix}.d.{token}", later=True)
             await asyncio.wait_for(batch.done, self.read_timeout_s)
         except TimeoutError:
             raise StoreError("read timed out") from None
@@ -700,8 +698,8 @@ class JetStreamRoomStore:
             try:
                 nc, prefix = (self.link.nc, self._prefix) if main else self._reads_nc(stream)
                 self._gets[token] = (fut, nc is not self.link.nc)
-                await nc.publish(f"$JS.API.STREAM.MSG.GET.{stream}", body,
-                                 reply=f"{prefix}.g.{token}")
+                publish_now(nc, f"$JS.API.STREAM.MSG.GET.{stream}", body, None,
+                            f"{prefix}.g.{token}", later=True)
                 timer = loop.call_later(max(0.05, min(2.0, left)), _expire, fut)
                 try:
                     reply = await fut
@@ -860,5 +858,6 @@ class JetStreamRoomStore:
             raise
         return live
 
-    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
-        self.link.publish_now(eph_subject(tenant, room), body)
+    def publish_volatile(self, tenant: str, room: str, body: bytes, *,
+                         later: bool = False) -> None:
+        self.link.publish_now(eph_subject(tenant, room), body, later=later)

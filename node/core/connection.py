@@ -741,14 +741,14 @@ class ConnectionActor(Actor):
         if written is None:
             self.ctx.admission.keep_for_room(tenant, command.room, body, as_map)
             with contextlib.suppress(Exception):  # fire and forget, as every presence event
-                feed.publish_volatile(tenant, command.room, body)
+                feed.publish_volatile(tenant, command.room, body, later=True)
         else:
             # A device gone offline: its watchers hear of it once its entry says so (a
             # presence request right after the leave lists it offline), and not at all if a
             # successor (a takeover) has the entry by then. Not cancelled with the
             # connection, which ends right after.
             self._spawn_kept(_after(written, lambda: feed.publish_volatile(
-                tenant, command.room, body)), command.name)
+                tenant, command.room, body, later=True)), command.name)
 
     # -- publish and reads -----------------------------------------------------------------
 

@@ -126,10 +126,12 @@ class LiveFeed(Protocol):
     ) -> Subscription:
         """Start delivering the room's live messages to ``callback``, in stream order."""
 
-    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes, *,
+                         later: bool = False) -> None:
         """Send a volatile event to every node (not stored): queued at once, from synchronous
         code (no task per event). Raises when it cannot be sent (the link closed, its buffer
-        full while disconnected)."""
+        full while disconnected). ``later``: it may wait a few milliseconds to go with what
+        the link sends next (a presence announcement; never a client's event)."""
 
 
 class StatePort(Protocol):

@@ -484,3 +484,107 @@ async def test_writes_of_a_stalled_server_wait_for_the_socket_and_all_arrive(
         await pub.close()
         await sub_nc.close()
         server.stop()
+
+
+async def test_subscriptions_and_later_publishes_wait_for_the_next_write_never_an_event(
+        clients: tuple[Client, Client]) -> None:
+    """Seeded steps of SUB, UNSUB and ``publish_now(later=True)`` (lazy), ``publish_now``,
+    ``publish`` and requests (eager), with pauses around ``COALESCE_S``: a step with an eager
+    command writes everything pending at its end, in order; a step of lazy commands only does
+    so when the last write is ``COALESCE_S`` old, else they wait for the next write (a timer
+    due then, or an eager command first), so there are fewer writes than steps. Everything
+    arrives, in the order queued, and the subscriptions left are exactly those in place."""
+    from bridge import _nats_patches
+
+    rng = random.Random(SEED + 6)
+    pub, sub_nc = clients
+    loop = asyncio.get_running_loop()
+    writes: list[float] = []
+    transport: Any = pub._transport
+    real_writelines = transport.writelines
+
+    def writelines(data: Any) -> None:
+        writes.append(loop.time())
+        real_writelines(data)
+
+    async def answer(msg: Msg) -> None:
+        await sub_nc.publish(msg.reply, msg.data)
+
+    order: list[bytes] = []
+    seen: dict[str, int] = {}
+    end = asyncio.Event()
+
+    async def in_order(msg: Msg) -> None:
+        if msg.data == b"end":
+            end.set()
+        else:
+            order.append(msg.data)
+
+    async def on(msg: Msg) -> None:
+        seen[msg.subject] = seen.get(msg.subject, 0) + 1
+
+    await sub_nc.subscribe("t.lazy.echo", cb=answer)
+    await sub_nc.subscribe("t.lazy.order", cb=in_order)
+    await sub_nc.flush()
+    transport.writelines = writelines
+    published: list[bytes] = []
+    live: dict[str, Any] = {}
+    requests: list[asyncio.Task[Msg]] = []
+    steps_written = 0
+    for step in range(120):
+        eager = False
+        last = getattr(pub, "_rt_last_write", 0.0)
+        before = len(writes)
+        quiet = loop.time() - last >= _nats_patches.COALESCE_S
+        for _ in range(rng.randint(1, 6)):
+            what = rng.random()
+            data = b"%d.%d" % (step, rng.randrange(10**6))
+            if what < 0.3 or not live:
+                subject = f"t.lazy.s.{step}.{rng.randrange(10**6)}"
+                live[subject] = await pub.subscribe(subject, cb=on)
+            elif what < 0.45:
+                await live.pop(rng.choice(sorted(live))).unsubscribe()
+            elif what < 0.75:
+                publish_now(pub, "t.lazy.order", data, later=True)
+                published.append(data)
+            elif what < 0.85:
+                publish_now(pub, "t.lazy.order", data)
+                published.append(data)
+                eager = True
+            elif what < 0.95:
+                await pub.publish("t.lazy.order", data)
+                published.append(data)
+                eager = True
+            else:
+                requests.append(asyncio.ensure_future(
+                    pub.request("t.lazy.echo", b"%d" % len(requests), timeout=5)))
+                eager = True
+        await asyncio.sleep(0)  # the end of the step: its write, if it has one
+        if requests and not requests[-1].done() and pub._pending:
+            await asyncio.sleep(0)  # a request's task publishes in the step after
+        if eager or quiet:
+            assert not pub._pending, f"step {step}: an eager or quiet step waits"
+        else:  # not written before last + COALESCE_S (the loop's clock ticks in ms)
+            due = last + _nats_patches.COALESCE_S - 0.0011
+            assert all(at >= due for at in writes[before:]), f"step {step}: written at once"
+            assert len(writes) > before or pub._rt_write_timer is not None  # type: ignore
+        steps_written += len(writes) > before
+        await asyncio.sleep(rng.choice([0, 0, 0.0005, 0.001, 0.003]))
+    for _ in range(1000):  # the last lazy commands' timer
+        if not pub._pending:
+            break
+        await asyncio.sleep(0.001)
+    assert not pub._pending
+    assert len(writes) < 120
+    assert [a.data for a in await asyncio.gather(*requests)] == [
+        b"%d" % i for i in range(len(requests))]
+    await pub.flush()
+    probe = [f"t.lazy.s.{step}.probe" for step in range(3)]  # never subscribed
+    for subject in [*live, *probe]:
+        await sub_nc.publish(subject, b"probe")
+    await sub_nc.publish("t.lazy.order", b"end")
+    await sub_nc.flush()
+    await pub.flush()
+    await asyncio.wait_for(end.wait(), 5)
+    assert order == published
+    assert seen == dict.fromkeys(live, 1)

@@ -51,7 +51,8 @@ class RecordingStore:
         self.keys[msg_id] = len(self.stored)
         return len(self.stored), False
 
-    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes, *,
+                         later: bool = False) -> None:
         if self.feed_fails:
             raise ConnectionError("nats closed")
         self.sent.append((tenant, room, body))

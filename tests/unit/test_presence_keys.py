@@ -17,7 +17,8 @@ class FakeNats:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, Any]] = []
 
-    def publish_now(self, subject: str, body: bytes, headers: Any = None) -> None:
+    def publish_now(self, subject: str, body: bytes, headers: Any = None, *,
+                    later: bool = False) -> None:
         self.sent.append((subject, body, headers))
 
 

@@ -60,7 +60,8 @@ class FakeStore:
 
         return Sub()
 
-    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes, *,
+                         later: bool = False) -> None:
         raise NotImplementedError
 
     async def last_seq(self, tenant: str, room: str, *, after_subscribe: bool = False) -> int:

@@ -54,7 +54,8 @@ class Store:
         self.log.steps.append(("stored", self.seq, cbor2.loads(body)))
         return self.seq, False
 
-    def publish_volatile(self, tenant: str, room: str, body: bytes) -> None:
+    def publish_volatile(self, tenant: str, room: str, body: bytes, *,
+                         later: bool = False) -> None:
         self.log.steps.append(("volatile", cbor2.loads(body)))
 
 
