@@ -45,7 +45,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -69,7 +69,6 @@ from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_
 __all__ = ["JetStreamRoomStore"]
 
 log = logging.getLogger("bridge.store")
-_T = TypeVar("_T")
 
 _BATCH = 256
 # STREAM.MSG.GET error codes: no such message (not an error for a read).
@@ -91,6 +90,87 @@ GROUP_MAX = 1000
 _COMMITS_IN_FLIGHT = 2
 
 
+class _Outcome:
+    """What a publish of :meth:`JetStreamRoomStore.publish_soon` comes to: ``(seq,
+    duplicate)``, or the StoreError. The part of an asyncio future that the store and its
+    callers use, but its callbacks are called at once when it is settled, in that loop step,
+    not in the next one (and each one's exception is logged, never raised to whoever settled
+    it). So a batch's acks reach their publishers in the step that reads the commit's answer,
+    right after the batch's events, which come before it: a member's ``published`` reply and
+    the events go out in one write. With a future, the replies came two steps later (the
+    commit's task, then the callbacks): a second write per member and per batch.
+    """
+
+    __slots__ = ("_callbacks", "_error", "_state", "_value")
+
+    _PENDING, _RESULT, _ERROR, _CANCELLED = range(4)
+
+    def __init__(self) -> None:
+        self._state = _Outcome._PENDING
+        self._value: tuple[int, bool] | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[_Outcome], object]] | None = None
+
+    def done(self) -> bool:
+        return self._state != _Outcome._PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _Outcome._CANCELLED
+
+    def result(self) -> tuple[int, bool]:
+        if self._state == _Outcome._RESULT:
+            assert self._value is not None
+            return self._value
+        if self._state == _Outcome._ERROR:
+            assert self._error is not None
+            raise self._error
+        if self._state == _Outcome._CANCELLED:
+            raise asyncio.CancelledError
+        raise asyncio.InvalidStateError("publish not settled yet")
+
+    def exception(self) -> BaseException | None:
+        if self._state == _Outcome._CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _Outcome._PENDING:
+            raise asyncio.InvalidStateError("publish not settled yet")
+        return self._error
+
+    def set_result(self, value: tuple[int, bool]) -> None:
+        self._settle(_Outcome._RESULT, value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(_Outcome._ERROR, None, error)
+
+    def cancel(self) -> bool:
+        """Its publisher gave it up: not sent if it is still gathering."""
+        if self._state != _Outcome._PENDING:
+            return False
+        self._settle(_Outcome._CANCELLED, None, None)
+        return True
+
+    def add_done_callback(self, fn: Callable[[_Outcome], object]) -> None:
+        """``fn(self)`` once settled; when already settled, in the next loop step (as an
+        asyncio future does: never within this call)."""
+        if self._state != _Outcome._PENDING:
+            asyncio.get_running_loop().call_soon(fn, self)
+        elif self._callbacks is None:
+            self._callbacks = [fn]
+        else:
+            self._callbacks.append(fn)
+
+    def _settle(self, state: int, value: tuple[int, bool] | None,
+                error: BaseException | None) -> None:
+        if self._state != _Outcome._PENDING:
+            raise asyncio.InvalidStateError("publish settled already")
+        self._state, self._value, self._error = state, value, error
+        callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:  # one publisher's failure is not the others' (nor the store's)
+                log.exception("! callback of a publish failed")
+
+
 class _Queued:
     """A publish: the result is (seq, duplicate), from its batch or from a publish on its own
     (or the StoreError of that)."""
@@ -98,7 +178,7 @@ class _Queued:
     __slots__ = ("body", "deadline", "fut", "lines", "msg_id", "subject", "ttl_s")
 
     def __init__(self, subject: str, body: bytes, msg_id: str, ttl_s: float | None,
-                 deadline: float, fut: asyncio.Future[tuple[int, bool]]) -> None:
+                 deadline: float, fut: _Outcome) -> None:
         self.subject = subject
         self.body = body
         self.msg_id, self.ttl_s = msg_id, ttl_s
@@ -132,6 +212,18 @@ def _header_lines(msg_id: str, ttl_s: float | None) -> str:
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
+
+
+def _copy(outcome: _Outcome, fut: asyncio.Future[tuple[int, bool]]) -> None:
+    """``outcome`` into the future :meth:`JetStreamRoomStore.publish` awaits."""
+    if fut.done():
+        return
+    if outcome.cancelled():
+        fut.cancel()
+    elif (error := outcome.exception()) is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(outcome.result())
 
 
 class _StoredRoute(RawRoute):
@@ -242,7 +334,8 @@ class JetStreamRoomStore:
         self._highest_acked = 0  # the highest seq a publish of this node was acked with
         self.stale_reads = 0  # reads a lagging replica cut short, completed from the leader
         self._queued: list[_Queued] = []  # publishes gathering for the next batch
-        self._commits: dict[str, asyncio.Future[Msg]] = {}  # batch commits waiting for acks
+        self._commits: dict[str, asyncio.Future[Msg | None]] = {}  # batch commits waiting for acks
+        self._batched: dict[str, list[_Queued]] = {}  # the publishes of each of those
         self._committing: set[asyncio.Task[None]] = set()
         self._alone_tasks: set[asyncio.Task[None]] = set()  # queued ones sent on their own
         self._kick_soon = False
@@ -320,10 +413,21 @@ class JetStreamRoomStore:
     def _on_reply(self, msg: Msg) -> None:
         # <inbox prefix>.<kind>.<token>: either connection's prefix (both end in a nuid)
         kind, token = msg.subject.rsplit(".", 2)[-2:]
-        if kind == "a" or kind == "b":
-            fut = (self._acks if kind == "a" else self._commits).get(token)
+        if kind == "a":
+            fut = self._acks.get(token)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+            if self._queued:
+                self._kick()
+            return
+        if kind == "b":
+            commit = self._commits.get(token)
+            if commit is not None and not commit.done():
+                # A plain answer is handed out here (:meth:`_stored_batch`), in the step that
+                # read it; anything else is for the commit's task.
+                taken = self._batched.get(token)
+                commit.set_result(None if taken is not None and self._stored_batch(taken, msg)
+                                  else msg)
             if self._queued:
                 self._kick()
             return
@@ -362,17 +466,25 @@ class JetStreamRoomStore:
         Raises:
             StoreError: ``retry=True`` when the deadline passed, ``False`` when JetStream refused.
         """
-        return await self.publish_soon(tenant, room, body, msg_id, ttl_s)
+        outcome = self.publish_soon(tenant, room, body, msg_id, ttl_s)
+        fut: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
+        outcome.add_done_callback(lambda done: _copy(done, fut))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            outcome.cancel()  # given up: not sent if it is still gathering
+            raise
 
     def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
-                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]]:
-        """:meth:`publish` without a coroutine: the future of what ``publish`` would return
-        or raise. While publishes gather into batches (a busy node) it joins the next batch
-        (cancelled before its batch is sent, the event is not sent); otherwise it is sent at
-        once, on its own (:meth:`_send_lone`)."""
+                     ttl_s: float | None = None) -> _Outcome:
+        """:meth:`publish` without a coroutine: the outcome of what ``publish`` would return
+        or raise (its callbacks are called when it is settled, in that loop step: see
+        :class:`_Outcome`). While publishes gather into batches (a busy node) it joins the next
+        batch (cancelled before its batch is sent, the event is not sent); otherwise it is sent
+        at once, on its own (:meth:`_send_lone`)."""
         loop = self._loop  # asyncio.get_running_loop() asks the OS for the pid every time
         queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s,
-                         time.monotonic() + self.publish_deadline_s, loop.create_future())
+                         time.monotonic() + self.publish_deadline_s, _Outcome())
         if not (self.group_after and self.link.atomic_batches and (
                 self._queued or self._committing or len(self._acks) >= self.group_after)):
             self._send_lone(queued)
@@ -453,8 +565,7 @@ class JetStreamRoomStore:
                     return
         self._send_alone(queued, reason)
 
-    def _go_checked(self, acked: tuple[int, bool],
-                    result: asyncio.Future[tuple[int, bool]]) -> None:
+    def _go_checked(self, acked: tuple[int, bool], result: _Outcome) -> None:
         """A lone publish acked with a seq at or below one acked before: the result once the
         epoch is checked (:meth:`_check_order`)."""
         async def checked() -> tuple[int, bool]:
@@ -462,8 +573,8 @@ class JetStreamRoomStore:
             return acked
         self._run_for(result, checked, Exception)
 
-    def _run_for(self, result: asyncio.Future[_T],
-                 make: Callable[[], Coroutine[Any, Any, _T]],
+    def _run_for(self, result: _Outcome,
+                 make: Callable[[], Coroutine[Any, Any, tuple[int, bool]]],
                  caught: type[BaseException] = StoreError) -> None:
         """Run ``make()`` in a task kept until it ends: what it returns, or raises of
         ``caught``, is ``result``'s; the task is cancelled if the publisher gives ``result``
@@ -570,8 +681,9 @@ class JetStreamRoomStore:
         is sent again on its own (its Nats-Msg-Id finds it if the batch was stored after all)."""
         token = str(next(self._tokens))
         loop = self._loop
-        fut: asyncio.Future[Msg] = loop.create_future()
+        fut: asyncio.Future[Msg | None] = loop.create_future()
         self._commits[token] = fut
+        self._batched[token] = taken
         n = len(taken)
         try:
             batch_id = f"{self._prefix.rpartition('.')[2]}.{token}"  # unique: a nuid and a count
@@ -588,6 +700,8 @@ class JetStreamRoomStore:
                 reply_msg = await fut
             finally:
                 timer.cancel()
+            if reply_msg is None:
+                return  # stored, and handed out as it was read (_stored_batch)
             ack: dict[str, Any] = orjson.loads(reply_msg.data)
             if ack.get("error") or int(ack.get("count", -1)) != n:
                 raise StoreError(f"batch refused: {ack.get('error')}")
@@ -607,6 +721,29 @@ class JetStreamRoomStore:
             return
         finally:
             self._commits.pop(token, None)
+            self._batched.pop(token, None)
+        self._hand_out(taken, last)
+
+    def _stored_batch(self, taken: list[_Queued], reply: Msg) -> bool:
+        """The commit's answer says the batch ``taken`` was stored, after every seq acked
+        before: hand each publish its seq now (True); anything else, a refusal, a count that
+        does not match or a seq that needs the epoch checked, is the commit task's (False)."""
+        try:
+            ack: dict[str, Any] = orjson.loads(reply.data)
+            if ack.get("error") or int(ack.get("count", -1)) != len(taken):
+                return False
+            last = int(ack["seq"])
+        except (ValueError, TypeError, KeyError):
+            return False
+        if last - len(taken) + 1 <= self._highest_acked:
+            return False
+        self._highest_acked = last
+        self._hand_out(taken, last)
+        return True
+
+    def _hand_out(self, taken: list[_Queued], last: int) -> None:
+        """Each publish of a batch stored up to ``last``: its seq (stored contiguously)."""
+        n = len(taken)
         self.batches += 1
         self.batched += n
         for k, queued in enumerate(taken, last - n + 1):

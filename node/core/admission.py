@@ -45,7 +45,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from node.core.events import RecentEvents, dedupe_key, event_map
 from node.core.limits import TokenBucket
-from node.core.ports import LiveFeed, RoomStore, StatePort, StoreError
+from node.core.ports import LiveFeed, RoomStore, Settled, StatePort, StoreError
 from node.core.unwritten import UNWRITTEN
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import CBOR, Publish, cbor_loads_strict
@@ -295,7 +295,7 @@ class Admission:
         return True
 
     def _stored_soon(self, admitted: Admitted, done: Callable[[int, ProtocolError | None], None],
-                     fut: asyncio.Future[tuple[int, bool]]) -> None:
+                     fut: Settled) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()

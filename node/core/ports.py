@@ -8,7 +8,6 @@ recording fakes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ __all__ = [
     "RoomStore",
     "RpcError",
     "RpcPort",
+    "Settled",
     "StatePort",
     "StoreError",
     "StoredEvent",
@@ -70,6 +70,22 @@ class Subscription(Protocol):
     async def unsubscribe(self) -> None: ...
 
 
+class Settled(Protocol):
+    """What ``publish_soon`` returns: an asyncio future's reading side. Its callbacks may be
+    called in the loop step that settles it (not only in a later one), never within
+    ``publish_soon`` itself."""
+
+    def done(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+    def result(self) -> tuple[int, bool]: ...
+
+    def exception(self) -> BaseException | None: ...
+
+    def add_done_callback(self, fn: Callable[[Any], None], /) -> None: ...
+
+
 class RoomStore(Protocol):
     """Durable room events (JetStream in production)."""
 
@@ -83,10 +99,10 @@ class RoomStore(Protocol):
         Raises StoreError."""
 
     def publish_soon(self, tenant: str, room: str, body: bytes, msg_id: str,
-                     ttl_s: float | None = None) -> asyncio.Future[tuple[int, bool]] | None:
+                     ttl_s: float | None = None) -> Settled | None:
         """``publish`` without a coroutine, where the store can (it gathers publishes into
-        batches): a future of what ``publish`` would return or raise; None: call ``publish``.
-        """
+        batches): what ``publish`` would return or raise, once settled; None: call
+        ``publish``."""
 
     async def trim(self, tenant: str, room: str, keep: int) -> None:
         """Keep only the room's latest ``keep`` events. Raises StoreError."""
