@@ -334,9 +334,11 @@ class JetStreamRoomStore:
         self._highest_acked = 0  # the highest seq a publish of this node was acked with
         self.stale_reads = 0  # reads a lagging replica cut short, completed from the leader
         self._queued: list[_Queued] = []  # publishes gathering for the next batch
-        self._commits: dict[str, asyncio.Future[Msg | None]] = {}  # batch commits waiting for acks
-        self._batched: dict[str, list[_Queued]] = {}  # the publishes of each of those
-        self._committing: set[asyncio.Task[None]] = set()
+        # Batches sent or being sent, until their commit is answered: token -> the future of
+        # the answer (None once handed out in _on_reply), and the batch's publishes.
+        self._commits: dict[str, asyncio.Future[Msg | None]] = {}
+        self._batched: dict[str, list[_Queued]] = {}
+        self._committing: set[asyncio.Task[None]] = set()  # their tasks, until they end
         self._alone_tasks: set[asyncio.Task[None]] = set()  # queued ones sent on their own
         self._kick_soon = False
         self._stopping = False
@@ -423,11 +425,19 @@ class JetStreamRoomStore:
         if kind == "b":
             commit = self._commits.get(token)
             if commit is not None and not commit.done():
-                # A plain answer is handed out here (:meth:`_stored_batch`), in the step that
-                # read it; anything else is for the commit's task.
-                taken = self._batched.get(token)
-                commit.set_result(None if taken is not None and self._stored_batch(taken, msg)
-                                  else msg)
+                # A plain answer is handed out here, in the step that read it (the next batch
+                # is sent first); anything else is for the commit's task.
+                last = self._stored_batch(self._batched[token], msg)
+                if last is None:
+                    commit.set_result(msg)
+                else:
+                    commit.set_result(None)
+                    del self._commits[token]  # the next batch may go while this is handed out
+                    taken = self._batched.pop(token)
+                    if self._queued:
+                        self._kick()
+                    self._hand_out(taken, last)
+                    return
             if self._queued:
                 self._kick()
             return
@@ -486,7 +496,7 @@ class JetStreamRoomStore:
         queued = _Queued(room_subject(tenant, room), body, msg_id, ttl_s,
                          time.monotonic() + self.publish_deadline_s, _Outcome())
         if not (self.group_after and self.link.atomic_batches and (
-                self._queued or self._committing or len(self._acks) >= self.group_after)):
+                self._queued or self._commits or len(self._acks) >= self.group_after)):
             self._send_lone(queued)
             return queued.fut
         self._queued.append(queued)
@@ -656,8 +666,8 @@ class JetStreamRoomStore:
         """Send what gathered: as a batch when enough did, else one by one, unless the
         publishes in flight say the next batch should grow a while longer."""
         self._kick_soon = False
-        while self._queued and len(self._committing) < _COMMITS_IN_FLIGHT:
-            if self._committing and len(self._queued) < GROUP_MAX:
+        while self._queued and len(self._commits) < _COMMITS_IN_FLIGHT:
+            if self._commits and len(self._queued) < GROUP_MAX:
                 return  # the next batch grows while this one commits
             if len(self._queued) < GROUP_MIN and len(self._acks) >= self.group_after:
                 return  # an ack of those in flight kicks again
@@ -667,7 +677,11 @@ class JetStreamRoomStore:
                 for queued in taken:
                     self._send_alone(queued)
                 continue
-            task = self._loop.create_task(self._commit(taken))
+            token = str(next(self._tokens))
+            fut: asyncio.Future[Msg | None] = self._loop.create_future()
+            self._commits[token] = fut  # in flight from now: counted by the loop above
+            self._batched[token] = taken
+            task = self._loop.create_task(self._commit(taken, token, fut))
             self._committing.add(task)
             task.add_done_callback(self._committed)
 
@@ -676,16 +690,17 @@ class JetStreamRoomStore:
         if self._queued:
             self._kick()
 
-    async def _commit(self, taken: list[_Queued]) -> None:
-        """Store ``taken`` as one atomic batch, and give each its seq; on any failure, each
-        is sent again on its own (its Nats-Msg-Id finds it if the batch was stored after all)."""
-        token = str(next(self._tokens))
+    async def _commit(self, taken: list[_Queued], token: str,
+                      fut: asyncio.Future[Msg | None]) -> None:
+        """Store ``taken`` as one atomic batch (``_commits[token]``: ``fut`` gets the answer),
+        and give each its seq; on any failure, each is sent again on its own (its Nats-Msg-Id
+        finds it if the batch was stored after all). A plain answer is handed out as it is
+        read (:meth:`_on_reply`); then ``fut`` is None and this ends."""
         loop = self._loop
-        fut: asyncio.Future[Msg | None] = loop.create_future()
-        self._commits[token] = fut
-        self._batched[token] = taken
         n = len(taken)
         try:
+            if fut.done():  # failed before it was sent (the node stops, NATS dropped): raise it
+                fut.result()
             batch_id = f"{self._prefix.rpartition('.')[2]}.{token}"  # unique: a nuid and a count
             # Only the commit has a reply: the server answers nothing else of a batch.
             msgs = [(queued.subject, "", queued.body,
@@ -724,22 +739,21 @@ class JetStreamRoomStore:
             self._batched.pop(token, None)
         self._hand_out(taken, last)
 
-    def _stored_batch(self, taken: list[_Queued], reply: Msg) -> bool:
-        """The commit's answer says the batch ``taken`` was stored, after every seq acked
-        before: hand each publish its seq now (True); anything else, a refusal, a count that
-        does not match or a seq that needs the epoch checked, is the commit task's (False)."""
+    def _stored_batch(self, taken: list[_Queued], reply: Msg) -> int | None:
+        """The last seq of the batch ``taken`` when the commit's answer says it was stored,
+        after every seq acked before; None for anything else (a refusal, a count that does
+        not match, a seq that needs the epoch checked): the commit task's to handle."""
         try:
             ack: dict[str, Any] = orjson.loads(reply.data)
             if ack.get("error") or int(ack.get("count", -1)) != len(taken):
-                return False
+                return None
             last = int(ack["seq"])
         except (ValueError, TypeError, KeyError):
-            return False
+            return None
         if last - len(taken) + 1 <= self._highest_acked:
-            return False
+            return None
         self._highest_acked = last
-        self._hand_out(taken, last)
-        return True
+        return last
 
     def _hand_out(self, taken: list[_Queued], last: int) -> None:
         """Each publish of a batch stored up to ``last``: its seq (stored contiguously)."""
