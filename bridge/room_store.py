@@ -321,6 +321,8 @@ class JetStreamRoomStore:
         self.read_timeout_s = read_timeout_s
         self._tokens = itertools.count(1)
         self._acks: dict[str, asyncio.Future[Msg]] = {}
+        # The first tries of _send_lone among those: token -> (publish, its ack's timer, ack).
+        self._lone: dict[str, tuple[_Queued, asyncio.TimerHandle, asyncio.Future[Msg]]] = {}
         self._batches: dict[str, _Batch] = {}
         # leader reads waiting for their answer: token -> (future, over the reads connection)
         self._gets: dict[str, tuple[asyncio.Future[Msg], bool]] = {}
@@ -419,6 +421,7 @@ class JetStreamRoomStore:
             fut = self._acks.get(token)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+                self._lone_done(token)  # a first try's answer: handed out in this step
             if self._queued:
                 self._kick()
             return
@@ -517,11 +520,11 @@ class JetStreamRoomStore:
 
     def _send_lone(self, queued: _Queued) -> None:
         """The first try of a publish on its own, from synchronous code: the command is
-        queued at once (``_nats_patches.publish_now``) and its ack is taken in a callback,
-        with no task and no coroutine (what a quiet node, one publish at a time, does for
-        every event). Whatever is not a plain answer (no ack in time, the connection lost, a
-        "try again" from JetStream, a seq that needs the epoch checked, a publish that could
-        not be queued) goes on in :meth:`_send_alone`."""
+        queued at once (``_nats_patches.publish_now``) and its ack is handed out as it is read
+        (:meth:`_lone_done`), with no task and no coroutine (what a quiet node, one publish at
+        a time, does for every event). Whatever is not a plain answer (no ack in time, the
+        connection lost, a "try again" from JetStream, a seq that needs the epoch checked, a
+        publish that could not be queued) goes on in :meth:`_send_alone`."""
         loop = self._loop
         token = str(next(self._tokens))
         try:
@@ -534,7 +537,17 @@ class JetStreamRoomStore:
         self._acks[token] = ack
         left = queued.deadline - time.monotonic()
         timer = loop.call_later(max(0.01, min(self.ack_timeout_s, left)), _expire, ack)
-        ack.add_done_callback(lambda _: self._lone_answer(queued, token, timer, ack))
+        self._lone[token] = (queued, timer, ack)
+        ack.add_done_callback(lambda _: self._lone_done(token))
+
+    def _lone_done(self, token: str) -> None:
+        """The ack of a first try is done: answered (called from :meth:`_on_reply`, in the
+        step that read it, as a batch's answer is), or failed (expired, the connection lost,
+        the node stopping: the ack's callback, a step later)."""
+        lone = self._lone.pop(token, None)
+        if lone is not None:
+            queued, timer, ack = lone
+            self._lone_answer(queued, token, timer, ack)
 
     def _lone_answer(self, queued: _Queued, token: str, timer: asyncio.TimerHandle,
                      ack: asyncio.Future[Msg]) -> None:
