@@ -167,7 +167,8 @@ async def _flush_pending(self: Client, force_flush: bool = False) -> Any:
 # SUB and UNSUB commands (``sub_cmd``, ``unsub_cmd``): nothing waits on them, so they may wait
 # for the next write (see _wake_later).
 _SUBSCRIPTIONS = (b"SUB ", b"UNSUB ")
-# A SUB or UNSUB alone waits this long after the last write before it is written.
+# What may wait (a SUB, an UNSUB, publish_now(later=True)) waits at most this long after the
+# connection's last write.
 COALESCE_S = 0.002
 
 
@@ -181,13 +182,13 @@ def _wake(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
 
 
 def _wake_later(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
-    """:func:`_wake` for a SUB or UNSUB: on a connection written to within the last
-    ``COALESCE_S``, it waits until that much time has passed since, unless something else is
-    written first (a publish, a request, a PING: every other command still goes at the end of
-    its loop step, and takes what is pending with it, in order). Under a burst of connects
-    and disconnects (each a few subscriptions) that is one write of many commands every 2 ms
-    rather than one per loop step: less CPU for the node and for nats-server. A quiet
-    connection writes at once."""
+    """:func:`_wake` for what may wait (a SUB, an UNSUB, ``publish_now(later=True)``): on a
+    connection written to within the last ``COALESCE_S``, it waits until that much time has
+    passed since, unless something else is written first (a publish, a request, a PING: every
+    other command still goes at the end of its loop step, and takes what is pending with it,
+    in order). Under a burst of connects and disconnects that is one write of many commands
+    every 2 ms rather than one per loop step: less CPU for the node and for nats-server. A
+    quiet connection writes at once."""
     if not queue.empty() or getattr(nc, "_rt_write_soon", False):
         return  # a write is coming at the end of this step
     if getattr(nc, "_rt_write_timer", None) is not None:
