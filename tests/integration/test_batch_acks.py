@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from node.core.ports import LiveMessage
-from tests.wsclient import unique
+from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -85,3 +85,78 @@ async def test_a_batch_is_handed_out_in_the_step_that_reads_its_commit(make_node
     assert store.retries == retries0, "a publish was tried again (not what this test is for)"
     late = [i for i, (_, in_read_loop) in settled.items() if not in_read_loop]
     assert not late, f"{len(late)} publishes settled in a later step"
+
+
+@pytest.mark.parametrize("seed", [SEED, SEED + 1])
+async def test_publishers_that_vanish_mid_batch_leave_the_others_whole(
+        make_node: Any, seed: int) -> None:
+    """Seeded publishers keep hundreds of publishes in flight in one room, so that batches
+    form; some reset their socket (no close frame) right after a burst, while its events are
+    gathering, committing or being answered. Each survivor gets a ``published`` reply for
+    every publish, with a seq of its own; a member of the room receives every stored event
+    once, in order, the survivors' at the seqs they were given and every other one from a
+    publisher that vanished; and the node goes on serving a client that comes afterwards."""
+    from node.protocol.frames import CBOR
+
+    rng = random.Random(seed)
+    node = await make_node(rate_per_s=1_000_000, rate_burst=1_000_000)
+    url = ws_url(node)
+    room = unique("vanish")
+    watcher = await RawClient.connected(url, token("watcher"))
+    assert (await watcher.request({"type": "join", "room": room}))["type"] == "joined"
+    publishers = [await RawClient.connected(url, token(f"pub{k}")) for k in range(8)]
+    got: list[dict[str, Any]] = []
+
+    async def watch() -> None:  # read as they come: a member that reads late is cut (4008)
+        while True:
+            f = await watcher.recv(60)
+            if f.get("type") == "event" and f.get("room") == room:
+                got.append(f)
+
+    watching = asyncio.create_task(watch())
+    vanish = set(rng.sample(range(len(publishers)), 3))
+    sent: dict[int, int] = dict.fromkeys(range(len(publishers)), 0)
+    batched0 = node.store.batched
+    for burst in range(4):
+        for k, c in enumerate(publishers):
+            if k in vanish and burst >= 2:
+                continue  # gone
+            frames = [{"type": "publish", "id": f"p{sent[k] + i}", "room": room, "event": "e",
+                       "data": {"k": k, "i": sent[k] + i}} for i in range(rng.randint(50, 150))]
+            sent[k] += len(frames)
+            await c.send(*frames)
+            if k in vanish and burst == 1:
+                c.ws.transport.abort()  # a reset, while its publishes are in flight
+        await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
+    acked: dict[tuple[int, int], int] = {}
+    for k, c in enumerate(publishers):
+        if k in vanish:
+            continue
+        while sum(1 for kk, _ in acked if kk == k) < sent[k]:
+            f = await c.recv(20)
+            if f.get("type") == "published":
+                acked[(k, int(f["id"][1:]))] = f["seq"]
+            else:
+                assert f.get("type") == "event", f
+    assert node.store.batched > batched0, "no batch formed"
+    for _ in range(500):  # what the vanished ones sent is stored or dropped (bounded: 10 s)
+        store = node.store
+        if not (store._queued or store._commits or store._acks or store._alone_tasks):
+            break
+        await asyncio.sleep(0.02)
+    stored = await node.store.read("default", room, 0, 100_000)
+    for _ in range(500):
+        if len(got) >= len(stored) or watching.done():
+            break
+        await asyncio.sleep(0.02)
+    watching.cancel()
+    assert [e["seq"] for e in got] == [ev.seq for ev in stored], "each stored event once"
+    by_seq = {e["seq"]: (e["data"]["k"], e["data"]["i"]) for e in got}
+    assert by_seq == {ev.seq: (CBOR.decode(ev.body)[0]["data"]["k"],
+                               CBOR.decode(ev.body)[0]["data"]["i"]) for ev in stored}
+    assert {by_seq[seq]: seq for seq in acked.values()} == acked, "a seq of another event"
+    assert all(k in vanish for k, _ in set(by_seq.values()) - set(acked))
+    assert len(set(by_seq.values())) == len(by_seq), "an event stored twice"
+    late = await RawClient.connected(url, token("late"))
+    reply = await late.request({"type": "publish", "room": room, "event": "e", "data": 1})
+    assert reply["type"] == "published" and reply["seq"] > max(by_seq)
