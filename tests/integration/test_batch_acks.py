@@ -12,6 +12,9 @@ stream delivered live with the same bodies, in the order published within each b
 publish that went in a batch was handed its seq inside the NATS read loop (the loop step that
 read the answer), not in a later step; so was each one sent on its own (the first of a burst,
 before batches form, and those of quiet moments).
+
+And over the network, hostile: publishers that reset their sockets while their batches are in
+flight leave the others whole (every reply, every stored event once, in order).
 """
 
 from __future__ import annotations
