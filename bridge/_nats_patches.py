@@ -37,8 +37,9 @@ waits for the socket to drain, so nats-py's backpressure holds (a forced flush, 
 buffer over its limit, waits for it). A client not connected and a flusher that is gone keep
 nats-py's own path.
 
-**What nobody waits on waits for the next write.** A SUB or UNSUB, and a message sent with
-``publish_now(later=True)`` (a presence entry or announcement, a read of the store), on a
+**What nobody waits on waits for the next write.** A SUB or UNSUB, a message sent with
+``publish_now(later=True)`` (a presence entry or announcement, a read of the store), and the
+PING of :func:`flush_later` (the round trip that confirms a connect's rpc routes), on a
 connection written to less than ``COALESCE_S`` (2 ms) ago is not written at the end of its
 step: a timer writes it when that much time has passed, unless a command of any other kind (an
 event's publish, a request, a PING, so every ``flush()``) comes first and takes it along, in
@@ -81,8 +82,8 @@ from nats.aio.subscription import Subscription
 from nats.protocol import parser as _parser
 from nats.protocol.parser import Parser
 
-__all__ = ["RawRoute", "Route", "direct_dispatch", "header_lines", "header_value", "install",
-           "publish_many", "publish_now", "raw_dispatch"]
+__all__ = ["RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines", "header_value",
+           "install", "publish_many", "publish_now", "raw_dispatch"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,29 @@ def _wake_later(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:
         _wake(nc, queue)
         return
     nc._rt_write_timer = loop.call_at(at, _write_late, nc, queue)  # type: ignore[attr-defined]
+
+
+async def flush_later(nc: Client, timeout: float) -> None:
+    """``nc.flush(timeout)`` whose PING may wait for the connection's next write, as a SUB
+    does (:func:`_wake_later`): one round trip confirming that the server has everything
+    written before, for callers that can wait a few more milliseconds (a connect's rpc
+    routes). Raises what ``flush`` raises (``FlushTimeoutError`` when no PONG comes in time).
+    """
+    queue, reading, flusher = nc._flush_queue, nc._reading_task, nc._flusher_task
+    if (not nc.is_connected or queue is None or reading is None or reading.done()
+            or flusher is None or flusher.done()):
+        await nc.flush(timeout)  # type: ignore[arg-type]  # nats-py's own path
+        return
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    nc._pongs.append(future)  # in the order of the PINGs: every PING goes through _pending
+    nc._pending.append(_PING)
+    nc._pending_data_size += len(_PING)
+    _wake_later(nc, queue)
+    try:
+        await asyncio.wait_for(future, timeout)
+    except TimeoutError:
+        future.cancel()  # its late PONG is dropped (_process_pong)
+        raise errors.FlushTimeoutError from None
 
 
 def _write_late(nc: Client, queue: asyncio.Queue[asyncio.Future[Any]]) -> None:

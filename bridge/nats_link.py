@@ -268,8 +268,9 @@ class NatsLink:
         self._pinging = True
 
         async def flush() -> None:
-            try:  # one round trip: the server has processed what was written before
-                await self.nc.flush(timeout=2)
+            try:  # one round trip: the server has processed what was written before (its
+                # PING may wait up to 2 ms for the next write: _nats_patches.flush_later)
+                await _nats_patches.flush_later(self.nc, 2)
             except Exception as exc:
                 log.warning("! NATS round trip not confirmed: %s", exc or type(exc).__name__)
             finally:

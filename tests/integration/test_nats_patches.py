@@ -588,3 +588,42 @@ async def test_subscriptions_and_later_publishes_wait_for_the_next_write_never_a
     await asyncio.wait_for(end.wait(), 5)
     assert order == published
     assert seen == dict.fromkeys(live, 1)
+
+
+async def test_flush_later_confirms_what_was_written_before_with_its_ping_coalesced(
+        clients: tuple[Client, Client]) -> None:
+    """``flush_later``: its PING waits for the next write like a SUB (not written at the end
+    of the step on a connection written to within ``COALESCE_S``), and once it returns the
+    server has every subscription made before it (seeded rounds: a message published at once
+    from another connection reaches each)."""
+    from bridge._nats_patches import flush_later
+
+    rng = random.Random(SEED + 7)
+    pub, sub_nc = clients
+    got: dict[str, int] = {}
+    arrived = asyncio.Event()
+    held = 0
+
+    async def on(msg: Msg) -> None:
+        got[msg.subject] = got.get(msg.subject, 0) + 1
+        arrived.set()
+
+    for round_ in range(20):
+        await sub_nc.publish("t.later.warm", b"")  # a write now: what follows may wait
+        subjects = [f"t.later.{round_}.{i}" for i in range(rng.randint(1, 5))]
+        for subject in subjects:
+            await sub_nc.subscribe(subject, cb=on)
+        confirming = asyncio.ensure_future(flush_later(sub_nc, 2))
+        await asyncio.sleep(0)
+        if sub_nc._pending:  # held: the PING is queued behind the SUBs, unwritten
+            held += 1
+            assert sub_nc._pending[-1] == b"PING\r\n"
+            assert sub_nc._rt_write_timer is not None  # type: ignore[attr-defined]
+        await confirming
+        for subject in subjects:  # the server has them: no retry, no sleep
+            arrived.clear()
+            await pub.publish(subject, b"x")
+            await pub.flush()
+            await asyncio.wait_for(arrived.wait(), 5)
+        assert all(got[s] == 1 for s in subjects)
+    assert held > 0, "the PING never waited"
