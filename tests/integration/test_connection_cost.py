@@ -19,18 +19,20 @@ N = 12
 
 
 async def test_idle_connections_rpc_routes_hold_no_task_and_share_a_round_trip(
-        make_node: Any) -> None:
+        make_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge import _nats_patches
+
     node = await make_node()
     nc: Any = node.nats.nc
     flushes = 0
-    real_flush = nc.flush
+    real_flush = _nats_patches.flush_later  # the round trip of NatsLink.confirmed()
 
     async def counting_flush(*args: Any, **kw: Any) -> Any:
         nonlocal flushes
         flushes += 1
         return await real_flush(*args, **kw)
 
-    nc.flush = counting_flush
+    monkeypatch.setattr(_nats_patches, "flush_later", counting_flush)
     clients = await asyncio.gather(*(RawClient.connected(ws_url(node), token(f"idle-{i}"))
                                      for i in range(N)))
     routes = [s for s in nc._subs.values() if s._subject.startswith("rt.rpc.")]
