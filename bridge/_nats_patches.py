@@ -125,10 +125,16 @@ async def _send_ping(self: Client, future: asyncio.Future[Any] | None = None) ->
     if not self.is_connected:  # nats-py's own (its reconnect handles what is pending)
         await _ORIGINAL_SEND_PING(self, future)
         return
-    self._pongs.append(asyncio.Future() if future is None else future)
-    self._pending.append(_PING)
-    self._pending_data_size += len(_PING)
+    _queue_ping(self, asyncio.Future() if future is None else future)
     await self._flush_pending()
+
+
+def _queue_ping(nc: Client, future: asyncio.Future[Any]) -> None:
+    """A PING behind everything pending, and the future its PONG settles (PONGs answer PINGs
+    in order, and every PING goes through the pending buffer)."""
+    nc._pongs.append(future)
+    nc._pending.append(_PING)
+    nc._pending_data_size += len(_PING)
 
 
 _ORIGINAL_PROCESS_MSG = Client._process_msg
@@ -214,9 +220,7 @@ async def flush_later(nc: Client, timeout: float) -> None:
         await nc.flush(timeout)  # type: ignore[arg-type]  # nats-py's own path
         return
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    nc._pongs.append(future)  # in the order of the PINGs: every PING goes through _pending
-    nc._pending.append(_PING)
-    nc._pending_data_size += len(_PING)
+    _queue_ping(nc, future)
     _wake_later(nc, queue)
     try:
         await asyncio.wait_for(future, timeout)

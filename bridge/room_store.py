@@ -214,6 +214,15 @@ def _expire(fut: asyncio.Future[Any]) -> None:
         fut.set_exception(TimeoutError())
 
 
+def _commit_answer(n: int, reply: Msg) -> int:
+    """The last seq of a batch of ``n`` from its commit's answer. Raises StoreError when the
+    batch was refused (or the count differs), ValueError/KeyError on a malformed answer."""
+    ack: dict[str, Any] = orjson.loads(reply.data)
+    if ack.get("error") or int(ack.get("count", -1)) != n:
+        raise StoreError(f"batch refused: {ack.get('error')}")
+    return int(ack["seq"])
+
+
 def _copy(outcome: _Outcome, fut: asyncio.Future[tuple[int, bool]]) -> None:
     """``outcome`` into the future :meth:`JetStreamRoomStore.publish` awaits."""
     if fut.done():
@@ -730,10 +739,7 @@ class JetStreamRoomStore:
                 timer.cancel()
             if reply_msg is None:
                 return  # stored, and handed out as it was read (_stored_batch)
-            ack: dict[str, Any] = orjson.loads(reply_msg.data)
-            if ack.get("error") or int(ack.get("count", -1)) != n:
-                raise StoreError(f"batch refused: {ack.get('error')}")
-            last = int(ack["seq"])
+            last = _commit_answer(n, reply_msg)
             await self._check_order(last - n + 1)
             self._highest_acked = last
         except Exception as exc:  # refused, lost, timed out: one by one
@@ -757,11 +763,8 @@ class JetStreamRoomStore:
         after every seq acked before; None for anything else (a refusal, a count that does
         not match, a seq that needs the epoch checked): the commit task's to handle."""
         try:
-            ack: dict[str, Any] = orjson.loads(reply.data)
-            if ack.get("error") or int(ack.get("count", -1)) != len(taken):
-                return None
-            last = int(ack["seq"])
-        except (ValueError, TypeError, KeyError):
+            last = _commit_answer(len(taken), reply)
+        except (StoreError, ValueError, TypeError, KeyError):
             return None
         if last - len(taken) + 1 <= self._highest_acked:
             return None
