@@ -82,8 +82,8 @@ from nats.aio.subscription import Subscription
 from nats.protocol import parser as _parser
 from nats.protocol.parser import Parser
 
-__all__ = ["RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines", "header_value",
-           "install", "publish_many", "publish_now", "raw_dispatch"]
+__all__ = ["GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines",
+           "header_value", "install", "publish_many", "publish_now", "raw_dispatch"]
 
 log = logging.getLogger(__name__)
 
@@ -280,76 +280,96 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
     take differently from nats-py's patterns: doubled or odd whitespace, a count that is not
     digits) goes to nats-py's own parse, from there on, with the buffer as it is; so the
     result is nats-py's for every input (``tests/unit/test_nats_parser.py`` compares them on
-    seeded streams cut at random)."""
+    seeded streams cut at random). A :class:`GatheringRoute`'s messages are handed over as
+    one list per read, before anything else is and at the end of the read."""
     buf = self.buf
     buf.extend(data)
     nc = self.nc
-    while buf:
-        if self.state == _AWAITING_CONTROL_LINE:
-            end = buf.find(b"\r\n")
-            if end < 0:
-                return  # a line still coming (nats-py waits too: each pattern ends in CRLF)
-            line = bytes(buf[:end])
-            parts = line.split(b" ")
-            n = len(parts)
-            op = parts[0]
-            if op == b"MSG" and (n == 4 or n == 5):
-                header_size = b"0"
-            elif op == b"HMSG" and (n == 5 or n == 6):
-                header_size = parts[-2]
+    gathered: dict[GatheringRoute, list[Any]] = {}  # a GatheringRoute's, handed over below
+    try:
+        while buf:
+            if self.state == _AWAITING_CONTROL_LINE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    return  # a line still coming (nats-py waits too: each pattern ends in CRLF)
+                line = bytes(buf[:end])
+                parts = line.split(b" ")
+                n = len(parts)
+                op = parts[0]
+                if op == b"MSG" and (n == 4 or n == 5):
+                    header_size = b"0"
+                elif op == b"HMSG" and (n == 5 or n == 6):
+                    header_size = parts[-2]
+                else:
+                    break  # nats-py's own reading, below
+                sid, size = parts[2], parts[-1]
+                has_reply = n == (6 if op == b"HMSG" else 5)
+                reply = parts[3] if has_reply else b""
+                # Digits where nats-py wants them, no field empty, and no whitespace but single
+                # spaces (bytes.split() splits on any run of what nats-py's \s takes).
+                if (not sid.isdigit() or not size.isdigit() or not header_size.isdigit()
+                        or not parts[1] or (has_reply and not reply) or len(line.split()) != n):
+                    break
+                self.msg_arg["subject"] = parts[1]
+                self.msg_arg["sid"] = int(sid)
+                self.msg_arg["reply"] = reply
+                self.needed = int(size)
+                self.header_needed = int(header_size)
+                del buf[:end + 2]
+                self.state = _AWAITING_MSG_PAYLOAD
+                continue
+            needed = self.needed
+            if len(buf) < needed + 2:
+                return  # the payload is still coming
+            header_needed = self.header_needed
+            arg = self.msg_arg
+            subject, sid, reply = arg["subject"], arg["sid"], arg["reply"]
+            if header_needed > 0:
+                hdr: bytes | None = bytes(buf[:header_needed])
+                payload = bytes(buf[header_needed:needed])
+                self.header_needed = 0
             else:
-                break  # nats-py's own reading, below
-            sid, size = parts[2], parts[-1]
-            has_reply = n == (6 if op == b"HMSG" else 5)
-            reply = parts[3] if has_reply else b""
-            # Digits where nats-py wants them, no field empty, and no whitespace but single
-            # spaces (bytes.split() splits on any run of what nats-py's \s takes).
-            if (not sid.isdigit() or not size.isdigit() or not header_size.isdigit()
-                    or not parts[1] or (has_reply and not reply) or len(line.split()) != n):
-                break
-            self.msg_arg["subject"] = parts[1]
-            self.msg_arg["sid"] = int(sid)
-            self.msg_arg["reply"] = reply
-            self.needed = int(size)
-            self.header_needed = int(header_size)
-            del buf[:end + 2]
-            self.state = _AWAITING_MSG_PAYLOAD
-            continue
-        needed = self.needed
-        if len(buf) < needed + 2:
-            return  # the payload is still coming
-        header_needed = self.header_needed
-        arg = self.msg_arg
-        subject, sid, reply = arg["subject"], arg["sid"], arg["reply"]
-        if header_needed > 0:
-            hdr: bytes | None = bytes(buf[:header_needed])
-            payload = bytes(buf[header_needed:needed])
-            self.header_needed = 0
-        else:
-            hdr = None
-            payload = bytes(buf[:needed])
-        del buf[:needed + 2]
-        self.state = _AWAITING_CONTROL_LINE
-        sub: Any = nc._subs.get(sid)
-        if isinstance(sub, RawRoute):  # as _process_msg would, without its coroutine
-            nc.stats["in_msgs"] += 1
-            nc.stats["in_bytes"] += len(payload)
-            sub._received += 1
-            sub.deliver(subject, payload, hdr)
-        elif (hdr is None and sub is not None and type(sub._pending_queue) is _Direct
-                and not sub._max_msgs and sub._jsi is None and sub._future is None
-                and sub._pending_size + len(payload) < sub._pending_bytes_limit):
-            # nats-py's _process_msg for such a subscription, step by step (no message limit,
-            # no JetStream context, no request future, within its pending bytes: the
-            # handover's own put_nowait)
-            nc.stats["in_msgs"] += 1
-            nc.stats["in_bytes"] += len(payload)
-            sub._received += 1
-            msg = nc._build_message(sid, subject, reply, payload, None)
-            sub._pending_size += len(payload)  # the handover takes it off again
-            sub._pending_queue.put_nowait(msg)
-        else:
-            await nc._process_msg(sid, subject, reply, payload, hdr)
+                hdr = None
+                payload = bytes(buf[:needed])
+            del buf[:needed + 2]
+            self.state = _AWAITING_CONTROL_LINE
+            sub: Any = nc._subs.get(sid)
+            if isinstance(sub, RawRoute):  # as _process_msg would, without its coroutine
+                nc.stats["in_msgs"] += 1
+                nc.stats["in_bytes"] += len(payload)
+                sub._received += 1
+                if isinstance(sub, GatheringRoute):
+                    item = sub.item(subject, payload, hdr)
+                    if item is not None:
+                        items = gathered.get(sub)
+                        if items is None:
+                            gathered[sub] = [item]
+                        else:
+                            items.append(item)
+                    continue
+                if gathered:
+                    _hand_over(gathered)
+                sub.deliver(subject, payload, hdr)
+                continue
+            if gathered:
+                _hand_over(gathered)  # what came before goes first
+            if (hdr is None and sub is not None and type(sub._pending_queue) is _Direct
+                    and not sub._max_msgs and sub._jsi is None and sub._future is None
+                    and sub._pending_size + len(payload) < sub._pending_bytes_limit):
+                # nats-py's _process_msg for such a subscription, step by step (no message limit,
+                # no JetStream context, no request future, within its pending bytes: the
+                # handover's own put_nowait)
+                nc.stats["in_msgs"] += 1
+                nc.stats["in_bytes"] += len(payload)
+                sub._received += 1
+                msg = nc._build_message(sid, subject, reply, payload, None)
+                sub._pending_size += len(payload)  # the handover takes it off again
+                sub._pending_queue.put_nowait(msg)
+            else:
+                await nc._process_msg(sid, subject, reply, payload, hdr)
+    finally:
+        if gathered:
+            _hand_over(gathered)
     if buf:
         await _ORIGINAL_PARSE(self)
 
@@ -600,6 +620,39 @@ class RawRoute(Route):
             self.handler(data, headers)
         except Exception:  # never into nats-py's read loop, which would stop reading
             log.exception("! handler of %s failed", subject.decode(errors="replace"))
+
+
+class GatheringRoute(RawRoute):
+    """A :class:`RawRoute` whose handler gets the messages one read of the connection brought
+    for it as one list, in order: the read loop's parser gathers them (:meth:`item` turns each
+    into what the list holds, None to skip it) and hands each route its list (:meth:`hand_over`)
+    before it hands over any other message (every route's list, so what a read brought goes out
+    in the order it came, acks after the events they follow), and at the end of the read. A
+    message read another way (nats-py's own dispatch) is a list of one. For a room's live
+    events: one call of the room per read instead of one per event."""
+
+    __slots__ = ()
+
+    def item(self, subject: bytes, data: bytes, headers: bytes | None) -> Any:
+        """What the handler's list holds for this message (None: nothing)."""
+        return data
+
+    def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+        item = self.item(subject, data, headers)
+        if item is not None:
+            self.hand_over([item])
+
+    def hand_over(self, items: list[Any]) -> None:
+        try:
+            self.handler(items)
+        except Exception:  # never into nats-py's read loop, which would stop reading
+            log.exception("! handler of %s failed", self._subject)
+
+
+def _hand_over(gathered: dict[GatheringRoute, list[Any]]) -> None:
+    for route, items in gathered.items():
+        route.hand_over(items)
+    gathered.clear()
 
 
 def header_value(raw: bytes | None, name: bytes) -> bytes | None:

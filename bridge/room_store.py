@@ -54,6 +54,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.errors import NoRespondersError
 
 from bridge._nats_patches import (
+    GatheringRoute,
     RawRoute,
     direct_dispatch,
     header_lines,
@@ -235,13 +236,14 @@ def _copy(outcome: _Outcome, fut: asyncio.Future[tuple[int, bool]]) -> None:
         fut.set_result(outcome.result())
 
 
-class _StoredRoute(RawRoute):
+class _StoredRoute(GatheringRoute):
     """A room's stored events, as the stream republishes them: its handler (the room's
-    callback) gets each as a ``LiveMessage`` with its seq and the room's previous seq."""
+    callback) gets those of one read as a list of ``LiveMessage`` with their seq and the room's
+    previous seq."""
 
     __slots__ = ()
 
-    def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+    def item(self, subject: bytes, data: bytes, headers: bytes | None) -> LiveMessage | None:
         # The stream's RePublish sets both headers (the first event's last seq is 0).
         try:
             seq = int(header_value(headers, b"Nats-Sequence") or b"x")
@@ -249,21 +251,19 @@ class _StoredRoute(RawRoute):
         except ValueError:
             log.warning("! live message without sequence headers on %s",
                         subject.decode(errors="replace"))
-            return
-        try:
-            self.handler(LiveMessage(seq, prev, data))
-        except Exception:  # never into nats-py's read loop, which would stop reading
-            log.exception("! handler of %s failed", subject.decode(errors="replace"))
+            return None
+        return LiveMessage(seq, prev, data)
 
 
 class _VolatileRoute(RawRoute):
-    """A room's volatile events: its handler gets each as a ``LiveMessage`` without a seq."""
+    """A room's volatile events: its handler gets each as a list of one ``LiveMessage``
+    without a seq."""
 
     __slots__ = ()
 
     def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
         try:
-            self.handler(LiveMessage(None, None, data))
+            self.handler([LiveMessage(None, None, data)])
         except Exception:  # never into nats-py's read loop, which would stop reading
             log.exception("! handler of %s failed", subject.decode(errors="replace"))
 
@@ -1009,12 +1009,12 @@ class JetStreamRoomStore:
     # -- live ------------------------------------------------------------------------------
 
     async def subscribe(
-        self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
+        self, tenant: str, room: str, callback: Callable[[list[LiveMessage]], None]
     ) -> _LiveSub:
         live = _LiveSub()
         nc = self.link.nc
         # Handed over in the read loop (bridge/_nats_patches.py): no task switch, no header
-        # dict and no Msg per event.
+        # dict and no Msg per event, and the stored events of one read in one call.
         live.subs = (await raw_dispatch(nc, live_subject(tenant, room), callback,
                                         _StoredRoute),)
         try:

@@ -138,9 +138,10 @@ class LiveFeed(Protocol):
     """Events of a room as they are stored (and volatile ones), for the room actor."""
 
     async def subscribe(
-        self, tenant: str, room: str, callback: Callable[[LiveMessage], None]
+        self, tenant: str, room: str, callback: Callable[[list[LiveMessage]], None]
     ) -> Subscription:
-        """Start delivering the room's live messages to ``callback``, in stream order."""
+        """Start delivering the room's live messages to ``callback``, in stream order: a list
+        of those that arrived together (one read of the connection), at least one."""
 
     def publish_volatile(self, tenant: str, room: str, body: bytes, *,
                          later: bool = False) -> None:

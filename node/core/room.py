@@ -117,6 +117,13 @@ JOIN_RETRY_S = 5.0
 RETELL_S = 0.05
 
 
+@dataclass(slots=True)  # not frozen: one per read of the NATS connection
+class _Live:
+    """Live messages of the room, in stream order: those one read of the connection brought."""
+
+    messages: list[LiveMessage]
+
+
 @dataclass(frozen=True, slots=True)
 class _IdleCheck:
     """The room may have been empty for ``idle_s``: look (see ``RoomActor._idle``)."""
@@ -293,7 +300,7 @@ class RoomActor(Actor):
         # its connection until the room has fixed the join's position (Membership.on_in_room),
         # so they are stored after it and reach the member.
         try:
-            self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_message)
+            self._sub = await self.feed.subscribe(self.tenant, self.room, self._on_live_messages)
             self.last_seq = await self.store.last_seq(self.tenant, self.room,
                                                       after_subscribe=True)
         except BaseException:
@@ -328,8 +335,9 @@ class RoomActor(Actor):
 
         Runs in the sender's step, on the instance a restart is replacing during its backoff.
         """
-        if isinstance(message, LiveMessage):
-            self.counters.live_dropped += 1  # repaired from the stream by the next one
+        if isinstance(message, _Live):
+            # Repaired from the stream by the next one.
+            self.counters.live_dropped += len(message.messages)
         elif isinstance(message, Leave):
             # Taken at once (a Join that was queued before it is ignored when it comes, see
             # Membership.left): a Leave told again later would leave a ghost member meanwhile,
@@ -351,21 +359,23 @@ class RoomActor(Actor):
             # is not needed: with the mailbox full, every message handled looks again.)
             asyncio.get_running_loop().call_later(RETELL_S, self._retell, message)
 
-    def _on_live_message(self, msg: LiveMessage) -> None:
+    def _on_live_messages(self, messages: list[LiveMessage]) -> None:
         ref = self.ref
-        if ref.handle_now(msg):
+        live = _Live(messages)
+        if ref.handle_now(live):
             return
         try:
-            ref.tell(msg)
+            ref.tell(live)
         except ActorError:
             pass  # stopped, its subscription not ended yet: it had no members
 
     def receive_now(self, message: Any) -> bool:
-        """A live event for a room with members, handled in the NATS reader's step when the
-        actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with it."""
-        if type(message) is not LiveMessage or not self.members:
+        """Live events for a room with members, handled in the NATS reader's step when the
+        actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with them."""
+        if type(message) is not _Live or not self.members:
             return False
-        self._on_live(message)
+        for msg in message.messages:
+            self._on_live(msg)
         if not self._in_use():  # gone meanwhile: on_receive's look, after an idle check
             self.ref.tell(_IdleCheck())
         return True
@@ -479,8 +489,9 @@ class RoomActor(Actor):
     # -- messages --------------------------------------------------------------------------
 
     async def on_receive(self, message: Any) -> Any:
-        if isinstance(message, LiveMessage):
-            self._on_live(message)
+        if isinstance(message, _Live):
+            for msg in message.messages:
+                self._on_live(msg)
         elif isinstance(message, Join):
             self._on_join(message)
         elif isinstance(message, Leave):

@@ -11,7 +11,8 @@ subscribed live: every publish is settled once, with a seq of its own; the seqs 
 stream delivered live with the same bodies, in the order published within each batch; and each
 publish that went in a batch was handed its seq inside the NATS read loop (the loop step that
 read the answer), not in a later step; so was each one sent on its own (the first of a burst,
-before batches form, and those of quiet moments).
+before batches form, and those of quiet moments). The live events of one read reach the room's
+callback in one call.
 
 And over the network, hostile: publishers that reset their sockets while their batches are in
 flight leave the others whole (every reply, every stored event once, in order).
@@ -45,11 +46,15 @@ async def test_a_batch_is_handed_out_in_the_step_that_reads_its_commit(make_node
     everything_live = asyncio.Event()
     expected = 0
 
-    def on_live(msg: LiveMessage) -> None:
-        if msg.seq is not None:
-            live[msg.seq] = msg.body
-            if len(live) >= expected > 0:
-                everything_live.set()
+    handovers: list[int] = []  # live events per call: those one read brought
+
+    def on_live(msgs: list[LiveMessage]) -> None:
+        handovers.append(len(msgs))
+        for msg in msgs:
+            if msg.seq is not None:
+                live[msg.seq] = msg.body
+        if len(live) >= expected > 0:
+            everything_live.set()
 
     sub = await store.subscribe("default", room, on_live)
     reading = store.link.nc._reading_task
@@ -88,6 +93,8 @@ async def test_a_batch_is_handed_out_in_the_step_that_reads_its_commit(make_node
     assert store.retries == retries0, "a publish was tried again (not what this test is for)"
     late = [i for i, (_, in_read_loop) in settled.items() if not in_read_loop]
     assert not late, f"{len(late)} publishes settled in a later step"
+    # A batch's events come back together: handed to the room in one call per read.
+    assert max(handovers) > 1 and sum(handovers) == len(live), handovers
 
 
 @pytest.mark.parametrize("seed", [SEED, SEED + 1])

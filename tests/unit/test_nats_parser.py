@@ -1,8 +1,9 @@
 """The node's reading of what nats-server sends (``bridge._nats_patches._parse``) against
 nats-py's own parser.
 
-Seeded streams of server protocol (MSG and HMSG with and without a reply, to a room's raw
-route, to a :func:`~bridge._nats_patches.direct_dispatch` subscription, to a subscription with
+Seeded streams of server protocol (MSG and HMSG with and without a reply, to a room's route,
+whose messages of one read are handed over as one list, to a raw route that takes each at once,
+to a :func:`~bridge._nats_patches.direct_dispatch` subscription, to a subscription with
 a queue and to none; PING, PONG, +OK, -ERR, INFO; and lines nats-py's patterns read in their
 own way: doubled spaces, tabs, a sid of ``+1`` or ``1_0``, counts that are not digits, unknown
 operations) are cut into random chunks and fed to both parsers, each with a client of its own.
@@ -23,10 +24,17 @@ from nats.errors import ProtocolError
 from nats.protocol.parser import Parser
 
 from bridge import _nats_patches
-from bridge._nats_patches import RawRoute, _Direct
+from bridge._nats_patches import GatheringRoute, RawRoute, _Direct
 
 SEED = int(os.environ.get("RTNODE_TEST_NATS_PARSER_SEED", "3817"))
 STREAMS = 300
+
+
+class _Gathering(GatheringRoute):
+    __slots__ = ()
+
+    def item(self, subject: bytes, data: bytes, headers: bytes | None) -> Any:
+        return None if data == b"skip" else ("raw", data, headers)
 
 
 class _World:
@@ -38,7 +46,16 @@ class _World:
         self.nc = nc = Client()
         self.log: list[Any] = []
         log = self.log
-        route = RawRoute(nc, 1, "live.>", lambda data, hdr: log.append(("raw", data, hdr)))
+        # A room's stored events: each read's as one list (logged one by one, as nats-py's
+        # own dispatch hands them over, lists of one); and a route that takes each at once.
+        self.lists: list[int] = []
+
+        def gathered(items: list[Any]) -> None:
+            self.lists.append(len(items))
+            log.extend(items)
+
+        route = _Gathering(nc, 1, "live.>", gathered)
+        plain = RawRoute(nc, 7, "plain.>", lambda data, hdr: log.append(("plain", data, hdr)))
         direct = Subscription(nc, 2, "_INBOX.>")
         direct._pending_queue = _Direct(  # type: ignore[assignment]
             direct, lambda m: log.append(("direct", m.subject, m.reply, m.data, m.headers)))
@@ -54,7 +71,8 @@ class _World:
         small._pending_bytes_limit = 120
         small._pending_queue = _Direct(  # type: ignore[assignment]
             small, lambda m: log.append(("small", m.subject, m.data)))
-        subs: dict[int, Any] = {1: route, 2: direct, 3: self.queued, 5: limited, 6: small}
+        subs: dict[int, Any] = {1: route, 2: direct, 3: self.queued, 5: limited, 6: small,
+                                7: plain}
         nc._subs.update(subs)
         self.direct = direct
 
@@ -99,7 +117,7 @@ def _subject(rng: random.Random) -> bytes:
 
 
 def _payload(rng: random.Random) -> bytes:
-    return rng.choice([b"", b"\r\n", b"MSG x 1 3\r\n", b'{"seq":1}',
+    return rng.choice([b"", b"\r\n", b"MSG x 1 3\r\n", b'{"seq":1}', b"skip",
                        rng.randbytes(rng.randint(0, 300))])
 
 
@@ -114,7 +132,7 @@ def _headers(rng: random.Random) -> bytes:
 
 
 def _message(rng: random.Random) -> bytes:
-    sid = rng.choice([b"1", b"2", b"3", b"4", b"5", b"6", b"1", b"2"])
+    sid = rng.choice([b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"1", b"1", b"2"])
     reply = rng.choice([b"", b"", b"_INBOX.r.1", b"7"])
     data = _payload(rng)
     subject = _subject(rng)
@@ -189,21 +207,25 @@ async def _feed(parse: Any, world: _World, stream: bytes, cuts: list[int]) -> An
 
 async def test_the_node_reads_every_stream_as_nats_py_does() -> None:
     rng = random.Random(SEED)
-    kinds = {"raw": 0, "direct": 0, "limited": 0, "small": 0, "error_cb": 0, "error": 0}
+    kinds = {"raw": 0, "plain": 0, "direct": 0, "limited": 0, "small": 0, "error_cb": 0,
+             "error": 0, "lists": 0}
     for i in range(STREAMS):
         stream = _stream(rng)
         cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1,
                                                              rng.randint(0, 12))))
         if rng.random() < 0.3:  # byte by byte: every place a read can end
             cuts = list(range(1, len(stream)))
-        ours = await _feed(_nats_patches._parse, _World(), stream, cuts)
+        world = _World()
+        ours = await _feed(_nats_patches._parse, world, stream, cuts)
         theirs = await _feed(_nats_patches._ORIGINAL_PARSE, _World(), stream, cuts)
         assert ours == theirs, f"stream {i} (seed {SEED}): {stream[:300]!r} cut at {cuts}"
         for entry in ours[1][0]:
             if entry[0] in kinds:
                 kinds[entry[0]] += 1
         kinds["error"] += ours[0] is not None
-    # The streams reached every path: raw routes, acks handed over, and refusals.
+        kinds["lists"] += any(n > 1 for n in world.lists)
+    # The streams reached every path: raw routes (lists of several among them), acks handed
+    # over, and refusals.
     assert min(kinds.values()) > 10, kinds
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +34,7 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.events: list[tuple[int, bytes]] = []
-        self.callback: Callable[[LiveMessage], None] | None = None
+        self.callback: Callable[[list[LiveMessage]], None] | None = None
         self.reads = 0
         self.gate: asyncio.Event | None = None  # hold reads until set
 
@@ -49,7 +51,7 @@ class FakeStore:
         index = [s for s, _ in self.events].index(seq)
         prev = self.events[index - 1][0] if index else 0
         assert self.callback is not None
-        self.callback(LiveMessage(seq, prev, self.events[index][1]))
+        self.callback([LiveMessage(seq, prev, self.events[index][1])])
 
     async def subscribe(self, tenant: str, room: str, callback: Any) -> Any:
         self.callback = callback
@@ -147,6 +149,45 @@ async def test_live_in_order_and_gaps_repaired(room: Any) -> None:
     store.deliver(seqs[4])
     assert await rec.until(5) == seqs
     assert rec.frames[0]["type"] == "joined"
+
+
+async def test_live_lists_of_any_shape_deliver_every_event_once_in_order(room: Any) -> None:
+    """Seeded: the live path hands the room lists of events (what one read of NATS brought),
+    of any length, with events lost, repeated or already delivered among them; two members
+    (JSON, CBOR), one joining midway, each get every event from their join on once, in order."""
+    rng = random.Random(int(os.environ.get("RTNODE_TEST_LIVE_LISTS_SEED", "5417")))
+    store, ref = room
+    first, first_rec = member()
+    ref.tell(Join(first))
+    await first_rec.joined()
+    late, late_rec = member(CBOR)
+    seqs = store.add(300)
+    prev = {s: (seqs[i - 1] if i else 0) for i, s in enumerate(seqs)}
+    i = 0
+    while i < len(seqs):
+        if i >= 150 and not late_rec.frames:
+            ref.tell(Join(late))
+            await late_rec.joined()
+        n = rng.randint(1, 12)
+        chunk = seqs[i:i + n]
+        i += n
+        sent = [s for s in chunk if rng.random() > 0.1]  # some lost: read back
+        if rng.random() < 0.3 and i > n:
+            sent.insert(0, seqs[i - n - 1])  # one delivered already
+        if sent and rng.random() < 0.2:
+            sent.append(sent[-1])  # a repeat
+        store.callback([LiveMessage(s, prev[s], store.events[seqs.index(s)][1]) for s in sent])
+    # The last ones, if lost, are read back by the next event's gap: send one more.
+    last = store.add(1)[0]
+    store.callback([LiveMessage(last, seqs[-1], store.events[-1][1])])
+    assert await first_rec.until(301) == [*seqs, last]
+    late_events = late_rec.events()
+    while not late_events or late_events[-1] != last:
+        late_rec.arrived.clear()
+        await asyncio.wait_for(late_rec.arrived.wait(), 5)
+        late_events = late_rec.events()
+    start = late_events[0]
+    assert late_events == [s for s in [*seqs, last] if s >= start]
 
 
 async def test_join_since_replays_then_goes_live_without_a_seam(room: Any) -> None:
@@ -503,7 +544,7 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
                 if rng.random() < 0.5:
                     recent.put(body, as_map)
             assert store.callback is not None
-            store.callback(LiveMessage(None, None, body))
+            store.callback([LiveMessage(None, None, body)])
         barrier, barrier_rec = member()
         ref.tell(Join(barrier))  # handled after every event told before it
         await barrier_rec.joined()
