@@ -296,19 +296,20 @@ class Admission:
 
     def _stored_soon(self, admitted: Admitted, done: Callable[[int, ProtocolError | None], None],
                      fut: Settled) -> None:
-        if fut.cancelled():
+        try:
+            seq, duplicate = fut.result()  # one call on the path of every stored event
+        except asyncio.CancelledError:
             return
-        exc = fut.exception()
-        if exc is None:
-            seq, duplicate = fut.result()
-            self._stored(admitted, duplicate)
-            done(seq, None)
-        elif isinstance(exc, StoreError):
+        except StoreError as exc:
             done(0, self._not_stored(admitted, exc))
-        else:  # a bug of the store: the publisher may retry (same msg_id: stored once)
+            return
+        except Exception as exc:  # a bug of the store: the publisher may retry (same msg_id)
             log.error("! publish to %s (%s) failed: %r", admitted.room, admitted.door, exc)
             self.stats.counts[(admitted.door, "4503")] += 1
             done(0, ProtocolError(4503, "event not stored, retry", retry=True))
+            return
+        self._stored(admitted, duplicate)
+        done(seq, None)
 
     def _stored(self, admitted: Admitted, duplicate: bool) -> None:
         self.stats.counts[(admitted.door, "duplicate" if duplicate else "stored")] += 1

@@ -138,7 +138,7 @@ class NodeContext:
         return self.system.get(_room_name(tenant, room))
 
     def _room_here(self, tenant: str, room: str) -> bool:
-        return self.running_room(tenant, room) is not None
+        return self.system.get(_room_name(tenant, room)) is not None  # for every event admitted
 
     def may_open_room(self, tenant: str, room: str) -> bool:
         """Whether a join of ``room`` may go ahead: its room actor runs already, or the node

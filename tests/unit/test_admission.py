@@ -172,8 +172,9 @@ async def test_store_failures_map_to_4503_retry_or_4500() -> None:
 
 async def test_store_soon_answers_as_store_would() -> None:
     """Without a coroutine: ``done`` hears what ``store`` would return or raise, counted the
-    same; a cancelled publish is never answered; a store that is not gathering, and a state
-    room, take the coroutine path (False)."""
+    same; a cancelled publish is never answered; a store's bug (any other exception) is a
+    4503 to retry; a store that is not gathering, and a state room, take the coroutine path
+    (False)."""
     adm, store = admission(namespaces={"st": {"state": True}})
     event = adm.admit("ws", ALICE, frame("chat:a", data=1), client_id="c1")
     heard: list[tuple[int, int | None, bool | None]] = []
@@ -183,20 +184,22 @@ async def test_store_soon_answers_as_store_would() -> None:
 
     assert adm.store_soon(event, done) is False  # the store is not gathering
     store.soon = []
-    for _ in range(5):
+    for _ in range(6):
         assert adm.store_soon(event, done) is True
     assert heard == [], "never answered within the call"
-    ok, dup, retry, refused, cancelled = store.soon
+    ok, dup, retry, refused, cancelled, bug = store.soon
     ok.set_result((7, False))
     dup.set_result((7, True))
     retry.set_exception(StoreError("timeout"))
     refused.set_exception(StoreError("too big", retry=False))
     cancelled.cancel()
+    bug.set_exception(RuntimeError("a bug of the store"))
     await asyncio.sleep(0)  # the futures' callbacks run
-    assert heard == [(7, None, None), (7, None, None), (0, 4503, True), (0, 4500, False)]
+    assert heard == [(7, None, None), (7, None, None), (0, 4503, True), (0, 4500, False),
+                     (0, 4503, True)]
     counts = adm.stats.counts
     assert (counts[("ws", "stored")], counts[("ws", "duplicate")], counts[("ws", "4503")],
-            counts[("ws", "4500")]) == (1, 1, 1, 1)
+            counts[("ws", "4500")]) == (1, 1, 2, 1)
     writer = Principal(sub="w", tenant="t1", rooms={"st:*": frozenset({"publish"})})
     state = adm.admit("ws", writer, frame("st:a", data=1), client_id="c1")
     assert state.key == "w"
