@@ -655,9 +655,10 @@ class MqttSession(asyncio.Protocol):
             self.volatile.publish(admitted)
             return False
         msg_id = frame.msg_id
-        # A busy node's store gathers publishes into batches: then no task per uplink.
-        if not self.ctx.admission.store_soon(admitted, lambda _seq, error: self._stored(
-                entry, topic, payload, msg_id, notify, error)):
+        # A busy node's store gathers publishes into batches: then no task per uplink (and a
+        # partial, not a closure: no cell per variable it holds, no frame of its own).
+        if not self.ctx.admission.store_soon(admitted, functools.partial(
+                self._stored, entry, topic, payload, msg_id, notify)):
             self._loop.create_task(self._store(admitted, entry, topic, payload, msg_id, notify))
         return True
 
@@ -666,12 +667,12 @@ class MqttSession(asyncio.Protocol):
         try:
             await self.ctx.admission.store(admitted)
         except ProtocolError as exc:
-            self._stored(entry, topic, payload, msg_id, notify, exc)
+            self._stored(entry, topic, payload, msg_id, notify, 0, exc)
         else:
-            self._stored(entry, topic, payload, msg_id, notify, None)
+            self._stored(entry, topic, payload, msg_id, notify, 0, None)
 
     def _stored(self, entry: list[Any] | None, topic: str, payload: bytes, msg_id: object,
-                notify: bool, exc: ProtocolError | None) -> None:
+                notify: bool, _seq: int, exc: ProtocolError | None) -> None:
         if exc is None:
             self.bridge.uplinks += 1
         elif exc.retry:

@@ -36,6 +36,7 @@ Pure domain code: no I/O library is imported here; the store and the feed are po
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -291,7 +292,7 @@ class Admission:
                                            admitted.dedupe, admitted.ttl_s)
         if fut is None:
             return False
-        fut.add_done_callback(lambda f: self._stored_soon(admitted, done, f))
+        fut.add_done_callback(functools.partial(self._stored_soon, admitted, done))
         return True
 
     def _stored_soon(self, admitted: Admitted, done: Callable[[int, ProtocolError | None], None],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -754,8 +755,8 @@ class ConnectionActor(Actor):
 
     def _publish(self, command: StorePublish) -> None:
         # A busy node's store gathers publishes into batches: then no task per publish.
-        if not self.ctx.admission.store_soon(
-                command.admitted, lambda seq, error: self._stored(command, seq, error)):
+        if not self.ctx.admission.store_soon(command.admitted,
+                                             functools.partial(self._stored, command)):
             self._spawn(self._store(command), "publish")
 
     async def _store(self, command: StorePublish) -> None:

@@ -106,7 +106,7 @@ def _check(value: Any, depth_left: int) -> None:
         for key in value:
             if type(key) is not str:
                 raise _Refused("map key is not text")
-            if not _text_ok(key):
+            if not key.isascii() and not _text_ok(key):  # most keys are ASCII: no call
                 raise _Refused("map key with a lone surrogate")
         _check_items(value.items(), depth_left - 1, _key_step)
     elif t is list:
