@@ -33,7 +33,7 @@ from bridge.ws import WebSocketBridge
 from node.core.connection import NodeContext, Shutdown
 from node.core.events import event_body
 from node.core.ports import LiveMessage
-from node.core.room import CheckGap
+from node.core.room import CheckGap, Live
 from node.core.rpc import load_rpc_modules
 from node.memory import MemoryReturn, release
 from node.metrics import CONTENT_TYPE, NodeMetrics
@@ -405,7 +405,7 @@ class Node:
         who = Principal(sub=str(member.get("user", "?")), tenant=tenant, kind=kind)
         body = event_body(room, "presence:leave", member, who, member.get("client_id"), None)
         with contextlib.suppress(Exception):
-            ref.tell(LiveMessage(None, None, body))
+            ref.tell(Live([LiveMessage(None, None, body)]))
 
     async def readiness(self) -> str | None:
         """None when this node can serve, else why not."""

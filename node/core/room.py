@@ -78,6 +78,7 @@ from node.core.room_messages import (
     CheckGap,
     Join,
     Leave,
+    Live,
     Membership,
     RoomCounters,
     RoomSettings,
@@ -95,6 +96,7 @@ __all__ = [
     "CheckGap",
     "Join",
     "Leave",
+    "Live",
     "Membership",
     "RoomActor",
     "RoomCounters",
@@ -115,13 +117,6 @@ STATE_WAIT_S = 2.0
 JOIN_RETRY_S = 5.0
 #: The first delay before a message that found the mailbox full is told again.
 RETELL_S = 0.05
-
-
-@dataclass(slots=True)  # not frozen: one per read of the NATS connection
-class _Live:
-    """Live messages of the room, in stream order: those one read of the connection brought."""
-
-    messages: list[LiveMessage]
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +330,7 @@ class RoomActor(Actor):
 
         Runs in the sender's step, on the instance a restart is replacing during its backoff.
         """
-        if isinstance(message, _Live):
+        if isinstance(message, Live):
             # Repaired from the stream by the next one.
             self.counters.live_dropped += len(message.messages)
         elif isinstance(message, Leave):
@@ -361,7 +356,7 @@ class RoomActor(Actor):
 
     def _on_live_messages(self, messages: list[LiveMessage]) -> None:
         ref = self.ref
-        live = _Live(messages)
+        live = Live(messages)
         if ref.handle_now(live):
             return
         try:
@@ -372,7 +367,7 @@ class RoomActor(Actor):
     def receive_now(self, message: Any) -> bool:
         """Live events for a room with members, handled in the NATS reader's step when the
         actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with them."""
-        if type(message) is not _Live or not self.members:
+        if type(message) is not Live or not self.members:
             return False
         for msg in message.messages:
             self._on_live(msg)
@@ -489,7 +484,7 @@ class RoomActor(Actor):
     # -- messages --------------------------------------------------------------------------
 
     async def on_receive(self, message: Any) -> Any:
-        if isinstance(message, _Live):
+        if isinstance(message, Live):
             for msg in message.messages:
                 self._on_live(msg)
         elif isinstance(message, Join):

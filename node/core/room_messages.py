@@ -1,6 +1,6 @@
 """What a :class:`~node.core.room.RoomActor` is told and shares: its settings, the node-wide
 counters, a member's place in it (:class:`Membership`), and the messages a connection or the
-node sends it (:class:`Join`, :class:`Leave`, :class:`CheckGap`).
+node sends it (:class:`Join`, :class:`Leave`, :class:`CheckGap`, :class:`Live`).
 
 ``node.core.room`` re-exports every name here.
 """
@@ -12,15 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.core.outbox import Outbox
+from node.core.ports import LiveMessage
 
 __all__ = [
     "CheckGap",
     "Join",
     "Leave",
+    "Live",
     "Membership",
     "RoomCounters",
     "RoomSettings",
 ]
+
+
+@dataclass(slots=True)  # not frozen: one per read of the NATS connection, built quickly
+class Live:
+    """Live messages of the room, in stream order: those one read of the connection brought
+    (or one the node makes itself, a presence leave of a member whose node died)."""
+
+    messages: list[LiveMessage]
 
 
 @dataclass(frozen=True, slots=True)
