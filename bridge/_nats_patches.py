@@ -302,37 +302,44 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
                     header_size = parts[-2]
                 else:
                     break  # nats-py's own reading, below
-                sid, size = parts[2], parts[-1]
+                sid_text, size = parts[2], parts[-1]
                 has_reply = n == (6 if op == b"HMSG" else 5)
                 reply = parts[3] if has_reply else b""
                 # Digits where nats-py wants them, no field empty, and no whitespace but single
                 # spaces (bytes.split() splits on any run of what nats-py's \s takes).
-                if (not sid.isdigit() or not size.isdigit() or not header_size.isdigit()
+                if (not sid_text.isdigit() or not size.isdigit() or not header_size.isdigit()
                         or not parts[1] or (has_reply and not reply) or len(line.split()) != n):
                     break
-                self.msg_arg["subject"] = parts[1]
-                self.msg_arg["sid"] = int(sid)
-                self.msg_arg["reply"] = reply
-                self.needed = int(size)
-                self.header_needed = int(header_size)
-                del buf[:end + 2]
-                self.state = _AWAITING_MSG_PAYLOAD
-                continue
-            needed = self.needed
-            if len(buf) < needed + 2:
-                return  # the payload is still coming
-            header_needed = self.header_needed
-            arg = self.msg_arg
-            subject, sid, reply = arg["subject"], arg["sid"], arg["reply"]
-            if header_needed > 0:
-                hdr: bytes | None = bytes(buf[:header_needed])
-                payload = bytes(buf[header_needed:needed])
+                subject, sid = parts[1], int(sid_text)
+                needed = self.needed = int(size)
+                header_needed = int(header_size)
+                start = end + 2
+                if len(buf) < start + needed + 2:  # the payload is still coming: wait for it
+                    self.msg_arg["subject"] = subject
+                    self.msg_arg["sid"] = sid
+                    self.msg_arg["reply"] = reply
+                    self.header_needed = header_needed
+                    del buf[:start]
+                    self.state = _AWAITING_MSG_PAYLOAD
+                    return
+            else:
+                needed = self.needed
+                if len(buf) < needed + 2:
+                    return  # the payload is still coming
+                header_needed = self.header_needed
+                arg = self.msg_arg
+                subject, sid, reply = arg["subject"], arg["sid"], arg["reply"]
                 self.header_needed = 0
+                self.state = _AWAITING_CONTROL_LINE
+                start = 0
+            # The message: its line at the start of buf (read above), or read before.
+            if header_needed > 0:
+                hdr: bytes | None = bytes(buf[start:start + header_needed])
+                payload = bytes(buf[start + header_needed:start + needed])
             else:
                 hdr = None
-                payload = bytes(buf[:needed])
-            del buf[:needed + 2]
-            self.state = _AWAITING_CONTROL_LINE
+                payload = bytes(buf[start:start + needed])
+            del buf[:start + needed + 2]
             sub: Any = nc._subs.get(sid)
             if isinstance(sub, RawRoute):  # as _process_msg would, without its coroutine
                 nc.stats["in_msgs"] += 1
