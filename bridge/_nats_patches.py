@@ -348,7 +348,11 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
                 nc.stats["in_bytes"] += len(payload)
                 sub._received += 1
                 if isinstance(sub, GatheringRoute):
-                    item = sub.item(subject, payload, hdr)
+                    try:
+                        item = sub.item(subject, payload, hdr)
+                    except Exception:  # never into nats-py's read loop, which would stop
+                        log.exception("! message of %s not read", sub._subject)
+                        item = None
                     if item is not None:
                         items = gathered.get(sub)
                         if items is None:
@@ -658,7 +662,11 @@ class GatheringRoute(RawRoute):
         return data
 
     def deliver(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
-        item = self.item(subject, data, headers)
+        try:
+            item = self.item(subject, data, headers)
+        except Exception:  # never into nats-py's read loop, which would stop reading
+            log.exception("! message of %s not read", self._subject)
+            return
         if item is not None:
             self.hand_over([item])
 

@@ -34,6 +34,8 @@ class _Gathering(GatheringRoute):
     __slots__ = ()
 
     def item(self, subject: bytes, data: bytes, headers: bytes | None) -> Any:
+        if data == b"boom":
+            raise ValueError("a route's bug: logged, the message dropped, the reading goes on")
         return None if data == b"skip" else ("raw", data, headers)
 
 
@@ -117,7 +119,7 @@ def _subject(rng: random.Random) -> bytes:
 
 
 def _payload(rng: random.Random) -> bytes:
-    return rng.choice([b"", b"\r\n", b"MSG x 1 3\r\n", b'{"seq":1}', b"skip",
+    return rng.choice([b"", b"\r\n", b"MSG x 1 3\r\n", b'{"seq":1}', b"skip", b"boom",
                        rng.randbytes(rng.randint(0, 300))])
 
 
