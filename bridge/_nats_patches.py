@@ -75,7 +75,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import nats.aio.client as _nats_client
 from nats import errors
 from nats.aio.client import Client, _validate_subject
 from nats.aio.msg import Msg
@@ -83,9 +82,8 @@ from nats.aio.subscription import Subscription
 from nats.protocol import parser as _parser
 from nats.protocol.parser import Parser
 
-__all__ = ["READ_BYTES", "GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_later",
-           "header_lines", "header_value", "install", "publish_many", "publish_now",
-           "raw_dispatch"]
+__all__ = ["GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines",
+           "header_value", "install", "publish_many", "publish_now", "raw_dispatch"]
 
 log = logging.getLogger(__name__)
 
@@ -387,26 +385,15 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
         await _ORIGINAL_PARSE(self)
 
 
-# What nats-py's read loop takes from its socket at once (its own: 32 KB, also the limit of
-# its reader's buffer, which pauses the socket at twice as much). A busy node's loop step then
-# reads up to ~600 live events rather than ~80: each member's outbox writes once per step, so
-# fewer writes per event, and each room gets its events of the step in one call. 500 rooms x 2
-# (bench --only rooms), A/B x3 interleaved: node CPU per event 46.0 vs 48.6 us (-5%); device
-# ingest (one member) 3.39 vs 3.45 s per 100k. A quiet node's reads are as small as before.
-READ_BYTES = 256 * 1024
-
-
 def install() -> None:
     """Replace nats-py's header parser, PONG handler, PING, flusher wake-up, message
-    dispatch and protocol parser, and the size of its reads (idempotent; the size applies
-    to the connections made after)."""
+    dispatch and protocol parser (idempotent)."""
     Parser.parse = _parse  # type: ignore[method-assign]
     Client._send_ping = _send_ping  # type: ignore[method-assign]
     Client._flush_pending = _flush_pending  # type: ignore[method-assign]
     Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]
     Client._process_pong = _process_pong  # type: ignore[method-assign]
     Client._process_msg = _process_msg  # type: ignore[method-assign]
-    _nats_client.DEFAULT_BUFFER_SIZE = READ_BYTES
 
 
 # -- many publishes, one command ---------------------------------------------------------------

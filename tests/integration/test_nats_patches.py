@@ -36,8 +36,6 @@ from nats.aio.msg import Msg
 from nats.js.api import RePublish, StorageType, StreamConfig
 
 from bridge._nats_patches import (
-    READ_BYTES,
-    GatheringRoute,
     direct_dispatch,
     header_lines,
     header_value,
@@ -321,36 +319,6 @@ async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
     await pub.flush()
     await asyncio.wait_for(other.wait(), 10)  # sent after t.direct, so that one is past
     assert len(got) == before
-
-
-async def test_a_read_takes_up_to_read_bytes_at_once(clients: tuple[Client, Client]) -> None:
-    """nats-py's read loop takes up to READ_BYTES from its socket at once (its own took 32 KB):
-    with ~700 KB waiting, a gathering route gets lists of more than 32 KB of messages, every
-    message once, in order."""
-    pub, sub_nc = clients
-    lists: list[list[bytes]] = []
-    last = asyncio.Event()
-
-    def on_list(items: list[bytes]) -> None:
-        lists.append(items)
-        if items[-1].startswith(b"1999:"):
-            last.set()
-
-    await raw_dispatch(sub_nc, "t.reads", on_list, GatheringRoute)
-    await sub_nc.flush()
-    socket = sub_nc._transport._io_writer.transport  # type: ignore[union-attr]
-    socket.pause_reading()
-    sent = [b"%d:" % i + bytes(300) for i in range(2000)]
-    for data in sent:
-        await pub.publish("t.reads", data)
-    await pub.flush()  # the server has them all, and writes them to the subscriber's socket
-    await asyncio.sleep(0.3)  # where they wait, unread
-    socket.resume_reading()
-    await asyncio.wait_for(last.wait(), 10)
-    assert [m for items in lists for m in items] == sent
-    # A list is what one read completed (its first message may have begun in the read before).
-    biggest = max(sum(len(m) for m in items) for items in lists)
-    assert 32 * 1024 < biggest <= READ_BYTES + len(sent[0]), [len(items) for items in lists]
 
 
 async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Client]) -> None:
