@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,11 @@ _PREFIX = f"$KV.{BUCKET}"
 _TAKEOVER = "rtnode.mqtt.takeover"
 BEFORE_HEADER = "Rtnode-Takeover-Before"
 CONN_HEADER = "Rtnode-Takeover-Conn"
-_WRONG_LAST_SEQ = 10071
+# JetStream's answers to a write whose expected revision is not the key's: 10071 names the key's
+# revision; 10164 (a replicated stream) says another write of the key is in process on the
+# leader. Both mean someone else wrote (or is writing) the record.
+_WRONG_LAST_SEQ = (10071, 10164)
+_CLAIM_TRIES = 8
 _WRITE_TIMEOUT_S = 5.0
 _PAGE = 1000  # records read per request by list()
 
@@ -299,7 +304,7 @@ class SessionStore:
             raise StoreError(f"session write failed: {type(exc).__name__}") from None
         err = ack.get("error")
         if err:
-            if err.get("err_code") == _WRONG_LAST_SEQ:
+            if err.get("err_code") in _WRONG_LAST_SEQ:
                 self.conflicts += 1
                 raise SessionTaken(f"session {record.tenant}/{record.client_id} taken")
             raise StoreError(str(err.get("description", "refused")))
@@ -319,7 +324,11 @@ class SessionStore:
             SessionsFull: A new session beyond ``max_per_tenant``.
             StoreError: JetStream did not answer.
         """
-        for _ in range(5):
+        for attempt in range(_CLAIM_TRIES):
+            if attempt:
+                # A lost race: the other write may still be in process on the leader (read
+                # now, it would show the revision it replaces), so wait a moment, jittered.
+                await asyncio.sleep(random.uniform(0.005, 0.01 * 2 ** attempt))
             record, revision = await self.read(tenant, client_id)
             present = record is not None
             if record is None:

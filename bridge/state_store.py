@@ -59,8 +59,11 @@ _SEQ_HEADER = "Rtnode-Seq"
 _EPOCH_HEADER = "Rtnode-Epoch"
 _EPOCH_FIELD = "epoch"  # in the stored map only: taken out of what values() returns
 _BATCH = 1000  # 10,000 keys: ~0.4 s in 10 batches (256: ~0.7 s); nats-py parses headers
-# JetStream's answer to a write whose expected last subject sequence is not the key's.
+# JetStream's answers to a write whose expected last subject sequence is not the key's: 10071
+# names the key's sequence; 10164 (a replicated stream) says another write of the key is in
+# process on the leader, which a read at once would not show yet.
 _WRONG_LAST_SEQUENCE = 10071
+_WRITE_IN_PROCESS = 10164
 _CAS_TRIES = 20
 _WRITTEN_MAX = 65536  # keys whose last write by this node is remembered
 _ROOMS_CACHED = 1024  # rooms whose key set is cached for may_add
@@ -342,9 +345,10 @@ class StateStore:
                         self._written.popitem(last=False)
                     return
                 self._written.pop(subject, None)
-                if err and err.get("err_code") == _WRONG_LAST_SEQUENCE:
-                    if last is None:
-                        self.conflicts += 1  # another node wrote it meanwhile: read again
+                code = err.get("err_code") if err else None
+                if code in (_WRONG_LAST_SEQUENCE, _WRITE_IN_PROCESS) and last is None:
+                    self.conflicts += 1  # another node wrote it meanwhile: read again
+                if code == _WRONG_LAST_SEQUENCE:
                     continue
                 reason = str(err.get("description", "refused")) if err else "no ack"
             except StoreError as exc:
