@@ -39,7 +39,7 @@ from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
 
-from bridge.room_store import JetStreamRoomStore
+from bridge.room_store import WRITE_IN_PROCESS, WRONG_LAST_SEQUENCE, JetStreamRoomStore
 from node.core.ports import StoreError
 
 __all__ = ["BUCKET", "SessionRecord", "SessionStore", "SessionTaken", "SessionsFull", "Takeover"]
@@ -52,10 +52,8 @@ _PREFIX = f"$KV.{BUCKET}"
 _TAKEOVER = "rtnode.mqtt.takeover"
 BEFORE_HEADER = "Rtnode-Takeover-Before"
 CONN_HEADER = "Rtnode-Takeover-Conn"
-# JetStream's answers to a write whose expected revision is not the key's: 10071 names the key's
-# revision; 10164 (a replicated stream) says another write of the key is in process on the
-# leader. Both mean someone else wrote (or is writing) the record.
-_WRONG_LAST_SEQ = (10071, 10164)
+# Someone else wrote (or is writing) the record (see bridge.room_store).
+_LOST_RACE = (WRONG_LAST_SEQUENCE, WRITE_IN_PROCESS)
 _CLAIM_TRIES = 8
 _WRITE_TIMEOUT_S = 5.0
 _PAGE = 1000  # records read per request by list()
@@ -304,7 +302,7 @@ class SessionStore:
             raise StoreError(f"session write failed: {type(exc).__name__}") from None
         err = ack.get("error")
         if err:
-            if err.get("err_code") in _WRONG_LAST_SEQ:
+            if err.get("err_code") in _LOST_RACE:
                 self.conflicts += 1
                 raise SessionTaken(f"session {record.tenant}/{record.client_id} taken")
             raise StoreError(str(err.get("description", "refused")))

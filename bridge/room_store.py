@@ -67,7 +67,7 @@ from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
 
-__all__ = ["JetStreamRoomStore"]
+__all__ = ["WRITE_IN_PROCESS", "WRONG_LAST_SEQUENCE", "JetStreamRoomStore"]
 
 log = logging.getLogger("bridge.store")
 
@@ -80,6 +80,12 @@ _RETRYABLE_STATUS = {"503", "408"}
 # e.g. when the retries buffered by nats-py during a disconnect are flushed together on
 # reconnect. Retrying soon gets the duplicate ack with the original seq.
 _RETRYABLE_ERR_CODES = {10158}
+# A compare-and-set write (Nats-Expected-Last-Subject-Sequence) that lost its race: 10071 "wrong
+# last sequence: N" names the key's sequence; 10164 "wrong last sequence" (a replicated stream)
+# says another write of the key is still in process on the leader, which a read at once would
+# not show yet. The key-value writes (MQTT sessions, state rooms) take both as a conflict.
+WRONG_LAST_SEQUENCE = 10071
+WRITE_IN_PROCESS = 10164
 
 
 # Group commit (see the module docstring): publishes in flight one by one before the next ones

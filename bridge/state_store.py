@@ -40,7 +40,7 @@ from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
 
-from bridge.room_store import JetStreamRoomStore
+from bridge.room_store import WRITE_IN_PROCESS, WRONG_LAST_SEQUENCE, JetStreamRoomStore
 from node.core.ports import StoreError
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import CBOR, cbor_loads_strict
@@ -59,11 +59,6 @@ _SEQ_HEADER = "Rtnode-Seq"
 _EPOCH_HEADER = "Rtnode-Epoch"
 _EPOCH_FIELD = "epoch"  # in the stored map only: taken out of what values() returns
 _BATCH = 1000  # 10,000 keys: ~0.4 s in 10 batches (256: ~0.7 s); nats-py parses headers
-# JetStream's answers to a write whose expected last subject sequence is not the key's: 10071
-# names the key's sequence; 10164 (a replicated stream) says another write of the key is in
-# process on the leader, which a read at once would not show yet.
-_WRONG_LAST_SEQUENCE = 10071
-_WRITE_IN_PROCESS = 10164
 _CAS_TRIES = 20
 _WRITTEN_MAX = 65536  # keys whose last write by this node is remembered
 _ROOMS_CACHED = 1024  # rooms whose key set is cached for may_add
@@ -346,10 +341,10 @@ class StateStore:
                     return
                 self._written.pop(subject, None)
                 code = err.get("err_code") if err else None
-                if code in (_WRONG_LAST_SEQUENCE, _WRITE_IN_PROCESS) and last is None:
+                if code in (WRONG_LAST_SEQUENCE, WRITE_IN_PROCESS) and last is None:
                     self.conflicts += 1  # another node wrote it meanwhile: read again
-                if code == _WRONG_LAST_SEQUENCE:
-                    continue
+                if code == WRONG_LAST_SEQUENCE:
+                    continue  # (one in process: a moment's wait first, below)
                 reason = str(err.get("description", "refused")) if err else "no ack"
             except StoreError as exc:
                 reason = str(exc)
