@@ -293,6 +293,10 @@ class _LiveSub:
                 pass
 
 
+class _NoResponders(StoreError):
+    """A direct get that no server answered (status 503)."""
+
+
 class _Batch:
     """Collects the replies of one batched direct get until its end-of-batch marker."""
 
@@ -348,6 +352,7 @@ class JetStreamRoomStore:
         self.retries = 0
         self.errors = 0
         self.leader_reads = 0
+        self.direct_retries = 0  # direct gets asked again: nobody answered (503)
         self._highest_acked = 0  # the highest seq a publish of this node was acked with
         self.stale_reads = 0  # reads a lagging replica cut short, completed from the leader
         self._queued: list[_Queued] = []  # publishes gathering for the next batch
@@ -478,6 +483,8 @@ class JetStreamRoomStore:
             return
         if status in ("204", "404"):
             batch.done.set_result(None)
+        elif status == "503" and not batch.events:
+            batch.done.set_exception(_NoResponders(f"direct get status {status}"))
         else:
             batch.done.set_exception(StoreError(f"direct get status {status}"))
 
@@ -817,27 +824,42 @@ class JetStreamRoomStore:
     async def direct_get(self, request: dict[str, Any], stream: str = STREAM_NAME) -> _Batch:
         """A JetStream direct get on ``stream`` (batched when ``request`` has ``batch``).
 
+        Asked again, within the read deadline, while nobody answers (503): no server serves
+        direct gets of a stream for a moment after it is created, nor while its replicas
+        change (each serves them once it has caught up).
+
         Raises:
             StoreError: No answer in time, or an error status.
         """
-        token = str(next(self._tokens))
-        batch = _Batch(single="batch" not in request)
-        self._batches[token] = batch
-        try:
-            nc, prefix = self._reads_nc(stream)
-            batch.reads = nc is not self.link.nc
-            publish_now(nc, f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), None,
-                        f"{prefix}.d.{token}", later=True)
-            await asyncio.wait_for(batch.done, self.read_timeout_s)
-        except TimeoutError:
-            raise StoreError("read timed out") from None
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"read failed: {type(exc).__name__}") from None
-        finally:
-            self._batches.pop(token, None)
-        return batch
+        body = orjson.dumps(request)
+        deadline = time.monotonic() + self.read_timeout_s
+        delay = 0.05
+        while True:
+            token = str(next(self._tokens))
+            batch = _Batch(single="batch" not in request)
+            self._batches[token] = batch
+            try:
+                nc, prefix = self._reads_nc(stream)
+                batch.reads = nc is not self.link.nc
+                publish_now(nc, f"$JS.API.DIRECT.GET.{stream}", body, None,
+                            f"{prefix}.d.{token}", later=True)
+                await asyncio.wait_for(batch.done, max(0.0, deadline - time.monotonic()))
+                return batch
+            except TimeoutError:
+                raise StoreError("read timed out") from None
+            except _NoResponders as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreError(str(exc)) from None
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"read failed: {type(exc).__name__}") from None
+            finally:
+                self._batches.pop(token, None)
+            self.direct_retries += 1
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
 
     async def trim(self, tenant: str, room: str, keep: int) -> None:
         """Keep only the room's latest ``keep`` events (a namespace's history_size)."""

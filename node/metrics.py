@@ -165,6 +165,9 @@ class _NodeCollector(Collector):
                  node.store.leader_reads),
                 ("rtnode_store_stale_reads", "Reads a lagging replica cut short, completed "
                  "from the leader", node.store.stale_reads),
+                ("rtnode_store_read_retries", "Direct gets asked again because no server "
+                 "answered (503: a stream just created, replicas changing)",
+                 node.store.direct_retries),
             ):
                 fam = CounterMetricFamily(name, help_)
                 fam.add_metric([], value)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from node.core.ports import StoreError
 from tests.servers import NatsProcess
 from tests.wsclient import RawClient, token, unique, ws_url
 
@@ -147,3 +148,33 @@ async def test_concurrent_leader_reads_each_get_their_own_room(make_node) -> Non
     pending = [asyncio.ensure_future(store.last_seq("default", room)) for room in rooms]
     await node.nats.reads.close()  # as if lost: asked again over the main connection
     assert list(await asyncio.gather(*pending)) == [last[room] for room in rooms]
+
+
+async def test_a_direct_get_nobody_answers_yet_is_asked_again_within_the_deadline(
+        make_node) -> None:
+    """No server serves direct gets of a stream for a moment after it is created (503 "no
+    responders"): a read then is asked again until the read deadline, not failed at once. A
+    stream created 50-400 ms into the read (seeded) is read; one that never comes fails after
+    the deadline with a StoreError."""
+    node = await make_node()
+    store, js = node.store, node.nats.js
+    rng = random.Random(7)
+    for i in range(4):
+        name = unique(f"LATE{i}").replace("-", "_")
+        subject = f"late.{name}"
+        retries = store.direct_retries
+        read = asyncio.create_task(store.direct_get({"last_by_subj": subject}, name))
+        await asyncio.sleep(rng.uniform(0.05, 0.4))
+        assert not read.done(), "still asking"
+        await js.add_stream(name=name, subjects=[subject], allow_direct=True)
+        await js.publish(subject, b"x")
+        batch = await asyncio.wait_for(read, 10)
+        assert store.direct_retries > retries
+        assert len(batch.events) <= 1  # asked before or after the publish: both are right
+        await js.delete_stream(name)
+    store.read_timeout_s = 0.5
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StoreError) as failed:
+        await store.direct_get({"last_by_subj": "never.there"}, "NEVER_THERE")
+    assert failed.value.retry
+    assert asyncio.get_running_loop().time() - started >= 0.45
