@@ -212,6 +212,19 @@ def _taken_elsewhere(bridge: MqttBridge, notice: Takeover) -> None:
     session.taken_over("taken over by a new connection elsewhere")
 
 
+def _hand_over(bridge: MqttBridge, tenant: str, client_id: str, before: int) -> None:
+    """Another connection is about to claim the device's session: its connection here, if it
+    holds a revision below ``before``, is closed and writes its last cursors (the claim waits
+    for that write). One whose claim is on its way (the claiming connection itself, on this
+    node) is left alone."""
+    session = bridge.sessions.get((tenant, client_id))
+    if session is None or session.closed or not session.opened:
+        return
+    if session.revision >= before:
+        return  # it holds a newer claim than the one asking
+    session.hand_over("taken over by a new connection")
+
+
 class MqttSession(asyncio.Protocol):
     """One device connection: parse, authorise, route; ack uplinks once stored."""
 
@@ -944,6 +957,7 @@ class MqttSession(asyncio.Protocol):
         tenant = self.principal.tenant
         if sessions.on_takeover is None:
             sessions.on_takeover = functools.partial(_taken_elsewhere, self.bridge)
+            sessions.on_handover = functools.partial(_hand_over, self.bridge)
         if old is not None:
             # A takeover on this node: the older connection's claim first (else it could land
             # after ours and take the session from the newest connection), then its last
@@ -1125,8 +1139,8 @@ class MqttSession(asyncio.Protocol):
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write_loop(), name=f"mqtt[{self.client_id}].persist")
-            if self.ctx.sessions is not None:
-                self.ctx.sessions.hold(self._writer)
+            if self.ctx.sessions is not None and self.principal is not None:
+                self.ctx.sessions.hold(self._writer, self.principal.tenant, self.client_id)
 
     def _snapshot(self) -> SessionRecord:
         record = self.record
@@ -1188,6 +1202,12 @@ class MqttSession(asyncio.Protocol):
         """The session is another connection's now (or deleted): close this one, leaving no
         offline presence and writing nothing more."""
         self.persistent = False  # its writes would fail: the record is the new holder's
+        self.hand_over(reason)
+
+    def hand_over(self, reason: str) -> None:
+        """Another connection is about to claim the session: close this one, leaving no
+        offline presence, with its last write (its cursors, ``connected = False``) unless it
+        was taken over already."""
         if self.ref is not None:
             with contextlib.suppress(ActorError):
                 self.ref.tell(KeepOffline(None))

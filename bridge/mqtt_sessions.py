@@ -13,6 +13,14 @@ that connection is closed as taken over. A claim also tells every node at once o
 ``rtnode.mqtt.takeover.<tenant>.<client_id>`` (core NATS), so that an idle old connection on
 another node is closed without waiting for its next write.
 
+Before it claims a record that a connection holds (``connected``), a node asks that
+connection's node to hand the session over (a request on ``rtnode.mqtt.handover.<node>``, or
+in-process for its own connections): the connection there is closed if still open, its last
+write (its last cursors, ``connected = False``) is waited for, and then the claim reads the
+record. Without it the claim could land before that write, which then lost the race and its
+cursors with it: the device got PUBLISHes again that it had acknowledged. A node that does
+not answer (dead: no responders; or within ``_HANDOVER_TIMEOUT_S``) is not waited for.
+
 A notice names the claim it announces (headers, its body is the claiming node's name as before):
 ``Rtnode-Takeover-Before`` is a revision, and only a connection holding a revision below it is
 taken over (a claim's own revision; a deleted record's revision + 1); ``Rtnode-Takeover-Conn``
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -50,6 +59,12 @@ BUCKET = "RTNODE_MQTT_SESSIONS"
 _STREAM = f"KV_{BUCKET}"
 _PREFIX = f"$KV.{BUCKET}"
 _TAKEOVER = "rtnode.mqtt.takeover"
+_HANDOVER = "rtnode.mqtt.handover"
+# How long a handover waits for the old connection's last write (on its node), and how long a
+# claim waits for the answer: a write's own timeout is 5 s, but a holder that slow is passed
+# over (the claim then takes the session, and that write fails as taken over).
+_HANDOVER_WAIT_S = 2.0
+_HANDOVER_TIMEOUT_S = 2.5
 BEFORE_HEADER = "Rtnode-Takeover-Before"
 CONN_HEADER = "Rtnode-Takeover-Conn"
 # Someone else wrote (or is writing) the record (see bridge.room_store).
@@ -175,10 +190,17 @@ class SessionStore:
         self.max_per_tenant = max_per_tenant
         self.node = node
         self.on_takeover: Callable[[Takeover], None] | None = None
+        #: Called with (tenant, client_id, before) when another connection is about to claim
+        #: a device's session: its connection here, if it holds a revision below ``before``,
+        #: closes and writes its last cursors.
+        self.on_handover: Callable[[str, str, int], None] | None = None
         self.writes = 0
         self.conflicts = 0
         self._sub: Any = None
+        self._handover_sub: Any = None
         self._held: set[asyncio.Task[None]] = set()
+        # The session writes of this node's connections, by device: a claim waits for them.
+        self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         """Create or update the bucket; listen for takeovers by other nodes."""
@@ -189,21 +211,82 @@ class SessionStore:
         )
         await self.store.link.ensure_bucket(f"MQTT session bucket {_STREAM}", cfg)
         self._sub = await self.store.link.nc.subscribe(f"{_TAKEOVER}.>", cb=self._on_takeover)
+        self._handover_sub = await self.store.link.nc.subscribe(
+            f"{_HANDOVER}.{self.node}", cb=self._on_handover_request)
 
-    def hold(self, task: asyncio.Task[None]) -> None:
+    def hold(self, task: asyncio.Task[None], tenant: str, client_id: str) -> None:
         """Keep a connection's session write until it is done: :meth:`stop` waits for it (the
-        last cursors of the connections a stopping node closes)."""
+        last cursors of the connections a stopping node closes), and so does a claim of the
+        device's session (:meth:`hand_over`)."""
         self._held.add(task)
         task.add_done_callback(self._held.discard)
+        key = (tenant, client_id)
+        self._writers[key] = task
+        task.add_done_callback(functools.partial(self._written, key))
+
+    def _written(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        if self._writers.get(key) is task:
+            del self._writers[key]
+
+    async def hand_over(self, tenant: str, client_id: str, before: int) -> None:
+        """Have this node's connection of the device, if it holds a revision below ``before``,
+        closed with its last write; return once the device's session writes here are done
+        (at most ``_HANDOVER_WAIT_S``)."""
+        if self.on_handover is not None:
+            self.on_handover(tenant, client_id, before)
+        task = self._writers.get((tenant, client_id))
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=_HANDOVER_WAIT_S)
+
+    async def _on_handover_request(self, msg: Any) -> None:
+        try:
+            asked = json.loads(msg.data)
+            tenant, client_id, before = asked["tenant"], asked["client_id"], int(asked["before"])
+            if not (isinstance(tenant, str) and isinstance(client_id, str)):
+                raise TypeError("tenant and client_id are strings")
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("! bad handover request on %s: %s", msg.subject, exc)
+            return
+        # A task each: nats-py runs one subscription's callbacks one after the other, and a
+        # handover may wait for a write (a drained node's devices all move at once).
+        task = asyncio.get_running_loop().create_task(
+            self._answer_handover(tenant, client_id, before, msg))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def _answer_handover(self, tenant: str, client_id: str, before: int,
+                               msg: Any) -> None:
+        await self.hand_over(tenant, client_id, before)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(b"")
+
+    async def _ask_handover(self, tenant: str, client_id: str, holder: str,
+                            revision: int) -> None:
+        """The session's holder (``revision``, on node ``holder``) hands it over; bounded."""
+        if not holder:
+            return  # a record of an older node, which named none
+        if holder == self.node:
+            await self.hand_over(tenant, client_id, revision + 1)
+            return
+        body = json.dumps({"tenant": tenant, "client_id": client_id,
+                           "before": revision + 1}).encode()
+        try:
+            await self.store.link.nc.request(f"{_HANDOVER}.{holder}", body,
+                                             timeout=_HANDOVER_TIMEOUT_S)
+        except Exception as exc:  # no responders (that node is gone), timeout: not waited for
+            log.debug("= handover of %s/%s by %s not answered: %s", tenant, client_id, holder,
+                      type(exc).__name__)
 
     async def stop(self) -> None:
         """Wait (at most 5 s) for the writes in progress, stop listening (records stay)."""
         if self._held:
             await asyncio.wait(list(self._held), timeout=5)
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._handover_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._handover_sub = None
 
     async def _on_takeover(self, msg: Any) -> None:
         parts = msg.subject[len(_TAKEOVER) + 1:].split(".", 1)
@@ -322,12 +405,18 @@ class SessionStore:
             SessionsFull: A new session beyond ``max_per_tenant``.
             StoreError: JetStream did not answer.
         """
+        handed = False
         for attempt in range(_CLAIM_TRIES):
             if attempt:
                 # A lost race: the other write may still be in process on the leader (read
                 # now, it would show the revision it replaces), so wait a moment, jittered.
                 await asyncio.sleep(random.uniform(0.005, 0.01 * 2 ** attempt))
             record, revision = await self.read(tenant, client_id)
+            if record is not None and record.connected and not handed:
+                # Held by a connection: its last cursors first (see the module's docstring).
+                handed = True
+                await self._ask_handover(tenant, client_id, record.node, revision)
+                record, revision = await self.read(tenant, client_id)
             present = record is not None
             if record is None:
                 if await self.count(tenant) >= self.max_per_tenant:

@@ -206,8 +206,10 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         for m in first[:5]:
             raw.puback(m[2])
         await raw.drop()
-        # Its connection on B may still be writing its last cursors: C's claim races that
-        # write, and a lost race is read again, never a CONNACK 3 (test_session_store_races).
+        # Its connection on B may still be writing its last cursors: C's claim has B hand the
+        # session over first (that write done), so the 5 acknowledged are not sent again
+        # (test_mqtt_handover); a lost race is read again, never a CONNACK 3
+        # (test_session_store_races).
         raw = await RawMqtt.connect(c.mqtt_port, "r-1", device_token("r-1"))
         assert (raw.session_present, raw.return_code) == (True, 0), _logs(b, c)
         again = [await raw.publish_in() for _ in range(5)]
