@@ -23,6 +23,7 @@ from bridge.mqtt_sessions import SessionRecord, SessionStore, SessionTaken
 from bridge.nats_link import NatsLink, StreamSettings
 from bridge.room_store import JetStreamRoomStore
 from tests.cluster import NatsCluster
+from tests.servers import NatsProcess
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +98,26 @@ async def test_racing_claims_and_writes_never_report_a_lost_race_as_unavailable(
             assert final.cursors == {"r": rnd} and not final.connected
         else:
             assert final.connected, f"round {rnd}: a claim holds it"
+
+
+async def test_a_write_nobody_takes_yet_waits_for_the_bucket(nats_proc: NatsProcess) -> None:
+    """A session write that no server takes (no responders: the bucket's stream is not known
+    there yet, as for a moment after it is created on a cluster) is sent again within the
+    write deadline, not failed at once (CI saw a claim fail so right after the start)."""
+    link = NatsLink([nats_proc.url], name="n0", stream=StreamSettings(), connect_timeout_s=20)
+    await link.connect()
+    store = JetStreamRoomStore(link)
+    await store.start()
+    sessions = SessionStore(store, node="n0")
+    try:
+        write = asyncio.create_task(sessions.write(SessionRecord("t", "early"), 0))
+        await asyncio.sleep(0.3)
+        assert not write.done(), "still sending"
+        await sessions.start()  # the bucket comes
+        assert await asyncio.wait_for(write, 10) >= 1
+        record, revision = await sessions.read("t", "early")
+        assert record is not None and revision >= 1
+    finally:
+        await sessions.stop()
+        await store.stop()
+        await link.close()
