@@ -41,6 +41,7 @@ async def test_a_storm_of_recoveries_is_exact_and_coalesced(make_node) -> None:
     writer = await RawClient.connected(ws_url(other), token("writer"))
     clients = await _connect_all(ws_url(node), CLIENTS)
     since: list[int] = []
+    published: list[int] = []
     epoch = ""
     per_group = CLIENTS // GROUPS
     for g in range(GROUPS):
@@ -49,15 +50,19 @@ async def test_a_storm_of_recoveries_is_exact_and_coalesced(make_node) -> None:
                                          for c in group))
         epoch = replies[0]["epoch"]
         since.extend(r["seq"] for r in replies)
-        await publish_many(writer, room, BETWEEN, start=g * BETWEEN)
+        published += await publish_many(writer, room, BETWEEN, start=g * BETWEEN)
     # Each client's last event before the restart: the events after its join.
-    [last_before] = await publish_many(writer, room, 1, start=1000)
+    published += await publish_many(writer, room, 1, start=1000)
     # Each client saw every event after its join; it rejoins as if it had handled only some
     # of them (0 to 3 fewer): several distinct sinces, each with its own slice to replay.
     expected: list[list[int]] = []
     for i, c in enumerate(clients):
-        seen = [e["seq"] for e in await c.events((GROUPS - i // per_group) * BETWEEN + 1, room)]
-        assert seen[-1] == last_before
+        # A join's seq is the latest this node had delivered (docs/protocol-notes.md): an event
+        # stored through the other node just before may not have reached it yet (under load),
+        # and then comes live after the join.
+        owed = [s for s in published if s > since[i]]
+        seen = [e["seq"] for e in await c.events(len(owed), room)]
+        assert seen == owed
         k = len(seen) - 1 - i % 4
         since[i] = seen[k]
         expected.append(seen[k + 1:])
