@@ -49,7 +49,12 @@ from typing import Any
 from nats.errors import NoRespondersError
 from nats.js.api import StorageType, StreamConfig
 
-from bridge.room_store import WRITE_IN_PROCESS, WRONG_LAST_SEQUENCE, JetStreamRoomStore
+from bridge.room_store import (
+    WRITE_IN_PROCESS,
+    WRONG_LAST_SEQUENCE,
+    Backoff,
+    JetStreamRoomStore,
+)
 from node.core.ports import StoreError
 
 __all__ = ["BUCKET", "SessionRecord", "SessionStore", "SessionTaken", "SessionsFull", "Takeover"]
@@ -375,27 +380,24 @@ class SessionStore:
         record.updated_ms = _now_ms()
         body = json.dumps(record.to_json(), separators=(",", ":")).encode()
         headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
-        deadline = time.monotonic() + _WRITE_TIMEOUT_S
-        delay = 0.05
+        backoff = Backoff(_WRITE_TIMEOUT_S)
         while True:
             try:
                 reply = await self.store.link.nc.request(
                     _subject(record.tenant, record.client_id), body,
-                    timeout=max(0.05, deadline - time.monotonic()), headers=headers)
+                    timeout=max(0.05, backoff.left()), headers=headers)
                 ack: dict[str, Any] = json.loads(reply.data)
                 break
             except NoRespondersError:
                 # Nothing took it (stored nowhere): no server knows the bucket's stream yet,
                 # for a moment after it is created on a cluster, or during an election.
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StoreError("session write failed: no responders") from None
-                await asyncio.sleep(min(delay, left))
-                delay = min(delay * 2, 0.5)
+                pass
             except ValueError:
                 raise StoreError("bad ack from JetStream") from None
             except Exception as exc:
                 raise StoreError(f"session write failed: {type(exc).__name__}") from None
+            if not await backoff.wait():
+                raise StoreError("session write failed: no responders")
         err = ack.get("error")
         if err:
             if err.get("err_code") in _LOST_RACE:

@@ -67,7 +67,7 @@ from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
 from node.protocol.subjects import STREAM_NAME, eph_subject, live_subject, room_subject
 
-__all__ = ["WRITE_IN_PROCESS", "WRONG_LAST_SEQUENCE", "JetStreamRoomStore"]
+__all__ = ["WRITE_IN_PROCESS", "WRONG_LAST_SEQUENCE", "Backoff", "JetStreamRoomStore"]
 
 log = logging.getLogger("bridge.store")
 
@@ -291,6 +291,31 @@ class _LiveSub:
                 await sub.unsubscribe()
             except Exception:  # connection closing: nothing left to unsubscribe from
                 pass
+
+
+class Backoff:
+    """The waits between the tries of a request that may be answered a moment later (a leader
+    election, a stream just created): ``first`` seconds, doubling up to 0.5 s, within
+    ``timeout_s`` in all."""
+
+    __slots__ = ("deadline", "delay")
+
+    def __init__(self, timeout_s: float, first: float = 0.05) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.delay = first
+
+    def left(self) -> float:
+        """Seconds left until the deadline (<= 0: passed)."""
+        return self.deadline - time.monotonic()
+
+    async def wait(self) -> bool:
+        """Sleep before the next try; False at once when the deadline has passed."""
+        left = self.left()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(self.delay, left))
+        self.delay = min(self.delay * 2, 0.5)
+        return True
 
 
 class _NoResponders(StoreError):
@@ -832,8 +857,7 @@ class JetStreamRoomStore:
             StoreError: No answer in time, or an error status.
         """
         body = orjson.dumps(request)
-        deadline = time.monotonic() + self.read_timeout_s
-        delay = 0.05
+        backoff = Backoff(self.read_timeout_s)
         while True:
             token = str(next(self._tokens))
             batch = _Batch(single="batch" not in request)
@@ -843,23 +867,21 @@ class JetStreamRoomStore:
                 batch.reads = nc is not self.link.nc
                 publish_now(nc, f"$JS.API.DIRECT.GET.{stream}", body, None,
                             f"{prefix}.d.{token}", later=True)
-                await asyncio.wait_for(batch.done, max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(batch.done, max(0.0, backoff.left()))
                 return batch
             except TimeoutError:
                 raise StoreError("read timed out") from None
-            except _NoResponders as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StoreError(str(exc)) from None
+            except _NoResponders:
+                pass  # asked again below
             except StoreError:
                 raise
             except Exception as exc:
                 raise StoreError(f"read failed: {type(exc).__name__}") from None
             finally:
                 self._batches.pop(token, None)
+            if not await backoff.wait():
+                raise StoreError("direct get status 503")
             self.direct_retries += 1
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 0.5)
 
     async def trim(self, tenant: str, room: str, keep: int) -> None:
         """Keep only the room's latest ``keep`` events (a namespace's history_size)."""
@@ -882,12 +904,11 @@ class JetStreamRoomStore:
         # During a leader election (2-5 s after a leader dies or steps down) nobody answers,
         # or the answer is "cluster not available": ask again within the read deadline rather
         # than fail a join that would be answered a moment later.
-        deadline = time.monotonic() + self.read_timeout_s
-        delay = 0.05
+        backoff = Backoff(self.read_timeout_s)
         loop = self._loop
         body = orjson.dumps(request)
         while True:
-            left = deadline - time.monotonic()
+            left = backoff.left()
             # Asked like a publish's ack is awaited (the reply inbox's own route, a timer on
             # the future), not with nats-py's request: no task step and queue per answer.
             token = str(next(self._tokens))
@@ -917,11 +938,8 @@ class JetStreamRoomStore:
                 reason = type(exc).__name__
             finally:
                 self._gets.pop(token, None)
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not await backoff.wait():
                 raise StoreError(f"leader read failed: {reason}")
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 0.5)
         message = answer.get("message") or {}
         self.leader_reads += 1
         data = message.get("data")

@@ -40,7 +40,12 @@ from typing import Any
 
 from nats.js.api import StorageType, StreamConfig
 
-from bridge.room_store import WRITE_IN_PROCESS, WRONG_LAST_SEQUENCE, JetStreamRoomStore
+from bridge.room_store import (
+    WRITE_IN_PROCESS,
+    WRONG_LAST_SEQUENCE,
+    Backoff,
+    JetStreamRoomStore,
+)
 from node.core.ports import StoreError
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import CBOR, cbor_loads_strict
@@ -307,8 +312,7 @@ class StateStore:
         Raises:
             StoreError: Not written within the deadline.
         """
-        deadline = time.monotonic() + self.deadline_s
-        delay = 0.02
+        backoff = Backoff(self.deadline_s, first=0.02)
         reason = "no answer"
         for attempt in range(_CAS_TRIES):
             try:
@@ -327,7 +331,7 @@ class StateStore:
                            _SEQ_HEADER: str(seq), _EPOCH_HEADER: epoch}
                 if unset:
                     headers["Nats-TTL"] = f"{TOMBSTONE_TTL_S}s"
-                left = max(0.05, deadline - time.monotonic())
+                left = max(0.05, backoff.left())
                 reply = await self.store.link.nc.request(subject, body, timeout=min(2.0, left),
                                                          headers=headers)
                 answer = json.loads(reply.data) if reply.data else {}
@@ -353,11 +357,8 @@ class StateStore:
             except Exception as exc:  # no responders (election), timeout, disconnected
                 reason = type(exc).__name__
             self._written.pop(subject, None)  # perhaps written: read before the next try
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not await backoff.wait():
                 raise StoreError(f"state not written: {reason}")
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 0.5)
         raise StoreError("state not written: too many concurrent writes of the key")
 
     # -- reading -----------------------------------------------------------------------------
