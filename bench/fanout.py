@@ -12,7 +12,7 @@
    ``published`` replies read by a task of their own;
 3. measures delivered events/s (S*M over the time from the first publish sent to the last event
    received by the last subscriber), publish->deliver latency over every delivery (or an even
-   sample of about a million), and publish->``published`` latency;
+   sample of about 200,000), and publish->``published`` latency;
 4. does the same against ``bench.baseline_server`` (``websockets.broadcast``, one event per
    message, also a subprocess) with the same clients;
 5. prints a table and the ratio. Never asserts: losses, duplicates, disconnects and anything the

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import operator
 import re
 import time
 from collections.abc import Callable
@@ -40,12 +41,14 @@ RIGHTS = ["join", "publish", "history", "presence"]
 STALL_S = 20.0  # no delivery for this long: the run is over (reported)
 STALL_AFTER_PUBLISHER_S = 3.0  # the same, once the publisher has ended
 GRACE_S = 1.0  # after the last expected event: time for stray (duplicate) frames to show up
-MAX_LATENCY_SAMPLES = 1_000_000
+MAX_LATENCY_SAMPLES = 200_000
 
 # Event frames as the node writes them in JSON (compact, data keys in the publisher's order):
 # counting the marker counts frames; the regex reads only the publisher's index and send time.
 _EVENT_MARK = '"type":"event"'
 _EVENT_RE = re.compile(r'"data":\{"i":(\d+),"t":([-+0-9.eE]+)')
+_first = operator.itemgetter(0)
+_ONES = b"\x01" * 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,15 +88,16 @@ class Collector:
         self.wake.set()
 
     def _json(self, sub: SubStats, text: str, now: float) -> None:
+        found = _EVENT_RE.findall(text)
+        if found and len(found) == text.count("\n") + 1 and self._run(sub, found, now):
+            return  # every frame of the message an event (the publisher's data), all new
         n = text.count(_EVENT_MARK)
         if n:
-            got = 0
-            for i_s, t_s in _EVENT_RE.findall(text):
+            for i_s, t_s in found:
                 self._event(sub, int(i_s), float(t_s), now)
-                got += 1
-            if got != n:
-                sub.unparsed += n - got
-                sub.events += n - got
+            if len(found) != n:
+                sub.unparsed += n - len(found)
+                sub.events += n - len(found)
         if n != text.count("\n") + 1:
             for line in text.split("\n"):
                 if line and _EVENT_MARK not in line:
@@ -124,6 +128,38 @@ class Collector:
         sub.other[str(kind)] += 1
         if kind in ("error", "disconnect") and len(sub.notes) < 5:
             sub.notes.append(json.dumps(frame, default=str)[:200])
+
+    def _run(self, sub: SubStats, found: list[tuple[str, str]], now: float) -> bool:
+        """Count a message's events at once when they are new and consecutive (``i``, ``i+1``,
+        ...), the usual case; else False, and nothing is counted (:meth:`_event` then counts
+        them one by one). The same figures either way, for a third of the CPU per event: the
+        load generator shares the machine's two cores with the server it measures."""
+        n = len(found)
+        ids = list(map(int, map(_first, found)))
+        a = ids[0]
+        b = a + n
+        seen = sub.seen
+        if (a < 0 or b > self.events or ids != list(range(a, b))
+                or seen.find(1, a, b) != -1):
+            return False
+        sub.events += n
+        sub.last_at = now
+        seen[a:b] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
+        sub.distinct += n
+        self.total += n
+        if a < sub.last_index:
+            sub.out_of_order += 1
+        sub.last_index = b - 1
+        if sub.distinct == self.events:
+            sub.done_at = now
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.all_done.set()
+        stride = self.stride
+        k = -a % stride  # the first index of the message with i % stride == 0
+        if k < n:
+            self.lat.extend([now - float(t) for _, t in found[k::stride]])
+        return True
 
     def _event(self, sub: SubStats, i: int, t: float, now: float) -> None:
         sub.events += 1
