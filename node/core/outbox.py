@@ -92,6 +92,7 @@ class Outbox:
         "_loop",
         "_queued",
         "_scheduled",
+        "_unsent",
         "closed",
         "codec",
         "limit",
@@ -121,6 +122,7 @@ class Outbox:
         # None while nothing is queued (an idle connection's outbox holds no list).
         self._frames: list[bytes] | None = None
         self._queued = 0
+        self._unsent = 0  # the transport's unsent bytes when the batch began
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
         self._flush_turn = FlushTurn() if flush_turn is None else flush_turn
@@ -131,10 +133,17 @@ class Outbox:
             return False
         frames = self._frames
         if frames is None:
-            frames = self._frames = []
-        frames.append(encoded)
-        self._queued += len(encoded)
-        if self._queued + self.transport.buffered_bytes() > self.limit:
+            # A batch begins: the transport's unsent bytes are read once for the batch, not
+            # once a frame (a fan-out's every delivery). Within a loop step they only grow by
+            # writes, and the batch's own are made at its flush; another write in the same
+            # step (a pong) counts from the next batch on.
+            self._frames = [encoded]
+            self._queued = len(encoded)
+            self._unsent = self.transport.buffered_bytes()
+        else:
+            frames.append(encoded)
+            self._queued += len(encoded)
+        if self._queued + self._unsent > self.limit:
             self.slow = True
             self._frames = None
             self._queued = 0
