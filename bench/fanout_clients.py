@@ -89,6 +89,10 @@ class Collector:
 
     def _json(self, sub: SubStats, text: str, now: float) -> None:
         found = _EVENT_RE.findall(text)
+        if len(found) == 1 and "\n" not in text:  # one event, one frame (paced)
+            i_s, t_s = found[0]
+            self._event(sub, int(i_s), float(t_s), now)
+            return
         if found and len(found) == text.count("\n") + 1 and self._run(sub, found, now):
             return  # every frame of the message an event (the publisher's data), all new
         n = text.count(_EVENT_MARK)

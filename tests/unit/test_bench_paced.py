@@ -34,10 +34,19 @@ async def test_a_slot_waits_for_its_time_and_a_late_one_is_noted() -> None:
     assert any("behind its schedule of 50 events/s" in line for line in problems(res))
 
 
+BIG = "y" * 70_000  # a 10-byte header, and more than one read
+
+
 async def _subscriber_round() -> list[object]:
     async def handler(ws: ServerConnection) -> None:
         await ws.send("hello")
         async for message in ws:
+            if message == "go":  # streaming: the frames the subscriber cuts out itself
+                for m in ("a" * 300, b"\x00" * 126, BIG, "é"):
+                    await ws.send(m)
+                await asyncio.wait_for(await ws.ping(), 5.0)  # answered by websockets
+                await ws.send("after the ping")
+                continue
             await ws.send(f"echo {message!s}")
             await ws.send(b"\x01\x02")
 
@@ -56,6 +65,11 @@ async def _subscriber_round() -> list[object]:
 
         sub.stream(take)
         await asyncio.wait_for(got.wait(), 5.0)
+        got.clear()
+        sub.send("go")
+        while seen[-1] != "after the ping":
+            await asyncio.wait_for(got.wait(), 5.0)
+            got.clear()
         await sub.close()
         seen.append(sub.close_code)
     return seen
@@ -69,4 +83,5 @@ def test_subscriber_speaks_websocket_through_handshake_messages_and_close(loop: 
         seen = runner.run_until_complete(asyncio.wait_for(_subscriber_round(), 20.0))
     finally:
         runner.close()
-    assert seen == ["hello", "echo x", b"\x01\x02", 1000]
+    assert seen == ["hello", "echo x", b"\x01\x02", "a" * 300, b"\x00" * 126, BIG, "é",
+                    "after the ping", 1000]
