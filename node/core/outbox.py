@@ -156,6 +156,39 @@ class Outbox:
             self._flush_turn.add(self)
         return True
 
+    def push_many(self, encoded: list[bytes], size: int) -> bool:
+        """Queue encoded frames in order (``size``: their bytes), as :meth:`push` one by one
+        would, in one call. ``encoded`` is not kept (a room hands the same list to every
+        member)."""
+        if self.closed or self.slow:
+            return False
+        frames = self._frames
+        if frames is None:
+            queued = size
+        else:
+            queued = self._queued + size
+        if queued >= self.max_message_bytes:  # push flushes the message as it fills
+            for data in encoded:
+                if not self.push(data):
+                    return False
+            return True
+        if frames is None:
+            self._frames = encoded.copy()
+            self._unsent = self.transport.buffered_bytes()
+        else:
+            frames.extend(encoded)
+        self._queued = queued
+        if queued + self._unsent > self.limit:
+            self.slow = True
+            self._frames = None
+            self._queued = 0
+            self.on_slow()
+            return False
+        if not self._scheduled:
+            self._scheduled = True
+            self._flush_turn.add(self)
+        return True
+
     def send(self, frame: Any) -> bool:
         """Encode ``frame`` with this connection's codec and queue it."""
         return self.push(self.codec.encode(frame))

@@ -65,6 +65,7 @@ from actors.actor import Actor, RestartPolicy
 from actors.errors import ActorError
 from actors.mailbox import Overflow
 from node.core.events import RecentEvents, event_frame
+from node.core.outbox import FrameCodec
 from node.core.ports import (
     LiveFeed,
     LiveMessage,
@@ -182,6 +183,15 @@ class _StateWaitOver:
 class _RepairDone:
     upto: int
     events: list[StoredEvent]
+
+
+def _encoded(item: tuple[int | None, dict[str, Any], dict[str, bytes]], codec: FrameCodec) -> bytes:
+    """An event's frame in ``codec``, encoded once however many members take it."""
+    encoded = item[2]
+    data = encoded.get(codec.name)
+    if data is None:
+        data = encoded[codec.name] = codec.encode(item[1])
+    return data
 
 
 def _is_presence(event: Any) -> bool:
@@ -369,8 +379,11 @@ class RoomActor(Actor):
         actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with them."""
         if type(message) is not Live or not self.members:
             return False
-        for msg in message.messages:
-            self._on_live(msg)
+        messages = message.messages
+        if len(messages) == 1:
+            self._on_live(messages[0])
+        else:
+            self._on_live_many(messages)
         if not self._in_use():  # gone meanwhile: on_receive's look, after an idle check
             self.ref.tell(_IdleCheck())
         return True
@@ -537,6 +550,27 @@ class RoomActor(Actor):
 
     # -- live path -------------------------------------------------------------------------
 
+    def _on_live_many(self, messages: list[LiveMessage]) -> None:
+        """Live events that came together (the batch a node stored, read in one step): each
+        run of them in order is fanned out at once, a member's frames of the run pushed in one
+        call (:meth:`_fan_out`), not event by event; anything else goes through
+        :meth:`_on_live` one by one, in its place."""
+        run: list[tuple[int, dict[str, Any], dict[str, bytes]]] = []
+        for msg in messages:
+            seq = msg.seq
+            if (seq is None or self._repairing or self._state_need is not None
+                    or seq <= self.last_seq or (msg.prev is not None and msg.prev > self.last_seq)):
+                if run:
+                    self._fan_out(run)
+                    run = []
+                self._on_live(msg)
+                continue
+            frame = self._accept(seq, msg.body)
+            if frame is not None:
+                run.append((seq, frame, {}))
+        if run:
+            self._fan_out(run)
+
     def _on_live(self, msg: LiveMessage) -> None:
         if msg.seq is None:
             self._deliver(None, msg.body)
@@ -679,8 +713,9 @@ class RoomActor(Actor):
             if self.members.get(id(join.member)) is join.member:
                 self._start_replay(join)
 
-    def _deliver(self, seq: int | None, body: bytes) -> None:
-        """Fan one event out: encode once per codec, push the same bytes to each member."""
+    def _accept(self, seq: int | None, body: bytes) -> dict[str, Any] | None:
+        """The room's part of delivering an event (its position, trimming, values, counter):
+        its frame, or None when there is nothing to send."""
         if seq is not None:
             self.last_seq = seq
             trim_to = self.settings.trim_to
@@ -693,11 +728,55 @@ class RoomActor(Actor):
                     self._spawn(self._trim(trim_to), "trim")
         frame = self._frame(seq, body)
         if frame is None:
-            return
+            return None
         if self.state is not None and seq is not None:
             self._values.delivered(seq, frame, time.monotonic())
         self.counters.events_in += 1
-        encoded: dict[str, bytes] = {}
+        return frame
+
+    def _fan_out(self, run: list[tuple[int, dict[str, Any], dict[str, bytes]]]) -> None:
+        """Fan events in order out to the members, as :meth:`_deliver` does one: each encoded
+        once per codec, and each member's frames of the run pushed in one call (a fan-out of
+        batches costs a member once a batch, not once an event)."""
+        if len(run) == 1:
+            self._deliver_frame(*run[0])
+            return
+        first, last = run[0][0], run[-1][0]
+        whole: dict[str, tuple[list[bytes], int]] = {}  # codec -> every frame of the run, bytes
+        delivered = 0
+        for member in self.members.values():
+            if member.replaying:
+                held = member.held
+                assert isinstance(held, list)  # its own, from _on_join until the replay ends
+                held.extend(run)
+                continue
+            cursor = member.cursor
+            if cursor >= last:
+                continue
+            outbox = member.outbox
+            codec = outbox.codec
+            if cursor < first:
+                got = whole.get(codec.name)
+                if got is None:
+                    frames = [_encoded(item, codec) for item in run]
+                    got = whole[codec.name] = (frames, sum(map(len, frames)))
+                frames, size = got
+            else:
+                frames = [_encoded(item, codec) for item in run if item[0] > cursor]
+                size = sum(map(len, frames))
+            member.cursor = last
+            outbox.push_many(frames, size)
+            delivered += len(frames)
+        self.counters.delivered += delivered
+
+    def _deliver(self, seq: int | None, body: bytes) -> None:
+        """Fan one event out: encode once per codec, push the same bytes to each member."""
+        frame = self._accept(seq, body)
+        if frame is not None:
+            self._deliver_frame(seq, frame, {})
+
+    def _deliver_frame(self, seq: int | None, frame: dict[str, Any],
+                       encoded: dict[str, bytes]) -> None:
         delivered = 0
         # Presence events reach only the members that asked for them.
         members = self.members

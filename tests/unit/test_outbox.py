@@ -4,7 +4,10 @@ node's outboxes share one scheduled flush per turn (FlushTurn)."""
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
+
+import pytest
 
 from node.core.outbox import FlushTurn, Outbox
 from node.protocol.frames import JsonCodec
@@ -72,3 +75,50 @@ async def test_a_flush_early_and_a_closed_outbox_in_the_same_turn() -> None:
     assert [JSON.decode(m) for m in big_sink.messages][1:] == [[{"after": 1}]]
     assert shut_sink.messages == []
     assert [JSON.decode(m) for m in plain_sink.messages] == [[{"own": 1}]]
+
+
+class Buffered(Messages):
+    """A transport whose unsent bytes are the messages written so far (none leave)."""
+
+    def buffered_bytes(self) -> int:
+        return sum(map(len, self.messages))
+
+
+@pytest.mark.parametrize("seed", range(30))
+async def test_push_many_does_what_pushing_one_by_one_does(seed: int) -> None:
+    """Seeded: frames of random sizes, pushed in random groups (a room's run of events) or one
+    by one, with a small message size and a small slow limit: the same messages are written,
+    and the outbox turns slow at the same push, told once."""
+    rng = random.Random(seed)
+    max_message, limit = rng.choice([(64, 400), (200, 700), (1 << 20, 300)])
+    groups = [[JSON.encode({"i": i, "pad": "x" * rng.randrange(40)})
+               for i in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 25))]
+    turns = [rng.random() < 0.3 for _ in groups]  # a loop turn ends after the group
+
+    async def run(many: bool) -> tuple[list[bytes], list[bool], int]:
+        sink = Buffered()
+        slow = 0
+
+        def on_slow() -> None:
+            nonlocal slow
+            slow += 1
+
+        outbox = Outbox(JSON, sink, limit=limit, on_slow=on_slow,
+                        max_message_bytes=max_message, flush_turn=FlushTurn())
+        taken = []
+        for group, turn in zip(groups, turns, strict=True):
+            if many:
+                taken.append(outbox.push_many(group, sum(map(len, group))))
+            else:
+                taken.append(all([outbox.push(data) for data in group]))
+            if turn:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return sink.messages, taken, slow
+
+    one_by_one = await run(False)
+    many = await run(True)
+    assert many[0] == one_by_one[0]
+    assert many[2] == one_by_one[2] <= 1
+    # A group refused: the same group (one by one, the push that crossed the limit refused).
+    assert many[1] == one_by_one[1]

@@ -37,6 +37,7 @@ class FakeStore:
         self.callback: Callable[[list[LiveMessage]], None] | None = None
         self.reads = 0
         self.gate: asyncio.Event | None = None  # hold reads until set
+        self.held = asyncio.Event()  # a read is being held by the gate
 
 
     def add(self, n: int) -> list[int]:
@@ -73,6 +74,7 @@ class FakeStore:
                    before: int | None = None) -> list[StoredEvent]:
         self.reads += 1
         if self.gate is not None:
+            self.held.set()
             await self.gate.wait()
         out = [StoredEvent(s, b) for s, b in self.events
                if s > after and (before is None or s < before)]
@@ -151,32 +153,49 @@ async def test_live_in_order_and_gaps_repaired(room: Any) -> None:
     assert rec.frames[0]["type"] == "joined"
 
 
-async def test_live_lists_of_any_shape_deliver_every_event_once_in_order(room: Any) -> None:
+@pytest.mark.parametrize("seed", [int(os.environ.get("RTNODE_TEST_LIVE_LISTS_SEED", "5417")),
+                                  *range(12)])
+async def test_live_lists_of_any_shape_deliver_every_event_once_in_order(
+        room: Any, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seeded: the live path hands the room lists of events (what one read of NATS brought),
-    of any length, with events lost, repeated or already delivered among them; two members
-    (JSON, CBOR), one joining midway, each get every event from their join on once, in order."""
-    rng = random.Random(int(os.environ.get("RTNODE_TEST_LIVE_LISTS_SEED", "5417")))
+    of any length, with events lost, repeated or already delivered among them; members (JSON,
+    CBOR), one joining midway, one joining midway with ``since`` (its replay read while lists
+    keep coming), each get every event from their join on once, in order. A list's runs of
+    events in order are fanned out at once (``_on_live_many``), the rest one by one."""
+    rng = random.Random(seed)
     store, ref = room
     first, first_rec = member()
     ref.tell(Join(first))
     await first_rec.joined()
     late, late_rec = member(CBOR)
+    since, since_rec = member()
     seqs = store.add(300)
     prev = {s: (seqs[i - 1] if i else 0) for i, s in enumerate(seqs)}
     i = 0
+    since_at, since_asked = rng.randrange(20, 280), False
+    runs = []
+    fan_out = RoomActor._fan_out
+    monkeypatch.setattr(RoomActor, "_fan_out",
+                        lambda self, run: runs.append(len(run)) or fan_out(self, run))
     while i < len(seqs):
         if i >= 150 and not late_rec.frames:
             ref.tell(Join(late))
             await late_rec.joined()
+        if i >= since_at and not since_asked:
+            ref.tell(Join(since, since_seq=seqs[since_at // 2], since_epoch="e1"))
+            since_asked = True  # not waited for: lists arrive while it replays
         n = rng.randint(1, 12)
         chunk = seqs[i:i + n]
         i += n
-        sent = [s for s in chunk if rng.random() > 0.1]  # some lost: read back
+        loss = 0.1 if rng.random() < 0.4 else 0.0
+        sent = [s for s in chunk if rng.random() >= loss]  # some lost: read back
         if rng.random() < 0.3 and i > n:
             sent.insert(0, seqs[i - n - 1])  # one delivered already
         if sent and rng.random() < 0.2:
             sent.append(sent[-1])  # a repeat
         store.callback([LiveMessage(s, prev[s], store.events[seqs.index(s)][1]) for s in sent])
+        if sent and rng.random() < 0.5:  # now and then a repair ends before the next list
+            await first_rec.until(seqs.index(max(sent)) + 1)
     # The last ones, if lost, are read back by the next event's gap: send one more.
     last = store.add(1)[0]
     store.callback([LiveMessage(last, seqs[-1], store.events[-1][1])])
@@ -188,6 +207,49 @@ async def test_live_lists_of_any_shape_deliver_every_event_once_in_order(room: A
         late_events = late_rec.events()
     start = late_events[0]
     assert late_events == [s for s in [*seqs, last] if s >= start]
+    since_events = await since_rec.until(1)
+    while since_events[-1] != last:
+        since_rec.arrived.clear()
+        await asyncio.wait_for(since_rec.arrived.wait(), 5)
+        since_events = since_rec.events()
+    assert since_events == [*seqs, last][since_at // 2 + 1:]
+    assert max(runs) > 1  # the lists' runs in order were fanned out at once
+
+
+async def test_a_list_in_order_reaches_each_member_from_its_own_position(room: Any) -> None:
+    """One list of events in order, fanned out at once: a live member gets all of it, a member
+    whose replay read past the room's position only what it has not had, a member still
+    replaying has it held, then gets what its replay did not bring."""
+    store, ref = room
+
+    def live(seqs: list[int]) -> None:
+        assert store.callback is not None
+        store.callback([LiveMessage(s, s - 2 if s > 1 else 0, store.events[(s - 1) // 2][1])
+                        for s in seqs])
+
+    a, a_rec = member()
+    ref.tell(Join(a))
+    await a_rec.joined()
+    old = store.add(2)
+    live(old)
+    await a_rec.until(2)
+    ahead = store.add(3)  # stored, not yet live here
+    b, b_rec = member(CBOR)
+    ref.tell(Join(b, since_seq=old[0], since_epoch="e1"))
+    assert await b_rec.until(4) == [old[1], *ahead]
+    store.gate = asyncio.Event()  # c's replay read waits
+    c, c_rec = member()
+    ref.tell(Join(c, since_seq=old[1], since_epoch="e1"))
+    await asyncio.wait_for(store.held.wait(), 5)  # c's replay read, waiting
+    new = store.add(2)
+    live([*ahead, *new])  # one run of 5: held for c
+    store.gate.set()
+    await c_rec.until(1)
+    last = store.add(1)
+    live(last)  # a barrier: anything sent twice would come before it
+    assert await a_rec.until(8) == [*old, *ahead, *new, *last]
+    assert await b_rec.until(7) == [old[1], *ahead, *new, *last]
+    assert await c_rec.until(6) == [*ahead, *new, *last]
 
 
 async def test_join_since_replays_then_goes_live_without_a_seam(room: Any) -> None:
