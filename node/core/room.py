@@ -379,11 +379,7 @@ class RoomActor(Actor):
         actor is idle (``ActorRef.handle_now``): what ``on_receive`` does with them."""
         if type(message) is not Live or not self.members:
             return False
-        messages = message.messages
-        if len(messages) == 1:
-            self._on_live(messages[0])
-        else:
-            self._on_live_many(messages)
+        self._on_live_many(message.messages)
         if not self._in_use():  # gone meanwhile: on_receive's look, after an idle check
             self.ref.tell(_IdleCheck())
         return True
@@ -498,8 +494,7 @@ class RoomActor(Actor):
 
     async def on_receive(self, message: Any) -> Any:
         if isinstance(message, Live):
-            for msg in message.messages:
-                self._on_live(msg)
+            self._on_live_many(message.messages)
         elif isinstance(message, Join):
             self._on_join(message)
         elif isinstance(message, Leave):
@@ -555,6 +550,9 @@ class RoomActor(Actor):
         run of them in order is fanned out at once, a member's frames of the run pushed in one
         call (:meth:`_fan_out`), not event by event; anything else goes through
         :meth:`_on_live` one by one, in its place."""
+        if len(messages) == 1:
+            self._on_live(messages[0])
+            return
         run: list[tuple[int, dict[str, Any], dict[str, bytes]]] = []
         for msg in messages:
             seq = msg.seq
