@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
+from websockets.exceptions import InvalidHandshake, InvalidState
 
+from bench.fanout_subscriber import Subscriber
 from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, die_with_parent
 from bench.report import pct
 from node.protocol.tokens import mint_token
@@ -43,32 +42,38 @@ LATENCY_SAMPLES = 20_000  # per client process
 # Client processes
 
 
-async def _open(url: str, rtnode: bool, secret: str, sub: str, room: str) -> ClientConnection:
+async def _open(url: str, rtnode: bool, secret: str, sub: str, room: str) -> Subscriber:
     """One member, connected and joined (rtnode) or in its room (baseline)."""
     if not rtnode:
-        ws = await connect(f"{url}/{room}", max_size=None, compression=None,
-                           ping_interval=None, open_timeout=SETUP_TIMEOUT_S)
-        await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S)  # {"type":"joined"}
+        ws = await Subscriber.open(f"{url}/{room}", None, SETUP_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S)  # {"type":"joined"}
+        except BaseException:
+            ws.abort()
+            raise
         return ws
-    ws = await connect(url, subprotocols=[Subprotocol("rtnode.v1.json")], max_size=None,
-                       compression=None, ping_interval=None, open_timeout=SETUP_TIMEOUT_S)
-    tok = mint_token(secret, sub=sub, rooms={"bench-*": ["join", "publish"]})
-    await ws.send(json.dumps({"type": "connect", "id": "c", "token": tok}) + "\n"
-                  + json.dumps({"type": "join", "id": "j", "room": room}))
-    deadline = time.monotonic() + SETUP_TIMEOUT_S
-    while True:
-        msg = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
-        for line in str(msg).split("\n"):
-            f = json.loads(line) if line else {}
-            if f.get("id") == "j" or f.get("type") == "disconnect":
-                if f.get("type") != "joined":
-                    raise RuntimeError(f"join answered {line[:200]}")
-                return ws
+    ws = await Subscriber.open(url, "rtnode.v1.json", SETUP_TIMEOUT_S)
+    try:
+        tok = mint_token(secret, sub=sub, rooms={"bench-*": ["join", "publish"]})
+        ws.send(json.dumps({"type": "connect", "id": "c", "token": tok}) + "\n"
+                + json.dumps({"type": "join", "id": "j", "room": room}))
+        deadline = time.monotonic() + SETUP_TIMEOUT_S
+        while True:
+            msg = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
+            for line in str(msg).split("\n"):
+                f = json.loads(line) if line else {}
+                if f.get("id") == "j" or f.get("type") == "disconnect":
+                    if f.get("type") != "joined":
+                        raise RuntimeError(f"join answered {line[:200]}")
+                    return ws
+    except BaseException:
+        ws.abort()
+        raise
 
 
 @dataclass
 class _Member:
-    ws: ClientConnection
+    ws: Subscriber
     room: str
     me: int  # 0 or 1 within the room
     sent: int = 0
@@ -79,7 +84,6 @@ class _Member:
     echoes: int = 0
     duplicates: int = 0
     peer: _Member | None = None
-    moved: asyncio.Event = field(default_factory=asyncio.Event)
     last_recv: float = 0.0
     first_send: float = 0.0
     last_ack: float = 0.0
@@ -87,7 +91,14 @@ class _Member:
 
 
 class _Client:
-    """The client process: its connections, and the commands it gets on its pipe."""
+    """The client process: its connections, and the commands it gets on its pipe.
+
+    While the rooms run, nothing waits in a task: each message is handled in its connection's
+    read callback (:class:`~bench.fanout_subscriber.Subscriber`), and a member publishes its
+    next event from there as soon as its window has room (its peer received one of its
+    events, or one was refused). With websockets' asyncio client (a reader and a publisher
+    task per member) the load generator spent about as much CPU per event as the node, on
+    the two cores they share."""
 
     def __init__(self, conn: Connection, url: str, rtnode: bool, secret: str) -> None:
         self.conn, self.url, self.rtnode, self.secret = conn, url, rtnode, secret
@@ -96,6 +107,9 @@ class _Client:
         self.errors: list[str] = []
         self.n_errors = 0
         self.progress = asyncio.Event()  # set on every event received
+        self.until = 0.0  # members publish until then
+        self.window = 1
+        self.stride = 7
 
     def _error(self, text: str) -> None:
         self.n_errors += 1
@@ -110,7 +124,8 @@ class _Client:
                 try:
                     ws = await _open(self.url, self.rtnode, self.secret, f"bench-m-{r}-{me}",
                                      f"bench-r{r}")
-                except (OSError, TimeoutError, ConnectionClosed, RuntimeError) as exc:
+                except (OSError, TimeoutError, ConnectionError, RuntimeError, ValueError,
+                        InvalidHandshake) as exc:
                     self._error(f"room {r} member {me}: {exc!r}"[:200])
                     return None
                 return _Member(ws, f"bench-r{r}", me)
@@ -123,98 +138,94 @@ class _Client:
             else:
                 for m in (a, b):
                     if m is not None:
-                        m.ws.transport.abort()
+                        m.ws.abort()
 
-    async def _read(self, m: _Member, stride: int) -> None:
+    def _message(self, m: _Member, msg: str | bytes, now: float) -> None:
         peer = m.peer
         assert peer is not None
         latencies = self.latencies
-        try:
-            async for msg in m.ws:
-                now = time.time()
-                for line in str(msg).split("\n"):
-                    if not line:
-                        continue
-                    f = json.loads(line)
-                    kind = f.get("type")
-                    if kind == "published" and self.rtnode:
-                        i = f["id"]
-                        if 0 <= i < len(m.acked):
-                            m.acked[i] = 1
-                        m.last_ack = now
-                    elif kind == "event" or (not self.rtnode and "data" in f):
-                        d = f["data"]
-                        if d["m"] == m.me:
-                            m.echoes += 1
-                            continue
-                        i = d["i"]
-                        if i >= len(m.seen):
-                            m.seen.extend(bytes(max(i + 1 - len(m.seen), 4096)))
-                        if m.seen[i]:
-                            m.duplicates += 1
-                            continue
-                        m.seen[i] = 1
-                        m.received += 1
-                        m.last_recv = now
-                        if i % stride == 0 and len(latencies) < LATENCY_SAMPLES:
-                            latencies.append(now - d["t"])
-                        peer.moved.set()
-                        self.progress.set()
-                    elif kind in ("error", "disconnect"):
-                        i = f.get("id")
-                        if isinstance(i, int) and 0 <= i < len(m.acked) and not m.acked[i]:
-                            m.acked[i] = 2  # refused (not stored): its slot is free again
-                            m.refused += 1
-                            m.moved.set()
-                            self.progress.set()
-                        self._error(f"{m.room}: {line[:200]}")
-        except ConnectionClosed:
-            pass
+        for line in str(msg).split("\n"):
+            if not line:
+                continue
+            f = json.loads(line)
+            kind = f.get("type")
+            if kind == "published" and self.rtnode:
+                i = f["id"]
+                if 0 <= i < len(m.acked):
+                    m.acked[i] = 1
+                m.last_ack = now
+            elif kind == "event" or (not self.rtnode and "data" in f):
+                d = f["data"]
+                if d["m"] == m.me:
+                    m.echoes += 1
+                    continue
+                i = d["i"]
+                if i >= len(m.seen):
+                    m.seen.extend(bytes(max(i + 1 - len(m.seen), 4096)))
+                if m.seen[i]:
+                    m.duplicates += 1
+                    continue
+                m.seen[i] = 1
+                m.received += 1
+                m.last_recv = now
+                if i % self.stride == 0 and len(latencies) < LATENCY_SAMPLES:
+                    latencies.append(now - d["t"])
+                self.progress.set()
+                self._fill(peer)  # its window has room again
+            elif kind in ("error", "disconnect"):
+                i = f.get("id")
+                if isinstance(i, int) and 0 <= i < len(m.acked) and not m.acked[i]:
+                    m.acked[i] = 2  # refused (not stored): its slot is free again
+                    m.refused += 1
+                    self.progress.set()
+                    self._fill(m)
+                self._error(f"{m.room}: {line[:200]}")
+
+    def _fill(self, m: _Member) -> None:
+        """Publish ``m``'s next events while its window has room and its time is not over."""
+        peer = m.peer
+        assert peer is not None
+        if m.closed is not None:
+            return
+        room, me, rtnode, window = m.room, m.me, self.rtnode, self.window
+        while m.sent - peer.received - m.refused < window:
+            t = time.time()
+            if t >= self.until:
+                return
+            if not m.first_send:
+                m.first_send = t
+            i = m.sent
+            if i >= len(m.acked):
+                m.acked.extend(bytes(4096))
+            data = {"m": me, "i": i, "t": t}
+            frame = ({"type": "publish", "id": i, "room": room, "event": "m", "data": data}
+                     if rtnode else {"data": data})
+            try:
+                m.ws.send(json.dumps(frame, separators=(",", ":")))
+            except InvalidState:  # closing: said by its close code once it has closed
+                return
+            m.sent = i + 1
+
+    def _ended(self, m: _Member) -> None:
         if m.closed is None:
             m.closed = f"{m.ws.close_code} {m.ws.close_reason or ''}".strip()
 
-    async def _publish(self, m: _Member, until: float, window: int) -> None:
-        peer = m.peer
-        assert peer is not None
-        room, me, rtnode = m.room, m.me, self.rtnode
-        try:
-            while time.time() < until:
-                while m.sent - peer.received - m.refused >= window:
-                    m.moved.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(m.moved.wait(), max(0.01, until - time.time()))
-                    if time.time() >= until:
-                        return
-                t = time.time()
-                if not m.first_send:
-                    m.first_send = t
-                i = m.sent
-                if i >= len(m.acked):
-                    m.acked.extend(bytes(4096))
-                data = {"m": me, "i": i, "t": t}
-                frame = ({"type": "publish", "id": i, "room": room, "event": "m", "data": data}
-                         if rtnode else {"data": data})
-                await m.ws.send(json.dumps(frame, separators=(",", ":")))
-                m.sent = i + 1
-        except ConnectionClosed:
-            pass
-
     async def run_rooms(self, seconds: float, window: int, go_at: float) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, go_at - time.time()))
-        until = go_at + seconds
-        stride = 7
-        readers = [asyncio.create_task(self._read(m, stride)) for m in self.members]
-        pubs = [asyncio.create_task(self._publish(m, until, window)) for m in self.members]
-        await asyncio.gather(*pubs)
+        self.until, self.window = go_at + seconds, window
+        for m in self.members:
+            m.ws.stream(lambda msg, now, m=m: self._message(m, msg, now))
+            m.ws.closed.add_done_callback(lambda _, m=m: self._ended(m))
+        for m in self.members:
+            self._fill(m)
+        # From here on the members publish from their read callbacks, until self.until.
+        await asyncio.sleep(max(0.0, self.until - time.time()))
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline and any(self._pending(m) for m in self.members):
             self.progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.progress.wait(), 0.2)
         await asyncio.sleep(0.2)  # stray duplicates
-        for t in readers:
-            t.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
         ms = self.members
         return {
             "sent": sum(m.sent for m in ms),
@@ -257,7 +268,7 @@ class _Client:
             await asyncio.wait_for(asyncio.gather(*(c.close() for c in conns),
                                                   return_exceptions=True), 10)
         for c in conns:
-            c.transport.abort()
+            c.abort()
         self.members = []
 
     async def serve(self) -> None:
