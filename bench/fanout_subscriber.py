@@ -8,14 +8,14 @@ and its own queueing showed up as latency. This one hands each message to the co
 ``data_received``, in the read callback, with no task woken. The protocol (handshake, pings,
 the closing handshake) is websockets', unchanged.
 
-Once :meth:`Subscriber.stream` has begun, the messages themselves are cut out of the byte
-stream here: a server's frames are not masked, and a whole text or binary message in one frame
-is a 2-, 4- or 10-byte header and its payload. websockets' parser (a generator, a frame object,
-a UTF-8 check: ~6 us a message) made the paced run's load generator spend more per delivery
-than the node it measures, on a machine whose two cores they share. Every other frame
-(control frames: ping, close) is handed whole to websockets' protocol, which answers it as
-before; a fragmented or compressed message (never sent by the servers measured here) ends the
-connection with a reason.
+Past the opening handshake (websockets reads the response's head, and nothing after it), the
+messages themselves are cut out of the byte stream here: a server's frames are not masked, and
+a whole text or binary message in one frame is a 2-, 4- or 10-byte header and its payload.
+websockets' parser (a generator, a frame object, a UTF-8 check: ~6 us a message) made the paced
+run's load generator spend more per delivery than the node it measures, on a machine whose two
+cores they share. Every other frame (control frames: ping, close) is handed whole to
+websockets' protocol, which answers it as before; a fragmented or compressed message (never
+sent by the servers measured here) ends the connection with a reason.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ class Subscriber(asyncio.Protocol):
         self.close_code: int | None = None
         self.close_reason = ""
         self._abort_armed = False
-        self._raw = False  # streaming: frames are cut out here (see the module's docstring)
+        self._raw = False  # past the handshake: frames are cut out here (the module's docstring)
+        self._head: bytes | None = b""  # the handshake response's head, until it is whole
         self._rest = b""  # the start of a frame not yet whole
 
     @classmethod
@@ -125,11 +126,29 @@ class Subscriber(asyncio.Protocol):
         if self._raw:
             self._frames(self._rest + data if self._rest else data)
             return
-        self.proto.receive_data(data)
+        if self._head is None:  # a refused handshake: websockets reads the rest
+            self.proto.receive_data(data)
+            self._events()
+            return
+        # websockets reads the handshake response's head, and nothing after it: its frame
+        # parser then stands at a frame boundary for good (it gets whole control frames only).
+        head = self._head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            self._head = head
+            return
+        self._head = None
+        self.proto.receive_data(head[:end + 4])
         self._events()
-        # Streaming, and websockets holds no part of a frame: from here on frames are cut out
-        # by _frames (websockets gets only whole control frames, so its buffer stays empty).
-        self._raw = self._handler is not None and not self.proto.reader.buffer
+        rest = head[end + 4:]
+        if (head.startswith(b"HTTP/1.1 101 ") and self.opened.done()
+                and self.opened.exception() is None):
+            self._raw = True
+            if rest:
+                self._frames(rest)
+        elif rest:
+            self.proto.receive_data(rest)
+            self._events()
 
     def eof_received(self) -> bool | None:
         self.proto.receive_eof()
@@ -178,8 +197,7 @@ class Subscriber(asyncio.Protocol):
         self._flush()
 
     def _frames(self, buf: bytes) -> None:
-        handler = self._handler
-        assert handler is not None
+        handler = self._handler or self._keep
         now = time.time()
         end = len(buf)
         pos = 0
@@ -199,13 +217,21 @@ class Subscriber(asyncio.Protocol):
                 head = 10
             elif size > 127:  # a masked frame from the server: websockets says what is wrong
                 self._raw = False
-                self.data_received(buf[pos:])
+                self.proto.receive_data(buf[pos:])
+                self._events()
                 return
             stop = pos + head + size
             if stop > end:
                 break
             if b0 == 0x81:  # FIN, text
-                handler(buf[pos + head:stop].decode(), now)
+                try:
+                    text = buf[pos + head:stop].decode()
+                except UnicodeDecodeError:
+                    self.close_reason = "a text message that is not UTF-8"
+                    self.close_code = 1007
+                    self.abort()
+                    return
+                handler(text, now)
             elif b0 == 0x82:  # FIN, binary
                 handler(buf[pos + head:stop], now)
             elif b0 & 0x0F >= 8:  # a control frame: websockets answers it
@@ -218,6 +244,11 @@ class Subscriber(asyncio.Protocol):
                 return
             pos = stop
         self._rest = buf[pos:] if pos < end else b""
+
+    def _keep(self, message: str | bytes, now: float) -> None:
+        """A message before :meth:`stream`: for :meth:`recv`."""
+        self._inbox.append(message)
+        self._arrived.set()
 
     def _flush(self) -> None:
         transport = self.transport
