@@ -136,8 +136,9 @@ class Collector:
     def _run(self, sub: SubStats, found: list[tuple[str, str]], now: float) -> bool:
         """Count a message's events at once when they are new and consecutive (``i``, ``i+1``,
         ...), the usual case; else False, and nothing is counted (:meth:`_event` then counts
-        them one by one). The same figures either way, for a third of the CPU per event: the
-        load generator shares the machine's two cores with the server it measures."""
+        them one by one). The same figures either way, for less than half the CPU per event
+        (1.5 -> 0.65 us at 1,000 subscribers): the load generator shares the machine's two
+        cores with the server it measures."""
         n = len(found)
         ids = list(map(int, map(_first, found)))
         a = ids[0]
