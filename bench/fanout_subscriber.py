@@ -168,7 +168,7 @@ class Subscriber(asyncio.Protocol):
 
     def _events(self) -> None:
         now = time.time()
-        handler = self._handler
+        handler = self._handler or self._keep
         for event in self.proto.events_received():
             if isinstance(event, Response):
                 if self.opened.done():
@@ -185,12 +185,7 @@ class Subscriber(asyncio.Protocol):
                     self.close_code = 1003
                     self.abort()
                     return
-                message = event.data.decode() if opcode is Opcode.TEXT else bytes(event.data)
-                if handler is None:
-                    self._inbox.append(message)
-                    self._arrived.set()
-                else:
-                    handler(message, now)
+                handler(event.data.decode() if opcode is Opcode.TEXT else bytes(event.data), now)
             elif opcode is Opcode.CLOSE:
                 self.close_code = self.proto.close_code
                 self.close_reason = self.proto.close_reason or ""
