@@ -8,6 +8,7 @@ and a node with the compose file's settings stores and serves events on it with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 import yaml
 
@@ -85,6 +88,24 @@ def test_compose_passes_only_real_settings_and_flags() -> None:
 
 async def _quiet(exc: Exception) -> None:
     """nats-py's error callback, silent: the refusals are expected."""
+
+
+async def stream_info(js: Any, name: str, deadline: float = 30.0) -> Any:
+    """``name``'s info, asked again while the cluster gives no answer.
+
+    An R3 stream's info comes from its leader only: a request that arrives while a new cluster
+    (three servers fsyncing every write on two busy cores) moves a leader goes unanswered (a
+    5 s timeout in nats-py, CI saw one) or gets a 503. A JetStream client asks again; so does
+    this test, for at most ``deadline`` seconds. What it checks is the configuration.
+    """
+    until = time.monotonic() + deadline
+    while True:
+        try:
+            return await js.stream_info(name)
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            if time.monotonic() > until:
+                raise
+            await asyncio.sleep(0.1)  # a 503 comes back at once: not a busy loop
 
 
 class Server:
@@ -195,10 +216,10 @@ async def test_node_with_compose_settings_on_the_compose_cluster(
                                 password=NATS_PASSWORD)
         try:
             js = nc.jetstream()
-            info = await js.stream_info("RTNODE_ROOMS")
+            info = await stream_info(js, "RTNODE_ROOMS")
             assert info.config.num_replicas == 3
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2
-            kv = await js.stream_info("KV_RTNODE_PRESENCE")
+            kv = await stream_info(js, "KV_RTNODE_PRESENCE")
             assert kv.config.num_replicas == 3
         finally:
             await nc.close()
