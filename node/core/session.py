@@ -66,6 +66,7 @@ from node.protocol.frames import (
 )
 from node.protocol.settings import Settings
 from node.protocol.tokens import KINDS, Principal
+from node.protocol.values import INT_MAX
 
 __all__ = ["JOIN_WAIT_S", "ConnectionSession"]
 
@@ -91,6 +92,13 @@ class Verify(Protocol):
     """What a session checks tokens with: ``TokenVerifier.verify``."""
 
     def __call__(self, token: object, *, where: str = "") -> Principal: ...
+
+
+def _seconds_left(left: float | None) -> int | None:
+    """A token's ``expires_in_s``: whole seconds, at most the value model's largest integer (an
+    ``exp`` of 1e25 is a valid time, but no frame may hold an integer past 64 bits: CBOR would
+    need a bignum tag, which every rtnode reader refuses)."""
+    return None if left is None else min(int(left), INT_MAX)
 
 
 def _any_room(tenant: str, room: str) -> bool:
@@ -353,7 +361,7 @@ class ConnectionSession(RoomRules, RpcRules):
         connected: dict[str, Any] = {
             "type": "connected", "client_id": self.client_id, "node": self.node_name,
             "heartbeat_s": int(heartbeat) if float(heartbeat).is_integer() else heartbeat,
-            "expires_in_s": None if expires is None else int(expires),
+            "expires_in_s": _seconds_left(expires),
             "rooms": [principal.personal_room] if principal.personal_room else [],
         }
         if request_id is not None:
@@ -383,7 +391,7 @@ class ConnectionSession(RoomRules, RpcRules):
         self._schedule_expiry(now)
         left = principal.expires_in()
         self._reply(frame.id, {"type": "refreshed",
-                               "expires_in_s": None if left is None else int(left)})
+                               "expires_in_s": _seconds_left(left)})
 
     def _ping(self, frame: Ping, now: float) -> None:
         self._reply(frame.id, {"type": "pong"})

@@ -28,7 +28,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import logging
 import math
 import os
@@ -42,8 +41,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
+
 from node.protocol.errors import AuthError, ConfigError
 from node.protocol.ids import ID_RULE, TENANT_RULE, is_valid_id, is_valid_tenant
+from node.protocol.values import has_long_digits
 
 if TYPE_CHECKING:
     # PyJWT is imported where tokens are signed or checked (a TokenVerifier, mint_token): it
@@ -118,7 +120,12 @@ def _ago(seconds: float) -> str:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``t`` (seconds since the epoch) as a UTC time for a log line, or as the number where no
+    date holds it (a token's ``nbf`` of 1e25 is finite, and refused, but has no date)."""
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{t:g} s after the epoch"
 
 
 class TokenRefusalLog:
@@ -416,9 +423,11 @@ def _fast_hs256(token: str, key: bytes) -> dict[str, Any] | None:
     expected = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, raw_sig):
         return None
-    try:
-        header, claims = json.loads(raw_head), json.loads(raw_body)
-    except (ValueError, RecursionError):
+    if has_long_digits(raw_body):  # orjson would read an integer past 64 bits as a float
+        return None
+    try:  # orjson: what it reads, json reads alike (it refuses NaN, lone surrogates, ...)
+        header, claims = orjson.loads(raw_head), orjson.loads(raw_body)
+    except ValueError:
         return None
     if (not isinstance(header, dict) or header.get("alg") != "HS256"
             or not header.keys() <= {"alg", "typ"} or not isinstance(header.get("typ", ""), str)

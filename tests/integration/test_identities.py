@@ -290,6 +290,35 @@ async def test_time_claims_that_are_not_numbers_are_refused(make_node, claim: st
     await caller.close()  # left open, the node's stop could wait 5 s for its close handshake
 
 
+async def test_time_claims_beyond_any_date_are_refused_with_a_reason(make_node) -> None:
+    """Finite times no date holds (1e25 s, 10**25, -2**70): a not-yet-valid nbf or iat is
+    refused with 4001 and a long-past exp with 4010 (the log's reason says when, in numbers),
+    on both doors, never a 4500; the node serves on."""
+    node = await make_node()
+    user = uid("u")
+    for claims, want in (({"nbf": 1e25}, 4001), ({"iat": 10**25}, 4001),
+                         ({"nbf": 2**70, "exp": 2**71}, 4001), ({"exp": -(2**70)}, 4010),
+                         ({"exp": -1e25}, 4010)):
+        code, last = await refused_ws(node, signed(user, **claims))
+        assert (code, last.get("code")) == (want, want), (claims, last)
+        dev = uid("dev")
+        connack = await connack_code(node, dev, signed(dev, kind="device", **claims))
+        assert connack in (4, 5, 134, 135), (claims, connack)  # bad credentials, not a 4500
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{node.http.port}/sse"
+            params = {"room": "r:1", "token": signed(user, **claims)}
+            async with http.get(url, params=params) as resp:
+                assert resp.status == 401, claims
+    for codec in ("json", "cbor"):  # far, not past: accepted; every codec reads its connected
+        caller = await RawClient.connected(ws_url(node), signed(user, exp=1e25), codec=codec)
+        assert caller.info["expires_in_s"] == 2**64 - 1, caller.info
+        refreshed = await caller.request({"type": "refresh", "token": signed(user, exp=2**80)})
+        assert refreshed == {"type": "refreshed", "expires_in_s": 2**64 - 1,
+                             "id": refreshed["id"]}, refreshed
+        assert (await caller.request({"type": "ping"}))["type"] == "pong"
+        await caller.close()
+
+
 async def test_require_exp(make_node) -> None:
     node = await make_node(**existing(require_exp=True))
     user = uid("u")

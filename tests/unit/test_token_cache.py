@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -137,6 +138,59 @@ def test_the_fast_hs256_path_decides_as_pyjwt() -> None:
     for tok in cases:
         assert _outcome(fast, tok) == _outcome(slow, tok), tok
     assert fast._fast_ok and _outcome(fast, cases[1])[0] == "ok"
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice([0, -1, 2**31, 2**63 - 1, -2**63, 2**63, 2**64 + 1, -2**70, 10**25])
+    if kind == 1:
+        return rng.choice([0.5, -1e300, 1e-300, 3.0, 1e22])
+    if kind == 2:
+        chars = "aZ9 _-\\\"\u00e9\u4e2d\U0001f600\n"
+        return "".join(rng.choice(chars) for _ in range(rng.randrange(6)))
+    if kind == 3:
+        return rng.choice([None, True, False])
+    if kind == 4:
+        return rng.randrange(-10**6, 10**6)
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(4))}
+
+
+# Raw JSON bodies json and orjson might read apart: each must get the same answer either way.
+_ODD_BODIES = [
+    '{"sub":"a","sub":"admin"}', '{"sub":"a","exp":NaN}', '{"sub":"a","n":Infinity}',
+    '{"sub":"\\ud800"}', '{"sub":"a","big":123456789012345678901234567890}',
+    '{"sub":"a","exp":99999999999999999999}', '{"sub":"a","x":1e400}', ' {"sub":"a"} ',
+    '{"sub":"a"}x', '{"sub":"a",}', '{"sub":"\u00e9"}',
+    '{"sub":"a","d":' + "[" * 600 + "]" * 600 + "}",
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fast_path_reads_claims_as_pyjwt_does_seeded(seed: int) -> None:
+    """Random claims (integers past 64 bits, floats, any text, nesting) and raw bodies the two
+    JSON readers might read apart: the fast path (orjson) and PyJWT (json) give the same answer,
+    the same principal or the same refusal."""
+    rng = random.Random(seed)
+    now = int(time.time())
+    fast, slow = TokenVerifier(secret=SECRET), TokenVerifier(secret=SECRET)
+    fast.verify(mint_token(SECRET, sub="alice"))
+    slow._fast_key = None
+    fast.verified_cache_size = slow.verified_cache_size = 0
+    cases = [_signed({"alg": "HS256"}, None, raw_body=_b64(body.encode("utf-8", "surrogatepass")))
+             for body in _ODD_BODIES]
+    for _ in range(40):
+        claims: dict[str, object] = {"sub": rng.choice(["alice", "b\u00f6b", "svc-1"]),
+                                     "iat": now, "exp": now + rng.choice([60, 3600])}
+        for i in range(rng.randrange(5)):
+            claims[rng.choice(["info", "meta", "rooms", f"c{i}", "jti", "nbf"])] = (
+                _random_value(rng))
+        cases.append(_signed({"alg": "HS256", "typ": "JWT"}, claims))
+    for tok in cases:
+        assert _outcome(fast, tok) == _outcome(slow, tok), tok
+    assert any(_outcome(fast, tok)[0] == "ok" for tok in cases)
 
 
 def test_the_fast_path_runs_without_pyjwt_for_a_plain_token(
