@@ -59,6 +59,27 @@ async def tunnel_request(client: aiomqtt.Client, dev: str, frame: dict[str, Any]
     raise AssertionError("no reply")
 
 
+async def _reply_or_unread(client: RawClient, frame: dict[str, Any]) -> dict[str, Any]:
+    """``frame``'s reply, or the error without id of a message the node could not read (a
+    value its decoder refuses: a tag, nesting past the limit); events are kept."""
+    rid = frame["id"] = f"door-{next(_IDS)}"
+    # As a peer writes it: the codec's encoder would make safe what it cannot hold.
+    await client.ws.send(cbor2.dumps(frame) if client.codec.binary else json.dumps(frame))
+    kept: list[Any] = []
+    try:
+        while True:
+            f = await client.recv(10.0)
+            if isinstance(f, dict) and ((f.get("id") == rid and f.get("type") != "rpc") or (
+                    f.get("type") == "error" and "id" not in f)):
+                return f
+            kept.append(f)
+    finally:
+        client.buffer[:0] = kept
+
+
+_IDS = itertools.count(1)
+
+
 def _from_reply(reply: dict[str, Any]) -> Outcome:
     if reply.get("type") == "published":
         seq = reply.get("seq")
@@ -90,10 +111,18 @@ class _Door:
         counts = self.node.ctx.admission.stats.counts
         return {outcome: n for (d, outcome), n in counts.items() if d == door}
 
-    async def _counted(self, door: str, before: dict[str, int]) -> Outcome:
-        """The one outcome the admission counters recorded for ``door`` since ``before``."""
+    def _unread(self) -> int:
+        """Uplinks dropped before admission, their payload unreadable (a tag, a bignum)."""
+        return int(self.node.mqtt.bad_payloads) if self.node.mqtt is not None else 0
+
+    async def _counted(self, door: str, before: dict[str, int],
+                       unread: int | None = None) -> Outcome:
+        """The one outcome the admission counters recorded for ``door`` since ``before``; a
+        payload dropped unread since ``unread`` (the count before) is refused with 4000."""
         async with asyncio.timeout(10):
-            while sum(self._counts(door).values()) <= sum(before.values()):  # noqa: ASYNC110
+            while sum(self._counts(door).values()) <= sum(before.values()):
+                if unread is not None and self._unread() > unread:
+                    return Outcome("refused", 4000)
                 await asyncio.sleep(0.01)  # counters have no event to wait on
         after = self._counts(door)
         [outcome] = [o for o, n in after.items() if n != before.get(o, 0)]
@@ -125,7 +154,7 @@ class WsDoor(_Door):
             frame["msg_id"] = msg_id
         frame.update(fields or {})
         client = self.client if allowed else self.limited
-        return _from_reply(await client.request(frame))
+        return _from_reply(await _reply_or_unread(client, frame))
 
 
 class WsCborDoor(WsDoor):
@@ -158,7 +187,14 @@ class TunnelDoor(_Door):
         if msg_id is not None:
             frame["msg_id"] = msg_id
         frame.update(fields or {})
-        return _from_reply(await tunnel_request(client, dev, frame))
+        await client.publish(f"rtnode/v1/{dev}/in", cbor2.dumps(frame), qos=1)
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                reply = cbor2.loads(bytes(message.payload))
+                if reply.get("id") == frame["id"] or (
+                        reply.get("type") == "error" and "id" not in reply):
+                    return _from_reply(reply)  # its answer, or the frame could not be read
+        raise AssertionError("no reply")
 
 
 class PlainMqttDoor(_Door):
@@ -177,13 +213,13 @@ class PlainMqttDoor(_Door):
 
     async def publish(self, room: str, event: str, data: Any, msg_id: str | None,
                       *, allowed: bool = True, fields: dict[str, Any] | None = None) -> Outcome:
-        before = self._counts(self.door)
+        before, unread = self._counts(self.door), self._unread()
         body: dict[str, Any] = {"event": event, "data": data}
         if msg_id is not None:
             body["msg_id"] = msg_id
         body.update(fields or {})
         await self.devices[allowed].publish(f"rooms/{room}/up", cbor2.dumps(body), qos=1)
-        return await self._counted(self.door, before)
+        return await self._counted(self.door, before, unread)
 
 
 class ApiDoor(_Door):

@@ -236,3 +236,87 @@ def _frames(raw: bytes, cbor: bool) -> list[bytes]:
         decoder.decode()
         out.append(raw[start:fp.tell()])
     return out
+
+
+def _door_value(rng: random.Random, cbor: bool, depth: int = 0) -> Any:
+    """A seeded value for a door, in and out of the value model, as a peer of the door could
+    write it (JSON: no byte strings, tags or undefined; NaN and integers past 64 bits are
+    written all the same)."""
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([2**64 - 1, -(2**63), 2**64, -(2**63) - 1, 10**30, 2**53 + 1])
+    if kind == 1:
+        return rng.choice([float("nan"), float("inf"), -float("inf"), 1e308, -0.0]
+                          + ([cbor2.undefined, cbor2.CBORTag(0, "2026"), rng.randbytes(3)]
+                             if cbor else []))
+    if kind == 2:
+        deep: Any = "leaf"
+        for _ in range(rng.choice([3, 31, 32, 33, 60])):
+            deep = [deep] if rng.random() < 0.5 else {"d": deep}
+        return deep
+    if kind in (3, 4, 5):
+        return _value(rng, depth)  # within the model
+    return ([_door_value(rng, cbor, depth + 1) for _ in range(rng.randint(0, 3))] if kind < 8
+            else {f"k{i}": _door_value(rng, cbor, depth + 1) for i in range(rng.randint(0, 3))})
+
+
+def _as_json_member(value: Any) -> Any:
+    """``value`` as a JSON member receives it: byte strings as base64 text."""
+    import base64
+
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, list):
+        return [_as_json_member(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_json_member(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("door", list(DOORS))
+async def test_seeded_values_get_the_value_models_verdict_at_every_door(
+        door: str, make_node: Any) -> None:
+    """Seeded values in and out of the value model (deep nesting at the limit and past it,
+    integers at and past 64 bits, NaN, tags, undefined, byte strings) through each door: each is
+    stored exactly when ``check_value`` takes it, else refused with 4000, and a stored one
+    reaches the JSON and the CBOR member as it was sent."""
+    from node.protocol.errors import ProtocolError
+    from node.protocol.values import check_value
+
+    rng = random.Random(f"doors-{door}")
+    node = await make_node()
+    publisher = make_door(door, node, {"*": ALL_RIGHTS})
+    members = Members(node)
+    await members.open()
+    await publisher.open()
+    outcomes = set()
+    try:
+        for _ in range(20):
+            value = _door_value(rng, publisher.codec == "cbor")
+            if publisher.codec != "cbor":
+                value = _as_json_member(value)  # a JSON door has no byte strings
+            try:
+                check_value(value)
+                want = Outcome("stored")
+            except ProtocolError as exc:
+                want = Outcome("refused", exc.code)
+            room = unique("chat")
+            await members.join(room)
+            try:
+                got = await publisher.publish(room, "chat:msg", value, None)
+            except TimeoutError:
+                raise AssertionError(f"{door}: no answer to a publish of {value!r}") from None
+            assert got.same() == want.same(), (door, value, got)
+            outcomes.add(want.kind)
+            delivered = await members.delivered(room, False)
+            if want.kind == "stored":
+                assert [e["data"] for e in delivered] == [_as_json_member(value)], value
+                cbor_got = await members.cbor.request({"type": "history", "room": room})
+                assert [e["data"] for e in cbor_got["events"]
+                        if e["event"] != "sentinel"] == [value], value
+            else:
+                assert delivered == [], value
+        assert outcomes == {"stored", "refused"}, outcomes
+    finally:
+        await publisher.close()
+        await members.close()
