@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import struct
 import uuid
@@ -13,7 +14,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from node.protocol.frames import CBOR, JSON
 from node.protocol.tokens import mint_token
 
-__all__ = ["SECRET", "RawClient", "read_server_frame", "token", "unique", "ws_url"]
+__all__ = ["SECRET", "RawClient", "as_json_member", "read_server_frame", "token", "unique",
+           "ws_url"]
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 ALL_RIGHTS = ["join", "publish", "history", "presence"]
@@ -146,3 +148,15 @@ async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     elif n == 127:
         (n,) = struct.unpack("!Q", await reader.readexactly(8))
     return b0 & 0x0F, await reader.readexactly(n)
+
+
+def as_json_member(value: Any) -> Any:
+    """``value`` as a JSON member receives it: byte strings as base64 text (RFC 4648, padded),
+    everything else as it is."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, list):
+        return [as_json_member(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_json_member(v) for k, v in value.items()}
+    return value

@@ -22,7 +22,7 @@ import pytest
 from node.protocol.frames import CBOR
 from tests.doors import DOORS, Outcome, make_door
 from tests.integration.test_mqtt_external import mosquitto  # noqa: F401  (a fixture)
-from tests.wsclient import ALL_RIGHTS, RawClient, token, unique, ws_url
+from tests.wsclient import ALL_RIGHTS, RawClient, as_json_member, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -260,19 +260,6 @@ def _door_value(rng: random.Random, cbor: bool, depth: int = 0) -> Any:
             else {f"k{i}": _door_value(rng, cbor, depth + 1) for i in range(rng.randint(0, 3))})
 
 
-def _as_json_member(value: Any) -> Any:
-    """``value`` as a JSON member receives it: byte strings as base64 text."""
-    import base64
-
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, list):
-        return [_as_json_member(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_json_member(v) for k, v in value.items()}
-    return value
-
-
 @pytest.mark.parametrize("door", list(DOORS))
 async def test_seeded_values_get_the_value_models_verdict_at_every_door(
         door: str, make_node: Any) -> None:
@@ -294,7 +281,7 @@ async def test_seeded_values_get_the_value_models_verdict_at_every_door(
         for _ in range(20):
             value = _door_value(rng, publisher.codec == "cbor")
             if publisher.codec != "cbor":
-                value = _as_json_member(value)  # a JSON door has no byte strings
+                value = as_json_member(value)  # a JSON door has no byte strings
             try:
                 check_value(value)
                 want = Outcome("stored")
@@ -310,7 +297,7 @@ async def test_seeded_values_get_the_value_models_verdict_at_every_door(
             outcomes.add(want.kind)
             delivered = await members.delivered(room, False)
             if want.kind == "stored":
-                assert [e["data"] for e in delivered] == [_as_json_member(value)], value
+                assert [e["data"] for e in delivered] == [as_json_member(value)], value
                 cbor_got = await members.cbor.request({"type": "history", "room": room})
                 assert [e["data"] for e in cbor_got["events"]
                         if e["event"] != "sentinel"] == [value], value

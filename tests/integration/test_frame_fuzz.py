@@ -25,7 +25,7 @@ import cbor2
 import pytest
 
 from tests.integration.test_request_limits import OPEN
-from tests.wsclient import RawClient, token, unique, ws_url
+from tests.wsclient import RawClient, as_json_member, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -121,17 +121,6 @@ def _base64(value: Any) -> str:
     return base64.b64encode(value).decode()
 
 
-def _same_for_json(value: Any) -> Any:
-    """``value`` as a JSON member reads it (a byte string is base64 text)."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, list):
-        return [_same_for_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _same_for_json(v) for k, v in value.items()}
-    return value
-
-
 async def _answer(client: RawClient, fid: int, expect_reply: bool) -> dict[str, Any] | None:
     """The answer to frame ``fid``: its reply, or an error without id (the message could not be
     read); for an ack, which answers only with an error, up to a ping's pong sent after it.
@@ -207,7 +196,7 @@ async def test_seeded_hostile_frames_are_answered_and_what_is_stored_reaches_eve
     for seq, sent in stored.items():
         as_json, as_cbor = got[0][seq], got[1][seq]
         assert len(as_json) == 1 and len(as_cbor) == 1, (seq, as_json, as_cbor)  # once each
-        assert as_json[0] == _same_for_json(as_cbor[0]), (seq, as_json, as_cbor)
+        assert as_json[0] == as_json_member(as_cbor[0]), (seq, as_json, as_cbor)
         if not cbor:
             assert as_json[0] == json.loads(json.dumps(sent, default=_base64)), (seq, as_json)
     failures = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -66,7 +66,7 @@ def _claims(rng: random.Random, sub: str, hostile: bool) -> dict[str, Any]:
     return claims
 
 
-@pytest.mark.parametrize("seed", [101, 102, 103, 104])
+@pytest.mark.parametrize("seed", [101, 102, 103])
 async def test_hostile_claims_are_served_or_refused_never_failed(make_node, seed: int,
                                                                  caplog) -> None:
     rng = random.Random(seed)
