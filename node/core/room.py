@@ -86,7 +86,7 @@ from node.core.room_messages import (
 )
 from node.core.room_recovery import RecoveryBatch
 from node.core.room_state import RoomValues
-from node.protocol.errors import CodecError
+from node.protocol.errors import CodecError, NatsUnavailable
 from node.protocol.frames import cbor_loads_strict, error_frame, state_frames
 
 __all__ = [
@@ -222,8 +222,9 @@ class RoomActor(Actor):
     batch_size = 256
     restart = RestartPolicy(max_restarts=5, window_s=60, min_backoff_s=0.1, max_backoff_s=5)
     # The store not answering (NATS down, paused, no stream leader yet) fails a start now and
-    # then: the outside world's doing, logged in one line; the restart tries again.
-    routine_failures = (StoreError,)
+    # then: the outside world's doing, logged in one line; the restart tries again. The live
+    # feed's subscribe raises NatsUnavailable while NATS is down (or the node stops).
+    routine_failures = (StoreError, NatsUnavailable)
 
     # Slots: there is a room per user on a node (its personal room).
     __slots__ = (

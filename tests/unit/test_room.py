@@ -620,3 +620,41 @@ async def test_presence_events_reach_watchers_only_and_other_volatile_ones_every
         assert len(recent) == 0, "every kept map was taken by its delivery"
         assert counters.events_in == len(sent), "every decodable event counted in, once"
         assert counters.undeliverable == broken
+
+
+@pytest.mark.parametrize("error", ["nats", "store"])
+async def test_a_start_without_nats_is_one_line_and_the_restart_serves(
+        error: str, caplog: pytest.LogCaptureFixture) -> None:
+    """NATS down (or the node stopping) while a room starts: the live feed's subscribe raises
+    NatsUnavailable, the store a StoreError. Each failure is one warning, no traceback (the
+    outside world's doing, not a bug); the restart subscribes once NATS answers, and the
+    member's join is answered."""
+    import logging
+
+    from node.core.ports import StoreError
+    from node.protocol.errors import NatsUnavailable
+
+    class Flaky(FakeStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fails = 2
+
+        async def subscribe(self, tenant: str, room: str, callback: Any) -> Any:
+            if self.fails:
+                self.fails -= 1
+                raise (NatsUnavailable("not connected to NATS") if error == "nats"
+                       else StoreError("leader read failed", retry=True))
+            return await super().subscribe(tenant, room, callback)
+
+    caplog.set_level(logging.WARNING)
+    store = Flaky()
+    store.add(2)
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor("t", "r", store, store, RoomSettings(),
+                                             RoomCounters()))
+        m, rec = member()
+        ref.tell(Join(m))
+        assert (await rec.joined())["seq"] == store.events[-1][0]
+    failed = [r for r in caplog.records if "failed in on_start" in r.getMessage()]
+    assert len(failed) == 2, [r.getMessage() for r in caplog.records]
+    assert all((r.levelname, r.exc_info) == ("WARNING", None) for r in failed)
