@@ -123,7 +123,7 @@ async def test_seeded_hostile_mqtt_packets(make_node, seed: int, caplog) -> None
     caplog.set_level(logging.WARNING)
     room = unique("fz")
     closed = answered = 0
-    for _session in range(12):
+    for _session in range(8):
         dev = f"fz-{uuid.uuid4().hex[:8]}"
         reader, writer = await asyncio.open_connection("127.0.0.1", node.mqtt.port)
         writer.write(_connect(dev))
