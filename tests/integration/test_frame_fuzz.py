@@ -192,7 +192,10 @@ async def test_seeded_hostile_frames_are_answered_and_what_is_stored_reaches_eve
         elif kind == "published" and answer.get("room") == room and "seq" in answer:
             stored[answer["seq"]] = frame.get("data")
     assert stored and refused.get(4000), (len(stored), refused)  # both outcomes reached
-    got = [await _drain(m, room, set(stored)) for m in members]
+    # A last event: the room delivers in seq order, so a repeat of any of them would come
+    # before it.
+    last = await members[0].request({"type": "publish", "room": room, "event": "last"})
+    got = [await _drain(m, room, {*stored, last["seq"]}) for m in members]
     for seq, sent in stored.items():
         as_json, as_cbor = got[0][seq], got[1][seq]
         assert len(as_json) == 1 and len(as_cbor) == 1, (seq, as_json, as_cbor)  # once each
