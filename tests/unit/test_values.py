@@ -15,6 +15,7 @@ from bridge.sse import parse_cursor
 from node.protocol.errors import CodecError, ProtocolError
 from node.protocol.frames import CBOR, JSON, SEQ_MAX, json_loads_strict, parse_frame, publish_frame
 from node.protocol.values import FRAME_MAX_DEPTH, INT_MAX, INT_MIN, MAX_DEPTH, check_value, to_safe
+from tests.wsclient import as_json_member
 
 
 def nest(depth: int, leaf: Any = 1) -> Any:
@@ -56,21 +57,8 @@ def test_accepted_values_round_trip_through_both_codecs(value: Any) -> None:
     [back] = CBOR.decode(CBOR.encode(frame))
     assert back["events"][0]["data"] == value
     [back] = JSON.decode(JSON.encode(frame))
-    expected = to_json_view(value)
+    expected = as_json_member(value)
     assert back["events"][0]["data"] == expected
-
-
-def to_json_view(value: Any) -> Any:
-    """What a JSON member sees of an accepted value: bytes as base64 text."""
-    import base64
-
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, list):
-        return [to_json_view(v) for v in value]
-    if isinstance(value, dict):
-        return {k: to_json_view(v) for k, v in value.items()}
-    return value
 
 
 @pytest.mark.parametrize(("value", "path", "what"), REFUSED, ids=lambda v: repr(v)[:40])
