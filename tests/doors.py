@@ -275,8 +275,14 @@ class BrokerDoor(_Door):
             body["msg_id"] = msg_id
         body.update(fields or {})
         target = room if allowed else "@user:someone-else"
+        unread = self._unread()
         await self.client.publish(f"rooms/{target}/up/sensor-1", cbor2.dumps(body), qos=1)
-        return await self._counted(self.door, before)
+        return await self._counted(self.door, before, unread)
+
+    def _unread(self) -> int:
+        """Uplinks the bridge refused (dropped and counted): with no admission count beside
+        it, one its decoder could not read (a tag, a bignum)."""
+        return int(self.node.mqtt_external.refused)
 
 
 DOORS: dict[str, type[_Door]] = {

@@ -267,12 +267,27 @@ async def test_seeded_values_get_the_value_models_verdict_at_every_door(
     integers at and past 64 bits, NaN, tags, undefined, byte strings) through each door: each is
     stored exactly when ``check_value`` takes it, else refused with 4000, and a stored one
     reaches the JSON and the CBOR member as it was sent."""
+    node = await make_node()
+    await _seeded_values(door, node, make_door(door, node, {"*": ALL_RIGHTS}))
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto") and not shutil.which("/usr/sbin/mosquitto"),
+                    reason="needs Debian's mosquitto")
+async def test_seeded_values_get_the_value_models_verdict_through_an_external_broker(
+        mosquitto: int, make_node: Any) -> None:  # noqa: F811  (the imported fixture)
+    """As above, through the door of an external broker (Mosquitto) the node bridges: an
+    uplink it cannot decode, or one admission refuses, is dropped and counted (4000)."""
+    node = await make_node(mqtt_broker_url=f"mqtt://127.0.0.1:{mosquitto}")
+    await asyncio.wait_for(node.mqtt_external._ready.wait(), 10)
+    await _seeded_values("broker", node,
+                         make_door("broker", node, {"*": ALL_RIGHTS}, broker_port=mosquitto))
+
+
+async def _seeded_values(door: str, node: Any, publisher: Any) -> None:
     from node.protocol.errors import ProtocolError
     from node.protocol.values import check_value
 
     rng = random.Random(f"doors-{door}")
-    node = await make_node()
-    publisher = make_door(door, node, {"*": ALL_RIGHTS})
     members = Members(node)
     await members.open()
     await publisher.open()
