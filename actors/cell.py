@@ -547,7 +547,10 @@ class ActorCell:
     ) -> None:
         self._counters.failures += 1
         if self._routine(error):
-            log.warning("actor %s failed in %s: %r", self.name, during, error)
+            # While stopping, the outside world going away first (a store closed under a
+            # start) is part of the stop, not news.
+            log.log(logging.INFO if self._closed else logging.WARNING,
+                    "actor %s failed in %s: %r", self.name, during, error)
         else:
             log.error("actor %s failed in %s: %r", self.name, during, error, exc_info=error)
         if instance is not None:
@@ -584,6 +587,12 @@ class ActorCell:
                 return True
             error = start_error
             await self._report_failure(error, "on_start", instance)
+            if self._closed:
+                # Stopping: a restart follows at once (no backoff while stopping), and one
+                # that cannot start either will not drain the mailbox: trying again and again
+                # would only end in an escalation, logged as an error of a clean stop.
+                self._mark_dead(ActorDeadError, f" while stopping: its restart failed ({error!r})")
+                return False
 
     def _admit_restart(self, error: BaseException) -> int | None:
         """Return the restart number within the window, or None when the actor must stop."""

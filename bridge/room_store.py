@@ -433,6 +433,14 @@ class JetStreamRoomStore:
             if not queued.fut.done():
                 queued.fut.set_exception(StoreError("node stopping"))
         self._queued.clear()
+        # Reads waiting for a reply (a room starting while the node stops): their replies
+        # would not come once NATS closes, next; each would wait out its own timeout.
+        for batch in self._batches.values():
+            if not batch.done.done():
+                batch.done.set_exception(StoreError("node stopping"))
+        for fut, _ in self._gets.values():
+            if not fut.done():
+                fut.set_exception(StoreError("node stopping"))
         for sub in (self._sub, self._reads_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -938,6 +946,8 @@ class JetStreamRoomStore:
                 reason = type(exc).__name__
             finally:
                 self._gets.pop(token, None)
+            if self._stopping:  # NATS closes next: asking again would wait out the deadline
+                raise StoreError("leader read failed: node stopping")
             if not await backoff.wait():
                 raise StoreError(f"leader read failed: {reason}")
         message = answer.get("message") or {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 from typing import Any
 
 import pytest
@@ -178,3 +179,40 @@ async def test_a_direct_get_nobody_answers_yet_is_asked_again_within_the_deadlin
         await store.direct_get({"last_by_subj": "never.there"}, "NEVER_THERE")
     assert failed.value.retry
     assert asyncio.get_running_loop().time() - started >= 0.45
+
+
+async def test_a_stop_ends_the_reads_still_waiting_for_their_answers(
+        nats_proc: NatsProcess) -> None:
+    """A room that starts while the node stops asks for its last seq, or a member for history,
+    and the server is slow to answer (paused here). The store's stop ends those reads at once
+    ("node stopping"), as it does publishes waiting for their acks: NATS closes next, and
+    each would wait out its deadline for an answer that cannot come (a node's stop was held
+    ~5 s by a room starting in it, which then escalated with an error)."""
+    from bridge.nats_link import NatsLink, StreamSettings
+    from bridge.room_store import JetStreamRoomStore
+
+    assert nats_proc.proc is not None
+    link = NatsLink([nats_proc.url], name="n1", stream=StreamSettings())
+    await link.connect()
+    store = JetStreamRoomStore(link)
+    await store.start()
+    room = unique("stopping")
+    try:
+        os.kill(nats_proc.proc.pid, signal.SIGSTOP)
+        try:
+            reads = [asyncio.create_task(store.last_seq("default", room, after_subscribe=True)),
+                     asyncio.create_task(store.last_seq("default", room)),
+                     asyncio.create_task(store.read("default", room, 0, 10))]
+            for _ in range(100):  # until each has sent its request (a loop step or two)
+                if len(store._gets) + len(store._batches) == len(reads):
+                    break
+                await asyncio.sleep(0)
+            assert len(store._gets) + len(store._batches) == len(reads)
+            await store.stop()
+            for read in reads:
+                with pytest.raises(StoreError, match="node stopping"):
+                    await read
+        finally:
+            os.kill(nats_proc.proc.pid, signal.SIGCONT)
+    finally:
+        await link.close()

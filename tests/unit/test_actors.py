@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -415,6 +416,47 @@ async def test_routine_failures_are_one_line_and_others_keep_their_traceback(
             assert record.levelname == "ERROR"
             assert record.exc_info is not None and record.exc_info[1] is exc
     assert {"WARNING", "ERROR"} <= {r.levelname for r in logged}  # the seed tries both
+
+
+async def test_a_start_that_fails_while_the_system_stops_is_tried_once_more_then_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A room that was starting when the node stopped: the store closed under its start. The
+    # stop restarts it at once to drain its mailbox (no backoff while stopping); a restart
+    # that cannot start either ends it, instead of four more, an escalation logged as an
+    # error, and a stop held up meanwhile. Routine failures while stopping are info lines.
+    attempts: list[int] = []
+    in_start = asyncio.Event()
+    release = asyncio.Event()
+
+    class Starting(Recorder):
+        restart = RestartPolicy(max_restarts=5, window_s=60.0, min_backoff_s=0.001,
+                                max_backoff_s=0.001)
+        routine_failures = (Unreachable,)
+
+        async def on_start(self) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                in_start.set()
+                await release.wait()  # the start in progress when the stop comes
+            raise Unreachable("store closed")
+
+    caplog.set_level("INFO", logger="actors")
+    system = ActorSystem()
+    _, factory = recorder(Starting)
+    ref = system.spawn(factory, "starting")
+    ref.tell("join")  # queued behind the start: the stop drains it
+    await in_start.wait()
+    stopping = asyncio.create_task(system.shutdown())
+    asyncio.get_running_loop().call_soon(release.set)  # after the shutdown's first step
+    await stopping
+    assert len(attempts) == 2
+    assert system.stats()["recorder"].escalations == 0
+    with pytest.raises(ActorDeadError, match="while stopping"):
+        ref.tell("join")
+    loud = [r.getMessage() for r in caplog.records
+            if r.name.startswith("actors") and r.levelno >= logging.WARNING]
+    assert loud == []
+    assert sum(" failed in on_start" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_escalation_for_a_routine_failure_has_no_traceback(
