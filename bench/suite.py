@@ -13,7 +13,8 @@ every server a fresh subprocess and the load generators in processes of their ow
   nothing stored), as websockets has no MQTT;
 - fan-out through JetStream (``bench.fanout``) at several subscriber counts, pipelined;
 - the same, paced (``bench.fanout --rate``): 1,000 events/s to 100 subscribers, latency
-  percentiles of a steady load.
+  percentiles of a steady load, and the store's own publish -> ack latency on that schedule
+  (``bench.jetstream_floor``: nats-server alone, as the node embeds it).
 
 Prints the table on stdout (progress on stderr) and writes ``report.txt``, ``report.json``
 and PNG plots (``deliveries.png``, ``latency.png``, ``memory.png``) to ``--out``. Exit code 1
@@ -39,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import connections, fanout, ingest, loads
+from bench import connections, fanout, ingest, jetstream_floor, loads
 from bench.fanout_results import LATE_S, BenchConfig, RunResult
 from bench.fanout_results import lost as fanout_lost
 from bench.ingest_devices import IngestConfig
@@ -65,6 +66,8 @@ from node.nats_server import free_port
 __all__ = ["main"]
 
 WORKLOADS = ("connections", "rooms", "ingest", "fanout", "paced")
+#: The paced events' size as stored (a 100-byte payload in the event map the node stores).
+FLOOR_PAYLOAD_BYTES = 200
 # The longest wait, after the idle connections closed, for the node to give memory back.
 AFTER_CLOSE_S = 80.0
 
@@ -416,6 +419,24 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
                    "sets the deliveries/s (the server's CPU per delivery does not depend on it)")
 
 
+def _paced_floor(w: Any, rate: float, events: int, errors: list[str]) -> None:
+    """The store's own latency on the paced schedule (``bench.jetstream_floor``), as a note:
+    no node acknowledges an event sooner than its nats-server stores it."""
+    log("  paced: nats-server alone (the store's floor) ...")
+    payload = FLOOR_PAYLOAD_BYTES
+    lat, error = jetstream_floor.publish_to_ack(rate, events, payload)
+    if error:
+        errors.append(f"paced, nats-server alone: {error}")
+    pcts = _percentiles(lat)
+    if pcts:
+        w.notes.append(
+            f"the store alone, on the same schedule: nats-server as the node embeds it (the "
+            f"same binary and fsync per write), one nats-py client publishing {payload}-byte "
+            f"messages (about a stored event's size): publish -> ack p50 "
+            f"{pcts['p50']:.1f} ms, p99 {pcts['p99']:.1f} ms, max {pcts['max']:.1f} ms; "
+            f"rtnode's publish -> published cannot be below it")
+
+
 def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
     subs, rate = a.paced_subscribers, a.paced_rate
     events = max(1, round(rate * a.paced_seconds))
@@ -468,6 +489,7 @@ def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("lost", "lost", 0).add(system, float(lost))
         w.metric("duplicated", "duplicated", 0).add(system, float(dups))
         r.percentiles.setdefault(f"paced, {subs} subscribers", {})[system] = pcts
+    _paced_floor(w, rate, events, errors)
     w.notes.append("one event per message on a fixed schedule; the subscribers and the "
                    "publisher share one load generator process (its CPU above: the closer "
                    "to 100% of a core, the more of its own queueing is in the latency); "
