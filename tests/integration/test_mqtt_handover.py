@@ -31,10 +31,10 @@ async def test_a_reconnect_at_once_resumes_after_the_last_acknowledged(make_node
     await _rounds([await make_node(), await make_node()], random.Random(SEED), ROUNDS)
 
 
-async def test_the_same_on_a_replicated_bucket(make_node: Any, cluster: NatsCluster) -> None:
+async def test_the_same_on_a_replicated_bucket(cluster: NatsCluster, make_node: Any) -> None:
     """Three nodes, one per server of a 3-server cluster, R3 stream and bucket: a write that
     meets another of the key still in process is refused with 10164 there, and the bucket's
-    replicas answer reads."""
+    replicas answer reads. (The cluster is set up first, so that it stops after the nodes.)"""
     nodes = [await make_node(nats_url=url, stream_replicas=3, nats_connect_timeout_s=20)
              for url in cluster.urls]
     await _rounds(nodes, random.Random(SEED + 1), ROUNDS // 2)
