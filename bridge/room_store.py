@@ -435,12 +435,7 @@ class JetStreamRoomStore:
         self._queued.clear()
         # Reads waiting for a reply (a room starting while the node stops): their replies
         # would not come once NATS closes, next; each would wait out its own timeout.
-        for batch in self._batches.values():
-            if not batch.done.done():
-                batch.done.set_exception(StoreError("node stopping"))
-        for fut, _ in self._gets.values():
-            if not fut.done():
-                fut.set_exception(StoreError("node stopping"))
+        self._fail_batches(reads=None, why="node stopping")
         for sub in (self._sub, self._reads_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -456,16 +451,16 @@ class JetStreamRoomStore:
                     fut.set_exception(ConnectionResetError("NATS disconnected"))
         self._fail_batches(reads=False)
 
-    def _fail_batches(self, *, reads: bool) -> None:
+    def _fail_batches(self, *, reads: bool | None, why: str = "NATS disconnected") -> None:
         """Fail the reads waiting for replies over the connection that dropped (the reads
-        one, or the main one): the callers retry or answer an error; a read sent again goes
-        over a connection that is up."""
+        one, or the main one; None: both): the callers retry or answer an error; a read sent
+        again goes over a connection that is up."""
         for batch in self._batches.values():
-            if batch.reads == reads and not batch.done.done():
-                batch.done.set_exception(StoreError("NATS disconnected"))
+            if reads in (None, batch.reads) and not batch.done.done():
+                batch.done.set_exception(StoreError(why))
         for fut, over_reads in self._gets.values():
-            if over_reads == reads and not fut.done():
-                fut.set_exception(ConnectionResetError("NATS disconnected"))
+            if reads in (None, over_reads) and not fut.done():
+                fut.set_exception(ConnectionResetError(why))
 
     def _on_reply(self, msg: Msg) -> None:
         # <inbox prefix>.<kind>.<token>: either connection's prefix (both end in a nuid)

@@ -47,14 +47,17 @@ def mqtt_device(node: Any, dev: str, **token_kw: Any) -> aiomqtt.Client:
                           password=tok)
 
 
-async def tunnel_request(client: aiomqtt.Client, dev: str, frame: dict[str, Any]) -> Any:
+async def tunnel_request(client: aiomqtt.Client, dev: str, frame: dict[str, Any], *,
+                         unread: bool = False) -> Any:
     """Send ``frame`` (with an ``id``) in device ``dev``'s tunnel; its reply (the device has
-    subscribed ``rtnode/v1/<dev>/out``)."""
+    subscribed ``rtnode/v1/<dev>/out``), or with ``unread`` the error without id of a frame
+    the node could not read (a tag, nesting past the limit)."""
     await client.publish(f"rtnode/v1/{dev}/in", cbor2.dumps(frame), qos=1)
     async with asyncio.timeout(10):
         async for message in client.messages:
             reply = cbor2.loads(bytes(message.payload))
-            if reply.get("id") == frame["id"]:
+            if reply.get("id") == frame["id"] or (
+                    unread and reply.get("type") == "error" and "id" not in reply):
                 return reply
     raise AssertionError("no reply")
 
@@ -187,14 +190,7 @@ class TunnelDoor(_Door):
         if msg_id is not None:
             frame["msg_id"] = msg_id
         frame.update(fields or {})
-        await client.publish(f"rtnode/v1/{dev}/in", cbor2.dumps(frame), qos=1)
-        async with asyncio.timeout(10):
-            async for message in client.messages:
-                reply = cbor2.loads(bytes(message.payload))
-                if reply.get("id") == frame["id"] or (
-                        reply.get("type") == "error" and "id" not in reply):
-                    return _from_reply(reply)  # its answer, or the frame could not be read
-        raise AssertionError("no reply")
+        return _from_reply(await tunnel_request(client, dev, frame, unread=True))
 
 
 class PlainMqttDoor(_Door):
