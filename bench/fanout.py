@@ -1,13 +1,14 @@
 """Room fan-out, end to end through JetStream: rtnode against a plain websockets broadcast server.
 
 ``python -m bench fanout [--subscribers 100] [--events 2000] [--payload-bytes 100]
-[--codec json|cbor] [--skip-baseline] [--in-flight 256] [--timeout-s 120] [--rate 0]`` (or
-``make bench ARGS="fanout ..."``):
+[--codec json|cbor] [--skip-baseline] [--in-flight 256] [--timeout-s 120] [--rate 0]
+[--load-procs 1]`` (or ``make bench ARGS="fanout ..."``):
 
 1. starts an rtnode node as a subprocess (with its embedded nats-server) on free ports, in a
    temporary data directory, with limits high enough that the benchmark measures fan-out, not
    rate limiting (its clients all come from 127.0.0.1: the per-address limits are lifted);
-2. opens S subscriber WebSockets that ``connect`` and ``join`` one room, and one publisher that
+2. opens S subscriber WebSockets that ``connect`` and ``join`` one room (in ``--load-procs``
+   processes of their own when more than 1), and one publisher that
    publishes M events to it, pipelined: several ``publish`` frames per WebSocket message, its
    ``published`` replies read by a task of their own;
 3. measures delivered events/s (S*M over the time from the first publish sent to the last event
@@ -110,7 +111,8 @@ def _report(cfg: BenchConfig, results: list[RunResult]) -> None:
             f"--payload-bytes {cfg.payload_bytes} --codec {cfg.codec} --in-flight {cfg.in_flight}"
             + (" --skip-baseline" if cfg.skip_baseline else "")
             + (f" --timeout-s {cfg.timeout_s:g}" if cfg.timeout_s != 120.0 else "")
-            + (f" --rate {cfg.rate:g}" if cfg.rate else ""))
+            + (f" --rate {cfg.rate:g}" if cfg.rate else "")
+            + (f" --load-procs {cfg.procs}" if cfg.procs > 1 else ""))
     print()
     print(f"fan-out: {cfg.subscribers} subscribers x {cfg.events} events = "
           f"{cfg.subscribers * cfg.events} deliveries, {cfg.payload_bytes}-byte payload, "
@@ -179,14 +181,17 @@ def _parse(argv: list[str]) -> BenchConfig:
     p.add_argument("--rate", type=float, default=0.0,
                    help="paced: events published per second, one per message, whatever has "
                         "been delivered (0: pipelined within --in-flight)")
+    p.add_argument("--load-procs", type=int, default=1,
+                   help="processes of the subscribers (1: with the publisher, in the "
+                        "benchmark's own)")
     a = p.parse_args(argv)
-    for name in ("subscribers", "events", "in_flight"):
+    for name in ("subscribers", "events", "in_flight", "load_procs"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.payload_bytes < 0 or a.rate < 0:
         p.error("--payload-bytes and --rate must not be negative")
     return BenchConfig(a.subscribers, a.events, a.payload_bytes, a.codec, a.skip_baseline,
-                       a.in_flight, a.timeout_s, a.rate)
+                       a.in_flight, a.timeout_s, a.rate, a.load_procs)
 
 
 def main(argv: list[str]) -> int:

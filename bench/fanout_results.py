@@ -34,6 +34,8 @@ class BenchConfig:
     #: Events published per second, one per WebSocket message, on a schedule that does not
     #: wait for deliveries (0: pipelined within ``in_flight``, as fast as the server takes).
     rate: float = 0.0
+    #: Processes of the subscribers (1: in the benchmark's own, with the publisher).
+    procs: int = 1
 
     @property
     def batch(self) -> int:

@@ -384,7 +384,7 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         for subs in a.fanout_subscribers:
             log(f"  fan-out: {system}, {subs} subscribers ...")
             cfg = BenchConfig(subscribers=subs, events=a.fanout_events,
-                              timeout_s=a.timeout_s)
+                              timeout_s=a.timeout_s, procs=a.load_procs)
             res = (fanout.run_rtnode(cfg, workers=workers, extra=open_limits(subs)) if workers
                    else fanout.run_baseline(cfg))
             if res.error:
@@ -415,8 +415,10 @@ def run_fanout(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("duplicated", "duplicated", 0).add(system, float(dups))
     w.notes.append("latency here is of a pipelined flood (publishers within a window of "
                    "256); the issue's 1k msg/s x 100 subscribers p99 is the paced workload's")
-    w.notes.append("the load generator is one process: at 100% of a core it, not the server, "
-                   "sets the deliveries/s (the server's CPU per delivery does not depend on it)")
+    w.notes.append(f"the subscribers are in {a.load_procs} load generator process(es) of their "
+                   "own (--load-procs), the publisher in the benchmark's: together they spend "
+                   "more CPU per delivery than the server and share its cores, so the "
+                   "deliveries/s depend on them; the server's CPU per delivery does not")
 
 
 def _paced_floor(w: Any, rate: float, events: int, errors: list[str]) -> None:
@@ -444,7 +446,8 @@ def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
                             f"subscribers of one room ({events} events)")
     for system, workers in _systems(a):
         log(f"  paced: {system} ...")
-        cfg = BenchConfig(subscribers=subs, events=events, rate=rate, timeout_s=a.timeout_s)
+        cfg = BenchConfig(subscribers=subs, events=events, rate=rate, timeout_s=a.timeout_s,
+                          procs=a.load_procs)
         res = (fanout.run_rtnode(cfg, workers=workers, extra=open_limits(subs)) if workers
                else fanout.run_baseline(cfg))
         if res.error:
@@ -490,9 +493,10 @@ def run_paced(r: Report, a: argparse.Namespace, errors: list[str]) -> None:
         w.metric("duplicated", "duplicated", 0).add(system, float(dups))
         r.percentiles.setdefault(f"paced, {subs} subscribers", {})[system] = pcts
     _paced_floor(w, rate, events, errors)
-    w.notes.append("one event per message on a fixed schedule; the subscribers and the "
-                   "publisher share one load generator process (its CPU above: the closer "
-                   "to 100% of a core, the more of its own queueing is in the latency); "
+    w.notes.append("one event per message on a fixed schedule; the subscribers in "
+                   f"{a.load_procs} load generator process(es) (--load-procs), the publisher in "
+                   "the benchmark's (their CPU above: the closer to the machine's cores, the "
+                   "more of their own queueing is in the latency); "
                    "rtnode acknowledges an "
                    "event once nats-server has stored it with fsync (--nats-sync always, the "
                    "node's default), and delivers it after that; the --nats-sync 2m rows are "
