@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import operator
 import re
-import time
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -30,7 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from bench.fanout_results import BenchConfig, RunResult, SubStats
 from bench.fanout_subscriber import Subscriber
 from bench.nodes import SECRET
-from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, die_with_parent
+from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent
 from node.protocol.frames import CBOR
 from node.protocol.tokens import mint_token
 
@@ -334,18 +333,11 @@ class Readers:
         self.progress: Progress = self
         ctx = multiprocessing.get_context("spawn")
         self._counts = ctx.RawArray("q", 2 * procs)  # per process: deliveries, subscribers done
-        self._pipes: list[Connection] = []
-        self._procs: list[Any] = []
         self._watch: asyncio.Task[None] | None = None
-        for j in range(procs):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_reader_main, daemon=True, name="bench-readers", args=(
-                child, self._counts, j, urls, rtnode, cfg, range(j, cfg.subscribers, procs),
-                max(1, OPEN_CONCURRENCY // procs), MAX_LATENCY_SAMPLES // procs, SECRET))
-            p.start()
-            child.close()
-            self._pipes.append(parent)
-            self._procs.append(p)
+        self._procs = ClientProcs(procs, _reader_main, lambda j: (
+            self._counts, j, urls, rtnode, cfg, range(j, cfg.subscribers, procs),
+            max(1, OPEN_CONCURRENCY // procs), MAX_LATENCY_SAMPLES // procs, SECRET),
+            name="bench-readers")
 
     @property
     def total(self) -> int:
@@ -366,7 +358,7 @@ class Readers:
         return "; ".join(errors) if errors else None
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(p.pid) for p in self._procs)
+        return self._procs.cpu()
 
     async def collect(self) -> None:
         """Every subscriber's counts and the latency samples, from every process."""
@@ -381,16 +373,7 @@ class Readers:
             self._watch.cancel()
         with contextlib.suppress(TimeoutError, OSError, EOFError):
             await self._ask(("close",), CLOSE_S + 5)
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError, ValueError):
-                pipe.send(("stop",))
-        for p in self._procs:
-            await asyncio.get_running_loop().run_in_executor(None, p.join, 10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self._pipes:
-            pipe.close()
+        await asyncio.to_thread(self._procs.stop)
 
     async def _watch_done(self) -> None:
         done = self._counts
@@ -399,18 +382,8 @@ class Readers:
         self.all_done.set()
 
     async def _ask(self, msg: tuple[Any, ...], timeout: float) -> list[tuple[Any, ...]]:
-        loop = asyncio.get_running_loop()
-        for pipe in self._pipes:
-            pipe.send(msg)
-        deadline = time.monotonic() + timeout
-        out = []
-        for pipe in self._pipes:
-            remaining = max(0.0, deadline - time.monotonic())
-            if not await loop.run_in_executor(None, pipe.poll, remaining):
-                raise TimeoutError(f"a reader process did not answer {msg[0]!r} within "
-                                   f"{timeout:.0f} s")
-            out.append(pipe.recv())
-        return out
+        procs = self._procs
+        return await asyncio.to_thread(procs.ask, [msg] * len(procs.pipes), timeout)
 
 
 async def _open_all(urls: list[str], cfg: BenchConfig, rtnode: bool, indices: Iterable[int],

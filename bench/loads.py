@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import re
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 from websockets.exceptions import InvalidHandshake, InvalidState
 
 from bench.fanout_subscriber import Subscriber
-from bench.procs import SETUP_TIMEOUT_S, cpu_seconds, die_with_parent
+from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent
 from bench.report import pct
 from node.protocol.tokens import mint_token
 
@@ -331,50 +330,6 @@ def _client_main(conn: Connection, url: str, rtnode: bool, secret: str) -> None:
         runner(_Client(conn, url, rtnode, secret).serve())
 
 
-class _Procs:
-    """The client processes, seen from the benchmark (blocking, bounded waits)."""
-
-    def __init__(self, n: int, url: str, rtnode: bool, secret: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.procs: list[Any] = []
-        for _ in range(n):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_client_main, args=(child, url, rtnode, secret),
-                            daemon=True, name="bench-load")
-            p.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(p)
-
-    def cpu(self) -> float:
-        return sum(cpu_seconds(p.pid) for p in self.procs)
-
-    def ask(self, msgs: list[tuple[Any, ...]], timeout: float) -> list[tuple[Any, ...]]:
-        for pipe, msg in zip(self.pipes, msgs, strict=True):
-            pipe.send(msg)
-        out: list[tuple[Any, ...]] = []
-        deadline = time.monotonic() + timeout
-        for pipe in self.pipes:
-            if not pipe.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"a client process did not answer {msgs[0][0]!r} "
-                                   f"within {timeout:.0f} s")
-            out.append(pipe.recv())
-        return out
-
-    def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError, ValueError):
-                pipe.send(("stop",))
-        for p in self.procs:
-            p.join(15)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self.pipes:
-            pipe.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # The measurements
 
@@ -424,7 +379,7 @@ def rooms(url: str, rtnode: bool, secret: str, n_rooms: int, seconds: float, win
           procs: int, cpu: Probe, log: Callable[[str], None]) -> RoomsResult:
     """``n_rooms`` rooms of two members, every member publishing for ``seconds``."""
     res = RoomsResult(rooms=n_rooms, seconds=seconds)
-    clients = _Procs(procs, url, rtnode, secret)
+    clients = ClientProcs(procs, _client_main, lambda _: (url, rtnode, secret))
     try:
         replies = clients.ask([("rooms", list(range(j, n_rooms, procs))) for j in range(procs)],
                               SETUP_TIMEOUT_S + n_rooms / 20)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = [
     "REPO",
     "SETUP_TIMEOUT_S",
     "STOP_TIMEOUT_S",
+    "ClientProcs",
     "children_of",
     "cmdline",
     "cpu_seconds",
@@ -207,3 +210,53 @@ def run_loop(coro: Coroutine[Any, Any, None]) -> None:
         signal.signal(signal.SIGTERM, terminated)  # the loop's handler is gone with it
     if interrupted:
         raise KeyboardInterrupt
+
+
+class ClientProcs:
+    """Load generator processes (multiprocessing, spawned), seen from the benchmark: process
+    ``j`` runs ``target(pipe, *args_of(j))`` and answers each command on its pipe with one
+    message; :meth:`stop` sends ``("stop",)``. Blocking, bounded waits."""
+
+    def __init__(self, n: int, target: Callable[..., None],
+                 args_of: Callable[[int], tuple[Any, ...]], name: str = "bench-load") -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for j in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=target, args=(child, *args_of(j)), daemon=True, name=name)
+            p.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def cpu(self) -> float:
+        """CPU seconds of the processes so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def ask(self, msgs: list[tuple[Any, ...]], timeout: float) -> list[tuple[Any, ...]]:
+        """Send ``msgs[j]`` to process ``j``; their answers, in order (TimeoutError when one
+        has not answered within ``timeout`` s)."""
+        for pipe, msg in zip(self.pipes, msgs, strict=True):
+            pipe.send(msg)
+        out: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + timeout
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"a load generator process did not answer {msgs[0][0]!r} "
+                                   f"within {timeout:.0f} s")
+            out.append(pipe.recv())
+        return out
+
+    def stop(self) -> None:
+        """Ask every process to stop; kill one still running after STOP_TIMEOUT_S."""
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.send(("stop",))
+        for p in self.procs:
+            p.join(STOP_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for pipe in self.pipes:
+            pipe.close()
