@@ -547,7 +547,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="events/s of the paced fan-out")
     p.add_argument("--paced-seconds", type=float, default=5.0,
                    help="publishing time of the paced fan-out")
-    p.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    p.add_argument("--load-procs", type=int, default=2,
+                   help="load generator processes: the rooms' members, the fan-out's "
+                        "subscribers")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of every system, interleaved: the table shows the median and "
                         "the range")
