@@ -20,7 +20,7 @@ import json
 import multiprocessing
 import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from bench.fanout_results import BenchConfig, RunResult, SubStats
 from bench.fanout_subscriber import Subscriber
 from bench.nodes import SECRET
-from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent
+from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent, run_loop
 from node.protocol.frames import CBOR
 from node.protocol.tokens import mint_token
 
@@ -478,11 +478,6 @@ def _reader_main(conn: Connection, counts: Any, slot: int, urls: list[str], rtno
                  cfg: BenchConfig, indices: range, concurrency: int, max_samples: int,
                  secret: str) -> None:
     die_with_parent()
-    runner: Callable[..., Any] = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
     with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):
-        runner(_serve(conn, counts, slot, urls, rtnode, cfg, indices, concurrency, max_samples,
-                      secret))
+        run_loop(_serve(conn, counts, slot, urls, rtnode, cfg, indices, concurrency,
+                        max_samples, secret))

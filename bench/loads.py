@@ -27,7 +27,7 @@ from typing import Any
 from websockets.exceptions import InvalidHandshake, InvalidState
 
 from bench.fanout_subscriber import Subscriber
-from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent
+from bench.procs import SETUP_TIMEOUT_S, ClientProcs, die_with_parent, run_loop
 from bench.report import pct
 from node.protocol.tokens import mint_token
 
@@ -321,13 +321,8 @@ class _Client:
 
 def _client_main(conn: Connection, url: str, rtnode: bool, secret: str) -> None:
     die_with_parent()
-    runner: Any = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner = uvloop.run
     with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):
-        runner(_Client(conn, url, rtnode, secret).serve())
+        run_loop(_Client(conn, url, rtnode, secret).serve())
 
 
 # ---------------------------------------------------------------------------------------------
