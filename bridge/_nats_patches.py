@@ -674,11 +674,17 @@ def header_value(raw: bytes | None, name: bytes) -> bytes | None:
     """The value of the header ``name`` (stripped) in a raw NATS header block as nats-server
     writes it (``NATS/1.0[ status]\r\nName: value\r\n...``), or None. For the headers the
     server sets itself (a stream's RePublish: ``Nats-Sequence``, ``Nats-Last-Sequence``...),
-    this is what nats-py's header dict holds under that name."""
+    this is what nats-py's header dict holds under that name.
+
+    The last line of that name, as nats-py's dict keeps the last: a republished message keeps
+    the headers it was published with, and the server appends its own after them. A backend
+    publishing into a room with a ``Nats-Sequence`` header of its own (a relay copying
+    another stream's message) must not be read as that seq
+    (tests/integration/test_backend_headers.py)."""
     if not raw:
         return None
     key = b"\r\n" + name + b":"
-    i = raw.find(key)
+    i = raw.rfind(key)
     if i < 0:
         return None
     i += len(key)

@@ -324,8 +324,9 @@ async def test_direct_dispatch_survives_a_failing_handler_and_unsubscribes(
 async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Client]) -> None:
     """A stream's RePublish, received twice: as nats-py's ``Msg`` (its header dict) and raw.
     Every header of the dict (the server's ``Nats-Sequence``, ``Nats-Last-Sequence``... and
-    seeded random ones of the publisher, decoys such as ``X-Nats-Sequence`` among them) reads
-    the same with ``header_value``; a name that is not there reads None."""
+    seeded random ones of the publisher, decoys such as ``X-Nats-Sequence`` among them, and
+    some named as the server's own, which the server appends after them) reads the same with
+    ``header_value``; a name that is not there reads None."""
     rng = random.Random(SEED + 3)
     pub, sub_nc = clients
     js = pub.jetstream()
@@ -355,7 +356,8 @@ async def test_raw_headers_read_as_nats_py_reads_them(clients: tuple[Client, Cli
         for i in range(n):
             headers = {"Nats-Msg-Id": f"m{i}"}
             for name in rng.sample(["X-Nats-Sequence", "Sequence", "A", "x-b", "Nats-Seq",
-                                    "Long-" + "h" * 200], rng.randrange(4)):
+                                    "Long-" + "h" * 200, "Nats-Sequence", "Nats-Last-Sequence",
+                                    "Nats-Stream", "Nats-Subject"], rng.randrange(5)):
                 headers[name] = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
             await js.publish(f"rawsrc.{rng.randrange(5)}", rng.randbytes(rng.randrange(50)),
                              headers=headers)

@@ -1,0 +1,98 @@
+"""A backend publishes into a room through the stream (PROTOCOL.md section 9) with headers
+of its own, some named as the ones the stream's RePublish sets: ``Nats-Sequence`` and
+``Nats-Last-Sequence`` (a relay that copies another stream's message with its headers does).
+
+nats-server keeps a republished message's own headers and appends its own after them, so the
+live message carries both. The node must read the server's: when it read the first ones, a
+forged seq moved every member's cursor, and the events stored after it were dropped as
+already delivered (an acknowledged event silently missed), or a gap that was not there sent
+the room to repair from the stream.
+
+Seeded: the backend's headers (which names, which values: beyond the stream's last seq, below
+it, 0, not a number), and which of the room's events come from the backend and which from a
+WebSocket member, differ with ``RTNODE_TEST_BACKEND_HEADERS_SEED``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import nats
+import pytest
+
+from node.core.events import event_body
+from node.protocol.subjects import room_subject
+from node.protocol.tokens import Principal
+from tests.servers import NatsProcess
+from tests.wsclient import RawClient, token, unique, ws_url
+
+pytestmark = pytest.mark.integration
+
+SEED = int(os.environ.get("RTNODE_TEST_BACKEND_HEADERS_SEED", "9151"))
+EVENTS = 60
+
+
+def _forged(rng: random.Random, last: int) -> dict[str, str]:
+    """Headers a backend's message may carry, named as the server's own."""
+    values = [str(last + rng.randrange(2, 10**6)), str(10**12), str(max(0, last - 1)), "0", "1",
+              "seven", f" {last + 5} "]
+    names = rng.sample(["Nats-Sequence", "Nats-Last-Sequence", "Nats-Stream", "Nats-Subject",
+                        "Nats-Time-Stamp"], rng.randrange(1, 6))
+    return {name: rng.choice(values) for name in names}
+
+
+async def test_a_backend_s_own_sequence_headers_move_no_member(
+        make_node, shared_nats: NatsProcess) -> None:
+    rng = random.Random(SEED)
+    node = await make_node()
+    room = unique("relay")
+    members = [await RawClient.connected(ws_url(node), token("alice")),
+               await RawClient.connected(ws_url(node), token("bob"), codec="cbor")]
+    joined = {}
+    for m in members:
+        joined = await m.request({"type": "join", "room": room})
+        assert joined["type"] == "joined", joined
+    backend = Principal(sub="relay", tenant="default", kind="service")
+    nc = await nats.connect(shared_nats.url)
+    try:
+        js = nc.jetstream()
+        stored: list[tuple[int, int]] = []  # (seq, i) of every event, in the order stored
+        forged = 0
+        for i in range(EVENTS):
+            last = stored[-1][0] if stored else joined["seq"]
+            if rng.random() < 0.6:
+                headers = _forged(rng, last)
+                forged += "Nats-Sequence" in headers or "Nats-Last-Sequence" in headers
+                body = event_body(room, "reading", {"i": i}, backend, None, None)
+                ack = await js.publish(room_subject("default", room), body, headers=headers)
+                stored.append((ack.seq, i))
+            else:
+                reply = await members[0].request(
+                    {"type": "publish", "room": room, "event": "reading", "data": {"i": i}})
+                assert reply["type"] == "published", reply
+                stored.append((reply["seq"], i))
+        assert forged >= EVENTS // 4, forged  # the seed forged often enough
+        # Every member gets every event once, in order, with the seq the stream gave it.
+        for m in members:
+            got = await m.events(EVENTS, room)
+            assert [(f["seq"], f["data"]["i"]) for f in got] == stored, m.codec.name
+        # The node serves on: an event published now reaches both members with the next seq.
+        reply = await members[1].request(
+            {"type": "publish", "room": room, "event": "reading", "data": {"i": EVENTS}})
+        assert reply["seq"] == stored[-1][0] + 1, reply
+        for m in members:
+            (f,) = await m.events(1, room)
+            assert (f["seq"], f["data"]["i"]) == (reply["seq"], EVENTS)
+        # A member that resumes from before the first event recovers the same, in order.
+        late = await RawClient.connected(ws_url(node), token("carol"))
+        r = await late.request({"type": "join", "room": room,
+                                "since": {"seq": joined["seq"], "epoch": joined["epoch"]}})
+        assert r["recovered"] is True, r
+        got = await late.events(EVENTS + 1, room)
+        assert [(f["seq"], f["data"]["i"]) for f in got] == [*stored, (reply["seq"], EVENTS)]
+        await late.close()
+    finally:
+        await nc.close()
+        for m in members:
+            await m.close()
