@@ -40,8 +40,11 @@ re-exec, which valgrind would not follow; the baseline with Python's own allocat
 valgrind a server runs ~50 times slower: the defaults take ~4-5 minutes on 2 cores.
 
 Progress on stderr, the table on stdout (median and range over ``--repeat`` runs), the figures
-in JSON with ``--json PATH``. The exit status is 2 without valgrind (``apt-get install
-valgrind``, or ``make bench-instructions``), 1 when a run fails.
+in JSON with ``--json PATH``. ``--keep-dumps DIR`` keeps each figure's dump, to see where its
+instructions go by C function: ``callgrind_annotate --inclusive=yes
+DIR/rtnode-1-ingest.callgrind`` shows the share of cbor2, pydantic, orjson and the interpreter.
+The exit status is 2 without valgrind (``apt-get install valgrind``, or ``make
+bench-instructions``), 1 when a run fails.
 """
 
 from __future__ import annotations
@@ -260,10 +263,15 @@ class CallgrindServer:
         kind: ``rtnode`` (a node and its embedded nats-server) or ``websockets``.
         tmp: Its directory (log, data, dumps); the caller removes it.
         connections: The most a workload holds (the node's limits are raised for them).
+        keep: Copy each figure's dump there as ``<kind>-<run>-<figure>.callgrind``, for
+            ``callgrind_annotate`` (None: the dumps go with ``tmp``).
+        run: The run's number, in those names.
     """
 
-    def __init__(self, kind: str, tmp: Path, connections: int) -> None:
+    def __init__(self, kind: str, tmp: Path, connections: int, keep: Path | None = None,
+                 run: int = 1) -> None:
         self.kind = kind
+        self.keep, self.run = keep, run
         self.port = free_port()
         self.out = tmp / "callgrind.out"
         self.log = tmp / "server.log"
@@ -312,15 +320,19 @@ class CallgrindServer:
         """Set its counters to 0."""
         self._control("-z")
 
-    def dump(self) -> int:
-        """The instructions it ran since :meth:`zero` (a dump, read back)."""
+    def dump(self, figure: str) -> int:
+        """The instructions it ran since :meth:`zero` (a dump, read back; kept as ``figure``'s
+        with ``keep``)."""
         self._control("-d")
         name = newest_dump(os.listdir(self.out.parent), self.out.name)
         number = int(name.split(".")[-1].split("-")[0]) if name else 0
         if name is None or number <= self._dumps:
             raise RuntimeError(f"callgrind_control -d wrote no new dump in {self.out.parent}")
         self._dumps = number
-        return dump_instructions((self.out.parent / name).read_text(errors="replace"))
+        path = self.out.parent / name
+        if self.keep is not None:
+            shutil.copyfile(path, self.keep / f"{self.kind}-{self.run}-{figure}.callgrind")
+        return dump_instructions(path.read_text(errors="replace"))
 
     def stop(self, notes: list[str]) -> None:
         """SIGTERM, SIGKILL if it lingers, its children (nats-server) by PID."""
@@ -391,7 +403,7 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         conns = await connects(kind, port, args, args.connects, f"c{token_kind[0]}", token_kind)
         try:
             await _settle(pid)
-            out[key] = server.dump() / args.connects
+            out[key] = server.dump(key) / args.connects
         finally:
             await close(conns)
         _log(f"{kind}: {out[key]:,.0f} instructions per connect"
@@ -405,7 +417,7 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         started = time.monotonic()
         delivered = await exchange(kind, members, args.events, args.window)
         await _settle(pid)
-        out["event"] = server.dump() / delivered
+        out["event"] = server.dump("event") / delivered
     finally:
         await close(ws for _, a, b in members for ws in (a, b))
     _log(f"{kind}: {out['event']:,.0f} instructions per event ({delivered} delivered), "
@@ -418,7 +430,7 @@ async def _measure(server: CallgrindServer, args: argparse.Namespace) -> dict[st
         started = time.monotonic()
         delivered = await one_at_a_time(kind, room, a, b, args.quiet_events, args.quiet_gap_s)
         await _settle(pid)
-        out["quiet_event"] = server.dump() / delivered
+        out["quiet_event"] = server.dump("quiet_event") / delivered
     finally:
         await close((a, b))
     _log(f"{kind}: {out['quiet_event']:,.0f} instructions per event one at a time "
@@ -449,7 +461,7 @@ async def _ingest(server: CallgrindServer, args: argparse.Namespace, prefix: str
             delivered = await ingest(ws, devs, room, events, args.window, INGEST_STALL_S)
             if count:
                 await _settle(pid)
-                per_event = server.dump() / delivered
+                per_event = server.dump("ingest") / delivered
                 _log(f"{kind}: {per_event:,.0f} instructions per device event ({delivered} "
                      f"delivered), counted over {time.monotonic() - started:.0f} s")
         finally:
@@ -459,12 +471,13 @@ async def _ingest(server: CallgrindServer, args: argparse.Namespace, prefix: str
     return per_event
 
 
-async def _run(kind: str, args: argparse.Namespace, into: dict[str, list[float]]) -> None:
+async def _run(kind: str, args: argparse.Namespace, into: dict[str, list[float]],
+               run: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"rtnode-bench-instructions-{kind}-"))
     notes: list[str] = []
     server: CallgrindServer | None = None
     try:
-        server = CallgrindServer(kind, tmp, args.connects)
+        server = CallgrindServer(kind, tmp, args.connects, args.keep_dumps, run)
         started = time.monotonic()
         await asyncio.to_thread(server.wait_ready)
         _log(f"{kind} ready under callgrind in {time.monotonic() - started:.0f} s "
@@ -521,6 +534,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="bound of one server's workloads, s (default 600)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures there")
+    parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                        help="copy each figure's callgrind dump there "
+                             "(<server>-<run>-<figure>.callgrind), for callgrind_annotate: "
+                             "where a figure's instructions go, by C function")
     args = parser.parse_args(argv)
     if args.connects > MAX_CONNECTS:
         parser.error(f"--connects {args.connects}: at most {MAX_CONNECTS}: when more close, "
@@ -541,13 +558,15 @@ def main(argv: list[str]) -> int:
         print(f"bench instructions: {' and '.join(missing)} not found: apt-get install valgrind "
               "(or make bench-instructions)", file=sys.stderr)
         return 2
+    if args.keep_dumps is not None:
+        args.keep_dumps.mkdir(parents=True, exist_ok=True)
     figures: dict[str, dict[str, list[float]]] = {s: {} for s in SYSTEMS}
 
     async def runs() -> None:
         for i in range(args.repeat):
             for kind in SYSTEMS:
                 _log(f"run {i + 1} of {args.repeat}: {kind}")
-                await _run(kind, args, figures[kind])
+                await _run(kind, args, figures[kind], i + 1)
 
     try:
         run_loop(runs())

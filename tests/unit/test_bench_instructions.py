@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from bench.instructions import (
     ROWS,
+    CallgrindServer,
     _to_json,
     dump_instructions,
     newest_dump,
@@ -78,8 +80,9 @@ def test_arguments_defaults_and_bounds() -> None:
         100, 100, 5, 4, 1)
     assert (args.quiet_events, args.quiet_gap_s) == (100, 0.02)
     assert (args.devices, args.device_events) == (10, 100)
-    assert args.json is None
+    assert args.json is None and args.keep_dumps is None
     assert parse_args(["--repeat", "3", "--json", "out.json"]).json.name == "out.json"
+    assert parse_args(["--keep-dumps", "dumps"]).keep_dumps.name == "dumps"
     assert parse_args(["--devices", "3", "--device-events", "7"]).device_events == 7
     for bad in (["--repeat", "0"], ["--connects", "-1"], ["--connects", "200"],
                 ["--devices", "0"], ["--device-events", "-5"]):
@@ -162,3 +165,31 @@ def test_one_run_shows_the_figures_alone() -> None:
     assert "1 run;" in text.splitlines()[0]
     user = next(line for line in text.splitlines() if line.startswith("per connect, user"))
     assert user.split()[-3:] == ["2,660,000", "620,000", "4.29x"]
+
+
+def test_each_figure_s_dump_is_kept_under_its_name(tmp_path: Path, monkeypatch) -> None:
+    """``--keep-dumps``: the dump a figure was read from is copied under the figure's name; a
+    dump that did not come is an error, as before. (The server is not started: its control
+    writes the dumps callgrind_control -d would.)"""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    server = CallgrindServer.__new__(CallgrindServer)
+    server.kind, server.keep, server.run, server._dumps = "rtnode", keep, 2, 0
+    server.out = tmp_path / "callgrind.out"
+    written = []
+
+    def control(flag: str) -> None:
+        assert flag == "-d"
+        if len(written) < 2:
+            name = f"callgrind.out.{len(written) + 1}"
+            (tmp_path / name).write_text(DUMP.replace("263187940", str(100 + len(written))))
+            written.append(name)
+
+    monkeypatch.setattr(server, "_control", control)
+    assert server.dump("event") == 100
+    assert server.dump("ingest") == 101
+    assert sorted(p.name for p in keep.iterdir()) == [
+        "rtnode-2-event.callgrind", "rtnode-2-ingest.callgrind"]
+    assert dump_instructions((keep / "rtnode-2-ingest.callgrind").read_text()) == 101
+    with pytest.raises(RuntimeError, match="no new dump"):
+        server.dump("quiet_event")
