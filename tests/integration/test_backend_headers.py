@@ -8,23 +8,35 @@ forged seq moved every member's cursor, and the events stored after it were drop
 already delivered (an acknowledged event silently missed), or a gap that was not there sent
 the room to repair from the stream.
 
+The backend's bodies are its own too: whatever it stores that is not an event map (bytes that
+are not CBOR, CBOR that is not a map, a map without an event name, tags, nesting too deep, items
+after the first) is skipped and counted; event maps with values outside the value model reach
+every member once, made safe; the members get every other event once, in order, and the node
+serves on.
+
 Seeded: the backend's headers (which names, which values: beyond the stream's last seq, below
-it, 0, not a number), and which of the room's events come from the backend and which from a
-WebSocket member, differ with ``RTNODE_TEST_BACKEND_HEADERS_SEED``.
+it, 0, not a number), its bodies, and which of the room's events come from the backend and
+which from a WebSocket member, differ with ``RTNODE_TEST_BACKEND_HEADERS_SEED``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
+import cbor2
 import nats
 import pytest
 
 from node.core.events import event_body
+from node.protocol.errors import CodecError
+from node.protocol.frames import cbor_loads_strict
 from node.protocol.subjects import room_subject
 from node.protocol.tokens import Principal
+from tests.integration.test_hostile_input import still_serves
 from tests.servers import NatsProcess
+from tests.unit.test_cbor_decoder import message as hostile_cbor
 from tests.wsclient import RawClient, token, unique, ws_url
 
 pytestmark = pytest.mark.integration
@@ -92,6 +104,81 @@ async def test_a_backend_s_own_sequence_headers_move_no_member(
         got = await late.events(EVENTS + 1, room)
         assert [(f["seq"], f["data"]["i"]) for f in got] == [*stored, (reply["seq"], EVENTS)]
         await late.close()
+    finally:
+        await nc.close()
+        for m in members:
+            await m.close()
+
+
+def _body(rng: random.Random, room: str, i: int) -> tuple[bytes, bool]:
+    """A backend's body, and whether it is an event map (delivered) or not (skipped)."""
+    who = {"user": "relay", "kind": "service"}
+    roll = rng.random()
+    if roll < 0.3:  # outside the value model, no tag (a bignum is one): delivered, made safe
+        bad = rng.choice([cbor2.undefined, math.nan, -(2**64), {b"k": 1},
+                         cbor2.CBORSimpleValue(99)])
+        return cbor2.dumps({"room": room, "event": "odd", "data": {"i": i, "v": bad}, "ts": 1,
+                            "from": who}), True
+    if roll < 0.45:  # a map, but no event name
+        return cbor2.dumps(rng.choice([{"data": {"i": i}}, {"event": 7, "data": {"i": i}},
+                                       {"event": None}])), False
+    if roll < 0.55:  # an event map, then more
+        return cbor2.dumps({"event": "e", "data": {"i": i}, "from": who}) + b"\x01", False
+    if roll < 0.65:  # tagged
+        return cbor2.dumps(cbor2.CBORTag(1, {"event": "e", "data": {"i": i}})), False
+    data = hostile_cbor(rng)  # anything: cut short, a byte changed, nested too deep
+    try:
+        value = cbor_loads_strict(data)
+    except CodecError:
+        return data, False
+    return data, isinstance(value, dict) and isinstance(value.get("event"), str)
+
+
+async def test_a_backend_s_bodies_that_are_not_event_maps_are_skipped_and_nothing_else(
+        make_node, shared_nats: NatsProcess) -> None:
+    rng = random.Random(SEED + 1)
+    node = await make_node()
+    room = unique("bodies")
+    members = [await RawClient.connected(ws_url(node), token("alice")),
+               await RawClient.connected(ws_url(node), token("bob"), codec="cbor")]
+    for m in members:
+        assert (await m.request({"type": "join", "room": room}))["type"] == "joined"
+    skipped_before = node.ctx.counters.undeliverable
+    nc = await nats.connect(shared_nats.url)
+    try:
+        js = nc.jetstream()
+        delivered: list[tuple[int, int]] = []  # (seq, i) of the events members must get
+        skipped = 0
+        for i in range(EVENTS):
+            if rng.random() < 0.7:
+                body, is_event = _body(rng, room, i)
+                headers = _forged(rng, delivered[-1][0] if delivered else 0) \
+                    if rng.random() < 0.3 else None
+                ack = await js.publish(room_subject("default", room), body, headers=headers)
+                if is_event:
+                    delivered.append((ack.seq, i))
+                else:
+                    skipped += 1
+            else:
+                reply = await members[i % 2].request(
+                    {"type": "publish", "room": room, "event": "e", "data": {"i": i}})
+                assert reply["type"] == "published", reply
+                delivered.append((reply["seq"], i))
+        assert skipped >= EVENTS // 5 and len(delivered) >= EVENTS // 3, (skipped, delivered)
+        last = await members[0].request(
+            {"type": "publish", "room": room, "event": "e", "data": {"i": EVENTS}})
+        delivered.append((last["seq"], EVENTS))
+        for m in members:
+            got = await m.events(len(delivered), room)
+            seen = [(f["seq"], f["data"]["i"] if isinstance(f["data"], dict) else None)
+                    for f in got]
+            assert seen == delivered, m.codec.name
+        # Nothing more came: each event once (the next frame is the ping's answer).
+        for m in members:
+            assert (await m.request({"type": "ping"}))["type"] == "pong"
+            assert not [f for f in m.buffer if f.get("type") == "event"], m.buffer
+        assert node.ctx.counters.undeliverable - skipped_before == skipped
+        await still_serves(node, room)
     finally:
         await nc.close()
         for m in members:
