@@ -103,6 +103,10 @@ async def test_a_backend_s_own_sequence_headers_move_no_member(
         assert r["recovered"] is True, r
         got = await late.events(EVENTS + 1, room)
         assert [(f["seq"], f["data"]["i"]) for f in got] == [*stored, (reply["seq"], EVENTS)]
+        # History reads (the stream's direct gets, their own header blocks) give the same.
+        hist = await late.request({"type": "history", "room": room, "limit": EVENTS + 1})
+        assert [(e["seq"], e["data"]["i"]) for e in hist["events"]] == [
+            *stored, (reply["seq"], EVENTS)]
         await late.close()
     finally:
         await nc.close()
