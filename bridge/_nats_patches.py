@@ -306,9 +306,13 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
                 has_reply = n == (6 if op == b"HMSG" else 5)
                 reply = parts[3] if has_reply else b""
                 # Digits where nats-py wants them, no field empty, and no whitespace but single
-                # spaces (bytes.split() splits on any run of what nats-py's \s takes).
+                # spaces (what nats-py's \s takes). With every field non-empty, the single spaces
+                # are the ones split on, and any other whitespace is \t, \n, \v, \f or \r:
+                # looked for by byte value (a bytes needle costs an exception inside `in`), ~5x
+                # cheaper than splitting again on whitespace.
                 if (not sid_text.isdigit() or not size.isdigit() or not header_size.isdigit()
-                        or not parts[1] or (has_reply and not reply) or len(line.split()) != n):
+                        or not parts[1] or (has_reply and not reply) or 9 in line
+                        or 10 in line or 11 in line or 12 in line or 13 in line):
                     break
                 subject, sid = parts[1], int(sid_text)
                 needed = self.needed = int(size)

@@ -163,6 +163,14 @@ def _odd(rng: random.Random) -> bytes:
         b"MSG live.a 1 r\x0b 3\r\nabc\r\n",
         b"MSG live.a 2 r\x0c 3 3\r\nabc\r\n",
         b"HMSG li\rve 2 12 15\r\nNATS/1.0\r\n\r\nabc\r\n",
+        # Whitespace but a space next to a reply (sid 2 hands the reply over): each one of the
+        # five must send the line to nats-py's reading.
+        b"MSG live.a 2 r\t 3\r\nabc\r\n",
+        b"MSG live.a 2 r\n 3\r\nabc\r\n",
+        b"MSG live.a 2 r\x0b 3\r\nabc\r\n",
+        b"MSG live.a 2 r\x0c 3\r\nabc\r\n",
+        b"MSG live.a 2 r\r 3\r\nabc\r\n",
+        b"HMSG live.a 2 r\x0b 12 15\r\nNATS/1.0\r\n\r\nabc\r\n",
         b"MSG live.a +1 3\r\nabc\r\n",
         b"MSG live.a 1_0 3\r\nabc\r\n",
         b"MSG live.a x 3\r\nabc\r\n",
