@@ -222,4 +222,6 @@ def has_long_digits(text: str | bytes) -> bool:
         return False
     if isinstance(text, str):
         text = text.encode("utf-8", "surrogatepass")
-    return _NINETEEN_ZEROS in text.translate(_DIGITS_AS_ZERO)
+    # find, not `in`: bytes' `in` with a bytes needle first tries it as a byte value and
+    # formats (then clears) a TypeError, ~0.2 us a frame.
+    return text.translate(_DIGITS_AS_ZERO).find(_NINETEEN_ZEROS) >= 0
