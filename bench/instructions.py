@@ -594,5 +594,5 @@ def _to_json(figures: dict[str, dict[str, list[float]]], args: argparse.Namespac
                      "websockets": dict(zip(names, b, strict=True)) if b is not None else None,
                      "ratio": a[0] / b[0] if b is not None else None}
     return {"unit": "instructions (callgrind Ir) of the server process",
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "args": {k: v for k, v in vars(args).items() if k not in ("json", "keep_dumps")},
             "runs": figures, "figures": rows}
