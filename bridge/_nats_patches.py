@@ -56,7 +56,16 @@ name: a generator step per character. Every live event carries five headers (the
 RePublish), so that loop alone cost ~40 us per event in the node's profile (0.85 s of 7 s for
 20,000 device uplinks). This replacement returns exactly the same dict (same rules: split on the
 first ``:``, skip lines without one, skip non-ASCII names and names containing whitespace,
-strip, decode values as UTF-8 with replacement) with one regex search per name.
+strip, decode values as UTF-8 with replacement) with one regex search per name, but for one
+rule of its own: a header *line* named ``Status`` or ``Description`` is skipped. nats-py puts a
+server's status line (``NATS/1.0 404 No Messages``, a batch's ``204 EOB``, ``503`` no
+responders) in the dict under those two names, and the lines after it under theirs, so a
+message's own ``Status: 404`` line looked exactly like the server's status. A backend's event
+stored with such a header (PROTOCOL.md section 9: it publishes into the stream) then ended
+every direct-get batch that reached it, or failed it ("direct get status 500"): the room's
+recovery and history failed with 4500 for as long as the event was kept. The server never
+writes those names as lines, so only the status line sets them now. (``install`` also turns off
+nats-py's optional ``fast_mail_parser``, which would bypass this parser.)
 
 **MSG and HMSG lines.** nats-py matches each line against its patterns, one after the other:
 ~3,700 instructions per match in the regex engine (callgrind), two per event (its live HMSG
@@ -76,9 +85,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from nats import errors
+from nats.aio import client as _client_module
 from nats.aio.client import Client, _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 from nats.protocol import parser as _parser
 from nats.protocol.parser import Parser
 
@@ -88,6 +99,11 @@ __all__ = ["GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_late
 log = logging.getLogger(__name__)
 
 _SPACE = re.compile(r"\s")  # str patterns: the characters str.isspace() accepts
+
+
+# The names nats-py gives a message's status line (``NATS/1.0 404 No Messages``): never taken
+# from its header lines, where they are the message's own (a stored event's, see below).
+_STATUS_NAMES = frozenset((Header.STATUS.value, Header.DESCRIPTION.value))
 
 
 def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -102,7 +118,7 @@ def _parse_header_lines(raw: bytes) -> dict[str, str]:
             key = name.strip().decode("ascii")
         except UnicodeDecodeError:
             continue
-        if _SPACE.search(key):
+        if _SPACE.search(key) or key in _STATUS_NAMES:
             continue
         out[key] = value.strip().decode("utf-8", "replace")
     return out
@@ -396,6 +412,7 @@ def install() -> None:
     Client._send_ping = _send_ping  # type: ignore[method-assign]
     Client._flush_pending = _flush_pending  # type: ignore[method-assign]
     Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]
+    _client_module.parse_email = None  # type: ignore[attr-defined]  # nats-py without fast_mail_parser
     Client._process_pong = _process_pong  # type: ignore[method-assign]
     Client._process_msg = _process_msg  # type: ignore[method-assign]
 

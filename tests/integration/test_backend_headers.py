@@ -17,6 +17,11 @@ serves on.
 Seeded: the backend's headers (which names, which values: beyond the stream's last seq, below
 it, 0, not a number), its bodies, and which of the room's events come from the backend and
 which from a WebSocket member, differ with ``RTNODE_TEST_BACKEND_HEADERS_SEED``.
+
+A header line of its own named ``Status`` (and ``Description``), the names nats-py gives a
+server's status line, once ended or failed the direct-get batches that read the room back: a
+late joiner's recovery and ``history`` failed with 4500. A durable consumer reads the same
+events once each, whatever pin, status or count its headers forge.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import cbor2
 import nats
 import pytest
 
+from bridge.replay import ReplayConsumer
 from node.core.events import event_body
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict
@@ -50,8 +56,12 @@ def _forged(rng: random.Random, last: int) -> dict[str, str]:
     values = [str(last + rng.randrange(2, 10**6)), str(10**12), str(max(0, last - 1)), "0", "1",
               "seven", f" {last + 5} "]
     names = rng.sample(["Nats-Sequence", "Nats-Last-Sequence", "Nats-Stream", "Nats-Subject",
-                        "Nats-Time-Stamp"], rng.randrange(1, 6))
-    return {name: rng.choice(values) for name in names}
+                        "Nats-Time-Stamp", "Nats-Num-Pending", "Status"], rng.randrange(1, 8))
+    out = {name: rng.choice(values) for name in names}
+    if "Status" in out:  # as the server's status lines say: the end of a batch, none, errors
+        out["Status"] = rng.choice(["404", "204", "503", "408", "500", "100", "409"])
+        out["Description"] = rng.choice(["No Messages", "EOB", "No Responders", "Bad"])
+    return out
 
 
 async def test_a_backend_s_own_sequence_headers_move_no_member(
@@ -100,7 +110,7 @@ async def test_a_backend_s_own_sequence_headers_move_no_member(
         late = await RawClient.connected(ws_url(node), token("carol"))
         r = await late.request({"type": "join", "room": room,
                                 "since": {"seq": joined["seq"], "epoch": joined["epoch"]}})
-        assert r["recovered"] is True, r
+        assert r.get("recovered") is True, r
         got = await late.events(EVENTS + 1, room)
         assert [(f["seq"], f["data"]["i"]) for f in got] == [*stored, (reply["seq"], EVENTS)]
         # History reads (the stream's direct gets, their own header blocks) give the same.
@@ -187,3 +197,46 @@ async def test_a_backend_s_bodies_that_are_not_event_maps_are_skipped_and_nothin
         await nc.close()
         for m in members:
             await m.close()
+
+
+async def test_a_durable_consumer_reads_a_backend_s_forged_headers_as_the_event_s_own(
+        make_node, shared_nats: NatsProcess) -> None:
+    """``ReplayConsumer`` (a pinned client of a priority group) reads the server's pin, status
+    and delivery count, never the event's own headers of those names: a forged ``Nats-Pin-Id``
+    would start a takeover (a reset to the ack floor, events again), a forged ``Status`` would
+    end a pull early. Every event comes once, in order, delivered once."""
+    rng = random.Random(SEED + 2)
+    await make_node()  # the stream
+    t = "t" + unique("h").replace("-", "")[-10:]
+    rooms = ["dev:a", "dev:b"]
+    nc = await nats.connect(shared_nats.url)
+    try:
+        js = nc.jetstream()
+        stored: dict[str, list[tuple[int, int]]] = {r: [] for r in rooms}
+        backend = Principal(sub="relay", tenant=t, kind="service")
+        for i in range(EVENTS):
+            room = rng.choice(rooms)
+            headers = _forged(rng, i)
+            headers.update(rng.choice([
+                {"Nats-Pin-Id": rng.choice(["forged", "0" * 22, ""])},
+                {"Nats-Pending-Messages": "9", "Nats-Pull-Group": "g"},
+                {"Status": "423", "Description": "Nats-Pin-Id mismatch"},
+                {},
+            ]))
+            body = event_body(room, "reading", {"i": i}, backend, None, None)
+            ack = await js.publish(room_subject(t, room), body, headers=headers)
+            stored[room].append((ack.seq, i))
+        got: dict[str, list[tuple[int, int]]] = {r: [] for r in rooms}
+        async with ReplayConsumer(nc, tenant=t, rooms="dev:*",
+                                  durable=f"forged-{unique('d')[-6:]}") as consumer:
+            for _ in range(EVENTS):
+                ev = await consumer.next(10)
+                assert ev is not None, got
+                assert ev.delivered == 1, ev
+                got[ev.room].append((ev.seq, ev.data["i"]))
+                await ev.ack()
+            assert await consumer.next(0.5) is None  # nothing again
+            assert consumer.takeovers == 1, consumer.takeovers  # its own pin, once
+        assert got == stored
+    finally:
+        await nc.close()
