@@ -91,6 +91,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header
 from nats.protocol import parser as _parser
+from nats.protocol.command import unsub_cmd
 from nats.protocol.parser import Parser
 
 __all__ = ["GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines",
@@ -514,7 +515,12 @@ def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = No
     (:func:`_wake_later`): for what nobody waits on within milliseconds (a presence entry, a
     read of a join), never for an event.
     """
-    command = _commands(nc, [(subject, reply, payload, lines)])
+    _queue_command(nc, _commands(nc, [(subject, reply, payload, lines)]), later)
+
+
+def _queue_command(nc: Client, command: bytes, later: bool) -> None:
+    """Queue ``command`` in the client's pending buffer and have it written (see
+    :func:`publish_now`)."""
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     queue, flusher, transport = nc._flush_queue, nc._flusher_task, nc._transport
@@ -630,6 +636,12 @@ class Route(_Handover):
 
     async def unsubscribe(self) -> None:
         """No more messages; the server forgets the subscription."""
+        self.unsubscribe_now()
+
+    def unsubscribe_now(self) -> None:
+        """:meth:`unsubscribe` from synchronous code, with no task to run it: the UNSUB is
+        queued as :func:`publish_now` queues a message, and may wait for the next write (as
+        every UNSUB does, see :func:`_wake_later`)."""
         nc = self._nc
         self._closed = True
         nc._remove_sub(self._id)
@@ -638,7 +650,7 @@ class Route(_Handover):
             # the client's buffer, sent after the reconnect; the UNSUB follows it there (a
             # subscription left on the server would take its share of a queue group's
             # messages, or keep sending a room's events).
-            await nc._send_unsubscribe(self._id)
+            _queue_command(nc, unsub_cmd(self._id, 0), later=True)
 
 
 class RawRoute(Route):

@@ -137,7 +137,7 @@ class NatsRpc:
             return  # gone already, or in use again
         del self._subs[subject]
         if entry[0] is not None:
-            asyncio.get_running_loop().create_task(entry[0].unsubscribe())
+            entry[0].unsubscribe_now()
 
     async def request(self, tenant: str, target: str, request: dict[str, Any],
                       timeout: float) -> Any:

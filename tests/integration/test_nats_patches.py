@@ -629,3 +629,41 @@ async def test_flush_later_confirms_what_was_written_before_with_its_ping_coales
             await asyncio.wait_for(arrived.wait(), 5)
         assert all(got[s] == 1 for s in subjects)
     assert held > 0, "the PING never waited"
+
+
+async def test_a_route_unsubscribed_from_synchronous_code_is_gone_from_the_server(
+        clients: tuple[Client, Client]) -> None:
+    """``Route.unsubscribe_now`` (an rpc route dropped after its grace, with no task to run a
+    coroutine): seeded rounds of routes made and dropped in one loop step, some of them at
+    once and some later; after the next round trip, a request to a dropped route finds no
+    responders, one to a kept route is answered, and the dropped routes' handlers got
+    nothing."""
+    rng = random.Random(SEED + 9)
+    pub, sub_nc = clients
+    late: list[str] = []
+
+    def on(payload: bytes, headers: bytes | None) -> None:
+        late.append(payload.decode())
+
+    for rnd in range(20):
+        routes = {f"t.unsub.{rnd}.{i}": await raw_dispatch(sub_nc, f"t.unsub.{rnd}.{i}", on)
+                  for i in range(rng.randint(1, 8))}
+        await sub_nc.flush()
+        dropped = rng.sample(sorted(routes), rng.randint(0, len(routes)))
+        for subject in dropped:
+            routes[subject].unsubscribe_now()  # from synchronous code: queued, no task
+            assert routes[subject]._id not in sub_nc._subs
+        await sub_nc.flush()  # its PING follows the UNSUBs: the server has them
+        for subject in sorted(routes):
+            if subject in dropped:
+                with pytest.raises(errors.NoRespondersError):
+                    await pub.request(subject, b"x", timeout=2)
+            else:
+                await pub.publish(subject, b"kept")
+        await pub.flush()
+        await sub_nc.flush()
+        assert late.count("kept") == len(routes) - len(dropped), rnd
+        assert "x" not in late
+        late.clear()
+        for subject in set(routes) - set(dropped):
+            routes[subject].unsubscribe_now()
