@@ -269,8 +269,14 @@ async def test_a_paused_nats_is_told_in_one_line_not_a_traceback(tmp_path: Path)
         log = node.log_path.read_text(errors="replace")
         print(f"\n[paused NATS] stopped in {stop_s:.1f} s (exit {code})")
         failed = [line for line in log.splitlines() if "failed in on_start" in line]
-        assert failed and all(" WARNING " in line and "StoreError(" in line
-                              for line in failed), failed
+        assert any(f"room:default:{room} failed in on_start: StoreError(" in line
+                   for line in failed), failed
+        # On a loaded machine the client's personal room may still be starting when the
+        # server stops (its own leader read, after "connected"): it fails the same way, and its
+        # restart, while the node's connection is down, with NatsUnavailable. Both are a room's
+        # routine failures: one warning line each.
+        assert all(" WARNING " in line and ("StoreError(" in line or "NatsUnavailable(" in line)
+                   for line in failed), failed
         assert "Traceback" not in log, log[-4000:]
         assert "never retrieved" not in log, log[-4000:]
     finally:
