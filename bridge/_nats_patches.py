@@ -301,15 +301,22 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
     one list per read, before anything else is and at the end of the read."""
     buf = self.buf
     buf.extend(data)
+    # Read from one bytes copy of the buffer, at ``pos``: each slice of it is the message's
+    # bytes at once (a bytearray's slice is a bytearray, copied again by bytes()), and what was
+    # read leaves the buffer once, at the end (deleting each message from its front moved the
+    # rest of the buffer every time).
+    view = bytes(buf)
+    size = len(view)
+    pos = 0
     nc = self.nc
     gathered: dict[GatheringRoute, list[Any]] = {}  # a GatheringRoute's, handed over below
     try:
-        while buf:
+        while pos < size:
             if self.state == _AWAITING_CONTROL_LINE:
-                end = buf.find(b"\r\n")
+                end = view.find(b"\r\n", pos)
                 if end < 0:
                     return  # a line still coming (nats-py waits too: each pattern ends in CRLF)
-                line = bytes(buf[:end])
+                line = view[pos:end]
                 parts = line.split(b" ")
                 n = len(parts)
                 op = parts[0]
@@ -319,7 +326,7 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
                     header_size = parts[-2]
                 else:
                     break  # nats-py's own reading, below
-                sid_text, size = parts[2], parts[-1]
+                sid_text, size_text = parts[2], parts[-1]
                 has_reply = n == (6 if op == b"HMSG" else 5)
                 reply = parts[3] if has_reply else b""
                 # Digits where nats-py wants them, no field empty, and no whitespace but single
@@ -327,40 +334,41 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
                 # are the ones split on, and any other whitespace is \t, \n, \v, \f or \r:
                 # looked for by byte value (a bytes needle costs an exception inside `in`), ~5x
                 # cheaper than splitting again on whitespace.
-                if (not sid_text.isdigit() or not size.isdigit() or not header_size.isdigit()
-                        or not parts[1] or (has_reply and not reply) or 9 in line
+                if (not sid_text.isdigit() or not size_text.isdigit()
+                        or not header_size.isdigit() or not parts[1]
+                        or (has_reply and not reply) or 9 in line
                         or 10 in line or 11 in line or 12 in line or 13 in line):
                     break
                 subject, sid = parts[1], int(sid_text)
-                needed = self.needed = int(size)
+                needed = self.needed = int(size_text)
                 header_needed = int(header_size)
                 start = end + 2
-                if len(buf) < start + needed + 2:  # the payload is still coming: wait for it
+                if size < start + needed + 2:  # the payload is still coming: wait for it
                     self.msg_arg["subject"] = subject
                     self.msg_arg["sid"] = sid
                     self.msg_arg["reply"] = reply
                     self.header_needed = header_needed
-                    del buf[:start]
+                    pos = start
                     self.state = _AWAITING_MSG_PAYLOAD
                     return
             else:
                 needed = self.needed
-                if len(buf) < needed + 2:
+                if size < pos + needed + 2:
                     return  # the payload is still coming
                 header_needed = self.header_needed
                 arg = self.msg_arg
                 subject, sid, reply = arg["subject"], arg["sid"], arg["reply"]
                 self.header_needed = 0
                 self.state = _AWAITING_CONTROL_LINE
-                start = 0
-            # The message: its line at the start of buf (read above), or read before.
+                start = pos
+            # The message: its line read above (at pos), or read before (start = pos).
             if header_needed > 0:
-                hdr: bytes | None = bytes(buf[start:start + header_needed])
-                payload = bytes(buf[start + header_needed:start + needed])
+                hdr: bytes | None = view[start:start + header_needed]
+                payload = view[start + header_needed:start + needed]
             else:
                 hdr = None
-                payload = bytes(buf[start:start + needed])
-            del buf[:start + needed + 2]
+                payload = view[start:start + needed]
+            pos = start + needed + 2
             sub: Any = nc._subs.get(sid)
             if isinstance(sub, RawRoute):  # as _process_msg would, without its coroutine
                 nc.stats["in_msgs"] += 1
@@ -400,6 +408,7 @@ async def _parse(self: Parser, data: bytes = b"") -> None:
             else:
                 await nc._process_msg(sid, subject, reply, payload, hdr)
     finally:
+        del buf[:pos]  # what was read (the rest, if any, is read on the next call)
         if gathered:
             _hand_over(gathered)
     if buf:
