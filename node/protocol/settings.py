@@ -370,8 +370,8 @@ class Settings(BaseModel):
         """The effective policy of ``room``, from its namespace and the node's settings."""
         name = room.split(":", 1)[0] if ":" in room else ""
         # Read from pydantic's slot of private values: ``self._policies`` goes through
-        # BaseModel.__getattr__, which raises and catches an AttributeError inside (5.6 us a
-        # call against 0.1; three calls per connect).
+        # BaseModel.__getattr__, which raises and catches an AttributeError inside: the call
+        # took 5.6 us, 0.4 now (python -m timeit); a connect makes three.
         policies: dict[str, RoomPolicy] = self.__pydantic_private__["_policies"]  # type: ignore[index]
         policy = policies.get(name)
         if policy is None:
