@@ -767,7 +767,12 @@ class MqttSession(asyncio.Protocol):
                 want = min(qos, 1)  # QoS 2 requests are granted 1
                 if room in self.plain and self.subs.get(topic_filter, 0) != want:
                     self._unsubscribe_plain(room)  # a new QoS: a new subscription
-                self.subs[topic_filter] = want
+                    self.subs.pop(topic_filter, None)
+                if not want or room in self.qos.rooms:
+                    # A new QoS 1 subscription is recorded with its cursor, once it has one
+                    # (_subscribe_later): a session written meanwhile must not hold it without
+                    # one, which a resume would take for QoS 0 (live only).
+                    self.subs[topic_filter] = want
                 if want or self._is_state_room(room):
                     later.append((room, len(granted), want))
                 else:
@@ -817,14 +822,17 @@ class MqttSession(asyncio.Protocol):
                 granted[index] = 0x80
                 continue
             todo.append((room, latest, await self._state_values(room, latest)))
+        for room, start, _values in todo:
+            if start is not None and start != -1:
+                # The subscription and its cursor enter the session together.
+                self.qos.track(room, start)
+                self.subs[f"rooms/{room}"] = 1
         self._suback(packet_id, granted)
         for room, start, values in todo:
             if start == -1:  # QoS 0
                 self._send_retained(room, values, 0)  # the current values first, then events
                 self._subscribe_plain(room)
                 continue
-            if start is not None:
-                self.qos.track(room, start)
             self._send_retained(room, values, 1)
             if start is not None:
                 self._subscribe_plain(room, resume_from=(start, store.epoch))

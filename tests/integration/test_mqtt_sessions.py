@@ -508,3 +508,48 @@ async def test_events_stored_between_the_resume_and_the_live_join_are_not_skippe
         assert raw.session_present and await take(raw)
     assert seqs == first + later, "every event, in order"
     await raw.disconnect()
+
+
+async def test_a_qos1_subscription_is_never_saved_without_its_cursor(make_node: Any) -> None:
+    """A session written while a QoS 1 SUBSCRIBE reads its room's latest seq holds either
+    the subscription with its cursor, or neither: a record with the subscription and no cursor
+    was resumed as a QoS 0 one (live events only, nothing kept) on the next CONNECT, for good.
+    The seeded fault test (test_device_faults) found it when a node was killed (-9) then."""
+    node = await make_node()
+    r1, r2, dev = unique("cmd"), unique("tel"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{r1}") == [1]
+    real_last_seq, held = node.store.last_seq, asyncio.Event()
+    reading = asyncio.Event()
+
+    async def last_seq(tenant: str, room: str, **kw: Any) -> int:
+        if room == r2:
+            reading.set()
+            await held.wait()
+        return int(await real_last_seq(tenant, room, **kw))
+
+    node.store.last_seq = last_seq
+    try:
+        suback = asyncio.create_task(raw.subscribe(f"rooms/{r2}"))
+        await asyncio.wait_for(reading.wait(), 5)
+        session = node.mqtt.sessions[("default", dev)]
+        session._persist()  # a write meanwhile, as a PUBACK or a refresh would ask
+        await session.wait_saved()
+        record = await node.sessions.get("default", dev)
+        assert record is not None
+        assert (f"rooms/{r2}" in record.subs) == (r2 in record.cursors), record
+        held.set()
+        assert await asyncio.wait_for(suback, 5) == [1]
+    finally:
+        held.set()
+        node.store.last_seq = real_last_seq
+    record = await saved(node, dev, lambda r: r2 in r.cursors)
+    assert record.subs == {f"rooms/{r1}": 1, f"rooms/{r2}": 1}
+    await raw.drop()  # lost: the next CONNECT resumes the session
+    await saved(node, dev, lambda r: not r.connected)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    [seq] = await store(node, r2, 1)
+    [(_pid, qos, _dup, event)] = await receive(raw, 1)
+    assert (qos, event["seq"]) == (1, seq), "still a QoS 1 subscription"
+    await raw.disconnect()
