@@ -19,7 +19,10 @@ in-process for its own connections): the connection there is closed if still ope
 write (its last cursors, ``connected = False``) is waited for, and then the claim reads the
 record. Without it the claim could land before that write, which then lost the race and its
 cursors with it: the device got PUBLISHes again that it had acknowledged. A node that does
-not answer (dead: no responders; or within ``_HANDOVER_TIMEOUT_S``) is not waited for.
+not answer (dead: no responders; or within ``_HANDOVER_TIMEOUT_S``) is not waited for. A
+last write that has not landed within ``_HANDOVER_WAIT_S`` (JetStream electing a leader), or
+that failed, does not lose the cursors either: the handover's answer carries the state that
+write was for, and the claim takes its subscriptions and positions.
 
 A notice names the claim it announces (headers, its body is the claiming node's name as before):
 ``Rtnode-Takeover-Before`` is a revision, and only a connection holding a revision below it is
@@ -164,6 +167,14 @@ class SessionRecord:
             return None
 
 
+def _take_positions(record: SessionRecord, newer: SessionRecord) -> None:
+    """Give ``record`` the subscriptions and positions of ``newer``, a later state of the same
+    connection's session that was not stored (a cursor never goes back)."""
+    record.subs = dict(newer.subs)
+    record.cursors = {r: max(c, record.cursors.get(r, 0)) for r, c in newer.cursors.items()}
+    record.sent = {r: max(c, record.sent.get(r, 0)) for r, c in newer.sent.items()}
+
+
 def _subject(tenant: str, client_id: str) -> str:
     return f"{_PREFIX}.{tenant}.{client_id}"
 
@@ -207,6 +218,10 @@ class SessionStore:
         self._held: set[asyncio.Task[None]] = set()
         # The session writes of this node's connections, by device: a claim waits for them.
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # The newest state this node's connection of a device asked to write, until a write
+        # of it lands (or the session is taken): a handover hands it to the claim when that
+        # write is slow or failed (JetStream electing a leader).
+        self._unwritten: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def start(self) -> None:
         """Create or update the bucket; listen for takeovers by other nodes."""
@@ -234,15 +249,18 @@ class SessionStore:
         if self._writers.get(key) is task:
             del self._writers[key]
 
-    async def hand_over(self, tenant: str, client_id: str, before: int) -> None:
+    async def hand_over(self, tenant: str, client_id: str, before: int
+                        ) -> dict[str, Any] | None:
         """Have this node's connection of the device, if it holds a revision below ``before``,
         closed with its last write; return once the device's session writes here are done
-        (at most ``_HANDOVER_WAIT_S``)."""
+        (at most ``_HANDOVER_WAIT_S``): None, or the state its last write did not store (yet)
+        as a record's JSON, for the claim to take its cursors from."""
         if self.on_handover is not None:
             self.on_handover(tenant, client_id, before)
         task = self._writers.get((tenant, client_id))
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=_HANDOVER_WAIT_S)
+        return self._unwritten.get((tenant, client_id))
 
     async def _on_handover_request(self, msg: Any) -> None:
         try:
@@ -262,27 +280,33 @@ class SessionStore:
 
     async def _answer_handover(self, tenant: str, client_id: str, before: int,
                                msg: Any) -> None:
-        await self.hand_over(tenant, client_id, before)
+        state = await self.hand_over(tenant, client_id, before)
         if msg.reply:
             with contextlib.suppress(Exception):
-                await msg.respond(b"")
+                await msg.respond(b"" if state is None else json.dumps(state).encode())
 
     async def _ask_handover(self, tenant: str, client_id: str, holder: str,
-                            revision: int) -> None:
-        """The session's holder (``revision``, on node ``holder``) hands it over; bounded."""
+                            revision: int) -> SessionRecord | None:
+        """The session's holder (``revision``, on node ``holder``) hands it over; bounded.
+        Returns the state of its last write when that write did not land (else None)."""
         if not holder:
-            return  # a record of an older node, which named none
+            return None  # a record of an older node, which named none
         if holder == self.node:
-            await self.hand_over(tenant, client_id, revision + 1)
-            return
+            return SessionRecord.from_json(
+                await self.hand_over(tenant, client_id, revision + 1))
         body = json.dumps({"tenant": tenant, "client_id": client_id,
                            "before": revision + 1}).encode()
         try:
-            await self.store.link.nc.request(f"{_HANDOVER}.{holder}", body,
-                                             timeout=_HANDOVER_TIMEOUT_S)
+            reply = await self.store.link.nc.request(f"{_HANDOVER}.{holder}", body,
+                                                     timeout=_HANDOVER_TIMEOUT_S)
         except Exception as exc:  # no responders (that node is gone), timeout: not waited for
             log.debug("= handover of %s/%s by %s not answered: %s", tenant, client_id, holder,
                       type(exc).__name__)
+            return None
+        try:  # empty from a node of an older version, or when its writes landed
+            return SessionRecord.from_json(json.loads(reply.data)) if reply.data else None
+        except ValueError:
+            return None
 
     async def stop(self) -> None:
         """Wait (at most 5 s) for the writes in progress, stop listening (records stay)."""
@@ -378,7 +402,21 @@ class SessionStore:
             StoreError: JetStream did not answer, or refused.
         """
         record.updated_ms = _now_ms()
-        body = json.dumps(record.to_json(), separators=(",", ":")).encode()
+        key = (record.tenant, record.client_id)
+        state = record.to_json()
+        self._unwritten[key] = state
+        try:
+            revision = await self._write(record, state, revision)
+        except SessionTaken:
+            if self._unwritten.get(key) is state:
+                del self._unwritten[key]  # the session is another connection's now
+            raise
+        if self._unwritten.get(key) is state:
+            del self._unwritten[key]
+        return revision
+
+    async def _write(self, record: SessionRecord, state: dict[str, Any], revision: int) -> int:
+        body = json.dumps(state, separators=(",", ":")).encode()
         headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
         backoff = Backoff(_WRITE_TIMEOUT_S)
         while True:
@@ -430,8 +468,13 @@ class SessionStore:
             if record is not None and record.connected and not handed:
                 # Held by a connection: its last cursors first (see the module's docstring).
                 handed = True
-                await self._ask_handover(tenant, client_id, record.node, revision)
+                holder = record.node
+                unwritten = await self._ask_handover(tenant, client_id, holder, revision)
                 record, revision = await self.read(tenant, client_id)
+                if (unwritten is not None and record is not None and record.node == holder
+                        and unwritten.epoch == record.epoch):
+                    # Its last write has not landed: its state is newer than the record's.
+                    _take_positions(record, unwritten)
             present = record is not None
             if record is None:
                 if await self.count(tenant) >= self.max_per_tenant:
@@ -443,6 +486,7 @@ class SessionStore:
                 revision = await self.write(record, revision)
             except SessionTaken:
                 continue  # written meanwhile (a racing CONNECT): read it again
+            self._unwritten.pop((tenant, client_id), None)  # an earlier connection's here
             self._announce(tenant, client_id, revision, conn)
             return record, revision, present
         raise StoreError("session claim kept conflicting")
@@ -462,6 +506,7 @@ class SessionStore:
                                                   subject=_subject(tenant, client_id))
         except Exception as exc:
             raise StoreError(f"session delete failed: {type(exc).__name__}") from None
+        self._unwritten.pop((tenant, client_id), None)
         if record is None:
             return 0
         self._announce(tenant, client_id, revision + 1, conn)

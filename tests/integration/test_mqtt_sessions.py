@@ -14,6 +14,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from node.core.events import event_body
+from node.core.ports import StoreError
 from node.protocol.tokens import Principal
 from tests.cluster import RawMqtt
 from tests.wsclient import token, unique
@@ -552,4 +553,38 @@ async def test_a_qos1_subscription_is_never_saved_without_its_cursor(make_node: 
     [seq] = await store(node, r2, 1)
     [(_pid, qos, _dup, event)] = await receive(raw, 1)
     assert (qos, event["seq"]) == (1, seq), "still a QoS 1 subscription"
+    await raw.disconnect()
+
+
+async def test_acknowledged_events_are_not_sent_again_when_the_last_write_failed(
+        make_node: Any) -> None:
+    """The device's node cannot write its session (JetStream electing a leader, as after a
+    kill -9 of a nats-server): the device acknowledges, leaves, and comes back through another
+    node, whose claim asks the first node to hand the session over. That write has not landed
+    (it waited 2 s, then took the record as it was): the cursors of the first node's last
+    state come with the handover, so nothing acknowledged is sent again. The seeded fault
+    test (test_device_faults, seed 7) saw an acknowledged event come again with DUP."""
+    n1, n2 = await make_node(), await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    first = await store(n1, room, 3)
+    assert [m["seq"] for *_, m in await receive(raw, 3)] == first
+    await saved(n1, dev, lambda r: r.cursors.get(room) == first[-1])
+
+    async def unavailable(*args: Any) -> int:
+        raise StoreError("session write failed: TimeoutError")
+
+    n1.sessions._write = unavailable  # the store stops taking n1's session writes
+    more = await store(n1, room, 3, start=3)
+    assert [m["seq"] for *_, m in await receive(raw, 3)] == more  # acknowledged
+    await raw.disconnect()
+    record = await n2.sessions.get("default", dev)
+    assert record is not None and record.cursors[room] == first[-1], "not written"
+
+    raw = await RawMqtt.connect(n2.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present and raw.return_code == 0
+    [live] = await store(n2, room, 1, start=6)
+    [(_pid, _qos, dup, event)] = await receive(raw, 1)
+    assert (event["seq"], dup) == (live, False), "the acknowledged ones are not sent again"
     await raw.disconnect()
