@@ -7,7 +7,8 @@ acknowledged through WebSocket and the HTTP API (each event with its own ``msg_i
 until acknowledged), and four devices in two rooms:
 
 - two bare MQTT 3.1.1 clients (``tests.cluster.RawMqtt``: they PUBACK when told) and one
-  paho-mqtt client, all ``clean_session = 0`` with QoS 1 subscriptions to ``rooms/<room>``;
+  paho-mqtt client (manual acks: each PUBLISH acknowledged once recorded), all
+  ``clean_session = 0`` with QoS 1 subscriptions to ``rooms/<room>``;
   each connects to A or B at random, reads a while, and leaves: DISCONNECT, a FIN, or a RST
   (the raw clients sometimes leave their last PUBLISHes unacknowledged first); they subscribe
   again on some reconnects, as the docs' paho sample does on every one;
@@ -224,6 +225,10 @@ class PahoConn:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=dev,
                                   clean_session=False, reconnect_on_failure=False)
         self.client.username_pw_set(dev, device_token(dev))
+        # The test PUBACKs (ack()) what it has recorded, before any DISCONNECT it sends: with
+        # paho's own PUBACK (after on_message returns, in paho's thread) a DISCONNECT from
+        # this thread could go first, and a resend of that message would be legitimate.
+        self.client.manual_ack_set(True)
         self.connack: asyncio.Future[tuple[bool, int]] = self.loop.create_future()
         self.suback: asyncio.Future[list[int]] = self.loop.create_future()
         self.gone = asyncio.Event()
@@ -247,7 +252,6 @@ class PahoConn:
         self.loop.call_soon_threadsafe(self._settle, self.suback, granted)
 
     def _on_message(self, c: Any, u: Any, m: paho.MQTTMessage) -> None:
-        # paho PUBACKs when this returns: the time is taken before.
         self.loop.call_soon_threadsafe(self.messages.put_nowait, (m, time.monotonic()))
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
@@ -316,13 +320,14 @@ async def paho_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
             except TimeoutError:
                 continue
             room, seq = _payload(m.payload)
+            p.client.ack(m.mid, m.qos)
             log.got.append(Got(room, seq, n, t, bool(m.dup), True))
         conn.how = "lost" if p.gone.is_set() else ("final" if final else "disconnect")
         await p.stop()
-        while not p.messages.empty():  # read by paho, and PUBACKed: received
+        while not p.messages.empty():  # read by paho, not acknowledged: received
             m, t = p.messages.get_nowait()
             room, seq = _payload(m.payload)
-            log.got.append(Got(room, seq, n, t, bool(m.dup), True))
+            log.got.append(Got(room, seq, n, t, bool(m.dup), False))
         conn.ended = time.monotonic()
         if final and sh.stored is not None and log.has_all(sh.stored):
             return
@@ -490,7 +495,17 @@ def _killed_between(faults: list[Fault], node: str, after: float, before: float)
                for f in faults)
 
 
-def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Fault]) -> list[str]:
+def _describe(log: DeviceLog, i: int, room: str, t0: float) -> str:
+    """Connection ``i`` of a device, for a report: node, times, end, what it got of ``room``."""
+    c = log.conns[i]
+    seqs = [g.seq for g in log.got if g.conn == i and g.room == room]
+    span = f"{seqs[0]}..{seqs[-1]} ({len(seqs)})" if seqs else "nothing"
+    return (f"conn {i} {c.node} {c.t - t0:+.1f}s..{c.ended - t0:+.1f}s {c.how} "
+            f"present={c.session_present} got {span}")
+
+
+def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Fault],
+                 t0: float = 0.0) -> list[str]:
     bad = list(log.problems)
     for room in log.rooms:
         truth = stored[room]
@@ -538,7 +553,9 @@ def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Faul
                 continue  # its cursor write may have died with the node
             bad.append(f"{room}:{g.seq} acknowledged on conn {prev.conn} ({pc.node}, ended "
                        f"{pc.how}) and received again on conn {g.conn} "
-                       f"({log.conns[g.conn].node}, dup={g.dup})")
+                       f"({log.conns[g.conn].node}, dup={g.dup}); "
+                       + "; ".join(_describe(log, i, room, t0)
+                                   for i in range(prev.conn, g.conn + 1)))
     return bad
 
 
@@ -649,11 +666,13 @@ async def test_devices_get_every_acked_event_once_under_faults(tmp_path: Path,
                          f"{copies} (DUP {dups}), connections {len(log.conns)} {dict(hows)}"
                          f"{', refused ' + str(dict(log.refused)) if log.refused else ''}"
                          f"{', resyncs ' + str(len(log.resyncs)) if log.resyncs else ''}")
-            problems += [f"{log.name}: {p}" for p in check_device(log, stored, nemesis.faults)]
+            t0 = nemesis.faults[0].started if nemesis.faults else 0.0
+            problems += [f"{log.name}: {p}"
+                         for p in check_device(log, stored, nemesis.faults, t0)]
             if log.resyncs:
                 problems.append(f"{log.name}: Resync {log.resyncs[:3]}")
         report = "\n".join(lines + ["problems:" if problems else "no problems"]
-                           + ["  " + p for p in problems[:40]])
+                           + ["  " + p[:1500] for p in problems[:40]])
         print(report)
         if problems:
             for node in nodes:
