@@ -459,7 +459,8 @@ class Client(ClientBase[Event | Resync | StateValues]):
             expires = reply.get("expires_in_s")
 
     async def _resume(self) -> None:
-        """Re-join every room with ``since``; retryable refusals are retried with backoff."""
+        """Re-join every room with ``since`` (:meth:`ClientBase._rejoin`: until joined or
+        refused for good)."""
 
         async def rejoin(frame: dict[str, Any]) -> None:
             room, presence, built = frame["room"], frame.get("presence") is True, [frame]
@@ -467,10 +468,7 @@ class Client(ClientBase[Event | Resync | StateValues]):
             def make() -> dict[str, Any]:
                 return built.pop() if built else self._session.join_frame(room, presence)
 
-            try:
-                await self._retrying(make, self._deadline(self._request_timeout_s))
-            except ClientError as exc:
-                logger.warning("! %s not resumed: %s", room, exc)
+            await self._rejoin(room, make)
 
         await asyncio.gather(*(rejoin(f) for f in self._session.rejoin_frames()))
 

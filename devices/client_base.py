@@ -256,6 +256,31 @@ class ClientBase(Generic[ItemT]):
                 attempt += 1
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
 
+    async def _rejoin(self, room: str, make: Callable[[], dict[str, Any]]) -> None:
+        """Re-join ``room`` on this connection (``make()``: its join with ``since``) until it
+        is joined or refused for good. A timeout or a retryable refusal (the room's store
+        electing a leader, say) is tried again with backoff for as long as the connection
+        lasts: its end cancels this, and the next connection resumes the room. Giving up after
+        one request's timeout left the room without events on a connection that otherwise
+        worked, until the next reconnect. A second join of a room whose first one was answered
+        late is harmless: the node rejoins from the new ``since`` and the session drops what it
+        already has. A refusal for good (no right any more) is logged; the session has dropped
+        the room."""
+        attempt = 0
+        while True:
+            try:
+                await self._retrying(make, self._deadline(self._request_timeout_s))
+                return
+            except ClientClosed:
+                return
+            except ClientError as exc:
+                if not exc.retry or self._ended or self._closing:
+                    self._log.warning("! %s not resumed: %s", room, exc)
+                    return
+                self._log.info("x %s not resumed yet (%s): trying again", room, exc)
+            await asyncio.sleep(self._session.backoff_delay(attempt, random.random))
+            attempt += 1
+
     def _resolve(self, item: Reply | Error) -> bool:
         """Hand a reply or an error to the request waiting for it; False if none waits."""
         future = self._waiters.get(item.id) if isinstance(item.id, int) else None

@@ -526,14 +526,11 @@ class Device(ClientBase[tuple[dict[str, Any] | Resync, str | None]]):
             self._fail_waiters(ConnectionLost())
 
     async def _resume(self) -> None:
-        """Re-join every room this process joined, with ``since`` = its cursor."""
+        """Re-join every room this process joined, with ``since`` = its cursor, until joined
+        or refused for good (:meth:`ClientBase._rejoin`)."""
 
         async def rejoin(room: str, presence: bool) -> None:
-            try:
-                await self._retrying(lambda: self._session.join_frame(room, presence),
-                                     self._deadline(self._request_timeout_s))
-            except ClientError as exc:
-                log.warning("! %s: %s not resumed: %s", self.device_id, room, exc)
+            await self._rejoin(room, lambda: self._session.join_frame(room, presence))
 
         await asyncio.gather(*(rejoin(r, p) for r, p in list(self._rooms.items())))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -26,9 +27,10 @@ from pathlib import Path
 import nats
 import pytest
 
+from devices.client import Client, Event
 from node.protocol.subjects import STREAM_NAME
-from tests.cluster import FAST, NatsCluster, cluster_node
-from tests.servers import NatsProcess, NodeProcess, wait_until
+from tests.cluster import FAST, NatsCluster, TcpProxy, cluster_node
+from tests.servers import NatsProcess, NodeProcess, free_ports, wait_until
 from tests.wsclient import SECRET, RawClient, token, unique
 
 pytestmark = pytest.mark.integration
@@ -282,3 +284,93 @@ async def test_a_paused_nats_is_told_in_one_line_not_a_traceback(tmp_path: Path)
     finally:
         node.stop()
         nats_server.stop()
+
+
+class _Lines(logging.Handler):
+    """The messages of one logger, as they are logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_a_resume_that_fails_past_its_timeout_is_tried_again_on_the_same_connection(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """The Python client reconnects while the room stream has no leader (2 of its 3 servers
+    paused; the node's own server answers, so ``connected`` comes). Its resume of the room
+    (``join`` with ``since``) needs the stream's latest seq: the node answers 4500 ``retry``
+    only when its read's deadline (5 s) passes, after the client's request timeout (1 s). The
+    client used to give up at its timeout, and the node's refusal then found no request
+    waiting: the connection stayed up and the room sent it nothing, until some later
+    reconnect. Now it joins again, with backoff, until the room takes it: the
+    event stored while it was away and the one stored after the fault reach it, in order."""
+    node = cluster_node(tmp_path, "rj", [cluster.urls[0]])
+    proxy = TcpProxy(free_ports(1)[0], "127.0.0.1", node.http_port)
+    lines, client_log = _Lines(), logging.getLogger("rtnode.client")
+    level = client_log.level
+    client_log.addHandler(lines)
+    client_log.setLevel(logging.INFO)
+    keeper: RawClient | None = None
+    paused: list[int] = []
+    try:
+        await asyncio.to_thread(node.wait_ready, 30)
+        await _stepdown_to(cluster, 1)  # the leader is not the node's own server
+        await proxy.start()
+        room = unique("rejoin")
+        keeper = await RawClient.connected(node.ws_url, token("keeper"))
+        joined = await keeper.request({"type": "join", "room": room})
+        assert joined["type"] == "joined", joined
+        epoch = joined["epoch"]
+        async with Client(f"ws://127.0.0.1:{proxy.listen_port}/ws", token=token("resumer"),
+                          request_timeout_s=1.0, min_backoff_s=0.05, max_backoff_s=0.5) as c:
+            await c.join(room)
+            events = aiter(c.events())
+            first = await _publish(node.ws_url, room, 1, "before")
+            got = await asyncio.wait_for(anext(events), 10)
+            assert isinstance(got, Event) and got.seq == first[0]
+            await proxy.cut()  # the client's connection is gone; it retries meanwhile
+            away = await _publish(node.ws_url, room, 1, "away")
+            paused = [1, 2]
+            for i in paused:
+                cluster.pause(i)
+            await proxy.restore()
+            await asyncio.to_thread(
+                wait_until, lambda: any("not resumed" in line for line in lines.lines), 30,
+                what="the client's resume of the room timing out")
+            # The servers stay paused until the node has given up the reads of that resume
+            # (5 s): a probe's resume, sent after it, is refused with 4500 retry.
+            probe = await RawClient.connected(node.ws_url, token("probe"))
+            try:
+                refused = await probe.request({"type": "join", "room": room, "since": {
+                    "seq": first[0], "epoch": epoch}}, timeout=30)
+            finally:
+                await probe.close()
+            assert refused.get("code") == 4500 and refused.get("retry") is True, refused
+            assert c.reconnects >= 1
+            for i in paused:
+                cluster.resume(i)
+            paused = []
+            after = await _publish(node.ws_url, room, 1, "after")
+            seqs: list[int] = []
+            try:
+                async with asyncio.timeout(30):
+                    while len(seqs) < 2:
+                        got = await anext(events)
+                        if isinstance(got, Event) and got.room == room:
+                            seqs.append(got.seq)
+            except TimeoutError:
+                raise AssertionError(f"the room sent the resumed client {seqs} of "
+                                     f"{away + after}: {lines.lines[-5:]}") from None
+            assert seqs == away + after, (seqs, away, after, lines.lines)
+    finally:
+        client_log.removeHandler(lines)
+        client_log.setLevel(level)
+        for i in paused:
+            cluster.resume(i)
+        if keeper is not None:
+            await keeper.close()
+        await proxy.stop()
+        node.stop()
