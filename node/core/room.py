@@ -46,11 +46,12 @@ later joins cost no read (a dashboard of 10,000 devices opened by a hundred brow
 bucket once, not a hundred times), and take a copy of the room's values in the same step as
 their ``joined.seq``. Two races are closed. The state of an event is written by the node that
 stored it, right after the stream's ack: an event this room has delivered may not be in the
-read yet, so the room merges in the events it delivered in the last ``STATE_GRACE_S`` seconds.
+read yet, so the room merges in the events it delivered in the last ``STATE_GRACE_S`` seconds,
+and, at its first read, those stored in the ``STATE_INFLIGHT_S`` before its position, read from
+the stream (stored before the room started, they never reach it live).
 And the read may hold a value this room has not delivered yet: the waiting joins go on once the
 room has delivered up to it (at most ``STATE_WAIT_S``, with a gap check meanwhile). The values
-are read again, in the background, at a join once older than ``STATE_GRACE_S`` (what was in
-flight when the room started is then in the bucket).
+are read again, in the background, at a join once older than ``STATE_GRACE_S``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ __all__ = [
     "JOIN_RETRY_S",
     "RETELL_S",
     "STATE_GRACE_S",
+    "STATE_INFLIGHT_S",
     "STATE_WAIT_S",
     "CheckGap",
     "Join",
@@ -112,6 +114,13 @@ log = logging.getLogger("node.core.room")
 STATE_GRACE_S = 30.0
 #: How long the first state joins of a room wait for it to deliver what the read holds.
 STATE_WAIT_S = 2.0
+#: How far back a room's first read of its state also reads the stream (by the events' ``ts``),
+#: up to its position: the events stored before the room started, whose state another node may
+#: still be writing (its publisher not answered yet). The state store's write deadline (10 s)
+#: bounds such a write; the room's history (``history_size``) bounds the read.
+STATE_INFLIGHT_S = 10.0
+#: Events per page of that read (newest first, until one older than STATE_INFLIGHT_S).
+STATE_INFLIGHT_PAGE = 500
 #: How long a Join that found the room's mailbox full is told again (after 50 ms, then twice as
 #: long each time, at most 0.5 s apart: about a dozen tries) before it is refused to its member.
 #: The same as the connection's wait for a join to be taken in (``session_rooms.JOIN_WAIT_S``).
@@ -172,6 +181,8 @@ class _StateRead:
     at: float
     values: list[dict[str, Any]]
     error: str | None = None
+    #: The first read's latest stored events up to the room's position (event frames).
+    stored: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,16 +672,54 @@ class RoomActor(Actor):
             return
         self._reading = True
         state, tenant, room = self.state, self.tenant, self.room
+        # The first read also reads the events stored lately up to the room's position: those
+        # stored before it started never reach it live, and their state may not be written yet
+        # (the events after the position come live, and are merged as delivered ones).
+        upto = None if self._values.known else self.last_seq
 
         async def read() -> None:
             at = time.monotonic()
             try:
-                done = _StateRead(at, await state.values(tenant, room))
+                values = await state.values(tenant, room)
+                stored = None if upto is None else await self._stored_lately(upto)
+                done = _StateRead(at, values, stored=stored)
             except StoreError as exc:
                 done = _StateRead(at, [], str(exc))
             self.ref.tell(done)
 
         self._spawn(read(), "state")
+
+    async def _stored_lately(self, upto: int) -> list[dict[str, Any]]:
+        """The room's events up to ``upto`` stored within the last ``STATE_INFLIGHT_S``
+        (by their ``ts``), as event frames in seq order: pages read backwards from ``upto``
+        until one holds an older event, or the room's first.
+
+        Raises:
+            StoreError: The stream did not answer.
+        """
+        since_ms = (time.time() - STATE_INFLIGHT_S) * 1000
+        frames: list[dict[str, Any]] = []
+        before = upto + 1
+        while before > 1:
+            page = await self.store.history(self.tenant, self.room, since=before,
+                                            limit=STATE_INFLIGHT_PAGE, reverse=True)
+            older = False
+            for ev in page:  # newest first
+                try:
+                    frame = event_frame(self.room, ev.seq, cbor_loads_strict(ev.body))
+                except CodecError:
+                    frame = None
+                if frame is None:
+                    continue
+                frames.append(frame)
+                ts = frame.get("ts")
+                if not isinstance(ts, int | float) or ts < since_ms:
+                    older = True
+            if older or len(page) < STATE_INFLIGHT_PAGE:
+                break
+            before = page[-1].seq
+        frames.reverse()
+        return frames
 
     def _on_state_read(self, read: _StateRead) -> None:
         self._reading = False
@@ -682,7 +731,8 @@ class RoomActor(Actor):
                     self._on_replay_done(_ReplayDone(join.member, join, self.last_seq, False,
                                                      None, error=read.error))
             return
-        need = self._values.take_read(read.values, read.at, self.last_seq, time.monotonic())
+        need = self._values.take_read(read.values, read.at, self.last_seq, time.monotonic(),
+                                      read.stored)
         if need is None:
             return  # a refresh
         if need <= self.last_seq:

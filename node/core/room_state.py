@@ -74,15 +74,20 @@ class RoomValues:
             apply_value(self._values, key, value)
 
     def take_read(self, read: list[dict[str, Any]], at: float, last_seq: int,
-                  now: float) -> int | None:
+                  now: float, stored: list[dict[str, Any]] | None = None) -> int | None:
         """Take a read of the state port (asked for at ``at``), with the events delivered
-        within ``grace_s`` merged in.
+        within ``grace_s`` merged in, and the ``stored`` ones.
 
         Args:
             read: The port's values.
             at: When the read was asked for.
             last_seq: The room's position (the last seq it delivered).
             now: The time now.
+            stored: Event frames (with ``seq``) the room read from the stream up to its
+                position, for its first read: the latest events stored before the room
+                started, never delivered to it, whose state may still be being written by the
+                node that stored them (their publishers not answered yet), so not in ``read``.
+                A contiguous range of seqs: an unset among them is applied in its place.
 
         Returns:
             For the first read, the highest seq it holds: joins must wait until the room has
@@ -100,9 +105,17 @@ class RoomValues:
                     values[key] = old[key]  # the newer one comes live, soon
                 continue
             values[key] = value
-        for key, (delivered_at, value) in self._recent.items():
-            if now - delivered_at <= self.grace_s:
-                apply_value(values, key, value)
+        # In seq order: an unset removes its key, and forgets its seq (an older value applied
+        # after it would bring the key back).
+        merged = [(value["seq"], key, value) for key, (delivered_at, value)
+                  in self._recent.items() if now - delivered_at <= self.grace_s]
+        for frame in stored or ():
+            key, seq = frame.get("key"), frame.get("seq")
+            if isinstance(key, str) and type(seq) is int:
+                merged.append((seq, key, {k: v for k, v in frame.items() if k != "type"}))
+        merged.sort(key=lambda item: item[0])
+        for _, key, value in merged:
+            apply_value(values, key, value)
         self._values, self.read_at = values, at
         if old is not None:
             return None

@@ -80,6 +80,14 @@ class FakeStore:
                if s > after and (before is None or s < before)]
         return out[:limit]
 
+    async def history(self, tenant: str, room: str, *, since: int | None, limit: int,
+                      reverse: bool) -> list[StoredEvent]:
+        if since is not None and not reverse:
+            return [StoredEvent(s, b) for s, b in self.events if s > since][:limit]
+        out = [StoredEvent(s, b) for s, b in self.events if since is None or s < since]
+        out = out[-limit:] if limit > 0 else []
+        return out[::-1] if reverse else out
+
     async def count_from(self, tenant: str, room: str, seq: int) -> int:
         return sum(1 for s, _ in self.events if s >= seq)
 

@@ -308,3 +308,34 @@ def test_room_values_merge_reads_and_deliveries_by_seq() -> None:
     assert values.take_read([{"key": "b", "seq": 8}, {"key": "c", "seq": 12}],
                             at=40.0, last_seq=10, now=41.0) is None
     assert [(v["key"], v["seq"]) for v in values.upto(20)] == [("b", 8), ("c", 10)]
+
+
+def test_the_first_read_merges_the_events_stored_before_the_room_started() -> None:
+    # The bucket has a@3 (a@6's write in flight), no b (b@7 an unset, written), c@9 (c@4
+    # older, in the stream's tail too): the tail is applied in seq order over the read, so
+    # b@5 does not come back after b@7's unset.
+    values = RoomValues(30.0)
+    stored = [{"type": "event", "key": "c", "seq": 4}, {"type": "event", "key": "b", "seq": 5},
+              {"type": "event", "key": "a", "seq": 6, "data": "new"},
+              {"type": "event", "key": "b", "seq": 7, "unset": True}]
+    need = values.take_read([{"key": "a", "seq": 3, "data": "old"}, {"key": "c", "seq": 9}],
+                            at=0.0, last_seq=9, now=0.0, stored=stored)
+    assert need == 9
+    assert [(v["key"], v["seq"], v.get("data")) for v in values.upto(9)] == [
+        ("a", 6, "new"), ("c", 9, None)]
+    assert all("type" not in v for v in values.upto(9))
+
+
+async def test_a_room_that_starts_while_a_state_write_is_in_flight() -> None:
+    # a@3 is stored, but the node that stored it has not written its state yet: the room
+    # starts at 3 (a@3 never comes to it live), so its first read takes it from the stream.
+    store, state = FakeStore(), State(Log())
+    store.events += [(1, _body("a", "old")), (3, _body("a", "new"))]
+    state.values_ = [{"seq": 1, "key": "a", "data": "old"}]
+    async with ActorSystem() as system:
+        ref = _state_room(system, store, state)
+        m, rec = member()
+        ref.tell(Join(m))
+        joined, values = await _frames(rec, 2)
+        assert joined["seq"] == 3
+        assert [(v["key"], v["seq"], v["data"]) for v in values["values"]] == [("a", 3, "new")]
