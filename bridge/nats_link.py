@@ -138,6 +138,13 @@ class NatsLink:
         self.on_reads_disconnected: list[Callable[[], None]] = []
         # Called when check() finds the stream recreated (``epoch`` is the new one by then).
         self.on_epoch_changed: list[Callable[[], None]] = []
+        # The stream was deleted or created since check() last read the epoch (a JetStream
+        # advisory), or the connection was away meanwhile: the epoch may be stale, so every ack
+        # asks again (JetStreamRoomStore) until check() reads it. An ack's seq alone does not
+        # tell: a new life that has passed this node's highest ack looks like the old one, and
+        # a state value written then was tagged with the old epoch, so skipped by every reader.
+        self.epoch_suspect = False
+        self._suspect_check: asyncio.Task[str | None] | None = None
 
     def compact(self) -> None:
         """Size the client's table of subscriptions (every rpc route and room subscription of
@@ -233,6 +240,9 @@ class NatsLink:
         self._js = self._nc.jetstream(timeout=5)
         self._setup_deadline = deadline
         self.epoch = await self.set_up(f"stream {STREAM_NAME}", self.ensure_stream)
+        for kind in ("DELETED", "CREATED"):
+            await self._nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.{kind}.{STREAM_NAME}",
+                                     cb=self._on_stream_advisory)
         await self._connect_reads()
         url = self._nc.connected_url
         log.info("= connected to NATS %s, stream %s epoch %s",
@@ -281,6 +291,27 @@ class NatsLink:
                     self._ping()
 
         asyncio.get_running_loop().create_task(flush(), name="nats.confirm")
+
+    async def _on_stream_advisory(self, msg: Any) -> None:
+        """The room stream was deleted or created (by an operator, another node): the epoch
+        is suspect until check() reads it, asked at once (a creation gives the new one)."""
+        log.warning("= stream %s: %s", STREAM_NAME, msg.subject.rsplit(".", 2)[-2].lower())
+        self._suspect()
+
+    def _suspect(self) -> None:
+        self.epoch_suspect = True
+        self._suspect_check = asyncio.get_running_loop().create_task(
+            self.check(), name="nats[epoch check]")
+
+    async def confirm_epoch(self) -> None:
+        """While the epoch is suspect: wait for the check begun when it became so (begun after
+        the stream's advisory, so it reads the stream as it is now), or a new one if that one
+        could not read it. The acks that come meanwhile share one check, not one each."""
+        task = self._suspect_check
+        if task is None or task.done():
+            task = self._suspect_check = asyncio.get_running_loop().create_task(
+                self.check(), name="nats[epoch check]")
+        await asyncio.shield(task)
 
     async def _connect_reads(self) -> None:
         """Open the reads connection, to the server of the main one (so that a room's
@@ -387,6 +418,7 @@ class NatsLink:
             info = await asyncio.wait_for(self.js.stream_info(STREAM_NAME), timeout)
         except Exception as exc:
             return f"JetStream not answering ({type(exc).__name__})"
+        self.epoch_suspect = False
         epoch = _epoch(info)
         if epoch and epoch != self.epoch:
             # Only a stream deleted and created again has another epoch in its metadata.
@@ -397,6 +429,8 @@ class NatsLink:
 
     async def close(self) -> None:
         """Drain and close the connections."""
+        if self._suspect_check is not None:
+            self._suspect_check.cancel()
         nc, self._nc, self._js = self._nc, None, None
         reads, self._reads = self._reads, None
         for client in (reads, nc):
@@ -429,6 +463,7 @@ class NatsLink:
     async def _on_reconnected(self) -> None:
         nc = self._nc
         log.info("= NATS reconnected to %s", nc.connected_url if nc else "?")
+        self._suspect()  # an advisory sent meanwhile was lost
         _run_hooks(self.on_reconnected, "reconnect")
 
     async def __aenter__(self) -> NatsLink:

@@ -645,12 +645,14 @@ class JetStreamRoomStore:
                     result.set_exception(refused)
                     return
                 reason = "duplicate message id in process"  # see _RETRYABLE_ERR_CODES
-                if acked is not None and (acked[1] or acked[0] > self._highest_acked):
+                if acked is not None and (acked[1] or acked[0] > self._highest_acked) and (
+                        not self.link.epoch_suspect):
                     if not acked[1]:
                         self._highest_acked = acked[0]
                     result.set_result(acked)
                     return
-                if acked is not None:  # a seq at or below one acked before: the epoch
+                if acked is not None:  # a seq at or below one acked before (or an epoch
+                    # that may be stale): the epoch is checked first
                     self._go_checked(acked, result)
                     return
         self._send_alone(queued, reason)
@@ -659,7 +661,7 @@ class JetStreamRoomStore:
         """A lone publish acked with a seq at or below one acked before: the result once the
         epoch is checked (:meth:`_check_order`)."""
         async def checked() -> tuple[int, bool]:
-            await self._check_order(acked[0])
+            await self._check_order(acked[0], acked[1])
             return acked
         self._run_for(result, checked, Exception)
 
@@ -713,8 +715,7 @@ class JetStreamRoomStore:
                 else:
                     acked = self._parse_ack(reply)
                     if acked is not None:
-                        if not acked[1]:
-                            await self._check_order(acked[0])
+                        await self._check_order(acked[0], acked[1])
                         return acked
                     reason = "duplicate message id in process"  # see _RETRYABLE_ERR_CODES
             except TimeoutError:
@@ -824,7 +825,7 @@ class JetStreamRoomStore:
             last = _commit_answer(len(taken), reply)
         except (StoreError, ValueError, TypeError, KeyError):
             return None
-        if last - len(taken) + 1 <= self._highest_acked:
+        if last - len(taken) + 1 <= self._highest_acked or self.link.epoch_suspect:
             return None
         self._highest_acked = last
         return last
@@ -840,14 +841,19 @@ class JetStreamRoomStore:
             if fut._state == pending:  # not given up: set_result, two calls fewer per event
                 fut._settle(result, (k, False), None)
 
-    async def _check_order(self, seq: int) -> None:
+    async def _check_order(self, seq: int, duplicate: bool = False) -> None:
         """The stream's seqs only grow, and this node's acks come in order: a new event acked
         with a seq below one acked before means the stream was deleted and created again (a
         new epoch, seqs from 1). Ask now, before the publisher is answered and its event
-        (a state room's value) is tagged with the old epoch, not at the next epoch check."""
-        if seq <= self._highest_acked:
+        (a state room's value) is tagged with the old epoch, not at the next epoch check; and
+        whenever the link's epoch is suspect (an advisory said the stream was deleted or
+        created: a new life past this node's highest ack does not show in the seq)."""
+        if self.link.epoch_suspect:
+            await self.link.confirm_epoch()
+        elif seq <= self._highest_acked and not duplicate:
             await self.link.check()
-        self._highest_acked = seq
+        if not duplicate:
+            self._highest_acked = seq
 
     def _parse_ack(self, reply: Msg) -> tuple[int, bool] | None:
         """(seq, duplicate), or None when the error is worth a retry (_RETRYABLE_ERR_CODES)."""

@@ -645,3 +645,60 @@ async def test_a_room_started_while_a_state_write_is_in_flight(make_node: Any) -
         a.state._write = write
     for c in (pub, watcher):
         await c.close()
+
+
+async def _publish_until_answered(node: Any, sub: str, frame: dict[str, Any]) -> int:
+    """Publish ``frame`` (with a msg_id) through ``node`` until it is answered: a client told
+    to reconnect (the node learnt of a new epoch) sends it again; its seq."""
+    from tests.wsclient import ws_url
+
+    for _ in range(5):
+        c = await RawClient.connected(ws_url(node), token(sub))
+        try:
+            reply = await c.request(frame)
+        except ConnectionClosed:
+            continue
+        finally:
+            await c.close()
+        if reply["type"] == "published":
+            return int(reply["seq"])
+        assert reply["type"] == "disconnect", reply
+    raise AssertionError(f"{frame} not answered")
+
+
+async def test_a_node_that_missed_a_recreation_tags_its_state_with_the_new_epoch(
+        make_node: Any, nats_proc: NatsProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node learns of the stream's recreation from its first ack of the new life before it
+    answers the publisher and tags a state value with its epoch, also when the new life has
+    already passed the node's highest ack (another node published more meanwhile). Before, it
+    learnt from the ack only for a seq at or below that one: the value was tagged with the old
+    epoch, acknowledged, and skipped by every reader (the key gone) until written again."""
+    from bridge.nats_link import NatsLink
+    from node import app as app_module
+    from tests.integration.test_state_rooms import _delete_stream, api
+
+    async def suspect_only(link: NatsLink, msg: Any) -> None:
+        link.epoch_suspect = True  # the advisory's own check is slow: the ack must ask
+
+    monkeypatch.setattr(app_module, "EPOCH_CHECK_S", 3600.0)
+    monkeypatch.setattr(NatsLink, "_on_stream_advisory", suspect_only)
+    a = await make_node(nats_url=nats_proc.url, **STATE)
+    assert a.nats is not None
+    room = unique("st")
+    for i in range(3):
+        await _publish_until_answered(a, "dev-1", {"type": "publish", "room": room,
+                                                   "event": "e", "data": f"old-{i}",
+                                                   "key": "a", "msg_id": f"old-{i}"})
+    await _delete_stream(nats_proc.url)
+    b = await make_node(nats_url=nats_proc.url, **STATE)
+    for i in range(5):  # the new life passes node a's highest ack (3)
+        await _publish_until_answered(b, "dev-2", {"type": "publish", "room": room,
+                                                   "event": "e", "data": i, "key": "b",
+                                                   "msg_id": f"b-{i}"})
+    s = await _publish_until_answered(a, "dev-1", {"type": "publish", "room": room,
+                                                   "event": "e", "data": "new-a", "key": "a",
+                                                   "msg_id": "new-a"})
+    assert s == 6 and a.nats.epoch == b.nats.epoch
+    for node in (a, b):
+        _, body = await api(node, "GET", "/api/state", params={"room": room})
+        assert [(v["key"], v["seq"]) for v in body["values"]] == [("a", 6), ("b", 5)], body

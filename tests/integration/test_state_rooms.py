@@ -300,11 +300,17 @@ async def test_state_after_the_stream_is_recreated(nats_proc: NatsProcess,
     await dev.close()
 
 
-async def test_state_written_by_a_running_node_after_a_recreation(nats_proc: NatsProcess,
-                                                                  make_node: Any) -> None:
+async def test_state_written_by_a_running_node_after_a_recreation(
+        nats_proc: NatsProcess, make_node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # A node that keeps running while the stream is recreated (by another node) remembers its
     # last write of a key (revision and seq of the old life): once it knows the new epoch
     # (its readiness probe), its writes of the new life must still replace the old value.
+    from bridge.nats_link import NatsLink
+
+    async def lost(link: NatsLink, msg: Any) -> None:
+        pass  # the stream's advisories (core NATS) lost: the node learns at its probe
+
+    monkeypatch.setattr(NatsLink, "_on_stream_advisory", lost)
     first = await make_node(nats_url=nats_proc.url, **STATE)
     room = unique("st")
     dev = await RawClient.connected(ws_url(first), token("dev-2"))
