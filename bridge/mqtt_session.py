@@ -60,6 +60,8 @@ from node.core.connection import (
 from node.core.events import event_frame
 from node.core.limits import TokenBucket
 from node.core.ports import StoreError
+from node.core.room import stored_lately
+from node.core.room_state import with_stored
 from node.protocol.errors import CodecError, ProtocolError
 from node.protocol.frames import (
     CBOR,
@@ -847,8 +849,14 @@ class MqttSession(asyncio.Protocol):
         state = self.ctx.state
         if state is None or self.principal is None or not self._is_state_room(room):
             return []
+        tenant = self.principal.tenant
         try:
-            values = await state.values(self.principal.tenant, room)
+            values = await state.values(tenant, room)
+            if upto is not None:
+                # Up to upto, the events after it coming as they are stored: those stored
+                # before it whose state another node is still writing are among the values.
+                values = with_stored(values, await stored_lately(self.ctx.store, tenant, room,
+                                                                 upto))
         except StoreError as exc:
             log.info("! %s: no retained values of %s: %s", self.client_id, room, exc)
             return []

@@ -104,6 +104,7 @@ __all__ = [
     "RoomActor",
     "RoomCounters",
     "RoomSettings",
+    "stored_lately",
 ]
 
 log = logging.getLogger("node.core.room")
@@ -183,6 +184,43 @@ class _StateRead:
     error: str | None = None
     #: The first read's latest stored events up to the room's position (event frames).
     stored: list[dict[str, Any]] | None = None
+
+
+async def stored_lately(store: RoomStore, tenant: str, room: str,
+                        upto: int) -> list[dict[str, Any]]:
+    """A state room's events up to ``upto`` stored within the last ``STATE_INFLIGHT_S`` (by
+    their ``ts``), as event frames in seq order: their state may still be being written by the
+    node that stored them (its publisher not answered yet), so a read of the state port may not
+    hold them. Pages are read backwards from ``upto`` until one holds an older event, or the
+    room's first. A reader that takes the state as of ``upto`` (and the events after it as they
+    come) applies them over its read (:func:`~node.core.room_state.with_stored`).
+
+    Raises:
+        StoreError: The stream did not answer.
+    """
+    since_ms = (time.time() - STATE_INFLIGHT_S) * 1000
+    frames: list[dict[str, Any]] = []
+    before = upto + 1
+    while before > 1:
+        page = await store.history(tenant, room, since=before, limit=STATE_INFLIGHT_PAGE,
+                                   reverse=True)
+        older = False
+        for ev in page:  # newest first
+            try:
+                frame = event_frame(room, ev.seq, cbor_loads_strict(ev.body))
+            except CodecError:
+                frame = None
+            if frame is None:
+                continue
+            frames.append(frame)
+            ts = frame.get("ts")
+            if not isinstance(ts, int | float) or ts < since_ms:
+                older = True
+        if older or len(page) < STATE_INFLIGHT_PAGE:
+            break
+        before = page[-1].seq
+    frames.reverse()
+    return frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -681,45 +719,14 @@ class RoomActor(Actor):
             at = time.monotonic()
             try:
                 values = await state.values(tenant, room)
-                stored = None if upto is None else await self._stored_lately(upto)
+                stored = (None if upto is None
+                          else await stored_lately(self.store, tenant, room, upto))
                 done = _StateRead(at, values, stored=stored)
             except StoreError as exc:
                 done = _StateRead(at, [], str(exc))
             self.ref.tell(done)
 
         self._spawn(read(), "state")
-
-    async def _stored_lately(self, upto: int) -> list[dict[str, Any]]:
-        """The room's events up to ``upto`` stored within the last ``STATE_INFLIGHT_S``
-        (by their ``ts``), as event frames in seq order: pages read backwards from ``upto``
-        until one holds an older event, or the room's first.
-
-        Raises:
-            StoreError: The stream did not answer.
-        """
-        since_ms = (time.time() - STATE_INFLIGHT_S) * 1000
-        frames: list[dict[str, Any]] = []
-        before = upto + 1
-        while before > 1:
-            page = await self.store.history(self.tenant, self.room, since=before,
-                                            limit=STATE_INFLIGHT_PAGE, reverse=True)
-            older = False
-            for ev in page:  # newest first
-                try:
-                    frame = event_frame(self.room, ev.seq, cbor_loads_strict(ev.body))
-                except CodecError:
-                    frame = None
-                if frame is None:
-                    continue
-                frames.append(frame)
-                ts = frame.get("ts")
-                if not isinstance(ts, int | float) or ts < since_ms:
-                    older = True
-            if older or len(page) < STATE_INFLIGHT_PAGE:
-                break
-            before = page[-1].seq
-        frames.reverse()
-        return frames
 
     def _on_state_read(self, read: _StateRead) -> None:
         self._reading = False

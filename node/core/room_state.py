@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["RoomValues", "apply_value"]
+__all__ = ["RoomValues", "apply_value", "with_stored"]
 
 
 def apply_value(values: dict[str, dict[str, Any]], key: str, value: dict[str, Any]) -> None:
@@ -23,6 +23,39 @@ def apply_value(values: dict[str, dict[str, Any]], key: str, value: dict[str, An
         values.pop(key, None)
     else:
         values[key] = value
+
+
+def _apply_in_order(values: dict[str, dict[str, Any]],
+                    updates: list[tuple[int, str, dict[str, Any]]],
+                    stored: list[dict[str, Any]] | None) -> None:
+    """Apply ``updates`` (seq, key, value) and the ``stored`` event frames to ``values`` in seq
+    order: an unset removes its key, and forgets its seq (an older value applied after it
+    would bring the key back)."""
+    for frame in stored or ():
+        key, seq = frame.get("key"), frame.get("seq")
+        if isinstance(key, str) and type(seq) is int:
+            updates.append((seq, key, {k: v for k, v in frame.items() if k != "type"}))
+    updates.sort(key=lambda item: item[0])
+    for _, key, value in updates:
+        apply_value(values, key, value)
+
+
+def with_stored(read: list[dict[str, Any]], stored: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """A state port's values (``read``) with the ``stored`` event frames applied over them in
+    seq order (``node.core.room.stored_lately``: those whose state may not be written yet),
+    ordered by key.
+
+    Example:
+        values = with_stored(await state.values(t, r), await stored_lately(store, t, r, seq))
+    """
+    values: dict[str, dict[str, Any]] = {}
+    for value in read:
+        key, seq = value.get("key"), value.get("seq")
+        if isinstance(key, str) and type(seq) is int:
+            values[key] = value
+    _apply_in_order(values, [], stored)
+    return [values[k] for k in sorted(values)]
 
 
 class RoomValues:
@@ -105,17 +138,9 @@ class RoomValues:
                     values[key] = old[key]  # the newer one comes live, soon
                 continue
             values[key] = value
-        # In seq order: an unset removes its key, and forgets its seq (an older value applied
-        # after it would bring the key back).
-        merged = [(value["seq"], key, value) for key, (delivered_at, value)
-                  in self._recent.items() if now - delivered_at <= self.grace_s]
-        for frame in stored or ():
-            key, seq = frame.get("key"), frame.get("seq")
-            if isinstance(key, str) and type(seq) is int:
-                merged.append((seq, key, {k: v for k, v in frame.items() if k != "type"}))
-        merged.sort(key=lambda item: item[0])
-        for _, key, value in merged:
-            apply_value(values, key, value)
+        _apply_in_order(values, [(value["seq"], key, value) for key, (delivered_at, value)
+                                 in self._recent.items() if now - delivered_at <= self.grace_s],
+                        stored)
         self._values, self.read_at = values, at
         if old is not None:
             return None

@@ -702,3 +702,49 @@ async def test_a_node_that_missed_a_recreation_tags_its_state_with_the_new_epoch
     for node in (a, b):
         _, body = await api(node, "GET", "/api/state", params={"room": room})
         assert [(v["key"], v["seq"]) for v in body["values"]] == [("a", 6), ("b", 5)], body
+
+
+async def test_an_mqtt_subscription_while_a_state_write_is_in_flight(make_node: Any) -> None:
+    """The MQTT face's QoS 1 subscription to a state room: its retained values are those up to
+    the room's latest seq, and the events after it come as they are stored. An event stored
+    before, whose state write is in flight on another node, is among the retained values (it
+    never comes as an event). Before, the older value was retained, for good."""
+    from tests.wsclient import ws_url
+
+    a, b = await make_node(**STATE), await make_node(**STATE)
+    assert a.state is not None
+    room = unique("st")
+    pub = await RawClient.connected(ws_url(a), token("dev-1"))
+    reply = await pub.request({"type": "publish", "room": room, "event": "e", "data": 0,
+                               "key": "k"})
+    assert reply["type"] == "published", reply
+    watcher = await RawClient.connected(ws_url(a), token("watcher"))
+    assert (await watcher.request({"type": "join", "room": room}))["type"] == "joined"
+    held = asyncio.Event()
+    write = a.state._write
+
+    async def late_write(*args: Any) -> None:
+        await held.wait()
+        await write(*args)
+
+    a.state._write = late_write
+    m = None
+    try:
+        await pub.send({"type": "publish", "id": "p1", "room": room, "event": "e", "data": 1,
+                        "key": "k"})
+        [ev] = await watcher.events(1, room)
+        s1 = ev["seq"]
+        m = await RawMqtt.connect(b.mqtt.port, "dev-m", token("dev-m", kind="device"),
+                                  clean=True)
+        assert await m.subscribe(f"rooms/{room}", qos=1) == [1]
+        _topic, payload, packet_id, _qos, _dup, retain = await m.publish_in(10)
+        m.puback(packet_id)
+        value = cbor2.loads(payload)
+        assert (retain, value["seq"], value["data"]) == (True, s1, 1), value
+    finally:
+        held.set()
+        a.state._write = write
+        if m is not None:
+            await m.drop()
+    for c in (pub, watcher):
+        await c.close()

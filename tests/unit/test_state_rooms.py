@@ -16,7 +16,7 @@ from bridge.sse import SseSession
 from node.core.admission import NOT_STATE_ROOM, Admission
 from node.core.ports import StoreError
 from node.core.room import Join, RoomActor, RoomCounters, RoomSettings
-from node.core.room_state import RoomValues
+from node.core.room_state import RoomValues, with_stored
 from node.protocol.errors import ProtocolError
 from node.protocol.frames import (
     STATE_CHUNK_BYTES,
@@ -339,3 +339,12 @@ async def test_a_room_that_starts_while_a_state_write_is_in_flight() -> None:
         joined, values = await _frames(rec, 2)
         assert joined["seq"] == 3
         assert [(v["key"], v["seq"], v["data"]) for v in values["values"]] == [("a", 3, "new")]
+
+
+def test_with_stored_applies_the_events_over_a_read_in_seq_order() -> None:
+    read = [{"key": "a", "seq": 3}, {"key": "c", "seq": 9}]
+    stored = [{"type": "event", "key": "b", "seq": 5}, {"type": "event", "key": "a", "seq": 6},
+              {"type": "event", "key": "b", "seq": 7, "unset": True},
+              {"type": "event", "key": "c", "seq": 8}]
+    assert [(v["key"], v["seq"]) for v in with_stored(read, stored)] == [("a", 6), ("c", 9)]
+    assert with_stored(read, []) == read
