@@ -128,15 +128,20 @@ class RoomValues:
             of a key whose read value the room has not delivered yet.
         """
         old = self._values
-        values: dict[str, dict[str, Any]] = {}
+        # A refresh starts from the room's own values: a read never lowers one of them (the
+        # bucket never holds a lower seq than an event delivered, except from a replica that
+        # is behind: direct gets are answered by any replica), and a key absent from the read
+        # but held here was set by an event the room delivered (its unset would have removed it,
+        # or comes live, soon).
+        values: dict[str, dict[str, Any]] = {} if old is None else dict(old)
         for value in read:
             key, seq = value.get("key"), value.get("seq")
             if not isinstance(key, str) or type(seq) is not int:
                 continue
-            if old is not None and seq > last_seq:
-                if key in old:
-                    values[key] = old[key]  # the newer one comes live, soon
-                continue
+            if old is not None:
+                held = values.get(key)
+                if seq > last_seq or (held is not None and held["seq"] >= seq):
+                    continue  # the newer one comes live, soon; or the room's is as new
             values[key] = value
         _apply_in_order(values, [(value["seq"], key, value) for key, (delivered_at, value)
                                  in self._recent.items() if now - delivered_at <= self.grace_s],

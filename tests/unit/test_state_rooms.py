@@ -348,3 +348,16 @@ def test_with_stored_applies_the_events_over_a_read_in_seq_order() -> None:
               {"type": "event", "key": "c", "seq": 8}]
     assert [(v["key"], v["seq"]) for v in with_stored(read, stored)] == [("a", 6), ("c", 9)]
     assert with_stored(read, []) == read
+
+
+def test_a_refresh_from_a_replica_that_is_behind_lowers_no_value() -> None:
+    # Direct gets are answered by any replica: a refresh may read one that is behind. The
+    # room's values of events it delivered (longer ago than the grace) stay.
+    values = RoomValues(30.0)
+    values.take_read([{"key": "a", "seq": 1}], at=0.0, last_seq=1, now=0.0)
+    values.delivered(4, {"key": "a", "seq": 4, "data": "new"}, now=1.0)
+    values.delivered(5, {"key": "b", "seq": 5}, now=1.0)
+    values.delivered(6, {"key": "c", "seq": 6}, now=1.0)
+    assert values.take_read([{"key": "a", "seq": 1}, {"key": "c", "seq": 7}],
+                            at=40.0, last_seq=8, now=40.0) is None
+    assert [(v["key"], v["seq"]) for v in values.upto(8)] == [("a", 4), ("b", 5), ("c", 7)]
