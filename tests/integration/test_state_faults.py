@@ -1,13 +1,16 @@
 """State rooms under faults, seeded: what a joiner is served is the stream's latest per key.
 
-Two node processes share one nats-server. Writers (WebSocket clients on either node) publish
+Two node processes share one nats-server, or a 3-server cluster (the streams with 3 replicas:
+reads are direct gets, answered by any replica). Writers (WebSocket clients on either node) publish
 and unset a few keys of one state room, pipelined (1-8 publishes a message, so writes of one
 key conflict within a node and across nodes), each with a ``msg_id``: a publish answered with a
 retryable error, or lost with its connection, is sent again with the same ``msg_id`` until it
 is answered. Joiners come and go on both nodes meanwhile. A seeded nemesis runs faults one at a
-time, each healed before the next: the nats-server paused (SIGSTOP/SIGCONT) or killed (-9) and
-restarted, a node killed (-9) and restarted, or the room stream deleted while the writers wait
-and created again by a node that restarts (a new epoch).
+time, each healed before the next (every replica current again): a nats-server paused
+(SIGSTOP/SIGCONT) or killed (-9) and restarted, a node killed (-9) and restarted, or the room
+stream deleted while the writers wait and created again by a node that restarts (a new epoch).
+Rooms stop 0.2 s after their last member leaves, so that they start again and again during the
+writes (a room's first read of the state races with the writes in flight).
 
 Once the writers stop and everything is healthy, for every key of the room:
 
@@ -22,7 +25,9 @@ Once the writers stop and everything is healthy, for every key of the room:
 4. no traceback in the nodes' logs, and no write left unanswered.
 
 The seed comes from ``RTNODE_TEST_STATE_FAULTS_SEED`` (random when unset) and is printed first;
-``-s`` shows it with a summary of the run.
+``-s`` shows it with a summary of the run. The tests after it pin, each with one step held at
+the right moment, what the runs found: a room (and an MQTT QoS 1 subscription) that starts while
+another node's state write is in flight, and a node that learns late of a recreation.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from nats.js.errors import NotFoundError
 from websockets.exceptions import ConnectionClosed
 
 from node.protocol.subjects import STREAM_NAME, room_subject
-from tests.cluster import FAST, RawMqtt
+from tests.cluster import FAST, NatsCluster, RawMqtt
 from tests.integration.test_sse import data as sse_data
 from tests.integration.test_sse import open_sse
 from tests.servers import MS, NatsProcess, NodeProcess
@@ -62,6 +67,7 @@ WRITE_S = 14.0  # how long the writers write (the faults run within it)
 REPLY_S = 30.0  # a publish not answered within this long is a stuck write
 KINDS = ("pause-nats", "kill-nats", "kill-node", "recreate")
 NAMESPACES = json.dumps({"st": {"state": True}})
+KV_STREAM = "KV_RTNODE_STATE"  # the state bucket's stream (bridge.state_store)
 
 
 @dataclass
@@ -88,18 +94,86 @@ class JoinRecord:
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # an event came, or it ended
 
 
+class Servers:
+    """The nats-servers of a run: one (``NatsProcess``) or a 3-server cluster (``NatsCluster``,
+    the streams with 3 replicas). Faults hit one server at a time, by PID."""
+
+    def __init__(self, single: NatsProcess | None = None,
+                 cluster: NatsCluster | None = None) -> None:
+        self.single, self.cluster = single, cluster
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls if self.cluster is not None else [self.single.url]  # type: ignore[union-attr]
+
+    @property
+    def count(self) -> int:
+        return 3 if self.cluster is not None else 1
+
+    def pid(self, i: int) -> int | None:
+        if self.cluster is not None:
+            proc = self.cluster.servers[i].proc
+        else:
+            proc = self.single.proc  # type: ignore[union-attr]
+        return None if proc is None else proc.pid
+
+    def pause(self, i: int) -> None:
+        if self.cluster is not None:
+            self.cluster.pause(i)
+        else:
+            pid = self.pid(i)
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # our own child, by PID
+
+    def resume(self, i: int) -> None:
+        if self.cluster is not None:
+            self.cluster.resume(i)
+        else:
+            pid = self.pid(i)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def kill(self, i: int) -> None:
+        if self.cluster is not None:
+            self.cluster.kill(i)
+        else:
+            self.single.kill()  # type: ignore[union-attr]
+
+    def restart(self, i: int) -> None:
+        if self.cluster is not None:
+            self.cluster.restart(i)
+        else:
+            self.single.start()  # type: ignore[union-attr]
+
+    def healthy(self) -> bool:
+        """Every replica of the room stream and of the state bucket is current."""
+        if self.cluster is None:
+            return True
+        return all(self.cluster.stream_healthy(name) for name in (STREAM_NAME, KV_STREAM))
+
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout * MS * 1000
+        while not await asyncio.to_thread(self.healthy):
+            assert time.monotonic() < deadline, "the streams' replicas not current in time"
+            await asyncio.sleep(0.2)  # polling the servers' monitoring endpoints
+
+
 class Run:
     """The processes, clients and what they saw, for one seeded run."""
 
-    def __init__(self, seed: int, nats_proc: NatsProcess, tmp: Path) -> None:
+    def __init__(self, seed: int, servers: Servers, tmp: Path) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.nats = nats_proc
+        self.servers = servers
         self.room = unique("st")
         self.subject = room_subject("default", self.room)
         env = {"RTNODE_JWT_SECRET": SECRET, "RTNODE_NAMESPACES": NAMESPACES}
-        self.nodes = [NodeProcess(tmp / name, "--nats-url", nats_proc.url, *FAST, name=name,
-                                  env=env) for name in ("na", "nb")]
+        # Rooms stop 0.2 s after their last member leaves (1 s by default): a room starts
+        # again and again during the writes, reading the state while writes are in flight.
+        args = ["--stream-replicas", str(servers.count), "--room-idle-s", "0.2", *FAST]
+        self.nodes = [NodeProcess(tmp / name, "--nats-url", ",".join(servers.urls), *args,
+                                  name=name, env=env) for name in ("na", "nb")]
         self.life = 0
         self.go = asyncio.Event()  # cleared while a recreation waits for the writers
         self.go.set()
@@ -279,14 +353,15 @@ class Run:
         rng = random.Random(f"{self.seed}-j")
         j = 0
         while not self.stop_writing.is_set():
-            stays = rng.random() < 0.2
+            # Those that stay to the end come late: until then the rooms empty now and then.
+            stays = time.monotonic() - self.t0 > 0.6 * WRITE_S and rng.random() < 0.3
             rec = JoinRecord(f"joiner-{j}", "?", self.life, stays, at=time.monotonic() - self.t0)
             self.joins.append(rec)
             leave = end if stays else asyncio.Event()
             tasks.append(asyncio.create_task(self.joiner(rec, random.Random(f"{self.seed}-j{j}"),
                                                          leave), name=rec.name))
             if not stays:
-                asyncio.get_running_loop().call_later(rng.uniform(0.2, 3.0), leave.set)
+                asyncio.get_running_loop().call_later(rng.uniform(0.1, 1.5), leave.set)
             j += 1
             # the pace of arrivals (not a wait for anything): 2-5 a second
             with contextlib.suppress(TimeoutError):
@@ -306,22 +381,24 @@ class Run:
                 kinds.remove(kind)  # once a run: it costs a node restart and a barrier
             t0 = time.monotonic()
             await getattr(self, "_" + kind.replace("-", "_"))(rng)
+            await self.servers.wait_healthy()
             await self.wait_ready()
             self.faults.append(f"{kind} at +{t0 - self.t0:.1f}s for {time.monotonic() - t0:.1f}s")
             await asyncio.sleep(rng.uniform(0.5, 2.0))  # quiet time between faults
 
     async def _pause_nats(self, rng: random.Random) -> None:
-        assert self.nats.proc is not None
-        os.kill(self.nats.proc.pid, signal.SIGSTOP)  # our own child, by PID
+        i = rng.randrange(self.servers.count)
+        self.servers.pause(i)
         try:
             await asyncio.sleep(rng.uniform(1.0, 3.0))
         finally:
-            os.kill(self.nats.proc.pid, signal.SIGCONT)
+            self.servers.resume(i)
 
     async def _kill_nats(self, rng: random.Random) -> None:
-        await asyncio.to_thread(self.nats.kill)
+        i = rng.randrange(self.servers.count)
+        await asyncio.to_thread(self.servers.kill, i)
         await asyncio.sleep(rng.uniform(0.3, 1.5))
-        await asyncio.to_thread(self.nats.start)
+        await asyncio.to_thread(self.servers.restart, i)
 
     async def _kill_node(self, rng: random.Random, node: NodeProcess | None = None) -> None:
         node = node or rng.choice(self.nodes)
@@ -339,7 +416,7 @@ class Run:
         while not all(self.idle):
             self.idle_changed.clear()
             await self.idle_changed.wait()
-        nc = await nats.connect(self.nats.url)
+        nc = await nats.connect(servers=self.servers.urls)
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM_NAME)
@@ -472,10 +549,14 @@ async def final_views(run: Run, node: NodeProcess) -> dict[str, dict[str, int]]:
     return views
 
 
-async def test_state_rooms_under_faults(nats_proc: NatsProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("nats_servers", ["one", "cluster"])
+async def test_state_rooms_under_faults(nats_servers: str, request: pytest.FixtureRequest,
+                                        tmp_path: Path) -> None:
     seed = int(os.environ.get(SEED_ENV) or random.randrange(2**32))
-    print(f"\n[state-faults] {SEED_ENV}={seed}", flush=True)
-    run = Run(seed, nats_proc, tmp_path)
+    print(f"\n[state-faults] {SEED_ENV}={seed} ({nats_servers})", flush=True)
+    servers = (Servers(cluster=request.getfixturevalue("cluster")) if nats_servers == "cluster"
+               else Servers(single=request.getfixturevalue("nats_proc")))
+    run = Run(seed, servers, tmp_path)
     for node in run.nodes:
         node.start()
     tasks: list[asyncio.Task[None]] = []
@@ -494,12 +575,13 @@ async def test_state_rooms_under_faults(nats_proc: NatsProcess, tmp_path: Path) 
         async with asyncio.timeout(60 * MS * 1000):
             await asyncio.gather(*writers)
         await arrivals
+        await servers.wait_healthy()
         await run.wait_ready()
         run.log(f"writes done at {time.monotonic() - t0:.1f}s: {len(run.acks)} acked, "
                 f"{len(run.refused)} refused, {run.retries} retried, {run.reconnects} "
                 f"reconnects; faults: {run.faults or 'none'}")
 
-        nc = await nats.connect(nats_proc.url)
+        nc = await nats.connect(servers=servers.urls)
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM_NAME)
@@ -582,9 +664,8 @@ async def test_state_rooms_under_faults(nats_proc: NatsProcess, tmp_path: Path) 
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if nats_proc.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(nats_proc.proc.pid, signal.SIGCONT)
+        for i in range(servers.count):
+            servers.resume(i)
         for node in run.nodes:
             node.stop()
 
