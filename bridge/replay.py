@@ -626,6 +626,11 @@ class ReplayConsumer:
             log.warning("! durable %s: reset of %s failed (%s); unacked events come back "
                         "after ack_wait", self.durable, part.name, exc or type(exc).__name__)
             at = None
+        # A room of this partition waiting for the redelivery of a nakked event (from an
+        # earlier time this process served it) gets it now only if it is at or above the
+        # floor: one below was settled meanwhile (by the process that served the partition),
+        # and would block its room here for ever.
+        self._drop(part, unpinned=True, below=at if isinstance(at, int) else None)
         part.pin = pin
         self.takeovers += 1
         log.info("= durable %s: %s serves partition %d from seq %s", self.durable,
@@ -677,15 +682,17 @@ class ReplayConsumer:
         except Exception as exc:
             log.debug("! unpin %s: %s", part.name, exc or type(exc).__name__)
 
-    def _drop(self, part: _Part, *, unpinned: bool) -> None:
+    def _drop(self, part: _Part, *, unpinned: bool, below: int | None = None) -> None:
         """Forget the events of ``part`` not yet handed out (the next holder of the pin resets
         to the ack floor and gets them); with ``unpinned``, also unblock its rooms waiting for
-        a redelivery that will now go elsewhere."""
+        a redelivery that will now go elsewhere, or (``below``, the seq a reset to the ack
+        floor starts at) that will not come again: those waiting for an event below it."""
         self._queue = [h for h in self._queue if h.part is not part]
         if unpinned:
             waiting = {h.room for h in self._unsettled.values() if h.part is part}
-            for room in [r for r in self._blocked if r not in waiting
-                         and partition_of(r, self.partitions) == part.index]:
+            for room in [r for r, seq in self._blocked.items() if r not in waiting
+                         and partition_of(r, self.partitions) == part.index
+                         and (below is None or seq < below)]:
                 del self._blocked[room]
 
     async def _arrive(self, part: _Part, msg: Msg) -> None:

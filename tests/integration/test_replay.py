@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from bridge.replay import ReplayConsumer, ReplayError
+from bridge.replay import ReplayConsumer, ReplayError, partition_of
 from tests.servers import MS, NatsProcess
 from tests.stored import dead_letters, store, tenant
 
@@ -220,6 +220,40 @@ async def test_max_deliver_dead_letters_and_term_drops(
     assert (h["Rtnode-Seq"], h["Rtnode-Room"], h["Rtnode-Reason"], h["Rtnode-Delivered"]) == (
         str(seqs[0]), "sensors:a", "max_deliver", "3")
     assert b"reading" in dead[0].data  # the stored CBOR event map, unchanged
+
+
+async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    """A process naks an event (its room waits for the redelivery), its partition moves to a
+    newcomer, which handles that event and the next; when the newcomer leaves and the partition
+    comes back, the first process hands out the room's new events. (Its room stayed blocked
+    for ever, waiting for a redelivery that had gone to the newcomer: the takeover kept the
+    block of an event below the ack floor.)"""
+    node = await make_node()
+    t = tenant()
+    # a room of partition 1 of 2, which the second process ("b" > "a") takes when it comes
+    room = next(f"sb:{i}" for i in range(100) if partition_of(f"sb:{i}", 2) == 1)
+    x, y = await store(node, t, room, 2)
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sb:*", "durable": "back-again",
+                            "partitions": 2, "priority_timeout_s": 1.0, "fetch_timeout_s": 0.5}
+    first = ReplayConsumer(shared_nats.url, **opts)
+    first.worker_id = "a"
+    async with first:
+        ev = await first.next(10)
+        assert ev is not None and ev.seq == x
+        await ev.nak(delay=3)  # the room waits for the redelivery here
+        newcomer = ReplayConsumer(shared_nats.url, **opts)
+        newcomer.worker_id = "b"
+        async with newcomer:
+            got = await drain(newcomer, timeout=5)
+        assert [e.seq for e in got] == [x, y]
+        (z,) = await store(node, t, room, 1, 2)
+        # the newcomer's pin is gone at once, its membership after 3.5 s: then the partition
+        # is the first process's again
+        ev = await first.next(15)
+        assert ev is not None and ev.seq == z, "the room's next event never came"
+        await ev.ack()
 
 
 async def test_start_from_seq_and_from_time(make_node: Any, shared_nats: NatsProcess) -> None:
