@@ -428,6 +428,9 @@ class ReplayConsumer:
                 self._dlq_stream = True
             except NotFoundError:
                 self._dlq_stream = False
+            except Exception as exc:  # a timeout during a leader election: one ReplayError
+                raise ReplayError(f"JetStream not answering: {exc or type(exc).__name__}") \
+                    from None
         except BaseException:
             await self._release_connection()
             raise

@@ -12,8 +12,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from bridge.replay import ReplayConsumer, ReplayError, partition_of
 from tests.servers import MS, NatsProcess
@@ -254,6 +256,22 @@ async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
         ev = await first.next(15)
         assert ev is not None and ev.seq == z, "the room's next event never came"
         await ev.ack()
+
+
+async def test_open_says_jetstream_not_answering_as_a_replay_error(
+    make_node: Any, shared_nats: NatsProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open() raises ReplayError only: a timeout of the dead-letter stream's lookup (seen
+    during a nats-server's kill -9 in test_replay_faults.py) came out as nats' TimeoutError."""
+    async def timeout(*args: Any, **kwargs: Any) -> str:
+        raise nats.errors.TimeoutError
+
+    await make_node()  # the room stream
+    monkeypatch.setattr(JetStreamContext, "find_stream_name_by_subject", timeout)
+    consumer = ReplayConsumer(shared_nats.url, tenant=tenant(), rooms="sensors:*",
+                              durable="lookup")
+    with pytest.raises(ReplayError, match="JetStream not answering"):
+        await consumer.open()
 
 
 async def test_start_from_seq_and_from_time(make_node: Any, shared_nats: NatsProcess) -> None:
