@@ -1,11 +1,12 @@
 """Durable replay consumers under nats-server faults: seeded kills, pauses and leader
 step-downs of a 3-server cluster (R3 room stream), and crashes of the consumer processes.
 
-A group of :class:`bridge.replay.ReplayConsumer` workers (``partitions=2``, each on a NATS
-connection of its own to the three servers, as a backend runs them) handles the events of a few
-rooms while they are stored through an in-process node. Some events are poison: their handler
-naks them every time, so they are dead-lettered after ``max_deliver`` deliveries (to a stream
-of the test's own, so that the dead letters can be read at the end). Meanwhile a seeded
+A group of :class:`bridge.replay.ReplayConsumer` workers (``partitions`` 2, or 1 where the
+standbys pull too; each given the three servers' URLs and owning its connection, as a backend
+runs them) handles the events of a few rooms while they are stored through an in-process node.
+Some events are poison: their handler naks them every time, so they are dead-lettered after
+``max_deliver`` deliveries (to a stream of the test's own, so that the dead letters can be
+read at the end). Meanwhile a seeded
 schedule of faults runs, one at a time: kill -9 of a nats-server (restarted on its store), a
 SIGSTOP pause, a step-down of the room stream's leader or of a partition's consumer leader, a
 worker's crash (its connection closed under it, the event in hand never settled, like
@@ -58,7 +59,6 @@ EVENTS_PER_ROOM = 40
 POISON_EVERY = 17       # about one event in 17 is poison
 FAULTS = 7
 MAX_DELIVER = 3
-PARTITIONS = 2
 KINDS = ("kill-nats", "pause-nats", "stream-step-down", "consumer-step-down", "crash-worker",
          "add-worker")
 SETTLE_S = 40 * 1000 * MS   # everything handled within this after the last fault healed
@@ -129,6 +129,8 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     seed = int(os.environ.get("RTNODE_TEST_REPLAY_FAULTS_SEED") or random.randrange(1 << 30))
     print(f"\nRTNODE_TEST_REPLAY_FAULTS_SEED={seed}")
     rng = random.Random(seed)
+    # one JetStream consumer whose standbys pull too, or a group of two partitions
+    partitions = rng.choice([1, 2, 2])
     caplog.set_level(logging.INFO, logger="bridge.replay")
     node = await make_node(nats_url=",".join(cluster.urls), stream_replicas=3,
                            nats_connect_timeout_s=20)
@@ -141,7 +143,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     await js.add_stream(StreamConfig(name=f"DLQ_{t}", subjects=[f"rt.dlq.{t}.>"], num_replicas=3))
 
     opts: dict[str, Any] = {"tenant": t, "rooms": "rf:*", "durable": durable,
-                            "partitions": PARTITIONS, "priority_timeout_s": 1.0,
+                            "partitions": partitions, "priority_timeout_s": 1.0,
                             "fetch_timeout_s": 0.5, "ack_wait_s": 3.0, "batch": 10,
                             "max_deliver": MAX_DELIVER}
     record = Record()
@@ -153,14 +155,17 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
 
     async def open_worker(name: str) -> Worker:
         for _ in range(40):  # during a fault the durable may not answer: try again, bounded
-            nc = await connect(cluster)
+            # the consumer owns its connection (connect_nats), as in the README's example
+            consumer = ReplayConsumer(",".join(cluster.urls), **opts)
             try:
-                consumer = await ReplayConsumer(nc, **opts).open()
-                return Worker(name, nc, consumer)
+                await consumer.open()
             except ReplayError as exc:
                 print(f"  {time.monotonic() - t0:5.1f}s {name} open: {exc}")
-                await nc.close()
                 await asyncio.sleep(0.25)
+                continue
+            nc = consumer._nc
+            assert nc is not None
+            return Worker(name, nc, consumer)
         raise AssertionError(f"{name} never opened")
 
     async def run(worker: Worker) -> None:
@@ -228,9 +233,11 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     def stream_ok() -> bool:
         return cluster.stream_healthy(STREAM_NAME)
 
+    def part_name(i: int) -> str:
+        return durable if partitions == 1 else f"{durable}-{i}"
+
     async def consumer_leader_step_down() -> str:
-        part = rng.randrange(PARTITIONS)
-        name = f"{durable}-{part}"
+        name = part_name(rng.randrange(partitions))
         try:
             msg = await admin.request(
                 f"$JS.API.CONSUMER.LEADER.STEPDOWN.{STREAM_NAME}.{name}", b"", timeout=5)
@@ -249,7 +256,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
         elif pick < 0.66:
             with contextlib.suppress(Exception):
                 info = await js.consumer_info(
-                    STREAM_NAME, f"{durable}-{rng.randrange(PARTITIONS)}", timeout=2)
+                    STREAM_NAME, part_name(rng.randrange(partitions)), timeout=2)
                 name = (info.cluster.leader if info.cluster else None) or ""
                 if name.startswith("n"):
                     return int(name[1:])
@@ -344,13 +351,11 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     finally:
         publisher.cancel()
         for w in workers:
-            if not w.crashed:
-                assert w.task is not None
-                w.task.cancel()
-                await asyncio.gather(w.task, return_exceptions=True)
-                with contextlib.suppress(Exception):
-                    await w.consumer.close()
-                await w.nc.close()
+            assert w.task is not None
+            w.task.cancel()
+            await asyncio.gather(w.task, return_exceptions=True)
+            with contextlib.suppress(Exception):  # a crashed one: its tasks are cancelled
+                await w.consumer.close()
 
     # -- read the stream: what is stored in the tenant's rooms ------------------------------
     stream_rooms: dict[str, list[int]] = {room: [] for room in ROOMS}
@@ -384,15 +389,16 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     # Repeats of an acked event, by cause: after a takeover of its partition or a worker's
     # crash (documented), after a fault of the servers (a lost ack: at least once), or none.
     shift = time.time() - time.monotonic()
-    takeovers = sorted(r.created - shift for r in caplog.records
-                       if "serves partition" in r.getMessage())
+    takeovers = sorted((r.created - shift, int(r.getMessage().split("partition ")[1].split()[0]))
+                       for r in caplog.records if "serves partition" in r.getMessage())
     causes: Counter[str] = Counter()
     acked_at: dict[int, tuple[float, str]] = {}
     handed = sorted(record.handed)
     for when, who, room, seq, _, outcome in handed:
         if seq in acked_at:
             at, by = acked_at[seq]
-            if any(at <= c <= when for c in takeovers):
+            if any(at <= c <= when and p == partition_of(room, partitions)
+                   for c, p in takeovers):
                 causes["takeover"] += 1
             elif any(s - 1.0 <= when and at <= h + opts["ack_wait_s"] + 2
                      for s, h, _ in faults):
@@ -410,7 +416,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     if tracebacks:
         problems.append(f"tracebacks logged: {tracebacks}")
-    partitions = Counter(partition_of(room, PARTITIONS) for room in ROOMS)
+    partitions = Counter(partition_of(room, partitions) for room in ROOMS)
     print(f"  {sum(map(len, stored.values()))} stored ({len(poison)} poison) in rooms over "
           f"partitions {dict(partitions)}; {len(record.handed)} handed out, "
           f"{len(record.acked)} acked, {sum(map(len, dead.values()))} dead letters; repeats of "
