@@ -325,6 +325,13 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
                 h = dict(m.headers or {})
                 dead.setdefault(int(h["Rtnode-Seq"]), []).append(h)
 
+        def state() -> list[str]:
+            """Each worker: crashed, error, partitions served, rooms blocked, events held."""
+            return [f"{w.name} crashed={w.crashed} error={w.error} "
+                    f"serving={w.consumer.serving} blocked={w.consumer._blocked} "
+                    f"queued={[h.seq for h in w.consumer._queue]} "
+                    f"unsettled={list(w.consumer._unsettled)}" for w in workers]
+
         deadline = time.monotonic() + SETTLE_S
         while True:
             missing = good - record.acked.keys()
@@ -336,8 +343,8 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
             assert time.monotonic() < deadline, (
                 f"seed {seed}: {len(missing)} stored events never acked "
                 f"({sorted(missing)[:20]}), poison not dead-lettered "
-                f"{sorted(poison - dead.keys())}; workers "
-                f"{[(w.name, w.crashed, w.error, w.consumer.serving) for w in workers]}")
+                f"{sorted(poison - dead.keys())}; workers {state()}; handed out: "
+                f"{[h for h in record.handed if h[3] in missing | (poison - dead.keys())]}")
             record.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(record.changed.wait(), 0.5)
