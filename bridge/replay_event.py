@@ -55,7 +55,9 @@ class ReplayEvent:
         return out
 
     async def ack(self) -> None:
-        """Done with this event: it is never delivered to this durable again."""
+        """Done with this event. The ack is not confirmed by the server (one message, no
+        round trip): an ack lost in a fault, or a takeover of its partition while it lies above
+        the ack floor, delivers it again; at least once (``bridge.replay``)."""
         await self._settle("ack")
 
     async def nak(self, delay: float | None = None) -> None:
