@@ -145,6 +145,10 @@ class NatsLink:
         # a state value written then was tagged with the old epoch, so skipped by every reader.
         self.epoch_suspect = False
         self._suspect_check: asyncio.Task[str | None] | None = None
+        # check()s begun, the latest one whose read was taken, and the count when the epoch
+        # became suspect: a read asked for before another one's, or before the suspicion, may
+        # predate the recreation, so it neither moves the epoch back nor clears the suspicion.
+        self._checks = self._checked = self._suspected_at = 0
 
     def compact(self) -> None:
         """Size the client's table of subscriptions (every rpc route and room subscription of
@@ -300,6 +304,7 @@ class NatsLink:
 
     def _suspect(self) -> None:
         self.epoch_suspect = True
+        self._suspected_at = self._checks  # checks begun before now cannot clear it
         self._suspect_check = asyncio.get_running_loop().create_task(
             self.check(), name="nats[epoch check]")
 
@@ -414,11 +419,17 @@ class NatsLink:
         """Readiness: None when NATS and JetStream answer, else the reason."""
         if not self.connected:
             return "NATS not connected"
+        self._checks += 1
+        mine = self._checks
         try:
             info = await asyncio.wait_for(self.js.stream_info(STREAM_NAME), timeout)
         except Exception as exc:
             return f"JetStream not answering ({type(exc).__name__})"
-        self.epoch_suspect = False
+        if mine < self._checked:
+            return None  # a check begun later has read the stream already: this read is older
+        self._checked = mine
+        if mine > self._suspected_at:
+            self.epoch_suspect = False
         epoch = _epoch(info)
         if epoch and epoch != self.epoch:
             # Only a stream deleted and created again has another epoch in its metadata.
