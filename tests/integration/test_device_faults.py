@@ -53,14 +53,13 @@ from typing import Any
 
 import aiohttp
 import cbor2
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.sdk import Device, Resync
 from tests.cluster import NatsCluster, RawMqtt, cluster_node
 from tests.jepsen.harness import read_truth
 from tests.jepsen.nemesis import Fault, Nemesis
+from tests.paho import PahoDevice
 from tests.servers import NodeProcess
 from tests.wsclient import RawClient, token
 
@@ -217,69 +216,15 @@ async def raw_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
 
 # -- plain devices: paho-mqtt -------------------------------------------------------------------
 
-class PahoConn:
-    """One paho-mqtt connection (its network loop in paho's thread) feeding asyncio."""
-
-    def __init__(self, dev: str) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=dev,
-                                  clean_session=False, reconnect_on_failure=False)
-        self.client.username_pw_set(dev, device_token(dev))
-        # The test PUBACKs (ack()) what it has recorded, before any DISCONNECT it sends: with
-        # paho's own PUBACK (after on_message returns, in paho's thread) a DISCONNECT from
-        # this thread could go first, and a resend of that message would be legitimate.
-        self.client.manual_ack_set(True)
-        self.connack: asyncio.Future[tuple[bool, int]] = self.loop.create_future()
-        self.suback: asyncio.Future[list[int]] = self.loop.create_future()
-        self.gone = asyncio.Event()
-        self.messages: asyncio.Queue[tuple[paho.MQTTMessage, float]] = asyncio.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
-
-    @staticmethod
-    def _settle(future: asyncio.Future[Any], value: Any) -> None:
-        if not future.done():
-            future.set_result(value)
-
-    def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        result = (bool(flags.session_present), int(rc.value))
-        self.loop.call_soon_threadsafe(self._settle, self.connack, result)
-
-    def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
-        granted = [int(code.value) for code in codes]
-        self.loop.call_soon_threadsafe(self._settle, self.suback, granted)
-
-    def _on_message(self, c: Any, u: Any, m: paho.MQTTMessage) -> None:
-        self.loop.call_soon_threadsafe(self.messages.put_nowait, (m, time.monotonic()))
-
-    def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        self.loop.call_soon_threadsafe(self.gone.set)
-
-    async def start(self, port: int) -> tuple[bool, int]:
-        await asyncio.to_thread(self.client.connect, "127.0.0.1", port, 30)
-        self.client.loop_start()
-        return await asyncio.wait_for(self.connack, 10)
-
-    async def subscribe(self, topics: list[str]) -> list[int]:
-        self.client.subscribe([(t, 1) for t in topics])
-        return await asyncio.wait_for(self.suback, 10)
-
-    async def stop(self) -> None:
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
-
-
 async def paho_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
     dev = log.name
     subscribed = False
     while not sh.done.is_set():
         final = sh.stop.is_set()
         node = sh.node(rng)
-        p = PahoConn(dev)
+        p = PahoDevice(dev, node.mqtt_port, clean=False, manual_ack=True)
         try:
-            present, rc = await p.start(node.mqtt_port)
+            present, rc = await p.start()
         except (OSError, TimeoutError):
             await p.stop()
             await _pause(rng, 0.05, 0.3, asyncio.Event())

@@ -18,15 +18,13 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import cbor2
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.cluster import NatsCluster, RawMqtt, cluster_node
+from tests.paho import PahoDevice
 from tests.servers import NodeProcess
 from tests.wsclient import RawClient, publish_many, token, unique
 
@@ -37,62 +35,6 @@ TOTAL = 500
 
 def device_token(dev: str) -> str:
     return token(dev, kind="device")
-
-
-class PahoDevice:
-    """A paho-mqtt client (its network loop in paho's thread) feeding asyncio queues."""
-
-    def __init__(self, dev: str, port: int, *, clean: bool) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.port = port
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=dev,
-                                  clean_session=clean)
-        self.client.username_pw_set(dev, device_token(dev))
-        self.connack: asyncio.Future[tuple[bool, int]] = self.loop.create_future()
-        self.suback: asyncio.Future[list[int]] = self.loop.create_future()
-        self.messages: asyncio.Queue[paho.MQTTMessage] = asyncio.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-
-    @staticmethod
-    def _settle(future: asyncio.Future[Any], value: Any) -> None:
-        if not future.done():
-            future.set_result(value)
-
-    def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        result = (bool(flags.session_present), int(rc.value))
-        self.loop.call_soon_threadsafe(self._settle, self.connack, result)
-
-    def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
-        granted = [int(code.value) for code in codes]
-        self.loop.call_soon_threadsafe(self._settle, self.suback, granted)
-
-    def _on_message(self, c: Any, u: Any, m: paho.MQTTMessage) -> None:
-        self.loop.call_soon_threadsafe(self.messages.put_nowait, m)
-
-    async def start(self) -> tuple[bool, int]:
-        """Connect; (session present, CONNACK return code)."""
-        await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port)
-        self.client.loop_start()
-        return await asyncio.wait_for(self.connack, 10)
-
-    async def subscribe(self, topic: str, qos: int = 1) -> list[int]:
-        self.client.subscribe(topic, qos=qos)
-        return await asyncio.wait_for(self.suback, 10)
-
-    async def seqs(self, n: int, timeout: float = 30.0) -> list[int]:
-        out: list[int] = []
-        async with asyncio.timeout(timeout):
-            while len(out) < n:
-                m = await self.messages.get()
-                assert m.qos == 1, f"QoS 1 PUBLISH expected, got {m.qos}"
-                out.append(int(cbor2.loads(m.payload)["seq"]))
-        return out
-
-    async def stop(self) -> None:
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
 
 
 async def http_publish(session: aiohttp.ClientSession, node: NodeProcess, room: str,
@@ -134,7 +76,7 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         # Three devices subscribe at QoS 1 through A, with clean_session = 0, and go away.
         p = PahoDevice("p-1", a.mqtt_port, clean=False)
         assert await p.start() == (False, 0), "a first CONNECT finds no session"
-        assert await p.subscribe(f"rooms/{room}") == [1], "QoS 1 is granted"
+        assert await p.subscribe([f"rooms/{room}"]) == [1], "QoS 1 is granted"
         await p.stop()
         proc = await asyncio.create_subprocess_exec(
             *_mosquitto_sub(a.mqtt_port, "m-1", room, "-E"),
@@ -232,7 +174,7 @@ async def test_sessions_survive_a_kill_9_of_the_node(tmp_path: Path, cluster: Na
         missed = [await live() for _ in range(3)]
         p = PahoDevice("p-1", b.mqtt_port, clean=True)
         assert await p.start() == (False, 0), "clean session: no session present"
-        assert await p.subscribe(f"rooms/{room}") == [1]
+        assert await p.subscribe([f"rooms/{room}"]) == [1]
         seq = await live()
         assert await p.seqs(1) == [seq], f"no old event ({missed}), only the live one"
         await p.stop()
@@ -259,7 +201,7 @@ async def test_a_session_survives_its_node_and_nats_server(tmp_path: Path, clust
         room = unique("cmd")
         p = PahoDevice("p-2", a.mqtt_port, clean=False)
         assert await p.start() == (False, 0)
-        assert await p.subscribe(f"rooms/{room}") == [1]
+        assert await p.subscribe([f"rooms/{room}"]) == [1]
         await p.stop()
         stored = await http_publish(http, b, room, 200, 0)
         assert a.proc is not None
