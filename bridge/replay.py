@@ -192,8 +192,12 @@ async def connect_nats(servers: Sequence[str], *, name: str = "rtnode-replay",
             log.warning("! NATS disconnected; reconnecting")
 
     try:
+        # A server that hangs (paused, a half-open link) is left within 6-8 s, as the node
+        # does (bridge.nats_link): 3 unanswered pings 2 s apart. nats-py's default (2 of 120 s)
+        # kept a consumer on it, handling nothing, for up to 4 minutes.
         await nc.connect(servers=list(servers), name=name, connect_timeout=int(timeout_s),
                          allow_reconnect=False, max_reconnect_attempts=1,
+                         ping_interval=2, max_outstanding_pings=3,
                          error_cb=on_error, disconnected_cb=on_disconnected,
                          **auth.connect_options())
     except Exception as exc:  # nats-py raises several unrelated types here

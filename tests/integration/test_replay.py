@@ -17,8 +17,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from bridge.replay import ReplayConsumer, ReplayError, partition_of
-from tests.servers import MS, NatsProcess
+from bridge.replay import ReplayConsumer, ReplayError, connect_nats, partition_of
+from tests.cluster import NatsCluster
+from tests.servers import MS, NatsProcess, wait_until
 from tests.stored import dead_letters, store, tenant
 
 pytestmark = pytest.mark.integration
@@ -272,6 +273,32 @@ async def test_open_says_jetstream_not_answering_as_a_replay_error(
                               durable="lookup")
     with pytest.raises(ReplayError, match="JetStream not answering"):
         await consumer.open()
+
+
+async def test_a_consumer_leaves_a_server_that_hangs(cluster: NatsCluster) -> None:
+    """A replay consumer's connection (connect_nats) notices a server that answers nothing
+    (SIGSTOP) within seconds, as the node's does, and goes on through another: nats-py's
+    default pings (2 unanswered, 120 s apart) kept it there, handling nothing, for minutes."""
+    nc = await connect_nats(cluster.urls, name="hang")
+    paused = None
+    try:
+        first = nc.connected_url
+        assert first is not None
+        paused = next(i for i, url in enumerate(cluster.urls) if url.endswith(f":{first.port}"))
+        cluster.pause(paused)
+        started = time.monotonic()
+
+        def moved() -> bool:
+            url = nc.connected_url
+            return nc.is_connected and url is not None and url.port != first.port
+
+        await asyncio.to_thread(wait_until, moved, 30, what="the connection on another server")
+        print(f"\n[hang] on another server after {time.monotonic() - started:.1f} s")
+        await nc.flush(timeout=5)  # and it answers there
+    finally:
+        if paused is not None:
+            cluster.resume(paused)
+        await nc.close()
 
 
 async def test_start_from_seq_and_from_time(make_node: Any, shared_nats: NatsProcess) -> None:
