@@ -121,6 +121,7 @@ _HEARTBEAT_S = 1.0           # a group member announces itself this often
 _MEMBER_TTL_S = 3.5          # and is gone when not heard for this long
 _API = "$JS.API.CONSUMER"
 _NOT_FOUND = 10014           # JetStream error code: consumer not found
+_RESET_TRIES = 3             # takeovers in a row whose reset failed before serving without one
 
 Start = Literal["all", "new"] | int | datetime
 OnRetry = Literal["block", "skip"]
@@ -234,6 +235,7 @@ class _Part:
     inbox: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    reset_failures: int = 0  # takeovers in a row whose reset failed
 
 
 @dataclass(eq=False)
@@ -629,9 +631,24 @@ class ReplayConsumer:
         try:
             reset = await self._api(f"{_API}.RESET.{STREAM_NAME}.{part.name}")
             at = reset.get("reset_seq")
-        except Exception as exc:  # a server without the reset API: at least once, as before
+            part.reset_failures = 0
+        except Exception as exc:
+            part.reset_failures += 1
+            why = exc or type(exc).__name__
+            if (part.reset_failures < _RESET_TRIES
+                    and not isinstance(exc, nats.errors.NoRespondersError)):
+                # Not answered (a leader election): not served yet. Served now, the events
+                # left unacked would come back after ack_wait, behind later ones of their
+                # rooms. The pulls do not name this pin, so it lapses (priority_timeout_s) and
+                # the server pins a process again, whose takeover resets.
+                log.info("! durable %s: reset of %s failed (%s); waiting to be pinned again",
+                         self.durable, part.name, why)
+                return
+            # A server without the reset API (no responders), or one that keeps failing: at
+            # least once, as before.
             log.warning("! durable %s: reset of %s failed (%s); unacked events come back "
-                        "after ack_wait", self.durable, part.name, exc or type(exc).__name__)
+                        "after ack_wait", self.durable, part.name, why)
+            part.reset_failures = 0
             at = None
         # A room of this partition waiting for the redelivery of a nakked event (from an
         # earlier time this process served it) gets it now only if it is at or above the

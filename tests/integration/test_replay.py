@@ -109,6 +109,48 @@ async def test_hard_crash_resumes_at_the_first_unacked_event(
     assert 0.5 < waited < 5, waited
 
 
+async def test_a_takeover_whose_reset_is_not_answered_waits_for_the_next_one(
+    make_node: Any, shared_nats: NatsProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the hard crash above, but the new process's first reset to the ack floor is not
+    answered (a leader election: nats' TimeoutError). It used to serve the partition anyway:
+    the dead one's unacked event came back only after ack_wait, behind the later ones of its
+    room. Now it serves nothing until it is pinned again and the reset answers: the unacked
+    event first, then the rest, in order."""
+    node = await make_node()
+    t = tenant()
+    seqs = await store(node, t, "sensors:a", 300)  # more than the first process fetched
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sensors:*", "durable": "unreset",
+                            "priority_timeout_s": 1.0, "ack_wait_s": 30.0}
+    nc = NATS()
+    await nc.connect(shared_nats.url)
+    consumer = await ReplayConsumer(nc, **opts).open()
+    for _ in range(5):
+        ev = await consumer.next(5)
+        assert ev is not None
+        await ev.ack()
+    assert (await consumer.next(5)) is not None  # the 6th, never acked
+    await nc.flush()
+    await nc.close()  # "kill -9"
+
+    api = ReplayConsumer._api
+    failed: list[str] = []
+
+    async def first_reset_unanswered(self: ReplayConsumer, subject: str,
+                                     payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        if ".RESET." in subject and not failed:
+            failed.append(subject)
+            raise nats.errors.TimeoutError
+        return await api(self, subject, payload)
+
+    monkeypatch.setattr(ReplayConsumer, "_api", first_reset_unanswered)
+    async with ReplayConsumer(shared_nats.url, **opts) as again:
+        rest = await drain(again, timeout=5)
+        assert failed, "the reset was never asked for"
+        assert again.takeovers == 1
+    assert [e.seq for e in rest] == seqs[5:]
+
+
 async def test_a_standby_takes_over_in_order(make_node: Any, shared_nats: NatsProcess) -> None:
     """Two processes of one durable: one is served, the other waits; when the first stops
     pulling (hung, killed), the standby is pinned and goes on at the first unacked event."""
