@@ -108,6 +108,8 @@ _PAGE = 500
 # A connected session's cursors are written at most this often (the last state, at once on
 # close).
 _WRITE_INTERVAL_S = 0.02
+# How long a QoS 1 SUBACK waits for the session holding its subscription to be written.
+_SUBACK_SAVE_S = 5.0
 
 
 class _PlainCborSeq:
@@ -233,9 +235,10 @@ class MqttSession(asyncio.Protocol):
     # Slots: with more than 30 attributes, an instance would get a dict of its own (~1.6 KB
     # per device; an IoT fleet is many devices).
     __slots__ = (
-        "_acks_out", "_closing", "_dirty", "_drained", "_draining", "_end_reason", "_gated",
-        "_loop", "_notices_due", "_opening", "_peer_eof", "_pending", "_refresh",
-        "_saved_at_close", "_stalled", "_tasks", "_timer", "_unstall_task", "_writer", "acks",
+        "_acks_out", "_asked", "_closing", "_dirty", "_drained", "_draining", "_end_reason",
+        "_gated", "_landed", "_loop", "_notices_due", "_opening", "_peer_eof", "_pending",
+        "_refresh", "_saved", "_saved_at_close", "_stalled", "_tasks", "_timer",
+        "_unstall_task", "_writer", "acks",
         "bridge", "bucket", "client_id", "closed", "conn_id", "ctx", "keepalive", "last_seen",
         "notice_before", "opened", "parser", "persistent", "plain", "principal", "qos",
         "qos2_seen", "record", "ref", "revision", "settings", "subs", "transport", "tunnel",
@@ -293,6 +296,10 @@ class MqttSession(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._writer: asyncio.Task[None] | None = None
         self._dirty = False
+        # Writes asked for (_persist) and the count that had been asked when the last one that
+        # landed began: what a SUBACK waits for (_until_saved). _saved wakes such a wait.
+        self._asked = self._landed = 0
+        self._saved: asyncio.Event | None = None
         self._refresh: asyncio.TimerHandle | None = None
         # Made by their first waiter (an Event holds a deque: 0.7 KB each, per device).
         self._drained: asyncio.Event | None = None
@@ -824,11 +831,22 @@ class MqttSession(asyncio.Protocol):
                 granted[index] = 0x80
                 continue
             todo.append((room, latest, await self._state_values(room, latest)))
+        tracked = False
         for room, start, _values in todo:
             if start is not None and start != -1:
                 # The subscription and its cursor enter the session together.
                 self.qos.track(room, start)
                 self.subs[f"rooms/{room}"] = 1
+                tracked = True
+        if tracked:
+            # The SUBACK says the session holds the subscription: a node killed before the
+            # write would leave a device that resumes its session (and need not subscribe
+            # again) without it, silently. Bounded: a store that does not answer gets the
+            # SUBACK anyway, as before.
+            self._persist()
+            if not await self._until_saved():
+                log.info("! %s: SUBACK before the session holding its subscription was "
+                         "written", self.client_id)
         self._suback(packet_id, granted)
         for room, start, values in todo:
             if start == -1:  # QoS 0
@@ -1152,6 +1170,7 @@ class MqttSession(asyncio.Protocol):
         if not self.persistent:
             return
         self._dirty = True
+        self._asked += 1
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(
                 self._write_loop(), name=f"mqtt[{self.client_id}].persist")
@@ -1177,9 +1196,13 @@ class MqttSession(asyncio.Protocol):
         try:
             while self._dirty and self.persistent:
                 self._dirty = False
+                asked = self._asked
                 try:
                     self.revision = await sessions.write(self._snapshot(), self.revision)
                     failures = 0
+                    self._landed = asked
+                    if self._saved is not None:
+                        self._saved.set()
                     if self._dirty and not self.closed:
                         # A stream of PUBACKs: one write per interval, not one per ack (a
                         # close ends the wait: its write goes at once).
@@ -1201,6 +1224,23 @@ class MqttSession(asyncio.Protocol):
                     await asyncio.sleep(min(0.1 * 2 ** failures, 2.0))
         finally:
             self._writer = None
+
+    async def _until_saved(self, timeout: float = _SUBACK_SAVE_S) -> bool:
+        """Whether the session as it is now was written within ``timeout`` (at once when it is
+        not persistent)."""
+        want = self._asked
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.persistent and not self.closed and self._landed < want:
+            if self._saved is None:
+                self._saved = asyncio.Event()
+            self._saved.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._saved.wait()
+            except TimeoutError:
+                return False
+        return self._landed >= want or not self.persistent or self.closed
 
     def _schedule_refresh(self) -> None:
         """Rewrite a connected session every half expiry: it expires only once unused."""
