@@ -7,14 +7,16 @@ acknowledged through WebSocket and ``POST /api/publish`` (each event with its ow
 retried until acknowledged), and six SSE subscribers of one to three of three rooms (four
 joined before the first publish, two that first join during the faults, live only). Each
 subscriber opens ``GET /sse`` on A or B at random, reads a while, and leaves (a clean close,
-or an abort), then reconnects, as an EventSource does, with the ``id`` of the last message it
-read as ``Last-Event-ID``. A subscriber that has read no event yet resumes from its first
-stream's ``: joined`` cursor (a script can; an EventSource would reconnect live only).
+or an abort; two "steady" ones keep each stream until the node ends it), then reconnects, as
+an EventSource does, with the ``id`` of the last message it read as ``Last-Event-ID``. A
+subscriber that has read no event yet resumes from its first stream's ``: joined`` cursor (a
+script can; an EventSource would reconnect live only).
 
-Meanwhile a seeded nemesis (``tests.jepsen.nemesis``) kills (-9) and pauses nats-servers, kills
-(-9) and restarts nodes, and makes the stream leader step down. At the end the stored events
-are read from JetStream; each subscriber keeps the stream it has open (or opens one) until it
-has them all, and the checker holds each subscriber to the promise:
+Meanwhile a seeded nemesis (``tests.jepsen.nemesis``) kills (-9) and pauses nats-servers, cuts
+node B's NATS link (B reaches the servers through TCP proxies), kills (-9) and restarts nodes,
+and makes the stream leader step down. At the end the stored events are read from JetStream;
+each subscriber keeps the stream it has open (or opens one) until it has them all, and the
+checker holds each subscriber to the promise:
 
 - per room, the seqs it read over all its streams are exactly the stored ones after its first
   ``: joined`` cursor, each once, in increasing order (no loss, no copy across reconnects);
@@ -30,7 +32,7 @@ has them all, and the checker holds each subscriber to the promise:
 Publishers: every acknowledged event is stored once, with the seq it was acknowledged with.
 
 ``RTNODE_TEST_SSE_FAULTS_SEED`` repeats a run's choices (printed at the start; random by
-default); ``RTNODE_TEST_SSE_FAULTS_SECONDS`` is the length of the fault phase (22 s). The
+default); ``RTNODE_TEST_SSE_FAULTS_SECONDS`` is the length of the fault phase (20 s). The
 interleaving with the servers is not reproducible, only the choices are.
 """
 
@@ -53,7 +55,7 @@ import aiohttp
 import pytest
 
 from bridge.sse import parse_cursor
-from tests.cluster import NatsCluster, cluster_node
+from tests.cluster import NatsCluster, TcpProxy, cluster_node
 from tests.integration.test_device_faults import (
     Acked,
     Shared,
@@ -63,13 +65,14 @@ from tests.integration.test_device_faults import (
 )
 from tests.jepsen.harness import read_truth
 from tests.jepsen.nemesis import Nemesis
+from tests.servers import free_ports
 from tests.wsclient import token
 
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("RTNODE_TEST_SSE_FAULTS_SEED") or random.randrange(1 << 32))
-SECONDS = float(os.environ.get("RTNODE_TEST_SSE_FAULTS_SECONDS", "22"))
-KINDS = ("kill-nats", "pause-nats", "kill-node", "step-down")
+SECONDS = float(os.environ.get("RTNODE_TEST_SSE_FAULTS_SECONDS", "20"))
+KINDS = ("kill-nats", "pause-nats", "cut-link", "kill-node", "step-down")
 FINAL_S = 25.0  # the subscribers' last streams: every stored event by then
 STALL_S = 8.0  # a last stream with events missing and none arriving for this long is stuck
 
@@ -97,6 +100,7 @@ class Conn:
 class SubLog:
     name: str
     rooms: list[str]
+    steady: bool = False  # keeps each stream until the node ends it (or the run does)
     got: list[Got] = field(default_factory=list)
     conns: list[Conn] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # violations seen while running
@@ -221,6 +225,8 @@ async def subscriber(log: SubLog, sh: SseShared, rng: random.Random,
                                 how = "stuck"
                                 break
                             left = 0.5
+                        elif log.steady:
+                            left = 0.5
                         else:
                             left = until - time.monotonic()
                             if left <= 0:
@@ -340,7 +346,11 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
     rng = random.Random(SEED)
     tag = uuid.uuid4().hex[:6]
     rooms = [f"sse:{tag}:a", f"sse:{tag}:b", f"sse:{tag}:c"]
-    nodes = [cluster_node(tmp_path, "a", cluster.urls), cluster_node(tmp_path, "b", cluster.urls)]
+    # Node B reaches the servers through proxies only: its NATS link can be cut.
+    proxies = [await TcpProxy(port, "127.0.0.1", s.port).start()
+               for port, s in zip(free_ports(3), cluster.servers, strict=True)]
+    nodes = [cluster_node(tmp_path, "a", cluster.urls),
+             cluster_node(tmp_path, "b", [p.url for p in proxies])]
     notes: list[str] = []
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -349,6 +359,7 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
         subs = [SubLog(f"sub{i}-{tag}", sorted(rng.sample(rooms, rng.randint(1, 3))))
                 for i in range(6)]
         subs[0].rooms = list(rooms)  # one subscriber of every room, in every run
+        subs[1].steady = subs[5].steady = True
         early, late = subs[:4], subs[4:]
         for log in early:
             tasks.append(asyncio.create_task(subscriber(log, sh, random.Random(rng.random())),
@@ -367,7 +378,7 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
                                                  count, deadline)),
                 asyncio.create_task(http_publisher(sh, random.Random(rng.random()), acked,
                                                    count, deadline))]
-        nemesis = Nemesis(random.Random(rng.random()), cluster, [], nodes, kinds=KINDS,
+        nemesis = Nemesis(random.Random(rng.random()), cluster, proxies, nodes, kinds=KINDS,
                           gap_s=(0.5, 2.0), heal_timeout_s=15.0)
         await nemesis.run(SECONDS)
         try:
@@ -416,8 +427,9 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
             copies = len(log.got) - sum(counts.values())
             hows = Counter(c.how.split(" ")[0] for c in log.conns)
             resumed = sum(1 for c in log.conns if c.since and c.joined is not None)
-            lines.append(f"  {log.name}: distinct {counts}, extra copies {copies}, streams "
-                         f"{len(log.conns)} ({resumed} resumed) {dict(hows)}")
+            steady = " (steady)" if log.steady else ""
+            lines.append(f"  {log.name}{steady}: distinct {counts}, extra copies {copies}, "
+                         f"streams {len(log.conns)} ({resumed} resumed) {dict(hows)}")
             problems += [f"{log.name}: {p}" for p in check_subscriber(log, stored)]
         report = "\n".join(lines + ["problems:" if problems else "no problems"]
                            + ["  " + p[:2000] for p in problems[:40]])
@@ -435,3 +447,5 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
         for node in nodes:
             with contextlib.suppress(Exception):
                 node.stop()
+        for proxy in proxies:
+            await proxy.stop()
