@@ -111,7 +111,7 @@ async def read_all(js: Any, subject: str) -> list[Any]:
                 while True:
                     try:
                         out += await sub.fetch(200, timeout=0.5)
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nats' own, or asyncio's (nats-py's fetch raises both)
                         if (await sub.consumer_info()).num_pending == 0:
                             return out
             finally:
