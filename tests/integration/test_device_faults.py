@@ -440,6 +440,10 @@ def _killed_between(faults: list[Fault], node: str, after: float, before: float)
                for f in faults)
 
 
+def _fault_between(faults: list[Fault], after: float, before: float) -> bool:
+    return any(f.started <= before and (not f.healed or f.healed >= after) for f in faults)
+
+
 def _describe(log: DeviceLog, i: int, room: str, t0: float) -> str:
     """Connection ``i`` of a device, for a report: node, times, end, what it got of ``room``."""
     c = log.conns[i]
@@ -488,7 +492,9 @@ def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Faul
                 continue  # left unacknowledged: may come again
             pc = log.conns[prev.conn]
             if pc.how == "rst" or pc.how.startswith("lost"):
-                if not g.dup and not _killed_between(faults, pc.node, prev.t, g.t):
+                # Without DUP only when a fault came between: the node's record of what it
+                # had sent (a session write) may have been lost with it.
+                if not g.dup and not _fault_between(faults, prev.t, g.t):
                     bad.append(f"{room}:{g.seq} resent without DUP on conn {g.conn} "
                                f"(first on conn {prev.conn}, {pc.how})")
                 first[g.seq] = g
