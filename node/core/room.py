@@ -531,6 +531,15 @@ class RoomActor(Actor):
             tasks.pop(task, None)
             if not tasks:
                 self._tasks = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ActorError):
+            # It ended as the room stopped (its cancel came too late, or was lost in a wait
+            # that ended at the same time): its answer has nobody to go to.
+            return
+        if exc is not None:
+            log.error("! room %s: %s failed", self.room, task.get_name(), exc_info=exc)
 
     @property
     def _values(self) -> RoomValues:

@@ -5,7 +5,9 @@ delivered lately merged in), and the SSE session's ``event: state`` first."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 from typing import Any
 
 import cbor2
@@ -361,3 +363,37 @@ def test_a_refresh_from_a_replica_that_is_behind_lowers_no_value() -> None:
     assert values.take_read([{"key": "a", "seq": 1}, {"key": "c", "seq": 7}],
                             at=40.0, last_seq=8, now=40.0) is None
     assert [(v["key"], v["seq"]) for v in values.upto(8)] == [("a", 4), ("b", 5), ("c", 7)]
+
+
+async def test_a_read_that_outlives_its_stopped_room_is_dropped_without_a_word(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A state read whose cancel was lost (its wait ended as the room stopped) answers a stopped
+    room: dropped, not an "exception was never retrieved" traceback at ERROR (seen in a fault
+    run)."""
+    store, state = FakeStore(), State(Log())
+    gate = asyncio.Event()
+
+    async def values(tenant: str, room: str) -> list[dict[str, Any]]:
+        state.reads += 1
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:  # the cancel lost, as by a wait that ended meanwhile
+            await gate.wait()
+        return []
+
+    state.values = values  # type: ignore[method-assign]
+    async with ActorSystem() as system:
+        ref = _state_room(system, store, state)
+        m, _rec = member()
+        ref.tell(Join(m))
+        async with asyncio.timeout(5):
+            while not state.reads:  # noqa: ASYNC110  (the fake has no event to wait on)
+                await asyncio.sleep(0.001)
+        await ref.stop()
+        tasks = [t for t in asyncio.all_tasks() if t.get_name().endswith(".state")]
+        assert tasks
+        gate.set()
+        await asyncio.wait(tasks, timeout=5)
+    del tasks
+    gc.collect()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
