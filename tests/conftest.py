@@ -17,6 +17,24 @@ from tests.cluster import NatsCluster
 from tests.servers import NatsProcess
 from tests.wsclient import SECRET
 
+# Tests that hold the machine's timing to account: seeded faults against real clusters, kills,
+# pauses, RSS and load. `make test` runs them alone, after the rest has run in parallel
+# (pytest-xdist), so that another test's load never makes them miss a deadline.
+SERIAL_MODULES = frozenset({
+    "test_jepsen", "test_sse_faults", "test_cluster_faults", "test_device_faults",
+    "test_replay_faults", "test_state_faults", "test_state_races", "test_recovery_faults",
+    "test_idle_memory", "test_devices_sessions_cluster", "test_kill_node", "test_group_commit",
+    "test_reconnect_storm", "test_consumer_churn", "test_consume_groups", "test_gc_cycles",
+    "test_pacing", "test_backpressure", "test_slow_consumer", "test_presence", "test_flood",
+    "test_mqtt_takeover_race", "test_session_store_races",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Run async tests on uvloop, the loop the node runs on in production."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,15 +29,46 @@ __all__ = ["MS", "NatsProcess", "NodeProcess", "children_of", "free_ports", "htt
 MS = 0.001 * float(os.environ.get("RTNODE_TEST_TIMESCALE", "1"))
 
 
+def _port_range() -> range:
+    """The ports this test process picks from: below the OS's ephemeral range (from which it
+    hands out ports for outgoing connections and ``bind(0)``: a port picked there and released
+    can be taken by any connection before its server binds it), one slice per pytest-xdist
+    worker, so that parallel workers never pick the same port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start, stop = 10000, max(low, 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    size = (stop - start) // max(count, 1)
+    return range(start + index * size, start + (index + 1) * size)
+
+
+_PORTS = _port_range()
+_next_port = random.randrange(len(_PORTS))
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1: all bound at once, then released (calls of
-    ``free_port`` one after the other may return the same port twice)."""
+    """``n`` distinct free TCP ports on 127.0.0.1, from this process's range (see
+    :func:`_port_range`), taken in turn, each checked free by binding it (all at once, then
+    released)."""
+    global _next_port
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                 for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        ports: list[int] = []
+        for _ in range(len(_PORTS)):
+            port = _PORTS[_next_port % len(_PORTS)]
+            _next_port += 1
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or not yet released by a server stopped just now)
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    raise RuntimeError(f"no {n} free ports in {_PORTS}")
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
