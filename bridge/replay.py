@@ -534,7 +534,11 @@ class ReplayConsumer:
             while not self._closed:
                 if not part.assigned:
                     if part.pin or part.sub:
+                        # It may be ours again by the time the release ends (up to
+                        # 0.8 * priority_timeout_s for the events to settle, then the unpin):
+                        # look again, the wake-up it got meanwhile is not cleared.
                         await self._release(part)
+                        continue
                     part.wake.clear()
                     await part.wake.wait()
                     continue

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,15 @@ async def drain(consumer: ReplayConsumer, timeout: float = 0.5, ack: bool = True
         if ack:
             await ev.ack()
     return out
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition that has no event of its own, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 # -- the Python API ----------------------------------------------------------------------------
@@ -299,6 +309,44 @@ async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
         ev = await first.next(15)
         assert ev is not None and ev.seq == z, "the room's next event never came"
         await ev.ack()
+
+
+async def test_a_partition_back_while_it_was_being_let_go(
+    make_node: Any, shared_nats: NatsProcess
+) -> None:
+    """A process loses a partition to a newcomer and waits for its event of that partition to
+    be settled before it unpins; meanwhile the newcomer leaves and the partition is the first
+    process's again. Once the event is acked and the pin let go, the first process serves the
+    partition again. (It served nothing for ever: its puller cleared the wake-up it got during
+    the release, and no other came as its partitions did not change again. Seen in
+    test_replay_faults.py seed 836953162 on a loaded machine, where the unpin waited 5 s for a
+    killed nats-server: a partition nobody served.)"""
+    node = await make_node()
+    t = tenant()
+    # a room of partition 0 of 2, which the newcomer ("a" < "z") takes when it comes
+    room = next(f"sr:{i}" for i in range(100) if partition_of(f"sr:{i}", 2) == 0)
+    x, y = await store(node, t, room, 2)
+    # priority_timeout_s 20: the release waits up to 16 s for the event in hand to be settled,
+    # longer than the newcomer's membership lasts after it leaves (3.5 s)
+    opts: dict[str, Any] = {"tenant": t, "rooms": "sr:*", "durable": "back-meanwhile",
+                            "partitions": 2, "priority_timeout_s": 20.0,
+                            "fetch_timeout_s": 0.5}
+    first = ReplayConsumer(shared_nats.url, **opts)
+    first.worker_id = "z"
+    part = first._parts[0]
+    async with first:
+        ev = await first.next(10)
+        assert ev is not None and ev.seq == x  # in hand: the release waits for it
+        newcomer = ReplayConsumer(shared_nats.url, **opts)
+        newcomer.worker_id = "a"
+        async with newcomer:
+            await until(lambda: not part.assigned, 5, "the partition moving to the newcomer")
+        await until(lambda: part.assigned, 8, "the partition coming back")
+        assert part.pin, "still being let go"
+        await ev.ack()  # the release ends: the pin is let go, then taken again
+        again = await first.next(10)
+        assert again is not None and again.seq == y, "the partition is served by nobody"
+        await again.ack()
 
 
 async def test_open_says_jetstream_not_answering_as_a_replay_error(
