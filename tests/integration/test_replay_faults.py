@@ -128,7 +128,11 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
                                                   caplog: pytest.LogCaptureFixture) -> None:
     seed = int(os.environ.get("RTNODE_TEST_REPLAY_FAULTS_SEED") or random.randrange(1 << 30))
     print(f"\nRTNODE_TEST_REPLAY_FAULTS_SEED={seed}")
+    # The schedule (faults, their targets and lengths) draws from a generator of its own, so
+    # that a seed repeats it: drawn from one generator with the publisher and the handlers,
+    # it changed with the timing of their draws.
     rng = random.Random(seed)
+    publish_rng, handler_rng = random.Random(seed + 1), random.Random(seed + 2)
     # one JetStream consumer whose standbys pull too, or a group of two partitions
     partitions = rng.choice([1, 2, 2])
     caplog.set_level(logging.INFO, logger="bridge.replay")
@@ -169,7 +173,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
         raise AssertionError(f"{name} never opened")
 
     async def run(worker: Worker) -> None:
-        pace = rng.random() * 0.01
+        pace = handler_rng.random() * 0.01
         try:
             async for ev in worker.consumer:
                 # poison by its content: the handler may see it before the publisher has
@@ -179,7 +183,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
                 if pace:
                     await asyncio.sleep(pace)
                 if outcome == "nak":
-                    await ev.nak(delay=rng.uniform(0.05, 0.8))  # its room waits meanwhile
+                    await ev.nak(delay=handler_rng.uniform(0.05, 0.8))  # its room waits meanwhile
                 else:
                     await ev.ack()
                     record.acked.setdefault(ev.seq, worker.name)
@@ -230,7 +234,7 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
                 if is_poison(k, r):
                     poison.add(seq)
                 stored[room].append(seq)
-            await asyncio.sleep(rng.uniform(0.05, 0.45))  # stored while the faults run
+            await asyncio.sleep(publish_rng.uniform(0.05, 0.45))  # stored while the faults run
 
     def stream_ok() -> bool:
         return cluster.stream_healthy(STREAM_NAME)
@@ -249,8 +253,9 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
         return f"{name} {'ok' if answer.get('success') else answer}"
 
     async def target() -> int:
-        """A server: the stream's leader, a partition's consumer leader, or any."""
-        pick = rng.random()
+        """A server: the stream's leader, a partition's consumer leader, or any (the same
+        draws whichever it is)."""
+        pick, part, anyone = rng.random(), rng.randrange(partitions), rng.randrange(3)
         if pick < 0.33:
             leader = await asyncio.to_thread(cluster.stream_leader, STREAM_NAME)
             if leader is not None:
@@ -258,11 +263,11 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
         elif pick < 0.66:
             with contextlib.suppress(Exception):
                 info = await js.consumer_info(
-                    STREAM_NAME, part_name(rng.randrange(partitions)), timeout=2)
+                    STREAM_NAME, part_name(part), timeout=2)
                 name = (info.cluster.leader if info.cluster else None) or ""
                 if name.startswith("n"):
                     return int(name[1:])
-        return rng.randrange(3)
+        return anyone
 
     async def fault(kind: str) -> str:
         if kind == "kill-nats":
@@ -328,9 +333,12 @@ async def test_replay_consumers_under_nats_faults(cluster: NatsCluster, make_nod
                 dead.setdefault(int(h["Rtnode-Seq"]), []).append(h)
 
         def state() -> list[str]:
-            """Each worker: crashed, error, partitions served, rooms blocked, events held."""
+            """Each worker: crashed, error, partitions pinned (serving) and assigned, rooms
+            blocked, events held."""
             return [f"{w.name} crashed={w.crashed} error={w.error} "
-                    f"serving={w.consumer.serving} blocked={w.consumer._blocked} "
+                    f"serving={w.consumer.serving} "
+                    f"assigned={[p.index for p in w.consumer._parts if p.assigned]} "
+                    f"blocked={w.consumer._blocked} "
                     f"queued={[h.seq for h in w.consumer._queue]} "
                     f"unsettled={list(w.consumer._unsettled)}" for w in workers]
 
