@@ -707,8 +707,10 @@ class ReplayConsumer:
             await self._api(f"{_API}.UNPIN.{STREAM_NAME}.{part.name}", {"group": _GROUP})
             log.info("= durable %s: %s let go of partition %d", self.durable, self.worker_id,
                      part.index)
-        except Exception as exc:
-            log.debug("! unpin %s: %s", part.name, exc or type(exc).__name__)
+        except Exception as exc:  # the server unpins it after priority_timeout_s anyway
+            log.info("! durable %s: %s could not let go of partition %d (%s); it is unpinned "
+                     "after priority_timeout_s", self.durable, self.worker_id, part.index,
+                     exc or type(exc).__name__)
 
     def _drop(self, part: _Part, *, unpinned: bool, below: int | None = None) -> None:
         """Forget the events of ``part`` not yet handed out (the next holder of the pin resets
