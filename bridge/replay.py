@@ -599,10 +599,12 @@ class ReplayConsumer:
                     continue  # the end of an earlier request
                 if status == "100":
                     continue
-                if status == "423":  # another process holds the pin
+                if status == "423":  # not the pin: another process holds it, or the
+                    # consumer's leader changed (a new leader forgets the pins)
                     if part.pin:
-                        log.warning("! durable %s: lost partition %d to another process",
-                                    self.durable, part.index)
+                        log.warning("! durable %s: partition %d no longer pinned to %s (another "
+                                    "process holds it, or its leader changed)", self.durable,
+                                    part.index, self.worker_id)
                         self._drop(part, unpinned=True)
                         part.pin = None
                     return
