@@ -12,6 +12,11 @@ Faults (kinds):
   move to the other node or wait);
 - ``step-down``: the stream leader asked to step down.
 
+A seed repeats the schedule: the kinds, the targets as drawn (the leader, or a given server),
+the lengths and the gaps (``Fault.drawn``). Each kind makes the same draws whatever the cluster
+looks like; which server is the leader when asked, and how many faults fit in the time, are the
+run's.
+
 After each heal ``on_heal`` runs at once (the harness makes some subscribers reconnect then, when a
 replica that was just paused or restarted may still be behind). Only processes this test
 started are signalled, by PID.
@@ -46,13 +51,14 @@ class Fault:
     healed: float = 0.0  # the fault undone (restarted, resumed, restored)
     healthy: float | None = None  # everything healthy again (None: the wait gave up)
     note: str = ""
+    drawn: str = ""  # what the seed chose: the target as drawn, the length, the gap after
 
     def describe(self, t0: float) -> str:
         health = ("NOT healthy again" if self.healthy is None
                   else f"healthy +{self.healthy - self.healed:.1f}s")
         note = f" {self.note}" if self.note else ""
         return (f"{self.started - t0:6.1f}s {self.kind:<10} {self.target:<8} "
-                f"{self.healed - self.started:4.1f}s, {health}{note}")
+                f"{self.healed - self.started:4.1f}s, {health} [drew {self.drawn}]{note}")
 
 
 class Nemesis:
@@ -105,8 +111,9 @@ class Nemesis:
             fault.healthy = await self.wait_healthy(self._left(self.heal_timeout_s))
             if fault.healthy is None:
                 fault.note += f" still: {self.unhealthy}"
-            pause = min(self.rng.uniform(*self.gap_s), max(0.0, end - time.monotonic()))
-            await asyncio.sleep(pause)  # the quiet time between faults
+            gap = self.rng.uniform(*self.gap_s)
+            fault.drawn += f", gap {gap:.2f}s"
+            await asyncio.sleep(min(gap, max(0.0, end - time.monotonic())))  # quiet time
 
     async def wait_healthy(self, timeout: float) -> float | None:
         """When the stream has a leader with current followers and both nodes are ready."""
@@ -127,17 +134,25 @@ class Nemesis:
         return ", ".join(f"node {name} /readyz {status} {body}"
                          for name, (status, body) in bad.items())
 
-    def _nats_target(self) -> int:
-        leader = self.cluster.stream_leader(STREAM_NAME)
-        if leader is not None and self.rng.random() < 0.5:
-            return leader
-        return self.rng.randrange(len(self.cluster.servers))
+    def _nats_target(self) -> tuple[int, str]:
+        """A server: the stream's leader half of the time, else any; and what was drawn.
+
+        The same two draws whichever it is, and whether there is a leader or not: when the
+        draws depended on that, a moment without a leader moved the rest of the schedule."""
+        leader_first, anyone = self.rng.random() < 0.5, self.rng.randrange(
+            len(self.cluster.servers))
+        if leader_first:
+            leader = self.cluster.stream_leader(STREAM_NAME)
+            return (anyone if leader is None else leader), "leader"
+        return anyone, self.cluster.servers[anyone].name
 
     async def _kill_nats(self) -> Fault:
-        i = await asyncio.to_thread(self._nats_target)
+        i, drawn = await asyncio.to_thread(self._nats_target)
         fault = Fault("kill-nats", self.cluster.servers[i].name, time.monotonic())
         self.cluster.kill(i)
-        await asyncio.sleep(self.rng.uniform(1.0, 3.0))
+        down = self.rng.uniform(1.0, 3.0)
+        fault.drawn = f"{drawn} {down:.2f}s"
+        await asyncio.sleep(down)
         try:
             await asyncio.to_thread(self.cluster.restart, i, self._left(15.0))
         except AssertionError as exc:
@@ -146,11 +161,13 @@ class Nemesis:
         return fault
 
     async def _pause_nats(self) -> Fault:
-        i = await asyncio.to_thread(self._nats_target)
+        i, drawn = await asyncio.to_thread(self._nats_target)
         fault = Fault("pause-nats", self.cluster.servers[i].name, time.monotonic())
         self.cluster.pause(i)
+        paused = self.rng.uniform(1.0, 4.0)
+        fault.drawn = f"{drawn} {paused:.2f}s"
         try:
-            await asyncio.sleep(self.rng.uniform(1.0, 4.0))
+            await asyncio.sleep(paused)
         finally:
             self.cluster.resume(i)
         fault.healed = time.monotonic()
@@ -160,8 +177,10 @@ class Nemesis:
         fault = Fault("cut-link", "node B", time.monotonic())
         for proxy in self.proxies:
             await proxy.cut()
+        cut = self.rng.uniform(2.0, 5.0)
+        fault.drawn = f"node B {cut:.2f}s"
         try:
-            await asyncio.sleep(self.rng.uniform(2.0, 5.0))
+            await asyncio.sleep(cut)
         finally:
             for proxy in self.proxies:
                 await proxy.restore()
@@ -175,7 +194,9 @@ class Nemesis:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)  # our own child, by PID
             await asyncio.to_thread(proc.wait, 10)
-        await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+        down = self.rng.uniform(0.5, 2.0)
+        fault.drawn = f"{node.name} {down:.2f}s"
+        await asyncio.sleep(down)
         node.start()
         try:
             await asyncio.to_thread(node.wait_ready, self._left(20.0))
@@ -187,7 +208,7 @@ class Nemesis:
     async def _step_down(self) -> Fault:
         leader = await asyncio.to_thread(self.cluster.stream_leader, STREAM_NAME)
         name = "?" if leader is None else self.cluster.servers[leader].name
-        fault = Fault("step-down", name, time.monotonic())
+        fault = Fault("step-down", name, time.monotonic(), drawn="leader")
         try:
             answer = await self.cluster.step_down(STREAM_NAME)
             if not answer.get("success"):
