@@ -25,7 +25,10 @@ Once the writers stop and everything is healthy, for every key of the room:
 4. no traceback in the nodes' logs, and no write left unanswered.
 
 The seed comes from ``RTNODE_TEST_STATE_FAULTS_SEED`` (random when unset) and is printed first;
-``-s`` shows it with a summary of the run. ``test_state_races.py`` pins, each with one step
+``-s`` shows it with a line per fault and a summary of the run. A seed repeats the faults (kinds,
+targets, lengths, gaps; how many fit is the run's), each writer's publishes and the joiners'
+arrivals, each from a generator of its own; the nodes that clients reach, and the interleaving
+with the servers, are the run's. ``test_state_races.py`` pins, each with one step
 held at the right moment, what the runs found.
 """
 
@@ -222,6 +225,9 @@ class Run:
 
     async def writer(self, w: int) -> None:
         rng = random.Random(f"{self.seed}-w{w}")
+        # The node of each connection from a generator of its own: a reconnect (how many is
+        # the run's) would move the writer's publishes.
+        where = random.Random(f"{self.seed}-w{w}-where")
         pending: dict[str, dict[str, Any]] = {}  # msg_id -> the publish frame, sent again
         sent_life: dict[str, int] = {}
         c: RawClient | None = None
@@ -253,7 +259,7 @@ class Run:
                         sent_life[msg_id] = self.life
                         n += 1
                 if c is None:
-                    c = await self.connect(rng, f"writer-{w}")
+                    c = await self.connect(where, f"writer-{w}")
                 try:
                     await c.send(*pending.values())
                     waiting = set(pending)
@@ -356,19 +362,23 @@ class Run:
         rng = random.Random(f"{self.seed}-j")
         j = 0
         while not self.stop_writing.is_set():
+            # The same draws for each arrival, whether it stays or not (when it is late is the
+            # run's), so that a seed repeats them.
+            maybe_stays = rng.random() < 0.3
+            leave_after, pace = rng.uniform(0.1, 1.5), rng.uniform(0.2, 0.5)
             # Those that stay to the end come late: until then the rooms empty now and then.
-            stays = time.monotonic() - self.t0 > 0.6 * WRITE_S and rng.random() < 0.3
+            stays = time.monotonic() - self.t0 > 0.6 * WRITE_S and maybe_stays
             rec = JoinRecord(f"joiner-{j}", "?", self.life, stays, at=time.monotonic() - self.t0)
             self.joins.append(rec)
             leave = end if stays else asyncio.Event()
             tasks.append(asyncio.create_task(self.joiner(rec, random.Random(f"{self.seed}-j{j}"),
                                                          leave), name=rec.name))
             if not stays:
-                asyncio.get_running_loop().call_later(rng.uniform(0.1, 1.5), leave.set)
+                asyncio.get_running_loop().call_later(leave_after, leave.set)
             j += 1
             # the pace of arrivals (not a wait for anything): 2-5 a second
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_writing.wait(), rng.uniform(0.2, 0.5))
+                await asyncio.wait_for(self.stop_writing.wait(), pace)
         until.set()
 
     # -- faults ----------------------------------------------------------------------------
@@ -383,36 +393,44 @@ class Run:
             if kind == "recreate":
                 kinds.remove(kind)  # once a run: it costs a node restart and a barrier
             t0 = time.monotonic()
-            await getattr(self, "_" + kind.replace("-", "_"))(rng)
+            drawn = await getattr(self, "_" + kind.replace("-", "_"))(rng)
             await self.servers.wait_healthy()
             await self.wait_ready()
+            gap = rng.uniform(0.5, 2.0)
             self.faults.append(f"{kind} at +{t0 - self.t0:.1f}s for {time.monotonic() - t0:.1f}s")
-            await asyncio.sleep(rng.uniform(0.5, 2.0))  # quiet time between faults
+            self.log(f"fault {kind} [drew {drawn}, gap {gap:.2f}s] at +{t0 - self.t0:.1f}s for "
+                     f"{time.monotonic() - t0:.1f}s")
+            await asyncio.sleep(gap)  # quiet time between faults
 
-    async def _pause_nats(self, rng: random.Random) -> None:
-        i = rng.randrange(self.servers.count)
+    # Each fault returns what it drew (its target and length), for the line that says it.
+
+    async def _pause_nats(self, rng: random.Random) -> str:
+        i, paused = rng.randrange(self.servers.count), rng.uniform(1.0, 3.0)
         self.servers.pause(i)
         try:
-            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            await asyncio.sleep(paused)
         finally:
             self.servers.resume(i)
+        return f"server {i} {paused:.2f}s"
 
-    async def _kill_nats(self, rng: random.Random) -> None:
-        i = rng.randrange(self.servers.count)
+    async def _kill_nats(self, rng: random.Random) -> str:
+        i, down = rng.randrange(self.servers.count), rng.uniform(0.3, 1.5)
         await asyncio.to_thread(self.servers.kill, i)
-        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        await asyncio.sleep(down)
         await asyncio.to_thread(self.servers.restart, i)
+        return f"server {i} {down:.2f}s"
 
-    async def _kill_node(self, rng: random.Random, node: NodeProcess | None = None) -> None:
-        node = node or rng.choice(self.nodes)
+    async def _kill_node(self, rng: random.Random) -> str:
+        node, down = rng.choice(self.nodes), rng.uniform(0.2, 1.0)
         proc = node.proc
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)  # our own child, by PID
             await asyncio.to_thread(proc.wait, 10)
-        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        await asyncio.sleep(down)
         node.start()
+        return f"{node.name} {down:.2f}s"
 
-    async def _recreate(self, rng: random.Random) -> None:
+    async def _recreate(self, rng: random.Random) -> str:
         """The writers finish what they sent and wait; the stream (read first) is deleted;
         a node killed and restarted creates it again (a new epoch); the writers go on."""
         self.go.clear()
@@ -437,9 +455,10 @@ class Run:
         finally:
             await nc.close()
         self.life += 1
-        await self._kill_node(rng)
+        drawn = await self._kill_node(rng)
         await self.wait_ready()
         self.go.set()
+        return drawn
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
