@@ -32,8 +32,11 @@ holds each device to what the docs promise:
 Publishers: every acknowledged event is stored once, with the seq it was acknowledged with.
 
 ``RTNODE_TEST_DEVICE_FAULTS_SEED`` repeats a run's choices (printed at the start; random by
-default); ``RTNODE_TEST_DEVICE_FAULTS_SECONDS`` is the length of the fault phase (22 s). The
-interleaving with the servers is not reproducible, only the choices are.
+default): the faults (kinds, targets as drawn, lengths, gaps; a line each in the report), each
+device's choices for its n-th attempt to connect, each publisher's rooms and pace and the node
+of its n-th attempt. ``RTNODE_TEST_DEVICE_FAULTS_SECONDS`` is the length of the fault phase
+(22 s). The interleaving with the servers is not reproducible (nor how many faults and attempts
+fit), only the choices are.
 """
 
 from __future__ import annotations
@@ -134,6 +137,12 @@ def _payload(data: bytes) -> tuple[str, int]:
     return str(event["room"]), int(event["seq"])
 
 
+def attempt_rng(seeds: random.Random) -> random.Random:
+    """The generator of a client's next connection attempt: its draws (which vary with how
+    the attempt goes) do not move those of the attempts after it."""
+    return random.Random(seeds.random())
+
+
 async def _pause(rng: random.Random, low: float, high: float, stop: asyncio.Event) -> None:
     """Wait a random time (not for correctness: it spaces the device's actions)."""
     with contextlib.suppress(TimeoutError):
@@ -142,10 +151,11 @@ async def _pause(rng: random.Random, low: float, high: float, stop: asyncio.Even
 
 # -- plain devices: a bare client -------------------------------------------------------------
 
-async def raw_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
+async def raw_device(log: DeviceLog, sh: Shared, seeds: random.Random) -> None:
     dev = log.name
     subscribed = False
     while not sh.done.is_set():
+        rng = attempt_rng(seeds)
         final = sh.stop.is_set()
         node = sh.node(rng)
         try:
@@ -216,10 +226,11 @@ async def raw_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
 
 # -- plain devices: paho-mqtt -------------------------------------------------------------------
 
-async def paho_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
+async def paho_device(log: DeviceLog, sh: Shared, seeds: random.Random) -> None:
     dev = log.name
     subscribed = False
     while not sh.done.is_set():
+        rng = attempt_rng(seeds)
         final = sh.stop.is_set()
         node = sh.node(rng)
         p = PahoDevice(dev, node.mqtt_port, clean=False, manual_ack=True)
@@ -282,9 +293,10 @@ async def paho_device(log: DeviceLog, sh: Shared, rng: random.Random) -> None:
 
 # -- tunnel devices: the SDK ------------------------------------------------------------------
 
-async def sdk_device(log: DeviceLog, sh: Shared, rng: random.Random, state: Path) -> None:
+async def sdk_device(log: DeviceLog, sh: Shared, seeds: random.Random, state: Path) -> None:
     dev = log.name
     while not sh.done.is_set():
+        rng = attempt_rng(seeds)
         final = sh.stop.is_set()
         node = sh.node(rng)
         conn = Conn(node.name, time.monotonic())
@@ -368,6 +380,7 @@ class Acked:
 async def ws_publisher(sh: Shared, rng: random.Random, acked: list[Acked], count: int,
                        deadline: float) -> int:
     """Publish ``count`` events over WebSocket, each retried with its msg_id until acked."""
+    where = random.Random(rng.random())  # apart: the retries do not move the rooms and pace
     client: RawClient | None = None
     retries = 0
     try:
@@ -378,7 +391,7 @@ async def ws_publisher(sh: Shared, rng: random.Random, acked: list[Acked], count
                     return retries
                 try:
                     if client is None:
-                        node = sh.node(rng)
+                        node = sh.node(where)
                         client = await asyncio.wait_for(
                             RawClient.connected(node.ws_url, token("pub-ws")), 5)
                     reply = await client.request({"type": "publish", "room": room,
@@ -409,6 +422,7 @@ async def http_publisher(sh: Shared, rng: random.Random, acked: list[Acked], cou
                          deadline: float) -> int:
     """Publish ``count`` events through ``POST /api/publish``, retried with the msg_id."""
     headers = {"Authorization": f"Bearer {token('backend', kind='service')}"}
+    where = random.Random(rng.random())  # apart: the retries do not move the rooms and pace
     retries = 0
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -417,7 +431,7 @@ async def http_publisher(sh: Shared, rng: random.Random, acked: list[Acked], cou
             while True:
                 if time.monotonic() > deadline:
                     return retries
-                node = sh.node(rng)
+                node = sh.node(where)
                 try:
                     async with http.post(node.base + "/api/publish", headers=headers, json={
                             "room": room, "event": "e", "data": i, "msg_id": mid}) as resp:

@@ -32,8 +32,11 @@ checker holds each subscriber to the promise:
 Publishers: every acknowledged event is stored once, with the seq it was acknowledged with.
 
 ``RTNODE_TEST_SSE_FAULTS_SEED`` repeats a run's choices (printed at the start; random by
-default); ``RTNODE_TEST_SSE_FAULTS_SECONDS`` is the length of the fault phase (20 s). The
-interleaving with the servers is not reproducible, only the choices are.
+default): the faults (kinds, targets as drawn, lengths, gaps; a line each in the report), the
+subscribers' rooms and delays and their choices for their n-th attempt to open a stream, each
+publisher's rooms and pace and the node of its n-th attempt. ``RTNODE_TEST_SSE_FAULTS_SECONDS``
+is the length of the fault phase (20 s). The interleaving with the servers is not reproducible
+(nor how many faults and attempts fit), only the choices are.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from tests.cluster import NatsCluster, TcpProxy, cluster_node
 from tests.integration.test_device_faults import (
     Acked,
     Shared,
+    attempt_rng,
     check_publishers,
     http_publisher,
     ws_publisher,
@@ -177,13 +181,14 @@ class SseShared(Shared):
     stopped: float = 0.0  # when the last phase began (sh.stop set)
 
 
-async def subscriber(log: SubLog, sh: SseShared, rng: random.Random,
+async def subscriber(log: SubLog, sh: SseShared, seeds: random.Random,
                      delay: float = 0.0) -> None:
     await asyncio.sleep(delay)  # a late subscriber: its first stream is live only
     tok = token(log.name)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=None)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         while not sh.done.is_set():
+            rng = attempt_rng(seeds)
             node = sh.node(rng)
             headers = {"Authorization": f"Bearer {tok}"}
             if log.last_id is not None:
