@@ -108,6 +108,9 @@ class Publisher:
         self.name = name
         self.rooms = list(rooms)
         self.rng = rng
+        # The retries' pauses from a generator of their own: drawn by the publishes in flight
+        # as they fail, they moved the rooms of the publishes after them.
+        self.retry_rng = random.Random(rng.random())
         self.rate = rate
         self.window = window
         self.op_timeout_s = op_timeout_s
@@ -179,7 +182,7 @@ class Publisher:
                         return
                 else:
                     self.errors.hit(f"reply {kind}")
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                await asyncio.sleep(self.retry_rng.uniform(0.05, 0.3))
             self.records.append(Publish(mid, room, UNKNOWN, None, attempts))
         except asyncio.CancelledError:
             self.records.append(Publish(mid, room, UNKNOWN, None, attempts))
@@ -309,10 +312,12 @@ class Subscriber:
                 self.link = await self._open(stop)
                 if self.link is None:
                     break
+                # The same draws for every connection, whether it is kicked or not (kicks
+                # come with the heals, as the run goes).
+                hold, downtime = self.rng.uniform(*self.churn_s), self.rng.uniform(*self.downtime_s)
                 waits: list[asyncio.Task[Any]] = [asyncio.create_task(self.link.done.wait()),
                                                   asyncio.create_task(stop.wait())]
                 if churn.is_set():
-                    hold = self.rng.uniform(*self.churn_s)
                     waits.append(asyncio.create_task(asyncio.sleep(hold)))
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -326,7 +331,7 @@ class Subscriber:
                 self.link = None
                 if churn.is_set() and not stop.is_set() and not kicked:
                     with suppress(TimeoutError):
-                        async with asyncio.timeout(self.rng.uniform(*self.downtime_s)):
+                        async with asyncio.timeout(downtime):
                             await stop.wait()
         finally:
             if self.link is not None:
