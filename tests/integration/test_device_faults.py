@@ -121,7 +121,6 @@ class DeviceLog:
 @dataclass
 class Shared:
     """What the loops share: the nodes, the phase, the truth once read."""
-    rng: random.Random
     nodes: list[NodeProcess]
     rooms: list[str]
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # the churn ends
@@ -563,7 +562,7 @@ async def test_devices_get_every_acked_event_once_under_faults(tmp_path: Path,
     tasks: list[asyncio.Task[Any]] = []
     try:
         await asyncio.gather(*(asyncio.to_thread(n.wait_ready, 30) for n in nodes))
-        sh = Shared(random.Random(rng.random()), nodes, rooms)
+        sh = Shared(nodes, rooms)
         logs = [
             DeviceLog(f"raw0-{tag}", "raw", rooms),
             DeviceLog(f"raw1-{tag}", "raw", rooms[:1]),
