@@ -187,6 +187,16 @@ def _state_room(system: ActorSystem, store: FakeStore, state: State) -> Any:
         RoomSettings(state=True), RoomCounters(), state))
 
 
+async def _joined_reading(ref: Any, state: State) -> Any:
+    """A member joins the state room; returns its recorder once the room's read is in flight."""
+    m, rec = member()
+    ref.tell(Join(m))
+    async with asyncio.timeout(5):
+        while not state.reads:  # noqa: ASYNC110  (the fake has no event to wait on)
+            await asyncio.sleep(0.001)
+    return rec
+
+
 async def test_joins_get_the_state_as_of_joined_then_newer_events() -> None:
     store, state = FakeStore(), State(Log())
     store.events += [(1, _body("a", "old")), (3, _body("b", 3))]
@@ -232,11 +242,7 @@ async def test_the_first_read_merges_what_was_delivered_and_waits_for_what_was_n
     state.gate = asyncio.Event()  # the read is in flight while an event is delivered
     async with ActorSystem() as system:
         ref = _state_room(system, store, state)
-        m, rec = member()
-        ref.tell(Join(m))
-        async with asyncio.timeout(5):
-            while not state.reads:  # noqa: ASYNC110  (the fake has no event to wait on)
-                await asyncio.sleep(0.001)
+        rec = await _joined_reading(ref, state)
         store.events.append((2, _body("a", 2)))
         store.deliver(2)  # delivered during the read, not yet in the bucket's answer
         # ...which holds an event the live path has not brought yet (seq 4): the join waits
@@ -384,11 +390,7 @@ async def test_a_read_that_outlives_its_stopped_room_is_dropped_without_a_word(
     state.values = values  # type: ignore[method-assign]
     async with ActorSystem() as system:
         ref = _state_room(system, store, state)
-        m, _rec = member()
-        ref.tell(Join(m))
-        async with asyncio.timeout(5):
-            while not state.reads:  # noqa: ASYNC110  (the fake has no event to wait on)
-                await asyncio.sleep(0.001)
+        await _joined_reading(ref, state)
         await ref.stop()
         tasks = [t for t in asyncio.all_tasks() if t.get_name().endswith(".state")]
         assert tasks
