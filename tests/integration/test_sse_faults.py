@@ -360,7 +360,7 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
     tasks: list[asyncio.Task[Any]] = []
     try:
         await asyncio.gather(*(asyncio.to_thread(n.wait_ready, 30) for n in nodes))
-        sh = SseShared(random.Random(rng.random()), nodes, rooms)
+        sh = SseShared(nodes, rooms)
         subs = [SubLog(f"sub{i}-{tag}", sorted(rng.sample(rooms, rng.randint(1, 3))))
                 for i in range(6)]
         subs[0].rooms = list(rooms)  # one subscriber of every room, in every run
