@@ -376,6 +376,46 @@ class Acked:
     via: str
 
 
+def start_publishers(sh: Shared, rng: random.Random, seconds: float, slack_s: float
+                     ) -> tuple[list[Acked], list[asyncio.Task[int]]]:
+    """A WebSocket and an HTTP publisher, 8 events a second of the fault phase each, retrying
+    each until ``slack_s`` after it: the list they record what was acknowledged in, and their
+    tasks (each returns its retries)."""
+    acked: list[Acked] = []
+    count, deadline = int(seconds * 8), time.monotonic() + seconds + slack_s
+    pubs = [asyncio.create_task(ws_publisher(sh, random.Random(rng.random()), acked, count,
+                                             deadline)),
+            asyncio.create_task(http_publisher(sh, random.Random(rng.random()), acked, count,
+                                               deadline))]
+    return acked, pubs
+
+
+def print_report(lines: list[str], problems: list[str], nodes: list[NodeProcess],
+                 width: int) -> str:
+    """A fault run's report: its lines, then its problems (each cut at ``width``); printed,
+    with the nodes' log tails when there are problems, and returned for the assertion."""
+    report = "\n".join(lines + ["problems:" if problems else "no problems"]
+                       + ["  " + p[:width] for p in problems[:40]])
+    print(report)
+    if problems:
+        for node in nodes:
+            print(f"--- {node.name} log tail\n{node.log()[-3000:]}")
+    return report
+
+
+async def stop_all(tasks: list[asyncio.Task[Any]], nodes: list[NodeProcess]) -> None:
+    """The end of a fault run: its client tasks cancelled (waited for up to 10 s), its node
+    processes stopped."""
+    left = [t for t in tasks if not t.done()]
+    for t in left:
+        t.cancel()
+    if left:
+        await asyncio.wait(left, timeout=10)
+    for node in nodes:
+        with contextlib.suppress(Exception):
+            node.stop()
+
+
 async def ws_publisher(sh: Shared, rng: random.Random, acked: list[Acked], count: int,
                        deadline: float) -> int:
     """Publish ``count`` events over WebSocket, each retried with its msg_id until acked."""
@@ -583,13 +623,7 @@ async def test_devices_get_every_acked_event_once_under_faults(tmp_path: Path,
         # Every device subscribed (or joined) before the first publish: it is due every event.
         await asyncio.wait_for(asyncio.gather(*(log.ready.wait() for log in logs)), 30)
 
-        acked: list[Acked] = []
-        count = int(SECONDS * 8)
-        deadline = time.monotonic() + SECONDS + 40
-        pubs = [asyncio.create_task(ws_publisher(sh, random.Random(rng.random()), acked,
-                                                 count, deadline)),
-                asyncio.create_task(http_publisher(sh, random.Random(rng.random()), acked,
-                                                   count, deadline))]
+        acked, pubs = start_publishers(sh, rng, SECONDS, 40)
         nemesis = Nemesis(random.Random(rng.random()), cluster, [], nodes, kinds=KINDS,
                           gap_s=(0.5, 2.0), heal_timeout_s=15.0)
         await nemesis.run(SECONDS)
@@ -635,19 +669,7 @@ async def test_devices_get_every_acked_event_once_under_faults(tmp_path: Path,
                          for p in check_device(log, stored, nemesis.faults, t0)]
             if log.resyncs:
                 problems.append(f"{log.name}: Resync {log.resyncs[:3]}")
-        report = "\n".join(lines + ["problems:" if problems else "no problems"]
-                           + ["  " + p[:1500] for p in problems[:40]])
-        print(report)
-        if problems:
-            for node in nodes:
-                print(f"--- {node.name} log tail\n{node.log()[-3000:]}")
+        report = print_report(lines, problems, nodes, 1500)
         assert not problems, report
     finally:
-        sh_tasks = [t for t in tasks if not t.done()]
-        for t in sh_tasks:
-            t.cancel()
-        if sh_tasks:
-            await asyncio.wait(sh_tasks, timeout=10)
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                node.stop()
+        await stop_all(tasks, nodes)

@@ -60,12 +60,12 @@ import pytest
 from bridge.sse import parse_cursor
 from tests.cluster import NatsCluster, TcpProxy, cluster_node
 from tests.integration.test_device_faults import (
-    Acked,
     Shared,
     attempt_rng,
     check_publishers,
-    http_publisher,
-    ws_publisher,
+    print_report,
+    start_publishers,
+    stop_all,
 )
 from tests.jepsen.harness import read_truth
 from tests.jepsen.nemesis import Nemesis
@@ -376,13 +376,7 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
             tasks.append(asyncio.create_task(subscriber(log, sh, random.Random(rng.random()),
                                                         delay), name=f"sse[{log.name}]"))
 
-        acked: list[Acked] = []
-        count = int(SECONDS * 8)
-        deadline = time.monotonic() + SECONDS + 30
-        pubs = [asyncio.create_task(ws_publisher(sh, random.Random(rng.random()), acked,
-                                                 count, deadline)),
-                asyncio.create_task(http_publisher(sh, random.Random(rng.random()), acked,
-                                                   count, deadline))]
+        acked, pubs = start_publishers(sh, rng, SECONDS, 30)
         nemesis = Nemesis(random.Random(rng.random()), cluster, proxies, nodes, kinds=KINDS,
                           gap_s=(0.5, 2.0), heal_timeout_s=15.0)
         await nemesis.run(SECONDS)
@@ -436,21 +430,9 @@ async def test_sse_resumes_get_every_acked_event_once_under_faults(
             lines.append(f"  {log.name}{steady}: distinct {counts}, extra copies {copies}, "
                          f"streams {len(log.conns)} ({resumed} resumed) {dict(hows)}")
             problems += [f"{log.name}: {p}" for p in check_subscriber(log, stored)]
-        report = "\n".join(lines + ["problems:" if problems else "no problems"]
-                           + ["  " + p[:2000] for p in problems[:40]])
-        print(report)
-        if problems:
-            for node in nodes:
-                print(f"--- {node.name} log tail\n{node.log()[-3000:]}")
+        report = print_report(lines, problems, nodes, 2000)
         assert not problems, report
     finally:
-        left = [t for t in tasks if not t.done()]
-        for t in left:
-            t.cancel()
-        if left:
-            await asyncio.wait(left, timeout=10)
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                node.stop()
+        await stop_all(tasks, nodes)
         for proxy in proxies:
             await proxy.stop()
