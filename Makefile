@@ -40,8 +40,13 @@ system-deps:
 # alone, so that no other test's load makes them miss a deadline. TEST_WORKERS=1 runs both
 # passes in this process. pytest's exit 5 means no test ran: one pass may select none (a
 # PYTEST_ARGS naming a few tests), but both selecting none checks nothing, so that fails too.
+# Bytecode is written (an environment's PYTHONDONTWRITEBYTECODE is dropped here): the tests
+# start many Python processes (nodes, CLIs, devices), and each compiled the project anew,
+# ~0.3 s of CPU; pytest's rewritten test modules are kept for the second pass too. Measured on
+# test_node_program.py and test_workers.py: 53 -> 43 s, CPU 32.6 -> 24.5 s.
 test: $(STAMP) system-deps
-	@if [ "$(TEST_WORKERS)" -gt 1 ]; then par="-n $(TEST_WORKERS)"; else par="-p no:xdist"; fi; \
+	@unset PYTHONDONTWRITEBYTECODE; \
+	if [ "$(TEST_WORKERS)" -gt 1 ]; then par="-n $(TEST_WORKERS)"; else par="-p no:xdist"; fi; \
 	echo "make test: pass 1 of 2, the tests that run side by side ($$par)"; \
 	$(BIN)/python -m pytest $$par -m "not serial" $(PYTEST_ARGS); one=$$?; \
 	echo "make test: pass 2 of 2, the serial tests, one at a time"; \
