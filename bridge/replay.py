@@ -44,10 +44,12 @@ Design, in short:
 * **Groups (partitions).** With ``partitions=N`` the durable is N JetStream consumers
   (``<durable>-0`` ... ``-<N-1>``), each taking the rooms whose ``crc32(room) % N`` is its index
   (it reads the tenant's other events and acks them unseen). The processes of a group announce
-  themselves on ``rt.grp.<tenant>.<durable>`` every second; partition ``i`` is served by the
-  ``i % W``-th live process (sorted by id), the others standing by for it. A process that loses a
-  partition to a newcomer waits (up to ``0.8 * priority_timeout_s``) for its events of that
-  partition to be settled, then unpins it; one that dies is replaced when its pins time out.
+  themselves on ``rt.grp.<tenant>.<durable>`` every second, and each works out alike, from the
+  ids it hears, which live process serves each partition
+  (:func:`bridge.replay_groups.assign_partitions`: balanced, and a change of membership moves
+  few partitions); the others stand by for it. A process that loses a partition to a newcomer
+  waits (up to ``0.8 * priority_timeout_s``) for its events of that partition to be settled,
+  then unpins it; one that dies is replaced when its pins time out.
 * **Dead letters: counted here.** The JetStream consumer redelivers without limit
   (``max_deliver=-1`` on the server); every delivery carries its delivery count, and the
   delivery after the ``max_deliver``-th is not yielded but published to
@@ -93,6 +95,7 @@ from nats.js.errors import NotFoundError
 from bridge import _nats_patches
 from bridge.nats_auth import NatsAuth, connect_refusal
 from bridge.replay_event import ReplayError, ReplayEvent
+from bridge.replay_groups import SCHEME, assign_partitions, sorted_modulo
 from node.protocol.errors import CodecError
 from node.protocol.frames import cbor_loads_strict
 from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
@@ -356,7 +359,9 @@ class ReplayConsumer:
         self._wake = asyncio.Event()
         self._error: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._members: dict[str, float] = {}
+        self._members: dict[str, float] = {}  # id -> when it was last heard
+        self._older: set[str] = set()  # members that announce no SCHEME: the group uses i % W
+        self._owners: tuple[frozenset[str], bool, list[str]] | None = None  # the last answer
         self._member_sub: Subscription | None = None
         self._closed = False
 
@@ -501,11 +506,24 @@ class ReplayConsumer:
             if (isinstance(member, dict) and isinstance(member.get("id"), str)
                     and member.get("partitions") == self.partitions):
                 self._members[member["id"]] = asyncio.get_running_loop().time()
+                if member.get("assign") == SCHEME:
+                    self._older.discard(member["id"])
+                else:
+                    self._older.add(member["id"])
+
+    def _owner_list(self) -> list[str]:
+        """The owner of each partition for the members heard now (bridge/replay_groups.py)."""
+        members, older = frozenset(self._members), bool(self._older)
+        if self._owners is None or self._owners[:2] != (members, older):
+            assign = sorted_modulo if older else assign_partitions
+            self._owners = (members, older, assign(members, self.partitions))
+        return self._owners[2]
 
     async def _announce(self) -> None:
         nc, loop = self._nc, asyncio.get_running_loop()
         assert nc is not None
-        hello = json.dumps({"id": self.worker_id, "partitions": self.partitions}).encode()
+        hello = json.dumps({"id": self.worker_id, "partitions": self.partitions,
+                            "assign": SCHEME}).encode()
         first = True
         while not self._closed:
             with contextlib.suppress(Exception):
@@ -518,9 +536,10 @@ class ReplayConsumer:
             for member, seen in list(self._members.items()):
                 if now - seen > _MEMBER_TTL_S:
                     del self._members[member]
-            members = sorted(self._members)
+                    self._older.discard(member)
+            owners = self._owner_list()
             for part in self._parts:
-                mine = members[part.index % len(members)] == self.worker_id
+                mine = owners[part.index] == self.worker_id
                 if mine != part.assigned:
                     part.assigned = mine
                     part.wake.set()

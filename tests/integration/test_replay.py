@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bridge.replay import ReplayConsumer, ReplayError, connect_nats, partition_of
+from bridge.replay_groups import assign_partitions
 from tests.cluster import NatsCluster
 from tests.servers import MS, NatsProcess, wait_until
 from tests.stored import dead_letters, store, tenant
@@ -287,8 +288,9 @@ async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
     block of an event below the ack floor.)"""
     node = await make_node()
     t = tenant()
-    # a room of partition 1 of 2, which the second process ("b" > "a") takes when it comes
-    room = next(f"sb:{i}" for i in range(100) if partition_of(f"sb:{i}", 2) == 1)
+    # a room of the partition of 2 that the second process takes when it comes
+    taken = assign_partitions(["a", "b"], 2).index("b")
+    room = next(f"sb:{i}" for i in range(100) if partition_of(f"sb:{i}", 2) == taken)
     x, y = await store(node, t, room, 2)
     opts: dict[str, Any] = {"tenant": t, "rooms": "sb:*", "durable": "back-again",
                             "partitions": 2, "priority_timeout_s": 1.0, "fetch_timeout_s": 0.5}
@@ -323,8 +325,9 @@ async def test_a_partition_back_while_it_was_being_let_go(
     killed nats-server: a partition nobody served.)"""
     node = await make_node()
     t = tenant()
-    # a room of partition 0 of 2, which the newcomer ("a" < "z") takes when it comes
-    room = next(f"sr:{i}" for i in range(100) if partition_of(f"sr:{i}", 2) == 0)
+    # a room of the partition of 2 that the newcomer takes when it comes
+    taken = assign_partitions(["a", "z"], 2).index("a")
+    room = next(f"sr:{i}" for i in range(100) if partition_of(f"sr:{i}", 2) == taken)
     x, y = await store(node, t, room, 2)
     # priority_timeout_s 20: the release waits up to 16 s for the event in hand to be settled,
     # longer than the newcomer's membership lasts after it leaves (3.5 s)
@@ -333,7 +336,7 @@ async def test_a_partition_back_while_it_was_being_let_go(
                             "fetch_timeout_s": 0.5}
     first = ReplayConsumer(shared_nats.url, **opts)
     first.worker_id = "z"
-    part = first._parts[0]
+    part = first._parts[taken]
     async with first:
         ev = await first.next(10)
         assert ev is not None and ev.seq == x  # in hand: the release waits for it
