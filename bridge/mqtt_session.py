@@ -1020,9 +1020,8 @@ class MqttSession(asyncio.Protocol):
             return
         store = self.ctx.store
         try:
-            record, revision, present = await sessions.claim(tenant, self.client_id,
-                                                             epoch=store.epoch,
-                                                             conn=self.conn_id)
+            record, revision, present, behind = await sessions.claim(
+                tenant, self.client_id, epoch=store.epoch, conn=self.conn_id)
         except SessionsFull as exc:
             log.warning("! %s: %s", self.client_id, exc)
             self._write(mq.connack(3))
@@ -1063,17 +1062,20 @@ class MqttSession(asyncio.Protocol):
                     # (reset at once, in the record too).
                     self.qos.track(room, 0)
                 self.plain.add(room)
-                self._spawn(self._resume_room(room, None if same_epoch else cursor),
-                            f"resume[{room}]")
+                self._spawn(self._resume_room(room, None if same_epoch else cursor,
+                                              behind and same_epoch), f"resume[{room}]")
             else:
                 self._subscribe_plain(room)
         self._persist()
 
-    async def _resume_room(self, room: str, old_cursor: int | None) -> None:
+    async def _resume_room(self, room: str, old_cursor: int | None,
+                           behind: bool = False) -> None:
         """Send what the device missed in ``room`` since its cursor, page by page under the
         window, then join the room from the last one sent (its replay is small by then).
         ``old_cursor``: the cursor of a stream that was recreated since (gap notice, then the
-        room from its start)."""
+        room from its start). ``behind``: the session's positions may be behind what the device
+        got (``SessionStore.claim``), so every event stored until now may have been sent
+        before: they all go with DUP (MQTT 3.3.1.1: it "might be re-delivery")."""
         assert self.principal is not None
         tenant, store = self.principal.tenant, self.ctx.store
         track = self.qos.rooms.get(room)
@@ -1086,6 +1088,16 @@ class MqttSession(asyncio.Protocol):
         delay = 0.1
         while True:
             try:
+                if behind:
+                    last = await store.last_seq(tenant, room)
+                    track = self.qos.rooms.get(room)
+                    if track is None:
+                        return  # unsubscribed meanwhile
+                    track.dup_upto = max(track.dup_upto, last)
+                    if last > track.sent:  # kept with the session: still so on a later resume
+                        track.sent = last
+                        self.qos.changed = True
+                    behind = False
                 if not checked:
                     await self._check_gap(room, after)
                     checked = True  # not again on a retry after a failed read

@@ -22,7 +22,11 @@ cursors with it: the device got PUBLISHes again that it had acknowledged. A node
 not answer (dead: no responders; or within ``_HANDOVER_TIMEOUT_S``) is not waited for. A
 last write that has not landed within ``_HANDOVER_WAIT_S`` (JetStream electing a leader), or
 that failed, does not lose the cursors either: the handover's answer carries the state that
-write was for, and the claim takes its subscriptions and positions.
+write was for, and the claim takes its subscriptions and positions. When nothing newer comes
+(the holder's node is gone, cut off from NATS, or restarted since: its new process never held
+the connection), the record still says ``connected``, and its positions may be behind what the
+device got: the claim says so (``behind``), and the resume sends every event stored until then
+with DUP.
 
 A notice names the claim it announces (headers, its body is the claiming node's name as before):
 ``Rtnode-Takeover-Before`` is a revision, and only a connection holding a revision below it is
@@ -446,13 +450,17 @@ class SessionStore:
         return int(ack["seq"])
 
     async def claim(self, tenant: str, client_id: str, *, epoch: str,
-                    conn: str = "") -> tuple[SessionRecord, int, bool]:
+                    conn: str = "") -> tuple[SessionRecord, int, bool, bool]:
         """Take the device's session for this node (CONNECT with ``clean_session = 0``); a
         takeover notice names the claim (its revision, ``conn``: the claiming connection's id).
 
         Returns:
-            (record, revision, present): the record now held (``connected``, this node),
-            its revision, and whether it existed (CONNACK's session-present).
+            (record, revision, present, behind): the record now held (``connected``, this
+            node), its revision, whether it existed (CONNACK's session-present), and whether
+            its positions may be behind what the device got: a connection held it and no last
+            state of that connection came (its node is gone, cut off from NATS, or restarted
+            since; or another claim took the session meanwhile), so that the device may have
+            been sent, and may have acknowledged, events past its cursors and sent marks.
 
         Raises:
             SessionsFull: A new session beyond ``max_per_tenant``.
@@ -465,6 +473,7 @@ class SessionStore:
                 # now, it would show the revision it replaces), so wait a moment, jittered.
                 await asyncio.sleep(random.uniform(0.005, 0.01 * 2 ** attempt))
             record, revision = await self.read(tenant, client_id)
+            took = False
             if record is not None and record.connected and not handed:
                 # Held by a connection: its last cursors first (see the module's docstring).
                 handed = True
@@ -475,6 +484,11 @@ class SessionStore:
                         and unwritten.epoch == record.epoch):
                     # Its last write has not landed: its state is newer than the record's.
                     _take_positions(record, unwritten)
+                    took = True
+            # Still held, and no last state came: the holder wrote none (its final write says
+            # connected = False) and handed none over.
+            behind = record is not None and record.connected and not took
+            holder_of = record.node if record is not None else ""
             present = record is not None
             if record is None:
                 if await self.count(tenant) >= self.max_per_tenant:
@@ -488,7 +502,10 @@ class SessionStore:
                 continue  # written meanwhile (a racing CONNECT): read it again
             self._unwritten.pop((tenant, client_id), None)  # an earlier connection's here
             self._announce(tenant, client_id, revision, conn)
-            return record, revision, present
+            if behind:
+                log.info("= session of %s/%s taken from %s without its last state: what it "
+                         "may have sent goes again with DUP", tenant, client_id, holder_of)
+            return record, revision, present, behind
         raise StoreError("session claim kept conflicting")
 
     async def delete(self, tenant: str, client_id: str, *, conn: str = "") -> int:

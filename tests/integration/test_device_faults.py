@@ -25,7 +25,7 @@ holds each device to what the docs promise:
 - a plain device gets a second copy of an event only if it had not acknowledged it (left
   unacknowledged, or acknowledged on a connection cut with a RST, whose PUBACKs may not have
   been read), or if the node that held it was killed (-9) after the PUBACK (the cursor is
-  written behind the PUBACKs); without a node kill that copy carries DUP;
+  written behind the PUBACKs); that copy always carries DUP;
 - a plain device that has a session finds it (session present) on every later CONNECT;
 - an SDK device hands each event out once, in order, with no ``Resync``.
 
@@ -493,10 +493,6 @@ def _killed_between(faults: list[Fault], node: str, after: float, before: float)
                for f in faults)
 
 
-def _fault_between(faults: list[Fault], after: float, before: float) -> bool:
-    return any(f.started <= before and (not f.healed or f.healed >= after) for f in faults)
-
-
 def _describe(log: DeviceLog, i: int, room: str, t0: float) -> str:
     """Connection ``i`` of a device, for a report: node, times, end, what it got of ``room``."""
     c = log.conns[i]
@@ -544,12 +540,13 @@ def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Faul
                 first[g.seq] = g
                 continue  # left unacknowledged: may come again
             pc = log.conns[prev.conn]
+            # Sent before, so with DUP: the node's record of what it sent, or the handover's
+            # last state, says so; or the claim found neither (the holder's node killed) and
+            # sent everything stored until then with DUP.
+            if not g.dup:
+                bad.append(f"{room}:{g.seq} received again without DUP on conn {g.conn} "
+                           f"(first on conn {prev.conn}, {pc.node}, ended {pc.how})")
             if pc.how == "rst" or pc.how.startswith("lost"):
-                # Without DUP only when a fault came between: the node's record of what it
-                # had sent (a session write) may have been lost with it.
-                if not g.dup and not _fault_between(faults, prev.t, g.t):
-                    bad.append(f"{room}:{g.seq} resent without DUP on conn {g.conn} "
-                               f"(first on conn {prev.conn}, {pc.how})")
                 first[g.seq] = g
                 continue  # its PUBACK may never have been read
             if _killed_between(faults, pc.node, prev.t, g.t):

@@ -621,3 +621,34 @@ async def test_acknowledged_events_are_not_sent_again_when_the_last_write_failed
     [(_pid, _qos, dup, event)] = await receive(raw, 1)
     assert (event["seq"], dup) == (live, False), "the acknowledged ones are not sent again"
     await raw.disconnect()
+
+
+@pytest.mark.parametrize("holder", ["gone", "this node"])
+async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
+        make_node: Any, holder: str) -> None:
+    """The session's record says a connection holds it, and nothing newer comes from that
+    connection: its node is gone ("gone": nobody answers the handover) or was restarted since
+    ("this node": a kill -9 and a restart, and the device comes back to it; the process that
+    answers never held it). The record's cursor and sent mark may be behind what the device
+    got and acknowledged (they are written behind the PUBACKs), so every event stored until the
+    resume goes with DUP ("might be re-delivery"), and later ones without. They went without
+    DUP: a device saw acknowledged events again with nothing to tell it so."""
+    from bridge.mqtt_sessions import SessionRecord
+
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    seqs = await store(node, room, 6)
+    await node.sessions.write(SessionRecord(
+        "default", dev, subs={f"rooms/{room}": 1}, cursors={room: seqs[1]},
+        sent={room: seqs[1]}, epoch=node.store.epoch,
+        node="a-node-gone" if holder == "gone" else node.sessions.node, connected=True), 0)
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present
+    again = await receive(raw, 4)
+    assert [(m["seq"], d) for _, _q, d, m in again] == [(s, True) for s in seqs[2:]]
+    record = await saved(node, dev, lambda r: r.cursors.get(room) == seqs[-1])
+    assert record.sent[room] >= seqs[-1]  # kept: still DUP on a resume before they are acked
+    [live] = await store(node, room, 1, start=6)
+    [(_pid, _qos, dup, event)] = await receive(raw, 1)
+    assert (event["seq"], dup) == (live, False)
+    await raw.disconnect()

@@ -67,7 +67,7 @@ async def _last_write(holder: SessionStore, record: SessionRecord, revision: int
 async def _claim(store: SessionStore, device: str, epoch: str, conn: str,
                  delay: float) -> tuple[int, bool]:
     await asyncio.sleep(delay)
-    _, revision, present = await store.claim("t", device, epoch=epoch, conn=conn)
+    _, revision, present, _ = await store.claim("t", device, epoch=epoch, conn=conn)
     return revision, present
 
 
@@ -79,7 +79,7 @@ async def test_racing_claims_and_writes_never_report_a_lost_race_as_unavailable(
         device = f"dev-{rnd % 3}"
         # The device's current holder writes its last cursors (a lost connection) while
         # 1-3 claims of other connections, on any node, race it and each other.
-        record, revision, _ = await stores[rng.randrange(3)].claim("t", device, epoch=epoch)
+        record, revision, _, _ = await stores[rng.randrange(3)].claim("t", device, epoch=epoch)
         record.cursors = {"r": rnd}
         holder = stores[rng.randrange(3)]
         claimers = [stores[rng.randrange(3)] for _ in range(rng.randint(1, 3))]
