@@ -153,4 +153,5 @@ async def test_workers_come_go_and_crash_each_room_stays_whole_and_in_order(
             order.append(seq)
         assert order == stored[room], f"{room}: handled out of order or incomplete"
     print(f"  {len(log)} handled for {total} stored, {repeats} repeats after handovers, "
-          f"{n} workers, {len(crashed)} crashed")
+          f"{n} workers, {len(crashed)} crashed, "
+          f"{sum(w.consumer.takeovers for w in workers)} partitions taken over")
