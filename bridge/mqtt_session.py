@@ -761,6 +761,7 @@ class MqttSession(asyncio.Protocol):
     def _on_subscribe(self, packet: Any) -> None:
         principal = self.principal
         assert principal is not None and self.tunnel is not None
+        before = dict(self.subs)
         granted = []
         later: list[tuple[str, int, int]] = []  # (room, its place in granted, granted QoS)
         for topic_filter, qos in packet.topics:
@@ -794,9 +795,29 @@ class MqttSession(asyncio.Protocol):
             # Each QoS 1 room starts from the room's latest seq (its cursor, persisted), and a
             # state room's values are read, before the SUBACK; the packets after the
             # SUBSCRIBE wait for them.
-            self._gate(self._subscribe_later(packet.packet_id, granted, later), "subscribe")
+            self._gate(self._subscribe_later(packet.packet_id, granted, later,
+                                             self.subs != before), "subscribe")
+            return
+        if self.persistent and self.subs != before:
+            self._gate(self._suback_once_saved(packet.packet_id, granted), "subscribe")
             return
         self._suback(packet.packet_id, granted)
+
+    async def _suback_once_saved(self, packet_id: int, granted: list[int]) -> None:
+        """The SUBACK of new QoS 0 subscriptions of a persistent session, once the session
+        holding them is written, as for QoS 1 (:meth:`_subscribe_later`)."""
+        await self._saved_before_suback()
+        self._suback(packet_id, granted)
+
+    async def _saved_before_suback(self) -> None:
+        """Write the session and wait for it: the SUBACK says the session holds the
+        subscription, and a node killed before the write would leave a device that resumes its
+        session (and need not subscribe again) without it, silently. Bounded: a store that
+        does not answer gets the SUBACK anyway."""
+        self._persist()
+        if not await self._until_saved():
+            log.info("! %s: SUBACK before the session holding its subscription was written",
+                     self.client_id)
 
     def _suback(self, packet_id: int, granted: list[int]) -> None:
         assert self.tunnel is not None
@@ -808,9 +829,10 @@ class MqttSession(asyncio.Protocol):
                 self.send_publish(self.tunnel.topic, notice)
 
     async def _subscribe_later(self, packet_id: int, granted: list[int],
-                               rooms: list[tuple[str, int, int]]) -> None:
+                               rooms: list[tuple[str, int, int]], changed: bool) -> None:
         """SUBSCRIBE to QoS 1 rooms and to state rooms: what they need read first, then the
-        SUBACK, then each room's retained values and its events."""
+        SUBACK (once the session holding new subscriptions is written), then each room's
+        retained values and its events. ``changed``: the SUBSCRIBE added QoS 0 ones."""
         assert self.principal is not None
         tenant, store = self.principal.tenant, self.ctx.store
         todo: list[tuple[str, int | None, list[dict[str, Any]]]] = []
@@ -838,15 +860,8 @@ class MqttSession(asyncio.Protocol):
                 self.qos.track(room, start)
                 self.subs[f"rooms/{room}"] = 1
                 tracked = True
-        if tracked:
-            # The SUBACK says the session holds the subscription: a node killed before the
-            # write would leave a device that resumes its session (and need not subscribe
-            # again) without it, silently. Bounded: a store that does not answer gets the
-            # SUBACK anyway, as before.
-            self._persist()
-            if not await self._until_saved():
-                log.info("! %s: SUBACK before the session holding its subscription was "
-                         "written", self.client_id)
+        if tracked or changed:
+            await self._saved_before_suback()
         self._suback(packet_id, granted)
         for room, start, values in todo:
             if start == -1:  # QoS 0

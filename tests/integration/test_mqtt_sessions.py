@@ -556,13 +556,15 @@ async def test_a_qos1_subscription_is_never_saved_without_its_cursor(make_node: 
     await raw.disconnect()
 
 
-async def test_a_qos1_suback_comes_once_the_session_holds_the_subscription(
-        make_node: Any) -> None:
-    """The SUBACK of a QoS 1 subscription of a persistent session comes once the session
-    holding it is written. It came first: a node killed before the write left a device that
-    resumes its session (and need not subscribe again) without the subscription, silently."""
-    node = await make_node()
-    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+@pytest.mark.parametrize(("qos", "namespace"), [(1, "cmd"), (0, "cmd"), (0, "st")])
+async def test_a_suback_comes_once_the_session_holds_the_subscription(
+        make_node: Any, qos: int, namespace: str) -> None:
+    """The SUBACK of a subscription of a persistent session comes once the session holding it
+    is written, at any QoS, to a state room too ("st"). It came first (at QoS 0 until now): a
+    node killed before the write left a device that resumes its session (and need not
+    subscribe again) without the subscription, silently."""
+    node = await make_node(namespaces={"st": {"state": True}})
+    room, dev = unique(namespace), unique("dev").replace(":", "-")
     raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
     real_write, held, writing = node.sessions.write, asyncio.Event(), asyncio.Event()
 
@@ -574,18 +576,18 @@ async def test_a_qos1_suback_comes_once_the_session_holds_the_subscription(
 
     node.sessions.write = write
     try:
-        suback = asyncio.create_task(raw.subscribe(f"rooms/{room}"))
+        suback = asyncio.create_task(raw.subscribe(f"rooms/{room}", qos))
         await asyncio.wait_for(writing.wait(), 5)
         done, _ = await asyncio.wait({suback}, timeout=0.5)
         assert not done, "SUBACK before the session holding the subscription was written"
         held.set()
-        assert await asyncio.wait_for(suback, 5) == [1]
+        assert await asyncio.wait_for(suback, 5) == [qos]
     finally:
         held.set()
         node.sessions.write = real_write
     record = await node.sessions.get("default", dev)
-    assert record is not None and record.subs.get(f"rooms/{room}") == 1, record
-    assert room in record.cursors, record
+    assert record is not None and record.subs.get(f"rooms/{room}") == qos, record
+    assert (room in record.cursors) == bool(qos), record
     await raw.disconnect()
 
 
