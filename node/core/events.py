@@ -158,10 +158,29 @@ def dedupe_key(principal: Principal, room: str, msg_id: str | None) -> str:
 
     Scoped to tenant, room and publisher: nobody can suppress another's events by reusing
     their msg_id. Without a msg_id the node still sets a key of its own, so that its internal
-    retries (leader election, reconnect) never store an event twice.
+    retries (leader election, reconnect) never store an event twice. A msg_id a NATS header
+    would change on its way (spaces, control characters) is escaped, and so is ``%``.
     """
-    key = msg_id if msg_id is not None else _KEYS.next()
+    key = _KEYS.next() if msg_id is None else msg_id if _header_safe(msg_id) \
+        else _escape_msg_id(msg_id)
     return f"{principal.tenant}/{room}/{principal.sub}/{key}"
+
+
+def _header_safe(msg_id: str) -> bool:
+    # Printable and without space or %: what a NATS header carries as it is (most msg_ids).
+    return msg_id.isprintable() and " " not in msg_id and "%" not in msg_id
+
+
+def _escape_msg_id(msg_id: str) -> str:
+    """``msg_id`` with ``%``, spaces and every character that is not printable as ``%XX`` of
+    its UTF-8 bytes: one key per msg_id. A header value loses its trailing whitespace and has CR
+    and LF made spaces on its way (nats-py, nats-server), so ``a``, ``a `` and ``a\u3000``, or
+    ``a\nb`` and ``a b``, were one key: the second publish was answered with the first's seq
+    and never stored."""
+    return "".join(
+        c if c.isprintable() and c not in " %"
+        else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in msg_id)
 
 
 async def read_history(

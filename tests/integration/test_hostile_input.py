@@ -18,7 +18,7 @@ import aiohttp
 import cbor2
 import pytest
 
-from tests.doors import mqtt_device, tunnel_request
+from tests.doors import make_door, mqtt_device, tunnel_request
 from tests.integration.test_sse import open_sse
 from tests.unit.test_cbor_decoder import message as hostile_message
 from tests.wsclient import RawClient, token, unique, ws_url
@@ -85,6 +85,38 @@ async def test_lone_surrogate_in_a_request_id(make_node) -> None:
     assert ok["type"] == "published"
     assert await history_len(node, room) == 1
     await still_serves(node)
+
+
+# Pairs of msg_ids that a NATS header would make one (it loses trailing whitespace, and CR and
+# LF become spaces), and the escape's own ``%``.
+DISTINCT_MSG_IDS = [("a ", "a"), ("a\t", "a"), ("a\rb", "a b"), ("a\nb", "a b"),
+                    ("a\u3000", "a"), ("a\x85", "a"), ("a\x1f", "a"), ("a%20", "a "),
+                    ("a%", "a%25")]
+
+
+@pytest.mark.parametrize("door", ["ws-json", "tunnel", "http-api"])
+async def test_msg_ids_a_header_would_merge_are_distinct_keys(make_node, door: str) -> None:
+    """Two msg_ids that differ only in spacing are two events, each deduplicated on its own:
+    they were one ``Nats-Msg-Id``, so the second was answered with the first's seq and never
+    stored (acknowledged, and lost)."""
+    node = await make_node()
+    publisher = make_door(door, node, {"*": ["publish", "join", "history"]})
+    await publisher.open()
+    try:
+        for first, second in DISTINCT_MSG_IDS:
+            room = unique("mid")
+            a = await publisher.publish(room, "e", 1, first)
+            b = await publisher.publish(room, "e", 2, second)
+            again = await publisher.publish(room, "e", 3, first)
+            assert a.kind == b.kind == "stored" and a.seq != b.seq, (first, second, a, b)
+            assert again.seq == a.seq, (first, again)  # a retry is still one event
+            reader = await RawClient.connected(ws_url(node), token("reader"))
+            hist = await reader.request({"type": "history", "room": room})
+            await reader.close()
+            assert [e["data"] for e in hist["events"]] == [1, 2], (first, second, hist)
+            assert [e["msg_id"] for e in hist["events"]] == [first, second]
+    finally:
+        await publisher.close()
 
 
 async def test_since_beyond_the_seq_range_is_4000(make_node) -> None:

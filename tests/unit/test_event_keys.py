@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from node.core import events
-from node.core.events import _Keys
+from node.core.events import _Keys, dedupe_key
+from node.protocol.tokens import Principal
 
 
 def test_keys_are_distinct_and_a_reseed_changes_the_prefix() -> None:
@@ -32,3 +33,17 @@ def test_a_forked_child_draws_its_own_prefix() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert child and child != parent
+
+
+def test_a_msg_id_is_its_own_key_after_a_header_s_trims() -> None:
+    """A header value loses its trailing whitespace and has CR and LF made spaces: msg_ids
+    that would differ only there are escaped (``%`` too), each to its own key; the usual ones
+    are kept as they are."""
+    alice = Principal(sub="alice", tenant="t1")
+    ids = ["a", "a ", "a\t", "a\rb", "a\nb", "a b", "a\u3000", "a\x85", "a%20", "a%", "a%25",
+           "a\x00", "\u00e9\U0001f600", "m-1:x/y"]
+    keys = [dedupe_key(alice, "chat:a", i) for i in ids]
+    assert keys[0] == "t1/chat:a/alice/a" and keys[-1] == "t1/chat:a/alice/m-1:x/y"
+    assert keys[-2] == "t1/chat:a/alice/\u00e9\U0001f600"
+    assert len(set(keys)) == len(ids), keys
+    assert all(k.isprintable() and " " not in k for k in keys), keys  # a header keeps them
