@@ -185,7 +185,7 @@ export declare class Client extends EventTarget {
   rpc(to: string, method: string, params?: unknown, opts?: { timeoutMs?: number }): Promise<unknown>;
   onRpc(method: string, handler: (params: any, info: RpcInfo) => unknown): () => void;
   history(room: string, opts?: { since?: number; limit?: number; reverse?: boolean }):
-    Promise<{ room: string; events: RoomEvent[]; seq: number }>;
+    Promise<{ room: string; events: RoomEvent[]; seq: number; more?: boolean }>;
   presence(room: string): Promise<{
     room: string;
     members: { client_id: string; user: string; kind: string; node: string; joined_at: number }[];

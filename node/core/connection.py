@@ -35,7 +35,7 @@ from node.core.context import (
     Shutdown,
     TransportClosed,
 )
-from node.core.events import event_map, read_history
+from node.core.events import event_map, fit_history, read_history
 from node.core.index import IndexedConnection
 from node.core.limits import TokenBucket
 from node.core.outbox import Outbox
@@ -802,7 +802,11 @@ class ConnectionActor(Actor):
         except StoreError:
             self._tell(Invalid(4500, "could not read history", command.request_id))
             return
-        self.session.receive_history(command.request_id, command.room, events, latest)
+        # Half the slow-consumer budget: the page is one frame, which the outbox must take.
+        events, more = fit_history(events, self.outbox.codec.encode,
+                                   self.settings.slow_consumer_bytes // 2,
+                                   keep_last=command.since is None and not command.reverse)
+        self.session.receive_history(command.request_id, command.room, events, latest, more)
         self._execute_now()
 
     async def _read_presence(self, command: ReadPresence) -> None:

@@ -7,6 +7,7 @@ import itertools
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from node.core.ports import RoomStore
@@ -16,7 +17,7 @@ from node.protocol.tokens import Principal
 
 __all__ = [
     "EVENT_FIELDS", "RecentEvents", "dedupe_key", "event_body", "event_frame", "event_map",
-    "now_ms", "read_history",
+    "fit_history", "now_ms", "read_history",
 ]
 
 
@@ -204,3 +205,31 @@ async def read_history(
             event["seq"] = ev.seq
             events.append(event)
     return events, latest
+
+
+def fit_history(events: list[dict[str, Any]], encode: Callable[[Any], bytes], budget: int, *,
+                keep_last: bool) -> tuple[list[dict[str, Any]], bool]:
+    """The events of a ``history`` page that fit in ``budget`` bytes as ``encode`` writes them,
+    and whether some were left out (the reply then says ``more: true``).
+
+    A page is one frame, and a connection's outbox refuses more than ``slow_consumer_bytes``
+    at once (4008): 100 events of 11 KB, or 16 of 64 KB of NUL characters (6 bytes each in
+    JSON), closed the connection of every reader that asked, and again when it came back. The
+    events kept are those next to where the page starts: the newest for a page of the latest
+    events in ascending order (``keep_last``), else the first; always at least one, so that a
+    reader paging on always moves on.
+    """
+    total = sum(len(encode(event)) for event in events)
+    if total <= budget or len(events) <= 1:
+        return events, False
+    ordered = reversed(events) if keep_last else iter(events)
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for event in ordered:
+        size += len(encode(event))
+        if kept and size > budget:
+            break
+        kept.append(event)
+    if keep_last:
+        kept.reverse()
+    return kept, True

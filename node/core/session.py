@@ -470,10 +470,13 @@ class ConnectionSession(RoomRules, RpcRules):
             frame.since.seq if frame.since else None, frame.limit, frame.reverse))
 
     def receive_history(self, request_id: Any, room: str, events: list[Any],
-                        latest: int) -> None:
-        """The answer to :class:`ReadHistory`."""
-        self._reply(request_id, {"type": "history", "room": room, "events": events,
-                                 "seq": latest})
+                        latest: int, more: bool = False) -> None:
+        """The answer to :class:`ReadHistory` (``more``: the page was cut to fit the outbox)."""
+        reply: dict[str, Any] = {"type": "history", "room": room, "events": events,
+                                 "seq": latest}
+        if more:
+            reply["more"] = True
+        self._reply(request_id, reply)
 
     def _presence_request(self, frame: Presence, now: float) -> None:
         assert self.principal is not None

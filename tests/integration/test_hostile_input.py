@@ -119,6 +119,42 @@ async def test_msg_ids_a_header_would_merge_are_distinct_keys(make_node, door: s
         await publisher.close()
 
 
+@pytest.mark.parametrize("codec", ["json", "cbor"])
+async def test_a_history_page_too_large_for_the_outbox_is_cut_not_a_4008(
+        make_node, codec: str) -> None:
+    """Events at the size limit, of NUL characters (1 byte in CBOR, 6 in JSON): a page of 20 of
+    them is 7.8 MB in JSON, 1.3 MB in CBOR, more than a connection's outbox takes at once
+    (``slow_consumer_bytes``, 1 MiB). It used to close the reader with 4008 (and again each time
+    it came back and asked); now the page is cut, says ``more: true``, and paging reads all."""
+    node = await make_node()
+    room = unique("bighist")
+    pub = await RawClient.connected(ws_url(node), token("big-writer"), codec="cbor")
+    seqs = []
+    for _ in range(20):
+        reply = await pub.request({"type": "publish", "room": room, "event": "nul",
+                                   "data": "\x00" * 65000})
+        assert reply["type"] == "published", reply
+        seqs.append(reply["seq"])
+    reader = await RawClient.connected(ws_url(node), token("big-reader"), codec=codec)
+    page = await reader.request({"type": "history", "room": room})
+    assert page["type"] == "history" and page.get("more") is True, {**page, "events": "..."}
+    got = [e["seq"] for e in page["events"]]
+    assert got and got == seqs[-len(got):]  # the latest, oldest first
+    while page.get("more"):
+        page = await reader.request({"type": "history", "room": room, "reverse": True,
+                                     "since": {"seq": got[0]}})
+        assert page["type"] == "history" and page["events"], {**page, "events": "..."}
+        got[:0] = reversed([e["seq"] for e in page["events"]])
+    assert got == seqs
+    assert all(e["data"] == "\x00" * 65000 for e in page["events"])
+    forward = await reader.request({"type": "history", "room": room, "since": {"seq": 0}})
+    assert forward["more"] is True and [e["seq"] for e in forward["events"]] == seqs[
+        :len(forward["events"])]
+    assert (await reader.request({"type": "ping"}))["type"] == "pong"
+    await reader.close()
+    await pub.close()
+
+
 async def test_since_beyond_the_seq_range_is_4000(make_node) -> None:
     node = await make_node()
     room = unique("since")

@@ -1,5 +1,6 @@
 """The node's own dedupe keys (node/core/events.py): distinct within a process, and a new
-random prefix after a fork, so two workers forked from one parent never share keys."""
+random prefix after a fork, so two workers forked from one parent never share keys; a client's
+msg_id kept whole through a NATS header; a history page cut to what an outbox takes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 from node.core import events
 from node.core.events import _Keys, dedupe_key
+from node.protocol.frames import CBOR
 from node.protocol.tokens import Principal
 
 
@@ -47,3 +49,17 @@ def test_a_msg_id_is_its_own_key_after_a_header_s_trims() -> None:
     assert keys[-2] == "t1/chat:a/alice/\u00e9\U0001f600"
     assert len(set(keys)) == len(ids), keys
     assert all(k.isprintable() and " " not in k for k in keys), keys  # a header keeps them
+
+
+def test_a_history_page_is_cut_to_its_budget_next_to_where_it_starts() -> None:
+    from node.core.events import fit_history
+
+    events = [{"seq": i, "data": "x" * 10} for i in range(1, 11)]
+    size = len(CBOR.encode(events[0]))
+    assert fit_history(events, CBOR.encode, 10 * size, keep_last=True) == (events, False)
+    kept, more = fit_history(events, CBOR.encode, 3 * size, keep_last=True)
+    assert more and [e["seq"] for e in kept] == [8, 9, 10]
+    kept, more = fit_history(events, CBOR.encode, 3 * size, keep_last=False)
+    assert more and [e["seq"] for e in kept] == [1, 2, 3]
+    kept, more = fit_history(events, CBOR.encode, 1, keep_last=False)
+    assert more and [e["seq"] for e in kept] == [1]  # at least one: paging moves on
