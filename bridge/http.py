@@ -96,12 +96,16 @@ class HttpLimits:
         max_per_peer: Open connections per peer address (``max_connections_per_ip``).
         failures_per_min: Connections per peer address per minute that may end refused
             before new ones from it are refused at accept (``peer_failures_per_min``).
+        max_field_size: The longest header value read (aiohttp's own bound is 8190 bytes):
+            the node makes it as long as the longest SSE cursor (``bridge.sse.longest_cursor``)
+            so that a reconnecting EventSource's ``Last-Event-ID`` is read.
     """
 
     header_timeout_s: float = 5.0
     keepalive_s: float = 5.0
     max_per_peer: int = 1000
     failures_per_min: int = 60
+    max_field_size: int = 8190
 
 
 @dataclass
@@ -166,7 +170,8 @@ class HttpBridge:
     async def start(self) -> None:
         """Bind and start serving."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     keepalive_timeout=self.limits.keepalive_s)
+                                     keepalive_timeout=self.limits.keepalive_s,
+                                     max_field_size=self.limits.max_field_size)
         await self._runner.setup()
         site = GuardedSite(self._runner, self.host, self.port, self.guard,
                            ssl_context=self.ssl_context, reuse_port=self.reuse_port)

@@ -25,7 +25,7 @@ from bridge.nats_link import NatsLink, StreamSettings
 from bridge.presence import PresenceTracker
 from bridge.room_store import JetStreamRoomStore
 from bridge.rpc import NatsRpc
-from bridge.sse import SseBridge
+from bridge.sse import SseBridge, longest_cursor
 from bridge.state_store import StateStore
 from bridge.static import StaticSite, StatsPublisher
 from bridge.webhook import WebhookRunner
@@ -252,7 +252,9 @@ class Node:
                 limits=HttpLimits(header_timeout_s=s.http_header_timeout_s,
                                   keepalive_s=s.http_keepalive_s,
                                   max_per_peer=s.max_connections_per_ip,
-                                  failures_per_min=s.peer_failures_per_min),
+                                  failures_per_min=s.peer_failures_per_min,
+                                  max_field_size=max(8190, longest_cursor(
+                                      s.max_rooms_per_connection) + 64)),
                 reuse_port=self.worker,
             )
             self.ws.on_failed = self.http.guard.failed

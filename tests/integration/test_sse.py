@@ -322,3 +322,35 @@ async def test_drain_ends_streams_with_4503(make_node) -> None:
         await stopping
     assert msg["event"] == "disconnect"
     assert data(msg) == {"code": 4503, "reason": "node shutting down", "reconnect": True}
+
+
+@pytest.mark.integration
+async def test_the_cursor_of_many_long_rooms_resumes(make_node) -> None:
+    """63 rooms of 128 characters fit in the request line (``?room=a,b,...``, 8.1 KB), but their
+    cursor (``room:seq`` each) is longer than the 8190 bytes aiohttp reads of a header: the
+    stream's own ``id`` sent back as ``Last-Event-ID`` was a 400, and an EventSource that lost
+    its connection could never come back. The node reads header values as long as its longest
+    cursor."""
+    node = await make_node()
+    tag = unique("c")[2:]
+    rooms = [f"c:{tag}{i:03d}".ljust(128, "x") for i in range(63)]
+    url = sse_url(node) + "?room=" + ",".join(rooms)
+    auth = {"Authorization": f"Bearer {token('long-reader')}"}
+    pub = await RawClient.connected(ws_url(node), token("long-writer"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers=auth) as resp:
+            assert resp.status == 200
+            sse = SseStream(resp)
+            await sse.joined()
+            first = await pub.request({"type": "publish", "room": rooms[0], "event": "e"})
+            msg = await sse.message()
+        cursor = msg["id"]
+        assert len(cursor) > 8190 and parse_cursor(cursor)[rooms[0]] == first["seq"]
+        async with http.get(url, headers={**auth, "Last-Event-ID": cursor}) as resp:
+            assert resp.status == 200, await resp.text()
+            sse = SseStream(resp)
+            assert await sse.joined() == cursor  # resumed from it
+            second = await pub.request({"type": "publish", "room": rooms[1], "event": "e"})
+            msg = await sse.message()
+            assert parse_cursor(msg["id"])[rooms[1]] == second["seq"]
+    await pub.close()
