@@ -169,9 +169,13 @@ class HttpBridge:
 
     async def start(self) -> None:
         """Bind and start serving."""
+        # auto_decompress off: aiohttp inflated each body as it arrived, on the loop and before
+        # any handler (a 200 KB gzip of zeros to any path held the loop ~1 s); the API inflates
+        # its bodies itself, within the body limit (bridge.api.decode_body).
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      keepalive_timeout=self.limits.keepalive_s,
-                                     max_field_size=self.limits.max_field_size)
+                                     max_field_size=self.limits.max_field_size,
+                                     auto_decompress=False)
         await self._runner.setup()
         site = GuardedSite(self._runner, self.host, self.port, self.guard,
                            ssl_context=self.ssl_context, reuse_port=self.reuse_port)

@@ -395,3 +395,59 @@ async def test_clients_of_a_failing_peer_come_in_one_per_token(make_node) -> Non
     assert await _fail_and_rush(node, 7, 8) <= 4  # 3 left, and what refilled meanwhile
     other = await make_node(**edge(peer_failures_per_min=10))
     assert await _fail_and_rush(other, 2, 8) == 8
+
+
+async def _loop_lag_during(coro: Any) -> tuple[Any, float]:
+    """``coro``'s result, and the longest the event loop (the in-process node's) was held."""
+    lag, done = 0.0, False
+
+    async def tick() -> None:
+        nonlocal lag
+        while not done:
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lag = max(lag, time.perf_counter() - start - 0.005)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await coro, lag
+    finally:
+        done = True
+        await ticker
+
+
+async def test_a_compressed_body_is_not_inflated_on_the_loop(make_node, caplog) -> None:
+    """A 200 KB gzip of 200 MB of zeros, to a path that takes no body, without a token: aiohttp
+    inflated it as it arrived, on the node's loop (~1 s held; every client waited). Bodies are
+    not inflated by the server now; the API inflates its own within its limit: a gzip body is
+    read, a bomb is 413, a broken one 400, never a 500 with a stack trace."""
+    import gzip
+    import logging
+
+    node = await make_node()
+    caplog.set_level(logging.WARNING)
+    bomb = gzip.compress(bytes(200_000_000), compresslevel=9)
+    tok = token("gzip-backend", kind="service")
+    room = unique("gz")
+    publish = f'{{"room":"{room}","event":"e","data":1}}'.encode()
+
+    async def send(path: str, body: bytes, auth: bool = False) -> bytes:
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                + (f"Authorization: Bearer {tok}\r\n" if auth else "") + "\r\n").encode()
+        async with raw(node.http.port) as (reader, writer):
+            writer.write(head + body)
+            data, _ = await closed_after(reader, 10)
+        return data
+
+    answer, lag = await _loop_lag_during(send("/healthz", bomb))
+    assert answer.startswith(b"HTTP/1.1 405") and lag < 0.5, (answer[:40], lag)
+    answer, lag = await _loop_lag_during(send("/api/publish", bomb, auth=True))
+    assert answer.startswith(b"HTTP/1.1 413") and b'"code":4013' in answer and lag < 0.5, (
+        answer[:40], lag)
+    answer = await send("/api/publish", b"\x1f\x8b" + bytes(100), auth=True)
+    assert answer.startswith(b"HTTP/1.1 400") and b'"code":4000' in answer, answer
+    answer = await send("/api/publish", gzip.compress(publish), auth=True)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"seq"' in answer, answer
+    failures = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not failures, [r.getMessage() for r in failures[:3]]
