@@ -33,6 +33,7 @@ __all__ = [
     "CBOR",
     "CODECS",
     "JSON",
+    "MIN_FRAME_BYTES",
     "REWIND_MAX",
     "ROOM_RE",
     "SEQ_MAX",
@@ -314,8 +315,9 @@ class Codec(Protocol):
     name: str
     binary: bool
 
-    def decode(self, data: bytes | str) -> list[Any]:
-        """Every frame of one message, in order. Raises CodecError."""
+    def decode(self, data: bytes | str, max_frames: int | None = None) -> list[Any]:
+        """Every frame of one message, in order. Raises CodecError, also for a message of
+        more than ``max_frames`` frames (if given)."""
 
     def encode(self, frame: Any) -> bytes:
         """One frame, ready to be joined with others of the same message."""
@@ -391,13 +393,16 @@ class JsonCodec:
         separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
     )
 
-    def decode(self, data: bytes | str) -> list[Any]:
+    def decode(self, data: bytes | str, max_frames: int | None = None) -> list[Any]:
         if isinstance(data, bytes):
             try:
                 data = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise CodecError("message is not valid UTF-8") from None
-        return [json_loads_strict(line) for line in data.split("\n") if line.strip()]
+        lines = [line for line in data.split("\n") if line.strip()]
+        if max_frames is not None and len(lines) > max_frames:
+            raise _too_many(max_frames)
+        return [json_loads_strict(line) for line in lines]
 
     def encode(self, frame: Any) -> bytes:
         """Never fails: what JSON cannot hold (from an older node's store) is made safe.
@@ -416,6 +421,16 @@ class JsonCodec:
 
     def join(self, frames: list[bytes]) -> bytes:
         return b"\n".join(frames)
+
+
+#: The fewest bytes a valid frame takes: ``{"type": "ping"}`` in CBOR (11; 15 in JSON). A
+#: message of ``max_frame_bytes`` holds at most ``max_frame_bytes // MIN_FRAME_BYTES`` frames;
+#: one that holds more has items no frame is made of.
+MIN_FRAME_BYTES = 11
+
+
+def _too_many(max_frames: int) -> CodecError:
+    return CodecError(f"more than {max_frames} frames in one message")
 
 
 def _reject_constant(name: str) -> Any:
@@ -491,15 +506,18 @@ class CborCodec:
             decoder = local.decoder = _cbor_decoder()
         return decoder
 
-    def decode(self, data: bytes | str) -> list[Any]:
+    def decode(self, data: bytes | str, max_frames: int | None = None) -> list[Any]:
         if isinstance(data, str):
             raise CodecError("CBOR frames travel in binary messages")
         decoder = self.decoder()
         fp = decoder.fp = io.BytesIO(data)  # it holds the last message's bytes until the next
-        frames = []
+        frames: list[Any] = []
         end = len(data)
+        most = end if max_frames is None else max_frames
         try:
             while fp.tell() < end:
+                if len(frames) >= most:
+                    raise _too_many(most)
                 frames.append(decoder.decode())
         except (cbor2.CBORError, ValueError, RecursionError):
             raise CodecError("message is not valid CBOR") from None

@@ -397,7 +397,7 @@ async def test_clients_of_a_failing_peer_come_in_one_per_token(make_node) -> Non
     assert await _fail_and_rush(other, 2, 8) == 8
 
 
-async def _loop_lag_during(coro: Any) -> tuple[Any, float]:
+async def loop_lag_during(coro: Any) -> tuple[Any, float]:
     """``coro``'s result, and the longest the event loop (the in-process node's) was held."""
     lag, done = 0.0, False
 
@@ -440,9 +440,9 @@ async def test_a_compressed_body_is_not_inflated_on_the_loop(make_node, caplog) 
             data, _ = await closed_after(reader, 10)
         return data
 
-    answer, lag = await _loop_lag_during(send("/healthz", bomb))
+    answer, lag = await loop_lag_during(send("/healthz", bomb))
     assert answer.startswith(b"HTTP/1.1 405") and lag < 0.5, (answer[:40], lag)
-    answer, lag = await _loop_lag_during(send("/api/publish", bomb, auth=True))
+    answer, lag = await loop_lag_during(send("/api/publish", bomb, auth=True))
     assert answer.startswith(b"HTTP/1.1 413") and b'"code":4013' in answer and lag < 0.5, (
         answer[:40], lag)
     answer = await send("/api/publish", b"\x1f\x8b" + bytes(100), auth=True)
