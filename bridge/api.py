@@ -38,7 +38,7 @@ from pydantic import (
 
 from actors.errors import ActorError
 from node.core.connection import KeepOffline, NodeContext, Shutdown
-from node.core.events import read_history
+from node.core.events import fit_history, read_history
 from node.core.ports import StoreError
 from node.protocol.errors import AuthError, ProtocolError
 from node.protocol.frames import JSON, ROOM_PATTERN, SEQ_MAX, json_loads_strict, publish_frame
@@ -46,6 +46,7 @@ from node.protocol.ids import ID_PATTERN, TENANT_PATTERN
 from node.protocol.tokens import Principal, TokenVerifier
 
 __all__ = [
+    "API_HISTORY_BYTES",
     "API_KEY_PRINCIPAL",
     "DISCONNECT_CODE",
     "HTTP_STATUS",
@@ -161,6 +162,11 @@ def validate(model: type[M], data: Any) -> M:
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         raise ProtocolError(4000, f"bad field {loc}: {err['msg']}") from None
 
+
+#: The most bytes of events one ``/api/history`` answer holds (JSON): more are cut, with
+#: ``more: true``. 1,000 events of 64 KB of NUL characters (6 bytes each in JSON) were one
+#: answer of 390 MB, built in the node's memory.
+API_HISTORY_BYTES = 8 * 2**20
 
 #: ``Content-Encoding`` values a body may have: identity, or one of zlib's (wbits 47 reads a
 #: gzip or a zlib header).
@@ -401,7 +407,10 @@ class HttpApi:
             )
         except StoreError:
             raise ProtocolError(4500, "could not read history", retry=True) from None
-        return {"events": events, "seq": latest}
+        events, more = fit_history(events, JSON.encode, API_HISTORY_BYTES,
+                                   keep_last=q.since is None and not q.reverse)
+        return {"events": events, "seq": latest, "more": True} if more else {
+            "events": events, "seq": latest}
 
     async def _state(self, request: web.Request, principal: Principal) -> dict[str, Any]:
         q = validate(RoomQuery, self._query(request))

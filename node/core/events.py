@@ -219,17 +219,16 @@ def fit_history(events: list[dict[str, Any]], encode: Callable[[Any], bytes], bu
     events in ascending order (``keep_last``), else the first; always at least one, so that a
     reader paging on always moves on.
     """
-    total = sum(len(encode(event)) for event in events)
-    if total <= budget or len(events) <= 1:
-        return events, False
     ordered = reversed(events) if keep_last else iter(events)
     kept: list[dict[str, Any]] = []
     size = 0
-    for event in ordered:
+    for event in ordered:  # encodes no more than the budget and one event
         size += len(encode(event))
         if kept and size > budget:
             break
         kept.append(event)
+    if len(kept) == len(events):
+        return events, False
     if keep_last:
         kept.reverse()
     return kept, True

@@ -155,6 +155,30 @@ async def test_a_history_page_too_large_for_the_outbox_is_cut_not_a_4008(
     await pub.close()
 
 
+async def test_an_api_history_answer_is_cut_at_its_byte_budget(make_node) -> None:
+    """/api/history built its whole answer: 1,000 events of 64 KB of NUL characters were 390 MB
+    of JSON in the node's memory. It is cut at API_HISTORY_BYTES, with ``more: true``."""
+    from bridge.api import API_HISTORY_BYTES
+
+    node = await make_node(api_key="history-key")
+    room = unique("apihist")
+    pub = await RawClient.connected(ws_url(node), token("big-writer"), codec="cbor")
+    seqs = []
+    for _ in range(24):  # 24 x 390 KB of JSON: past 8 MiB
+        reply = await pub.request({"type": "publish", "room": room, "event": "nul",
+                                   "data": "\x00" * 65000})
+        seqs.append(reply["seq"])
+    await pub.close()
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{node.http.port}/api/history", params={"room": room},
+            headers={"X-API-Key": "history-key"}) as resp:
+        body = await resp.read()
+    assert resp.status == 200 and len(body) <= API_HISTORY_BYTES + 2**20, len(body)
+    answer = json.loads(body)
+    got = [e["seq"] for e in answer["events"]]
+    assert answer["more"] is True and got and got == seqs[-len(got):]
+
+
 @pytest.mark.parametrize("connected", [True, False])
 async def test_a_message_of_many_bad_items_is_cheap_to_refuse(make_node, connected: bool) -> None:
     """One binary message of 60,000 one-byte CBOR items (each a 4000: not a map), with a token
