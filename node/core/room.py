@@ -692,6 +692,33 @@ class RoomActor(Actor):
         for msg in backlog:
             self._on_live(msg)
 
+    def _replay_frames(self, events: list[StoredEvent], start: int, after: int,
+                       cache: dict[int, tuple[dict[str, Any] | None, dict[str, bytes]]] | None,
+                       codec: FrameCodec) -> list[tuple[int, bytes]]:
+        """(seq, encoded frame) of a member's replay: ``events[start:]`` past ``after``, each
+        decoded once and encoded once per codec when a batch shares ``cache``; an event that
+        does not decode is left out."""
+        out: list[tuple[int, bytes]] = []
+        for i in range(start, len(events)):
+            ev = events[i]
+            if ev.seq <= after:
+                continue
+            if cache is None:
+                frame = self._frame(ev.seq, ev.body)
+                if frame is not None:
+                    out.append((ev.seq, codec.encode(frame)))
+                continue
+            hit = cache.get(ev.seq)
+            if hit is None:
+                hit = cache[ev.seq] = (self._frame(ev.seq, ev.body), {})
+            frame, encoded = hit
+            if frame is not None:
+                data = encoded.get(codec.name)
+                if data is None:
+                    data = encoded[codec.name] = codec.encode(frame)
+                out.append((ev.seq, data))
+        return out
+
     def _frame(self, seq: int | None, body: bytes) -> dict[str, Any] | None:
         event = None if self.recent is None else self.recent.take(body)
         if event is None:
@@ -1086,17 +1113,33 @@ class RoomActor(Actor):
             return
         events = done.events or []
         start = min(done.start, len(events))
-        if done.recovered:
-            member.cursor = max(member.cursor, join.since_seq or 0)
-        elif events:  # a rewind: its events, then live from target on
-            member.cursor = max(member.cursor, events[0].seq - 1)
+        codec = outbox.codec
+        recovered = done.recovered
+        since = (join.since_seq or 0) if recovered else 0
+        replay = self._replay_frames(events, start, since, done.cache, codec)
+        budget = outbox.limit // 2
+        if replay and sum(len(data) for _, data in replay) > budget:
+            # The replay goes to the outbox at once, which takes at most its limit: more would
+            # cut the member off (4008), and again each time it came back and asked. A recovery
+            # is whole or not at all (recovered: false, live from the room's seq: the client
+            # reloads, from history, paged); a rewind keeps its newest events that fit.
+            if recovered or join.silent:
+                replay, recovered = [], False
+            else:
+                replay = _newest_within(replay, budget)
+            log.info("= room %s: %s's replay over half the outbox (%d B): %s", self.room,
+                     member.client_id, budget, "rewind cut" if replay else "not recovered")
+        if recovered:
+            member.cursor = max(member.cursor, since)
+        elif replay:  # a rewind: its events, then live from target on
+            member.cursor = max(member.cursor, replay[0][0] - 1)
         else:
             member.cursor = done.target
         if not join.silent:
             joined: dict[str, Any] = {
                 "type": "joined", "room": self.room, "seq": done.target,
-                "epoch": self.store.epoch, "recovered": done.recovered,
-                "replayed": len(events) - start,
+                "epoch": self.store.epoch, "recovered": recovered,
+                "replayed": len(replay),
             }
             if join.request_id is not None:
                 joined["id"] = join.request_id
@@ -1105,28 +1148,12 @@ class RoomActor(Actor):
             if done.values is not None:
                 for state in state_frames(self.room, done.values):
                     outbox.send(state)
-        codec = outbox.codec
-        cache = done.cache
-        for i in range(start, len(events)):
-            ev = events[i]
-            if ev.seq <= member.cursor:
+        for at, replayed in replay:
+            if at <= member.cursor:
                 continue
-            member.cursor = ev.seq
-            if cache is None:
-                frame = self._frame(ev.seq, ev.body)
-                if frame is not None:
-                    outbox.push(codec.encode(frame))
-                continue
-            hit = cache.get(ev.seq)
-            if hit is None:
-                hit = cache[ev.seq] = (self._frame(ev.seq, ev.body), {})
-            frame, encoded = hit
-            if frame is not None:
-                data = encoded.get(codec.name)
-                if data is None:
-                    data = encoded[codec.name] = codec.encode(frame)
-                outbox.push(data)
-        self.counters.replayed += len(events) - start
+            member.cursor = at
+            outbox.push(replayed)
+        self.counters.replayed += len(replay)
         member.cursor = max(member.cursor, done.target)
         held, member.held = member.held, ()
         member.replaying = False
@@ -1140,3 +1167,11 @@ class RoomActor(Actor):
                 data = encoded[codec.name] = codec.encode(frame)
             outbox.push(data)
 
+
+def _newest_within(replay: list[tuple[int, bytes]], budget: int) -> list[tuple[int, bytes]]:
+    """The newest frames of ``replay`` whose bytes stay within ``budget`` (maybe none)."""
+    size, first = 0, len(replay)
+    while first > 0 and size + len(replay[first - 1][1]) <= budget:
+        first -= 1
+        size += len(replay[first][1])
+    return replay[first:]

@@ -119,6 +119,18 @@ async def test_msg_ids_a_header_would_merge_are_distinct_keys(make_node, door: s
         await publisher.close()
 
 
+async def _nul_events(pub: RawClient, room: str) -> list[int]:
+    """20 events at the size limit, of NUL characters (64 KB in CBOR, 390 KB in JSON); their
+    seqs."""
+    seqs = []
+    for _ in range(20):
+        reply = await pub.request({"type": "publish", "room": room, "event": "nul",
+                                   "data": "\x00" * 65000})
+        assert reply["type"] == "published", reply
+        seqs.append(reply["seq"])
+    return seqs
+
+
 @pytest.mark.parametrize("codec", ["json", "cbor"])
 async def test_a_history_page_too_large_for_the_outbox_is_cut_not_a_4008(
         make_node, codec: str) -> None:
@@ -129,12 +141,7 @@ async def test_a_history_page_too_large_for_the_outbox_is_cut_not_a_4008(
     node = await make_node()
     room = unique("bighist")
     pub = await RawClient.connected(ws_url(node), token("big-writer"), codec="cbor")
-    seqs = []
-    for _ in range(20):
-        reply = await pub.request({"type": "publish", "room": room, "event": "nul",
-                                   "data": "\x00" * 65000})
-        assert reply["type"] == "published", reply
-        seqs.append(reply["seq"])
+    seqs = await _nul_events(pub, room)
     reader = await RawClient.connected(ws_url(node), token("big-reader"), codec=codec)
     page = await reader.request({"type": "history", "room": room})
     assert page["type"] == "history" and page.get("more") is True, {**page, "events": "..."}
@@ -150,6 +157,37 @@ async def test_a_history_page_too_large_for_the_outbox_is_cut_not_a_4008(
     forward = await reader.request({"type": "history", "room": room, "since": {"seq": 0}})
     assert forward["more"] is True and [e["seq"] for e in forward["events"]] == seqs[
         :len(forward["events"])]
+    assert (await reader.request({"type": "ping"}))["type"] == "pong"
+    await reader.close()
+    await pub.close()
+
+
+@pytest.mark.parametrize("codec", ["json", "cbor"])
+async def test_a_replay_too_large_for_the_outbox_is_not_a_4008(make_node, codec: str) -> None:
+    """The same 20 events of NUL characters, replayed to a join: with ``since`` before them (a
+    client coming back), and with ``rewind``. The replay went to the outbox at once, over its
+    limit: 4008, and again each time the client came back and joined. Now a recovery that does
+    not fit is ``recovered: false`` (the client reloads from history, paged) and a rewind keeps
+    its newest events that fit; the connection goes on, live."""
+    node = await make_node()
+    room = unique("bigreplay")
+    pub = await RawClient.connected(ws_url(node), token("big-writer"), codec="cbor")
+    first = await pub.request({"type": "publish", "room": room, "event": "small", "data": 1})
+    seqs = await _nul_events(pub, room)
+    reader = await RawClient.connected(ws_url(node), token("big-reader"), codec=codec)
+    for _ in range(2):  # as a client that came back would, again
+        joined = await reader.request({"type": "join", "room": room,
+                                       "since": {"seq": first["seq"]}})
+        assert joined["type"] == "joined" and joined["recovered"] is False, joined
+        assert joined["seq"] == seqs[-1] and joined["replayed"] == 0, joined
+        assert (await reader.request({"type": "leave", "room": room}))["type"] == "left"
+    rewound = await reader.request({"type": "join", "room": room, "rewind": 20})
+    assert rewound["type"] == "joined" and 0 < rewound["replayed"] < 20, rewound
+    got = [(await reader.recv(10))["seq"] for _ in range(rewound["replayed"])]
+    assert got == seqs[-len(got):], got  # the newest that fit, in order
+    live = await pub.request({"type": "publish", "room": room, "event": "small", "data": 2})
+    event = await reader.recv(10)
+    assert (event["type"], event["seq"]) == ("event", live["seq"]), event
     assert (await reader.request({"type": "ping"}))["type"] == "pong"
     await reader.close()
     await pub.close()
