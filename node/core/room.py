@@ -1095,22 +1095,6 @@ class RoomActor(Actor):
         # position: a rewind of the last N would then leave the client's own events out.)
         if member.on_in_room is not None:
             member.on_in_room(self.room, member)
-        if (join.silent and not done.recovered and join.since_seq is not None
-                and join.since_seq < done.target
-                and join.since_epoch in (None, self.store.epoch)):
-            # A silent rejoin (this room restarted under a member, or a device's persistent
-            # session joins from its cursor) that cannot be recovered here: more than
-            # recovery_max events missed, or the last one it got was trimmed. Joining it at
-            # the room's position would skip events without a word; it is cut off as a slow
-            # consumer (4008) instead. A client then rejoins with ``since`` and is told
-            # ``recovered: false``; a persistent MQTT session resumes from its cursor through
-            # the bridge's paged read (and a gap notice when events were trimmed).
-            self._drop(member)
-            log.info("! room %s: %s's silent rejoin from %d not recoverable; cut off (4008)",
-                     self.room, member.client_id, join.since_seq)
-            outbox.slow = True
-            outbox.on_slow()
-            return
         events = done.events or []
         start = min(done.start, len(events))
         codec = outbox.codec
@@ -1118,12 +1102,31 @@ class RoomActor(Actor):
         since = (join.since_seq or 0) if recovered else 0
         replay = self._replay_frames(events, start, since, done.cache, codec)
         budget = outbox.limit // 2
-        if replay and sum(len(data) for _, data in replay) > budget:
-            # The replay goes to the outbox at once, which takes at most its limit: more would
-            # cut the member off (4008), and again each time it came back and asked. A recovery
-            # is whole or not at all (recovered: false, live from the room's seq: the client
-            # reloads, from history, paged); a rewind keeps its newest events that fit.
-            if recovered or join.silent:
+        # The replay goes to the outbox at once, which takes at most its limit: more would cut
+        # the member off (4008), and again each time it came back and joined.
+        too_large = bool(replay) and sum(len(data) for _, data in replay) > budget
+        if (join.silent and (not recovered or too_large) and join.since_seq is not None
+                and join.since_seq < done.target
+                and join.since_epoch in (None, self.store.epoch)):
+            # A silent rejoin (this room restarted under a member, or a device's persistent
+            # session joins from its cursor) that cannot be recovered here: more than
+            # recovery_max events missed (or too many bytes), or the last one it got was
+            # trimmed. Joining it at the room's position would skip events without a word; it
+            # is cut off as a slow consumer (4008) instead. A client then rejoins with
+            # ``since`` and is told ``recovered: false``; a persistent MQTT session resumes
+            # from its cursor through the bridge's paged read (and a gap notice when events
+            # were trimmed).
+            self._drop(member)
+            log.info("! room %s: %s's silent rejoin from %d not recoverable; cut off (4008)",
+                     self.room, member.client_id, join.since_seq)
+            outbox.slow = True
+            outbox.on_slow()
+            return
+        if too_large:
+            # A recovery is whole or not at all (recovered: false, live from the room's seq:
+            # the client reloads, from history, paged); a rewind keeps its newest events that
+            # fit.
+            if recovered:
                 replay, recovered = [], False
             else:
                 replay = _newest_within(replay, budget)
