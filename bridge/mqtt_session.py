@@ -1220,6 +1220,9 @@ class MqttSession(asyncio.Protocol):
         sessions = self.ctx.sessions
         assert sessions is not None
         failures = 0
+        # Writes whose answer was lost since the last one that landed: one of them (at most:
+        # they all name the same revision) may have landed.
+        doubts: list[dict[str, Any]] = []
         try:
             while self._dirty and self.persistent:
                 self._dirty = False
@@ -1227,6 +1230,7 @@ class MqttSession(asyncio.Protocol):
                 try:
                     self.revision = await sessions.write(self._snapshot(), self.revision)
                     failures = 0
+                    doubts.clear()
                     self._landed = asked
                     if self._saved is not None:
                         self._saved.set()
@@ -1239,9 +1243,20 @@ class MqttSession(asyncio.Protocol):
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._closing.wait(), _WRITE_INTERVAL_S)
                 except SessionTaken:
+                    landed = await self._own_write_landed(doubts) if doubts else False
+                    if landed is not False:
+                        if landed:
+                            doubts.clear()  # written over next, from the revision it landed at
+                        else:  # not known yet (the store does not answer): try again
+                            failures += 1
+                            await asyncio.sleep(min(0.1 * 2 ** failures, 2.0))
+                        self._dirty = True
+                        continue
                     self.taken_over("taken over by a new connection (or its session deleted)")
                     return
                 except StoreError as exc:
+                    if self.record is not None and len(doubts) < 16:
+                        doubts.append(self.record.to_json())  # as sent (updated_ms included)
                     failures += 1
                     if self.closed and failures >= 5:
                         log.warning("! %s: last session write failed: %s", self.client_id,
@@ -1251,6 +1266,26 @@ class MqttSession(asyncio.Protocol):
                     await asyncio.sleep(min(0.1 * 2 ** failures, 2.0))
         finally:
             self._writer = None
+
+    async def _own_write_landed(self, doubts: list[dict[str, Any]]) -> bool | None:
+        """After a conflict: whether the record is a write of ours whose answer was lost (a
+        timeout during a leader election: it landed after all); then it takes that revision.
+        None when the record could not be read. Taken for a takeover, such a write ended the
+        connection and dropped every later position (its final cursors too): acknowledged
+        events came again."""
+        sessions = self.ctx.sessions
+        if sessions is None or self.principal is None:
+            return False
+        try:
+            record, revision = await sessions.read(self.principal.tenant, self.client_id)
+        except StoreError:
+            return None
+        if record is None or record.to_json() not in doubts:
+            return False
+        log.info("= %s: a session write whose answer was lost had landed (revision %d)",
+                 self.client_id, revision)
+        self.revision = revision
+        return True
 
     async def _until_saved(self, timeout: float = _SUBACK_SAVE_S) -> bool:
         """Whether the session as it is now was written within ``timeout`` (at once when it is

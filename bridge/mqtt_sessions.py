@@ -36,6 +36,11 @@ device reconnected again meanwhile: A, B, then C, and B's notice comes after C's
 older than the connection it reaches and closes nothing. A notice without the headers (a node
 of an older version) closes the device's connection on every other node, as it always did.
 
+A write whose answer is lost (a timeout during a leader election) may have landed: the next
+write, which names the revision before it, then conflicts with the connection's own write. The
+connection reads the record, and when it holds one of its own lost writes it goes on from that
+revision (``MqttSession._own_write_landed``) rather than take it for a takeover.
+
 Deleting a session purges its key (no marker is left). Sessions per tenant are bounded
 (``mqtt_max_sessions_per_tenant``): a claim of a new session beyond it is refused.
 """

@@ -654,3 +654,40 @@ async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
     [(_pid, _qos, dup, event)] = await receive(raw, 1)
     assert (event["seq"], dup) == (live, False)
     await raw.disconnect()
+
+
+async def test_a_session_write_whose_answer_was_lost_is_not_a_takeover(make_node: Any) -> None:
+    """A session write lands, but its answer is lost (a timeout during a JetStream leader
+    election). The next write names the revision before it and conflicts with it: that was
+    taken for a takeover, which closed the device's connection and dropped every later
+    position, its final cursor too, so that acknowledged events came again (seen in
+    test_device_faults, seed 390329080: a clean DISCONNECT, then the events again). The
+    connection now finds its own write there and goes on from its revision."""
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    real_write, lost = node.sessions._write, 1
+
+    async def answer_lost(record: Any, state: Any, revision: int) -> int:
+        nonlocal lost
+        landed = int(await real_write(record, state, revision))
+        if lost and record.cursors.get(room):
+            lost -= 1
+            raise StoreError("session write failed: TimeoutError")
+        return landed
+
+    node.sessions._write = answer_lost
+    try:
+        seqs = await store(node, room, 5)
+        assert [m["seq"] for *_, m in await receive(raw, 5)] == seqs  # each acknowledged
+        await saved(node, dev, lambda r: r.cursors.get(room) == seqs[-1])
+        assert lost == 0, "no write lost its answer"
+        [live] = await store(node, room, 1, start=5)
+        [(_pid, _qos, _dup, event)] = await receive(raw, 1)  # still connected
+        assert event["seq"] == live
+    finally:
+        node.sessions._write = real_write
+    await raw.disconnect()
+    record = await saved(node, dev, lambda r: not r.connected)
+    assert record.cursors[room] == live
