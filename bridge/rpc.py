@@ -172,9 +172,10 @@ class NatsRpc:
         if isinstance(err, dict):
             code = err.get("code")
             reason = err.get("reason")
+            # One line, as every reason (PROTOCOL.md): a target's may hold newlines.
+            text = " ".join(str(reason).split())[:200] if reason else ""
             raise RpcError(code if isinstance(code, int) and 4000 <= code < 5000 else 4500,
-                           str(reason)[:200] if reason else "rpc failed",
-                           retry=bool(err.get("retry", False)))
+                           text or "rpc failed", retry=bool(err.get("retry", False)))
         return answer.get("result")
 
     def respond(self, reply: str, answer: dict[str, Any]) -> None:

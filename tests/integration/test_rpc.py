@@ -51,6 +51,16 @@ async def test_rpc_to_a_user_on_another_node(make_node) -> None:
     await responder
     assert (r["type"], r["code"], r["reason"]) == ("error", 4003, "not you")
 
+    async def refuse_in_lines() -> None:  # a reason reaches the caller in one line
+        f = await target.until("rpc")
+        await target.send({"type": "reply", "id": f["id"],
+                           "error": {"code": 4003, "reason": "not\nyou\r\n\t today\n"}})
+
+    responder = asyncio.create_task(refuse_in_lines())
+    r = await caller.request({"type": "rpc", "to": "user:bob", "method": "x"})
+    await responder
+    assert (r["type"], r["code"], r["reason"]) == ("error", 4003, "not you today")
+
 
 async def test_rpc_offline_and_timeout(make_node) -> None:
     node = await make_node()
