@@ -137,6 +137,16 @@ class Actor:
             message: the message that did not fit.
         """
 
+    def on_undelivered(self, message: Any) -> None:
+        """Called for each tell still queued when the actor stops for good without handling
+        it (it escalated: no restart left; or it was stopped without draining). Synchronous,
+        on the last instance (one whose ``on_start`` failed, after a failed restart); it must
+        not block. The message is dropped after it. Queued asks get ActorDeadError instead.
+
+        Args:
+            message: the tell that will never be handled.
+        """
+
     def can_passivate(self) -> bool:
         """Return False to veto an idle stop (e.g. a room that still has members)."""
         return True

@@ -375,6 +375,13 @@ class ActorCell:
             future = envelope.future
             if future is None:
                 dropped_tells += 1
+                if type(envelope) is not _FailedNow:
+                    # Its sender may wait on what it asked for (a room's join): the actor
+                    # says what a tell it will never handle means.
+                    try:
+                        self._instance.on_undelivered(envelope.message)
+                    except Exception:
+                        log.exception("actor %s: on_undelivered raised", self.name)
             elif not future.done():
                 future.set_exception(self._dead_error())
         if dropped_tells:

@@ -414,6 +414,25 @@ class RoomActor(Actor):
             # is not needed: with the mailbox full, every message handled looks again.)
             asyncio.get_running_loop().call_later(RETELL_S, self._retell, message)
 
+    def on_undelivered(self, message: Any) -> None:
+        """A join still queued when the room stops for good (it escalated: NATS away for longer
+        than its restarts take, say) is refused as one it could not take in: a Join is never
+        dropped, and its member would wait for ever in a room that no longer runs. Nothing
+        else queued needs anyone told (a Leave's member goes with the room; its own results
+        and checks are for this room only).
+
+        Runs on the last instance, which may never have started (its position unknown).
+        """
+        join = message.join if isinstance(message, _JoinAgain) else message
+        if not isinstance(join, Join) or join.member.left:
+            return
+        member = join.member
+        if not self.last_seq and join.since_seq is None and not member.cursor:
+            # No position to give it: as a join lost before its replay ended, it is rejoined
+            # live, as it began (ConnectionActor._room_lost), not from the room's start.
+            member.replaying = True
+        self._refuse(join, "room stopped")
+
     def _on_live_messages(self, messages: list[LiveMessage]) -> None:
         ref = self.ref
         live = Live(messages)

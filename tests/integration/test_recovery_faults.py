@@ -286,6 +286,46 @@ async def test_a_paused_nats_is_told_in_one_line_not_a_traceback(tmp_path: Path)
         nats_server.stop()
 
 
+async def test_a_join_queued_in_a_room_that_gives_up_is_answered(tmp_path: Path) -> None:
+    """With its only nats-server killed, a join starts a room that cannot start: each try
+    waits out its leader read (5 s), and its 5 restarts are spent in about 33 s, within the
+    policy's 60 s window: it escalates. The join queued in it was dropped with its mailbox: the
+    client never got an answer (a silent join, a personal room's, never got an event, even
+    after NATS was back). Now the join is refused with 4500 ``retry``; joined again once the
+    server is back, the room serves it."""
+    nats_server = NatsProcess(tmp_path / "nats").start()
+    node = NodeProcess(tmp_path / "node", "--nats-url", nats_server.url, *FAST, name="gu",
+                       env={"RTNODE_JWT_SECRET": SECRET}).start()
+    try:
+        await asyncio.to_thread(node.wait_ready, 30)
+        client = await RawClient.connected(node.ws_url, token("waiter"))
+        room = unique("gives-up")
+        nats_server.kill()
+        await asyncio.to_thread(wait_until, lambda: "! NATS disconnected" in node.log(), 10,
+                                what="the node's NATS link down")
+        reply = await client.request({"type": "join", "room": room}, timeout=75)
+        assert (reply["type"], reply.get("code"), reply.get("retry")) == ("error", 4500, True), \
+            reply
+        assert f"room:default:{room} exceeded" in node.log()
+        nats_server.start()
+        deadline = time.monotonic() + 30
+        while True:  # the client joins again, as told, until the room starts
+            reply = await client.request({"type": "join", "room": room}, timeout=20)
+            if reply["type"] == "joined" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert reply["type"] == "joined", reply
+        published = await client.request({"type": "publish", "room": room, "event": "e",
+                                          "data": 1}, timeout=10)
+        assert published["type"] == "published", published
+        [event] = await client.events(1, room, timeout=10)
+        assert event["seq"] == published["seq"]
+        await client.close()
+    finally:
+        node.stop()
+        nats_server.stop()
+
+
 class _Lines(logging.Handler):
     """The messages of one logger, as they are logged."""
 

@@ -480,6 +480,36 @@ async def test_escalation_for_a_routine_failure_has_no_traceback(
     assert "store not answering" in escalation[0].getMessage()
 
 
+async def test_tells_queued_at_an_escalation_go_to_on_undelivered() -> None:
+    # An actor that escalates while it starts never handles what was told to it meanwhile:
+    # each tell goes to on_undelivered (its sender may wait on it), each ask gets the error.
+    gate = asyncio.Event()
+    undelivered: list[Any] = []
+
+    class Down(Recorder):
+        restart = RestartPolicy(max_restarts=1, min_backoff_s=0.001, max_backoff_s=0.001)
+        routine_failures = (Unreachable,)
+
+        async def on_start(self) -> None:
+            await gate.wait()
+            raise Unreachable("store not answering")
+
+        def on_undelivered(self, message: Any) -> None:
+            undelivered.append(message)
+
+    async with ActorSystem() as system:
+        _, factory = recorder(Down)
+        ref = system.spawn(factory, "down")
+        ref.tell("a")
+        asking = asyncio.create_task(ref.ask("get"))
+        await asyncio.sleep(0)
+        ref.tell("b")
+        gate.set()
+        with pytest.raises(Escalated):
+            await asking
+    assert undelivered == ["a", "b"]
+
+
 async def test_graceful_stop_drains_the_mailbox_before_on_stop() -> None:
     async with ActorSystem() as system:
         probe, factory = recorder()

@@ -666,3 +666,50 @@ async def test_a_start_without_nats_is_one_line_and_the_restart_serves(
     failed = [r for r in caplog.records if "failed in on_start" in r.getMessage()]
     assert len(failed) == 2, [r.getMessage() for r in caplog.records]
     assert all((r.levelname, r.exc_info) == ("WARNING", None) for r in failed)
+
+
+async def test_joins_queued_in_a_room_that_gives_up_starting_are_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS away longer than a room's restart budget while the room starts (5 restarts within
+    60 s: about 33 s with a killed server, each try waiting out a 5 s leader read; see
+    test_recovery_faults.py): the room escalates. The joins queued in its
+    mailbox were dropped with it, so their members waited for ever, in a room that no longer
+    ran (a Join is never dropped). Now each is refused as one the room could not take in: the
+    client's own join gets 4500 ``retry``, a silent one (a personal room, a rejoin) is rejoined
+    by its connection, live as it began or from its ``since``."""
+    from actors import RestartPolicy
+    from node.protocol.errors import NatsUnavailable
+
+    class Away(FakeStore):
+        async def subscribe(self, tenant: str, room: str, callback: Any) -> Any:
+            raise NatsUnavailable("not connected to NATS")
+
+    monkeypatch.setattr(RoomActor, "restart", RestartPolicy(
+        max_restarts=2, min_backoff_s=0.001, max_backoff_s=0.001))
+    store = Away()
+    lost: dict[str, asyncio.Event] = {k: asyncio.Event() for k in ("asked", "silent", "since")}
+    recs = {k: Recording(JSON) for k in lost}
+
+    def joining(key: str) -> Membership:
+        outbox = Outbox(JSON, recs[key], limit=1 << 20, on_slow=lambda: None)
+        return Membership(key, outbox, lambda room, member: lost[key].set(), live=True)
+
+    asked, silent, since = joining("asked"), joining("silent"), joining("since")
+    since.live = False
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: RoomActor("t", "r", store, store, RoomSettings(),
+                                             RoomCounters()))
+        ref.tell(Join(asked, request_id=7))
+        ref.tell(Join(silent, silent=True))
+        ref.tell(Join(since, since_seq=5, since_epoch="e1", silent=True))
+        for event in lost.values():
+            await asyncio.wait_for(event.wait(), 5)
+        assert not ref.is_alive
+    [error] = recs["asked"].frames
+    assert (error["type"], error["code"], error["id"], error["retry"]) == ("error", 4500, 7, True)
+    assert asked.refused and not silent.refused and not since.refused
+    assert recs["silent"].frames == [] and recs["since"].frames == []
+    # Where the connections rejoin (ConnectionActor._room_lost): live (it had no position yet),
+    # and from its since.
+    assert silent.live and silent.replaying and not silent.cursor
+    assert since.cursor == 5
