@@ -278,6 +278,14 @@ async def test_max_deliver_dead_letters_and_term_drops(
     assert b"reading" in dead[0].data  # the stored CBOR event map, unchanged
 
 
+def _newcomers_room(prefix: str, *, first: str, newcomer: str) -> tuple[int, str]:
+    """The partition (of 2) that ``newcomer`` takes from ``first`` when it comes, and a room
+    ``<prefix>:<n>`` of it."""
+    taken = assign_partitions([first, newcomer], 2).index(newcomer)
+    return taken, next(f"{prefix}:{i}" for i in range(100)
+                       if partition_of(f"{prefix}:{i}", 2) == taken)
+
+
 async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
     make_node: Any, shared_nats: NatsProcess
 ) -> None:
@@ -288,9 +296,7 @@ async def test_a_partition_back_after_its_nakked_event_was_handled_elsewhere(
     block of an event below the ack floor.)"""
     node = await make_node()
     t = tenant()
-    # a room of the partition of 2 that the second process takes when it comes
-    taken = assign_partitions(["a", "b"], 2).index("b")
-    room = next(f"sb:{i}" for i in range(100) if partition_of(f"sb:{i}", 2) == taken)
+    _, room = _newcomers_room("sb", first="a", newcomer="b")
     x, y = await store(node, t, room, 2)
     opts: dict[str, Any] = {"tenant": t, "rooms": "sb:*", "durable": "back-again",
                             "partitions": 2, "priority_timeout_s": 1.0, "fetch_timeout_s": 0.5}
@@ -325,9 +331,7 @@ async def test_a_partition_back_while_it_was_being_let_go(
     killed nats-server: a partition nobody served.)"""
     node = await make_node()
     t = tenant()
-    # a room of the partition of 2 that the newcomer takes when it comes
-    taken = assign_partitions(["a", "z"], 2).index("a")
-    room = next(f"sr:{i}" for i in range(100) if partition_of(f"sr:{i}", 2) == taken)
+    taken, room = _newcomers_room("sr", first="z", newcomer="a")
     x, y = await store(node, t, room, 2)
     # priority_timeout_s 20: the release waits up to 16 s for the event in hand to be settled,
     # longer than the newcomer's membership lasts after it leaves (3.5 s)
