@@ -70,6 +70,7 @@ from node.protocol.frames import (
     parse_frame,
     publish_frame,
     request_id_of,
+    salvage_frames,
 )
 from node.protocol.tokens import Principal
 
@@ -617,11 +618,19 @@ class MqttSession(asyncio.Protocol):
         try:
             raw = cbor_loads_strict(payload)
         except CodecError as exc:
+            # A tag: the frame is still answered by its id (bridge/ws.py does the same).
+            salvaged = salvage_frames(payload, True, 1)
+            if salvaged is not None and len(salvaged) == 1:
+                self._tunnel_frame(salvaged[0], payload)
+                return
             self.bridge.bad_payloads += 1
             self._refuse(f"rtnode/v1/{self.client_id}/in", payload, "bad_tunnel_frame",
                          exc.code, exc.reason, notify=False)
             self.ref.tell(Invalid(exc.code, exc.reason))
             return
+        self._tunnel_frame(raw, payload)
+
+    def _tunnel_frame(self, raw: Any, payload: bytes) -> None:
         try:
             frame = parse_frame(raw)
         except ProtocolError as exc:

@@ -60,7 +60,14 @@ from node.core.connection import (
     TransportClosed,
 )
 from node.protocol.errors import CodecError, ProtocolError
-from node.protocol.frames import CODECS, JSON, MIN_FRAME_BYTES, parse_frame, request_id_of
+from node.protocol.frames import (
+    CODECS,
+    JSON,
+    MIN_FRAME_BYTES,
+    parse_frame,
+    request_id_of,
+    salvage_frames,
+)
 
 __all__ = ["WS_PATH", "WebSocketBridge", "WsConnection", "ws_frame_header"]
 
@@ -591,10 +598,15 @@ class WebSocketBridge:
         """One message's frames, or ``Invalid`` for what cannot be decoded or validated."""
         if len(data) > self.settings.max_frame_bytes:
             return [Invalid(4013, "frame too large")]
+        most = len(data) // MIN_FRAME_BYTES + 1
         try:
-            frames = codec.decode(data, len(data) // MIN_FRAME_BYTES + 1)
+            frames = codec.decode(data, most)
         except CodecError as exc:
-            return [Invalid(exc.code, exc.reason)]
+            # A tag, a NaN, a lone surrogate: each frame is still answered by its id.
+            salvaged = salvage_frames(data, codec.binary, most)
+            if salvaged is None:
+                return [Invalid(exc.code, exc.reason)]
+            frames = salvaged
         items: list[Any] = []
         refused = 0
         tolerance = self.settings.max_errors_per_min

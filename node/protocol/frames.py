@@ -58,6 +58,7 @@ __all__ = [
     "parse_frame",
     "publish_frame",
     "request_id_of",
+    "salvage_frames",
     "state_frame",
     "state_frames",
 ]
@@ -483,6 +484,92 @@ def _cbor_decoder() -> cbor2.CBORDecoder:
         allow_duplicate_keys=False,
         strict_hashable_types=True,
     )
+
+
+# -- salvage: a refused message read again, only to answer each of its frames by its id -------
+
+#: How deep a salvaged CBOR message may nest: what JSON readers take (orjson reads 254 levels),
+#: so that a CBOR frame nested past the frame limit is answered by its id as a JSON one is.
+SALVAGE_MAX_DEPTH = 254
+
+
+class LoneSurrogate:
+    """Salvaged JSON text with a lone surrogate, in place of that text: no field takes it
+    (text fields are strict ``str``), and the value check names it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LoneSurrogate()"
+
+
+def _keep_tag(tag: cbor2.CBORTag, _immutable: bool) -> cbor2.CBORTag:
+    return tag
+
+
+# Every tag as a CBORTag around its decoded content, which is never interpreted: no bignum
+# built, no regular expression compiled, no shared reference followed (no cycle).
+_SEMANTIC_KEEP = {
+    tag: (lambda value, _immutable, tag=tag: cbor2.CBORTag(tag, value))
+    for tag in _SEMANTIC_REJECT
+}
+_SALVAGE_JSON = json.JSONDecoder(parse_constant=float)
+
+
+def salvage_frames(data: bytes | str, binary: bool, max_frames: int) -> list[Any] | None:
+    """The frames of a message its codec refused, read again so that each is answered with its
+    own ``id``, or None when it cannot be read at all (not CBOR or JSON, not UTF-8, nested past
+    :data:`SALVAGE_MAX_DEPTH`, more than ``max_frames`` frames).
+
+    Only what the value model refuses is let through, kept so that it is refused later: CBOR
+    tags (as ``cbor2.CBORTag``, never interpreted), JSON ``NaN`` and ``Infinity`` (as floats),
+    JSON text with a lone surrogate (as :class:`LoneSurrogate`). A frame holding one fails
+    ``parse_frame`` (every text or number field is strict) or the value check of its
+    ``data``, ``params`` or ``result``: 4000 with its id and a reason naming the path. A
+    ``reply`` so refused fails its caller's rpc at once (4500), not at its timeout.
+    """
+    try:
+        if binary:
+            if isinstance(data, str):
+                return None
+            decoder = cbor2.CBORDecoder(
+                io.BytesIO(data), tag_hook=_keep_tag, semantic_decoders=_SEMANTIC_KEEP,
+                max_depth=SALVAGE_MAX_DEPTH, allow_indefinite=False,
+                allow_duplicate_keys=False, strict_hashable_types=False)
+            frames: list[Any] = []
+            while decoder.fp.tell() < len(data):
+                if len(frames) >= max_frames:
+                    return None
+                frames.append(decoder.decode())
+            return frames
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        lines = [line for line in text.split("\n") if line.strip()]
+        if len(lines) > max_frames:
+            return None
+        return [_salvage_json(line) for line in lines]
+    except (cbor2.CBORError, ValueError, RecursionError):
+        return None
+
+
+def _salvage_json(line: str) -> Any:
+    try:
+        return json_loads_strict(line)
+    except CodecError:
+        pass
+    value = _SALVAGE_JSON.decode(line)  # ValueError, RecursionError: unreadable
+    if _SURROGATE_ESCAPE.search(line) and has_lone_surrogate(value):
+        value = _mark_surrogates(value)
+    return value
+
+
+def _mark_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if not has_lone_surrogate(value) else LoneSurrogate()
+    if isinstance(value, list):
+        return [_mark_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_mark_surrogates(k): _mark_surrogates(v) for k, v in value.items()}
+    return value
 
 
 class CborCodec:

@@ -53,7 +53,7 @@ FRAME_MAX_DEPTH = MAX_DEPTH + 3
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}\Z")
 _KINDS = {"UndefinedType": "undefined", "CBORSimpleValue": "a CBOR simple value",
-          "CBORTag": "a CBOR tag"}
+          "CBORTag": "a CBOR tag", "LoneSurrogate": "text with a lone surrogate"}
 _INT_RANGE = "integer out of range [-2^63, 2^64-1]"
 
 
