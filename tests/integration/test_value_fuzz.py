@@ -7,8 +7,9 @@ simple values, keys that are not text, deep nesting), each through a door drawn 
 WebSocket JSON and CBOR, the MQTT tunnel, a plain MQTT uplink as CBOR or as JSON, and
 ``POST /api/publish``; now and then sent again with the same ``msg_id``. Reading the room:
 WebSocket members in JSON and CBOR, an SSE stream, a plain MQTT subscriber of ``rooms/<room>``,
-a tunnel device; then ``history`` in both codecs and ``/api/history``. Members' messages are
-decoded with ``json`` and ``cbor2``, not the node's codecs.
+a tunnel device; then ``history`` in both codecs, ``/api/history``, a durable replay consumer
+and the webhook body it would POST. Members' messages are decoded with ``json`` and ``cbor2``,
+not the node's codecs.
 
 Held: a value inside the model (an oracle written here, apart from the node's check) is stored
 once by every door, a value outside it refused with 4000 by every door (never a 4500, never
@@ -36,6 +37,8 @@ import aiomqtt
 import cbor2
 import pytest
 
+from bridge.replay import ReplayConsumer
+from bridge.webhook import webhook_body
 from node.protocol.values import INT_MAX, INT_MIN, MAX_DEPTH
 from tests.doors import DOORS, Outcome, PlainMqttDoor, mqtt_device, tunnel_request
 from tests.integration.test_frame_fuzz import _base64, _hostile
@@ -219,6 +222,23 @@ class Readers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+async def _replayed(node: Any, room: str, last: int) -> dict[str, list[tuple[int, str, Any]]]:
+    """The room's stored events up to ``last`` as a durable replay consumer yields them (CBOR,
+    as stored) and as its webhook would POST them (JSON)."""
+    replay: list[tuple[int, str, Any]] = []
+    webhook: list[tuple[int, str, Any]] = []
+    async with ReplayConsumer(node.settings.nats_url, rooms=room,
+                              durable=f"vf-{uuid.uuid4().hex[:8]}") as consumer:
+        while not replay or replay[-1][0] < last:
+            ev = await consumer.next(timeout=30)
+            assert ev is not None, f"the replay stopped at {replay[-1:]}"
+            replay.append((ev.seq, ev.event, ev.data))
+            body = json.loads(webhook_body(ev))
+            webhook.append((body["seq"], body["event"], body["data"]))
+            await ev.ack()
+    return {"replay": replay, "webhook": webhook}
+
+
 async def _history(node: Any, room: str) -> dict[str, list[tuple[int, str, Any]]]:
     """The room's stored events, page by page, through ``history`` in both codecs and
     ``/api/history``, decoded by ``json`` and ``cbor2``."""
@@ -296,7 +316,8 @@ async def test_seeded_values_through_every_door_reach_every_reader(make_node: An
         sentinel = await doors["ws-json"].publish(room, "end", None, None)
         await readers.until(sentinel.seq)
         await readers.close()
-        got = {**readers.got, **await _history(node, room)}
+        got = {**readers.got, **await _history(node, room),
+               **await _replayed(node, room, sentinel.seq)}
     print("value fuzz: outcomes " + ", ".join(f"{d} {k} {n}" for (d, k), n in
                                               sorted(outcomes.items())))
     assert sent, "nothing was stored"
@@ -306,7 +327,7 @@ async def test_seeded_values_through_every_door_reach_every_reader(make_node: An
         assert seqs == sorted(set(seqs)), f"seed {SEED}, {reader}: seqs {seqs}"
         assert len(events) == len(sent), (
             f"seed {SEED}, {reader}: {len(events)} events, {len(sent)} stored")
-        as_json = reader in ("ws-json", "sse", "history-json", "api-history")
+        as_json = reader in ("ws-json", "sse", "history-json", "api-history", "webhook")
         for (seq, _, data), (told, read, door) in zip(events, sent, strict=True):
             assert told is None or told == seq, f"seed {SEED}, {reader}: seq {seq} != {told}"
             want = as_json_member(read) if as_json else read
