@@ -37,6 +37,7 @@ from node.protocol.tokens import Principal
 
 __all__ = [
     "PING",
+    "RESYNC_EVENT",
     "SseBridge",
     "SseSession",
     "cors_headers",
@@ -53,6 +54,8 @@ log = logging.getLogger("bridge.sse")
 
 #: The heartbeat: an SSE comment, ignored by EventSource, that keeps proxies from timing out.
 PING = b": ping\n\n"
+#: The message of a resumed room the node could not recover (docs/protocol-notes.md, SSE).
+RESYNC_EVENT = "rtnode:resync"
 
 _ROOM = re.compile(ROOM_PATTERN)
 _EVENT_PREFIX = b'{"type":"event",'
@@ -205,6 +208,7 @@ class SseSession:
         self.ended = False
         self.held_bytes = 0
         self._wanted = frozenset(self.rooms)
+        self._resync: list[dict[str, Any]] = []  # resumes the node could not honour
         self._held: list[tuple[dict[str, Any], bytes]] = []
         self._out: list[bytes] = []
 
@@ -265,6 +269,11 @@ class SseSession:
             self.cursor[room] = 0
         else:
             self.cursor[room] = seq
+            if since is not None and since != seq:
+                # Resumed, but not recovered (trimmed, too far behind, a new stream): events
+                # between since and seq may be missing. Said, not skipped in silence.
+                self._resync.append({"room": room, "since": since, "seq": seq,
+                                     "epoch": frame.get("epoch")})
         self._ready_when_complete()
 
     def _state(self, frame: dict[str, Any]) -> None:
@@ -292,6 +301,12 @@ class SseSession:
         self._out.append(b": joined " + self.cursor_text().encode() + b"\n\n")
         states, self._states = self._states, {}
         self._out.extend(states[room] for room in self.rooms if room in states)
+        if self._resync:
+            # With the cursor as id: a reconnect before the next event resumes from here.
+            cursor = self.cursor_text()
+            self._out.extend(sse_message(RESYNC_EVENT, JSON.encode(r), cursor)
+                             for r in self._resync)
+            self._resync = []
         held, self._held = self._held, []
         self.held_bytes = 0
         for event, raw in held:

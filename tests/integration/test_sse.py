@@ -66,6 +66,20 @@ def test_session_holds_until_every_room_joined_and_never_repeats() -> None:
     assert sse_message("a\nb", b"{}") == b"event: a b\ndata: {}\n\n"
 
 
+def test_a_resume_that_is_not_recovered_is_said() -> None:
+    """Resumed rooms the node could not recover get an ``rtnode:resync`` message after the
+    ``: joined`` comment, with the cursor as id; recovered ones and live ones get none."""
+    s = SseSession(["a", "b", "c"], {"a": 5, "b": 3})
+    s.receive_message(_frames(
+        {"type": "joined", "room": "a", "seq": 9, "epoch": "e1", "recovered": False},
+        {"type": "joined", "room": "b", "seq": 4, "epoch": "e1", "recovered": True},
+        {"type": "joined", "room": "c", "seq": 2, "epoch": "e1", "recovered": False}))
+    assert s.data_to_send().decode() == (
+        ": joined a:9,b:3,c:2\n\n"
+        'event: rtnode:resync\nid: a:9,b:3,c:2\n'
+        'data: {"room":"a","since":5,"seq":9,"epoch":"e1"}\n\n')
+
+
 # -- against a node ----------------------------------------------------------------------------
 
 
@@ -214,6 +228,27 @@ async def test_resume_with_last_event_id(make_node, how: str) -> None:
     assert [data(m)["data"] for m in replayed if data(m)["room"] == a] == [2, 4], "in order"
     assert (data(after)["seq"], data(after)["data"]) == (live, 5), "then live, no duplicate"
     assert parse_cursor(after["id"]) == {a: missed[2][1], b: live}
+
+
+@pytest.mark.integration
+async def test_a_resume_too_far_behind_is_said_then_live(make_node) -> None:
+    """More than ``recovery_max`` missed: the stream says so (``rtnode:resync``, the cursor as
+    its id, so that a reconnect resumes from there), then goes live."""
+    node = await make_node(recovery_max=3)
+    room = unique("rs")
+    pub = await RawClient.connected(ws_url(node))
+    seqs = [(await pub.request({"type": "publish", "room": room, "event": "e", "data": i}))["seq"]
+            for i in range(6)]
+    async with open_sse(node, [room], headers={"Last-Event-ID": f"{room}:{seqs[0]}"}) as sse:
+        assert await sse.joined() == f"{room}:{seqs[-1]}"
+        resync = await sse.message()
+        live = (await pub.request({"type": "publish", "room": room, "event": "e",
+                                   "data": "live"}))["seq"]
+        after = await sse.message()
+    assert resync["event"] == "rtnode:resync" and resync["id"] == f"{room}:{seqs[-1]}"
+    assert json.loads(resync["data"]) == {"room": room, "since": seqs[0], "seq": seqs[-1],
+                                          "epoch": json.loads(resync["data"])["epoch"]}
+    assert (data(after)["seq"], after["id"]) == (live, f"{room}:{live}")
 
 
 @pytest.mark.integration

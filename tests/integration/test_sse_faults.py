@@ -57,7 +57,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.sse import parse_cursor
+from bridge.sse import RESYNC_EVENT, parse_cursor
 from tests.cluster import NatsCluster, TcpProxy, cluster_node
 from tests.integration.test_device_faults import (
     Shared,
@@ -155,6 +155,9 @@ def _message(log: SubLog, conn: Conn, n: int, msg: dict[str, str]) -> str | None
         if msg.get("event") in ("error", "disconnect"):
             return f"{msg['event']} event {msg.get('data', '')[:80]}"
         return None  # a volatile event: none are published here
+    if msg.get("event") == RESYNC_EVENT:  # a resume not whole, said: still a failure here
+        log.problems.append(f"stream {n} on {conn.node}: {RESYNC_EVENT} {msg.get('data')}")
+        return None
     if conn.joined is None:
         log.problems.append(f"stream {n} on {conn.node}: a message before ': joined': {msg}")
     try:
