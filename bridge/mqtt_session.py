@@ -67,6 +67,7 @@ from node.protocol.frames import (
     CBOR,
     ROOM_RE,
     cbor_loads_strict,
+    is_reply,
     parse_frame,
     publish_frame,
     request_id_of,
@@ -637,7 +638,7 @@ class MqttSession(asyncio.Protocol):
             self.bridge.bad_payloads += 1
             self._refuse(f"rtnode/v1/{self.client_id}/in", payload, "bad_tunnel_frame",
                          exc.code, exc.reason, notify=False)
-            self.ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw)))
+            self.ref.tell(Invalid(exc.code, exc.reason, request_id_of(raw), reply=is_reply(raw)))
             return
         with contextlib.suppress(ActorError):
             self.ref.tell(frame)

@@ -64,6 +64,7 @@ from node.protocol.frames import (
     CODECS,
     JSON,
     MIN_FRAME_BYTES,
+    is_reply,
     parse_frame,
     request_id_of,
     salvage_frames,
@@ -614,7 +615,8 @@ class WebSocketBridge:
             try:
                 items.append(parse_frame(raw))
             except ProtocolError as exc:
-                items.append(Invalid(exc.code, exc.reason, request_id_of(raw)))
+                items.append(Invalid(exc.code, exc.reason, request_id_of(raw),
+                                     reply=is_reply(raw)))
                 refused += 1
                 if refused > tolerance:
                     # These end the connection (max_errors_per_min), whatever follows: it is

@@ -409,7 +409,7 @@ class ConnectionActor(Actor):
                 return None
         if kind is Invalid:
             session.receive_invalid(message.code, message.reason, message.request_id,
-                                    message.retry, time.monotonic())
+                                    message.retry, time.monotonic(), reply=message.reply)
         elif kind is TransportClosed:
             session.receive_transport_closed()
         elif kind is Shutdown:

@@ -173,6 +173,8 @@ class Invalid:
     reason: str
     request_id: str | int | None = None
     retry: bool = False
+    #: It was a ``reply`` (to an rpc the node sent): its caller is answered 4500 at once.
+    reply: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -326,13 +326,16 @@ class ConnectionSession(RoomRules, RpcRules):
             raise ProtocolError(4009, "too many requests, retry later", retry=True)
 
     def receive_invalid(self, code: int, reason: str, request_id: Any = None,
-                        retry: bool = False, now: float = 0.0) -> None:
-        """A frame the bridge could not decode or validate (unknown type, bad field, too big)."""
+                        retry: bool = False, now: float = 0.0, *, reply: bool = False) -> None:
+        """A frame the bridge could not decode or validate (unknown type, bad field, too big).
+        An invalid ``reply`` to an rpc this client was sent fails that rpc for its caller."""
         if self.closing:
             return
         if not self.connected:
             self._disconnect(code, reason, False)  # malformed first frames end it too
         else:
+            if reply and request_id is not None:
+                self._rpc_reply_invalid(str(request_id))
             self._error(code, reason, request_id, retry, now)
 
     def _connect(self, frame: Connect) -> None:

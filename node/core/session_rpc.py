@@ -113,6 +113,17 @@ class RpcRules(CommandQueue):
         self._send({"type": "rpc", "id": rpc_id, "from": request.get("from"),
                     "method": method, "params": request.get("params")})
 
+    def _rpc_reply_invalid(self, rpc_id: str) -> None:
+        """A ``reply`` to ``rpc_id`` that could not be validated (a field of the wrong type, a
+        value outside the model): its caller gets 4500 with ``retry`` now, not at its
+        timeout (nothing if no such rpc waits: late, or an id of the client's own)."""
+        reply_to = self._rpc_in.pop(rpc_id, None)
+        if reply_to is None:
+            return
+        self._commands.append(CancelTimer(("rpc-in", rpc_id)))
+        self._commands.append(RespondRpc(reply_to, {"error": {
+            "code": 4500, "reason": "rpc target sent an invalid reply", "retry": True}}))
+
     def _rpc_reply(self, frame: Reply, now: float) -> None:
         rpc_id = str(frame.id)
         reply_to = self._rpc_in.pop(rpc_id, None)

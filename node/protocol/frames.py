@@ -54,6 +54,7 @@ __all__ = [
     "Rpc",
     "Since",
     "error_frame",
+    "is_reply",
     "json_loads_strict",
     "parse_frame",
     "publish_frame",
@@ -209,6 +210,12 @@ _BY_TYPE: dict[str, Callable[[Any], Any]] = {
     model.model_fields["type"].annotation.__args__[0]: _validator(model)
     for model in get_args(get_args(ClientFrame)[0])
 }
+
+
+def is_reply(raw: object) -> bool:
+    """Whether a raw frame says it is a ``reply`` (for errors about invalid frames: an invalid
+    reply fails the rpc it answers)."""
+    return isinstance(raw, dict) and raw.get("type") == "reply"
 
 
 def request_id_of(raw: object) -> str | int | None:

@@ -7,8 +7,10 @@ codec (byte strings as base64 text in JSON), types kept. Two nodes: callers (Web
 CBOR on node 1, a tunnel device on node 2) call callees drawn at random (a WebSocket JSON
 client on node 1, a CBOR one and a tunnel device on node 2, the server's ``echo``), each call's
 ``params`` drawn from the frame fuzz's hostile values. A callee answers ``echo`` with the
-params it got, and ``answer-<n>`` with a result drawn for it. Every frame is written and read
-with ``json`` and ``cbor2``, not the node's codecs. ``RTNODE_TEST_VALUE_FUZZ_SEED`` repeats a
+params it got, ``answer-<n>`` with a result drawn for it, and ``malformed-<n>`` with a reply
+that fails validation (an ``error`` of the wrong shape): the caller gets 4500 with ``retry``
+at once, not its timeout. Every frame is written and read with ``json`` and ``cbor2``, not the
+node's codecs. ``RTNODE_TEST_VALUE_FUZZ_SEED`` repeats a
 run.
 """
 
@@ -34,6 +36,11 @@ pytestmark = pytest.mark.integration
 
 CALLS = 60
 RIGHTS = {"rpc": ["client:*", "device:*", "server"]}
+# Replies a callee may send that fail validation before their result is looked at.
+MALFORMED = [
+    {"error": {"code": "x", "reason": "r"}}, {"error": {"code": 4003, "reason": "r" * 600}},
+    {"error": "no"}, {"error": {"reason": "no code"}}, {"error": {"code": 4003.5, "reason": "r"}},
+]
 
 
 def _view(value: Any, codec: str) -> Any:
@@ -68,6 +75,9 @@ class Peer:
             if kind == "rpc":
                 self.calls.append(frame)
                 method = frame["method"]
+                if method.startswith("malformed-"):  # fields of a reply that fail validation
+                    await self.send({"type": "reply", "id": frame["id"], **self.answers[method]})
+                    continue
                 result = frame.get("params") if method == "echo" else self.answers[method]
                 await self.send({"type": "reply", "id": frame["id"], "result": result})
             elif frame.get("id") in self.replies:  # a reply to its call (or its ping)
@@ -147,7 +157,11 @@ async def test_seeded_rpc_values_between_every_caller_and_callee(make_node: Any)
             params, read = _draw(rng, caller.codec)
             method = "echo"
             result_read = None
-            if callee is not None and rng.random() < 0.35:
+            malformed = callee is not None and rng.random() < 0.1
+            if malformed:
+                method = f"malformed-{i}"
+                callee.answers[method] = rng.choice(MALFORMED)
+            elif callee is not None and rng.random() < 0.35:
                 method = f"answer-{i}"
                 callee.answers[method], result_read = _draw(rng, callee.codec)
             calls = len(callee.calls) if callee else 0
@@ -173,7 +187,7 @@ async def test_seeded_rpc_values_between_every_caller_and_callee(make_node: Any)
                 assert canon(answer["result"]) == canon(_view(sent_back, caller.codec)), (
                     where, answer["result"], sent_back)
                 counts["echoed"] = counts.get("echoed", 0) + 1
-            elif inside(result_read):
+            elif not malformed and inside(result_read):
                 assert answer["type"] == "result", (where, answer)
                 assert canon(answer["result"]) == canon(_view(result_read, caller.codec)), (
                     where, answer["result"], result_read)
@@ -187,7 +201,8 @@ async def test_seeded_rpc_values_between_every_caller_and_callee(make_node: Any)
                         callee.told.clear()
                         await callee.told.wait()
                 assert callee.refused[-1]["code"] == 4000, (where, callee.refused[-1])
-                counts["result refused"] = counts.get("result refused", 0) + 1
+                label = "reply malformed" if malformed else "result refused"
+                counts[label] = counts.get(label, 0) + 1
         for task in tasks:
             assert not task.done() or task.cancelled(), task.exception()
     print("rpc value fuzz: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())))

@@ -655,6 +655,28 @@ def test_rpc_in_error_reply_timeout_and_invalid_reply() -> None:
     assert error_codes(out) == [4000]
 
 
+def test_an_invalid_reply_fails_its_callers_rpc_at_once() -> None:
+    # A reply the bridge could not validate (an error of the wrong shape) comes as Invalid:
+    # its caller gets 4500 with retry now, the client its 4000; an invalid frame of another
+    # type with the same id, or a reply to no rpc, touches no rpc.
+    s = connected()
+    for reply_to in ("a", "b"):
+        s.receive_rpc_request({"method": "m"}, reply_to, T0)
+    s.commands_to_send()
+    s.receive_invalid(4000, "bad field error.code", "r1", now=T0)
+    assert error_codes(s.commands_to_send()) == [4000], "not a reply: r1 still waits"
+    s.receive_invalid(4000, "bad field error.code", "r1", now=T0, reply=True)
+    out = s.commands_to_send()
+    assert out[:2] == [CancelTimer(("rpc-in", "r1")), RespondRpc("a", {"error": {
+        "code": 4500, "reason": "rpc target sent an invalid reply", "retry": True}})]
+    assert error_codes(out) == [4000]
+    assert feed(s, {"type": "reply", "id": "r2", "result": 1})[-1] == RespondRpc(
+        "b", {"result": 1})
+    for late in ("r1", "zz"):  # answered already; never sent
+        s.receive_invalid(4000, "bad field error", late, now=T0, reply=True)
+        assert error_codes(s.commands_to_send()) == [4000], late
+
+
 def test_rpc_in_with_bad_params_or_no_method() -> None:
     s = connected()
     s.receive_rpc_request({"method": "m", "params": 2**70}, "a", T0)
