@@ -77,6 +77,10 @@ SHARE_GROUP = "$share/rtnode/"
 _BROKER_GRANT = {"*": frozenset({"publish"})}
 _WARN_INTERVAL_S = 60.0
 _STOP_S = 5.0  # how long stop() waits for the loops, then for a DISCONNECT that never ends
+#: A stopping node's uplinks: it leaves the share group, then reads what the broker had already
+#: routed to it until none came for _QUIET_S (at most _LEAVE_S in all).
+_QUIET_S = 0.3
+_LEAVE_S = 5.0
 
 
 class UplinkRefused(AuthError):
@@ -193,6 +197,9 @@ class ExternalMqtt:
         #: Set by stop(): each loop also ends at its next step, since a cancel can be lost.
         self._stopping = False
         self._warn = _WarnEvery(_WARN_INTERVAL_S)
+        #: Set at each uplink read and each one settled; _busy while one is being stored.
+        self._activity = asyncio.Event()
+        self._busy = False
 
     async def start(self) -> None:
         """Start the broker connection and the downlink consumer."""
@@ -215,6 +222,7 @@ class ExternalMqtt:
         nearly every time. So each loop also checks ``_stopping`` after each message and ends
         there (that message handled and acknowledged), and stop() cancels again what is left.
         """
+        await self._leave()
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -234,6 +242,41 @@ class ExternalMqtt:
             if task.done() and not task.cancelled():
                 with contextlib.suppress(BaseException):
                     task.result()  # retrieved: no "exception was never retrieved"
+
+    async def _leave(self) -> None:
+        """Hand this node's share of the uplinks to the others before it goes.
+
+        The session is persistent (a node that dies comes back under its name and gets again
+        what it never acknowledged), so the broker goes on routing the share group's uplinks to
+        it while it is away: a node that stopped for good (scaled down, or replaced by one of
+        another name: a container's host name) would hold its share, acknowledged to the
+        devices, until its session expired, then lose it. So a stopping node first
+        unsubscribes (nothing new is routed to it; its session holds no subscription), then
+        stores and acknowledges what the broker had already sent it, until none came for
+        ``_QUIET_S``. If that cannot finish (the broker away, the store failing), the session
+        keeps what is left, as before.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(_LEAVE_S):
+                await client.unsubscribe([SHARE_GROUP + UPLINK_FILTER,
+                                          SHARE_GROUP + LEGACY_UPLINK_FILTER])
+                quiet_since = loop.time()
+                while self._busy or loop.time() - quiet_since < _QUIET_S:
+                    self._activity.clear()
+                    try:
+                        await asyncio.wait_for(self._activity.wait(), _QUIET_S)
+                        quiet_since = loop.time()
+                    except TimeoutError:
+                        pass
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            log.warning("! MQTT broker %s:%s: left with uplinks possibly unread (%r); they "
+                        "stay in this node's session", self.host, self.port, exc)
+            return
+        log.info("= left the MQTT broker's share group: its uplinks go to the other nodes")
 
     # -- uplinks ---------------------------------------------------------------------------
 
@@ -259,13 +302,20 @@ class ExternalMqtt:
                     attempt = 0
                     log.info("= connected to MQTT broker %s:%s", self.host, self.port)
                     async for message in client.messages:
-                        stored = await self._uplink(message.topic.value, bytes(message.payload))
+                        self._busy = True
+                        self._activity.set()
+                        try:
+                            stored = await self._uplink(message.topic.value,
+                                                        bytes(message.payload))
+                        finally:
+                            self._busy = False
                         if not stored:
                             # Not stored and worth another try: no ack; reconnecting makes
                             # the broker resend it.
                             raise aiomqtt.MqttError("uplink not stored; reconnecting")
                         if message.qos:
                             client._client.ack(message.mid, message.qos)
+                        self._activity.set()
                         if self._stopping:
                             return  # stop() began while this uplink was stored (see stop)
             except aiomqtt.MqttError as exc:
