@@ -840,12 +840,16 @@ class ReplayConsumer:
         sender = body.get("from")
         ts = body.get("ts")
         msg_id = body.get("msg_id")
+        key = body.get("key")
         ev = ReplayEvent(
             room=held.room, seq=held.seq, event=body["event"], data=body.get("data"),
             ts=ts if isinstance(ts, int) else None,
             from_=sender if isinstance(sender, dict) else {},
             msg_id=msg_id if isinstance(msg_id, str) else None,
-            delivered=delivered, tenant=self.tenant, _msg=msg, _on_settle=self._settle,
+            delivered=delivered, tenant=self.tenant,
+            key=key if isinstance(key, str) else None,
+            unset=isinstance(key, str) and body.get("unset") is True,
+            _msg=msg, _on_settle=self._settle,
         )
         self._unsettled[held.seq] = held
         return ev

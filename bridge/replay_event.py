@@ -31,6 +31,8 @@ class ReplayEvent:
         msg_id: The publisher's idempotency key, or None.
         delivered: How many times this event was delivered to this consumer (1 the first time).
         tenant: The tenant.
+        key: In a state room, the key the event sets (or unsets); None elsewhere.
+        unset: In a state room, True when the event removes ``key``.
     """
 
     room: str
@@ -42,6 +44,8 @@ class ReplayEvent:
     msg_id: str | None
     delivered: int
     tenant: str = "default"
+    key: str | None = None
+    unset: bool = False
     _msg: Msg | None = field(default=None, repr=False)
     _on_settle: Callable[[ReplayEvent, Msg, str, float | None], Awaitable[None]] | None = field(
         default=None, repr=False)
@@ -52,6 +56,10 @@ class ReplayEvent:
                                "data": self.data, "ts": self.ts, "from": self.from_}
         if self.msg_id is not None:
             out["msg_id"] = self.msg_id
+        if self.key is not None:  # a state room's event, as its members get it
+            out["key"] = self.key
+            if self.unset:
+                out["unset"] = True
         return out
 
     async def ack(self) -> None:

@@ -8,13 +8,17 @@ after the stream is recreated (a new epoch, seqs from 1 again), the new life's v
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import uuid
 from typing import Any
 
 import aiohttp
 import nats
 import pytest
 
+from bridge.replay import ReplayConsumer
+from bridge.webhook import webhook_body
 from node.protocol.subjects import STREAM_NAME
 from tests.integration.test_sse import data, open_sse
 from tests.servers import NatsProcess
@@ -358,3 +362,34 @@ async def test_coalesced_writes_of_one_key_across_an_epoch_change(make_node: Any
     finally:
         link.epoch = old
     assert await state.values("default", room) == []  # of another epoch than the node's: gone
+
+
+async def test_replay_and_webhook_readers_get_key_and_unset(make_node: Any) -> None:
+    """A durable replay consumer (and so a webhook, and ``rtnode replay``) hands out a state
+    room's events as its members get them: with ``key``, and ``unset`` when the event removes
+    it. They were dropped: a backend could not tell which key an event set, nor a removal
+    from a set to null."""
+    node = await make_node(**STATE)
+    room = unique("st")
+    member = await RawClient.connected(ws_url(node), token("member"))
+    assert (await member.request({"type": "join", "room": room}))["type"] == "joined"
+    dev = await RawClient.connected(ws_url(node), token("dev-1"))
+    seqs = [await publish(dev, room, data={"t": 20}),
+            await publish(dev, room, "setpoint", data=21, key="target"),
+            await publish(dev, room, "setpoint", key="target", unset=True)]
+    live = [dict(await next_of(member, room, "event")) for _ in seqs]
+    fields = ("room", "seq", "event", "data", "key", "unset")
+    want = [{k: e[k] for k in fields if k in e} for e in live]
+    assert [e.get("key") for e in want] == ["dev-1", "target", "target"]
+    assert want[2].get("unset") is True and "unset" not in want[1]
+    async with ReplayConsumer(node.settings.nats_url, rooms=room,
+                              durable=f"st-{uuid.uuid4().hex[:8]}") as consumer:
+        got = []
+        for _ in seqs:
+            ev = await consumer.next(timeout=10)
+            assert ev is not None
+            got.append(ev)
+            await ev.ack()
+    assert [{k: v for k, v in ev.as_map().items() if k in fields} for ev in got] == want
+    hooks = [json.loads(webhook_body(ev)) for ev in got]
+    assert [{k: h[k] for k in fields if k in h} for h in hooks] == want
