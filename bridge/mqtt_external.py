@@ -13,9 +13,10 @@ Only the plain-topic face is offered here (the broker authenticates the devices)
   refusal is counted, logged at info and told to the device in an ``error`` notice on
   ``rtnode/v1/<device_id>/out`` (QoS 0; the broker's ACL must let the bridge write it and the
   device read it), at most once per device and reason per 10 s;
-* downlinks: every node pulls from one shared JetStream durable consumer on the rooms of the
-  bridged tenant, so each stored event is published to ``rooms/<room>`` once for the whole
-  cluster, and acknowledged to JetStream only after the broker has it (QoS 1).
+* downlinks: one durable replay consumer (``bridge.replay``) on the rooms of the bridged tenant,
+  pinned to one node at a time (the others stand by): each stored event is published to
+  ``rooms/<room>`` once for the whole cluster, each room's in order, and acknowledged to
+  JetStream only after the broker has it (QoS 1); across a takeover, at least once.
 
 aiomqtt never reconnects by itself: the node does, with backoff and full jitter, and
 resubscribes.
@@ -35,7 +36,6 @@ from urllib.parse import unquote, urlparse
 
 import aiomqtt
 import cbor2
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.mqtt_uplinks import (
@@ -45,14 +45,17 @@ from bridge.mqtt_uplinks import (
     refusal_notice,
     uplink_publish,
 )
+from bridge.replay import ReplayConsumer, Start
+from bridge.replay_event import ReplayError, ReplayEvent
 from node.core.connection import NodeContext
 from node.protocol.errors import AuthError, ConfigError, ProtocolError
-from node.protocol.frames import CBOR, Publish, cbor_loads_strict
+from node.protocol.frames import CBOR, Publish
 from node.protocol.ids import is_valid_id
-from node.protocol.subjects import STREAM_NAME, room_from_subject, room_subject
+from node.protocol.subjects import STREAM_NAME
 from node.protocol.tokens import Principal
 
 __all__ = [
+    "DOWN_DURABLE",
     "DURABLE",
     "LEGACY_UPLINK_FILTER",
     "SHARE_GROUP",
@@ -66,7 +69,11 @@ __all__ = [
 
 log = logging.getLogger("bridge.mqtt.external")
 
+#: The downlink durable of old, pulled by every node at once: read at start for where the new
+#: one starts, then deleted.
 DURABLE = "RTNODE_MQTT_OUT"
+#: The downlinks' durable replay consumer, pinned to one node at a time.
+DOWN_DURABLE = "RTNODE_MQTT_DOWN"
 #: The uplinks: ``rooms/<room>/up/<device_id>``, the last level pinned by the broker's ACL.
 UPLINK_FILTER = "rooms/+/up/+"
 #: The bare uplink topic of old, which names no device: subscribed only to refuse and count
@@ -405,48 +412,56 @@ class ExternalMqtt:
     # -- downlinks -------------------------------------------------------------------------
 
     async def _downlink_loop(self) -> None:
+        """Publish each stored event of the tenant to ``rooms/<room>`` on the broker, in each
+        room's order, once for the cluster.
+
+        One durable replay consumer (``bridge.replay``) shared by the bridging nodes: the
+        server pins it to one of them, which publishes one event after another (QoS 1: each
+        acknowledged to JetStream once the broker has it); the others stand by, and take over
+        within its ``priority_timeout_s`` when it goes (at once when it stops). The durable of
+        old (:data:`DURABLE`, pulled by every node at once, which interleaved a room's events
+        at the devices) is read once for where to start, and deleted.
+        """
         js = self.ctx.store.link.js  # type: ignore[attr-defined]
-        config = ConsumerConfig(
-            durable_name=DURABLE, deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30, max_ack_pending=1000,
-        )
-        psub: Any = None
-        while psub is None:
+        nc = self.ctx.store.link.nc  # type: ignore[attr-defined]
+        while not self._stopping:
             try:
-                psub = await js.pull_subscribe(room_subject(self.tenant, ">"), durable=DURABLE,
-                                               stream=STREAM_NAME, config=config)
-            except Exception as exc:
-                log.warning("! downlink consumer not ready: %s", exc)
+                start = await self._downlink_start(js)
+                async with ReplayConsumer(nc, tenant=self.tenant, rooms="*",
+                                          durable=DOWN_DURABLE, start=start,
+                                          max_deliver=0) as consumer:
+                    with contextlib.suppress(Exception):  # gone, or an older node's again
+                        await js.delete_consumer(STREAM_NAME, DURABLE)
+                    async for ev in consumer:
+                        await self._downlink(ev)
+                        if self._stopping:
+                            return
+            except (ReplayError, OSError, TimeoutError) as exc:
+                log.warning("! downlink consumer: %s", exc)
                 await asyncio.sleep(1)
+
+    async def _downlink_start(self, js: Any) -> Start:
+        """Where a new downlink durable starts: after what the durable of old acknowledged,
+        if there is one (nothing skipped, nothing sent twice at an upgrade); else new events."""
         try:
-            while not self._stopping:
-                await self._ready.wait()
-                try:
-                    msgs = await psub.fetch(batch=100, timeout=1)
-                except Exception:  # nothing new (timeout), or NATS reconnecting
-                    continue
-                for msg in msgs:
-                    client = self._client
-                    if client is None or self._stopping:
-                        break  # not acked: redelivered after ack_wait
-                    try:
-                        _, room = room_from_subject(msg.subject)
-                        event = cbor_loads_strict(msg.data)
-                        if not isinstance(event, dict):
-                            raise ProtocolError(4000, "not an event map")
-                        event["room"] = room
-                        event["seq"] = msg.metadata.sequence.stream
-                        await client.publish(f"rooms/{room}", cbor2.dumps(event), qos=1)
-                    except (ProtocolError, ValueError):
-                        await msg.ack()  # not an event: nothing to forward
-                        continue
-                    except aiomqtt.MqttError:
-                        break
-                    await msg.ack()
-                    self.downlinks += 1
-        finally:
-            # Unsubscribed, so that the NATS connection's drain at the node's stop does not
-            # wait (5 s) for the messages still queued for this pull subscription, which
-            # nobody reads any more; unacked, they are redelivered after ack_wait.
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            info = await js.consumer_info(STREAM_NAME, DURABLE)
+        except Exception:
+            return "new"
+        return int(info.ack_floor.stream_seq) + 1
+
+    async def _downlink(self, ev: ReplayEvent) -> None:
+        """Publish ``ev`` once the broker is there; acknowledged once the broker has it. A
+        publish that fails is nakked: the room's later events wait for it (on_retry block)."""
+        while True:
+            await self._ready.wait()
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(f"rooms/{ev.room}", cbor2.dumps(ev.as_map()), qos=1)
+            except aiomqtt.MqttError:
+                await ev.nak(delay=1.0)
+                return
+            await ev.ack()
+            self.downlinks += 1
+            return

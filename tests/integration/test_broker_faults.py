@@ -12,7 +12,10 @@ container recreated with another host name. Before, such a stop left the stopped
 persistent session in the share group: the broker went on routing it half of the uplinks, kept
 for a node that never came back (lost when the session expired). At the end, with both nodes
 up, every uplink the broker acknowledged to its device is in the room stream exactly once (by
-``msg_id``), from that device.
+``msg_id``), from that device. A subscriber of ``rooms/<room>`` on the broker (a persistent
+session, QoS 1) gets every stored event, each first time in seq order (a copy may come again
+after a takeover: at least once). Before, every node pulled the downlink durable at once and
+published what it got: a room's events reached devices out of order (280 inversions in 2,278).
 ``RTNODE_TEST_BROKER_FAULTS_SEED`` repeats a run's choices (printed first; random by default).
 """
 
@@ -65,6 +68,16 @@ async def _device(port: int, dev: str, room: str, acked: list[str], stop: asynci
             await asyncio.sleep(rng.uniform(0.005, 0.03))
 
 
+async def _subscriber(port: int, room: str, got: list[int], arrived: asyncio.Event) -> None:
+    """A device of the broker subscribed to ``rooms/<room>`` (persistent session, QoS 1)."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"sub-{uuid.uuid4().hex[:6]}",
+                              clean_session=False, ) as client:
+        await client.subscribe(f"rooms/{room}", qos=1)
+        async for message in client.messages:
+            got.append(cbor2.loads(bytes(message.payload))["seq"])
+            arrived.set()
+
+
 async def _stored(nats_url: str, room: str, want: int, timeout: float) -> list[dict[str, Any]]:
     """The room's stored events, read until ``want`` are there (or ``timeout``)."""
     nc = await nats.connect(nats_url)
@@ -78,7 +91,7 @@ async def _stored(nats_url: str, room: str, want: int, timeout: float) -> list[d
             with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                 while True:
                     msg = await sub.next_msg(timeout=1.0)
-                    events.append(cbor2.loads(msg.data))
+                    events.append({**cbor2.loads(msg.data), "seq": msg.metadata.sequence.stream})
             await sub.unsubscribe()
             if len(events) >= want or time.monotonic() > deadline:
                 return events
@@ -103,11 +116,15 @@ async def test_seeded_node_kills_and_replacements_lose_and_double_no_acknowledge
     acked: dict[str, list[str]] = {f"dev{d}": [] for d in range(DEVICES)}
     stop = asyncio.Event()
     faults: list[str] = []
+    received: list[int] = []  # the seqs the broker's subscriber got, in order
     try:
         for node in nodes:
             node.start()
         for node in nodes:
             await asyncio.to_thread(node.wait_ready, 30)
+        arrived = asyncio.Event()
+        subscriber = asyncio.create_task(_subscriber(mosquitto, room, received, arrived))
+        await asyncio.sleep(0.5)  # subscribed (the events come from the durable even if later)
         devices = [asyncio.create_task(_device(mosquitto, dev, room, acked[dev], stop,
                                                random.Random(rng.random())))
                    for dev in acked]
@@ -142,18 +159,39 @@ async def test_seeded_node_kills_and_replacements_lose_and_double_no_acknowledge
         await asyncio.gather(*devices)
         total = sum(len(ids) for ids in acked.values())
         events = await _stored(nats_server.url, room, total, 60)
+        stored_seqs = {e["seq"] for e in events}
+        try:
+            async with asyncio.timeout(60):
+                while not stored_seqs <= set(received):
+                    arrived.clear()
+                    await arrived.wait()
+        except TimeoutError:
+            if subscriber.done():
+                subscriber.result()  # its failure, if it failed
+            missing = sorted(stored_seqs - set(received))
+            raise AssertionError(f"seed {SEED}: {len(missing)} stored events never reached the "
+                                 f"broker's subscriber: {missing[:5]}..{missing[-5:]} "
+                                 f"(got {len(received)}, stored {len(stored_seqs)})") from None
+        subscriber.cancel()
     finally:
         stop.set()
         for node in nodes + gone:
             node.stop()
         nats_server.stop()
     print("broker faults: " + "; ".join(faults))
-    print(f"broker faults: {total} uplinks acknowledged by the broker, {len(events)} stored")
+    print(f"broker faults: {total} uplinks acknowledged by the broker, {len(events)} stored, "
+          f"{len(received)} downlinks ({len(received) - len(set(received))} again)")
     ids = Counter(e.get("msg_id") for e in events)
     lost = [m for dev in acked.values() for m in dev if m not in ids]
     doubled = {m: n for m, n in ids.items() if n > 1}
     assert not lost, f"seed {SEED}: {len(lost)} acknowledged uplinks lost: {lost[:10]}"
     assert not doubled, f"seed {SEED}: stored more than once: {list(doubled.items())[:10]}"
+    firsts: list[int] = []
+    for seq in received:
+        if not firsts or seq > firsts[-1]:
+            firsts.append(seq)
+        else:
+            assert seq in set(firsts), f"seed {SEED}: downlink {seq} first came after {firsts[-1]}"
     # Not checked: each device's order. The broker shares the uplinks among the nodes, each
     # stores what it got as it comes, and those a killed node held come when it is back
     # (docs/protocol-notes.md, "External broker mode").

@@ -29,10 +29,11 @@ from typing import Any
 import aiomqtt
 import cbor2
 import nats
+import nats.js.api
 import nats.js.errors
 import pytest
 
-from bridge.mqtt_external import DURABLE, ExternalMqtt
+from bridge.mqtt_external import DOWN_DURABLE, DURABLE, ExternalMqtt
 from node.nats_server import free_port
 from node.protocol.ids import ID_MAX_LEN
 from node.protocol.subjects import STREAM_NAME, room_subject
@@ -139,8 +140,8 @@ def bridged(nats_proc: NatsProcess, make_node: Any) -> Callable[[str], Any]:
     """Start a node bridging the broker at this URL, once it has subscribed.
 
     The nodes of a test share a nats-server of their own, not the session's ``shared_nats``:
-    the bridge's downlink consumer is a durable (``RTNODE_MQTT_OUT``, deliver policy ``new``
-    only when it is created), so on a shared server it outlives the test that created it
+    the bridge's downlink consumer is a durable (``RTNODE_MQTT_DOWN``, start ``new`` only
+    when it is created), so on a shared server it outlives the test that created it
     (test_admission_doors' broker door, first in the suite) and every event stored in the
     ``default`` tenant's rooms since is its backlog, which these nodes would publish to the
     broker, one PUBACK at a time, before this test's own: 15,009 events after
@@ -377,7 +378,7 @@ async def test_a_bridge_stops_at_once_in_the_middle_of_a_backlog(
         js = nc.jetstream()
         for _ in range(250):  # the durable exists once the downlink loop has subscribed
             try:
-                await js.consumer_info(STREAM_NAME, DURABLE)
+                await js.consumer_info(STREAM_NAME, DOWN_DURABLE)
                 break
             except nats.js.errors.NotFoundError:
                 await asyncio.sleep(0.02)
@@ -401,5 +402,43 @@ async def test_a_bridge_stops_at_once_in_the_middle_of_a_backlog(
         await node.stop()
         took = time.monotonic() - started
         assert took < 2.0, f"the node's stop took {took:.2f} s"
+    finally:
+        await nc.close()
+
+
+async def test_an_upgrade_starts_the_downlinks_after_what_the_old_durable_acknowledged(
+        mosquitto: int, nats_proc: NatsProcess, make_node: Any) -> None:
+    """The downlink durable of old (``RTNODE_MQTT_OUT``, pulled by every node at once) made way
+    for one pinned to a node at a time (``RTNODE_MQTT_DOWN``). A node of this version starts
+    the new one right after what the old one had acknowledged (the broker got those already;
+    what came after, it has not) and deletes the old one."""
+    room = unique("up")
+    nc = await nats.connect(nats_proc.url)
+    try:
+        js = nc.jetstream()
+        node = await make_node(nats_url=nats_proc.url)  # no bridge yet: the stream exists
+        event = cbor2.dumps({"event": "e", "data": 0, "from": {"user": "u", "kind": "user"}})
+        old = await js.pull_subscribe(room_subject("default", ">"), durable=DURABLE,
+                                      stream=STREAM_NAME, config=nats.js.api.ConsumerConfig(
+                                          deliver_policy=nats.js.api.DeliverPolicy.NEW,
+                                          ack_policy=nats.js.api.AckPolicy.EXPLICIT))
+        seqs = [(await js.publish(room_subject("default", room), event)).seq for _ in range(6)]
+        for msg in await old.fetch(3, timeout=5):  # an old node sent the first 3 and acked
+            await msg.ack_sync()
+        await old.unsubscribe()
+        await node.stop()
+        async with aiomqtt.Client("127.0.0.1", mosquitto, identifier=f"s-{uuid.uuid4().hex[:6]}",
+                                  clean_session=False) as device:
+            await device.subscribe(f"rooms/{room}", qos=1)
+            await make_node(nats_url=nats_proc.url, mqtt_broker_url=f"mqtt://127.0.0.1:{mosquitto}")
+            got = []
+            async with asyncio.timeout(10):
+                async for m in device.messages:
+                    got.append(cbor2.loads(m.payload)["seq"])
+                    if got[-1] == seqs[-1]:
+                        break
+        assert got == seqs[3:], "after what the old durable acknowledged, each once, in order"
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.consumer_info(STREAM_NAME, DURABLE)
     finally:
         await nc.close()
