@@ -1212,7 +1212,8 @@ class MqttSession(asyncio.Protocol):
             self._writer = asyncio.get_running_loop().create_task(
                 self._write_loop(), name=f"mqtt[{self.client_id}].persist")
             if self.ctx.sessions is not None and self.principal is not None:
-                self.ctx.sessions.hold(self._writer, self.principal.tenant, self.client_id)
+                self.ctx.sessions.hold(self._writer, self.principal.tenant, self.client_id,
+                                       self._state_due)
 
     def _snapshot(self) -> SessionRecord:
         record = self.record
@@ -1224,6 +1225,21 @@ class MqttSession(asyncio.Protocol):
         record.connected = not self.closed
         record.node = self.ctx.node_name
         return record
+
+    def _state_due(self) -> dict[str, Any] | None:
+        """The state the session writer would write next, as a record's JSON: what a handover
+        hands the claim while a write is in flight (``SessionStore.hand_over``). Only once the
+        connection is closed (no PUBACK moves a cursor after that), and while the session is
+        this connection's; else None. The record itself is left as sent."""
+        if not (self.closed and self.persistent) or self.record is None:
+            return None
+        state = self.record.to_json()  # a copy (asdict)
+        cursors, sent = self.qos.positions()
+        state.update(subs=dict(self.subs), connected=False, node=self.ctx.node_name,
+                     updated_ms=int(time.time() * 1000),
+                     cursors={r: c for r, c in cursors.items() if f"rooms/{r}" in self.subs},
+                     sent={r: c for r, c in sent.items() if f"rooms/{r}" in self.subs})
+        return state
 
     async def _write_loop(self) -> None:
         """Write the session while it changes: one write in flight, the latest state next."""

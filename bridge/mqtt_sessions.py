@@ -21,8 +21,11 @@ record. Without it the claim could land before that write, which then lost the r
 cursors with it: the device got PUBLISHes again that it had acknowledged. A node that does
 not answer (dead: no responders; or within ``_HANDOVER_TIMEOUT_S``) is not waited for. A
 last write that has not landed within ``_HANDOVER_WAIT_S`` (JetStream electing a leader), or
-that failed, does not lose the cursors either: the handover's answer carries the state that
-write was for, and the claim takes its subscriptions and positions. When nothing newer comes
+that failed, does not lose the cursors either: the handover's answer carries the state the
+connection's writer would write next (a write still in flight was asked for before the PUBACKs
+that came during it: the connection's positions now), or that of its last failed write, and
+the claim takes its subscriptions and positions, on each of its tries (the write in flight may
+land between the claim's read and its write). When nothing newer comes
 (the holder's node is gone, cut off from NATS, or restarted since: its new process never held
 the connection), the record still says ``connected``, and its positions may be behind what the
 device got: the claim says so (``behind``), and the resume sends every event stored until then
@@ -233,8 +236,14 @@ class SessionStore:
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
         # The newest state this node's connection of a device asked to write, until a write
         # of it lands (or the session is taken): a handover hands it to the claim when that
-        # write is slow or failed (JetStream electing a leader).
+        # write failed (JetStream electing a leader).
         self._unwritten: dict[tuple[str, str], dict[str, Any]] = {}
+        # The state a device's session writer here will write next, once its connection is
+        # closed (its last positions; None before that, or once it has none to write), by
+        # device: a handover hands it to the claim when the writer is still busy. The write in
+        # flight is older than that: the PUBACKs that came during it (and the final write at
+        # the close) wait behind it.
+        self._latest: dict[tuple[str, str], Callable[[], dict[str, Any] | None]] = {}
 
     async def start(self) -> None:
         """Create or update the bucket; listen for takeovers by other nodes."""
@@ -248,32 +257,51 @@ class SessionStore:
         self._handover_sub = await self.store.link.nc.subscribe(
             f"{_HANDOVER}.{self.node}", cb=self._on_handover_request)
 
-    def hold(self, task: asyncio.Task[None], tenant: str, client_id: str) -> None:
+    def hold(self, task: asyncio.Task[None], tenant: str, client_id: str,
+             latest: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Keep a connection's session write until it is done: :meth:`stop` waits for it (the
         last cursors of the connections a stopping node closes), and so does a claim of the
-        device's session (:meth:`hand_over`)."""
+        device's session (:meth:`hand_over`). ``latest``: the state the writer would write
+        next, as a record's JSON (None when it has nothing to write)."""
         self._held.add(task)
         task.add_done_callback(self._held.discard)
         key = (tenant, client_id)
         self._writers[key] = task
+        if latest is not None:
+            self._latest[key] = latest
+        else:
+            self._latest.pop(key, None)
         task.add_done_callback(functools.partial(self._written, key))
 
     def _written(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         if self._writers.get(key) is task:
             del self._writers[key]
+            self._latest.pop(key, None)
 
     async def hand_over(self, tenant: str, client_id: str, before: int
                         ) -> dict[str, Any] | None:
         """Have this node's connection of the device, if it holds a revision below ``before``,
         closed with its last write; return once the device's session writes here are done
         (at most ``_HANDOVER_WAIT_S``): None, or the state its last write did not store (yet)
-        as a record's JSON, for the claim to take its cursors from."""
+        as a record's JSON, for the claim to take its cursors from.
+
+        A writer still busy then hands over the state it would write next (its connection's
+        last positions, once it is closed: the close's write), not that of its write in
+        flight: that one was asked for before the PUBACKs that came during it, and a claim
+        that took it sent the device those acknowledged events again (test_device_faults,
+        seed 9930204: a clean DISCONNECT, then the events again on the other node, with no
+        ``behind``)."""
+        key = (tenant, client_id)
         if self.on_handover is not None:
             self.on_handover(tenant, client_id, before)
-        task = self._writers.get((tenant, client_id))
+        task = self._writers.get(key)
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=_HANDOVER_WAIT_S)
-        return self._unwritten.get((tenant, client_id))
+            latest = self._latest.get(key) if not task.done() else None
+            state = latest() if latest is not None else None
+            if state is not None:
+                return state
+        return self._unwritten.get(key)
 
     async def _on_handover_request(self, msg: Any) -> None:
         try:
@@ -476,24 +504,29 @@ class SessionStore:
             StoreError: JetStream did not answer.
         """
         handed = False
+        holder = ""
+        unwritten: SessionRecord | None = None
         for attempt in range(_CLAIM_TRIES):
             if attempt:
                 # A lost race: the other write may still be in process on the leader (read
                 # now, it would show the revision it replaces), so wait a moment, jittered.
                 await asyncio.sleep(random.uniform(0.005, 0.01 * 2 ** attempt))
             record, revision = await self.read(tenant, client_id)
-            took = False
             if record is not None and record.connected and not handed:
                 # Held by a connection: its last cursors first (see the module's docstring).
                 handed = True
                 holder = record.node
                 unwritten = await self._ask_handover(tenant, client_id, holder, revision)
                 record, revision = await self.read(tenant, client_id)
-                if (unwritten is not None and record is not None and record.node == holder
-                        and unwritten.epoch == record.epoch):
-                    # Its last write has not landed: its state is newer than the record's.
-                    _take_positions(record, unwritten)
-                    took = True
+            took = False
+            if (unwritten is not None and record is not None and record.node == holder
+                    and unwritten.epoch == record.epoch
+                    and record.updated_ms <= unwritten.updated_ms):
+                # Its last write has not landed: its state is newer than the record's. On a
+                # retry too: the holder's write in flight may land between the read and this
+                # claim's write (a lost race), and the record is then that older state.
+                _take_positions(record, unwritten)
+                took = True
             # Still held, and no last state came: the holder wrote none (its final write says
             # connected = False) and handed none over.
             behind = record is not None and record.connected and not took

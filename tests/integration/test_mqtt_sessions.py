@@ -625,6 +625,74 @@ async def test_acknowledged_events_are_not_sent_again_when_the_last_write_failed
     await raw.disconnect()
 
 
+@pytest.mark.parametrize("lands", ["later", "before the claim's write"])
+async def test_a_handover_during_a_slow_write_hands_over_the_acknowledgements_since(
+        make_node: Any, lands: str) -> None:
+    """The device's node is writing its session, slowly (JetStream electing a leader), when
+    the device acknowledges more events, leaves with a DISCONNECT and comes back through
+    another node. The claim there asks for a handover, which waits a while for that write and
+    then answers with what was not stored: that was the state of the write in flight, asked
+    for before those PUBACKs, so the device got the events it had acknowledged again
+    (test_device_faults, seed 9930204). The answer is now the state the writer would write
+    next: the last PUBACKs and the close's. "before the claim's write": the slow write lands
+    between the claim's read and its write, which conflicts; the claim reads again and keeps
+    the state handed over (it took the record for one without its last state, and sent every
+    stored event again with DUP)."""
+    n1, n2 = await make_node(), await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    first = await store(n1, room, 3)
+    assert [m["seq"] for *_, m in await receive(raw, 3)] == first
+    await saved(n1, dev, lambda r: r.cursors.get(room) == first[-1])
+
+    real_write, real_claim_write = n1.sessions._write, n2.sessions.write
+    started, release, landed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    the_end = asyncio.Event()
+
+    async def in_flight(record: Any, state: Any, revision: int) -> int:
+        if started.is_set():
+            await the_end.wait()  # the writes after it: not before the test ends
+            return int(await real_write(record, state, revision))
+        started.set()
+        await release.wait()  # longer than any handover waits
+        try:
+            return int(await real_write(record, state, revision))
+        finally:
+            landed.set()
+
+    async def claim_write(record: Any, revision: int) -> int:
+        if lands != "later" and not release.is_set():
+            release.set()  # the holder's slow write lands first
+            await landed.wait()
+        return int(await real_claim_write(record, revision))
+
+    n1.sessions._write = in_flight
+    n2.sessions.write = claim_write  # type: ignore[method-assign]
+    try:
+        more = await store(n1, room, 3, start=3)
+        got = await receive(raw, 3, ack=False)
+        assert [m["seq"] for *_, m in got] == more
+        await started.wait()  # the write of their sent marks, before any PUBACK
+        for pid, *_ in got:
+            raw.puback(pid)
+        await raw.disconnect()
+
+        raw = await RawMqtt.connect(n2.mqtt.port, dev, dev_token(dev))
+        assert raw.session_present and raw.return_code == 0
+        [live] = await store(n2, room, 1, start=6)
+        [(_pid, _qos, dup, event)] = await receive(raw, 1)
+        assert (event["seq"], dup) == (live, False), "acknowledged events came again"
+    finally:
+        release.set()
+        the_end.set()
+        n1.sessions._write = real_write
+        n2.sessions.write = real_claim_write  # type: ignore[method-assign]
+    await raw.disconnect()
+    record = await saved(n2, dev, lambda r: not r.connected)
+    assert record.cursors[room] == live
+
+
 @pytest.mark.parametrize("holder", ["gone", "this node"])
 async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
         make_node: Any, holder: str) -> None:
