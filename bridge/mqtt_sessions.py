@@ -542,6 +542,13 @@ class SessionStore:
                 revision = await self.write(record, revision)
             except SessionTaken:
                 continue  # written meanwhile (a racing CONNECT): read it again
+            except StoreError:
+                if behind:
+                    # This claim may have landed (its answer lost): the next one must not take
+                    # its positions, kept for a handover, for a holder's last state, as they
+                    # are those of the record that was behind.
+                    self._unwritten.pop((tenant, client_id), None)
+                raise
             self._unwritten.pop((tenant, client_id), None)  # an earlier connection's here
             self._announce(tenant, client_id, revision, conn)
             if behind:

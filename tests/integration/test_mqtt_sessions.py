@@ -724,6 +724,47 @@ async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
     await raw.disconnect()
 
 
+async def test_a_claim_behind_whose_answer_was_lost_still_sends_again_with_dup(
+        make_node: Any) -> None:
+    """A claim of a session held by a node that is gone (its positions may be behind what the
+    device got) lands, but its answer is lost (a leader election): the device gets CONNACK 3
+    and comes back. The next claim found the lost claim's state kept for a handover, took its
+    positions (those of the gone node's record) for the holder's last ones, and sent the events
+    after its sent mark without DUP, though the gone node may have sent them."""
+    from bridge.mqtt_sessions import SessionRecord
+
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    seqs = await store(node, room, 6)
+    await node.sessions.write(SessionRecord(
+        "default", dev, subs={f"rooms/{room}": 1}, cursors={room: seqs[1]},
+        sent={room: seqs[1]}, epoch=node.store.epoch, node="a-node-gone", connected=True), 0)
+    real_write, lost = node.sessions._write, 1
+
+    async def answer_lost(record: Any, state: Any, revision: int) -> int:
+        nonlocal lost
+        landed = int(await real_write(record, state, revision))
+        if lost:
+            lost -= 1
+            raise StoreError("session write failed: TimeoutError")
+        return landed
+
+    node.sessions._write = answer_lost
+    try:
+        raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+        assert raw.return_code == 3
+        await raw.drop()
+    finally:
+        node.sessions._write = real_write
+    record = await node.sessions.get("default", dev)
+    assert record is not None and record.node == node.sessions.node  # the claim had landed
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present and raw.return_code == 0
+    again = await receive(raw, 4)
+    assert [(m["seq"], d) for _, _q, d, m in again] == [(s, True) for s in seqs[2:]]
+    await raw.disconnect()
+
+
 async def test_a_session_write_whose_answer_was_lost_is_not_a_takeover(make_node: Any) -> None:
     """A session write lands, but its answer is lost (a timeout during a JetStream leader
     election). The next write names the revision before it and conflicts with it: that was
