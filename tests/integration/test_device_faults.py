@@ -26,6 +26,8 @@ holds each device to what the docs promise:
   unacknowledged, or acknowledged on a connection cut with a RST, whose PUBACKs may not have
   been read), or if the node that held it was killed (-9) after the PUBACK (the cursor is
   written behind the PUBACKs); that copy always carries DUP;
+- a plain device's PUBLISH of event ``seq`` has packet id ``seq % 65535 + 1``, and within one
+  connection what comes with DUP (sent before) comes first, then the rest;
 - a plain device that has a session finds it (session present) on every later CONNECT;
 - an SDK device hands each event out once, in order, with no ``Resync``.
 
@@ -88,6 +90,7 @@ class Got:
     t: float  # monotonic, when read
     dup: bool = False
     acked: bool = False  # PUBACK written (raw: by the test; paho: by paho on return)
+    pid: int = 0  # the PUBLISH's packet id (plain devices)
 
 
 @dataclass
@@ -204,7 +207,7 @@ async def raw_device(log: DeviceLog, sh: Shared, seeds: random.Random) -> None:
                 ack = not (unacked_tail and time.monotonic() > until - 0.3)
                 if ack:
                     raw.puback(pid)
-                log.got.append(Got(room, seq, n, time.monotonic(), dup, ack))
+                log.got.append(Got(room, seq, n, time.monotonic(), dup, ack, pid))
             if how in ("disconnect", "final"):
                 await raw.disconnect()
                 if how == "final" and sh.stored is not None and log.has_all(sh.stored):
@@ -276,13 +279,13 @@ async def paho_device(log: DeviceLog, sh: Shared, seeds: random.Random) -> None:
                 continue
             room, seq = _payload(m.payload)
             p.client.ack(m.mid, m.qos)
-            log.got.append(Got(room, seq, n, t, bool(m.dup), True))
+            log.got.append(Got(room, seq, n, t, bool(m.dup), True, m.mid))
         conn.how = "lost" if p.gone.is_set() else ("final" if final else "disconnect")
         await p.stop()
         while not p.messages.empty():  # read by paho, not acknowledged: received
             m, t = p.messages.get_nowait()
             room, seq = _payload(m.payload)
-            log.got.append(Got(room, seq, n, t, bool(m.dup), False))
+            log.got.append(Got(room, seq, n, t, bool(m.dup), False, m.mid))
         conn.ended = time.monotonic()
         if final and sh.stored is not None and log.has_all(sh.stored):
             return
@@ -522,6 +525,18 @@ def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Faul
                 where = next(i for i, (a, b) in enumerate(itertools.pairwise(seqs)) if b <= a)
                 bad.append(f"{room}: conn {n} on {log.conns[n].node}: out of order or "
                            f"doubled: ...{seqs[max(0, where - 2):where + 3]}")
+        if log.kind != "sdk":
+            wrong = [(g.seq, g.pid) for g in mine if g.pid != g.seq % 0xFFFF + 1]
+            if wrong:
+                bad.append(f"{room}: packet ids not seq % 65535 + 1 (seq, id): {wrong[:5]}")
+            # What was sent before goes again first, with DUP, then the rest.
+            for n in by_conn:
+                dups = [g.dup for g in mine if g.conn == n]
+                fresh = dups.index(False) if False in dups else len(dups)
+                if any(dups[fresh:]):
+                    seqs = [(g.seq, g.dup) for g in mine if g.conn == n]
+                    bad.append(f"{room}: conn {n} on {log.conns[n].node}: a DUP after a "
+                               f"first sending (seq, dup): {seqs[:12]}")
         if log.kind == "sdk":
             counts = Counter(g.seq for g in mine)
             twice = sorted(s for s, c in counts.items() if c > 1)
