@@ -300,6 +300,8 @@ class SessionStore:
             latest = self._latest.get(key) if not task.done() else None
             state = latest() if latest is not None else None
             if state is not None:
+                log.info("= handover of %s/%s: its session write has not landed; its last "
+                         "state goes with the answer", tenant, client_id)
                 return state
         return self._unwritten.get(key)
 
@@ -542,11 +544,12 @@ class SessionStore:
                 revision = await self.write(record, revision)
             except SessionTaken:
                 continue  # written meanwhile (a racing CONNECT): read it again
-            except StoreError:
+            except BaseException:
                 if behind:
-                    # This claim may have landed (its answer lost): the next one must not take
-                    # its positions, kept for a handover, for a holder's last state, as they
-                    # are those of the record that was behind.
+                    # This claim may have landed (its answer lost, or its connection gone
+                    # meanwhile: cancelled): the next one must not take its positions, kept for
+                    # a handover, for a holder's last state, as they are those of the record
+                    # that was behind.
                     self._unwritten.pop((tenant, client_id), None)
                 raise
             self._unwritten.pop((tenant, client_id), None)  # an earlier connection's here
@@ -554,6 +557,9 @@ class SessionStore:
             if behind:
                 log.info("= session of %s/%s taken from %s without its last state: what it "
                          "may have sent goes again with DUP", tenant, client_id, holder_of)
+            elif took:
+                log.info("= session of %s/%s taken from %s with the last state it had not "
+                         "stored", tenant, client_id, holder_of)
             return record, revision, present, behind
         raise StoreError("session claim kept conflicting")
 

@@ -724,13 +724,15 @@ async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
     await raw.disconnect()
 
 
-async def test_a_claim_behind_whose_answer_was_lost_still_sends_again_with_dup(
-        make_node: Any) -> None:
+@pytest.mark.parametrize("how", ["answer lost", "connection gone"])
+async def test_a_claim_behind_that_landed_unanswered_still_sends_again_with_dup(
+        make_node: Any, how: str) -> None:
     """A claim of a session held by a node that is gone (its positions may be behind what the
-    device got) lands, but its answer is lost (a leader election): the device gets CONNACK 3
-    and comes back. The next claim found the lost claim's state kept for a handover, took its
-    positions (those of the gone node's record) for the holder's last ones, and sent the events
-    after its sent mark without DUP, though the gone node may have sent them."""
+    device got) lands, but does not return: its answer is lost (a leader election: the device
+    gets CONNACK 3), or the device gives up waiting and closes (the claim is cancelled). The
+    device comes back. The next claim found the first one's state kept for a handover, took
+    its positions (those of the gone node's record) for the holder's last ones, and sent the
+    events after its sent mark without DUP, though the gone node may have sent them."""
     from bridge.mqtt_sessions import SessionRecord
 
     node = await make_node()
@@ -739,21 +741,30 @@ async def test_a_claim_behind_whose_answer_was_lost_still_sends_again_with_dup(
     await node.sessions.write(SessionRecord(
         "default", dev, subs={f"rooms/{room}": 1}, cursors={room: seqs[1]},
         sent={room: seqs[1]}, epoch=node.store.epoch, node="a-node-gone", connected=True), 0)
-    real_write, lost = node.sessions._write, 1
+    real_write, landed = node.sessions._write, asyncio.Event()
 
-    async def answer_lost(record: Any, state: Any, revision: int) -> int:
-        nonlocal lost
-        landed = int(await real_write(record, state, revision))
-        if lost:
-            lost -= 1
-            raise StoreError("session write failed: TimeoutError")
-        return landed
+    async def no_answer(record: Any, state: Any, revision: int) -> int:
+        landed_at = int(await real_write(record, state, revision))
+        if not landed.is_set():
+            landed.set()
+            if how == "answer lost":
+                raise StoreError("session write failed: TimeoutError")
+            await asyncio.Event().wait()  # until cancelled
+        return landed_at
 
-    node.sessions._write = answer_lost
+    node.sessions._write = no_answer
     try:
-        raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
-        assert raw.return_code == 3
-        await raw.drop()
+        if how == "answer lost":
+            raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+            assert raw.return_code == 3
+            await raw.drop()
+        else:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", node.mqtt.port)
+            body = (RawMqtt._str("MQTT") + bytes([4, 0x80 | 0x40]) + (60).to_bytes(2, "big")
+                    + RawMqtt._str(dev) + RawMqtt._str(dev) + RawMqtt._str(dev_token(dev)))
+            writer.write(RawMqtt._packet(0x10, body))
+            await landed.wait()
+            writer.transport.abort()  # the device gives up on its CONNACK
     finally:
         node.sessions._write = real_write
     record = await node.sessions.get("default", dev)
