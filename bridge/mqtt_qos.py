@@ -65,6 +65,9 @@ class RoomTrack:
     sent: int = 0
     offered: int = 0  # the highest seq offered (sent or waiting): later offers must be above
     dup_upto: int = 0  # seqs up to this one were sent on an earlier connection
+    # ``sent`` may be behind what an earlier connection sent (its session was taken without its
+    # last state), until the resume has read the room's last seq: kept with the session.
+    behind: bool = False
     # Seqs written and not yet acknowledged, in order, each with its acknowledged flag.
     pending: deque[list[int]] = field(default_factory=deque)
 
@@ -98,6 +101,7 @@ class QosWindow:
         track.cursor = track.offered = cursor
         track.sent = max(cursor, sent)
         track.dup_upto = sent
+        track.behind = False
         track.pending.clear()
         return track
 

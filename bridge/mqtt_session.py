@@ -1081,7 +1081,8 @@ class MqttSession(asyncio.Protocol):
             if qos and room in record.cursors:
                 cursor = record.cursors[room]
                 if same_epoch:
-                    self.qos.track(room, cursor, record.sent.get(room, 0))
+                    # Behind: kept with the session until the resume knows how far to go.
+                    self.qos.track(room, cursor, record.sent.get(room, 0)).behind = behind
                 else:
                     # The stream was recreated: its seqs start again, the cursor means nothing
                     # (reset at once, in the record too).
@@ -1121,7 +1122,9 @@ class MqttSession(asyncio.Protocol):
                     track.dup_upto = max(track.dup_upto, last)
                     if last > track.sent:  # kept with the session: still so on a later resume
                         track.sent = last
-                        self.qos.changed = True
+                    track.behind = False
+                    self.qos.changed = True
+                    self._persist()
                     behind = False
                 if not checked:
                     await self._check_gap(room, after)
@@ -1224,7 +1227,13 @@ class MqttSession(asyncio.Protocol):
         record.sent = {r: c for r, c in sent.items() if f"rooms/{r}" in self.subs}
         record.connected = not self.closed
         record.node = self.ctx.node_name
+        record.behind = self._behind()
         return record
+
+    def _behind(self) -> bool:
+        """Whether a subscribed room's sent mark may still be behind what an earlier connection
+        sent (``RoomTrack.behind``): the record says so, and the next claim is behind too."""
+        return any(t.behind for r, t in self.qos.rooms.items() if f"rooms/{r}" in self.subs)
 
     def _state_due(self) -> dict[str, Any] | None:
         """The state the session writer would write next, as a record's JSON: what a handover
@@ -1236,7 +1245,7 @@ class MqttSession(asyncio.Protocol):
         state = self.record.to_json()  # a copy (asdict)
         cursors, sent = self.qos.positions()
         state.update(subs=dict(self.subs), connected=False, node=self.ctx.node_name,
-                     updated_ms=int(time.time() * 1000),
+                     updated_ms=int(time.time() * 1000), behind=self._behind(),
                      cursors={r: c for r, c in cursors.items() if f"rooms/{r}" in self.subs},
                      sent={r: c for r, c in sent.items() if f"rooms/{r}" in self.subs})
         return state

@@ -146,6 +146,10 @@ class SessionRecord:
         updated_ms: When it was last written.
         sent: Room -> the highest seq written to the device (sent again with DUP on a resume
             when above the cursor).
+        behind: The positions may be behind what the device got: a claim took the session
+            without its holder's last state, and its connection ended before its resume had
+            read how far the rooms went (it sends every event stored until then with DUP); the
+            next claim is behind too.
     """
 
     tenant: str
@@ -158,6 +162,7 @@ class SessionRecord:
     created_ms: int = 0
     updated_ms: int = 0
     sent: dict[str, int] = field(default_factory=dict)
+    behind: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON-able dict (what is stored, and what ``/api`` shows)."""
@@ -178,6 +183,7 @@ class SessionRecord:
                 created_ms=int(value.get("created_ms", 0)),
                 updated_ms=int(value.get("updated_ms", 0)),
                 sent={str(k): int(v) for k, v in dict(value.get("sent") or {}).items()},
+                behind=bool(value.get("behind", False)),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -189,6 +195,7 @@ def _take_positions(record: SessionRecord, newer: SessionRecord) -> None:
     record.subs = dict(newer.subs)
     record.cursors = {r: max(c, record.cursors.get(r, 0)) for r, c in newer.cursors.items()}
     record.sent = {r: max(c, record.sent.get(r, 0)) for r, c in newer.sent.items()}
+    record.behind = newer.behind
 
 
 def _subject(tenant: str, client_id: str) -> str:
@@ -530,8 +537,9 @@ class SessionStore:
                 _take_positions(record, unwritten)
                 took = True
             # Still held, and no last state came: the holder wrote none (its final write says
-            # connected = False) and handed none over.
-            behind = record is not None and record.connected and not took
+            # connected = False) and handed none over. Or the last connection was behind
+            # itself, and ended before it knew how far.
+            behind = record is not None and ((record.connected and not took) or record.behind)
             holder_of = record.node if record is not None else ""
             present = record is not None
             if record is None:
@@ -540,6 +548,7 @@ class SessionStore:
                 record = SessionRecord(tenant, client_id, epoch=epoch, created_ms=_now_ms())
             record.node = self.node
             record.connected = True
+            record.behind = behind
             try:
                 revision = await self.write(record, revision)
             except SessionTaken:

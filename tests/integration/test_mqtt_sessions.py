@@ -776,6 +776,49 @@ async def test_a_claim_behind_that_landed_unanswered_still_sends_again_with_dup(
     await raw.disconnect()
 
 
+async def test_a_connection_that_ends_behind_leaves_its_session_behind(make_node: Any) -> None:
+    """A session taken without its holder's last state (its node gone) is behind: its resume
+    reads how far the room went, and sends every event stored until then with DUP. The device
+    leaves before that read is done (the stream electing a leader): the connection's last
+    write said nothing of it, and the next claim, finding the session not held, resumed from
+    the stale sent mark: the events past it came without DUP, though the gone node may have
+    sent them. The record now says it is behind, until the resume knows how far."""
+    from bridge.mqtt_sessions import SessionRecord
+
+    node = await make_node()
+    room, dev = unique("cmd"), unique("dev")
+    seqs = await store(node, room, 6)
+    await node.sessions.write(SessionRecord(
+        "default", dev, subs={f"rooms/{room}": 1}, cursors={room: seqs[1]},
+        sent={room: seqs[1]}, epoch=node.store.epoch, node="a-node-gone", connected=True), 0)
+    real_last_seq, asked, answer = node.store.last_seq, asyncio.Event(), asyncio.Event()
+
+    async def slow_last_seq(tenant: str, name: str, **kwargs: Any) -> int:
+        if name == room and not answer.is_set():
+            asked.set()
+            await answer.wait()  # the stream electing a leader
+        return int(await real_last_seq(tenant, name, **kwargs))
+
+    node.store.last_seq = slow_last_seq
+    try:
+        raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+        assert raw.session_present and raw.return_code == 0
+        await asked.wait()  # the resume reads how far the room went ...
+        await raw.disconnect()  # ... and the device leaves first
+        record = await saved(node, dev, lambda r: not r.connected)
+        assert record.behind and record.sent[room] == seqs[1]
+    finally:
+        answer.set()
+        node.store.last_seq = real_last_seq
+    raw = await RawMqtt.connect(node.mqtt.port, dev, dev_token(dev))
+    assert raw.session_present and raw.return_code == 0
+    again = await receive(raw, 4)
+    assert [(m["seq"], d) for _, _q, d, m in again] == [(s, True) for s in seqs[2:]]
+    record = await saved(node, dev, lambda r: r.cursors.get(room) == seqs[-1])
+    assert not record.behind  # it knows how far now
+    await raw.disconnect()
+
+
 async def test_a_session_write_whose_answer_was_lost_is_not_a_takeover(make_node: Any) -> None:
     """A session write lands, but its answer is lost (a timeout during a JetStream leader
     election). The next write names the revision before it and conflicts with it: that was

@@ -67,5 +67,7 @@ def test_record_round_trip() -> None:
     rec = SessionRecord("t1", "dev-1", subs={"rooms/a": 1}, cursors={"a": 5}, epoch="e",
                         node="n1", connected=True, created_ms=1, updated_ms=2, sent={"a": 7})
     assert SessionRecord.from_json(rec.to_json()) == rec
+    rec.behind = True
+    assert SessionRecord.from_json(rec.to_json()) == rec
     assert SessionRecord.from_json({"tenant": "t"}) is None
     assert SessionRecord.from_json([1]) is None
