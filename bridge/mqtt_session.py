@@ -112,6 +112,8 @@ _PAGE = 500
 _WRITE_INTERVAL_S = 0.02
 # How long a QoS 1 SUBACK waits for the session holding its subscription to be written.
 _SUBACK_SAVE_S = 5.0
+# Packets read (and kept for later) while a CONNECT's session is claimed, at most.
+_GATED_PACKETS = 64
 
 
 class _PlainCborSeq:
@@ -337,6 +339,9 @@ class MqttSession(asyncio.Protocol):
             self._pending.extend(packets)
         if not self._stalled and not self._gated:
             self._run()
+        elif (self._gated and len(self._pending) >= _GATED_PACKETS
+              and self.transport is not None and not self.transport.is_closing()):
+            self.transport.pause_reading()  # resumed with the gate
 
     def eof_received(self) -> bool | None:
         self._peer_eof = True
@@ -548,8 +553,12 @@ class MqttSession(asyncio.Protocol):
                 old = None
             # The session is loaded (or discarded) before the CONNACK; the packets after the
             # CONNECT wait for it.
+            # Read meanwhile: a device that gives up on its CONNACK (and maybe connects
+            # elsewhere) ends its claim. Read paused, its close went unseen: the claim went
+            # on, and its handover and write took the session from the device's newer
+            # connection.
             self._opening = self._gate(self._open_session(not packet.clean_session, old),
-                                       "session")
+                                       "session", read=True)
         else:
             self._write(mq.connack(0))
         if self._timer is not None:
@@ -983,10 +992,16 @@ class MqttSession(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _gate(self, coro: Any, name: str) -> asyncio.Task[None]:
-        """Run ``coro`` before the device's next packets are handled (reading is paused)."""
+    def _gate(self, coro: Any, name: str, *, read: bool = False) -> asyncio.Task[None]:
+        """Run ``coro`` before the device's next packets are handled (reading is paused).
+
+        Args:
+            read: Go on reading meanwhile (up to ``_GATED_PACKETS`` packets kept for later),
+                so that a device that goes away is seen (its connection lost: ``coro`` is
+                cancelled).
+        """
         self._gated = True
-        if self.transport is not None and not self.transport.is_closing():
+        if not read and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         return self._spawn(self._gated_run(coro), name)
 

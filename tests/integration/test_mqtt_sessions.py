@@ -693,6 +693,62 @@ async def test_a_handover_during_a_slow_write_hands_over_the_acknowledgements_si
     assert record.cursors[room] == live
 
 
+async def test_a_claim_whose_connection_went_away_takes_nothing_from_a_newer_one(
+        make_node: Any) -> None:
+    """A CONNECT's claim is slow (a loaded node, a leader election), and the device gives up
+    on its CONNACK, closes, and connects to another node, which claims the session. The first
+    claim went on (the connection's reading was paused until its CONNACK: the close went
+    unseen): its handover closed the device's live connection and its write took the session,
+    for a connection that was gone. A connection now reads while its claim runs: the close
+    is seen, and the claim is cancelled."""
+    n1, n2 = await make_node(), await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    await raw.disconnect()
+    await saved(n1, dev, lambda r: not r.connected)
+
+    real_read, real_claim = n2.sessions.read, n2.sessions.claim
+    asked, answer, claimed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_read(*args: Any) -> Any:
+        if not asked.is_set():
+            asked.set()
+            await answer.wait()
+        return await real_read(*args)
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real_claim(*args, **kwargs)
+        finally:
+            claimed.set()
+
+    n2.sessions.read = slow_read  # type: ignore[method-assign]
+    n2.sessions.claim = claim  # type: ignore[method-assign]
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", n2.mqtt.port)
+        body = (RawMqtt._str("MQTT") + bytes([4, 0x80 | 0x40]) + (60).to_bytes(2, "big")
+                + RawMqtt._str(dev) + RawMqtt._str(dev) + RawMqtt._str(dev_token(dev)))
+        writer.write(RawMqtt._packet(0x10, body))
+        await asked.wait()  # n2's claim is on its way
+        writer.transport.abort()  # the device gives up on it ...
+        raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))  # ... and goes to n1
+        assert raw.session_present and raw.return_code == 0
+        answer.set()
+        await claimed.wait()
+    finally:
+        answer.set()
+        n2.sessions.read = real_read  # type: ignore[method-assign]
+        n2.sessions.claim = real_claim  # type: ignore[method-assign]
+    record = await n1.sessions.get("default", dev)
+    assert record is not None and (record.node, record.connected) == (n1.sessions.node, True)
+    seqs = await store(n1, room, 3)
+    assert [m["seq"] for *_, m in await receive(raw, 3)] == seqs  # still connected
+    await raw.disconnect()
+    record = await saved(n1, dev, lambda r: not r.connected)
+    assert record.cursors[room] == seqs[-1]
+
+
 @pytest.mark.parametrize("holder", ["gone", "this node"])
 async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
         make_node: Any, holder: str) -> None:
