@@ -321,6 +321,8 @@ class MqttSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            if self.persistent and self._draining is not None:
+                self._late_acks(data)
             return  # closing: input is only drained
         self.last_seen = time.monotonic()
         try:
@@ -342,6 +344,23 @@ class MqttSession(asyncio.Protocol):
         elif (self._gated and len(self._pending) >= _GATED_PACKETS
               and self.transport is not None and not self.transport.is_closing()):
             self.transport.pause_reading()  # resumed with the gate
+
+    def _late_acks(self, data: bytes) -> None:
+        """Input read after our close: only its PUBACKs count (they still move the cursors,
+        for the session's last write). A handover closes a connection at once, wherever its
+        reading was: the device's last PUBACKs (and its DISCONNECT) could still be unread, in
+        the socket or behind a full mailbox, and the cursors they moved were lost: the device
+        got acknowledged events again on the node that took its session."""
+        try:
+            packets = self.parser.feed(data)
+        except mq.MqttError as exc:
+            packets = getattr(exc, "packets", None) or []
+        self._acks_of(packets)
+
+    def _acks_of(self, packets: Any) -> None:
+        for packet in packets:
+            if isinstance(packet, mq.PubAck):
+                self._on_puback(packet.packet_id)
 
     def eof_received(self) -> bool | None:
         self._peer_eof = True
@@ -427,7 +446,9 @@ class MqttSession(asyncio.Protocol):
             self.closed = True
             log.debug("x %s: %s", self.client_id or "?", reason)
             if self.persistent:
-                self._persist()  # its last cursors (nothing moves them after the close)
+                if self._pending:
+                    self._acks_of(self._pending)  # read, not handled yet (see _late_acks)
+                self._persist()  # its last cursors (only PUBACKs move them after the close)
                 self._saved_at_close = True
                 self._wake_writer()
         self._pending = None
@@ -445,8 +466,9 @@ class MqttSession(asyncio.Protocol):
         if self._draining is not None:
             return
         transport.write_eof()  # FIN after what is buffered; the device's close ends it
-        if self._stalled:
-            transport.resume_reading()  # read (and discard) what the device still sends
+        if self._stalled or self._gated:
+            # Read what the device still sends (discarded, but for its PUBACKs: _late_acks).
+            transport.resume_reading()
         self._draining = asyncio.get_running_loop().call_later(
             _CLOSE_DRAIN_S, self._drain_expired, transport)
 

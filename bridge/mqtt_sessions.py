@@ -301,10 +301,16 @@ class SessionStore:
         key = (tenant, client_id)
         if self.on_handover is not None:
             self.on_handover(tenant, client_id, before)
+        # The close's write, and the writes of PUBACKs read after it (the device's last ones,
+        # still unread when it closed): a writer that ends may have a successor.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _HANDOVER_WAIT_S
         task = self._writers.get(key)
+        while task is not None and not task.done() and loop.time() < deadline:
+            await asyncio.wait({task}, timeout=deadline - loop.time())
+            task = self._writers.get(key) or task
         if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=_HANDOVER_WAIT_S)
-            latest = self._latest.get(key) if not task.done() else None
+            latest = self._latest.get(key)
             state = latest() if latest is not None else None
             if state is not None:
                 log.info("= handover of %s/%s: its session write has not landed; its last "

@@ -749,6 +749,39 @@ async def test_a_claim_whose_connection_went_away_takes_nothing_from_a_newer_one
     assert record.cursors[room] == seqs[-1]
 
 
+async def test_a_handover_counts_the_acknowledgements_its_holder_had_not_read(
+        make_node: Any) -> None:
+    """The device acknowledges its last events and leaves with a DISCONNECT, but its node has
+    not read them yet (reading paused: its actor's mailbox was full, or a loaded node), when
+    the device's next CONNECT, on another node, asks for a handover. The handover closed the
+    connection at once, and what it read after that was discarded: the PUBACKs too, and the
+    device got the events it had acknowledged again. Those read after the close still move
+    the cursors, and the handover waits for their write."""
+    n1, n2 = await make_node(), await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    seqs = await store(n1, room, 3)
+    got = await receive(raw, 3, ack=False)
+    assert [m["seq"] for *_, m in got] == seqs
+    held = n1.mqtt.sessions[("default", dev)]
+    held._stalled = True  # n1 reads nothing from the device for now, as under backpressure
+    held.transport.pause_reading()
+    for pid, *_ in got:
+        raw.puback(pid)
+    raw.writer.write(b"\xe0\x00")  # DISCONNECT
+    await raw.writer.drain()
+    try:
+        again = await RawMqtt.connect(n2.mqtt.port, dev, dev_token(dev))
+        assert again.session_present and again.return_code == 0
+        [live] = await store(n2, room, 1, start=3)
+        [(_pid, _qos, dup, event)] = await receive(again, 1)
+        assert (event["seq"], dup) == (live, False), "acknowledged events came again"
+        await again.disconnect()
+    finally:
+        raw.writer.close()
+
+
 @pytest.mark.parametrize("holder", ["gone", "this node"])
 async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
         make_node: Any, holder: str) -> None:
