@@ -221,15 +221,18 @@ def _taken_elsewhere(bridge: MqttBridge, notice: Takeover) -> None:
 
 
 def _hand_over(bridge: MqttBridge, tenant: str, client_id: str, before: int) -> None:
-    """Another connection is about to claim the device's session: its connection here, if it
-    holds a revision below ``before``, is closed and writes its last cursors (the claim waits
-    for that write). One whose claim is on its way (the claiming connection itself, on this
-    node) is left alone."""
+    """Another connection is about to claim the device's session: its connection here, if its
+    claim's revision is below ``before``, is closed and writes its last cursors (the claim
+    waits for that write). One whose claim is on its way (the claiming connection itself, on
+    this node) is left alone."""
     session = bridge.sessions.get((tenant, client_id))
     if session is None or session.closed or not session.opened:
         return
-    if session.revision >= before:
-        return  # it holds a newer claim than the one asking
+    if session.claimed >= before:
+        return  # it claimed after the one asking read the record: a newer claim
+    # Its writes since its claim do not count (they were taken for a newer claim: the
+    # connection was left open, and closed by the claim's takeover notice without its last
+    # write, its last PUBACKs lost).
     session.hand_over("taken over by a new connection")
 
 
@@ -243,7 +246,8 @@ class MqttSession(asyncio.Protocol):
         "_gated", "_landed", "_loop", "_notices_due", "_opening", "_peer_eof", "_pending",
         "_refresh", "_saved", "_saved_at_close", "_stalled", "_tasks", "_timer",
         "_unstall_task", "_writer", "acks",
-        "bridge", "bucket", "client_id", "closed", "conn_id", "ctx", "keepalive", "last_seen",
+        "bridge", "bucket", "claimed", "client_id", "closed", "conn_id", "ctx", "keepalive",
+        "last_seen",
         "notice_before", "opened", "parser", "persistent", "plain", "principal", "qos",
         "qos2_seen", "record", "ref", "revision", "settings", "subs", "transport", "tunnel",
         "volatile", "will",
@@ -291,6 +295,10 @@ class MqttSession(asyncio.Protocol):
         #: The session's revision this connection holds (its claim, then its last write; a
         #: clean connection: the revision it deleted): a takeover notice below it is late.
         self.revision = 0
+        #: The revision of its claim (a clean connection: the revision it deleted): a handover
+        #: asked by a claim that read an older one is this connection's to answer, however many
+        #: writes it made since.
+        self.claimed = 0
         #: Names this connection's claim in takeover notices (its own is ignored).
         self.conn_id = secrets.token_hex(8)
         self.opened = False  # its session is claimed (or discarded): its revision is known
@@ -1069,6 +1077,7 @@ class MqttSession(asyncio.Protocol):
                                                           conn=self.conn_id)
             except StoreError as exc:
                 log.warning("! %s: stored session not discarded: %s", self.client_id, exc)
+            self.claimed = self.revision
             self.opened = True
             if self.notice_before > self.revision:
                 self.taken_over("taken over by a newer connection while connecting")
@@ -1097,6 +1106,7 @@ class MqttSession(asyncio.Protocol):
         if self.closed:
             return
         self.record, self.revision, self.persistent = record, revision, True
+        self.claimed = revision
         self.opened = True
         if self.notice_before > revision:
             # A newer claim was announced while ours was on its way.

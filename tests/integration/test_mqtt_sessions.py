@@ -782,6 +782,48 @@ async def test_a_handover_counts_the_acknowledgements_its_holder_had_not_read(
         raw.writer.close()
 
 
+async def test_a_handover_closes_a_holder_that_wrote_since_the_claim_read(
+        make_node: Any) -> None:
+    """The device connects again (another node) while its connection is still open; the claim
+    reads the record, and the open connection writes its session once more (its sent mark
+    moved) before the handover reaches it. The handover took that write for a newer claim
+    and left the connection open, so that the claim found it still held, with no last state:
+    behind, it sent every stored event with DUP, those never sent before too (and the
+    connection, closed by the takeover notice, wrote no last state)."""
+    n1, n2 = await make_node(mqtt_inflight=1), await make_node()
+    room, dev = unique("cmd"), unique("dev").replace(":", "-")
+    raw = await RawMqtt.connect(n1.mqtt.port, dev, dev_token(dev))
+    assert await raw.subscribe(f"rooms/{room}") == [1]
+    [first] = await store(n1, room, 1)
+    assert [m["seq"] for *_, m in await receive(raw, 1)] == [first]
+    await saved(n1, dev, lambda r: r.cursors.get(room) == first)
+
+    real_ask, asked, answer = n2.sessions._ask_handover, asyncio.Event(), asyncio.Event()
+
+    async def late_handover(*args: Any) -> Any:
+        asked.set()
+        await answer.wait()  # the claim has read the record
+        return await real_ask(*args)
+
+    n2.sessions._ask_handover = late_handover
+    try:
+        second = asyncio.create_task(RawMqtt.connect(n2.mqtt.port, dev, dev_token(dev)))
+        await asked.wait()
+        more = await store(n1, room, 2, start=1)  # one sent (a window of 1), one waits
+        assert [m["seq"] for *_, m in await receive(raw, 1, ack=False)] == more[:1]
+        await saved(n1, dev, lambda r: r.sent.get(room) == more[0])
+        answer.set()
+        again = await second
+    finally:
+        answer.set()
+        n2.sessions._ask_handover = real_ask
+    assert again.session_present and again.return_code == 0
+    got = await receive(again, 2)
+    assert [(m["seq"], d) for _, _q, d, m in got] == [(more[0], True), (more[1], False)]
+    await again.disconnect()
+    raw.writer.close()
+
+
 @pytest.mark.parametrize("holder", ["gone", "this node"])
 async def test_a_session_taken_without_its_last_state_sends_again_with_dup(
         make_node: Any, holder: str) -> None:
