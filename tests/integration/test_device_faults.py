@@ -26,8 +26,10 @@ holds each device to what the docs promise:
   unacknowledged, or acknowledged on a connection cut with a RST, whose PUBACKs may not have
   been read), or if the node that held it was killed (-9) after the PUBACK (the cursor is
   written behind the PUBACKs); that copy always carries DUP;
-- a plain device's PUBLISH of event ``seq`` has packet id ``seq % 65535 + 1``, and within one
-  connection what comes with DUP (sent before) comes first, then the rest;
+- a plain device's PUBLISH of event ``seq`` has packet id ``seq % 65535 + 1``, within one
+  connection what comes with DUP (sent before) comes first, then the rest, and no more than
+  ``mqtt_inflight`` (32) are unacknowledged at once (a device acknowledges in order, so those
+  it left unacknowledged were all in flight together);
 - a plain device that has a session finds it (session present) on every later CONNECT;
 - an SDK device hands each event out once, in order, with no ``Resync``.
 
@@ -74,6 +76,7 @@ SEED = int(os.environ.get("RTNODE_TEST_DEVICE_FAULTS_SEED") or random.randrange(
 SECONDS = float(os.environ.get("RTNODE_TEST_DEVICE_FAULTS_SECONDS", "22"))
 KINDS = ("kill-nats", "pause-nats", "kill-node", "step-down")
 FINAL_S = 40.0  # the devices' last connection: every stored event by then
+INFLIGHT = 32  # mqtt_inflight (the default): unacknowledged QoS 1 PUBLISHes at most
 
 
 def device_token(dev: str) -> str:
@@ -508,6 +511,11 @@ def _describe(log: DeviceLog, i: int, room: str, t0: float) -> str:
 def check_device(log: DeviceLog, stored: dict[str, list[int]], faults: list[Fault],
                  t0: float = 0.0) -> list[str]:
     bad = list(log.problems)
+    if log.kind != "sdk":
+        # A plain device leaves only its last PUBLISHes unacknowledged: all in flight at once.
+        unacked = Counter(g.conn for g in log.got if not g.acked)
+        bad += [f"conn {n} on {log.conns[n].node}: {k} PUBLISHes unacknowledged at once, "
+                f"beyond the window ({INFLIGHT})" for n, k in unacked.items() if k > INFLIGHT]
     for room in log.rooms:
         truth = stored[room]
         mine = [g for g in log.got if g.room == room]
