@@ -24,14 +24,12 @@ this module's logging), ``why`` what the node logs at info (``node.tokens``, at 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
 import logging
 import math
 import os
-import re
 import secrets
 import sys
 import time
@@ -391,18 +389,26 @@ def _jwt_refusal(exc: jwt.PyJWTError, algorithms: list[str]) -> TokenRefused:
     return TokenRefused("invalid token", f"invalid ({type(exc).__name__})", "malformed")
 
 
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# base64url to the standard alphabet, for binascii; what base64url does not hold ("+", "/",
+# "=") becomes "!", which the standard alphabet does not hold either.
+_URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
 
 
 def _b64url(segment: str) -> bytes | None:
-    """A canonical unpadded base64url segment, decoded (None: anything else)."""
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    """A canonical unpadded base64url segment, decoded (None: anything else).
+
+    binascii's own functions, not base64's wrappers and a pattern: with the HMAC in one
+    OpenSSL call, ~18,000 instructions less per token (bench instructions). A segment is
+    taken only when its bytes read back as they came, which no other character, padding or
+    non-zero spare bits can."""
+    if not segment.isascii() or len(segment) % 4 == 1:
         return None
+    std = segment.encode().translate(_URL_TO_STD) + b"=" * (-len(segment) % 4)
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
+        raw = binascii.a2b_base64(std, strict_mode=True)
+    except binascii.Error:
         return None
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != segment:
+    if binascii.b2a_base64(raw, newline=False) != std:
         return None
     return raw
 
@@ -420,7 +426,7 @@ def _fast_hs256(token: str, key: bytes) -> dict[str, Any] | None:
     raw_head, raw_body, raw_sig = _b64url(head), _b64url(body), _b64url(sig)
     if raw_head is None or raw_body is None or raw_sig is None:
         return None
-    expected = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    expected = hmac.digest(key, f"{head}.{body}".encode(), "sha256")  # OpenSSL's one-shot
     if not hmac.compare_digest(expected, raw_sig):
         return None
     if has_long_digits(raw_body):  # orjson would read an integer past 64 bits as a float

@@ -126,6 +126,9 @@ def test_the_fast_hs256_path_decides_as_pyjwt() -> None:
         _signed({"alg": "HS256"}, {k: v for k, v in good.items() if k != "sub"}),
         _signed({"alg": "HS256"}, None, raw_body=body + "="),  # padded
         f"{head}.{body}.{sig}=",
+        f"{head}.{body}.{sig[:-1]}{chr(ord(sig[-1]) ^ 1)}",  # spare bits: not canonical
+        f"{head}.{body}.{sig.replace('-', '+').replace('_', '/')}",  # the standard alphabet
+        f"{head}.{body}.{sig[:10]}\n{sig[10:]}",
         f"{head}.{body[:-1]}{'B' if body[-1] != 'B' else 'C'}.{sig}",  # tampered claims
         f"{head}.{body}",
         f"{head}.{body}.{sig}.x",
