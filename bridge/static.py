@@ -20,6 +20,7 @@ the console's live view.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import mimetypes
@@ -29,7 +30,6 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.system import ActorSystem
 from node.core.events import event_body, now_ms
 from node.protocol.settings import Settings
 from node.protocol.tokens import Principal, load_or_create_secret, mint_token
@@ -155,25 +155,41 @@ class StaticSite:
         )
 
 
-def _rooms_by_tenant(system: ActorSystem) -> dict[str, list[str]]:
-    """The room actors alive on this node: tenant -> sorted room names."""
-    rooms: dict[str, list[str]] = {}
-    for name in system.names("room:"):
-        tenant, _, room = name[5:].partition(":")
-        rooms.setdefault(tenant, []).append(room)
-    for names in rooms.values():
-        names.sort()
-    return rooms
+def _tenant_runs(names: list[str]) -> list[tuple[str, int, int]]:
+    """Each tenant's run in ``names``, the sorted names of the room actors
+    (``room:<tenant>:<room>``), as (tenant, start, end): a tenant's names sort together, so a
+    run is found with one bisection, not a step per room (a node with a room per user lists
+    them every second)."""
+    runs: list[tuple[str, int, int]] = []
+    start, n = 0, len(names)
+    while start < n:
+        tenant = names[start][5:].partition(":")[0]
+        end = bisect.bisect_left(names, f"room:{tenant};", start)  # ";" follows ":"
+        runs.append((tenant, start, end))
+        start = end
+    return runs
 
 
-def _all_room_names(rooms: dict[str, list[str]]) -> list[str]:
-    """Every tenant's rooms: the default tenant's by name, the others' as ``tenant/room``."""
-    return sorted(room if tenant == STATS_TENANT else f"{tenant}/{room}"
-                  for tenant, names in rooms.items() for room in names)
+def _listed(names: list[str], tenant: str, start: int, end: int) -> list[str]:
+    """The first MAX_ROOMS_LISTED rooms of a tenant's run, by name."""
+    cut = len(tenant) + 6  # "room:<tenant>:"
+    return [name[cut:] for name in names[start:min(end, start + MAX_ROOMS_LISTED)]]
 
 
-def _with_rooms(snap: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    return {**snap, "rooms": len(names), "room_names": names[:MAX_ROOMS_LISTED]}
+def _all_listed(names: list[str], runs: list[tuple[str, int, int]]) -> list[str]:
+    """The first MAX_ROOMS_LISTED of every tenant's rooms: the default tenant's by name, the
+    others' as ``tenant/room``, in the order of those names (among the first of each
+    tenant)."""
+    shown: list[str] = []
+    for tenant, start, end in runs:
+        listed = _listed(names, tenant, start, end)
+        shown.extend(listed if tenant == STATS_TENANT else [f"{tenant}/{r}" for r in listed])
+    shown.sort()
+    return shown[:MAX_ROOMS_LISTED]
+
+
+def _with_rooms(snap: dict[str, Any], count: int, listed: list[str]) -> dict[str, Any]:
+    return {**snap, "rooms": count, "room_names": listed}
 
 
 def stats_snapshot(node: Any, tenant: str | None = None) -> dict[str, Any]:
@@ -183,9 +199,15 @@ def stats_snapshot(node: Any, tenant: str | None = None) -> dict[str, Any]:
         node: The running node.
         tenant: List only this tenant's rooms; None for every tenant's (``tenant/room``).
     """
-    rooms = _rooms_by_tenant(node.system)
-    names = _all_room_names(rooms) if tenant is None else rooms.get(tenant, [])
-    return _with_rooms(_node_figures(node), names)
+    names = node.system.names("room:")
+    runs = _tenant_runs(names)
+    if tenant is None:
+        return _with_rooms(_node_figures(node), len(names), _all_listed(names, runs))
+    for t, start, end in runs:
+        if t == tenant:
+            return _with_rooms(_node_figures(node), end - start,
+                               _listed(names, t, start, end))
+    return _with_rooms(_node_figures(node), 0, [])
 
 
 def _node_figures(node: Any) -> dict[str, Any]:
@@ -276,12 +298,15 @@ class StatsPublisher:
 
     async def _publish_views(self, snap: dict[str, Any]) -> None:
         """Each tenant's view (its own rooms only), then the admins' view (every room)."""
-        rooms = _rooms_by_tenant(self.node.system)
-        rooms.setdefault(STATS_TENANT, [])
-        for tenant, names in rooms.items():
-            await self._publish(tenant, STATS_ROOM, _with_rooms(snap, names))
+        names = self.node.system.names("room:")
+        runs = _tenant_runs(names)
+        for tenant, start, end in runs:
+            await self._publish(tenant, STATS_ROOM, _with_rooms(
+                snap, end - start, _listed(names, tenant, start, end)))
+        if all(tenant != STATS_TENANT for tenant, _, _ in runs):
+            await self._publish(STATS_TENANT, STATS_ROOM, _with_rooms(snap, 0, []))
         await self._publish(STATS_TENANT, STATS_ALL_ROOM,
-                            _with_rooms(snap, _all_room_names(rooms)))
+                            _with_rooms(snap, len(names), _all_listed(names, runs)))
 
     async def _publish(self, tenant: str, room: str, data: dict[str, Any]) -> None:
         who = Principal(sub=self._sub, tenant=tenant, kind="service")

@@ -1002,3 +1002,26 @@ async def _release_and_ask(ref: ActorRef[Any], gates: list[asyncio.Event]) -> An
         gate.set()
     gates.clear()
     return await ref.ask("get")
+
+
+async def test_names_under_a_prefix_stay_sorted_as_actors_come_and_go() -> None:
+    # names() keeps the names of a prefix it was asked for as actors spawn and stop: it must
+    # say what a pass over the registry says, whatever the order (seeded).
+    rnd = random.Random(12)
+    async with ActorSystem() as system:
+        refs: dict[str, ActorRef[Any]] = {}
+        for name in ("room:b:x", "conn:1", "room:a:y"):
+            refs[name] = system.spawn(recorder()[1], name)
+        assert system.names("room:") == ["room:a:y", "room:b:x"]
+        assert system.names("") == sorted(refs)
+        for step in range(300):
+            name = rnd.choice(["room:", "conn:", "other:"]) + str(rnd.randrange(40))
+            if name in refs and rnd.random() < 0.6:
+                await refs.pop(name).stop()
+            elif name not in refs:
+                refs[name] = system.spawn(recorder()[1], name)
+            for prefix in ("room:", "conn:", ""):
+                assert system.names(prefix) == sorted(n for n in refs if n.startswith(prefix)), step
+        names = system.names("room:")
+        names.clear()  # a copy: the system's own list is not the caller's
+        assert system.names("room:") == sorted(n for n in refs if n.startswith("room:"))
