@@ -59,13 +59,19 @@ class Lane:
 
     async def wait(self) -> None:
         """Wait for a turn of the loop of one's own (after :meth:`take` said no)."""
+        await self.turn()  # a waiter cancelled meanwhile is skipped by _next
+
+    def turn(self) -> asyncio.Future[None]:
+        """The future of a turn of one's own (after :meth:`take` said no): done when the turn
+        comes. For a callback in turn without a task (``add_done_callback``); cancelled, it
+        is skipped and takes no turn."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._waiters.append(future)
         self.waited += 1
         if not self._busy:
             self._arm(loop)
-        await future  # a waiter cancelled meanwhile is skipped by _next
+        return future
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         self._busy = True

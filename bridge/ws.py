@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import struct
@@ -175,7 +176,8 @@ class WsConnection(asyncio.Protocol):
         self._ref: Any = None
         self._buffered: bytes = b""  # input that came before the 101 went out
         self._held: deque[Any] | None = None  # decoded, waiting for room in the actor's mailbox
-        self._waiter: asyncio.Task[None] | None = None
+        # The backpressure task, or before the 101 the lane's turn its opening waits for.
+        self._waiter: asyncio.Future[None] | None = None
         self._parts: list[bytes] | None = None  # a fragmented message so far
         # Input split at frame boundaries here (bridge/ws_frames.py): the start of a frame not
         # all here yet (b"": none). None: websockets reads all input (SPLIT off, or after
@@ -233,10 +235,12 @@ class WsConnection(asyncio.Protocol):
         self.raw.write(http_error(status, code, reason))
         self.raw.close()
 
-    async def _open_in_turn(self, request: Request) -> None:
-        await self._bridge.ctx.lane.wait()  # the upgrade and the connection's start: one per turn
+    def _open_in_turn(self, request: Request, turn: asyncio.Future[None]) -> None:
+        # The upgrade and the connection's start: one per turn of the node's lane. Called by
+        # the turn's future, no task each (cancelled when the socket went first).
         self._waiter = None
-        self._open(request)
+        if not turn.cancelled():
+            self._open(request)
 
     # -- asyncio.Protocol
 
@@ -588,8 +592,8 @@ class WebSocketBridge:
         elif self.ctx.lane.take():
             conn._open(request)
         else:
-            conn._waiter = asyncio.get_running_loop().create_task(
-                conn._open_in_turn(request), name="ws.open")
+            turn = conn._waiter = self.ctx.lane.turn()
+            turn.add_done_callback(functools.partial(conn._open_in_turn, request))
         if self._heartbeat is None:
             self._heartbeat = asyncio.get_running_loop().call_later(
                 s.heartbeat_s, self._heartbeat_round)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 
@@ -75,6 +76,33 @@ async def test_a_cancelled_waiter_is_skipped_and_the_rest_go() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert lane.take()  # nothing left behind: the lane is free again
+
+
+async def test_callbacks_on_turns_go_one_per_turn_in_order_and_a_cancelled_one_is_skipped(
+        ) -> None:
+    # What a WebSocket upgrade waits with (bridge/ws.py): a turn's future and a callback on
+    # it, no task.
+    lane = Lane()
+    turns = Turns()
+    assert lane.take()
+    went: list[tuple[int, int]] = []
+    four = asyncio.Event()
+
+    def opened(i: int, future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            went.append((i, turns.n))
+            if len(went) == 4:
+                four.set()
+
+    futures = [lane.turn() for _ in range(5)]
+    for i, future in enumerate(futures):
+        future.add_done_callback(functools.partial(opened, i))
+    futures[2].cancel()
+    await four.wait()
+    turns.stop()
+    assert [i for i, _ in went] == [0, 1, 3, 4]
+    assert all(b > a for (_, a), (_, b) in itertools.pairwise(went))  # a turn each
+    assert lane.waited == 5 and len(lane) == 0
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
