@@ -91,11 +91,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header
 from nats.protocol import parser as _parser
-from nats.protocol.command import unsub_cmd
+from nats.protocol.command import sub_cmd, unsub_cmd
 from nats.protocol.parser import Parser
 
 __all__ = ["GatheringRoute", "RawRoute", "Route", "direct_dispatch", "flush_later", "header_lines",
-           "header_value", "install", "publish_many", "publish_now", "raw_dispatch"]
+           "header_value", "install", "publish_many", "publish_now", "raw_dispatch", "raw_route",
+           "subscribe_now"]
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +528,15 @@ def publish_now(nc: Client, subject: str, payload: bytes, lines: str | None = No
     _queue_command(nc, _commands(nc, [(subject, reply, payload, lines)]), later)
 
 
+def subscribe_now(nc: Client, sub: Any) -> None:
+    """``nc._send_subscribe(sub)`` (a ``Subscription`` or a :class:`Route`) from synchronous
+    code, without its three coroutines: the SUB is queued as :meth:`Route.unsubscribe_now`
+    queues an UNSUB, and may wait for the connection's next write, as every SUB does
+    (:func:`_wake_later`). One difference, as :func:`publish_now`'s: past the client's pending
+    limit nats-py would wait for a flush, this does not wait (a SUB is ~60 bytes)."""
+    _queue_command(nc, sub_cmd(sub._subject, sub._queue or "", sub._id), later=True)
+
+
 def _queue_command(nc: Client, command: bytes, later: bool) -> None:
     """Queue ``command`` in the client's pending buffer and have it written (see
     :func:`publish_now`)."""
@@ -763,12 +773,18 @@ async def direct_dispatch(nc: Client, subject: str,
     sub = Subscription(nc, nc._sid, subject)
     sub._pending_queue = _Direct(sub, handler)  # type: ignore[assignment]
     nc._subs[sub._id] = sub
-    await nc._send_subscribe(sub)
+    subscribe_now(nc, sub)
     return sub
 
 
 async def raw_dispatch(nc: Client, subject: str, handler: Callable[..., None],
                        route_cls: type[RawRoute] = RawRoute) -> RawRoute:
+    """:func:`raw_route`, awaitable as :func:`direct_dispatch` is."""
+    return raw_route(nc, subject, handler, route_cls)
+
+
+def raw_route(nc: Client, subject: str, handler: Callable[..., None],
+              route_cls: type[RawRoute] = RawRoute) -> RawRoute:
     """:func:`direct_dispatch` with ``handler(payload, raw_headers)`` (read the headers with
     :func:`header_value`; needs :func:`install`): no ``Msg`` and no header dict per message,
     and a :class:`RawRoute` of ~100 bytes instead of a ``Subscription`` (every room has two).
@@ -778,5 +794,5 @@ async def raw_dispatch(nc: Client, subject: str, handler: Callable[..., None],
     nc._sid += 1
     route = route_cls(nc, nc._sid, subject, handler)
     nc._subs[route._id] = route  # type: ignore[assignment]
-    await nc._send_subscribe(route)  # type: ignore[arg-type]
+    subscribe_now(nc, route)
     return route

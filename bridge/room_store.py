@@ -60,7 +60,7 @@ from bridge._nats_patches import (
     header_lines,
     publish_many,
     publish_now,
-    raw_dispatch,
+    raw_route,
 )
 from bridge.nats_link import NatsLink
 from node.core.ports import LiveMessage, StoredEvent, StoreError
@@ -1091,11 +1091,9 @@ class JetStreamRoomStore:
         nc = self.link.nc
         # Handed over in the read loop (bridge/_nats_patches.py): no task switch, no header
         # dict and no Msg per event, and the stored events of one read in one call.
-        live.subs = (await raw_dispatch(nc, live_subject(tenant, room), callback,
-                                        _StoredRoute),)
+        live.subs = (raw_route(nc, live_subject(tenant, room), callback, _StoredRoute),)
         try:
-            live.subs += (await raw_dispatch(nc, eph_subject(tenant, room), callback,
-                                             _VolatileRoute),)
+            live.subs += (raw_route(nc, eph_subject(tenant, room), callback, _VolatileRoute),)
         except BaseException:
             await live.unsubscribe()  # not left subscribed by a room that did not start
             raise

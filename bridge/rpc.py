@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from bridge._nats_patches import Route
+from bridge._nats_patches import Route, subscribe_now
 from bridge.nats_link import NatsLink
 from node.core.ports import RpcError
 from node.protocol.errors import CodecError
@@ -71,7 +71,7 @@ class NatsRpc:
             entry = self._subs.get(subject)
             if entry is None:
                 self._subs[subject] = [None, handler]
-                if await self._subscribe(subject):
+                if self._subscribe(subject):
                     new = True
                 continue
             entry.append(handler)
@@ -115,7 +115,7 @@ class NatsRpc:
         if isinstance(request, dict):
             entry[1](request, msg.reply)
 
-    async def _subscribe(self, subject: str) -> bool:
+    def _subscribe(self, subject: str) -> bool:
         """Send the SUB of a route (False: the client is closed or draining)."""
         nc: Any = self.link.nc  # its private table and SUB: a Route is no Subscription
         if nc.is_closed or nc.is_draining:
@@ -128,7 +128,7 @@ class NatsRpc:
         self._subs[subject][0] = route
         # Into the client's buffer at once (its flusher writes it); while it reconnects, the
         # client sends every subscription of its table again once connected.
-        await nc._send_subscribe(route)
+        subscribe_now(nc, route)
         return True
 
     def _drop_if_unused(self, subject: str) -> None:
