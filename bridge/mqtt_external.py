@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 
 import aiomqtt
 import cbor2
+from nats.js.errors import NotFoundError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.mqtt_uplinks import (
@@ -46,7 +47,7 @@ from bridge.mqtt_uplinks import (
     uplink_publish,
 )
 from bridge.replay import ReplayConsumer, Start
-from bridge.replay_event import ReplayError, ReplayEvent
+from bridge.replay_event import ReplayEvent
 from node.core.connection import NodeContext
 from node.protocol.errors import AuthError, ConfigError, ProtocolError
 from node.protocol.frames import CBOR, Publish
@@ -436,8 +437,8 @@ class ExternalMqtt:
                         await self._downlink(ev)
                         if self._stopping:
                             return
-            except (ReplayError, OSError, TimeoutError) as exc:
-                log.warning("! downlink consumer: %s", exc)
+            except Exception as exc:  # NATS away, a leader election: try again
+                log.warning("! downlink consumer: %s", exc or type(exc).__name__)
                 await asyncio.sleep(1)
 
     async def _downlink_start(self, js: Any) -> Start:
@@ -445,8 +446,8 @@ class ExternalMqtt:
         if there is one (nothing skipped, nothing sent twice at an upgrade); else new events."""
         try:
             info = await js.consumer_info(STREAM_NAME, DURABLE)
-        except Exception:
-            return "new"
+        except NotFoundError:
+            return "new"  # any other failure is the loop's to retry: "new" would skip events
         return int(info.ack_floor.stream_seq) + 1
 
     async def _downlink(self, ev: ReplayEvent) -> None:
@@ -455,7 +456,8 @@ class ExternalMqtt:
         while True:
             await self._ready.wait()
             client = self._client
-            if client is None:
+            if client is None:  # cleared in the same step as _ready: not seen here, but never spin
+                await asyncio.sleep(0.1)
                 continue
             try:
                 await client.publish(f"rooms/{ev.room}", cbor2.dumps(ev.as_map()), qos=1)
