@@ -71,14 +71,8 @@ _USER_AGENT = "rtnode-webhook"
 def webhook_body(ev: ReplayEvent) -> bytes:
     """The JSON body POSTed for ``ev``: tenant, room, seq, event, data, ts, from, msg_id; and
     in a state room key (and unset: true when the event removes it)."""
-    body = {
-        "tenant": ev.tenant, "room": ev.room, "seq": ev.seq, "event": ev.event,
-        "data": ev.data, "ts": ev.ts, "from": ev.from_, "msg_id": ev.msg_id,
-    }
-    if ev.key is not None:
-        body["key"] = ev.key
-        if ev.unset:
-            body["unset"] = True
+    body = {"tenant": ev.tenant, **ev.as_map()}  # the event as members get it
+    body.setdefault("msg_id", None)  # always in a webhook body: null without one
     return JSON.encode(body)
 
 
